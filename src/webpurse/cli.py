@@ -1,0 +1,17 @@
+"""The ``webpurse`` command line: one tool, a subcommand per role."""
+
+from __future__ import annotations
+
+import typer
+
+from webpurse.card.cli import app as card_app
+
+app = typer.Typer(
+    help="webpurse: pay on a merchant web page with the e-purse on a contactless card.",
+    no_args_is_help=True,
+)
+app.add_typer(card_app, name="card")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()

@@ -1,0 +1,1 @@
+"""webpurse.merchant."""

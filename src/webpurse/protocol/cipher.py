@@ -1,0 +1,99 @@
+"""Block ciphers behind one small interface (spec §2, §4).
+
+The PBOC e-purse uses two-key 3DES to diversify keys and derive session keys, and
+single-DES CBC-MAC for MAC1/MAC2/TAC. Callers name a :class:`CipherSuite`, never a
+cipher, so an SM4 suite (algorithm id 04 in later PBOC editions) can be added here
+without touching them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Protocol
+
+from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+from cryptography.hazmat.primitives.ciphers import Cipher, modes
+
+from webpurse.protocol.errors import FieldError
+
+
+class BlockCipher(Protocol):
+    """What the e-purse cryptography needs from a block cipher."""
+
+    name: str
+    block_size: int
+    key_size: int
+
+    def encrypt_ecb(self, key: bytes, data: bytes) -> bytes:
+        """Encrypt whole blocks in ECB mode."""
+        ...
+
+    def cbc_last_block(self, key: bytes, data: bytes) -> bytes:
+        """Encrypt whole blocks in CBC mode with a zero IV and return the last block."""
+        ...
+
+
+@lru_cache(maxsize=4096)
+def _tdes_key(key: bytes) -> TripleDES:
+    # Two-key 3DES (K1||K2) warns in cryptography; K1||K2||K1 is the same cipher (spec §4).
+    if len(key) == 16:
+        key = key + key[:8]
+    elif len(key) == 8:
+        key = key * 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return TripleDES(key)
+
+
+@dataclass(frozen=True)
+class _DesFamily:
+    name: str
+    key_size: int
+    block_size: int = 8
+
+    def _check(self, key: bytes, data: bytes) -> None:
+        if len(key) != self.key_size:
+            raise FieldError(f"{self.name} needs a {self.key_size}-byte key, got {len(key)}")
+        if not data or len(data) % self.block_size:
+            raise FieldError(f"{self.name} needs whole {self.block_size}-byte blocks")
+
+    def encrypt_ecb(self, key: bytes, data: bytes) -> bytes:
+        self._check(key, data)
+        encryptor = Cipher(_tdes_key(key), modes.ECB()).encryptor()  # noqa: S305 - spec §2
+        return encryptor.update(data) + encryptor.finalize()
+
+    def cbc_last_block(self, key: bytes, data: bytes) -> bytes:
+        self._check(key, data)
+        encryptor = Cipher(_tdes_key(key), modes.CBC(bytes(self.block_size))).encryptor()
+        out = encryptor.update(data) + encryptor.finalize()
+        return out[-self.block_size :]
+
+
+TRIPLE_DES: BlockCipher = _DesFamily("3DES", 16)
+"""Two-key triple DES, EDE, 16-byte keys (spec §2)."""
+
+SINGLE_DES: BlockCipher = _DesFamily("DES", 8)
+"""Single DES, 8-byte keys: the MAC cipher (spec §4)."""
+
+
+@dataclass(frozen=True)
+class CipherSuite:
+    """The cipher used to derive keys and the one used for MACs, as one choice."""
+
+    name: str
+    key_cipher: BlockCipher
+    mac_cipher: BlockCipher
+
+
+DES_SUITE = CipherSuite("3des", TRIPLE_DES, SINGLE_DES)
+
+SUITES: dict[str, CipherSuite] = {DES_SUITE.name: DES_SUITE}
+
+
+def suite_named(name: str) -> CipherSuite:
+    try:
+        return SUITES[name]
+    except KeyError:
+        raise FieldError(f"unknown cipher suite {name!r}") from None

@@ -1,0 +1,85 @@
+"""Key diversification, session keys, MAC and TAC (pboc-epurse.md §2 and §4).
+
+Pure functions over bytes. The suite defaults to 3DES/DES; pass another
+:class:`~webpurse.protocol.cipher.CipherSuite` for another algorithm.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from webpurse.protocol.cipher import DES_SUITE, CipherSuite
+from webpurse.protocol.errors import FieldError
+
+MAC_LENGTH = 4
+
+
+def _need(name: str, value: bytes, size: int) -> None:
+    if len(value) != size:
+        raise FieldError(f"{name} must be {size} bytes, got {len(value)}")
+
+
+def diversification_data(serial: bytes) -> bytes:
+    """The right-most 8 bytes of the 10-byte application serial number (spec §1, §2)."""
+    _need("application serial number", serial, 10)
+    return serial[-8:]
+
+
+def diversify(master_key: bytes, serial: bytes, suite: CipherSuite = DES_SUITE) -> bytes:
+    """card_key = 3DES(MK, D) || 3DES(MK, NOT D), D from the serial (spec §2)."""
+    _need("master key", master_key, suite.key_cipher.key_size)
+    d = diversification_data(serial)
+    not_d = bytes(b ^ 0xFF for b in d)
+    return suite.key_cipher.encrypt_ecb(master_key, d) + suite.key_cipher.encrypt_ecb(
+        master_key, not_d
+    )
+
+
+def load_session_key(
+    dlk: bytes, random: bytes, online_counter: int, suite: CipherSuite = DES_SUITE
+) -> bytes:
+    """3DES(DLK, random 4 || online counter 2 || 80 00) (spec §4)."""
+    _need("DLK", dlk, suite.key_cipher.key_size)
+    _need("card random", random, 4)
+    block = random + online_counter.to_bytes(2, "big") + b"\x80\x00"
+    return suite.key_cipher.encrypt_ecb(dlk, block)
+
+
+def purchase_session_key(
+    dpk: bytes,
+    random: bytes,
+    offline_counter: int,
+    terminal_seq: int,
+    suite: CipherSuite = DES_SUITE,
+) -> bytes:
+    """3DES(DPK, random 4 || offline counter 2 || last 2 bytes of terminal txn seq) (§4)."""
+    _need("DPK", dpk, suite.key_cipher.key_size)
+    _need("card random", random, 4)
+    block = random + offline_counter.to_bytes(2, "big") + terminal_seq.to_bytes(4, "big")[2:]
+    return suite.key_cipher.encrypt_ecb(dpk, block)
+
+
+def pad(data: bytes, block_size: int = 8) -> bytes:
+    """Append 80 then 00 up to a whole block, always (spec §4)."""
+    padded = data + b"\x80"
+    return padded + bytes(-len(padded) % block_size)
+
+
+def mac(key: bytes, data: bytes, suite: CipherSuite = DES_SUITE) -> bytes:
+    """CBC-MAC with a zero IV over the padded data; the first 4 bytes (spec §4)."""
+    cipher = suite.mac_cipher
+    _need("MAC key", key, cipher.key_size)
+    return cipher.cbc_last_block(key, pad(data, cipher.block_size))[:MAC_LENGTH]
+
+
+def tac_key(dtk: bytes) -> bytes:
+    """DTK left half XOR right half (spec §4)."""
+    if len(dtk) % 2:
+        raise FieldError("DTK must have an even length")
+    half = len(dtk) // 2
+    return bytes(a ^ b for a, b in zip(dtk[:half], dtk[half:], strict=True))
+
+
+def macs_equal(expected: bytes, received: bytes) -> bool:
+    """Compare MACs in constant time."""
+    return hmac.compare_digest(expected, received)
