@@ -1,0 +1,473 @@
+"""Webhooks: signed event notifications to merchants, delivered at least once from an outbox.
+
+Standard Webhooks 1.0 (design/payments-api.md, "Webhooks"): each delivery carries
+``webhook-id`` (the event id, stable across retries so receivers can dedupe),
+``webhook-timestamp`` (unix seconds of this attempt) and ``webhook-signature``
+(``v1,<base64 HMAC-SHA256(secret, "id.timestamp.body")>``, several space-separated while a
+secret is rotated). The secret is ``whsec_<base64 of 32 random bytes>``; the key bytes are
+the base64-decoded part after the prefix.
+
+Layers, from pure to I/O:
+
+- signing: :func:`sign`, :func:`verify`, :func:`new_secret` (pure; the merchant web server
+  uses :func:`verify` to check what it receives);
+- the retry schedule: :class:`RetryPolicy` (pure; exponential backoff with jitter, capped,
+  given up after a maximum age);
+- persistence: the ORM rows (endpoints, events, outbox, delivery attempts) and
+  :func:`enqueue_event`, which writes an event and its outbox rows in the *caller's*
+  transaction, so an event exists if and only if the state change that caused it committed;
+- delivery: :func:`deliver_due` sends what is due with an injected HTTP client and clock;
+  :class:`WebhookWorker` runs it in a loop inside the application's lifespan.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    select,
+)
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from webpurse.settlement.db import Base, UtcDateTime
+
+SECRET_PREFIX = "whsec_"  # noqa: S105 - a prefix, not a secret
+SIGNATURE_VERSION = "v1"
+DEFAULT_TOLERANCE = 300
+"""Seconds a delivery's timestamp may differ from the receiver's clock (5 minutes)."""
+
+HEADER_ID = "webhook-id"
+HEADER_TIMESTAMP = "webhook-timestamp"
+HEADER_SIGNATURE = "webhook-signature"
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class WebhookError(Exception):
+    """Base class of webhook failures; ``code`` is the stable machine code."""
+
+    code = "webhook_error"
+
+
+class WebhookVerificationError(WebhookError):
+    """A delivery that must not be trusted. Subclasses say why."""
+
+    code = "webhook_verification_failed"
+
+
+class MissingHeaderError(WebhookVerificationError):
+    """A Standard Webhooks header is absent or empty."""
+
+    code = "webhook_missing_header"
+
+
+class InvalidTimestampError(WebhookVerificationError):
+    """``webhook-timestamp`` is not an integer, or too far from now (stale or future)."""
+
+    code = "webhook_invalid_timestamp"
+
+
+class InvalidSignatureError(WebhookVerificationError):
+    """No ``v1`` signature in ``webhook-signature`` matches the body under the secret."""
+
+    code = "webhook_invalid_signature"
+
+
+class InvalidSecretError(WebhookError, ValueError):
+    """A secret that is not ``whsec_<base64>``."""
+
+    code = "webhook_invalid_secret"
+
+
+# --------------------------------------------------------------------------- signing
+
+
+def new_secret(random_bytes: bytes | None = None) -> str:
+    """A fresh endpoint secret, ``whsec_<base64 of 32 random bytes>``."""
+    raw = random_bytes if random_bytes is not None else secrets.token_bytes(32)
+    if len(raw) < 24:
+        raise InvalidSecretError("a webhook secret needs at least 24 random bytes")
+    return SECRET_PREFIX + base64.b64encode(raw).decode("ascii")
+
+
+def secret_key(secret: str) -> bytes:
+    """The HMAC key bytes of a ``whsec_…`` secret (the base64-decoded part after the prefix)."""
+    if not secret.startswith(SECRET_PREFIX):
+        raise InvalidSecretError("a webhook secret starts with 'whsec_'")
+    try:
+        key = base64.b64decode(secret[len(SECRET_PREFIX) :], validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidSecretError("a webhook secret is whsec_ followed by base64") from exc
+    if not key:
+        raise InvalidSecretError("a webhook secret must not be empty")
+    return key
+
+
+def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` value ``v1,<base64 HMAC-SHA256>`` over ``id.timestamp.body``."""
+    signed = msg_id.encode("utf-8") + b"." + str(int(timestamp)).encode("ascii") + b"." + body
+    digest = hmac.new(secret_key(secret), signed, hashlib.sha256).digest()
+    return f"{SIGNATURE_VERSION},{base64.b64encode(digest).decode('ascii')}"
+
+
+def _unix_seconds(now: datetime | float) -> float:
+    if isinstance(now, datetime):
+        if now.tzinfo is None:
+            now = now.replace(tzinfo=UTC)
+        return now.timestamp()
+    return float(now)
+
+
+def verify(
+    secret: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    now: datetime | float,
+    tolerance: int = DEFAULT_TOLERANCE,
+) -> None:
+    """Check a delivery: raise a :class:`WebhookVerificationError` subclass unless it is genuine.
+
+    ``headers`` may use any letter case; ``body`` must be the raw bytes as received (parse
+    JSON only after verifying). ``now`` is the receiver's clock (unix seconds or an aware
+    datetime). A timestamp more than ``tolerance`` seconds away from ``now`` is refused so a
+    captured delivery cannot be replayed later. Signatures compare in constant time; any one
+    ``v1`` signature of the space-separated list may match (secret rotation).
+    """
+    lowered = {key.lower(): value for key, value in headers.items()}
+    msg_id = lowered.get(HEADER_ID, "").strip()
+    timestamp_text = lowered.get(HEADER_TIMESTAMP, "").strip()
+    signatures = lowered.get(HEADER_SIGNATURE, "").strip()
+    for name, value in (
+        (HEADER_ID, msg_id),
+        (HEADER_TIMESTAMP, timestamp_text),
+        (HEADER_SIGNATURE, signatures),
+    ):
+        if not value:
+            raise MissingHeaderError(f"missing header {name}")
+    if not re.fullmatch(r"[0-9]{1,12}", timestamp_text):
+        raise InvalidTimestampError("webhook-timestamp is not unix seconds")
+    timestamp = int(timestamp_text)
+    skew = _unix_seconds(now) - timestamp
+    if skew > tolerance:
+        raise InvalidTimestampError(f"webhook-timestamp is {int(skew)} s old (stale)")
+    if skew < -tolerance:
+        raise InvalidTimestampError(f"webhook-timestamp is {int(-skew)} s in the future")
+    expected = sign(secret, msg_id, timestamp, body).encode("ascii")
+    matched = False
+    for candidate in signatures.split():
+        # No early exit: every candidate is compared, each in constant time.
+        matched |= hmac.compare_digest(candidate.encode("utf-8", "replace"), expected)
+    if not matched:
+        raise InvalidSignatureError("no webhook-signature matches the body")
+
+
+def signed_headers(secret: str, msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+    """The three Standard Webhooks headers (plus content type) for one delivery attempt."""
+    return {
+        HEADER_ID: msg_id,
+        HEADER_TIMESTAMP: str(int(timestamp)),
+        HEADER_SIGNATURE: sign(secret, msg_id, timestamp, body),
+        "content-type": "application/json",
+    }
+
+
+# --------------------------------------------------------------------------- retry schedule
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff with jitter, capped per wait, given up after ``max_age``.
+
+    The wait after the n-th failed attempt (n ≥ 1) is ``min(cap, base · factor^(n-1))``
+    scaled by a jitter factor drawn uniformly from ``[1 - jitter, 1 + jitter]``. With the
+    defaults the waits are about 5 s, 10 s, 20 s, … reaching the 6 h cap after 13 attempts,
+    and a message still undelivered 3 days after its event is marked failed.
+    """
+
+    base: timedelta = timedelta(seconds=5)
+    factor: float = 2.0
+    cap: timedelta = timedelta(hours=6)
+    max_age: timedelta = timedelta(days=3)
+    jitter: float = 0.2
+
+    def next_delay(self, failed_attempts: int, unit_random: float) -> timedelta:
+        """The wait before the next attempt, after ``failed_attempts`` failures.
+
+        ``unit_random`` is a number in [0, 1) from the injected randomness.
+        """
+        if failed_attempts < 1:
+            raise ValueError("failed_attempts counts from 1")
+        exponent = min(failed_attempts - 1, 64)
+        raw = min(self.cap.total_seconds(), self.base.total_seconds() * self.factor**exponent)
+        scale = 1.0 - self.jitter + 2.0 * self.jitter * unit_random
+        return timedelta(seconds=raw * scale)
+
+    def next_attempt_at(
+        self, first_created_at: datetime, now: datetime, failed_attempts: int, unit_random: float
+    ) -> datetime | None:
+        """When to try again, or ``None`` when the message has run out of time (give up)."""
+        at = now + self.next_delay(failed_attempts, unit_random)
+        if at - first_created_at > self.max_age:
+            return None
+        return at
+
+
+# --------------------------------------------------------------------------- event types
+
+_RESOURCES = ("payment", "refund", "load")
+EVENT_TYPE_RE = re.compile(r"(payment|refund|load)\.[a-z][a-z_]{0,40}")
+EVENT_FILTER_RE = re.compile(r"\*|(payment|refund|load)\.(\*|[a-z][a-z_]{0,40})")
+
+EVENT_TYPES: tuple[str, ...] = (
+    "payment.succeeded",
+    "payment.failed",
+    "payment.uncertain",
+    "payment.canceled",
+    "refund.created",
+    "refund.succeeded",
+    "refund.failed",
+    "refund.canceled",
+    "load.succeeded",
+    "load.failed",
+    "load.uncertain",
+    "load.canceled",
+)
+"""The event types settlement emits today (others of the same families may be added)."""
+
+
+def event_matches(filters: list[str], event_type: str) -> bool:
+    """Whether an endpoint subscribed to ``filters`` (``*``, ``payment.*``, exact) wants it."""
+    family = event_type.split(".", 1)[0]
+    return any(f in ("*", event_type, f"{family}.*") for f in filters)
+
+
+def event_body(
+    event_id: str, event_type: str, created_at: datetime, data: Mapping[str, Any]
+) -> bytes:
+    """The JSON body every delivery of an event carries, byte for byte.
+
+    ``data`` becomes the event's ``data`` member; a ``data`` without an ``object`` member
+    that is itself an object (e.g. a bare Payment, whose ``object`` is ``"payment"``) is
+    wrapped as ``{"object": data}``, so the body is always ``{id, type, created_at,
+    data: {object: …}}``.
+    """
+    wrapped = dict(data) if isinstance(data.get("object"), dict) else {"object": dict(data)}
+    document = {
+        "id": event_id,
+        "type": event_type,
+        "created_at": _iso(created_at),
+        "data": wrapped,
+    }
+    return json.dumps(document, separators=(",", ":"), default=_json_default).encode("utf-8")
+
+
+def _iso(moment: datetime) -> str:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, datetime):
+        return _iso(value)
+    if isinstance(value, bytes):
+        return value.hex().upper()
+    isoformat = getattr(value, "isoformat", None)
+    if callable(isoformat):
+        return isoformat()
+    raise TypeError(f"cannot put {type(value).__name__} into a webhook event")
+
+
+# --------------------------------------------------------------------------- secrets at rest
+
+
+class SecretBox:
+    """Encrypts endpoint secrets at rest with AES-256-GCM (the endpoint id as associated data).
+
+    The key is derived from the settlement key-encryption key (``WEBPURSE_KEK``) with HKDF,
+    so a database dump alone reveals no secret. The API shows a secret once, at creation.
+    """
+
+    _INFO = b"webpurse webhook endpoint secrets v1"
+
+    def __init__(self, kek: bytes) -> None:
+        if len(kek) < 16:
+            raise ValueError("the key-encryption key must have at least 16 bytes")
+        self._key = HKDF(algorithm=SHA256(), length=32, salt=None, info=self._INFO).derive(kek)
+
+    def seal(self, endpoint_id: str, secret: str) -> str:
+        nonce = secrets.token_bytes(12)
+        sealed = AESGCM(self._key).encrypt(nonce, secret.encode("ascii"), endpoint_id.encode())
+        return "v1:" + base64.b64encode(nonce + sealed).decode("ascii")
+
+    def open(self, endpoint_id: str, sealed: str) -> str:
+        if not sealed.startswith("v1:"):
+            raise WebhookError("unknown webhook secret encoding")
+        blob = base64.b64decode(sealed[3:])
+        plain = AESGCM(self._key).decrypt(blob[:12], blob[12:], endpoint_id.encode())
+        return plain.decode("ascii")
+
+
+# --------------------------------------------------------------------------- persistence
+
+
+class MessageStatus(StrEnum):
+    """Where one (event, endpoint) delivery stands."""
+
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(moment: datetime) -> datetime:
+    """Datetimes read back from SQLite are naive; everything stored here is UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+class WebhookEndpoint(Base):
+    """A merchant's receiving URL and the event types it subscribed to."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    merchant_id: Mapped[str] = mapped_column(String(64), index=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    events: Mapped[list[str]] = mapped_column(JSON)
+    description: Mapped[str] = mapped_column(String(200), default="")
+    secret_sealed: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    deleted_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)
+
+
+class WebhookEvent(Base):
+    """An event as it is delivered: its JSON body is fixed at creation, byte for byte."""
+
+    __tablename__ = "webhook_events"
+    __table_args__ = (Index("ix_webhook_events_merchant_created", "merchant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    merchant_id: Mapped[str] = mapped_column(String(64))
+    type: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    body: Mapped[str] = mapped_column(Text)
+
+
+class WebhookMessage(Base):
+    """The outbox: one row per (event, endpoint), pending until delivered or given up."""
+
+    __tablename__ = "webhook_messages"
+    __table_args__ = (
+        UniqueConstraint("event_id", "endpoint_id", name="uq_webhook_messages_event_endpoint"),
+        Index("ix_webhook_messages_due", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    event_id: Mapped[str] = mapped_column(ForeignKey("webhook_events.id"), index=True)
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("webhook_endpoints.id"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default=MessageStatus.PENDING.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    window_started_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    last_status_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    last_error: Mapped[str | None] = mapped_column(String(500), default=None)
+    delivered_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class WebhookAttempt(Base):
+    """The delivery log: one row per HTTP attempt, kept for the merchant to inspect."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    message_id: Mapped[str] = mapped_column(ForeignKey("webhook_messages.id"), index=True)
+    attempted_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    status_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    error: Mapped[str | None] = mapped_column(String(500), default=None)
+    duration_ms: Mapped[int] = mapped_column(Integer)
+    succeeded: Mapped[bool] = mapped_column(Boolean)
+
+
+def enqueue_event(
+    session: Session,
+    merchant_id: str,
+    event_type: str,
+    data: Mapping[str, Any],
+    *,
+    now: datetime | None = None,
+) -> str:
+    """Record an event and queue one delivery per subscribed endpoint; return ``evt_…``.
+
+    Runs in the caller's transaction (it flushes, never commits): the event exists exactly
+    when the state change that caused it commits. ``data`` is the event's ``data`` member
+    (see :func:`event_body`), e.g. ``{"object": payment_json}`` or the bare payment JSON.
+    """
+    if not EVENT_TYPE_RE.fullmatch(event_type):
+        raise WebhookError(f"unknown event type {event_type!r}")
+    created = _aware(now) if now is not None else _utcnow()
+    event_id = _new_id("evt")
+    body = event_body(event_id, event_type, created, data)
+    session.add(
+        WebhookEvent(
+            id=event_id,
+            merchant_id=merchant_id,
+            type=event_type,
+            created_at=created,
+            body=body.decode("utf-8"),
+        )
+    )
+    endpoints = session.scalars(
+        select(WebhookEndpoint).where(
+            WebhookEndpoint.merchant_id == merchant_id, WebhookEndpoint.deleted_at.is_(None)
+        )
+    ).all()
+    for endpoint in endpoints:
+        if event_matches(list(endpoint.events), event_type):
+            session.add(_new_message(event_id, endpoint.id, created))
+    session.flush()
+    return event_id
+
+
+def _new_message(event_id: str, endpoint_id: str, now: datetime) -> WebhookMessage:
+    return WebhookMessage(
+        id=_new_id("msg"),
+        event_id=event_id,
+        endpoint_id=endpoint_id,
+        status=MessageStatus.PENDING.value,
+        attempts=0,
+        window_started_at=now,
+        next_attempt_at=now,
+        updated_at=now,
+    )
