@@ -60,6 +60,34 @@ class ReaderTimeout(ReaderError):
     """No card (or no answer) within the time allowed."""
 
 
+class OutcomeUnknown(CardRemoved):
+    """A remote reader's link broke (or its deadline passed) while a batch was out.
+
+    Whether the agent ran any step of it is unknown: ``responses`` is empty and the whole
+    batch must be treated as possibly executed (recover per spec §6, never re-send it).
+    Raised by ``RemoteReader``; a ``CardRemoved``, so flows need no special case.
+    """
+
+
+class ReaderDisconnected(NoCard):
+    """A remote reader has no live link (dropped and not resumed yet, or its session
+    ended); nothing of this batch was sent."""
+
+
+class BatchRefused(ReaderError):
+    """The far end refused the batch before or at one of its steps, with a stable ``code``.
+
+    The step at ``len(responses)`` (and every later one) never reached the card; the
+    steps before it did, with these ``responses``. Codes: ``docs/remote-reader.md``
+    (e.g. ``consent_refused``, ``amount_mismatch``, ``apdu_not_allowed``).
+    """
+
+    def __init__(self, code: str, message: str, responses: Sequence[ResponseApdu] = ()) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.responses = list(responses)
+
+
 @runtime_checkable
 class Reader(Protocol):
     """A card reader, local or remote."""
