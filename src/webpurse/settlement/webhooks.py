@@ -22,19 +22,25 @@ Layers, from pure to I/O:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import json
+import logging
+import random
 import re
 import secrets
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+import httpx
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -57,6 +63,8 @@ SECRET_PREFIX = "whsec_"  # noqa: S105 - a prefix, not a secret
 SIGNATURE_VERSION = "v1"
 DEFAULT_TOLERANCE = 300
 """Seconds a delivery's timestamp may differ from the receiver's clock (5 minutes)."""
+
+log = logging.getLogger(__name__)
 
 HEADER_ID = "webhook-id"
 HEADER_TIMESTAMP = "webhook-timestamp"
@@ -471,3 +479,234 @@ def _new_message(event_id: str, endpoint_id: str, now: datetime) -> WebhookMessa
         next_attempt_at=now,
         updated_at=now,
     )
+
+
+# --------------------------------------------------------------------------- delivery
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    message_id: str
+    event_id: str
+    url: str
+    secret: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    job: _Job
+    status_code: int | None
+    error: str | None
+    duration_ms: int
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryReport:
+    """What one :func:`deliver_due` pass did."""
+
+    attempted: int = 0
+    succeeded: int = 0
+    retrying: int = 0
+    failed: int = 0
+    canceled: int = 0
+
+
+DEFAULT_POLICY = RetryPolicy()
+SessionMaker = Callable[[], Session]
+
+
+async def deliver_due(
+    session_factory: SessionMaker,
+    http_client: httpx.AsyncClient,
+    now: datetime,
+    *,
+    secret_box: SecretBox,
+    policy: RetryPolicy = DEFAULT_POLICY,
+    rng: random.Random | None = None,
+    limit: int = 50,
+    timeout: float = 10.0,
+    lease: timedelta = timedelta(minutes=2),
+) -> DeliveryReport:
+    """Deliver every outbox message due at ``now``; record each attempt; schedule retries.
+
+    At least once: a message is claimed by moving its ``next_attempt_at`` one ``lease``
+    ahead (rows locked with ``SKIP LOCKED`` on PostgreSQL, so several workers share the
+    outbox), then sent; if the worker dies before recording the outcome, the message is due
+    again when the lease runs out. A 2xx answer delivers it; anything else (another status,
+    a timeout, a refused connection) is logged and retried per ``policy``, and marked
+    ``failed`` once the policy gives up. Messages to deleted endpoints are canceled.
+    """
+    now = _aware(now)
+    rng = rng if rng is not None else random.Random()
+    jobs, canceled = _claim_due(session_factory, now, secret_box, limit, lease)
+    if not jobs:
+        return DeliveryReport(canceled=canceled)
+    outcomes = await asyncio.gather(*(_send(http_client, job, now, timeout) for job in jobs))
+    succeeded = retrying = failed = 0
+    with session_factory() as session, session.begin():
+        for outcome in outcomes:
+            message = session.get(WebhookMessage, outcome.job.message_id)
+            if message is None or message.status != MessageStatus.PENDING.value:
+                continue
+            session.add(
+                WebhookAttempt(
+                    message_id=message.id,
+                    attempted_at=now,
+                    status_code=outcome.status_code,
+                    error=outcome.error,
+                    duration_ms=outcome.duration_ms,
+                    succeeded=outcome.succeeded,
+                )
+            )
+            message.attempts += 1
+            message.last_status_code = outcome.status_code
+            message.last_error = outcome.error
+            message.updated_at = now
+            if outcome.succeeded:
+                message.status = MessageStatus.SUCCEEDED.value
+                message.delivered_at = now
+                message.next_attempt_at = None
+                succeeded += 1
+                continue
+            retry_at = policy.next_attempt_at(
+                _aware(message.window_started_at), now, message.attempts, rng.random()
+            )
+            if retry_at is None:
+                message.status = MessageStatus.FAILED.value
+                message.next_attempt_at = None
+                failed += 1
+                log.warning(
+                    "webhook delivery given up",
+                    extra={"message_id": message.id, "event_id": message.event_id},
+                )
+            else:
+                message.next_attempt_at = retry_at
+                retrying += 1
+    return DeliveryReport(
+        attempted=len(outcomes),
+        succeeded=succeeded,
+        retrying=retrying,
+        failed=failed,
+        canceled=canceled,
+    )
+
+
+def _claim_due(
+    session_factory: SessionMaker,
+    now: datetime,
+    secret_box: SecretBox,
+    limit: int,
+    lease: timedelta,
+) -> tuple[list[_Job], int]:
+    jobs: list[_Job] = []
+    canceled = 0
+    with session_factory() as session, session.begin():
+        query = (
+            select(WebhookMessage)
+            .where(
+                WebhookMessage.status == MessageStatus.PENDING.value,
+                WebhookMessage.next_attempt_at <= now,
+            )
+            .order_by(WebhookMessage.next_attempt_at, WebhookMessage.id)
+            .limit(limit)
+        )
+        if session.get_bind().dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        for message in session.scalars(query).all():
+            endpoint = session.get(WebhookEndpoint, message.endpoint_id)
+            event = session.get(WebhookEvent, message.event_id)
+            if endpoint is None or event is None or endpoint.deleted_at is not None:
+                message.status = MessageStatus.CANCELED.value
+                message.next_attempt_at = None
+                message.updated_at = now
+                canceled += 1
+                continue
+            message.next_attempt_at = now + lease
+            jobs.append(
+                _Job(
+                    message_id=message.id,
+                    event_id=event.id,
+                    url=endpoint.url,
+                    secret=secret_box.open(endpoint.id, endpoint.secret_sealed),
+                    body=event.body.encode("utf-8"),
+                )
+            )
+    return jobs, canceled
+
+
+async def _send(client: httpx.AsyncClient, job: _Job, now: datetime, timeout: float) -> _Outcome:
+    headers = signed_headers(job.secret, job.event_id, int(now.timestamp()), job.body)
+    headers["user-agent"] = "webpurse-webhooks/1"
+    started = time.monotonic()
+    status: int | None = None
+    error: str | None = None
+    try:
+        async with client.stream(
+            "POST", job.url, content=job.body, headers=headers, timeout=timeout
+        ) as response:
+            status = response.status_code
+            if not 200 <= status < 300:
+                error = f"HTTP {status}"
+    except httpx.HTTPError as exc:
+        error = f"{type(exc).__name__}: {exc}"[:500]
+    duration_ms = int((time.monotonic() - started) * 1000)
+    return _Outcome(job=job, status_code=status, error=error, duration_ms=duration_ms)
+
+
+class WebhookWorker:
+    """Runs :func:`deliver_due` every ``interval`` seconds until stopped (app lifespan)."""
+
+    def __init__(
+        self,
+        session_factory: SessionMaker,
+        secret_box: SecretBox,
+        *,
+        clock: Callable[[], datetime] = _utcnow,
+        interval: float = 1.0,
+        policy: RetryPolicy = DEFAULT_POLICY,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self._session_factory = session_factory
+        self._secret_box = secret_box
+        self._clock = clock
+        self._interval = interval
+        self._policy = policy
+        self._client = http_client
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._stop.clear()
+        self._task = asyncio.create_task(self._run(), name="webhook-worker")
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        owns_client = self._client is None
+        client = self._client or httpx.AsyncClient(follow_redirects=False)
+        try:
+            while not self._stop.is_set():
+                try:
+                    await deliver_due(
+                        self._session_factory,
+                        client,
+                        self._clock(),
+                        secret_box=self._secret_box,
+                        policy=self._policy,
+                    )
+                except Exception:  # the loop must survive a bad pass (DB restart, ...)
+                    log.exception("webhook delivery pass failed")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), timeout=self._interval)
+        finally:
+            if owns_client:
+                await client.aclose()
