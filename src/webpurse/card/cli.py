@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -14,6 +15,7 @@ from rich.table import Table
 from webpurse.card.image import CardBusy, ImageFile, open_card
 from webpurse.card.personalise import MasterKeys, parse_serial, personalise
 from webpurse.card.state import CardState
+from webpurse.card.vpcd import DEFAULT_HOST, DEFAULT_PORT, VpcdClient
 from webpurse.protocol.apdu import ResponseApdu, describe_sw
 from webpurse.protocol.errors import FieldError
 
@@ -110,5 +112,36 @@ def apdu(
                     continue
                 response = ResponseApdu.from_bytes(card.process(raw))
                 print(format_response(response, explain), flush=True)
+    except (CardBusy, OSError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command("serve")
+def serve(
+    image: Annotated[Path, typer.Argument(help="card image file (every commit persists)")],
+    host: Annotated[
+        str, typer.Option(help="host where pcscd's vpcd driver listens")
+    ] = DEFAULT_HOST,
+    port: Annotated[int, typer.Option(help="vpcd port: 35963 slot 0, 35964 slot 1")] = DEFAULT_PORT,
+) -> None:
+    """Put the card into pcscd's virtual reader (vsmartcard vpcd) until stopped.
+
+    Every PC/SC program then sees it in "Virtual PCD 00 00". Ctrl-C or SIGTERM takes the
+    card out of the reader. See docs/pcsc.md.
+    """
+    try:
+        with open_card(image) as card:
+            client = VpcdClient(card, host, port, on_status=lambda m: err.print(m))
+            previous = {
+                sig: signal.signal(sig, lambda *_: client.stop())
+                for sig in (signal.SIGINT, signal.SIGTERM)
+            }
+            try:
+                err.print(f"serving card {card.state.issuer.card_number} to vpcd {host}:{port}")
+                client.run()
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+                client.close()
     except (CardBusy, OSError, ValueError) as exc:
         raise _fail(str(exc)) from None
