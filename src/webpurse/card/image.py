@@ -67,6 +67,12 @@ class ImageFile:
         except OSError as exc:
             raise StoreError(f"cannot write card image {self.path}: {exc}") from exc
 
+    def remove_stale_temporaries(self) -> None:
+        """Delete temporary files left by writes that were killed before their rename."""
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+
     def create(self, state: CardState) -> None:
         """Write a new image; refuse to overwrite an existing card."""
         if self.path.exists():
@@ -86,6 +92,7 @@ def open_card(path: str | os.PathLike[str]) -> Iterator[CardApplet]:
         except BlockingIOError:
             raise CardBusy(f"card {image.path} is in use by another process") from None
         try:
+            image.remove_stale_temporaries()
             yield CardApplet(image.load(), image, secrets.token_bytes)
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)

@@ -22,9 +22,14 @@ from webpurse.protocol.errors import FieldError
 class BlockCipher(Protocol):
     """What the e-purse cryptography needs from a block cipher."""
 
-    name: str
-    block_size: int
-    key_size: int
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def block_size(self) -> int: ...
+
+    @property
+    def key_size(self) -> int: ...
 
     def encrypt_ecb(self, key: bytes, data: bytes) -> bytes:
         """Encrypt whole blocks in ECB mode."""
