@@ -351,7 +351,7 @@ class MessageStatus(StrEnum):
     CANCELED = "canceled"
 
 
-def _new_id(prefix: str) -> str:
+def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(12)}"
 
 
@@ -445,7 +445,7 @@ def enqueue_event(
     if not EVENT_TYPE_RE.fullmatch(event_type):
         raise WebhookError(f"unknown event type {event_type!r}")
     created = _aware(now) if now is not None else _utcnow()
-    event_id = _new_id("evt")
+    event_id = new_id("evt")
     body = event_body(event_id, event_type, created, data)
     session.add(
         WebhookEvent(
@@ -463,14 +463,14 @@ def enqueue_event(
     ).all()
     for endpoint in endpoints:
         if event_matches(list(endpoint.events), event_type):
-            session.add(_new_message(event_id, endpoint.id, created))
+            session.add(new_message(event_id, endpoint.id, created))
     session.flush()
     return event_id
 
 
-def _new_message(event_id: str, endpoint_id: str, now: datetime) -> WebhookMessage:
+def new_message(event_id: str, endpoint_id: str, now: datetime) -> WebhookMessage:
     return WebhookMessage(
-        id=_new_id("msg"),
+        id=new_id("msg"),
         event_id=event_id,
         endpoint_id=endpoint_id,
         status=MessageStatus.PENDING.value,

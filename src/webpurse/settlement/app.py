@@ -1,0 +1,169 @@
+"""The composition root: ``create_app(settings) -> FastAPI``.
+
+Wires the database, the security module, the clock, logging and metrics into the
+routers. Routes of the webhooks and clearing work are included when their modules exist.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from sqlalchemy import Engine
+
+from webpurse.settlement.db import SessionFactory, make_engine, make_session_factory, migrate
+from webpurse.settlement.problems import PROBLEM_JSON, ApiError
+from webpurse.settlement.settings import Clock, Settings
+
+log = structlog.get_logger(__name__)
+
+OPTIONAL_ROUTERS = ("routes_webhooks", "routes_clearing")
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry
+    requests: Counter
+    latency: Histogram
+    declines: Counter
+
+
+def _metrics() -> Metrics:
+    registry = CollectorRegistry()
+    return Metrics(
+        registry=registry,
+        requests=Counter(
+            "webpurse_settlement_requests_total",
+            "HTTP requests by route and status",
+            ["method", "route", "status"],
+            registry=registry,
+        ),
+        latency=Histogram(
+            "webpurse_settlement_request_seconds",
+            "HTTP request latency by route",
+            ["method", "route"],
+            registry=registry,
+        ),
+        declines=Counter(
+            "webpurse_settlement_declines_total",
+            "Card declines by decline code",
+            ["decline_code"],
+            registry=registry,
+        ),
+    )
+
+
+@dataclass
+class SettlementState:
+    """What routes reach through ``request.app.state.settlement``."""
+
+    settings: Settings
+    engine: Engine
+    session_factory: SessionFactory
+    security: Any
+    clock: Clock
+    metrics: Metrics
+
+
+def _problem(error: ApiError, request: Request) -> JSONResponse:
+    request_id = getattr(request.state, "request_id", None)
+    return JSONResponse(error.body(request_id), status_code=error.status, media_type=PROBLEM_JSON)
+
+
+def create_app(
+    settings: Settings, *, security: Any = None, engine: Engine | None = None
+) -> FastAPI:
+    """Build the settlement FastAPI app from ``settings`` (see :mod:`.settings`)."""
+    from webpurse.settlement import routes
+    from webpurse.settlement.security import SoftwareSecurityModule
+
+    engine = engine or make_engine(
+        settings.database_url, pool_size=settings.pool_size, max_overflow=settings.max_overflow
+    )
+    if settings.migrate:
+        migrate(engine)
+    session_factory = make_session_factory(engine)
+    if security is None:
+        security = SoftwareSecurityModule.from_settings(settings, session_factory)
+    app = FastAPI(
+        title="webpurse settlement",
+        version="1",
+        description="Settlement server: card registry, payments, loads, refunds, ledger.",
+        redoc_url=None,
+    )
+    metrics = _metrics()
+    app.state.settlement = SettlementState(
+        settings=settings,
+        engine=engine,
+        session_factory=session_factory,
+        security=security,
+        clock=settings.clock,
+        metrics=metrics,
+    )
+
+    @app.middleware("http")
+    async def request_context(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        incoming = request.headers.get("x-request-id", "")
+        request_id = incoming if 0 < len(incoming) <= 100 else f"req_{uuid.uuid4().hex}"
+        request.state.request_id = request_id
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        started = time.perf_counter()
+        response = await call_next(request)
+        elapsed = time.perf_counter() - started
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.requests.labels(request.method, path, str(response.status_code)).inc()
+        metrics.latency.labels(request.method, path).observe(elapsed)
+        response.headers["X-Request-Id"] = request_id
+        log.info(
+            "http.request",
+            method=request.method,
+            path=path,
+            status=response.status_code,
+            ms=round(elapsed * 1000, 2),
+        )
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        if exc.decline_code:
+            metrics.declines.labels(exc.decline_code).inc()
+        log.info("http.problem", code=exc.code, decline_code=exc.decline_code, status=exc.status)
+        return _problem(exc, request)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+        problem = ApiError(
+            422,
+            "validation_error",
+            str(first.get("msg", "invalid request")),
+            param=".".join(loc) or None,
+        )
+        log.info("http.invalid", errors=len(errors), param=problem.param)
+        return _problem(problem, request)
+
+    routes.include(app)
+    for name in OPTIONAL_ROUTERS:
+        try:
+            module = importlib.import_module(f"webpurse.settlement.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"webpurse.settlement.{name}":
+                raise
+            continue
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,120 @@
+"""API keys and who may do what: merchants see their own objects, operators the rest.
+
+Keys are random (``sk_mer_…`` / ``sk_op_…``), shown once, stored as SHA-256 hashes and
+compared in constant time. Every route but the public ones depends on
+:func:`require_merchant`, :func:`require_operator` or :func:`require_principal`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from typing import Annotated
+
+import structlog
+from fastapi import Depends, Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from webpurse.settlement.db import get_session
+from webpurse.settlement.models import ApiKey
+from webpurse.settlement.problems import forbidden, unauthenticated
+
+log = structlog.get_logger(__name__)
+
+MERCHANT = "merchant"
+OPERATOR = "operator"
+_PREFIX = {MERCHANT: "sk_mer_", OPERATOR: "sk_op_"}
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: a merchant (with its id) or an operator."""
+
+    role: str
+    key_id: str
+    merchant_id: str | None = None
+
+    @property
+    def is_operator(self) -> bool:
+        return self.role == OPERATOR
+
+    @property
+    def subject(self) -> str:
+        """The namespace of this caller's idempotency keys and objects."""
+        return self.merchant_id or f"op:{self.key_id}"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def new_api_key(
+    session: Session, role: str, now: dt.datetime, merchant_id: str | None = None, name: str = ""
+) -> tuple[ApiKey, str]:
+    """Create a key; returns the row and the clear key (show it once, never store it)."""
+    if role not in _PREFIX:
+        raise ValueError(f"unknown role {role!r}")
+    if (role == MERCHANT) != (merchant_id is not None):
+        raise ValueError("merchant keys need a merchant id; operator keys must not have one")
+    clear = _PREFIX[role] + secrets.token_urlsafe(32)
+    row = ApiKey(
+        id="key_" + secrets.token_hex(8),
+        key_hash=hash_key(clear),
+        role=role,
+        merchant_id=merchant_id,
+        name=name,
+        created_at=now,
+    )
+    session.add(row)
+    session.flush()
+    return row, clear
+
+
+def authenticate(session: Session, authorization: str | None) -> Principal:
+    if not authorization:
+        raise unauthenticated()
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token.startswith(("sk_mer_", "sk_op_")):
+        raise unauthenticated("use Authorization: Bearer <api key>")
+    presented = hash_key(token)
+    row = session.scalars(select(ApiKey).where(ApiKey.key_hash == presented)).one_or_none()
+    # The lookup is by hash; the compare below keeps the final check constant-time.
+    if (
+        row is None
+        or row.revoked_at is not None
+        or not hmac.compare_digest(row.key_hash, presented)
+    ):
+        log.info("auth.rejected")
+        raise unauthenticated("unknown or revoked API key")
+    return Principal(role=row.role, key_id=row.id, merchant_id=row.merchant_id)
+
+
+def require_principal(
+    request: Request, session: Annotated[Session, Depends(get_session)]
+) -> Principal:
+    principal = authenticate(session, request.headers.get("authorization"))
+    request.state.principal = principal
+    structlog.contextvars.bind_contextvars(principal=principal.subject)
+    return principal
+
+
+def require_merchant(principal: Annotated[Principal, Depends(require_principal)]) -> Principal:
+    if principal.role != MERCHANT:
+        raise forbidden("this route needs a merchant key")
+    return principal
+
+
+def require_operator(principal: Annotated[Principal, Depends(require_principal)]) -> Principal:
+    if principal.role != OPERATOR:
+        raise forbidden("this route needs an operator key")
+    return principal
+
+
+MerchantPrincipal = Annotated[Principal, Depends(require_merchant)]
+OperatorPrincipal = Annotated[Principal, Depends(require_operator)]
+AnyPrincipal = Annotated[Principal, Depends(require_principal)]

@@ -1,0 +1,262 @@
+"""The double-entry ledger: accounts, immutable transfers, caller-chosen idempotent ids.
+
+Every transfer moves one positive integer amount from a debit account to a credit account,
+so every transfer sums to zero and all accounts together always sum to zero. An account's
+``balance`` is a cache: each entry records the balance after it and the account version,
+and :func:`check` recomputes everything from the entries. Touched accounts are locked in
+sorted id order (``SELECT … FOR UPDATE`` on PostgreSQL) so concurrent transfers cannot
+deadlock.
+
+Accounts (see docs/settlement-api.md):
+- ``card:<card id>`` stored value on a card (what settlement owes the cardholder);
+- ``funding:<method>`` money received for loads (negative: it is the source of value);
+- ``held:purchases`` amounts authorised or uncertain, not yet captured or released;
+- ``held:loads`` funds for loads in flight, not yet on a card or returned;
+- ``merchant:<merchant id>`` merchant payable;
+- ``payouts:<merchant id>`` paid out to merchants (clearing);
+- ``refunds:pending`` refunds waiting for the card's next online contact.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from webpurse.settlement.db import for_update
+from webpurse.settlement.models import Account, Entry, Transfer
+
+HELD_PURCHASES = "held:purchases"
+HELD_LOADS = "held:loads"
+REFUNDS_PENDING = "refunds:pending"
+
+# Kinds whose balances may go below zero: the sources of value.
+_NEGATIVE_KINDS = frozenset({"funding"})
+
+
+def card_account(card_id: str) -> str:
+    return f"card:{card_id}"
+
+
+def merchant_account(merchant_id: str) -> str:
+    return f"merchant:{merchant_id}"
+
+
+def payout_account(merchant_id: str) -> str:
+    return f"payouts:{merchant_id}"
+
+
+def funding_account(method: str) -> str:
+    return f"funding:{method}"
+
+
+def account_kind(account_id: str) -> str:
+    return account_id.split(":", 1)[0]
+
+
+class LedgerError(Exception):
+    """A transfer the ledger refuses: bad amount, unknown currency, overdraft, id reuse."""
+
+
+@dataclass(frozen=True, slots=True)
+class TransferResult:
+    transfer: Transfer
+    created: bool  # False when the id already existed with the same content (a retry)
+
+
+def ensure_account(
+    session: Session, account_id: str, now: dt.datetime, currency: str = "CNY"
+) -> Account:
+    account = session.get(Account, account_id)
+    if account is None:
+        kind = account_kind(account_id)
+        account = Account(
+            id=account_id,
+            kind=kind,
+            currency=currency,
+            balance=0,
+            version=0,
+            allow_negative=kind in _NEGATIVE_KINDS,
+            created_at=now,
+        )
+        session.add(account)
+        session.flush()
+    return account
+
+
+def _lock(session: Session, account_ids: list[str]) -> dict[str, Account]:
+    locked: dict[str, Account] = {}
+    for account_id in sorted(account_ids):
+        stmt = select(Account).where(Account.id == account_id)
+        if for_update(session):
+            stmt = stmt.with_for_update()
+        account = session.execute(stmt.execution_options(populate_existing=True)).scalar_one()
+        locked[account_id] = account
+    return locked
+
+
+def post_transfer(
+    session: Session,
+    transfer_id: str,
+    debit_account: str,
+    credit_account: str,
+    amount: int,
+    kind: str,
+    *,
+    now: dt.datetime,
+    reference: str | None = None,
+    currency: str = "CNY",
+) -> TransferResult:
+    """Move ``amount`` fen from ``debit_account`` to ``credit_account`` exactly once.
+
+    Runs inside the caller's transaction (so it commits or rolls back with the payment
+    state that caused it). A repeated ``transfer_id`` with identical content returns the
+    original transfer; with different content it raises :class:`LedgerError`.
+    """
+    if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
+        raise LedgerError(f"transfer amount must be a positive integer of fen, got {amount!r}")
+    if debit_account == credit_account:
+        raise LedgerError("a transfer needs two different accounts")
+    existing = session.get(Transfer, transfer_id)
+    if existing is not None:
+        same = (existing.debit_account, existing.credit_account, existing.amount) == (
+            debit_account,
+            credit_account,
+            amount,
+        )
+        if not same:
+            raise LedgerError(f"transfer id {transfer_id} was used for a different transfer")
+        return TransferResult(existing, created=False)
+    ensure_account(session, debit_account, now, currency)
+    ensure_account(session, credit_account, now, currency)
+    accounts = _lock(session, [debit_account, credit_account])
+    debit, credit = accounts[debit_account], accounts[credit_account]
+    if debit.currency != currency or credit.currency != currency:
+        raise LedgerError("both accounts must be in the transfer's currency")
+    if not debit.allow_negative and debit.balance < amount:
+        raise LedgerError(
+            f"{debit_account} holds {debit.balance} fen, cannot transfer {amount} fen"
+        )
+    transfer = Transfer(
+        id=transfer_id,
+        debit_account=debit_account,
+        credit_account=credit_account,
+        amount=amount,
+        currency=currency,
+        kind=kind,
+        reference=reference,
+        created_at=now,
+    )
+    session.add(transfer)
+    session.flush()
+    for account, signed in ((debit, -amount), (credit, amount)):
+        account.balance += signed
+        account.version += 1
+        session.add(
+            Entry(
+                transfer_id=transfer_id,
+                account_id=account.id,
+                amount=signed,
+                balance_after=account.balance,
+                account_version=account.version,
+            )
+        )
+    session.flush()
+    return TransferResult(transfer, created=True)
+
+
+def balance(session: Session, account_id: str) -> int:
+    account = session.get(Account, account_id)
+    return 0 if account is None else account.balance
+
+
+# --- the ledger check ---------------------------------------------------------------
+
+
+@dataclass
+class CheckReport:
+    accounts: int = 0
+    transfers: int = 0
+    problems: list[str] = field(default_factory=list)
+    totals: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check(session: Session) -> CheckReport:
+    """Recompute every balance from the entries and prove the ledger's invariants.
+
+    - each transfer has exactly two entries, -amount and +amount, on its two accounts;
+    - each account's entries have versions 1..n with running balances, ending at the
+      cached balance, which equals the sum of its entries;
+    - no account that may not go negative is negative;
+    - all accounts sum to zero, and funds received for loads equal the value held on
+      cards, merchant payables, payouts, pending refunds and held amounts
+      (ARCHITECTURE.md "Invariants").
+    """
+    report = CheckReport()
+    accounts = {a.id: a for a in session.scalars(select(Account))}
+    report.accounts = len(accounts)
+    report.transfers = session.scalar(select(func.count()).select_from(Transfer)) or 0
+
+    legs: dict[str, list[Entry]] = defaultdict(list)
+    per_account: dict[str, list[Entry]] = defaultdict(list)
+    for entry in session.scalars(select(Entry).order_by(Entry.account_id, Entry.account_version)):
+        legs[entry.transfer_id].append(entry)
+        per_account[entry.account_id].append(entry)
+
+    for transfer in session.scalars(select(Transfer)):
+        entries = legs.pop(transfer.id, [])
+        got = sorted((e.account_id, e.amount) for e in entries)
+        want = sorted(
+            [(transfer.debit_account, -transfer.amount), (transfer.credit_account, transfer.amount)]
+        )
+        if transfer.amount <= 0 or got != want:
+            report.problems.append(f"transfer {transfer.id}: entries {got} != {want}")
+    for orphan in legs:
+        report.problems.append(f"entries for unknown transfer {orphan}")
+
+    for account_id, account in accounts.items():
+        running = 0
+        for expected_version, entry in enumerate(per_account.get(account_id, []), start=1):
+            running += entry.amount
+            if entry.account_version != expected_version:
+                report.problems.append(
+                    f"{account_id}: version {entry.account_version}, expected {expected_version}"
+                )
+                break
+            if entry.balance_after != running:
+                report.problems.append(
+                    f"{account_id}: balance after v{expected_version} is {entry.balance_after},"
+                    f" entries give {running}"
+                )
+                break
+        if running != account.balance:
+            report.problems.append(
+                f"{account_id}: cached balance {account.balance}, entries give {running}"
+            )
+        if len(per_account.get(account_id, [])) != account.version:
+            report.problems.append(f"{account_id}: version {account.version} != entry count")
+        if not account.allow_negative and running < 0:
+            report.problems.append(f"{account_id}: negative balance {running}")
+        kind = account.kind
+        report.totals[kind] = report.totals.get(kind, 0) + running
+
+    total = sum(report.totals.values())
+    if total != 0:
+        report.problems.append(f"accounts sum to {total}, not zero")
+    received = -report.totals.get("funding", 0)
+    held = sum(
+        report.totals.get(kind, 0) for kind in ("card", "merchant", "payouts", "refunds", "held")
+    )
+    if received != held:
+        report.problems.append(
+            f"funds received for loads {received} != value held {held} "
+            "(cards + merchant payables + payouts + pending refunds + held)"
+        )
+    return report

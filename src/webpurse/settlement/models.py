@@ -1,0 +1,232 @@
+"""The settlement schema as SQLAlchemy models (the migrations are the source of truth).
+
+Money columns are integer fen (BigInteger); ids are prefixed strings; times are UTC.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Date,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from webpurse.settlement.db import Base, UtcDateTime
+
+
+class Merchant(Base):
+    __tablename__ = "merchants"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    terminal_id: Mapped[str] = mapped_column(String(12), unique=True)
+    # The last 4-byte terminal transaction sequence number issued (a PSAM's counter).
+    terminal_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))  # merchant | operator
+    merchant_id: Mapped[str | None] = mapped_column(ForeignKey("merchants.id"), nullable=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+
+
+class MasterKeyRecord(Base):
+    """A master key, AES-GCM encrypted under the key-encryption key (never in clear)."""
+
+    __tablename__ = "master_keys"
+
+    kind: Mapped[str] = mapped_column(String(8), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    nonce: Mapped[bytes] = mapped_column(LargeBinary(12))
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary(64))
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+
+
+class Card(Base):
+    """A registered card: what settlement knows about it (the shadow of its purse)."""
+
+    __tablename__ = "cards"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    card_number: Mapped[str] = mapped_column(String(20), unique=True)
+    status: Mapped[str] = mapped_column(String(16))  # active | blocked | lost | expired
+    issuer_id: Mapped[str] = mapped_column(String(16))
+    key_version: Mapped[int] = mapped_column(Integer)
+    start_date: Mapped[dt.date] = mapped_column(Date)
+    expiry_date: Mapped[dt.date] = mapped_column(Date)
+    max_balance: Mapped[int] = mapped_column(BigInteger)
+    shadow_balance: Mapped[int] = mapped_column(BigInteger, default=0)
+    online_counter: Mapped[int] = mapped_column(Integer, default=0)
+    offline_counter: Mapped[int] = mapped_column(Integer, default=0)
+    # The one open transaction (payment or load id) while MAC1/MAC2 is out.
+    open_transaction: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    flagged: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+
+
+class CardEvent(Base):
+    __tablename__ = "card_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    card_id: Mapped[str] = mapped_column(ForeignKey("cards.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+
+
+class Payment(Base):
+    __tablename__ = "payments"
+    __table_args__ = (Index("ix_payments_merchant_created", "merchant_id", "created_at", "id"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    merchant_id: Mapped[str] = mapped_column(ForeignKey("merchants.id"))
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    description: Mapped[str] = mapped_column(Text, default="")
+    merchant_reference: Mapped[str] = mapped_column(String(200), default="")
+    metadata_: Mapped[dict[str, str]] = mapped_column("metadata", JSON, default=dict)
+    terminal_id: Mapped[str] = mapped_column(String(12))
+    key_index: Mapped[int] = mapped_column(Integer, default=1)
+    card_id: Mapped[str | None] = mapped_column(ForeignKey("cards.id"), nullable=True)
+    card_number: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    decline_code: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    # What the authorisation bound: the card's INITIALIZE values and the DEBIT fields.
+    balance_before: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    counter: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    key_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    card_random: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    terminal_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    txn_date: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    txn_time: Mapped[str | None] = mapped_column(String(6), nullable=True)
+    mac1: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    mac2: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    tac: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    refunded_amount: Mapped[int] = mapped_column(BigInteger, default=0)
+    authorised_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+
+
+class Load(Base):
+    __tablename__ = "loads"
+    __table_args__ = (Index("ix_loads_merchant_created", "merchant_id", "created_at", "id"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    merchant_id: Mapped[str | None] = mapped_column(ForeignKey("merchants.id"), nullable=True)
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    funding_method: Mapped[str] = mapped_column(String(20))
+    funding_reference: Mapped[str] = mapped_column(String(200))
+    refund_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    terminal_id: Mapped[str] = mapped_column(String(12))
+    key_index: Mapped[int] = mapped_column(Integer, default=1)
+    requested_card_number: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    card_id: Mapped[str | None] = mapped_column(ForeignKey("cards.id"), nullable=True)
+    card_number: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    decline_code: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    balance_before: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    counter: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    key_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    card_random: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    txn_date: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    txn_time: Mapped[str | None] = mapped_column(String(6), nullable=True)
+    mac2: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    tac: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    authorised_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+
+
+class Refund(Base):
+    __tablename__ = "refunds"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    merchant_id: Mapped[str] = mapped_column(ForeignKey("merchants.id"), index=True)
+    payment_id: Mapped[str] = mapped_column(ForeignKey("payments.id"), index=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    status: Mapped[str] = mapped_column(String(20))
+    load_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+
+
+class Account(Base):
+    """A ledger account; ``balance`` is a cache the ledger check recomputes from entries."""
+
+    __tablename__ = "ledger_accounts"
+
+    id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20), index=True)
+    currency: Mapped[str] = mapped_column(String(3))
+    balance: Mapped[int] = mapped_column(BigInteger, default=0)
+    version: Mapped[int] = mapped_column(BigInteger, default=0)
+    allow_negative: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+
+
+class Transfer(Base):
+    """An immutable transfer: ``amount`` from ``debit_account`` to ``credit_account``."""
+
+    __tablename__ = "ledger_transfers"
+
+    id: Mapped[str] = mapped_column(String(120), primary_key=True)
+    debit_account: Mapped[str] = mapped_column(ForeignKey("ledger_accounts.id"), index=True)
+    credit_account: Mapped[str] = mapped_column(ForeignKey("ledger_accounts.id"), index=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    kind: Mapped[str] = mapped_column(String(40))
+    reference: Mapped[str | None] = mapped_column(String(80), nullable=True, index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+
+
+class Entry(Base):
+    """One leg of a transfer on one account, with the balance after it and the version."""
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (UniqueConstraint("account_id", "account_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    transfer_id: Mapped[str] = mapped_column(ForeignKey("ledger_transfers.id"), index=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("ledger_accounts.id"))
+    amount: Mapped[int] = mapped_column(BigInteger)  # signed: -debit, +credit
+    balance_after: Mapped[int] = mapped_column(BigInteger)
+    account_version: Mapped[int] = mapped_column(BigInteger)
+
+
+class IdempotencyRecord(Base):
+    """A POST's idempotency key: the request's fingerprint and, once done, its response."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("principal", "key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    principal: Mapped[str] = mapped_column(String(40))
+    key: Mapped[str] = mapped_column(String(255))
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(12))  # in_flight | done
+    response_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    response_body: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), index=True)

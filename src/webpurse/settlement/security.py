@@ -1,0 +1,412 @@
+"""The security module: master keys and every MAC the host computes or checks (spec §2, §4).
+
+Nothing outside this module ever holds a key. The interface is :class:`SecurityModule`
+(narrow on purpose, so a PKCS#11 HSM can implement it); :class:`SoftwareSecurityModule`
+is the default: master keys per kind (dpk, dlk, dtk) and version, generated at init,
+stored AES-256-GCM encrypted under a key-encryption key (KEK) from ``WEBPURSE_KEK``
+(hex or base64) or the file ``WEBPURSE_KEK_FILE``. All crypto goes through
+:mod:`webpurse.protocol.host` and :mod:`webpurse.protocol.crypto`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import os
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from sqlalchemy import select
+
+from webpurse.card.personalise import personalise_with_card_keys
+from webpurse.card.state import DEFAULT_MAX_BALANCE, CardState
+from webpurse.protocol import host
+from webpurse.protocol.crypto import diversify
+
+if TYPE_CHECKING:
+    from webpurse.settlement.db import SessionFactory
+    from webpurse.settlement.settings import Settings
+
+from webpurse.settlement.models import MasterKeyRecord
+
+KINDS = ("dpk", "dlk", "dtk")
+KEK_SIZE = 32
+
+
+class SecurityError(Exception):
+    """The security module cannot work: no KEK, wrong KEK, missing master key."""
+
+
+def parse_kek(text: str) -> bytes:
+    """A 32-byte KEK from 64 hex digits or base64."""
+    text = text.strip()
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise SecurityError("the KEK must be 32 bytes in hex or base64") from None
+    if len(raw) != KEK_SIZE:
+        raise SecurityError(f"the KEK must be {KEK_SIZE} bytes, got {len(raw)}")
+    return raw
+
+
+def create_kek_file(path: Path) -> bytes:
+    """Write a new random KEK to ``path`` with 0600 permissions; refuse to overwrite."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kek = secrets.token_bytes(KEK_SIZE)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as handle:
+        handle.write(kek.hex() + "\n")
+    return kek
+
+
+def resolve_kek(settings: Settings, *, create: bool = False) -> bytes:
+    """The KEK from the settings (env value, env file, or the data dir's default file)."""
+    if settings.kek is not None:
+        return settings.kek
+    path = settings.kek_file or settings.default_kek_file
+    if path.exists():
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise SecurityError(f"{path} must not be readable by others (chmod 600)")
+        return parse_kek(path.read_text(encoding="ascii"))
+    if create and settings.kek_file is None:
+        return create_kek_file(path)
+    raise SecurityError(f"no key-encryption key: set WEBPURSE_KEK or create {path}")
+
+
+class SecurityModule(Protocol):
+    """What settlement asks of its keys. Every method takes the card's serial and key
+    version and derives the card key inside; no method returns a key."""
+
+    def personalise(
+        self,
+        serial: bytes,
+        *,
+        start: dt.date,
+        expiry: dt.date | None = None,
+        max_balance: int = DEFAULT_MAX_BALANCE,
+    ) -> CardState: ...
+
+    @property
+    def key_version(self) -> int: ...
+
+    def purchase_mac1(
+        self,
+        serial: bytes,
+        key_version: int,
+        *,
+        random: bytes,
+        offline_counter: int,
+        terminal_seq: int,
+        amount: int,
+        terminal_id: bytes,
+        date: dt.date,
+        time: dt.time,
+    ) -> bytes: ...
+
+    def verify_purchase_mac2_and_tac(
+        self,
+        serial: bytes,
+        key_version: int,
+        *,
+        random: bytes,
+        offline_counter: int,
+        terminal_seq: int,
+        amount: int,
+        terminal_id: bytes,
+        date: dt.date,
+        time: dt.time,
+        mac2: bytes,
+        tac: bytes,
+    ) -> bool: ...
+
+    def verify_load_mac1(
+        self,
+        serial: bytes,
+        key_version: int,
+        *,
+        random: bytes,
+        online_counter: int,
+        balance: int,
+        amount: int,
+        terminal_id: bytes,
+        mac1: bytes,
+    ) -> bool: ...
+
+    def load_mac2(
+        self,
+        serial: bytes,
+        key_version: int,
+        *,
+        random: bytes,
+        online_counter: int,
+        amount: int,
+        terminal_id: bytes,
+        date: dt.date,
+        time: dt.time,
+    ) -> bytes: ...
+
+    def verify_load_tac(
+        self,
+        serial: bytes,
+        key_version: int,
+        *,
+        new_balance: int,
+        online_counter: int,
+        amount: int,
+        terminal_id: bytes,
+        date: dt.date,
+        time: dt.time,
+        tac: bytes,
+    ) -> bool: ...
+
+
+def _aad(kind: str, version: int) -> bytes:
+    return f"webpurse-master-key:{kind}:{version}".encode("ascii")
+
+
+def generate_master_keys(
+    session_factory: SessionFactory,
+    kek: bytes,
+    now: dt.datetime,
+    *,
+    version: int = 1,
+    random: Callable[[int], bytes] = secrets.token_bytes,
+) -> bool:
+    """Create master keys of ``version`` for every kind if absent; True if created."""
+    aead = AESGCM(kek)
+    with session_factory() as session, session.begin():
+        existing = {
+            row.kind
+            for row in session.scalars(
+                select(MasterKeyRecord).where(MasterKeyRecord.version == version)
+            )
+        }
+        if existing == set(KINDS):
+            return False
+        if existing:
+            raise SecurityError(f"master keys of version {version} are incomplete: {existing}")
+        for kind in KINDS:
+            nonce = random(12)
+            sealed = aead.encrypt(nonce, random(16), _aad(kind, version))
+            session.add(
+                MasterKeyRecord(
+                    kind=kind, version=version, nonce=nonce, ciphertext=sealed, created_at=now
+                )
+            )
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class _KeySet:
+    dpk: bytes
+    dlk: bytes
+    dtk: bytes
+
+    def __repr__(self) -> str:
+        return "_KeySet(<redacted>)"
+
+
+class SoftwareSecurityModule:
+    """Master keys decrypted into memory from the database; the default keystore."""
+
+    def __init__(self, keysets: dict[int, _KeySet], current_version: int) -> None:
+        self.__keysets = keysets
+        self._current = current_version
+
+    def __repr__(self) -> str:
+        return f"SoftwareSecurityModule(versions={sorted(self.__keysets)}, keys=<redacted>)"
+
+    @classmethod
+    def load(cls, session_factory: SessionFactory, kek: bytes) -> SoftwareSecurityModule:
+        aead = AESGCM(kek)
+        found: dict[int, dict[str, bytes]] = {}
+        with session_factory() as session:
+            for row in session.scalars(select(MasterKeyRecord)):
+                try:
+                    key = aead.decrypt(row.nonce, row.ciphertext, _aad(row.kind, row.version))
+                except InvalidTag:
+                    raise SecurityError(
+                        "cannot decrypt the master keys: wrong key-encryption key"
+                    ) from None
+                found.setdefault(row.version, {})[row.kind] = key
+        keysets = {
+            version: _KeySet(keys["dpk"], keys["dlk"], keys["dtk"])
+            for version, keys in found.items()
+            if set(keys) == set(KINDS)
+        }
+        if not keysets:
+            raise SecurityError("no master keys: run `webpurse settlement init`")
+        return cls(keysets, max(keysets))
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, session_factory: SessionFactory
+    ) -> SoftwareSecurityModule:
+        return cls.load(session_factory, resolve_kek(settings))
+
+    @property
+    def key_version(self) -> int:
+        return self._current
+
+    def _card_key(self, kind: str, serial: bytes, key_version: int) -> bytes:
+        keyset = self.__keysets.get(key_version)
+        if keyset is None:
+            raise SecurityError(f"no master keys of version {key_version}")
+        master: bytes = getattr(keyset, kind)
+        return diversify(master, serial)
+
+    def personalise(
+        self,
+        serial: bytes,
+        *,
+        start: dt.date,
+        expiry: dt.date | None = None,
+        max_balance: int = DEFAULT_MAX_BALANCE,
+    ) -> CardState:
+        version = self._current
+        return personalise_with_card_keys(
+            serial,
+            dpk=self._card_key("dpk", serial, version),
+            dlk=self._card_key("dlk", serial, version),
+            dtk=self._card_key("dtk", serial, version),
+            start=start,
+            expiry=expiry,
+            key_version=version,
+            max_balance=max_balance,
+        )
+
+    def purchase_mac1(
+        self,
+        serial: bytes,
+        key_version: int,
+        *,
+        random: bytes,
+        offline_counter: int,
+        terminal_seq: int,
+        amount: int,
+        terminal_id: bytes,
+        date: dt.date,
+        time: dt.time,
+    ) -> bytes:
+        return host.purchase_mac1(
+            self._card_key("dpk", serial, key_version),
+            random=random,
+            offline_counter=offline_counter,
+            terminal_seq=terminal_seq,
+            amount=amount,
+            terminal_id=terminal_id,
+            date=date,
+            time=time,
+        )
+
+    def verify_purchase_mac2_and_tac(
+        self,
+        serial: bytes,
+        key_version: int,
+        *,
+        random: bytes,
+        offline_counter: int,
+        terminal_seq: int,
+        amount: int,
+        terminal_id: bytes,
+        date: dt.date,
+        time: dt.time,
+        mac2: bytes,
+        tac: bytes,
+    ) -> bool:
+        mac2_ok = host.verify_purchase_mac2(
+            self._card_key("dpk", serial, key_version),
+            mac2,
+            random=random,
+            offline_counter=offline_counter,
+            terminal_seq=terminal_seq,
+            amount=amount,
+        )
+        tac_ok = host.verify_purchase_tac(
+            self._card_key("dtk", serial, key_version),
+            tac,
+            amount=amount,
+            terminal_id=terminal_id,
+            terminal_seq=terminal_seq,
+            date=date,
+            time=time,
+        )
+        return mac2_ok & tac_ok
+
+    def verify_load_mac1(
+        self,
+        serial: bytes,
+        key_version: int,
+        *,
+        random: bytes,
+        online_counter: int,
+        balance: int,
+        amount: int,
+        terminal_id: bytes,
+        mac1: bytes,
+    ) -> bool:
+        return host.verify_load_mac1(
+            self._card_key("dlk", serial, key_version),
+            mac1,
+            random=random,
+            online_counter=online_counter,
+            balance=balance,
+            amount=amount,
+            terminal_id=terminal_id,
+        )
+
+    def load_mac2(
+        self,
+        serial: bytes,
+        key_version: int,
+        *,
+        random: bytes,
+        online_counter: int,
+        amount: int,
+        terminal_id: bytes,
+        date: dt.date,
+        time: dt.time,
+    ) -> bytes:
+        return host.load_mac2(
+            self._card_key("dlk", serial, key_version),
+            random=random,
+            online_counter=online_counter,
+            amount=amount,
+            terminal_id=terminal_id,
+            date=date,
+            time=time,
+        )
+
+    def verify_load_tac(
+        self,
+        serial: bytes,
+        key_version: int,
+        *,
+        new_balance: int,
+        online_counter: int,
+        amount: int,
+        terminal_id: bytes,
+        date: dt.date,
+        time: dt.time,
+        tac: bytes,
+    ) -> bool:
+        return host.verify_load_tac(
+            self._card_key("dtk", serial, key_version),
+            tac,
+            new_balance=new_balance,
+            online_counter=online_counter,
+            amount=amount,
+            terminal_id=terminal_id,
+            date=date,
+            time=time,
+        )

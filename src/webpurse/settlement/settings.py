@@ -1,0 +1,56 @@
+"""Settlement server settings: where the database and the key-encryption key live.
+
+Read from the environment by :meth:`Settings.from_env`; tests build them directly. The
+clock is part of the settings so that every decision about time is injected.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+Clock = Callable[[], dt.datetime]
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the composition root (:func:`webpurse.settlement.app.create_app`) needs."""
+
+    database_url: str
+    data_dir: Path = Path("data")
+    kek: bytes | None = field(default=None, repr=False)
+    kek_file: Path | None = None
+    migrate: bool = False
+    clock: Clock = utc_now
+    requires_card_ttl: dt.timedelta = dt.timedelta(minutes=30)
+    authorised_ttl: dt.timedelta = dt.timedelta(minutes=2)
+    pool_size: int = 10
+    max_overflow: int = 10
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, *, migrate: bool = False) -> Settings:
+        env = dict(os.environ) if env is None else env
+        data_dir = Path(env.get("WEBPURSE_DATA_DIR", "data"))
+        url = env.get("WEBPURSE_DATABASE_URL") or f"sqlite:///{data_dir / 'settlement.db'}"
+        kek_file = env.get("WEBPURSE_KEK_FILE")
+        kek_text = env.get("WEBPURSE_KEK")
+        from webpurse.settlement.security import parse_kek
+
+        return cls(
+            database_url=url,
+            data_dir=data_dir,
+            kek=parse_kek(kek_text) if kek_text else None,
+            kek_file=Path(kek_file) if kek_file else None,
+            migrate=migrate,
+        )
+
+    @property
+    def default_kek_file(self) -> Path:
+        return self.data_dir / "kek.key"
