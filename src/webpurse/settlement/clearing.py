@@ -2,9 +2,10 @@
 
 design/payments-api.md ("Clearing"): each merchant gets a daily settlement report. A
 batch for merchant M and business day D holds the payments M captured during D and the
-refunds M granted during D; it pays out ``captured − refunded`` (plus any negative
-remainder carried from M's previous batch) by one ledger transfer from M's payable
-account to the payouts account. The business day is the China Standard Time (UTC+8)
+refunds M granted during D, as the ledger recorded them (transfers into and out of M's
+payable account); it pays out ``captured − refunded`` (plus what M's previous batch
+carried forward, bounded by M's payable balance) by one ledger transfer from M's payable
+account to M's payouts account. The business day is the China Standard Time (UTC+8)
 calendar day by default (ARCHITECTURE.md, "Settlement server"), configurable.
 
 The computation (:func:`business_day_window`, :func:`compute_batch`, :func:`render_csv`,
@@ -18,10 +19,33 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Sequence
+import os
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, timezone, tzinfo
 from enum import StrEnum
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import structlog
+from sqlalchemy import (
+    BigInteger,
+    Date,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    or_,
+    select,
+)
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from webpurse.settlement import ledger
+from webpurse.settlement.db import Base, UtcDateTime
+from webpurse.settlement.models import Merchant, Payment, Refund, Transfer
+
+log = structlog.get_logger(__name__)
 
 CHINA_STANDARD_TIME = timezone(timedelta(hours=8), "CST")
 """The default clearing time zone: business days are UTC+8 calendar days."""
@@ -37,6 +61,18 @@ class DayNotOverError(ClearingError):
     """A batch was asked for a business day that has not ended yet."""
 
     code = "day_not_over"
+
+
+class OutOfOrderError(ClearingError):
+    """A batch was asked for a day before the merchant's latest batch."""
+
+    code = "clearing_out_of_order"
+
+
+class UnknownMerchantError(ClearingError):
+    """No merchant with that id."""
+
+    code = "unknown_merchant"
 
 
 class ItemKind(StrEnum):
@@ -224,3 +260,211 @@ def _csv_safe(text: str) -> str:
     if text[:1] in ("=", "+", "-", "@", "\t", "\r"):
         return "'" + text
     return text
+
+
+def parse_timezone(text: str) -> tzinfo:
+    """A clearing time zone from config: an IANA name (``Asia/Shanghai``) or ``±HH:MM``."""
+    match = re.fullmatch(r"([+-])(\d{2}):?(\d{2})", text.strip())
+    if match:
+        sign = 1 if match.group(1) == "+" else -1
+        offset = timedelta(hours=int(match.group(2)), minutes=int(match.group(3)))
+        if offset >= timedelta(hours=24):
+            raise ClearingError(f"time zone offset out of range: {text!r}")
+        return timezone(sign * offset)
+    try:
+        return ZoneInfo(text.strip())
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ClearingError(f"unknown time zone {text!r}") from exc
+
+
+def timezone_from_env(env: Mapping[str, str] | None = None) -> tzinfo:
+    """``WEBPURSE_CLEARING_TZ`` (default China Standard Time, UTC+8)."""
+    env = os.environ if env is None else env
+    text = env.get("WEBPURSE_CLEARING_TZ", "")
+    return parse_timezone(text) if text else CHINA_STANDARD_TIME
+
+
+def _tz_name(tz: tzinfo) -> str:
+    return str(getattr(tz, "key", None) or tz.tzname(None) or tz)
+
+
+# --------------------------------------------------------------------------- persistence
+
+
+class ClearingBatch(Base):
+    """A merchant's clearing batch for one business day; immutable once written."""
+
+    __tablename__ = "clearing_batches"
+    __table_args__ = (UniqueConstraint("merchant_id", "day", name="uq_clearing_batches_day"),)
+
+    id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    merchant_id: Mapped[str] = mapped_column(ForeignKey("merchants.id"), index=True)
+    day: Mapped[date] = mapped_column(Date, index=True)
+    timezone: Mapped[str] = mapped_column(String(64))
+    window_start: Mapped[datetime] = mapped_column(UtcDateTime())
+    window_end: Mapped[datetime] = mapped_column(UtcDateTime())
+    currency: Mapped[str] = mapped_column(String(3))
+    payment_count: Mapped[int] = mapped_column(Integer)
+    payment_total: Mapped[int] = mapped_column(BigInteger)
+    refund_count: Mapped[int] = mapped_column(Integer)
+    refund_total: Mapped[int] = mapped_column(BigInteger)
+    carried_in: Mapped[int] = mapped_column(BigInteger)
+    payout: Mapped[int] = mapped_column(BigInteger)
+    carried_out: Mapped[int] = mapped_column(BigInteger)
+    transfer_id: Mapped[str | None] = mapped_column(String(120), nullable=True)
+    report_csv: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """A batch and whether this run created it (``False``: it existed, nothing was paid)."""
+
+    batch: ClearingBatch
+    created: bool
+
+
+def day_items(
+    session: Session, merchant_id: str, window: tuple[datetime, datetime]
+) -> list[ClearingItem]:
+    """The ledger's movements on the merchant's payable account in ``[start, end)``.
+
+    Money in (captures) becomes payment lines, money out other than payouts (refunds)
+    refund lines; payment and refund rows add the merchant's reference and card number.
+    """
+    account = ledger.merchant_account(merchant_id)
+    start, end = window
+    transfers = session.scalars(
+        select(Transfer)
+        .where(
+            or_(Transfer.credit_account == account, Transfer.debit_account == account),
+            Transfer.created_at >= start,
+            Transfer.created_at < end,
+            Transfer.kind != PAYOUT_KIND,
+        )
+        .order_by(Transfer.created_at, Transfer.id)
+    ).all()
+    items: list[ClearingItem] = []
+    for transfer in transfers:
+        incoming = transfer.credit_account == account
+        reference = transfer.reference or transfer.id
+        item_id, payment_id, merchant_reference, card_number = reference, "", "", ""
+        refund = None if incoming else session.get(Refund, reference)
+        if refund is not None:
+            payment_id = refund.payment_id
+        payment = session.get(Payment, reference if incoming else payment_id)
+        if payment is not None:
+            payment_id = payment.id
+            merchant_reference = payment.merchant_reference
+            card_number = payment.card_number or ""
+        items.append(
+            ClearingItem(
+                kind=ItemKind.PAYMENT if incoming else ItemKind.REFUND,
+                id=item_id,
+                amount=transfer.amount,
+                at=transfer.created_at,
+                reference=merchant_reference,
+                card_number=card_number,
+                payment_id=payment_id,
+            )
+        )
+    return items
+
+
+PAYOUT_KIND = "payout"
+
+
+def run_batch(
+    session: Session,
+    merchant_id: str,
+    day: date,
+    now: datetime,
+    tz: tzinfo = CHINA_STANDARD_TIME,
+    *,
+    currency: str = "CNY",
+) -> BatchResult:
+    """Clear one merchant's business day: compute, store the batch and post its payout.
+
+    Runs in the caller's transaction. Idempotent: the batch id and the payout transfer id
+    derive from (merchant, day), so a second run returns the stored batch untouched. Refuses
+    a day that has not ended, and a day earlier than the merchant's latest batch (the carry
+    forward runs in day order).
+    """
+    identifier = batch_id(merchant_id, day)
+    existing = session.get(ClearingBatch, identifier)
+    if existing is not None:
+        return BatchResult(existing, created=False)
+    if session.get(Merchant, merchant_id) is None:
+        raise UnknownMerchantError(f"no merchant {merchant_id}")
+    ensure_day_over(day, now, tz)
+    later = session.scalars(
+        select(ClearingBatch.day).where(
+            ClearingBatch.merchant_id == merchant_id, ClearingBatch.day > day
+        )
+    ).first()
+    if later is not None:
+        raise OutOfOrderError(
+            f"merchant {merchant_id} already has a batch for {later.isoformat()}; "
+            "batches run in day order"
+        )
+    previous = session.scalars(
+        select(ClearingBatch)
+        .where(ClearingBatch.merchant_id == merchant_id, ClearingBatch.day < day)
+        .order_by(ClearingBatch.day.desc())
+    ).first()
+    carried_in = previous.carried_out if previous is not None else 0
+    window = business_day_window(day, tz)
+    items = day_items(session, merchant_id, window)
+    available = ledger.balance(session, ledger.merchant_account(merchant_id))
+    totals = compute_batch(items, carried_in, available)
+    transfer_id = None
+    if totals.payout > 0:
+        transfer_id = payout_transfer_id(identifier)
+        ledger.post_transfer(
+            session,
+            transfer_id,
+            ledger.merchant_account(merchant_id),
+            ledger.payout_account(merchant_id),
+            totals.payout,
+            PAYOUT_KIND,
+            now=now,
+            reference=identifier,
+            currency=currency,
+        )
+    batch = ClearingBatch(
+        id=identifier,
+        merchant_id=merchant_id,
+        day=day,
+        timezone=_tz_name(tz),
+        window_start=window[0],
+        window_end=window[1],
+        currency=currency,
+        payment_count=totals.payment_count,
+        payment_total=totals.payment_total,
+        refund_count=totals.refund_count,
+        refund_total=totals.refund_total,
+        carried_in=totals.carried_in,
+        payout=totals.payout,
+        carried_out=totals.carried_out,
+        transfer_id=transfer_id,
+        report_csv=render_csv(merchant_id, day, items, totals, tz, currency=currency),
+        created_at=now,
+    )
+    session.add(batch)
+    session.flush()
+    log.info(
+        "clearing.batch",
+        batch=identifier,
+        payments=totals.payment_count,
+        refunds=totals.refund_count,
+        payout=totals.payout,
+    )
+    return BatchResult(batch, created=True)
+
+
+def run_day(
+    session: Session, day: date, now: datetime, tz: tzinfo = CHINA_STANDARD_TIME
+) -> list[BatchResult]:
+    """Clear ``day`` for every merchant (the daily job)."""
+    merchant_ids = session.scalars(select(Merchant.id).order_by(Merchant.id)).all()
+    return [run_batch(session, merchant_id, day, now, tz) for merchant_id in merchant_ids]

@@ -19,7 +19,9 @@ from sqlalchemy.orm import Session
 
 from webpurse.settlement.auth import MerchantPrincipal
 from webpurse.settlement.db import get_session
-from webpurse.settlement.problems import ApiError, bad_request, not_found
+from webpurse.settlement.problems import bad_request, not_found
+from webpurse.settlement.security import resolve_kek
+from webpurse.settlement.settings import Clock, Settings
 from webpurse.settlement.webhooks import (
     EVENT_FILTER_RE,
     EVENT_TYPE_RE,
@@ -42,20 +44,25 @@ MAX_ENDPOINTS_PER_MERCHANT = 16
 
 
 def get_secret_box(request: Request) -> SecretBox:
-    """The app's :class:`SecretBox` (set by :func:`webpurse.settlement.app.create_app`)."""
+    """The app's :class:`SecretBox`, keyed from the settlement KEK (made on first use)."""
     box: SecretBox | None = getattr(request.app.state, "webhook_secret_box", None)
     if box is None:
-        raise ApiError(503, "webhooks_unavailable", "webhooks are not configured on this server")
+        box = secret_box_for(request.app.state.settlement.settings)
+        request.app.state.webhook_secret_box = box
     return box
+
+
+def secret_box_for(settings: Settings) -> SecretBox:
+    """The webhook secret box of a settlement server (key derived from its KEK)."""
+    return SecretBox(resolve_kek(settings))
 
 
 Box = Annotated[SecretBox, Depends(get_secret_box)]
 
 
 def _clock(request: Request) -> dt.datetime:
-    settings = getattr(request.app.state, "settings", None)
-    clock = getattr(settings, "clock", None)
-    return clock() if callable(clock) else dt.datetime.now(dt.UTC)
+    clock: Clock = request.app.state.settlement.clock
+    return clock()
 
 
 Now = Annotated[dt.datetime, Depends(_clock)]

@@ -29,7 +29,6 @@ import contextlib
 import hashlib
 import hmac
 import json
-import logging
 import random
 import re
 import secrets
@@ -41,6 +40,7 @@ from enum import StrEnum
 from typing import Any
 
 import httpx
+import structlog
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -64,7 +64,7 @@ SIGNATURE_VERSION = "v1"
 DEFAULT_TOLERANCE = 300
 """Seconds a delivery's timestamp may differ from the receiver's clock (5 minutes)."""
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 HEADER_ID = "webhook-id"
 HEADER_TIMESTAMP = "webhook-timestamp"
@@ -370,7 +370,7 @@ class WebhookEndpoint(Base):
     __tablename__ = "webhook_endpoints"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    merchant_id: Mapped[str] = mapped_column(String(64), index=True)
+    merchant_id: Mapped[str] = mapped_column(ForeignKey("merchants.id"), index=True)
     url: Mapped[str] = mapped_column(String(2048))
     events: Mapped[list[str]] = mapped_column(JSON)
     description: Mapped[str] = mapped_column(String(200), default="")
@@ -386,7 +386,7 @@ class WebhookEvent(Base):
     __table_args__ = (Index("ix_webhook_events_merchant_created", "merchant_id", "created_at"),)
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    merchant_id: Mapped[str] = mapped_column(String(64))
+    merchant_id: Mapped[str] = mapped_column(ForeignKey("merchants.id"))
     type: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     body: Mapped[str] = mapped_column(Text)
@@ -580,10 +580,7 @@ async def deliver_due(
                 message.status = MessageStatus.FAILED.value
                 message.next_attempt_at = None
                 failed += 1
-                log.warning(
-                    "webhook delivery given up",
-                    extra={"message_id": message.id, "event_id": message.event_id},
-                )
+                log.warning("webhooks.given_up", message_id=message.id, event_id=message.event_id)
             else:
                 message.next_attempt_at = retry_at
                 retrying += 1
@@ -704,7 +701,7 @@ class WebhookWorker:
                         policy=self._policy,
                     )
                 except Exception:  # the loop must survive a bad pass (DB restart, ...)
-                    log.exception("webhook delivery pass failed")
+                    log.exception("webhooks.pass_failed")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), timeout=self._interval)
         finally:

@@ -6,6 +6,7 @@ from alembic import context
 from sqlalchemy import Engine, create_engine
 
 import webpurse.settlement.models  # noqa: F401  (registers the tables on Base.metadata)
+from webpurse.settlement import clearing, webhooks  # noqa: F401  (their tables too)
 from webpurse.settlement.db import Base, normalise_url
 
 config = context.config
