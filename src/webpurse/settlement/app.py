@@ -22,6 +22,7 @@ from sqlalchemy import Engine
 
 from webpurse.settlement.db import SessionFactory, make_engine, make_session_factory, migrate
 from webpurse.settlement.problems import PROBLEM_JSON, ApiError
+from webpurse.settlement.routes_webhooks import webhook_worker_lifespan
 from webpurse.settlement.settings import Clock, Settings
 
 log = structlog.get_logger(__name__)
@@ -99,6 +100,7 @@ def create_app(
         version="1",
         description="Settlement server: card registry, payments, loads, refunds, ledger.",
         redoc_url=None,
+        lifespan=webhook_worker_lifespan,
     )
     metrics = _metrics()
     app.state.settlement = SettlementState(

@@ -285,7 +285,16 @@ def timezone_from_env(env: Mapping[str, str] | None = None) -> tzinfo:
 
 
 def _tz_name(tz: tzinfo) -> str:
-    return str(getattr(tz, "key", None) or tz.tzname(None) or tz)
+    """An IANA zone's key, or a fixed offset as ``UTC+08:00``."""
+    key = getattr(tz, "key", None)
+    if isinstance(key, str):
+        return key
+    offset = tz.utcoffset(None)
+    if offset is None:
+        return str(tz)
+    minutes = int(offset.total_seconds()) // 60
+    sign = "+" if minutes >= 0 else "-"
+    return f"UTC{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
 
 
 # --------------------------------------------------------------------------- persistence

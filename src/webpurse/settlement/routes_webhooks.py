@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
@@ -31,6 +33,7 @@ from webpurse.settlement.webhooks import (
     WebhookEndpoint,
     WebhookEvent,
     WebhookMessage,
+    WebhookWorker,
     event_matches,
     new_id,
     new_message,
@@ -398,3 +401,24 @@ def redeliver_event(
         message.updated_at = now
     session.flush()
     return _event_out(session, event, with_log=True)
+
+
+@asynccontextmanager
+async def webhook_worker_lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Run the delivery worker while the app serves (unless ``settings.webhook_worker`` is off)."""
+    state = app.state.settlement
+    settings: Settings = state.settings
+    if not settings.webhook_worker:
+        yield
+        return
+    worker = WebhookWorker(
+        state.session_factory,
+        secret_box_for(settings),
+        clock=state.clock,
+        interval=settings.webhook_interval,
+    )
+    await worker.start()
+    try:
+        yield
+    finally:
+        await worker.stop()

@@ -33,6 +33,12 @@ class Settings:
     authorised_ttl: dt.timedelta = dt.timedelta(minutes=2)
     pool_size: int = 10
     max_overflow: int = 10
+    # Webhooks and clearing: the delivery worker runs in the app's lifespan unless off (tests
+    # that drive deliver_due themselves); the clearing day's zone (None: WEBPURSE_CLEARING_TZ,
+    # else China Standard Time, UTC+8).
+    webhook_worker: bool = True
+    webhook_interval: float = 1.0
+    clearing_timezone: dt.tzinfo | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, *, migrate: bool = False) -> Settings:

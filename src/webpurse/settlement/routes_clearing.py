@@ -1,0 +1,189 @@
+"""HTTP routes of clearing: run batches (operator), read batches and their CSV reports.
+
+An operator key runs and reads every batch; a merchant key reads only its own (another
+merchant's batch answers 404, as if it did not exist).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from webpurse.settlement.auth import AnyPrincipal, OperatorPrincipal, Principal
+from webpurse.settlement.clearing import (
+    ClearingBatch,
+    ClearingError,
+    DayNotOverError,
+    OutOfOrderError,
+    UnknownMerchantError,
+    last_closed_day,
+    run_batch,
+    run_day,
+    timezone_from_env,
+)
+from webpurse.settlement.db import get_session
+from webpurse.settlement.problems import ApiError, not_found
+from webpurse.settlement.settings import Clock
+
+router = APIRouter(prefix="/v1/clearing", tags=["clearing"])
+
+DbSession = Annotated[Session, Depends(get_session)]
+
+
+def _clock(request: Request) -> dt.datetime:
+    clock: Clock = request.app.state.settlement.clock
+    return clock()
+
+
+Now = Annotated[dt.datetime, Depends(_clock)]
+
+
+def clearing_timezone(request: Request) -> dt.tzinfo:
+    """The business-day time zone: settings ``clearing_timezone``, else the environment."""
+    configured: dt.tzinfo | None = request.app.state.settlement.settings.clearing_timezone
+    return configured if configured is not None else timezone_from_env()
+
+
+Tz = Annotated[dt.tzinfo, Depends(clearing_timezone)]
+
+
+class BatchRequest(BaseModel):
+    """``POST /v1/clearing/batches``: which merchant (default all) and day (default yesterday)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    merchant: str | None = Field(default=None, max_length=40, description="mer_…; all if absent")
+    day: dt.date | None = Field(
+        default=None, description="business day YYYY-MM-DD; the last one that ended if absent"
+    )
+
+
+class BatchOut(BaseModel):
+    id: str
+    object: Literal["clearing_batch"] = "clearing_batch"
+    merchant: str
+    day: dt.date
+    timezone: str
+    window_start: dt.datetime
+    window_end: dt.datetime
+    currency: str
+    payment_count: int
+    payment_total: int
+    refund_count: int
+    refund_total: int
+    carried_in: int
+    net: int
+    payout: int
+    carried_out: int
+    transfer_id: str | None
+    created_at: dt.datetime
+    created: bool | None = Field(
+        default=None, description="on POST: whether this run made the batch (false: it existed)"
+    )
+
+
+class BatchList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[BatchOut]
+    has_more: bool = False
+
+
+def batch_out(batch: ClearingBatch, created: bool | None = None) -> BatchOut:
+    return BatchOut(
+        id=batch.id,
+        merchant=batch.merchant_id,
+        day=batch.day,
+        timezone=batch.timezone,
+        window_start=batch.window_start,
+        window_end=batch.window_end,
+        currency=batch.currency,
+        payment_count=batch.payment_count,
+        payment_total=batch.payment_total,
+        refund_count=batch.refund_count,
+        refund_total=batch.refund_total,
+        carried_in=batch.carried_in,
+        net=batch.payment_total - batch.refund_total + batch.carried_in,
+        payout=batch.payout,
+        carried_out=batch.carried_out,
+        transfer_id=batch.transfer_id,
+        created_at=batch.created_at,
+        created=created,
+    )
+
+
+def _problem(exc: ClearingError) -> ApiError:
+    if isinstance(exc, UnknownMerchantError):
+        return ApiError(404, "resource_missing", str(exc), param="merchant")
+    if isinstance(exc, DayNotOverError | OutOfOrderError):
+        return ApiError(409, exc.code, str(exc), param="day")
+    return ApiError(400, exc.code, str(exc))
+
+
+def _visible_batch(session: Session, principal: Principal, batch_id: str) -> ClearingBatch:
+    batch = session.get(ClearingBatch, batch_id)
+    if batch is None or not (principal.is_operator or batch.merchant_id == principal.merchant_id):
+        raise not_found("clearing batch", "id")
+    return batch
+
+
+@router.post("/batches", response_model=BatchList)
+def create_batches(
+    body: BatchRequest, principal: OperatorPrincipal, session: DbSession, now: Now, tz: Tz
+) -> BatchList:
+    """Clear a business day for one merchant or all; re-running returns the stored batches."""
+    day = body.day or last_closed_day(now, tz)
+    try:
+        if body.merchant is not None:
+            results = [run_batch(session, body.merchant, day, now, tz)]
+        else:
+            results = run_day(session, day, now, tz)
+    except ClearingError as exc:
+        raise _problem(exc) from exc
+    return BatchList(data=[batch_out(r.batch, r.created) for r in results])
+
+
+@router.get("/batches", response_model=BatchList)
+def list_batches(
+    principal: AnyPrincipal,
+    session: DbSession,
+    merchant: Annotated[str | None, Query(max_length=40)] = None,
+    day: dt.date | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 50,
+) -> BatchList:
+    """Batches, newest day first: all for an operator, its own for a merchant."""
+    query = select(ClearingBatch)
+    if not principal.is_operator:
+        query = query.where(ClearingBatch.merchant_id == principal.merchant_id)
+    if merchant is not None:
+        query = query.where(ClearingBatch.merchant_id == merchant)
+    if day is not None:
+        query = query.where(ClearingBatch.day == day)
+    rows = session.scalars(
+        query.order_by(ClearingBatch.day.desc(), ClearingBatch.merchant_id).limit(limit + 1)
+    ).all()
+    return BatchList(data=[batch_out(r) for r in rows[:limit]], has_more=len(rows) > limit)
+
+
+@router.get("/batches/{batch_id}", response_model=BatchOut)
+def get_batch(batch_id: str, principal: AnyPrincipal, session: DbSession) -> BatchOut:
+    return batch_out(_visible_batch(session, principal, batch_id))
+
+
+@router.get(
+    "/batches/{batch_id}/report.csv",
+    response_class=Response,
+    responses={200: {"content": {"text/csv": {}}, "description": "the batch's CSV report"}},
+)
+def get_report(batch_id: str, principal: AnyPrincipal, session: DbSession) -> Response:
+    """The batch's report as written when it ran (amounts in fen; see docs/webhooks.md)."""
+    batch = _visible_batch(session, principal, batch_id)
+    return Response(
+        content=batch.report_csv,
+        media_type="text/csv; charset=utf-8",
+        headers={"content-disposition": f'attachment; filename="{batch.id}.csv"'},
+    )
