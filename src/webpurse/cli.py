@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from webpurse.agent.cli import app as agent_app
 from webpurse.card.cli import app as card_app
 
 app = typer.Typer(
@@ -11,6 +12,7 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(card_app, name="card")
+app.add_typer(agent_app, name="agent")
 
 
 def main() -> None:  # pragma: no cover - console entry point
