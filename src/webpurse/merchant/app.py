@@ -1,0 +1,345 @@
+"""The merchant web shop: FastAPI + Jinja2 pages, SSE progress, settlement webhooks.
+
+Composition root: :func:`create_app` wires the order book (SQLAlchemy), the settlement
+client (httpx, with the merchant's API key), the reader broker (remote agents, or a local
+reader) and the cashier that runs the flows. Everything is injectable for tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+from fastapi import FastAPI, Form, HTTPException, Request
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+
+from webpurse.merchant import i18n
+from webpurse.merchant.cart import COOKIE as CART_COOKIE
+from webpurse.merchant.cart import Cart
+from webpurse.merchant.cashier import Cashier, kind_of
+from webpurse.merchant.catalogue import BY_ID, PRODUCTS, TOPUP_AMOUNTS
+from webpurse.merchant.flows import Phase
+from webpurse.merchant.orders import (
+    DECLINED,
+    PENDING,
+    PURCHASE,
+    TOPUP,
+    Order,
+    OrderBook,
+    lines_to_json,
+    make_engine,
+)
+from webpurse.merchant.progress import OrderEvent, ProgressBus
+from webpurse.merchant.readers import LocalBroker, ReaderBroker
+from webpurse.merchant.settings import MerchantSettings
+from webpurse.merchant.settlement import Settlement, SettlementClient, SettlementError
+from webpurse.merchant.webhooks import WebhookRejected, verify_delivery
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).parent
+SESSION_COOKIE = "wp_sid"
+COOKIE_MAX_AGE = 60 * 60 * 24 * 30
+
+
+def _session_id(request: Request) -> str:
+    sid = request.cookies.get(SESSION_COOKIE, "")
+    if 16 <= len(sid) <= 64 and sid.replace("-", "").replace("_", "").isalnum():
+        return sid
+    sid = secrets.token_urlsafe(24)
+    request.state.new_sid = sid
+    return sid
+
+
+def create_app(
+    settings: MerchantSettings,
+    *,
+    settlement: Settlement | None = None,
+    broker: ReaderBroker | None = None,
+    mount_remote: Callable[[FastAPI], None] | None = None,
+) -> FastAPI:
+    """The shop. ``settlement``/``broker`` default to the HTTP client and a LocalBroker."""
+    orders = OrderBook(make_engine(settings.resolved_database_url()))
+    bus = ProgressBus()
+    http: httpx.AsyncClient | None = None
+    if settlement is None:
+        http = httpx.AsyncClient(base_url=settings.settlement_url, timeout=15.0)
+        settlement = SettlementClient(http, settings.settlement_api_key)
+    cashier = Cashier(orders, settlement, broker or LocalBroker(), bus)
+    seen_events: set[str] = set()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await cashier.close()
+        if http is not None:
+            await http.aclose()
+
+    app = FastAPI(title="webpurse merchant shop", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.orders = orders
+    app.state.cashier = cashier
+    app.state.bus = bus
+    app.state.settings = settings
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    templates = Jinja2Templates(directory=HERE / "templates")
+    if mount_remote is not None:
+        mount_remote(app)
+
+    def lang_of(request: Request) -> str:
+        return i18n.choose_language(
+            request.query_params.get("lang"),
+            request.cookies.get(i18n.COOKIE),
+            request.headers.get("accept-language"),
+        )
+
+    def cart_of(request: Request) -> Cart:
+        return Cart.decode(request.cookies.get(CART_COOKIE), settings.cookie_secret)
+
+    def finish(request: Request, response: Response, cart: Cart | None = None) -> Response:
+        if request.query_params.get("lang") in i18n.LANGUAGES:
+            response.set_cookie(
+                i18n.COOKIE, request.query_params["lang"], max_age=COOKIE_MAX_AGE, samesite="lax"
+            )
+        new_sid = getattr(request.state, "new_sid", None)
+        if new_sid:
+            response.set_cookie(
+                SESSION_COOKIE, new_sid, max_age=COOKIE_MAX_AGE, httponly=True, samesite="lax"
+            )
+        if cart is not None:
+            response.set_cookie(
+                CART_COOKIE,
+                cart.encode(settings.cookie_secret),
+                max_age=COOKIE_MAX_AGE,
+                httponly=True,
+                samesite="lax",
+            )
+        return response
+
+    def render(request: Request, name: str, status_code: int = 200, **context: Any) -> Response:
+        lang = lang_of(request)
+        cart = cart_of(request)
+        base = {
+            "request": request,
+            "lang": lang,
+            "t": i18n.translator(lang),
+            "fen": i18n.format_fen,
+            "decline_text": lambda code: i18n.decline_text(lang, code),
+            "cart_count": cart.count,
+            "other_lang": "en" if lang == "zh" else "zh",
+            "path": request.url.path,
+        }
+        base.update(context)
+        response = templates.TemplateResponse(request, name, base, status_code=status_code)
+        return finish(request, response)
+
+    def own_order(request: Request, order_id: str) -> Order:
+        order = orders.get(order_id)
+        if order is None or not secrets.compare_digest(order.session_id, _session_id(request)):
+            raise HTTPException(404, "no such order")
+        return order
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def catalogue(request: Request) -> Response:
+        return render(request, "catalogue.html", products=PRODUCTS)
+
+    @app.post("/cart/add")
+    async def cart_add(
+        request: Request, product: Annotated[str, Form()], quantity: Annotated[int, Form()] = 1
+    ) -> Response:
+        if product not in BY_ID or not 1 <= quantity <= 20:
+            log.info("refused cart add %r x%r", product, quantity)
+            raise HTTPException(422, "unknown product or quantity out of range")
+        cart = cart_of(request)
+        cart.add(product, quantity)
+        return finish(request, RedirectResponse("/cart", status_code=303), cart)
+
+    @app.post("/cart/update")
+    async def cart_update(
+        request: Request, product: Annotated[str, Form()], quantity: Annotated[int, Form()]
+    ) -> Response:
+        if product not in BY_ID or not 0 <= quantity <= 20:
+            raise HTTPException(422, "unknown product or quantity out of range")
+        cart = cart_of(request)
+        cart.set(product, quantity)
+        return finish(request, RedirectResponse("/cart", status_code=303), cart)
+
+    @app.get("/cart", response_class=HTMLResponse)
+    async def cart_page(request: Request) -> Response:
+        return render(request, "cart.html", cart=cart_of(request))
+
+    async def open_and_redirect(request: Request, order: Order, cart: Cart | None) -> Response:
+        try:
+            await cashier.open_settlement(order, _describe(order))
+        except SettlementError as exc:
+            log.warning("order %s: settlement refused the payment: %s", order.id, exc)
+            return render(request, "error.html", status_code=502, message=str(exc))
+        return finish(request, RedirectResponse(f"/orders/{order.id}/pay", status_code=303), cart)
+
+    @app.post("/checkout")
+    async def checkout(request: Request) -> Response:
+        cart = cart_of(request)
+        if not cart.items:
+            return RedirectResponse("/cart", status_code=303)
+        order = orders.create(
+            session_id=_session_id(request),
+            kind=PURCHASE,
+            amount=cart.total,
+            lines_json=lines_to_json(cart.lines),
+        )
+        return await open_and_redirect(request, order, Cart())
+
+    @app.get("/topup", response_class=HTMLResponse)
+    async def topup_page(request: Request) -> Response:
+        return render(request, "topup.html", amounts=TOPUP_AMOUNTS)
+
+    @app.post("/topup")
+    async def topup(request: Request, amount: Annotated[int, Form()]) -> Response:
+        if amount not in TOPUP_AMOUNTS:
+            log.info("refused top-up amount %r", amount)
+            raise HTTPException(422, "choose one of the offered amounts")
+        order = orders.create(session_id=_session_id(request), kind=TOPUP, amount=amount)
+        return await open_and_redirect(request, order, None)
+
+    @app.get("/orders", response_class=HTMLResponse)
+    async def order_history(request: Request) -> Response:
+        return render(request, "orders.html", orders=orders.for_session(_session_id(request)))
+
+    @app.get("/orders/{order_id}", response_class=HTMLResponse)
+    async def order_page(request: Request, order_id: str) -> Response:
+        own_order(request, order_id)
+        order = await cashier.refresh(order_id) or own_order(request, order_id)
+        return render(request, "order.html", order=order, products=BY_ID)
+
+    @app.get("/orders/{order_id}/pay", response_class=HTMLResponse)
+    async def pay_page(request: Request, order_id: str) -> Response:
+        order = own_order(request, order_id)
+        if order.is_final:
+            return RedirectResponse(f"/orders/{order_id}", status_code=303)
+        pairing = cashier.broker.pair(order_id, amount=order.amount, description=_describe(order))
+        cashier.start(order_id)
+        return render(
+            request,
+            "pay.html",
+            order=order,
+            pairing=pairing,
+            agent_url=settings.agent_url,
+            products=BY_ID,
+        )
+
+    @app.post("/orders/{order_id}/retry")
+    async def retry(request: Request, order_id: str) -> Response:
+        order = own_order(request, order_id)
+        if order.status == DECLINED:
+            orders.update(order_id, status=PENDING, decline_code=None)
+            bus.publish(OrderEvent(order_id, Phase.WAITING_READER.value, PENDING))
+        return RedirectResponse(f"/orders/{order_id}/pay", status_code=303)
+
+    @app.get("/orders/{order_id}/status")
+    async def order_status(request: Request, order_id: str) -> JSONResponse:
+        own_order(request, order_id)
+        order = await cashier.refresh(order_id) or own_order(request, order_id)
+        last = bus.last(order_id)
+        return JSONResponse(_order_json(order, last))
+
+    @app.get("/orders/{order_id}/events")
+    async def order_events(request: Request, order_id: str) -> StreamingResponse:
+        own_order(request, order_id)
+
+        async def stream() -> AsyncIterator[str]:
+            order = await cashier.refresh(order_id)
+            last = bus.last(order_id)
+            if last is not None:
+                yield last.to_sse()
+            elif order is not None:
+                yield OrderEvent(order_id, _phase_for(order), order.status).to_sse()
+            async for event in bus.subscribe(order_id):
+                if await request.is_disconnected():
+                    break
+                yield event.to_sse() if event is not None else ": keep-alive\n\n"
+
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+
+    @app.post("/webhooks/settlement")
+    async def settlement_webhook(request: Request) -> Response:
+        body = await request.body()
+        if not settings.webhook_secret:
+            raise HTTPException(503, "webhooks are not configured")
+        try:
+            verify_delivery(settings.webhook_secret, dict(request.headers), body)
+        except WebhookRejected as exc:
+            log.warning("rejected a webhook delivery: %s", exc)
+            return JSONResponse({"error": "invalid_signature", "detail": str(exc)}, 400)
+        try:
+            event = json.loads(body)
+            event_id = str(event["id"])
+            obj = event["data"]["object"]
+            object_id = str(obj["id"])
+        except (ValueError, KeyError, TypeError):
+            return JSONResponse({"error": "malformed_event"}, 400)
+        if event_id in seen_events:
+            return Response(status_code=204)
+        seen_events.add(event_id)
+        order = orders.by_settlement_id(object_id)
+        if order is not None:
+            # Deliveries come in any order: re-fetch the object instead of trusting the body.
+            await cashier.refresh(order.id)
+        return Response(status_code=204)
+
+    return app
+
+
+def _describe(order: Order) -> str:
+    if order.kind == TOPUP:
+        return f"top-up {order.id}"
+    names = ", ".join(f"{line['quantity']}x {line['product']}" for line in order.lines)
+    return f"order {order.id}: {names}"[:200]
+
+
+def _phase_for(order: Order) -> str:
+    return {
+        "paid": Phase.SUCCEEDED,
+        "loaded": Phase.SUCCEEDED,
+        "declined": Phase.DECLINED,
+        "interrupted": Phase.INTERRUPTED,
+        "canceled": Phase.FAILED,
+    }.get(order.status, Phase.WAITING_READER).value
+
+
+def _order_json(order: Order, last: OrderEvent | None) -> dict[str, Any]:
+    return {
+        "id": order.id,
+        "kind": order.kind,
+        "status": order.status,
+        "amount": order.amount,
+        "settlement_id": order.settlement_id,
+        "settlement_kind": kind_of(order).value,
+        "decline_code": order.decline_code,
+        "card_number": order.card_number,
+        "balance_before": order.balance_before,
+        "balance_after": order.balance_after,
+        "tac": order.tac,
+        "round_trips": order.round_trips,
+        "phase": last.phase if last else _phase_for(order),
+    }

@@ -1,0 +1,279 @@
+"""The cashier: runs each order's payment (or top-up) from reader to settlement's verdict.
+
+One background task per order (``start`` is idempotent). It waits for the shopper's
+reader, runs :func:`~webpurse.merchant.flows.run_transaction`, writes the outcome to the
+order book and publishes progress for the page. After an interrupted DEBIT/CREDIT it
+waits for the card's next contact and runs :func:`~webpurse.merchant.flows.recover`:
+settlement then says whether the card was debited (the order is paid) or not (a new
+payment is created and the purchase continues). ``refresh`` is the polling fallback and
+the webhook's follow-up: it re-reads the settlement object and applies its status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from webpurse.merchant.flows import (
+    CardRefused,
+    Outcome,
+    Phase,
+    Progress,
+    recover,
+    run_transaction,
+)
+from webpurse.merchant.orders import (
+    DECLINED,
+    INTERRUPTED,
+    LOADED,
+    PAID,
+    PENDING,
+    PURCHASE,
+    Order,
+    OrderBook,
+)
+from webpurse.merchant.progress import OrderEvent, ProgressBus
+from webpurse.merchant.readers import ReaderBroker
+from webpurse.merchant.settlement import (
+    Kind,
+    RecoveryHint,
+    Settlement,
+    SettlementError,
+    SettlementObject,
+)
+from webpurse.protocol.records import TransactionType
+from webpurse.reader.base import Reader, ReaderError
+
+log = logging.getLogger(__name__)
+
+MAX_CONTACTS = 10
+
+
+def kind_of(order: Order) -> Kind:
+    return Kind.PAYMENT if order.kind == PURCHASE else Kind.LOAD
+
+
+def success_status(order: Order) -> str:
+    return PAID if order.kind == PURCHASE else LOADED
+
+
+class Cashier:
+    def __init__(
+        self,
+        orders: OrderBook,
+        settlement: Settlement,
+        broker: ReaderBroker,
+        bus: ProgressBus,
+        *,
+        reader_timeout: float = 300.0,
+        card_timeout: float = 120.0,
+    ) -> None:
+        self.orders = orders
+        self.settlement = settlement
+        self.broker = broker
+        self.bus = bus
+        self.reader_timeout = reader_timeout
+        self.card_timeout = card_timeout
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    # --- settlement objects --------------------------------------------------------
+
+    async def open_settlement(self, order: Order, description: str) -> Order:
+        """Create the order's payment (or load) at settlement and remember its id."""
+        obj = await self.settlement.create(
+            kind_of(order), order.amount, description=description, reference=order.id
+        )
+        return self.orders.update(order.id, settlement_id=obj.id, status=PENDING)
+
+    def publish(self, order: Order, phase: Phase, detail: str = "") -> None:
+        self.bus.publish(
+            OrderEvent(
+                order_id=order.id,
+                phase=phase.value,
+                status=order.status,
+                detail=detail,
+                balance_after=order.balance_after,
+                final=order.is_final or order.status == DECLINED,
+            )
+        )
+
+    def apply(self, order_id: str, obj: SettlementObject, **extra: object) -> Order:
+        """Move the order to what settlement says; ``succeeded`` is the only way to paid."""
+        order = self.orders.get(order_id)
+        if order is None:
+            raise KeyError(order_id)
+        if obj.id != order.settlement_id:
+            log.warning("order %s: ignoring %s, not its settlement object", order_id, obj.id)
+            return order
+        fields: dict[str, object] = dict(extra)
+        if obj.status == "succeeded":
+            fields["status"] = success_status(order)
+            if obj.tac:
+                fields["tac"] = obj.tac
+        elif obj.status == "uncertain":
+            fields["status"] = INTERRUPTED
+        elif obj.status in ("declined", "expired"):
+            fields["status"] = DECLINED
+            fields["decline_code"] = obj.decline_code or extra.get("decline_code") or obj.status
+        elif obj.status == "canceled" and order.status != INTERRUPTED:
+            fields.setdefault("status", DECLINED)
+        if obj.card_number and "card_number" not in fields:
+            fields["card_number"] = obj.card_number
+        return self.orders.update(order_id, **fields)
+
+    async def refresh(self, order_id: str) -> Order | None:
+        """Polling fallback: re-read the settlement object and apply it."""
+        order = self.orders.get(order_id)
+        if order is None or order.settlement_id is None or order.is_final:
+            return order
+        try:
+            obj = await self.settlement.get(kind_of(order), order.settlement_id)
+        except SettlementError as exc:
+            log.warning("order %s: settlement poll failed: %s", order_id, exc)
+            return order
+        before = order.status
+        order = self.apply(order_id, obj)
+        if order.status != before and order.is_final:
+            self.publish(order, Phase.SUCCEEDED)
+        return order
+
+    # --- running a payment -----------------------------------------------------------
+
+    def start(self, order_id: str) -> None:
+        task = self._tasks.get(order_id)
+        if task is not None and not task.done():
+            return
+        self._tasks[order_id] = asyncio.create_task(self._drive(order_id), name=f"pay {order_id}")
+
+    def task(self, order_id: str) -> asyncio.Task[None] | None:
+        return self._tasks.get(order_id)
+
+    async def close(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        for task in self._tasks.values():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _drive(self, order_id: str) -> None:
+        order = self.orders.get(order_id)
+        if order is None or order.is_final:
+            return
+        try:
+            await self._drive_order(order)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("order %s: payment task failed", order_id)
+            order = self.orders.get(order_id) or order
+            self.publish(order, Phase.FAILED, "internal_error")
+
+    async def _drive_order(self, order: Order) -> None:
+        self.publish(order, Phase.WAITING_READER)
+        reader: Reader | None = None
+        for _ in range(MAX_CONTACTS):
+            current = self.orders.get(order.id)
+            assert current is not None
+            order = current
+            if order.is_final:
+                break
+            if reader is None:
+                reader = await self.broker.reader_for(order.id, self.reader_timeout)
+            try:
+                done = await self._contact(order, reader)
+            except ReaderError as exc:
+                # Batch 1 or recovery could not run: nothing changed anywhere. Try again
+                # with the reader the broker has now (the agent may have reconnected).
+                log.info("order %s: reader problem %s; waiting again", order.id, exc)
+                reader = None
+                latest = self.orders.get(order.id) or order
+                self.publish(latest, Phase.WAITING_READER, type(exc).__name__)
+                continue
+            if done:
+                break
+        final = self.orders.get(order.id) or order
+        outcome = {PAID: "succeeded", LOADED: "succeeded", DECLINED: "declined"}.get(
+            final.status, "failed"
+        )
+        with contextlib.suppress(Exception):
+            await self.broker.finish(order.id, outcome, final.decline_code or "", final.amount)
+
+    async def _contact(self, order: Order, reader: Reader) -> bool:
+        """One card contact; True when the order needs no more contacts."""
+        kind = kind_of(order)
+
+        async def progress(step: Progress) -> None:
+            latest = self.orders.get(order.id) or order
+            self.publish(latest, step.phase, step.detail)
+
+        if order.status == INTERRUPTED and order.settlement_id and order.counter is not None:
+            obj = await self.settlement.get(kind, order.settlement_id)
+            ttype = TransactionType.EP_PURCHASE if kind is Kind.PAYMENT else TransactionType.EP_LOAD
+            hint = RecoveryHint(kind, order.settlement_id, ttype, order.counter)
+            try:
+                outcome = await recover(
+                    reader,
+                    self.settlement,
+                    hint,
+                    key_index=obj.key_index,
+                    terminal_id=obj.terminal_id,
+                    card_timeout=self.card_timeout,
+                    progress=progress,
+                )
+            except CardRefused as refused:
+                self.publish(order, Phase.INTERRUPTED, refused.reason)
+                return False
+            assert outcome.object is not None
+            order = self.apply(order.id, outcome.object)
+            if order.is_final:
+                self.publish(order, Phase.SUCCEEDED)
+                return True
+            if outcome.status == "canceled":
+                # The card proved nothing happened: pay again with a fresh payment.
+                order = self.orders.update(order.id, status=PENDING, counter=None)
+                order = await self.open_settlement(order, order.id)
+                return False
+            self.publish(order, Phase.INTERRUPTED)
+            return False
+
+        if order.settlement_id is None or order.status == DECLINED:
+            order = await self.open_settlement(order, order.id)
+        assert order.settlement_id is not None
+        obj = await self.settlement.get(kind, order.settlement_id)
+        try:
+            outcome = await run_transaction(
+                reader, self.settlement, obj, card_timeout=self.card_timeout, progress=progress
+            )
+        except CardRefused as refused:
+            order = self.orders.update(order.id, status=DECLINED, decline_code=refused.reason)
+            self.publish(order, Phase.DECLINED, refused.reason)
+            return True
+        order = self._record(order, outcome)
+        if order.status == INTERRUPTED:
+            self.publish(order, Phase.INTERRUPTED)
+            # The card must leave and come back; recovery waits for it.
+            with contextlib.suppress(ReaderError):
+                await reader.wait_for_removal(self.card_timeout)
+            return False
+        if order.status in (PAID, LOADED):
+            self.publish(order, Phase.SUCCEEDED)
+        elif order.status == DECLINED:
+            self.publish(order, Phase.DECLINED, order.decline_code or "")
+        return True
+
+    def _record(self, order: Order, outcome: Outcome) -> Order:
+        extra: dict[str, object] = {"round_trips": outcome.round_trips}
+        for name in ("card_number", "balance_before", "balance_after", "counter"):
+            value = getattr(outcome, name)
+            if value is not None:
+                extra[name] = value
+        if outcome.status == "declined":
+            extra["decline_code"] = outcome.decline_code
+            if outcome.object is None or outcome.object.status != "declined":
+                extra["status"] = DECLINED
+        if outcome.object is None:
+            return self.orders.update(order.id, **extra)
+        if outcome.status == "declined" and outcome.object.status in ("requires_card", "canceled"):
+            return self.orders.update(order.id, **extra)
+        return self.apply(order.id, outcome.object, **extra)

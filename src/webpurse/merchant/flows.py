@@ -1,0 +1,415 @@
+"""Purchase and load flows: which APDUs go to the card, in which batches, and what then.
+
+The planning half is sans-I/O (``first_batch``, ``read_first_contact``, ``recovery_steps``,
+``read_recovery``): values in, :class:`~webpurse.reader.base.Step` lists or parsed values
+out. The running half (:func:`run_transaction`, :func:`recover`) is a thin async loop over
+an injected :class:`~webpurse.reader.base.Reader` and
+:class:`~webpurse.merchant.settlement.Settlement`.
+
+A purchase is exactly two merchant↔reader round trips (ARCHITECTURE.md, "Purchase: two
+round trips"):
+
+1. SELECT EP by AID, READ BINARY 0x15, INITIALIZE FOR PURCHASE → settlement ``authorise``
+   (raw card responses; settlement parses them) → MAC1 and the DEBIT APDU;
+2. DEBIT FOR PURCHASE → settlement ``capture`` with TAC ‖ MAC2.
+
+A load is the same with INITIALIZE FOR LOAD / CREDIT FOR LOAD. When the outcome of batch 2
+is unknown (the card left, the link broke), settlement is told ``uncertain`` and nothing
+is guessed (spec §6); the next contact runs :func:`recover`. When settlement answers
+``recovery_required`` for another open transaction of the card, one extra round trip
+recovers it and re-initialises the current one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from webpurse.merchant.settlement import (
+    Declined,
+    Kind,
+    RecoveryHint,
+    Settlement,
+    SettlementError,
+    SettlementObject,
+)
+from webpurse.protocol.apdu import ResponseApdu, StatusWord
+from webpurse.protocol.commands import (
+    EP_AID,
+    SFI_ISSUER,
+    GetTransactionProve,
+    InitializeForLoad,
+    InitializeForLoadResponse,
+    InitializeForPurchase,
+    InitializeForPurchaseResponse,
+    ReadBinary,
+    Select,
+)
+from webpurse.protocol.errors import ProtocolError
+from webpurse.protocol.records import IssuerData, TransactionType
+from webpurse.reader.base import Reader, ReaderError, Step
+
+log = logging.getLogger(__name__)
+
+PROVE_OK: frozenset[int] = frozenset({StatusWord.SUCCESS, StatusWord.PROOF_NOT_AVAILABLE})
+
+
+class Phase(StrEnum):
+    """What the shopper sees on the payment page (and the agent's display)."""
+
+    WAITING_READER = "waiting_reader"
+    PRESENT_CARD = "present_card"
+    READING = "reading"
+    AUTHORISING = "authorising"
+    RECOVERING = "recovering"
+    CONFIRM = "confirm"
+    CAPTURING = "capturing"
+    SUCCEEDED = "succeeded"
+    DECLINED = "declined"
+    INTERRUPTED = "interrupted"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    phase: Phase
+    detail: str = ""
+
+
+ProgressSink = Callable[[Progress], Awaitable[None]]
+
+
+async def _ignore(_: Progress) -> None:
+    return None
+
+
+class CardRefused(Exception):
+    """The card answered a batch-1 command with an error: nothing is pending on it."""
+
+    def __init__(self, sw: int, reason: str) -> None:
+        super().__init__(f"card answered {sw:04X}: {reason}")
+        self.sw = sw
+        self.reason = reason
+
+
+# SW of batch 1 → the decline reason the merchant shows (spec §5).
+_REFUSALS: dict[int, str] = {
+    StatusWord.INSUFFICIENT_FUNDS: "insufficient_funds",
+    StatusWord.WRONG_DATA: "balance_limit",
+    StatusWord.FILE_NOT_FOUND: "not_an_epurse",
+    StatusWord.APPLICATION_BLOCKED: "card_blocked",
+    StatusWord.APPLICATION_LOCKED: "card_blocked",
+    StatusWord.KEY_INDEX_NOT_SUPPORTED: "key_not_supported",
+    StatusWord.COUNTER_AT_MAXIMUM: "counter_at_maximum",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class FirstContact:
+    """The raw card answers settlement needs (it parses them itself), and what we show."""
+
+    issuer_data: bytes
+    initialize: bytes
+    card_number: str
+    balance: int
+    counter: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a contact ended. ``status`` is settlement's word, never the merchant's guess."""
+
+    status: str
+    object: SettlementObject | None
+    round_trips: int
+    decline_code: str | None = None
+    card_number: str | None = None
+    balance_before: int | None = None
+    balance_after: int | None = None
+    counter: int | None = None
+    tac: str | None = None
+
+
+def _initialize(kind: Kind, key_index: int, amount: int, terminal_id: bytes) -> bytes:
+    command: InitializeForPurchase | InitializeForLoad
+    if kind is Kind.PAYMENT:
+        command = InitializeForPurchase(key_index, amount, terminal_id)
+    else:
+        command = InitializeForLoad(key_index, amount, terminal_id)
+    return command.to_apdu().to_bytes()
+
+
+def first_batch(kind: Kind, *, key_index: int, amount: int, terminal_id: bytes) -> list[Step]:
+    """Batch 1: SELECT EP by AID, READ BINARY 0x15, INITIALIZE (purchase or load)."""
+    return [
+        Step(Select(name=EP_AID).to_apdu().to_bytes()),
+        Step(ReadBinary(SFI_ISSUER, 0, 0).to_apdu().to_bytes()),
+        Step(_initialize(kind, key_index, amount, terminal_id)),
+    ]
+
+
+def _parse_initialize(kind: Kind, data: bytes) -> tuple[int, int]:
+    if kind is Kind.PAYMENT:
+        purchase = InitializeForPurchaseResponse.from_data(data)
+        return purchase.balance, purchase.offline_counter
+    load = InitializeForLoadResponse.from_data(data)
+    return load.balance, load.online_counter
+
+
+def _refusal(response: ResponseApdu) -> CardRefused:
+    return CardRefused(response.sw, _REFUSALS.get(response.sw, "card_error"))
+
+
+def read_first_contact(kind: Kind, responses: Sequence[ResponseApdu]) -> FirstContact:
+    """Check batch 1's three answers; raise :class:`CardRefused` if the card said no."""
+    if not responses:
+        raise CardRefused(0x6F00, "card_error")
+    if len(responses) < 3:
+        raise _refusal(responses[-1])
+    for response in responses:
+        if not response.ok:
+            raise _refusal(response)
+    try:
+        issuer = IssuerData.from_bytes(responses[1].data)
+        balance, counter = _parse_initialize(kind, responses[2].data)
+    except ProtocolError as exc:
+        log.warning("card answered batch 1 with malformed data: %s", exc)
+        raise CardRefused(0x6F00, "card_error") from exc
+    return FirstContact(
+        issuer_data=responses[1].data,
+        initialize=responses[2].data,
+        card_number=issuer.card_number,
+        balance=balance,
+        counter=counter,
+    )
+
+
+def prove_counter(hint: RecoveryHint) -> int:
+    """GET TRANSACTION PROVE names the card's current counter: the lost one's + 1 (spec §3)."""
+    return hint.counter + 1
+
+
+def recovery_steps(hint: RecoveryHint, *, key_index: int, terminal_id: bytes) -> list[Step]:
+    """INITIALIZE (amount 0) of the lost transaction's kind, then GET TRANSACTION PROVE.
+
+    PROVE answers 9406 when the counter did not move (nothing was debited or credited):
+    that is an answer, not a failure, so the batch goes on.
+    """
+    kind = Kind.PAYMENT if hint.transaction_type == TransactionType.EP_PURCHASE else Kind.LOAD
+    prove = GetTransactionProve(hint.transaction_type, prove_counter(hint))
+    return [
+        Step(_initialize(kind, key_index, 0, terminal_id)),
+        Step(prove.to_apdu().to_bytes(), PROVE_OK),
+    ]
+
+
+def read_recovery(responses: Sequence[ResponseApdu]) -> tuple[bytes, bytes | None]:
+    """(INITIALIZE data, PROVE data or None when the card has no proof for that counter)."""
+    if len(responses) < 2 or not responses[0].ok:
+        raise _refusal(responses[-1] if responses else ResponseApdu(b"", 0x6F00))
+    prove = responses[1]
+    if prove.sw == StatusWord.SUCCESS:
+        return responses[0].data, prove.data
+    if prove.sw == StatusWord.PROOF_NOT_AVAILABLE:
+        return responses[0].data, None
+    raise _refusal(prove)
+
+
+class RoundTrips:
+    """Counts merchant↔reader round trips (one per ``transmit``), so tests can assert them."""
+
+    def __init__(self, reader: Reader) -> None:
+        self.reader = reader
+        self.count = 0
+
+    async def __call__(self, batch: Sequence[Step]) -> list[ResponseApdu]:
+        self.count += 1
+        return await self.reader.transmit(batch)
+
+
+async def _resolve(
+    settlement: Settlement, hint: RecoveryHint, initialize: bytes, prove: bytes | None
+) -> SettlementObject:
+    resolved = await settlement.resolve(
+        hint.kind, hint.object_id, initialize=initialize, prove=prove
+    )
+    log.info("recovered %s %s → %s", hint.kind.value, hint.object_id, resolved.status)
+    return resolved
+
+
+async def recover(
+    reader: Reader,
+    settlement: Settlement,
+    hint: RecoveryHint,
+    *,
+    key_index: int,
+    terminal_id: bytes,
+    card_timeout: float = 120.0,
+    progress: ProgressSink = _ignore,
+) -> Outcome:
+    """Settle an ``uncertain`` transaction on the card's next contact (one round trip)."""
+    trips = RoundTrips(reader)
+    await progress(Progress(Phase.PRESENT_CARD))
+    await reader.wait_for_card(card_timeout)
+    await progress(Progress(Phase.RECOVERING))
+    batch = [Step(Select(name=EP_AID).to_apdu().to_bytes())]
+    batch += recovery_steps(hint, key_index=key_index, terminal_id=terminal_id)
+    responses = await trips(batch)
+    if not responses or not responses[0].ok:
+        raise _refusal(responses[-1] if responses else ResponseApdu(b"", 0x6F00))
+    initialize, prove = read_recovery(responses[1:])
+    resolved = await _resolve(settlement, hint, initialize, prove)
+    return Outcome(
+        status=resolved.status, object=resolved, round_trips=trips.count, tac=resolved.tac
+    )
+
+
+async def run_transaction(
+    reader: Reader,
+    settlement: Settlement,
+    obj: SettlementObject,
+    *,
+    card_timeout: float = 120.0,
+    progress: ProgressSink = _ignore,
+) -> Outcome:
+    """Run one purchase (``obj.kind`` PAYMENT) or load (LOAD) through ``reader``.
+
+    Returns settlement's verdict; raises :class:`ReaderError` only when batch 1 could not
+    run (nothing is pending on the card then) and :class:`SettlementError` when settlement
+    fails outside a decline.
+    """
+    kind = obj.kind
+    trips = RoundTrips(reader)
+    await progress(Progress(Phase.PRESENT_CARD))
+    await reader.wait_for_card(card_timeout)
+    await progress(Progress(Phase.READING))
+    batch1 = first_batch(
+        kind, key_index=obj.key_index, amount=obj.amount, terminal_id=obj.terminal_id
+    )
+    try:
+        contact = read_first_contact(kind, await trips(batch1))
+    except CardRefused as refused:
+        log.info("%s %s: card refused batch 1: %s", kind.value, obj.id, refused)
+        await _cancel_quietly(settlement, obj)
+        await progress(Progress(Phase.DECLINED, refused.reason))
+        return Outcome("declined", obj, trips.count, decline_code=refused.reason)
+
+    await progress(Progress(Phase.AUTHORISING))
+    try:
+        authorised = await _authorise(settlement, obj, contact)
+    except Declined as declined:
+        if declined.decline_code != "recovery_required" or declined.recover is None:
+            await progress(Progress(Phase.DECLINED, declined.decline_code or declined.code or ""))
+            return Outcome(
+                "declined",
+                obj,
+                trips.count,
+                decline_code=declined.decline_code or declined.code,
+                card_number=contact.card_number,
+                balance_before=contact.balance,
+            )
+        contact = await _recover_then_reinitialise(
+            trips, settlement, obj, contact, declined.recover
+        )
+        await progress(Progress(Phase.AUTHORISING))
+        try:
+            authorised = await _authorise(settlement, obj, contact)
+        except Declined as again:
+            await progress(Progress(Phase.DECLINED, again.decline_code or again.code or ""))
+            return Outcome(
+                "declined",
+                obj,
+                trips.count,
+                decline_code=again.decline_code or again.code,
+                card_number=contact.card_number,
+                balance_before=contact.balance,
+            )
+
+    if authorised.authorisation is None:
+        raise SettlementError(f"settlement authorised {obj.id} without an APDU")
+    await progress(Progress(Phase.CONFIRM))
+    try:
+        responses = await trips([Step(authorised.authorisation.apdu)])
+    except ReaderError as exc:
+        # The DEBIT/CREDIT may or may not have reached the card: never guess (spec §6).
+        log.warning("%s %s: outcome unknown after %s", kind.value, obj.id, type(exc).__name__)
+        marked = await settlement.uncertain(kind, obj.id)
+        await progress(Progress(Phase.INTERRUPTED))
+        return Outcome(
+            marked.status,
+            marked,
+            trips.count,
+            card_number=contact.card_number,
+            balance_before=contact.balance,
+            counter=contact.counter,
+        )
+    final = responses[-1] if responses else ResponseApdu(b"", 0x6F00)
+    if not final.ok:
+        # The card refused: its update is atomic, so nothing changed on it.
+        log.info("%s %s: card refused batch 2 with %04X", kind.value, obj.id, final.sw)
+        await _cancel_quietly(settlement, obj)
+        reason = _REFUSALS.get(final.sw, "card_refused")
+        await progress(Progress(Phase.DECLINED, reason))
+        return Outcome("declined", obj, trips.count, decline_code=reason)
+
+    await progress(Progress(Phase.CAPTURING))
+    try:
+        finished = await settlement.finish(kind, obj.id, final.data)
+    except Declined as declined:
+        await progress(Progress(Phase.FAILED, declined.code or ""))
+        return Outcome("declined", obj, trips.count, decline_code=declined.code)
+    delta = obj.amount if kind is Kind.LOAD else -obj.amount
+    succeeded = finished.status == "succeeded"
+    await progress(Progress(Phase.SUCCEEDED if succeeded else Phase.FAILED, finished.status))
+    return Outcome(
+        finished.status,
+        finished,
+        trips.count,
+        card_number=contact.card_number,
+        balance_before=contact.balance,
+        balance_after=contact.balance + delta if succeeded else None,
+        counter=contact.counter,
+        tac=finished.tac,
+    )
+
+
+async def _authorise(
+    settlement: Settlement, obj: SettlementObject, contact: FirstContact
+) -> SettlementObject:
+    return await settlement.authorise(
+        obj.kind,
+        obj.id,
+        issuer_data=contact.issuer_data,
+        initialize=contact.initialize,
+        terminal_id=obj.terminal_id,
+    )
+
+
+async def _recover_then_reinitialise(
+    trips: RoundTrips,
+    settlement: Settlement,
+    obj: SettlementObject,
+    contact: FirstContact,
+    hint: RecoveryHint,
+) -> FirstContact:
+    """One extra round trip: recover the card's open transaction, INITIALIZE this one again."""
+    steps = recovery_steps(hint, key_index=obj.key_index, terminal_id=obj.terminal_id)
+    steps.append(Step(_initialize(obj.kind, obj.key_index, obj.amount, obj.terminal_id)))
+    responses = await trips(steps)
+    initialize, prove = read_recovery(responses[:2])
+    await _resolve(settlement, hint, initialize, prove)
+    if len(responses) < 3 or not responses[2].ok:
+        raise _refusal(responses[-1])
+    balance, counter = _parse_initialize(obj.kind, responses[2].data)
+    return FirstContact(
+        contact.issuer_data, responses[2].data, contact.card_number, balance, counter
+    )
+
+
+async def _cancel_quietly(settlement: Settlement, obj: SettlementObject) -> None:
+    try:
+        await settlement.cancel(obj.kind, obj.id)
+    except SettlementError as exc:
+        log.warning("could not cancel %s %s: %s", obj.kind.value, obj.id, exc)

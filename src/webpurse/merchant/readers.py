@@ -1,0 +1,65 @@
+"""How the merchant gets a reader for an order.
+
+The payment page pairs the shopper's agent with the order; the agent's WebSocket then
+becomes a :class:`~webpurse.reader.base.Reader` bound to that order. The cashier only
+sees :class:`ReaderBroker`: ``pair`` issues the one-time token and short code,
+``reader_for`` waits for the agent, ``finish`` tells the agent how it ended. A
+:class:`LocalBroker` hands out one local reader (the sim reader in tests, a PC/SC reader
+for a till), so the same flows run without a WebSocket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import dataclass
+from typing import Protocol
+
+from webpurse.reader.base import Reader, ReaderTimeout
+
+
+@dataclass(frozen=True, slots=True)
+class Pairing:
+    """The single-use token the page hands the agent, and the code a shopper can type."""
+
+    token: str
+    short_code: str
+
+
+class ReaderBroker(Protocol):
+    def pair(self, order_id: str, *, amount: int, description: str) -> Pairing: ...
+
+    async def reader_for(self, order_id: str, timeout: float) -> Reader: ...
+
+    async def finish(
+        self, order_id: str, outcome: str, message: str, amount: int | None
+    ) -> None: ...
+
+
+class LocalBroker:
+    """Every order gets the same local reader (a shop's own till, or tests)."""
+
+    def __init__(self, reader: Reader | None = None) -> None:
+        self._reader = reader
+        self._ready = asyncio.Event()
+        if reader is not None:
+            self._ready.set()
+        self.finished: list[tuple[str, str]] = []
+
+    def attach(self, reader: Reader) -> None:
+        self._reader = reader
+        self._ready.set()
+
+    def pair(self, order_id: str, *, amount: int, description: str) -> Pairing:
+        return Pairing(secrets.token_urlsafe(32), f"{secrets.randbelow(10**8):08d}")
+
+    async def reader_for(self, order_id: str, timeout: float) -> Reader:
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            raise ReaderTimeout("no reader attached") from None
+        assert self._reader is not None
+        return self._reader
+
+    async def finish(self, order_id: str, outcome: str, message: str, amount: int | None) -> None:
+        self.finished.append((order_id, outcome))

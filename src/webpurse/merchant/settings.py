@@ -1,0 +1,66 @@
+"""The merchant server's settings, from the environment (secrets also from files)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _secret(env: Mapping[str, str], name: str) -> str | None:
+    """``NAME`` or the contents of the file named by ``NAME_FILE``."""
+    if env.get(name):
+        return env[name]
+    path = env.get(f"{name}_FILE")
+    if path:
+        return Path(path).read_text(encoding="utf-8").strip()
+    return None
+
+
+@dataclass(frozen=True)
+class MerchantSettings:
+    data_dir: Path = Path("data")
+    database_url: str = ""
+    settlement_url: str = "http://127.0.0.1:8100"
+    settlement_api_key: str = field(default="", repr=False)
+    webhook_secret: str | None = field(default=None, repr=False)
+    cookie_secret: bytes = field(default=b"", repr=False)
+    agent_url: str = "http://127.0.0.1:47800"
+    public_url: str = ""
+    shop_name: str | None = None
+    poll_interval: float = 2.0
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'merchant.db'}"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> MerchantSettings:
+        env = os.environ if env is None else env
+        data_dir = Path(env.get("WEBPURSE_DATA_DIR", "data"))
+        cookie = _secret(env, "WEBPURSE_MERCHANT_COOKIE_SECRET")
+        return cls(
+            data_dir=data_dir,
+            database_url=env.get("WEBPURSE_MERCHANT_DATABASE_URL", ""),
+            settlement_url=env.get("WEBPURSE_SETTLEMENT_URL", "http://127.0.0.1:8100"),
+            settlement_api_key=_secret(env, "WEBPURSE_SETTLEMENT_API_KEY") or "",
+            webhook_secret=_secret(env, "WEBPURSE_MERCHANT_WEBHOOK_SECRET"),
+            cookie_secret=cookie.encode() if cookie else _cookie_secret_file(data_dir),
+            agent_url=env.get("WEBPURSE_AGENT_URL", "http://127.0.0.1:47800"),
+            public_url=env.get("WEBPURSE_MERCHANT_PUBLIC_URL", ""),
+        )
+
+
+def _cookie_secret_file(data_dir: Path) -> bytes:
+    """A per-installation cookie-signing secret, created once in the data dir (mode 600)."""
+    path = data_dir / "merchant-cookie.secret"
+    try:
+        return bytes.fromhex(path.read_text(encoding="ascii").strip())
+    except (FileNotFoundError, ValueError):
+        data_dir.mkdir(parents=True, exist_ok=True)
+        value = secrets.token_bytes(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as handle:
+            handle.write(value.hex())
+        return value

@@ -1,0 +1,266 @@
+"""The merchant's client of the settlement server's `/v1` API (docs/team/contracts.md).
+
+Payments and loads share one shape (create, authorise, capture/complete, uncertain,
+resolve, cancel, get), so one :class:`SettlementClient` serves both, parameterised by
+:class:`Kind`. Answers become :class:`SettlementObject`; a 402 decline becomes
+:class:`Declined` (with the recovery hint when the card must first recover an earlier
+transaction), any other error :class:`SettlementError`. The API key never appears in
+logs, reprs or exceptions.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+import httpx
+
+
+class Kind(StrEnum):
+    """Which settlement object a flow drives."""
+
+    PAYMENT = "payments"
+    LOAD = "loads"
+
+
+class SettlementError(Exception):
+    """Settlement answered with an error that is not a card decline, or did not answer."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryHint:
+    """What settlement's ``recovery_required`` decline says must be recovered first."""
+
+    kind: Kind
+    object_id: str
+    transaction_type: int
+    counter: int
+
+
+class Declined(SettlementError):
+    """Settlement refused (402): ``decline_code`` says why, ``recover`` what to recover."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str,
+        decline_code: str | None,
+        recover: RecoveryHint | None = None,
+    ) -> None:
+        super().__init__(message, status=402, code=code)
+        self.decline_code = decline_code
+        self.recover = recover
+
+
+@dataclass(frozen=True, slots=True)
+class Authorisation:
+    """Settlement's authorisation: the APDU to send the card next (DEBIT or CREDIT)."""
+
+    apdu: bytes
+    date: str
+    time: str
+
+
+@dataclass(frozen=True, slots=True)
+class SettlementObject:
+    """A payment or a load as settlement reports it (only the fields the merchant uses)."""
+
+    kind: Kind
+    id: str
+    status: str
+    amount: int
+    terminal_id: bytes
+    key_index: int
+    card_number: str | None = None
+    decline_code: str | None = None
+    tac: str | None = None
+    authorisation: Authorisation | None = None
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_json(cls, kind: Kind, body: dict[str, Any]) -> SettlementObject:
+        try:
+            auth_raw = body.get("authorisation")
+            authorisation = None
+            if auth_raw:
+                apdu_hex = auth_raw.get("debit_apdu") or auth_raw.get("credit_apdu")
+                authorisation = Authorisation(
+                    apdu=bytes.fromhex(apdu_hex),
+                    date=str(auth_raw.get("date", "")),
+                    time=str(auth_raw.get("time", "")),
+                )
+            return cls(
+                kind=kind,
+                id=str(body["id"]),
+                status=str(body["status"]),
+                amount=int(body["amount"]),
+                terminal_id=bytes.fromhex(body.get("terminal_id") or "000000000000"),
+                key_index=int(body.get("key_index") or 1),
+                card_number=body.get("card_number"),
+                decline_code=body.get("decline_code"),
+                tac=body.get("tac"),
+                authorisation=authorisation,
+                raw=body,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SettlementError(f"settlement sent a malformed {kind.value[:-1]}: {exc}") from exc
+
+
+class Settlement(Protocol):
+    """What the flows need from settlement; :class:`SettlementClient` is the HTTP one."""
+
+    async def create(
+        self, kind: Kind, amount: int, *, description: str, reference: str
+    ) -> SettlementObject: ...
+
+    async def get(self, kind: Kind, object_id: str) -> SettlementObject: ...
+
+    async def authorise(
+        self,
+        kind: Kind,
+        object_id: str,
+        *,
+        issuer_data: bytes,
+        initialize: bytes,
+        terminal_id: bytes,
+    ) -> SettlementObject: ...
+
+    async def finish(self, kind: Kind, object_id: str, card_response: bytes) -> SettlementObject:
+        """Capture a payment (DEBIT's TAC ‖ MAC2) or complete a load (CREDIT's TAC)."""
+        ...
+
+    async def uncertain(self, kind: Kind, object_id: str) -> SettlementObject: ...
+
+    async def resolve(
+        self, kind: Kind, object_id: str, *, initialize: bytes, prove: bytes | None
+    ) -> SettlementObject: ...
+
+    async def cancel(self, kind: Kind, object_id: str) -> SettlementObject: ...
+
+
+def _recovery_hint(body: dict[str, Any]) -> RecoveryHint | None:
+    raw = body.get("recover")
+    if not isinstance(raw, dict):
+        return None
+    try:
+        if raw.get("payment_id"):
+            kind, object_id = Kind.PAYMENT, str(raw["payment_id"])
+        else:
+            kind, object_id = Kind.LOAD, str(raw["load_id"])
+        ttype = raw["transaction_type"]
+        ttype_int = int(ttype, 16) if isinstance(ttype, str) else int(ttype)
+        return RecoveryHint(kind, object_id, ttype_int, int(raw["counter"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+class SettlementClient:
+    """HTTP client of settlement's `/v1`, with the merchant's API key.
+
+    ``client`` is injected (an :class:`httpx.AsyncClient`), so tests can hand in one bound
+    to an in-process ASGI app and the composition root one with a base URL.
+    """
+
+    def __init__(self, client: httpx.AsyncClient, api_key: str) -> None:
+        self._client = client
+        self._headers = {"Authorization": f"Bearer {api_key}"}
+
+    def __repr__(self) -> str:
+        return f"SettlementClient({self._client.base_url!s}, key=<redacted>)"
+
+    async def _request(
+        self, kind: Kind, method: str, path: str, json: dict[str, Any] | None = None
+    ) -> SettlementObject:
+        headers = dict(self._headers)
+        if method == "POST":
+            headers["Idempotency-Key"] = "mer-" + secrets.token_hex(16)
+        try:
+            response = await self._client.request(method, path, json=json, headers=headers)
+        except httpx.HTTPError as exc:
+            raise SettlementError(f"settlement unreachable: {type(exc).__name__}") from exc
+        try:
+            body = response.json()
+        except ValueError:
+            body = {}
+        if response.status_code == 402:
+            raise Declined(
+                str(body.get("detail") or body.get("title") or "declined"),
+                code=str(body.get("code") or "card_declined"),
+                decline_code=body.get("decline_code"),
+                recover=_recovery_hint(body),
+            )
+        if response.status_code >= 400:
+            raise SettlementError(
+                f"settlement {method} {path}: {response.status_code} "
+                f"{body.get('code', '')} {body.get('detail', '')}".strip(),
+                status=response.status_code,
+                code=body.get("code"),
+            )
+        return SettlementObject.from_json(kind, body)
+
+    async def create(
+        self, kind: Kind, amount: int, *, description: str, reference: str
+    ) -> SettlementObject:
+        if kind is Kind.PAYMENT:
+            payload: dict[str, Any] = {
+                "amount": amount,
+                "currency": "CNY",
+                "description": description,
+                "merchant_reference": reference,
+            }
+        else:
+            payload = {
+                "amount": amount,
+                "currency": "CNY",
+                "funding": {"method": "cash", "reference": reference},
+            }
+        return await self._request(kind, "POST", f"/v1/{kind.value}", payload)
+
+    async def get(self, kind: Kind, object_id: str) -> SettlementObject:
+        return await self._request(kind, "GET", f"/v1/{kind.value}/{object_id}")
+
+    async def authorise(
+        self,
+        kind: Kind,
+        object_id: str,
+        *,
+        issuer_data: bytes,
+        initialize: bytes,
+        terminal_id: bytes,
+    ) -> SettlementObject:
+        payload = {
+            "issuer_data": issuer_data.hex().upper(),
+            "initialize_response": initialize.hex().upper(),
+            "terminal_id": terminal_id.hex().upper(),
+        }
+        return await self._request(kind, "POST", f"/v1/{kind.value}/{object_id}/authorise", payload)
+
+    async def finish(self, kind: Kind, object_id: str, card_response: bytes) -> SettlementObject:
+        if kind is Kind.PAYMENT:
+            path, payload = "capture", {"debit_response": card_response.hex().upper()}
+        else:
+            path, payload = "complete", {"credit_response": card_response.hex().upper()}
+        return await self._request(kind, "POST", f"/v1/{kind.value}/{object_id}/{path}", payload)
+
+    async def uncertain(self, kind: Kind, object_id: str) -> SettlementObject:
+        return await self._request(kind, "POST", f"/v1/{kind.value}/{object_id}/uncertain", {})
+
+    async def resolve(
+        self, kind: Kind, object_id: str, *, initialize: bytes, prove: bytes | None
+    ) -> SettlementObject:
+        payload = {
+            "initialize_response": initialize.hex().upper(),
+            "prove_response": prove.hex().upper() if prove is not None else None,
+        }
+        return await self._request(kind, "POST", f"/v1/{kind.value}/{object_id}/resolve", payload)
+
+    async def cancel(self, kind: Kind, object_id: str) -> SettlementObject:
+        return await self._request(kind, "POST", f"/v1/{kind.value}/{object_id}/cancel", {})

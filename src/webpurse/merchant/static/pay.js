@@ -1,0 +1,84 @@
+// Payment page: pair the local agent, then follow the order's progress over SSE.
+(function () {
+  "use strict";
+  const root = document.getElementById("pay");
+  const texts = JSON.parse(document.getElementById("texts").textContent);
+  const orderId = root.dataset.order;
+  const message = document.getElementById("message");
+  const detail = document.getElementById("detail");
+  const steps = { connect: 0, present: 1, confirm: 2, done: 3 };
+  const phaseStep = {
+    waiting_reader: "connect", present_card: "present", reading: "present",
+    authorising: "present", recovering: "present", confirm: "confirm",
+    capturing: "confirm", succeeded: "done", declined: "present",
+    interrupted: "present", failed: "present",
+  };
+  let finished = false;
+
+  function fen(amount) {
+    const sign = amount < 0 ? "-" : "";
+    amount = Math.abs(amount);
+    const yuan = Math.floor(amount / 100).toLocaleString("en-US");
+    return sign + "¥" + yuan + "." + String(amount % 100).padStart(2, "0");
+  }
+
+  function mark(step) {
+    const current = steps[step];
+    document.querySelectorAll(".steps li").forEach(function (li) {
+      const n = steps[li.dataset.step];
+      li.classList.toggle("done", n < current || (step === "done" && n === current));
+      li.classList.toggle("active", n === current && step !== "done");
+    });
+  }
+
+  function show(event) {
+    root.dataset.phase = event.phase;
+    root.dataset.status = event.status;
+    mark(phaseStep[event.phase] || "connect");
+    message.textContent = texts[event.phase] || event.phase;
+    message.className = "phase-" + event.phase;
+    detail.textContent = "";
+    if (event.phase !== "waiting_reader") {
+      document.getElementById("pairing").hidden = true;
+    }
+    if (event.phase === "declined") {
+      detail.textContent = texts.declines[event.detail] || (texts.declines.other + (event.detail ? " (" + event.detail + ")" : ""));
+      document.getElementById("retry").hidden = false;
+    }
+    if (event.phase === "succeeded" && (event.status === "paid" || event.status === "loaded")) {
+      if (event.balance_after !== null && event.balance_after !== undefined) {
+        detail.textContent = texts.balance_after + ": " + fen(event.balance_after);
+      }
+      document.getElementById("done").hidden = false;
+      finished = true;
+    }
+  }
+
+  async function pair() {
+    const error = document.getElementById("agent-error");
+    error.hidden = true;
+    try {
+      const response = await fetch(root.dataset.agent + "/pair", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ token: root.dataset.token }),
+      });
+      if (!response.ok) { throw new Error("agent answered " + response.status); }
+    } catch (e) {
+      error.hidden = false;
+    }
+  }
+
+  function follow() {
+    const source = new EventSource("/orders/" + orderId + "/events");
+    source.addEventListener("progress", function (e) {
+      const event = JSON.parse(e.data);
+      show(event);
+      if (finished) { source.close(); }
+    });
+  }
+
+  document.getElementById("connect").addEventListener("click", pair);
+  follow();
+  pair();
+})();
