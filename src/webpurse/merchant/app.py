@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -44,15 +44,17 @@ from webpurse.merchant.orders import (
     make_engine,
 )
 from webpurse.merchant.progress import OrderEvent, ProgressBus
-from webpurse.merchant.readers import LocalBroker, ReaderBroker
+from webpurse.merchant.readers import ReaderBroker, RemoteBroker
 from webpurse.merchant.settings import MerchantSettings
 from webpurse.merchant.settlement import Settlement, SettlementClient, SettlementError
 from webpurse.merchant.webhooks import WebhookRejected, verify_delivery
+from webpurse.reader.remote import ReaderHub
 
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 SESSION_COOKIE = "wp_sid"
+READER_PATH = "/reader"
 COOKIE_MAX_AGE = 60 * 60 * 24 * 30
 
 
@@ -70,22 +72,28 @@ def create_app(
     *,
     settlement: Settlement | None = None,
     broker: ReaderBroker | None = None,
-    mount_remote: Callable[[FastAPI], None] | None = None,
+    hub: ReaderHub | None = None,
 ) -> FastAPI:
-    """The shop. ``settlement``/``broker`` default to the HTTP client and a LocalBroker."""
+    """The shop. ``settlement`` defaults to the HTTP client with the settings' key;
+    ``broker`` to shoppers' agents over the WebSocket at ``/reader`` (a ``ReaderHub``)."""
     orders = OrderBook(make_engine(settings.resolved_database_url()))
     bus = ProgressBus()
     http: httpx.AsyncClient | None = None
     if settlement is None:
         http = httpx.AsyncClient(base_url=settings.settlement_url, timeout=15.0)
         settlement = SettlementClient(http, settings.settlement_api_key)
-    cashier = Cashier(orders, settlement, broker or LocalBroker(), bus)
+    if broker is None:
+        hub = hub or ReaderHub()
+        broker = RemoteBroker(hub)
+    cashier = Cashier(orders, settlement, broker, bus)
     seen_events: set[str] = set()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         await cashier.close()
+        if hub is not None:
+            await hub.close()
         if http is not None:
             await http.aclose()
 
@@ -96,8 +104,8 @@ def create_app(
     app.state.settings = settings
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     templates = Jinja2Templates(directory=HERE / "templates")
-    if mount_remote is not None:
-        mount_remote(app)
+    if hub is not None:
+        app.add_api_websocket_route(READER_PATH, hub.endpoint)
 
     def lang_of(request: Request) -> str:
         return i18n.choose_language(
@@ -241,6 +249,7 @@ def create_app(
             order=order,
             pairing=pairing,
             agent_url=settings.agent_url,
+            reader_path=READER_PATH,
             products=BY_ID,
         )
 

@@ -211,6 +211,13 @@ class Cashier:
             obj = await self.settlement.get(kind, order.settlement_id)
             ttype = TransactionType.EP_PURCHASE if kind is Kind.PAYMENT else TransactionType.EP_LOAD
             hint = RecoveryHint(kind, order.settlement_id, ttype, order.counter)
+
+            async def recovery_progress(step: Progress) -> None:
+                # Until the card is back, the page keeps saying "present the card again".
+                if step.phase is Phase.PRESENT_CARD:
+                    step = Progress(Phase.INTERRUPTED)
+                await progress(step)
+
             try:
                 outcome = await recover(
                     reader,
@@ -219,7 +226,7 @@ class Cashier:
                     key_index=obj.key_index,
                     terminal_id=obj.terminal_id,
                     card_timeout=self.card_timeout,
-                    progress=progress,
+                    progress=recovery_progress,
                 )
             except CardRefused as refused:
                 self.publish(order, Phase.INTERRUPTED, refused.reason)

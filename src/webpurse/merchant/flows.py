@@ -49,7 +49,7 @@ from webpurse.protocol.commands import (
 )
 from webpurse.protocol.errors import ProtocolError
 from webpurse.protocol.records import IssuerData, TransactionType
-from webpurse.reader.base import Reader, ReaderError, Step
+from webpurse.reader.base import BatchRefused, Reader, ReaderError, Step
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +290,12 @@ async def run_transaction(
     )
     try:
         contact = read_first_contact(kind, await trips(batch1))
+    except BatchRefused as refused:
+        # The agent refused before INITIALIZE could start anything on the card.
+        log.info("%s %s: reader refused batch 1: %s", kind.value, obj.id, refused.code)
+        await _cancel_quietly(settlement, obj)
+        await progress(Progress(Phase.DECLINED, refused.code))
+        return Outcome("declined", obj, trips.count, decline_code=refused.code)
     except CardRefused as refused:
         log.info("%s %s: card refused batch 1: %s", kind.value, obj.id, refused)
         await _cancel_quietly(settlement, obj)
@@ -332,6 +338,13 @@ async def run_transaction(
     await progress(Progress(Phase.CONFIRM))
     try:
         responses = await trips([Step(authorised.authorisation.apdu)])
+    except BatchRefused as refused:
+        # Refused before the DEBIT/CREDIT reached the card (e.g. the shopper said no on
+        # the agent): nothing happened on the card, so the authorisation is released.
+        log.info("%s %s: reader refused batch 2: %s", kind.value, obj.id, refused.code)
+        await _cancel_quietly(settlement, obj)
+        await progress(Progress(Phase.DECLINED, refused.code))
+        return Outcome("declined", obj, trips.count, decline_code=refused.code)
     except ReaderError as exc:
         # The DEBIT/CREDIT may or may not have reached the card: never guess (spec §6).
         log.warning("%s %s: outcome unknown after %s", kind.value, obj.id, type(exc).__name__)

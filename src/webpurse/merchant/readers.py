@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from webpurse.reader.base import Reader, ReaderTimeout
+from webpurse.reader.messages import Outcome
+from webpurse.reader.remote import ReaderHub
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,3 +65,31 @@ class LocalBroker:
 
     async def finish(self, order_id: str, outcome: str, message: str, amount: int | None) -> None:
         self.finished.append((order_id, outcome))
+
+
+_OUTCOMES = {o.value: o for o in Outcome}
+
+
+class RemoteBroker:
+    """Readers of shoppers' agents over the remote-reader WebSocket (``ReaderHub``).
+
+    The pairing is bound to the order id, so a retry or a recovery after an interruption
+    stays with the same order whatever its current settlement object is.
+    """
+
+    def __init__(self, hub: ReaderHub) -> None:
+        self.hub = hub
+
+    def pair(self, order_id: str, *, amount: int, description: str) -> Pairing:
+        issued = self.hub.issue(order_id, display=description[:64])
+        return Pairing(issued.token, issued.code)
+
+    async def reader_for(self, order_id: str, timeout: float) -> Reader:
+        reader = await self.hub.wait_for_reader(order_id, timeout)
+        await reader.wait_connected(timeout)
+        return reader
+
+    async def finish(self, order_id: str, outcome: str, message: str, amount: int | None) -> None:
+        reader = self.hub.reader_for(order_id)
+        if reader is not None:
+            await reader.end(_OUTCOMES.get(outcome, Outcome.FAILED), message, amount)

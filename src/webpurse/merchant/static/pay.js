@@ -61,7 +61,7 @@
       const response = await fetch(root.dataset.agent + "/pair", {
         method: "POST",
         headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ token: root.dataset.token }),
+        body: JSON.stringify({ token: root.dataset.token, server: location.origin + root.dataset.reader }),
       });
       if (!response.ok) { throw new Error("agent answered " + response.status); }
     } catch (e) {
