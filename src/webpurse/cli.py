@@ -6,6 +6,9 @@ import typer
 
 from webpurse.agent.cli import app as agent_app
 from webpurse.card.cli import app as card_app
+from webpurse.serve import app as serve_app
+from webpurse.settlement.cli import app as settlement_app
+from webpurse.settlement.cli import ledger_app
 
 app = typer.Typer(
     help="webpurse: pay on a merchant web page with the e-purse on a contactless card.",
@@ -13,6 +16,9 @@ app = typer.Typer(
 )
 app.add_typer(card_app, name="card")
 app.add_typer(agent_app, name="agent")
+app.add_typer(settlement_app, name="settlement")
+app.add_typer(ledger_app, name="ledger")
+app.add_typer(serve_app, name="serve")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -1,0 +1,223 @@
+"""``webpurse settlement …`` and ``webpurse ledger …``: the local admin tools.
+
+These touch keys or the whole database, so they run on the settlement host and never
+over HTTP. Settings come from the environment (see :class:`.settings.Settings`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from webpurse.card.image import ImageFile
+from webpurse.card.personalise import parse_serial
+from webpurse.protocol.errors import FieldError
+from webpurse.settlement import expiry, ledger
+from webpurse.settlement.auth import OPERATOR, new_api_key
+from webpurse.settlement.db import make_engine, make_session_factory, migrate
+from webpurse.settlement.logs import configure_logging
+from webpurse.settlement.merchants import MerchantError, create_merchant
+from webpurse.settlement.registry import RegistryError, issue_card
+from webpurse.settlement.security import (
+    SecurityError,
+    SoftwareSecurityModule,
+    generate_master_keys,
+    resolve_kek,
+)
+from webpurse.settlement.settings import Settings
+
+app = typer.Typer(
+    help="Settlement server administration (local: touches keys).", no_args_is_help=True
+)
+merchant_app = typer.Typer(help="Merchants and their API keys.", no_args_is_help=True)
+operator_app = typer.Typer(help="Operator API keys.", no_args_is_help=True)
+card_app = typer.Typer(help="Cards issued by settlement.", no_args_is_help=True)
+app.add_typer(merchant_app, name="merchant")
+app.add_typer(operator_app, name="operator")
+app.add_typer(card_app, name="card")
+ledger_app = typer.Typer(help="The settlement ledger.", no_args_is_help=True)
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}")
+    return typer.Exit(2)
+
+
+def _settings() -> Settings:
+    configure_logging(logging.WARNING)
+    try:
+        return Settings.from_env()
+    except SecurityError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _prepare_sqlite_dir(settings: Settings) -> None:
+    if settings.database_url.startswith("sqlite:///"):
+        Path(settings.database_url.removeprefix("sqlite:///")).parent.mkdir(
+            parents=True, exist_ok=True
+        )
+
+
+@app.command("init")
+def init() -> None:
+    """Create the schema (Alembic) and the master keys if absent; idempotent."""
+    settings = _settings()
+    _prepare_sqlite_dir(settings)
+    engine = make_engine(settings.database_url)
+    try:
+        migrate(engine)
+        kek = resolve_kek(settings, create=True)
+        created = generate_master_keys(make_session_factory(engine), kek, settings.clock())
+        SoftwareSecurityModule.load(make_session_factory(engine), kek)
+    except SecurityError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        engine.dispose()
+    console.print(
+        "schema up to date; " + ("master keys created" if created else "master keys present")
+    )
+
+
+@merchant_app.command("create")
+def merchant_create(
+    name: Annotated[str, typer.Argument(help="merchant name")],
+    terminal_id: Annotated[str | None, typer.Option(help="6-byte terminal id, hex")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Register a merchant with its virtual terminal; prints its API key once."""
+    settings = _settings()
+    engine = make_engine(settings.database_url)
+    try:
+        with make_session_factory(engine)() as session, session.begin():
+            merchant, key = create_merchant(
+                session, name, settings.clock(), terminal_id=terminal_id
+            )
+            out = {"id": merchant.id, "terminal_id": merchant.terminal_id, "api_key": key}
+    except MerchantError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        engine.dispose()
+    if json_output:
+        sys.stdout.write(json.dumps(out) + "\n")
+    else:
+        console.print(f"merchant {out['id']} terminal {out['terminal_id']}")
+        console.print(f"API key (shown once): {out['api_key']}", soft_wrap=True)
+
+
+@operator_app.command("create")
+def operator_create(
+    name: Annotated[str, typer.Argument(help="who holds this key")] = "operator",
+    json_output: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Create an operator API key; prints it once."""
+    settings = _settings()
+    engine = make_engine(settings.database_url)
+    try:
+        with make_session_factory(engine)() as session, session.begin():
+            _, key = new_api_key(session, OPERATOR, settings.clock(), name=name)
+    finally:
+        engine.dispose()
+    if json_output:
+        sys.stdout.write(json.dumps({"api_key": key}) + "\n")
+    else:
+        console.print(f"operator API key (shown once): {key}", soft_wrap=True)
+
+
+@card_app.command("issue")
+def card_issue(
+    image: Annotated[Path, typer.Argument(help="card image file to create")],
+    serial: Annotated[
+        str | None, typer.Option(help="10-byte serial, hex (random if absent)")
+    ] = None,
+    max_balance: Annotated[int, typer.Option(help="maximum balance in fen")] = 100_000,
+    expiry_date: Annotated[str | None, typer.Option("--expiry", help="YYYY-MM-DD")] = None,
+) -> None:
+    """Personalise a card from the master keys and register it, in one step."""
+    settings = _settings()
+    engine = make_engine(settings.database_url)
+    try:
+        factory = make_session_factory(engine)
+        security = SoftwareSecurityModule.from_settings(settings, factory)
+        if image.exists():
+            raise _fail(f"{image} already holds a card image")
+        with factory() as session, session.begin():
+            card, state = issue_card(
+                session,
+                security,
+                settings.clock(),
+                serial=parse_serial(serial) if serial else None,
+                expiry=dt.date.fromisoformat(expiry_date) if expiry_date else None,
+                max_balance=max_balance,
+            )
+            ImageFile(image).create(state)
+            number = card.card_number
+    except (SecurityError, RegistryError, FieldError, OSError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        engine.dispose()
+    console.print(f"issued card {number} → {image}")
+
+
+@app.command("sweep")
+def sweep() -> None:
+    """Expire stale payments and loads (authorised ones become uncertain)."""
+    settings = _settings()
+    engine = make_engine(settings.database_url)
+    try:
+        with make_session_factory(engine)() as session, session.begin():
+            report = expiry.expire_stale(
+                session,
+                settings.clock(),
+                requires_card_ttl=settings.requires_card_ttl,
+                authorised_ttl=settings.authorised_ttl,
+            )
+    finally:
+        engine.dispose()
+    console.print(json.dumps(report.to_json()))
+
+
+@ledger_app.command("check")
+def ledger_check() -> None:
+    """Recompute every balance from the entries; exit 1 unless the ledger is consistent."""
+    settings = _settings()
+    engine = make_engine(settings.database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            report = ledger.check(session)
+    finally:
+        engine.dispose()
+    for kind, total in sorted(report.totals.items()):
+        console.print(f"{kind:>10} {total:>14,} fen")
+    console.print(f"{report.accounts} accounts, {report.transfers} transfers")
+    if not report.ok:
+        for problem in report.problems:
+            err.print(f"[red]✗[/red] {problem}")
+        raise typer.Exit(1)
+    console.print("[green]ledger consistent[/green]: all balances agree with the entries")
+
+
+def serve(*, host: str, port: int, migrate: bool) -> None:
+    import uvicorn
+
+    from webpurse.settlement.app import create_app
+
+    settings = _settings()
+    _prepare_sqlite_dir(settings)
+    configure_logging(logging.INFO)
+    try:
+        sqlite = settings.database_url.startswith("sqlite")
+        application = create_app(dataclasses.replace(settings, migrate=migrate and sqlite))
+    except SecurityError as exc:
+        raise _fail(str(exc)) from None
+    uvicorn.run(application, host=host, port=port, log_config=None, access_log=False)

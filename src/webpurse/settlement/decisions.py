@@ -1,0 +1,349 @@
+"""The settlement decisions as pure functions over values: authorise? decline why? settle?
+
+No database, no keys, no clock: callers pass the card record, the card's parsed answers,
+whether the MACs verified, and ``now``. Spec references: pboc-epurse.md §6 (interrupted
+transactions) and §7 (what the host must check).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from enum import StrEnum
+
+from webpurse.protocol.commands import InitializeForLoadResponse, InitializeForPurchaseResponse
+from webpurse.protocol.records import ApplicationType, IssuerData, TransactionType
+
+
+class DeclineCode(StrEnum):
+    UNKNOWN_CARD = "unknown_card"
+    CARD_BLOCKED = "card_blocked"
+    CARD_LOST = "card_lost"
+    CARD_EXPIRED = "card_expired"
+    INSUFFICIENT_FUNDS = "insufficient_funds"
+    COUNTER_MISMATCH = "counter_mismatch"
+    BALANCE_MISMATCH = "balance_mismatch"
+    INVALID_STATE = "invalid_state"
+    AMOUNT_MISMATCH = "amount_mismatch"
+    TERMINAL_MISMATCH = "terminal_mismatch"
+    RECOVERY_REQUIRED = "recovery_required"
+    # loads only
+    BALANCE_LIMIT_EXCEEDED = "balance_limit_exceeded"
+    MAC_INVALID = "mac_invalid"
+
+
+class Flag(StrEnum):
+    """What a decline says about the card; ``CLONE`` blocks (blacklists) it."""
+
+    CLONE = "suspected_clone"
+    GAP = "missing_record"
+
+
+@dataclass(frozen=True, slots=True)
+class OpenTransaction:
+    """The card's one open transaction (MAC1 or MAC2 issued, not settled)."""
+
+    id: str
+    kind: str  # "payment" | "load"
+    status: str  # "authorised" | "uncertain"
+    counter: int  # the counter INITIALIZE returned for it (before the debit/credit)
+    amount: int
+    balance_before: int
+    random: bytes
+    same_merchant: bool
+
+    @property
+    def transaction_type(self) -> TransactionType:
+        return TransactionType.EP_PURCHASE if self.kind == "payment" else TransactionType.EP_LOAD
+
+
+@dataclass(frozen=True, slots=True)
+class CardRecord:
+    """What settlement knows about a card, as values (spec §7: the shadow of the purse)."""
+
+    card_number: str
+    status: str
+    issuer_id: bytes
+    key_version: int
+    start_date: dt.date
+    expiry_date: dt.date
+    max_balance: int
+    shadow_balance: int
+    online_counter: int
+    offline_counter: int
+    open_transaction: OpenTransaction | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Recover:
+    """What the terminal must do first: GET TRANSACTION PROVE of this type and counter."""
+
+    transaction_type: TransactionType
+    counter: int  # the card's current counter: the open transaction's counter + 1
+    payment_id: str | None = None
+    load_id: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        body: dict[str, object] = {
+            "transaction_type": f"{self.transaction_type:02X}",
+            "counter": self.counter,
+        }
+        if self.payment_id:
+            body["payment_id"] = self.payment_id
+        if self.load_id:
+            body["load_id"] = self.load_id
+        return body
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    approved: bool
+    decline_code: DeclineCode | None = None
+    detail: str = ""
+    flag: Flag | None = None
+    recover: Recover | None = None
+    # An uncertain transaction the card's counters prove never happened: release it.
+    release: OpenTransaction | None = None
+
+    @classmethod
+    def approve(cls, release: OpenTransaction | None = None) -> Decision:
+        return cls(True, release=release)
+
+    @classmethod
+    def decline(
+        cls,
+        code: DeclineCode,
+        detail: str,
+        flag: Flag | None = None,
+        recover: Recover | None = None,
+    ) -> Decision:
+        return cls(False, code, detail, flag, recover)
+
+
+@dataclass(frozen=True, slots=True)
+class PurchaseInputs:
+    """The card's raw answers, parsed by settlement, and what the merchant claims."""
+
+    issuer: IssuerData
+    initialize: InitializeForPurchaseResponse
+    terminal_id: bytes
+    merchant_terminal_id: bytes
+    amount: int
+    initialize_amount: int | None = None  # what the merchant says it put in INITIALIZE
+
+
+@dataclass(frozen=True, slots=True)
+class LoadInputs:
+    issuer: IssuerData
+    initialize: InitializeForLoadResponse
+    terminal_id: bytes
+    merchant_terminal_id: bytes
+    amount: int
+    mac1_valid: bool
+    bound_card_number: str | None = None
+
+
+def _card_checks(
+    card: CardRecord | None,
+    issuer: IssuerData,
+    terminal_id: bytes,
+    expected: bytes,
+    now: dt.datetime,
+) -> Decision | None:
+    if card is None or card.issuer_id != issuer.issuer_id:
+        return Decision.decline(DeclineCode.UNKNOWN_CARD, "the card is not registered here")
+    if card.status == "blocked":
+        return Decision.decline(DeclineCode.CARD_BLOCKED, "the card is blocked")
+    if card.status == "lost":
+        return Decision.decline(DeclineCode.CARD_LOST, "the card was reported lost")
+    today = now.astimezone(dt.UTC).date()
+    if card.status == "expired" or today > card.expiry_date or today > issuer.expiry_date:
+        return Decision.decline(DeclineCode.CARD_EXPIRED, "the card has expired")
+    if card.status != "active":
+        return Decision.decline(DeclineCode.INVALID_STATE, f"the card is {card.status}")
+    if today < card.start_date:
+        return Decision.decline(DeclineCode.INVALID_STATE, "the card is not valid yet")
+    if issuer.application_type not in (ApplicationType.EP, ApplicationType.ED_AND_EP):
+        return Decision.decline(DeclineCode.INVALID_STATE, "the card has no e-purse application")
+    if terminal_id != expected:
+        return Decision.decline(
+            DeclineCode.TERMINAL_MISMATCH,
+            "the terminal id is not this merchant's registered terminal",
+        )
+    return None
+
+
+def _open_transaction_check(
+    card: CardRecord, kind: str, counter: int, random: bytes
+) -> Decision | None:
+    """Spec §6: one transaction in flight per card; settle the last one before the next."""
+    open_txn = card.open_transaction
+    if open_txn is None:
+        return None
+    recover = Recover(
+        open_txn.transaction_type,
+        open_txn.counter + 1,
+        payment_id=open_txn.id if open_txn.same_merchant and open_txn.kind == "payment" else None,
+        load_id=open_txn.id if open_txn.same_merchant and open_txn.kind == "load" else None,
+    )
+    if (
+        open_txn.kind == kind
+        and open_txn.status == "uncertain"
+        and counter == open_txn.counter
+        and random != open_txn.random
+    ):
+        # The counter did not move and the card answered a fresh INITIALIZE, which cancels
+        # anything pending on it: the uncertain transaction never happened.
+        return None
+    return Decision.decline(
+        DeclineCode.RECOVERY_REQUIRED,
+        f"the card has an open {open_txn.kind} ({open_txn.status}); settle it first",
+        recover=recover,
+    )
+
+
+def _shadow_checks(
+    card: CardRecord, counter: int, shadow_counter: int, balance: int
+) -> Decision | None:
+    """Spec §7: counters never go backwards; the balance is never above the shadow."""
+    if counter < shadow_counter:
+        return Decision.decline(
+            DeclineCode.COUNTER_MISMATCH,
+            f"the card's counter {counter} is behind the last seen {shadow_counter}",
+            Flag.CLONE,
+        )
+    if counter > shadow_counter:
+        return Decision.decline(
+            DeclineCode.COUNTER_MISMATCH,
+            f"the card's counter {counter} is ahead of the last seen {shadow_counter}",
+            Flag.GAP,
+        )
+    if balance > card.shadow_balance:
+        return Decision.decline(
+            DeclineCode.BALANCE_MISMATCH,
+            "the card's balance is above the balance settlement knows",
+            Flag.CLONE,
+        )
+    if balance < card.shadow_balance:
+        return Decision.decline(
+            DeclineCode.BALANCE_MISMATCH,
+            "the card's balance is below the balance settlement knows",
+            Flag.GAP,
+        )
+    return None
+
+
+def _released(card: CardRecord, kind: str) -> OpenTransaction | None:
+    open_txn = card.open_transaction
+    return open_txn if open_txn is not None and open_txn.kind == kind else None
+
+
+def decide_purchase(card: CardRecord | None, inputs: PurchaseInputs, now: dt.datetime) -> Decision:
+    """May settlement issue MAC1 for this debit? (spec §4, §6, §7)"""
+    early = _card_checks(card, inputs.issuer, inputs.terminal_id, inputs.merchant_terminal_id, now)
+    if early is not None:
+        return early
+    assert card is not None
+    init = inputs.initialize
+    if inputs.initialize_amount is not None and inputs.initialize_amount != inputs.amount:
+        return Decision.decline(
+            DeclineCode.AMOUNT_MISMATCH, "INITIALIZE was sent for a different amount"
+        )
+    if init.key_version != card.key_version or init.algorithm_id != 0x00:
+        return Decision.decline(
+            DeclineCode.INVALID_STATE, "the card reports an unknown key version or algorithm"
+        )
+    early = _open_transaction_check(card, "payment", init.offline_counter, init.random)
+    if early is not None:
+        return early
+    early = _shadow_checks(card, init.offline_counter, card.offline_counter, init.balance)
+    if early is not None:
+        return early
+    if init.balance < inputs.amount:
+        return Decision.decline(DeclineCode.INSUFFICIENT_FUNDS, "the card's balance is too low")
+    return Decision.approve(release=_released(card, "payment"))
+
+
+def decide_load(card: CardRecord | None, inputs: LoadInputs, now: dt.datetime) -> Decision:
+    """May settlement issue MAC2 for this credit? The card's MAC1 must verify first."""
+    early = _card_checks(card, inputs.issuer, inputs.terminal_id, inputs.merchant_terminal_id, now)
+    if early is not None:
+        return early
+    assert card is not None
+    init = inputs.initialize
+    if inputs.bound_card_number is not None and inputs.bound_card_number != card.card_number:
+        return Decision.decline(DeclineCode.INVALID_STATE, "this load is for another card")
+    if init.key_version != card.key_version or init.algorithm_id != 0x00:
+        return Decision.decline(
+            DeclineCode.INVALID_STATE, "the card reports an unknown key version or algorithm"
+        )
+    if not inputs.mac1_valid:
+        return Decision.decline(
+            DeclineCode.MAC_INVALID,
+            "the card's MAC1 does not verify (wrong amount, terminal or card)",
+            Flag.CLONE,
+        )
+    early = _open_transaction_check(card, "load", init.online_counter, init.random)
+    if early is not None:
+        return early
+    early = _shadow_checks(card, init.online_counter, card.online_counter, init.balance)
+    if early is not None:
+        return early
+    if init.balance + inputs.amount > card.max_balance:
+        return Decision.decline(
+            DeclineCode.BALANCE_LIMIT_EXCEEDED, "the load would exceed the card's maximum balance"
+        )
+    return Decision.approve(release=_released(card, "load"))
+
+
+# --- resolving an interrupted transaction (spec §6) --------------------------------
+
+
+class Outcome(StrEnum):
+    SUCCEEDED = "succeeded"  # the card moved its counter and its proof verifies
+    CANCELED = "canceled"  # the counter did not move: nothing happened on the card
+    PROOF_REQUIRED = "proof_required"  # the counter moved; send GET TRANSACTION PROVE
+    PROOF_INVALID = "proof_invalid"
+    MISMATCH = "mismatch"  # the card is not where this transaction left it
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    outcome: Outcome
+    detail: str
+
+
+def decide_resolution(
+    open_txn: OpenTransaction,
+    *,
+    counter: int,
+    balance: int,
+    random: bytes,
+    proof_given: bool,
+    proof_valid: bool,
+) -> Resolution:
+    """What a fresh INITIALIZE (and GET TRANSACTION PROVE) says about ``open_txn``."""
+    sign = -1 if open_txn.kind == "payment" else 1
+    if counter == open_txn.counter:
+        if random == open_txn.random:
+            return Resolution(Outcome.MISMATCH, "this INITIALIZE answer is the old one, not fresh")
+        if balance != open_txn.balance_before:
+            return Resolution(Outcome.MISMATCH, "the counter did not move but the balance did")
+        return Resolution(Outcome.CANCELED, "the card's counter did not move: nothing happened")
+    if counter == open_txn.counter + 1:
+        if balance != open_txn.balance_before + sign * open_txn.amount:
+            return Resolution(
+                Outcome.MISMATCH, "the counter moved but the balance is not the expected one"
+            )
+        if not proof_given:
+            return Resolution(
+                Outcome.PROOF_REQUIRED,
+                "the counter moved: send GET TRANSACTION PROVE's answer",
+            )
+        if not proof_valid:
+            return Resolution(Outcome.PROOF_INVALID, "the card's proof does not verify")
+        return Resolution(Outcome.SUCCEEDED, "the card proved the transaction")
+    return Resolution(
+        Outcome.MISMATCH,
+        f"the card's counter {counter} is neither {open_txn.counter} nor {open_txn.counter + 1}",
+    )

@@ -1,0 +1,92 @@
+"""Expiry of stale payments and loads: a sweep with the clock injected.
+
+- ``requires_card`` older than ``requires_card_ttl``: ``expired`` (loads return their funds);
+- ``authorised`` older than ``authorised_ttl``: ``uncertain`` — after MAC1 (or MAC2) was
+  issued a DEBIT (or CREDIT) may have reached the card, so nothing is guessed; the card's
+  next contact or its proof settles it (spec §6).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any, cast
+
+import structlog
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from webpurse.settlement import loads, payments
+from webpurse.settlement.auth import OPERATOR, Principal
+from webpurse.settlement.models import Load, Payment
+from webpurse.settlement.security import SecurityModule
+from webpurse.settlement.service import Ctx
+
+log = structlog.get_logger(__name__)
+
+SYSTEM = Principal(role=OPERATOR, key_id="system")
+
+
+class _NoKeys:
+    """The sweep never needs a key; touching one is a bug."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError("the expiry sweep must not use the security module")
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    payments_expired: int = 0
+    payments_uncertain: int = 0
+    loads_expired: int = 0
+    loads_uncertain: int = 0
+
+    def to_json(self) -> dict[str, int]:
+        return {
+            "payments_expired": self.payments_expired,
+            "payments_uncertain": self.payments_uncertain,
+            "loads_expired": self.loads_expired,
+            "loads_uncertain": self.loads_uncertain,
+        }
+
+
+def expire_stale(
+    session: Session,
+    now: dt.datetime,
+    *,
+    requires_card_ttl: dt.timedelta,
+    authorised_ttl: dt.timedelta,
+) -> SweepReport:
+    """Run one sweep in the caller's transaction; returns what it changed."""
+    ctx = Ctx(session, cast(SecurityModule, _NoKeys()), now, SYSTEM)
+    created_before = now - requires_card_ttl
+    authorised_before = now - authorised_ttl
+    counts = {"pe": 0, "pu": 0, "le": 0, "lu": 0}
+    for payment in session.scalars(
+        select(Payment).where(
+            Payment.status == "requires_card", Payment.created_at < created_before
+        )
+    ):
+        payment.status = "expired"
+        payment.updated_at = now
+        counts["pe"] += 1
+    for payment in session.scalars(
+        select(Payment).where(
+            Payment.status == "authorised", Payment.authorised_at < authorised_before
+        )
+    ):
+        payments.mark_uncertain(ctx, payment)
+        counts["pu"] += 1
+    for load in session.scalars(
+        select(Load).where(Load.status == "requires_card", Load.created_at < created_before)
+    ):
+        loads.expire(ctx, load)
+        counts["le"] += 1
+    for load in session.scalars(
+        select(Load).where(Load.status == "authorised", Load.authorised_at < authorised_before)
+    ):
+        loads.mark_uncertain(ctx, load)
+        counts["lu"] += 1
+    report = SweepReport(counts["pe"], counts["pu"], counts["le"], counts["lu"])
+    log.info("sweep.done", **report.to_json())
+    return report

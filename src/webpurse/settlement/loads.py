@@ -1,0 +1,469 @@
+"""Loads (top-ups): a funded order, MAC1 verified → MAC2, TAC verified → value on the card.
+
+Funds are held from the moment the load order records its funding source
+(``funding:<method>`` → ``held:loads``), so money is never taken without reaching the
+card (held → ``card:<id>``) or being returned (held → funding) — the lesson of the 2007
+Octopus top-up incident. Refunds are loads funded from ``refunds:pending``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from sqlalchemy import select
+
+from webpurse.protocol.commands import (
+    CreditForLoad,
+    CreditForLoadResponse,
+    InitializeForLoadResponse,
+    TransactionProof,
+)
+from webpurse.protocol.crypto import macs_equal
+from webpurse.protocol.records import TransactionType, decode_bcd_date, decode_bcd_time
+from webpurse.settlement import events, ledger, registry
+from webpurse.settlement.decisions import (
+    DeclineCode,
+    LoadInputs,
+    OpenTransaction,
+    Outcome,
+    decide_load,
+    decide_resolution,
+)
+from webpurse.settlement.merchants import OPERATOR_TERMINAL_ID
+from webpurse.settlement.models import Card, Load, Merchant, Refund
+from webpurse.settlement.problems import (
+    ApiError,
+    conflict,
+    declined,
+    not_found,
+    verification_failed,
+)
+from webpurse.settlement.schemas import LoadAuthorise, LoadComplete, LoadCreate, Resolve
+from webpurse.settlement.service import Ctx, card_time, new_id, parse, parse_issuer
+
+log = structlog.get_logger(__name__)
+
+
+def funding_account_of(load: Load) -> str:
+    if load.funding_method == "refund":
+        return ledger.REFUNDS_PENDING
+    return ledger.funding_account(load.funding_method)
+
+
+def load_json(load: Load) -> dict[str, Any]:
+    authorisation = None
+    if load.mac2 is not None:
+        credit = CreditForLoad(
+            decode_bcd_date(bytes.fromhex(load.txn_date or "")),
+            decode_bcd_time(bytes.fromhex(load.txn_time or "")),
+            bytes.fromhex(load.mac2),
+        )
+        authorisation = {
+            "date": load.txn_date,
+            "time": load.txn_time,
+            "mac2": load.mac2,
+            "credit_apdu": credit.to_apdu().to_bytes().hex().upper(),
+        }
+    return {
+        "id": load.id,
+        "object": "load",
+        "status": load.status,
+        "amount": load.amount,
+        "currency": load.currency,
+        "funding": {"method": load.funding_method, "reference": load.funding_reference},
+        "refund": load.refund_id,
+        "terminal_id": load.terminal_id,
+        "key_index": load.key_index,
+        "card_number": load.card_number or load.requested_card_number,
+        "decline_code": load.decline_code,
+        "tac": load.tac,
+        "created_at": load.created_at.isoformat(),
+        "updated_at": load.updated_at.isoformat(),
+        "authorisation": authorisation,
+    }
+
+
+def _emit(ctx: Ctx, load: Load, event_type: str) -> None:
+    events.emit(ctx.session, load.merchant_id, event_type, load_json(load))
+
+
+def get_load(ctx: Ctx, load_id: str, *, lock: bool = False) -> Load:
+    stmt = select(Load).where(Load.id == load_id)
+    if not ctx.principal.is_operator:
+        stmt = stmt.where(Load.merchant_id == ctx.principal.merchant_id)
+    if lock and ctx.session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update()
+    load = ctx.session.scalars(stmt.execution_options(populate_existing=lock)).first()
+    if load is None:
+        raise not_found("load", "id")
+    return load
+
+
+def _need_status(load: Load, *allowed: str) -> None:
+    if load.status not in allowed:
+        raise conflict(
+            "invalid_load_state", f"the load is {load.status}; this needs {' or '.join(allowed)}"
+        )
+
+
+def create_order(
+    ctx: Ctx,
+    *,
+    amount: int,
+    currency: str,
+    funding_method: str,
+    funding_reference: str,
+    merchant_id: str | None,
+    card_number: str | None,
+    refund_id: str | None = None,
+) -> Load:
+    terminal_id = OPERATOR_TERMINAL_ID
+    if merchant_id is not None:
+        merchant = ctx.session.get(Merchant, merchant_id)
+        if merchant is None:
+            raise not_found("merchant")
+        terminal_id = merchant.terminal_id
+    load = Load(
+        id=new_id("load"),
+        merchant_id=merchant_id,
+        status="requires_card",
+        amount=amount,
+        currency=currency,
+        funding_method=funding_method,
+        funding_reference=funding_reference,
+        refund_id=refund_id,
+        terminal_id=terminal_id,
+        key_index=1,
+        requested_card_number=card_number.upper() if card_number else None,
+        created_at=ctx.now,
+        updated_at=ctx.now,
+    )
+    ctx.session.add(load)
+    ctx.session.flush()
+    ledger.post_transfer(
+        ctx.session,
+        f"{load.id}:hold",
+        funding_account_of(load),
+        ledger.HELD_LOADS,
+        amount,
+        "load_hold",
+        now=ctx.now,
+        reference=load.id,
+    )
+    log.info("load.created", load=load.id, amount=amount, funding=funding_method)
+    return load
+
+
+def create(ctx: Ctx, body: LoadCreate) -> Load:
+    return create_order(
+        ctx,
+        amount=body.amount,
+        currency=body.currency,
+        funding_method=body.funding.method,
+        funding_reference=body.funding.reference,
+        merchant_id=ctx.principal.merchant_id,
+        card_number=body.card_number,
+    )
+
+
+def _return_funds(ctx: Ctx, load: Load, status: str) -> None:
+    ledger.post_transfer(
+        ctx.session,
+        f"{load.id}:return",
+        ledger.HELD_LOADS,
+        funding_account_of(load),
+        load.amount,
+        "load_return",
+        now=ctx.now,
+        reference=load.id,
+    )
+    load.status = status
+    load.updated_at = ctx.now
+
+
+def release_open(ctx: Ctx, open_txn: OpenTransaction, card: Card) -> None:
+    """An uncertain load the card's counters show never ran: return its funds."""
+    other = ctx.session.get(Load, open_txn.id)
+    if other is not None and other.status in ("authorised", "uncertain"):
+        _return_funds(ctx, other, "canceled")
+        if card.open_transaction == other.id:
+            card.open_transaction = None
+        registry.record_event(ctx.session, card, "load_released", ctx.now, {"load": other.id})
+        _emit(ctx, other, "load.failed")
+
+
+def authorise(ctx: Ctx, load_id: str, body: LoadAuthorise) -> Load:
+    load = get_load(ctx, load_id, lock=True)
+    _need_status(load, "requires_card")
+    issuer = parse_issuer(body.issuer_data)
+    init = parse(
+        body.initialize_response, "initialize_response", InitializeForLoadResponse.from_data
+    )
+    terminal_id = bytes.fromhex(body.terminal_id)
+    card = registry.find_card(ctx.session, issuer.card_number, lock=True)
+    mac1_valid = False
+    if card is not None and init.key_version == card.key_version:
+        mac1_valid = ctx.security.verify_load_mac1(
+            issuer.serial,
+            card.key_version,
+            random=init.random,
+            online_counter=init.online_counter,
+            balance=init.balance,
+            amount=load.amount,
+            terminal_id=terminal_id,
+            mac1=init.mac1,
+        )
+    record = registry.card_record(ctx.session, card, load.merchant_id) if card else None
+    decision = decide_load(
+        record,
+        LoadInputs(
+            issuer=issuer,
+            initialize=init,
+            terminal_id=terminal_id,
+            merchant_terminal_id=bytes.fromhex(load.terminal_id),
+            amount=load.amount,
+            mac1_valid=mac1_valid,
+            bound_card_number=load.requested_card_number,
+        ),
+        ctx.now,
+    )
+    load.updated_at = ctx.now
+    if not decision.approved:
+        assert decision.decline_code is not None
+        if card is not None:
+            load.card_id = card.id
+            load.card_number = card.card_number
+            if decision.flag is not None:
+                registry.flag_card(
+                    ctx.session,
+                    card,
+                    decision.flag,
+                    ctx.now,
+                    {
+                        "load": load.id,
+                        "decline_code": decision.decline_code.value,
+                        "balance": init.balance,
+                        "counter": init.online_counter,
+                    },
+                )
+        extra: dict[str, Any] = {}
+        if decision.decline_code is DeclineCode.RECOVERY_REQUIRED and decision.recover:
+            extra["recover"] = decision.recover.to_json()
+        else:
+            load.decline_code = decision.decline_code.value
+            _return_funds(ctx, load, "declined")
+            _emit(ctx, load, "load.failed")
+        extra["load"] = load_json(load)
+        log.info("load.declined", load=load.id, decline_code=decision.decline_code.value)
+        raise declined(decision.decline_code.value, decision.detail, extra=extra)
+    assert card is not None
+    if decision.release is not None:
+        from webpurse.settlement import payments
+
+        payments.release_open(ctx, decision.release, card)
+    date, time = card_time(ctx.now)
+    mac2 = ctx.security.load_mac2(
+        issuer.serial,
+        card.key_version,
+        random=init.random,
+        online_counter=init.online_counter,
+        amount=load.amount,
+        terminal_id=terminal_id,
+        date=date,
+        time=time,
+    )
+    load.status = "authorised"
+    load.card_id = card.id
+    load.card_number = card.card_number
+    load.balance_before = init.balance
+    load.counter = init.online_counter
+    load.key_version = card.key_version
+    load.card_random = init.random.hex().upper()
+    load.txn_date = date.strftime("%Y%m%d")
+    load.txn_time = time.strftime("%H%M%S")
+    load.mac2 = mac2.hex().upper()
+    load.authorised_at = ctx.now
+    card.open_transaction = load.id
+    card.updated_at = ctx.now
+    log.info("load.authorised", load=load.id, card=card.card_number)
+    return load
+
+
+def _verify_tac(ctx: Ctx, load: Load, card: Card, tac: bytes) -> bool:
+    assert load.balance_before is not None and load.counter is not None
+    return ctx.security.verify_load_tac(
+        bytes.fromhex(card.card_number),
+        load.key_version or card.key_version,
+        new_balance=load.balance_before + load.amount,
+        online_counter=load.counter,
+        amount=load.amount,
+        terminal_id=bytes.fromhex(load.terminal_id),
+        date=decode_bcd_date(bytes.fromhex(load.txn_date or "")),
+        time=decode_bcd_time(bytes.fromhex(load.txn_time or "")),
+        tac=tac,
+    )
+
+
+def _card_of(ctx: Ctx, load: Load) -> Card:
+    card = ctx.session.get(Card, load.card_id) if load.card_id else None
+    if card is None:
+        raise conflict("invalid_load_state", "the load has no card")
+    return registry.lock_card(ctx.session, card)
+
+
+def _succeed(ctx: Ctx, load: Load, card: Card, tac: bytes) -> None:
+    ledger.post_transfer(
+        ctx.session,
+        f"{load.id}:credit",
+        ledger.HELD_LOADS,
+        ledger.card_account(card.id),
+        load.amount,
+        "load_credit",
+        now=ctx.now,
+        reference=load.id,
+    )
+    assert load.balance_before is not None and load.counter is not None
+    load.status = "succeeded"
+    load.tac = tac.hex().upper()
+    load.updated_at = ctx.now
+    card.shadow_balance = load.balance_before + load.amount
+    card.online_counter = load.counter + 1
+    if card.open_transaction == load.id:
+        card.open_transaction = None
+    card.updated_at = ctx.now
+    registry.record_event(
+        ctx.session,
+        card,
+        "load",
+        ctx.now,
+        {"load": load.id, "amount": load.amount, "counter": load.counter, "tac": load.tac},
+    )
+    _emit(ctx, load, "load.succeeded")
+    if load.refund_id is not None:
+        refund = ctx.session.get(Refund, load.refund_id)
+        if refund is not None and refund.status == "pending":
+            from webpurse.settlement.refunds import refund_json
+
+            refund.status = "succeeded"
+            refund.updated_at = ctx.now
+            events.emit(ctx.session, refund.merchant_id, "refund.succeeded", refund_json(refund))
+    log.info("load.succeeded", load=load.id)
+
+
+def complete(ctx: Ctx, load_id: str, body: LoadComplete) -> Load:
+    load = get_load(ctx, load_id, lock=True)
+    _need_status(load, "authorised")
+    answer = parse(body.credit_response, "credit_response", CreditForLoadResponse.from_data)
+    card = _card_of(ctx, load)
+    if not _verify_tac(ctx, load, card, answer.tac):
+        registry.record_event(ctx.session, card, "verification_failed", ctx.now, {"load": load.id})
+        raise verification_failed("the card's TAC does not verify for this load")
+    _succeed(ctx, load, card, answer.tac)
+    return load
+
+
+def uncertain(ctx: Ctx, load_id: str) -> Load:
+    load = get_load(ctx, load_id, lock=True)
+    if load.status == "uncertain":
+        return load
+    _need_status(load, "authorised")
+    mark_uncertain(ctx, load)
+    return load
+
+
+def mark_uncertain(ctx: Ctx, load: Load) -> None:
+    load.status = "uncertain"
+    load.updated_at = ctx.now
+    _emit(ctx, load, "load.uncertain")
+    log.warning("load.uncertain", load=load.id)
+
+
+def resolve(ctx: Ctx, load_id: str, body: Resolve) -> Load:
+    load = get_load(ctx, load_id, lock=True)
+    _need_status(load, "authorised", "uncertain")
+    init = parse(
+        body.initialize_response, "initialize_response", InitializeForLoadResponse.from_data
+    )
+    card = _card_of(ctx, load)
+    if (
+        body.issuer_data is not None
+        and parse_issuer(body.issuer_data).card_number != card.card_number
+    ):
+        raise conflict("card_mismatch", "issuer_data names another card than this load's")
+    proof = (
+        parse(body.prove_response, "prove_response", TransactionProof.from_data)
+        if body.prove_response is not None
+        else None
+    )
+    open_txn = OpenTransaction(
+        id=load.id,
+        kind="load",
+        status=load.status,
+        counter=load.counter or 0,
+        amount=load.amount,
+        balance_before=load.balance_before or 0,
+        random=bytes.fromhex(load.card_random or ""),
+        same_merchant=True,
+    )
+    proof_valid = (
+        proof is not None
+        and macs_equal(bytes.fromhex(load.mac2 or ""), proof.mac2)
+        and _verify_tac(ctx, load, card, proof.tac)
+    )
+    resolution = decide_resolution(
+        open_txn,
+        counter=init.online_counter,
+        balance=init.balance,
+        random=init.random,
+        proof_given=proof is not None,
+        proof_valid=proof_valid,
+    )
+    if resolution.outcome is Outcome.SUCCEEDED:
+        assert proof is not None
+        _succeed(ctx, load, card, proof.tac)
+    elif resolution.outcome is Outcome.CANCELED:
+        _return_funds(ctx, load, "canceled")
+        if card.open_transaction == load.id:
+            card.open_transaction = None
+        registry.record_event(ctx.session, card, "load_released", ctx.now, {"load": load.id})
+        _emit(ctx, load, "load.failed")
+    elif resolution.outcome is Outcome.PROOF_REQUIRED:
+        raise ApiError(
+            409,
+            "proof_required",
+            resolution.detail,
+            extra={
+                "recover": {
+                    "load_id": load.id,
+                    "transaction_type": f"{TransactionType.EP_LOAD:02X}",
+                    "counter": open_txn.counter + 1,
+                }
+            },
+        )
+    elif resolution.outcome is Outcome.PROOF_INVALID:
+        registry.record_event(ctx.session, card, "verification_failed", ctx.now, {"load": load.id})
+        raise verification_failed(resolution.detail)
+    else:
+        raise conflict("resolution_mismatch", resolution.detail)
+    return load
+
+
+def cancel(ctx: Ctx, load_id: str) -> Load:
+    load = get_load(ctx, load_id, lock=True)
+    if load.status == "canceled":
+        return load
+    if load.status != "requires_card":
+        raise conflict(
+            "invalid_load_state",
+            f"the load is {load.status}: only a load before any credit can be canceled",
+        )
+    _return_funds(ctx, load, "canceled")
+    _emit(ctx, load, "load.failed")
+    return load
+
+
+def expire(ctx: Ctx, load: Load) -> None:
+    """A load order nobody brought a card for: return the funds."""
+    _return_funds(ctx, load, "expired")
+    _emit(ctx, load, "load.failed")

@@ -1,0 +1,441 @@
+"""Payments: create, authorise (MAC1), capture (MAC2/TAC), uncertain, resolve, cancel.
+
+Each function runs inside the caller's transaction and raises
+:class:`~webpurse.settlement.problems.ApiError` to refuse. The decisions themselves are
+in :mod:`.decisions`; here they meet the database, the security module and the ledger.
+Ledger moves: authorise holds the amount (card → ``held:purchases``); capture posts it to
+the merchant (held → merchant); a release returns it (held → card).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from sqlalchemy import select
+
+from webpurse.protocol.commands import (
+    DebitForPurchase,
+    DebitForPurchaseResponse,
+    InitializeForPurchaseResponse,
+    TransactionProof,
+)
+from webpurse.protocol.records import TransactionType, decode_bcd_date, decode_bcd_time
+from webpurse.settlement import events, ledger, registry
+from webpurse.settlement.decisions import (
+    DeclineCode,
+    OpenTransaction,
+    Outcome,
+    PurchaseInputs,
+    decide_purchase,
+    decide_resolution,
+)
+from webpurse.settlement.merchants import next_terminal_seq
+from webpurse.settlement.models import Card, Merchant, Payment
+from webpurse.settlement.problems import (
+    ApiError,
+    conflict,
+    declined,
+    not_found,
+    verification_failed,
+)
+from webpurse.settlement.schemas import (
+    PaymentCreate,
+    PurchaseAuthorise,
+    PurchaseCapture,
+    Resolve,
+)
+from webpurse.settlement.service import Ctx, card_time, new_id, parse, parse_issuer
+
+log = structlog.get_logger(__name__)
+
+FINAL = frozenset({"succeeded", "canceled", "declined", "expired"})
+
+
+def payment_json(payment: Payment) -> dict[str, Any]:
+    authorisation = None
+    if payment.mac1 is not None and payment.terminal_seq is not None:
+        debit = DebitForPurchase(
+            payment.terminal_seq,
+            decode_bcd_date(bytes.fromhex(payment.txn_date or "")),
+            decode_bcd_time(bytes.fromhex(payment.txn_time or "")),
+            bytes.fromhex(payment.mac1),
+        )
+        authorisation = {
+            "terminal_seq": payment.terminal_seq,
+            "date": payment.txn_date,
+            "time": payment.txn_time,
+            "mac1": payment.mac1,
+            "debit_apdu": debit.to_apdu().to_bytes().hex().upper(),
+        }
+    return {
+        "id": payment.id,
+        "object": "payment",
+        "status": payment.status,
+        "amount": payment.amount,
+        "currency": payment.currency,
+        "description": payment.description,
+        "merchant_reference": payment.merchant_reference,
+        "metadata": payment.metadata_,
+        "terminal_id": payment.terminal_id,
+        "key_index": payment.key_index,
+        "card_number": payment.card_number,
+        "decline_code": payment.decline_code,
+        "tac": payment.tac,
+        "amount_refunded": payment.refunded_amount,
+        "created_at": payment.created_at.isoformat(),
+        "updated_at": payment.updated_at.isoformat(),
+        "authorisation": authorisation,
+    }
+
+
+def _emit(ctx: Ctx, payment: Payment, event_type: str) -> None:
+    events.emit(ctx.session, payment.merchant_id, event_type, payment_json(payment))
+
+
+def get_payment(ctx: Ctx, payment_id: str, *, lock: bool = False) -> Payment:
+    """The caller's payment (another merchant's is "no such payment": 404)."""
+    stmt = select(Payment).where(Payment.id == payment_id)
+    if not ctx.principal.is_operator:
+        stmt = stmt.where(Payment.merchant_id == ctx.principal.merchant_id)
+    if lock and ctx.session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update()
+    payment = ctx.session.scalars(stmt.execution_options(populate_existing=lock)).first()
+    if payment is None:
+        raise not_found("payment", "id")
+    return payment
+
+
+def _need_status(payment: Payment, *allowed: str) -> None:
+    if payment.status not in allowed:
+        raise conflict(
+            "invalid_payment_state",
+            f"the payment is {payment.status}; this needs {' or '.join(allowed)}",
+        )
+
+
+def create(ctx: Ctx, body: PaymentCreate) -> Payment:
+    merchant = ctx.session.get(Merchant, ctx.principal.merchant_id)
+    if merchant is None:
+        raise not_found("merchant")
+    payment = Payment(
+        id=new_id("pay"),
+        merchant_id=merchant.id,
+        status="requires_card",
+        amount=body.amount,
+        currency=body.currency,
+        description=body.description,
+        merchant_reference=body.merchant_reference,
+        metadata_=dict(body.metadata),
+        terminal_id=merchant.terminal_id,
+        key_index=1,
+        refunded_amount=0,
+        created_at=ctx.now,
+        updated_at=ctx.now,
+    )
+    ctx.session.add(payment)
+    ctx.session.flush()
+    log.info("payment.created", payment=payment.id, amount=payment.amount)
+    return payment
+
+
+def _release(ctx: Ctx, payment: Payment, card: Card, reason: str) -> None:
+    """The card proved no debit happened: return the hold, close the payment."""
+    ledger.post_transfer(
+        ctx.session,
+        f"{payment.id}:release",
+        ledger.HELD_PURCHASES,
+        ledger.card_account(card.id),
+        payment.amount,
+        "purchase_release",
+        now=ctx.now,
+        reference=payment.id,
+    )
+    payment.status = "canceled"
+    payment.updated_at = ctx.now
+    if card.open_transaction == payment.id:
+        card.open_transaction = None
+    card.updated_at = ctx.now
+    registry.record_event(
+        ctx.session, card, "purchase_released", ctx.now, {"payment": payment.id, "reason": reason}
+    )
+    _emit(ctx, payment, "payment.canceled")
+
+
+def release_open(ctx: Ctx, open_txn: OpenTransaction, card: Card) -> None:
+    """Release another, uncertain transaction that the card's counters show never ran."""
+    if open_txn.kind == "payment":
+        other = ctx.session.get(Payment, open_txn.id)
+        if other is not None and other.status in ("authorised", "uncertain"):
+            _release(ctx, other, card, "counter did not move on next contact")
+    else:
+        from webpurse.settlement import loads
+
+        loads.release_open(ctx, open_txn, card)
+
+
+def authorise(ctx: Ctx, payment_id: str, body: PurchaseAuthorise) -> Payment:
+    payment = get_payment(ctx, payment_id, lock=True)
+    _need_status(payment, "requires_card")
+    issuer = parse_issuer(body.issuer_data)
+    init = parse(
+        body.initialize_response, "initialize_response", InitializeForPurchaseResponse.from_data
+    )
+    merchant = ctx.session.get(Merchant, payment.merchant_id)
+    assert merchant is not None
+    card = registry.find_card(ctx.session, issuer.card_number, lock=True)
+    record = registry.card_record(ctx.session, card, payment.merchant_id) if card else None
+    decision = decide_purchase(
+        record,
+        PurchaseInputs(
+            issuer=issuer,
+            initialize=init,
+            terminal_id=bytes.fromhex(body.terminal_id),
+            merchant_terminal_id=bytes.fromhex(merchant.terminal_id),
+            amount=payment.amount,
+            initialize_amount=body.amount,
+        ),
+        ctx.now,
+    )
+    payment.card_number = issuer.card_number
+    payment.updated_at = ctx.now
+    if not decision.approved:
+        assert decision.decline_code is not None
+        if card is not None:
+            payment.card_id = card.id
+            if decision.flag is not None:
+                registry.flag_card(
+                    ctx.session,
+                    card,
+                    decision.flag,
+                    ctx.now,
+                    {
+                        "payment": payment.id,
+                        "decline_code": decision.decline_code.value,
+                        "balance": init.balance,
+                        "counter": init.offline_counter,
+                    },
+                )
+        extra: dict[str, Any] = {"payment": payment_json(payment)}
+        if decision.decline_code is DeclineCode.RECOVERY_REQUIRED and decision.recover:
+            extra["recover"] = decision.recover.to_json()
+            extra["payment"] = payment_json(payment)
+        else:
+            payment.status = "declined"
+            payment.decline_code = decision.decline_code.value
+            extra["payment"] = payment_json(payment)
+            _emit(ctx, payment, "payment.failed")
+        log.info("payment.declined", payment=payment.id, decline_code=decision.decline_code.value)
+        raise declined(decision.decline_code.value, decision.detail, extra=extra)
+    assert card is not None
+    if decision.release is not None:
+        release_open(ctx, decision.release, card)
+    seq = next_terminal_seq(ctx.session, merchant.id)
+    date, time = card_time(ctx.now)
+    mac1 = ctx.security.purchase_mac1(
+        issuer.serial,
+        card.key_version,
+        random=init.random,
+        offline_counter=init.offline_counter,
+        terminal_seq=seq,
+        amount=payment.amount,
+        terminal_id=bytes.fromhex(merchant.terminal_id),
+        date=date,
+        time=time,
+    )
+    ledger.post_transfer(
+        ctx.session,
+        f"{payment.id}:hold",
+        ledger.card_account(card.id),
+        ledger.HELD_PURCHASES,
+        payment.amount,
+        "purchase_hold",
+        now=ctx.now,
+        reference=payment.id,
+    )
+    payment.status = "authorised"
+    payment.card_id = card.id
+    payment.balance_before = init.balance
+    payment.counter = init.offline_counter
+    payment.key_version = card.key_version
+    payment.card_random = init.random.hex().upper()
+    payment.terminal_seq = seq
+    payment.txn_date = date.strftime("%Y%m%d")
+    payment.txn_time = time.strftime("%H%M%S")
+    payment.mac1 = mac1.hex().upper()
+    payment.authorised_at = ctx.now
+    card.open_transaction = payment.id
+    card.updated_at = ctx.now
+    log.info("payment.authorised", payment=payment.id, card=card.card_number, seq=seq)
+    return payment
+
+
+def _verify(ctx: Ctx, payment: Payment, card: Card, mac2: bytes, tac: bytes) -> bool:
+    return ctx.security.verify_purchase_mac2_and_tac(
+        bytes.fromhex(card.card_number),
+        payment.key_version or card.key_version,
+        random=bytes.fromhex(payment.card_random or ""),
+        offline_counter=payment.counter or 0,
+        terminal_seq=payment.terminal_seq or 0,
+        amount=payment.amount,
+        terminal_id=bytes.fromhex(payment.terminal_id),
+        date=decode_bcd_date(bytes.fromhex(payment.txn_date or "")),
+        time=decode_bcd_time(bytes.fromhex(payment.txn_time or "")),
+        mac2=mac2,
+        tac=tac,
+    )
+
+
+def _card_of(ctx: Ctx, payment: Payment) -> Card:
+    card = ctx.session.get(Card, payment.card_id) if payment.card_id else None
+    if card is None:
+        raise conflict("invalid_payment_state", "the payment has no card")
+    return registry.lock_card(ctx.session, card)
+
+
+def _succeed(ctx: Ctx, payment: Payment, card: Card, mac2: bytes, tac: bytes) -> None:
+    """The card proved the debit: post it, move the shadow purse on, tell the merchant."""
+    ledger.post_transfer(
+        ctx.session,
+        f"{payment.id}:capture",
+        ledger.HELD_PURCHASES,
+        ledger.merchant_account(payment.merchant_id),
+        payment.amount,
+        "purchase_capture",
+        now=ctx.now,
+        reference=payment.id,
+    )
+    payment.status = "succeeded"
+    payment.mac2 = mac2.hex().upper()
+    payment.tac = tac.hex().upper()
+    payment.updated_at = ctx.now
+    assert payment.balance_before is not None and payment.counter is not None
+    card.shadow_balance = payment.balance_before - payment.amount
+    card.offline_counter = payment.counter + 1
+    if card.open_transaction == payment.id:
+        card.open_transaction = None
+    card.updated_at = ctx.now
+    registry.record_event(
+        ctx.session,
+        card,
+        "purchase",
+        ctx.now,
+        {
+            "payment": payment.id,
+            "amount": payment.amount,
+            "counter": payment.counter,
+            "tac": payment.tac,
+        },
+    )
+    _emit(ctx, payment, "payment.succeeded")
+    log.info("payment.succeeded", payment=payment.id)
+
+
+def capture(ctx: Ctx, payment_id: str, body: PurchaseCapture) -> Payment:
+    payment = get_payment(ctx, payment_id, lock=True)
+    _need_status(payment, "authorised")
+    answer = parse(body.debit_response, "debit_response", DebitForPurchaseResponse.from_data)
+    card = _card_of(ctx, payment)
+    if not _verify(ctx, payment, card, answer.mac2, answer.tac):
+        registry.record_event(
+            ctx.session, card, "verification_failed", ctx.now, {"payment": payment.id}
+        )
+        raise verification_failed("the card's MAC2 or TAC does not verify for this debit")
+    _succeed(ctx, payment, card, answer.mac2, answer.tac)
+    return payment
+
+
+def mark_uncertain(ctx: Ctx, payment: Payment) -> None:
+    payment.status = "uncertain"
+    payment.updated_at = ctx.now
+    _emit(ctx, payment, "payment.uncertain")
+    log.warning("payment.uncertain", payment=payment.id)
+
+
+def uncertain(ctx: Ctx, payment_id: str) -> Payment:
+    payment = get_payment(ctx, payment_id, lock=True)
+    if payment.status == "uncertain":
+        return payment
+    _need_status(payment, "authorised")
+    mark_uncertain(ctx, payment)
+    return payment
+
+
+def resolve(ctx: Ctx, payment_id: str, body: Resolve) -> Payment:
+    payment = get_payment(ctx, payment_id, lock=True)
+    _need_status(payment, "authorised", "uncertain")
+    init = parse(
+        body.initialize_response, "initialize_response", InitializeForPurchaseResponse.from_data
+    )
+    card = _card_of(ctx, payment)
+    if (
+        body.issuer_data is not None
+        and parse_issuer(body.issuer_data).card_number != card.card_number
+    ):
+        raise conflict("card_mismatch", "issuer_data names another card than this payment's")
+    proof = (
+        parse(body.prove_response, "prove_response", TransactionProof.from_data)
+        if body.prove_response is not None
+        else None
+    )
+    open_txn = OpenTransaction(
+        id=payment.id,
+        kind="payment",
+        status=payment.status,
+        counter=payment.counter or 0,
+        amount=payment.amount,
+        balance_before=payment.balance_before or 0,
+        random=bytes.fromhex(payment.card_random or ""),
+        same_merchant=True,
+    )
+    proof_valid = proof is not None and _verify(ctx, payment, card, proof.mac2, proof.tac)
+    resolution = decide_resolution(
+        open_txn,
+        counter=init.offline_counter,
+        balance=init.balance,
+        random=init.random,
+        proof_given=proof is not None,
+        proof_valid=proof_valid,
+    )
+    if resolution.outcome is Outcome.SUCCEEDED:
+        assert proof is not None
+        _succeed(ctx, payment, card, proof.mac2, proof.tac)
+    elif resolution.outcome is Outcome.CANCELED:
+        _release(ctx, payment, card, "resolved: counter did not move")
+    elif resolution.outcome is Outcome.PROOF_REQUIRED:
+        raise ApiError(
+            409,
+            "proof_required",
+            resolution.detail,
+            extra={
+                "recover": {
+                    "payment_id": payment.id,
+                    "transaction_type": f"{TransactionType.EP_PURCHASE:02X}",
+                    "counter": open_txn.counter + 1,
+                }
+            },
+        )
+    elif resolution.outcome is Outcome.PROOF_INVALID:
+        registry.record_event(
+            ctx.session, card, "verification_failed", ctx.now, {"payment": payment.id}
+        )
+        raise verification_failed(resolution.detail)
+    else:
+        raise conflict("resolution_mismatch", resolution.detail)
+    return payment
+
+
+def cancel(ctx: Ctx, payment_id: str) -> Payment:
+    payment = get_payment(ctx, payment_id, lock=True)
+    if payment.status == "canceled":
+        return payment
+    if payment.status != "requires_card":
+        raise conflict(
+            "invalid_payment_state",
+            f"the payment is {payment.status}: only a payment before any debit can be canceled"
+            " (an authorised one is resolved with the card's proof)",
+        )
+    payment.status = "canceled"
+    payment.updated_at = ctx.now
+    _emit(ctx, payment, "payment.canceled")
+    return payment

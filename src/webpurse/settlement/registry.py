@@ -1,0 +1,185 @@
+"""The card registry: issuance, status, the shadow purse, clone flags, event history.
+
+A card is issued in one step: the security module personalises it (card keys diversified
+from the master keys) and the registry records it with a zero shadow balance and its
+stored-value ledger account. The shadow balance and counters follow every settled
+transaction; a card that shows a balance above its shadow or a counter that goes
+backwards is flagged and blocked (spec §7).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from typing import Any
+
+import structlog
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from webpurse.card.state import DEFAULT_MAX_BALANCE, CardState
+from webpurse.settlement import ledger
+from webpurse.settlement.db import for_update
+from webpurse.settlement.decisions import CardRecord, Flag, OpenTransaction
+from webpurse.settlement.models import Card, CardEvent, Load, Payment
+from webpurse.settlement.security import SecurityModule
+
+log = structlog.get_logger(__name__)
+
+STATUSES = ("active", "blocked", "lost", "expired")
+
+
+class RegistryError(Exception):
+    """A registry operation that cannot be done (duplicate card, unknown card, bad status)."""
+
+
+def new_serial() -> bytes:
+    return secrets.token_bytes(10)
+
+
+def issue_card(
+    session: Session,
+    security: SecurityModule,
+    now: dt.datetime,
+    *,
+    serial: bytes | None = None,
+    expiry: dt.date | None = None,
+    max_balance: int = DEFAULT_MAX_BALANCE,
+) -> tuple[Card, CardState]:
+    """Personalise a new card from the master keys and register it, in one step.
+
+    Returns the registry row and the card's state (to write to a card image); the state
+    holds card keys, so callers write it to the card and nowhere else.
+    """
+    serial = serial if serial is not None else new_serial()
+    number = serial.hex().upper()
+    if session.scalars(select(Card).where(Card.card_number == number)).first() is not None:
+        raise RegistryError(f"card {number} is already registered")
+    state = security.personalise(serial, start=now.date(), expiry=expiry, max_balance=max_balance)
+    card = Card(
+        id="crd_" + secrets.token_hex(12),
+        card_number=number,
+        status="active",
+        issuer_id=state.issuer.issuer_id.hex().upper(),
+        key_version=security.key_version,
+        start_date=state.issuer.start_date,
+        expiry_date=state.issuer.expiry_date,
+        max_balance=state.max_balance,
+        shadow_balance=0,
+        online_counter=0,
+        offline_counter=0,
+        open_transaction=None,
+        flagged=False,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(card)
+    session.flush()
+    ledger.ensure_account(session, ledger.card_account(card.id), now)
+    record_event(session, card, "issued", now, {"max_balance": card.max_balance})
+    return card, state
+
+
+def find_card(session: Session, card_number: str, *, lock: bool = False) -> Card | None:
+    stmt = select(Card).where(Card.card_number == card_number.upper())
+    if lock and for_update(session):
+        stmt = stmt.with_for_update()
+    return session.scalars(stmt.execution_options(populate_existing=lock)).first()
+
+
+def lock_card(session: Session, card: Card) -> Card:
+    """Re-read ``card`` under a row lock (PostgreSQL); SQLite serialises writers anyway."""
+    stmt = select(Card).where(Card.id == card.id)
+    if for_update(session):
+        stmt = stmt.with_for_update()
+    return session.scalars(stmt.execution_options(populate_existing=True)).one()
+
+
+def record_event(
+    session: Session, card: Card, kind: str, now: dt.datetime, detail: dict[str, Any] | None = None
+) -> None:
+    session.add(CardEvent(card_id=card.id, kind=kind, detail=detail or {}, created_at=now))
+    log.info("card.event", card=card.card_number, kind=kind)
+
+
+def flag_card(
+    session: Session, card: Card, flag: Flag, now: dt.datetime, detail: dict[str, Any]
+) -> None:
+    """Record a suspicious answer; a suspected clone blocks (blacklists) the card."""
+    card.flagged = True
+    card.updated_at = now
+    if flag is Flag.CLONE and card.status == "active":
+        card.status = "blocked"
+        record_event(session, card, "blocked", now, {"reason": flag.value})
+    record_event(session, card, flag.value, now, detail)
+    log.warning("card.flagged", card=card.card_number, flag=flag.value)
+
+
+def set_status(session: Session, card: Card, status: str, now: dt.datetime, reason: str) -> None:
+    if status not in STATUSES:
+        raise RegistryError(f"status must be one of {', '.join(STATUSES)}")
+    previous = card.status
+    card.status = status
+    card.updated_at = now
+    record_event(session, card, "status", now, {"from": previous, "to": status, "reason": reason})
+
+
+def open_transaction(
+    session: Session, card: Card, merchant_id: str | None
+) -> OpenTransaction | None:
+    txn_id = card.open_transaction
+    if txn_id is None:
+        return None
+    item: Payment | Load | None
+    if txn_id.startswith("pay_"):
+        item, kind = session.get(Payment, txn_id), "payment"
+    else:
+        item, kind = session.get(Load, txn_id), "load"
+    if item is None or item.counter is None or item.balance_before is None:
+        return None
+    return OpenTransaction(
+        id=item.id,
+        kind=kind,
+        status=item.status,
+        counter=item.counter,
+        amount=item.amount,
+        balance_before=item.balance_before,
+        random=bytes.fromhex(item.card_random or ""),
+        same_merchant=merchant_id is not None and item.merchant_id == merchant_id,
+    )
+
+
+def card_record(session: Session, card: Card, merchant_id: str | None) -> CardRecord:
+    return CardRecord(
+        card_number=card.card_number,
+        status=card.status,
+        issuer_id=bytes.fromhex(card.issuer_id),
+        key_version=card.key_version,
+        start_date=card.start_date,
+        expiry_date=card.expiry_date,
+        max_balance=card.max_balance,
+        shadow_balance=card.shadow_balance,
+        online_counter=card.online_counter,
+        offline_counter=card.offline_counter,
+        open_transaction=open_transaction(session, card, merchant_id),
+    )
+
+
+def card_json(card: Card) -> dict[str, Any]:
+    return {
+        "id": card.id,
+        "object": "card",
+        "card_number": card.card_number,
+        "status": card.status,
+        "flagged": card.flagged,
+        "shadow_balance": card.shadow_balance,
+        "online_counter": card.online_counter,
+        "offline_counter": card.offline_counter,
+        "max_balance": card.max_balance,
+        "key_version": card.key_version,
+        "start_date": card.start_date.isoformat(),
+        "expiry_date": card.expiry_date.isoformat(),
+        "open_transaction": card.open_transaction,
+        "created_at": card.created_at.isoformat(),
+        "updated_at": card.updated_at.isoformat(),
+    }

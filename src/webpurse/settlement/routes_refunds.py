@@ -1,0 +1,65 @@
+"""HTTP routes for refunds (merchant key): /v1/refunds …"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import select
+
+from webpurse.settlement import idempotency, refunds
+from webpurse.settlement.auth import MerchantPrincipal
+from webpurse.settlement.models import Refund
+from webpurse.settlement.refunds import refund_json
+from webpurse.settlement.routes_payments import PROBLEMS, IdempotencyKey, SessionDep, make_ctx
+from webpurse.settlement.schemas import ListOut, RefundCreate, RefundOut
+
+router = APIRouter(prefix="/v1/refunds", tags=["refunds"])
+
+
+@router.post("", status_code=201, response_model=RefundOut, responses=PROBLEMS)
+def create_refund(
+    request: Request,
+    body: RefundCreate,
+    principal: MerchantPrincipal,
+    session: SessionDep,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Refund (part of) a succeeded payment: a pending credit for the card's next contact."""
+    ctx = make_ctx(request, session, principal)
+    return idempotency.run(
+        request,
+        session,
+        principal,
+        idempotency_key,
+        body.model_dump(mode="json"),
+        lambda: (201, refund_json(refunds.create(ctx, body))),
+    )
+
+
+@router.get("", response_model=ListOut, responses=PROBLEMS)
+def list_refunds(
+    principal: MerchantPrincipal,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+    payment: str | None = None,
+) -> dict[str, Any]:
+    stmt = select(Refund).where(Refund.merchant_id == principal.merchant_id)
+    if payment is not None:
+        stmt = stmt.where(Refund.payment_id == payment)
+    rows = list(
+        session.scalars(stmt.order_by(Refund.created_at.desc(), Refund.id.desc()).limit(limit + 1))
+    )
+    return {
+        "object": "list",
+        "data": [refund_json(r) for r in rows[:limit]],
+        "has_more": len(rows) > limit,
+    }
+
+
+@router.get("/{refund_id}", response_model=RefundOut, responses=PROBLEMS)
+def get_refund(
+    request: Request, refund_id: str, principal: MerchantPrincipal, session: SessionDep
+) -> dict[str, Any]:
+    return refund_json(refunds.get_refund(make_ctx(request, session, principal), refund_id))

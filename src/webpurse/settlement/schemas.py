@@ -1,0 +1,170 @@
+"""Request and response bodies of the settlement API (pydantic; the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+Hex12 = Annotated[str, StringConstraints(pattern=r"^[0-9A-Fa-f]{12}$")]
+Hex20 = Annotated[str, StringConstraints(pattern=r"^[0-9A-Fa-f]{20}$")]
+HexBytes = Annotated[str, StringConstraints(pattern=r"^([0-9A-Fa-f]{2})*$", max_length=512)]
+Fen = Annotated[int, Field(gt=0, le=0xFFFFFFFF, strict=True)]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PaymentCreate(_In):
+    amount: Fen
+    currency: Literal["CNY"] = "CNY"
+    description: Annotated[str, Field(max_length=1000)] = ""
+    merchant_reference: Annotated[str, Field(max_length=200)] = ""
+    metadata: dict[Annotated[str, Field(max_length=40)], Annotated[str, Field(max_length=500)]] = (
+        Field(default_factory=dict, max_length=50)
+    )
+
+
+class PurchaseAuthorise(_In):
+    issuer_data: HexBytes = Field(description="hex of READ BINARY EF 0x15, 30 bytes")
+    initialize_response: HexBytes = Field(
+        description="hex of INITIALIZE FOR PURCHASE response data, 15 bytes, no SW"
+    )
+    terminal_id: Hex12
+    amount: Fen | None = Field(
+        default=None, description="the amount put in INITIALIZE, if the caller wants it checked"
+    )
+
+
+class PurchaseCapture(_In):
+    debit_response: HexBytes = Field(description="hex of DEBIT FOR PURCHASE data: TAC 4 ‖ MAC2 4")
+
+
+class Empty(_In):
+    pass
+
+
+class Resolve(_In):
+    initialize_response: HexBytes = Field(
+        description="hex of a fresh INITIALIZE (amount 0) response data on the same card"
+    )
+    prove_response: HexBytes | None = Field(
+        default=None, description="hex of GET TRANSACTION PROVE data: MAC2 4 ‖ TAC 4"
+    )
+    issuer_data: HexBytes | None = Field(
+        default=None, description="optional EF 0x15 to check it is the same card"
+    )
+
+
+class Funding(_In):
+    method: Literal["cash", "bank_transfer"]
+    reference: Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class LoadCreate(_In):
+    amount: Fen
+    currency: Literal["CNY"] = "CNY"
+    card_number: Hex20 | None = None
+    funding: Funding
+
+
+class LoadAuthorise(_In):
+    issuer_data: HexBytes
+    initialize_response: HexBytes = Field(
+        description="hex of INITIALIZE FOR LOAD response data, 16 bytes, no SW"
+    )
+    terminal_id: Hex12
+
+
+class LoadComplete(_In):
+    credit_response: HexBytes = Field(description="hex of CREDIT FOR LOAD data: TAC 4")
+
+
+class RefundCreate(_In):
+    payment: Annotated[str, Field(pattern=r"^pay_[0-9a-f]+$")]
+    amount: Fen | None = None
+
+
+class MerchantCreate(_In):
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    terminal_id: Hex12 | None = None
+
+
+class CardStatusChange(_In):
+    status: Literal["active", "blocked", "lost", "expired"]
+    reason: Annotated[str, Field(max_length=500)] = ""
+
+
+# --- responses (documentation; the routes return these shapes) --------------------
+
+
+class PurchaseAuthorisation(BaseModel):
+    terminal_seq: int
+    date: str
+    time: str
+    mac1: str
+    debit_apdu: str
+
+
+class PaymentOut(BaseModel):
+    id: str
+    object: Literal["payment"]
+    status: str
+    amount: int
+    currency: str
+    description: str
+    merchant_reference: str
+    metadata: dict[str, str]
+    terminal_id: str
+    key_index: int
+    card_number: str | None
+    decline_code: str | None
+    tac: str | None
+    amount_refunded: int
+    created_at: str
+    updated_at: str
+    authorisation: PurchaseAuthorisation | None
+
+
+class LoadAuthorisation(BaseModel):
+    date: str
+    time: str
+    mac2: str
+    credit_apdu: str
+
+
+class LoadOut(BaseModel):
+    id: str
+    object: Literal["load"]
+    status: str
+    amount: int
+    currency: str
+    funding: dict[str, str]
+    refund: str | None
+    terminal_id: str
+    key_index: int
+    card_number: str | None
+    decline_code: str | None
+    tac: str | None
+    created_at: str
+    updated_at: str
+    authorisation: LoadAuthorisation | None
+
+
+class RefundOut(BaseModel):
+    id: str
+    object: Literal["refund"]
+    status: str
+    payment: str
+    amount: int
+    currency: str
+    load: str | None
+    created_at: str
+    updated_at: str
+
+
+class ListOut(BaseModel):
+    object: Literal["list"]
+    data: list[dict[str, Any]]
+    has_more: bool
