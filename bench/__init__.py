@@ -1,0 +1,1 @@
+"""webpurse benchmarks: ``python -m bench`` (see ``docs/performance.md``)."""

@@ -1,0 +1,92 @@
+"""``python -m bench [NAME ...] [--quick]``: run benchmarks, record them, rewrite the report.
+
+With no name every benchmark runs, in the order below (``settlement`` runs ``pgbench``
+itself, side by side, so the ratio is from one run). Results are appended to
+``bench/results.json``; ``docs/performance.md`` and ``docs/img/*.png`` are regenerated
+from that file (``--report-only`` does just that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+import traceback
+
+from rich.console import Console
+
+from bench.harness import (
+    RESULTS_FILE,
+    Context,
+    Measurement,
+    Run,
+    append_run,
+    format_value,
+    load_runs,
+    make_progress,
+)
+
+# name -> module in this package; each has ``run(ctx) -> list[Measurement]``.
+BENCHMARKS: dict[str, str] = {
+    "micro": "bench.micro",
+    "pgbench": "bench.pgbench",
+    "settlement": "bench.settlement",
+    "latency": "bench.latency",
+    "scale": "bench.scale",
+}
+# What a bare ``python -m bench`` runs (``settlement`` includes its own pgbench runs).
+DEFAULT = ["micro", "settlement", "latency", "scale"]
+
+
+def _run_one(name: str, ctx: Context) -> list[Measurement]:
+    try:
+        module = importlib.import_module(BENCHMARKS[name])
+        rows: list[Measurement] = module.run(ctx)
+    except Exception as exc:  # a broken benchmark must not lose the others' numbers
+        ctx.console.print(traceback.format_exc(), style="red")
+        return [Measurement(name, "run", None, "", {}, f"failed: {type(exc).__name__}: {exc}")]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("names", nargs="*", choices=[*BENCHMARKS, []], metavar="NAME")
+    parser.add_argument("--quick", action="store_true", help="short windows (smoke test)")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite the report")
+    parser.add_argument("--no-save", action="store_true", help="do not append to results.json")
+    args = parser.parse_args(argv)
+    console = Console()
+
+    from bench import report
+
+    if args.report_only:
+        report.write(load_runs())
+        console.print(f"wrote {report.REPORT_FILE}")
+        return 0
+
+    names = list(args.names) or DEFAULT
+    run = Run.start(names)
+    started = time.perf_counter()
+    with make_progress(console) as progress:
+        ctx = Context(console, progress, quick=args.quick)
+        for name in names:
+            rows = _run_one(name, ctx)
+            run.measurements.extend(rows)
+            for row in rows:
+                params = " ".join(f"{k}={v}" for k, v in row.params.items())
+                shown = format_value(row.value, row.unit) if row.measured else row.note
+                progress.console.print(f"  {name:10} {row.metric} {params}: {shown}")
+    run.seconds = time.perf_counter() - started
+    if args.quick:
+        console.print("--quick: results not saved (smoke test)")
+        return 0
+    if not args.no_save:
+        append_run(run)
+        report.write(load_runs())
+        console.print(f"appended to {RESULTS_FILE}; wrote {report.REPORT_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
