@@ -352,3 +352,9 @@ def _order_json(order: Order, last: OrderEvent | None) -> dict[str, Any]:
         "round_trips": order.round_trips,
         "phase": last.phase if last else _phase_for(order),
     }
+
+
+def app_from_env() -> FastAPI:
+    """``uvicorn --factory webpurse.merchant.app:app_from_env``: settings from the environment."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return create_app(MerchantSettings.from_env())
