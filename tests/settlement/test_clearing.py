@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
+from typer.testing import CliRunner
 
 from tests.settlement.wc_support import (
     BACKENDS,
@@ -395,4 +396,26 @@ def test_a_refund_heavy_day_carries_its_shortfall_to_the_next_batch(stack: Stack
     with stack.session_factory() as session:
         assert ledger.balance(session, ledger.payout_account(MERCHANT_A)) == 1000 - 800 + 300
         assert ledger.balance(session, ledger.merchant_account(MERCHANT_A)) == 0
+        assert ledger.check(session).ok
+
+
+def test_cli_runs_a_day(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    from webpurse.cli import app
+
+    shop = Shop(stack)
+    shop.pay(MERCHANT_A, 1500, at_cst(DAY, 9))
+    monkeypatch.setenv("WEBPURSE_DATABASE_URL", stack.settings.database_url)
+    runner = CliRunner()
+    result = runner.invoke(app, ["settlement", "clearing", "run", "--day", "2026-11-26"])
+    assert result.exit_code == 0, result.output
+    assert batch_id(MERCHANT_A, DAY) in result.output
+    assert "1500" in result.output
+    again = runner.invoke(app, ["settlement", "clearing", "run", "--day", "2026-11-26"])
+    assert again.exit_code == 0
+    assert "existed" in again.output
+    bad = runner.invoke(app, ["settlement", "clearing", "run", "--day", "2999-01-01"])
+    assert bad.exit_code != 0
+    assert "has not ended" in bad.output or "ends at" in bad.output
+    with stack.session_factory() as session:
+        assert ledger.balance(session, ledger.payout_account(MERCHANT_A)) == 1500
         assert ledger.check(session).ok

@@ -22,6 +22,7 @@ from webpurse.card.personalise import parse_serial
 from webpurse.protocol.errors import FieldError
 from webpurse.settlement import expiry, ledger
 from webpurse.settlement.auth import OPERATOR, new_api_key
+from webpurse.settlement.clearing_cli import app as clearing_app
 from webpurse.settlement.db import make_engine, make_session_factory, migrate
 from webpurse.settlement.logs import configure_logging
 from webpurse.settlement.merchants import MerchantError, create_merchant
@@ -43,6 +44,7 @@ card_app = typer.Typer(help="Cards issued by settlement.", no_args_is_help=True)
 app.add_typer(merchant_app, name="merchant")
 app.add_typer(operator_app, name="operator")
 app.add_typer(card_app, name="card")
+app.add_typer(clearing_app, name="clearing")
 ledger_app = typer.Typer(help="The settlement ledger.", no_args_is_help=True)
 
 console = Console()
