@@ -264,7 +264,7 @@ def _card_status(obj: dict[str, Any]) -> CardStatus:
     card = _get(obj, "card", dict)
     present = _get(card, "present", bool)
     atr_text = _get(card, "atr", str, optional=True)
-    atr = _hex(atr_text, "card.atr") if atr_text is not None else None
+    atr = (_hex(atr_text, "card.atr") or None) if atr_text is not None else None
     if atr is not None and len(atr) > 33:
         raise _bad("an ATR is at most 33 bytes")
     return CardStatus(present, atr)
@@ -358,7 +358,7 @@ def _parse_card(obj: dict[str, Any]) -> Card:
     except ValueError:
         raise _bad("card event must be 'inserted' or 'removed'") from None
     atr_text = _get(obj, "atr", str, optional=True)
-    atr = _hex(atr_text, "atr") if atr_text is not None else None
+    atr = (_hex(atr_text, "atr") or None) if atr_text is not None else None
     if atr is not None and len(atr) > 33:
         raise _bad("an ATR is at most 33 bytes")
     return Card(event, atr)
