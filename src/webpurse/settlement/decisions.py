@@ -76,10 +76,14 @@ class CardRecord:
 
 @dataclass(frozen=True, slots=True)
 class Recover:
-    """What the terminal must do first: GET TRANSACTION PROVE of this type and counter."""
+    """What the terminal must do first: recover the open transaction of this type.
+
+    ``counter`` is the counter the interrupted transaction used (INITIALIZE returned it);
+    GET TRANSACTION PROVE names the card's current counter, i.e. ``counter + 1`` (spec §3).
+    """
 
     transaction_type: TransactionType
-    counter: int  # the card's current counter: the open transaction's counter + 1
+    counter: int
     payment_id: str | None = None
     load_id: str | None = None
 
@@ -182,7 +186,7 @@ def _open_transaction_check(
         return None
     recover = Recover(
         open_txn.transaction_type,
-        open_txn.counter + 1,
+        open_txn.counter,
         payment_id=open_txn.id if open_txn.same_merchant and open_txn.kind == "payment" else None,
         load_id=open_txn.id if open_txn.same_merchant and open_txn.kind == "load" else None,
     )

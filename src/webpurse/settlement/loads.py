@@ -437,7 +437,7 @@ def resolve(ctx: Ctx, load_id: str, body: Resolve) -> Load:
                 "recover": {
                     "load_id": load.id,
                     "transaction_type": f"{TransactionType.EP_LOAD:02X}",
-                    "counter": open_txn.counter + 1,
+                    "counter": open_txn.counter,
                 }
             },
         )

@@ -411,7 +411,7 @@ def resolve(ctx: Ctx, payment_id: str, body: Resolve) -> Payment:
                 "recover": {
                     "payment_id": payment.id,
                     "transaction_type": f"{TransactionType.EP_PURCHASE:02X}",
-                    "counter": open_txn.counter + 1,
+                    "counter": open_txn.counter,
                 }
             },
         )

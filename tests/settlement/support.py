@@ -1,0 +1,303 @@
+"""Test support for the settlement core: a migrated database, the app, cards and a terminal.
+
+Each test gets a fresh database: a SQLite file, or a fresh schema on the PostgreSQL server
+at ``WEBPURSE_TEST_POSTGRES_URL`` (dropped afterwards). Without PostgreSQL the PostgreSQL
+cases skip, except with ``CI=true`` where they fail. The schema is made by Alembic.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+from psycopg import sql
+
+from webpurse.card import CardApplet, MemoryStore
+from webpurse.protocol.apdu import CommandApdu
+from webpurse.protocol.commands import (
+    EP_AID,
+    SFI_ISSUER,
+    GetTransactionProve,
+    InitializeForLoad,
+    InitializeForPurchase,
+    ReadBinary,
+    Select,
+)
+from webpurse.settlement.app import create_app
+from webpurse.settlement.auth import OPERATOR, new_api_key
+from webpurse.settlement.db import SessionFactory, make_engine, make_session_factory, migrate
+from webpurse.settlement.merchants import create_merchant
+from webpurse.settlement.registry import issue_card
+from webpurse.settlement.security import SoftwareSecurityModule, generate_master_keys
+from webpurse.settlement.settings import Settings
+
+POSTGRES_URL = os.environ.get(
+    "WEBPURSE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+START = dt.datetime(2026, 11, 27, 12, 0, 0, tzinfo=dt.UTC)
+
+
+def _libpq(url: str) -> str:
+    return "postgresql://" + url.split("://", 1)[1]
+
+
+def require_postgres() -> None:
+    try:
+        psycopg.connect(_libpq(POSTGRES_URL), connect_timeout=3).close()
+    except psycopg.OperationalError as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL at {POSTGRES_URL} is required in CI: {exc}")
+        pytest.skip(f"no PostgreSQL at {POSTGRES_URL}: {exc}")
+
+
+@contextmanager
+def database_url(backend: str, tmp_path: Path) -> Iterator[str]:
+    """The URL of an empty database: a SQLite file or a fresh PostgreSQL schema."""
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'settlement.db'}"
+        return
+    require_postgres()
+    schema = f"wp_core_{secrets.token_hex(6)}"
+    with psycopg.connect(_libpq(POSTGRES_URL), autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    base = (
+        POSTGRES_URL
+        if "+psycopg" in POSTGRES_URL
+        else POSTGRES_URL.replace("://", "+psycopg://", 1)
+    )
+    sep = "&" if "?" in base else "?"
+    try:
+        yield f"{base}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(_libpq(POSTGRES_URL), autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema))
+            )
+
+
+@dataclass
+class FakeClock:
+    """The injected clock: tests move time, nothing sleeps."""
+
+    now: dt.datetime = START
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+    def advance(self, delta: dt.timedelta) -> None:
+        self.now += delta
+
+
+class Http(Protocol):
+    def post(self, url: str, **kwargs: Any) -> httpx.Response: ...
+    def get(self, url: str, **kwargs: Any) -> httpx.Response: ...
+
+
+def deterministic_random(seed: int) -> Any:
+    counter = itertools.count(seed * 1000)
+    return lambda n: bytes((next(counter) * 7 + i * 13) % 256 for i in range(n))
+
+
+def apdu(applet: CardApplet, command: CommandApdu) -> tuple[bytes, int]:
+    raw = applet.process(command.to_bytes())
+    return raw[:-2], int.from_bytes(raw[-2:], "big")
+
+
+def ok(applet: CardApplet, command: CommandApdu | bytes) -> bytes:
+    raw = applet.process(command if isinstance(command, bytes) else command.to_bytes())
+    data, sw = raw[:-2], int.from_bytes(raw[-2:], "big")
+    assert sw == 0x9000, f"card answered {sw:04X}"
+    return data
+
+
+def read_issuer(applet: CardApplet) -> bytes:
+    ok(applet, Select(name=EP_AID).to_apdu())
+    return ok(applet, ReadBinary(SFI_ISSUER).to_apdu())
+
+
+@dataclass
+class Terminal:
+    """Plays the merchant's side of the two round trips, over any HTTP client."""
+
+    http: Http
+    key: str
+    terminal_id: str
+    idempotency: itertools.count[int] = field(default_factory=itertools.count)
+
+    def headers(self, idempotency_key: str | None = None) -> dict[str, str]:
+        headers = {"authorization": f"Bearer {self.key}"}
+        if idempotency_key is not None:
+            headers["idempotency-key"] = idempotency_key
+        return headers
+
+    def post(self, path: str, body: dict[str, Any] | None = None, **kw: Any) -> httpx.Response:
+        return self.http.post(path, json=body or {}, headers=self.headers(kw.get("key")))
+
+    def create_payment(self, amount: int) -> dict[str, Any]:
+        answer = self.post("/v1/payments", {"amount": amount, "description": "test"})
+        assert answer.status_code == 201, answer.text
+        return dict(answer.json())
+
+    def purchase_batch1(self, applet: CardApplet, amount: int) -> tuple[bytes, bytes]:
+        issuer = read_issuer(applet)
+        init = ok(
+            applet, InitializeForPurchase(1, amount, bytes.fromhex(self.terminal_id)).to_apdu()
+        )
+        return issuer, init
+
+    def authorise_payment(
+        self, payment_id: str, issuer: bytes, init: bytes, **extra: Any
+    ) -> httpx.Response:
+        body = {
+            "issuer_data": issuer.hex(),
+            "initialize_response": init.hex(),
+            "terminal_id": self.terminal_id,
+            **extra,
+        }
+        return self.post(f"/v1/payments/{payment_id}/authorise", body)
+
+    def purchase(self, applet: CardApplet, amount: int) -> dict[str, Any]:
+        """The whole purchase: create, batch 1, authorise, DEBIT, capture."""
+        payment = self.create_payment(amount)
+        issuer, init = self.purchase_batch1(applet, amount)
+        answer = self.authorise_payment(payment["id"], issuer, init)
+        assert answer.status_code == 200, answer.text
+        debit = bytes.fromhex(answer.json()["authorisation"]["debit_apdu"])
+        debit_response = ok(applet, debit)
+        captured = self.post(
+            f"/v1/payments/{payment['id']}/capture", {"debit_response": debit_response.hex()}
+        )
+        assert captured.status_code == 200, captured.text
+        return dict(captured.json())
+
+    def create_load(self, amount: int, card_number: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "amount": amount,
+            "funding": {"method": "cash", "reference": "till-1"},
+        }
+        if card_number:
+            body["card_number"] = card_number
+        answer = self.post("/v1/loads", body)
+        assert answer.status_code == 201, answer.text
+        return dict(answer.json())
+
+    def load_batch1(self, applet: CardApplet, amount: int, terminal_id: str) -> tuple[bytes, bytes]:
+        issuer = read_issuer(applet)
+        init = ok(applet, InitializeForLoad(1, amount, bytes.fromhex(terminal_id)).to_apdu())
+        return issuer, init
+
+    def run_load(self, applet: CardApplet, load: dict[str, Any]) -> dict[str, Any]:
+        issuer, init = self.load_batch1(applet, load["amount"], load["terminal_id"])
+        answer = self.post(
+            f"/v1/loads/{load['id']}/authorise",
+            {
+                "issuer_data": issuer.hex(),
+                "initialize_response": init.hex(),
+                "terminal_id": load["terminal_id"],
+            },
+        )
+        assert answer.status_code == 200, answer.text
+        credit = bytes.fromhex(answer.json()["authorisation"]["credit_apdu"])
+        tac = ok(applet, credit)
+        done = self.post(f"/v1/loads/{load['id']}/complete", {"credit_response": tac.hex()})
+        assert done.status_code == 200, done.text
+        return dict(done.json())
+
+    def load(self, applet: CardApplet, amount: int) -> dict[str, Any]:
+        return self.run_load(applet, self.create_load(amount))
+
+
+def prove(applet: CardApplet, transaction_type: int, counter: int) -> tuple[bytes, int]:
+    return apdu(applet, GetTransactionProve(transaction_type, counter).to_apdu())
+
+
+@dataclass
+class World:
+    """A migrated database, the app and its keys: one merchant, a second one, an operator."""
+
+    url: str
+    settings: Settings
+    clock: FakeClock
+    factory: SessionFactory
+    security: SoftwareSecurityModule
+    client: TestClient
+    merchant_id: str
+    merchant_key: str
+    terminal_id: str
+    other_key: str
+    other_terminal_id: str
+    operator_key: str
+    seeds: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    @property
+    def terminal(self) -> Terminal:
+        return Terminal(self.client, self.merchant_key, self.terminal_id)
+
+    @property
+    def other_terminal(self) -> Terminal:
+        return Terminal(self.client, self.other_key, self.other_terminal_id)
+
+    def auth(self, key: str) -> dict[str, str]:
+        return {"authorization": f"Bearer {key}"}
+
+    def issue(self, **kwargs: Any) -> CardApplet:
+        """A card personalised by settlement's security module and registered."""
+        with self.factory() as session, session.begin():
+            _, state = issue_card(session, self.security, self.clock(), **kwargs)
+        return CardApplet(state, MemoryStore(state), deterministic_random(next(self.seeds)))
+
+    def funded_card(self, balance: int) -> CardApplet:
+        applet = self.issue()
+        if balance:
+            self.terminal.load(applet, balance)
+        return applet
+
+
+@contextmanager
+def make_world(url: str, *, clock: FakeClock | None = None) -> Iterator[World]:
+    clock = clock or FakeClock()
+    kek = secrets.token_bytes(32)
+    settings = Settings(
+        database_url=url, kek=kek, clock=clock, webhook_worker=False, pool_size=5, max_overflow=5
+    )
+    engine = make_engine(url, pool_size=5, max_overflow=5)
+    try:
+        migrate(engine)
+        factory = make_session_factory(engine)
+        generate_master_keys(factory, kek, clock())
+        security = SoftwareSecurityModule.load(factory, kek)
+        with factory() as session, session.begin():
+            merchant, merchant_key = create_merchant(session, "Shop A", clock())
+            other, other_key = create_merchant(session, "Shop B", clock())
+            _, operator_key = new_api_key(session, OPERATOR, clock(), name="ops")
+            ids = (merchant.id, merchant.terminal_id, other.terminal_id)
+        app = create_app(settings, security=security, engine=engine)
+        with TestClient(app, raise_server_exceptions=True) as client:
+            yield World(
+                url=url,
+                settings=settings,
+                clock=clock,
+                factory=factory,
+                security=security,
+                client=client,
+                merchant_id=ids[0],
+                merchant_key=merchant_key,
+                terminal_id=ids[1],
+                other_key=other_key,
+                other_terminal_id=ids[2],
+                operator_key=operator_key,
+            )
+    finally:
+        engine.dispose()
