@@ -1,0 +1,156 @@
+"""The agent's guard: what it lets through to the card, fed APDUs and the card's answers."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.card.support import TERMINAL, WHEN, Terminal, make_card
+from webpurse.agent.guard import Allow, Ask, ConsentRequest, Guard, Kind, Refuse
+from webpurse.protocol import commands as cmd
+from webpurse.protocol.apdu import ResponseApdu
+from webpurse.reader.messages import ErrorCode
+
+ORIGIN = "https://shop.example"
+
+
+class Relay:
+    """The agent's loop, minus the socket: guard.check → card → guard.sent."""
+
+    def __init__(self, consent: bool = True) -> None:
+        self.card = make_card()
+        self.terminal = Terminal(self.card)
+        self.guard = Guard(ORIGIN, "Order 42")
+        self.consent = consent
+        self.asked: list[ConsentRequest] = []
+
+    def send(self, apdu: bytes) -> Refuse | bytes:
+        verdict = self.guard.check(apdu)
+        if isinstance(verdict, Ask):
+            self.asked.append(verdict.request)
+            verdict = self.guard.decide(verdict.request, self.consent)
+        if isinstance(verdict, Refuse):
+            return verdict
+        assert isinstance(verdict, Allow)
+        response = self.card.process(apdu)
+        self.guard.sent(apdu, response)
+        return response
+
+    def initialize_purchase(self, amount: int) -> bytes:
+        self.send(cmd.Select(name=cmd.EP_AID).to_apdu().to_bytes())
+        answer = self.send(cmd.InitializeForPurchase(1, amount, TERMINAL).to_apdu().to_bytes())
+        assert isinstance(answer, bytes) and answer[-2:] == b"\x90\x00"
+        return answer
+
+    def debit(self, amount: int, init: bytes, forge: bool = False) -> Refuse | bytes:
+        return self.send(
+            self.terminal.debit_apdu(amount, ResponseApdu.from_bytes(init), forge=forge)
+        )
+
+
+@pytest.fixture
+def funded() -> Relay:
+    relay = Relay()
+    assert relay.terminal.load(5000).ok
+    return relay
+
+
+def test_debit_asks_once_with_the_initialize_amount(funded: Relay) -> None:
+    init = funded.initialize_purchase(1000)
+    answer = funded.debit(1000, init)
+    assert isinstance(answer, bytes) and answer[-2:] == b"\x90\x00"
+    assert funded.asked == [ConsentRequest(Kind.PURCHASE, 1000, ORIGIN, "Order 42")]
+    assert funded.card.state.balance == 4000
+
+
+def test_refused_consent_refuses_the_debit_and_every_later_one(funded: Relay) -> None:
+    funded.consent = False
+    init = funded.initialize_purchase(1000)
+    first = funded.debit(1000, init)
+    init = funded.initialize_purchase(1000)
+    second = funded.debit(1000, init)
+    assert isinstance(first, Refuse) and first.code is ErrorCode.CONSENT_REFUSED
+    assert isinstance(second, Refuse) and second.code is ErrorCode.CONSENT_REFUSED
+    assert len(funded.asked) == 1 and funded.card.state.balance == 5000
+
+
+def test_a_retry_for_the_confirmed_amount_passes_a_different_one_does_not(
+    funded: Relay,
+) -> None:
+    init = funded.initialize_purchase(1000)
+    failed = funded.debit(1000, init, forge=True)
+    assert isinstance(failed, bytes) and failed[-2:] == b"\x93\x02"
+    init = funded.initialize_purchase(2000)
+    mismatch = funded.debit(2000, init)
+    assert isinstance(mismatch, Refuse) and mismatch.code is ErrorCode.AMOUNT_MISMATCH
+    init = funded.initialize_purchase(1000)
+    retried = funded.debit(1000, init)
+    assert isinstance(retried, bytes) and retried[-2:] == b"\x90\x00"
+    assert len(funded.asked) == 1 and funded.card.state.balance == 4000
+
+
+def test_no_second_debit_after_one_succeeded(funded: Relay) -> None:
+    funded.debit(1000, funded.initialize_purchase(1000))
+    again = funded.debit(1000, funded.initialize_purchase(1000))
+    assert isinstance(again, Refuse) and again.code is ErrorCode.ALREADY_DONE
+    assert funded.card.state.balance == 4000
+
+
+def test_no_second_debit_after_one_whose_outcome_is_unknown(funded: Relay) -> None:
+    init = funded.initialize_purchase(1000)
+    debit = funded.terminal.debit_apdu(1000, ResponseApdu.from_bytes(init))
+    assert isinstance(funded.guard.check(debit), Ask)
+    funded.guard.decide(ConsentRequest(Kind.PURCHASE, 1000, ORIGIN), True)
+    funded.guard.sent(debit, None)  # sent, the answer lost
+    again = funded.debit(1000, funded.initialize_purchase(1000))
+    assert isinstance(again, Refuse) and again.code is ErrorCode.ALREADY_DONE
+
+
+def test_debit_needs_an_initialize_directly_before(funded: Relay) -> None:
+    init = funded.initialize_purchase(1000)
+    funded.send(cmd.GetBalance().to_apdu().to_bytes())  # cancels the card's pending INITIALIZE
+    late = funded.debit(1000, init)
+    zero = funded.debit(0, funded.initialize_purchase(0))
+    orphan = Relay().debit(1000, init)
+    for refusal in (late, zero, orphan):
+        assert isinstance(refusal, Refuse) and refusal.code is ErrorCode.NO_INITIALIZE
+    assert funded.asked == []
+
+
+def test_a_failed_initialize_starts_nothing() -> None:
+    relay = Relay()  # balance 0: INITIALIZE FOR PURCHASE answers 9401
+    relay.send(cmd.Select(name=cmd.EP_AID).to_apdu().to_bytes())
+    answer = relay.send(cmd.InitializeForPurchase(1, 1000, TERMINAL).to_apdu().to_bytes())
+    assert answer == b"\x94\x01"
+    debit = cmd.DebitForPurchase(1, WHEN[0], WHEN[1], b"\x00" * 4).to_apdu().to_bytes()
+    refusal = relay.send(debit)
+    assert isinstance(refusal, Refuse) and refusal.code is ErrorCode.NO_INITIALIZE
+
+
+def test_loads_are_shown_and_confirmed_too() -> None:
+    relay = Relay()
+    relay.send(cmd.Select(name=cmd.EP_AID).to_apdu().to_bytes())
+    init = relay.send(cmd.InitializeForLoad(1, 2500, TERMINAL).to_apdu().to_bytes())
+    assert isinstance(init, bytes)
+    answer = relay.send(relay.terminal.credit_apdu(2500, ResponseApdu.from_bytes(init)))
+    assert isinstance(answer, bytes) and answer[-2:] == b"\x90\x00"
+    assert relay.asked == [ConsentRequest(Kind.LOAD, 2500, ORIGIN, "Order 42")]
+
+
+@pytest.mark.parametrize(
+    "apdu",
+    [
+        "0020000002123F",  # VERIFY: the merchant never handles the PIN
+        "00D6950004DEADBEEF",  # UPDATE BINARY
+        "00C0000008",  # GET RESPONSE: the reader backend's business
+        "84E4000000",
+        "80",  # not an APDU
+        "805C00020400",  # Lc that does not match
+    ],
+)
+def test_only_e_purse_commands_are_relayed(apdu: str) -> None:
+    verdict = Guard(ORIGIN).check(bytes.fromhex(apdu))
+    assert isinstance(verdict, Refuse) and verdict.code is ErrorCode.APDU_NOT_ALLOWED
+
+
+def test_amount_text_is_yuan() -> None:
+    assert ConsentRequest(Kind.PURCHASE, 123456, ORIGIN).amount_text == "¥1,234.56"
