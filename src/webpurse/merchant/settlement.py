@@ -36,7 +36,11 @@ class SettlementError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class RecoveryHint:
-    """What settlement's ``recovery_required`` decline says must be recovered first."""
+    """What settlement's ``recovery_required`` decline says must be recovered first.
+
+    ``counter`` is the card's current counter if the lost transaction happened: the one
+    its INITIALIZE returned + 1, the value GET TRANSACTION PROVE names (spec §3).
+    """
 
     kind: Kind
     object_id: str

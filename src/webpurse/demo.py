@@ -1,0 +1,494 @@
+"""``webpurse demo``: the whole system on one machine, from a fresh data dir.
+
+It initialises the settlement server (SQLite, master keys), starts it and the merchant
+shop as uvicorn processes, registers the merchant (API key, webhook endpoint), issues a
+demo card from settlement's master keys and loads it through the real load flow, starts
+the terminal agent with the emulated card, and prints the shop's address. Ctrl-C stops
+everything it started. ``--scripted`` runs one purchase headless through the shop, the
+agent and the card, prints a receipt and exits 0 when the payment succeeded and the ledger
+checks out.
+
+:class:`DemoStack` is also the end-to-end tests' harness (tests/e2e).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+
+from webpurse.card.image import ImageFile
+
+STATE_FILE = "demo.json"
+DEMO_LOAD = 50_000
+
+
+class DemoError(Exception):
+    """Something the demo needs did not work; the message says what."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def webpurse_command() -> list[str]:
+    """How to run ``webpurse`` from this interpreter's environment."""
+    script = Path(sys.executable).parent / "webpurse"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("webpurse")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "from webpurse.cli import app; app(prog_name='webpurse')"]
+
+
+def wait_http(
+    url: str, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Poll ``url`` until it answers 200, the process dies, or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise DemoError(f"{url}: the server exited with {process.returncode}")
+        try:
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError as exc:
+            last = type(exc).__name__
+        time.sleep(0.1)
+    raise DemoError(f"{url} did not come up within {timeout:g} s ({last})")
+
+
+@dataclass
+class DemoState:
+    """What setup created; kept in ``<data>/demo.json`` (mode 600: it holds API keys)."""
+
+    merchant_id: str
+    terminal_id: str
+    api_key: str = field(repr=False)
+    operator_key: str = field(repr=False)
+    card_image: str
+    card_loaded: bool = False
+
+    def save(self, path: Path) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(self.__dict__, handle, indent=2)
+
+    @classmethod
+    def load(cls, path: Path) -> DemoState | None:
+        try:
+            return cls(**json.loads(path.read_text(encoding="utf-8")))
+        except (FileNotFoundError, ValueError, TypeError):
+            return None
+
+
+@dataclass
+class DemoStack:
+    """Settlement and merchant servers (uvicorn processes) over one data dir."""
+
+    data_dir: Path
+    settlement_port: int = 8100
+    merchant_port: int = 8000
+    agent_port: int = 47800
+    host: str = "127.0.0.1"
+    quiet: bool = True
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    state: DemoState | None = None
+    webhook_secret: str | None = field(default=None, repr=False)
+
+    @property
+    def settlement_url(self) -> str:
+        return f"http://{self.host}:{self.settlement_port}"
+
+    @property
+    def merchant_url(self) -> str:
+        return f"http://{self.host}:{self.merchant_port}"
+
+    @property
+    def agent_url(self) -> str:
+        return f"http://{self.host}:{self.agent_port}"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["WEBPURSE_DATA_DIR"] = str(self.data_dir)
+        env.pop("WEBPURSE_DATABASE_URL", None)
+        env.pop("WEBPURSE_MERCHANT_DATABASE_URL", None)
+        return env
+
+    def _log(self, name: str) -> Any:
+        if not self.quiet:
+            return None
+        return open(self.data_dir / f"{name}.log", "ab")
+
+    def run_cli(self, *args: str) -> str:
+        """Run ``webpurse ARGS`` against this data dir; return its standard output."""
+        done = subprocess.run(  # noqa: S603 - our own CLI, argument list
+            [*webpurse_command(), *args],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise DemoError(f"webpurse {' '.join(args)} failed: {done.stderr.strip()}")
+        return done.stdout
+
+    def spawn(
+        self, name: str, args: Sequence[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        log = self._log(name)
+        process = subprocess.Popen(  # noqa: S603 - our own servers, argument list
+            list(args),
+            env=env or self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT if log is not None else None,
+            start_new_session=True,
+        )
+        self.processes.append(process)
+        return process
+
+    # --- settlement ---------------------------------------------------------------------
+
+    def setup_settlement(self) -> DemoState:
+        """Schema, master keys, merchant, operator key, the demo card (idempotent)."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        state_path = self.data_dir / STATE_FILE
+        existing = DemoState.load(state_path)
+        if existing is not None and Path(existing.card_image).exists():
+            self.state = existing
+            return existing
+        self.run_cli("settlement", "init")
+        merchant = json.loads(
+            self.run_cli("settlement", "merchant", "create", "Purse & Co.", "--json")
+        )
+        operator = json.loads(self.run_cli("settlement", "operator", "create", "demo", "--json"))
+        image = self.data_dir / "demo-card.json"
+        self.issue_card(image)
+        self.state = DemoState(
+            merchant_id=merchant["id"],
+            terminal_id=merchant["terminal_id"],
+            api_key=merchant["api_key"],
+            operator_key=operator["api_key"],
+            card_image=str(image),
+        )
+        self.state.save(state_path)
+        return self.state
+
+    def issue_card(self, image: Path) -> str:
+        out = self.run_cli("settlement", "card", "issue", str(image))
+        match = re.search(r"card ([0-9A-F]{20})", out)
+        return match.group(1) if match else ""
+
+    def start_settlement(self) -> None:
+        process = self.spawn(
+            "settlement",
+            [
+                *webpurse_command(),
+                "serve",
+                "settlement",
+                "--host",
+                self.host,
+                "--port",
+                str(self.settlement_port),
+            ],
+        )
+        wait_http(f"{self.settlement_url}/health", process=process)
+
+    def settlement_client(self, key: str | None = None) -> httpx.Client:
+        assert self.state is not None
+        return httpx.Client(
+            base_url=self.settlement_url,
+            headers={"Authorization": f"Bearer {key or self.state.api_key}"},
+            timeout=15.0,
+        )
+
+    def register_webhook(self) -> str:
+        """A webhook endpoint for the shop; its secret is shown once, so make a new one."""
+        with self.settlement_client() as client:
+            listed = client.get("/v1/webhook_endpoints")
+            if listed.status_code == 200:
+                for endpoint in listed.json().get("data", []):
+                    client.delete(f"/v1/webhook_endpoints/{endpoint['id']}")
+            response = client.post(
+                "/v1/webhook_endpoints",
+                json={"url": f"{self.merchant_url}/webhooks/settlement", "events": ["*"]},
+            )
+        if response.status_code != 201:
+            raise DemoError(f"webhook endpoint: {response.status_code} {response.text}")
+        self.webhook_secret = str(response.json()["secret"])
+        return self.webhook_secret
+
+    def ledger_check(self) -> dict[str, Any]:
+        assert self.state is not None
+        with self.settlement_client(self.state.operator_key) as client:
+            response = client.get("/v1/ledger/check")
+        if response.status_code != 200:
+            raise DemoError(f"ledger check: {response.status_code} {response.text}")
+        result: dict[str, Any] = response.json()
+        return result
+
+    # --- merchant -----------------------------------------------------------------------
+
+    def start_merchant(self) -> None:
+        assert self.state is not None
+        env = self.env()
+        env["WEBPURSE_SETTLEMENT_URL"] = self.settlement_url
+        env["WEBPURSE_SETTLEMENT_API_KEY"] = self.state.api_key
+        env["WEBPURSE_AGENT_URL"] = self.agent_url
+        if self.webhook_secret:
+            env["WEBPURSE_MERCHANT_WEBHOOK_SECRET"] = self.webhook_secret
+        process = self.spawn(
+            "merchant",
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "webpurse.merchant.app:app_from_env",
+                "--host",
+                self.host,
+                "--port",
+                str(self.merchant_port),
+                "--log-level",
+                "warning",
+            ],
+            env,
+        )
+        wait_http(f"{self.merchant_url}/health", process=process)
+
+    # --- the card -----------------------------------------------------------------------
+
+    def load_card(self, image: Path, amount: int) -> int:
+        """Load ``amount`` onto the card in ``image`` through the real load flow."""
+        assert self.state is not None
+        return asyncio.run(_load(self.settlement_url, self.state.api_key, image, amount))
+
+    def start_agent(self, image: Path, *, yes: bool) -> subprocess.Popen[bytes]:
+        args = [
+            *webpurse_command(),
+            "agent",
+            "--reader",
+            f"sim:{image}",
+            "--allow-origin",
+            self.merchant_url,
+            "--port",
+            str(self.agent_port),
+        ]
+        if yes:
+            args.append("--yes")
+        process = self.spawn("agent", args)
+        wait_port(self.host, self.agent_port, process)
+        return process
+
+    # --- the whole thing ----------------------------------------------------------------
+
+    def up(self, *, load: int = DEMO_LOAD) -> DemoState:
+        state = self.setup_settlement()
+        self.start_settlement()
+        self.register_webhook()
+        self.start_merchant()
+        if not state.card_loaded:
+            self.load_card(Path(state.card_image), load)
+            state.card_loaded = True
+            state.save(self.data_dir / STATE_FILE)
+        return state
+
+    def stop(self) -> None:
+        """Stop every process this stack started (and only those), newest first."""
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGTERM)
+        for process in reversed(self.processes):
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=5)
+        self.processes.clear()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[DemoStack]:
+        try:
+            yield self
+        finally:
+            self.stop()
+
+
+def wait_port(
+    host: str, port: int, process: subprocess.Popen[bytes] | None = None, timeout: float = 30.0
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise DemoError(f"the process for port {port} exited with {process.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1.0):
+            return
+        time.sleep(0.1)
+    raise DemoError(f"nothing listens on {host}:{port} after {timeout:g} s")
+
+
+async def _load(settlement_url: str, api_key: str, image: Path, amount: int) -> int:
+    from webpurse.merchant.flows import run_transaction
+    from webpurse.merchant.settlement import Kind, SettlementClient
+    from webpurse.reader.sim import SimReader
+
+    async with httpx.AsyncClient(base_url=settlement_url, timeout=15.0) as http:
+        client = SettlementClient(http, api_key)
+        load = await client.create(Kind.LOAD, amount, description="demo load", reference="demo")
+        reader = SimReader.from_image(image)
+        try:
+            outcome = await run_transaction(reader, client, load, card_timeout=5.0)
+        finally:
+            await reader.close()
+    if outcome.status != "succeeded" or outcome.balance_after is None:
+        raise DemoError(f"loading the demo card failed: {outcome.status} {outcome.decline_code}")
+    return outcome.balance_after
+
+
+def card_balance(image: Path) -> int:
+    return ImageFile(image).load().balance
+
+
+def scripted_purchase(
+    stack: DemoStack, product: str = "tea", timeout: float = 60.0
+) -> dict[str, Any]:
+    """One purchase as a shopper's browser would make it, headless: returns the receipt."""
+    assert stack.state is not None
+    image = Path(stack.state.card_image)
+    before = card_balance(image)
+    with httpx.Client(base_url=stack.merchant_url, timeout=15.0) as shop:
+        shop.post("/cart/add", data={"product": product, "quantity": "1"})
+        checkout = shop.post("/checkout")
+        if checkout.status_code != 303:
+            raise DemoError(f"checkout failed: {checkout.status_code} {checkout.text[:200]}")
+        pay_path = checkout.headers["location"]
+        order_id = pay_path.split("/")[2]
+        page = shop.get(pay_path).text
+        token = re.search(r'data-token="([^"]+)"', page)
+        if token is None:
+            raise DemoError("the payment page has no pairing token")
+        paired = httpx.post(
+            f"{stack.agent_url}/pair",
+            json={"token": token.group(1), "server": f"{stack.merchant_url}/reader"},
+            headers={"Origin": stack.merchant_url},
+            timeout=30.0,
+        )
+        if paired.status_code != 200:
+            raise DemoError(f"the agent refused to pair: {paired.status_code} {paired.text}")
+        deadline = time.monotonic() + timeout
+        status: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            status = shop.get(f"/orders/{order_id}/status").json()
+            if status["status"] in ("paid", "declined", "canceled"):
+                break
+            time.sleep(0.2)
+    return {
+        "order": order_id,
+        "payment": status.get("settlement_id"),
+        "status": status.get("status"),
+        "amount": status.get("amount"),
+        "balance_before": before,
+        "balance_after": card_balance(image),
+        "tac": status.get("tac"),
+        "round_trips": status.get("round_trips"),
+        "decline_code": status.get("decline_code"),
+    }
+
+
+def _fen(amount: int | None) -> str:
+    if amount is None:
+        return "-"
+    return f"¥{amount // 100:,}.{amount % 100:02d}"
+
+
+def demo(
+    data_dir: Annotated[Path, typer.Option(help="data folder (created on first run)")] = Path(
+        "data/demo"
+    ),
+    scripted: Annotated[
+        bool, typer.Option("--scripted", help="run one purchase headless, print a receipt, exit")
+    ] = False,
+    port: Annotated[int, typer.Option(help="the shop's port (0: any free port)")] = 8000,
+    settlement_port: Annotated[int, typer.Option(help="settlement's port (0: any)")] = 8100,
+    agent_port: Annotated[int, typer.Option(help="the agent's loopback port")] = 47800,
+) -> None:
+    """Run settlement, the shop, and an agent with an emulated card; Ctrl-C stops them."""
+    if scripted:
+        # Headless runs must not clash with a demo (or anything else) on the usual ports.
+        port, settlement_port, agent_port = 0, 0, 0
+    stack = DemoStack(
+        data_dir.resolve(),
+        settlement_port=settlement_port or free_port(),
+        merchant_port=port or free_port(),
+        agent_port=agent_port or free_port(),
+    )
+    out = typer.echo
+    with stack.running():
+        try:
+            out(f"setting up in {stack.data_dir} …")
+            state = stack.up()
+            image = Path(state.card_image)
+            out(f"demo card {image.name}: balance {_fen(card_balance(image))}")
+            yes = scripted or not sys.stdin.isatty()
+            stack.start_agent(image, yes=yes)
+            if scripted:
+                receipt = scripted_purchase(stack)
+                ledger = stack.ledger_check()
+                _print_receipt(receipt, ledger)
+                ok = receipt["status"] == "paid" and ledger.get("ok") is True
+                raise typer.Exit(0 if ok else 1)
+            out("")
+            out(f"  shop:       {stack.merchant_url}/")
+            out(f"  settlement: {stack.settlement_url}/docs")
+            out(f"  agent:      {stack.agent_url}  (card {image})")
+            out("  consent:    " + ("automatic (no terminal)" if yes else "asked in this terminal"))
+            out("")
+            out("Open the shop in a browser, buy something, pay with the card. Ctrl-C stops.")
+            while all(p.poll() is None for p in stack.processes):
+                time.sleep(0.5)
+            out("a server stopped; shutting down")
+        except DemoError as exc:
+            typer.echo(f"error: {exc} (logs in {stack.data_dir})", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            out("\nstopping …")
+
+
+def _print_receipt(receipt: dict[str, Any], ledger: dict[str, Any]) -> None:
+    lines = [
+        "receipt",
+        f"  order           {receipt['order']}",
+        f"  payment         {receipt['payment']}",
+        f"  status          {receipt['status']}"
+        + (f" ({receipt['decline_code']})" if receipt.get("decline_code") else ""),
+        f"  amount          {_fen(receipt['amount'])}",
+        f"  balance before  {_fen(receipt['balance_before'])}",
+        f"  balance after   {_fen(receipt['balance_after'])}",
+        f"  TAC             {receipt['tac']}",
+        f"  round trips     {receipt['round_trips']}",
+        "  ledger check    "
+        + ("consistent" if ledger.get("ok") else f"PROBLEMS: {ledger.get('problems')}"),
+    ]
+    typer.echo("\n".join(lines))
