@@ -127,7 +127,7 @@ class FakeSettlement:
                 "recover first",
                 code="card_declined",
                 decline_code="recovery_required",
-                recover=RecoveryHint(open_one.kind, open_one.id, ttype, (open_one.counter or 0) + 1),
+                recover=RecoveryHint(open_one.kind, open_one.id, ttype, open_one.counter or 0),
             )
         r.card = serial
         date, time = NOW.date(), NOW.time()

@@ -77,7 +77,7 @@ async def test_torn_debit_is_uncertain_then_recovered_as_paid(
     assert reader.card is None or not reader.present
     reader.insert()
     assert outcome.counter is not None
-    hint = RecoveryHint(Kind.PAYMENT, payment.id, TransactionType.EP_PURCHASE, outcome.counter + 1)
+    hint = RecoveryHint(Kind.PAYMENT, payment.id, TransactionType.EP_PURCHASE, outcome.counter)
     recovered = await recover(reader, settlement, hint, key_index=1, terminal_id=TERMINAL)
     assert (recovered.status, recovered.round_trips) == ("succeeded", 1)
     assert reader.card is not None and reader.card.state.balance == 8_750
@@ -92,7 +92,7 @@ async def test_debit_lost_before_the_card_is_recovered_as_canceled(
     assert outcome.status == "uncertain"
     reader.insert()
     assert outcome.counter is not None
-    hint = RecoveryHint(Kind.PAYMENT, payment.id, TransactionType.EP_PURCHASE, outcome.counter + 1)
+    hint = RecoveryHint(Kind.PAYMENT, payment.id, TransactionType.EP_PURCHASE, outcome.counter)
     recovered = await recover(reader, settlement, hint, key_index=1, terminal_id=TERMINAL)
     assert recovered.status == "canceled"
     assert reader.card is not None and reader.card.state.balance == 10_000

@@ -210,7 +210,7 @@ class Cashier:
         if order.status == INTERRUPTED and order.settlement_id and order.counter is not None:
             obj = await self.settlement.get(kind, order.settlement_id)
             ttype = TransactionType.EP_PURCHASE if kind is Kind.PAYMENT else TransactionType.EP_LOAD
-            hint = RecoveryHint(kind, order.settlement_id, ttype, order.counter + 1)
+            hint = RecoveryHint(kind, order.settlement_id, ttype, order.counter)
 
             async def recovery_progress(step: Progress) -> None:
                 # Until the card is back, the page keeps saying "present the card again".

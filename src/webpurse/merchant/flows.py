@@ -187,11 +187,8 @@ def read_first_contact(kind: Kind, responses: Sequence[ResponseApdu]) -> FirstCo
 
 
 def prove_counter(hint: RecoveryHint) -> int:
-    """GET TRANSACTION PROVE names the card's current counter: the lost one's + 1 (spec §3).
-
-    ``hint.counter`` is already that value (settlement's ``recover.counter``).
-    """
-    return hint.counter
+    """GET TRANSACTION PROVE names the card's current counter: the lost one's + 1 (spec §3)."""
+    return hint.counter + 1
 
 
 def recovery_steps(hint: RecoveryHint, *, key_index: int, terminal_id: bytes) -> list[Step]:

@@ -38,8 +38,8 @@ class SettlementError(Exception):
 class RecoveryHint:
     """What settlement's ``recovery_required`` decline says must be recovered first.
 
-    ``counter`` is the card's current counter if the lost transaction happened: the one
-    its INITIALIZE returned + 1, the value GET TRANSACTION PROVE names (spec §3).
+    ``counter`` is the counter the lost transaction used (its INITIALIZE returned it);
+    GET TRANSACTION PROVE names ``counter + 1`` (spec §3; settlement's ``recover.counter``).
     """
 
     kind: Kind
