@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -419,3 +420,88 @@ def test_cli_runs_a_day(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     with stack.session_factory() as session:
         assert ledger.balance(session, ledger.payout_account(MERCHANT_A)) == 1500
         assert ledger.check(session).ok
+
+
+async def test_real_card_payments_are_notified_by_webhook_and_cleared(
+    stack: Stack, client: TestClient
+) -> None:
+    """End to end in process: a card emulator behind a SimReader, the merchant's flows and
+    settlement client, the settlement API; then webhooks delivered and the day cleared."""
+    import os
+    import random
+
+    import httpx
+
+    from tests.settlement.test_webhooks import independent_verify
+    from tests.settlement.wc_support import Receiver
+    from webpurse.card import CardApplet, MemoryStore
+    from webpurse.merchant.flows import run_transaction
+    from webpurse.merchant.settlement import Kind, SettlementClient
+    from webpurse.reader.sim import SimReader
+    from webpurse.settlement.registry import issue_card
+    from webpurse.settlement.routes_webhooks import secret_box_for
+    from webpurse.settlement.webhooks import deliver_due
+
+    stack.clock.now = at_cst(DAY, 10)
+    with stack.session_factory() as session, session.begin():
+        _, state = issue_card(session, stack.app.state.settlement.security, stack.clock())
+    reader = SimReader(CardApplet(state, MemoryStore(state), os.urandom))
+
+    with Receiver([]) as receiver:
+        endpoint = client.post(
+            "/v1/webhook_endpoints",
+            json={"url": receiver.url, "events": ["payment.succeeded", "refund.*"]},
+            headers=stack.auth(MERCHANT_A),
+        ).json()
+        transport = httpx.ASGITransport(app=stack.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://settlement") as http:
+            merchant = SettlementClient(http, stack.keys[MERCHANT_A])
+            load = await merchant.create(Kind.LOAD, 10_000, description="", reference="cash-1")
+            assert (await run_transaction(reader, merchant, load, card_timeout=1)).status == (
+                "succeeded"
+            )
+            paid = []
+            for amount in (3000, 2000):
+                stack.clock.advance(dt.timedelta(minutes=5))
+                payment = await merchant.create(
+                    Kind.PAYMENT, amount, description="tea", reference=f"order-{amount}"
+                )
+                outcome = await run_transaction(reader, merchant, payment, card_timeout=1)
+                assert outcome.status == "succeeded", outcome
+                paid.append(payment.id)
+            refund = await http.post(
+                "/v1/refunds",
+                json={"payment": paid[0], "amount": 500},
+                headers=stack.auth(MERCHANT_A),
+            )
+            assert refund.status_code == 201, refund.text
+
+        async with httpx.AsyncClient() as http:
+            report = await deliver_due(
+                stack.session_factory,
+                http,
+                stack.clock(),
+                secret_box=secret_box_for(stack.settings),
+                rng=random.Random(3),
+            )
+        assert report.succeeded == report.attempted == 3
+        got = receiver.wait_for(3)
+    types = sorted(json.loads(g.body)["type"] for g in got)
+    assert types == ["payment.succeeded", "payment.succeeded", "refund.created"]
+    assert all(independent_verify(endpoint["secret"], g.headers, g.body) for g in got)
+    objects = {json.loads(g.body)["data"]["object"]["id"] for g in got}
+    assert set(paid) <= objects
+
+    stack.clock.now = AFTER_DAY
+    (batch,) = client.post(
+        "/v1/clearing/batches",
+        json={"merchant": MERCHANT_A, "day": DAY.isoformat()},
+        headers=stack.auth("operator"),
+    ).json()["data"]
+    assert (batch["payment_count"], batch["payment_total"]) == (2, 5000)
+    assert (batch["refund_count"], batch["refund_total"]) == (1, 500)
+    assert batch["payout"] == 4500
+    with stack.session_factory() as session:
+        check = ledger.check(session)
+        assert check.ok, check.problems
+        assert ledger.balance(session, ledger.payout_account(MERCHANT_A)) == 4500

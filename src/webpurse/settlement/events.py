@@ -7,6 +7,7 @@ webhooks work) persists it; until that module exists, events are dropped here.
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib
 from typing import Any
 
@@ -27,8 +28,18 @@ EVENT_TYPES = frozenset(
 )
 
 
-def emit(session: Session, merchant_id: str | None, event_type: str, data: dict[str, Any]) -> None:
-    """Queue ``event_type`` with ``data`` (the object, as the API shows it) for the merchant."""
+def emit(
+    session: Session,
+    merchant_id: str | None,
+    event_type: str,
+    data: dict[str, Any],
+    *,
+    now: dt.datetime | None = None,
+) -> None:
+    """Queue ``event_type`` with ``data`` (the object, as the API shows it) for the merchant.
+
+    ``now`` is the operation's (injected) clock: the event's time and first delivery time.
+    """
     if event_type not in EVENT_TYPES:
         raise ValueError(f"unknown event type {event_type!r}")
     if merchant_id is None:  # operator-initiated loads have no merchant to tell
@@ -39,4 +50,4 @@ def emit(session: Session, merchant_id: str | None, event_type: str, data: dict[
         if exc.name != "webpurse.settlement.webhooks":
             raise
         return
-    webhooks.enqueue_event(session, merchant_id, event_type, data)
+    webhooks.enqueue_event(session, merchant_id, event_type, data, now=now)

@@ -85,7 +85,7 @@ def load_json(load: Load) -> dict[str, Any]:
 
 
 def _emit(ctx: Ctx, load: Load, event_type: str) -> None:
-    events.emit(ctx.session, load.merchant_id, event_type, load_json(load))
+    events.emit(ctx.session, load.merchant_id, event_type, load_json(load), now=ctx.now)
 
 
 def get_load(ctx: Ctx, load_id: str, *, lock: bool = False) -> Load:
@@ -347,7 +347,13 @@ def _succeed(ctx: Ctx, load: Load, card: Card, tac: bytes) -> None:
 
             refund.status = "succeeded"
             refund.updated_at = ctx.now
-            events.emit(ctx.session, refund.merchant_id, "refund.succeeded", refund_json(refund))
+            events.emit(
+                ctx.session,
+                refund.merchant_id,
+                "refund.succeeded",
+                refund_json(refund),
+                now=ctx.now,
+            )
     log.info("load.succeeded", load=load.id)
 
 

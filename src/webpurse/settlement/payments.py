@@ -90,7 +90,7 @@ def payment_json(payment: Payment) -> dict[str, Any]:
 
 
 def _emit(ctx: Ctx, payment: Payment, event_type: str) -> None:
-    events.emit(ctx.session, payment.merchant_id, event_type, payment_json(payment))
+    events.emit(ctx.session, payment.merchant_id, event_type, payment_json(payment), now=ctx.now)
 
 
 def get_payment(ctx: Ctx, payment_id: str, *, lock: bool = False) -> Payment:

@@ -104,6 +104,6 @@ def create(ctx: Ctx, body: RefundCreate) -> Refund:
     refund.load_id = load.id
     payment.refunded_amount += amount
     payment.updated_at = ctx.now
-    events.emit(ctx.session, refund.merchant_id, "refund.created", refund_json(refund))
+    events.emit(ctx.session, refund.merchant_id, "refund.created", refund_json(refund), now=ctx.now)
     log.info("refund.created", refund=refund.id, payment=payment.id, amount=amount)
     return refund
