@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from tests.settlement.support import World
+import datetime as dt
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from tests.settlement.support import Terminal, World, deterministic_random, ok, prove, read_issuer
+from webpurse.card import CardApplet, MemoryStore
+from webpurse.protocol.commands import (
+    InitializeForPurchase,
+    InitializeForPurchaseResponse,
+)
 from webpurse.settlement import ledger
 from webpurse.settlement.models import Card
 
@@ -20,3 +31,271 @@ def test_full_purchase_debits_the_card_and_credits_the_merchant(world: World) ->
         assert ledger.balance(session, ledger.card_account(row.id)) == 3_750
         assert ledger.balance(session, ledger.merchant_account(world.merchant_id)) == 1_250
         assert ledger.check(session).ok
+
+
+# --- declines: every reason, each with the state it leaves -------------------------
+
+
+def _decline(world: World, card: CardApplet, price: int, **tweak: Any) -> dict[str, Any]:
+    """Authorise a payment with the card's answers (optionally doctored); expect a 402."""
+    terminal: Terminal = tweak.pop("terminal", world.terminal)
+    init_amount = tweak.pop("init_amount", price)
+    payment = terminal.create_payment(price)
+    issuer, init = terminal.purchase_batch1(card, init_amount)
+    fields = tweak.pop("init_fields", None)
+    if fields:
+        init = replace(InitializeForPurchaseResponse.from_data(init), **fields).to_data()
+    answer = terminal.authorise_payment(payment["id"], issuer, init, **tweak)
+    assert answer.status_code == 402, answer.text
+    assert answer.headers["content-type"].startswith("application/problem+json")
+    body = answer.json()
+    assert body["code"] == "card_declined" and body["request_id"]
+    return dict(body)
+
+
+def _card_row(world: World, card: CardApplet) -> Card:
+    with world.factory() as session:
+        return session.query(Card).filter_by(card_number=card.state.issuer.card_number).one()
+
+
+def _payment(world: World, payment_id: str) -> dict[str, Any]:
+    answer = world.client.get(f"/v1/payments/{payment_id}", headers=world.auth(world.merchant_key))
+    assert answer.status_code == 200
+    return dict(answer.json())
+
+
+def test_decline_unknown_card(world: World) -> None:
+    state = world.security.personalise(bytes(9) + b"\x77", start=world.clock().date())
+    stranger = CardApplet(state, MemoryStore(state), deterministic_random(99))
+    body = _decline(world, stranger, 100, init_amount=0)
+    assert body["decline_code"] == "unknown_card"
+    assert body["payment"]["status"] == "declined"
+
+
+@pytest.mark.parametrize(("status", "code"), [("blocked", "card_blocked"), ("lost", "card_lost")])
+def test_decline_blocked_and_lost_cards(world: World, status: str, code: str) -> None:
+    card = world.funded_card(1_000)
+    number = card.state.issuer.card_number
+    changed = world.client.post(
+        f"/v1/cards/{number}/status",
+        json={"status": status, "reason": "test"},
+        headers=world.auth(world.operator_key),
+    )
+    assert changed.status_code == 200, changed.text
+    body = _decline(world, card, 100)
+    assert body["decline_code"] == code
+    listed = world.client.get("/v1/blacklist", headers=world.auth(world.operator_key)).json()
+    assert number in [c["card_number"] for c in listed["data"]]
+
+
+def test_decline_expired_card(world: World) -> None:
+    card = world.funded_card(1_000)
+    world.clock.advance(dt.timedelta(days=366 * 6))
+    assert _decline(world, card, 100)["decline_code"] == "card_expired"
+
+
+def test_decline_insufficient_funds(world: World) -> None:
+    card = world.funded_card(300)
+    body = _decline(world, card, 500, init_amount=300)
+    assert body["decline_code"] == "insufficient_funds"
+    assert _payment(world, body["payment"]["id"])["status"] == "declined"
+
+
+def test_decline_counter_ahead_flags_a_missing_record(world: World) -> None:
+    card = world.funded_card(1_000)
+    body = _decline(world, card, 100, init_fields={"offline_counter": 1})
+    assert body["decline_code"] == "counter_mismatch"
+    row = _card_row(world, card)
+    assert row.flagged and row.status == "active"
+
+
+def test_decline_counter_backwards_blocks_a_suspected_clone(world: World) -> None:
+    card = world.funded_card(1_000)
+    world.terminal.purchase(card, 100)  # shadow offline counter is now 1
+    body = _decline(world, card, 100, init_fields={"offline_counter": 0, "balance": 900})
+    assert body["decline_code"] == "counter_mismatch"
+    row = _card_row(world, card)
+    assert row.flagged and row.status == "blocked"
+    # and the blacklisted card is refused from now on, even with honest answers
+    assert _decline(world, card, 100)["decline_code"] == "card_blocked"
+
+
+def test_decline_balance_above_shadow_blocks_the_card(world: World) -> None:
+    card = world.funded_card(1_000)
+    body = _decline(world, card, 100, init_fields={"balance": 50_000})
+    assert body["decline_code"] == "balance_mismatch"
+    assert _card_row(world, card).status == "blocked"
+    events = world.client.get(
+        f"/v1/cards/{card.state.issuer.card_number}/events",
+        headers=world.auth(world.operator_key),
+    ).json()["data"]
+    assert "suspected_clone" in [e["kind"] for e in events]
+
+
+def test_decline_invalid_state_for_an_unknown_key_version(world: World) -> None:
+    card = world.funded_card(1_000)
+    body = _decline(world, card, 100, init_fields={"key_version": 9})
+    assert body["decline_code"] == "invalid_state"
+
+
+def test_decline_amount_mismatch(world: World) -> None:
+    card = world.funded_card(1_000)
+    body = _decline(world, card, 100, init_amount=90, amount=90)
+    assert body["decline_code"] == "amount_mismatch"
+
+
+def test_decline_terminal_mismatch(world: World) -> None:
+    card = world.funded_card(1_000)
+    other = Terminal(world.client, world.merchant_key, world.other_terminal_id)
+    assert _decline(world, card, 100, terminal=other)["decline_code"] == "terminal_mismatch"
+
+
+def test_recovery_required_while_another_payment_is_open(world: World) -> None:
+    card = world.funded_card(1_000)
+    first = world.terminal.create_payment(100)
+    issuer, init = world.terminal.purchase_batch1(card, 100)
+    assert world.terminal.authorise_payment(first["id"], issuer, init).status_code == 200
+    body = _decline(world, card, 200)
+    assert body["decline_code"] == "recovery_required"
+    assert body["recover"] == {"payment_id": first["id"], "transaction_type": "06", "counter": 0}
+    # the refused payment can still be paid once the first one is settled
+    assert _payment(world, body["payment"]["id"])["status"] == "requires_card"
+    # another merchant learns that recovery is needed, but not the other merchant's id
+    foreign = _decline(world, card, 50, terminal=world.other_terminal)
+    assert foreign["decline_code"] == "recovery_required"
+    assert "payment_id" not in foreign["recover"]
+
+
+# --- capture, uncertain, resolve, cancel, expiry ---------------------------------
+
+
+def _authorised(world: World, card: CardApplet, amount: int) -> tuple[dict[str, Any], bytes]:
+    payment = world.terminal.create_payment(amount)
+    issuer, init = world.terminal.purchase_batch1(card, amount)
+    answer = world.terminal.authorise_payment(payment["id"], issuer, init)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["status"] == "authorised"
+    assert body["authorisation"]["debit_apdu"].startswith("805401000F")
+    return dict(body), bytes.fromhex(body["authorisation"]["debit_apdu"])
+
+
+def test_capture_with_a_bad_tac_is_refused_and_changes_nothing(world: World) -> None:
+    card = world.funded_card(1_000)
+    payment, debit = _authorised(world, card, 400)
+    answer = ok(card, debit)
+    forged = answer[:3] + bytes([answer[3] ^ 1]) + answer[4:]
+    refused = world.terminal.post(
+        f"/v1/payments/{payment['id']}/capture", {"debit_response": forged.hex()}
+    )
+    assert refused.status_code == 402 and refused.json()["code"] == "verification_failed"
+    assert _payment(world, payment["id"])["status"] == "authorised"
+    captured = world.terminal.post(
+        f"/v1/payments/{payment['id']}/capture", {"debit_response": answer.hex()}
+    )
+    assert captured.json()["status"] == "succeeded"
+
+
+def test_uncertain_debit_that_happened_is_captured_from_the_cards_proof(world: World) -> None:
+    card = world.funded_card(1_000)
+    payment, debit = _authorised(world, card, 300)
+    ok(card, debit)  # the DEBIT reached the card; its answer was lost
+    assert world.terminal.post(f"/v1/payments/{payment['id']}/uncertain").json()["status"] == (
+        "uncertain"
+    )
+    read_issuer(card)
+    init = ok(card, InitializeForPurchase(1, 0, bytes.fromhex(world.terminal_id)).to_apdu())
+    missing = world.terminal.post(
+        f"/v1/payments/{payment['id']}/resolve", {"initialize_response": init.hex()}
+    )
+    assert missing.status_code == 409 and missing.json()["code"] == "proof_required"
+    proof, sw = prove(card, 0x06, 1)
+    assert sw == 0x9000
+    resolved = world.terminal.post(
+        f"/v1/payments/{payment['id']}/resolve",
+        {"initialize_response": init.hex(), "prove_response": proof.hex()},
+    )
+    assert resolved.status_code == 200, resolved.text
+    assert resolved.json()["status"] == "succeeded"
+    assert _card_row(world, card).shadow_balance == card.state.balance == 700
+
+
+def test_uncertain_debit_that_never_reached_the_card_is_released(world: World) -> None:
+    card = world.funded_card(1_000)
+    payment, _ = _authorised(world, card, 300)  # the DEBIT never left the merchant
+    world.terminal.post(f"/v1/payments/{payment['id']}/uncertain")
+    read_issuer(card)
+    init = ok(card, InitializeForPurchase(1, 0, bytes.fromhex(world.terminal_id)).to_apdu())
+    resolved = world.terminal.post(
+        f"/v1/payments/{payment['id']}/resolve", {"initialize_response": init.hex()}
+    )
+    assert resolved.json()["status"] == "canceled"
+    with world.factory() as session:
+        row = session.query(Card).filter_by(card_number=card.state.issuer.card_number).one()
+        assert ledger.balance(session, ledger.card_account(row.id)) == 1_000
+        assert ledger.balance(session, ledger.HELD_PURCHASES) == 0
+    # the card is free again
+    assert world.terminal.purchase(card, 100)["status"] == "succeeded"
+
+
+def test_next_contact_releases_an_uncertain_payment_the_counter_disproves(world: World) -> None:
+    card = world.funded_card(1_000)
+    stale, _ = _authorised(world, card, 300)
+    world.terminal.post(f"/v1/payments/{stale['id']}/uncertain")
+    paid = world.terminal.purchase(card, 200)
+    assert paid["status"] == "succeeded"
+    assert _payment(world, stale["id"])["status"] == "canceled"
+    assert card.state.balance == 800
+
+
+def test_cancel_only_before_a_debit_could_be_sent(world: World) -> None:
+    card = world.funded_card(1_000)
+    fresh = world.terminal.create_payment(100)
+    canceled = world.terminal.post(f"/v1/payments/{fresh['id']}/cancel")
+    assert canceled.json()["status"] == "canceled"
+    payment, _ = _authorised(world, card, 100)
+    refused = world.terminal.post(f"/v1/payments/{payment['id']}/cancel")
+    assert refused.status_code == 409 and refused.json()["code"] == "invalid_payment_state"
+
+
+def test_sweep_expires_waiting_payments_and_makes_stale_authorisations_uncertain(
+    world: World,
+) -> None:
+    card = world.funded_card(1_000)
+    waiting = world.terminal.create_payment(100)
+    payment, _ = _authorised(world, card, 100)
+    world.clock.advance(dt.timedelta(minutes=31))
+    swept = world.client.post("/v1/maintenance/sweep", headers=world.auth(world.operator_key))
+    assert swept.json()["payments_expired"] >= 1 and swept.json()["payments_uncertain"] == 1
+    assert _payment(world, waiting["id"])["status"] == "expired"
+    assert _payment(world, payment["id"])["status"] == "uncertain"
+
+
+def test_other_merchants_payments_are_not_found(world: World) -> None:
+    payment = world.terminal.create_payment(100)
+    answer = world.client.get(f"/v1/payments/{payment['id']}", headers=world.auth(world.other_key))
+    assert answer.status_code == 404 and answer.json()["code"] == "resource_missing"
+    listed = world.client.get("/v1/payments", headers=world.auth(world.other_key)).json()
+    assert listed["data"] == []
+
+
+def test_bad_input_is_a_clear_problem_and_changes_nothing(world: World) -> None:
+    floats = world.terminal.post("/v1/payments", {"amount": 12.5})
+    assert floats.status_code == 422 and floats.json()["param"] == "amount"
+    payment = world.terminal.create_payment(100)
+    short = world.terminal.authorise_payment(payment["id"], b"\x00" * 30, b"\x00" * 3)
+    assert short.status_code == 400
+    assert short.json()["code"] in ("invalid_issuer_data", "invalid_initialize_response")
+    assert _payment(world, payment["id"])["status"] == "requires_card"
+
+
+def test_list_pages_newest_first(world: World) -> None:
+    ids = []
+    for _ in range(3):
+        ids.append(world.terminal.create_payment(100)["id"])
+        world.clock.advance(dt.timedelta(seconds=1))
+    auth = world.auth(world.merchant_key)
+    first = world.client.get("/v1/payments?limit=2", headers=auth).json()
+    assert [p["id"] for p in first["data"]] == ids[::-1][:2] and first["has_more"]
+    rest = world.client.get(f"/v1/payments?limit=2&starting_after={ids[1]}", headers=auth).json()
+    assert [p["id"] for p in rest["data"]] == [ids[0]] and not rest["has_more"]

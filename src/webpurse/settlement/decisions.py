@@ -37,6 +37,7 @@ class Flag(StrEnum):
 
     CLONE = "suspected_clone"
     GAP = "missing_record"
+    MAC = "mac_failure"
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,7 +286,7 @@ def decide_load(card: CardRecord | None, inputs: LoadInputs, now: dt.datetime) -
         return Decision.decline(
             DeclineCode.MAC_INVALID,
             "the card's MAC1 does not verify (wrong amount, terminal or card)",
-            Flag.CLONE,
+            Flag.MAC,
         )
     early = _open_transaction_check(card, "load", init.online_counter, init.random)
     if early is not None:
