@@ -1,0 +1,79 @@
+"""Idempotency-Key on POSTs: replay, conflicting reuse, in-flight requests."""
+
+from __future__ import annotations
+
+from tests.settlement.support import World
+from webpurse.settlement.models import IdempotencyRecord, Payment
+
+
+def _post(
+    world: World, body: dict[str, object], key: str
+) -> tuple[int, dict[str, object], dict[str, str]]:
+    answer = world.client.post(
+        "/v1/payments",
+        json=body,
+        headers={**world.auth(world.merchant_key), "idempotency-key": key},
+    )
+    return answer.status_code, answer.json(), dict(answer.headers)
+
+
+def test_a_retry_gets_the_stored_answer_and_creates_nothing(world: World) -> None:
+    status, first, _ = _post(world, {"amount": 100}, "order-1")
+    assert status == 201
+    status, again, headers = _post(world, {"amount": 100}, "order-1")
+    assert status == 201 and again == first
+    assert headers.get("idempotent-replayed") == "true"
+    with world.factory() as session:
+        assert session.query(Payment).count() == 1
+
+
+def test_the_same_key_with_other_parameters_is_refused(world: World) -> None:
+    _post(world, {"amount": 100}, "order-2")
+    status, body, _ = _post(world, {"amount": 999}, "order-2")
+    assert status == 422 and body["code"] == "idempotency_key_reused"
+
+
+def test_keys_are_per_merchant(world: World) -> None:
+    _post(world, {"amount": 100}, "shared")
+    answer = world.client.post(
+        "/v1/payments",
+        json={"amount": 100},
+        headers={**world.auth(world.other_key), "idempotency-key": "shared"},
+    )
+    assert answer.status_code == 201 and "idempotent-replayed" not in answer.headers
+
+
+def test_a_request_still_running_under_the_key_gets_409(world: World) -> None:
+    fingerprint_source = {"amount": 100}
+    _post(world, fingerprint_source, "busy")  # learn the fingerprint the server stores
+    with world.factory() as session, session.begin():
+        record = session.query(IdempotencyRecord).filter_by(key="busy").one()
+        session.add(
+            IdempotencyRecord(
+                principal=record.principal,
+                key="busy-2",
+                fingerprint=record.fingerprint,
+                state="in_flight",
+                created_at=record.created_at,
+            )
+        )
+    status, body, _ = _post(world, fingerprint_source, "busy-2")
+    assert status == 409 and body["code"] == "idempotency_in_flight"
+
+
+def test_declines_are_replayed_too(world: World) -> None:
+    card = world.funded_card(100)
+    payment = world.terminal.create_payment(500)
+    issuer, init = world.terminal.purchase_batch1(card, 100)
+    body = {
+        "issuer_data": issuer.hex(),
+        "initialize_response": init.hex(),
+        "terminal_id": world.terminal_id,
+    }
+    headers = {**world.auth(world.merchant_key), "idempotency-key": "auth-1"}
+    url = f"/v1/payments/{payment['id']}/authorise"
+    first = world.client.post(url, json=body, headers=headers)
+    second = world.client.post(url, json=body, headers=headers)
+    assert first.status_code == second.status_code == 402
+    assert first.json() == second.json()
+    assert second.json()["decline_code"] == "insufficient_funds"

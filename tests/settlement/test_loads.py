@@ -1,0 +1,140 @@
+"""Loads and refunds through the HTTP API against the real card emulator."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.settlement.support import World, ok, prove, read_issuer
+from webpurse.card import CardApplet
+from webpurse.protocol.commands import InitializeForLoad
+from webpurse.settlement import ledger
+from webpurse.settlement.models import Card
+
+
+def _balances(world: World, card: CardApplet) -> dict[str, int]:
+    with world.factory() as session:
+        row = session.query(Card).filter_by(card_number=card.state.issuer.card_number).one()
+        assert ledger.check(session).ok
+        return {
+            "card": ledger.balance(session, ledger.card_account(row.id)),
+            "shadow": row.shadow_balance,
+            "funding": ledger.balance(session, ledger.funding_account("cash")),
+            "held": ledger.balance(session, ledger.HELD_LOADS),
+            "merchant": ledger.balance(session, ledger.merchant_account(world.merchant_id)),
+        }
+
+
+def test_full_load_puts_the_value_on_the_card_and_in_its_account(world: World) -> None:
+    card = world.issue()
+    load = world.terminal.create_load(2_000, card.state.issuer.card_number)
+    assert load["status"] == "requires_card" and load["terminal_id"] == world.terminal_id
+    assert _balances(world, card)["held"] == 2_000  # funds held while in flight
+    done = world.terminal.run_load(card, load)
+    assert done["status"] == "succeeded" and len(done["tac"]) == 8
+    assert card.state.balance == 2_000
+    assert _balances(world, card) == {
+        "card": 2_000,
+        "shadow": 2_000,
+        "funding": -2_000,
+        "held": 0,
+        "merchant": 0,
+    }
+
+
+def _authorise(world: World, card: CardApplet, load: dict[str, Any], amount: int) -> Any:
+    issuer, init = world.terminal.load_batch1(card, amount, load["terminal_id"])
+    return world.terminal.post(
+        f"/v1/loads/{load['id']}/authorise",
+        {
+            "issuer_data": issuer.hex(),
+            "initialize_response": init.hex(),
+            "terminal_id": load["terminal_id"],
+        },
+    )
+
+
+def test_a_card_mac1_for_another_amount_is_declined_and_funds_return(world: World) -> None:
+    card = world.issue()
+    load = world.terminal.create_load(2_000)
+    answer = _authorise(world, card, load, 9_000)
+    assert answer.status_code == 402 and answer.json()["decline_code"] == "mac_invalid"
+    assert answer.json()["load"]["status"] == "declined"
+    assert _balances(world, card)["held"] == 0
+    assert _balances(world, card)["funding"] == 0
+
+
+def test_a_load_bound_to_another_card_is_declined(world: World) -> None:
+    card, other = world.issue(), world.issue()
+    load = world.terminal.create_load(500, other.state.issuer.card_number)
+    answer = _authorise(world, card, load, 500)
+    assert answer.status_code == 402 and answer.json()["decline_code"] == "invalid_state"
+
+
+def test_uncertain_credit_that_happened_completes_from_the_proof(world: World) -> None:
+    card = world.issue()
+    load = world.terminal.create_load(1_500)
+    authorised = _authorise(world, card, load, 1_500).json()
+    ok(card, bytes.fromhex(authorised["authorisation"]["credit_apdu"]))  # answer lost
+    assert world.terminal.post(f"/v1/loads/{load['id']}/uncertain").json()["status"] == "uncertain"
+    read_issuer(card)
+    init = ok(card, InitializeForLoad(1, 0, bytes.fromhex(load["terminal_id"])).to_apdu())
+    proof, sw = prove(card, 0x02, 1)
+    assert sw == 0x9000
+    resolved = world.terminal.post(
+        f"/v1/loads/{load['id']}/resolve",
+        {"initialize_response": init.hex(), "prove_response": proof.hex()},
+    )
+    assert resolved.status_code == 200, resolved.text
+    assert resolved.json()["status"] == "succeeded"
+    assert _balances(world, card)["card"] == card.state.balance == 1_500
+
+
+def test_uncertain_credit_that_never_happened_returns_the_funds(world: World) -> None:
+    card = world.issue()
+    load = world.terminal.create_load(1_500)
+    assert _authorise(world, card, load, 1_500).status_code == 200
+    world.terminal.post(f"/v1/loads/{load['id']}/uncertain")
+    read_issuer(card)
+    init = ok(card, InitializeForLoad(1, 0, bytes.fromhex(load["terminal_id"])).to_apdu())
+    resolved = world.terminal.post(
+        f"/v1/loads/{load['id']}/resolve", {"initialize_response": init.hex()}
+    )
+    assert resolved.json()["status"] == "canceled"
+    balances = _balances(world, card)
+    assert balances["held"] == 0 and balances["funding"] == 0 and balances["card"] == 0
+
+
+def test_refund_is_a_pending_credit_delivered_as_a_load(world: World) -> None:
+    card = world.funded_card(1_000)
+    paid = world.terminal.purchase(card, 600)
+    refund = world.terminal.post("/v1/refunds", {"payment": paid["id"], "amount": 250})
+    assert refund.status_code == 201, refund.text
+    assert refund.json()["status"] == "pending"
+    too_much = world.terminal.post("/v1/refunds", {"payment": paid["id"], "amount": 351})
+    assert too_much.status_code == 422 and too_much.json()["code"] == "amount_too_large"
+    pending = world.client.get(
+        f"/v1/loads?card_number={card.state.issuer.card_number}&status=requires_card",
+        headers=world.auth(world.merchant_key),
+    ).json()["data"]
+    assert [x["id"] for x in pending] == [refund.json()["load"]]
+    world.terminal.run_load(card, pending[0])
+    assert card.state.balance == 650
+    got = world.client.get(
+        f"/v1/refunds/{refund.json()['id']}", headers=world.auth(world.merchant_key)
+    )
+    assert got.json()["status"] == "succeeded"
+    balances = _balances(world, card)
+    assert balances["merchant"] == 350 and balances["card"] == balances["shadow"] == 650
+
+
+def test_operator_can_run_a_load_on_the_operator_terminal(world: World) -> None:
+    from tests.settlement.support import Terminal
+
+    operator = Terminal(world.client, world.operator_key, "000000000000")
+    card = world.issue()
+    load = operator.create_load(700)
+    assert load["terminal_id"] == "000000000000"
+    assert operator.run_load(card, load)["status"] == "succeeded"
+    # merchants do not see operator loads
+    hidden = world.client.get(f"/v1/loads/{load['id']}", headers=world.auth(world.merchant_key))
+    assert hidden.status_code == 404
