@@ -8,7 +8,6 @@ import datetime as dt
 import io
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -16,11 +15,9 @@ from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 from tests.settlement.wc_support import (
-    BACKENDS,
     MERCHANT_A,
     MERCHANT_B,
     Stack,
-    database_url,
     settlement_stack,
 )
 from webpurse.settlement import ledger
@@ -111,12 +108,9 @@ def test_csv_report_lines_sum_to_the_net_and_formulas_are_neutralised() -> None:
 # --- batches on a real database ------------------------------------------------------
 
 
-@pytest.fixture(params=BACKENDS)
-def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
-    with (
-        database_url(request.param, tmp_path) as url,
-        settlement_stack(url, dt.datetime(2026, 11, 25, 0, 0, tzinfo=UTC)) as built,
-    ):
+@pytest.fixture
+def stack(db_url: str) -> Iterator[Stack]:
+    with settlement_stack(db_url, dt.datetime(2026, 11, 25, 0, 0, tzinfo=UTC)) as built:
         yield built
 
 

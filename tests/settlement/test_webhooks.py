@@ -18,7 +18,6 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, text
 
 from tests.settlement.wc_support import (
-    BACKENDS,
     MERCHANT_A,
     MERCHANT_B,
     Receiver,
@@ -174,12 +173,9 @@ def test_backoff_gives_up_after_three_days() -> None:
 # --- delivery through a real HTTP receiver ----------------------------------------
 
 
-@pytest.fixture(params=BACKENDS)
-def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
-    with (
-        database_url(request.param, tmp_path) as url,
-        settlement_stack(url, START) as built,
-    ):
+@pytest.fixture
+def stack(db_url: str) -> Iterator[Stack]:
+    with settlement_stack(db_url, START) as built:
         yield built
 
 

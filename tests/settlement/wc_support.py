@@ -1,29 +1,25 @@
 """Test support for the webhooks and clearing suites: a settlement stack on a real database.
 
-Each test gets a fresh database: a SQLite file, or a new PostgreSQL database created on the
-server at ``WEBPURSE_TEST_POSTGRES_URL`` (default ``postgresql://127.0.0.1:5432/test``) and
-dropped afterwards. Without a reachable PostgreSQL the PostgreSQL cases skip, except with
-``CI=true`` where they fail. The schema is made by the Alembic migrations, as in production.
+Each test gets a fresh database from the core's ``tests.settlement.support.database_url``
+(the ``db_url`` fixture of ``conftest.py``): a SQLite file, or a fresh schema on the
+PostgreSQL server at ``WEBPURSE_TEST_POSTGRES_URL``; without PostgreSQL those cases skip,
+except with ``CI=true`` where they fail. The schema is made by the Alembic migrations.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import os
 import secrets
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
-import psycopg
-import pytest
 from fastapi import FastAPI
-from psycopg import sql
 from sqlalchemy import Engine
 
+from tests.settlement.support import BACKENDS, database_url
 from webpurse.settlement.app import create_app
 from webpurse.settlement.auth import MERCHANT, OPERATOR, new_api_key
 from webpurse.settlement.db import SessionFactory, make_engine, make_session_factory, migrate
@@ -31,36 +27,8 @@ from webpurse.settlement.models import Merchant
 from webpurse.settlement.security import generate_master_keys
 from webpurse.settlement.settings import Settings
 
-POSTGRES_URL = os.environ.get("WEBPURSE_TEST_POSTGRES_URL", "postgresql://127.0.0.1:5432/test")
-BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
-
-
-def _postgres_admin() -> psycopg.Connection[tuple[object, ...]]:
-    try:
-        return psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"PostgreSQL at {POSTGRES_URL} is required in CI: {exc}")
-        pytest.skip(f"no PostgreSQL at {POSTGRES_URL}: {exc}")
-
-
-@contextmanager
-def database_url(backend: str, tmp_path: Path) -> Iterator[str]:
-    """A URL of an empty database of ``backend``, removed afterwards."""
-    if backend == "sqlite":
-        yield f"sqlite:///{tmp_path / 'settlement.db'}"
-        return
-    name = f"wp_wc_{secrets.token_hex(6)}"
-    with _postgres_admin() as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    base = POSTGRES_URL.rsplit("/", 1)[0]
-    try:
-        yield f"{base}/{name}"
-    finally:
-        with _postgres_admin() as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+# The databases come from the settlement core's support (SQLite file, PostgreSQL schema).
+__all__ = ["BACKENDS", "database_url"]
 
 
 @dataclass
