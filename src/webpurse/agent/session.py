@@ -63,6 +63,9 @@ AGENT_NAME = f"webpurse-agent/{__version__}"
 _WS_SCHEME = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
 _HTTP_SCHEME = {"ws": "http", "wss": "https", "http": "http", "https": "https"}
 _DEFAULT_PORT = {"http": 80, "https": 443}
+_FINAL_REFUSALS = frozenset(
+    {ErrorCode.SESSION_EXPIRED, ErrorCode.TOKEN_INVALID, ErrorCode.UNSUPPORTED_VERSION}
+)
 
 
 class PairingRefused(Exception):
@@ -396,8 +399,10 @@ class AgentSession:
                     )
                 except PairingRefused as exc:
                     await link.close()
-                    self._show(f"resume refused: {exc.message}")
-                    return False
+                    if exc.code in _FINAL_REFUSALS:
+                        self._show(f"resume refused: {exc.message}")
+                        return False
+                    log.info("resume: %s, retrying", exc)
                 except (ConnectionClosed, OSError) as exc:
                     log.info("resume: connection closed: %s", exc)
                 else:

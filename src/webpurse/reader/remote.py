@@ -524,6 +524,9 @@ class ReaderHub:
                     self._forget(reader)
         except WebSocketDisconnect:
             return
+        except Exception:
+            # One broken connection must not take anything else down; it is logged.
+            log.exception("remote-reader connection failed")
         finally:
             await link.close()
 
@@ -593,16 +596,21 @@ class ReaderHub:
         self._readers[record.binding] = reader
         self._by_resume[_digest(resume_token)] = reader
         self._displays[reader.session] = record.display
-        reader._attach(link, hello.card, hello.reader)
-        await link.send(
-            ServerHello(
-                version=max(common),
-                session=reader.session,
-                resume_token=resume_token,
-                grace_ms=int(self.grace * 1000),
-                merchant=record.display,
+        try:
+            await link.send(
+                ServerHello(
+                    version=max(common),
+                    session=reader.session,
+                    resume_token=resume_token,
+                    grace_ms=int(self.grace * 1000),
+                    merchant=record.display,
+                )
             )
-        )
+        except Exception:
+            log.warning("agent for %s left during hello", record.binding)
+            self._forget(reader)
+            return None
+        reader._attach(link, hello.card, hello.reader)
         log.info("agent paired: session %s for %s", reader.session, record.binding)
         self._changed.set()
         return reader
@@ -624,17 +632,24 @@ class ReaderHub:
         del self._by_resume[key]
         resume_token = secrets.token_urlsafe(32)
         self._by_resume[_digest(resume_token)] = reader
-        reader._attach(link, resume.card, resume.reader)
-        await link.send(
-            ServerHello(
-                version=max(PROTOCOL_VERSIONS),
-                session=reader.session,
-                resume_token=resume_token,
-                grace_ms=int(self.grace * 1000),
-                merchant=self._displays.get(reader.session),
-                unknown_batch=reader._take_lost_batch(),
+        lost = reader._take_lost_batch()
+        try:
+            await link.send(
+                ServerHello(
+                    version=max(PROTOCOL_VERSIONS),
+                    session=reader.session,
+                    resume_token=resume_token,
+                    grace_ms=int(self.grace * 1000),
+                    merchant=self._displays.get(reader.session),
+                    unknown_batch=lost,
+                )
             )
-        )
+        except Exception:
+            log.warning("agent of session %s left during resume", reader.session)
+            reader._lost_id = lost
+            self._start_grace(reader)
+            return None
+        reader._attach(link, resume.card, resume.reader)
         log.info("agent resumed session %s", reader.session)
         self._changed.set()
         return reader
