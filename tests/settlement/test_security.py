@@ -1,0 +1,125 @@
+"""The security module: keys encrypted at rest, never shown, MACs that match the card."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import secrets
+from pathlib import Path
+
+import pytest
+
+from tests.settlement.support import deterministic_random, ok
+from webpurse.card import CardApplet, MemoryStore
+from webpurse.protocol.commands import EP_AID, DebitForPurchase, InitializeForPurchase, Select
+from webpurse.protocol.commands import DebitForPurchaseResponse as DebitResponse
+from webpurse.protocol.commands import InitializeForPurchaseResponse as InitResponse
+from webpurse.settlement.db import make_engine, make_session_factory, migrate
+from webpurse.settlement.models import MasterKeyRecord
+from webpurse.settlement.security import (
+    SecurityError,
+    SoftwareSecurityModule,
+    create_kek_file,
+    generate_master_keys,
+    parse_kek,
+    resolve_kek,
+)
+from webpurse.settlement.settings import Settings
+
+NOW = dt.datetime(2026, 11, 27, 12, tzinfo=dt.UTC)
+
+
+def test_kek_from_hex_or_base64_and_nothing_else() -> None:
+    raw = secrets.token_bytes(32)
+    import base64
+
+    assert parse_kek(raw.hex()) == parse_kek(base64.b64encode(raw).decode()) == raw
+    with pytest.raises(SecurityError):
+        parse_kek("00" * 16)
+    with pytest.raises(SecurityError):
+        parse_kek("not a key!")
+
+
+def test_init_creates_a_private_kek_file_and_refuses_a_readable_one(tmp_path: Path) -> None:
+    settings = Settings(database_url="sqlite://", data_dir=tmp_path / "data")
+    kek = resolve_kek(settings, create=True)
+    path = settings.default_kek_file
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert resolve_kek(settings) == kek
+    os.chmod(path, 0o644)
+    with pytest.raises(SecurityError, match="chmod 600"):
+        resolve_kek(settings)
+    with pytest.raises(FileExistsError):
+        create_kek_file(path)
+
+
+def test_master_keys_are_sealed_and_need_the_right_kek(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 's.db'}")
+    migrate(engine)
+    factory = make_session_factory(engine)
+    kek = secrets.token_bytes(32)
+    assert generate_master_keys(factory, kek, NOW)
+    assert not generate_master_keys(factory, kek, NOW)  # idempotent
+    module = SoftwareSecurityModule.load(factory, kek)
+    with factory() as session:
+        rows = session.query(MasterKeyRecord).all()
+    assert sorted(r.kind for r in rows) == ["dlk", "dpk", "dtk"]
+    assert all(len(r.ciphertext) == 16 + 16 for r in rows)  # key + GCM tag, no clear text
+    assert "redacted" in repr(module)
+    # no clear key survives anywhere in the stored rows
+    clear = [module._card_key(kind, bytes(10), 1) for kind in ("dpk", "dlk", "dtk")]
+    assert not any(key in row.ciphertext for key in clear for row in rows)
+    with pytest.raises(SecurityError, match="wrong key-encryption key"):
+        SoftwareSecurityModule.load(factory, secrets.token_bytes(32))
+    engine.dispose()
+
+
+def test_a_card_it_personalises_accepts_its_mac1_and_proves_with_mac2_and_tac(
+    tmp_path: Path,
+) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 's.db'}")
+    migrate(engine)
+    factory = make_session_factory(engine)
+    kek = secrets.token_bytes(32)
+    generate_master_keys(factory, kek, NOW)
+    module = SoftwareSecurityModule.load(factory, kek)
+    serial = bytes.fromhex("0102030405060708090A")
+    state = dataclasses.replace(module.personalise(serial, start=NOW.date()), balance=1_000)
+    card = CardApplet(state, MemoryStore(state), deterministic_random(5))
+    terminal = bytes.fromhex("112233445566")
+    date, time = NOW.date(), dt.time(12, 0, 0)
+    ok(card, Select(name=EP_AID).to_apdu())
+    init = InitResponse.from_data(ok(card, InitializeForPurchase(1, 250, terminal).to_apdu()))
+    mac1 = module.purchase_mac1(
+        serial,
+        module.key_version,
+        random=init.random,
+        offline_counter=init.offline_counter,
+        terminal_seq=7,
+        amount=250,
+        terminal_id=terminal,
+        date=date,
+        time=time,
+    )
+    answer = DebitResponse.from_data(ok(card, DebitForPurchase(7, date, time, mac1).to_apdu()))
+
+    def verify(mac2: bytes, tac: bytes) -> bool:
+        return module.verify_purchase_mac2_and_tac(
+            serial,
+            module.key_version,
+            random=init.random,
+            offline_counter=init.offline_counter,
+            terminal_seq=7,
+            amount=250,
+            terminal_id=terminal,
+            date=date,
+            time=time,
+            mac2=mac2,
+            tac=tac,
+        )
+
+    assert verify(answer.mac2, answer.tac)
+    assert not verify(answer.tac, answer.mac2)
+    assert card.state.balance == 750
+    engine.dispose()
