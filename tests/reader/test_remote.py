@@ -33,9 +33,22 @@ from webpurse.agent.terminal import PairingRefused, TerminalAgent
 from webpurse.card.applet import CardApplet
 from webpurse.protocol import commands as cmd
 from webpurse.protocol import host
-from webpurse.reader.base import BatchRefused, OutcomeUnknown, ReaderDisconnected, Step
+from webpurse.reader.base import (
+    BatchRefused,
+    OutcomeUnknown,
+    ReaderDisconnected,
+    ReaderTimeout,
+    Step,
+)
 from webpurse.reader.messages import MAX_MESSAGE_BYTES, Outcome
-from webpurse.reader.remote import Pairings, ReaderHub
+from webpurse.reader.remote import (
+    CODE_ALPHABET,
+    MemoryPairingStore,
+    PairingError,
+    Pairings,
+    ReaderHub,
+    RemoteReader,
+)
 from webpurse.reader.sim import ApduEvent, Phase, SimReader
 
 
@@ -422,3 +435,72 @@ async def test_incoherent_result_is_outcome_unknown(hub: ReaderHub, base: str) -
         )
         with pytest.raises(OutcomeUnknown):
             await asyncio.wait_for(batch, 5)
+
+
+def test_pairings_are_single_use_short_lived_and_stored_hashed() -> None:
+    now = [dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)]
+    store = MemoryPairingStore()
+    pairings = Pairings(store, clock=lambda: now[0])
+    a, b = pairings.issue("pay_a"), pairings.issue("pay_b")
+
+    assert len(a.token) >= 43 and a.token != b.token  # token_urlsafe(32): 256 bits
+    assert len(a.code) == 8 and set(a.code) <= set(CODE_ALPHABET)
+    assert a.expires_at == now[0] + dt.timedelta(minutes=5)
+    assert a.token not in repr(a) and a.code not in repr(a)
+    assert all(a.token.encode() not in r.token_hash for r in store._by_token.values())
+    assert pairings.redeem(code=f" {a.code[:4].lower()}-{a.code[4:]} ").binding == "pay_a"
+    with pytest.raises(PairingError):
+        pairings.redeem(token=a.token)  # the code spent the token too
+    now[0] += dt.timedelta(minutes=5)
+    with pytest.raises(PairingError, match="expired"):
+        pairings.redeem(token=b.token)
+    with pytest.raises(PairingError):
+        pairings.redeem(token=b.token)
+    with pytest.raises(PairingError):
+        pairings.redeem()
+
+
+async def test_the_agent_answers_keep_alives_and_a_silent_peer_is_dropped(
+    sim: SimReader, agent_factory: list[TerminalAgent]
+) -> None:
+    hub = ReaderHub(ping_interval=0.05, grace=5.0)
+    try:
+        async with serve(merchant_app(hub)) as base:
+            agent = make_agent(sim, agent_factory, ConsentRecorder(), [])
+            await agent.pair(f"{base}/reader", token=hub.issue("pay_k").token)
+            remote = await hub.wait_for_reader("pay_k", 5)
+            # Many ping intervals pass (bounded wait for an event that must not happen).
+            with pytest.raises(ReaderTimeout):
+                await remote.wait_for_removal(0.5)
+            assert remote.connected
+            await select_over(remote)
+
+            silent = hub.issue("pay_s")
+            url = base.replace("http", "ws") + "/reader"
+            async with connect(url) as ws:
+                await ws.send(
+                    json.dumps(
+                        {
+                            "type": "hello",
+                            "versions": [1],
+                            "agent": "mute",
+                            "reader": "r",
+                            "card": {"present": True},
+                            "token": silent.token,
+                        }
+                    )
+                )
+                await _recv_json(ws)
+                mute = await hub.wait_for_reader("pay_s", 5)
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 5
+                while mute.connected:  # bounded polling: 3 silent intervals drop the link
+                    assert loop.time() < deadline
+                    await asyncio.sleep(0.02)
+    finally:
+        await hub.close()
+
+
+async def select_over(remote: RemoteReader) -> None:
+    (balance,) = await remote.transmit([Step(cmd.Select(name=cmd.EP_AID).to_apdu().to_bytes())])
+    assert balance.sw == 0x9000
