@@ -280,8 +280,11 @@ class DemoStack:
 
     def load_card(self, image: Path, amount: int) -> int:
         """Load ``amount`` onto the card in ``image`` through the real load flow."""
+        return asyncio.run(self.load_card_async(image, amount))
+
+    async def load_card_async(self, image: Path, amount: int) -> int:
         assert self.state is not None
-        return asyncio.run(_load(self.settlement_url, self.state.api_key, image, amount))
+        return await _load(self.settlement_url, self.state.api_key, image, amount)
 
     def start_agent(self, image: Path, *, yes: bool) -> subprocess.Popen[bytes]:
         args = [
