@@ -350,6 +350,10 @@ def test_a_day_not_over_or_out_of_order_is_refused_and_changes_nothing(
     assert unknown.status_code == 404
     bad_day = client.post("/v1/clearing/batches", json={"day": "26/11/2026"}, headers=operator)
     assert bad_day.status_code == 422
+    for extreme in ("0001-01-01", "9999-12-31"):
+        response = client.post("/v1/clearing/batches", json={"day": extreme}, headers=operator)
+        assert response.status_code == 400, extreme
+        assert response.json()["code"] == "day_out_of_range"
     assert client.get("/v1/clearing/batches", headers=operator).json()["data"] == []
 
     stack.clock.now = AFTER_DAY

@@ -75,6 +75,23 @@ class UnknownMerchantError(ClearingError):
     code = "unknown_merchant"
 
 
+class DayOutOfRangeError(ClearingError):
+    """A business day outside the years clearing handles (2000-9998)."""
+
+    code = "day_out_of_range"
+
+
+FIRST_DAY = date(2000, 1, 1)
+LAST_DAY = date(9998, 12, 31)
+
+
+def check_day(day: date) -> date:
+    """``day`` if clearing can handle it, else :class:`DayOutOfRangeError`."""
+    if not FIRST_DAY <= day <= LAST_DAY:
+        raise DayOutOfRangeError(f"day must be between {FIRST_DAY} and {LAST_DAY}")
+    return day
+
+
 class ItemKind(StrEnum):
     """What a clearing line is: money in (a capture) or money back (a refund)."""
 
@@ -399,6 +416,7 @@ def run_batch(
     a day that has not ended, and a day earlier than the merchant's latest batch (the carry
     forward runs in day order).
     """
+    check_day(day)
     identifier = batch_id(merchant_id, day)
     existing = session.get(ClearingBatch, identifier)
     if existing is not None:
@@ -475,5 +493,6 @@ def run_day(
     session: Session, day: date, now: datetime, tz: tzinfo = CHINA_STANDARD_TIME
 ) -> list[BatchResult]:
     """Clear ``day`` for every merchant (the daily job)."""
+    check_day(day)
     merchant_ids = session.scalars(select(Merchant.id).order_by(Merchant.id)).all()
     return [run_batch(session, merchant_id, day, now, tz) for merchant_id in merchant_ids]

@@ -7,7 +7,7 @@ merchant's batch answers 404, as if it did not exist).
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -19,6 +19,7 @@ from webpurse.settlement.clearing import (
     ClearingBatch,
     ClearingError,
     DayNotOverError,
+    DayOutOfRangeError,
     OutOfOrderError,
     UnknownMerchantError,
     last_closed_day,
@@ -27,12 +28,16 @@ from webpurse.settlement.clearing import (
     timezone_from_env,
 )
 from webpurse.settlement.db import get_session
-from webpurse.settlement.problems import ApiError, not_found
+from webpurse.settlement.problems import PROBLEM_JSON, ApiError, not_found
 from webpurse.settlement.settings import Clock
 
 router = APIRouter(prefix="/v1/clearing", tags=["clearing"])
 
 DbSession = Annotated[Session, Depends(get_session)]
+_PROBLEM = {"content": {PROBLEM_JSON: {}}, "description": "problem details (RFC 9457)"}
+PROBLEMS: dict[int | str, dict[str, Any]] = {
+    status: _PROBLEM for status in (400, 401, 403, 404, 409, 422)
+}
 
 
 def _clock(request: Request) -> dt.datetime:
@@ -121,6 +126,8 @@ def _problem(exc: ClearingError) -> ApiError:
         return ApiError(404, "resource_missing", str(exc), param="merchant")
     if isinstance(exc, DayNotOverError | OutOfOrderError):
         return ApiError(409, exc.code, str(exc), param="day")
+    if isinstance(exc, DayOutOfRangeError):
+        return ApiError(400, exc.code, str(exc), param="day")
     return ApiError(400, exc.code, str(exc))
 
 
@@ -131,7 +138,7 @@ def _visible_batch(session: Session, principal: Principal, batch_id: str) -> Cle
     return batch
 
 
-@router.post("/batches", response_model=BatchList)
+@router.post("/batches", response_model=BatchList, responses=PROBLEMS)
 def create_batches(
     body: BatchRequest, principal: OperatorPrincipal, session: DbSession, now: Now, tz: Tz
 ) -> BatchList:
@@ -147,7 +154,7 @@ def create_batches(
     return BatchList(data=[batch_out(r.batch, r.created) for r in results])
 
 
-@router.get("/batches", response_model=BatchList)
+@router.get("/batches", response_model=BatchList, responses=PROBLEMS)
 def list_batches(
     principal: AnyPrincipal,
     session: DbSession,
@@ -169,7 +176,7 @@ def list_batches(
     return BatchList(data=[batch_out(r) for r in rows[:limit]], has_more=len(rows) > limit)
 
 
-@router.get("/batches/{batch_id}", response_model=BatchOut)
+@router.get("/batches/{batch_id}", response_model=BatchOut, responses=PROBLEMS)
 def get_batch(batch_id: str, principal: AnyPrincipal, session: DbSession) -> BatchOut:
     return batch_out(_visible_batch(session, principal, batch_id))
 
@@ -177,7 +184,10 @@ def get_batch(batch_id: str, principal: AnyPrincipal, session: DbSession) -> Bat
 @router.get(
     "/batches/{batch_id}/report.csv",
     response_class=Response,
-    responses={200: {"content": {"text/csv": {}}, "description": "the batch's CSV report"}},
+    responses={
+        200: {"content": {"text/csv": {}}, "description": "the batch's CSV report"},
+        **PROBLEMS,
+    },
 )
 def get_report(batch_id: str, principal: AnyPrincipal, session: DbSession) -> Response:
     """The batch's report as written when it ran (amounts in fen; see docs/webhooks.md)."""

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from webpurse.settlement.auth import MerchantPrincipal
 from webpurse.settlement.db import get_session
-from webpurse.settlement.problems import bad_request, not_found
+from webpurse.settlement.problems import PROBLEM_JSON, bad_request, not_found
 from webpurse.settlement.security import resolve_kek
 from webpurse.settlement.settings import Clock, Settings
 from webpurse.settlement.webhooks import (
@@ -43,6 +43,10 @@ from webpurse.settlement.webhooks import (
 router = APIRouter(prefix="/v1", tags=["webhooks"])
 
 DbSession = Annotated[Session, Depends(get_session)]
+_PROBLEM = {"content": {PROBLEM_JSON: {}}, "description": "problem details (RFC 9457)"}
+PROBLEMS: dict[int | str, dict[str, Any]] = {
+    status: _PROBLEM for status in (400, 401, 403, 404, 422)
+}
 MAX_ENDPOINTS_PER_MERCHANT = 16
 
 
@@ -236,7 +240,9 @@ def _event_out(session: Session, event: WebhookEvent, *, with_log: bool) -> Even
     )
 
 
-@router.post("/webhook_endpoints", status_code=201, response_model=EndpointCreated)
+@router.post(
+    "/webhook_endpoints", status_code=201, response_model=EndpointCreated, responses=PROBLEMS
+)
 def create_endpoint(
     body: EndpointCreate,
     principal: MerchantPrincipal,
@@ -272,7 +278,7 @@ def create_endpoint(
     return EndpointCreated(**_endpoint_out(row).model_dump(), secret=secret)
 
 
-@router.get("/webhook_endpoints", response_model=EndpointList)
+@router.get("/webhook_endpoints", response_model=EndpointList, responses=PROBLEMS)
 def list_endpoints(principal: MerchantPrincipal, session: DbSession) -> EndpointList:
     rows = session.scalars(
         select(WebhookEndpoint)
@@ -285,13 +291,13 @@ def list_endpoints(principal: MerchantPrincipal, session: DbSession) -> Endpoint
     return EndpointList(data=[_endpoint_out(r) for r in rows])
 
 
-@router.get("/webhook_endpoints/{endpoint_id}", response_model=EndpointOut)
+@router.get("/webhook_endpoints/{endpoint_id}", response_model=EndpointOut, responses=PROBLEMS)
 def get_endpoint(endpoint_id: str, principal: MerchantPrincipal, session: DbSession) -> EndpointOut:
     assert principal.merchant_id is not None
     return _endpoint_out(_own_endpoint(session, principal.merchant_id, endpoint_id))
 
 
-@router.delete("/webhook_endpoints/{endpoint_id}", response_model=Deleted)
+@router.delete("/webhook_endpoints/{endpoint_id}", response_model=Deleted, responses=PROBLEMS)
 def delete_endpoint(
     endpoint_id: str, principal: MerchantPrincipal, session: DbSession, now: Now
 ) -> Deleted:
@@ -311,7 +317,7 @@ def delete_endpoint(
     return Deleted(id=row.id)
 
 
-@router.get("/events", response_model=EventList)
+@router.get("/events", response_model=EventList, responses=PROBLEMS)
 def list_events(
     principal: MerchantPrincipal,
     session: DbSession,
@@ -356,14 +362,14 @@ def list_events(
     )
 
 
-@router.get("/events/{event_id}", response_model=EventOut)
+@router.get("/events/{event_id}", response_model=EventOut, responses=PROBLEMS)
 def get_event(event_id: str, principal: MerchantPrincipal, session: DbSession) -> EventOut:
     """One event with each endpoint's delivery state and its attempt log."""
     assert principal.merchant_id is not None
     return _event_out(session, _own_event(session, principal.merchant_id, event_id), with_log=True)
 
 
-@router.post("/events/{event_id}/redeliver", response_model=EventOut)
+@router.post("/events/{event_id}/redeliver", response_model=EventOut, responses=PROBLEMS)
 def redeliver_event(
     event_id: str, principal: MerchantPrincipal, session: DbSession, now: Now
 ) -> EventOut:
