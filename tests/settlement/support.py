@@ -301,3 +301,101 @@ def make_world(url: str, *, clock: FakeClock | None = None) -> Iterator[World]:
             )
     finally:
         engine.dispose()
+
+
+# --- a real uvicorn process ----------------------------------------------------------
+
+
+@dataclass
+class LiveServer:
+    base_url: str
+    url: str
+    kek: bytes
+    factory: SessionFactory
+    security: SoftwareSecurityModule
+    merchant_key: str
+    terminal_id: str
+    operator_key: str
+    seeds: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def issue(self) -> CardApplet:
+        with self.factory() as session, session.begin():
+            _, state = issue_card(session, self.security, dt.datetime.now(dt.UTC))
+        return CardApplet(state, MemoryStore(state), deterministic_random(next(self.seeds)))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def live_server(url: str, tmp_path: Path) -> Iterator[LiveServer]:
+    """Migrate ``url``, then run ``webpurse serve settlement`` on a free port until done."""
+    import subprocess
+    import sys
+    import time
+
+    kek = secrets.token_bytes(32)
+    engine = make_engine(url, pool_size=5, max_overflow=5)
+    migrate(engine)
+    factory = make_session_factory(engine)
+    now = dt.datetime.now(dt.UTC)
+    generate_master_keys(factory, kek, now)
+    security = SoftwareSecurityModule.load(factory, kek)
+    with factory() as session, session.begin():
+        merchant, merchant_key = create_merchant(session, "Live shop", now)
+        _, operator_key = new_api_key(session, OPERATOR, now, name="ops")
+        terminal_id = merchant.terminal_id
+    port = _free_port()
+    env = {
+        **os.environ,
+        "WEBPURSE_DATABASE_URL": url,
+        "WEBPURSE_KEK": kek.hex(),
+        "WEBPURSE_DATA_DIR": str(tmp_path / "data"),
+    }
+    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115
+    process = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("webpurse")),
+            "serve",
+            "settlement",
+            "--port",
+            str(port),
+            "--no-migrate",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"settlement server exited: {(tmp_path / 'server.log').read_text()[-2000:]}"
+                )
+            try:
+                if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("settlement server did not answer /health within 30 s")
+            time.sleep(0.05)  # bounded polling for readiness, not synchronisation of results
+        yield LiveServer(
+            base_url, url, kek, factory, security, merchant_key, terminal_id, operator_key
+        )
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+        engine.dispose()
