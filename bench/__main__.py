@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             for row in rows:
                 params = " ".join(f"{k}={v}" for k, v in row.params.items())
                 shown = format_value(row.value, row.unit) if row.measured else row.note
-                progress.console.print(f"  {name:10} {row.metric} {params}: {shown}")
+                progress.console.print(
+                    f"  {name:10} {row.metric} {params}: {shown}", soft_wrap=True
+                )
     run.seconds = time.perf_counter() - started
     if args.quick:
         console.print("--quick: results not saved (smoke test)")

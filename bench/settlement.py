@@ -1,0 +1,392 @@
+"""Settlement throughput through its HTTP API, side by side with pgbench, in one run.
+
+For each client count N: pgbench tpcb-like with N clients, then N concurrent merchant
+clients (``webpurse.merchant.settlement.SettlementClient`` over one ``httpx.AsyncClient``)
+each completing purchases on its own emulated card: create payment, authorise (the card's
+READ BINARY + INITIALIZE answers), capture (DEBIT's TAC ‖ MAC2). The card emulator runs
+in this (client) process between the calls; its time is counted and reported separately.
+Afterwards the server is profiled under load with py-spy (top functions by own time, and
+by package).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.cards import APDUS
+from bench.harness import Context, Measurement, not_measured, ratio, summarise
+from bench.pgbench import CLIENTS, SECONDS, Pgbench, PgServer, rows_for, unavailable_reason
+from bench.servers import (
+    SettlementEnvironment,
+    SettlementProcess,
+    SetupError,
+    fund_cards,
+    http_client,
+    settlement_server,
+)
+from webpurse.card import CardApplet
+from webpurse.merchant.settlement import Kind, SettlementClient
+from webpurse.protocol import commands as cmd
+
+NAME = "settlement"
+AMOUNT = 1  # fen per purchase: a funded card (100,000 fen) never runs dry in a window
+FUNDING = 100_000
+PROFILE_CLIENTS = 8
+PROFILE_SECONDS = 10
+
+
+class PurchaseFailed(Exception):
+    pass
+
+
+def _data(response: bytes, what: str) -> bytes:
+    if response[-2:] != b"\x90\x00":
+        raise PurchaseFailed(f"card answered {response[-2:].hex().upper()} to {what}")
+    return response[:-2]
+
+
+@dataclass
+class ClientStats:
+    latencies: list[float] = field(default_factory=list)
+    card_seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+
+async def purchase(
+    settlement: SettlementClient, card: CardApplet, stats: ClientStats, reference: str
+) -> None:
+    """One purchase as the merchant's flow drives it, the card answering in process."""
+    payment = await settlement.create(
+        Kind.PAYMENT, AMOUNT, description="bench purchase", reference=reference
+    )
+    started = time.perf_counter()
+    _data(card.process(APDUS.select), "SELECT")
+    issuer = _data(card.process(APDUS.read_issuer), "READ BINARY")
+    init_apdu = cmd.InitializeForPurchase(payment.key_index, AMOUNT, payment.terminal_id)
+    initialize = _data(card.process(init_apdu.to_apdu().to_bytes()), "INITIALIZE")
+    stats.card_seconds += time.perf_counter() - started
+    authorised = await settlement.authorise(
+        Kind.PAYMENT,
+        payment.id,
+        issuer_data=issuer,
+        initialize=initialize,
+        terminal_id=payment.terminal_id,
+    )
+    if authorised.authorisation is None:
+        raise PurchaseFailed(f"authorise answered {authorised.status} without an APDU")
+    started = time.perf_counter()
+    debit = _data(card.process(authorised.authorisation.apdu), "DEBIT")
+    stats.card_seconds += time.perf_counter() - started
+    captured = await settlement.finish(Kind.PAYMENT, payment.id, debit)
+    if captured.status != "succeeded":
+        raise PurchaseFailed(f"capture answered {captured.status}")
+
+
+async def _client_loop(
+    settlement: SettlementClient, card: CardApplet, stats: ClientStats, until: float, name: str
+) -> int:
+    done = 0
+    while time.perf_counter() < until:
+        started = time.perf_counter()
+        try:
+            await purchase(settlement, card, stats, f"{name}-{done}")
+        except Exception as exc:
+            stats.errors.append(f"{type(exc).__name__}: {exc}")
+            return done  # a card left mid-transaction would only be declined from now on
+        finished = time.perf_counter()
+        if finished <= until:
+            stats.latencies.append(finished - started)
+            done += 1
+    return done
+
+
+@dataclass
+class WindowResult:
+    clients: int
+    seconds: float
+    purchases: int
+    latencies: list[float]
+    card_seconds: float
+    client_cpu_seconds: float
+    server_cpu_seconds: float
+    errors: list[str]
+
+    @property
+    def rate(self) -> float:
+        return self.purchases / self.seconds
+
+
+async def measure_window(
+    url: str, api_key: str, cards: list[CardApplet], seconds: float, server: SettlementProcess
+) -> WindowResult:
+    """One warm-up purchase per client, then ``seconds`` of purchases by every client."""
+    async with http_client(url) as http:
+        settlement = SettlementClient(http, api_key)
+        warmup = [ClientStats() for _ in cards]
+        # The first purchase alone: settlement creates ledger accounts on first use.
+        await purchase(settlement, cards[0], warmup[0], "warmup")
+        await asyncio.gather(
+            *(purchase(settlement, c, s, "warmup") for c, s in zip(cards, warmup, strict=True))
+        )
+        stats = [ClientStats() for _ in cards]
+        cpu_before, server_before = time.process_time(), server.cpu_seconds()
+        started = time.perf_counter()
+        until = started + seconds
+        counts = await asyncio.gather(
+            *(
+                _client_loop(settlement, card, s, until, f"c{i}")
+                for i, (card, s) in enumerate(zip(cards, stats, strict=True))
+            )
+        )
+        return WindowResult(
+            clients=len(cards),
+            seconds=seconds,
+            purchases=sum(counts),
+            latencies=[lat for s in stats for lat in s.latencies],
+            card_seconds=sum(s.card_seconds for s in stats),
+            client_cpu_seconds=time.process_time() - cpu_before,
+            server_cpu_seconds=server.cpu_seconds() - server_before,
+            errors=[e for s in stats for e in s.errors],
+        )
+
+
+def window_rows(result: WindowResult, pgbench_tps: float | None) -> list[Measurement]:
+    params: dict[str, str | int | float | bool] = {
+        "clients": result.clients,
+        "seconds": round(result.seconds, 1),
+    }
+    note = f"{len(result.errors)} client(s) failed: {result.errors[0]}" if result.errors else ""
+    rows = [Measurement(NAME, "settlement purchases/s", result.rate, "1/s", params, note)]
+    if result.latencies:
+        summary = summarise(result.latencies)
+        rows += [
+            Measurement(NAME, "purchase latency p50", summary.p50 * 1000, "ms", params),
+            Measurement(NAME, "purchase latency p99", summary.p99 * 1000, "ms", params),
+        ]
+    if result.purchases:
+        per = 1000 / result.purchases
+        rows += [
+            Measurement(
+                NAME, "server CPU per purchase", result.server_cpu_seconds * per, "ms", params
+            ),
+            Measurement(
+                NAME,
+                "client CPU per purchase (httpx + card)",
+                result.client_cpu_seconds * per,
+                "ms",
+                params,
+            ),
+            Measurement(
+                NAME, "card emulator per purchase", result.card_seconds * per, "ms", params
+            ),
+        ]
+    value = ratio(result.rate, pgbench_tps)
+    rows.append(Measurement(NAME, "ratio settlement/pgbench", value, "×", params))
+    return rows
+
+
+# --- profile ---------------------------------------------------------------------------
+
+_FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
+PACKAGES = (
+    "webpurse",
+    "sqlalchemy",
+    "psycopg",
+    "fastapi",
+    "starlette",
+    "pydantic",
+    "pydantic_core",
+    "uvicorn",
+    "h11",
+    "httptools",
+    "anyio",
+    "structlog",
+    "prometheus_client",
+    "cryptography",
+    "json",
+    "logging",
+    "asyncio",
+    "threading",
+    "concurrent",
+)
+
+
+def frame_function(frame: str) -> str:
+    """``func (path/to/file.py:123)`` → ``func (path/to/file.py)``."""
+    match = _FRAME.match(frame.strip())
+    if match is None:
+        return frame.strip()
+    return f"{match['func']} ({match['file']})"
+
+
+def frame_package(frame: str) -> str:
+    match = _FRAME.match(frame.strip())
+    path = match["file"] if match else frame
+    parts = re.split(r"[/\\]", path)
+    for package in PACKAGES:
+        if package in parts or path.startswith(package + "/"):
+            return package
+    return "other"
+
+
+@dataclass(frozen=True)
+class Profile:
+    samples: int
+    own: list[tuple[str, int]]  # function → samples where it is the leaf
+    inclusive: list[tuple[str, int]]  # function → samples where it is on the stack
+    packages: list[tuple[str, int]]  # package of the leaf frame → samples
+
+
+def parse_collapsed(lines: Iterable[str], *, keep: int = 15, only: str = "webpurse") -> Profile:
+    """Aggregate py-spy's collapsed stacks (``frame;frame;... count``).
+
+    ``inclusive`` lists only functions whose file path contains ``only`` (our code).
+    """
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    packages: Counter[str] = Counter()
+    total = 0
+    for line in lines:
+        line = line.strip()
+        if not line or " " not in line:
+            continue
+        stack, _, count_text = line.rpartition(" ")
+        try:
+            count = int(count_text)
+        except ValueError:
+            continue
+        frames = [f for f in stack.split(";") if "(" in f]
+        if not frames:
+            continue
+        total += count
+        own[frame_function(frames[-1])] += count
+        packages[frame_package(frames[-1])] += count
+        for function in {frame_function(f) for f in frames}:
+            if only in function:
+                inclusive[function] += count
+    return Profile(
+        samples=total,
+        own=own.most_common(keep),
+        inclusive=inclusive.most_common(keep),
+        packages=packages.most_common(),
+    )
+
+
+def profile_rows(profile: Profile, clients: int) -> list[Measurement]:
+    rows = []
+    for kind, entries in (
+        ("profile own time", profile.own),
+        ("profile package (own time)", profile.packages),
+        ("profile inclusive (webpurse)", profile.inclusive),
+    ):
+        for function, samples in entries:
+            share = 100 * samples / profile.samples if profile.samples else 0
+            rows.append(
+                Measurement(NAME, kind, share, "%", {"clients": clients, "where": function})
+            )
+    return rows
+
+
+def find_py_spy() -> str | None:
+    candidate = Path(sys.executable).parent / "py-spy"
+    return str(candidate) if candidate.exists() else shutil.which("py-spy")
+
+
+async def profile_server(
+    ctx: Context,
+    environment: SettlementEnvironment,
+    server: SettlementProcess,
+    merchant_key: str,
+    cards: list[CardApplet],
+) -> list[Measurement]:
+    py_spy = find_py_spy()
+    if py_spy is None:
+        return [not_measured(NAME, "profile own time", "%", "py-spy not installed")]
+    seconds = int(ctx.seconds(PROFILE_SECONDS))
+    output = environment.folder / "profile.txt"
+    recorder = subprocess.Popen(
+        [
+            *(py_spy, "record", "--pid", str(server.pid), "--duration", str(seconds)),
+            *("--rate", "200", "--format", "raw", "--nonblocking", "--output", str(output)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    await measure_window(server.url, merchant_key, cards, seconds + 1, server)
+    _, stderr = recorder.communicate(timeout=60)
+    if recorder.returncode != 0 or not output.exists():
+        reason = stderr.decode(errors="replace").strip()[-300:]
+        return [not_measured(NAME, "profile own time", "%", f"py-spy failed: {reason}")]
+    keep = Path(__file__).resolve().parent / "profile-settlement.txt"
+    shutil.copyfile(output, keep)
+    ctx.log(f"server profile (collapsed stacks) kept in {keep}")
+    profile = parse_collapsed(output.read_text().splitlines())
+    return profile_rows(profile, len(cards))
+
+
+# --- the benchmark ---------------------------------------------------------------------
+
+
+async def _run(ctx: Context, pg: PgServer) -> list[Measurement]:
+    rows: list[Measurement] = []
+    clients = CLIENTS if not ctx.quick else (1, 4)
+    seconds = int(ctx.seconds(SECONDS))
+    steps = 2 + 2 * len(clients) + 1
+    with ctx.task("settlement vs pgbench", total=steps) as advance:
+        pgbench = Pgbench(pg)
+        pgbench.initialise()
+        try:
+            with settlement_server(pg) as (environment, server):
+                merchant = environment.initialise()
+                cards = environment.issue_cards(max(clients))
+                server.start()
+                async with http_client(server.url) as http:
+                    await fund_cards(SettlementClient(http, merchant.api_key), cards, FUNDING)
+                advance()
+                for n in clients:
+                    result = pgbench.run(n, seconds)
+                    rows += [
+                        Measurement(r.benchmark.replace("pgbench", NAME), *_rest(r))
+                        for r in rows_for(result, n, seconds)
+                    ]
+                    advance()
+                    window = await measure_window(
+                        server.url, merchant.api_key, cards[:n], seconds, server
+                    )
+                    rows += window_rows(window, result.tps)
+                    advance()
+                profiled = cards[: min(PROFILE_CLIENTS, len(cards))]
+                rows += await profile_server(ctx, environment, server, merchant.api_key, profiled)
+                advance()
+        finally:
+            pgbench.drop()
+        advance()
+    return rows
+
+
+def _rest(row: Measurement) -> tuple[str, float | None, str, dict[str, str | int | float | bool]]:
+    return row.metric, row.value, row.unit, row.params
+
+
+def run(ctx: Context) -> list[Measurement]:
+    pg = PgServer.from_env()
+    reason = unavailable_reason(pg)
+    if reason is not None:
+        return [
+            not_measured(NAME, "settlement purchases/s", "1/s", reason, clients=c) for c in CLIENTS
+        ]
+    try:
+        return asyncio.run(_run(ctx, pg))
+    except SetupError as exc:
+        return [
+            not_measured(NAME, "settlement purchases/s", "1/s", f"settlement setup failed: {exc}")
+        ]
