@@ -7,6 +7,14 @@ if ! pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then
     echo "starting PostgreSQL"
     pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true
 fi
+# The settlement tests use database `test` (WEBPURSE_TEST_POSTGRES_URL); create it if absent.
+for _ in $(seq 1 50); do pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null && break; sleep 0.2; done
+if pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null \
+    && ! psql -h 127.0.0.1 -U postgres -d test -tAc 'SELECT 1' >/dev/null 2>&1; then
+    echo "creating database test"
+    runuser -u postgres -- createdb test 2>/dev/null \
+        || createdb -h 127.0.0.1 -U postgres test || true
+fi
 
 if command -v pcscd >/dev/null; then
     if ! pgrep -x pcscd >/dev/null; then
