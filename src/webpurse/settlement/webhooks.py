@@ -26,6 +26,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -543,10 +544,26 @@ async def deliver_due(
     """
     now = _aware(now)
     rng = rng if rng is not None else random.Random()
-    jobs, canceled = _claim_due(session_factory, now, secret_box, limit, lease)
+    # The database work runs on a worker thread: the event loop keeps serving requests
+    # while a transaction waits for a lock.
+    jobs, canceled = await asyncio.to_thread(
+        _claim_due, session_factory, now, secret_box, limit, lease
+    )
     if not jobs:
         return DeliveryReport(canceled=canceled)
     outcomes = await asyncio.gather(*(_send(http_client, job, now, timeout) for job in jobs))
+    report = await asyncio.to_thread(_record, session_factory, outcomes, now, policy, rng)
+    return dataclasses.replace(report, canceled=canceled)
+
+
+def _record(
+    session_factory: SessionMaker,
+    outcomes: list[_Outcome],
+    now: datetime,
+    policy: RetryPolicy,
+    rng: random.Random,
+) -> DeliveryReport:
+    """Log each attempt; mark delivered, schedule the retry, or give up."""
     succeeded = retrying = failed = 0
     with session_factory() as session, session.begin():
         for outcome in outcomes:
@@ -589,7 +606,6 @@ async def deliver_due(
         succeeded=succeeded,
         retrying=retrying,
         failed=failed,
-        canceled=canceled,
     )
 
 
@@ -676,6 +692,7 @@ class WebhookWorker:
         self._client = http_client
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.batch_size = 50
 
     async def start(self) -> None:
         self._stop.clear()
@@ -692,16 +709,21 @@ class WebhookWorker:
         client = self._client or httpx.AsyncClient(follow_redirects=False)
         try:
             while not self._stop.is_set():
+                busy = False
                 try:
-                    await deliver_due(
+                    report = await deliver_due(
                         self._session_factory,
                         client,
                         self._clock(),
                         secret_box=self._secret_box,
                         policy=self._policy,
+                        limit=self.batch_size,
                     )
+                    busy = report.attempted + report.canceled >= self.batch_size
                 except Exception:  # the loop must survive a bad pass (DB restart, ...)
                     log.exception("webhooks.pass_failed")
+                if busy:  # a full batch: more may be due right away
+                    continue
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), timeout=self._interval)
         finally:
