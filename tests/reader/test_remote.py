@@ -43,6 +43,7 @@ from webpurse.reader.base import (
 from webpurse.reader.messages import MAX_MESSAGE_BYTES, Outcome
 from webpurse.reader.remote import (
     CODE_ALPHABET,
+    CODE_ATTEMPTS,
     MemoryPairingStore,
     PairingError,
     Pairings,
@@ -504,3 +505,17 @@ async def test_the_agent_answers_keep_alives_and_a_silent_peer_is_dropped(
 async def select_over(remote: RemoteReader) -> None:
     (balance,) = await remote.transmit([Step(cmd.Select(name=cmd.EP_AID).to_apdu().to_bytes())])
     assert balance.sw == 0x9000
+
+
+async def test_wrong_codes_are_bounded_per_client(
+    hub: ReaderHub, base: str, sim: SimReader, agent_factory: list[TerminalAgent]
+) -> None:
+    pairing = hub.issue("pay_c")
+    agent = make_agent(sim, agent_factory, ConsentRecorder(), [])
+    for _ in range(CODE_ATTEMPTS):
+        with pytest.raises(PairingRefused):
+            await agent.pair(f"{base}/reader", code="AAAAAAAA")
+    with pytest.raises(PairingRefused) as blocked:
+        await agent.pair(f"{base}/reader", code=pairing.code)
+    assert "too many" in blocked.value.message
+    await agent.pair(f"{base}/reader", token=pairing.token)  # the token still works

@@ -72,6 +72,8 @@ PAIRING_LIFETIME = dt.timedelta(minutes=5)
 CODE_ALPHABET = "ABCDEFGHJKMNPQRSTVWXYZ23456789"  # no 0/O, 1/I/L, U: easy to type
 CODE_LENGTH = 8
 _MAX_VIOLATIONS = 8
+CODE_ATTEMPTS = 10
+"""Failed code pairings allowed per client address per :data:`PAIRING_LIFETIME`."""
 
 
 def utc_now() -> dt.datetime:
@@ -474,6 +476,8 @@ class ReaderHub:
         self._displays: dict[str, str | None] = {}
         self._changed = asyncio.Event()
         self._expiry: dict[str, asyncio.TimerHandle] = {}
+        self._clock = clock
+        self._code_failures: dict[str, list[dt.datetime]] = {}
 
     def issue(self, binding: str, *, display: str | None = None) -> Pairing:
         """A pairing token and code for one payment or load id (see :class:`Pairings`)."""
@@ -576,9 +580,15 @@ class ReaderHub:
                 f"server speaks versions {list(PROTOCOL_VERSIONS)}",
             )
             return None
+        client = link.websocket.client.host if link.websocket.client else "?"
+        if hello.code is not None and not self._may_try_code(client):
+            await self._refuse(link, ErrorCode.TOKEN_INVALID, "too many wrong codes; wait")
+            return None
         try:
             record = self.pairings.redeem(token=hello.token, code=hello.code)
         except PairingError as exc:
+            if hello.code is not None:
+                self._code_failures.setdefault(client, []).append(self._clock())
             await self._refuse(link, ErrorCode.TOKEN_INVALID, str(exc))
             return None
         old = self._readers.get(record.binding)
@@ -614,6 +624,16 @@ class ReaderHub:
         log.info("agent paired: session %s for %s", reader.session, record.binding)
         self._changed.set()
         return reader
+
+    def _may_try_code(self, client: str) -> bool:
+        """An 8-character code is guessable by brute force: bound the wrong guesses."""
+        since = self._clock() - PAIRING_LIFETIME
+        recent = [t for t in self._code_failures.get(client, []) if t > since]
+        if recent:
+            self._code_failures[client] = recent
+        else:
+            self._code_failures.pop(client, None)
+        return len(recent) < CODE_ATTEMPTS
 
     async def _resume(self, link: _Link, resume: Resume) -> RemoteReader | None:
         key = _digest(resume.resume_token)
@@ -715,6 +735,7 @@ class ReaderHub:
 
 __all__ = [
     "CODE_ALPHABET",
+    "CODE_ATTEMPTS",
     "MemoryPairingStore",
     "Pairing",
     "PairingError",
