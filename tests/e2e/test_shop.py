@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -44,6 +45,21 @@ def settlement_object(stack: DemoStack, kind: str, object_id: str) -> dict[str, 
     return body
 
 
+async def webhook_delivered(stack: DemoStack, event_type: str, object_id: str) -> bool:
+    """Settlement delivered the event to the shop, which verified it (204; forged → 400)."""
+    for _ in range(150):
+        with stack.settlement_client() as client:
+            events = client.get("/v1/events", params={"type": event_type, "limit": 100}).json()
+        for event in events["data"]:
+            if event["data"]["object"]["id"] != object_id:
+                continue
+            for delivery in event["deliveries"]:
+                if delivery["status"] == "succeeded":
+                    return bool(delivery["last_status_code"] == 204)
+        await asyncio.sleep(0.1)
+    return False
+
+
 def ledger_ok(stack: DemoStack) -> None:
     report = stack.ledger_check()
     assert report["ok"], report["problems"]
@@ -77,6 +93,7 @@ async def test_purchase_in_the_browser_pays_and_debits_the_card_once(
     payment = settlement_object(stack, "payments", status["settlement_id"])
     assert payment["status"] == "succeeded" and payment["tac"] == status["tac"]
     ledger_ok(stack)
+    assert await webhook_delivered(stack, "payment.succeeded", payment["id"])
     await page.click("[data-testid=receipt-link]")
     await expect(page.locator("[data-testid=order-status]")).to_have_text("Paid")
     await page.goto(f"{stack.merchant_url}/orders")

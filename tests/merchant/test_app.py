@@ -182,3 +182,28 @@ async def test_interrupted_payment_asks_for_the_card_again_then_ends_paid_once(
     body = await wait_status(client, order_id, {"paid"})
     assert sim.card is not None and sim.card.state.balance == 10_000 - 2450
     assert settlement.records[body["settlement_id"]].status == "succeeded"
+
+
+async def test_a_verified_webhook_marks_the_order_paid_from_settlement(
+    shop: Any, settlement: FakeSettlement
+) -> None:
+    client, _, app = shop
+    order_id = await checkout(client, "kite")
+    order = app.state.orders.get(order_id)
+    assert order.status == "pending" and order.settlement_id is not None
+    settlement.records[order.settlement_id].status = "succeeded"  # settled elsewhere
+    event = {
+        "id": "evt_1",
+        "type": "payment.succeeded",
+        "data": {"object": {"id": order.settlement_id}},
+    }
+    body = json.dumps(event).encode()
+    forged = _signed(body, secret="whsec_" + base64.b64encode(b"x" * 24).decode())
+    assert (
+        await client.post("/webhooks/settlement", content=body, headers=forged)
+    ).status_code == 400
+    assert app.state.orders.get(order_id).status == "pending"
+    assert (
+        await client.post("/webhooks/settlement", content=body, headers=_signed(body))
+    ).status_code == 204
+    assert app.state.orders.get(order_id).status == "paid"
