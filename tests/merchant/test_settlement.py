@@ -1,0 +1,125 @@
+"""The merchant's settlement client and flows against the real settlement app (in process).
+
+SQLite always, PostgreSQL too when it answers (``-m postgres``); the card is issued by
+settlement's security module and sits in a SimReader, so every MAC and TAC is real.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.settlement.support import BACKENDS, World, database_url, make_world
+from webpurse.merchant.flows import recover, run_transaction
+from webpurse.merchant.settlement import Kind, RecoveryHint, SettlementClient, SettlementError
+from webpurse.protocol.commands import INS_CREDIT_FOR_LOAD, INS_DEBIT_FOR_PURCHASE
+from webpurse.protocol.records import TransactionType
+from webpurse.reader.sim import Fault, SimReader
+
+
+@pytest.fixture(params=BACKENDS)
+def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
+    with database_url(str(request.param), tmp_path) as url, make_world(url) as w:
+        yield w
+
+
+@pytest.fixture
+async def client(world: World) -> AsyncIterator[SettlementClient]:
+    transport = httpx.ASGITransport(app=world.client.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://settlement") as http:
+        yield SettlementClient(http, world.merchant_key)
+
+
+async def test_purchase_against_settlement_is_two_round_trips(
+    world: World, client: SettlementClient
+) -> None:
+    async with SimReader(world.funded_card(10_000)) as reader:
+        payment = await client.create(Kind.PAYMENT, 1250, description="tea", reference="ord_1")
+        assert payment.status == "requires_card" and len(payment.terminal_id) == 6
+        outcome = await run_transaction(reader, client, payment)
+        assert (outcome.status, outcome.round_trips) == ("succeeded", 2)
+        assert reader.card is not None and reader.card.state.balance == 8_750
+        fetched = await client.get(Kind.PAYMENT, payment.id)
+        assert fetched.status == "succeeded" and fetched.tac == outcome.tac
+
+
+async def test_load_against_settlement_is_two_round_trips(
+    world: World, client: SettlementClient
+) -> None:
+    async with SimReader(world.issue()) as reader:
+        load = await client.create(Kind.LOAD, 5000, description="top-up", reference="ord_2")
+        outcome = await run_transaction(reader, client, load)
+        assert (outcome.status, outcome.round_trips) == ("succeeded", 2)
+        assert reader.card is not None and reader.card.state.balance == 5000
+
+
+async def test_settlement_declines_insufficient_funds_at_the_card(
+    world: World, client: SettlementClient
+) -> None:
+    async with SimReader(world.funded_card(100)) as reader:
+        payment = await client.create(Kind.PAYMENT, 1250, description="tea", reference="ord_3")
+        outcome = await run_transaction(reader, client, payment)
+        assert (outcome.status, outcome.decline_code) == ("declined", "insufficient_funds")
+        assert (await client.get(Kind.PAYMENT, payment.id)).status == "canceled"
+
+
+async def test_torn_debit_is_resolved_paid_on_the_next_contact(
+    world: World, client: SettlementClient
+) -> None:
+    async with SimReader(world.funded_card(10_000)) as reader:
+        payment = await client.create(Kind.PAYMENT, 1250, description="tea", reference="ord_4")
+        reader.inject(Fault.after(INS_DEBIT_FOR_PURCHASE))
+        outcome = await run_transaction(reader, client, payment)
+        assert outcome.status == "uncertain" and outcome.counter is not None
+        reader.insert()
+        hint = RecoveryHint(Kind.PAYMENT, payment.id, TransactionType.EP_PURCHASE, outcome.counter)
+        recovered = await recover(
+            reader, client, hint, key_index=1, terminal_id=payment.terminal_id
+        )
+        assert (recovered.status, recovered.round_trips) == ("succeeded", 1)
+        assert reader.card is not None and reader.card.state.balance == 8_750
+
+
+async def test_lost_debit_is_released_on_the_next_contact(
+    world: World, client: SettlementClient
+) -> None:
+    async with SimReader(world.funded_card(10_000)) as reader:
+        payment = await client.create(Kind.PAYMENT, 1250, description="tea", reference="ord_5")
+        reader.inject(Fault.before(INS_DEBIT_FOR_PURCHASE))
+        outcome = await run_transaction(reader, client, payment)
+        assert outcome.status == "uncertain" and outcome.counter is not None
+        reader.insert()
+        hint = RecoveryHint(Kind.PAYMENT, payment.id, TransactionType.EP_PURCHASE, outcome.counter)
+        recovered = await recover(
+            reader, client, hint, key_index=1, terminal_id=payment.terminal_id
+        )
+        assert recovered.status == "canceled"
+        assert reader.card is not None and reader.card.state.balance == 10_000
+
+
+async def test_recovery_required_settles_the_torn_load_then_pays(
+    world: World, client: SettlementClient
+) -> None:
+    async with SimReader(world.funded_card(1000)) as reader:
+        load = await client.create(Kind.LOAD, 2000, description="top-up", reference="ord_6")
+        reader.inject(Fault.after(INS_CREDIT_FOR_LOAD))
+        assert (await run_transaction(reader, client, load)).status == "uncertain"
+        reader.insert()
+        payment = await client.create(Kind.PAYMENT, 1250, description="tea", reference="ord_7")
+        outcome = await run_transaction(reader, client, payment)
+        assert (outcome.status, outcome.round_trips) == ("succeeded", 3)
+        assert (await client.get(Kind.LOAD, load.id)).status == "succeeded"
+        assert reader.card is not None and reader.card.state.balance == 1000 + 2000 - 1250
+
+
+async def test_a_wrong_key_is_a_settlement_error_and_never_logged(world: World) -> None:
+    transport = httpx.ASGITransport(app=world.client.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://settlement") as http:
+        client = SettlementClient(http, "sk_mer_wrong")
+        assert "sk_mer_wrong" not in repr(client)
+        with pytest.raises(SettlementError) as caught:
+            await client.create(Kind.PAYMENT, 100, description="x", reference="y")
+        assert caught.value.status == 401 and "sk_mer_wrong" not in str(caught.value)
