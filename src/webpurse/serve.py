@@ -21,3 +21,16 @@ def settlement(
     from webpurse.settlement.cli import serve
 
     serve(host=host, port=port, migrate=migrate)
+
+
+@app.command("merchant")
+def merchant(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+) -> None:
+    """The merchant web shop (settings from WEBPURSE_SETTLEMENT_URL, …; docs/merchant.md)."""
+    import uvicorn
+
+    uvicorn.run(
+        "webpurse.merchant.app:app_from_env", factory=True, host=host, port=port, access_log=False
+    )

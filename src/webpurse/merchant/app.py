@@ -146,6 +146,7 @@ def create_app(
             "t": i18n.translator(lang),
             "fen": i18n.format_fen,
             "decline_text": lambda code: i18n.decline_text(lang, code),
+            "declines": i18n.decline_texts(lang),
             "cart_count": cart.count,
             "other_lang": "en" if lang == "zh" else "zh",
             "path": request.url.path,

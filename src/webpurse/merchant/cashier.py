@@ -179,7 +179,13 @@ class Cashier:
             if order.is_final:
                 break
             if reader is None:
-                reader = await self.broker.reader_for(order.id, self.reader_timeout)
+                try:
+                    reader = await self.broker.reader_for(order.id, self.reader_timeout)
+                except ReaderError as exc:
+                    # No agent came: the order stays payable; reopening the page retries.
+                    log.info("order %s: no reader (%s)", order.id, exc)
+                    self.publish(order, Phase.FAILED, "no_reader")
+                    return
             try:
                 done = await self._contact(order, reader)
             except ReaderError as exc:

@@ -90,6 +90,11 @@ STRINGS: dict[str, tuple[str, str]] = {
         "交易中断：请再次放卡。",
     ),
     "phase_failed": ("Something went wrong", "出现错误"),
+    "decline_no_reader": (
+        "no reader connected in time: reload the page to try again",
+        "读卡器未及时连接：请刷新页面重试",
+    ),
+    "decline_consent_refused": ("you declined on your device", "您在设备上拒绝了付款"),
     "status_pending": ("Awaiting payment", "待付款"),
     "status_paid": ("Paid", "已付款"),
     "status_loaded": ("Loaded", "已充值"),
@@ -144,3 +149,13 @@ def decline_text(lang: str, code: str | None) -> str:
     t = translator(lang)
     key = f"decline_{code}"
     return t(key) if key in STRINGS else t("decline_other") + (f" ({code})" if code else "")
+
+
+def decline_texts(lang: str) -> dict[str, str]:
+    """Every decline reason's text (for the payment page's script), plus ``other``."""
+    texts = {
+        key.removeprefix("decline_"): translator(lang)(key)
+        for key in STRINGS
+        if key.startswith("decline_")
+    }
+    return texts

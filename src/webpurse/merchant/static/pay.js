@@ -41,6 +41,9 @@
     if (event.phase !== "waiting_reader") {
       document.getElementById("pairing").hidden = true;
     }
+    if (event.phase === "failed" && event.detail) {
+      detail.textContent = texts.declines[event.detail] || event.detail;
+    }
     if (event.phase === "declined") {
       detail.textContent = texts.declines[event.detail] || (texts.declines.other + (event.detail ? " (" + event.detail + ")" : ""));
       document.getElementById("retry").hidden = false;
@@ -78,6 +81,9 @@
     });
   }
 
+  document.querySelectorAll("#code-command .origin").forEach(function (el) {
+    el.textContent = location.origin;
+  });
   document.getElementById("connect").addEventListener("click", pair);
   follow();
   pair();
