@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -27,7 +28,7 @@ import httpx
 
 from bench.cards import APDUS
 from bench.pgbench import PgServer, create_database, drop_database
-from webpurse.card import CardApplet, MemoryStore
+from webpurse.card import CardApplet, CardState, MemoryStore
 from webpurse.merchant.settlement import Kind, SettlementClient
 from webpurse.protocol import commands as cmd
 
@@ -108,23 +109,32 @@ class SettlementEnvironment:
         return Merchant(api_key=out["api_key"], terminal_id=out["terminal_id"])
 
     def issue_cards(self, count: int) -> list[CardApplet]:
+        """``count`` new cards in memory, random numbers from the OS."""
+        return [
+            CardApplet(state, MemoryStore(state), secrets.token_bytes)
+            for state in self.issue_card_states(count)
+        ]
+
+    def issue_card_states(self, count: int) -> list[CardState]:
         """Personalise and register ``count`` cards (what ``settlement card issue`` does)."""
         from webpurse.settlement.db import make_engine, make_session_factory
+        from webpurse.settlement.logs import configure_logging
         from webpurse.settlement.registry import issue_card
         from webpurse.settlement.security import SoftwareSecurityModule
         from webpurse.settlement.settings import Settings
 
+        configure_logging(logging.WARNING)  # not one line per card issued
         settings = Settings.from_env(self.env())
         engine = make_engine(settings.database_url)
         try:
             factory = make_session_factory(engine)
             security = SoftwareSecurityModule.from_settings(settings, factory)
-            cards = []
+            states = []
             with factory() as session, session.begin():
                 for _ in range(count):
                     _, state = issue_card(session, security, settings.clock())
-                    cards.append(CardApplet(state, MemoryStore(state), secrets.token_bytes))
-            return cards
+                    states.append(state)
+            return states
         finally:
             engine.dispose()
 
@@ -239,3 +249,35 @@ async def fund_cards(settlement: SettlementClient, cards: list[CardApplet], amou
     """
     await fund_card(settlement, cards[0], amount)
     await asyncio.gather(*(fund_card(settlement, card, amount) for card in cards[1:]))
+
+
+@contextlib.asynccontextmanager
+async def serve_asgi(app: object, *, ws_max_size: int = 1 << 20) -> AsyncIterator[str]:
+    """Serve an ASGI app with a real uvicorn server in this event loop, on a free port."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        lifespan="off",
+        log_level="warning",
+        access_log=False,
+        ws_max_size=ws_max_size,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + START_TIMEOUT
+    while not server.started:  # bounded polling on the server's own flag
+        if task.done() or loop.time() > deadline:
+            raise SetupError("uvicorn did not start")
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 15)
+        sock.close()
