@@ -448,6 +448,7 @@ def demo(
         agent_port=agent_port or free_port(),
     )
     out = typer.echo
+    _interrupt_on_signals()
     with stack.running():
         try:
             out(f"setting up in {stack.data_dir} …")
@@ -477,6 +478,16 @@ def demo(
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             out("\nstopping …")
+
+
+def _interrupt_on_signals() -> None:
+    """Ctrl-C (even when started with SIGINT ignored) and SIGTERM both stop the demo cleanly."""
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def _print_receipt(receipt: dict[str, Any], ledger: dict[str, Any]) -> None:
