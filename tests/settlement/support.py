@@ -134,7 +134,6 @@ class Terminal:
     http: Http
     key: str
     terminal_id: str
-    idempotency: itertools.count[int] = field(default_factory=itertools.count)
 
     def headers(self, idempotency_key: str | None = None) -> dict[str, str]:
         headers = {"authorization": f"Bearer {self.key}"}

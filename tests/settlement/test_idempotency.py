@@ -77,3 +77,22 @@ def test_declines_are_replayed_too(world: World) -> None:
     assert first.status_code == second.status_code == 402
     assert first.json() == second.json()
     assert second.json()["decline_code"] == "insufficient_funds"
+
+
+def test_a_key_abandoned_in_flight_by_a_dead_request_runs_afresh(world: World) -> None:
+    import datetime as dt
+
+    status, _, _ = _post(world, {"amount": 100}, "learn")
+    with world.factory() as session, session.begin():
+        record = session.query(IdempotencyRecord).filter_by(key="learn").one()
+        session.add(
+            IdempotencyRecord(
+                principal=record.principal,
+                key="dead",
+                fingerprint=record.fingerprint,
+                state="in_flight",
+                created_at=world.clock() - dt.timedelta(minutes=6),
+            )
+        )
+    status, body, _ = _post(world, {"amount": 100}, "dead")
+    assert status == 201 and body["status"] == "requires_card"

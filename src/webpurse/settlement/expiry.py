@@ -16,7 +16,7 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from webpurse.settlement import loads, payments
+from webpurse.settlement import idempotency, loads, payments
 from webpurse.settlement.auth import OPERATOR, Principal
 from webpurse.settlement.models import Load, Payment
 from webpurse.settlement.security import SecurityModule
@@ -87,6 +87,7 @@ def expire_stale(
     ):
         loads.mark_uncertain(ctx, load)
         counts["lu"] += 1
+    idempotency.purge(session, now)
     report = SweepReport(counts["pe"], counts["pu"], counts["le"], counts["lu"])
     log.info("sweep.done", **report.to_json())
     return report

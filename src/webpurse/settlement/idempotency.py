@@ -9,6 +9,7 @@ deletes the key so the client can retry.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 from collections.abc import Callable
@@ -28,6 +29,11 @@ from webpurse.settlement.problems import PROBLEM_JSON, ApiError, bad_request, co
 log = structlog.get_logger(__name__)
 
 MAX_KEY_LENGTH = 255
+# A key still "in flight" after this long belongs to a request that died with its process
+# (its transaction rolled back): the next request with the key runs afresh.
+ABANDONED_AFTER = dt.timedelta(minutes=5)
+# Keys are kept at least this long (payments-api.md: at least 24 hours).
+KEEP_FOR = dt.timedelta(days=7)
 Handler = Callable[[], tuple[int, dict[str, Any]]]
 
 
@@ -101,6 +107,11 @@ def run(
                 "this Idempotency-Key was used with different request parameters",
                 param="Idempotency-Key",
             ) from None
+        if existing.state != "done" and existing.created_at < now - ABANDONED_AFTER:
+            log.warning("idempotency.abandoned", key=key)
+            session.delete(existing)
+            session.commit()
+            return run(request, session, principal, key, payload, handler)
         if existing.state != "done" or existing.response_body is None:
             raise conflict(
                 "idempotency_in_flight", "a request with this Idempotency-Key is still running"
@@ -122,3 +133,11 @@ def run(
         session.commit()
         raise
     return _respond(status, body)
+
+
+def purge(session: Session, now: dt.datetime) -> int:
+    """Forget keys older than :data:`KEEP_FOR`; returns how many."""
+    result = session.execute(
+        delete(IdempotencyRecord).where(IdempotencyRecord.created_at < now - KEEP_FOR)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
