@@ -207,3 +207,21 @@ async def test_a_verified_webhook_marks_the_order_paid_from_settlement(
         await client.post("/webhooks/settlement", content=body, headers=_signed(body))
     ).status_code == 204
     assert app.state.orders.get(order_id).status == "paid"
+
+
+async def test_polling_settles_an_order_when_no_webhook_comes(
+    shop: Any, settlement: FakeSettlement
+) -> None:
+    client, _, app = shop
+    order_id = await checkout(client, "orange")
+    order = app.state.orders.get(order_id)
+    settlement.records[order.settlement_id].status = "succeeded"
+    poller = asyncio.create_task(app.state.cashier.poll(0.01))
+    try:
+        for _ in range(200):
+            if app.state.orders.get(order_id).status == "paid":
+                break
+            await asyncio.sleep(0.01)
+        assert app.state.orders.get(order_id).status == "paid"
+    finally:
+        poller.cancel()

@@ -7,6 +7,8 @@ reader) and the cashier that runs the flows. Everything is injectable for tests.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -90,7 +92,11 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        poller = asyncio.create_task(cashier.poll(settings.poll_interval), name="poll settlement")
         yield
+        poller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await poller
         await cashier.close()
         if hub is not None:
             await hub.close()

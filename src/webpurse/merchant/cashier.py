@@ -138,6 +138,15 @@ class Cashier:
             self.publish(order, Phase.SUCCEEDED)
         return order
 
+    async def poll(self, interval: float) -> None:
+        """The fallback when webhooks do not arrive: re-read open orders every ``interval``."""
+        while True:
+            await asyncio.sleep(interval)
+            for order in self.orders.open_orders():
+                task = self._tasks.get(order.id)
+                if task is None or task.done():
+                    await self.refresh(order.id)
+
     # --- running a payment -----------------------------------------------------------
 
     def start(self, order_id: str) -> None:

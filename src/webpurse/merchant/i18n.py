@@ -95,6 +95,14 @@ STRINGS: dict[str, tuple[str, str]] = {
         "读卡器未及时连接：请刷新页面重试",
     ),
     "decline_consent_refused": ("you declined on your device", "您在设备上拒绝了付款"),
+    "decline_amount_mismatch": (
+        "the amount on your device did not match",
+        "设备上的金额不一致",
+    ),
+    "decline_already_done": (
+        "your agent ended the session after an interruption: try again",
+        "中断后代理已结束会话：请重试",
+    ),
     "status_pending": ("Awaiting payment", "待付款"),
     "status_paid": ("Paid", "已付款"),
     "status_loaded": ("Loaded", "已充值"),

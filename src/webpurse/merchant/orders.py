@@ -148,6 +148,19 @@ class OrderBook:
                 )
             )
 
+    def open_orders(self, limit: int = 100) -> list[Order]:
+        """Orders still waiting on settlement's word (for the polling fallback)."""
+        with self._sessions() as session:
+            return list(
+                session.scalars(
+                    select(Order)
+                    .where(Order.status.in_((PENDING, INTERRUPTED)))
+                    .where(Order.settlement_id.is_not(None))
+                    .order_by(Order.updated_at)
+                    .limit(limit)
+                )
+            )
+
     def update(self, order_id: str, **fields: Any) -> Order:
         """Set fields; a final status is never overwritten by a non-final one."""
         with self._sessions() as session, session.begin():

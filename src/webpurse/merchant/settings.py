@@ -30,7 +30,7 @@ class MerchantSettings:
     agent_url: str = "http://127.0.0.1:47800"
     public_url: str = ""
     shop_name: str | None = None
-    poll_interval: float = 2.0
+    poll_interval: float = 15.0  # seconds between settlement polls (webhook fallback)
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'merchant.db'}"
