@@ -138,3 +138,17 @@ def test_operator_can_run_a_load_on_the_operator_terminal(world: World) -> None:
     # merchants do not see operator loads
     hidden = world.client.get(f"/v1/loads/{load['id']}", headers=world.auth(world.merchant_key))
     assert hidden.status_code == 404
+
+
+def test_an_abandoned_load_order_expires_and_its_funds_return(world: World) -> None:
+    import datetime as dt
+
+    card = world.issue()
+    load = world.terminal.create_load(900)
+    assert _balances(world, card)["held"] == 900
+    world.clock.advance(dt.timedelta(minutes=31))
+    swept = world.client.post("/v1/maintenance/sweep", headers=world.auth(world.operator_key))
+    assert swept.json()["loads_expired"] == 1
+    got = world.client.get(f"/v1/loads/{load['id']}", headers=world.auth(world.merchant_key))
+    assert got.json()["status"] == "expired"
+    assert _balances(world, card)["held"] == 0 and _balances(world, card)["funding"] == 0

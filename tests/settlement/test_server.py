@@ -29,5 +29,9 @@ def test_purchase_and_load_through_a_real_server(db_url: str, tmp_path: Path) ->
         assert check["totals"]["card"] == card.state.balance
         unauthenticated = http.get(f"/v1/payments/{paid['id']}")
         assert unauthenticated.status_code == 401
+        card_keys = {key.value.hex() for key in card.state.keys}
+        answers = paid | {"docs": http.get("/openapi.json").text}
     log = (tmp_path / "server.log").read_text()
     assert '"event": "http.request"' in log and '"request_id"' in log
+    for key in card_keys:  # keys are never logged nor returned
+        assert key not in log.lower() and key not in str(answers).lower()
