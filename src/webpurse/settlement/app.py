@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from sqlalchemy import Engine
 
 from webpurse.settlement.db import SessionFactory, make_engine, make_session_factory, migrate
+from webpurse.settlement.ledger import LedgerError
 from webpurse.settlement.problems import PROBLEM_JSON, ApiError
 from webpurse.settlement.routes_webhooks import webhook_worker_lifespan
 from webpurse.settlement.settings import Clock, Settings
@@ -144,6 +145,12 @@ def create_app(
             metrics.declines.labels(exc.decline_code).inc()
         log.info("http.problem", code=exc.code, decline_code=exc.decline_code, status=exc.status)
         return _problem(exc, request)
+
+    @app.exception_handler(LedgerError)
+    async def ledger_error(request: Request, exc: LedgerError) -> JSONResponse:
+        # A transfer the ledger refuses never half-happens: the transaction rolled back.
+        log.warning("ledger.refused", detail=str(exc))
+        return _problem(ApiError(409, "ledger_refused", str(exc)), request)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
