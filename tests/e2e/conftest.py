@@ -75,6 +75,14 @@ async def shopper(stack: DemoStack, request: pytest.FixtureRequest) -> AsyncIter
         await stack.load_card_async(image, balance)
     reader = SimReader.from_image(image)
     agent = TerminalAgent(reader, consent=always_yes(), show=lambda _text: None)
+    if request.node.get_closest_marker("no_loopback"):
+        # The page cannot reach this agent (another device): pairing by short code only.
+        try:
+            yield Shopper(reader, image, agent)
+        finally:
+            await agent.close()
+            await reader.close()
+        return
     config = uvicorn.Config(
         create_pairing_app(agent, allowed_origins=[stack.merchant_url]),
         host="127.0.0.1",
@@ -116,3 +124,4 @@ async def browser() -> AsyncIterator[Browser]:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "balance(fen): the shopper's card balance")
+    config.addinivalue_line("markers", "no_loopback: the agent has no loopback pairing endpoint")

@@ -181,3 +181,22 @@ async def test_phone_sized_payment_page_in_chinese(
     await page.screenshot(path=ARTIFACTS / "e2e-paid-phone-zh.png", full_page=True)
     async with httpx.AsyncClient(base_url=stack.merchant_url) as client:
         assert (await client.get("/health")).json() == {"status": "ok"}
+
+
+@pytest.mark.no_loopback
+async def test_short_code_pairs_an_agent_the_page_cannot_reach(
+    stack: DemoStack, shopper: Shopper, browser: Browser
+) -> None:
+    before = balance(shopper)
+    page = await new_page(browser)
+    await buy(page, stack, "notebook")
+    await expect(page.locator("#agent-error")).to_be_visible(timeout=PAY_TIMEOUT)
+    await expect(page.locator("[data-testid=pay-message]")).to_have_text("Waiting for your reader…")
+    await page.screenshot(path=ARTIFACTS / "e2e-short-code.png", full_page=True)
+    code = "".join((await page.inner_text("[data-testid=short-code]")).split())
+    assert code.isalnum() and len(code) == 8
+    await shopper.agent.pair(f"{stack.merchant_url}/reader", code=code)
+    await expect(page.locator("[data-testid=pay-message]")).to_have_text(
+        "Paid. Thank you!", timeout=PAY_TIMEOUT
+    )
+    assert balance(shopper) == before - 1250
