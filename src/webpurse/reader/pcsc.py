@@ -6,7 +6,7 @@ pyscard's calls block, so none runs on the event loop:
 - waiting for a card or its removal blocks in ``SCardGetStatusChange`` on a worker thread
   with a context of its own, so the thread sleeps in pcscd until the event (no polling
   here; pcscd itself polls some readers, vpcd every ~400 ms). Cancelling the waiting task
-  calls ``SCardCancel`` so the thread returns at once.
+  calls ``SCardCancel`` so the thread returns at once (within ``CANCEL_CHECK_MS`` at worst).
 
 The connection is kept from batch to batch (SHARED mode, one PC/SC transaction per batch),
 so a pending INITIALIZE survives until the DEBIT or CREDIT of the next batch. If the card
@@ -22,6 +22,7 @@ pcscd, constructing a reader raises :class:`PcscUnavailable`.
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +35,11 @@ from webpurse.reader.base import CardInfo, NoCard, ReaderError, ReaderTimeout, S
 from webpurse.reader.batch import LinkBroken, run_batch
 
 T = TypeVar("T")
+
+#: A wait blocks in pcscd at most this long before it looks at its cancel flag again.
+#: ``SCardCancel`` wakes it at once; the bound only covers a cancel that lands between two
+#: ``SCardGetStatusChange`` calls, which pcsc-lite would otherwise lose.
+CANCEL_CHECK_MS = 1000
 
 
 class PcscUnavailable(ReaderError):
@@ -248,14 +254,16 @@ class PcscReader:
             deadline = time.monotonic() + timeout
             known = s.SCARD_STATE_UNAWARE
             while True:
-                remaining = max(0, round((deadline - time.monotonic()) * 1000))
-                hresult, states = s.SCardGetStatusChange(
-                    context,
-                    0 if known == s.SCARD_STATE_UNAWARE else remaining,
-                    [(self._name, known)],
-                )
+                with wait.lock:
+                    if wait.cancelled:
+                        raise asyncio.CancelledError
+                remaining = max(0, math.ceil((deadline - time.monotonic()) * 1000))
+                block = 0 if known == s.SCARD_STATE_UNAWARE else min(remaining, CANCEL_CHECK_MS)
+                hresult, states = s.SCardGetStatusChange(context, block, [(self._name, known)])
                 if hresult == s.SCARD_E_TIMEOUT:
-                    break
+                    if time.monotonic() >= deadline:
+                        break
+                    continue
                 if hresult == s.SCARD_E_CANCELLED:
                     raise asyncio.CancelledError
                 if hresult != s.SCARD_S_SUCCESS:
@@ -267,8 +275,6 @@ class PcscReader:
                 if in_field == present:
                     return bytes(atr)
                 known = event & ~s.SCARD_STATE_CHANGED
-                if remaining == 0 and time.monotonic() >= deadline:
-                    break
         finally:
             with wait.lock:
                 wait.context = None
