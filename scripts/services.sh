@@ -26,10 +26,28 @@ if pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null \
         || createdb -h 127.0.0.1 -U postgres test || true
 fi
 
+# pcscd with the vsmartcard vpcd driver (docs/pcsc.md). No systemd in a container: run the
+# daemon itself (it forks into the background and stays; no --auto-exit). It reads
+# /etc/reader.conf.d/ only at start, so a pcscd started before vsmartcard-vpcd was
+# installed (e.g. by apt) is restarted.
+pcsc_has_vpcd() {
+    local readers
+    readers=$(timeout 10 pcsc_scan -r 2>/dev/null || timeout 10 opensc-tool -l 2>/dev/null || true)
+    [[ $readers == *"Virtual PCD"* ]]
+}
 if command -v pcscd >/dev/null; then
+    mkdir -p /run/pcscd
+    if pgrep -x pcscd >/dev/null && [ -f /etc/reader.conf.d/vpcd ] \
+        && ! pcsc_has_vpcd; then
+        echo "restarting pcscd to load the vpcd driver"
+        for pid in $(pgrep -x pcscd); do kill "$pid" || true; done
+        for _ in $(seq 1 50); do pgrep -x pcscd >/dev/null || break; sleep 0.2; done
+    fi
     if ! pgrep -x pcscd >/dev/null; then
         echo "starting pcscd"
-        mkdir -p /run/pcscd
+        rm -f /run/pcscd/pcscd.comm /run/pcscd/pcscd.pid  # stale after a crash
         pcscd
+        for _ in $(seq 1 50); do pcsc_has_vpcd && break; sleep 0.2; done
     fi
+    pcsc_has_vpcd || echo "warning: pcscd shows no vpcd reader" >&2
 fi
