@@ -17,8 +17,11 @@ import structlog
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from sqlalchemy import Engine
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from webpurse.settlement.db import SessionFactory, make_engine, make_session_factory, migrate
 from webpurse.settlement.ledger import LedgerError
@@ -29,6 +32,9 @@ from webpurse.settlement.settings import Clock, Settings
 log = structlog.get_logger(__name__)
 
 OPTIONAL_ROUTERS = ("routes_webhooks", "routes_clearing")
+
+# Framework-level refusals (no route, wrong method, a body that is not JSON) → problem codes.
+_HTTP_CODES = {400: "invalid_body", 404: "resource_missing", 405: "method_not_allowed"}
 
 
 @dataclass
@@ -146,6 +152,22 @@ def create_app(
         log.info("http.problem", code=exc.code, decline_code=exc.decline_code, status=exc.status)
         return _problem(exc, request)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names only the first route whose path matched; list them all.
+            allowed: set[str] = set()
+            for route in app.router.routes:
+                match, _ = route.matches({**request.scope, "method": "__none__"})
+                if match is not Match.NONE and isinstance(route, APIRoute):
+                    allowed |= route.methods or set()
+            headers["Allow"] = ", ".join(sorted(allowed))
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        response = _problem(ApiError(exc.status_code, code, str(exc.detail)), request)
+        response.headers.update(headers)
+        return response
+
     @app.exception_handler(LedgerError)
     async def ledger_error(request: Request, exc: LedgerError) -> JSONResponse:
         # A transfer the ledger refuses never half-happens: the transaction rolled back.
@@ -165,6 +187,25 @@ def create_app(
         )
         log.info("http.invalid", errors=len(errors), param=problem.param)
         return _problem(problem, request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Refusals raised by the framework itself are problem+json like every other one."""
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        response = _problem(ApiError(exc.status_code, code, str(exc.detail)), request)
+        if exc.status_code == 405:
+            # RFC 9110 §15.5.6: Allow lists every method of the path, not just one route's.
+            methods = {
+                method
+                for route in app.router.routes
+                if isinstance(route, APIRoute) and route.matches(request.scope)[0] is not Match.NONE
+                for method in route.methods
+            }
+            response.headers["Allow"] = ", ".join(sorted(methods))
+        elif exc.headers:
+            response.headers.update(exc.headers)
+        log.info("http.problem", code=code, status=exc.status_code)
+        return response
 
     routes.include(app)
     for name in OPTIONAL_ROUTERS:
