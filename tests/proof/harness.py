@@ -1,0 +1,227 @@
+"""The in-process fault harness: a real settlement app, the merchant's cashier, a sim card.
+
+- :class:`ShopperReader` is a :class:`SimReader` that says when the flow is waiting for the
+  card (an event, not a sleep), so a test re-presents the card exactly when asked;
+- :class:`FaultyTransport` wraps the ASGI transport to settlement and loses one request
+  (it never arrives) or one response (settlement committed, the answer is lost);
+- :class:`GatedSettlement` parks the cashier's flow at one step so that the merchant
+  "process" can be killed there (its tasks cancelled) and a new one started;
+- :class:`Shop` is the merchant's side: an order book on a SQLite file, a cashier, a
+  settlement client — re-creatable over the same files, as after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from webpurse.card import CardApplet
+from webpurse.merchant.cashier import Cashier
+from webpurse.merchant.orders import PURCHASE, TOPUP, Order, OrderBook, make_engine
+from webpurse.merchant.progress import ProgressBus
+from webpurse.merchant.readers import LocalBroker
+from webpurse.merchant.settlement import (
+    Kind,
+    Settlement,
+    SettlementClient,
+    SettlementObject,
+)
+from webpurse.reader.base import CardInfo
+from webpurse.reader.sim import SimReader
+
+DEADLINE = 30.0  # seconds any single wait may take before the scenario fails
+
+
+class ShopperReader(SimReader):
+    """A sim reader whose ``card_wanted`` event is set while a flow waits for the card."""
+
+    def __init__(self, card: CardApplet) -> None:
+        super().__init__(card)
+        self.card_wanted = asyncio.Event()
+
+    async def wait_for_card(self, timeout: float) -> CardInfo:
+        if not self.present:
+            self.card_wanted.set()
+        try:
+            return await super().wait_for_card(timeout)
+        finally:
+            self.card_wanted.clear()
+
+    async def present_again(self) -> None:
+        """The shopper puts the card back once the flow asks for it."""
+        await asyncio.wait_for(self.card_wanted.wait(), DEADLINE)
+        self.insert()
+
+
+@dataclass
+class Loss:
+    """Lose the ``occurrence``-th request whose method and path end match (one shot)."""
+
+    method: str
+    path_suffix: str
+    after: bool  # True: settlement handled it, the answer is lost; False: it never arrived
+    occurrence: int = 1
+    seen: int = 0
+    fired: bool = False
+
+
+class FaultyTransport(httpx.AsyncBaseTransport):
+    def __init__(self, inner: httpx.AsyncBaseTransport, loss: Loss | None = None) -> None:
+        self.inner = inner
+        self.loss = loss
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        loss = self.loss
+        hit = (
+            loss is not None
+            and not loss.fired
+            and request.method == loss.method
+            and request.url.path.endswith(loss.path_suffix)
+        )
+        if hit:
+            assert loss is not None
+            loss.seen += 1
+            hit = loss.seen == loss.occurrence
+        if hit and loss is not None and not loss.after:
+            loss.fired = True
+            raise httpx.ConnectError("connection refused (injected)", request=request)
+        response = await self.inner.handle_async_request(request)
+        if hit and loss is not None:
+            await response.aread()
+            loss.fired = True
+            raise httpx.ReadError("connection reset before the answer (injected)", request=request)
+        return response
+
+
+@dataclass
+class Gate:
+    """Park the flow at ``call`` (``before`` it is sent, or after its answer came back)."""
+
+    call: str  # create | authorise | finish | uncertain | resolve
+    before: bool
+    reached: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class GatedSettlement:
+    """A :class:`Settlement` that stops forever at its gate (the merchant dies there)."""
+
+    def __init__(self, inner: Settlement, gate: Gate) -> None:
+        self.inner = inner
+        self.gate = gate
+
+    async def _pass(
+        self, call: str, run: Callable[[], Awaitable[SettlementObject]]
+    ) -> SettlementObject:
+        if call == self.gate.call and self.gate.before:
+            self.gate.reached.set()
+            await asyncio.Event().wait()  # parked until the task is cancelled
+        result = await run()
+        if call == self.gate.call and not self.gate.before:
+            self.gate.reached.set()
+            await asyncio.Event().wait()
+        return result
+
+    async def create(
+        self, kind: Kind, amount: int, *, description: str, reference: str
+    ) -> SettlementObject:
+        return await self.inner.create(kind, amount, description=description, reference=reference)
+
+    async def get(self, kind: Kind, object_id: str) -> SettlementObject:
+        return await self.inner.get(kind, object_id)
+
+    async def authorise(
+        self,
+        kind: Kind,
+        object_id: str,
+        *,
+        issuer_data: bytes,
+        initialize: bytes,
+        terminal_id: bytes,
+    ) -> SettlementObject:
+        return await self._pass(
+            "authorise",
+            lambda: self.inner.authorise(
+                kind,
+                object_id,
+                issuer_data=issuer_data,
+                initialize=initialize,
+                terminal_id=terminal_id,
+            ),
+        )
+
+    async def finish(self, kind: Kind, object_id: str, card_response: bytes) -> SettlementObject:
+        return await self._pass("finish", lambda: self.inner.finish(kind, object_id, card_response))
+
+    async def uncertain(self, kind: Kind, object_id: str) -> SettlementObject:
+        return await self._pass("uncertain", lambda: self.inner.uncertain(kind, object_id))
+
+    async def resolve(
+        self, kind: Kind, object_id: str, *, initialize: bytes, prove: bytes | None
+    ) -> SettlementObject:
+        return await self._pass(
+            "resolve",
+            lambda: self.inner.resolve(kind, object_id, initialize=initialize, prove=prove),
+        )
+
+    async def cancel(self, kind: Kind, object_id: str) -> SettlementObject:
+        return await self.inner.cancel(kind, object_id)
+
+
+class Shop:
+    """The merchant process: orders on ``tmp/orders.db``, a cashier, a settlement client."""
+
+    def __init__(self, directory: Path, settlement: Settlement, reader: ShopperReader) -> None:
+        self.orders = OrderBook(make_engine(f"sqlite:///{directory / 'orders.db'}"))
+        self.cashier = Cashier(
+            self.orders,
+            settlement,
+            LocalBroker(reader),
+            ProgressBus(),
+            reader_timeout=DEADLINE,
+            card_timeout=DEADLINE,
+        )
+
+    async def open_order(self, kind: str, amount: int) -> Order:
+        order = self.orders.create(session_id="s" * 20, kind=kind, amount=amount)
+        order = await self.cashier.open_settlement(order, f"proof {kind}")
+        self.cashier.start(order.id)
+        return order
+
+    async def purchase(self, amount: int) -> Order:
+        return await self.open_order(PURCHASE, amount)
+
+    async def topup(self, amount: int) -> Order:
+        return await self.open_order(TOPUP, amount)
+
+    async def finished(self, order_id: str) -> Order:
+        """Wait (bounded) for the order's payment task to end; return the order."""
+        task = self.cashier.task(order_id)
+        assert task is not None
+        await asyncio.wait_for(asyncio.shield(task), DEADLINE)
+        order = self.orders.get(order_id)
+        assert order is not None
+        return order
+
+    def order_pairs(self) -> list[tuple[str, str | None]]:
+        with self.orders._sessions() as session:
+            return [(o.status, o.settlement_id) for o in session.query(Order).all()]
+
+    async def stop(self) -> None:
+        """The merchant process dies: every running flow is cancelled where it stands."""
+        await self.cashier.close()
+        self.orders.engine.dispose()
+
+
+@contextlib.asynccontextmanager
+async def settlement_client(
+    app: Any, api_key: str, loss: Loss | None = None
+) -> AsyncIterator[SettlementClient]:
+    transport = FaultyTransport(httpx.ASGITransport(app=app), loss)
+    async with httpx.AsyncClient(transport=transport, base_url="http://settlement") as http:
+        yield SettlementClient(http, api_key)
