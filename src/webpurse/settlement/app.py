@@ -33,9 +33,6 @@ log = structlog.get_logger(__name__)
 
 OPTIONAL_ROUTERS = ("routes_webhooks", "routes_clearing")
 
-# Framework-level refusals (no route, wrong method, a body that is not JSON) → problem codes.
-_HTTP_CODES = {400: "invalid_body", 404: "resource_missing", 405: "method_not_allowed"}
-
 
 @dataclass
 class Metrics:
@@ -187,25 +184,6 @@ def create_app(
         )
         log.info("http.invalid", errors=len(errors), param=problem.param)
         return _problem(problem, request)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        """Refusals raised by the framework itself are problem+json like every other one."""
-        code = _HTTP_CODES.get(exc.status_code, "http_error")
-        response = _problem(ApiError(exc.status_code, code, str(exc.detail)), request)
-        if exc.status_code == 405:
-            # RFC 9110 §15.5.6: Allow lists every method of the path, not just one route's.
-            methods = {
-                method
-                for route in app.router.routes
-                if isinstance(route, APIRoute) and route.matches(request.scope)[0] is not Match.NONE
-                for method in route.methods
-            }
-            response.headers["Allow"] = ", ".join(sorted(methods))
-        elif exc.headers:
-            response.headers.update(exc.headers)
-        log.info("http.problem", code=code, status=exc.status_code)
-        return response
 
     routes.include(app)
     for name in OPTIONAL_ROUTERS:
