@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.card.support import make_card
+from tests.card.support import make_card, make_state
+from webpurse.card import ImageFile, open_card
 from webpurse.card.vpcd import (
     CARD_ATR,
     Control,
@@ -191,3 +196,52 @@ def test_the_client_waits_for_vpcd_and_can_be_stopped_while_waiting() -> None:
     runner.join(timeout=10)
     client.close()
     assert not runner.is_alive()
+
+
+def serve_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "webpurse", "card", "serve", *args]
+
+
+def test_serve_refuses_a_missing_image_with_a_clear_error(tmp_path: Path) -> None:
+    result = subprocess.run(
+        serve_command(str(tmp_path / "absent.json")), capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "no card image" in " ".join(result.stderr.split())
+
+
+def test_serve_refuses_a_card_that_is_in_another_reader(tmp_path: Path) -> None:
+    image = tmp_path / "card.json"
+    ImageFile(image).create(make_state())
+    with open_card(image):
+        result = subprocess.run(
+            serve_command(str(image)), capture_output=True, text=True, timeout=60
+        )
+    assert result.returncode == 2
+    assert "in use by another process" in " ".join(result.stderr.split())
+
+
+def test_serve_puts_the_card_in_and_sigterm_takes_it_out(
+    tmp_path: Path, fake_vpcd: FakeVpcd
+) -> None:
+    image = tmp_path / "card.json"
+    ImageFile(image).create(make_state())
+    process = subprocess.Popen(
+        serve_command(str(image), "--port", str(fake_vpcd.port)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        fake_vpcd.accept()
+        assert fake_vpcd.exchange(bytes([Control.GET_ATR])) == CARD_ATR
+        assert fake_vpcd.exchange(SELECT_EP)[-2:] == b"\x90\x00"
+        process.send_signal(signal.SIGTERM)
+        fake_vpcd.wait_closed()
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.stdout is not None
+    assert "card removed" in process.stdout.read()
