@@ -97,3 +97,14 @@ def test_new_merchants_get_their_key_once(sqlite_world: World) -> None:
     )
     assert payment.status_code == 201
     assert payment.json()["terminal_id"] == created.json()["terminal_id"]
+
+
+def test_unknown_paths_and_methods_are_problems_naming_the_allowed_methods(
+    sqlite_world: World,
+) -> None:
+    missing = sqlite_world.client.get("/v1/nothing-here")
+    assert missing.status_code == 404
+    assert missing.headers["content-type"].startswith("application/problem+json")
+    wrong = sqlite_world.client.delete("/v1/payments")
+    assert wrong.status_code == 405
+    assert wrong.headers["allow"] == "GET, POST"
