@@ -7,6 +7,7 @@ routers. Routes of the webhooks and clearing work are included when their module
 from __future__ import annotations
 
 import importlib
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -17,11 +18,9 @@ import structlog
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from sqlalchemy import Engine
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 from webpurse.settlement.db import SessionFactory, make_engine, make_session_factory, migrate
 from webpurse.settlement.ledger import LedgerError
@@ -82,6 +81,15 @@ class SettlementState:
 def _problem(error: ApiError, request: Request) -> JSONResponse:
     request_id = getattr(request.state, "request_id", None)
     return JSONResponse(error.body(request_id), status_code=error.status, media_type=PROBLEM_JSON)
+
+
+def _allowed_methods(app: FastAPI, path: str) -> list[str]:
+    allowed: set[str] = set()
+    for template, operations in app.openapi().get("paths", {}).items():
+        pattern = "^" + re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template)) + "$"
+        if re.match(pattern, path):
+            allowed |= {method.upper() for method in operations}
+    return sorted(allowed)
 
 
 def create_app(
@@ -153,13 +161,9 @@ def create_app(
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
-            # Starlette names only the first route whose path matched; list them all.
-            allowed: set[str] = set()
-            for route in app.router.routes:
-                match, _ = route.matches({**request.scope, "method": "__none__"})
-                if match is not Match.NONE and isinstance(route, APIRoute):
-                    allowed |= route.methods or set()
-            headers["Allow"] = ", ".join(sorted(allowed))
+            # The router names only the first route whose path matched; list every method
+            # the schema documents for this path (RFC 9110 §15.5.6).
+            headers["Allow"] = ", ".join(_allowed_methods(app, request.url.path))
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         response = _problem(ApiError(exc.status_code, code, str(exc.detail)), request)
         response.headers.update(headers)
