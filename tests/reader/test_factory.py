@@ -9,7 +9,7 @@ import pytest
 from tests.card.support import make_state
 from tests.reader.support import HostTerminal
 from webpurse.card import ImageFile
-from webpurse.reader import ReaderSpecError, SimReader, open_reader
+from webpurse.reader import ReaderError, ReaderSpecError, SimReader, open_reader
 
 
 async def test_sim_spec_opens_the_image_with_the_card_in_the_field(tmp_path: Path) -> None:
@@ -28,6 +28,17 @@ async def test_sim_spec_opens_the_image_with_the_card_in_the_field(tmp_path: Pat
 def test_a_missing_image_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no card image"):
         open_reader(f"sim:{tmp_path / 'absent.json'}")
+
+
+async def test_a_card_in_another_reader_is_a_reader_error(tmp_path: Path) -> None:
+    image = tmp_path / "card.json"
+    ImageFile(image).create(make_state())
+    first = open_reader(f"sim:{image}")
+    try:
+        with pytest.raises(ReaderError, match="in use"):
+            open_reader(f"sim:{image}")
+    finally:
+        await first.close()
 
 
 @pytest.mark.parametrize("spec", ["", "sim", "sim:", "usb", "nfc:reader"])

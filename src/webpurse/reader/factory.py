@@ -9,6 +9,7 @@ Specs:
 
 from __future__ import annotations
 
+from webpurse.card.image import CardBusy
 from webpurse.reader.base import ReaderError
 from webpurse.reader.pcsc import PcscReader
 from webpurse.reader.sim import SimReader
@@ -21,12 +22,20 @@ class ReaderSpecError(ReaderError, ValueError):
 
 
 def open_reader(spec: str) -> LocalReader:
-    """Open the reader ``spec`` names; close it with ``await reader.close()``."""
+    """Open the reader ``spec`` names; close it with ``await reader.close()``.
+
+    Raises :class:`ReaderSpecError` for an unknown spec, ``ReaderError`` for a card image
+    in use elsewhere, ``FileNotFoundError`` for a missing image, and ``PcscUnavailable`` /
+    ``ReaderNotFound`` for PC/SC.
+    """
     kind, _, argument = spec.partition(":")
     if kind == "sim":
         if not argument:
             raise ReaderSpecError("sim needs a card image: sim:IMAGE")
-        return SimReader.from_image(argument)
+        try:
+            return SimReader.from_image(argument)
+        except CardBusy as exc:  # the card is "in another reader": a reader-level failure
+            raise ReaderError(str(exc)) from exc
     if kind == "pcsc":
         return PcscReader(argument or None)
     raise ReaderSpecError(f"unknown reader {spec!r}: use sim:IMAGE, pcsc or pcsc:NAME")
