@@ -299,3 +299,17 @@ def test_list_pages_newest_first(world: World) -> None:
     assert [p["id"] for p in first["data"]] == ids[::-1][:2] and first["has_more"]
     rest = world.client.get(f"/v1/payments?limit=2&starting_after={ids[1]}", headers=auth).json()
     assert [p["id"] for p in rest["data"]] == [ids[0]] and not rest["has_more"]
+
+
+def test_state_changes_merchants_care_about_become_events(world: World) -> None:
+    card = world.funded_card(1_000)
+    paid = world.terminal.purchase(card, 100)
+    declined = _decline(world, card, 5_000, init_amount=0)
+    refund = world.terminal.post("/v1/refunds", {"payment": paid["id"], "amount": 40}).json()
+    listed = world.client.get("/v1/events?limit=100", headers=world.auth(world.merchant_key))
+    assert listed.status_code == 200, listed.text
+    seen = {(e["type"], e["data"]["object"]["id"]) for e in listed.json()["data"]}
+    assert ("payment.succeeded", paid["id"]) in seen
+    assert ("payment.failed", declined["payment"]["id"]) in seen
+    assert ("refund.created", refund["id"]) in seen
+    assert ("load.succeeded", refund["load"]) not in seen  # the refund is not delivered yet
