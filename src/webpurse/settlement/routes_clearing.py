@@ -10,7 +10,7 @@ import datetime as dt
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -57,13 +57,25 @@ def clearing_timezone(request: Request) -> dt.tzinfo:
 Tz = Annotated[dt.tzinfo, Depends(clearing_timezone)]
 
 
+def _iso_day(value: object) -> object:
+    """Only ``YYYY-MM-DD``: pydantic would otherwise read ``0`` as a unix time (1970-01-01)."""
+    if value is None or isinstance(value, dt.date):
+        return value
+    if isinstance(value, str) and len(value) == 10 and value[4] == value[7] == "-":
+        return dt.date.fromisoformat(value)
+    raise ValueError("day must be YYYY-MM-DD")
+
+
+Day = Annotated[dt.date, BeforeValidator(_iso_day)]
+
+
 class BatchRequest(BaseModel):
     """``POST /v1/clearing/batches``: which merchant (default all) and day (default yesterday)."""
 
     model_config = ConfigDict(extra="forbid")
 
     merchant: str | None = Field(default=None, max_length=40, description="mer_…; all if absent")
-    day: dt.date | None = Field(
+    day: Day | None = Field(
         default=None, description="business day YYYY-MM-DD; the last one that ended if absent"
     )
 
@@ -159,7 +171,7 @@ def list_batches(
     principal: AnyPrincipal,
     session: DbSession,
     merchant: Annotated[str | None, Query(max_length=40)] = None,
-    day: dt.date | None = None,
+    day: Day | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
 ) -> BatchList:
     """Batches, newest day first: all for an operator, its own for a merchant."""
