@@ -12,6 +12,7 @@ from playwright.async_api import Browser, Page, expect
 from tests.e2e.conftest import ARTIFACTS, Shopper
 from webpurse.card.image import ImageFile
 from webpurse.demo import DemoStack
+from webpurse.merchant.i18n import format_fen
 from webpurse.protocol.commands import INS_DEBIT_FOR_PURCHASE
 from webpurse.reader.sim import Fault
 
@@ -96,8 +97,13 @@ async def test_purchase_in_the_browser_pays_and_debits_the_card_once(
     assert await webhook_delivered(stack, "payment.succeeded", payment["id"])
     await page.click("[data-testid=receipt-link]")
     await expect(page.locator("[data-testid=order-status]")).to_have_text("Paid")
+    await expect(page.locator("[data-testid=balance-after]")).to_have_text(
+        format_fen(before - 4150)
+    )
+    await page.screenshot(path=ARTIFACTS / "e2e-receipt.png", full_page=True)
     await page.goto(f"{stack.merchant_url}/orders")
     await expect(page.locator(f"[data-testid=order-{status['id']}]")).to_contain_text("Paid")
+    await page.screenshot(path=ARTIFACTS / "e2e-orders.png", full_page=True)
 
 
 @pytest.mark.balance(1000)

@@ -20,6 +20,9 @@ from webpurse.merchant.flows import (
     Outcome,
     Phase,
     Progress,
+    ProgressSink,
+    first_batch,
+    read_first_contact,
     recover,
     run_transaction,
 )
@@ -263,6 +266,17 @@ class Cashier:
             order = await self.open_settlement(order, order.id)
         assert order.settlement_id is not None
         obj = await self.settlement.get(kind, order.settlement_id)
+        if obj.status == "succeeded":
+            order = self.apply(order.id, obj)
+            self.publish(order, Phase.SUCCEEDED)
+            return True
+        if obj.status in ("authorised", "uncertain"):
+            return await self._learn_counter(order, obj, reader, progress)
+        if obj.status in ("canceled", "expired", "declined"):
+            # Released before this order heard of it: nothing was taken; pay afresh.
+            order = await self.open_settlement(order, order.id)
+            assert order.settlement_id is not None
+            obj = await self.settlement.get(kind, order.settlement_id)
         try:
             outcome = await run_transaction(
                 reader, self.settlement, obj, card_timeout=self.card_timeout, progress=progress
@@ -283,6 +297,39 @@ class Cashier:
         elif order.status == DECLINED:
             self.publish(order, Phase.DECLINED, order.decline_code or "")
         return True
+
+    async def _learn_counter(
+        self,
+        order: Order,
+        obj: SettlementObject,
+        reader: Reader,
+        progress: ProgressSink,
+    ) -> bool:
+        """The order's DEBIT/CREDIT may have reached the card, but its outcome never reached
+        the order (the merchant restarted, or settlement's answer was lost): never authorise
+        again nor guess. Read the card's counter (INITIALIZE, amount 0), then recover on the
+        next pass: PROVE names the card's current counter (spec §3) and settlement decides by
+        the counter whether the transaction ran (proof verified) or not (released).
+        """
+        kind = obj.kind
+        if obj.status == "authorised":
+            obj = await self.settlement.uncertain(kind, obj.id)
+        await progress(Progress(Phase.INTERRUPTED))
+        await reader.wait_for_card(self.card_timeout)
+        await progress(Progress(Phase.RECOVERING))
+        steps = first_batch(kind, key_index=obj.key_index, amount=0, terminal_id=obj.terminal_id)
+        try:
+            contact = read_first_contact(kind, await reader.transmit(steps))
+        except CardRefused as refused:
+            self.publish(order, Phase.INTERRUPTED, refused.reason)
+            return False
+        if obj.card_number and contact.card_number != obj.card_number:
+            self.publish(order, Phase.INTERRUPTED, "wrong_card")
+            with contextlib.suppress(ReaderError):
+                await reader.wait_for_removal(self.card_timeout)
+            return False
+        self.orders.update(order.id, status=INTERRUPTED, counter=contact.counter - 1)
+        return False
 
     def _record(self, order: Order, outcome: Outcome) -> Order:
         extra: dict[str, object] = {"round_trips": outcome.round_trips}
