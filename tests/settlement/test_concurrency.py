@@ -1,4 +1,4 @@
-"""PostgreSQL under concurrent merchants: no lost update, one authorisation per card.
+"""Concurrent merchants (PostgreSQL, and SQLite): no lost update, one authorisation per card.
 
 Through a real uvicorn process, with threads as concurrent merchant requests (the template
 is cosmicpython's "two threads update one aggregate and exactly one must fail").
@@ -19,15 +19,14 @@ from tests.settlement.support import LiveServer, Terminal, database_url, live_se
 from webpurse.settlement import ledger
 from webpurse.settlement.models import Card, Merchant
 
-pytestmark = pytest.mark.postgres
-
 CARDS = 5
 PURCHASES = 20
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[LiveServer]:
-    with database_url("postgresql", tmp_path) as url, live_server(url, tmp_path) as live:
+@pytest.fixture(params=[pytest.param("postgresql", marks=pytest.mark.postgres), "sqlite"])
+def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LiveServer]:
+    """PostgreSQL is the point (row locks); SQLite shows the embedded default serialises."""
+    with database_url(request.param, tmp_path) as url, live_server(url, tmp_path) as live:
         yield live
 
 
