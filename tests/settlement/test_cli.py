@@ -43,6 +43,14 @@ def test_init_merchant_card_and_ledger_check(
     )
     assert twice.exit_code == 2 and "already registered" in twice.output
 
+    number = "00" * 9 + "42"
+    blocked = runner.invoke(
+        app, ["settlement", "card", "status", number, "lost", "--reason", "phone call"]
+    )
+    assert blocked.exit_code == 0 and "now lost" in blocked.output
+    bad = runner.invoke(app, ["settlement", "card", "status", number, "stolen"])
+    assert bad.exit_code == 2 and "status must be one of" in bad.output
+
     checked = runner.invoke(app, ["ledger", "check"])
     assert checked.exit_code == 0 and "ledger consistent" in checked.output
 

@@ -26,7 +26,7 @@ from webpurse.settlement.clearing_cli import app as clearing_app
 from webpurse.settlement.db import make_engine, make_session_factory, migrate
 from webpurse.settlement.logs import configure_logging
 from webpurse.settlement.merchants import MerchantError, create_merchant
-from webpurse.settlement.registry import RegistryError, issue_card
+from webpurse.settlement.registry import RegistryError, find_card, issue_card, set_status
 from webpurse.settlement.security import (
     SecurityError,
     SoftwareSecurityModule,
@@ -169,6 +169,28 @@ def card_issue(
     finally:
         engine.dispose()
     console.print(f"issued card {number} → {image}")
+
+
+@card_app.command("status")
+def card_status(
+    card_number: Annotated[str, typer.Argument(help="20 hex digits")],
+    status: Annotated[str, typer.Argument(help="active, blocked, lost or expired")],
+    reason: Annotated[str, typer.Option(help="why (kept in the card's history)")] = "",
+) -> None:
+    """Block, report lost, expire or reactivate a card (blocked and lost are blacklisted)."""
+    settings = _settings()
+    engine = make_engine(settings.database_url)
+    try:
+        with make_session_factory(engine)() as session, session.begin():
+            card = find_card(session, card_number)
+            if card is None:
+                raise _fail(f"no card {card_number.upper()} is registered")
+            set_status(session, card, status, settings.clock(), reason or "operator (CLI)")
+    except RegistryError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        engine.dispose()
+    console.print(f"card {card_number.upper()} is now {status}")
 
 
 @app.command("sweep")
