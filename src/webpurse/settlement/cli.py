@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from sqlalchemy.exc import SQLAlchemyError
 
 from webpurse.card.image import ImageFile
 from webpurse.card.personalise import parse_serial
@@ -244,4 +245,8 @@ def serve(*, host: str, port: int, migrate: bool) -> None:
         application = create_app(dataclasses.replace(settings, migrate=migrate and sqlite))
     except SecurityError as exc:
         raise _fail(str(exc)) from None
+    except SQLAlchemyError as exc:
+        raise _fail(
+            f"database not ready ({type(exc).__name__}): run `webpurse settlement init`"
+        ) from None
     uvicorn.run(application, host=host, port=port, log_config=None, access_log=False)
