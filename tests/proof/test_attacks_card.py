@@ -1,0 +1,675 @@
+"""Attacks on the money path: a hostile merchant relay, forged and cloned cards, guessing.
+
+Each attack runs against the real settlement app (SQLite, migrated by Alembic, its own
+security module) and the real card emulator, and must be refused with a specific answer
+(an HTTP problem code / decline code, or the card's status word), leave a log line naming
+that refusal, and change nothing: ledger balances, card registry, the card's purse and
+the payment's status stay as the lifecycle says (docs/settlement-api.md). Each records a
+row of the ``attacks`` proof table.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from sqlalchemy import select
+
+from tests.proof.conftest import Proof
+from tests.settlement.support import (
+    World,
+    apdu,
+    deterministic_random,
+    make_world,
+    ok,
+    read_issuer,
+)
+from webpurse.card import CardApplet, ImageFile, MasterKeys, MemoryStore, personalise
+from webpurse.protocol import host
+from webpurse.protocol.apdu import CommandApdu, StatusWord
+from webpurse.protocol.commands import (
+    DebitForPurchase,
+    InitializeForLoadResponse,
+    InitializeForPurchase,
+)
+from webpurse.protocol.crypto import diversify
+from webpurse.protocol.records import decode_bcd_date, decode_bcd_time
+from webpurse.settlement.models import Account, Card, CardEvent, Load, Payment
+
+SUITE = "attacks"
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    with make_world(f"sqlite:///{tmp_path / 'settlement.db'}") as w:
+        yield w
+
+
+# --- what "nothing changed" means ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Books:
+    """Settlement's side: every ledger balance, every object's status, every card's shadow."""
+
+    accounts: dict[str, int]
+    payments: dict[str, str]
+    loads: dict[str, str]
+    cards: dict[str, tuple[str, int, int, int, str | None]]
+
+    def money(self) -> dict[str, int]:
+        return {k: v for k, v in self.accounts.items() if v}
+
+
+def books(world: World) -> Books:
+    with world.factory() as session:
+        return Books(
+            accounts={a.id: a.balance for a in session.scalars(select(Account))},
+            payments={p.id: p.status for p in session.scalars(select(Payment))},
+            loads={x.id: x.status for x in session.scalars(select(Load))},
+            cards={
+                c.card_number: (
+                    c.status,
+                    c.shadow_balance,
+                    c.online_counter,
+                    c.offline_counter,
+                    c.open_transaction,
+                )
+                for c in session.scalars(select(Card))
+            },
+        )
+
+
+def purse(card: CardApplet) -> tuple[int, int, int, int]:
+    """The card's value-bearing state: balance, counters, log length."""
+    state = card.state
+    return state.balance, state.online_counter, state.offline_counter, len(state.log)
+
+
+def card_row(world: World, card: CardApplet) -> Card:
+    with world.factory() as session:
+        row = session.scalars(
+            select(Card).where(Card.card_number == card.state.issuer.card_number)
+        ).one()
+        session.expunge(row)
+        return row
+
+
+def card_events(world: World, card: CardApplet) -> list[str]:
+    row = card_row(world, card)
+    with world.factory() as session:
+        return list(
+            session.scalars(
+                select(CardEvent.kind).where(CardEvent.card_id == row.id).order_by(CardEvent.id)
+            )
+        )
+
+
+def logged(events: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
+    """The first captured structlog event carrying ``fields``; fail if none does."""
+    for event in events:
+        if all(event.get(k) == v for k, v in fields.items()):
+            return event
+    raise AssertionError(f"no log event with {fields}: {[e.get('event') for e in events]}")
+
+
+def problem(answer: Any, status: int, code: str, decline_code: str | None = None) -> dict[str, Any]:
+    assert answer.status_code == status, answer.text
+    assert answer.headers["content-type"].startswith("application/problem+json")
+    body: dict[str, Any] = answer.json()
+    assert body["code"] == code, body
+    if decline_code is not None:
+        assert body["decline_code"] == decline_code, body
+    return body
+
+
+def payment_status(world: World, payment_id: str) -> str:
+    answer = world.client.get(f"/v1/payments/{payment_id}", headers=world.auth(world.merchant_key))
+    return str(answer.json()["status"])
+
+
+def authorised(world: World, card: CardApplet, amount: int) -> tuple[dict[str, Any], bytes]:
+    """A payment authorised for ``card``: (payment json, the DEBIT APDU settlement issued)."""
+    terminal = world.terminal
+    payment = terminal.create_payment(amount)
+    issuer, init = terminal.purchase_batch1(card, amount)
+    answer = terminal.authorise_payment(payment["id"], issuer, init)
+    assert answer.status_code == 200, answer.text
+    return answer.json(), bytes.fromhex(answer.json()["authorisation"]["debit_apdu"])
+
+
+# --- a hostile merchant relay ------------------------------------------------------
+
+
+def test_relay_initializes_for_another_amount_and_says_so(world: World, proof: Proof) -> None:
+    with proof.row(
+        SUITE,
+        "relay: INITIALIZE for 50.00 on a 1.00 payment (amount sent)",
+        expected="402 amount_mismatch, logged; no MAC1, ledger/card unchanged, payment declined",
+    ) as row:
+        card = world.funded_card(5_000)
+        payment = world.terminal.create_payment(100)
+        before, purse_before = books(world), purse(card)
+        issuer, init = world.terminal.purchase_batch1(card, 5_000)
+        with structlog.testing.capture_logs() as events:
+            answer = world.terminal.authorise_payment(payment["id"], issuer, init, amount=5_000)
+        body = problem(answer, 402, "card_declined", "amount_mismatch")
+        logged(events, event="payment.declined", decline_code="amount_mismatch")
+        assert "authorisation" not in body["payment"] or body["payment"]["authorisation"] is None
+        after = books(world)
+        assert after.accounts == before.accounts and after.cards == before.cards
+        assert purse(card) == purse_before
+        assert payment_status(world, payment["id"]) == "declined"
+        row.observed = "402 amount_mismatch; ledger, registry and purse unchanged"
+
+
+def test_relay_hides_the_amount_and_the_card_refuses_the_debit(world: World, proof: Proof) -> None:
+    with proof.row(
+        SUITE,
+        "relay: INITIALIZE for 50.00 on a 1.00 payment (amount hidden), DEBIT with its MAC1",
+        expected="card 9302 (MAC1 is for 1.00); nothing debited; resolve releases the hold",
+    ) as row:
+        card = world.funded_card(5_000)
+        before, purse_before = books(world), purse(card)
+        payment = world.terminal.create_payment(100)
+        issuer, init = world.terminal.purchase_batch1(card, 5_000)
+        answer = world.terminal.authorise_payment(payment["id"], issuer, init)
+        assert answer.status_code == 200  # settlement's MAC1 binds 1.00, not 50.00
+        debit = bytes.fromhex(answer.json()["authorisation"]["debit_apdu"])
+        _, sw = apdu(card, _command(debit))
+        assert sw == StatusWord.MAC_INVALID
+        assert purse(card) == purse_before
+        # The relay cannot capture: it has no MAC2/TAC. A garbage one is refused and logged.
+        with structlog.testing.capture_logs() as events:
+            refused = world.terminal.post(
+                f"/v1/payments/{payment['id']}/capture", {"debit_response": "00" * 8}
+            )
+        problem(refused, 402, "verification_failed")
+        logged(events, event="http.problem", code="verification_failed")
+        # The card's next contact proves nothing happened: the hold goes back to the card.
+        fresh = ok(card, InitializeForPurchase(1, 0, bytes.fromhex(world.terminal_id)).to_apdu())
+        resolved = world.terminal.post(
+            f"/v1/payments/{payment['id']}/resolve", {"initialize_response": fresh.hex()}
+        )
+        assert resolved.status_code == 200 and resolved.json()["status"] == "canceled"
+        after = books(world)
+        assert after.money() == before.money()
+        assert after.cards == before.cards
+        row.observed = (
+            "card 9302; capture 402 verification_failed; resolved canceled; ledger as before"
+        )
+
+
+def _command(raw: bytes) -> CommandApdu:
+    return CommandApdu.from_bytes(raw)
+
+
+def test_relay_sends_a_debit_for_another_amount(world: World, proof: Proof) -> None:
+    with proof.row(
+        SUITE,
+        "relay: DEBIT with the MAC1 of a 1.00 payment after INITIALIZE for 30.00",
+        expected="card 9302; purse unchanged; the 30.00 payment gets no MAC1 without authorise",
+    ) as row:
+        card = world.funded_card(5_000)
+        _, debit_small = authorised(world, card, 100)
+        # Settle the small one honestly, then try its MAC1 on a bigger INITIALIZE.
+        ok(card, debit_small)
+        purse_before = purse(card)
+        ok(card, InitializeForPurchase(1, 3_000, bytes.fromhex(world.terminal_id)).to_apdu())
+        _, sw = apdu(card, _command(debit_small))
+        assert sw == StatusWord.MAC_INVALID
+        assert purse(card) == purse_before
+        row.observed = "card 9302; balance and counters unchanged"
+
+
+def test_replayed_mac1_is_refused_by_the_card(world: World, proof: Proof) -> None:
+    with proof.row(
+        SUITE,
+        "replay: an earlier DEBIT (MAC1) sent again after a new INITIALIZE",
+        expected="card 9302; nothing debited twice",
+    ) as row:
+        card = world.funded_card(5_000)
+        paid = world.terminal.purchase(card, 700)
+        assert paid["status"] == "succeeded"
+        debit = bytes.fromhex(paid["authorisation"]["debit_apdu"])
+        purse_before, before = purse(card), books(world)
+        ok(card, InitializeForPurchase(1, 700, bytes.fromhex(world.terminal_id)).to_apdu())
+        _, sw = apdu(card, _command(debit))
+        assert sw == StatusWord.MAC_INVALID
+        assert purse(card) == purse_before and books(world) == before
+        row.observed = "card 9302; balance 4300 once"
+
+
+def test_replayed_mac2_and_tac_are_refused(world: World, proof: Proof) -> None:
+    with proof.row(
+        SUITE,
+        "replay: capture payment B with payment A's TAC‖MAC2",
+        expected="402 verification_failed, logged; B stays authorised; ledger unchanged",
+    ) as row:
+        card = world.funded_card(5_000)
+        first, debit_first = authorised(world, card, 500)
+        answer_first = ok(card, debit_first)
+        captured = world.terminal.post(
+            f"/v1/payments/{first['id']}/capture", {"debit_response": answer_first.hex()}
+        )
+        assert captured.status_code == 200
+        second, _ = authorised(world, card, 500)
+        before = books(world)
+        with structlog.testing.capture_logs() as events:
+            replay = world.terminal.post(
+                f"/v1/payments/{second['id']}/capture", {"debit_response": answer_first.hex()}
+            )
+        problem(replay, 402, "verification_failed")
+        logged(events, event="http.problem", code="verification_failed")
+        assert books(world) == before
+        assert payment_status(world, second["id"]) == "authorised"
+        assert card_events(world, card)[-1] == "verification_failed"
+        row.observed = "402 verification_failed; B authorised; ledger unchanged; event recorded"
+
+
+def test_replayed_proof_in_resolve_is_refused(world: World, proof: Proof) -> None:
+    with proof.row(
+        SUITE,
+        "replay: resolve an uncertain payment with an older purchase's MAC2‖TAC as its proof",
+        expected="402 verification_failed; payment stays uncertain; ledger unchanged",
+    ) as row:
+        card = world.funded_card(5_000)
+        first, debit_first = authorised(world, card, 500)
+        old = DebitAnswer(ok(card, debit_first))
+        assert world.terminal.post(
+            f"/v1/payments/{first['id']}/capture", {"debit_response": old.raw.hex()}
+        ).is_success
+        second, debit_second = authorised(world, card, 500)
+        ok(card, debit_second)  # the debit happened, but its answer is "lost"
+        assert world.terminal.post(f"/v1/payments/{second['id']}/uncertain").is_success
+        before = books(world)
+        fresh = ok(card, InitializeForPurchase(1, 0, bytes.fromhex(world.terminal_id)).to_apdu())
+        with structlog.testing.capture_logs() as events:
+            forged = world.terminal.post(
+                f"/v1/payments/{second['id']}/resolve",
+                {"initialize_response": fresh.hex(), "prove_response": old.proof.hex()},
+            )
+        problem(forged, 402, "verification_failed")
+        logged(events, event="http.problem", code="verification_failed")
+        assert books(world) == before
+        assert payment_status(world, second["id"]) == "uncertain"
+        row.observed = "402 verification_failed; uncertain kept; ledger unchanged"
+
+
+@dataclass(frozen=True)
+class DebitAnswer:
+    raw: bytes  # TAC 4 ‖ MAC2 4
+
+    @property
+    def proof(self) -> bytes:  # GET TRANSACTION PROVE order: MAC2 4 ‖ TAC 4
+        return self.raw[4:] + self.raw[:4]
+
+
+def test_capturing_twice_posts_once(world: World, proof: Proof) -> None:
+    with proof.row(
+        SUITE,
+        "relay: capture a succeeded payment again (new request, and same Idempotency-Key)",
+        expected="409 invalid_payment_state, logged; the stored answer replayed; posted once",
+    ) as row:
+        card = world.funded_card(5_000)
+        payment, debit = authorised(world, card, 800)
+        answer = ok(card, debit)
+        body = {"debit_response": answer.hex()}
+        first = world.client.post(
+            f"/v1/payments/{payment['id']}/capture",
+            json=body,
+            headers=world.terminal.headers("cap-1"),
+        )
+        assert first.status_code == 200
+        before = books(world)
+        with structlog.testing.capture_logs() as events:
+            again = world.terminal.post(f"/v1/payments/{payment['id']}/capture", body)
+        problem(again, 409, "invalid_payment_state")
+        logged(events, event="http.problem", code="invalid_payment_state")
+        replayed = world.client.post(
+            f"/v1/payments/{payment['id']}/capture",
+            json=body,
+            headers=world.terminal.headers("cap-1"),
+        )
+        assert replayed.status_code == 200
+        assert replayed.headers.get("idempotent-replayed") == "true"
+        assert books(world) == before
+        with world.factory() as session:
+            merchant = session.get(Account, f"merchant:{world.merchant_id}")
+            assert merchant is not None and merchant.balance == 800
+        row.observed = "409 invalid_payment_state; idempotent replay; merchant credited 800 once"
+
+
+# --- forged and cloned cards -------------------------------------------------------
+
+FORGER = MasterKeys(b"\x13" * 16, b"\x37" * 16, b"\x42" * 16)
+
+
+def forged_copy(world: World, genuine: CardApplet) -> CardApplet:
+    """A counterfeit of ``genuine``: same card number, balance and counters, other keys."""
+    state = personalise(FORGER, genuine.state.issuer.serial, start=genuine.state.issuer.start_date)
+    state = replace(
+        state,
+        issuer=genuine.state.issuer,
+        balance=genuine.state.balance,
+        online_counter=genuine.state.online_counter,
+        offline_counter=genuine.state.offline_counter,
+    )
+    return CardApplet(state, MemoryStore(state), deterministic_random(77))
+
+
+def test_forged_card_cannot_pay(world: World, proof: Proof) -> None:
+    with proof.row(
+        SUITE,
+        "forged card (other master keys, a real card's number): purchase with made-up MAC2/TAC",
+        expected="card 9302 to settlement's MAC1; fabricated TAC 402 verification_failed; unpaid",
+    ) as row:
+        genuine = world.funded_card(5_000)
+        fake = forged_copy(world, genuine)
+        before_money = books(world).money()
+        payment, debit = authorised(world, fake, 900)
+        _, sw = apdu(fake, _command(debit))
+        assert sw == StatusWord.MAC_INVALID  # its keys are not the issuer's
+        # A forger answers the DEBIT with MACs from its own keys instead.
+        with world.factory() as session:
+            row_payment = session.get(Payment, payment["id"])
+            assert row_payment is not None
+            seq, date, time = (
+                row_payment.terminal_seq or 0,
+                decode_bcd_date(bytes.fromhex(row_payment.txn_date or "")),
+                decode_bcd_time(bytes.fromhex(row_payment.txn_time or "")),
+            )
+            random = bytes.fromhex(row_payment.card_random or "")
+            counter = row_payment.counter or 0
+        serial = genuine.state.issuer.serial
+        mac2 = host.purchase_mac2(
+            diversify(FORGER.dpk, serial),
+            random=random,
+            offline_counter=counter,
+            terminal_seq=seq,
+            amount=900,
+        )
+        tac = host.purchase_tac(
+            diversify(FORGER.dtk, serial),
+            amount=900,
+            terminal_id=bytes.fromhex(world.terminal_id),
+            terminal_seq=seq,
+            date=date,
+            time=time,
+        )
+        with structlog.testing.capture_logs() as events:
+            answer = world.terminal.post(
+                f"/v1/payments/{payment['id']}/capture", {"debit_response": (tac + mac2).hex()}
+            )
+        problem(answer, 402, "verification_failed")
+        logged(events, event="http.problem", code="verification_failed")
+        assert payment_status(world, payment["id"]) == "authorised"
+        with world.factory() as session:
+            merchant = session.get(Account, f"merchant:{world.merchant_id}")
+            assert merchant is None or merchant.balance == 0
+        # The genuine card's next contact releases the hold: value back where it was.
+        fresh = ok(genuine, InitializeForPurchase(1, 0, bytes.fromhex(world.terminal_id)).to_apdu())
+        assert (
+            world.terminal.post(
+                f"/v1/payments/{payment['id']}/resolve", {"initialize_response": fresh.hex()}
+            ).json()["status"]
+            == "canceled"
+        )
+        assert books(world).money() == before_money
+        row.observed = "card 9302; 402 verification_failed; merchant 0; hold released on resolve"
+
+
+def test_forged_card_cannot_load(world: World, proof: Proof) -> None:
+    with proof.row(
+        SUITE,
+        "forged card: load (its MAC1 made with other keys)",
+        expected="402 mac_invalid, card flagged mac_failure, funds returned, no MAC2",
+    ) as row:
+        genuine = world.funded_card(1_000)
+        fake = forged_copy(world, genuine)
+        load = world.terminal.create_load(2_000)
+        before = books(world)
+        purse_before = purse(fake)
+        issuer, init = world.terminal.load_batch1(fake, 2_000, load["terminal_id"])
+        with structlog.testing.capture_logs() as events:
+            answer = world.terminal.post(
+                f"/v1/loads/{load['id']}/authorise",
+                {
+                    "issuer_data": issuer.hex(),
+                    "initialize_response": init.hex(),
+                    "terminal_id": load["terminal_id"],
+                },
+            )
+        body = problem(answer, 402, "card_declined", "mac_invalid")
+        logged(events, event="http.problem", decline_code="mac_invalid")
+        assert "mac2" not in str(body.get("load", {}).get("authorisation"))
+        after = books(world)
+        assert after.loads[load["id"]] == "declined"
+        assert after.accounts.get("held:loads", 0) == 0
+        assert sum(v for k, v in after.accounts.items() if k.startswith("card:")) == 1_000
+        assert card_row(world, genuine).flagged
+        assert purse(fake) == purse_before
+        assert before.cards == {k: v for k, v in after.cards.items()}
+        row.observed = "402 mac_invalid; load declined, held 0, card flagged, registry unchanged"
+
+
+def test_unknown_card_is_declined(world: World, proof: Proof) -> None:
+    with proof.row(
+        SUITE,
+        "forged card with a number settlement never issued",
+        expected="402 unknown_card, logged; nothing changes",
+    ) as row:
+        state = personalise(FORGER, bytes(9) + b"\x99", start=world.clock().date())
+        fake = CardApplet(state, MemoryStore(state), deterministic_random(5))
+        payment = world.terminal.create_payment(100)
+        before = books(world)
+        issuer, init = world.terminal.purchase_batch1(fake, 0)
+        with structlog.testing.capture_logs() as events:
+            answer = world.terminal.authorise_payment(payment["id"], issuer, init)
+        problem(answer, 402, "card_declined", "unknown_card")
+        logged(events, event="payment.declined", decline_code="unknown_card")
+        assert books(world).accounts == before.accounts
+        row.observed = "402 unknown_card; ledger unchanged"
+
+
+def _image_card(path: Path, seed: int) -> CardApplet:
+    store = ImageFile(path)
+    return CardApplet(store.load(), store, deterministic_random(seed))
+
+
+def test_cloned_card_image_counter_going_back_blocks_the_card(
+    world: World, proof: Proof, tmp_path: Path
+) -> None:
+    with proof.row(
+        SUITE,
+        "clone: copy a card image, pay with copy A, then with copy B (counter goes back)",
+        expected="402 counter_mismatch, card blocked (suspected_clone), logged; then card_blocked",
+    ) as row:
+        original = world.funded_card(5_000)
+        ImageFile(tmp_path / "a.json").create(original.state)
+        shutil.copy(tmp_path / "a.json", tmp_path / "b.json")
+        copy_a, copy_b = _image_card(tmp_path / "a.json", 1), _image_card(tmp_path / "b.json", 2)
+        assert world.terminal.purchase(copy_a, 1_000)["status"] == "succeeded"
+        before, purse_b = books(world), purse(copy_b)
+        payment = world.terminal.create_payment(1_000)
+        issuer, init = world.terminal.purchase_batch1(copy_b, 1_000)
+        with structlog.testing.capture_logs() as events:
+            answer = world.terminal.authorise_payment(payment["id"], issuer, init)
+        problem(answer, 402, "card_declined", "counter_mismatch")
+        logged(events, event="payment.declined", decline_code="counter_mismatch")
+        flagged = card_row(world, copy_b)
+        assert flagged.status == "blocked" and flagged.flagged
+        assert "suspected_clone" in card_events(world, copy_b)
+        assert books(world).accounts == before.accounts
+        assert purse(copy_b) == purse_b and ImageFile(tmp_path / "b.json").load() == copy_b.state
+        # From now on neither copy pays.
+        again = world.terminal.create_payment(100)
+        issuer, init = world.terminal.purchase_batch1(copy_a, 100)
+        problem(
+            world.terminal.authorise_payment(again["id"], issuer, init),
+            402,
+            "card_declined",
+            "card_blocked",
+        )
+        row.observed = "402 counter_mismatch; blocked; ledger unchanged; copy A then card_blocked"
+
+
+def test_cloned_card_same_counter_other_balance_blocks_the_card(
+    world: World, proof: Proof, tmp_path: Path
+) -> None:
+    with proof.row(
+        SUITE,
+        "clone: copy A pays; copy B loads with the same online counter and the old balance",
+        expected="402 balance_mismatch (above shadow), card blocked, funds returned, logged",
+    ) as row:
+        original = world.funded_card(5_000)
+        ImageFile(tmp_path / "a.json").create(original.state)
+        shutil.copy(tmp_path / "a.json", tmp_path / "b.json")
+        copy_a, copy_b = _image_card(tmp_path / "a.json", 3), _image_card(tmp_path / "b.json", 4)
+        assert world.terminal.purchase(copy_a, 2_000)["status"] == "succeeded"
+        load = world.terminal.create_load(1_000)
+        before = books(world)
+        issuer, init = world.terminal.load_batch1(copy_b, 1_000, load["terminal_id"])
+        parsed = InitializeForLoadResponse.from_data(init)
+        assert parsed.online_counter == card_row(world, copy_b).online_counter  # repeats
+        with structlog.testing.capture_logs() as events:
+            answer = world.terminal.post(
+                f"/v1/loads/{load['id']}/authorise",
+                {
+                    "issuer_data": issuer.hex(),
+                    "initialize_response": init.hex(),
+                    "terminal_id": load["terminal_id"],
+                },
+            )
+        problem(answer, 402, "card_declined", "balance_mismatch")
+        logged(events, event="http.problem", decline_code="balance_mismatch")
+        assert card_row(world, copy_b).status == "blocked"
+        after = books(world)
+        assert after.loads[load["id"]] == "declined" and after.accounts.get("held:loads") == 0
+        card_accounts = {k: v for k, v in after.accounts.items() if k.startswith("card:")}
+        assert card_accounts == {k: v for k, v in before.accounts.items() if k.startswith("card:")}
+        row.observed = "402 balance_mismatch; blocked; load declined, funds returned"
+
+
+# --- blocked, expired ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "decline"),
+    [("blocked", "card_blocked"), ("lost", "card_lost"), ("expired", "card_expired")],
+)
+def test_blacklisted_and_expired_cards_are_declined(
+    world: World, proof: Proof, status: str, decline: str
+) -> None:
+    with proof.row(
+        SUITE,
+        f"{status} card (registry status) tries to pay",
+        expected=f"402 {decline}, logged; ledger, registry and purse unchanged",
+    ) as row:
+        card = world.funded_card(1_000)
+        changed = world.client.post(
+            f"/v1/cards/{card.state.issuer.card_number}/status",
+            json={"status": status, "reason": "proof"},
+            headers=world.auth(world.operator_key),
+        )
+        assert changed.status_code == 200, changed.text
+        payment = world.terminal.create_payment(100)
+        before, purse_before = books(world), purse(card)
+        issuer, init = world.terminal.purchase_batch1(card, 100)
+        with structlog.testing.capture_logs() as events:
+            answer = world.terminal.authorise_payment(payment["id"], issuer, init)
+        problem(answer, 402, "card_declined", decline)
+        logged(events, event="payment.declined", decline_code=decline)
+        after = books(world)
+        assert after.accounts == before.accounts and after.cards == before.cards
+        assert purse(card) == purse_before
+        row.observed = f"402 {decline}; nothing changed"
+
+
+def test_a_card_past_its_expiry_date_is_declined(world: World, proof: Proof) -> None:
+    with proof.row(
+        SUITE,
+        "card past its expiry date (EF 0x15 and registry)",
+        expected="402 card_expired, logged; nothing changes",
+    ) as row:
+        card = world.funded_card(1_000)
+        world.clock.advance(dt.timedelta(days=366 * 6))
+        payment = world.terminal.create_payment(100)
+        before = books(world)
+        issuer, init = world.terminal.purchase_batch1(card, 100)
+        with structlog.testing.capture_logs() as events:
+            answer = world.terminal.authorise_payment(payment["id"], issuer, init)
+        problem(answer, 402, "card_declined", "card_expired")
+        logged(events, event="payment.declined", decline_code="card_expired")
+        assert books(world).accounts == before.accounts
+        row.observed = "402 card_expired; ledger unchanged"
+
+
+# --- guessing MAC1 ------------------------------------------------------------------
+
+
+def test_guessing_mac1_locks_the_card(world: World, proof: Proof) -> None:
+    with proof.row(
+        SUITE,
+        "guess MAC1 at the card: DEBIT with made-up MAC1s",
+        expected="10 × 9302, then 9303 to INITIALIZE; balance never moves",
+    ) as row:
+        card = world.funded_card(5_000)
+        purse_before = purse(card)
+        terminal_id = bytes.fromhex(world.terminal_id)
+        read_issuer(card)
+        answers = []
+        for guess in range(10):
+            ok(card, InitializeForPurchase(1, 1_000, terminal_id).to_apdu())
+            debit = DebitForPurchase(
+                guess + 1, dt.date(2026, 11, 27), dt.time(12), guess.to_bytes(4, "big")
+            )
+            answers.append(apdu(card, debit.to_apdu())[1])
+        assert answers == [StatusWord.MAC_INVALID] * 10
+        _, sw = apdu(card, InitializeForPurchase(1, 1_000, terminal_id).to_apdu())
+        assert sw == StatusWord.APPLICATION_LOCKED
+        assert card.state.locked and purse(card) == purse_before
+        row.observed = "9302 ×10, then 9303; balance 5000 unchanged"
+
+
+def test_guessing_the_cards_mac1_at_settlement_flags_the_card(world: World, proof: Proof) -> None:
+    with proof.row(
+        SUITE,
+        "guess the card's load MAC1 at settlement (to get a MAC2 without the card)",
+        expected="402 mac_invalid each time, logged; card flagged with a mac_failure per guess",
+    ) as row:
+        card = world.funded_card(1_000)
+        issuer, init = world.terminal.load_batch1(card, 500, "000000000000")
+        honest = InitializeForLoadResponse.from_data(init)
+        declines = []
+        with structlog.testing.capture_logs() as events:
+            for guess in range(3):
+                load = world.terminal.create_load(500)
+                forged = replace(honest, mac1=guess.to_bytes(4, "big")).to_data()
+                answer = world.terminal.post(
+                    f"/v1/loads/{load['id']}/authorise",
+                    {
+                        "issuer_data": issuer.hex(),
+                        "initialize_response": forged.hex(),
+                        "terminal_id": load["terminal_id"],
+                    },
+                )
+                declines.append(problem(answer, 402, "card_declined")["decline_code"])
+        assert declines == ["mac_invalid"] * 3
+        logged(events, event="http.problem", decline_code="mac_invalid")
+        flagged = card_row(world, card)
+        assert flagged.flagged and flagged.shadow_balance == 1_000
+        assert card_events(world, card).count("mac_failure") == 3
+        after = books(world)
+        assert after.accounts.get("held:loads") == 0
+        listed = world.client.get(
+            "/v1/cards?flagged=true", headers=world.auth(world.operator_key)
+        ).json()
+        assert card.state.issuer.card_number in [c["card_number"] for c in listed["data"]]
+        row.observed = "402 mac_invalid ×3; flagged, 3 mac_failure events; funds returned"
