@@ -24,8 +24,8 @@ import httpx
 from webpurse.card import CardApplet
 from webpurse.merchant.cashier import Cashier
 from webpurse.merchant.orders import PURCHASE, TOPUP, Order, OrderBook, make_engine
-from webpurse.merchant.progress import ProgressBus
-from webpurse.merchant.readers import LocalBroker
+from webpurse.merchant.progress import OrderEvent, ProgressBus
+from webpurse.merchant.readers import LocalBroker, ReaderBroker
 from webpurse.merchant.settlement import (
     Kind,
     Settlement,
@@ -173,16 +173,49 @@ class GatedSettlement:
         return await self.inner.cancel(kind, object_id)
 
 
+class RecordingBus(ProgressBus):
+    """The progress bus, remembering every phase published (tests wait on phases)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phases: list[str] = []
+        self.changed = asyncio.Event()
+
+    def publish(self, event: OrderEvent) -> None:
+        super().publish(event)
+        self.phases.append(event.phase)
+        self.changed.set()
+
+    async def wait_for(self, phase: str, count: int = 1) -> None:
+        """Return once ``phase`` has been published ``count`` times (bounded)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DEADLINE
+        while self.phases.count(phase) < count:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise AssertionError(f"{phase} x{count} never published: {self.phases}")
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), remaining)
+
+
 class Shop:
     """The merchant process: orders on ``tmp/orders.db``, a cashier, a settlement client."""
 
-    def __init__(self, directory: Path, settlement: Settlement, reader: ShopperReader) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        settlement: Settlement,
+        reader: ShopperReader | None = None,
+        broker: ReaderBroker | None = None,
+    ) -> None:
         self.orders = OrderBook(make_engine(f"sqlite:///{directory / 'orders.db'}"))
+        self.bus = RecordingBus()
         self.cashier = Cashier(
             self.orders,
             settlement,
-            LocalBroker(reader),
-            ProgressBus(),
+            broker or LocalBroker(reader),
+            self.bus,
             reader_timeout=DEADLINE,
             card_timeout=DEADLINE,
         )

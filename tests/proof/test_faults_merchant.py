@@ -92,9 +92,10 @@ async def _shopper(shop: Shop, reader: ShopperReader, order_id: str) -> tuple[Or
             return order, reloads
         task = shop.cashier.task(order_id)
         assert task is not None
-        wanted = asyncio.ensure_future(reader.card_wanted.wait())
+        wanted: asyncio.Future[object] = asyncio.ensure_future(reader.card_wanted.wait())
+        ended: asyncio.Future[object] = asyncio.ensure_future(asyncio.shield(task))
         done, _ = await asyncio.wait(
-            {wanted, asyncio.ensure_future(asyncio.shield(task))},
+            {wanted, ended},
             timeout=DEADLINE,
             return_when=asyncio.FIRST_COMPLETED,
         )
