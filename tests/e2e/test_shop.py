@@ -206,3 +206,24 @@ async def test_short_code_pairs_an_agent_the_page_cannot_reach(
         "Paid. Thank you!", timeout=PAY_TIMEOUT
     )
     assert balance(shopper) == before - 1250
+
+
+async def test_a_debit_lost_before_the_card_is_released_then_paid_in_a_new_session(
+    stack: DemoStack, shopper: Shopper, browser: Browser
+) -> None:
+    before = balance(shopper)
+    shopper.reader.inject(Fault.before(INS_DEBIT_FOR_PURCHASE))
+    page = await new_page(browser)
+    await buy(page, stack, "fan")
+    message = page.locator("[data-testid=pay-message]")
+    await expect(message).to_have_text("Interrupted: present the card again.", timeout=PAY_TIMEOUT)
+    first = await order_status(page)
+    assert balance(shopper) == before  # the DEBIT never reached the card
+    shopper.reader.insert()
+    await expect(message).to_have_text("Paid. Thank you!", timeout=PAY_TIMEOUT)
+    status = await order_status(page)
+    assert status["settlement_id"] != first["settlement_id"]
+    assert settlement_object(stack, "payments", first["settlement_id"])["status"] == "canceled"
+    assert settlement_object(stack, "payments", status["settlement_id"])["status"] == "succeeded"
+    assert balance(shopper) == before - 2450
+    ledger_ok(stack)

@@ -225,3 +225,20 @@ async def test_polling_settles_an_order_when_no_webhook_comes(
         assert app.state.orders.get(order_id).status == "paid"
     finally:
         poller.cancel()
+
+
+async def test_a_debit_lost_before_the_card_is_released_and_paid_afresh(
+    shop: Any, settlement: FakeSettlement
+) -> None:
+    client, sim, app = shop
+    sim.inject(Fault.before(INS_DEBIT_FOR_PURCHASE))
+    order_id = await checkout(client, "chopsticks")
+    await client.get(f"/orders/{order_id}/pay")
+    first = await wait_status(client, order_id, {"interrupted"})
+    sim.insert()
+    body = await wait_status(client, order_id, {"paid"})
+    assert settlement.records[first["settlement_id"]].status == "canceled"
+    assert body["settlement_id"] != first["settlement_id"]
+    assert settlement.records[body["settlement_id"]].status == "succeeded"
+    assert sim.card is not None and sim.card.state.balance == 10_000 - 990
+    assert (order_id, "canceled") in app.state.cashier.broker.finished  # the agent re-pairs

@@ -260,6 +260,19 @@ def create_app(
             products=BY_ID,
         )
 
+    @app.post("/orders/{order_id}/pairing")
+    async def new_pairing(request: Request, order_id: str) -> JSONResponse:
+        """A fresh single-use token when the page must pair the agent again."""
+        order = own_order(request, order_id)
+        if order.is_final:
+            raise HTTPException(409, "the order is already settled")
+        pairing = cashier.broker.pair(order_id, amount=order.amount, description=_describe(order))
+        cashier.start(order_id)
+        return JSONResponse(
+            {"token": pairing.token, "code": pairing.short_code},
+            headers={"Cache-Control": "no-store"},
+        )
+
     @app.post("/orders/{order_id}/retry")
     async def retry(request: Request, order_id: str) -> Response:
         order = own_order(request, order_id)

@@ -51,6 +51,11 @@ from webpurse.reader.base import Reader, ReaderError
 log = logging.getLogger(__name__)
 
 MAX_CONTACTS = 10
+REPAIR = "repair"  # detail of a waiting_reader event: the page must pair the agent again
+
+
+class _NewSession(Exception):
+    """The agent's session is over but the order goes on: wait for a new pairing."""
 
 
 def kind_of(order: Order) -> Kind:
@@ -200,6 +205,9 @@ class Cashier:
                     return
             try:
                 done = await self._contact(order, reader)
+            except _NewSession:
+                reader = None
+                continue
             except ReaderError as exc:
                 # Batch 1 or recovery could not run: nothing changed anywhere. Try again
                 # with the reader the broker has now (the agent may have reconnected).
@@ -255,10 +263,15 @@ class Cashier:
                 self.publish(order, Phase.SUCCEEDED)
                 return True
             if outcome.status == "canceled":
-                # The card proved nothing happened: pay again with a fresh payment.
+                # The card proved nothing happened: pay again with a fresh payment. The
+                # agent refuses a second DEBIT in a session whose first may have run, so
+                # end this session; the page pairs a new one (phase waiting_reader, "repair").
                 order = self.orders.update(order.id, status=PENDING, counter=None)
                 order = await self.open_settlement(order, order.id)
-                return False
+                with contextlib.suppress(Exception):
+                    await self.broker.finish(order.id, "canceled", "present the card again", None)
+                self.publish(order, Phase.WAITING_READER, REPAIR)
+                raise _NewSession
             self.publish(order, Phase.INTERRUPTED)
             return False
 

@@ -31,7 +31,7 @@
     });
   }
 
-  function show(event) {
+  function show(event, replayed) {
     root.dataset.phase = event.phase;
     root.dataset.status = event.status;
     mark(phaseStep[event.phase] || "connect");
@@ -40,6 +40,8 @@
     detail.textContent = "";
     if (event.phase !== "waiting_reader") {
       document.getElementById("pairing").hidden = true;
+    } else if (event.detail === "repair" && !replayed) {
+      repair();
     }
     if (event.phase === "failed" && event.detail) {
       detail.textContent = texts.declines[event.detail] || event.detail;
@@ -55,6 +57,21 @@
       document.getElementById("done").hidden = false;
       finished = true;
     }
+  }
+
+  async function repair() {
+    // The agent's session ended but the order goes on: get a new token and pair again.
+    const response = await fetch("/orders/" + orderId + "/pairing", { method: "POST" });
+    if (!response.ok) { return; }
+    const fresh = await response.json();
+    root.dataset.token = fresh.token;
+    document.querySelector("[data-testid=short-code]").textContent =
+      fresh.code.slice(0, 4) + " " + fresh.code.slice(4);
+    document.querySelectorAll("#code-command .code-value").forEach(function (el) {
+      el.textContent = fresh.code;
+    });
+    document.getElementById("pairing").hidden = false;
+    await pair();
   }
 
   async function pair() {
@@ -74,9 +91,12 @@
 
   function follow() {
     const source = new EventSource("/orders/" + orderId + "/events");
+    let first = true;
     source.addEventListener("progress", function (e) {
       const event = JSON.parse(e.data);
-      show(event);
+      // The stream starts with the latest event again; this page has just paired anyway.
+      show(event, first);
+      first = false;
       if (finished) { source.close(); }
     });
   }
