@@ -167,6 +167,7 @@ def create_app(
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         response = _problem(ApiError(exc.status_code, code, str(exc.detail)), request)
         response.headers.update(headers)
+        log.info("http.problem", code=code, status=exc.status_code)
         return response
 
     @app.exception_handler(LedgerError)
