@@ -23,6 +23,7 @@ from bench.harness import (
     Run,
     append_run,
     format_value,
+    load_average,
     load_runs,
     make_progress,
 )
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"  {name:10} {row.metric} {params}: {shown}", soft_wrap=True
                 )
     run.seconds = time.perf_counter() - started
+    run.machine["load_average_end"] = load_average()
     if args.quick:
         console.print("--quick: results not saved (smoke test)")
         return 0

@@ -239,7 +239,16 @@ def machine_info() -> dict[str, Any]:
         "cpu": _cpu_model(),
         "cpus": os.cpu_count(),
         "memory_gib": _memory_gib(),
+        "load_average": load_average(),
     }
+
+
+def load_average() -> list[float]:
+    """1, 5 and 15 minute load averages: how busy the (shared) machine was."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return []
 
 
 # --- results file -----------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """End-to-end purchase latency, split by stage, through the merchant's own flow.
 
-One settlement server (real uvicorn, in this process so its engine can be timed; on
-PostgreSQL), one merchant reader hub (``webpurse.reader.remote.ReaderHub`` mounted at
-``/reader`` in a real uvicorn server) and one terminal agent (``TerminalAgent``) dialling
-it over a real WebSocket. Purchases run one at a time through
-``webpurse.merchant.flows.run_transaction`` with:
+Settlement runs as ``bench.settlement_server`` (the real app in its own uvicorn process on
+PostgreSQL, with database timers attached from outside); the merchant's reader hub
+(``webpurse.reader.remote.ReaderHub`` at ``/reader``) runs under uvicorn in this process,
+and a terminal agent (``TerminalAgent``) dials it over a real WebSocket. Purchases run one
+at a time through ``webpurse.merchant.flows.run_transaction`` with:
 
 - ``sim``: the merchant holds a ``SimReader`` directly (no relay);
 - ``sim via agent``: the merchant holds the agent's ``RemoteReader``, the agent a SimReader;
@@ -29,23 +29,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from bench.harness import Context, Measurement, not_measured, summarise
 from bench.pgbench import PgServer, unavailable_reason
 from bench.servers import (
     Merchant,
     SettlementEnvironment,
+    SettlementProcess,
     SetupError,
     fund_cards,
     http_client,
     serve_asgi,
 )
-from bench.timing import StageClock, TimedReader, TimedSettlement, time_card, time_database
+from bench.timing import StageClock, TimedReader, TimedSettlement, time_card
 from webpurse.card import CardApplet, ImageFile
 from webpurse.merchant.settlement import Kind, SettlementClient
 
 NAME = "latency"
 PURCHASES = 1000  # through the agent: the end-to-end path
-LOCAL_PURCHASES = 300  # merchant holding the SimReader itself
+LOCAL_PURCHASES = 200  # merchant holding the SimReader itself
 PCSC_PURCHASES = 200
 FUNDING = 100_000
 AMOUNT = 1
@@ -112,6 +115,7 @@ def latency_rows(
         ("settlement calls", "settlement HTTP calls per purchase"),
         ("statements", "SQL statements per purchase"),
         ("commits", "database commits per purchase"),
+        ("rollbacks", "database rollbacks (pool reset) per purchase"),
     ):
         values = [t.counts.get(what, 0) for t in timings]
         if any(values):
@@ -124,7 +128,7 @@ def latency_rows(
 
 @dataclass
 class Rig:
-    """Settlement (timed) and the merchant's reader hub, both served by real uvicorn."""
+    """Settlement (a timed subprocess) and the merchant's reader hub (uvicorn, in process)."""
 
     clock: StageClock
     settlement: TimedSettlement
@@ -132,7 +136,13 @@ class Rig:
     hub: Any
     merchant: Merchant
     environment: SettlementEnvironment
+    http: httpx.AsyncClient
     cards: list[CardApplet] = field(default_factory=list)
+
+    async def database(self) -> tuple[float, dict[str, int]]:
+        """Settlement's cumulative database seconds and counts (``bench.settlement_server``)."""
+        body = (await self.http.get("/bench/database")).json()
+        return float(body["seconds"]), {k: int(v) for k, v in body["counts"].items()}
 
 
 @contextlib.asynccontextmanager
@@ -140,22 +150,19 @@ async def rig(pg: PgServer, folder: Path) -> AsyncIterator[Rig]:
     from fastapi import FastAPI
 
     from webpurse.reader.remote import ReaderHub
-    from webpurse.settlement.app import create_app
-    from webpurse.settlement.settings import Settings
 
     environment = SettlementEnvironment(pg, folder, database="webpurse_bench_latency")
+    server = SettlementProcess(environment, timed=True)
     try:
         merchant = environment.initialise()
         cards = environment.issue_cards(2)
-        app = create_app(Settings.from_env(environment.env()))
+        server.start()
         clock = StageClock()
-        time_database(app.state.settlement.engine, clock)
         hub = ReaderHub(grace=5.0, batch_timeout=30.0)
         merchant_app = FastAPI()
         merchant_app.add_api_websocket_route("/reader", hub.endpoint)
         async with (
-            serve_asgi(app) as settlement_url,
-            http_client(settlement_url) as http,
+            http_client(server.url) as http,
             serve_asgi(merchant_app) as merchant_url,
         ):
             client = SettlementClient(http, merchant.api_key)
@@ -168,12 +175,13 @@ async def rig(pg: PgServer, folder: Path) -> AsyncIterator[Rig]:
                     hub,
                     merchant,
                     environment,
+                    http,
                     cards,
                 )
             finally:
                 await hub.close()
-            app.state.settlement.engine.dispose()
     finally:
+        server.stop()
         with contextlib.suppress(Exception):
             environment.drop()
 
@@ -185,6 +193,7 @@ async def _always_consent(_: object) -> bool:
 async def purchase_once(rig: Rig, reader: Any, reference: str) -> PurchaseTiming:
     from webpurse.merchant.flows import run_transaction
 
+    db_before, counts_before = await rig.database()
     rig.clock.take()
     started = time.perf_counter()
     payment = await rig.settlement.create(
@@ -192,9 +201,13 @@ async def purchase_once(rig: Rig, reader: Any, reference: str) -> PurchaseTiming
     )
     outcome = await run_transaction(reader, rig.settlement, payment, card_timeout=10)  # type: ignore[arg-type]
     total = time.perf_counter() - started
+    seconds, counts = rig.clock.take()
     if outcome.status != "succeeded":
         raise SetupError(f"purchase ended {outcome.status} ({outcome.decline_code})")
-    seconds, counts = rig.clock.take()
+    db_after, counts_after = await rig.database()
+    seconds["database"] = db_after - db_before
+    for what, value in counts_after.items():
+        counts[what] = value - counts_before.get(what, 0)
     return PurchaseTiming(total, seconds, counts)
 
 
@@ -289,21 +302,47 @@ def pcsc_unavailable() -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def vpcd_slot() -> Iterator[tuple[int, str] | None]:
-    """A free vpcd slot, locked like the test suite does (``/tmp/webpurse-vpcd-PORT.lock``)."""
+def lock_vpcd_slot(port: int) -> Any | None:
+    """Lock slot ``port`` like the test suite does (``/tmp/webpurse-vpcd-PORT.lock``)."""
     lock_dir = Path(os.environ.get("WEBPURSE_VPCD_LOCK_DIR", "/tmp"))
+    handle = (lock_dir / f"webpurse-vpcd-{port}.lock").open("a+b")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
+async def _slot_is_empty(name: str) -> bool:
+    """No card in reader ``name`` now (a card served by someone else would answer)."""
+    from webpurse.reader.base import ReaderTimeout
+    from webpurse.reader.pcsc import PcscReader
+
+    probe = PcscReader(name)
+    try:
+        await probe.wait_for_card(1.0)
+    except ReaderTimeout:
+        return True
+    finally:
+        await probe.close()
+    return False
+
+
+@contextlib.asynccontextmanager
+async def free_vpcd_slot() -> AsyncIterator[tuple[int, str] | None]:
+    """A vpcd slot that is unlocked and empty, held locked; ``None`` if there is none."""
     for port, name in VPCD_SLOTS:
-        with (lock_dir / f"webpurse-vpcd-{port}.lock").open("a+b") as lock:
-            try:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+        handle = lock_vpcd_slot(port)
+        if handle is None:
+            continue
+        try:
+            if not await _slot_is_empty(name):
                 continue
-            try:
-                yield port, name
-                return
-            finally:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+            yield port, name
+            return
+        finally:
+            handle.close()  # closing the file releases the flock
     yield None
 
 
@@ -331,17 +370,10 @@ async def run_pcsc(ctx: Context, rig: Rig, folder: Path, count: int) -> list[Mea
         return [not_measured(NAME, "purchase total", "ms", reason, reader="pcsc via agent")]
     from webpurse.reader.pcsc import PcscReader
 
-    with vpcd_slot() as slot:
+    async with free_vpcd_slot() as slot:
         if slot is None:
-            return [
-                not_measured(
-                    NAME,
-                    "purchase total",
-                    "ms",
-                    "both vpcd slots busy (tests running)",
-                    reader="pcsc via agent",
-                )
-            ]
+            reason = "no free vpcd slot (locked by tests, or a card already in it)"
+            return [not_measured(NAME, "purchase total", "ms", reason, reader="pcsc via agent")]
         port, name = slot
         state = rig.environment.issue_card_states(1)[0]
         image = folder / "pcsc-card.json"
@@ -355,11 +387,7 @@ async def run_pcsc(ctx: Context, rig: Rig, folder: Path, count: int) -> list[Mea
                     ctx, rig, reader, "pcsc via agent", count, card_timed=False
                 )
             finally:
-                close = getattr(reader, "close", None)
-                if close is not None:
-                    result = close()
-                    if asyncio.iscoroutine(result):
-                        await result
+                await reader.close()
     return latency_rows("pcsc via agent", timings, card_timed=False) + pairing_rows(
         "pcsc via agent", pairings
     )
@@ -371,7 +399,7 @@ async def _fund_over_reader(rig: Rig, reader: Any) -> None:
     load = await rig.settlement.create(Kind.LOAD, FUNDING, description="bench", reference="pcsc")
     outcome = await run_transaction(reader, rig.settlement, load, card_timeout=10)
     if outcome.status != "succeeded":
-        raise SetupError(f"loading the PC/SC card ended {outcome.status}")
+        raise SetupError(f"loading the PC/SC card ended {outcome.status} ({outcome.decline_code})")
 
 
 # --- the benchmark ---------------------------------------------------------------------

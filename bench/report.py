@@ -14,6 +14,7 @@ from bench.harness import ROOT, Measurement, Run, format_value, latest_by_benchm
 
 REPORT_FILE = ROOT / "docs" / "performance.md"
 IMAGE_DIR = ROOT / "docs" / "img"
+FINDINGS_FILE = ROOT / "bench" / "findings.md"
 
 TITLES = {
     "micro": "Micro benchmarks: host MACs, card commands, in-process purchase",
@@ -46,11 +47,17 @@ NOTES = {
         "`ratio` = settlement purchases/s ÷ pgbench TPS."
     ),
     "latency": (
-        "Purchases through the merchant's flow and a reader, one at a time; each stage "
-        "timed by wrapping the reader and the settlement client from outside. `card` = the "
-        "emulator's own processing, `reader` = the reader backend around it, `relay` = "
-        "merchant↔agent WebSocket, `settlement` = HTTP to settlement minus its database "
-        "time, `database` = time inside PostgreSQL as seen by settlement."
+        "Purchases one at a time through the merchant's flow (`run_transaction`): create "
+        "payment, batch 1 (SELECT, READ BINARY, INITIALIZE), authorise, batch 2 (DEBIT), "
+        "capture. Settlement is a real uvicorn process on PostgreSQL; the merchant's "
+        "`ReaderHub` and the agent talk over a real WebSocket; each payment pairs a new "
+        "agent session (`pairing`, not part of the purchase total). Stages, from wrappers "
+        "and hooks attached from outside: `card` = the emulator's own processing (SimReader "
+        "hooks); `reader` = the reader backend around it (for pcsc: card + pcscd + vpcd); "
+        "`relay` = merchant↔agent WebSocket and the agent; `settlement` = HTTP calls to "
+        "settlement minus `database` = statement and commit time inside settlement "
+        "(SQLAlchemy events in the server process); `merchant` = the rest (flow code, "
+        "event loop)."
     ),
     "scale": (
         "Idle agent WebSocket connections held open to one merchant process; memory per "
@@ -91,7 +98,18 @@ def _run_line(run: Run) -> str:
     return (
         f"Run {run.date}, commit `{run.commit[:10]}`{dirty}; {m.get('cpu', '?')}, "
         f"{m.get('cpus', '?')} CPUs, {m.get('memory_gib', '?')} GiB, Python {m.get('python', '?')}."
+        + _load_text(m)
     )
+
+
+def _load_text(machine: dict[str, object]) -> str:
+    start, end = machine.get("load_average"), machine.get("load_average_end")
+    if not isinstance(start, list) or not start:
+        return ""
+    text = f" Load average (1 min) {start[0]} at the start"
+    if isinstance(end, list) and end:
+        text += f", {end[0]} at the end"
+    return text + " of the run (other work shares this machine)."
 
 
 # --- plots ------------------------------------------------------------------------------
@@ -249,8 +267,79 @@ def render(runs: Sequence[Run], *, plots: bool = True) -> str:
             IMAGE_DIR.mkdir(parents=True, exist_ok=True)
             if plotter(rows, image):
                 parts.append(f"![{title}](img/{image.name})\n")
-        parts.append(table(rows) + "\n")
+        plain = [r for r in rows if not r.metric.startswith("profile")]
+        parts.append(table(plain) + "\n")
+        profile = [r for r in rows if r.metric.startswith("profile")]
+        if profile:
+            parts.append(profile_tables(profile))
+    findings = FINDINGS_FILE.read_text(encoding="utf-8") if FINDINGS_FILE.exists() else ""
+    if findings:
+        parts.insert(1, findings.rstrip() + "\n")
+    if latest:
+        parts.insert(1, summary(latest))
     return "\n".join(parts)
+
+
+SUMMARY_ROWS: tuple[tuple[str, str, dict[str, str | int | float | bool]], ...] = (
+    ("micro", "full purchase (INIT+DEBIT+host MACs)", {"store": "memory"}),
+    ("micro", "full purchase (INIT+DEBIT+host MACs)", {"store": "image (fsync)"}),
+    ("settlement", "pgbench tps", {"clients": 8}),
+    ("settlement", "settlement purchases/s", {"clients": 1}),
+    ("settlement", "settlement purchases/s", {"clients": 8}),
+    ("settlement", "settlement purchases/s", {"clients": 32}),
+    ("settlement", "ratio settlement/pgbench", {"clients": 8}),
+    ("settlement", "server CPU per purchase", {"clients": 8}),
+    ("latency", "purchase total", {"reader": "sim via agent", "stat": "p50"}),
+    ("latency", "purchase total", {"reader": "sim via agent", "stat": "p99"}),
+    ("latency", "purchase total", {"reader": "pcsc via agent", "stat": "p50"}),
+    ("latency", "merchant↔reader round trips per purchase", {"reader": "sim via agent"}),
+    ("latency", "APDUs per purchase", {"reader": "sim via agent"}),
+    ("latency", "database commits per purchase", {"reader": "sim via agent"}),
+    ("scale", "memory per idle connection", {}),
+)
+
+
+def summary(latest: dict[str, tuple[Run, list[Measurement]]]) -> str:
+    """The headline numbers, each from its benchmark's latest run."""
+    lines = ["## Summary\n", "| benchmark | metric | conditions | value |", "|---|---|---|---:|"]
+    for name, metric, wanted in SUMMARY_ROWS:
+        if name not in latest:
+            continue
+        for row in latest[name][1]:
+            if row.metric != metric or any(row.params.get(k) != v for k, v in wanted.items()):
+                continue
+            shown = format_value(row.value, row.unit) if row.measured else row.note or "—"
+            lines.append(f"| {name} | {metric} | {_params(row)} | {shown} |")
+            break
+    return "\n".join(lines) + "\n"
+
+
+def profile_tables(rows: Sequence[Measurement]) -> str:
+    """py-spy's view of the server under load: share of samples per function/package."""
+    parts = [
+        "### Where the settlement server's time goes (py-spy, under load)\n",
+        "Share of py-spy samples (`--nonblocking`, 200 Hz, one window each). *cpu*: only "
+        "the thread holding the GIL (where the server's Python CPU goes); *wall*: every "
+        "thread that is not idle (waits on PostgreSQL and locks included). *Own*: the "
+        "function at the top of the stack; *package*: that function's package; "
+        "*inclusive*: webpurse functions anywhere on the stack. Raw collapsed stacks: "
+        "`bench/profile-settlement-{cpu,wall}.txt`.\n",
+    ]
+    kinds = sorted({r.metric for r in rows}, key=lambda k: (" cpu " not in k, k))
+    for kind in kinds:
+        mine = [r for r in rows if r.metric == kind]
+        if not mine:
+            continue
+        clients = mine[0].params.get("clients", "?")
+        parts.append(f"| {kind}, {clients} clients | share |\n|---|---:|")
+        parts.extend(
+            f"| `{r.params.get('where', '')}` | {format_value(r.value, r.unit)} |"
+            if r.measured
+            else f"| {r.note} | — |"
+            for r in mine
+        )
+        parts.append("")
+    return "\n".join(parts) + "\n"
 
 
 def write(runs: Sequence[Run], path: Path = REPORT_FILE) -> None:

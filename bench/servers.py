@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 
 from bench.cards import APDUS
+from bench.harness import ROOT
 from bench.pgbench import PgServer, create_database, drop_database
 from webpurse.card import CardApplet, CardState, MemoryStore
 from webpurse.merchant.settlement import Kind, SettlementClient
@@ -145,8 +146,10 @@ class SettlementEnvironment:
 class SettlementProcess:
     """``python -m webpurse serve settlement`` on a free port, logs to a file."""
 
-    def __init__(self, environment: SettlementEnvironment) -> None:
+    def __init__(self, environment: SettlementEnvironment, *, timed: bool = False) -> None:
+        """``timed``: run ``bench.settlement_server`` (the same app with database timers)."""
         self.environment = environment
+        self.timed = timed
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = environment.folder / "settlement.log"
@@ -158,15 +161,18 @@ class SettlementProcess:
         return self.process.pid
 
     def start(self) -> None:
+        if self.timed:
+            command = [sys.executable, "-m", "bench.settlement_server", "--port", str(self.port)]
+        else:
+            command = [
+                *(sys.executable, "-m", "webpurse", "serve", "settlement"),
+                *("--host", "127.0.0.1", "--port", str(self.port), "--no-migrate"),
+            ]
+        env = self.environment.env()
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "webpurse", "serve", "settlement"),
-                    *("--host", "127.0.0.1", "--port", str(self.port), "--no-migrate"),
-                ],
-                env=self.environment.env(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
+                command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
             )
         _wait_until_healthy(self.url, self.process, self.log)
 

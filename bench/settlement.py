@@ -281,24 +281,36 @@ def parse_collapsed(lines: Iterable[str], *, keep: int = 15, only: str = "webpur
     )
 
 
-def profile_rows(profile: Profile, clients: int) -> list[Measurement]:
+def profile_rows(profile: Profile, clients: int, mode: str = "wall") -> list[Measurement]:
+    """Rows for one profile; ``mode`` is ``wall`` (threads not idle) or ``cpu`` (GIL holder)."""
     rows = []
     for kind, entries in (
-        ("profile own time", profile.own),
-        ("profile package (own time)", profile.packages),
-        ("profile inclusive (webpurse)", profile.inclusive),
+        ("own time", profile.own),
+        ("package (own time)", profile.packages),
+        ("inclusive (webpurse)", profile.inclusive),
     ):
         for function, samples in entries:
             share = 100 * samples / profile.samples if profile.samples else 0
-            rows.append(
-                Measurement(NAME, kind, share, "%", {"clients": clients, "where": function})
-            )
+            params: dict[str, str | int | float | bool] = {
+                "clients": clients,
+                "where": function,
+                "samples": profile.samples,
+            }
+            rows.append(Measurement(NAME, f"profile {mode} {kind}", share, "%", params))
     return rows
 
 
 def find_py_spy() -> str | None:
     candidate = Path(sys.executable).parent / "py-spy"
     return str(candidate) if candidate.exists() else shutil.which("py-spy")
+
+
+PROFILE_MODES = {
+    # every thread that is not idle: where the wall-clock time goes, waits included
+    "wall": ["--nonblocking"],
+    # only the thread holding the GIL: where the server's Python CPU goes
+    "cpu": ["--nonblocking", "--gil"],
+}
 
 
 async def profile_server(
@@ -310,27 +322,33 @@ async def profile_server(
 ) -> list[Measurement]:
     py_spy = find_py_spy()
     if py_spy is None:
-        return [not_measured(NAME, "profile own time", "%", "py-spy not installed")]
+        return [not_measured(NAME, "profile wall own time", "%", "py-spy not installed")]
     seconds = int(ctx.seconds(PROFILE_SECONDS))
-    output = environment.folder / "profile.txt"
-    recorder = subprocess.Popen(
-        [
-            *(py_spy, "record", "--pid", str(server.pid), "--duration", str(seconds)),
-            *("--rate", "200", "--format", "raw", "--nonblocking", "--output", str(output)),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    await measure_window(server.url, merchant_key, cards, seconds + 1, server)
-    _, stderr = recorder.communicate(timeout=60)
-    if recorder.returncode != 0 or not output.exists():
-        reason = stderr.decode(errors="replace").strip()[-300:]
-        return [not_measured(NAME, "profile own time", "%", f"py-spy failed: {reason}")]
-    keep = Path(__file__).resolve().parent / "profile-settlement.txt"
-    shutil.copyfile(output, keep)
-    ctx.log(f"server profile (collapsed stacks) kept in {keep}")
-    profile = parse_collapsed(output.read_text().splitlines())
-    return profile_rows(profile, len(cards))
+    rows: list[Measurement] = []
+    for mode, flags in PROFILE_MODES.items():
+        output = environment.folder / f"profile-{mode}.txt"
+        recorder = subprocess.Popen(
+            [
+                *(py_spy, "record", "--pid", str(server.pid), "--duration", str(seconds)),
+                *("--rate", "200", "--format", "raw", "--output", str(output), *flags),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        await measure_window(server.url, merchant_key, cards, seconds + 1, server)
+        _, stderr = recorder.communicate(timeout=60)
+        if recorder.returncode != 0 or not output.exists():
+            reason = stderr.decode(errors="replace").strip()[-300:]
+            rows.append(
+                not_measured(NAME, f"profile {mode} own time", "%", f"py-spy failed: {reason}")
+            )
+            continue
+        keep = Path(__file__).resolve().parent / f"profile-settlement-{mode}.txt"
+        shutil.copyfile(output, keep)
+        ctx.log(f"server profile ({mode}, collapsed stacks) kept in {keep}")
+        profile = parse_collapsed(output.read_text().splitlines())
+        rows += profile_rows(profile, len(cards), mode)
+    return rows
 
 
 # --- the benchmark ---------------------------------------------------------------------

@@ -132,15 +132,18 @@ def time_database(engine: Engine, clock: StageClock) -> None:
             clock.count("statements")
 
     dialect = engine.dialect
-    for name in ("do_commit", "do_rollback"):
+    # A rollback is mostly the pool's reset-on-return after each commit: one round trip.
+    for name, counter in (("do_commit", "commits"), ("do_rollback", "rollbacks")):
         original = getattr(dialect, name)
 
-        def timed(dbapi_connection: Any, _original: Any = original) -> None:
+        def timed(
+            dbapi_connection: Any, _original: Any = original, _counter: str = counter
+        ) -> None:
             started = time.perf_counter()
             try:
                 _original(dbapi_connection)
             finally:
                 clock.add("database", time.perf_counter() - started)
-                clock.count("commits")
+                clock.count(_counter)
 
         setattr(dialect, name, timed)
