@@ -19,6 +19,11 @@ from typing import Annotated, Any
 
 import httpx
 from fastapi import FastAPI, Form, HTTPException, Request
+from fastapi.exception_handlers import (
+    http_exception_handler,
+    request_validation_exception_handler,
+)
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import (
     HTMLResponse,
     JSONResponse,
@@ -28,6 +33,7 @@ from fastapi.responses import (
 )
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from webpurse.merchant import i18n
 from webpurse.merchant.cart import COOKIE as CART_COOKIE
@@ -112,6 +118,22 @@ def create_app(
     templates = Jinja2Templates(directory=HERE / "templates")
     if hub is not None:
         app.add_api_websocket_route(READER_PATH, hub.endpoint)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_input(request: Request, exc: RequestValidationError) -> Response:
+        """Bad form or query input: the usual 422, and a log line saying what was refused."""
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        log.info("refused %s %s: %s %s", request.method, request.url.path, where, first.get("msg"))
+        return await request_validation_exception_handler(request, exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def refused(request: Request, exc: StarletteHTTPException) -> Response:
+        """Every refusal (ours, or the form parser's: a part over 1 MB) leaves a log line."""
+        log.info(
+            "refused %s %s: %d %s", request.method, request.url.path, exc.status_code, exc.detail
+        )
+        return await http_exception_handler(request, exc)
 
     def lang_of(request: Request) -> str:
         return i18n.choose_language(
