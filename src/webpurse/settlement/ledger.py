@@ -67,35 +67,69 @@ class TransferResult:
     created: bool  # False when the id already existed with the same content (a retry)
 
 
+def _new_account_row(account_id: str, now: dt.datetime, currency: str) -> dict[str, object]:
+    kind = account_kind(account_id)
+    return {
+        "id": account_id,
+        "kind": kind,
+        "currency": currency,
+        "balance": 0,
+        "version": 0,
+        "allow_negative": kind in _NEGATIVE_KINDS,
+        "created_at": now,
+    }
+
+
+def _create_missing(
+    session: Session, account_ids: list[str], now: dt.datetime, currency: str
+) -> None:
+    """Create accounts that do not exist yet; safe when two transactions race to do it."""
+    rows = [_new_account_row(account_id, now, currency) for account_id in account_ids]
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        session.execute(pg_insert(Account).values(rows).on_conflict_do_nothing())
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        session.execute(sqlite_insert(Account).values(rows).on_conflict_do_nothing())
+    else:  # pragma: no cover - only the two supported databases
+        for row in rows:
+            session.add(Account(**row))
+        session.flush()
+
+
 def ensure_account(
     session: Session, account_id: str, now: dt.datetime, currency: str = "CNY"
 ) -> Account:
     account = session.get(Account, account_id)
     if account is None:
-        kind = account_kind(account_id)
-        account = Account(
-            id=account_id,
-            kind=kind,
-            currency=currency,
-            balance=0,
-            version=0,
-            allow_negative=kind in _NEGATIVE_KINDS,
-            created_at=now,
-        )
-        session.add(account)
-        session.flush()
+        _create_missing(session, [account_id], now, currency)
+        account = session.get(Account, account_id)
+        assert account is not None
     return account
 
 
-def _lock(session: Session, account_ids: list[str]) -> dict[str, Account]:
-    locked: dict[str, Account] = {}
-    for account_id in sorted(account_ids):
-        stmt = select(Account).where(Account.id == account_id)
-        if for_update(session):
-            stmt = stmt.with_for_update()
-        account = session.execute(stmt.execution_options(populate_existing=True)).scalar_one()
-        locked[account_id] = account
-    return locked
+def _lock(
+    session: Session, account_ids: list[str], now: dt.datetime, currency: str
+) -> dict[str, Account]:
+    """Read (and on PostgreSQL lock) the accounts in sorted id order, creating any missing.
+
+    One ``SELECT … ORDER BY id FOR UPDATE``: PostgreSQL locks the rows in that order, so
+    two transfers touching the same accounts always queue instead of deadlocking.
+    """
+    ids = sorted(set(account_ids))
+    stmt = select(Account).where(Account.id.in_(ids)).order_by(Account.id)
+    if for_update(session):
+        stmt = stmt.with_for_update()
+    stmt = stmt.execution_options(populate_existing=True)
+    found = {account.id: account for account in session.scalars(stmt)}
+    missing = [account_id for account_id in ids if account_id not in found]
+    if missing:
+        _create_missing(session, missing, now, currency)
+        found = {account.id: account for account in session.scalars(stmt)}
+    return found
 
 
 def post_transfer(
@@ -130,9 +164,7 @@ def post_transfer(
         if not same:
             raise LedgerError(f"transfer id {transfer_id} was used for a different transfer")
         return TransferResult(existing, created=False)
-    ensure_account(session, debit_account, now, currency)
-    ensure_account(session, credit_account, now, currency)
-    accounts = _lock(session, [debit_account, credit_account])
+    accounts = _lock(session, [debit_account, credit_account], now, currency)
     debit, credit = accounts[debit_account], accounts[credit_account]
     if debit.currency != currency or credit.currency != currency:
         raise LedgerError("both accounts must be in the transfer's currency")

@@ -306,10 +306,10 @@ def _verify_tac(ctx: Ctx, load: Load, card: Card, tac: bytes) -> bool:
 
 
 def _card_of(ctx: Ctx, load: Load) -> Card:
-    card = ctx.session.get(Card, load.card_id) if load.card_id else None
+    card = registry.lock_card_id(ctx.session, load.card_id) if load.card_id else None
     if card is None:
         raise conflict("invalid_load_state", "the load has no card")
-    return registry.lock_card(ctx.session, card)
+    return card
 
 
 def _succeed(ctx: Ctx, load: Load, card: Card, tac: bytes) -> None:

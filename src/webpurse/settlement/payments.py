@@ -287,10 +287,10 @@ def _verify(ctx: Ctx, payment: Payment, card: Card, mac2: bytes, tac: bytes) -> 
 
 
 def _card_of(ctx: Ctx, payment: Payment) -> Card:
-    card = ctx.session.get(Card, payment.card_id) if payment.card_id else None
+    card = registry.lock_card_id(ctx.session, payment.card_id) if payment.card_id else None
     if card is None:
         raise conflict("invalid_payment_state", "the payment has no card")
-    return registry.lock_card(ctx.session, card)
+    return card
 
 
 def _succeed(ctx: Ctx, payment: Payment, card: Card, mac2: bytes, tac: bytes) -> None:

@@ -89,10 +89,17 @@ def find_card(session: Session, card_number: str, *, lock: bool = False) -> Card
 
 def lock_card(session: Session, card: Card) -> Card:
     """Re-read ``card`` under a row lock (PostgreSQL); SQLite serialises writers anyway."""
-    stmt = select(Card).where(Card.id == card.id)
+    locked = lock_card_id(session, card.id)
+    assert locked is not None
+    return locked
+
+
+def lock_card_id(session: Session, card_id: str) -> Card | None:
+    """The card with id ``card_id``, read under a row lock (PostgreSQL)."""
+    stmt = select(Card).where(Card.id == card_id)
     if for_update(session):
         stmt = stmt.with_for_update()
-    return session.scalars(stmt.execution_options(populate_existing=True)).one()
+    return session.scalars(stmt.execution_options(populate_existing=True)).first()
 
 
 def record_event(
