@@ -16,7 +16,7 @@ from fastapi import Request
 from sqlalchemy import DateTime, Engine, create_engine, event
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import NullPool, StaticPool
 from sqlalchemy.types import TypeDecorator
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -66,10 +66,13 @@ def make_engine(
 ) -> Engine:
     url = normalise_url(url)
     if url.startswith("sqlite"):
+        in_memory = url in ("sqlite://", "sqlite:///:memory:") or "mode=memory" in url
         engine = create_engine(
             url,
             connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
-            poolclass=NullPool if ":memory:" not in url else None,
+            # A file: a connection per use (WAL lets readers run beside the writer). In memory:
+            # one shared connection, or every connection would see its own empty database.
+            poolclass=StaticPool if in_memory else NullPool,
         )
 
         @event.listens_for(engine, "connect")
