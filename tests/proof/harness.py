@@ -118,11 +118,12 @@ class GatedSettlement:
     async def _pass(
         self, call: str, run: Callable[[], Awaitable[SettlementObject]]
     ) -> SettlementObject:
-        if call == self.gate.call and self.gate.before:
+        park = call == self.gate.call and not self.gate.reached.is_set()  # the first one only
+        if park and self.gate.before:
             self.gate.reached.set()
             await asyncio.Event().wait()  # parked until the task is cancelled
         result = await run()
-        if call == self.gate.call and not self.gate.before:
+        if park and not self.gate.before:
             self.gate.reached.set()
             await asyncio.Event().wait()
         return result
