@@ -413,6 +413,7 @@ class RemoteReader:
         match message:
             case Result():
                 if message.id != self._pending_id or self._pending is None:
+                    log.warning("refused agent result: no batch %d in flight", message.id)
                     return Error(
                         ErrorCode.UNKNOWN_ID, f"no batch {message.id} in flight", message.id
                     )
