@@ -50,6 +50,7 @@ def normalise_origins(origins: Sequence[str]) -> frozenset[str]:
 def _problem(
     status: int, code: str, detail: str, headers: dict[str, str] | None = None
 ) -> Response:
+    log.info("pairing answered %d %s: %s", status, code, detail)
     body = {"type": "about:blank", "title": code.replace("_", " "), "status": status}
     body |= {"detail": detail, "code": code}
     return JSONResponse(body, status, headers=headers, media_type="application/problem+json")
