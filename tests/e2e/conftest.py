@@ -18,6 +18,7 @@ import uvicorn
 from playwright.async_api import Browser, async_playwright
 
 from webpurse.agent.consent import always_yes
+from webpurse.agent.guard import ConsentRequest
 from webpurse.agent.pairing import create_pairing_app
 from webpurse.agent.terminal import TerminalAgent
 from webpurse.demo import DemoStack, free_port
@@ -74,7 +75,14 @@ async def shopper(stack: DemoStack, request: pytest.FixtureRequest) -> AsyncIter
     if balance:
         await stack.load_card_async(image, balance)
     reader = SimReader.from_image(image)
-    agent = TerminalAgent(reader, consent=always_yes(), show=lambda _text: None)
+    consent = always_yes()
+    if request.node.get_closest_marker("refuse_consent"):
+
+        async def refuse(_request: ConsentRequest) -> bool:
+            return False
+
+        consent = refuse
+    agent = TerminalAgent(reader, consent=consent, show=lambda _text: None)
     if request.node.get_closest_marker("no_loopback"):
         # The page cannot reach this agent (another device): pairing by short code only.
         try:
@@ -125,3 +133,4 @@ async def browser() -> AsyncIterator[Browser]:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "balance(fen): the shopper's card balance")
     config.addinivalue_line("markers", "no_loopback: the agent has no loopback pairing endpoint")
+    config.addinivalue_line("markers", "refuse_consent: the shopper says no on the agent")

@@ -227,3 +227,23 @@ async def test_a_debit_lost_before_the_card_is_released_then_paid_in_a_new_sessi
     assert settlement_object(stack, "payments", status["settlement_id"])["status"] == "succeeded"
     assert balance(shopper) == before - 2450
     ledger_ok(stack)
+
+
+@pytest.mark.refuse_consent
+async def test_saying_no_on_the_agent_declines_and_takes_nothing(
+    stack: DemoStack, shopper: Shopper, browser: Browser
+) -> None:
+    before = balance(shopper)
+    page = await new_page(browser)
+    await buy(page, stack, "mug")
+    await expect(page.locator("[data-testid=pay-message]")).to_have_text(
+        "Declined", timeout=PAY_TIMEOUT
+    )
+    await expect(page.locator("[data-testid=pay-detail]")).to_have_text(
+        "you declined on your device"
+    )
+    status = await order_status(page)
+    assert (status["status"], status["decline_code"]) == ("declined", "consent_refused")
+    assert settlement_object(stack, "payments", status["settlement_id"])["status"] == "canceled"
+    assert balance(shopper) == before
+    ledger_ok(stack)

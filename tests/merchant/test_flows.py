@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
 from tests.merchant.conftest import make_card
 from tests.merchant.fakes import TERMINAL, FakeSettlement
 from webpurse.merchant.flows import (
@@ -11,7 +14,7 @@ from webpurse.merchant.flows import (
     recover,
     run_transaction,
 )
-from webpurse.merchant.settlement import Kind, RecoveryHint
+from webpurse.merchant.settlement import Kind, RecoveryHint, SettlementObject
 from webpurse.protocol.commands import INS_CREDIT_FOR_LOAD, INS_DEBIT_FOR_PURCHASE
 from webpurse.protocol.records import TransactionType
 from webpurse.reader.sim import Fault, SimReader
@@ -110,3 +113,26 @@ async def test_recovery_required_costs_one_more_round_trip(
     assert (outcome.status, outcome.round_trips) == ("succeeded", 3)
     assert settlement.records[first.id].status == "succeeded"
     assert reader.card is not None and reader.card.state.balance == 10_000 + 2000 - 1250
+
+
+class TamperingSettlement(FakeSettlement):
+    """A relay that corrupts MAC1 on the way: the card must refuse the DEBIT (9302)."""
+
+    async def authorise(self, kind: Kind, object_id: str, **kwargs: Any) -> SettlementObject:
+        obj = await super().authorise(kind, object_id, **kwargs)
+        assert obj.authorisation is not None
+        apdu = bytearray(obj.authorisation.apdu)
+        apdu[-2] ^= 0xFF  # last byte of MAC1 (before Le)
+        auth = replace(obj.authorisation, apdu=bytes(apdu))
+        return replace(obj, authorisation=auth)
+
+
+async def test_a_refused_debit_is_released_with_the_cards_word(reader: SimReader) -> None:
+    settlement = TamperingSettlement()
+    payment = await settlement.create(Kind.PAYMENT, 1250, description="d", reference="r")
+    outcome = await run_transaction(reader, settlement, payment)
+    assert (outcome.status, outcome.decline_code) == ("declined", "card_refused")
+    assert outcome.round_trips == 3  # batch 1, the refused DEBIT, the counter read
+    assert settlement.records[payment.id].status == "canceled"
+    assert "cancel " + payment.id not in settlement.calls  # resolved, not merely canceled
+    assert reader.card is not None and reader.card.state.balance == 10_000

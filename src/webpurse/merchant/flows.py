@@ -342,9 +342,7 @@ async def run_transaction(
         # Refused before the DEBIT/CREDIT reached the card (e.g. the shopper said no on
         # the agent): nothing happened on the card, so the authorisation is released.
         log.info("%s %s: reader refused batch 2: %s", kind.value, obj.id, refused.code)
-        await _cancel_quietly(settlement, obj)
-        await progress(Progress(Phase.DECLINED, refused.code))
-        return Outcome("declined", obj, trips.count, decline_code=refused.code)
+        return await _release(trips, settlement, obj, contact, refused.code, progress)
     except ReaderError as exc:
         # The DEBIT/CREDIT may or may not have reached the card: never guess (spec §6).
         log.warning("%s %s: outcome unknown after %s", kind.value, obj.id, type(exc).__name__)
@@ -362,10 +360,8 @@ async def run_transaction(
     if not final.ok:
         # The card refused: its update is atomic, so nothing changed on it.
         log.info("%s %s: card refused batch 2 with %04X", kind.value, obj.id, final.sw)
-        await _cancel_quietly(settlement, obj)
         reason = _REFUSALS.get(final.sw, "card_refused")
-        await progress(Progress(Phase.DECLINED, reason))
-        return Outcome("declined", obj, trips.count, decline_code=reason)
+        return await _release(trips, settlement, obj, contact, reason, progress)
 
     await progress(Progress(Phase.CAPTURING))
     try:
@@ -418,6 +414,58 @@ async def _recover_then_reinitialise(
     balance, counter = _parse_initialize(obj.kind, responses[2].data)
     return FirstContact(
         contact.issuer_data, responses[2].data, contact.card_number, balance, counter
+    )
+
+
+async def _release(
+    trips: RoundTrips,
+    settlement: Settlement,
+    obj: SettlementObject,
+    contact: FirstContact,
+    reason: str,
+    progress: ProgressSink,
+) -> Outcome:
+    """The DEBIT/CREDIT was refused, so the card did not change; settlement still wants the
+    card's word before it lets go of an authorisation. One more round trip reads the counter
+    (INITIALIZE amount 0; PROVE answers 9406) and ``resolve`` releases the payment. If that
+    fails the payment is marked ``uncertain`` and the card's next contact settles it.
+    """
+    ttype = TransactionType.EP_PURCHASE if obj.kind is Kind.PAYMENT else TransactionType.EP_LOAD
+    hint = RecoveryHint(obj.kind, obj.id, ttype, contact.counter)
+    try:
+        responses = await trips(
+            recovery_steps(hint, key_index=obj.key_index, terminal_id=obj.terminal_id)
+        )
+        initialize, prove = read_recovery(responses)
+        released = await _resolve(settlement, hint, initialize, prove)
+    except (ReaderError, CardRefused, SettlementError) as exc:
+        log.warning("%s %s: could not release (%s); marking uncertain", obj.kind.value, obj.id, exc)
+        try:
+            marked = await settlement.uncertain(obj.kind, obj.id)
+        except SettlementError:
+            marked = obj
+        await progress(Progress(Phase.INTERRUPTED))
+        return Outcome(
+            marked.status,
+            marked,
+            trips.count,
+            card_number=contact.card_number,
+            balance_before=contact.balance,
+            counter=contact.counter,
+        )
+    if released.status == "succeeded":  # the card's proof says it ran after all
+        await progress(Progress(Phase.SUCCEEDED))
+        return Outcome(
+            "succeeded", released, trips.count, card_number=contact.card_number, tac=released.tac
+        )
+    await progress(Progress(Phase.DECLINED, reason))
+    return Outcome(
+        "declined",
+        released,
+        trips.count,
+        decline_code=reason,
+        card_number=contact.card_number,
+        balance_before=contact.balance,
     )
 
 
