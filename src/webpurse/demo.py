@@ -154,9 +154,15 @@ class DemoStack:
         return done.stdout
 
     def spawn(
-        self, name: str, args: Sequence[str], env: dict[str, str] | None = None
+        self,
+        name: str,
+        args: Sequence[str],
+        env: dict[str, str] | None = None,
+        *,
+        terminal: bool = False,
     ) -> subprocess.Popen[bytes]:
-        log = self._log(name)
+        """Start a process; its output goes to ``<data>/<name>.log`` unless ``terminal``."""
+        log = None if terminal else self._log(name)
         process = subprocess.Popen(  # noqa: S603 - our own servers, argument list
             list(args),
             env=env or self.env(),
@@ -299,7 +305,8 @@ class DemoStack:
         ]
         if yes:
             args.append("--yes")
-        process = self.spawn("agent", args)
+        # Asking for consent needs the shopper's terminal; unattended, it logs to a file.
+        process = self.spawn("agent", args, terminal=not yes)
         wait_port(self.host, self.agent_port, process)
         return process
 
