@@ -230,8 +230,22 @@ def authorise(ctx: Ctx, payment_id: str, body: PurchaseAuthorise) -> Payment:
     assert card is not None
     if decision.release is not None:
         release_open(ctx, decision.release, card)
-    seq = next_terminal_seq(ctx.session, merchant.id)
     date, time = card_time(ctx.now)
+    payment.status = "authorised"
+    payment.card_id = card.id
+    payment.balance_before = init.balance
+    payment.counter = init.offline_counter
+    payment.key_version = card.key_version
+    payment.card_random = init.random.hex().upper()
+    payment.txn_date = date.strftime("%Y%m%d")
+    payment.txn_time = time.strftime("%H%M%S")
+    payment.authorised_at = ctx.now
+    card.open_transaction = payment.id
+    card.updated_at = ctx.now
+    # The hot rows (the merchant's sequence counter, the held account) are touched last,
+    # so they stay locked only for their own statements and the commit.
+    ctx.session.flush()
+    seq = next_terminal_seq(ctx.session, merchant.id)
     mac1 = ctx.security.purchase_mac1(
         issuer.serial,
         card.key_version,
@@ -243,6 +257,8 @@ def authorise(ctx: Ctx, payment_id: str, body: PurchaseAuthorise) -> Payment:
         date=date,
         time=time,
     )
+    payment.terminal_seq = seq
+    payment.mac1 = mac1.hex().upper()
     ledger.post_transfer(
         ctx.session,
         f"{payment.id}:hold",
@@ -253,19 +269,6 @@ def authorise(ctx: Ctx, payment_id: str, body: PurchaseAuthorise) -> Payment:
         now=ctx.now,
         reference=payment.id,
     )
-    payment.status = "authorised"
-    payment.card_id = card.id
-    payment.balance_before = init.balance
-    payment.counter = init.offline_counter
-    payment.key_version = card.key_version
-    payment.card_random = init.random.hex().upper()
-    payment.terminal_seq = seq
-    payment.txn_date = date.strftime("%Y%m%d")
-    payment.txn_time = time.strftime("%H%M%S")
-    payment.mac1 = mac1.hex().upper()
-    payment.authorised_at = ctx.now
-    card.open_transaction = payment.id
-    card.updated_at = ctx.now
     log.info("payment.authorised", payment=payment.id, card=card.card_number, seq=seq)
     return payment
 
@@ -294,17 +297,11 @@ def _card_of(ctx: Ctx, payment: Payment) -> Card:
 
 
 def _succeed(ctx: Ctx, payment: Payment, card: Card, mac2: bytes, tac: bytes) -> None:
-    """The card proved the debit: post it, move the shadow purse on, tell the merchant."""
-    ledger.post_transfer(
-        ctx.session,
-        f"{payment.id}:capture",
-        ledger.HELD_PURCHASES,
-        ledger.merchant_account(payment.merchant_id),
-        payment.amount,
-        "purchase_capture",
-        now=ctx.now,
-        reference=payment.id,
-    )
+    """The card proved the debit: move the shadow purse on, tell the merchant, post it.
+
+    The ledger transfer comes last so the hot accounts (held, the merchant's payable) stay
+    locked only for the transfer itself and the commit.
+    """
     payment.status = "succeeded"
     payment.mac2 = mac2.hex().upper()
     payment.tac = tac.hex().upper()
@@ -328,6 +325,17 @@ def _succeed(ctx: Ctx, payment: Payment, card: Card, mac2: bytes, tac: bytes) ->
         },
     )
     _emit(ctx, payment, "payment.succeeded")
+    ctx.session.flush()
+    ledger.post_transfer(
+        ctx.session,
+        f"{payment.id}:capture",
+        ledger.HELD_PURCHASES,
+        ledger.merchant_account(payment.merchant_id),
+        payment.amount,
+        "purchase_capture",
+        now=ctx.now,
+        reference=payment.id,
+    )
     log.info("payment.succeeded", payment=payment.id)
 
 
