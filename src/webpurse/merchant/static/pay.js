@@ -43,8 +43,9 @@
     } else if (event.detail === "repair" && !replayed) {
       repair();
     }
-    if (event.phase === "failed" && event.detail) {
-      detail.textContent = texts.declines[event.detail] || event.detail;
+    if (event.phase === "failed") {
+      if (event.detail) { detail.textContent = texts.declines[event.detail] || event.detail; }
+      document.getElementById("retry").hidden = false;  // reopening the page starts again
     }
     if (event.phase === "declined") {
       detail.textContent = texts.declines[event.detail] || (texts.declines.other + (event.detail ? " (" + event.detail + ")" : ""));
