@@ -12,20 +12,27 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import structlog
 from sqlalchemy import select
 
 from tests.proof.conftest import Proof
 from tests.settlement.support import (
+    BACKENDS,
+    Terminal,
     World,
     apdu,
+    database_url,
     deterministic_random,
+    live_server,
     make_world,
     ok,
     read_issuer,
@@ -40,6 +47,7 @@ from webpurse.protocol.commands import (
 )
 from webpurse.protocol.crypto import diversify
 from webpurse.protocol.records import decode_bcd_date, decode_bcd_time
+from webpurse.settlement import ledger
 from webpurse.settlement.models import Account, Card, CardEvent, Load, Payment
 
 SUITE = "attacks"
@@ -68,7 +76,10 @@ class Books:
 
 
 def books(world: World) -> Books:
+    """Settlement's books now; also proves them balanced (``webpurse ledger check``'s rules)."""
     with world.factory() as session:
+        report = ledger.check(session)
+        assert report.ok, report.problems
         return Books(
             accounts={a.id: a.balance for a in session.scalars(select(Account))},
             payments={p.id: p.status for p in session.scalars(select(Payment))},
@@ -673,3 +684,50 @@ def test_guessing_the_cards_mac1_at_settlement_flags_the_card(world: World, proo
         ).json()
         assert card.state.issuer.card_number in [c["card_number"] for c in listed["data"]]
         row.observed = "402 mac_invalid ×3; flagged, 3 mac_failure events; funds returned"
+
+
+# --- racing captures through a real server -------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_racing_captures_post_once(backend: str, tmp_path: Path, proof: Proof) -> None:
+    with proof.row(
+        SUITE,
+        f"relay: the same capture sent twice at once to a real server ({backend})",
+        expected="one 200, the other 409 invalid_payment_state; merchant credited once",
+    ) as row:
+        with (
+            database_url(backend, tmp_path) as url,
+            live_server(url, tmp_path) as server,
+            httpx.Client(base_url=server.base_url, timeout=60) as http,
+        ):
+            terminal = Terminal(http, server.merchant_key, server.terminal_id)
+            card = server.issue()
+            terminal.load(card, 5_000)
+            outcomes: list[list[int]] = []
+            for _ in range(5):
+                payment = terminal.create_payment(300)
+                issuer, init = terminal.purchase_batch1(card, 300)
+                answer = terminal.authorise_payment(payment["id"], issuer, init)
+                assert answer.status_code == 200, answer.text
+                debit = ok(card, bytes.fromhex(answer.json()["authorisation"]["debit_apdu"]))
+                gate = threading.Barrier(2)
+
+                def capture(pid: str = payment["id"], body: bytes = debit) -> int:
+                    gate.wait(timeout=30)
+                    return terminal.post(
+                        f"/v1/payments/{pid}/capture", {"debit_response": body.hex()}
+                    ).status_code
+
+                with ThreadPoolExecutor(2) as pool:
+                    outcomes.append(sorted(pool.map(lambda _: capture(), range(2))))
+            assert outcomes == [[200, 409]] * 5, outcomes
+            with server.factory() as session:
+                report = ledger.check(session)
+                assert report.ok, report.problems
+                merchant = session.scalars(
+                    select(Account).where(Account.id.startswith("merchant:"))
+                ).one()
+                assert merchant.balance == 5 * 300
+            assert card.state.balance == 5_000 - 5 * 300
+        row.observed = "5 races: 200 + 409 each; merchant 1500 = 5 × 300; ledger check ok"
