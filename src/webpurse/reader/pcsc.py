@@ -197,7 +197,11 @@ class PcscReader:
             hresult, hcard, protocol = s.SCardConnect(
                 self._context, self._name, self._share, self._protocols
             )
-            if hresult in (s.SCARD_E_NO_SERVICE, s.SCARD_E_INVALID_HANDLE) and attempt == 1:
+            if attempt == 1 and hresult in (
+                s.SCARD_E_NO_SERVICE,
+                s.SCARD_E_SERVICE_STOPPED,
+                s.SCARD_E_INVALID_HANDLE,
+            ):
                 self._renew_context()
                 continue
             break
