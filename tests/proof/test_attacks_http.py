@@ -379,6 +379,21 @@ async def test_forged_stale_and_replayed_webhooks_move_no_order(
 
     with proof.row(
         SUITE,
+        "shop webhook: 8 MB unsigned JSON body",
+        expected="400 invalid_signature, logged; order unchanged; shop still answers",
+    ) as row:
+        caplog.clear()
+        huge = b'{"id": "evt_big", "data": {"object": {"id": "' + b"x" * (8 << 20) + b'"}}}'
+        answer = await client.post(
+            "/webhooks/settlement", content=huge, headers={"content-type": "application/json"}
+        )
+        assert answer.status_code == 400 and "rejected a webhook delivery" in caplog.text
+        assert app.state.orders.get(order.id).status == "pending"
+        assert (await client.get("/health")).status_code == 200
+        row.observed = "400 invalid_signature; pending; healthy"
+
+    with proof.row(
+        SUITE,
         "shop webhook: genuine 'payment.succeeded' that settlement does not confirm, replayed",
         expected="204 (at-least-once), order re-fetched from settlement: stays pending",
     ) as row:

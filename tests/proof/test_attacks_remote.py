@@ -22,13 +22,15 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from tests.card.support import make_card
+from tests.card.support import TERMINAL, make_card
 from tests.proof.conftest import Proof
 from tests.reader.remote_support import (
     ConsentRecorder,
+    debit_step,
     load,
     merchant_app,
     purchase,
+    select_read_initialize,
 )
 from tests.reader.remote_support import (
     serve as serve_app,
@@ -38,6 +40,8 @@ from webpurse.agent.session import PairingRefused
 from webpurse.agent.terminal import TerminalAgent
 from webpurse.card.applet import CardApplet
 from webpurse.protocol import commands as cmd
+from webpurse.protocol.apdu import StatusWord
+from webpurse.reader.base import BatchRefused
 from webpurse.reader.messages import MAX_MESSAGE_BYTES, Outcome
 from webpurse.reader.remote import ReaderHub
 from webpurse.reader.sim import SimReader
@@ -53,6 +57,7 @@ class Stack:
     agent: TerminalAgent
     pairing_url: str
     client: httpx.AsyncClient
+    agent_consent: ConsentRecorder
 
     @property
     def ws_url(self) -> str:
@@ -65,12 +70,13 @@ async def stack() -> AsyncIterator[Stack]:
     card = make_card()
     sim = SimReader(card)
     await load(sim, 5_000)
-    agent = TerminalAgent(sim, consent=ConsentRecorder(), show=lambda _: None)
+    consent = ConsentRecorder()
+    agent = TerminalAgent(sim, consent=consent, show=lambda _: None)
     async with serve_app(merchant_app(hub)) as merchant:
         app = create_pairing_app(agent, allowed_origins=[merchant])
         async with serve_app(app) as pairing, httpx.AsyncClient(timeout=10) as client:
             try:
-                yield Stack(hub, merchant, card, agent, pairing, client)
+                yield Stack(hub, merchant, card, agent, pairing, client, consent)
             finally:
                 await agent.close()
                 await hub.close()
@@ -229,6 +235,47 @@ async def test_a_spent_token_is_refused(
         assert "token_invalid" in caplog.text
         assert not stack.agent.busy
         row.observed = "403 token_invalid; logged"
+
+
+# --- a merchant that changes the amount after the shopper confirmed ----------------------
+
+
+async def test_a_debit_for_another_amount_than_confirmed_never_reaches_the_card(
+    stack: Stack, proof: Proof, caplog: pytest.LogCaptureFixture
+) -> None:
+    with proof.row(
+        SUITE,
+        "relay via the agent: shopper confirms 10.00; after a failed DEBIT the merchant"
+        " re-INITIALIZEs for 20.00 and sends DEBIT",
+        expected="agent refuses amount_mismatch (logged by the agent); card never sees it",
+    ) as row:
+        pairing = stack.hub.issue("pay_amount")
+        body = {"token": pairing.token, "server": f"{stack.merchant}/reader"}
+        assert (await pair(stack, body, stack.merchant)).status_code == 200
+        remote = await stack.hub.wait_for_reader("pay_amount", 5)
+        await remote.wait_for_card(5)
+        first = await remote.transmit(
+            select_read_initialize(cmd.InitializeForPurchase(1, 1_000, TERMINAL))
+        )
+        # A DEBIT whose MAC1 is for another amount: the card refuses it (9302).
+        (failed,) = await remote.transmit([debit_step(999, first[2])])
+        assert failed.sw == StatusWord.MAC_INVALID
+        before = purse(stack.card)
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            again = await remote.transmit(
+                select_read_initialize(cmd.InitializeForPurchase(1, 2_000, TERMINAL))
+            )
+            with pytest.raises(BatchRefused) as refused:
+                await remote.transmit([debit_step(2_000, again[2], seq=2)])
+        assert refused.value.code == "amount_mismatch"
+        assert "amount_mismatch" in caplog.text
+        refusers = {r.name for r in caplog.records if "amount_mismatch" in r.getMessage()}
+        assert "webpurse.agent.session" in refusers, refusers
+        assert purse(stack.card) == before
+        asked = stack.agent_consent.asked
+        assert [(r.kind.value, r.amount) for r in asked] == [("purchase", 1_000)]
+        row.observed = "BatchRefused amount_mismatch; asked once (10.00); purse unchanged"
 
 
 # --- frames at the merchant's hub --------------------------------------------------------
