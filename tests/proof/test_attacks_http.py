@@ -283,7 +283,7 @@ def test_malformed_card_answers_are_refused_and_the_payment_waits(
 def test_a_real_server_survives_a_flood_of_bad_bodies(tmp_path: Path, proof: Proof) -> None:
     with proof.row(
         SUITE,
-        "settlement (real uvicorn): 32 MB body, truncated JSON, 1,000 bad requests",
+        "settlement (real uvicorn): 32 MB body, truncated JSON, 200 bad requests",
         expected="4xx each, never 5xx; the process lives and still pays",
     ) as row:
         url = f"sqlite:///{tmp_path / 'settlement.db'}"
@@ -301,7 +301,7 @@ def test_a_real_server_survives_a_flood_of_bad_bodies(tmp_path: Path, proof: Pro
             statuses.add(big.status_code)
             cut = http.post("/v1/payments", content=b'{"amount": 1', headers=auth | JSON)
             statuses.add(cut.status_code)
-            for n in range(1_000):
+            for n in range(200):
                 bad = http.post("/v1/payments", json={"amount": -n}, headers=auth)
                 statuses.add(bad.status_code)
             assert statuses <= {400, 422}, statuses
