@@ -106,6 +106,8 @@ class Gate:
     call: str  # create | authorise | finish | uncertain | resolve
     before: bool
     reached: asyncio.Event = field(default_factory=asyncio.Event)
+    # Instead of parking, run this at the gate and go on (e.g. SIGKILL settlement there).
+    action: Callable[[], Awaitable[None]] | None = None
 
 
 class GatedSettlement:
@@ -120,13 +122,18 @@ class GatedSettlement:
     ) -> SettlementObject:
         park = call == self.gate.call and not self.gate.reached.is_set()  # the first one only
         if park and self.gate.before:
-            self.gate.reached.set()
-            await asyncio.Event().wait()  # parked until the task is cancelled
+            await self._stop()
         result = await run()
         if park and not self.gate.before:
-            self.gate.reached.set()
-            await asyncio.Event().wait()
+            await self._stop()
         return result
+
+    async def _stop(self) -> None:
+        self.gate.reached.set()
+        if self.gate.action is not None:
+            await self.gate.action()
+            return
+        await asyncio.Event().wait()  # parked until the task is cancelled
 
     async def create(
         self, kind: Kind, amount: int, *, description: str, reference: str
@@ -250,6 +257,37 @@ class Shop:
         """The merchant process dies: every running flow is cancelled where it stands."""
         await self.cashier.close()
         self.orders.engine.dispose()
+
+
+async def shop_until_final(shop: Shop, reader: ShopperReader, order_id: str) -> tuple[Order, int]:
+    """Present the card when asked, reload the page when the flow gave up; until final."""
+    reloads = 0
+    for _ in range(12):
+        order = shop.orders.get(order_id)
+        assert order is not None
+        if order.is_final:
+            return order, reloads
+        task = shop.cashier.task(order_id)
+        assert task is not None
+        wanted: asyncio.Future[object] = asyncio.ensure_future(reader.card_wanted.wait())
+        ended: asyncio.Future[object] = asyncio.ensure_future(asyncio.shield(task))
+        done, _ = await asyncio.wait(
+            {wanted, ended},
+            timeout=DEADLINE,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        wanted.cancel()
+        assert done, "neither the flow ended nor did it ask for the card"
+        if reader.card_wanted.is_set():
+            reader.insert()
+        elif task.done():
+            await shop.cashier.refresh(order_id)  # the order page re-reads settlement
+            order = shop.orders.get(order_id)
+            assert order is not None
+            if not order.is_final:
+                reloads += 1
+                shop.cashier.start(order_id)  # the shopper reloads the payment page
+    raise AssertionError(f"order {order_id} not final after the shopper's patience ran out")
 
 
 @contextlib.asynccontextmanager

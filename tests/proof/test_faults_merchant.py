@@ -33,6 +33,7 @@ from tests.proof.harness import (
     Shop,
     ShopperReader,
     settlement_client,
+    shop_until_final,
 )
 from tests.proof.invariants import check_invariants
 from tests.settlement.support import World, database_url, make_world
@@ -80,37 +81,6 @@ async def _open(shop: Shop, kind: str) -> Order:
 
 def kind_name(kind: str) -> str:
     return "purchase" if kind == "purchase" else "topup"
-
-
-async def _shopper(shop: Shop, reader: ShopperReader, order_id: str) -> tuple[Order, int]:
-    """Present the card when asked, reload the page when the flow gave up; until final."""
-    reloads = 0
-    for _ in range(12):
-        order = shop.orders.get(order_id)
-        assert order is not None
-        if order.is_final:
-            return order, reloads
-        task = shop.cashier.task(order_id)
-        assert task is not None
-        wanted: asyncio.Future[object] = asyncio.ensure_future(reader.card_wanted.wait())
-        ended: asyncio.Future[object] = asyncio.ensure_future(asyncio.shield(task))
-        done, _ = await asyncio.wait(
-            {wanted, ended},
-            timeout=DEADLINE,
-            return_when=asyncio.FIRST_COMPLETED,
-        )
-        wanted.cancel()
-        assert done, "neither the flow ended nor did it ask for the card"
-        if reader.card_wanted.is_set():
-            reader.insert()
-        elif task.done():
-            await shop.cashier.refresh(order_id)  # the order page re-reads settlement
-            order = shop.orders.get(order_id)
-            assert order is not None
-            if not order.is_final:
-                reloads += 1
-                shop.cashier.start(order_id)  # the shopper reloads the payment page
-    raise AssertionError(f"order {order_id} not final after the shopper's patience ran out")
 
 
 def _sweep(world: World) -> None:
@@ -165,7 +135,7 @@ async def test_a_request_to_settlement_or_its_answer_is_lost(
         async with settlement_client(world.client.app, world.merchant_key, loss) as client:
             shop = Shop(tmp_path, client, reader)
             order = await _open(shop, kind)
-            final, reloads = await _shopper(shop, reader, order.id)
+            final, reloads = await shop_until_final(shop, reader, order.id)
             pairs = shop.order_pairs()
             await shop.stop()
         assert loss.fired, "the loss was never injected"
@@ -229,7 +199,7 @@ async def test_the_merchant_server_restarts_between_steps(
             await shop.stop()  # the process dies here
             restarted = Shop(tmp_path, client, reader)  # same order book, a new process
             restarted.cashier.start(order.id)  # the shopper reloads the payment page
-            final, reloads = await _shopper(restarted, reader, order.id)
+            final, reloads = await shop_until_final(restarted, reader, order.id)
             pairs = restarted.order_pairs()
             await restarted.stop()
         _sweep(world)

@@ -1,0 +1,321 @@
+"""Fault matrix, real processes: the settlement server is killed with SIGKILL between its
+steps and restarted, on a SQLite file and on PostgreSQL.
+
+The settlement server runs as ``webpurse serve settlement`` (uvicorn) in a subprocess on a
+free port; the merchant's real cashier talks to it over HTTP; the card is the emulator in
+a sim reader. At each gate of the flow (after the payment/load was created, after the card
+ran the DEBIT/CREDIT but before capture/complete is sent, after the capture/complete was
+answered, and for a torn transaction before ``uncertain`` or ``resolve``) the process gets
+SIGKILL: no shutdown, no flush beyond what the database already committed. It is started
+again on the same database and port; the shopper reloads the payment page and presents the
+card when asked. Then every invariant holds, checked through the restarted server's
+database and a real ``webpurse ledger check`` process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import cast
+
+import httpx
+import pytest
+
+from tests.proof.conftest import Proof
+from tests.proof.harness import (
+    DEADLINE,
+    Gate,
+    GatedSettlement,
+    Shop,
+    ShopperReader,
+    shop_until_final,
+)
+from tests.proof.invariants import check_invariants
+from tests.settlement.support import (
+    Http,
+    Terminal,
+    database_url,
+    deterministic_random,
+)
+from webpurse.card import CardApplet, MemoryStore
+from webpurse.merchant.orders import PURCHASE, TOPUP
+from webpurse.merchant.settlement import SettlementClient
+from webpurse.protocol.commands import INS_CREDIT_FOR_LOAD, INS_DEBIT_FOR_PURCHASE
+from webpurse.reader.sim import Fault
+from webpurse.settlement.db import SessionFactory, make_engine, make_session_factory, migrate
+from webpurse.settlement.merchants import create_merchant
+from webpurse.settlement.registry import issue_card
+from webpurse.settlement.security import SoftwareSecurityModule, generate_master_keys
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
+
+SUITE = "faults"
+FUNDS = 10_000
+PRICE = 1_250
+TOPUP_AMOUNT = 5_000
+START_TIMEOUT = 30.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class SettlementProcess:
+    """``webpurse serve settlement`` as a child process we can SIGKILL and start again."""
+
+    url: str
+    kek: bytes
+    directory: Path
+    port: int = field(default_factory=_free_port)
+    process: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+    kills: int = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "WEBPURSE_DATABASE_URL": self.url,
+            "WEBPURSE_KEK": self.kek.hex(),
+            "WEBPURSE_DATA_DIR": str(self.directory / "data"),
+        }
+        exe = str(Path(sys.executable).with_name("webpurse"))
+        log = (self.directory / f"settlement-{self.starts}.log").open("wb")
+        self.process = subprocess.Popen(
+            [exe, "serve", "settlement", "--port", str(self.port), "--no-migrate"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.starts += 1
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:  # bounded polling for readiness
+            if self.process.poll() is not None:
+                text = (self.directory / f"settlement-{self.starts - 1}.log").read_text()
+                raise RuntimeError(f"settlement exited: {text[-2000:]}")
+            try:
+                if httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"settlement did not answer /health in {START_TIMEOUT} s")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL: the process gets no chance to clean up."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+        assert self.process.returncode == -signal.SIGKILL
+        self.kills += 1
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@dataclass
+class Live:
+    server: SettlementProcess
+    factory: SessionFactory
+    security: SoftwareSecurityModule
+    merchant_key: str
+    terminal_id: str
+    seeds: Iterator[int] = field(default_factory=lambda: iter(range(1, 1000)))
+
+    def issue(self) -> CardApplet:
+        with self.factory() as session, session.begin():
+            _, state = issue_card(session, self.security, dt.datetime.now(dt.UTC))
+        return CardApplet(state, MemoryStore(state), deterministic_random(next(self.seeds)))
+
+    def funded_card(self, amount: int) -> CardApplet:
+        card = self.issue()
+        with httpx.Client(base_url=self.server.base_url, timeout=15) as http:
+            Terminal(cast(Http, http), self.merchant_key, self.terminal_id).load(card, amount)
+        return card
+
+
+@contextmanager
+def live_settlement(backend: str, tmp_path: Path) -> Iterator[Live]:
+    with database_url(backend, tmp_path) as url:
+        kek = secrets.token_bytes(32)
+        engine = make_engine(url, pool_size=2, max_overflow=2)
+        try:
+            migrate(engine)
+            factory = make_session_factory(engine)
+            now = dt.datetime.now(dt.UTC)
+            generate_master_keys(factory, kek, now)
+            security = SoftwareSecurityModule.load(factory, kek)
+            with factory() as session, session.begin():
+                merchant, key = create_merchant(session, "Proof shop", now)
+                terminal_id = merchant.terminal_id
+            server = SettlementProcess(url, kek, tmp_path)
+            server.start()
+            try:
+                yield Live(server, factory, security, key, terminal_id)
+            finally:
+                server.stop()
+        finally:
+            engine.dispose()
+
+
+GATES = [
+    ("create", False, "after the payment/load was created"),
+    ("finish", True, "after the card ran the {step}, before {finish} is sent"),
+    ("finish", False, "after {finish} was answered"),
+    ("uncertain", True, "after a torn {step}, before uncertain is sent"),
+    ("resolve", True, "at the recovery contact, before resolve is sent"),
+]
+CASES = [
+    pytest.param(
+        backend, kind, call, before, text, id=f"{backend}-{kind}-{call}-{before}", marks=marks
+    )
+    for backend, marks, gates in [
+        ("sqlite", (), GATES),
+        ("postgresql", (pytest.mark.postgres,), GATES[1:2]),
+    ]
+    for kind in ("purchase", "load")
+    for call, before, text in gates
+]
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Live]]:
+    """One settlement server per backend for the module; every scenario kills it once."""
+    with contextlib.ExitStack() as stack:
+        started: dict[str, Live] = {}
+
+        class Lazy(dict[str, Live]):
+            def __missing__(self, backend: str) -> Live:
+                directory = tmp_path_factory.mktemp(f"settlement-{backend}")
+                started[backend] = stack.enter_context(live_settlement(backend, directory))
+                return started[backend]
+
+        yield Lazy()
+
+
+@pytest.fixture
+def live(request: pytest.FixtureRequest, servers: dict[str, Live]) -> Live:
+    return servers[str(request.param)]
+
+
+@pytest.mark.parametrize(("live", "kind", "call", "before", "text"), CASES, indirect=["live"])
+async def test_settlement_is_killed_between_its_steps_and_restarted(
+    tmp_path: Path,
+    proof: Proof,
+    live: Live,
+    kind: str,
+    call: str,
+    before: bool,
+    text: str,
+) -> None:
+    step = "DEBIT" if kind == "purchase" else "CREDIT"
+    finish = "capture" if kind == "purchase" else "complete"
+    done = "paid" if kind == "purchase" else "loaded"
+    where = text.format(step=step, finish=finish)
+    backend = live.server.url.split(":", 1)[0].split("+", 1)[0]
+    kills = live.server.kills
+    with proof.row(
+        SUITE,
+        f"{kind} ({backend}): settlement SIGKILLed {where}, then restarted",
+        expected=f"{done} exactly once after the restart; invariants hold",
+    ) as row:
+        card = live.funded_card(FUNDS) if kind == "purchase" else live.issue()
+        reader = ShopperReader(card)
+        if call in ("uncertain", "resolve"):
+            reader.inject(
+                Fault.after(INS_DEBIT_FOR_PURCHASE if kind == "purchase" else INS_CREDIT_FOR_LOAD)
+            )
+
+        async def kill() -> None:
+            live.server.kill()
+
+        gate = Gate(call, before, action=kill)
+        async with httpx.AsyncClient(base_url=live.server.base_url, timeout=15) as http:
+            client = SettlementClient(http, live.merchant_key)
+            shop = Shop(tmp_path, GatedSettlement(client, gate), reader)
+            amount = PRICE if kind == "purchase" else TOPUP_AMOUNT
+            order = shop.orders.create(
+                session_id="s" * 20, kind=PURCHASE if kind == "purchase" else TOPUP, amount=amount
+            )
+            if call == "create":
+                # The checkout's create is answered, then the server dies.
+                order = await shop.cashier.open_settlement(order, "proof")
+                live.server.kill()
+                gate.reached.set()
+            shop.cashier.start(order.id)
+            # The flow runs (the shopper presenting the card when asked) until the gate
+            # kills the server; then it stops, failed or finished.
+            await run_until_gate(shop, reader, order.id, gate)
+            live.server.start()  # the operator (or systemd) starts it again
+            shop.cashier.start(order.id)  # the shopper reloads the payment page
+            final, reloads = await shop_until_final(shop, reader, order.id)
+            pairs = shop.order_pairs()
+            await shop.stop()
+        report = check_invariants(live.factory, live.server.url, [card], orders=pairs)
+        assert live.server.kills == kills + 1
+        assert final.status == done
+        assert card.state.balance == (FUNDS - PRICE if kind == "purchase" else TOPUP_AMOUNT)
+        row.observed = (
+            f"{final.status} after SIGKILL and restart, {reloads} reload(s); {report.summary()}"
+        )
+
+
+async def run_until_gate(shop: Shop, reader: ShopperReader, order_id: str, gate: Gate) -> None:
+    """Present the card whenever asked until the gate fired; then wait for the flow to stop."""
+    task = shop.cashier.task(order_id)
+    assert task is not None
+    reached: asyncio.Future[object] = asyncio.ensure_future(gate.reached.wait())
+    for _ in range(5):
+        if gate.reached.is_set():
+            break
+        wanted: asyncio.Future[object] = asyncio.ensure_future(reader.card_wanted.wait())
+        await asyncio.wait({reached, wanted}, timeout=DEADLINE, return_when="FIRST_COMPLETED")
+        wanted.cancel()
+        if reader.card_wanted.is_set() and not gate.reached.is_set():
+            reader.insert()
+    reached.cancel()
+    assert gate.reached.is_set(), "the flow never reached the kill point"
+    await asyncio.wait_for(asyncio.shield(task), DEADLINE)
+
+
+@pytest.mark.parametrize(
+    "live", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
+def test_after_every_kill_the_ledger_check_process_passes(live: Live, proof: Proof) -> None:
+    backend = live.server.url.split(":", 1)[0].split("+", 1)[0]
+    with proof.row(
+        SUITE,
+        f"({backend}) after all SIGKILLs above: `webpurse ledger check` as its own process",
+        expected="exit 0: every balance agrees with the entries, value conserved",
+    ) as row:
+        report = check_invariants(live.factory, live.server.url, cli_subprocess=True)
+        row.observed = (
+            f"exit 0 after {live.server.kills} kills / {live.server.starts} starts; "
+            f"{report.summary()}"
+        )
