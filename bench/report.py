@@ -41,10 +41,12 @@ NOTES = {
     "settlement": (
         "Completed purchases per second through the settlement HTTP API as a merchant calls "
         "it (create payment, authorise, capture: three POSTs, each committing to "
-        "PostgreSQL), against a real uvicorn process, with N concurrent httpx clients. Card "
-        "responses come from the real card emulator, prepared before the timed window (each "
-        "client owns its cards). pgbench runs at the same N just before, in the same run: "
-        "`ratio` = settlement purchases/s ÷ pgbench TPS."
+        "PostgreSQL), against a real uvicorn process (`webpurse serve settlement`, INFO "
+        "logs), with N concurrent clients (the merchant's `SettlementClient` over one "
+        "httpx.AsyncClient), each with its own card. The card emulator answers in the "
+        "client process between the calls; its time is counted separately (`card emulator "
+        "per purchase`). pgbench runs at the same N just before, in the same run: `ratio` = "
+        "settlement purchases/s ÷ pgbench TPS."
     ),
     "latency": (
         "Purchases one at a time through the merchant's flow (`run_transaction`): create "
@@ -74,7 +76,12 @@ shows the latest run of that benchmark; every ratio compares numbers measured si
 in one run on one machine. A row without a number says why it was not measured.
 
 Run one benchmark with `python -m bench micro` (names: {names}); `--quick` is a smoke
-test that saves nothing.
+test that saves nothing. Needs PostgreSQL at 127.0.0.1:5432 (`scripts/services.sh`; set
+`WEBPURSE_BENCH_PG_HOST/PORT/USER` otherwise) and Debian's `pgbench`; it creates and drops
+its own databases (`webpurse_bench`, `webpurse_bench_settlement`, `webpurse_bench_latency`).
+py-spy (dev extra) profiles the settlement server; the PC/SC latency row needs pyscard,
+pcscd with vsmartcard-vpcd and a free vpcd slot. A missing part gives a "not measured yet"
+row with the reason, never a number.
 """
 
 
@@ -197,10 +204,14 @@ def plot_latency(rows: Sequence[Measurement], path: Path) -> bool:
         return False
     plt = _pyplot()
     readers = sorted({str(r.params.get("reader", "")) for r in stages})
-    fig, axes = plt.subplots(1, len(readers), figsize=(6 * len(readers), 4), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(readers), figsize=(5.5 * len(readers), 4), squeeze=False, sharey=True
+    )
     for ax, reader in zip(axes[0], readers, strict=True):
         mine = [r for r in stages if str(r.params.get("reader", "")) == reader]
-        names = sorted({r.metric.removeprefix("stage ") for r in mine})
+        present = {r.metric.removeprefix("stage ") for r in mine}
+        order = ["card", "reader", "relay", "merchant", "settlement", "database"]
+        names = [n for n in order if n in present] + sorted(present - set(order))
         p50 = {
             r.metric.removeprefix("stage "): r.value for r in mine if r.params.get("stat") == "p50"
         }
@@ -208,10 +219,21 @@ def plot_latency(rows: Sequence[Measurement], path: Path) -> bool:
             r.metric.removeprefix("stage "): r.value for r in mine if r.params.get("stat") == "p99"
         }
         xs = range(len(names))
-        ax.bar([x - 0.2 for x in xs], [p50.get(n) or 0 for n in names], 0.4, label="p50")
-        ax.bar([x + 0.2 for x in xs], [p99.get(n) or 0 for n in names], 0.4, label="p99")
-        ax.set_xticks(list(xs), names, rotation=20, fontsize=8)
-        ax.set_ylabel("ms per purchase")
+        for offset, values, label in ((-0.2, p50, "p50"), (0.2, p99, "p99")):
+            heights = [max(values.get(n) or 0, 0.001) for n in names]
+            bars = ax.bar([x + offset for x in xs], heights, 0.4, label=label)
+            for bar, height in zip(bars, heights, strict=True):
+                ax.text(
+                    bar.get_x() + bar.get_width() / 2,
+                    height,
+                    format_value(height),
+                    ha="center",
+                    va="bottom",
+                    fontsize=6,
+                )
+        ax.set_yscale("log")
+        ax.set_xticks(list(xs), names, fontsize=8)
+        ax.set_ylabel("ms per purchase (log scale)")
         ax.set_title(f"Purchase latency by stage, reader {reader}")
         ax.legend()
     fig.tight_layout()
@@ -301,7 +323,13 @@ SUMMARY_ROWS: tuple[tuple[str, str, dict[str, str | int | float | bool]], ...] =
 
 def summary(latest: dict[str, tuple[Run, list[Measurement]]]) -> str:
     """The headline numbers, each from its benchmark's latest run."""
-    lines = ["## Summary\n", "| benchmark | metric | conditions | value |", "|---|---|---|---:|"]
+    lines = [
+        "## Summary\n",
+        "Headline numbers, each from the latest run of its benchmark (run date in the last "
+        "column).\n",
+        "| benchmark | metric | conditions | value | run |",
+        "|---|---|---|---:|---|",
+    ]
     for name, metric, wanted in SUMMARY_ROWS:
         if name not in latest:
             continue
@@ -309,7 +337,8 @@ def summary(latest: dict[str, tuple[Run, list[Measurement]]]) -> str:
             if row.metric != metric or any(row.params.get(k) != v for k, v in wanted.items()):
                 continue
             shown = format_value(row.value, row.unit) if row.measured else row.note or "—"
-            lines.append(f"| {name} | {metric} | {_params(row)} | {shown} |")
+            when = latest[name][0].date[:16].replace("T", " ")
+            lines.append(f"| {name} | {metric} | {_params(row)} | {shown} | {when} |")
             break
     return "\n".join(lines) + "\n"
 

@@ -244,6 +244,8 @@ class Profile:
     own: list[tuple[str, int]]  # function → samples where it is the leaf
     inclusive: list[tuple[str, int]]  # function → samples where it is on the stack
     packages: list[tuple[str, int]]  # package of the leaf frame → samples
+    # samples waiting for PostgreSQL (psycopg ``wait``), by the innermost ``only`` caller
+    waits: list[tuple[str, int]] = field(default_factory=list)
 
 
 def parse_collapsed(lines: Iterable[str], *, keep: int = 15, only: str = "webpurse") -> Profile:
@@ -253,6 +255,7 @@ def parse_collapsed(lines: Iterable[str], *, keep: int = 15, only: str = "webpur
     """
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
+    waits: Counter[str] = Counter()
     packages: Counter[str] = Counter()
     total = 0
     for line in lines:
@@ -273,11 +276,16 @@ def parse_collapsed(lines: Iterable[str], *, keep: int = 15, only: str = "webpur
         for function in {frame_function(f) for f in frames}:
             if only in function:
                 inclusive[function] += count
+        leaf = frame_function(frames[-1])
+        if frame_package(frames[-1]) == "psycopg" and leaf.split(" ", 1)[0].endswith("wait"):
+            ours = [frame_function(f) for f in frames if only in f]
+            waits[ours[-1] if ours else "other"] += count
     return Profile(
         samples=total,
         own=own.most_common(keep),
         inclusive=inclusive.most_common(keep),
         packages=packages.most_common(),
+        waits=waits.most_common(keep),
     )
 
 
@@ -288,6 +296,7 @@ def profile_rows(profile: Profile, clients: int, mode: str = "wall") -> list[Mea
         ("own time", profile.own),
         ("package (own time)", profile.packages),
         ("inclusive (webpurse)", profile.inclusive),
+        ("PostgreSQL waits by caller", profile.waits if mode == "wall" else []),
     ):
         for function, samples in entries:
             share = 100 * samples / profile.samples if profile.samples else 0

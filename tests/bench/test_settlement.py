@@ -18,6 +18,8 @@ STACKS = [
     "process 1:python;main (webpurse/__main__.py:3);handle (webpurse/settlement/payments.py:12);"
     "mac (webpurse/protocol/crypto.py:70) 3",
     "process 1:python;main (webpurse/__main__.py:3);log (structlog/_log.py:5) 1",
+    "process 1:python;main (webpurse/__main__.py:3);lock (webpurse/settlement/ledger.py:9);"
+    "Session.execute (sqlalchemy/orm/session.py:1);Connection.wait (psycopg/connection.py:2) 4",
     "garbage line without count",
 ]
 
@@ -38,13 +40,15 @@ def test_frame_package_from_the_path() -> None:
 
 def test_parse_collapsed_counts_own_inclusive_and_package_time() -> None:
     profile = parse_collapsed(STACKS)
-    assert profile.samples == 10
+    assert profile.samples == 14
     assert profile.own[0] == ("execute (sqlalchemy/engine/base.py)", 6)
-    assert dict(profile.packages) == {"sqlalchemy": 6, "webpurse": 3, "structlog": 1}
+    assert dict(profile.packages) == {"sqlalchemy": 6, "webpurse": 3, "structlog": 1, "psycopg": 4}
     inclusive = dict(profile.inclusive)
     # a function on the stack of several samples counts each sample once
     assert inclusive["handle (webpurse/settlement/payments.py)"] == 9
-    assert inclusive["main (webpurse/__main__.py)"] == 10
+    assert inclusive["main (webpurse/__main__.py)"] == 14
+    # time waiting for PostgreSQL goes to the innermost webpurse caller
+    assert profile.waits == [("lock (webpurse/settlement/ledger.py)", 4)]
     assert all("webpurse" in name for name in inclusive)
 
 
