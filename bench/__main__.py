@@ -9,10 +9,14 @@ from that file (``--report-only`` does just that).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import importlib
 import sys
+import tempfile
 import time
 import traceback
+from pathlib import Path
+from typing import IO
 
 from rich.console import Console
 
@@ -50,6 +54,17 @@ def _run_one(name: str, ctx: Context) -> list[Measurement]:
     return rows
 
 
+def _single_run_lock() -> IO[bytes] | None:
+    """One benchmark run per machine: two would drop each other's databases."""
+    handle = (Path(tempfile.gettempdir()) / "webpurse-bench.lock").open("a+b")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle  # held (and the lock with it) until the process exits
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("names", nargs="*", choices=[*BENCHMARKS, []], metavar="NAME")
@@ -67,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     names = list(args.names) or DEFAULT
+    lock = _single_run_lock()
+    if lock is None:
+        console.print("another `python -m bench` is running (it owns the bench databases)")
+        return 1
     run = Run.start(names)
     started = time.perf_counter()
     with make_progress(console) as progress:

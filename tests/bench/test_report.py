@@ -33,3 +33,35 @@ def test_render_uses_the_latest_run_per_benchmark() -> None:
 
 def test_render_without_runs_says_so() -> None:
     assert "No benchmark has been run yet." in render([], plots=False)
+
+
+def test_summary_picks_headline_rows_with_their_run_date() -> None:
+    rows = [
+        Measurement("settlement", "settlement purchases/s", 17.0, "1/s", {"clients": 8}),
+        Measurement("settlement", "settlement purchases/s", 9.0, "1/s", {"clients": 1}),
+        Measurement("settlement", "ratio settlement/pgbench", 0.0134, "×", {"clients": 8}),
+    ]
+    run = Run("2026-11-27T13:41:48+00:00", "c", False, {}, ["settlement"], rows)
+    text = render([run], plots=False)
+    summary = text[text.index("## Summary") : text.index("## Settlement")]
+    assert "| settlement | settlement purchases/s | clients=8 | 17.0 1/s | 2026-11-27 13:41 |" in (
+        summary
+    )
+    assert summary.index("clients=1") < summary.index("clients=8")  # in the listed order
+
+
+def test_profile_rows_get_their_own_tables_cpu_first() -> None:
+    rows = [
+        Measurement("settlement", "settlement purchases/s", 17.0, "1/s", {"clients": 8}),
+        Measurement("settlement", "profile wall own time", 36.0, "%", {"clients": 8, "where": "w"}),
+        Measurement("settlement", "profile cpu own time", 12.0, "%", {"clients": 8, "where": "c"}),
+    ]
+    run = Run("2026-11-27", "c", False, {}, ["settlement"], rows)
+    text = render([run], plots=False)
+    section = text[text.index("## Settlement") :]
+    main_table = section[section.index("| metric |") : section.index("### Where")]
+    assert "profile" not in main_table
+    assert text.index("| profile cpu own time, 8 clients |") < text.index(
+        "| profile wall own time, 8 clients |"
+    )
+    assert "| `c` | 12.0 % |" in text
