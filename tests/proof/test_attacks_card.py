@@ -44,6 +44,7 @@ from webpurse.protocol.commands import (
     DebitForPurchase,
     InitializeForLoadResponse,
     InitializeForPurchase,
+    InitializeForPurchaseResponse,
 )
 from webpurse.protocol.crypto import diversify
 from webpurse.protocol.records import decode_bcd_date, decode_bcd_time
@@ -793,3 +794,39 @@ def test_a_merchants_cash_top_ups_are_owed_by_that_merchant(world: World, proof:
             )
         assert owed == -10_000, f"merchant {world.merchant_id} owes {-owed} for a 10,000 load"
         row.observed = "owed"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap: INITIALIZE FOR PURCHASE carries no MAC, and authorise releases another"
+    " merchant's uncertain payment on the card's 'next contact' from it; a relay can fabricate"
+    " that answer and cancel a debit that really happened",
+)
+def test_a_fabricated_initialize_cannot_cancel_another_merchants_debit(
+    world: World, proof: Proof
+) -> None:
+    with proof.row(
+        SUITE,
+        "relay fabricates an INITIALIZE (old counter, new random) to release another merchant's"
+        " uncertain payment whose debit happened",
+        expected="that payment stays uncertain until the card's proof — KNOWN GAP",
+    ) as row:
+        card = world.funded_card(5_000)
+        payment, debit = authorised(world, card, 1_000)
+        ok(card, debit)  # the card paid; the answer is lost
+        assert world.terminal.post(f"/v1/payments/{payment['id']}/uncertain").is_success
+        issuer = read_issuer(card)
+        honest = InitializeForPurchaseResponse(
+            balance=5_000,
+            offline_counter=0,
+            overdraft_limit=0,
+            key_version=card.state.keys[0].version,
+            algorithm_id=0,
+            random=b"\x0f\x0e\x0d\x0c",
+        )
+        other = world.other_terminal
+        theirs = other.create_payment(100)
+        answer = other.authorise_payment(theirs["id"], issuer, honest.to_data())
+        status = payment_status(world, payment["id"])
+        assert status == "uncertain", f"{answer.status_code}; the real debit's payment is {status}"
+        row.observed = "uncertain"
