@@ -29,3 +29,25 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: Any) -> None:
         from tests.proof.render import render
 
         render()
+
+
+# --- the fault matrix's time budget --------------------------------------------------
+
+FAULT_BUDGET_SECONDS = 240.0  # the whole fault matrix, on 2 cores (ARCHITECTURE.md "Testing")
+_fault_seconds: list[float] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if "/test_faults_" in report.nodeid.replace("\\", "/"):
+        _fault_seconds.append(report.duration)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _fault_seconds:
+        return
+    total = sum(_fault_seconds)
+    verdict = "within" if total <= FAULT_BUDGET_SECONDS else "OVER"
+    terminalreporter.write_line(
+        f"fault matrix: {total:.0f} s of setup+call+teardown, {verdict} its "
+        f"{FAULT_BUDGET_SECONDS:.0f} s budget"
+    )

@@ -1,0 +1,150 @@
+"""Real settlement processes for the proof suites: ``webpurse serve settlement`` in a child
+process on a free port, which a test can SIGKILL and start again on the same database.
+
+:func:`live_settlement` makes the database (SQLite file or a fresh PostgreSQL schema),
+its master keys and a merchant, then starts the server; :class:`Live` issues cards from the
+same security module and funds them through the server's HTTP API.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import cast
+
+import httpx
+
+from tests.settlement.support import Http, Terminal, database_url, deterministic_random
+from webpurse.card import CardApplet, MemoryStore
+from webpurse.settlement.db import SessionFactory, make_engine, make_session_factory, migrate
+from webpurse.settlement.merchants import create_merchant
+from webpurse.settlement.registry import issue_card
+from webpurse.settlement.security import SoftwareSecurityModule, generate_master_keys
+
+START_TIMEOUT = 30.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class SettlementProcess:
+    """``webpurse serve settlement`` as a child process we can SIGKILL and start again."""
+
+    url: str
+    kek: bytes
+    directory: Path
+    port: int = field(default_factory=_free_port)
+    process: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+    kills: int = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "WEBPURSE_DATABASE_URL": self.url,
+            "WEBPURSE_KEK": self.kek.hex(),
+            "WEBPURSE_DATA_DIR": str(self.directory / "data"),
+        }
+        exe = str(Path(sys.executable).with_name("webpurse"))
+        log = (self.directory / f"settlement-{self.starts}.log").open("wb")
+        self.process = subprocess.Popen(
+            [exe, "serve", "settlement", "--port", str(self.port), "--no-migrate"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.starts += 1
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:  # bounded polling for readiness
+            if self.process.poll() is not None:
+                text = (self.directory / f"settlement-{self.starts - 1}.log").read_text()
+                raise RuntimeError(f"settlement exited: {text[-2000:]}")
+            try:
+                if httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"settlement did not answer /health in {START_TIMEOUT} s")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL: the process gets no chance to clean up."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+        assert self.process.returncode == -signal.SIGKILL
+        self.kills += 1
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@dataclass
+class Live:
+    server: SettlementProcess
+    factory: SessionFactory
+    security: SoftwareSecurityModule
+    merchant_key: str
+    terminal_id: str
+    seeds: Iterator[int] = field(default_factory=lambda: iter(range(1, 1000)))
+
+    def issue(self) -> CardApplet:
+        with self.factory() as session, session.begin():
+            _, state = issue_card(session, self.security, dt.datetime.now(dt.UTC))
+        return CardApplet(state, MemoryStore(state), deterministic_random(next(self.seeds)))
+
+    def funded_card(self, amount: int) -> CardApplet:
+        card = self.issue()
+        with httpx.Client(base_url=self.server.base_url, timeout=15) as http:
+            Terminal(cast(Http, http), self.merchant_key, self.terminal_id).load(card, amount)
+        return card
+
+
+@contextmanager
+def live_settlement(backend: str, tmp_path: Path) -> Iterator[Live]:
+    with database_url(backend, tmp_path) as url:
+        kek = secrets.token_bytes(32)
+        engine = make_engine(url, pool_size=2, max_overflow=2)
+        try:
+            migrate(engine)
+            factory = make_session_factory(engine)
+            now = dt.datetime.now(dt.UTC)
+            generate_master_keys(factory, kek, now)
+            security = SoftwareSecurityModule.load(factory, kek)
+            with factory() as session, session.begin():
+                merchant, key = create_merchant(session, "Proof shop", now)
+                terminal_id = merchant.terminal_id
+            server = SettlementProcess(url, kek, tmp_path)
+            server.start()
+            try:
+                yield Live(server, factory, security, key, terminal_id)
+            finally:
+                server.stop()
+        finally:
+            engine.dispose()
