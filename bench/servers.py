@@ -262,7 +262,10 @@ async def serve_asgi(app: object, *, ws_max_size: int = 1 << 20) -> AsyncIterato
     """Serve an ASGI app with a real uvicorn server in this event loop, on a free port."""
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say they are TCP;
+    # with proto 0 Nagle stays on and a message sent right after another waits ~40 ms
+    # for the delayed ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
