@@ -10,7 +10,8 @@ import importlib
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +84,15 @@ def _problem(error: ApiError, request: Request) -> JSONResponse:
     return JSONResponse(error.body(request_id), status_code=error.status, media_type=PROBLEM_JSON)
 
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Background work while serving: webhook deliveries and the expiry sweep."""
+    from webpurse.settlement.expiry import sweeper_lifespan
+
+    async with webhook_worker_lifespan(app), sweeper_lifespan(app):
+        yield
+
+
 def _allowed_methods(app: FastAPI, path: str) -> list[str]:
     allowed: set[str] = set()
     for template, operations in app.openapi().get("paths", {}).items():
@@ -112,7 +122,7 @@ def create_app(
         version="1",
         description="Settlement server: card registry, payments, loads, refunds, ledger.",
         redoc_url=None,
-        lifespan=webhook_worker_lifespan,
+        lifespan=_lifespan,
     )
     metrics = _metrics()
     app.state.settlement = SettlementState(

@@ -8,11 +8,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
 import structlog
+from fastapi import FastAPI
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -91,3 +96,38 @@ def expire_stale(
     report = SweepReport(counts["pe"], counts["pu"], counts["le"], counts["lu"])
     log.info("sweep.done", **report.to_json())
     return report
+
+
+@asynccontextmanager
+async def sweeper_lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Run :func:`expire_stale` every ``settings.sweep_interval`` seconds while serving."""
+    state = app.state.settlement
+    settings = state.settings
+    if settings.sweep_interval <= 0:
+        yield
+        return
+
+    def sweep_once() -> None:
+        with state.session_factory() as session, session.begin():
+            expire_stale(
+                session,
+                state.clock(),
+                requires_card_ttl=settings.requires_card_ttl,
+                authorised_ttl=settings.authorised_ttl,
+            )
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(settings.sweep_interval)  # a periodic timer
+            try:
+                await asyncio.to_thread(sweep_once)
+            except Exception:  # keep sweeping; the next round retries
+                log.exception("sweep.failed")
+
+    task = asyncio.create_task(loop(), name="settlement-sweeper")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

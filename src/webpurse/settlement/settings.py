@@ -33,6 +33,9 @@ class Settings:
     authorised_ttl: dt.timedelta = dt.timedelta(minutes=2)
     pool_size: int = 10
     max_overflow: int = 10
+    # Seconds between expiry sweeps inside the server (0: off, e.g. tests that sweep
+    # themselves); `serve` takes WEBPURSE_SWEEP_INTERVAL, default 30.
+    sweep_interval: float = 0.0
     # Webhooks and clearing: the delivery worker runs in the app's lifespan unless off (tests
     # that drive deliver_due themselves); the clearing day's zone (None: WEBPURSE_CLEARING_TZ,
     # else China Standard Time, UTC+8).
@@ -55,6 +58,7 @@ class Settings:
             kek=parse_kek(kek_text) if kek_text else None,
             kek_file=Path(kek_file) if kek_file else None,
             migrate=migrate,
+            sweep_interval=float(env.get("WEBPURSE_SWEEP_INTERVAL", "30")),
         )
 
     @property
