@@ -313,3 +313,18 @@ def test_state_changes_merchants_care_about_become_events(world: World) -> None:
     assert ("payment.failed", declined["payment"]["id"]) in seen
     assert ("refund.created", refund["id"]) in seen
     assert ("load.succeeded", refund["load"]) not in seen  # the refund is not delivered yet
+
+
+def test_a_payment_the_sweep_made_uncertain_is_still_captured_by_the_cards_answer(
+    world: World,
+) -> None:
+    card = world.funded_card(1_000)
+    payment, debit = _authorised(world, card, 300)
+    world.clock.advance(dt.timedelta(minutes=3))  # the shopper took their time
+    world.client.post("/v1/maintenance/sweep", headers=world.auth(world.operator_key))
+    assert _payment(world, payment["id"])["status"] == "uncertain"
+    answer = ok(card, debit)
+    captured = world.terminal.post(
+        f"/v1/payments/{payment['id']}/capture", {"debit_response": answer.hex()}
+    )
+    assert captured.status_code == 200 and captured.json()["status"] == "succeeded"

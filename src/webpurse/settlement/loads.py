@@ -359,7 +359,7 @@ def _succeed(ctx: Ctx, load: Load, card: Card, tac: bytes) -> None:
 
 def complete(ctx: Ctx, load_id: str, body: LoadComplete) -> Load:
     load = get_load(ctx, load_id, lock=True)
-    _need_status(load, "authorised")
+    _need_status(load, "authorised", "uncertain")  # the TAC proves the credit either way
     answer = parse(body.credit_response, "credit_response", CreditForLoadResponse.from_data)
     card = _card_of(ctx, load)
     if not _verify_tac(ctx, load, card, answer.tac):
