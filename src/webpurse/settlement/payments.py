@@ -216,15 +216,15 @@ def authorise(ctx: Ctx, payment_id: str, body: PurchaseAuthorise) -> Payment:
                         "counter": init.offline_counter,
                     },
                 )
-        extra: dict[str, Any] = {"payment": payment_json(payment)}
+        extra: dict[str, Any] = {}
         if decision.decline_code is DeclineCode.RECOVERY_REQUIRED and decision.recover:
+            # The payment stays requires_card: pay it once the open transaction is settled.
             extra["recover"] = decision.recover.to_json()
-            extra["payment"] = payment_json(payment)
         else:
             payment.status = "declined"
             payment.decline_code = decision.decline_code.value
-            extra["payment"] = payment_json(payment)
             _emit(ctx, payment, "payment.failed")
+        extra["payment"] = payment_json(payment)
         log.info("payment.declined", payment=payment.id, decline_code=decision.decline_code.value)
         raise declined(decision.decline_code.value, decision.detail, extra=extra)
     assert card is not None
