@@ -129,11 +129,14 @@ def alembic_config(engine: Engine) -> Any:
     return config
 
 
-def migrate(engine: Engine, revision: str = "head") -> None:
-    """Bring the schema up to ``revision`` with Alembic (the only way tables are made)."""
+def migrate(engine: Engine, revision: str = "head", *, downgrade: bool = False) -> None:
+    """Bring the schema up (or down) to ``revision`` with Alembic (the only way tables are made)."""
     from alembic import command
 
-    command.upgrade(alembic_config(engine), revision)
+    if downgrade:
+        command.downgrade(alembic_config(engine), revision)
+    else:
+        command.upgrade(alembic_config(engine), revision)
 
 
 # --- FastAPI dependencies ----------------------------------------------------------
