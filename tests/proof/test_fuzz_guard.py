@@ -153,7 +153,7 @@ class Session:
 
 
 _STATS = {"sequences": 0, "apdus": 0, "debits": 0, "credits": 0, "asked": 0}
-_STARTED = time.perf_counter()
+_FIRST: list[float] = []  # when the first example started: the row gives wall time
 
 
 @settings(
@@ -170,6 +170,7 @@ _STARTED = time.perf_counter()
 def test_the_guard_never_lets_an_unconfirmed_debit_through(
     steps: list[tuple[tuple[Any, ...], bool]], answers: list[bool]
 ) -> None:
+    started = time.perf_counter()
     session = Session(answers)
     for action, lose in steps:
         if action[0] == "attempt":
@@ -196,6 +197,7 @@ def test_the_guard_never_lets_an_unconfirmed_debit_through(
     _STATS["debits"] += len(session.debits)
     _STATS["credits"] += len(session.credits)
     _STATS["asked"] += session.asked
+    _FIRST[:] = _FIRST or [started]
 
 
 def test_record_the_guard_fuzz_row() -> None:
@@ -213,7 +215,7 @@ def test_record_the_guard_fuzz_row() -> None:
                 f"{_STATS['credits']} credits, each confirmed"
             ),
             passed=True,
-            seconds=round(time.perf_counter() - _STARTED, 2),
+            seconds=round(time.perf_counter() - _FIRST[0], 2),
         )
     )
 
