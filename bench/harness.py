@@ -199,7 +199,12 @@ def git_commit(root: Path = ROOT) -> tuple[str, bool]:
         ).stdout.strip()
         dirty = bool(
             subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
+                # only what can change the numbers: the code under test and the benchmarks
+                [
+                    *("git", "status", "--porcelain", "--untracked-files=no", "--"),
+                    *("src", "bench", ":!bench/results.json", ":!bench/*.txt"),
+                    ":!bench/findings.md",
+                ],
                 cwd=root,
                 capture_output=True,
                 text=True,
