@@ -487,3 +487,41 @@ def _when() -> tuple[Any, Any]:
     from tests.card.support import WHEN
 
     return WHEN
+
+
+async def test_the_shops_own_reader_endpoint_refuses_hostile_frames(
+    tmp_path: Any, proof: Proof
+) -> None:
+    from tests.merchant.fakes import FakeSettlement
+    from webpurse.merchant.app import create_app
+    from webpurse.merchant.settings import MerchantSettings
+
+    with proof.row(
+        SUITE,
+        "the shop's /reader WebSocket (webpurse.merchant, uvicorn): bad JSON, 1 MiB, bad token",
+        expected="error malformed / too_large / token_invalid, close 1008; the shop still serves",
+    ) as row:
+        settings = MerchantSettings(data_dir=tmp_path, cookie_secret=b"c" * 32)
+        app = create_app(settings, settlement=FakeSettlement())
+        codes: list[str] = []
+        async with serve_app(app) as shop:
+            url = shop.replace("http", "ws") + "/reader"
+            hello = {
+                "type": "hello",
+                "versions": [1],
+                "agent": "a",
+                "reader": "r",
+                "card": {"present": True},
+                "token": "t" * 43,
+            }
+            for frame in ("{oops", "x" * (1 << 20), json.dumps(hello)):
+                async with connect(url, max_size=None) as ws:
+                    await ws.send(frame)
+                    codes.append(str((await _reply(ws))["code"]))
+                    await asyncio.wait_for(ws.wait_closed(), 5)
+                    assert ws.close_code == 1008
+            async with httpx.AsyncClient(base_url=shop) as http:
+                assert (await http.get("/health")).status_code == 200
+        await app.state.cashier.close()
+        assert codes == ["malformed", "too_large", "token_invalid"]
+        row.observed = f"{', '.join(codes)}; closed 1008 each; /health 200"
