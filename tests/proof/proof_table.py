@@ -3,8 +3,9 @@
 A row says what a scenario is, what the system must do (``expected``), what it did
 (``observed``) and whether the test's assertions held. Rows go to
 ``artifacts/proof/<suite>.jsonl`` (one file per suite, so suites written by different
-people or run separately never clobber each other); the first row a process writes for a
-suite starts that suite's file afresh, so a file always holds one run.
+people or run separately never clobber each other); a row replaces the earlier row of the
+same scenario, so running a few tests updates just their rows (delete a suite's file to
+start it afresh).
 ``python -m tests.proof.render`` (also run at the end of any pytest session that recorded
 rows) writes the table into ``docs/proof.md``.
 
@@ -54,15 +55,25 @@ def suite_file(suite: str) -> Path:
     return ARTIFACTS / f"{suite}.jsonl"
 
 
+def _line(row: Row) -> str:
+    return json.dumps(asdict(row), ensure_ascii=False, sort_keys=True) + "\n"
+
+
 def record(row: Row) -> Row:
-    """Append ``row`` to its suite's file (the first write of a process truncates it)."""
+    """Append ``row`` to its suite's file; it replaces an earlier row of the same scenario.
+
+    The first write of a process compacts the file (one row per scenario), so a run of a
+    few tests updates their rows and keeps the others.
+    """
     row.recorded_at = row.recorded_at or dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     path = suite_file(row.suite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    mode = "a" if row.suite in _started else "w"
+    if row.suite not in _started and path.exists():
+        kept = load_rows(path.parent).get(row.suite, [])
+        path.write_text("".join(_line(r) for r in kept), encoding="utf-8")
     _started.add(row.suite)
-    with path.open(mode, encoding="utf-8") as out:
-        out.write(json.dumps(asdict(row), ensure_ascii=False, sort_keys=True) + "\n")
+    with path.open("a", encoding="utf-8") as out:
+        out.write(_line(row))
     return row
 
 

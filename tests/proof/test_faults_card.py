@@ -151,3 +151,26 @@ async def test_torn_transaction_then_the_recovery_contact_is_interrupted(
     ) as row:
         status, contacts, summary = await _run(world, tmp_path, kind, torn, Fault(phase, ins))
         row.observed = f"{status} after {contacts} contacts; {summary}"
+
+
+PG_CASES = [(kind, phase) for kind in ("purchase", "load") for phase in (Phase.BEFORE, Phase.AFTER)]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(("kind", "phase"), PG_CASES, ids=[f"{k}-{p.value}" for k, p in PG_CASES])
+async def test_the_last_command_lost_on_postgresql(
+    tmp_path: Path, proof: Proof, kind: str, phase: Phase
+) -> None:
+    name, ins = _steps(kind)[-1]
+    done = "paid" if kind == "purchase" else "loaded"
+    with (
+        database_url("postgresql", tmp_path) as url,
+        make_world(url) as pg_world,
+        proof.row(
+            SUITE,
+            f"{_describe(kind, name, phase)} (PostgreSQL)",
+            expected=f"{done} exactly once at the next contact; invariants hold",
+        ) as row,
+    ):
+        status, contacts, summary = await _run(pg_world, tmp_path, kind, Fault(phase, ins))
+        row.observed = f"{status} after {contacts} contacts; {summary}"

@@ -31,12 +31,15 @@ def test_rows_pass_or_fail_with_their_block_and_render_between_the_markers(
     assert "| demo | 2 | 1 | 1 |" in text
 
 
-def test_a_new_process_run_replaces_the_suite_file(
+def test_a_new_run_replaces_the_rows_of_its_scenarios_and_keeps_the_others(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(proof_table, "ARTIFACTS", tmp_path)
     monkeypatch.setattr(proof_table, "_started", set())
-    proof_table.record(proof_table.Row("s", "one", "x", "x", True))
-    monkeypatch.setattr(proof_table, "_started", set())  # as if a new pytest process
+    proof_table.record(proof_table.Row("s", "one", "x", "old", True))
     proof_table.record(proof_table.Row("s", "two", "x", "x", True))
-    assert [r.scenario for r in proof_table.load_rows(tmp_path)["s"]] == ["two"]
+    monkeypatch.setattr(proof_table, "_started", set())  # as if a new pytest process
+    proof_table.record(proof_table.Row("s", "one", "x", "new", False))
+    rows = proof_table.load_rows(tmp_path)["s"]
+    assert [(r.scenario, r.observed) for r in rows] == [("one", "new"), ("two", "x")]
+    assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 2
