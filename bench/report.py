@@ -203,7 +203,9 @@ def plot_latency(rows: Sequence[Measurement], path: Path) -> bool:
     if not stages:
         return False
     plt = _pyplot()
-    readers = sorted({str(r.params.get("reader", "")) for r in stages})
+    preferred = ["sim", "sim via agent", "pcsc via agent"]
+    found = {str(r.params.get("reader", "")) for r in stages}
+    readers = [r for r in preferred if r in found] + sorted(found - set(preferred))
     fig, axes = plt.subplots(
         1, len(readers), figsize=(5.5 * len(readers), 4), squeeze=False, sharey=True
     )

@@ -233,7 +233,7 @@ def frame_package(frame: str) -> str:
     path = match["file"] if match else frame
     parts = re.split(r"[/\\]", path)
     for package in PACKAGES:
-        if package in parts or path.startswith(package + "/"):
+        if package in parts or f"{package}.py" in parts or path.startswith(package + "/"):
             return package
     return "other"
 

@@ -35,6 +35,7 @@ def test_frame_package_from_the_path() -> None:
     assert frame_package("execute (sqlalchemy/engine/base.py:1)") == "sqlalchemy"
     assert frame_package("f (/venv/lib/python3.11/site-packages/psycopg/cursor.py:3)") == "psycopg"
     assert frame_package("mac (webpurse/protocol/crypto.py:70)") == "webpurse"
+    assert frame_package("Condition.notify (threading.py:369)") == "threading"
     assert frame_package("mystery (somewhere.py:1)") == "other"
 
 
