@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from sqlalchemy import Engine
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from webpurse.settlement.db import SessionFactory, make_engine, make_session_factory, migrate
@@ -178,6 +179,17 @@ def create_app(
         response = _problem(ApiError(exc.status_code, code, str(exc.detail)), request)
         response.headers.update(headers)
         log.info("http.problem", code=code, status=exc.status_code)
+        return response
+
+    @app.exception_handler(PoolTimeout)
+    async def overloaded(request: Request, exc: PoolTimeout) -> JSONResponse:
+        # Every pooled connection stayed busy for the whole pool timeout: the request never
+        # got a connection, so none of its work happened. Busy, not broken: say so (503,
+        # Retry-After) instead of an unhandled 500.
+        log.warning("db.pool_exhausted", detail=str(exc)[:200])
+        busy = ApiError(503, "overloaded", "the settlement server is busy; retry shortly")
+        response = _problem(busy, request)
+        response.headers["Retry-After"] = "1"
         return response
 
     @app.exception_handler(LedgerError)
