@@ -113,7 +113,8 @@ def unavailable_reason(server: PgServer) -> str | None:
     try:
         _admin(server, "SELECT 1")
     except Exception as exc:
-        return f"PostgreSQL at {server.host}:{server.port} not reachable: {exc}"
+        detail = " ".join(str(exc).split())  # one line, for the report's table
+        return f"PostgreSQL at {server.host}:{server.port} not reachable: {detail}"
     return None
 
 
