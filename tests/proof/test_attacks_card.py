@@ -55,9 +55,19 @@ SUITE = "attacks"
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    with make_world(f"sqlite:///{tmp_path / 'settlement.db'}") as w:
+def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
+    """SQLite by default; ``parametrize("world", BACKENDS, indirect=True)`` adds PostgreSQL."""
+    backend = getattr(request, "param", "sqlite")
+    with database_url(backend, tmp_path) as url, make_world(url) as w:
         yield w
+
+
+def on(world: World) -> str:
+    """The scenario suffix naming the database when it is not the default SQLite."""
+    return " (PostgreSQL)" if world.url.startswith("postgresql") else ""
+
+
+BOTH = pytest.mark.parametrize("world", BACKENDS, indirect=True)
 
 
 # --- what "nothing changed" means ---------------------------------------------------
@@ -258,10 +268,11 @@ def test_replayed_mac1_is_refused_by_the_card(world: World, proof: Proof) -> Non
         row.observed = "card 9302; balance 4300 once"
 
 
+@BOTH
 def test_replayed_mac2_and_tac_are_refused(world: World, proof: Proof) -> None:
     with proof.row(
         SUITE,
-        "replay: capture payment B with payment A's TAC‖MAC2",
+        "replay: capture payment B with payment A's TAC‖MAC2" + on(world),
         expected="402 verification_failed, logged; B stays authorised; ledger unchanged",
     ) as row:
         card = world.funded_card(5_000)
@@ -323,10 +334,12 @@ class DebitAnswer:
         return self.raw[4:] + self.raw[:4]
 
 
+@BOTH
 def test_capturing_twice_posts_once(world: World, proof: Proof) -> None:
     with proof.row(
         SUITE,
-        "relay: capture a succeeded payment again (new request, and same Idempotency-Key)",
+        "relay: capture a succeeded payment again (new request, and same Idempotency-Key)"
+        + on(world),
         expected="409 invalid_payment_state, logged; the stored answer replayed; posted once",
     ) as row:
         card = world.funded_card(5_000)
@@ -376,10 +389,12 @@ def forged_copy(world: World, genuine: CardApplet) -> CardApplet:
     return CardApplet(state, MemoryStore(state), deterministic_random(77))
 
 
+@BOTH
 def test_forged_card_cannot_pay(world: World, proof: Proof) -> None:
     with proof.row(
         SUITE,
-        "forged card (other master keys, a real card's number): purchase with made-up MAC2/TAC",
+        "forged card (other master keys, a real card's number): purchase with made-up MAC2/TAC"
+        + on(world),
         expected="card 9302 to settlement's MAC1; fabricated TAC 402 verification_failed; unpaid",
     ) as row:
         genuine = world.funded_card(5_000)
@@ -495,12 +510,14 @@ def _image_card(path: Path, seed: int) -> CardApplet:
     return CardApplet(store.load(), store, deterministic_random(seed))
 
 
+@BOTH
 def test_cloned_card_image_counter_going_back_blocks_the_card(
     world: World, proof: Proof, tmp_path: Path
 ) -> None:
     with proof.row(
         SUITE,
-        "clone: copy a card image, pay with copy A, then with copy B (counter goes back)",
+        "clone: copy a card image, pay with copy A, then with copy B (counter goes back)"
+        + on(world),
         expected="402 counter_mismatch, card blocked (suspected_clone), logged; then card_blocked",
     ) as row:
         original = world.funded_card(5_000)
@@ -532,12 +549,14 @@ def test_cloned_card_image_counter_going_back_blocks_the_card(
         row.observed = "402 counter_mismatch; blocked; ledger unchanged; copy A then card_blocked"
 
 
+@BOTH
 def test_cloned_card_same_counter_other_balance_blocks_the_card(
     world: World, proof: Proof, tmp_path: Path
 ) -> None:
     with proof.row(
         SUITE,
-        "clone: copy A pays; copy B loads with the same online counter and the old balance",
+        "clone: copy A pays; copy B loads with the same online counter and the old balance"
+        + on(world),
         expected="402 balance_mismatch (above shadow), card blocked, funds returned, logged",
     ) as row:
         original = world.funded_card(5_000)
