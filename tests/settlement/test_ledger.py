@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import text, update
 from sqlalchemy.orm import Session
 
+from tests.settlement.support import database_url
 from webpurse.settlement import ledger
 from webpurse.settlement.db import make_engine, make_session_factory, migrate
 from webpurse.settlement.ledger import LedgerError
@@ -69,3 +73,52 @@ def test_the_check_catches_an_edited_balance(session: Session) -> None:
     report = ledger.check(session)
     assert not report.ok
     assert any("cached balance 5000" in p for p in report.problems)
+
+
+@pytest.mark.postgres
+def test_concurrent_first_use_of_an_account_creates_it_once(tmp_path: Path) -> None:
+    """Regression: two transactions that first use one account both succeed (no 500).
+
+    The first transaction creates ``funding:cash`` and stays open; the second, on its own
+    connection, posts from the same new account and is seen waiting on the first's lock
+    (PostgreSQL's pg_locks, bounded polling); then the first commits. The second must go
+    on to post its transfer, not fail with a unique violation on the account's id.
+    """
+    with database_url("postgresql", tmp_path) as url:
+        engine = make_engine(url, pool_size=3, max_overflow=0)
+        migrate(engine)
+        factory = make_session_factory(engine)
+        try:
+            with factory() as first, factory() as second, factory() as watcher:
+                ledger.post_transfer(first, "t1", CASH, CARD, 100, "load", now=NOW)
+                second_pid = second.execute(text("SELECT pg_backend_pid()")).scalar_one()
+                outcome: dict[str, object] = {}
+
+                def post_second() -> None:
+                    try:
+                        ledger.post_transfer(
+                            second, "t2", CASH, ledger.card_account("crd_2"), 50, "load", now=NOW
+                        )
+                        second.commit()
+                        outcome["ok"] = True
+                    except Exception as exc:  # reported below
+                        second.rollback()
+                        outcome["error"] = exc
+
+                thread = threading.Thread(target=post_second)
+                thread.start()
+                waiting = text("SELECT count(*) FROM pg_locks WHERE pid = :pid AND NOT granted")
+                deadline = time.monotonic() + 10
+                while watcher.execute(waiting, {"pid": second_pid}).scalar_one() == 0:
+                    watcher.rollback()
+                    assert thread.is_alive(), f"second transfer did not wait: {outcome}"
+                    assert time.monotonic() < deadline, "second transfer never waited on the lock"
+                    time.sleep(0.01)  # bounded polling for the lock wait, not synchronisation
+                first.commit()
+                thread.join(timeout=10)
+                assert outcome == {"ok": True}
+                report = ledger.check(watcher)
+                assert report.ok, report.problems
+                assert report.totals["funding"] == -150
+        finally:
+            engine.dispose()
