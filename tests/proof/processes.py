@@ -40,13 +40,12 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@dataclass
-class SettlementProcess:
-    """``webpurse serve settlement`` as a child process we can SIGKILL and start again."""
+@dataclass(kw_only=True)
+class ChildServer:
+    """A ``webpurse serve …`` child process we can SIGKILL and start again on its port."""
 
-    url: str
-    kek: bytes
     directory: Path
+    name: str = "server"
     port: int = field(default_factory=_free_port)
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
@@ -56,35 +55,34 @@ class SettlementProcess:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str]:
+        raise NotImplementedError
+
     def start(self) -> None:
-        env = {
-            **os.environ,
-            "WEBPURSE_DATABASE_URL": self.url,
-            "WEBPURSE_KEK": self.kek.hex(),
-            "WEBPURSE_DATA_DIR": str(self.directory / "data"),
-        }
         exe = str(Path(sys.executable).with_name("webpurse"))
-        log = (self.directory / f"settlement-{self.starts}.log").open("wb")
-        self.process = subprocess.Popen(
-            [exe, "serve", "settlement", "--port", str(self.port), "--no-migrate"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
+        log_path = self.directory / f"{self.name}-{self.starts}.log"
+        with log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [exe, *self.command()],
+                env={**os.environ, **self.environment()},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         self.starts += 1
         deadline = time.monotonic() + START_TIMEOUT
         while True:  # bounded polling for readiness
             if self.process.poll() is not None:
-                text = (self.directory / f"settlement-{self.starts - 1}.log").read_text()
-                raise RuntimeError(f"settlement exited: {text[-2000:]}")
+                raise RuntimeError(f"{self.name} exited: {log_path.read_text()[-2000:]}")
             try:
                 if httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"settlement did not answer /health in {START_TIMEOUT} s")
+                raise RuntimeError(f"{self.name} did not answer /health in {START_TIMEOUT} s")
             time.sleep(0.05)
 
     def kill(self) -> None:
@@ -103,6 +101,49 @@ class SettlementProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+@dataclass(kw_only=True)
+class SettlementProcess(ChildServer):
+    """``webpurse serve settlement`` on ``url`` with the key-encryption key ``kek``."""
+
+    url: str
+    kek: bytes
+    name: str = "settlement"
+
+    def command(self) -> list[str]:
+        return ["serve", "settlement", "--port", str(self.port), "--no-migrate"]
+
+    def environment(self) -> dict[str, str]:
+        return {
+            "WEBPURSE_DATABASE_URL": self.url,
+            "WEBPURSE_KEK": self.kek.hex(),
+            "WEBPURSE_DATA_DIR": str(self.directory / "data"),
+        }
+
+
+@dataclass(kw_only=True)
+class ShopProcess(ChildServer):
+    """``webpurse serve merchant``: the shop, its orders in ``directory/shop``."""
+
+    settlement_url: str
+    api_key: str
+    name: str = "shop"
+
+    def command(self) -> list[str]:
+        return ["serve", "merchant", "--port", str(self.port)]
+
+    def start(self) -> None:
+        (self.directory / "shop").mkdir(exist_ok=True)
+        super().start()
+
+    def environment(self) -> dict[str, str]:
+        return {
+            "WEBPURSE_DATA_DIR": str(self.directory / "shop"),
+            "WEBPURSE_SETTLEMENT_URL": self.settlement_url,
+            "WEBPURSE_SETTLEMENT_API_KEY": self.api_key,
+            "WEBPURSE_MERCHANT_COOKIE_SECRET": "c" * 64,
+        }
 
 
 @dataclass
@@ -140,7 +181,7 @@ def live_settlement(backend: str, tmp_path: Path) -> Iterator[Live]:
             with factory() as session, session.begin():
                 merchant, key = create_merchant(session, "Proof shop", now)
                 terminal_id = merchant.terminal_id
-            server = SettlementProcess(url, kek, tmp_path)
+            server = SettlementProcess(url=url, kek=kek, directory=tmp_path)
             server.start()
             try:
                 yield Live(server, factory, security, key, terminal_id)
