@@ -10,12 +10,27 @@ logs, reprs or exceptions.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
 import httpx
+import structlog
+
+log = structlog.get_logger("webpurse.merchant.settlement")
+
+RETRY_PAUSES = (0.05, 0.2, 0.5, 1.0)
+"""Pauses between attempts of one settlement call whose connection broke (seconds)."""
+
+
+def _code(response: httpx.Response) -> str | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return str(body.get("code")) if isinstance(body, dict) and body.get("code") else None
 
 
 class Kind(StrEnum):
@@ -186,10 +201,7 @@ class SettlementClient:
         headers = dict(self._headers)
         if method == "POST":
             headers["Idempotency-Key"] = "mer-" + secrets.token_hex(16)
-        try:
-            response = await self._client.request(method, path, json=json, headers=headers)
-        except httpx.HTTPError as exc:
-            raise SettlementError(f"settlement unreachable: {type(exc).__name__}") from exc
+        response = await self._send(method, path, json, headers)
         try:
             body = response.json()
         except ValueError:
@@ -209,6 +221,41 @@ class SettlementClient:
                 code=body.get("code"),
             )
         return SettlementObject.from_json(kind, body)
+
+    async def _send(
+        self, method: str, path: str, json: dict[str, Any] | None, headers: dict[str, str]
+    ) -> httpx.Response:
+        """Send, retrying a broken connection with the *same* Idempotency-Key.
+
+        A keep-alive connection the server closed just as we reused it, or an answer lost
+        on the way back, says nothing about whether settlement acted. Every POST carries an
+        idempotency key, so sending it again is safe: settlement replays the stored answer
+        (or says 409 ``idempotency_in_flight`` while the first attempt still runs, which we
+        wait out). After the last attempt the outcome is reported as unknown, never guessed.
+        """
+        for attempt, pause in enumerate((*RETRY_PAUSES, None)):
+            try:
+                response: httpx.Response = await self._client.request(
+                    method, path, json=json, headers=headers
+                )
+            except httpx.TransportError as exc:
+                if pause is None:
+                    raise SettlementError(f"settlement unreachable: {type(exc).__name__}") from exc
+                log.warning(
+                    "settlement.retry",
+                    method=method,
+                    path=path,
+                    attempt=attempt + 1,
+                    error=type(exc).__name__,
+                )
+                await asyncio.sleep(pause)
+                continue
+            in_flight = response.status_code == 409 and _code(response) == "idempotency_in_flight"
+            if in_flight and attempt > 0 and pause is not None:
+                await asyncio.sleep(pause)
+                continue
+            return response
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def create(
         self, kind: Kind, amount: int, *, description: str, reference: str
