@@ -62,6 +62,19 @@ CASES = [
     for kind in ("purchase", "load")
     for call, before, text in gates
 ]
+IN_FLIGHT = [
+    pytest.param(
+        "sqlite",
+        kind,
+        "finish",
+        True,
+        f"{ms} ms after {{finish}} was sent (in flight)",
+        ms,
+        id=f"sqlite-{kind}-finish-in-flight-{ms}ms",
+    )
+    for kind in ("purchase", "load")
+    for ms in (0, 10, 30)
+]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +97,11 @@ def live(request: pytest.FixtureRequest, servers: dict[str, Live]) -> Live:
     return servers[str(request.param)]
 
 
-@pytest.mark.parametrize(("live", "kind", "call", "before", "text"), CASES, indirect=["live"])
+@pytest.mark.parametrize(
+    ("live", "kind", "call", "before", "text", "delay_ms"),
+    [pytest.param(*case.values, None, id=case.id, marks=case.marks) for case in CASES] + IN_FLIGHT,
+    indirect=["live"],
+)
 async def test_settlement_is_killed_between_its_steps_and_restarted(
     tmp_path: Path,
     proof: Proof,
@@ -93,7 +110,10 @@ async def test_settlement_is_killed_between_its_steps_and_restarted(
     call: str,
     before: bool,
     text: str,
+    delay_ms: int | None,
 ) -> None:
+    """``delay_ms``: kill that long after the request left, while settlement may be
+    verifying, posting or committing it (either outcome must come out right)."""
     step = "DEBIT" if kind == "purchase" else "CREDIT"
     finish = "capture" if kind == "purchase" else "complete"
     done = "paid" if kind == "purchase" else "loaded"
@@ -113,7 +133,10 @@ async def test_settlement_is_killed_between_its_steps_and_restarted(
             )
 
         async def kill() -> None:
-            live.server.kill()
+            if delay_ms is None:
+                live.server.kill()
+            else:  # the request goes out now; the kill lands while it is being handled
+                asyncio.get_running_loop().call_later(delay_ms / 1000, live.server.kill)
 
         gate = Gate(call, before, action=kill)
         async with httpx.AsyncClient(base_url=live.server.base_url, timeout=15) as http:
@@ -132,6 +155,9 @@ async def test_settlement_is_killed_between_its_steps_and_restarted(
             # The flow runs (the shopper presenting the card when asked) until the gate
             # kills the server; then it stops, failed or finished.
             await run_until_gate(shop, reader, order.id, gate)
+            answered = shop.orders.get(order.id)
+            answered_before_kill = answered is not None and answered.is_final
+            await wait_until_dead(live)
             live.server.start()  # the operator (or systemd) starts it again
             shop.cashier.start(order.id)  # the shopper reloads the payment page
             final, reloads = await shop_until_final(shop, reader, order.id)
@@ -141,9 +167,22 @@ async def test_settlement_is_killed_between_its_steps_and_restarted(
         assert live.server.kills == kills + 1
         assert final.status == done
         assert card.state.balance == (FUNDS - PRICE if kind == "purchase" else TOPUP_AMOUNT)
+        answer = ""
+        if delay_ms is not None:
+            answer = "answered before the kill, " if answered_before_kill else "no answer, "
         row.observed = (
-            f"{final.status} after SIGKILL and restart, {reloads} reload(s); {report.summary()}"
+            f"{final.status} after SIGKILL and restart ({answer}{reloads} reload(s)); "
+            f"{report.summary()}"
         )
+
+
+async def wait_until_dead(live: Live) -> None:
+    """Bounded wait for a scheduled SIGKILL to have landed."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DEADLINE
+    while live.server.process is not None and live.server.process.poll() is None:
+        assert loop.time() < deadline, "the server was never killed"
+        await asyncio.sleep(0.01)
 
 
 async def run_until_gate(shop: Shop, reader: ShopperReader, order_id: str, gate: Gate) -> None:
