@@ -61,14 +61,17 @@ class ShopperReader(SimReader):
 
 @dataclass
 class Loss:
-    """Lose the ``occurrence``-th request whose method and path end match (one shot)."""
+    """Lose the ``occurrence``-th matching request (method, path end), and the ``times - 1``
+    matching requests after it (a client's retries of it, say)."""
 
     method: str
     path_suffix: str
     after: bool  # True: settlement handled it, the answer is lost; False: it never arrived
     occurrence: int = 1
+    times: int = 1
     seen: int = 0
     fired: bool = False
+    lost: int = 0
 
 
 class FaultyTransport(httpx.AsyncBaseTransport):
@@ -80,21 +83,21 @@ class FaultyTransport(httpx.AsyncBaseTransport):
         loss = self.loss
         hit = (
             loss is not None
-            and not loss.fired
+            and loss.lost < loss.times
             and request.method == loss.method
             and request.url.path.endswith(loss.path_suffix)
         )
         if hit:
             assert loss is not None
             loss.seen += 1
-            hit = loss.seen == loss.occurrence
+            hit = loss.seen >= loss.occurrence
         if hit and loss is not None and not loss.after:
-            loss.fired = True
+            loss.fired, loss.lost = True, loss.lost + 1
             raise httpx.ConnectError("connection refused (injected)", request=request)
         response = await self.inner.handle_async_request(request)
         if hit and loss is not None:
             await response.aread()
-            loss.fired = True
+            loss.fired, loss.lost = True, loss.lost + 1
             raise httpx.ReadError("connection reset before the answer (injected)", request=request)
         return response
 

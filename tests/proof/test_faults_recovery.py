@@ -50,7 +50,7 @@ from webpurse.merchant.cashier import Cashier
 from webpurse.merchant.orders import PURCHASE, TOPUP, Order, OrderBook
 from webpurse.merchant.readers import LocalBroker
 from webpurse.merchant.settings import MerchantSettings
-from webpurse.merchant.settlement import Settlement
+from webpurse.merchant.settlement import RETRY_PAUSES, Settlement
 from webpurse.protocol.commands import INS_CREDIT_FOR_LOAD, INS_DEBIT_FOR_PURCHASE
 from webpurse.reader.sim import Fault
 from webpurse.settlement.expiry import expire_stale
@@ -194,12 +194,13 @@ async def test_lost_answer_and_no_shopper_the_webhook_tells_the_shop_after_its_d
     done = "paid" if kind == "purchase" else "loaded"
     with proof.row(
         SUITE,
-        f"{kind}: {finish}'s answer lost, shopper gone; the shop's webhook endpoint is down "
-        f"for {DOWN_ATTEMPTS} attempts",
+        f"{kind}: {finish}'s answer lost (every retry too), shopper gone; "
+        f"the shop's webhook endpoint is down for {DOWN_ATTEMPTS} attempts",
         expected=f"retry with backoff delivers; order {done} from the webhook; invariants hold",
     ) as row:
         card = _card(world, kind)
-        loss = Loss("POST", f"/{finish}", after=True)
+        # Every attempt's answer is lost (the client's retries with the same key included).
+        loss = Loss("POST", f"/{finish}", after=True, times=len(RETRY_PAUSES) + 1)
         async with (
             settlement_client(world.client.app, world.merchant_key, loss) as client,
             site(world, tmp_path, card, client) as shop,
