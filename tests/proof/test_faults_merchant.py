@@ -38,7 +38,7 @@ from tests.proof.harness import (
 from tests.proof.invariants import check_invariants
 from tests.settlement.support import World, database_url, make_world
 from webpurse.merchant.orders import Order
-from webpurse.merchant.settlement import SettlementError
+from webpurse.merchant.settlement import RETRY_PAUSES, SettlementError
 from webpurse.protocol.commands import INS_CREDIT_FOR_LOAD, INS_DEBIT_FOR_PURCHASE
 from webpurse.reader.sim import Fault
 from webpurse.settlement.expiry import expire_stale
@@ -95,11 +95,13 @@ def _sweep(world: World) -> None:
 
 
 LOSS_CALLS = ["create", "authorise", "finish", "uncertain", "resolve"]
+ALL_ATTEMPTS = len(RETRY_PAUSES) + 1  # the client's own retries with the same key, all lost
 LOSS_CASES = [
-    (kind, call, after)
+    (kind, call, after, times)
     for kind in ("purchase", "load")
     for call in LOSS_CALLS
     for after in (False, True)
+    for times in (1, ALL_ATTEMPTS)
 ]
 
 
@@ -110,28 +112,31 @@ def _call_name(kind: str, call: str) -> str:
 
 
 @pytest.mark.parametrize(
-    ("kind", "call", "after"),
+    ("kind", "call", "after", "times"),
     LOSS_CASES,
-    ids=[f"{k}-{c}-{'answer' if a else 'request'}" for k, c, a in LOSS_CASES],
+    ids=[f"{k}-{c}-{'answer' if a else 'request'}-{t}x" for k, c, a, t in LOSS_CASES],
 )
 async def test_a_request_to_settlement_or_its_answer_is_lost(
-    world: World, tmp_path: Path, proof: Proof, kind: str, call: str, after: bool
+    world: World, tmp_path: Path, proof: Proof, kind: str, call: str, after: bool, times: int
 ) -> None:
     done = "paid" if kind == "purchase" else "loaded"
     what = "its answer is lost (settlement committed)" if after else "it never arrives"
+    if times > 1:
+        what += f", nor for any of the client's {times - 1} retries"
     torn = call in ("uncertain", "resolve")
     prefix = f"{'DEBIT' if kind == 'purchase' else 'CREDIT'} torn, then " if torn else ""
     with proof.row(
         SUITE,
         f"{kind}: {prefix}{_call_name(kind, call)} sent to settlement, {what}",
-        expected=f"{done} exactly once after a page reload and the card; invariants hold",
+        expected=f"{done} exactly once (the client's retry, or a page reload and the card); "
+        "invariants hold",
     ) as row:
         card = world.funded_card(FUNDS) if kind == "purchase" else world.issue()
         reader = ShopperReader(card)
         if torn:
             reader.inject(_torn(kind))
         method, suffix = _path(kind, call)
-        loss = Loss(method, suffix, after=after)
+        loss = Loss(method, suffix, after=after, times=times)
         async with settlement_client(world.client.app, world.merchant_key, loss) as client:
             shop = Shop(tmp_path, client, reader)
             order = await _open(shop, kind)
