@@ -73,7 +73,7 @@ IN_FLIGHT = [
         id=f"sqlite-{kind}-finish-in-flight-{ms}ms",
     )
     for kind in ("purchase", "load")
-    for ms in (0, 10, 30)
+    for ms in (0, 25)
 ]
 
 
