@@ -4,9 +4,11 @@
 the real cards) after a scenario and its recovery, and raises :class:`InvariantBroken`
 naming every broken rule:
 
-1. value conserved: every transfer sums to zero; funds received for loads == Σ card stored
-   value + merchant payables + payouts + refunds pending + held, recomputed here from the
-   ledger entries and, independently, by ``webpurse ledger check`` (exit status 0);
+1. value conserved: every transfer sums to zero; funds received for loads (by the issuer,
+   ``funding:``, and by merchants that sold top-ups, ``topups:<merchant>``, which they owe
+   until clearing nets them) == Σ card stored value + merchant payables + payouts + refunds
+   pending + held, recomputed here from the ledger entries and, independently, by
+   ``webpurse ledger check`` (exit status 0);
 2. each card's real balance and counters (read from the emulator) equal settlement's shadow
    balance and counters and its ``card:`` ledger account — once recovery has settled;
 3. nothing debited (or credited) twice: at most one hold per payment/load, never both a
@@ -115,7 +117,7 @@ def check_invariants(
         report.totals = totals
         if sum(totals.values()) != 0:
             p.append(f"ledger accounts sum to {sum(totals.values())}, not 0")
-        report.funded = -totals.get("funding", 0)
+        report.funded = -totals.get("funding", 0) - totals.get("topups", 0)
         held_value = sum(
             totals.get(k, 0) for k in ("card", "merchant", "payouts", "refunds", "held")
         )

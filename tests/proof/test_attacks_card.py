@@ -791,17 +791,11 @@ def test_refunds_beyond_the_captured_amount_are_refused(world: World, proof: Pro
         row.observed = "422, 422, 409, 404; refunded 600 of 1000 only; ledger unchanged"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: a merchant key's cash loads are funded by funding:cash and never"
-    " charged to that merchant (clearing ignores loads), so a compromised merchant server"
-    " can create value (ARCHITECTURE.md says it cannot)",
-)
 def test_a_merchants_cash_top_ups_are_owed_by_that_merchant(world: World, proof: Proof) -> None:
     with proof.row(
         SUITE,
         "compromised merchant server tops up a card with 'cash' it never collected",
-        expected="the merchant owes the load's amount (netted at clearing) — KNOWN GAP",
+        expected="the merchant owes the load's amount (topups:<merchant>, netted at clearing)",
     ) as row:
         card = world.issue()
         world.terminal.load(card, 10_000)  # only the merchant's API key, no cash
@@ -811,8 +805,14 @@ def test_a_merchants_cash_top_ups_are_owed_by_that_merchant(world: World, proof:
                 for a in session.scalars(select(Account))
                 if a.id.endswith(world.merchant_id)
             )
+            funding = sum(
+                a.balance for a in session.scalars(select(Account)) if a.kind == "funding"
+            )
+            receivable = ledger.balance(session, ledger.topups_account(world.merchant_id))
         assert owed == -10_000, f"merchant {world.merchant_id} owes {-owed} for a 10,000 load"
-        row.observed = "owed"
+        assert receivable == -10_000 and funding == 0  # not the operator's cash
+        assert books(world).cards[card.state.issuer.card_number][1] == 10_000
+        row.observed = "topups:<merchant> -10000 (owed); funding untouched; ledger check ok"
 
 
 @pytest.mark.xfail(

@@ -90,6 +90,30 @@ def test_totals_net_payout_and_carry() -> None:
         ClearingItem(ItemKind.PAYMENT, "pay_0", 0, AFTER_DAY)
 
 
+def test_top_ups_a_merchant_sold_are_netted_and_a_negative_net_is_owed_not_paid() -> None:
+    items = [
+        item(ItemKind.PAYMENT, "pay_1", 3000),
+        item(ItemKind.TOPUP, "load_1", 10_000),
+        item(ItemKind.TOPUP, "load_2", 1_000),
+        item(ItemKind.TOPUP_RETURN, "load_2", 1_000),  # that load failed: not owed
+    ]
+    # Payable 3000, receivable owed 10,000: the payable settles 3000, nothing is paid out.
+    totals = compute_batch(items, available=3000, topups_owed=10_000)
+    assert (totals.topup_count, totals.topup_total) == (2, 10_000)
+    assert (totals.net, totals.topups_settled, totals.payout) == (-7000, 3000, 0)
+    assert totals.carried_out == -7000
+    # Next day's captures first pay off what is still owed, then the rest is paid out.
+    later = compute_batch(
+        [item(ItemKind.PAYMENT, "pay_2", 9000)], carried_in=-7000, available=9000, topups_owed=7000
+    )
+    assert (later.topups_settled, later.payout, later.carried_out) == (7000, 2000, 0)
+    rows = list(csv.DictReader(io.StringIO(render_csv(MERCHANT_A, DAY, items, totals))))
+    lines = [r for r in rows if r["kind"] in ("payment", "topup", "topup_return")]
+    assert sum(int(r["amount"]) for r in lines) == totals.day_net == -7000
+    trailer = {r["kind"]: int(r["amount"]) for r in rows if r["id"] == batch_id(MERCHANT_A, DAY)}
+    assert (trailer["total_topups"], trailer["topups_settled"]) == (-10_000, 3000)
+
+
 def test_csv_report_lines_sum_to_the_net_and_formulas_are_neutralised() -> None:
     items = [
         ClearingItem(ItemKind.PAYMENT, "pay_1", 3000, AFTER_DAY, reference="=HYPERLINK(1)"),
@@ -498,8 +522,14 @@ async def test_real_card_payments_are_notified_by_webhook_and_cleared(
     ).json()["data"]
     assert (batch["payment_count"], batch["payment_total"]) == (2, 5000)
     assert (batch["refund_count"], batch["refund_total"]) == (1, 500)
-    assert batch["payout"] == 4500
+    # The merchant sold the 10,000 top-up (it collected the cash), so it owes it: the
+    # day nets 5000 − 500 − 10,000; the payable settles 4500 of it, the rest is carried.
+    assert (batch["topup_count"], batch["topup_total"]) == (1, 10_000)
+    assert batch["topups_settled"] == 4500
+    assert (batch["net"], batch["payout"], batch["carried_out"]) == (-5500, 0, -5500)
     with stack.session_factory() as session:
         check = ledger.check(session)
         assert check.ok, check.problems
-        assert ledger.balance(session, ledger.payout_account(MERCHANT_A)) == 4500
+        assert ledger.balance(session, ledger.payout_account(MERCHANT_A)) == 0
+        assert ledger.balance(session, ledger.merchant_account(MERCHANT_A)) == 0
+        assert ledger.balance(session, ledger.topups_account(MERCHANT_A)) == -5500

@@ -18,7 +18,7 @@ def _balances(world: World, card: CardApplet) -> dict[str, int]:
         return {
             "card": ledger.balance(session, ledger.card_account(row.id)),
             "shadow": row.shadow_balance,
-            "funding": ledger.balance(session, ledger.funding_account("cash")),
+            "topups": ledger.balance(session, ledger.topups_account(world.merchant_id)),
             "held": ledger.balance(session, ledger.HELD_LOADS),
             "merchant": ledger.balance(session, ledger.merchant_account(world.merchant_id)),
         }
@@ -35,7 +35,7 @@ def test_full_load_puts_the_value_on_the_card_and_in_its_account(world: World) -
     assert _balances(world, card) == {
         "card": 2_000,
         "shadow": 2_000,
-        "funding": -2_000,
+        "topups": -2_000,
         "held": 0,
         "merchant": 0,
     }
@@ -60,7 +60,7 @@ def test_a_card_mac1_for_another_amount_is_declined_and_funds_return(world: Worl
     assert answer.status_code == 402 and answer.json()["decline_code"] == "mac_invalid"
     assert answer.json()["load"]["status"] == "declined"
     assert _balances(world, card)["held"] == 0
-    assert _balances(world, card)["funding"] == 0
+    assert _balances(world, card)["topups"] == 0
 
 
 def test_a_load_bound_to_another_card_is_declined(world: World) -> None:
@@ -101,7 +101,7 @@ def test_uncertain_credit_that_never_happened_returns_the_funds(world: World) ->
     )
     assert resolved.json()["status"] == "canceled"
     balances = _balances(world, card)
-    assert balances["held"] == 0 and balances["funding"] == 0 and balances["card"] == 0
+    assert balances["held"] == 0 and balances["topups"] == 0 and balances["card"] == 0
 
 
 def test_refund_is_a_pending_credit_delivered_as_a_load(world: World) -> None:
@@ -135,6 +135,10 @@ def test_operator_can_run_a_load_on_the_operator_terminal(world: World) -> None:
     load = operator.create_load(700)
     assert load["terminal_id"] == "000000000000"
     assert operator.run_load(card, load)["status"] == "succeeded"
+    # The operator's load is funded from its funding source, not charged to a merchant.
+    with world.factory() as session:
+        assert ledger.balance(session, ledger.funding_account("cash")) == -700
+        assert ledger.balance(session, ledger.topups_account(world.merchant_id)) == 0
     # merchants do not see operator loads
     hidden = world.client.get(f"/v1/loads/{load['id']}", headers=world.auth(world.merchant_key))
     assert hidden.status_code == 404
@@ -151,4 +155,4 @@ def test_an_abandoned_load_order_expires_and_its_funds_return(world: World) -> N
     assert swept.json()["loads_expired"] == 1
     got = world.client.get(f"/v1/loads/{load['id']}", headers=world.auth(world.merchant_key))
     assert got.json()["status"] == "expired"
-    assert _balances(world, card)["held"] == 0 and _balances(world, card)["funding"] == 0
+    assert _balances(world, card)["held"] == 0 and _balances(world, card)["topups"] == 0

@@ -3,10 +3,14 @@
 design/payments-api.md ("Clearing"): each merchant gets a daily settlement report. A
 batch for merchant M and business day D holds the payments M captured during D and the
 refunds M granted during D, as the ledger recorded them (transfers into and out of M's
-payable account); it pays out ``captured − refunded`` (plus what M's previous batch
-carried forward, bounded by M's payable balance) by one ledger transfer from M's payable
-account to M's payouts account. The business day is the China Standard Time (UTC+8)
-calendar day by default (ARCHITECTURE.md, "Settlement server"), configurable.
+payable account), and the top-ups M sold during D (loads created with M's key, funded from
+M's receivable ``topups:<M>``: M collected that money, so M owes it). It first settles
+what M owes for top-ups from M's payable (payable → ``topups:<M>``), then pays out
+``captured − refunded − top-ups sold`` (plus what M's previous batch carried forward,
+bounded by M's payable balance) by one ledger transfer from M's payable account to M's
+payouts account; a negative net is carried (owed by M), never paid out. The business day
+is the China Standard Time (UTC+8) calendar day by default (ARCHITECTURE.md, "Settlement
+server"), configurable.
 
 The computation (:func:`business_day_window`, :func:`compute_batch`, :func:`render_csv`,
 :func:`batch_id`, :func:`payout_transfer_id`) is pure. :func:`run_batch` is the thin
@@ -93,15 +97,22 @@ def check_day(day: date) -> date:
 
 
 class ItemKind(StrEnum):
-    """What a clearing line is: money in (a capture) or money back (a refund)."""
+    """What a clearing line is: a capture, a refund, a top-up sold or a top-up returned."""
 
     PAYMENT = "payment"
     REFUND = "refund"
+    TOPUP = "topup"  # a load the merchant sold: it owes the amount
+    TOPUP_RETURN = "topup_return"  # that load failed: its amount is no longer owed
+
+    @property
+    def sign(self) -> int:
+        """+1 when the line adds to what the merchant is owed, -1 when it takes from it."""
+        return 1 if self in (ItemKind.PAYMENT, ItemKind.TOPUP_RETURN) else -1
 
 
 @dataclass(frozen=True, slots=True)
 class ClearingItem:
-    """One line of a batch: a captured payment or a granted refund, amounts in fen (> 0)."""
+    """One line of a batch (payment, refund, top-up sold or returned), amounts in fen (> 0)."""
 
     kind: ItemKind
     id: str
@@ -120,10 +131,12 @@ class ClearingItem:
 class BatchTotals:
     """What one batch adds up to, in fen.
 
-    ``net`` is the day's captures minus its refunds plus what the merchant's previous batch
-    carried forward. The payout is that, bounded below by zero and above by what the
-    merchant's payable account holds when the batch runs (a refund of a later day may
-    already have been taken from it); whatever is not paid is carried to the next batch.
+    ``net`` is the day's captures minus its refunds minus the top-ups it sold (net of those
+    returned) plus what the merchant's previous batch carried forward. The payout is that,
+    bounded below by zero and above by what the merchant's payable account holds when the
+    batch runs, after settling what it owes for top-ups (``topups_settled``; a refund of a
+    later day may already have been taken from it); whatever is not paid is carried to the
+    next batch (negative: owed by the merchant).
     """
 
     payment_count: int
@@ -132,11 +145,14 @@ class BatchTotals:
     refund_total: int
     carried_in: int
     payout: int
+    topup_count: int = 0
+    topup_total: int = 0
+    topups_settled: int = 0
 
     @property
     def day_net(self) -> int:
-        """Captures minus refunds of the day alone."""
-        return self.payment_total - self.refund_total
+        """Captures minus refunds minus top-ups sold, of the day alone."""
+        return self.payment_total - self.refund_total - self.topup_total
 
     @property
     def net(self) -> int:
@@ -178,20 +194,29 @@ def ensure_day_over(day: date, now: datetime, tz: tzinfo = CHINA_STANDARD_TIME) 
 
 
 def compute_batch(
-    items: Sequence[ClearingItem], carried_in: int = 0, available: int | None = None
+    items: Sequence[ClearingItem],
+    carried_in: int = 0,
+    available: int | None = None,
+    topups_owed: int = 0,
 ) -> BatchTotals:
     """Add up a day's items and decide the payout.
 
     ``carried_in`` is the previous batch's ``carried_out``; ``available`` is the merchant's
-    payable balance when the batch runs (``None``: no bound).
+    payable balance when the batch runs (``None``: no bound); ``topups_owed`` what its
+    top-up receivable is owed then (settled first, from the payable, as far as it goes).
     """
     payments = [i for i in items if i.kind is ItemKind.PAYMENT]
     refunds = [i for i in items if i.kind is ItemKind.REFUND]
+    topups = [i for i in items if i.kind is ItemKind.TOPUP]
+    returned = [i for i in items if i.kind is ItemKind.TOPUP_RETURN]
     payment_total = sum(i.amount for i in payments)
     refund_total = sum(i.amount for i in refunds)
-    payout = max(payment_total - refund_total + carried_in, 0)
+    topup_total = sum(i.amount for i in topups) - sum(i.amount for i in returned)
+    payout = max(payment_total - refund_total - topup_total + carried_in, 0)
+    settled = 0
     if available is not None:
-        payout = min(payout, max(available, 0))
+        settled = min(max(topups_owed, 0), max(available, 0))
+        payout = min(payout, max(available - settled, 0))
     return BatchTotals(
         payment_count=len(payments),
         payment_total=payment_total,
@@ -199,6 +224,9 @@ def compute_batch(
         refund_total=refund_total,
         carried_in=carried_in,
         payout=payout,
+        topup_count=len(topups),
+        topup_total=topup_total,
+        topups_settled=settled,
     )
 
 
@@ -210,6 +238,11 @@ def batch_id(merchant_id: str, day: date) -> str:
 def payout_transfer_id(batch: str) -> str:
     """The ledger transfer id of a batch's payout (idempotent: one payout per batch)."""
     return f"payout_{batch}"
+
+
+def topups_transfer_id(batch: str) -> str:
+    """The ledger transfer id settling a batch's top-ups owed (payable → receivable)."""
+    return f"topups_{batch}"
 
 
 CSV_COLUMNS = (
@@ -236,15 +269,17 @@ def render_csv(
     """The merchant's report: one line per item, then the totals, amounts in fen.
 
     Columns: ``kind,id,payment_id,amount,currency,at_utc,reference,card_number``; refunds
-    carry a negative amount so the item lines sum to the day's net. Trailer lines (``id`` =
-    the batch id) with ``kind`` = ``total_payments``, ``total_refunds``, ``day_net``,
-    ``carried_in``, ``net``, ``payout`` and ``carried_out``.
+    and top-ups sold (``topup``, the load id) carry a negative amount, a returned top-up
+    (``topup_return``) a positive one, so the item lines sum to the day's net. Trailer lines
+    (``id`` = the batch id) with ``kind`` = ``total_payments``, ``total_refunds``,
+    ``total_topups``, ``day_net``, ``carried_in``, ``net``, ``topups_settled``, ``payout``
+    and ``carried_out``.
     """
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for item in sorted(items, key=lambda i: (i.at, i.kind.value, i.id)):
-        signed = item.amount if item.kind is ItemKind.PAYMENT else -item.amount
+        signed = item.kind.sign * item.amount
         at = item.at if item.at.tzinfo is not None else item.at.replace(tzinfo=UTC)
         writer.writerow(
             [
@@ -262,9 +297,11 @@ def render_csv(
     for kind, amount in (
         ("total_payments", totals.payment_total),
         ("total_refunds", -totals.refund_total),
+        ("total_topups", -totals.topup_total),
         ("day_net", totals.day_net),
         ("carried_in", totals.carried_in),
         ("net", totals.net),
+        ("topups_settled", totals.topups_settled),
         ("payout", totals.payout),
         ("carried_out", totals.carried_out),
     ):
@@ -334,6 +371,9 @@ class ClearingBatch(Base):
     payment_total: Mapped[int] = mapped_column(BigInteger)
     refund_count: Mapped[int] = mapped_column(Integer)
     refund_total: Mapped[int] = mapped_column(BigInteger)
+    topup_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    topup_total: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    topups_settled: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     carried_in: Mapped[int] = mapped_column(BigInteger)
     payout: Mapped[int] = mapped_column(BigInteger)
     carried_out: Mapped[int] = mapped_column(BigInteger)
@@ -357,21 +397,41 @@ def day_items(
 
     Money in (captures) becomes payment lines, money out other than payouts (refunds)
     refund lines; payment and refund rows add the merchant's reference and card number.
+    The movements on its top-up receivable become top-up lines (sold, or returned when the
+    load failed), named by the load id.
     """
     account = ledger.merchant_account(merchant_id)
+    receivable = ledger.topups_account(merchant_id)
     start, end = window
     transfers = session.scalars(
         select(Transfer)
         .where(
-            or_(Transfer.credit_account == account, Transfer.debit_account == account),
+            or_(
+                Transfer.credit_account == account,
+                Transfer.debit_account == account,
+                Transfer.credit_account == receivable,
+                Transfer.debit_account == receivable,
+            ),
             Transfer.created_at >= start,
             Transfer.created_at < end,
-            Transfer.kind != PAYOUT_KIND,
+            Transfer.kind.not_in((PAYOUT_KIND, TOPUPS_SETTLED_KIND)),
         )
         .order_by(Transfer.created_at, Transfer.id)
     ).all()
     items: list[ClearingItem] = []
     for transfer in transfers:
+        if receivable in (transfer.debit_account, transfer.credit_account):
+            items.append(
+                ClearingItem(
+                    kind=ItemKind.TOPUP
+                    if transfer.debit_account == receivable
+                    else ItemKind.TOPUP_RETURN,
+                    id=transfer.reference or transfer.id,
+                    amount=transfer.amount,
+                    at=transfer.created_at,
+                )
+            )
+            continue
         incoming = transfer.credit_account == account
         reference = transfer.reference or transfer.id
         item_id, payment_id, merchant_reference, card_number = reference, "", "", ""
@@ -398,6 +458,7 @@ def day_items(
 
 
 PAYOUT_KIND = "payout"
+TOPUPS_SETTLED_KIND = "topups_settled"
 
 
 def run_batch(
@@ -443,7 +504,20 @@ def run_batch(
     window = business_day_window(day, tz)
     items = day_items(session, merchant_id, window)
     available = ledger.balance(session, ledger.merchant_account(merchant_id))
-    totals = compute_batch(items, carried_in, available)
+    owed = -ledger.balance(session, ledger.topups_account(merchant_id))
+    totals = compute_batch(items, carried_in, available, owed)
+    if totals.topups_settled > 0:
+        ledger.post_transfer(
+            session,
+            topups_transfer_id(identifier),
+            ledger.merchant_account(merchant_id),
+            ledger.topups_account(merchant_id),
+            totals.topups_settled,
+            TOPUPS_SETTLED_KIND,
+            now=now,
+            reference=identifier,
+            currency=currency,
+        )
     transfer_id = None
     if totals.payout > 0:
         transfer_id = payout_transfer_id(identifier)
@@ -470,6 +544,9 @@ def run_batch(
         payment_total=totals.payment_total,
         refund_count=totals.refund_count,
         refund_total=totals.refund_total,
+        topup_count=totals.topup_count,
+        topup_total=totals.topup_total,
+        topups_settled=totals.topups_settled,
         carried_in=totals.carried_in,
         payout=totals.payout,
         carried_out=totals.carried_out,
@@ -484,6 +561,7 @@ def run_batch(
         batch=identifier,
         payments=totals.payment_count,
         refunds=totals.refund_count,
+        topups=totals.topup_count,
         payout=totals.payout,
     )
     return BatchResult(batch, created=True)

@@ -10,6 +10,8 @@ deadlock.
 Accounts (see docs/settlement-api.md):
 - ``card:<card id>`` stored value on a card (what settlement owes the cardholder);
 - ``funding:<method>`` money received for loads (negative: it is the source of value);
+- ``topups:<merchant id>`` top-ups a merchant sold (it collected the money, so it owes it:
+  negative until clearing nets it against the merchant's payable);
 - ``held:purchases`` amounts authorised or uncertain, not yet captured or released;
 - ``held:loads`` funds for loads in flight, not yet on a card or returned;
 - ``merchant:<merchant id>`` merchant payable;
@@ -34,7 +36,7 @@ HELD_LOADS = "held:loads"
 REFUNDS_PENDING = "refunds:pending"
 
 # Kinds whose balances may go below zero: the sources of value.
-_NEGATIVE_KINDS = frozenset({"funding"})
+_NEGATIVE_KINDS = frozenset({"funding", "topups"})
 
 
 def card_account(card_id: str) -> str:
@@ -51,6 +53,11 @@ def payout_account(merchant_id: str) -> str:
 
 def funding_account(method: str) -> str:
     return f"funding:{method}"
+
+
+def topups_account(merchant_id: str) -> str:
+    """The merchant's top-up receivable: what it collected for loads it sold, until cleared."""
+    return f"topups:{merchant_id}"
 
 
 def account_kind(account_id: str) -> str:
@@ -227,9 +234,10 @@ def check(session: Session) -> CheckReport:
     - each account's entries have versions 1..n with running balances, ending at the
       cached balance, which equals the sum of its entries;
     - no account that may not go negative is negative;
-    - all accounts sum to zero, and funds received for loads equal the value held on
-      cards, merchant payables, payouts, pending refunds and held amounts
-      (ARCHITECTURE.md "Invariants").
+    - all accounts sum to zero, and funds received for loads (by the issuer, ``funding``,
+      and by merchants selling top-ups, ``topups``) equal the value held on cards,
+      merchant payables, payouts, pending refunds and held amounts (ARCHITECTURE.md
+      "Invariants").
     """
     report = CheckReport()
     accounts = {a.id: a for a in session.scalars(select(Account))}
@@ -282,7 +290,7 @@ def check(session: Session) -> CheckReport:
     total = sum(report.totals.values())
     if total != 0:
         report.problems.append(f"accounts sum to {total}, not zero")
-    received = -report.totals.get("funding", 0)
+    received = -report.totals.get("funding", 0) - report.totals.get("topups", 0)
     held = sum(
         report.totals.get(kind, 0) for kind in ("card", "merchant", "payouts", "refunds", "held")
     )

@@ -3,7 +3,10 @@
 Funds are held from the moment the load order records its funding source
 (``funding:<method>`` → ``held:loads``), so money is never taken without reaching the
 card (held → ``card:<id>``) or being returned (held → funding) — the lesson of the 2007
-Octopus top-up incident. Refunds are loads funded from ``refunds:pending``.
+Octopus top-up incident. Refunds are loads funded from ``refunds:pending``. A load a
+merchant creates is a top-up it sold: it collected the money, so the load is funded from
+its receivable ``topups:<merchant id>`` and clearing nets it against its payable
+(ARCHITECTURE.md: a compromised merchant server cannot create value).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from webpurse.settlement.decisions import (
     decide_resolution,
 )
 from webpurse.settlement.merchants import OPERATOR_TERMINAL_ID
-from webpurse.settlement.models import Card, Load, Merchant, Refund
+from webpurse.settlement.models import Card, Load, Merchant, Refund, Transfer
 from webpurse.settlement.problems import (
     ApiError,
     conflict,
@@ -46,9 +49,18 @@ log = structlog.get_logger(__name__)
 
 
 def funding_account_of(load: Load) -> str:
+    """Where a new load's funds come from: a refund, a merchant's top-up, or the operator's."""
     if load.funding_method == "refund":
         return ledger.REFUNDS_PENDING
+    if load.merchant_id is not None:
+        return ledger.topups_account(load.merchant_id)
     return ledger.funding_account(load.funding_method)
+
+
+def _source_of(ctx: Ctx, load: Load) -> str:
+    """The account the load's hold was taken from (funds go back exactly there)."""
+    hold = ctx.session.get(Transfer, f"{load.id}:hold")
+    return hold.debit_account if hold is not None else funding_account_of(load)
 
 
 def load_json(load: Load) -> dict[str, Any]:
@@ -172,7 +184,7 @@ def _return_funds(ctx: Ctx, load: Load, status: str) -> None:
         ctx.session,
         f"{load.id}:return",
         ledger.HELD_LOADS,
-        funding_account_of(load),
+        _source_of(ctx, load),
         load.amount,
         "load_return",
         now=ctx.now,

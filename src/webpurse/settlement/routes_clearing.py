@@ -93,6 +93,9 @@ class BatchOut(BaseModel):
     payment_total: int
     refund_count: int
     refund_total: int
+    topup_count: int = Field(description="top-ups (loads) the merchant sold that day")
+    topup_total: int = Field(description="their amount net of returned ones: owed, in fen")
+    topups_settled: int = Field(description="top-ups owed settled from the payable, in fen")
     carried_in: int
     net: int
     payout: int
@@ -123,8 +126,11 @@ def batch_out(batch: ClearingBatch, created: bool | None = None) -> BatchOut:
         payment_total=batch.payment_total,
         refund_count=batch.refund_count,
         refund_total=batch.refund_total,
+        topup_count=batch.topup_count,
+        topup_total=batch.topup_total,
+        topups_settled=batch.topups_settled,
         carried_in=batch.carried_in,
-        net=batch.payment_total - batch.refund_total + batch.carried_in,
+        net=batch.payment_total - batch.refund_total - batch.topup_total + batch.carried_in,
         payout=batch.payout,
         carried_out=batch.carried_out,
         transfer_id=batch.transfer_id,
