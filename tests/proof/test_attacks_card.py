@@ -35,6 +35,7 @@ from tests.settlement.support import (
     live_server,
     make_world,
     ok,
+    prove,
     read_issuer,
 )
 from webpurse.card import CardApplet, ImageFile, MasterKeys, MemoryStore, personalise
@@ -815,20 +816,16 @@ def test_a_merchants_cash_top_ups_are_owed_by_that_merchant(world: World, proof:
         row.observed = "topups:<merchant> -10000 (owed); funding untouched; ledger check ok"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: INITIALIZE FOR PURCHASE carries no MAC, and authorise releases another"
-    " merchant's uncertain payment on the card's 'next contact' from it; a relay can fabricate"
-    " that answer and cancel a debit that really happened",
-)
+@BOTH
 def test_a_fabricated_initialize_cannot_cancel_another_merchants_debit(
     world: World, proof: Proof
 ) -> None:
     with proof.row(
         SUITE,
         "relay fabricates an INITIALIZE (old counter, new random) to release another merchant's"
-        " uncertain payment whose debit happened",
-        expected="that payment stays uncertain until the card's proof — KNOWN GAP",
+        " uncertain payment whose debit happened" + on(world),
+        expected="that payment stays uncertain (theirs is only linked to it); the card's proof"
+        " captures it and releases theirs",
     ) as row:
         card = world.funded_card(5_000)
         payment, debit = authorised(world, card, 1_000)
@@ -845,7 +842,46 @@ def test_a_fabricated_initialize_cannot_cancel_another_merchants_debit(
         )
         other = world.other_terminal
         theirs = other.create_payment(100)
-        answer = other.authorise_payment(theirs["id"], issuer, honest.to_data())
+        with structlog.testing.capture_logs() as events:
+            answer = other.authorise_payment(theirs["id"], issuer, honest.to_data())
         status = payment_status(world, payment["id"])
         assert status == "uncertain", f"{answer.status_code}; the real debit's payment is {status}"
-        row.observed = "uncertain"
+        # Theirs may proceed (linked), but its MAC1 binds counter 0 and the card is at 1.
+        assert answer.status_code == 200, answer.text
+        logged(events, event="payment.supersedes", uncertain=payment["id"])
+        with world.factory() as session:
+            held = ledger.balance(session, ledger.HELD_PURCHASES)
+            assert held == 1_100  # both holds stand until the card's proof settles them
+        # The card's next contact at the first merchant is told to recover its own payment
+        # (not the other merchant's), and the card's proof captures it and releases theirs.
+        again = world.terminal.create_payment(100)
+        issuer2, init2 = world.terminal.purchase_batch1(card, 100)
+        declined = world.terminal.authorise_payment(again["id"], issuer2, init2)
+        body = problem(declined, 402, "card_declined", "recovery_required")
+        assert body["recover"] == {
+            "transaction_type": "06",
+            "counter": 0,
+            "payment_id": payment["id"],
+        }
+        fresh = ok(card, InitializeForPurchase(1, 0, bytes.fromhex(world.terminal_id)).to_apdu())
+        proof_data, sw = prove(card, 0x06, 1)
+        assert sw == StatusWord.SUCCESS
+        resolved = world.terminal.post(
+            f"/v1/payments/{payment['id']}/resolve",
+            {"initialize_response": fresh.hex(), "prove_response": proof_data.hex()},
+        )
+        assert resolved.status_code == 200 and resolved.json()["status"] == "succeeded"
+        theirs_now = other.http.get(
+            f"/v1/payments/{theirs['id']}", headers=world.auth(world.other_key)
+        ).json()
+        assert theirs_now["status"] == "canceled"
+        after = books(world)
+        assert after.accounts.get("held:purchases", 0) == 0
+        assert after.accounts[f"merchant:{world.merchant_id}"] == 1_000
+        assert after.cards[card.state.issuer.card_number][1:4] == (4_000, 1, 1)
+        assert card.state.balance == 4_000
+        assert after.cards[card.state.issuer.card_number][4] is None
+        row.observed = (
+            "stays uncertain; theirs authorised (linked, held 1100); own recover hint; proof"
+            " → succeeded, theirs canceled; card 4000 = shadow"
+        )

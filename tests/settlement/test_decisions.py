@@ -146,10 +146,42 @@ def test_purchase_declines(
     assert (decision.decline_code, decision.flag) == (code, flag)
 
 
-def test_an_uncertain_purchase_the_counter_disproves_is_released() -> None:
-    card = dataclasses.replace(CARD, open_transaction=_open("payment", "uncertain"))
+def test_an_unchanged_counter_only_links_an_uncertain_purchase_never_releases_it() -> None:
+    # INITIALIZE FOR PURCHASE carries no MAC: "the counter did not move" may be fabricated,
+    # so the new payment proceeds linked to the uncertain one, which stays uncertain.
+    card = dataclasses.replace(CARD, open_transaction=_open("payment", "uncertain"), available=900)
     decision = decide_purchase(card, PURCHASE, NOW)
-    assert decision.approved and decision.release == card.open_transaction
+    assert decision.approved and decision.supersedes == card.open_transaction
+    assert not hasattr(decision, "release")
+
+
+def test_a_linked_purchase_the_held_value_cannot_cover_must_recover_first() -> None:
+    card = dataclasses.replace(CARD, open_transaction=_open("payment", "uncertain"), available=300)
+    decision = decide_purchase(card, PURCHASE, NOW)  # 400 > 1000 − 100 held − 600 more
+    assert decision.decline_code is DeclineCode.RECOVERY_REQUIRED
+    assert decision.recover is not None and decision.recover.payment_id == "pay_1"
+
+
+def test_another_merchants_open_payment_names_the_callers_own_one_it_superseded() -> None:
+    theirs = dataclasses.replace(
+        _open("payment", "authorised"), id="pay_2", same_merchant=False, own_id="pay_1"
+    )
+    decision = decide_purchase(dataclasses.replace(CARD, open_transaction=theirs), PURCHASE, NOW)
+    assert decision.recover is not None
+    assert decision.recover.to_json() == {
+        "transaction_type": "06",
+        "counter": 3,
+        "payment_id": "pay_1",
+    }
+    stranger = dataclasses.replace(theirs, own_id=None)
+    decision = decide_purchase(dataclasses.replace(CARD, open_transaction=stranger), PURCHASE, NOW)
+    assert decision.recover is not None and decision.recover.payment_id is None
+
+
+def test_an_unchanged_online_counter_only_links_an_uncertain_load() -> None:
+    card = dataclasses.replace(CARD, open_transaction=_open("load", "uncertain", 1))
+    decision = decide_load(card, LOAD, NOW)
+    assert decision.approved and decision.supersedes == card.open_transaction
 
 
 def test_a_replayed_initialize_does_not_release_anything() -> None:

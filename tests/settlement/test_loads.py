@@ -104,6 +104,48 @@ def test_uncertain_credit_that_never_happened_returns_the_funds(world: World) ->
     assert balances["held"] == 0 and balances["topups"] == 0 and balances["card"] == 0
 
 
+def test_an_uncertain_load_stays_until_a_verified_credit_at_its_online_counter(
+    world: World,
+) -> None:
+    card = world.issue()
+    stale = world.terminal.create_load(1_500)
+    assert _authorise(world, card, stale, 1_500).status_code == 200  # CREDIT never sent
+    world.terminal.post(f"/v1/loads/{stale['id']}/uncertain")
+    # Another merchant's load proceeds at the same online counter, linked: the stale one
+    # stays uncertain (its funds held) until this one's TAC verifies at that counter.
+    theirs = world.other_terminal.create_load(500)
+    linked = _authorise_with(world.other_terminal, card, theirs, 500)
+    assert linked.status_code == 200, linked.text
+    assert _load(world, stale["id"])["status"] == "uncertain"
+    assert _balances(world, card)["held"] == 2_000
+    credit = ok(card, bytes.fromhex(linked.json()["authorisation"]["credit_apdu"]))
+    done = world.other_terminal.post(
+        f"/v1/loads/{theirs['id']}/complete", {"credit_response": credit.hex()}
+    )
+    assert done.json()["status"] == "succeeded"
+    assert _load(world, stale["id"])["status"] == "canceled"
+    balances = _balances(world, card)
+    assert balances["held"] == 0 and balances["topups"] == 0  # the stale one's funds back
+    assert balances["card"] == balances["shadow"] == card.state.balance == 500
+
+
+def _authorise_with(terminal: Any, card: CardApplet, load: dict[str, Any], amount: int) -> Any:
+    issuer, init = terminal.load_batch1(card, amount, load["terminal_id"])
+    return terminal.post(
+        f"/v1/loads/{load['id']}/authorise",
+        {
+            "issuer_data": issuer.hex(),
+            "initialize_response": init.hex(),
+            "terminal_id": load["terminal_id"],
+        },
+    )
+
+
+def _load(world: World, load_id: str) -> dict[str, Any]:
+    answer = world.client.get(f"/v1/loads/{load_id}", headers=world.auth(world.merchant_key))
+    return dict(answer.json())
+
+
 def test_refund_is_a_pending_credit_delivered_as_a_load(world: World) -> None:
     card = world.funded_card(1_000)
     paid = world.terminal.purchase(card, 600)

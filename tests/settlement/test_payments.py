@@ -248,6 +248,59 @@ def test_next_contact_releases_an_uncertain_payment_the_counter_disproves(world:
     assert card.state.balance == 800
 
 
+def test_an_uncertain_payment_stays_until_a_verified_capture_at_its_counter(
+    world: World,
+) -> None:
+    card = world.funded_card(1_000)
+    stale, _ = _authorised(world, card, 300)  # the DEBIT never reached the card
+    world.terminal.post(f"/v1/payments/{stale['id']}/uncertain")
+    # Another merchant's payment proceeds at the same counter, linked; the stale one stays
+    # uncertain (the card's INITIALIZE is no evidence), holding its 300.
+    theirs = world.other_terminal.create_payment(200)
+    issuer, init = world.other_terminal.purchase_batch1(card, 200)
+    answer = world.other_terminal.authorise_payment(theirs["id"], issuer, init)
+    assert answer.status_code == 200, answer.text
+    assert _payment(world, stale["id"])["status"] == "uncertain"
+    with world.factory() as session:
+        assert ledger.balance(session, ledger.HELD_PURCHASES) == 500
+    # Its DEBIT is refused by the shopper: resolved canceled, the stale one is the card's
+    # open transaction again, still uncertain.
+    fresh = ok(card, InitializeForPurchase(1, 0, bytes.fromhex(world.terminal_id)).to_apdu())
+    released = world.other_terminal.post(
+        f"/v1/payments/{theirs['id']}/resolve", {"initialize_response": fresh.hex()}
+    )
+    assert released.json()["status"] == "canceled"
+    assert _payment(world, stale["id"])["status"] == "uncertain"
+    with world.factory() as session:
+        row = session.query(Card).filter_by(card_number=card.state.issuer.card_number).one()
+        assert row.open_transaction == stale["id"]
+    # A purchase the card completes at that counter proves the stale one never ran.
+    paid = world.other_terminal.purchase(card, 200)
+    assert paid["status"] == "succeeded"
+    assert _payment(world, stale["id"])["status"] == "canceled"
+    assert card.state.balance == 800
+    with world.factory() as session:
+        row = session.query(Card).filter_by(card_number=card.state.issuer.card_number).one()
+        assert (row.shadow_balance, row.open_transaction) == (800, None)
+        assert ledger.balance(session, ledger.card_account(row.id)) == 800
+        assert ledger.balance(session, ledger.HELD_PURCHASES) == 0
+        assert ledger.check(session).ok
+
+
+def test_a_purchase_the_uncertain_hold_leaves_no_room_for_must_recover_it_first(
+    world: World,
+) -> None:
+    card = world.funded_card(1_000)
+    stale, _ = _authorised(world, card, 300)
+    world.terminal.post(f"/v1/payments/{stale['id']}/uncertain")
+    big = world.terminal.create_payment(900)
+    issuer, init = world.terminal.purchase_batch1(card, 900)
+    answer = world.terminal.authorise_payment(big["id"], issuer, init)
+    assert answer.status_code == 402 and answer.json()["decline_code"] == "recovery_required"
+    assert answer.json()["recover"]["payment_id"] == stale["id"]
+    assert _payment(world, big["id"])["status"] == "requires_card"
+
+
 def test_cancel_only_before_a_debit_could_be_sent(world: World) -> None:
     card = world.funded_card(1_000)
     fresh = world.terminal.create_payment(100)

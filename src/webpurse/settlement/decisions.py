@@ -52,6 +52,9 @@ class OpenTransaction:
     balance_before: int
     random: bytes
     same_merchant: bool
+    # The caller's own open transaction of this card at the same counter when this one
+    # is another merchant's: one that this one supersedes (see ``Decision.supersedes``).
+    own_id: str | None = None
 
     @property
     def transaction_type(self) -> TransactionType:
@@ -73,6 +76,9 @@ class CardRecord:
     online_counter: int
     offline_counter: int
     open_transaction: OpenTransaction | None = None
+    # The stored value not held by open transactions (the ``card:`` ledger account); None
+    # when nothing is open (then it is the shadow balance).
+    available: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,12 +113,16 @@ class Decision:
     detail: str = ""
     flag: Flag | None = None
     recover: Recover | None = None
-    # An uncertain transaction the card's counters prove never happened: release it.
-    release: OpenTransaction | None = None
+    # An uncertain transaction at the same counter that this one proceeds past. It is NOT
+    # released on this INITIALIZE (INITIALIZE FOR PURCHASE carries no MAC, so a relay can
+    # fabricate "the counter did not move"): it stays uncertain, linked, and is released
+    # only when this transaction's own MAC2/TAC (TAC for loads) verifies at that counter —
+    # the session key binds the counter, so that proves the old one never used it.
+    supersedes: OpenTransaction | None = None
 
     @classmethod
-    def approve(cls, release: OpenTransaction | None = None) -> Decision:
-        return cls(True, release=release)
+    def approve(cls, supersedes: OpenTransaction | None = None) -> Decision:
+        return cls(True, supersedes=supersedes)
 
     @classmethod
     def decline(
@@ -185,21 +195,27 @@ def _open_transaction_check(
     open_txn = card.open_transaction
     if open_txn is None:
         return None
-    recover = Recover(
-        open_txn.transaction_type,
-        open_txn.counter,
-        payment_id=open_txn.id if open_txn.same_merchant and open_txn.kind == "payment" else None,
-        load_id=open_txn.id if open_txn.same_merchant and open_txn.kind == "load" else None,
-    )
     if (
         open_txn.kind == kind
         and open_txn.status == "uncertain"
         and counter == open_txn.counter
         and random != open_txn.random
     ):
-        # The counter did not move and the card answered a fresh INITIALIZE, which cancels
-        # anything pending on it: the uncertain transaction never happened.
+        # The card claims its counter did not move: the new transaction may proceed at the
+        # same counter, linked to the uncertain one, which stays uncertain until this one's
+        # verified MAC2/TAC proves the counter was used by it (``Decision.supersedes``).
         return None
+    return _recovery_required(open_txn)
+
+
+def _recovery_required(open_txn: OpenTransaction) -> Decision:
+    own = open_txn.id if open_txn.same_merchant else open_txn.own_id
+    recover = Recover(
+        open_txn.transaction_type,
+        open_txn.counter,
+        payment_id=own if open_txn.kind == "payment" else None,
+        load_id=own if open_txn.kind == "load" else None,
+    )
     return Decision.decline(
         DeclineCode.RECOVERY_REQUIRED,
         f"the card has an open {open_txn.kind} ({open_txn.status}); settle it first",
@@ -238,7 +254,7 @@ def _shadow_checks(
     return None
 
 
-def _released(card: CardRecord, kind: str) -> OpenTransaction | None:
+def _superseded(card: CardRecord, kind: str) -> OpenTransaction | None:
     open_txn = card.open_transaction
     return open_txn if open_txn is not None and open_txn.kind == kind else None
 
@@ -266,7 +282,11 @@ def decide_purchase(card: CardRecord | None, inputs: PurchaseInputs, now: dt.dat
         return early
     if init.balance < inputs.amount:
         return Decision.decline(DeclineCode.INSUFFICIENT_FUNDS, "the card's balance is too low")
-    return Decision.approve(release=_released(card, "payment"))
+    superseded = _superseded(card, "payment")
+    if superseded is not None and card.available is not None and card.available < inputs.amount:
+        # The uncertain debit still holds part of the value: settle it before this one.
+        return _recovery_required(superseded)
+    return Decision.approve(supersedes=superseded)
 
 
 def decide_load(card: CardRecord | None, inputs: LoadInputs, now: dt.datetime) -> Decision:
@@ -298,7 +318,7 @@ def decide_load(card: CardRecord | None, inputs: LoadInputs, now: dt.datetime) -
         return Decision.decline(
             DeclineCode.BALANCE_LIMIT_EXCEEDED, "the load would exceed the card's maximum balance"
         )
-    return Decision.approve(release=_released(card, "load"))
+    return Decision.approve(supersedes=_superseded(card, "load"))
 
 
 # --- resolving an interrupted transaction (spec §6) --------------------------------

@@ -194,15 +194,53 @@ def _return_funds(ctx: Ctx, load: Load, status: str) -> None:
     load.updated_at = ctx.now
 
 
-def release_open(ctx: Ctx, open_txn: OpenTransaction, card: Card) -> None:
-    """An uncertain load the card's counters show never ran: return its funds."""
-    other = ctx.session.get(Load, open_txn.id)
-    if other is not None and other.status in ("authorised", "uncertain"):
-        _return_funds(ctx, other, "canceled")
-        if card.open_transaction == other.id:
-            card.open_transaction = None
-        registry.record_event(ctx.session, card, "load_released", ctx.now, {"load": other.id})
-        _emit(ctx, other, "load.failed")
+OPEN = ("authorised", "uncertain")
+
+
+def _still_open(ctx: Ctx, load: Load) -> str | None:
+    """The newest load ``load`` superseded that is still open: the card's open one now."""
+    seen = {load.id}
+    older_id = load.supersedes
+    while older_id is not None and older_id not in seen:
+        seen.add(older_id)
+        older = ctx.session.get(Load, older_id)
+        if older is None:
+            return None
+        if older.status in OPEN and older.card_id == load.card_id:
+            return older.id
+        older_id = older.supersedes
+    return None
+
+
+def _release(ctx: Ctx, load: Load, card: Card, reason: str) -> None:
+    """No credit happened for ``load``: return its funds to their source, close it."""
+    _return_funds(ctx, load, "canceled")
+    if card.open_transaction == load.id:
+        card.open_transaction = _still_open(ctx, load)
+    card.updated_at = ctx.now
+    registry.record_event(
+        ctx.session, card, "load_released", ctx.now, {"load": load.id, "reason": reason}
+    )
+    _emit(ctx, load, "load.failed")
+
+
+def _release_disproved(ctx: Ctx, load: Load, card: Card) -> None:
+    """``load``'s verified TAC (it binds the online counter and the new balance) proves the
+    card used that counter for it: every other open load of the card at that counter never
+    ran, so its funds go back (spec §6)."""
+    others = ctx.session.scalars(
+        select(Load)
+        .where(
+            Load.card_id == card.id,
+            Load.status.in_(OPEN),
+            Load.counter == load.counter,
+            Load.id != load.id,
+        )
+        .order_by(Load.id)
+        .execution_options(populate_existing=True)
+    ).all()
+    for other in others:
+        _release(ctx, other, card, f"counter {load.counter} was used by {load.id}")
 
 
 def authorise(ctx: Ctx, load_id: str, body: LoadAuthorise) -> Load:
@@ -270,10 +308,14 @@ def authorise(ctx: Ctx, load_id: str, body: LoadAuthorise) -> Load:
         log.info("load.declined", load=load.id, decline_code=decision.decline_code.value)
         raise declined(decision.decline_code.value, decision.detail, extra=extra)
     assert card is not None
-    if decision.release is not None:
-        from webpurse.settlement import payments
-
-        payments.release_open(ctx, decision.release, card)
+    if decision.supersedes is not None:
+        log.info(
+            "load.supersedes",
+            load=load.id,
+            uncertain=decision.supersedes.id,
+            counter=init.online_counter,
+        )
+    load.supersedes = decision.supersedes.id if decision.supersedes is not None else None
     date, time = card_time(ctx.now)
     mac2 = ctx.security.load_mac2(
         issuer.serial,
@@ -325,6 +367,7 @@ def _card_of(ctx: Ctx, load: Load) -> Card:
 
 
 def _succeed(ctx: Ctx, load: Load, card: Card, tac: bytes) -> None:
+    linked = load.supersedes is not None or card.open_transaction != load.id
     ledger.post_transfer(
         ctx.session,
         f"{load.id}:credit",
@@ -351,6 +394,8 @@ def _succeed(ctx: Ctx, load: Load, card: Card, tac: bytes) -> None:
         ctx.now,
         {"load": load.id, "amount": load.amount, "counter": load.counter, "tac": load.tac},
     )
+    if linked:
+        _release_disproved(ctx, load, card)
     _emit(ctx, load, "load.succeeded")
     if load.refund_id is not None:
         refund = ctx.session.get(Refund, load.refund_id)
@@ -441,11 +486,7 @@ def resolve(ctx: Ctx, load_id: str, body: Resolve) -> Load:
         assert proof is not None
         _succeed(ctx, load, card, proof.tac)
     elif resolution.outcome is Outcome.CANCELED:
-        _return_funds(ctx, load, "canceled")
-        if card.open_transaction == load.id:
-            card.open_transaction = None
-        registry.record_event(ctx.session, card, "load_released", ctx.now, {"load": load.id})
-        _emit(ctx, load, "load.failed")
+        _release(ctx, load, card, "resolved: counter did not move")
     elif resolution.outcome is Outcome.PROOF_REQUIRED:
         raise ApiError(
             409,

@@ -114,6 +114,8 @@ class Payment(Base):
     # What the authorisation bound: the card's INITIALIZE values and the DEBIT fields.
     balance_before: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     counter: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # The uncertain one at the same counter this one proceeded past (released on capture).
+    supersedes: Mapped[str | None] = mapped_column(String(40), nullable=True)
     key_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     card_random: Mapped[str | None] = mapped_column(String(8), nullable=True)
     terminal_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
@@ -148,6 +150,8 @@ class Load(Base):
     decline_code: Mapped[str | None] = mapped_column(String(40), nullable=True)
     balance_before: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     counter: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # The uncertain one at the same counter this one proceeded past (released on capture).
+    supersedes: Mapped[str | None] = mapped_column(String(40), nullable=True)
     key_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     card_random: Mapped[str | None] = mapped_column(String(8), nullable=True)
     txn_date: Mapped[str | None] = mapped_column(String(8), nullable=True)

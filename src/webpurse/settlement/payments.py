@@ -5,6 +5,12 @@ Each function runs inside the caller's transaction and raises
 in :mod:`.decisions`; here they meet the database, the security module and the ledger.
 Ledger moves: authorise holds the amount (card → ``held:purchases``); capture posts it to
 the merchant (held → merchant); a release returns it (held → card).
+
+An uncertain payment is released only on authenticated evidence that its counter was not
+used: a payment of the same card captured at that counter with a verified MAC2/TAC (its
+session key binds the counter), or its own merchant's resolve. A new authorisation past an
+uncertain one (the card says its counter did not move — INITIALIZE carries no MAC, so that
+may be fabricated) is linked to it (``supersedes``) and releases it when it is captured.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from webpurse.settlement.service import Ctx, card_time, new_id, parse, parse_iss
 log = structlog.get_logger(__name__)
 
 FINAL = frozenset({"succeeded", "canceled", "declined", "expired"})
+OPEN = ("authorised", "uncertain")
 
 
 def payment_json(payment: Payment) -> dict[str, Any]:
@@ -154,7 +161,7 @@ def _release(ctx: Ctx, payment: Payment, card: Card, reason: str) -> None:
     payment.status = "canceled"
     payment.updated_at = ctx.now
     if card.open_transaction == payment.id:
-        card.open_transaction = None
+        card.open_transaction = _still_open(ctx, payment)
     card.updated_at = ctx.now
     registry.record_event(
         ctx.session, card, "purchase_released", ctx.now, {"payment": payment.id, "reason": reason}
@@ -162,16 +169,37 @@ def _release(ctx: Ctx, payment: Payment, card: Card, reason: str) -> None:
     _emit(ctx, payment, "payment.canceled")
 
 
-def release_open(ctx: Ctx, open_txn: OpenTransaction, card: Card) -> None:
-    """Release another, uncertain transaction that the card's counters show never ran."""
-    if open_txn.kind == "payment":
-        other = ctx.session.get(Payment, open_txn.id)
-        if other is not None and other.status in ("authorised", "uncertain"):
-            _release(ctx, other, card, "counter did not move on next contact")
-    else:
-        from webpurse.settlement import loads
+def _still_open(ctx: Ctx, payment: Payment) -> str | None:
+    """The newest payment ``payment`` superseded that is still open: the card's open one now."""
+    seen = {payment.id}
+    older_id = payment.supersedes
+    while older_id is not None and older_id not in seen:
+        seen.add(older_id)
+        older = ctx.session.get(Payment, older_id)
+        if older is None:
+            return None
+        if older.status in OPEN and older.card_id == payment.card_id:
+            return older.id
+        older_id = older.supersedes
+    return None
 
-        loads.release_open(ctx, open_txn, card)
+
+def _release_disproved(ctx: Ctx, payment: Payment, card: Card) -> None:
+    """``payment``'s verified MAC2/TAC proves the card used its counter for it, so every
+    other open payment of this card at that counter never ran: release them (spec §6)."""
+    others = ctx.session.scalars(
+        select(Payment)
+        .where(
+            Payment.card_id == card.id,
+            Payment.status.in_(OPEN),
+            Payment.counter == payment.counter,
+            Payment.id != payment.id,
+        )
+        .order_by(Payment.id)
+        .execution_options(populate_existing=True)
+    ).all()
+    for other in others:
+        _release(ctx, other, card, f"counter {payment.counter} was used by {payment.id}")
 
 
 def authorise(ctx: Ctx, payment_id: str, body: PurchaseAuthorise) -> Payment:
@@ -228,9 +256,15 @@ def authorise(ctx: Ctx, payment_id: str, body: PurchaseAuthorise) -> Payment:
         log.info("payment.declined", payment=payment.id, decline_code=decision.decline_code.value)
         raise declined(decision.decline_code.value, decision.detail, extra=extra)
     assert card is not None
-    if decision.release is not None:
-        release_open(ctx, decision.release, card)
+    if decision.supersedes is not None:
+        log.info(
+            "payment.supersedes",
+            payment=payment.id,
+            uncertain=decision.supersedes.id,
+            counter=init.offline_counter,
+        )
     date, time = card_time(ctx.now)
+    payment.supersedes = decision.supersedes.id if decision.supersedes is not None else None
     payment.status = "authorised"
     payment.card_id = card.id
     payment.balance_before = init.balance
@@ -300,8 +334,11 @@ def _succeed(ctx: Ctx, payment: Payment, card: Card, mac2: bytes, tac: bytes) ->
     """The card proved the debit: move the shadow purse on, tell the merchant, post it.
 
     The ledger transfer comes last so the hot accounts (held, the merchant's payable) stay
-    locked only for the transfer itself and the commit.
+    locked only for the transfer itself and the commit. Open payments of the card at the
+    same counter (uncertain ones it superseded, or that superseded it) are released: this
+    verified answer proves they never ran.
     """
+    linked = payment.supersedes is not None or card.open_transaction != payment.id
     payment.status = "succeeded"
     payment.mac2 = mac2.hex().upper()
     payment.tac = tac.hex().upper()
@@ -324,6 +361,8 @@ def _succeed(ctx: Ctx, payment: Payment, card: Card, mac2: bytes, tac: bytes) ->
             "tac": payment.tac,
         },
     )
+    if linked:
+        _release_disproved(ctx, payment, card)
     _emit(ctx, payment, "payment.succeeded")
     ctx.session.flush()
     ledger.post_transfer(

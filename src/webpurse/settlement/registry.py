@@ -144,6 +144,7 @@ def open_transaction(
         item, kind = session.get(Load, txn_id), "load"
     if item is None or item.counter is None or item.balance_before is None:
         return None
+    same = merchant_id is not None and item.merchant_id == merchant_id
     return OpenTransaction(
         id=item.id,
         kind=kind,
@@ -152,11 +153,40 @@ def open_transaction(
         amount=item.amount,
         balance_before=item.balance_before,
         random=bytes.fromhex(item.card_random or ""),
-        same_merchant=merchant_id is not None and item.merchant_id == merchant_id,
+        same_merchant=same,
+        own_id=None if same or merchant_id is None else _own_superseded(session, item, merchant_id),
     )
 
 
+def _own_superseded(session: Session, item: Payment | Load, merchant_id: str) -> str | None:
+    """The caller's own open transaction that ``item`` (another merchant's) superseded.
+
+    So the caller is told to recover it: its proof may show the counter was used by it,
+    which releases ``item`` in turn.
+    """
+    seen = {item.id}
+    older_id = item.supersedes
+    while older_id is not None and older_id not in seen:
+        seen.add(older_id)
+        older: Payment | Load | None = (
+            session.get(Payment, older_id)
+            if isinstance(item, Payment)
+            else session.get(Load, older_id)
+        )
+        if older is None:
+            return None
+        if (
+            older.merchant_id == merchant_id
+            and older.status in ("authorised", "uncertain")
+            and older.counter == item.counter
+        ):
+            return older.id
+        older_id = older.supersedes
+    return None
+
+
 def card_record(session: Session, card: Card, merchant_id: str | None) -> CardRecord:
+    open_txn = open_transaction(session, card, merchant_id)
     return CardRecord(
         card_number=card.card_number,
         status=card.status,
@@ -168,7 +198,10 @@ def card_record(session: Session, card: Card, merchant_id: str | None) -> CardRe
         shadow_balance=card.shadow_balance,
         online_counter=card.online_counter,
         offline_counter=card.offline_counter,
-        open_transaction=open_transaction(session, card, merchant_id),
+        open_transaction=open_txn,
+        available=(
+            None if open_txn is None else ledger.balance(session, ledger.card_account(card.id))
+        ),
     )
 
 
