@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from tests.settlement.support import BACKENDS, World, database_url, make_world
 
@@ -25,3 +26,11 @@ def db_url(backend: str, tmp_path: Path) -> Iterator[str]:
 def world(db_url: str) -> Iterator[World]:
     with make_world(db_url) as w:
         yield w
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging_configuration() -> Iterator[None]:
+    """The CLI configures structlog globally (WARNING); later tests capture INFO events."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)

@@ -82,7 +82,11 @@ def authenticate(session: Session, authorization: str | None) -> Principal:
     if scheme.lower() != "bearer" or not token.startswith(("sk_mer_", "sk_op_")):
         raise unauthenticated("use Authorization: Bearer <api key>")
     presented = hash_key(token)
-    row = session.scalars(select(ApiKey).where(ApiKey.key_hash == presented)).one_or_none()
+    row = session.execute(
+        select(ApiKey.id, ApiKey.key_hash, ApiKey.role, ApiKey.merchant_id, ApiKey.revoked_at)
+        .where(ApiKey.key_hash == presented)
+        .limit(1)
+    ).first()
     # The lookup is by hash; the compare below keeps the final check constant-time.
     if (
         row is None
@@ -103,13 +107,17 @@ def require_principal(
     return principal
 
 
-def require_merchant(principal: Annotated[Principal, Depends(require_principal)]) -> Principal:
+async def require_merchant(
+    principal: Annotated[Principal, Depends(require_principal)],
+) -> Principal:
     if principal.role != MERCHANT:
         raise forbidden("this route needs a merchant key")
     return principal
 
 
-def require_operator(principal: Annotated[Principal, Depends(require_principal)]) -> Principal:
+async def require_operator(
+    principal: Annotated[Principal, Depends(require_principal)],
+) -> Principal:
     if principal.role != OPERATOR:
         raise forbidden("this route needs an operator key")
     return principal

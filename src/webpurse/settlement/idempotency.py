@@ -1,8 +1,10 @@
 """``Idempotency-Key`` on every POST: run once, replay the stored answer after that.
 
-The key row is committed as ``in_flight`` before the work starts (so a concurrent request
-with the same key gets 409 ``idempotency_in_flight``), and the response is stored in the
-same transaction as the work it describes. The same key with a different request gets
+The key row is inserted (``INSERT … ON CONFLICT DO NOTHING``) in the same transaction as
+the work and its stored response: one commit per request. A concurrent request with the
+same key waits for that transaction on PostgreSQL and then gets the stored answer; a key
+row seen still ``in_flight`` (a request that died) gets 409 ``idempotency_in_flight``
+until it is abandoned. The same key with a different request gets
 422 ``idempotency_key_reused``. Refusals are stored and replayed too; a crash (5xx)
 deletes the key so the client can retry.
 """
@@ -18,11 +20,11 @@ from typing import Any
 import structlog
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import delete, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Table, delete, select, update
 from sqlalchemy.orm import Session
 
 from webpurse.settlement.auth import Principal
+from webpurse.settlement.db import insert_ignoring_conflicts
 from webpurse.settlement.models import IdempotencyRecord
 from webpurse.settlement.problems import PROBLEM_JSON, ApiError, bad_request, conflict
 
@@ -34,6 +36,7 @@ MAX_KEY_LENGTH = 255
 ABANDONED_AFTER = dt.timedelta(minutes=5)
 # Keys are kept at least this long (payments-api.md: at least 24 hours).
 KEEP_FOR = dt.timedelta(days=7)
+_KEYS: Table = IdempotencyRecord.__table__  # type: ignore[assignment]
 Handler = Callable[[], tuple[int, dict[str, Any]]]
 
 
@@ -56,14 +59,31 @@ def _respond(status: int, body: dict[str, Any], replayed: bool = False) -> JSONR
     return JSONResponse(body, status_code=status, media_type=media, headers=headers)
 
 
-def _execute(request: Request, session: Session, handler: Handler) -> tuple[int, dict[str, Any]]:
-    """Run the handler; keep its changes unless it raised a non-committing ApiError."""
-    try:
-        return handler()
-    except ApiError as error:
-        if not error.commit:
-            session.rollback()
-        return _problem(request, error)
+def _claim(session: Session, subject: str, key: str, print_: str, now: dt.datetime) -> int | None:
+    """Insert the key row in the request's transaction; its id, or None if the key exists.
+
+    On PostgreSQL a concurrent request with the same key waits here on the unique index
+    until the first request's transaction ends, then finds its stored answer (or, if that
+    transaction rolled back, claims the key itself).
+    """
+    row = {
+        "principal": subject,
+        "key": key,
+        "fingerprint": print_,
+        "state": "in_flight",
+        "created_at": now,
+    }
+    stmt = insert_ignoring_conflicts(session, _KEYS, [row]).returning(_KEYS.c.id)
+    claimed = session.execute(stmt).scalar_one_or_none()
+    return None if claimed is None else int(claimed)
+
+
+def _store(session: Session, record_id: int, status: int, body: dict[str, Any]) -> None:
+    session.execute(
+        update(_KEYS)
+        .where(_KEYS.c.id == record_id)
+        .values(state="done", response_status=status, response_body=json.dumps(body))
+    )
 
 
 def run(
@@ -74,9 +94,21 @@ def run(
     payload: Any,
     handler: Handler,
 ) -> JSONResponse:
-    """Run ``handler`` (which works in ``session``) at most once per idempotency key."""
+    """Run ``handler`` (which works in ``session``) at most once per idempotency key.
+
+    The key row, the work and the stored response are one transaction and one commit
+    (payments-api.md: local work runs in one transaction with the key row). A refusal
+    that must not keep the work's changes (``ApiError.commit`` false) rolls the work back
+    and stores the refusal under the key in a second, short transaction. Any other
+    exception rolls everything back, the key included, so the client can retry.
+    """
     if key is None:
-        status, body = _execute(request, session, handler)
+        try:
+            status, body = handler()
+        except ApiError as error:
+            if not error.commit:
+                session.rollback()
+            status, body = _problem(request, error)
         session.commit()
         return _respond(status, body)
     if not 1 <= len(key) <= MAX_KEY_LENGTH:
@@ -87,52 +119,65 @@ def run(
         )
     print_ = fingerprint(request.method, request.url.path, payload)
     now = request.app.state.settlement.clock()
-    record = IdempotencyRecord(
-        principal=principal.subject, key=key, fingerprint=print_, state="in_flight", created_at=now
-    )
-    session.add(record)
     try:
-        session.commit()
-    except IntegrityError:
-        session.rollback()
-        existing = session.scalars(
-            select(IdempotencyRecord).where(
-                IdempotencyRecord.principal == principal.subject, IdempotencyRecord.key == key
-            )
-        ).one()
-        if existing.fingerprint != print_:
-            raise ApiError(
-                422,
-                "idempotency_key_reused",
-                "this Idempotency-Key was used with different request parameters",
-                param="Idempotency-Key",
-            ) from None
-        if existing.state != "done" and existing.created_at < now - ABANDONED_AFTER:
-            log.warning("idempotency.abandoned", key=key)
-            session.delete(existing)
-            session.commit()
-            return run(request, session, principal, key, payload, handler)
-        if existing.state != "done" or existing.response_body is None:
-            raise conflict(
-                "idempotency_in_flight", "a request with this Idempotency-Key is still running"
-            ) from None
-        log.info("idempotency.replay", key=key)
-        return _respond(
-            existing.response_status or 200, json.loads(existing.response_body), replayed=True
-        )
-    try:
-        status, body = _execute(request, session, handler)
-        record = session.merge(record)
-        record.state = "done"
-        record.response_status = status
-        record.response_body = json.dumps(body)
+        record_id = _claim(session, principal.subject, key, print_, now)
+        if record_id is None:
+            return _replay(request, session, principal, key, payload, handler, print_, now)
+        try:
+            status, body = handler()
+        except ApiError as error:
+            status, body = _problem(request, error)
+            if not error.commit:
+                session.rollback()
+                record_id = _claim(session, principal.subject, key, print_, now)
+                if record_id is None:  # another request took the key meanwhile
+                    session.commit()
+                    return _respond(status, body)
+        _store(session, record_id, status, body)
         session.commit()
     except BaseException:
         session.rollback()
-        session.execute(delete(IdempotencyRecord).where(IdempotencyRecord.id == record.id))
-        session.commit()
         raise
     return _respond(status, body)
+
+
+def _replay(
+    request: Request,
+    session: Session,
+    principal: Principal,
+    key: str,
+    payload: Any,
+    handler: Handler,
+    print_: str,
+    now: dt.datetime,
+) -> JSONResponse:
+    """The key exists: replay its answer, refuse a different request, or 409 in flight."""
+    existing = session.scalars(
+        select(IdempotencyRecord)
+        .where(IdempotencyRecord.principal == principal.subject, IdempotencyRecord.key == key)
+        .execution_options(populate_existing=True)
+    ).one()
+    session.rollback()
+    if existing.fingerprint != print_:
+        raise ApiError(
+            422,
+            "idempotency_key_reused",
+            "this Idempotency-Key was used with different request parameters",
+            param="Idempotency-Key",
+        )
+    if existing.state != "done" and existing.created_at < now - ABANDONED_AFTER:
+        log.warning("idempotency.abandoned", key=key)
+        session.execute(delete(IdempotencyRecord).where(IdempotencyRecord.id == existing.id))
+        session.commit()
+        return run(request, session, principal, key, payload, handler)
+    if existing.state != "done" or existing.response_body is None:
+        raise conflict(
+            "idempotency_in_flight", "a request with this Idempotency-Key is still running"
+        )
+    log.info("idempotency.replay", key=key)
+    return _respond(
+        existing.response_status or 200, json.loads(existing.response_body), replayed=True
+    )
 
 
 def purge(session: Session, now: dt.datetime) -> int:

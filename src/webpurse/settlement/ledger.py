@@ -24,12 +24,17 @@ from __future__ import annotations
 import datetime as dt
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from webpurse.settlement.db import for_update
+from webpurse.settlement.db import for_update, insert_ignoring_conflicts
 from webpurse.settlement.models import Account, Entry, Transfer
+
+_ACCOUNTS: Table = Account.__table__  # type: ignore[assignment]
+_TRANSFERS: Table = Transfer.__table__  # type: ignore[assignment]
+_ENTRIES: Table = Entry.__table__  # type: ignore[assignment]
 
 HELD_PURCHASES = "held:purchases"
 HELD_LOADS = "held:loads"
@@ -90,53 +95,68 @@ def _new_account_row(account_id: str, now: dt.datetime, currency: str) -> dict[s
 def _create_missing(
     session: Session, account_ids: list[str], now: dt.datetime, currency: str
 ) -> None:
-    """Create accounts that do not exist yet; safe when two transactions race to do it."""
+    """Create accounts that do not exist yet; safe when two transactions race to do it.
+
+    On PostgreSQL the second of two racing inserts waits for the first transaction and
+    then does nothing (no unique violation): ``tests/settlement/test_ledger.py``.
+    """
     rows = [_new_account_row(account_id, now, currency) for account_id in account_ids]
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        session.execute(pg_insert(Account).values(rows).on_conflict_do_nothing())
-    elif dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        session.execute(sqlite_insert(Account).values(rows).on_conflict_do_nothing())
-    else:  # pragma: no cover - only the two supported databases
-        for row in rows:
-            session.add(Account(**row))
-        session.flush()
+    session.execute(insert_ignoring_conflicts(session, _ACCOUNTS, rows))
 
 
 def ensure_account(
     session: Session, account_id: str, now: dt.datetime, currency: str = "CNY"
-) -> Account:
-    account = session.get(Account, account_id)
-    if account is None:
-        _create_missing(session, [account_id], now, currency)
-        account = session.get(Account, account_id)
-        assert account is not None
-    return account
+) -> None:
+    """Create the account unless it exists (one ``INSERT … ON CONFLICT DO NOTHING``)."""
+    _create_missing(session, [account_id], now, currency)
 
 
 def _lock(
     session: Session, account_ids: list[str], now: dt.datetime, currency: str
-) -> dict[str, Account]:
+) -> dict[str, Any]:
     """Read (and on PostgreSQL lock) the accounts in sorted id order, creating any missing.
 
-    One ``SELECT … ORDER BY id FOR UPDATE``: PostgreSQL locks the rows in that order, so
-    two transfers touching the same accounts always queue instead of deadlocking.
+    One ``SELECT … ORDER BY id FOR UPDATE`` (SQLAlchemy Core rows, no ORM objects):
+    PostgreSQL locks the rows in that order, so two transfers touching the same accounts
+    always queue instead of deadlocking.
     """
     ids = sorted(set(account_ids))
-    stmt = select(Account).where(Account.id.in_(ids)).order_by(Account.id)
+    stmt = (
+        select(
+            _ACCOUNTS.c.id,
+            _ACCOUNTS.c.currency,
+            _ACCOUNTS.c.balance,
+            _ACCOUNTS.c.version,
+            _ACCOUNTS.c.allow_negative,
+        )
+        .where(_ACCOUNTS.c.id.in_(ids))
+        .order_by(_ACCOUNTS.c.id)
+    )
     if for_update(session):
         stmt = stmt.with_for_update()
-    stmt = stmt.execution_options(populate_existing=True)
-    found = {account.id: account for account in session.scalars(stmt)}
+    found = {row.id: row for row in session.execute(stmt)}
     missing = [account_id for account_id in ids if account_id not in found]
     if missing:
         _create_missing(session, missing, now, currency)
-        found = {account.id: account for account in session.scalars(stmt)}
+        found = {row.id: row for row in session.execute(stmt)}
     return found
+
+
+def _existing(
+    session: Session, transfer_id: str, debit_account: str, credit_account: str, amount: int
+) -> TransferResult | None:
+    """The transfer already posted under ``transfer_id`` (a retry), or None."""
+    existing = session.get(Transfer, transfer_id, populate_existing=True)
+    if existing is None:
+        return None
+    same = (existing.debit_account, existing.credit_account, existing.amount) == (
+        debit_account,
+        credit_account,
+        amount,
+    )
+    if not same:
+        raise LedgerError(f"transfer id {transfer_id} was used for a different transfer")
+    return TransferResult(existing, created=False)
 
 
 def post_transfer(
@@ -155,61 +175,82 @@ def post_transfer(
 
     Runs inside the caller's transaction (so it commits or rolls back with the payment
     state that caused it). A repeated ``transfer_id`` with identical content returns the
-    original transfer; with different content it raises :class:`LedgerError`.
+    original transfer; with different content it raises :class:`LedgerError`. A refused
+    transfer writes nothing.
+
+    Four statements (SQLAlchemy Core): lock both accounts, insert the transfer (``ON
+    CONFLICT DO NOTHING``: a retry inserts nothing), update both balances, insert both
+    entries.
     """
     if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
         raise LedgerError(f"transfer amount must be a positive integer of fen, got {amount!r}")
     if debit_account == credit_account:
         raise LedgerError("a transfer needs two different accounts")
-    existing = session.get(Transfer, transfer_id)
-    if existing is not None:
-        same = (existing.debit_account, existing.credit_account, existing.amount) == (
-            debit_account,
-            credit_account,
-            amount,
-        )
-        if not same:
-            raise LedgerError(f"transfer id {transfer_id} was used for a different transfer")
-        return TransferResult(existing, created=False)
     accounts = _lock(session, [debit_account, credit_account], now, currency)
     debit, credit = accounts[debit_account], accounts[credit_account]
+    refusal = None
     if debit.currency != currency or credit.currency != currency:
-        raise LedgerError("both accounts must be in the transfer's currency")
-    if not debit.allow_negative and debit.balance < amount:
-        raise LedgerError(
-            f"{debit_account} holds {debit.balance} fen, cannot transfer {amount} fen"
-        )
-    transfer = Transfer(
-        id=transfer_id,
-        debit_account=debit_account,
-        credit_account=credit_account,
-        amount=amount,
-        currency=currency,
-        kind=kind,
-        reference=reference,
-        created_at=now,
+        refusal = "both accounts must be in the transfer's currency"
+    elif not debit.allow_negative and debit.balance < amount:
+        refusal = f"{debit_account} holds {debit.balance} fen, cannot transfer {amount} fen"
+    if refusal is not None:
+        retried = _existing(session, transfer_id, debit_account, credit_account, amount)
+        if retried is not None:
+            return retried
+        raise LedgerError(refusal)
+    row: dict[str, object] = {
+        "id": transfer_id,
+        "debit_account": debit_account,
+        "credit_account": credit_account,
+        "amount": amount,
+        "currency": currency,
+        "kind": kind,
+        "reference": reference,
+        "created_at": now,
+    }
+    inserted = session.execute(
+        insert_ignoring_conflicts(session, _TRANSFERS, [row]).returning(_TRANSFERS.c.id)
+    ).first()
+    if inserted is None:
+        retried = _existing(session, transfer_id, debit_account, credit_account, amount)
+        assert retried is not None
+        return retried
+    legs = [(debit, -amount), (credit, amount)]
+    session.execute(
+        update(_ACCOUNTS)
+        .where(_ACCOUNTS.c.id == bindparam("account_id"))
+        .values(balance=bindparam("new_balance"), version=bindparam("new_version")),
+        [
+            {
+                "account_id": account.id,
+                "new_balance": account.balance + signed,
+                "new_version": account.version + 1,
+            }
+            for account, signed in legs
+        ],
     )
-    session.add(transfer)
-    session.flush()
-    for account, signed in ((debit, -amount), (credit, amount)):
-        account.balance += signed
-        account.version += 1
-        session.add(
-            Entry(
-                transfer_id=transfer_id,
-                account_id=account.id,
-                amount=signed,
-                balance_after=account.balance,
-                account_version=account.version,
-            )
-        )
-    session.flush()
-    return TransferResult(transfer, created=True)
+    session.execute(
+        insert(_ENTRIES),
+        [
+            {
+                "transfer_id": transfer_id,
+                "account_id": account.id,
+                "amount": signed,
+                "balance_after": account.balance + signed,
+                "account_version": account.version + 1,
+            }
+            for account, signed in legs
+        ],
+    )
+    return TransferResult(Transfer(**row), created=True)
 
 
 def balance(session: Session, account_id: str) -> int:
-    account = session.get(Account, account_id)
-    return 0 if account is None else account.balance
+    """The account's balance as the database has it now (0 for an unknown account)."""
+    value = session.execute(
+        select(_ACCOUNTS.c.balance).where(_ACCOUNTS.c.id == account_id)
+    ).scalar_one_or_none()
+    return 0 if value is None else int(value)
 
 
 # --- the ledger check ---------------------------------------------------------------
@@ -240,7 +281,9 @@ def check(session: Session) -> CheckReport:
       "Invariants").
     """
     report = CheckReport()
-    accounts = {a.id: a for a in session.scalars(select(Account))}
+    accounts = {
+        a.id: a for a in session.scalars(select(Account).execution_options(populate_existing=True))
+    }
     report.accounts = len(accounts)
     report.transfers = session.scalar(select(func.count()).select_from(Transfer)) or 0
 
