@@ -146,10 +146,14 @@ class SettlementEnvironment:
 class SettlementProcess:
     """``python -m webpurse serve settlement`` on a free port, logs to a file."""
 
-    def __init__(self, environment: SettlementEnvironment, *, timed: bool = False) -> None:
-        """``timed``: run ``bench.settlement_server`` (the same app with database timers)."""
+    def __init__(
+        self, environment: SettlementEnvironment, *, timed: bool = False, workers: int = 1
+    ) -> None:
+        """``timed``: run ``bench.settlement_server`` (the same app with database timers);
+        ``workers``: ``webpurse serve settlement --workers N`` (not with ``timed``)."""
         self.environment = environment
         self.timed = timed
+        self.workers = workers
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = environment.folder / "settlement.log"
@@ -167,6 +171,7 @@ class SettlementProcess:
             command = [
                 *(sys.executable, "-m", "webpurse", "serve", "settlement"),
                 *("--host", "127.0.0.1", "--port", str(self.port), "--no-migrate"),
+                *(("--workers", str(self.workers)) if self.workers > 1 else ()),
             ]
         env = self.environment.env()
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
@@ -177,10 +182,16 @@ class SettlementProcess:
         _wait_until_healthy(self.url, self.process, self.log)
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time the server process has used so far (Linux /proc)."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        """User + system CPU time the server (and its worker processes) used so far (/proc)."""
         ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks
+        total = 0
+        for pid in _process_tree(self.pid):
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except FileNotFoundError:
+                continue
+            total += int(fields[11]) + int(fields[12])
+        return total / ticks
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -192,12 +203,27 @@ class SettlementProcess:
                 self.process.wait()
 
 
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Linux /proc), e.g. uvicorn's worker processes."""
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        found.append(current)
+        with contextlib.suppress(FileNotFoundError):
+            for task in Path(f"/proc/{current}/task").iterdir():
+                with contextlib.suppress(FileNotFoundError):
+                    queue += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
 @contextlib.contextmanager
-def settlement_server(pg: PgServer) -> Iterator[tuple[SettlementEnvironment, SettlementProcess]]:
+def settlement_server(
+    pg: PgServer, *, workers: int = 1
+) -> Iterator[tuple[SettlementEnvironment, SettlementProcess]]:
     with tempfile.TemporaryDirectory(prefix="webpurse-bench-settlement-") as folder:
         environment = SettlementEnvironment(pg, Path(folder))
         try:
-            process = SettlementProcess(environment)
+            process = SettlementProcess(environment, workers=workers)
             try:
                 yield environment, process
             except Exception:

@@ -12,6 +12,7 @@ by package).
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 import subprocess
@@ -40,6 +41,8 @@ from webpurse.protocol import commands as cmd
 NAME = "settlement"
 AMOUNT = 1  # fen per purchase: a funded card (100,000 fen) never runs dry in a window
 FUNDING = 100_000
+# ``webpurse serve settlement --workers N``: one worker process per core by default.
+WORKERS = int(os.environ.get("WEBPURSE_BENCH_SETTLEMENT_WORKERS", str(os.cpu_count() or 1)))
 PROFILE_CLIENTS = 8
 PROFILE_SECONDS = 10
 
@@ -163,6 +166,7 @@ def window_rows(result: WindowResult, pgbench_tps: float | None) -> list[Measure
     params: dict[str, str | int | float | bool] = {
         "clients": result.clients,
         "seconds": round(result.seconds, 1),
+        "workers": WORKERS,
     }
     note = f"{len(result.errors)} client(s) failed: {result.errors[0]}" if result.errors else ""
     rows = [Measurement(NAME, "settlement purchases/s", result.rate, "1/s", params, note)]
@@ -340,6 +344,7 @@ async def profile_server(
             [
                 *(py_spy, "record", "--pid", str(server.pid), "--duration", str(seconds)),
                 *("--rate", "200", "--format", "raw", "--output", str(output), *flags),
+                *(("--subprocesses",) if server.workers > 1 else ()),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -372,7 +377,7 @@ async def _run(ctx: Context, pg: PgServer) -> list[Measurement]:
         pgbench = Pgbench(pg)
         pgbench.initialise()
         try:
-            with settlement_server(pg) as (environment, server):
+            with settlement_server(pg, workers=WORKERS) as (environment, server):
                 merchant = environment.initialise()
                 cards = environment.issue_cards(max(clients))
                 server.start()

@@ -16,11 +16,14 @@ def settlement(
     migrate: Annotated[
         bool, typer.Option(help="apply database migrations at start (SQLite default)")
     ] = True,
+    workers: Annotated[
+        int, typer.Option(min=1, help="uvicorn worker processes (one core each)")
+    ] = 1,
 ) -> None:
     """The settlement server (settings from WEBPURSE_DATABASE_URL, WEBPURSE_KEK…)."""
     from webpurse.settlement.cli import serve
 
-    serve(host=host, port=port, migrate=migrate)
+    serve(host=host, port=port, migrate=migrate, workers=workers)
 
 
 @app.command("merchant")

@@ -315,6 +315,7 @@ class LiveServer:
     merchant_key: str
     terminal_id: str
     operator_key: str
+    pid: int | None = None  # the server process
     seeds: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def issue(self) -> CardApplet:
@@ -332,7 +333,7 @@ def _free_port() -> int:
 
 
 @contextmanager
-def live_server(url: str, tmp_path: Path) -> Iterator[LiveServer]:
+def live_server(url: str, tmp_path: Path, *, workers: int = 1) -> Iterator[LiveServer]:
     """Migrate ``url``, then run ``webpurse serve settlement`` on a free port until done."""
     import subprocess
     import sys
@@ -365,6 +366,7 @@ def live_server(url: str, tmp_path: Path) -> Iterator[LiveServer]:
             "--port",
             str(port),
             "--no-migrate",
+            *(["--workers", str(workers)] if workers > 1 else []),
         ],
         env=env,
         stdout=log,
@@ -387,7 +389,15 @@ def live_server(url: str, tmp_path: Path) -> Iterator[LiveServer]:
                 raise RuntimeError("settlement server did not answer /health within 30 s")
             time.sleep(0.05)  # bounded polling for readiness, not synchronisation of results
         yield LiveServer(
-            base_url, url, kek, factory, security, merchant_key, terminal_id, operator_key
+            base_url,
+            url,
+            kek,
+            factory,
+            security,
+            merchant_key,
+            terminal_id,
+            operator_key,
+            pid=process.pid,
         )
     finally:
         process.terminate()
