@@ -251,8 +251,17 @@ class FakeSettlement:
             raise SettlementError("counter mismatch", status=409)
         return self._obj(r)
 
-    async def cancel(self, kind: Kind, object_id: str) -> SettlementObject:
+    async def cancel(
+        self,
+        kind: Kind,
+        object_id: str,
+        *,
+        issuer_data: bytes | None = None,
+        status_word: int | None = None,
+    ) -> SettlementObject:
         r = self._get(object_id)
-        self.calls.append(f"cancel {object_id}")
+        self.calls.append(
+            f"cancel {object_id}" + (f" {status_word:04X}" if status_word is not None else "")
+        )
         r.status = "canceled"
         return self._obj(r)

@@ -6,16 +6,31 @@ settlement's security module and sits in a SimReader, so every MAC and TAC is re
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.settlement.support import BACKENDS, World, database_url, make_world
+from tests.settlement.support import (
+    BACKENDS,
+    World,
+    apdu,
+    database_url,
+    make_world,
+    ok,
+    read_issuer,
+)
 from webpurse.merchant.flows import recover, run_transaction
 from webpurse.merchant.settlement import Kind, RecoveryHint, SettlementClient, SettlementError
-from webpurse.protocol.commands import INS_CREDIT_FOR_LOAD, INS_DEBIT_FOR_PURCHASE
+from webpurse.protocol.apdu import StatusWord
+from webpurse.protocol.commands import (
+    INS_CREDIT_FOR_LOAD,
+    INS_DEBIT_FOR_PURCHASE,
+    DebitForPurchase,
+    InitializeForPurchase,
+)
 from webpurse.protocol.records import TransactionType
 from webpurse.reader.sim import Fault, SimReader
 
@@ -64,6 +79,31 @@ async def test_settlement_declines_insufficient_funds_at_the_card(
         outcome = await run_transaction(reader, client, payment)
         assert (outcome.status, outcome.decline_code) == ("declined", "insufficient_funds")
         assert (await client.get(Kind.PAYMENT, payment.id)).status == "canceled"
+
+
+async def test_a_card_that_locked_itself_is_flagged_at_settlement(
+    world: World, client: SettlementClient
+) -> None:
+    card = world.funded_card(5_000)
+    read_issuer(card)
+    terminal_id = bytes.fromhex(world.terminal_id)
+    for guess in range(10):  # a relay guessing MAC1: the card locks itself (spec §5)
+        ok(card, InitializeForPurchase(1, 100, terminal_id).to_apdu())
+        debit = DebitForPurchase(guess + 1, dt.date(2026, 11, 27), dt.time(12), bytes(4))
+        assert apdu(card, debit.to_apdu())[1] == StatusWord.MAC_INVALID
+    assert card.state.locked
+    async with SimReader(card) as reader:
+        payment = await client.create(Kind.PAYMENT, 100, description="tea", reference="ord_9")
+        outcome = await run_transaction(reader, client, payment)
+    assert (outcome.status, outcome.decline_code) == ("declined", "card_blocked")
+    assert (await client.get(Kind.PAYMENT, payment.id)).status == "canceled"
+    number = card.state.issuer.card_number
+    operator = world.auth(world.operator_key)
+    got = world.client.get(f"/v1/cards/{number}", headers=operator).json()
+    assert got["flagged"] and got["status"] == "active"  # flagged for the operator only
+    events = world.client.get(f"/v1/cards/{number}/events", headers=operator).json()["data"]
+    locked = [e for e in events if e["kind"] == "card_locked"]
+    assert len(locked) == 1 and locked[0]["detail"]["payment"] == payment.id
 
 
 async def test_torn_debit_is_resolved_paid_on_the_next_contact(

@@ -180,8 +180,17 @@ class GatedSettlement:
             lambda: self.inner.resolve(kind, object_id, initialize=initialize, prove=prove),
         )
 
-    async def cancel(self, kind: Kind, object_id: str) -> SettlementObject:
-        return await self.inner.cancel(kind, object_id)
+    async def cancel(
+        self,
+        kind: Kind,
+        object_id: str,
+        *,
+        issuer_data: bytes | None = None,
+        status_word: int | None = None,
+    ) -> SettlementObject:
+        return await self.inner.cancel(
+            kind, object_id, issuer_data=issuer_data, status_word=status_word
+        )
 
 
 class RecordingBus(ProgressBus):

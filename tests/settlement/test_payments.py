@@ -301,6 +301,41 @@ def test_a_purchase_the_uncertain_hold_leaves_no_room_for_must_recover_it_first(
     assert _payment(world, big["id"])["status"] == "requires_card"
 
 
+def test_a_cancel_relaying_the_cards_9303_flags_it_locked_and_nothing_else(
+    world: World,
+) -> None:
+    card = world.funded_card(1_000)
+    issuer = read_issuer(card)
+    number = card.state.issuer.card_number
+    refused = world.terminal.create_payment(100)
+    bad = world.terminal.post(
+        f"/v1/payments/{refused['id']}/cancel",
+        {"issuer_data": "00" * 3, "card_status_word": "9303"},
+    )
+    assert bad.status_code == 400 and bad.json()["code"] == "invalid_issuer_data"
+    assert _payment(world, refused["id"])["status"] == "requires_card"
+    other_sw = world.terminal.post(
+        f"/v1/payments/{refused['id']}/cancel",
+        {"issuer_data": issuer.hex(), "card_status_word": "9401"},
+    )
+    assert other_sw.json()["status"] == "canceled"
+    operator = world.auth(world.operator_key)
+    assert not world.client.get(f"/v1/cards/{number}", headers=operator).json()["flagged"]
+    locked = world.terminal.create_payment(100)
+    answer = world.terminal.post(
+        f"/v1/payments/{locked['id']}/cancel",
+        {"issuer_data": issuer.hex(), "card_status_word": "9303"},
+    )
+    assert answer.json()["status"] == "canceled"
+    got = world.client.get(f"/v1/cards/{number}", headers=operator).json()
+    assert got["flagged"] and got["status"] == "active" and got["shadow_balance"] == 1_000
+    kinds = [
+        e["kind"]
+        for e in world.client.get(f"/v1/cards/{number}/events", headers=operator).json()["data"]
+    ]
+    assert kinds.count("card_locked") == 1
+
+
 def test_cancel_only_before_a_debit_could_be_sent(world: World) -> None:
     card = world.funded_card(1_000)
     fresh = world.terminal.create_payment(100)

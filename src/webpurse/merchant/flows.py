@@ -86,12 +86,17 @@ async def _ignore(_: Progress) -> None:
 
 
 class CardRefused(Exception):
-    """The card answered a batch-1 command with an error: nothing is pending on it."""
+    """The card answered a batch-1 command with an error: nothing is pending on it.
 
-    def __init__(self, sw: int, reason: str) -> None:
+    ``issuer_data`` is the card's EF 0x15 when it answered READ BINARY before refusing
+    INITIALIZE (so settlement can note, e.g., a card that locked itself: 9303).
+    """
+
+    def __init__(self, sw: int, reason: str, issuer_data: bytes | None = None) -> None:
         super().__init__(f"card answered {sw:04X}: {reason}")
         self.sw = sw
         self.reason = reason
+        self.issuer_data = issuer_data
 
 
 # SW of batch 1 → the decline reason the merchant shows (spec §5).
@@ -158,8 +163,8 @@ def _parse_initialize(kind: Kind, data: bytes) -> tuple[int, int]:
     return load.balance, load.online_counter
 
 
-def _refusal(response: ResponseApdu) -> CardRefused:
-    return CardRefused(response.sw, _REFUSALS.get(response.sw, "card_error"))
+def _refusal(response: ResponseApdu, issuer_data: bytes | None = None) -> CardRefused:
+    return CardRefused(response.sw, _REFUSALS.get(response.sw, "card_error"), issuer_data)
 
 
 def read_first_contact(kind: Kind, responses: Sequence[ResponseApdu]) -> FirstContact:
@@ -168,9 +173,9 @@ def read_first_contact(kind: Kind, responses: Sequence[ResponseApdu]) -> FirstCo
         raise CardRefused(0x6F00, "card_error")
     if len(responses) < 3:
         raise _refusal(responses[-1])
-    for response in responses:
+    for index, response in enumerate(responses):
         if not response.ok:
-            raise _refusal(response)
+            raise _refusal(response, responses[1].data if index == 2 else None)
     try:
         issuer = IssuerData.from_bytes(responses[1].data)
         balance, counter = _parse_initialize(kind, responses[2].data)
@@ -298,7 +303,7 @@ async def run_transaction(
         return Outcome("declined", obj, trips.count, decline_code=refused.code)
     except CardRefused as refused:
         log.info("%s %s: card refused batch 1: %s", kind.value, obj.id, refused)
-        await _cancel_quietly(settlement, obj)
+        await _cancel_quietly(settlement, obj, refused)
         await progress(Progress(Phase.DECLINED, refused.reason))
         return Outcome("declined", obj, trips.count, decline_code=refused.reason)
 
@@ -469,8 +474,16 @@ async def _release(
     )
 
 
-async def _cancel_quietly(settlement: Settlement, obj: SettlementObject) -> None:
+async def _cancel_quietly(
+    settlement: Settlement, obj: SettlementObject, refused: CardRefused | None = None
+) -> None:
+    """Cancel ``obj``; a card that locked itself (9303) is reported so settlement flags it."""
     try:
-        await settlement.cancel(obj.kind, obj.id)
+        if refused is not None and refused.sw == StatusWord.APPLICATION_LOCKED:
+            await settlement.cancel(
+                obj.kind, obj.id, issuer_data=refused.issuer_data, status_word=refused.sw
+            )
+        else:
+            await settlement.cancel(obj.kind, obj.id)
     except SettlementError as exc:
         log.warning("could not cancel %s %s: %s", obj.kind.value, obj.id, exc)

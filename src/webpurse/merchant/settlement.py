@@ -162,7 +162,14 @@ class Settlement(Protocol):
         self, kind: Kind, object_id: str, *, initialize: bytes, prove: bytes | None
     ) -> SettlementObject: ...
 
-    async def cancel(self, kind: Kind, object_id: str) -> SettlementObject: ...
+    async def cancel(
+        self,
+        kind: Kind,
+        object_id: str,
+        *,
+        issuer_data: bytes | None = None,
+        status_word: int | None = None,
+    ) -> SettlementObject: ...
 
 
 def _recovery_hint(body: dict[str, Any]) -> RecoveryHint | None:
@@ -313,5 +320,18 @@ class SettlementClient:
         }
         return await self._request(kind, "POST", f"/v1/{kind.value}/{object_id}/resolve", payload)
 
-    async def cancel(self, kind: Kind, object_id: str) -> SettlementObject:
-        return await self._request(kind, "POST", f"/v1/{kind.value}/{object_id}/cancel", {})
+    async def cancel(
+        self,
+        kind: Kind,
+        object_id: str,
+        *,
+        issuer_data: bytes | None = None,
+        status_word: int | None = None,
+    ) -> SettlementObject:
+        """Cancel before any debit/credit; with the card's refusal (EF 0x15, SW) if known."""
+        payload: dict[str, Any] = {}
+        if issuer_data is not None:
+            payload["issuer_data"] = issuer_data.hex().upper()
+        if status_word is not None:
+            payload["card_status_word"] = f"{status_word:04X}"
+        return await self._request(kind, "POST", f"/v1/{kind.value}/{object_id}/cancel", payload)

@@ -38,6 +38,7 @@ class Flag(StrEnum):
     CLONE = "suspected_clone"
     GAP = "missing_record"
     MAC = "mac_failure"
+    LOCKED = "card_locked"  # the card said it locked itself (9303); not authenticated
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,7 +42,7 @@ from webpurse.settlement.problems import (
     not_found,
     verification_failed,
 )
-from webpurse.settlement.schemas import LoadAuthorise, LoadComplete, LoadCreate, Resolve
+from webpurse.settlement.schemas import Cancel, LoadAuthorise, LoadComplete, LoadCreate, Resolve
 from webpurse.settlement.service import Ctx, card_time, new_id, parse, parse_issuer
 
 log = structlog.get_logger(__name__)
@@ -508,8 +508,9 @@ def resolve(ctx: Ctx, load_id: str, body: Resolve) -> Load:
     return load
 
 
-def cancel(ctx: Ctx, load_id: str) -> Load:
+def cancel(ctx: Ctx, load_id: str, body: Cancel | None = None) -> Load:
     load = get_load(ctx, load_id, lock=True)
+    issuer = parse_issuer(body.issuer_data) if body and body.issuer_data else None
     if load.status == "canceled":
         return load
     if load.status != "requires_card":
@@ -518,6 +519,14 @@ def cancel(ctx: Ctx, load_id: str) -> Load:
             f"the load is {load.status}: only a load before any credit can be canceled",
         )
     _return_funds(ctx, load, "canceled")
+    if issuer is not None and body is not None and body.card_status_word is not None:
+        registry.note_card_refusal(
+            ctx.session,
+            issuer.card_number,
+            body.card_status_word,
+            ctx.now,
+            {"load": load.id, "merchant": load.merchant_id},
+        )
     _emit(ctx, load, "load.failed")
     return load
 

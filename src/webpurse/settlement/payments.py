@@ -46,6 +46,7 @@ from webpurse.settlement.problems import (
     verification_failed,
 )
 from webpurse.settlement.schemas import (
+    Cancel,
     PaymentCreate,
     PurchaseAuthorise,
     PurchaseCapture,
@@ -474,8 +475,9 @@ def resolve(ctx: Ctx, payment_id: str, body: Resolve) -> Payment:
     return payment
 
 
-def cancel(ctx: Ctx, payment_id: str) -> Payment:
+def cancel(ctx: Ctx, payment_id: str, body: Cancel | None = None) -> Payment:
     payment = get_payment(ctx, payment_id, lock=True)
+    issuer = parse_issuer(body.issuer_data) if body and body.issuer_data else None
     if payment.status == "canceled":
         return payment
     if payment.status != "requires_card":
@@ -486,5 +488,13 @@ def cancel(ctx: Ctx, payment_id: str) -> Payment:
         )
     payment.status = "canceled"
     payment.updated_at = ctx.now
+    if issuer is not None and body is not None and body.card_status_word is not None:
+        registry.note_card_refusal(
+            ctx.session,
+            issuer.card_number,
+            body.card_status_word,
+            ctx.now,
+            {"payment": payment.id, "merchant": payment.merchant_id},
+        )
     _emit(ctx, payment, "payment.canceled")
     return payment

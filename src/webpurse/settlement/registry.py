@@ -122,6 +122,30 @@ def flag_card(
     log.warning("card.flagged", card=card.card_number, flag=flag.value)
 
 
+LOCKED_SW = "9303"
+
+
+def note_card_refusal(
+    session: Session,
+    card_number: str,
+    status_word: str,
+    now: dt.datetime,
+    detail: dict[str, Any],
+) -> None:
+    """A merchant relays that the card refused INITIALIZE with ``status_word``.
+
+    9303 (the application locked itself, e.g. after 10 wrong MAC1s; spec §5) flags the card
+    ``card_locked`` for the operator. The status word is not authenticated, so it only flags:
+    it never blocks a card (a merchant could name any card number).
+    """
+    if status_word.upper() != LOCKED_SW:
+        return
+    card = find_card(session, card_number, lock=True)
+    if card is None:
+        return
+    flag_card(session, card, Flag.LOCKED, now, {**detail, "status_word": LOCKED_SW})
+
+
 def set_status(session: Session, card: Card, status: str, now: dt.datetime, reason: str) -> None:
     if status not in STATUSES:
         raise RegistryError(f"status must be one of {', '.join(STATUSES)}")

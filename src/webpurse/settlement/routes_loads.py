@@ -14,6 +14,7 @@ from webpurse.settlement.loads import load_json
 from webpurse.settlement.models import Load
 from webpurse.settlement.routes_payments import PROBLEMS, IdempotencyKey, SessionDep, make_ctx
 from webpurse.settlement.schemas import (
+    Cancel,
     Empty,
     ListOut,
     LoadAuthorise,
@@ -178,15 +179,16 @@ def cancel_load(
     load_id: str,
     principal: AnyPrincipal,
     session: SessionDep,
-    body: Empty | None = None,
+    body: Cancel | None = None,
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
+    """Cancel a load before any credit; ``card_status_word`` 9303 flags the card locked."""
     ctx = make_ctx(request, session, principal)
     return idempotency.run(
         request,
         session,
         principal,
         idempotency_key,
-        {},
-        lambda: (200, load_json(loads.cancel(ctx, load_id))),
+        body.model_dump(mode="json", exclude_none=True) if body else {},
+        lambda: (200, load_json(loads.cancel(ctx, load_id, body))),
     )

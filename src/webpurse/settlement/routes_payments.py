@@ -16,6 +16,7 @@ from webpurse.settlement.models import Payment
 from webpurse.settlement.payments import payment_json
 from webpurse.settlement.problems import PROBLEM_JSON
 from webpurse.settlement.schemas import (
+    Cancel,
     Empty,
     ListOut,
     PaymentCreate,
@@ -190,16 +191,20 @@ def cancel_payment(
     payment_id: str,
     principal: MerchantPrincipal,
     session: SessionDep,
-    body: Empty | None = None,
+    body: Cancel | None = None,
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
-    """Cancel a payment before any debit could have been sent."""
+    """Cancel a payment before any debit could have been sent.
+
+    With the card's answer to batch 1 (``issuer_data``, ``card_status_word`` 9303: the card
+    locked itself) the card is flagged ``card_locked`` in the registry.
+    """
     ctx = make_ctx(request, session, principal)
     return idempotency.run(
         request,
         session,
         principal,
         idempotency_key,
-        {},
-        lambda: (200, payment_json(payments.cancel(ctx, payment_id))),
+        body.model_dump(mode="json", exclude_none=True) if body else {},
+        lambda: (200, payment_json(payments.cancel(ctx, payment_id, body))),
     )

@@ -45,6 +45,19 @@ class Empty(_In):
     pass
 
 
+class Cancel(_In):
+    """Why the card never got a debit/credit: what it answered batch 1 with (optional)."""
+
+    issuer_data: HexBytes | None = Field(
+        default=None, description="hex of READ BINARY EF 0x15, 30 bytes, if the card answered it"
+    )
+    card_status_word: str | None = Field(
+        default=None,
+        pattern=r"^[0-9A-Fa-f]{4}$",
+        description="the status word the card answered INITIALIZE with (9303: it locked itself)",
+    )
+
+
 class Resolve(_In):
     initialize_response: HexBytes = Field(
         description="hex of a fresh INITIALIZE (amount 0) response data on the same card"
