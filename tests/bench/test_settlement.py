@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench.settlement import (
+    WORKERS,
     WindowResult,
     frame_function,
     frame_package,
@@ -73,7 +74,11 @@ def test_window_rows_rate_ratio_and_cost_per_purchase() -> None:
     assert rows["server CPU per purchase"].value == pytest.approx(40)
     assert rows["card emulator per purchase"].value == pytest.approx(2.5)
     assert rows["purchase latency p99"].value == pytest.approx(100)
-    assert rows["settlement purchases/s"].params == {"clients": 4, "seconds": 10.0}
+    assert rows["settlement purchases/s"].params == {
+        "clients": 4,
+        "seconds": 10.0,
+        "workers": WORKERS,
+    }
 
 
 def test_window_rows_report_failures_and_no_ratio_without_pgbench() -> None:
