@@ -29,13 +29,11 @@ from webpurse.protocol import commands as cmd
 from webpurse.protocol import host
 from webpurse.protocol.apdu import CommandApdu, ResponseApdu, StatusWord
 from webpurse.protocol.cipher import suite_named
-from webpurse.protocol.crypto import load_session_key, mac, macs_equal, purchase_session_key
+from webpurse.protocol.crypto import macs_equal
 from webpurse.protocol.errors import ApduFormatError, FieldError
 from webpurse.protocol.records import (
     LogRecord,
     TransactionType,
-    encode_bcd_date,
-    encode_bcd_time,
 )
 
 RandomSource = Callable[[int], bytes]
@@ -76,7 +74,7 @@ class _PendingLoad:
     terminal_id: bytes
     balance: int
     online_counter: int
-    session_key: bytes
+    random: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,17 +306,17 @@ class CardApplet:
             return _sw(StatusWord.WRONG_DATA)
         random = self._random(4)
         suite = suite_named(key.suite)
-        session_key = load_session_key(key.value, random, state.online_counter, suite)
-        mac1 = mac(
-            session_key,
-            state.balance.to_bytes(4, "big")
-            + init.amount.to_bytes(4, "big")
-            + bytes((TransactionType.EP_LOAD,))
-            + init.terminal_id,
-            suite,
+        mac1 = host.load_mac1(
+            key.value,
+            random=random,
+            online_counter=state.online_counter,
+            balance=state.balance,
+            amount=init.amount,
+            terminal_id=init.terminal_id,
+            suite=suite,
         )
         self._pending = _PendingLoad(
-            key, init.amount, init.terminal_id, state.balance, state.online_counter, session_key
+            key, init.amount, init.terminal_id, state.balance, state.online_counter, random
         )
         response = cmd.InitializeForLoadResponse(
             state.balance, state.online_counter, key.version, key.algorithm_id, random, mac1
@@ -352,15 +350,15 @@ class CardApplet:
         credit = cmd.CreditForLoad.from_apdu(apdu)
         if not isinstance(pending, _PendingLoad) or pending.amount == 0:
             return _sw(StatusWord.CONDITIONS_NOT_SATISFIED)
-        suite = suite_named(pending.key.suite)
-        expected = mac(
-            pending.session_key,
-            pending.amount.to_bytes(4, "big")
-            + bytes((TransactionType.EP_LOAD,))
-            + pending.terminal_id
-            + encode_bcd_date(credit.date)
-            + encode_bcd_time(credit.time),
-            suite,
+        expected = host.load_mac2(
+            pending.key.value,
+            random=pending.random,
+            online_counter=pending.online_counter,
+            amount=pending.amount,
+            terminal_id=pending.terminal_id,
+            date=credit.date,
+            time=credit.time,
+            suite=suite_named(pending.key.suite),
         )
         if not macs_equal(expected, credit.mac2):
             return self._mac_failure()
@@ -402,23 +400,28 @@ class CardApplet:
         if not isinstance(pending, _PendingPurchase) or pending.amount == 0:
             return _sw(StatusWord.CONDITIONS_NOT_SATISFIED)
         suite = suite_named(pending.key.suite)
-        session_key = purchase_session_key(
-            pending.key.value, pending.random, pending.offline_counter, debit.terminal_seq, suite
-        )
-        amount = pending.amount.to_bytes(4, "big")
-        expected = mac(
-            session_key,
-            amount
-            + bytes((TransactionType.EP_PURCHASE,))
-            + pending.terminal_id
-            + encode_bcd_date(debit.date)
-            + encode_bcd_time(debit.time),
-            suite,
+        expected = host.purchase_mac1(
+            pending.key.value,
+            random=pending.random,
+            offline_counter=pending.offline_counter,
+            terminal_seq=debit.terminal_seq,
+            amount=pending.amount,
+            terminal_id=pending.terminal_id,
+            date=debit.date,
+            time=debit.time,
+            suite=suite,
         )
         if not macs_equal(expected, debit.mac1):
             return self._mac_failure()
         state = self._state
-        mac2 = mac(session_key, amount, suite)
+        mac2 = host.purchase_mac2(
+            pending.key.value,
+            random=pending.random,
+            offline_counter=pending.offline_counter,
+            terminal_seq=debit.terminal_seq,
+            amount=pending.amount,
+            suite=suite,
+        )
         tac = host.purchase_tac(
             state.tac_key().value,
             amount=pending.amount,
