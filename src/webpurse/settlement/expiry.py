@@ -14,11 +14,11 @@ import datetime as dt
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import structlog
 from fastapi import FastAPI
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from webpurse.settlement import idempotency, loads, payments
@@ -55,6 +55,20 @@ class SweepReport:
         }
 
 
+S = TypeVar("S", bound="Select[Any]")
+
+
+def _claim(statement: S) -> S:
+    """Lock the rows the sweep will change and read them afresh.
+
+    A request may authorise or capture the same row while the sweep runs: without the lock
+    the sweep would act on a stale status (expire a load whose MAC2 just left, turn a
+    succeeded payment back into uncertain). Rows a request holds are skipped this pass
+    (PostgreSQL ``SKIP LOCKED``); SQLite serialises writers, so there it changes nothing.
+    """
+    return statement.with_for_update(skip_locked=True).execution_options(populate_existing=True)
+
+
 def expire_stale(
     session: Session,
     now: dt.datetime,
@@ -68,27 +82,40 @@ def expire_stale(
     authorised_before = now - authorised_ttl
     counts = {"pe": 0, "pu": 0, "le": 0, "lu": 0}
     for payment in session.scalars(
-        select(Payment).where(
-            Payment.status == "requires_card", Payment.created_at < created_before
+        _claim(
+            select(Payment).where(
+                Payment.status == "requires_card", Payment.created_at < created_before
+            )
         )
     ):
         payment.status = "expired"
         payment.updated_at = now
         counts["pe"] += 1
     for payment in session.scalars(
-        select(Payment).where(
-            Payment.status == "authorised", Payment.authorised_at < authorised_before
+        _claim(
+            select(Payment).where(
+                Payment.status == "authorised", Payment.authorised_at < authorised_before
+            )
         )
     ):
         payments.mark_uncertain(ctx, payment)
         counts["pu"] += 1
     for load in session.scalars(
-        select(Load).where(Load.status == "requires_card", Load.created_at < created_before)
+        _claim(
+            select(Load).where(
+                Load.status == "requires_card",
+                Load.created_at < created_before,
+                # a refund waits for the card's next online contact, however long that takes
+                Load.refund_id.is_(None),
+            )
+        )
     ):
         loads.expire(ctx, load)
         counts["le"] += 1
     for load in session.scalars(
-        select(Load).where(Load.status == "authorised", Load.authorised_at < authorised_before)
+        _claim(
+            select(Load).where(Load.status == "authorised", Load.authorised_at < authorised_before)
+        )
     ):
         loads.mark_uncertain(ctx, load)
         counts["lu"] += 1
