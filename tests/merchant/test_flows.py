@@ -136,3 +136,24 @@ async def test_a_refused_debit_is_released_with_the_cards_word(reader: SimReader
     assert settlement.records[payment.id].status == "canceled"
     assert "cancel " + payment.id not in settlement.calls  # resolved, not merely canceled
     assert reader.card is not None and reader.card.state.balance == 10_000
+
+
+async def test_an_unverifiable_debit_answer_is_uncertain_then_settled_by_the_cards_proof(
+    reader: SimReader, settlement: FakeSettlement
+) -> None:
+    """The card said 9000 but its TAC/MAC2 reached settlement mangled: never 'declined'."""
+    payment = await settlement.create(Kind.PAYMENT, 1250, description="d", reference="r")
+    real_finish = settlement.finish
+
+    async def mangled(kind: Kind, object_id: str, card_response: bytes) -> SettlementObject:
+        return await real_finish(kind, object_id, bytes(len(card_response)))
+
+    settlement.finish = mangled  # type: ignore[method-assign]
+    outcome = await run_transaction(reader, settlement, payment)
+    assert outcome.status == "uncertain"
+    assert reader.card is not None and reader.card.state.balance == 8_750  # it did debit
+    assert outcome.counter is not None
+    hint = RecoveryHint(Kind.PAYMENT, payment.id, TransactionType.EP_PURCHASE, outcome.counter)
+    recovered = await recover(reader, settlement, hint, key_index=1, terminal_id=TERMINAL)
+    assert recovered.status == "succeeded"
+    assert settlement.records[payment.id].status == "succeeded"

@@ -372,8 +372,25 @@ async def run_transaction(
     try:
         finished = await settlement.finish(kind, obj.id, final.data)
     except Declined as declined:
-        await progress(Progress(Phase.FAILED, declined.code or ""))
-        return Outcome("declined", obj, trips.count, decline_code=declined.code)
+        # The card answered 9000, so it changed; settlement could not verify what came
+        # back (a corrupted or tampered answer). Not a decline: the outcome is unknown and
+        # the card's own proof (GET TRANSACTION PROVE) settles it at its next contact.
+        log.warning(
+            "%s %s: settlement refused the card's answer (%s): outcome unknown",
+            kind.value,
+            obj.id,
+            declined.code,
+        )
+        marked = await settlement.uncertain(kind, obj.id)
+        await progress(Progress(Phase.INTERRUPTED))
+        return Outcome(
+            marked.status,
+            marked,
+            trips.count,
+            card_number=contact.card_number,
+            balance_before=contact.balance,
+            counter=contact.counter,
+        )
     delta = obj.amount if kind is Kind.LOAD else -obj.amount
     succeeded = finished.status == "succeeded"
     await progress(Progress(Phase.SUCCEEDED if succeeded else Phase.FAILED, finished.status))
