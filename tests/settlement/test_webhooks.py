@@ -430,3 +430,26 @@ def test_the_app_lifespan_worker_delivers_by_itself(tmp_path: Path) -> None:
         (got,) = receiver.wait_for(1)
         assert got.headers["webhook-id"] == event_id
         verify(endpoint["secret"], got.headers, got.body, now=dt.datetime.now(dt.UTC))
+
+
+async def test_an_unreadable_endpoint_secret_fails_its_message_and_delivers_the_rest(
+    stack: Stack, client: TestClient
+) -> None:
+    with Receiver([200]) as good, Receiver([200]) as damaged:
+        register(client, stack, good.url, ["payment.*"])
+        broken = register(client, stack, damaged.url, ["payment.*"])
+        with stack.session_factory() as session, session.begin():
+            endpoint = session.get(webhooks.WebhookEndpoint, broken["id"])
+            assert endpoint is not None
+            endpoint.secret_sealed = "v1:" + "A" * 60  # sealed under another key, say
+        payment_event(stack)
+        async with httpx.AsyncClient() as http:
+            report = await deliver(stack, http)
+        assert report.succeeded == 1
+        assert len(good.wait_for(1)) == 1
+        with stack.session_factory() as session:
+            statuses = {
+                m.endpoint_id: (m.status, m.last_error)
+                for m in session.scalars(select(WebhookMessage))
+            }
+    assert statuses[broken["id"]] == ("failed", "endpoint secret cannot be opened")

@@ -42,6 +42,7 @@ from typing import Any
 
 import httpx
 import structlog
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -639,13 +640,24 @@ def _claim_due(
                 message.updated_at = now
                 canceled += 1
                 continue
+            try:
+                secret = secret_box.open(endpoint.id, endpoint.secret_sealed)
+            except (WebhookError, InvalidTag, ValueError):
+                # One endpoint whose secret cannot be opened (another KEK, a damaged row)
+                # must not stall every merchant's deliveries: fail this message, loudly.
+                log.error("webhooks.secret_unreadable", endpoint=endpoint.id, message=message.id)
+                message.status = MessageStatus.FAILED.value
+                message.last_error = "endpoint secret cannot be opened"
+                message.next_attempt_at = None
+                message.updated_at = now
+                continue
             message.next_attempt_at = now + lease
             jobs.append(
                 _Job(
                     message_id=message.id,
                     event_id=event.id,
                     url=endpoint.url,
-                    secret=secret_box.open(endpoint.id, endpoint.secret_sealed),
+                    secret=secret,
                     body=event.body.encode("utf-8"),
                 )
             )
