@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -243,6 +244,104 @@ def post_transfer(
         ],
     )
     return TransferResult(Transfer(**row), created=True)
+
+
+@dataclass(frozen=True, slots=True)
+class TransferSpec:
+    """A transfer to post with :func:`post_transfers` (fields as in :func:`post_transfer`)."""
+
+    id: str
+    debit_account: str
+    credit_account: str
+    amount: int
+    kind: str
+    reference: str | None = None
+
+
+def post_transfers(
+    session: Session,
+    transfers: Sequence[TransferSpec],
+    *,
+    now: dt.datetime,
+    currency: str = "CNY",
+) -> None:
+    """Post many new transfers at once: the ledger's half of group commit.
+
+    Every touched account is locked once for the whole group (one sorted ``SELECT … FOR
+    UPDATE``) and updated once, to its final balance and version, however many transfers
+    touch it: a hot account (``held:purchases``, a merchant's payable) is locked per batch,
+    not per transfer (payments-api.md, "Ledger"). The entries still carry each transfer's
+    balance-after and the account's next version in order, so :func:`check` sees exactly
+    the history posting them one by one would have written.
+
+    All or nothing: a refused transfer raises :class:`LedgerError` before anything is
+    written. The ids must be new (a reused id fails the insert; retries of single
+    transfers go through :func:`post_transfer`).
+    """
+    if not transfers:
+        return
+    for spec in transfers:
+        if isinstance(spec.amount, bool) or not isinstance(spec.amount, int) or spec.amount <= 0:
+            raise LedgerError(
+                f"transfer amount must be a positive integer of fen, got {spec.amount!r}"
+            )
+        if spec.debit_account == spec.credit_account:
+            raise LedgerError("a transfer needs two different accounts")
+    touched = {spec.debit_account for spec in transfers} | {
+        spec.credit_account for spec in transfers
+    }
+    accounts = _lock(session, list(touched), now, currency)
+    balances = {account_id: int(row.balance) for account_id, row in accounts.items()}
+    versions = {account_id: int(row.version) for account_id, row in accounts.items()}
+    transfer_rows: list[dict[str, object]] = []
+    entry_rows: list[dict[str, object]] = []
+    for spec in transfers:
+        debit, credit = accounts[spec.debit_account], accounts[spec.credit_account]
+        if debit.currency != currency or credit.currency != currency:
+            raise LedgerError("both accounts must be in the transfer's currency")
+        if not debit.allow_negative and balances[debit.id] < spec.amount:
+            raise LedgerError(
+                f"{debit.id} holds {balances[debit.id]} fen, cannot transfer {spec.amount} fen"
+            )
+        transfer_rows.append(
+            {
+                "id": spec.id,
+                "debit_account": spec.debit_account,
+                "credit_account": spec.credit_account,
+                "amount": spec.amount,
+                "currency": currency,
+                "kind": spec.kind,
+                "reference": spec.reference,
+                "created_at": now,
+            }
+        )
+        for account_id, signed in ((debit.id, -spec.amount), (credit.id, spec.amount)):
+            balances[account_id] += signed
+            versions[account_id] += 1
+            entry_rows.append(
+                {
+                    "transfer_id": spec.id,
+                    "account_id": account_id,
+                    "amount": signed,
+                    "balance_after": balances[account_id],
+                    "account_version": versions[account_id],
+                }
+            )
+    session.execute(insert(_TRANSFERS), transfer_rows)
+    session.execute(
+        update(_ACCOUNTS)
+        .where(_ACCOUNTS.c.id == bindparam("account_id"))
+        .values(balance=bindparam("new_balance"), version=bindparam("new_version")),
+        [
+            {
+                "account_id": account_id,
+                "new_balance": balances[account_id],
+                "new_version": versions[account_id],
+            }
+            for account_id in sorted(touched)
+        ],
+    )
+    session.execute(insert(_ENTRIES), entry_rows)
 
 
 def balance(session: Session, account_id: str) -> int:

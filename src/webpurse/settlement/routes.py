@@ -13,7 +13,14 @@ from webpurse.settlement.auth import OperatorPrincipal
 router = APIRouter()
 
 # Modules (in this package) whose ``router`` the app mounts, in order.
-ROUTERS = ("routes", "routes_payments", "routes_loads", "routes_refunds", "routes_admin")
+ROUTERS = (
+    "routes",
+    "routes_payments",
+    "routes_batch",
+    "routes_loads",
+    "routes_refunds",
+    "routes_admin",
+)
 
 
 @router.get("/health", tags=["meta"])

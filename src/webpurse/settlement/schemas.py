@@ -181,3 +181,30 @@ class ListOut(BaseModel):
     object: Literal["list"]
     data: list[dict[str, Any]]
     has_more: bool
+
+
+class BatchItemIn(_In):
+    """One request of a batch: what would be POSTed to ``path`` on its own."""
+
+    path: Annotated[str, Field(max_length=200)] = Field(
+        description="/v1/payments or /v1/payments/{id}/authorise|capture|uncertain|resolve|cancel"
+    )
+    idempotency_key: Annotated[str, Field(min_length=1, max_length=255)] | None = Field(
+        default=None, description="as the Idempotency-Key header of the single request"
+    )
+    body: dict[str, Any] | None = Field(default=None, description="the single request's body")
+
+
+class BatchIn(_In):
+    requests: list[BatchItemIn] = Field(min_length=1, max_length=1000)
+
+
+class BatchAnswer(BaseModel):
+    status: int = Field(description="the HTTP status the single request would have had")
+    body: dict[str, Any] = Field(description="its body: a payment, or a problem (RFC 9457)")
+    replayed: bool = Field(description="answered from the idempotency key's stored response")
+
+
+class BatchOut(BaseModel):
+    object: Literal["batch"] = "batch"
+    responses: list[BatchAnswer]

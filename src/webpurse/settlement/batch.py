@@ -1,0 +1,790 @@
+"""Batches: many payment operations in one request and one database transaction.
+
+Group commit, as high-throughput ledgers do it (payments-api.md, "Ledger"): a merchant
+server with many shoppers at the till sends their create / authorise / capture calls
+together (``POST /v1/batch``, docs/settlement-api.md "Batches"), and settlement answers
+each item exactly as the single endpoint would — same status, same body, same
+idempotency key semantics — while the whole batch costs one transaction and one commit.
+
+Two paths, one outcome:
+
+- the **fast path** takes the common case set-based: plain creates, approvals of cards
+  with nothing open, captures whose MAC2/TAC verify. Rows are read and locked once per
+  batch in a fixed order (payments by id, then cards by id, then the merchant's sequence
+  row, then ledger accounts by id — the same order the single endpoints use), the terminal
+  sequence numbers come from one ``UPDATE … RETURNING``, and the ledger posts every
+  transfer with one lock of each hot account (:func:`ledger.post_transfers`);
+- everything else (declines, recovery, uncertain, resolve, cancel, retried keys, anything
+  the fast path does not recognise) runs through the same service functions as the
+  single endpoints (:mod:`.payments`), one SAVEPOINT per item, after the fast items.
+
+The fast path runs in a SAVEPOINT of its own: if anything in it is refused (a ledger
+overdraft the shadow balance did not predict, a constraint), it is rolled back as a whole
+and its items take the per-item path, so a surprise costs speed, never correctness.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from pydantic import BaseModel, ValidationError
+from sqlalchemy import Table, bindparam, delete, insert, select, update
+
+from webpurse.protocol.commands import DebitForPurchaseResponse, InitializeForPurchaseResponse
+from webpurse.protocol.errors import ProtocolError
+from webpurse.protocol.records import IssuerData, decode_bcd_date, decode_bcd_time
+from webpurse.settlement import idempotency, ledger, payments, webhooks
+from webpurse.settlement.db import for_update, insert_ignoring_conflicts
+from webpurse.settlement.decisions import CardRecord, PurchaseInputs, decide_purchase
+from webpurse.settlement.ledger import LedgerError, TransferSpec
+from webpurse.settlement.merchants import MAX_TERMINAL_SEQ
+from webpurse.settlement.models import Card, CardEvent, IdempotencyRecord, Merchant, Payment
+from webpurse.settlement.problems import ApiError, not_found
+from webpurse.settlement.schemas import (
+    BatchItemIn,
+    Cancel,
+    Empty,
+    PaymentCreate,
+    PurchaseAuthorise,
+    PurchaseCapture,
+    Resolve,
+)
+from webpurse.settlement.service import Ctx, card_time, new_id
+
+log = structlog.get_logger(__name__)
+
+MAX_ITEMS = 1000
+"""Items per batch: enough to amortise a commit, small enough to keep locks short."""
+
+_PAYMENTS: Table = Payment.__table__  # type: ignore[assignment]
+_CARDS: Table = Card.__table__  # type: ignore[assignment]
+_MERCHANTS: Table = Merchant.__table__  # type: ignore[assignment]
+_CARD_EVENTS: Table = CardEvent.__table__  # type: ignore[assignment]
+_KEYS: Table = IdempotencyRecord.__table__  # type: ignore[assignment]
+_EVENTS: Table = webhooks.WebhookEvent.__table__  # type: ignore[assignment]
+_MESSAGES: Table = webhooks.WebhookMessage.__table__  # type: ignore[assignment]
+
+_PATH = re.compile(
+    r"^/v1/payments(?:/(?P<id>[A-Za-z0-9_]{1,40})/"
+    r"(?P<action>authorise|capture|uncertain|resolve|cancel))?$"
+)
+# action -> the request body's schema (None: the body must be empty or absent)
+_SCHEMAS: dict[str, type[BaseModel]] = {
+    "create": PaymentCreate,
+    "authorise": PurchaseAuthorise,
+    "capture": PurchaseCapture,
+    "uncertain": Empty,
+    "resolve": Resolve,
+    "cancel": Cancel,
+}
+Answer = tuple[int, dict[str, Any]]
+
+
+@dataclass
+class Item:
+    """One request of a batch, as parsed, and (once known) its answer."""
+
+    index: int
+    path: str
+    action: str
+    payment_id: str | None
+    body: BaseModel | None
+    key: str | None
+    fingerprint: str = ""
+    record_id: int | None = None
+    answer: Answer | None = None
+    replayed: bool = False
+    failed: bool = False  # an unexpected error: its key is forgotten so a retry can run
+    duplicate_of: int | None = None
+
+    @property
+    def payload(self) -> Any:
+        """What the single endpoint fingerprints for this request (routes_payments.py)."""
+        if self.action == "uncertain" or self.body is None:
+            return {}
+        if self.action == "cancel":
+            return self.body.model_dump(mode="json", exclude_none=True)
+        return self.body.model_dump(mode="json")
+
+
+@dataclass
+class Outcome:
+    """What :func:`run` did, for the route and the metrics."""
+
+    answers: list[dict[str, Any]]
+    fast: int = 0
+    slow: int = 0
+    problems: list[ApiError] = field(default_factory=list)
+
+
+# --- parsing ---------------------------------------------------------------------------
+
+
+def _refusal(error: ApiError, request_id: str | None) -> Answer:
+    return error.status, error.body(request_id)
+
+
+def parse_item(index: int, raw: BatchItemIn, request_id: str | None) -> Item:
+    """One entry of ``requests``: a path this batch serves and a body of its schema."""
+    match = _PATH.fullmatch(raw.path)
+    if match is None:
+        item = Item(index, raw.path, "", None, None, None)
+        item.answer = _refusal(
+            ApiError(
+                404,
+                "batch_path_not_supported",
+                "a batch carries POSTs to /v1/payments and /v1/payments/{id}/<action>",
+                param="path",
+            ),
+            request_id,
+        )
+        return item
+    action = match["action"] or "create"
+    item = Item(index, raw.path, action, match["id"], None, raw.idempotency_key)
+    if raw.body is None and action in ("uncertain", "cancel"):
+        return item
+    try:
+        item.body = _SCHEMAS[action].model_validate(raw.body if raw.body is not None else {})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(part) for part in first.get("loc", ()))
+        item.answer = _refusal(
+            ApiError(
+                422,
+                "validation_error",
+                str(first.get("msg", "invalid request")),
+                param=f"body.{loc}" if loc else "body",
+            ),
+            request_id,
+        )
+    return item
+
+
+# --- idempotency -----------------------------------------------------------------------
+
+
+def _claim_keys(ctx: Ctx, items: list[Item], request_id: str | None) -> None:
+    """Claim every item's key in one INSERT; answer replays and reuses from stored rows."""
+    subject = ctx.principal.subject
+    first_of: dict[str, Item] = {}
+    keyed: list[Item] = []
+    for item in items:
+        if item.answer is not None or item.key is None:
+            continue
+        item.fingerprint = idempotency.fingerprint("POST", item.path, item.payload)
+        if item.key in first_of:
+            item.duplicate_of = first_of[item.key].index
+            continue
+        first_of[item.key] = item
+        keyed.append(item)
+    if not keyed:
+        return
+    rows: list[dict[str, object]] = [
+        {
+            "principal": subject,
+            "key": item.key,
+            "fingerprint": item.fingerprint,
+            "state": "in_flight",
+            "created_at": ctx.now,
+        }
+        for item in keyed
+    ]
+    claimed = {
+        row.key: int(row.id)
+        for row in ctx.session.execute(
+            insert_ignoring_conflicts(ctx.session, _KEYS, rows).returning(_KEYS.c.id, _KEYS.c.key)
+        )
+    }
+    existing_keys = [item.key for item in keyed if item.key not in claimed]
+    stored = {}
+    if existing_keys:
+        stored = {
+            row.key: row
+            for row in ctx.session.execute(
+                select(_KEYS).where(_KEYS.c.principal == subject, _KEYS.c.key.in_(existing_keys))
+            )
+        }
+    for item in keyed:
+        assert item.key is not None
+        if item.key in claimed:
+            item.record_id = claimed[item.key]
+            continue
+        record = stored.get(item.key)
+        if record is None:  # pragma: no cover - a row deleted between the two statements
+            item.answer = _refusal(
+                ApiError(409, "idempotency_in_flight", "retry this request"), request_id
+            )
+        elif record.fingerprint != item.fingerprint:
+            item.answer = _refusal(
+                ApiError(
+                    422,
+                    "idempotency_key_reused",
+                    "this Idempotency-Key was used with different request parameters",
+                    param="idempotency_key",
+                ),
+                request_id,
+            )
+        elif record.state != "done" or record.response_body is None:
+            item.answer = _refusal(
+                ApiError(
+                    409,
+                    "idempotency_in_flight",
+                    "a request with this Idempotency-Key is still running",
+                ),
+                request_id,
+            )
+        else:
+            item.answer = (int(record.response_status or 200), json.loads(record.response_body))
+            item.replayed = True
+
+
+def _store_answers(ctx: Ctx, items: Iterable[Item]) -> None:
+    done = [i for i in items if i.record_id is not None and i.answer is not None and not i.failed]
+    if done:
+        ctx.session.execute(
+            update(_KEYS)
+            .where(_KEYS.c.id == bindparam("record_id"))
+            .values(
+                state="done",
+                response_status=bindparam("status"),
+                response_body=bindparam("body"),
+            ),
+            [
+                {
+                    "record_id": item.record_id,
+                    "status": item.answer[0],
+                    "body": json.dumps(item.answer[1]),
+                }
+                for item in done
+                if item.answer is not None
+            ],
+        )
+    failed = [i.record_id for i in items if i.record_id is not None and i.failed]
+    if failed:
+        ctx.session.execute(delete(_KEYS).where(_KEYS.c.id.in_(failed)))
+
+
+# --- the per-item path -----------------------------------------------------------------
+
+
+def _handler(ctx: Ctx, item: Item) -> Callable[[], Payment]:
+    body, payment_id = item.body, item.payment_id or ""
+    if item.action == "create":
+        assert isinstance(body, PaymentCreate)
+        return lambda: payments.create(ctx, body)
+    if item.action == "authorise":
+        assert isinstance(body, PurchaseAuthorise)
+        return lambda: payments.authorise(ctx, payment_id, body)
+    if item.action == "capture":
+        assert isinstance(body, PurchaseCapture)
+        return lambda: payments.capture(ctx, payment_id, body)
+    if item.action == "resolve":
+        assert isinstance(body, Resolve)
+        return lambda: payments.resolve(ctx, payment_id, body)
+    if item.action == "cancel":
+        assert body is None or isinstance(body, Cancel)
+        return lambda: payments.cancel(ctx, payment_id, body)
+    return lambda: payments.uncertain(ctx, payment_id)
+
+
+def _run_one(ctx: Ctx, item: Item, request_id: str | None, outcome: Outcome) -> None:
+    """The single endpoint's service call, in a SAVEPOINT: a refusal undoes only this item."""
+    status = 201 if item.action == "create" else 200
+    savepoint = ctx.session.begin_nested()
+    try:
+        payment = _handler(ctx, item)()
+        ctx.session.flush()
+        item.answer = (status, payments.payment_json(payment))
+        savepoint.commit()
+    except ApiError as error:
+        if error.commit:
+            savepoint.commit()
+        else:
+            savepoint.rollback()
+        outcome.problems.append(error)
+        item.answer = _refusal(error, request_id)
+    except LedgerError as error:
+        savepoint.rollback()
+        log.warning("ledger.refused", detail=str(error), path=item.path)
+        problem = ApiError(409, "ledger_refused", str(error))
+        outcome.problems.append(problem)
+        item.answer = _refusal(problem, request_id)
+    except Exception:
+        savepoint.rollback()
+        log.exception("batch.item_failed", path=item.path)
+        item.failed = True
+        item.answer = _refusal(
+            ApiError(500, "internal_error", "this item failed; it changed nothing, retry it"),
+            request_id,
+        )
+
+
+# --- the fast path ---------------------------------------------------------------------
+
+
+def _locked(ctx: Ctx, table: Table, column: Any, keys: Sequence[object]) -> Any:
+    """Rows whose ``column`` is in ``keys``, read in primary-key order, locked on PostgreSQL."""
+    stmt = select(table).where(column.in_(keys)).order_by(table.c.id)
+    if for_update(ctx.session):
+        stmt = stmt.with_for_update()
+    return ctx.session.execute(stmt)
+
+
+def _locked_payments(ctx: Ctx, items: list[Item]) -> dict[str, Any]:
+    ids = sorted({item.payment_id for item in items if item.payment_id})
+    if not ids:
+        return {}
+    stmt = (
+        select(_PAYMENTS)
+        .where(_PAYMENTS.c.id.in_(ids), _PAYMENTS.c.merchant_id == ctx.principal.merchant_id)
+        .order_by(_PAYMENTS.c.id)
+    )
+    if for_update(ctx.session):
+        stmt = stmt.with_for_update()
+    return {row.id: row for row in ctx.session.execute(stmt)}
+
+
+@dataclass
+class _Approval:
+    item: Item
+    payment: Any
+    card: Any
+    issuer: IssuerData
+    initialize: InitializeForPurchaseResponse
+
+
+@dataclass
+class _Capture:
+    item: Item
+    payment: Any
+    card: Any
+    answer: DebitForPurchaseResponse
+
+
+@dataclass
+class _Writes:
+    """What the fast path writes, gathered and then written set by set."""
+
+    payment_rows: list[dict[str, object]] = field(default_factory=list)
+    authorised: list[dict[str, object]] = field(default_factory=list)
+    succeeded: list[dict[str, object]] = field(default_factory=list)
+    card_open: list[dict[str, object]] = field(default_factory=list)
+    card_settled: list[dict[str, object]] = field(default_factory=list)
+    card_events: list[dict[str, object]] = field(default_factory=list)
+    transfers: list[TransferSpec] = field(default_factory=list)
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+
+def _fast_create(ctx: Ctx, merchant: Any, items: list[Item], writes: _Writes) -> None:
+    for item in items:
+        body = item.body
+        assert isinstance(body, PaymentCreate)
+        row: dict[str, object] = {
+            "id": new_id("pay"),
+            "merchant_id": merchant.id,
+            "status": "requires_card",
+            "amount": body.amount,
+            "currency": body.currency,
+            "description": body.description,
+            "merchant_reference": body.merchant_reference,
+            "metadata": dict(body.metadata),
+            "terminal_id": merchant.terminal_id,
+            "key_index": 1,
+            "refunded_amount": 0,
+            "created_at": ctx.now,
+            "updated_at": ctx.now,
+        }
+        writes.payment_rows.append(row)
+        values = dict(row)
+        values["metadata_"] = values.pop("metadata")
+        item.answer = (201, payments.payment_json(Payment(**values)))
+
+
+def _approvals(ctx: Ctx, merchant: Any, items: list[Item]) -> list[_Approval]:
+    """The authorisations the fast path may take: approved, nothing open on the card."""
+    rows = _locked_payments(ctx, items)
+    candidates: list[tuple[Item, Any, IssuerData, InitializeForPurchaseResponse]] = []
+    for item in items:
+        row = rows.get(item.payment_id or "")
+        body = item.body
+        assert isinstance(body, PurchaseAuthorise)
+        if row is None or row.status != "requires_card":
+            continue
+        try:
+            issuer = IssuerData.from_bytes(bytes.fromhex(body.issuer_data))
+            init = InitializeForPurchaseResponse.from_data(bytes.fromhex(body.initialize_response))
+        except (ProtocolError, ValueError):
+            continue
+        candidates.append((item, row, issuer, init))
+    numbers = sorted({issuer.card_number for _, _, issuer, _ in candidates})
+    cards = {row.card_number: row for row in _locked(ctx, _CARDS, _CARDS.c.card_number, numbers)}
+    approvals: list[_Approval] = []
+    seen: set[str] = set()
+    merchant_terminal = bytes.fromhex(merchant.terminal_id)
+    for item, row, issuer, init in candidates:
+        card = cards.get(issuer.card_number)
+        if card is None or card.open_transaction is not None or card.id in seen:
+            continue
+        body = item.body
+        assert isinstance(body, PurchaseAuthorise)
+        record = CardRecord(
+            card_number=card.card_number,
+            status=card.status,
+            issuer_id=bytes.fromhex(card.issuer_id),
+            key_version=card.key_version,
+            start_date=card.start_date,
+            expiry_date=card.expiry_date,
+            max_balance=card.max_balance,
+            shadow_balance=card.shadow_balance,
+            online_counter=card.online_counter,
+            offline_counter=card.offline_counter,
+        )
+        decision = decide_purchase(
+            record,
+            PurchaseInputs(
+                issuer=issuer,
+                initialize=init,
+                terminal_id=bytes.fromhex(body.terminal_id),
+                merchant_terminal_id=merchant_terminal,
+                amount=row.amount,
+                initialize_amount=body.amount,
+            ),
+            ctx.now,
+        )
+        if not decision.approved or decision.supersedes is not None:
+            continue
+        seen.add(card.id)
+        approvals.append(_Approval(item, row, card, issuer, init))
+    return approvals
+
+
+def _terminal_seqs(ctx: Ctx, merchant_id: str, count: int) -> int:
+    """Reserve ``count`` sequence numbers with one statement; the first of them."""
+    last = ctx.session.execute(
+        update(_MERCHANTS)
+        .where(_MERCHANTS.c.id == merchant_id)
+        .values(terminal_seq=_MERCHANTS.c.terminal_seq + count)
+        .returning(_MERCHANTS.c.terminal_seq)
+    ).scalar_one()
+    if last > MAX_TERMINAL_SEQ:
+        raise LedgerError("the terminal's sequence numbers are exhausted")
+    return int(last) - count + 1
+
+
+def _fast_authorise(ctx: Ctx, merchant: Any, approvals: list[_Approval], writes: _Writes) -> None:
+    if not approvals:
+        return
+    first_seq = _terminal_seqs(ctx, merchant.id, len(approvals))
+    date, time = card_time(ctx.now)
+    txn_date, txn_time = date.strftime("%Y%m%d"), time.strftime("%H%M%S")
+    terminal_id = bytes.fromhex(merchant.terminal_id)
+    for offset, approval in enumerate(approvals):
+        payment, card, init = approval.payment, approval.card, approval.initialize
+        seq = first_seq + offset
+        mac1 = ctx.security.purchase_mac1(
+            approval.issuer.serial,
+            card.key_version,
+            random=init.random,
+            offline_counter=init.offline_counter,
+            terminal_seq=seq,
+            amount=payment.amount,
+            terminal_id=terminal_id,
+            date=date,
+            time=time,
+        )
+        changes: dict[str, object] = {
+            "status": "authorised",
+            "card_id": card.id,
+            "card_number": approval.issuer.card_number,
+            "balance_before": init.balance,
+            "counter": init.offline_counter,
+            "supersedes": None,
+            "key_version": card.key_version,
+            "card_random": init.random.hex().upper(),
+            "txn_date": txn_date,
+            "txn_time": txn_time,
+            "terminal_seq": seq,
+            "mac1": mac1.hex().upper(),
+            "authorised_at": ctx.now,
+            "updated_at": ctx.now,
+        }
+        writes.authorised.append({"payment_id": payment.id, **changes})
+        writes.card_open.append({"card_id": card.id, "txn": payment.id, "now": ctx.now})
+        writes.transfers.append(
+            TransferSpec(
+                f"{payment.id}:hold",
+                ledger.card_account(card.id),
+                ledger.HELD_PURCHASES,
+                payment.amount,
+                "purchase_hold",
+                payment.id,
+            )
+        )
+        merged = {**payment._mapping, **changes}
+        merged["metadata_"] = merged.pop("metadata")
+        approval.item.answer = (200, payments.payment_json(Payment(**merged)))
+
+
+def _captures(ctx: Ctx, items: list[Item]) -> list[_Capture]:
+    """The captures the fast path may take: authorised, unlinked, the card's open one."""
+    rows = _locked_payments(ctx, items)
+    candidates: list[tuple[Item, Any, DebitForPurchaseResponse]] = []
+    for item in items:
+        row = rows.get(item.payment_id or "")
+        body = item.body
+        assert isinstance(body, PurchaseCapture)
+        if row is None or row.status != "authorised" or row.supersedes is not None:
+            continue
+        try:
+            answer = DebitForPurchaseResponse.from_data(bytes.fromhex(body.debit_response))
+        except (ProtocolError, ValueError):
+            continue
+        candidates.append((item, row, answer))
+    card_ids = sorted({row.card_id for _, row, _ in candidates if row.card_id})
+    cards = {row.id: row for row in _locked(ctx, _CARDS, _CARDS.c.id, card_ids)}
+    captures: list[_Capture] = []
+    seen: set[str] = set()
+    for item, row, answer in candidates:
+        card = cards.get(row.card_id)
+        if card is None or card.open_transaction != row.id or card.id in seen:
+            continue
+        verified = ctx.security.verify_purchase_mac2_and_tac(
+            bytes.fromhex(card.card_number),
+            row.key_version or card.key_version,
+            random=bytes.fromhex(row.card_random or ""),
+            offline_counter=row.counter or 0,
+            terminal_seq=row.terminal_seq or 0,
+            amount=row.amount,
+            terminal_id=bytes.fromhex(row.terminal_id),
+            date=decode_bcd_date(bytes.fromhex(row.txn_date or "")),
+            time=decode_bcd_time(bytes.fromhex(row.txn_time or "")),
+            mac2=answer.mac2,
+            tac=answer.tac,
+        )
+        if not verified:  # the per-item path records the failure and refuses it
+            continue
+        seen.add(card.id)
+        captures.append(_Capture(item, row, card, answer))
+    return captures
+
+
+def _fast_capture(ctx: Ctx, captures: list[_Capture], writes: _Writes) -> None:
+    for capture in captures:
+        payment, card = capture.payment, capture.card
+        changes: dict[str, object] = {
+            "status": "succeeded",
+            "mac2": capture.answer.mac2.hex().upper(),
+            "tac": capture.answer.tac.hex().upper(),
+            "updated_at": ctx.now,
+        }
+        writes.succeeded.append({"payment_id": payment.id, **changes})
+        writes.card_settled.append(
+            {
+                "card_id": card.id,
+                "shadow": payment.balance_before - payment.amount,
+                "counter": payment.counter + 1,
+                "now": ctx.now,
+            }
+        )
+        writes.card_events.append(
+            {
+                "card_id": card.id,
+                "kind": "purchase",
+                "detail": {
+                    "payment": payment.id,
+                    "amount": payment.amount,
+                    "counter": payment.counter,
+                    "tac": changes["tac"],
+                },
+                "created_at": ctx.now,
+            }
+        )
+        writes.transfers.append(
+            TransferSpec(
+                f"{payment.id}:capture",
+                ledger.HELD_PURCHASES,
+                ledger.merchant_account(payment.merchant_id),
+                payment.amount,
+                "purchase_capture",
+                payment.id,
+            )
+        )
+        merged = {**payment._mapping, **changes}
+        merged["metadata_"] = merged.pop("metadata")
+        body = payments.payment_json(Payment(**merged))
+        writes.events.append(("payment.succeeded", body))
+        capture.item.answer = (200, body)
+
+
+def _enqueue_events(ctx: Ctx, merchant_id: str, events: list[tuple[str, dict[str, Any]]]) -> None:
+    """:func:`webhooks.enqueue_event` for many events: one SELECT, two INSERTs."""
+    if not events:
+        return
+    endpoints = ctx.session.execute(
+        select(webhooks.WebhookEndpoint.id, webhooks.WebhookEndpoint.events).where(
+            webhooks.WebhookEndpoint.merchant_id == merchant_id,
+            webhooks.WebhookEndpoint.deleted_at.is_(None),
+        )
+    ).all()
+    event_rows: list[dict[str, object]] = []
+    message_rows: list[dict[str, object]] = []
+    for event_type, data in events:
+        event_id = webhooks.new_id("evt")
+        body = webhooks.event_body(event_id, event_type, ctx.now, data)
+        event_rows.append(
+            {
+                "id": event_id,
+                "merchant_id": merchant_id,
+                "type": event_type,
+                "created_at": ctx.now,
+                "body": body.decode("utf-8"),
+            }
+        )
+        for endpoint in endpoints:
+            if webhooks.event_matches(list(endpoint.events), event_type):
+                message_rows.append(
+                    {
+                        "id": webhooks.new_id("msg"),
+                        "event_id": event_id,
+                        "endpoint_id": endpoint.id,
+                        "status": webhooks.MessageStatus.PENDING.value,
+                        "attempts": 0,
+                        "window_started_at": ctx.now,
+                        "next_attempt_at": ctx.now,
+                        "updated_at": ctx.now,
+                    }
+                )
+    ctx.session.execute(insert(_EVENTS), event_rows)
+    if message_rows:
+        ctx.session.execute(insert(_MESSAGES), message_rows)
+
+
+def _write(ctx: Ctx, writes: _Writes) -> None:
+    """Each kind of change as one statement (executemany), in the fixed lock order."""
+    session = ctx.session
+    if writes.payment_rows:
+        session.execute(insert(_PAYMENTS), writes.payment_rows)
+    for rows in (writes.authorised, writes.succeeded):
+        if rows:
+            columns = [name for name in rows[0] if name != "payment_id"]
+            session.execute(
+                update(_PAYMENTS)
+                .where(_PAYMENTS.c.id == bindparam("payment_id"))
+                .values({name: bindparam(name) for name in columns}),
+                rows,
+            )
+    if writes.card_open:
+        session.execute(
+            update(_CARDS)
+            .where(_CARDS.c.id == bindparam("card_id"))
+            .values(open_transaction=bindparam("txn"), updated_at=bindparam("now")),
+            writes.card_open,
+        )
+    if writes.card_settled:
+        session.execute(
+            update(_CARDS)
+            .where(_CARDS.c.id == bindparam("card_id"))
+            .values(
+                shadow_balance=bindparam("shadow"),
+                offline_counter=bindparam("counter"),
+                open_transaction=None,
+                updated_at=bindparam("now"),
+            ),
+            writes.card_settled,
+        )
+    if writes.card_events:
+        session.execute(insert(_CARD_EVENTS), writes.card_events)
+    ledger.post_transfers(session, writes.transfers, now=ctx.now)
+    assert ctx.principal.merchant_id is not None
+    _enqueue_events(ctx, ctx.principal.merchant_id, writes.events)
+
+
+def _fast(ctx: Ctx, items: list[Item]) -> int:
+    """Take what the fast path can; returns how many items it answered (0 after a fallback)."""
+    by_action: dict[str, list[Item]] = {"create": [], "authorise": [], "capture": []}
+    seen: set[str] = set()
+    for item in items:
+        if item.answer is not None or item.duplicate_of is not None:
+            continue
+        if item.action not in by_action:
+            continue
+        if item.payment_id is not None:
+            if item.payment_id in seen:
+                continue  # the same payment twice: the later one runs on the per-item path
+            seen.add(item.payment_id)
+        by_action[item.action].append(item)
+    if not any(by_action.values()):
+        return 0
+    merchant = ctx.session.execute(
+        select(_MERCHANTS.c.id, _MERCHANTS.c.terminal_id).where(
+            _MERCHANTS.c.id == ctx.principal.merchant_id
+        )
+    ).first()
+    if merchant is None:
+        raise not_found("merchant")
+    savepoint = ctx.session.begin_nested()
+    taken: list[Item] = []
+    try:
+        writes = _Writes()
+        _fast_create(ctx, merchant, by_action["create"], writes)
+        taken += by_action["create"]
+        # Lock order as the single endpoints: payments, cards, the merchant row, accounts.
+        approvals = (
+            _approvals(ctx, merchant, by_action["authorise"]) if by_action["authorise"] else []
+        )
+        captures = _captures(ctx, by_action["capture"]) if by_action["capture"] else []
+        _fast_authorise(ctx, merchant, approvals, writes)
+        _fast_capture(ctx, captures, writes)
+        taken += [a.item for a in approvals] + [c.item for c in captures]
+        _write(ctx, writes)
+        savepoint.commit()
+    except (LedgerError, ApiError) as error:
+        savepoint.rollback()
+        log.warning("batch.fast_path_refused", detail=str(error), items=len(taken))
+        for item in taken:
+            item.answer = None
+        return 0
+    return len(taken)
+
+
+# --- the batch ---------------------------------------------------------------------------
+
+
+def run(ctx: Ctx, raw_items: Sequence[BatchItemIn], request_id: str | None) -> Outcome:
+    """Answer every item of a batch inside the caller's transaction (the caller commits)."""
+    items = [parse_item(index, raw, request_id) for index, raw in enumerate(raw_items)]
+    _claim_keys(ctx, items, request_id)
+    outcome = Outcome([])
+    outcome.fast = _fast(ctx, items)
+    ctx.session.expire_all()
+    for item in items:
+        if item.answer is None and item.duplicate_of is None:
+            _run_one(ctx, item, request_id, outcome)
+            outcome.slow += 1
+    for item in items:
+        if item.duplicate_of is not None:
+            first = items[item.duplicate_of]
+            if first.fingerprint != item.fingerprint:
+                item.answer = _refusal(
+                    ApiError(
+                        422,
+                        "idempotency_key_reused",
+                        "this Idempotency-Key was used with different request parameters",
+                        param="idempotency_key",
+                    ),
+                    request_id,
+                )
+            else:
+                item.answer, item.replayed = first.answer, True
+    _store_answers(ctx, items)
+    for item in items:
+        assert item.answer is not None
+        status, body = item.answer
+        outcome.answers.append({"status": status, "body": body, "replayed": item.replayed})
+    log.info("batch.done", items=len(items), fast=outcome.fast, per_item=outcome.slow)
+    return outcome

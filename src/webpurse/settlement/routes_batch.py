@@ -1,0 +1,42 @@
+"""HTTP route for batches (merchant key): POST /v1/batch — see :mod:`.batch`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
+
+from webpurse.settlement import batch
+from webpurse.settlement.auth import MerchantPrincipal
+from webpurse.settlement.db import get_session
+from webpurse.settlement.routes_payments import PROBLEMS, make_ctx
+from webpurse.settlement.schemas import BatchIn, BatchOut
+
+router = APIRouter(prefix="/v1/batch", tags=["batch"])
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+@router.post("", response_model=BatchOut, responses=PROBLEMS)
+def run_batch(
+    request: Request, body: BatchIn, principal: MerchantPrincipal, session: SessionDep
+) -> JSONResponse:
+    """Many payment requests in one transaction and one commit (group commit).
+
+    Each item is answered as its single endpoint would answer it (status and body), with
+    its own idempotency key; items are independent and answered in order.
+    """
+    ctx = make_ctx(request, session, principal)
+    try:
+        outcome = batch.run(ctx, body.requests, getattr(request.state, "request_id", None))
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    metrics = request.app.state.settlement.metrics
+    for problem in outcome.problems:
+        if problem.decline_code:
+            metrics.declines.labels(problem.decline_code).inc()
+    return JSONResponse({"object": "batch", "responses": outcome.answers})

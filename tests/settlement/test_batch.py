@@ -1,0 +1,240 @@
+"""POST /v1/batch: many payment requests, one transaction, each answered as on its own.
+
+SQLite and PostgreSQL, through the HTTP API, with the real card emulator.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from tests.settlement.support import Terminal, World, ok
+from webpurse.card import CardApplet
+from webpurse.settlement import batch, ledger
+from webpurse.settlement.models import Card, Entry, IdempotencyRecord, Payment
+
+
+def _run(world: World, items: list[dict[str, Any]], key: str | None = None) -> list[dict[str, Any]]:
+    answer = world.client.post(
+        "/v1/batch", json={"requests": items}, headers=world.auth(key or world.merchant_key)
+    )
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["object"] == "batch" and len(body["responses"]) == len(items)
+    return list(body["responses"])
+
+
+def _create(amount: int, key: str | None = None) -> dict[str, Any]:
+    body = {"amount": amount, "description": "test"}
+    return {"path": "/v1/payments", "idempotency_key": key, "body": body}
+
+
+def _authorise(
+    terminal: Terminal, payment_id: str, card: CardApplet, amount: int, key: str | None = None
+) -> dict[str, Any]:
+    issuer, init = terminal.purchase_batch1(card, amount)
+    return {
+        "path": f"/v1/payments/{payment_id}/authorise",
+        "idempotency_key": key,
+        "body": {
+            "issuer_data": issuer.hex(),
+            "initialize_response": init.hex(),
+            "terminal_id": terminal.terminal_id,
+        },
+    }
+
+
+def _capture(payment_id: str, debit_response: bytes, key: str | None = None) -> dict[str, Any]:
+    return {
+        "path": f"/v1/payments/{payment_id}/capture",
+        "idempotency_key": key,
+        "body": {"debit_response": debit_response.hex()},
+    }
+
+
+def _purchases(world: World, cards: list[CardApplet], amount: int) -> list[dict[str, Any]]:
+    """Whole purchases, one per card, three batches: create, authorise, capture."""
+    created = _run(world, [_create(amount, f"c{i}") for i in range(len(cards))])
+    assert [a["status"] for a in created] == [201] * len(cards)
+    ids = [a["body"]["id"] for a in created]
+    authorised = _run(
+        world,
+        [
+            _authorise(world.terminal, pid, card, amount, f"a{i}")
+            for i, (pid, card) in enumerate(zip(ids, cards, strict=True))
+        ],
+    )
+    assert [a["status"] for a in authorised] == [200] * len(cards), authorised
+    debits = [
+        ok(card, bytes.fromhex(a["body"]["authorisation"]["debit_apdu"]))
+        for card, a in zip(cards, authorised, strict=True)
+    ]
+    captured = _run(
+        world,
+        [_capture(pid, d, f"k{i}") for i, (pid, d) in enumerate(zip(ids, debits, strict=True))],
+    )
+    return captured
+
+
+def test_a_batch_of_purchases_settles_each_once_in_one_ledger_history(world: World) -> None:
+    cards = [world.funded_card(1_000) for _ in range(5)]
+    captured = _purchases(world, cards, 120)
+    assert [a["status"] for a in captured] == [200] * 5
+    assert {a["body"]["status"] for a in captured} == {"succeeded"}
+    assert all(card.state.balance == 880 for card in cards)
+    with world.factory() as session:
+        for card in cards:
+            row = session.scalars(
+                select(Card).where(Card.card_number == card.state.issuer.card_number)
+            ).one()
+            assert (row.shadow_balance, row.offline_counter, row.open_transaction) == (880, 1, None)
+            assert ledger.balance(session, ledger.card_account(row.id)) == 880
+        assert ledger.balance(session, ledger.merchant_account(world.merchant_id)) == 600
+        assert ledger.balance(session, ledger.HELD_PURCHASES) == 0
+        seqs = sorted(p.terminal_seq for p in session.scalars(select(Payment)) if p.terminal_seq)
+        assert len(set(seqs)) == len(seqs) == 5  # each DEBIT got its own sequence number
+        # The hot account was locked once per batch, yet every entry has its own version.
+        held = session.scalars(
+            select(Entry)
+            .where(Entry.account_id == ledger.HELD_PURCHASES)
+            .order_by(Entry.account_version)
+        ).all()
+        assert [e.account_version for e in held] == list(range(1, 11))
+        assert ledger.check(session).ok
+
+
+def test_batch_answers_match_the_single_endpoints(world: World) -> None:
+    single_card, batch_card = world.funded_card(500), world.funded_card(500)
+    single = world.terminal.purchase(single_card, 70)
+    batched = _purchases(world, [batch_card], 70)[0]["body"]
+    assert set(batched) == set(single)
+    different = {"id", "created_at", "updated_at", "card_number", "tac", "authorisation"}
+    assert {k: v for k, v in batched.items() if k not in different} == {
+        k: v for k, v in single.items() if k not in different
+    }
+    assert set(batched["authorisation"]) == set(single["authorisation"])
+
+
+def test_refusals_in_a_batch_refuse_only_their_item(world: World) -> None:
+    rich, other, third = (world.funded_card(1_000) for _ in range(3))
+    ids = [a["body"]["id"] for a in _run(world, [_create(100), _create(100), _create(100)])]
+    elsewhere = _authorise(world.terminal, ids[1], other, 100)
+    elsewhere["body"]["terminal_id"] = world.other_terminal_id
+    items = [
+        _authorise(world.terminal, ids[0], rich, 100),
+        elsewhere,
+        {"path": "/v1/loads", "body": {"amount": 1}},
+        {"path": f"/v1/payments/{ids[2]}/authorise", "body": {"issuer_data": "zz"}},
+        _authorise(world.terminal, ids[2], third, 100),
+    ]
+    answers = _run(world, items)
+    assert answers[0]["status"] == 200 and answers[0]["body"]["status"] == "authorised"
+    assert answers[1]["status"] == 402
+    assert answers[1]["body"]["decline_code"] == "terminal_mismatch"
+    assert answers[2]["status"] == 404
+    assert answers[2]["body"]["code"] == "batch_path_not_supported"
+    assert answers[3]["status"] == 422 and answers[3]["body"]["code"] == "validation_error"
+    assert answers[4]["status"] == 200
+    # A forged DEBIT answer is refused and logged; the honest one beside it is captured.
+    forged = ok(rich, bytes.fromhex(answers[0]["body"]["authorisation"]["debit_apdu"]))
+    forged = forged[:4] + bytes(4)
+    honest = ok(third, bytes.fromhex(answers[4]["body"]["authorisation"]["debit_apdu"]))
+    captured = _run(world, [_capture(ids[0], forged), _capture(ids[2], honest)])
+    assert captured[0]["status"] == 402
+    assert captured[0]["body"]["code"] == "verification_failed"
+    assert captured[1]["status"] == 200 and captured[1]["body"]["status"] == "succeeded"
+    status = world.client.get(f"/v1/payments/{ids[0]}", headers=world.auth(world.merchant_key))
+    assert status.json()["status"] == "authorised"  # still open: the card's proof decides
+    with world.factory() as session:
+        assert ledger.balance(session, ledger.HELD_PURCHASES) == 100
+        assert ledger.check(session).ok
+
+
+def test_the_same_card_twice_in_one_batch_is_one_transaction_at_a_time(world: World) -> None:
+    card = world.funded_card(1_000)
+    ids = [a["body"]["id"] for a in _run(world, [_create(100), _create(200)])]
+    first = _authorise(world.terminal, ids[0], card, 100)
+    second = _authorise(world.terminal, ids[1], card, 200)
+    answers = _run(world, [first, second])
+    assert answers[0]["status"] == 200
+    assert answers[1]["status"] == 402
+    assert answers[1]["body"]["decline_code"] == "recovery_required"
+
+
+def test_a_retried_batch_replays_every_answer_and_moves_no_money(world: World) -> None:
+    cards = [world.funded_card(1_000) for _ in range(3)]
+    captured = _purchases(world, cards, 50)
+    ids = [a["body"]["id"] for a in captured]
+    with world.factory() as session:
+        entries = session.scalar(select(func.count()).select_from(Entry))
+    again = _run(world, [_capture(pid, bytes(8), f"k{i}") for i, pid in enumerate(ids)])
+    # Same keys, different bodies: refused as reuse, not run.
+    assert {a["status"] for a in again} == {422}
+    assert {a["body"]["code"] for a in again} == {"idempotency_key_reused"}
+    created = _run(world, [_create(50, f"c{i}") for i in range(3)])
+    assert all(a["replayed"] and a["status"] == 201 for a in created)
+    with world.factory() as session:
+        assert session.scalar(select(func.count()).select_from(Entry)) == entries
+        assert session.scalar(select(func.count()).select_from(Payment)) == 3
+        assert ledger.check(session).ok
+
+
+def test_a_key_used_twice_in_one_batch_runs_once(world: World) -> None:
+    answers = _run(world, [_create(10, "same"), _create(10, "same"), _create(11, "same")])
+    assert answers[0]["status"] == 201 and not answers[0]["replayed"]
+    assert answers[1] == {**answers[0], "replayed": True}
+    assert answers[2]["status"] == 422
+    with world.factory() as session:
+        assert session.scalar(select(func.count()).select_from(Payment)) == 1
+        stored = session.scalars(select(IdempotencyRecord)).one()
+        assert stored.state == "done" and stored.response_status == 201
+
+
+def test_a_surprise_in_the_fast_path_falls_back_to_the_per_item_path(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cards = [world.funded_card(1_000) for _ in range(2)]
+    real = ledger.post_transfers
+    calls: list[int] = []
+
+    def refuse_once(*args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ledger.LedgerError("injected")
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(ledger, "post_transfers", refuse_once)
+    ids = [a["body"]["id"] for a in _run(world, [_create(100), _create(100)])]
+    answers = _run(
+        world, [_authorise(world.terminal, pid, c, 100) for pid, c in zip(ids, cards, strict=True)]
+    )
+    assert calls and [a["status"] for a in answers] == [200, 200]
+    with world.factory() as session:
+        assert ledger.balance(session, ledger.HELD_PURCHASES) == 200
+        assert ledger.check(session).ok
+
+
+def test_batches_need_a_merchant_key_and_a_bounded_size(world: World) -> None:
+    unauthenticated = world.client.post("/v1/batch", json={"requests": [_create(1)]})
+    assert unauthenticated.status_code == 401
+    operator = world.client.post(
+        "/v1/batch", json={"requests": [_create(1)]}, headers=world.auth(world.operator_key)
+    )
+    assert operator.status_code == 403
+    too_many = world.client.post(
+        "/v1/batch",
+        json={"requests": [_create(1)] * (batch.MAX_ITEMS + 1)},
+        headers=world.auth(world.merchant_key),
+    )
+    assert too_many.status_code == 422
+    with world.factory() as session:
+        assert session.scalar(select(func.count()).select_from(Payment)) == 0
+
+
+def test_another_merchants_payment_is_not_found_in_a_batch(world: World) -> None:
+    card = world.funded_card(1_000)
+    theirs = world.other_terminal.create_payment(100)
+    answers = _run(world, [_authorise(world.terminal, theirs["id"], card, 100)])
+    assert answers[0]["status"] == 404
