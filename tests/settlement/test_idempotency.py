@@ -96,3 +96,38 @@ def test_a_key_abandoned_in_flight_by_a_dead_request_runs_afresh(world: World) -
         )
     status, body, _ = _post(world, {"amount": 100}, "dead")
     assert status == 201 and body["status"] == "requires_card"
+
+
+def test_a_ledger_refusal_is_stored_under_the_key_and_replayed(world: World) -> None:
+    """409 ledger_refused is a refusal like a decline: a retry with the key replays it."""
+    from sqlalchemy import update
+
+    from webpurse.settlement import ledger
+    from webpurse.settlement.models import Account
+
+    card = world.funded_card(1_000)
+    payment = world.terminal.create_payment(300)
+    with world.factory() as session, session.begin():  # a damaged row the hold must use
+        ledger.ensure_account(session, ledger.HELD_PURCHASES, world.clock(), currency="USD")
+    issuer, init = world.terminal.purchase_batch1(card, 300)
+    body = {
+        "issuer_data": issuer.hex(),
+        "initialize_response": init.hex(),
+        "terminal_id": world.terminal_id,
+    }
+    headers = {**world.auth(world.merchant_key), "idempotency-key": "auth-ledger"}
+    url = f"/v1/payments/{payment['id']}/authorise"
+    first = world.client.post(url, json=body, headers=headers)
+    assert first.status_code == 409
+    assert first.json()["code"] == "ledger_refused"
+    with world.factory() as session, session.begin():
+        session.execute(
+            update(Account).where(Account.id == ledger.HELD_PURCHASES).values(currency="CNY")
+        )
+        stored = session.query(IdempotencyRecord).filter_by(key="auth-ledger").one()
+        assert (stored.state, stored.response_status) == ("done", 409)
+        assert session.get(Payment, payment["id"]).status == "requires_card"  # type: ignore[union-attr]
+    again = world.client.post(url, json=body, headers=headers)
+    assert again.status_code == 409
+    assert again.json() == first.json()
+    assert again.headers.get("idempotent-replayed") == "true"

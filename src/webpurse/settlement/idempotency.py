@@ -1,12 +1,20 @@
 """``Idempotency-Key`` on every POST: run once, replay the stored answer after that.
 
 The key row is inserted (``INSERT … ON CONFLICT DO NOTHING``) in the same transaction as
-the work and its stored response: one commit per request. A concurrent request with the
-same key waits for that transaction on PostgreSQL and then gets the stored answer; a key
-row seen still ``in_flight`` (a request that died) gets 409 ``idempotency_in_flight``
-until it is abandoned. The same key with a different request gets
-422 ``idempotency_key_reused``. Refusals are stored and replayed too; a crash (5xx)
-deletes the key so the client can retry.
+the work and its stored response: one commit per request, so no other request ever sees
+the row before its answer is stored in it. A concurrent request with the same key waits on
+the key's unique index (PostgreSQL; SQLite serialises writers, so it waits for the write
+lock) until the first request's transaction ends; its insert then does nothing and it
+replays the stored answer — or, if the first rolled back, its insert claims the key and it
+runs. The same key with a different request gets 422 ``idempotency_key_reused``. Refusals
+are stored and replayed too (an :class:`ApiError` that is not ``commit`` rolls the work
+back and stores only the refusal; a ledger refusal is 409 ``ledger_refused``); a crash
+(5xx) rolls back the key with the work, so the client can retry.
+
+The ``in_flight`` state (409 ``idempotency_in_flight``, a key abandoned after 5 minutes)
+is never committed by this version: a row is ``in_flight`` only inside its own uncommitted
+transaction. Older versions committed the key row before the work, and one whose request
+died left it ``in_flight``; the branch stays to answer such rows, and is harmless otherwise.
 """
 
 from __future__ import annotations
@@ -25,14 +33,21 @@ from sqlalchemy.orm import Session
 
 from webpurse.settlement.auth import Principal
 from webpurse.settlement.db import insert_ignoring_conflicts
+from webpurse.settlement.ledger import LedgerError
 from webpurse.settlement.models import IdempotencyRecord
-from webpurse.settlement.problems import PROBLEM_JSON, ApiError, bad_request, conflict
+from webpurse.settlement.problems import (
+    PROBLEM_JSON,
+    ApiError,
+    bad_request,
+    conflict,
+    ledger_refused,
+)
 
 log = structlog.get_logger(__name__)
 
 MAX_KEY_LENGTH = 255
-# A key still "in flight" after this long belongs to a request that died with its process
-# (its transaction rolled back): the next request with the key runs afresh.
+# Only rows committed by older versions (key row before the work) can be seen "in flight":
+# one still there after this long belongs to a request that died; the key runs afresh.
 ABANDONED_AFTER = dt.timedelta(minutes=5)
 # Keys are kept at least this long (payments-api.md: at least 24 hours).
 KEEP_FOR = dt.timedelta(days=7)
@@ -86,6 +101,15 @@ def _store(session: Session, record_id: int, status: int, body: dict[str, Any]) 
     )
 
 
+def _call(handler: Handler) -> tuple[int, dict[str, Any]]:
+    """Run the handler; a transfer the ledger refuses is a refusal like any other (409)."""
+    try:
+        return handler()
+    except LedgerError as exc:
+        log.warning("ledger.refused", detail=str(exc))
+        raise ledger_refused(str(exc)) from exc
+
+
 def run(
     request: Request,
     session: Session,
@@ -100,11 +124,12 @@ def run(
     (payments-api.md: local work runs in one transaction with the key row). A refusal
     that must not keep the work's changes (``ApiError.commit`` false) rolls the work back
     and stores the refusal under the key in a second, short transaction. Any other
-    exception rolls everything back, the key included, so the client can retry.
+    exception rolls everything back, the key included, so the client can retry; a
+    :class:`~webpurse.settlement.ledger.LedgerError` is the refusal 409 ``ledger_refused``.
     """
     if key is None:
         try:
-            status, body = handler()
+            status, body = _call(handler)
         except ApiError as error:
             if not error.commit:
                 session.rollback()
@@ -124,7 +149,7 @@ def run(
         if record_id is None:
             return _replay(request, session, principal, key, payload, handler, print_, now)
         try:
-            status, body = handler()
+            status, body = _call(handler)
         except ApiError as error:
             status, body = _problem(request, error)
             if not error.commit:
@@ -151,7 +176,11 @@ def _replay(
     print_: str,
     now: dt.datetime,
 ) -> JSONResponse:
-    """The key exists: replay its answer, refuse a different request, or 409 in flight."""
+    """The key exists: replay its answer, refuse a different request, or 409 in flight.
+
+    ``in_flight`` here is a row an older version committed before its work (see the module
+    docstring); this version's key rows are committed only with their answer.
+    """
     existing = session.scalars(
         select(IdempotencyRecord)
         .where(IdempotencyRecord.principal == principal.subject, IdempotencyRecord.key == key)

@@ -91,3 +91,12 @@ def declined(
 
 def verification_failed(detail: str) -> ApiError:
     return ApiError(402, "verification_failed", detail, title="Verification failed", commit=True)
+
+
+def ledger_refused(detail: str) -> ApiError:
+    """409 ``ledger_refused``: a transfer the ledger will not post (its message as the detail).
+
+    Not committed: the request's work rolls back and the refusal is stored under its
+    idempotency key like any other (docs/settlement-api.md).
+    """
+    return ApiError(409, "ledger_refused", detail)

@@ -3,7 +3,9 @@
 Creating a refund moves the amount from the merchant's payable to ``refunds:pending`` and
 opens a load order funded from there, bound to the card that paid; when that load
 succeeds the refund succeeds. Several partial refunds are allowed up to the captured
-amount.
+amount. A refusal raises an :class:`ApiError` that is not committed, so
+:func:`webpurse.settlement.idempotency.run` rolls the refund back and stores the refusal
+under the request's idempotency key.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from webpurse.settlement import events, ledger
 from webpurse.settlement.ledger import LedgerError
 from webpurse.settlement.models import Payment, Refund
 from webpurse.settlement.payments import get_payment
-from webpurse.settlement.problems import ApiError, conflict, not_found
+from webpurse.settlement.problems import ApiError, conflict, ledger_refused, not_found
 from webpurse.settlement.schemas import RefundCreate
 from webpurse.settlement.service import Ctx, new_id
 
@@ -75,22 +77,29 @@ def create(ctx: Ctx, body: RefundCreate) -> Refund:
     )
     ctx.session.add(refund)
     ctx.session.flush()
+    payable = ledger.merchant_account(payment.merchant_id)
     try:
         ledger.post_transfer(
             ctx.session,
             f"{refund.id}:reserve",
-            ledger.merchant_account(payment.merchant_id),
+            payable,
             ledger.REFUNDS_PENDING,
             amount,
             "refund_reserve",
             now=ctx.now,
             reference=refund.id,
         )
-    except LedgerError:
-        ctx.session.rollback()
-        raise conflict(
-            "insufficient_merchant_balance", "the merchant's payable balance cannot cover it"
-        ) from None
+    except LedgerError as exc:
+        # The transfer locked the payable account: its balance read now is the one refused.
+        available = ledger.balance(ctx.session, payable)
+        if available < amount:
+            log.info("refund.refused", payment=payment.id, amount=amount, payable=available)
+            raise conflict(
+                "insufficient_merchant_balance",
+                f"the merchant's payable balance ({available} fen) cannot cover {amount} fen",
+            ) from None
+        log.warning("refund.ledger_refused", payment=payment.id, detail=str(exc))
+        raise ledger_refused(str(exc)) from None
     load = loads.create_order(
         ctx,
         amount=amount,
