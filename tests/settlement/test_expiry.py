@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import time
 from pathlib import Path
+from typing import Any
 
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
-from tests.settlement.support import FakeClock, make_world
+from tests.settlement.support import FakeClock, World, make_world
+from webpurse.settlement import events, webhooks
 from webpurse.settlement.app import create_app
 from webpurse.settlement.db import make_engine
 from webpurse.settlement.expiry import expire_stale
+from webpurse.settlement.webhooks import WebhookEvent
 
 
 def test_expire_stale_is_a_pure_sweep_over_the_injected_clock(tmp_path: Path) -> None:
@@ -61,3 +66,36 @@ def test_the_server_sweeps_by_itself(tmp_path: Path) -> None:
                 assert status == "expired"
         finally:
             engine.dispose()
+
+
+def test_an_expired_payment_is_told_to_its_merchant_like_an_expired_load(world: World) -> None:
+    """Expiry emits ``payment.expired`` (loads: ``load.failed``) in the sweep's transaction."""
+    waiting = world.terminal.create_payment(100)
+    load = world.terminal.create_load(200)
+
+    def sweep(at: dt.datetime) -> None:
+        with world.factory() as session, session.begin():
+            expire_stale(
+                session,
+                at,
+                requires_card_ttl=dt.timedelta(minutes=30),
+                authorised_ttl=dt.timedelta(minutes=2),
+            )
+
+    def events_of(object_id: str) -> list[tuple[str, dict[str, Any]]]:
+        with world.factory() as session:
+            rows = session.scalars(
+                select(WebhookEvent).where(WebhookEvent.merchant_id == world.merchant_id)
+            ).all()
+        bodies = [(row.type, json.loads(row.body)["data"]["object"]) for row in rows]
+        return [(kind, obj) for kind, obj in bodies if obj["id"] == object_id]
+
+    sweep(world.clock() + dt.timedelta(minutes=29))
+    assert events_of(waiting["id"]) == []
+    sweep(world.clock() + dt.timedelta(minutes=31))
+    ((kind, obj),) = events_of(waiting["id"])
+    assert kind == "payment.expired"
+    assert obj["status"] == "expired" and obj["amount"] == 100
+    assert [kind for kind, _ in events_of(load["id"])] == ["load.failed"]
+    assert "payment.expired" in events.EVENT_TYPES
+    assert "payment.expired" in webhooks.EVENT_TYPES

@@ -19,6 +19,7 @@ EVENT_TYPES = frozenset(
         "payment.failed",
         "payment.uncertain",
         "payment.canceled",
+        "payment.expired",
         "refund.created",
         "refund.succeeded",
         "load.succeeded",

@@ -1,6 +1,7 @@
 """Expiry of stale payments and loads: a sweep with the clock injected.
 
-- ``requires_card`` older than ``requires_card_ttl``: ``expired`` (loads return their funds);
+- ``requires_card`` older than ``requires_card_ttl``: ``expired`` (loads return their funds),
+  told to the merchant like every other change: ``payment.expired`` (loads: ``load.failed``);
 - ``authorised`` older than ``authorised_ttl``: ``uncertain`` — after MAC1 (or MAC2) was
   issued a DEBIT (or CREDIT) may have reached the card, so nothing is guessed; the card's
   next contact or its proof settles it (spec §6).
@@ -21,7 +22,7 @@ from fastapi import FastAPI
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
-from webpurse.settlement import idempotency, loads, payments
+from webpurse.settlement import events, idempotency, loads, payments
 from webpurse.settlement.auth import OPERATOR, Principal
 from webpurse.settlement.models import Load, Payment
 from webpurse.settlement.security import SecurityModule
@@ -90,6 +91,9 @@ def expire_stale(
     ):
         payment.status = "expired"
         payment.updated_at = now
+        events.emit(
+            session, payment.merchant_id, "payment.expired", payments.payment_json(payment), now=now
+        )
         counts["pe"] += 1
     for payment in session.scalars(
         _claim(

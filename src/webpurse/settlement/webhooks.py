@@ -256,6 +256,7 @@ EVENT_TYPES: tuple[str, ...] = (
     "payment.failed",
     "payment.uncertain",
     "payment.canceled",
+    "payment.expired",
     "refund.created",
     "refund.succeeded",
     "refund.failed",
