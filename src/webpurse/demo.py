@@ -206,6 +206,9 @@ class DemoStack:
         return match.group(1) if match else ""
 
     def start_settlement(self) -> None:
+        env = self.env()
+        # The shop's webhook endpoint is on this host (127.0.0.1): allow private targets.
+        env["WEBPURSE_WEBHOOK_ALLOW_PRIVATE"] = "1"
         process = self.spawn(
             "settlement",
             [
@@ -217,6 +220,7 @@ class DemoStack:
                 "--port",
                 str(self.settlement_port),
             ],
+            env,
         )
         wait_http(f"{self.settlement_url}/health", process=process)
 

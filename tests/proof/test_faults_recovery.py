@@ -155,7 +155,14 @@ async def deliver(world: World, shop: Site, down_attempts: int = DOWN_ATTEMPTS) 
     rng = random.Random(7)
     for _ in range(20):
         shop.network.up = shop.network.refused >= down_attempts
-        await deliver_due(world.factory, shop.hooks, world.clock(), secret_box=box, rng=rng)
+        await deliver_due(
+            world.factory,
+            shop.hooks,
+            world.clock(),
+            secret_box=box,
+            rng=rng,
+            allow_private=world.settings.webhook_allow_private,  # shop.test: an in-process app
+        )
         with world.factory() as session:
             pending = session.scalars(
                 select(WebhookMessage).where(WebhookMessage.status != MessageStatus.SUCCEEDED)

@@ -269,7 +269,13 @@ def make_world(url: str, *, clock: FakeClock | None = None) -> Iterator[World]:
     clock = clock or FakeClock()
     kek = secrets.token_bytes(32)
     settings = Settings(
-        database_url=url, kek=kek, clock=clock, webhook_worker=False, pool_size=5, max_overflow=5
+        database_url=url,
+        kek=kek,
+        clock=clock,
+        webhook_worker=False,
+        pool_size=5,
+        max_overflow=5,
+        webhook_allow_private=True,  # the test shops listen on loopback or unresolvable names
     )
     engine = make_engine(url, pool_size=5, max_overflow=5)
     try:
@@ -356,6 +362,7 @@ def live_server(url: str, tmp_path: Path, *, workers: int = 1) -> Iterator[LiveS
         "WEBPURSE_DATABASE_URL": url,
         "WEBPURSE_KEK": kek.hex(),
         "WEBPURSE_DATA_DIR": str(tmp_path / "data"),
+        "WEBPURSE_WEBHOOK_ALLOW_PRIVATE": "1",  # test endpoints are on 127.0.0.1
     }
     log = open(tmp_path / "server.log", "wb")  # noqa: SIM115
     process = subprocess.Popen(

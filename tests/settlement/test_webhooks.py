@@ -4,6 +4,7 @@ a delivery log, events listed for replay, and each merchant seeing only its own.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import hashlib
 import hmac
@@ -208,6 +209,7 @@ async def deliver(stack: Stack, http: httpx.AsyncClient) -> webhooks.DeliveryRep
         stack.clock(),
         secret_box=secret_box_for(stack.settings),
         rng=random.Random(1),
+        allow_private=stack.settings.webhook_allow_private,
     )
 
 
@@ -453,3 +455,219 @@ async def test_an_unreadable_endpoint_secret_fails_its_message_and_delivers_the_
                 for m in session.scalars(select(WebhookMessage))
             }
     assert statuses[broken["id"]] == ("failed", "endpoint secret cannot be opened")
+
+
+# --- delivery targets: no webhooks to private addresses (SSRF) -----------------------
+
+
+@pytest.mark.parametrize(
+    ("address", "allowed"),
+    [
+        ("93.184.215.14", True),
+        ("2606:2800:21f:cb07:6820:80da:af6b:8b2c", True),
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("172.16.0.1", False),
+        ("192.168.1.1", False),
+        ("169.254.169.254", False),  # cloud metadata
+        ("100.64.0.1", False),  # carrier-grade NAT
+        ("0.0.0.0", False),
+        ("224.0.0.1", False),
+        ("::1", False),
+        ("fe80::1", False),
+        ("fd00::1", False),
+        ("::ffff:127.0.0.1", False),
+        ("2002:7f00:1::", False),  # 6to4 of 127.0.0.1
+        ("64:ff9b::a00:1", False),  # NAT64 of 10.0.0.1
+        ("not-an-address", False),
+    ],
+)
+def test_only_public_addresses_are_webhook_targets(address: str, allowed: bool) -> None:
+    assert webhooks.address_allowed(address) is allowed
+
+
+@pytest.fixture
+def strict(db_url: str) -> Iterator[Stack]:
+    """A stack as in production: private webhook targets not allowed."""
+    with settlement_stack(db_url, START, allow_private=False) as built:
+        yield built
+
+
+def test_registering_a_private_url_is_refused_unless_the_operator_allows_it(
+    strict: Stack,
+) -> None:
+    with TestClient(strict.app) as client:
+        auth = strict.auth(MERCHANT_A)
+        for url in (
+            "http://127.0.0.1:8080/hooks",
+            "http://10.0.0.5/hooks",
+            "http://169.254.169.254/latest/meta-data",
+            "https://[::1]/hooks",
+            "http://[::ffff:127.0.0.1]/hooks",
+            "http://localhost:8080/hooks",
+            "http://0.0.0.0/hooks",
+        ):
+            response = client.post(
+                "/v1/webhook_endpoints", json={"url": url, "events": ["*"]}, headers=auth
+            )
+            assert response.status_code == 422, url
+            problem = response.json()
+            assert problem["code"] == "webhook_url_not_allowed", url
+            assert problem["param"] == "url"
+        for url in ("http://xn--/hooks", "http://shop.example:99999/hooks"):
+            response = client.post(
+                "/v1/webhook_endpoints", json={"url": url, "events": ["*"]}, headers=auth
+            )
+            assert response.status_code == 422, url
+            assert response.json()["param"] == "url", url  # not a URL delivery could use
+        assert client.get("/v1/webhook_endpoints", headers=auth).json()["data"] == []
+        # Public addresses, and names that do not resolve yet (checked again at delivery).
+        for url in ("https://93.184.215.14/hooks", "https://shop.example/hooks"):
+            response = client.post(
+                "/v1/webhook_endpoints", json={"url": url, "events": ["*"]}, headers=auth
+            )
+            assert response.status_code == 201, (url, response.text)
+    # WEBPURSE_WEBHOOK_ALLOW_PRIVATE=1: the operator allows them (the demo, these tests).
+    state = strict.app.state.settlement
+    state.settings = dataclasses.replace(state.settings, webhook_allow_private=True)
+    with TestClient(strict.app) as client:
+        response = client.post(
+            "/v1/webhook_endpoints",
+            json={"url": "http://127.0.0.1:8080/hooks", "events": ["*"]},
+            headers=strict.auth(MERCHANT_A),
+        )
+        assert response.status_code == 201
+
+
+def test_the_operator_setting_comes_from_the_environment() -> None:
+    from webpurse.settlement.settings import Settings
+
+    assert Settings.from_env({}).webhook_allow_private is False
+    assert Settings.from_env({"WEBPURSE_WEBHOOK_ALLOW_PRIVATE": "1"}).webhook_allow_private
+    assert not Settings.from_env({"WEBPURSE_WEBHOOK_ALLOW_PRIVATE": "0"}).webhook_allow_private
+
+
+async def test_a_name_that_resolves_to_a_private_address_at_delivery_is_not_sent_to(
+    strict: Stack,
+) -> None:
+    """DNS rebinding: the name was public (or unresolvable) at registration, private now."""
+    with TestClient(strict.app) as client:
+        response = client.post(
+            "/v1/webhook_endpoints",
+            json={"url": "https://hooks.shop.example:8443/webpurse?x=1", "events": ["*"]},
+            headers=strict.auth(MERCHANT_A),
+        )
+    assert response.status_code == 201, response.text
+    event_id = payment_event(strict)
+    sent: list[httpx.Request] = []
+
+    def receive(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(200)
+
+    answers = {"hooks.shop.example": ["169.254.169.254"]}
+
+    def resolver(host: str, port: int) -> list[str]:
+        assert port == 8443
+        return answers[host]
+
+    async def deliver_strict(http: httpx.AsyncClient) -> webhooks.DeliveryReport:
+        return await deliver_due(
+            strict.session_factory,
+            http,
+            strict.clock(),
+            secret_box=secret_box_for(strict.settings),
+            rng=random.Random(1),
+            resolver=resolver,
+        )
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(receive)) as http:
+        refused = await deliver_strict(http)
+        assert (refused.attempted, refused.retrying, refused.succeeded) == (1, 1, 0)
+        assert sent == []
+        with strict.session_factory() as session:
+            message = session.scalars(select(WebhookMessage)).one()
+            assert message.status == "pending"
+            assert message.last_error is not None
+            assert message.last_error.startswith("webhook_url_not_allowed")
+            assert "169.254.169.254" in message.last_error
+            assert message.next_attempt_at is not None
+            strict.clock.now = message.next_attempt_at
+
+        # One public and one private answer: still refused (the client could pick either).
+        answers["hooks.shop.example"] = ["93.184.215.14", "10.0.0.7"]
+        assert (await deliver_strict(http)).retrying == 1
+        assert sent == []
+        with strict.session_factory() as session:
+            message = session.scalars(select(WebhookMessage)).one()
+            assert message.next_attempt_at is not None
+            strict.clock.now = message.next_attempt_at
+
+        # Public again: sent to the address that was checked, under the URL's name.
+        answers["hooks.shop.example"] = ["93.184.215.14"]
+        assert (await deliver_strict(http)).succeeded == 1
+    (request,) = sent
+    assert request.url.host == "93.184.215.14"
+    assert (request.url.port, request.url.path, request.url.query) == (8443, "/webpurse", b"x=1")
+    assert request.headers["host"] == "hooks.shop.example:8443"
+    assert request.extensions["sni_hostname"] == "hooks.shop.example"
+    assert request.headers["webhook-id"] == event_id
+    detail = TestClient(strict.app).get(f"/v1/events/{event_id}", headers=strict.auth(MERCHANT_A))
+    log = detail.json()["deliveries"][0]["log"]
+    assert [a["succeeded"] for a in log] == [False, False, True]
+    assert log[0]["status_code"] is None and "not a public address" in log[0]["error"]
+
+
+# --- retention of the delivery log ---------------------------------------------------
+
+
+async def test_the_sweep_forgets_deliveries_older_than_the_retention(
+    stack: Stack, client: TestClient
+) -> None:
+    from webpurse.settlement.expiry import expire_stale
+
+    outcomes = {"good": 200, "down": 503}
+
+    def receive(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(outcomes[request.url.path.strip("/")])
+
+    register(client, stack, "http://127.0.0.1:9/good", ["payment.succeeded"])
+    register(client, stack, "http://127.0.0.1:9/down", ["payment.failed"])
+    old_delivered = payment_event(stack, "payment.succeeded")
+    old_failing = payment_event(stack, "payment.failed")
+    async with httpx.AsyncClient(transport=httpx.MockTransport(receive)) as http:
+        assert (await deliver(stack, http)).succeeded == 1
+        stack.clock.advance(dt.timedelta(days=20))
+        recent_delivered = payment_event(stack, "payment.succeeded")
+        assert (await deliver(stack, http)).succeeded == 1
+
+    def sweep(at: dt.datetime) -> None:
+        with stack.session_factory() as session, session.begin():
+            expire_stale(
+                session,
+                at,
+                requires_card_ttl=dt.timedelta(minutes=30),
+                authorised_ttl=dt.timedelta(minutes=2),
+            )
+
+    def kept() -> tuple[set[str], set[str], int]:
+        with stack.session_factory() as session:
+            events = set(session.scalars(select(webhooks.WebhookEvent.id)))
+            messages = set(session.scalars(select(WebhookMessage.event_id)))
+            attempts = len(session.scalars(select(webhooks.WebhookAttempt.id)).all())
+        return events, messages, attempts
+
+    everything = {old_delivered, old_failing, recent_delivered}
+    before = kept()
+    sweep(START + webhooks.DELIVERY_RETENTION - dt.timedelta(minutes=1))
+    assert kept() == before  # nothing is old enough yet
+    assert before[0] == before[1] == everything
+
+    sweep(START + webhooks.DELIVERY_RETENTION + dt.timedelta(minutes=1))
+    events, messages, attempts = kept()
+    # The old delivered event, its message and its attempt are gone; the undelivered one
+    # (the merchant may still redeliver it) and the recent delivery stay, log included.
+    assert events == messages == {old_failing, recent_delivered}
+    assert attempts == before[2] - 1
+    listed = client.get("/v1/events", headers=stack.auth(MERCHANT_A)).json()["data"]
+    assert {e["id"] for e in listed} == {old_failing, recent_delivered}

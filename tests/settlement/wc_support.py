@@ -65,8 +65,15 @@ MERCHANT_B = "mer_bravo"
 
 @contextmanager
 def settlement_stack(
-    url: str, start: dt.datetime, *, webhook_worker: bool = False, real_clock: bool = False
+    url: str,
+    start: dt.datetime,
+    *,
+    webhook_worker: bool = False,
+    real_clock: bool = False,
+    allow_private: bool = True,
 ) -> Iterator[Stack]:
+    """The stack; ``allow_private`` (on: the receivers listen on 127.0.0.1) is the operator
+    setting that lets webhook URLs point at private addresses."""
     kek = secrets.token_bytes(32)
     clock = FakeClock(start)
     settings_clock = (lambda: dt.datetime.now(dt.UTC)) if real_clock else clock
@@ -78,6 +85,7 @@ def settlement_stack(
         webhook_interval=0.05,
         pool_size=3,
         max_overflow=2,
+        webhook_allow_private=allow_private,
     )
     engine = make_engine(url, pool_size=3, max_overflow=2)
     try:

@@ -5,6 +5,9 @@
 - ``authorised`` older than ``authorised_ttl``: ``uncertain`` — after MAC1 (or MAC2) was
   issued a DEBIT (or CREDIT) may have reached the card, so nothing is guessed; the card's
   next contact or its proof settles it (spec §6).
+
+The same sweep forgets idempotency keys after their retention and delivered webhooks after
+theirs (:func:`webpurse.settlement.webhooks.prune_delivered`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from fastapi import FastAPI
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
-from webpurse.settlement import events, idempotency, loads, payments
+from webpurse.settlement import events, idempotency, loads, payments, webhooks
 from webpurse.settlement.auth import OPERATOR, Principal
 from webpurse.settlement.models import Load, Payment
 from webpurse.settlement.security import SecurityModule
@@ -124,6 +127,7 @@ def expire_stale(
         loads.mark_uncertain(ctx, load)
         counts["lu"] += 1
     idempotency.purge(session, now)
+    webhooks.prune_delivered(session, now)
     report = SweepReport(counts["pe"], counts["pu"], counts["le"], counts["lu"])
     log.info("sweep.done", **report.to_json())
     return report

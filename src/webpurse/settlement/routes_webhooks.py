@@ -3,6 +3,8 @@
 A merchant key sees only its own endpoints and events (another merchant's ids answer 404).
 An endpoint's secret is returned once, by the POST that creates it; afterwards it exists
 only sealed in the database (see :class:`webpurse.settlement.webhooks.SecretBox`).
+A URL whose host is or resolves to a non-public address is refused (422
+``webhook_url_not_allowed``) unless ``Settings.webhook_allow_private``; delivery checks again.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+import httpx
+import structlog
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import and_, or_, select
@@ -21,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from webpurse.settlement.auth import MerchantPrincipal
 from webpurse.settlement.db import get_session
-from webpurse.settlement.problems import PROBLEM_JSON, bad_request, not_found
+from webpurse.settlement.problems import PROBLEM_JSON, ApiError, bad_request, not_found
 from webpurse.settlement.security import resolve_kek
 from webpurse.settlement.settings import Clock, Settings
 from webpurse.settlement.webhooks import (
@@ -29,11 +33,13 @@ from webpurse.settlement.webhooks import (
     EVENT_TYPE_RE,
     MessageStatus,
     SecretBox,
+    TargetNotAllowedError,
     WebhookAttempt,
     WebhookEndpoint,
     WebhookEvent,
     WebhookMessage,
     WebhookWorker,
+    check_target,
     event_matches,
     new_id,
     new_message,
@@ -41,6 +47,7 @@ from webpurse.settlement.webhooks import (
 )
 
 router = APIRouter(prefix="/v1", tags=["webhooks"])
+log = structlog.get_logger(__name__)
 
 DbSession = Annotated[Session, Depends(get_session)]
 _PROBLEM = {"content": {PROBLEM_JSON: {}}, "description": "problem details (RFC 9457)"}
@@ -96,6 +103,11 @@ class EndpointCreate(BaseModel):
             raise ValueError("url must be an absolute http or https URL")
         if parts.username or parts.password:
             raise ValueError("url must not carry credentials")
+        try:
+            parts.port  # noqa: B018 - raises ValueError when out of range
+            httpx.URL(value).host  # noqa: B018 - delivery sends to what httpx makes of it
+        except (ValueError, httpx.InvalidURL) as exc:
+            raise ValueError(f"url is not a valid http(s) URL: {exc}") from None
         return value
 
     @field_validator("events")
@@ -240,10 +252,31 @@ def _event_out(session: Session, event: WebhookEvent, *, with_log: bool) -> Even
     )
 
 
+def _refuse_private_target(url: str) -> None:
+    """422 ``webhook_url_not_allowed`` if ``url``'s host is or resolves to a non-public address.
+
+    A name that does not resolve (yet) is accepted: every delivery resolves it again and
+    refuses a non-public answer then.
+    """
+    try:
+        check_target(url)
+    except TargetNotAllowedError as exc:
+        log.warning("webhooks.url_refused", detail=str(exc))
+        raise ApiError(
+            422,
+            TargetNotAllowedError.code,
+            f"{exc}: webhooks go only to public addresses",
+            param="url",
+        ) from None
+    except (OSError, UnicodeError):  # socket.gaierror: checked again at each delivery
+        return
+
+
 @router.post(
     "/webhook_endpoints", status_code=201, response_model=EndpointCreated, responses=PROBLEMS
 )
 def create_endpoint(
+    request: Request,
     body: EndpointCreate,
     principal: MerchantPrincipal,
     session: DbSession,
@@ -252,6 +285,9 @@ def create_endpoint(
 ) -> EndpointCreated:
     """Register an endpoint; the response carries its signing secret, shown this once."""
     assert principal.merchant_id is not None
+    settings: Settings = request.app.state.settlement.settings
+    if not settings.webhook_allow_private:
+        _refuse_private_target(body.url)
     live = session.scalars(
         select(WebhookEndpoint.id).where(
             WebhookEndpoint.merchant_id == principal.merchant_id,
@@ -422,6 +458,7 @@ async def webhook_worker_lifespan(app: FastAPI) -> AsyncIterator[None]:
         secret_box_for(settings),
         clock=state.clock,
         interval=settings.webhook_interval,
+        allow_private=settings.webhook_allow_private,
     )
     await worker.start()
     try:

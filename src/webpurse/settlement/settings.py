@@ -19,6 +19,11 @@ def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def _flag(value: str) -> bool:
+    """An on/off environment setting: 1, true, yes or on (any case) is on."""
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the composition root (:func:`webpurse.settlement.app.create_app`) needs."""
@@ -42,6 +47,10 @@ class Settings:
     webhook_worker: bool = True
     webhook_interval: float = 1.0
     clearing_timezone: dt.tzinfo | None = None
+    # Webhook URLs on loopback, private or link-local addresses are refused (SSRF) unless
+    # the operator allows them: WEBPURSE_WEBHOOK_ALLOW_PRIVATE=1 (the demo and the tests,
+    # whose shops listen on 127.0.0.1). Off by default.
+    webhook_allow_private: bool = False
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, *, migrate: bool = False) -> Settings:
@@ -59,6 +68,7 @@ class Settings:
             kek_file=Path(kek_file) if kek_file else None,
             migrate=migrate,
             sweep_interval=float(env.get("WEBPURSE_SWEEP_INTERVAL", "30")),
+            webhook_allow_private=_flag(env.get("WEBPURSE_WEBHOOK_ALLOW_PRIVATE", "")),
         )
 
     @property

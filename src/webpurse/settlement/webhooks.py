@@ -16,8 +16,15 @@ Layers, from pure to I/O:
 - persistence: the ORM rows (endpoints, events, outbox, delivery attempts) and
   :func:`enqueue_event`, which writes an event and its outbox rows in the *caller's*
   transaction, so an event exists if and only if the state change that caused it committed;
+- delivery targets: :func:`address_allowed` (pure) and :func:`check_target` refuse URLs whose
+  host is or resolves to a private, loopback, link-local or otherwise non-public address
+  (SSRF), at registration and again, pinned to the checked address, at every delivery
+  (DNS rebinding), unless the operator allows private targets
+  (``Settings.webhook_allow_private``);
 - delivery: :func:`deliver_due` sends what is due with an injected HTTP client and clock;
-  :class:`WebhookWorker` runs it in a loop inside the application's lifespan.
+  :class:`WebhookWorker` runs it in a loop inside the application's lifespan;
+- retention: :func:`prune_delivered` forgets delivered messages, their attempt log and
+  fully delivered events after :data:`DELIVERY_RETENTION` (called by the periodic sweep).
 """
 
 from __future__ import annotations
@@ -29,10 +36,12 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
+import ipaddress
 import json
 import random
 import re
 import secrets
+import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -55,6 +64,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    delete,
     select,
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column
@@ -104,6 +114,12 @@ class InvalidSignatureError(WebhookVerificationError):
     """No ``v1`` signature in ``webhook-signature`` matches the body under the secret."""
 
     code = "webhook_invalid_signature"
+
+
+class TargetNotAllowedError(WebhookError):
+    """A webhook URL whose host is, or resolves to, an address that is not public (SSRF)."""
+
+    code = "webhook_url_not_allowed"
 
 
 class InvalidSecretError(WebhookError, ValueError):
@@ -243,6 +259,67 @@ class RetryPolicy:
         if at - first_created_at > self.max_age:
             return None
         return at
+
+
+# --------------------------------------------------------------------------- delivery targets
+
+Resolver = Callable[[str, int], list[str]]
+"""``(host, port) -> addresses``: how a webhook host is resolved (injected in tests)."""
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def address_allowed(address: str) -> bool:
+    """Whether settlement may send a webhook to ``address`` (an IP literal).
+
+    Only globally routable unicast addresses: loopback, private (RFC 1918, ULA), link-local
+    (169.254.0.0/16 holds cloud metadata services), carrier-grade NAT, unspecified, reserved,
+    documentation and multicast addresses are refused, also when wrapped in IPv6
+    (IPv4-mapped, 6to4, NAT64). An unparsable address is refused.
+    """
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            ip = embedded
+    return ip.is_global and not ip.is_multicast
+
+
+def resolve_host(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to (an IP literal resolves to itself); OSError if none."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def _host_and_port(url: str) -> tuple[str, int]:
+    parsed = httpx.URL(url)
+    return parsed.host, parsed.port or (443 if parsed.scheme == "https" else 80)
+
+
+def check_target(url: str, resolver: Resolver = resolve_host) -> list[str]:
+    """The addresses ``url``'s host resolves to, all of them public.
+
+    Raises :class:`TargetNotAllowedError` if any is not (a name that resolves to a public
+    and a private address is refused: the client could pick either), and ``OSError`` if the
+    name does not resolve.
+    """
+    host, port = _host_and_port(url)
+    addresses = resolver(host, port)
+    if not addresses:
+        raise OSError(f"{host} resolves to no address")
+    refused = [address for address in addresses if not address_allowed(address)]
+    if refused:
+        raise TargetNotAllowedError(
+            f"{host} resolves to {refused[0]}, which is not a public address"
+            if refused[0] != host
+            else f"{host} is not a public address"
+        )
+    return addresses
 
 
 # --------------------------------------------------------------------------- event types
@@ -484,6 +561,64 @@ def new_message(event_id: str, endpoint_id: str, now: datetime) -> WebhookMessag
     )
 
 
+DELIVERY_RETENTION = timedelta(days=30)
+"""How long a delivered message and its attempt log are kept (docs/webhooks.md)."""
+PRUNE_BATCH = 5000
+"""At most this many delivered messages are pruned per sweep, so one sweep stays short."""
+
+
+def prune_delivered(
+    session: Session,
+    now: datetime,
+    *,
+    retention: timedelta = DELIVERY_RETENTION,
+    batch: int = PRUNE_BATCH,
+) -> int:
+    """Forget deliveries that succeeded more than ``retention`` ago; return how many.
+
+    Runs in the caller's transaction (the periodic expiry sweep). Deletes the delivered
+    messages' attempt log and the messages, and then each event older than ``retention``
+    whose every delivery was one of them. Undelivered, failed and canceled deliveries and
+    their events stay (the merchant may still list and redeliver them), and so do events
+    that never had an endpoint (listed for polling).
+    """
+    cutoff = _aware(now) - retention
+    doomed = list(
+        session.scalars(
+            select(WebhookMessage.id)
+            .where(
+                WebhookMessage.status == MessageStatus.SUCCEEDED.value,
+                WebhookMessage.delivered_at < cutoff,
+            )
+            .order_by(WebhookMessage.delivered_at, WebhookMessage.id)
+            .limit(batch)
+        )
+    )
+    if not doomed:
+        return 0
+    touched = set(
+        session.scalars(
+            select(WebhookMessage.event_id).where(WebhookMessage.id.in_(doomed)).distinct()
+        )
+    )
+    session.execute(delete(WebhookAttempt).where(WebhookAttempt.message_id.in_(doomed)))
+    session.execute(delete(WebhookMessage).where(WebhookMessage.id.in_(doomed)))
+    remaining = set(
+        session.scalars(
+            select(WebhookMessage.event_id).where(WebhookMessage.event_id.in_(touched)).distinct()
+        )
+    )
+    emptied = sorted(touched - remaining)
+    if emptied:
+        session.execute(
+            delete(WebhookEvent).where(
+                WebhookEvent.id.in_(emptied), WebhookEvent.created_at < cutoff
+            )
+        )
+    log.info("webhooks.pruned", messages=len(doomed), events=len(emptied))
+    return len(doomed)
+
+
 # --------------------------------------------------------------------------- delivery
 
 
@@ -534,6 +669,8 @@ async def deliver_due(
     limit: int = 50,
     timeout: float = 10.0,
     lease: timedelta = timedelta(minutes=2),
+    allow_private: bool = False,
+    resolver: Resolver = resolve_host,
 ) -> DeliveryReport:
     """Deliver every outbox message due at ``now``; record each attempt; schedule retries.
 
@@ -543,6 +680,13 @@ async def deliver_due(
     again when the lease runs out. A 2xx answer delivers it; anything else (another status,
     a timeout, a refused connection) is logged and retried per ``policy``, and marked
     ``failed`` once the policy gives up. Messages to deleted endpoints are canceled.
+
+    Unless ``allow_private``, each attempt first resolves the endpoint's host with
+    ``resolver`` and refuses to send if any address is not public (:func:`check_target`):
+    the refusal is the attempt's error (``last_error``), retried like any failure, since a
+    name that once resolved to a public address may since have been pointed at an internal
+    one (DNS rebinding). The request then goes to the checked address itself (``Host``
+    header and TLS server name stay the URL's host), so no second lookup can change it.
     """
     now = _aware(now)
     rng = rng if rng is not None else random.Random()
@@ -553,7 +697,9 @@ async def deliver_due(
     )
     if not jobs:
         return DeliveryReport(canceled=canceled)
-    outcomes = await asyncio.gather(*(_send(http_client, job, now, timeout) for job in jobs))
+    outcomes = await asyncio.gather(
+        *(_send(http_client, job, now, timeout, allow_private, resolver) for job in jobs)
+    )
     report = await asyncio.to_thread(_record, session_factory, outcomes, now, policy, rng)
     return dataclasses.replace(report, canceled=canceled)
 
@@ -665,15 +811,56 @@ def _claim_due(
     return jobs, canceled
 
 
-async def _send(client: httpx.AsyncClient, job: _Job, now: datetime, timeout: float) -> _Outcome:
+async def _pinned(
+    job: _Job, headers: dict[str, str], resolver: Resolver
+) -> tuple[httpx.URL, dict[str, Any]]:
+    """The URL to send to, pinned to a checked public address, and the request extensions.
+
+    Raises :class:`TargetNotAllowedError` or ``OSError`` (the name does not resolve).
+    """
+    url = httpx.URL(job.url)
+    addresses = await asyncio.to_thread(check_target, job.url, resolver)
+    headers["host"] = url.netloc.decode("ascii")
+    extensions: dict[str, Any] = {}
+    if url.scheme == "https":
+        extensions["sni_hostname"] = url.host  # the certificate is checked against the name
+    return url.copy_with(host=addresses[0]), extensions
+
+
+async def _send(
+    client: httpx.AsyncClient,
+    job: _Job,
+    now: datetime,
+    timeout: float,
+    allow_private: bool = False,
+    resolver: Resolver = resolve_host,
+) -> _Outcome:
     headers = signed_headers(job.secret, job.event_id, int(now.timestamp()), job.body)
     headers["user-agent"] = "webpurse-webhooks/1"
     started = time.monotonic()
     status: int | None = None
     error: str | None = None
+    url: httpx.URL | str = job.url
+    extensions: dict[str, Any] = {}
+    if not allow_private:
+        try:
+            url, extensions = await _pinned(job, headers, resolver)
+        except TargetNotAllowedError as exc:
+            log.warning("webhooks.target_refused", message_id=job.message_id, detail=str(exc))
+            error = f"{TargetNotAllowedError.code}: {exc}"[:500]
+        except Exception as exc:  # one bad URL must not fail the whole pass
+            error = f"cannot resolve the endpoint's host: {type(exc).__name__}: {exc}"[:500]
+        if error is not None:
+            duration_ms = int((time.monotonic() - started) * 1000)
+            return _Outcome(job=job, status_code=None, error=error, duration_ms=duration_ms)
     try:
         async with client.stream(
-            "POST", job.url, content=job.body, headers=headers, timeout=timeout
+            "POST",
+            url,
+            content=job.body,
+            headers=headers,
+            timeout=timeout,
+            extensions=extensions or None,
         ) as response:
             status = response.status_code
             if not 200 <= status < 300:
@@ -696,8 +883,10 @@ class WebhookWorker:
         interval: float = 1.0,
         policy: RetryPolicy = DEFAULT_POLICY,
         http_client: httpx.AsyncClient | None = None,
+        allow_private: bool = False,
     ) -> None:
         self._session_factory = session_factory
+        self._allow_private = allow_private
         self._secret_box = secret_box
         self._clock = clock
         self._interval = interval
@@ -731,6 +920,7 @@ class WebhookWorker:
                         secret_box=self._secret_box,
                         policy=self._policy,
                         limit=self.batch_size,
+                        allow_private=self._allow_private,
                     )
                     busy = report.attempted + report.canceled >= self.batch_size
                 except Exception:  # the loop must survive a bad pass (DB restart, ...)
