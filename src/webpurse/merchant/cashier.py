@@ -12,8 +12,9 @@ the webhook's follow-up: it re-reads the settlement object and applies its statu
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
+from collections import OrderedDict
 
 from webpurse.merchant.flows import (
     CardRefused,
@@ -51,11 +52,17 @@ from webpurse.reader.base import Reader, ReaderError
 log = logging.getLogger(__name__)
 
 MAX_CONTACTS = 10
+RECENT_TASKS = 256
+"""Finished payment tasks the cashier still hands out from :meth:`Cashier.task` (newest)."""
 REPAIR = "repair"  # detail of a waiting_reader event: the page must pair the agent again
 
 
 class _NewSession(Exception):
     """The agent's session is over but the order goes on: wait for a new pairing."""
+
+
+_AGENT_OUTCOMES = {PAID: "succeeded", LOADED: "succeeded", DECLINED: "declined"}
+"""Order status → the outcome the agent shows at the session's end (else ``failed``)."""
 
 
 def kind_of(order: Order) -> Kind:
@@ -84,6 +91,8 @@ class Cashier:
         self.reader_timeout = reader_timeout
         self.card_timeout = card_timeout
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        """Running payment tasks only: a task leaves when it ends (see ``_task_done``)."""
+        self._finished: OrderedDict[str, asyncio.Task[None]] = OrderedDict()
 
     # --- settlement objects --------------------------------------------------------
 
@@ -147,13 +156,28 @@ class Cashier:
         return order
 
     async def poll(self, interval: float) -> None:
-        """The fallback when webhooks do not arrive: re-read open orders every ``interval``."""
+        """The fallback when webhooks do not arrive: re-read open orders every ``interval``.
+
+        Runs for the life of the server: an unexpected error (the order database, one
+        order's refresh) is logged and the next round comes after the same interval.
+        """
         while True:
             await asyncio.sleep(interval)
-            for order in self.orders.open_orders():
+            try:
+                open_orders = self.orders.open_orders()
+            except Exception:
+                log.exception(
+                    "settlement poll: could not list open orders; next try in %gs", interval
+                )
+                continue
+            for order in open_orders:
                 task = self._tasks.get(order.id)
-                if task is None or task.done():
+                if task is not None and not task.done():
+                    continue
+                try:
                     await self.refresh(order.id)
+                except Exception:
+                    log.exception("order %s: settlement poll failed; polling goes on", order.id)
 
     # --- running a payment -----------------------------------------------------------
 
@@ -161,30 +185,73 @@ class Cashier:
         task = self._tasks.get(order_id)
         if task is not None and not task.done():
             return
-        self._tasks[order_id] = asyncio.create_task(self._drive(order_id), name=f"pay {order_id}")
+        task = asyncio.create_task(self._drive(order_id), name=f"pay {order_id}")
+        self._tasks[order_id] = task
+        self._finished.pop(order_id, None)
+        task.add_done_callback(functools.partial(self._task_done, order_id))
+
+    def _task_done(self, order_id: str, task: asyncio.Task[None]) -> None:
+        """A payment task ended: it leaves ``_tasks``; the last :data:`RECENT_TASKS` ended
+        ones stay reachable through :meth:`task` (a caller may wait on one that just ended)."""
+        if self._tasks.get(order_id) is task:
+            del self._tasks[order_id]
+        self._finished[order_id] = task
+        self._finished.move_to_end(order_id)
+        while len(self._finished) > RECENT_TASKS:
+            self._finished.popitem(last=False)
 
     def task(self, order_id: str) -> asyncio.Task[None] | None:
-        return self._tasks.get(order_id)
+        """The order's running payment task, or its recently ended one."""
+        return self._tasks.get(order_id) or self._finished.get(order_id)
 
     async def close(self) -> None:
-        for task in self._tasks.values():
+        tasks = list(self._tasks.values())
+        for task in tasks:
             task.cancel()
-        for task in self._tasks.values():
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+        for task in tasks:
+            try:
                 await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                log.exception("%s failed while the cashier closed", task.get_name())
 
     async def _drive(self, order_id: str) -> None:
-        order = self.orders.get(order_id)
-        if order is None or order.is_final:
-            return
+        """Run the order's payment; whatever happens, end the agent's session after it."""
+        outcome, message, amount = "failed", "internal error", None
         try:
-            await self._drive_order(order)
+            order = self.orders.get(order_id)
+            if order is None:
+                return
+            if not order.is_final:
+                await self._drive_order(order)
+            final = self.orders.get(order_id) or order
+            outcome = _AGENT_OUTCOMES.get(final.status, "failed")
+            message, amount = final.decline_code or "", final.amount
         except asyncio.CancelledError:
-            raise
+            raise  # server shutdown: the hub ends every session itself
         except Exception:
             log.exception("order %s: payment task failed", order_id)
-            order = self.orders.get(order_id) or order
+            self._publish_failure(order_id)
+        await self._finish(order_id, outcome, message, amount)
+
+    def _publish_failure(self, order_id: str) -> None:
+        try:
+            order = self.orders.get(order_id)
+        except Exception:
+            log.exception("order %s: cannot read the order to report its failure", order_id)
+            return
+        if order is not None:
             self.publish(order, Phase.FAILED, "internal_error")
+
+    async def _finish(self, order_id: str, outcome: str, message: str, amount: int | None) -> None:
+        """Tell the agent how it ended and close its session; a failure is logged, not raised."""
+        try:
+            await self.broker.finish(order_id, outcome, message, amount)
+        except Exception:
+            log.warning(
+                "order %s: could not end the agent's session (%s)", order_id, outcome, exc_info=True
+            )
 
     async def _drive_order(self, order: Order) -> None:
         self.publish(order, Phase.WAITING_READER)
@@ -218,12 +285,6 @@ class Cashier:
                 continue
             if done:
                 break
-        final = self.orders.get(order.id) or order
-        outcome = {PAID: "succeeded", LOADED: "succeeded", DECLINED: "declined"}.get(
-            final.status, "failed"
-        )
-        with contextlib.suppress(Exception):
-            await self.broker.finish(order.id, outcome, final.decline_code or "", final.amount)
 
     async def _contact(self, order: Order, reader: Reader) -> bool:
         """One card contact; True when the order needs no more contacts."""
@@ -256,6 +317,7 @@ class Cashier:
                 )
             except CardRefused as refused:
                 self.publish(order, Phase.INTERRUPTED, refused.reason)
+                await self._await_removal(order, reader)
                 return False
             assert outcome.object is not None
             order = self.apply(order.id, outcome.object)
@@ -268,11 +330,11 @@ class Cashier:
                 # end this session; the page pairs a new one (phase waiting_reader, "repair").
                 order = self.orders.update(order.id, status=PENDING, counter=None)
                 order = await self.open_settlement(order, order.id)
-                with contextlib.suppress(Exception):
-                    await self.broker.finish(order.id, "canceled", "present the card again", None)
+                await self._finish(order.id, "canceled", "present the card again", None)
                 self.publish(order, Phase.WAITING_READER, REPAIR)
                 raise _NewSession
             self.publish(order, Phase.INTERRUPTED)
+            await self._await_removal(order, reader)
             return False
 
         if order.settlement_id is None or order.status == DECLINED:
@@ -302,8 +364,7 @@ class Cashier:
         if order.status == INTERRUPTED:
             self.publish(order, Phase.INTERRUPTED)
             # The card must leave and come back; recovery waits for it.
-            with contextlib.suppress(ReaderError):
-                await reader.wait_for_removal(self.card_timeout)
+            await self._await_removal(order, reader)
             return False
         if order.status in (PAID, LOADED):
             self.publish(order, Phase.SUCCEEDED)
@@ -335,14 +396,25 @@ class Cashier:
             contact = read_first_contact(kind, await reader.transmit(steps))
         except CardRefused as refused:
             self.publish(order, Phase.INTERRUPTED, refused.reason)
+            await self._await_removal(order, reader)
             return False
         if obj.card_number and contact.card_number != obj.card_number:
             self.publish(order, Phase.INTERRUPTED, "wrong_card")
-            with contextlib.suppress(ReaderError):
-                await reader.wait_for_removal(self.card_timeout)
+            await self._await_removal(order, reader)
             return False
         self.orders.update(order.id, status=INTERRUPTED, counter=contact.counter - 1)
         return False
+
+    async def _await_removal(self, order: Order, reader: Reader) -> None:
+        """The next contact must be a new tap: wait until the card has left the field.
+
+        Without this a card that refuses recovery (or is the wrong one) would be asked
+        again at once, and the order's :data:`MAX_CONTACTS` would be spent in a moment.
+        """
+        try:
+            await reader.wait_for_removal(self.card_timeout)
+        except ReaderError as exc:
+            log.info("order %s: card not seen leaving (%s); trying the next contact", order.id, exc)
 
     def _record(self, order: Order, outcome: Outcome) -> Order:
         extra: dict[str, object] = {"round_trips": outcome.round_trips}
