@@ -209,6 +209,41 @@ async def test_a_second_transmit_while_one_runs_is_busy(sim: SimReader) -> None:
     assert sim.card is not None and sim.card.state.balance == 4000
 
 
+async def test_a_consent_prompt_that_fails_refuses_the_debit_without_sending_it(
+    sim: SimReader, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.reader.remote_support import load
+
+    await load(sim, 5000)
+    asked: list[ConsentRequest] = []
+
+    async def broken_prompt(request: ConsentRequest) -> bool:
+        asked.append(request)
+        raise RuntimeError("the terminal went away")
+
+    async def script(ws: ServerConnection) -> dict[str, Any]:
+        await ws.recv()
+        await ws.send(WELCOME)
+        init = await _fund_and_initialize(sim, ws)
+        return await ask(ws, transmit(2, [debit_step(1000, init)]))
+
+    shown: list[str] = []
+    agent = TerminalAgent(sim, consent=broken_prompt, show=shown.append)
+    async with scripted_server(script) as (url, outcome):
+        await agent.pair(url, token="t" * 43)
+        reply = await asyncio.wait_for(outcome, 10)
+        await agent.close()
+
+    # A definite refusal (nothing reached the card), not silence the server reads as unknown.
+    assert (reply["type"], reply["code"], reply["id"]) == ("error", "consent_refused", 2)
+    assert reply.get("responses", []) == []
+    assert [r.amount for r in asked] == [1000]
+    assert sim.card is not None and sim.card.state.balance == 5000
+    [record] = [r for r in caplog.records if "consent prompt failed" in r.getMessage()]
+    assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
+    assert any("prompt failed" in line for line in shown)
+
+
 def test_target_maps_http_to_ws_and_keeps_the_origin() -> None:
     assert target_for("https://Shop.Example:443/reader?x=1").ws_url == (
         "wss://Shop.Example:443/reader?x=1"

@@ -334,6 +334,16 @@ class AgentSession:
                     )
                 except TimeoutError:
                     return await refuse(ErrorCode.TIMEOUT, "no answer from the shopper in time")
+                except Exception:
+                    # A broken prompt is no "yes": answer the batch as refused, so the
+                    # merchant knows for sure that nothing reached the card. The guard does
+                    # not record a refusal: the shopper never said no.
+                    log.exception("batch %d: the consent prompt failed", transmit.id)
+                    self._show("refused: the confirmation prompt failed")
+                    return await refuse(
+                        ErrorCode.CONSENT_REFUSED,
+                        "the shopper could not be asked: the prompt failed",
+                    )
                 verdict = self._guard.decide(verdict.request, granted)
                 if generation != self._generation or loop.time() >= deadline:
                     return await refuse(ErrorCode.TIMEOUT, "the batch's deadline passed")
