@@ -23,12 +23,19 @@ from tests.settlement.support import (
     read_issuer,
 )
 from webpurse.merchant.flows import recover, run_transaction
-from webpurse.merchant.settlement import Kind, RecoveryHint, SettlementClient, SettlementError
+from webpurse.merchant.settlement import (
+    BatchingSettlementClient,
+    Kind,
+    RecoveryHint,
+    SettlementClient,
+    SettlementError,
+)
 from webpurse.protocol.apdu import StatusWord
 from webpurse.protocol.commands import (
     INS_CREDIT_FOR_LOAD,
     INS_DEBIT_FOR_PURCHASE,
     DebitForPurchase,
+    InitializeForLoad,
     InitializeForPurchase,
 )
 from webpurse.protocol.records import TransactionType
@@ -41,11 +48,16 @@ def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
         yield w
 
 
-@pytest.fixture
-async def client(world: World) -> AsyncIterator[SettlementClient]:
+@pytest.fixture(params=["single", "batched"])
+async def client(world: World, request: pytest.FixtureRequest) -> AsyncIterator[SettlementClient]:
+    """Every flow runs with each call on its own and again through ``POST /v1/batch``:
+    the batching client must be indistinguishable to the flows."""
     transport = httpx.ASGITransport(app=world.client.app)
     async with httpx.AsyncClient(transport=transport, base_url="http://settlement") as http:
-        yield SettlementClient(http, world.merchant_key)
+        if request.param == "batched":
+            yield BatchingSettlementClient(http, world.merchant_key)
+        else:
+            yield SettlementClient(http, world.merchant_key)
 
 
 async def test_purchase_against_settlement_is_two_round_trips(
@@ -138,6 +150,50 @@ async def test_lost_debit_is_released_on_the_next_contact(
         )
         assert recovered.status == "canceled"
         assert reader.card is not None and reader.card.state.balance == 10_000
+
+
+async def test_a_load_lost_before_the_card_stays_held_until_the_next_load_settles_it(
+    world: World, client: SettlementClient
+) -> None:
+    """The card shows the counter unchanged: no proof for a load, so recovery answers
+    ``canceled`` for the order (load again) while settlement keeps the load uncertain,
+    its funds held; the next load's verified TAC at that counter releases it."""
+    async with SimReader(world.issue()) as reader:
+        lost = await client.create(Kind.LOAD, 2_000, description="top-up", reference="ord_8")
+        reader.inject(Fault.before(INS_CREDIT_FOR_LOAD))
+        outcome = await run_transaction(reader, client, lost)
+        assert outcome.status == "uncertain" and outcome.counter is not None
+        reader.insert()
+        hint = RecoveryHint(Kind.LOAD, lost.id, TransactionType.EP_LOAD, outcome.counter)
+        recovered = await recover(reader, client, hint, key_index=1, terminal_id=lost.terminal_id)
+        assert recovered.status == "canceled" and recovered.object is not None
+        assert recovered.object.status == "uncertain"
+        assert (await client.get(Kind.LOAD, lost.id)).status == "uncertain"
+        again = await client.create(Kind.LOAD, 2_000, description="top-up", reference="ord_8")
+        assert (await run_transaction(reader, client, again)).status == "succeeded"
+        assert (await client.get(Kind.LOAD, lost.id)).status == "canceled"
+        assert reader.card is not None and reader.card.state.balance == 2_000
+
+
+async def test_an_open_load_the_card_shows_unused_is_passed_by_the_next_load(
+    world: World, client: SettlementClient
+) -> None:
+    """recovery_required for an ``authorised`` load whose CREDIT never left: resolve keeps
+    it (409), the flow marks it uncertain and the new load goes ahead linked to it."""
+    async with SimReader(world.issue()) as reader:
+        stale = await client.create(Kind.LOAD, 2_000, description="top-up", reference="ord_9")
+        card = reader.card
+        assert card is not None
+        issuer = read_issuer(card)
+        init = ok(card, InitializeForLoad(1, 2_000, stale.terminal_id).to_apdu())
+        await client.authorise(
+            Kind.LOAD, stale.id, issuer_data=issuer, initialize=init, terminal_id=stale.terminal_id
+        )  # the merchant died before the CREDIT
+        fresh = await client.create(Kind.LOAD, 500, description="top-up", reference="ord_10")
+        outcome = await run_transaction(reader, client, fresh)
+        assert (outcome.status, outcome.round_trips) == ("succeeded", 3)
+        assert (await client.get(Kind.LOAD, stale.id)).status == "canceled"
+        assert card.state.balance == 500
 
 
 async def test_recovery_required_settles_the_torn_load_then_pays(

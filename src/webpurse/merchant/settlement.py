@@ -11,6 +11,7 @@ logs, reprs or exceptions.
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -335,3 +336,98 @@ class SettlementClient:
         if status_word is not None:
             payload["card_status_word"] = f"{status_word:04X}"
         return await self._request(kind, "POST", f"/v1/{kind.value}/{object_id}/cancel", payload)
+
+
+_BATCHABLE = re.compile(
+    r"^/v1/payments(?:/[A-Za-z0-9_]{1,40}/(?:authorise|capture|uncertain|resolve|cancel))?$"
+)
+
+
+class BatchingSettlementClient(SettlementClient):
+    """A :class:`SettlementClient` that sends concurrent payment calls as one batch.
+
+    Group commit from the merchant's side (docs/settlement-api.md "Batches"): a payment
+    POST made while ``max_in_flight`` batches are already on their way waits in a queue;
+    as soon as one comes back, everything queued (up to ``max_batch``) goes as the next
+    ``POST /v1/batch``. Nothing waits on a timer: with one shopper at the till a batch
+    holds one item and costs what the single call costs; with hundreds, one commit carries
+    hundreds of them. Each item keeps its own idempotency key, so a batch resent after a
+    broken connection replays what settlement already did. Callers see exactly the answers
+    (and exceptions) of :class:`SettlementClient`.
+    """
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        api_key: str,
+        *,
+        max_batch: int = 500,
+        max_in_flight: int = 2,
+    ) -> None:
+        super().__init__(client, api_key)
+        if not 1 <= max_batch <= 1000 or max_in_flight < 1:
+            raise ValueError("max_batch must be 1..1000 and max_in_flight at least 1")
+        self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
+        self._queue: list[tuple[dict[str, Any], asyncio.Future[httpx.Response]]] = []
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.batches_sent = 0
+        self.items_sent = 0
+
+    async def _send(
+        self, method: str, path: str, json: dict[str, Any] | None, headers: dict[str, str]
+    ) -> httpx.Response:
+        if method != "POST" or not _BATCHABLE.fullmatch(path):
+            return await super()._send(method, path, json, headers)
+        item = {"path": path, "idempotency_key": headers.get("Idempotency-Key"), "body": json}
+        future: asyncio.Future[httpx.Response] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        self._pump()
+        return await future
+
+    def _pump(self) -> None:
+        while self._queue and self._in_flight < self._max_in_flight:
+            taken = self._queue[: self._max_batch]
+            del self._queue[: self._max_batch]
+            self._in_flight += 1
+            task = asyncio.create_task(self._flush(taken))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _flush(
+        self, taken: list[tuple[dict[str, Any], asyncio.Future[httpx.Response]]]
+    ) -> None:
+        try:
+            self.batches_sent += 1
+            self.items_sent += len(taken)
+            response = await super()._send(
+                "POST", "/v1/batch", {"requests": [item for item, _ in taken]}, self._headers
+            )
+            answers: list[httpx.Response]
+            if response.status_code == 200:
+                body = response.json()
+                answers = [
+                    httpx.Response(int(answer["status"]), json=answer["body"])
+                    for answer in body["responses"]
+                ]
+                if len(answers) != len(taken):
+                    raise SettlementError("settlement answered a batch with the wrong count")
+            else:  # the batch as a whole was refused (401, 422, 503 …): so is each item
+                answers = [response] * len(taken)
+            for (_, future), answer in zip(taken, answers, strict=True):
+                if not future.done():
+                    future.set_result(answer)
+        except Exception as exc:  # each caller sees the failure as its own call's
+            log.warning("settlement.batch_failed", items=len(taken), error=type(exc).__name__)
+            error = (
+                exc
+                if isinstance(exc, SettlementError)
+                else SettlementError(f"settlement sent a malformed batch answer: {exc!r}")
+            )
+            for _, future in taken:
+                if not future.done():
+                    future.set_exception(error)
+        finally:
+            self._in_flight -= 1
+            self._pump()

@@ -1,0 +1,149 @@
+"""BatchingSettlementClient: concurrent payment calls coalesce into POST /v1/batch.
+
+Against the real settlement app (in process, SQLite and PostgreSQL) for the happy path,
+and against a transport that fails or answers wrongly for the error paths.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.settlement.support import BACKENDS, World, database_url, make_world
+from webpurse.merchant.flows import run_transaction
+from webpurse.merchant.settlement import (
+    BatchingSettlementClient,
+    Declined,
+    Kind,
+    SettlementError,
+)
+from webpurse.reader.sim import SimReader
+from webpurse.settlement import ledger
+
+
+@pytest.fixture(params=BACKENDS)
+def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
+    with database_url(str(request.param), tmp_path) as url, make_world(url) as w:
+        yield w
+
+
+class Counting(httpx.AsyncBaseTransport):
+    """Forwards to the app and counts the requests per path."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+        self.paths: list[str] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.paths.append(request.url.path)
+        return await self.inner.handle_async_request(request)
+
+
+async def test_concurrent_purchases_share_batches_and_all_settle(world: World) -> None:
+    cards = [world.funded_card(1_000) for _ in range(12)]
+    transport = Counting(httpx.ASGITransport(app=world.client.app))
+    async with httpx.AsyncClient(transport=transport, base_url="http://settlement") as http:
+        client = BatchingSettlementClient(http, world.merchant_key, max_in_flight=1)
+
+        async def shop(index: int) -> str:
+            async with SimReader(cards[index]) as reader:
+                payment = await client.create(
+                    Kind.PAYMENT, 100, description="tea", reference=f"o{index}"
+                )
+                outcome = await run_transaction(reader, client, payment)
+                return outcome.status
+
+        statuses = await asyncio.gather(*(shop(i) for i in range(len(cards))))
+    assert statuses == ["succeeded"] * len(cards)
+    assert set(transport.paths) == {"/v1/batch"}
+    # 36 calls (create, authorise, capture × 12) in far fewer requests: one in flight at a
+    # time, everything that queued meanwhile goes in the next one.
+    assert client.items_sent == 36
+    assert client.batches_sent == len(transport.paths) < 36
+    with world.factory() as session:
+        assert ledger.balance(session, ledger.merchant_account(world.merchant_id)) == 1_200
+        assert ledger.check(session).ok
+
+
+async def test_a_decline_inside_a_batch_is_the_callers_decline(world: World) -> None:
+    transport = httpx.ASGITransport(app=world.client.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://settlement") as http:
+        client = BatchingSettlementClient(http, world.merchant_key)
+        payment = await client.create(Kind.PAYMENT, 100, description="tea", reference="o")
+        issuer, init = world.terminal.purchase_batch1(world.funded_card(500), 100)
+        with pytest.raises(Declined) as declined:
+            await client.authorise(
+                Kind.PAYMENT,
+                payment.id,
+                issuer_data=issuer,
+                initialize=init,
+                terminal_id=bytes.fromhex(world.other_terminal_id),
+            )
+    assert declined.value.decline_code == "terminal_mismatch"
+
+
+def _failing(handler: httpx.MockTransport) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=handler, base_url="http://settlement")
+
+
+async def test_an_unreachable_settlement_fails_every_waiting_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("webpurse.merchant.settlement.RETRY_PAUSES", (0.0,))
+    attempts: list[list[str | None]] = []
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        attempts.append([i["idempotency_key"] for i in json.loads(request.content)["requests"]])
+        raise httpx.ConnectError("refused", request=request)
+
+    async with _failing(httpx.MockTransport(refuse)) as http:
+        client = BatchingSettlementClient(http, "sk_mer_x", max_in_flight=1)
+        calls = [
+            client.create(Kind.PAYMENT, 100, description="tea", reference=f"o{i}") for i in range(3)
+        ]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(r, SettlementError) for r in results)
+    assert "unreachable" in str(results[0])
+    # Retried with the same keys: settlement may have acted on the first attempt.
+    assert len(attempts) >= 2 and attempts[0] == attempts[1]
+
+
+async def test_a_malformed_batch_answer_is_a_settlement_error_not_a_guess() -> None:
+    def wrong_count(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"object": "batch", "responses": []})
+
+    async with _failing(httpx.MockTransport(wrong_count)) as http:
+        client = BatchingSettlementClient(http, "sk_mer_x")
+        with pytest.raises(SettlementError, match="wrong count"):
+            await client.create(Kind.PAYMENT, 100, description="tea", reference="o")
+
+
+async def test_a_refused_batch_refuses_each_item_with_its_status() -> None:
+    def unauthorised(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(401, json={"code": "unauthenticated", "detail": "bad key"})
+
+    async with _failing(httpx.MockTransport(unauthorised)) as http:
+        client = BatchingSettlementClient(http, "sk_mer_x")
+        with pytest.raises(SettlementError) as refused:
+            await client.create(Kind.PAYMENT, 100, description="tea", reference="o")
+    assert refused.value.status == 401 and refused.value.code == "unauthenticated"
+
+
+async def test_loads_and_reads_do_not_go_through_batches() -> None:
+    seen: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(f"{request.method} {request.url.path}")
+        body = {"id": "load_1", "status": "requires_card", "amount": 1}
+        return httpx.Response(201 if request.method == "POST" else 200, json=body)
+
+    async with _failing(httpx.MockTransport(answer)) as http:
+        client = BatchingSettlementClient(http, "sk_mer_x")
+        await client.create(Kind.LOAD, 1, description="top-up", reference="o")
+        await client.get(Kind.PAYMENT, "pay_1")
+    assert seen == ["POST /v1/loads", "GET /v1/payments/pay_1"]
