@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import structlog
 from pydantic import BaseModel, ValidationError
@@ -39,12 +40,12 @@ from webpurse.protocol.commands import DebitForPurchaseResponse, InitializeForPu
 from webpurse.protocol.errors import ProtocolError
 from webpurse.protocol.records import IssuerData, decode_bcd_date, decode_bcd_time
 from webpurse.settlement import idempotency, ledger, payments, webhooks
-from webpurse.settlement.db import for_update, insert_ignoring_conflicts
+from webpurse.settlement.db import for_update, insert_or_nothing
 from webpurse.settlement.decisions import CardRecord, PurchaseInputs, decide_purchase
 from webpurse.settlement.ledger import LedgerError, TransferSpec
 from webpurse.settlement.merchants import MAX_TERMINAL_SEQ
 from webpurse.settlement.models import Card, CardEvent, IdempotencyRecord, Merchant, Payment
-from webpurse.settlement.problems import ApiError, not_found
+from webpurse.settlement.problems import ApiError, ledger_refused, not_found
 from webpurse.settlement.schemas import (
     BatchItemIn,
     Cancel,
@@ -69,6 +70,7 @@ _KEYS: Table = IdempotencyRecord.__table__  # type: ignore[assignment]
 _EVENTS: Table = webhooks.WebhookEvent.__table__  # type: ignore[assignment]
 _MESSAGES: Table = webhooks.WebhookMessage.__table__  # type: ignore[assignment]
 
+_NO_VALUES: dict[str, Any] = {column.name: None for column in _PAYMENTS.c}
 _PATH = re.compile(
     r"^/v1/payments(?:/(?P<id>[A-Za-z0-9_]{1,40})/"
     r"(?P<action>authorise|capture|uncertain|resolve|cancel))?$"
@@ -197,7 +199,7 @@ def _claim_keys(ctx: Ctx, items: list[Item], request_id: str | None) -> None:
     claimed = {
         row.key: int(row.id)
         for row in ctx.session.execute(
-            insert_ignoring_conflicts(ctx.session, _KEYS, rows).returning(_KEYS.c.id, _KEYS.c.key)
+            insert_or_nothing(ctx.session, _KEYS).returning(_KEYS.c.id, _KEYS.c.key), rows
         )
     }
     existing_keys = [item.key for item in keyed if item.key not in claimed]
@@ -311,7 +313,7 @@ def _run_one(ctx: Ctx, item: Item, request_id: str | None, outcome: Outcome) -> 
     except LedgerError as error:
         savepoint.rollback()
         log.warning("ledger.refused", detail=str(error), path=item.path)
-        problem = ApiError(409, "ledger_refused", str(error))
+        problem = ledger_refused(str(error))
         outcome.problems.append(problem)
         item.answer = _refusal(problem, request_id)
     except Exception:
@@ -325,6 +327,16 @@ def _run_one(ctx: Ctx, item: Item, request_id: str | None, outcome: Outcome) -> 
 
 
 # --- the fast path ---------------------------------------------------------------------
+
+
+def _view(columns: Mapping[str, Any]) -> Payment:
+    """A payment's columns as the attributes :func:`payments.payment_json` reads.
+
+    Not an ORM instance: building one per item costs more than the rest of an item.
+    """
+    values = {**_NO_VALUES, **columns}
+    values["metadata_"] = values.pop("metadata")
+    return cast(Payment, SimpleNamespace(**values))
 
 
 def _locked(ctx: Ctx, table: Table, column: Any, keys: Sequence[object]) -> Any:
@@ -400,9 +412,7 @@ def _fast_create(ctx: Ctx, merchant: Any, items: list[Item], writes: _Writes) ->
             "updated_at": ctx.now,
         }
         writes.payment_rows.append(row)
-        values = dict(row)
-        values["metadata_"] = values.pop("metadata")
-        item.answer = (201, payments.payment_json(Payment(**values)))
+        item.answer = (201, payments.payment_json(_view(row)))
 
 
 def _approvals(ctx: Ctx, merchant: Any, items: list[Item]) -> list[_Approval]:
@@ -525,9 +535,7 @@ def _fast_authorise(ctx: Ctx, merchant: Any, approvals: list[_Approval], writes:
                 payment.id,
             )
         )
-        merged = {**payment._mapping, **changes}
-        merged["metadata_"] = merged.pop("metadata")
-        approval.item.answer = (200, payments.payment_json(Payment(**merged)))
+        approval.item.answer = (200, payments.payment_json(_view({**payment._mapping, **changes})))
 
 
 def _captures(ctx: Ctx, items: list[Item]) -> list[_Capture]:
@@ -614,9 +622,7 @@ def _fast_capture(ctx: Ctx, captures: list[_Capture], writes: _Writes) -> None:
                 payment.id,
             )
         )
-        merged = {**payment._mapping, **changes}
-        merged["metadata_"] = merged.pop("metadata")
-        body = payments.payment_json(Payment(**merged))
+        body = payments.payment_json(_view({**payment._mapping, **changes}))
         writes.events.append(("payment.succeeded", body))
         capture.item.answer = (200, body)
 

@@ -133,15 +133,25 @@ def for_update(engine_or_session: Engine | Session) -> bool:
 
 def insert_ignoring_conflicts(session: Session, table: Table, rows: list[dict[str, object]]) -> Any:
     """``INSERT … ON CONFLICT DO NOTHING`` on either supported database."""
+    return insert_or_nothing(session, table).values(rows)
+
+
+def insert_or_nothing(session: Session, table: Table) -> Any:
+    """``INSERT … ON CONFLICT DO NOTHING`` without values: execute it with a list of rows.
+
+    Executed that way SQLAlchemy compiles it once and sends the rows as multi-row VALUES
+    ("insertmanyvalues"), RETURNING included; a ``.values(rows)`` statement is compiled
+    afresh for every batch size.
+    """
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-        return pg_insert(table).values(rows).on_conflict_do_nothing()
+        return pg_insert(table).on_conflict_do_nothing()
     if dialect == "sqlite":
         from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-        return sqlite_insert(table).values(rows).on_conflict_do_nothing()
+        return sqlite_insert(table).on_conflict_do_nothing()
     raise NotImplementedError(dialect)  # pragma: no cover - only the two supported databases
 
 
