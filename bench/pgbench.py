@@ -90,6 +90,30 @@ def find_pgbench() -> str | None:
     return max(candidates, key=version) if candidates else None
 
 
+def postgres_cpu_seconds() -> float | None:
+    """CPU seconds used so far by this machine's PostgreSQL processes (from /proc).
+
+    The settlement benchmark runs PostgreSQL on the same machine (ARCHITECTURE.md), so
+    the difference over a window is the database's CPU per purchase; ``None`` where
+    /proc is not there.
+    """
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return None
+    ticks = 0
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() not in ("postgres", "postmaster"):
+                continue
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended meanwhile
+        ticks += int(fields[11]) + int(fields[12])  # utime + stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def _admin(server: PgServer, sql: str) -> None:
     import psycopg
 

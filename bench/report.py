@@ -46,7 +46,12 @@ NOTES = {
         "httpx.AsyncClient), each with its own card. The card emulator answers in the "
         "client process between the calls; its time is counted separately (`card emulator "
         "per purchase`). pgbench runs at the same N just before, in the same run: `ratio` = "
-        "settlement purchases/s ÷ pgbench TPS."
+        "settlement purchases/s ÷ pgbench TPS. *Batched* rows: N shoppers of one merchant "
+        "server whose settlement client (`BatchingSettlementClient`) sends their concurrent "
+        "calls as `POST /v1/batch` (group commit: one transaction per batch, hot accounts "
+        "locked once per batch); `ratio batched/pgbench best` divides by the best pgbench TPS "
+        "of the run (PostgreSQL's own limit here; pgbench cannot open 256 connections). "
+        "`PostgreSQL CPU per purchase` sums the postgres processes' CPU from /proc."
     ),
     "latency": (
         "Purchases one at a time through the merchant's flow (`run_transaction`): create "
@@ -173,7 +178,12 @@ def _series(rows: Sequence[Measurement], metric: str, key: str) -> list[tuple[fl
 def plot_throughput(rows: Sequence[Measurement], path: Path) -> bool:
     series = {
         "pgbench tpcb-like (TPS)": _series(rows, "pgbench tps", "clients"),
-        "settlement purchases/s": _series(rows, "settlement purchases/s", "clients"),
+        "settlement purchases/s, one call per request": _series(
+            rows, "settlement purchases/s", "clients"
+        ),
+        "settlement purchases/s, batched (group commit)": _series(
+            rows, "settlement purchases/s (batched)", "clients"
+        ),
     }
     if not any(series.values()):
         return False
@@ -313,6 +323,12 @@ SUMMARY_ROWS: tuple[tuple[str, str, dict[str, str | int | float | bool]], ...] =
     ("settlement", "settlement purchases/s", {"clients": 32}),
     ("settlement", "ratio settlement/pgbench", {"clients": 8}),
     ("settlement", "server CPU per purchase", {"clients": 8}),
+    ("settlement", "settlement purchases/s (batched)", {"clients": 8}),
+    ("settlement", "settlement purchases/s (batched)", {"clients": 256}),
+    ("settlement", "ratio settlement/pgbench (batched)", {"clients": 8}),
+    ("settlement", "ratio batched/pgbench best", {"clients": 256}),
+    ("settlement", "server CPU per purchase (batched)", {"clients": 256}),
+    ("settlement", "PostgreSQL CPU per purchase (batched)", {"clients": 256}),
     ("latency", "purchase total", {"reader": "sim via agent", "stat": "p50"}),
     ("latency", "purchase total", {"reader": "sim via agent", "stat": "p99"}),
     ("latency", "purchase total", {"reader": "pcsc via agent", "stat": "p50"}),

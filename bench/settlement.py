@@ -25,7 +25,15 @@ from pathlib import Path
 
 from bench.cards import APDUS
 from bench.harness import Context, Measurement, not_measured, ratio, summarise
-from bench.pgbench import CLIENTS, SECONDS, Pgbench, PgServer, rows_for, unavailable_reason
+from bench.pgbench import (
+    CLIENTS,
+    SECONDS,
+    Pgbench,
+    PgServer,
+    postgres_cpu_seconds,
+    rows_for,
+    unavailable_reason,
+)
 from bench.servers import (
     SettlementEnvironment,
     SettlementProcess,
@@ -35,14 +43,18 @@ from bench.servers import (
     settlement_server,
 )
 from webpurse.card import CardApplet
-from webpurse.merchant.settlement import Kind, SettlementClient
+from webpurse.merchant.settlement import BatchingSettlementClient, Kind, SettlementClient
 from webpurse.protocol import commands as cmd
 
 NAME = "settlement"
 AMOUNT = 1  # fen per purchase: a funded card (100,000 fen) never runs dry in a window
 FUNDING = 100_000
+FUNDING_GROUP = 16  # cards funded at once (more would only queue for the server's pool)
 # ``webpurse serve settlement --workers N``: one worker process per core by default.
 WORKERS = int(os.environ.get("WEBPURSE_BENCH_SETTLEMENT_WORKERS", str(os.cpu_count() or 1)))
+# Shoppers of one merchant server whose settlement client batches their calls
+# (``BatchingSettlementClient`` → ``POST /v1/batch``: group commit).
+BATCHED_CLIENTS = (1, 8, 32, 256)
 PROFILE_CLIENTS = 8
 PROFILE_SECONDS = 10
 
@@ -122,6 +134,10 @@ class WindowResult:
     client_cpu_seconds: float
     server_cpu_seconds: float
     errors: list[str]
+    database_cpu_seconds: float | None = None
+    batching: bool = False
+    batches: int = 0
+    batched_items: int = 0
 
     @property
     def rate(self) -> float:
@@ -129,11 +145,23 @@ class WindowResult:
 
 
 async def measure_window(
-    url: str, api_key: str, cards: list[CardApplet], seconds: float, server: SettlementProcess
+    url: str,
+    api_key: str,
+    cards: list[CardApplet],
+    seconds: float,
+    server: SettlementProcess,
+    *,
+    batching: bool = False,
 ) -> WindowResult:
-    """One warm-up purchase per client, then ``seconds`` of purchases by every client."""
+    """One warm-up purchase per client, then ``seconds`` of purchases by every client.
+
+    With ``batching`` the clients are shoppers of one merchant server whose settlement
+    client coalesces their concurrent calls into ``POST /v1/batch`` (group commit).
+    """
     async with http_client(url) as http:
-        settlement = SettlementClient(http, api_key)
+        settlement = (
+            BatchingSettlementClient(http, api_key) if batching else SettlementClient(http, api_key)
+        )
         warmup = [ClientStats() for _ in cards]
         # The first purchase alone: settlement creates ledger accounts on first use.
         await purchase(settlement, cards[0], warmup[0], "warmup")
@@ -142,6 +170,8 @@ async def measure_window(
         )
         stats = [ClientStats() for _ in cards]
         cpu_before, server_before = time.process_time(), server.cpu_seconds()
+        database_before = postgres_cpu_seconds()
+        batches_before, items_before = _batch_counts(settlement)
         started = time.perf_counter()
         until = started + seconds
         counts = await asyncio.gather(
@@ -159,42 +189,92 @@ async def measure_window(
             client_cpu_seconds=time.process_time() - cpu_before,
             server_cpu_seconds=server.cpu_seconds() - server_before,
             errors=[e for s in stats for e in s.errors],
+            database_cpu_seconds=_difference(postgres_cpu_seconds(), database_before),
+            batching=batching,
+            batches=_batch_counts(settlement)[0] - batches_before,
+            batched_items=_batch_counts(settlement)[1] - items_before,
         )
 
 
-def window_rows(result: WindowResult, pgbench_tps: float | None) -> list[Measurement]:
+def _batch_counts(settlement: SettlementClient) -> tuple[int, int]:
+    if isinstance(settlement, BatchingSettlementClient):
+        return settlement.batches_sent, settlement.items_sent
+    return 0, 0
+
+
+def _difference(after: float | None, before: float | None) -> float | None:
+    return None if after is None or before is None else after - before
+
+
+def window_rows(
+    result: WindowResult, pgbench_tps: float | None, pgbench_best: float | None = None
+) -> list[Measurement]:
+    """The window's rows; batched windows name their metrics ``… (batched)``.
+
+    ``pgbench_tps`` is pgbench at the same client count (when it ran at that count),
+    ``pgbench_best`` the best pgbench TPS of the run: PostgreSQL's own limit here.
+    """
     params: dict[str, str | int | float | bool] = {
         "clients": result.clients,
         "seconds": round(result.seconds, 1),
         "workers": WORKERS,
     }
+    mode = " (batched)" if result.batching else ""
     note = f"{len(result.errors)} client(s) failed: {result.errors[0]}" if result.errors else ""
-    rows = [Measurement(NAME, "settlement purchases/s", result.rate, "1/s", params, note)]
+    rows = [Measurement(NAME, f"settlement purchases/s{mode}", result.rate, "1/s", params, note)]
     if result.latencies:
         summary = summarise(result.latencies)
         rows += [
-            Measurement(NAME, "purchase latency p50", summary.p50 * 1000, "ms", params),
-            Measurement(NAME, "purchase latency p99", summary.p99 * 1000, "ms", params),
+            Measurement(NAME, f"purchase latency p50{mode}", summary.p50 * 1000, "ms", params),
+            Measurement(NAME, f"purchase latency p99{mode}", summary.p99 * 1000, "ms", params),
         ]
     if result.purchases:
         per = 1000 / result.purchases
         rows += [
             Measurement(
-                NAME, "server CPU per purchase", result.server_cpu_seconds * per, "ms", params
+                NAME,
+                f"server CPU per purchase{mode}",
+                result.server_cpu_seconds * per,
+                "ms",
+                params,
             ),
             Measurement(
                 NAME,
-                "client CPU per purchase (httpx + card)",
+                f"client CPU per purchase (httpx + card){mode}",
                 result.client_cpu_seconds * per,
                 "ms",
                 params,
             ),
             Measurement(
-                NAME, "card emulator per purchase", result.card_seconds * per, "ms", params
+                NAME, f"card emulator per purchase{mode}", result.card_seconds * per, "ms", params
             ),
         ]
-    value = ratio(result.rate, pgbench_tps)
-    rows.append(Measurement(NAME, "ratio settlement/pgbench", value, "×", params))
+        if result.database_cpu_seconds is not None:
+            rows.append(
+                Measurement(
+                    NAME,
+                    f"PostgreSQL CPU per purchase{mode}",
+                    result.database_cpu_seconds * per,
+                    "ms",
+                    params,
+                )
+            )
+    if result.batches:
+        rows.append(
+            Measurement(
+                NAME,
+                "items per batch (mean)",
+                result.batched_items / result.batches,
+                "",
+                params,
+            )
+        )
+    if not result.batching or pgbench_tps is not None:
+        value = ratio(result.rate, pgbench_tps)
+        rows.append(Measurement(NAME, f"ratio settlement/pgbench{mode}", value, "×", params))
+    if result.batching:
+        value = ratio(result.rate, pgbench_best)
+        rows.append(Measurement(NAME, "ratio batched/pgbench best", value, "×", params))
     return rows
 
 
@@ -371,18 +451,23 @@ async def profile_server(
 async def _run(ctx: Context, pg: PgServer) -> list[Measurement]:
     rows: list[Measurement] = []
     clients = CLIENTS if not ctx.quick else (1, 4)
+    batched = BATCHED_CLIENTS if not ctx.quick else (4, 16)
     seconds = int(ctx.seconds(SECONDS))
-    steps = 2 + 2 * len(clients) + 1
+    steps = 2 + 2 * len(clients) + len(batched) + 1
+    tps: dict[int, float] = {}
     with ctx.task("settlement vs pgbench", total=steps) as advance:
         pgbench = Pgbench(pg)
         pgbench.initialise()
         try:
             with settlement_server(pg, workers=WORKERS) as (environment, server):
                 merchant = environment.initialise()
-                cards = environment.issue_cards(max(clients))
+                cards = environment.issue_cards(max(*clients, *batched))
                 server.start()
                 async with http_client(server.url) as http:
-                    await fund_cards(SettlementClient(http, merchant.api_key), cards, FUNDING)
+                    funder = SettlementClient(http, merchant.api_key)
+                    for start in range(0, len(cards), FUNDING_GROUP):
+                        group = cards[start : start + FUNDING_GROUP]
+                        await fund_cards(funder, group, FUNDING)
                 advance()
                 for n in clients:
                     result = pgbench.run(n, seconds)
@@ -395,6 +480,14 @@ async def _run(ctx: Context, pg: PgServer) -> list[Measurement]:
                         server.url, merchant.api_key, cards[:n], seconds, server
                     )
                     rows += window_rows(window, result.tps)
+                    tps[n] = result.tps
+                    advance()
+                best = max(tps.values(), default=None)
+                for n in batched:
+                    window = await measure_window(
+                        server.url, merchant.api_key, cards[:n], seconds, server, batching=True
+                    )
+                    rows += window_rows(window, tps.get(n), best)
                     advance()
                 profiled = cards[: min(PROFILE_CLIENTS, len(cards))]
                 rows += await profile_server(ctx, environment, server, merchant.api_key, profiled)
