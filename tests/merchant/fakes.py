@@ -49,6 +49,7 @@ class Record:
     decline_code: str | None = None
     tac: str | None = None
     apdu: bytes | None = None
+    supersedes: str | None = None
     calls: list[str] = field(default_factory=list)
 
 
@@ -117,6 +118,8 @@ class FakeSettlement:
         if r.status != "requires_card":
             raise SettlementError("not authorisable", status=409)
         open_one = self._open_for(serial, object_id)
+        if open_one is not None and self._supersedable(kind, open_one, initialize):
+            r.supersedes, open_one = open_one.id, None
         if open_one is not None:
             ttype = (
                 TransactionType.EP_PURCHASE
@@ -180,6 +183,31 @@ class FakeSettlement:
         r.status = "authorised"
         return self._obj(r)
 
+    @staticmethod
+    def _supersedable(kind: Kind, open_one: Record, initialize: bytes) -> bool:
+        """Settlement lets a new load proceed past an uncertain one the card shows unused
+        (same online counter, fresh random), linked to it (docs/settlement-api.md)."""
+        if kind is not Kind.LOAD or open_one.kind is not Kind.LOAD:
+            return False
+        init = InitializeForLoadResponse.from_data(initialize)
+        return (
+            open_one.status == "uncertain"
+            and init.online_counter == open_one.counter
+            and init.random != open_one.random
+        )
+
+    def _release_linked(self, done: Record) -> None:
+        """A load's verified TAC at its counter releases the other open loads there."""
+        for r in self.records.values():
+            if (
+                r.id != done.id
+                and r.kind is done.kind
+                and r.card == done.card
+                and r.counter == done.counter
+                and r.status in ("authorised", "uncertain")
+            ):
+                r.status = "canceled"
+
     def _verify(self, r: Record, mac2: bytes | None, tac: bytes) -> bool:
         assert r.card is not None and r.counter is not None
         date, time = NOW.date(), NOW.time()
@@ -223,6 +251,8 @@ class FakeSettlement:
         if r.status != "authorised" or not self._verify(r, mac2, tac):
             raise Declined("verification failed", code="verification_failed", decline_code=None)
         r.status, r.tac = "succeeded", tac.hex().upper()
+        if kind is Kind.LOAD:
+            self._release_linked(r)
         return self._obj(r)
 
     async def uncertain(self, kind: Kind, object_id: str) -> SettlementObject:
@@ -240,6 +270,9 @@ class FakeSettlement:
             counter = InitializeForPurchaseResponse.from_data(initialize).offline_counter
         else:
             counter = InitializeForLoadResponse.from_data(initialize).online_counter
+        if counter == r.counter and r.kind is Kind.LOAD:
+            # Never proof for a load (a replayed INITIALIZE says the same): it stays open.
+            raise SettlementError("proof required", status=409, code="proof_required")
         if counter == r.counter:
             r.status = "canceled"
         elif r.counter is not None and counter == r.counter + 1 and prove is not None:

@@ -236,3 +236,29 @@ def test_resolution(
         proof_valid=valid,
     )
     assert resolution.outcome is outcome
+
+
+@pytest.mark.parametrize(
+    ("counter", "balance", "random", "given", "valid", "outcome"),
+    [
+        # "The counter did not move" is never proof for a load: the answer may be replayed.
+        (3, 1_000, b"\x07" * 4, False, False, Outcome.UNPROVEN),
+        (3, 1_000, b"\x09" * 4, False, False, Outcome.MISMATCH),  # the old answer replayed
+        (3, 1_100, b"\x07" * 4, False, False, Outcome.MISMATCH),
+        (4, 1_100, b"\x07" * 4, False, False, Outcome.PROOF_REQUIRED),
+        (4, 1_100, b"\x07" * 4, True, False, Outcome.PROOF_INVALID),
+        (4, 1_100, b"\x07" * 4, True, True, Outcome.SUCCEEDED),
+    ],
+)
+def test_load_resolution(
+    counter: int, balance: int, random: bytes, given: bool, valid: bool, outcome: Outcome
+) -> None:
+    resolution = decide_resolution(
+        _open("load", "uncertain"),
+        counter=counter,
+        balance=balance,
+        random=random,
+        proof_given=given,
+        proof_valid=valid,
+    )
+    assert resolution.outcome is outcome

@@ -89,19 +89,71 @@ def test_uncertain_credit_that_happened_completes_from_the_proof(world: World) -
     assert _balances(world, card)["card"] == card.state.balance == 1_500
 
 
+def _initialize(world: World, card: CardApplet, amount: int = 0) -> bytes:
+    read_issuer(card)
+    return ok(card, InitializeForLoad(1, amount, bytes.fromhex(world.terminal_id)).to_apdu())
+
+
 def test_uncertain_credit_that_never_happened_returns_the_funds(world: World) -> None:
     card = world.issue()
     load = world.terminal.create_load(1_500)
     assert _authorise(world, card, load, 1_500).status_code == 200
     world.terminal.post(f"/v1/loads/{load['id']}/uncertain")
-    read_issuer(card)
-    init = ok(card, InitializeForLoad(1, 0, bytes.fromhex(load["terminal_id"])).to_apdu())
+    init = _initialize(world, card)
+    # "The counter did not move" is not proof for a load (it may be a replayed answer):
+    # the load stays uncertain, its funds held, and the answer says what would settle it.
     resolved = world.terminal.post(
         f"/v1/loads/{load['id']}/resolve", {"initialize_response": init.hex()}
     )
-    assert resolved.json()["status"] == "canceled"
+    assert resolved.status_code == 409, resolved.text
+    assert resolved.json()["code"] == "proof_required"
+    assert resolved.json()["recover"] == {
+        "load_id": load["id"],
+        "transaction_type": "02",
+        "counter": 0,
+    }
+    assert _load(world, load["id"])["status"] == "uncertain"
+    assert _balances(world, card)["held"] == 1_500
+    # The next load of the card at that counter settles it: its verified TAC proves the
+    # counter was never used by the uncertain one, whose funds then go back.
+    again = world.terminal.create_load(1_500)
+    assert world.terminal.run_load(card, again)["status"] == "succeeded"
+    assert _load(world, load["id"])["status"] == "canceled"
     balances = _balances(world, card)
-    assert balances["held"] == 0 and balances["topups"] == 0 and balances["card"] == 0
+    assert balances["held"] == 0 and balances["topups"] == -1_500
+    assert balances["card"] == balances["shadow"] == card.state.balance == 1_500
+
+
+def test_a_replayed_counter_unchanged_answer_cannot_cancel_a_load_that_ran(
+    world: World,
+) -> None:
+    """The merchant reads INITIALIZE FOR LOAD (amount 0; MAC1 and all) before its CREDIT,
+    hides the CREDIT's TAC and resolves with that older answer: "the counter did not move".
+    Cancelling would return the funds to the merchant while the card keeps the value."""
+    card = world.issue()
+    load = world.terminal.create_load(1_500)
+    recorded = _initialize(world, card)  # counter 0, balance 0, a random of its own
+    authorised = _authorise(world, card, load, 1_500).json()
+    ok(card, bytes.fromhex(authorised["authorisation"]["credit_apdu"]))  # TAC hidden
+    world.terminal.post(f"/v1/loads/{load['id']}/uncertain")
+    before = _balances(world, card)
+    resolved = world.terminal.post(
+        f"/v1/loads/{load['id']}/resolve", {"initialize_response": recorded.hex()}
+    )
+    assert resolved.status_code == 409 and resolved.json()["code"] == "proof_required"
+    assert _load(world, load["id"])["status"] == "uncertain"
+    assert _balances(world, card) == before  # funds still held, nothing returned
+    assert before["held"] == 1_500 and before["topups"] == -1_500
+    # The card's own proof still settles it: the value it holds is accounted for.
+    init = _initialize(world, card)
+    proof, sw = prove(card, 0x02, 1)
+    assert sw == 0x9000
+    settled = world.terminal.post(
+        f"/v1/loads/{load['id']}/resolve",
+        {"initialize_response": init.hex(), "prove_response": proof.hex()},
+    )
+    assert settled.status_code == 200 and settled.json()["status"] == "succeeded"
+    assert _balances(world, card)["card"] == card.state.balance == 1_500
 
 
 def test_an_uncertain_load_stays_until_a_verified_credit_at_its_online_counter(

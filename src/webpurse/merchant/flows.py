@@ -124,7 +124,13 @@ class FirstContact:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """How a contact ended. ``status`` is settlement's word, never the merchant's guess."""
+    """How a contact ended. ``status`` is settlement's word, never the merchant's guess.
+
+    One reading of it: after :func:`recover`, ``canceled`` for a load means "this load is
+    no longer the order's way to the card, load again" — also when settlement keeps it
+    ``uncertain`` (``object.status``) because the card showed its counter unchanged, which
+    is no proof for a load (see :func:`_load_needs_a_new_load`).
+    """
 
     status: str
     object: SettlementObject | None
@@ -244,6 +250,25 @@ async def _resolve(
     return resolved
 
 
+def _load_needs_a_new_load(hint: RecoveryHint, exc: SettlementError) -> bool:
+    """Settlement kept the lost load open: 409 ``proof_required`` (docs/settlement-api.md).
+
+    A load is never released on the card's word that its counter did not move (an
+    INITIALIZE FOR LOAD answer can be replayed): it stays ``uncertain``, its funds held,
+    until a verified TAC settles it — its own proof, or the TAC of a new load of the card
+    at that counter, which settlement links to it (``supersedes``) and which releases it.
+    So the way on is a new load; the lost one must be ``uncertain`` for the new one to be
+    linked to it rather than wait for it (an ``authorised`` one's CREDIT may be in flight).
+    """
+    return hint.kind is Kind.LOAD and exc.status == 409 and exc.code == "proof_required"
+
+
+async def _keep_uncertain(settlement: Settlement, hint: RecoveryHint) -> SettlementObject:
+    kept = await settlement.uncertain(hint.kind, hint.object_id)
+    log.info("load %s stays %s until a load at its counter settles it", kept.id, kept.status)
+    return kept
+
+
 async def recover(
     reader: Reader,
     settlement: Settlement,
@@ -254,7 +279,13 @@ async def recover(
     card_timeout: float = 120.0,
     progress: ProgressSink = _ignore,
 ) -> Outcome:
-    """Settle an ``uncertain`` transaction on the card's next contact (one round trip)."""
+    """Settle an ``uncertain`` transaction on the card's next contact (one round trip).
+
+    ``succeeded`` or ``canceled``: a payment the card shows unchanged is released; a load
+    is not (it stays ``uncertain``), but the answer is ``canceled`` all the same, for what
+    the order does next is the same: load again with a new load, whose verified TAC at
+    that counter then releases this one (see :class:`Outcome`).
+    """
     trips = RoundTrips(reader)
     await progress(Progress(Phase.PRESENT_CARD))
     await reader.wait_for_card(card_timeout)
@@ -265,7 +296,13 @@ async def recover(
     if not responses or not responses[0].ok:
         raise _refusal(responses[-1] if responses else ResponseApdu(b"", 0x6F00))
     initialize, prove = read_recovery(responses[1:])
-    resolved = await _resolve(settlement, hint, initialize, prove)
+    try:
+        resolved = await _resolve(settlement, hint, initialize, prove)
+    except SettlementError as exc:
+        if not _load_needs_a_new_load(hint, exc):
+            raise
+        kept = await _keep_uncertain(settlement, hint)
+        return Outcome(status="canceled", object=kept, round_trips=trips.count)
     return Outcome(
         status=resolved.status, object=resolved, round_trips=trips.count, tac=resolved.tac
     )
@@ -430,7 +467,13 @@ async def _recover_then_reinitialise(
     steps.append(Step(_initialize(obj.kind, obj.key_index, obj.amount, obj.terminal_id)))
     responses = await trips(steps)
     initialize, prove = read_recovery(responses[:2])
-    await _resolve(settlement, hint, initialize, prove)
+    try:
+        await _resolve(settlement, hint, initialize, prove)
+    except SettlementError as exc:
+        if not _load_needs_a_new_load(hint, exc):
+            raise
+        # Still open: a new load goes ahead linked to it; anything else is told to recover.
+        await _keep_uncertain(settlement, hint)
     if len(responses) < 3 or not responses[2].ok:
         raise _refusal(responses[-1])
     balance, counter = _parse_initialize(obj.kind, responses[2].data)
@@ -450,7 +493,9 @@ async def _release(
     """The DEBIT/CREDIT was refused, so the card did not change; settlement still wants the
     card's word before it lets go of an authorisation. One more round trip reads the counter
     (INITIALIZE amount 0; PROVE answers 9406) and ``resolve`` releases the payment. If that
-    fails the payment is marked ``uncertain`` and the card's next contact settles it.
+    fails the payment is marked ``uncertain`` and the card's next contact settles it. A load
+    always ends so: settlement never releases one on the counter alone (409
+    ``proof_required``); the next load of the card at that counter releases it.
     """
     ttype = TransactionType.EP_PURCHASE if obj.kind is Kind.PAYMENT else TransactionType.EP_LOAD
     hint = RecoveryHint(obj.kind, obj.id, ttype, contact.counter)

@@ -329,6 +329,9 @@ class Outcome(StrEnum):
     SUCCEEDED = "succeeded"  # the card moved its counter and its proof verifies
     CANCELED = "canceled"  # the counter did not move: nothing happened on the card
     PROOF_REQUIRED = "proof_required"  # the counter moved; send GET TRANSACTION PROVE
+    # A load's counter did not move, but nothing authenticates that answer as fresh: it
+    # stays uncertain until a verified TAC (its own, or a load's at that counter) settles it.
+    UNPROVEN = "unproven"
     PROOF_INVALID = "proof_invalid"
     MISMATCH = "mismatch"  # the card is not where this transaction left it
 
@@ -348,13 +351,30 @@ def decide_resolution(
     proof_given: bool,
     proof_valid: bool,
 ) -> Resolution:
-    """What a fresh INITIALIZE (and GET TRANSACTION PROVE) says about ``open_txn``."""
+    """What a fresh INITIALIZE (and GET TRANSACTION PROVE) says about ``open_txn``.
+
+    "The counter did not move" releases a payment: only its own merchant may resolve it, and
+    releasing its hold can only forgo that merchant's money. It never releases a load: its
+    funds would go back to the merchant (or operator) that resolves it, and an INITIALIZE
+    FOR LOAD answer proves nothing about *now* — its random is the card's, so an answer
+    read at that counter before the CREDIT (MAC1 and all) can be replayed after it (spec
+    §4, §6). A load is settled only by a verified TAC: its own (GET TRANSACTION PROVE once
+    the counter moved) or that of a load completed at its counter (``Decision.supersedes``).
+    """
     sign = -1 if open_txn.kind == "payment" else 1
     if counter == open_txn.counter:
         if random == open_txn.random:
             return Resolution(Outcome.MISMATCH, "this INITIALIZE answer is the old one, not fresh")
         if balance != open_txn.balance_before:
             return Resolution(Outcome.MISMATCH, "the counter did not move but the balance did")
+        if open_txn.kind == "load":
+            return Resolution(
+                Outcome.UNPROVEN,
+                "the card says its online counter did not move, but an INITIALIZE FOR LOAD"
+                " answer can be replayed: the load stays uncertain until a verified TAC"
+                " settles it (its own proof once the counter moved, or a new load of this"
+                " card completed at that counter)",
+            )
         return Resolution(Outcome.CANCELED, "the card's counter did not move: nothing happened")
     if counter == open_txn.counter + 1:
         if balance != open_txn.balance_before + sign * open_txn.amount:

@@ -485,9 +485,15 @@ def resolve(ctx: Ctx, load_id: str, body: Resolve) -> Load:
     if resolution.outcome is Outcome.SUCCEEDED:
         assert proof is not None
         _succeed(ctx, load, card, proof.tac)
-    elif resolution.outcome is Outcome.CANCELED:
-        _release(ctx, load, card, "resolved: counter did not move")
-    elif resolution.outcome is Outcome.PROOF_REQUIRED:
+    elif resolution.outcome in (Outcome.PROOF_REQUIRED, Outcome.UNPROVEN):
+        # UNPROVEN: "the counter did not move" is never proof for a load (decide_resolution):
+        # nothing changes; a load of this card completed at that counter releases it.
+        log.info(
+            "load.resolve_needs_proof",
+            load=load.id,
+            outcome=resolution.outcome.value,
+            counter=init.online_counter,
+        )
         raise ApiError(
             409,
             "proof_required",
