@@ -18,14 +18,18 @@ import pytest
 
 from tests.merchant.conftest import make_card
 from tests.merchant.fakes import FakeSettlement, Record
+from tests.reader.remote_support import ConsentRecorder, merchant_app, serve
+from webpurse.agent.terminal import TerminalAgent
 from webpurse.merchant import cashier as cashier_module
 from webpurse.merchant.cashier import Cashier
 from webpurse.merchant.orders import INTERRUPTED, PAID, PENDING, PURCHASE, OrderBook, make_engine
 from webpurse.merchant.progress import OrderEvent, ProgressBus
-from webpurse.merchant.readers import LocalBroker
+from webpurse.merchant.readers import LocalBroker, RemoteBroker
 from webpurse.merchant.settlement import Kind, SettlementObject
 from webpurse.protocol.apdu import ResponseApdu
-from webpurse.reader.base import CardInfo, Step
+from webpurse.protocol.commands import INS_DEBIT_FOR_PURCHASE
+from webpurse.reader.base import CardInfo, ReaderError, Step
+from webpurse.reader.remote import ReaderHub
 from webpurse.reader.sim import SimReader
 
 DEADLINE = 5.0
@@ -75,13 +79,24 @@ class RecordingBus(ProgressBus):
     def __init__(self) -> None:
         super().__init__()
         self.phases: dict[str, asyncio.Event] = {}
+        self.published: list[str] = []
+        self._published = asyncio.Event()
 
     def reached(self, phase: str) -> asyncio.Event:
         return self.phases.setdefault(phase, asyncio.Event())
 
     def publish(self, event: OrderEvent) -> None:
         super().publish(event)
+        self.published.append(event.phase)
+        self._published.set()
         self.reached(event.phase).set()
+
+    async def until(self, phase: str, count: int) -> None:
+        """Return once ``phase`` has been published ``count`` times (bounded)."""
+        async with asyncio.timeout(DEADLINE):
+            while self.published.count(phase) < count:
+                self._published.clear()
+                await self._published.wait()
 
 
 @pytest.fixture
@@ -280,3 +295,61 @@ async def test_finished_tasks_leave_the_cashier_and_only_the_newest_are_kept(
     assert cashier._tasks == {}
     assert cashier.task(ids[0]) is None
     assert all(cashier.task(i) is not None for i in ids[1:])
+
+
+# --- finding 6: the agent's reader failing during the DEBIT is an unknown outcome --------
+
+
+class JammingReader(TapReader):
+    """The agent's reader: the DEBIT reaches the card, then the reader fails (once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.jam = True
+
+    async def transmit(self, batch: Sequence[Step]) -> list[ResponseApdu]:
+        responses = await super().transmit(batch)
+        if self.jam and batch[0].apdu[1] == INS_DEBIT_FOR_PURCHASE:
+            self.jam = False
+            raise ReaderError("the reader stopped answering")
+        return responses
+
+
+async def test_a_reader_failure_during_the_debit_is_recovered_from_the_cards_counter(
+    orders: OrderBook,
+) -> None:
+    settlement = FakeSettlement()
+    order_id = await open_order(orders, settlement, "requires_card", amount=1000)
+    hub = ReaderHub(grace=5.0, batch_timeout=DEADLINE)
+    bus = RecordingBus()
+    cashier = Cashier(orders, settlement, RemoteBroker(hub), bus, card_timeout=DEADLINE)
+    shopper = JammingReader()
+    agent = TerminalAgent(shopper, consent=ConsentRecorder(), show=lambda _: None)
+    try:
+        async with serve(merchant_app(hub)) as base:
+            await agent.pair(f"{base}/reader", token=hub.issue(order_id).token, origin=base)
+            cashier.start(order_id)
+            task = cashier.task(order_id)
+            assert task is not None
+            # Outcome unknown: the payment is uncertain and the page asks for the card again.
+            await bus.until("interrupted", 2)
+            payment = orders.get(order_id).settlement_id  # type: ignore[union-attr]
+            assert settlement.records[payment or ""].status == "uncertain"
+            shopper.remove()
+            await bus.until("interrupted", 3)  # recovery waits for the card
+            shopper.insert()
+            await asyncio.wait_for(asyncio.shield(task), DEADLINE)
+    finally:
+        await cashier.close()
+        await agent.close()
+        await hub.close()
+
+    order = orders.get(order_id)
+    assert order is not None and order.status == PAID
+    assert [c.split()[0] for c in settlement.calls] == [
+        "create",
+        "authorise",
+        "uncertain",
+        "resolve",
+    ]
+    assert shopper.card is not None and shopper.card.state.balance == 10_000 - 1000  # once

@@ -40,7 +40,7 @@ from webpurse.reader.base import (
     ReaderTimeout,
     Step,
 )
-from webpurse.reader.messages import MAX_MESSAGE_BYTES, Outcome
+from webpurse.reader.messages import MAX_MESSAGE_BYTES, Error, Outcome
 from webpurse.reader.remote import (
     CODE_ALPHABET,
     CODE_ATTEMPTS,
@@ -519,3 +519,18 @@ async def test_wrong_codes_are_bounded_per_client(
         await agent.pair(f"{base}/reader", code=pairing.code)
     assert "too many" in blocked.value.message
     await agent.pair(f"{base}/reader", token=pairing.token)  # the token still works
+
+
+def test_a_reader_failure_is_an_unknown_outcome_and_a_refusal_is_not() -> None:
+    """``reader_failure``: the failing step may have reached the card (docs/remote-reader.md);
+    a guard refusal never did."""
+    select_answer = bytes.fromhex("6F009000")
+    failed = RemoteReader._batch_error(
+        Error("reader_failure", "the reader stopped answering", 4, (select_answer,))
+    )
+    refused = RemoteReader._batch_error(Error("consent_refused", "the shopper said no", 5, ()))
+
+    assert isinstance(failed, OutcomeUnknown)
+    assert [r.to_bytes() for r in failed.responses] == [select_answer]
+    assert isinstance(refused, BatchRefused) and not isinstance(refused, OutcomeUnknown)
+    assert refused.code == "consent_refused"

@@ -61,11 +61,14 @@ class ReaderTimeout(ReaderError):
 
 
 class OutcomeUnknown(CardRemoved):
-    """A remote reader's link broke (or its deadline passed) while a batch was out.
+    """A remote reader's link broke (or its deadline passed) while a batch was out, or the
+    agent's reader failed during a step (``reader_failure``).
 
-    Whether the agent ran any step of it is unknown: ``responses`` is empty and the whole
-    batch must be treated as possibly executed (recover per spec §6, never re-send it).
-    Raised by ``RemoteReader``; a ``CardRemoved``, so flows need no special case.
+    After a broken link whether the agent ran any step is unknown: ``responses`` is empty
+    and the whole batch must be treated as possibly executed. After a reader failure
+    ``responses`` holds the answers before the failing step, which may have reached the
+    card. Either way: recover per spec §6, never re-send. Raised by ``RemoteReader``; a
+    ``CardRemoved``, so flows need no special case.
     """
 
 

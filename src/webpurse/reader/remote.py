@@ -248,7 +248,8 @@ class RemoteReader:
     One batch at a time. ``transmit`` raises :class:`NoCard` when the agent reports no
     card, :class:`ReaderDisconnected` when no link is up (nothing sent),
     :class:`OutcomeUnknown` when the link dropped or the deadline passed with the batch
-    out, :class:`CardRemoved` when the agent saw the card leave mid-batch, and
+    out, or the agent's reader failed during a step (``reader_failure``: that step may have
+    reached the card), :class:`CardRemoved` when the agent saw the card leave mid-batch, and
     :class:`BatchRefused` when the agent refused a step (the shopper said no, an amount
     differs from the confirmed one, …).
     """
@@ -444,6 +445,10 @@ class RemoteReader:
             return CardRemoved(f"card removed: {error.message}", responses)
         if error.code == ErrorCode.NO_CARD and not responses:
             return NoCard(error.message)
+        if error.code == ErrorCode.READER_FAILURE:
+            # The reader failed while the step after ``responses`` may have reached the
+            # card: not "nothing happened" but unknown; the card's counter settles it.
+            return OutcomeUnknown(f"reader failure: {error.message}", responses)
         return BatchRefused(error.code, error.message, responses)
 
 
