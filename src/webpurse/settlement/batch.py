@@ -34,13 +34,13 @@ from typing import Any, cast
 
 import structlog
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import Table, bindparam, delete, insert, select, update
+from sqlalchemy import Table, delete, select, update
 
 from webpurse.protocol.commands import DebitForPurchaseResponse, InitializeForPurchaseResponse
 from webpurse.protocol.errors import ProtocolError
 from webpurse.protocol.records import IssuerData, decode_bcd_date, decode_bcd_time
 from webpurse.settlement import idempotency, ledger, payments, webhooks
-from webpurse.settlement.db import for_update, insert_or_nothing
+from webpurse.settlement.db import bulk_insert, bulk_update, for_update, insert_or_nothing
 from webpurse.settlement.decisions import CardRecord, PurchaseInputs, decide_purchase
 from webpurse.settlement.ledger import LedgerError, TransferSpec
 from webpurse.settlement.merchants import MAX_TERMINAL_SEQ
@@ -246,26 +246,20 @@ def _claim_keys(ctx: Ctx, items: list[Item], request_id: str | None) -> None:
 
 
 def _store_answers(ctx: Ctx, items: Iterable[Item]) -> None:
-    done = [i for i in items if i.record_id is not None and i.answer is not None and not i.failed]
-    if done:
-        ctx.session.execute(
-            update(_KEYS)
-            .where(_KEYS.c.id == bindparam("record_id"))
-            .values(
-                state="done",
-                response_status=bindparam("status"),
-                response_body=bindparam("body"),
-            ),
-            [
-                {
-                    "record_id": item.record_id,
-                    "status": item.answer[0],
-                    "body": json.dumps(item.answer[1]),
-                }
-                for item in done
-                if item.answer is not None
-            ],
-        )
+    bulk_update(
+        ctx.session,
+        _KEYS,
+        [
+            {
+                "id": item.record_id,
+                "state": "done",
+                "response_status": item.answer[0],
+                "response_body": json.dumps(item.answer[1]),
+            }
+            for item in items
+            if item.record_id is not None and item.answer is not None and not item.failed
+        ],
+    )
     failed = [i.record_id for i in items if i.record_id is not None and i.failed]
     if failed:
         ctx.session.execute(delete(_KEYS).where(_KEYS.c.id.in_(failed)))
@@ -404,7 +398,7 @@ def _fast_create(ctx: Ctx, merchant: Any, items: list[Item], writes: _Writes) ->
             "currency": body.currency,
             "description": body.description,
             "merchant_reference": body.merchant_reference,
-            "metadata": dict(body.metadata),
+            "metadata": json.dumps(dict(body.metadata)),
             "terminal_id": merchant.terminal_id,
             "key_index": 1,
             "refunded_amount": 0,
@@ -412,7 +406,8 @@ def _fast_create(ctx: Ctx, merchant: Any, items: list[Item], writes: _Writes) ->
             "updated_at": ctx.now,
         }
         writes.payment_rows.append(row)
-        item.answer = (201, payments.payment_json(_view(row)))
+        answer = payments.payment_json(_view({**row, "metadata": dict(body.metadata)}))
+        item.answer = (201, answer)
 
 
 def _approvals(ctx: Ctx, merchant: Any, items: list[Item]) -> list[_Approval]:
@@ -523,8 +518,10 @@ def _fast_authorise(ctx: Ctx, merchant: Any, approvals: list[_Approval], writes:
             "authorised_at": ctx.now,
             "updated_at": ctx.now,
         }
-        writes.authorised.append({"payment_id": payment.id, **changes})
-        writes.card_open.append({"card_id": card.id, "txn": payment.id, "now": ctx.now})
+        writes.authorised.append({"id": payment.id, **changes})
+        writes.card_open.append(
+            {"id": card.id, "open_transaction": payment.id, "updated_at": ctx.now}
+        )
         writes.transfers.append(
             TransferSpec(
                 f"{payment.id}:hold",
@@ -590,25 +587,28 @@ def _fast_capture(ctx: Ctx, captures: list[_Capture], writes: _Writes) -> None:
             "tac": capture.answer.tac.hex().upper(),
             "updated_at": ctx.now,
         }
-        writes.succeeded.append({"payment_id": payment.id, **changes})
+        writes.succeeded.append({"id": payment.id, **changes})
         writes.card_settled.append(
             {
-                "card_id": card.id,
-                "shadow": payment.balance_before - payment.amount,
-                "counter": payment.counter + 1,
-                "now": ctx.now,
+                "id": card.id,
+                "shadow_balance": payment.balance_before - payment.amount,
+                "offline_counter": payment.counter + 1,
+                "open_transaction": None,
+                "updated_at": ctx.now,
             }
         )
         writes.card_events.append(
             {
                 "card_id": card.id,
                 "kind": "purchase",
-                "detail": {
-                    "payment": payment.id,
-                    "amount": payment.amount,
-                    "counter": payment.counter,
-                    "tac": changes["tac"],
-                },
+                "detail": json.dumps(
+                    {
+                        "payment": payment.id,
+                        "amount": payment.amount,
+                        "counter": payment.counter,
+                        "tac": changes["tac"],
+                    }
+                ),
                 "created_at": ctx.now,
             }
         )
@@ -665,46 +665,19 @@ def _enqueue_events(ctx: Ctx, merchant_id: str, events: list[tuple[str, dict[str
                         "updated_at": ctx.now,
                     }
                 )
-    ctx.session.execute(insert(_EVENTS), event_rows)
-    if message_rows:
-        ctx.session.execute(insert(_MESSAGES), message_rows)
+    bulk_insert(ctx.session, _EVENTS, event_rows)
+    bulk_insert(ctx.session, _MESSAGES, message_rows)
 
 
 def _write(ctx: Ctx, writes: _Writes) -> None:
-    """Each kind of change as one statement (executemany), in the fixed lock order."""
+    """Each kind of change as one statement (:func:`bulk_insert`, :func:`bulk_update`)."""
     session = ctx.session
-    if writes.payment_rows:
-        session.execute(insert(_PAYMENTS), writes.payment_rows)
-    for rows in (writes.authorised, writes.succeeded):
-        if rows:
-            columns = [name for name in rows[0] if name != "payment_id"]
-            session.execute(
-                update(_PAYMENTS)
-                .where(_PAYMENTS.c.id == bindparam("payment_id"))
-                .values({name: bindparam(name) for name in columns}),
-                rows,
-            )
-    if writes.card_open:
-        session.execute(
-            update(_CARDS)
-            .where(_CARDS.c.id == bindparam("card_id"))
-            .values(open_transaction=bindparam("txn"), updated_at=bindparam("now")),
-            writes.card_open,
-        )
-    if writes.card_settled:
-        session.execute(
-            update(_CARDS)
-            .where(_CARDS.c.id == bindparam("card_id"))
-            .values(
-                shadow_balance=bindparam("shadow"),
-                offline_counter=bindparam("counter"),
-                open_transaction=None,
-                updated_at=bindparam("now"),
-            ),
-            writes.card_settled,
-        )
-    if writes.card_events:
-        session.execute(insert(_CARD_EVENTS), writes.card_events)
+    bulk_insert(session, _PAYMENTS, writes.payment_rows)
+    bulk_update(session, _PAYMENTS, writes.authorised)
+    bulk_update(session, _PAYMENTS, writes.succeeded)
+    bulk_update(session, _CARDS, writes.card_open)
+    bulk_update(session, _CARDS, writes.card_settled)
+    bulk_insert(session, _CARD_EVENTS, writes.card_events)
     ledger.post_transfers(session, writes.transfers, now=ctx.now)
     assert ctx.principal.merchant_id is not None
     _enqueue_events(ctx, ctx.principal.merchant_id, writes.events)

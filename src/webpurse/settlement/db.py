@@ -8,12 +8,25 @@ connections). Schema changes go through Alembic only, tests included.
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import json
 from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
 
 from fastapi import Request
-from sqlalchemy import DateTime, Engine, Table, create_engine, event
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Engine,
+    Table,
+    bindparam,
+    create_engine,
+    event,
+    insert,
+    text,
+    update,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.pool import NullPool, StaticPool
@@ -153,6 +166,82 @@ def insert_or_nothing(session: Session, table: Table) -> Any:
 
         return sqlite_insert(table).on_conflict_do_nothing()
     raise NotImplementedError(dialect)  # pragma: no cover - only the two supported databases
+
+
+# --- set-based writes ----------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=256)
+def _unnest(table: Table, columns: tuple[str, ...], dialect: Dialect) -> tuple[str, str]:
+    """``unnest(CAST(:c0 AS type[]), …) AS rows(c, …)`` for ``columns`` of ``table``."""
+    arrays = ", ".join(
+        f"CAST(:c{i} AS {table.c[name].type.compile(dialect=dialect)}[])"
+        for i, name in enumerate(columns)
+    )
+    names = ", ".join(f'"{name}"' for name in columns)
+    return f"unnest({arrays}) AS rows({names})", names
+
+
+def _arrays(columns: tuple[str, ...], rows: list[dict[str, object]]) -> dict[str, object]:
+    return {f"c{i}": [row[name] for row in rows] for i, name in enumerate(columns)}
+
+
+def bulk_insert(session: Session, table: Table, rows: list[dict[str, object]]) -> None:
+    """Insert ``rows`` (all with the same columns; JSON values already encoded as text).
+
+    PostgreSQL: one ``INSERT … SELECT FROM unnest(<one array per column>)`` — one
+    statement and one executor run however many rows, and always the same text, so it is
+    prepared once. Elsewhere: an executemany.
+    """
+    if not rows:
+        return
+    columns = tuple(rows[0])
+    if session.get_bind().dialect.name != "postgresql":
+        session.execute(insert(table), [_decoded(table, row) for row in rows])
+        return
+    source, names = _unnest(table, columns, session.get_bind().dialect)
+    # Names come from the Table's own columns (_unnest looks each one up); values are bound.
+    statement = f'INSERT INTO "{table.name}" ({names}) SELECT * FROM {source}'  # noqa: S608
+    session.execute(text(statement), _arrays(columns, rows))
+
+
+def bulk_update(
+    session: Session, table: Table, rows: list[dict[str, object]], key: str = "id"
+) -> None:
+    """Update many rows by ``key`` (each dict: the key and the same other columns).
+
+    PostgreSQL: one ``UPDATE … FROM unnest(…)`` (see :func:`bulk_insert`); elsewhere an
+    executemany. The caller holds the rows' locks already (it read them FOR UPDATE).
+    """
+    if not rows:
+        return
+    columns = tuple(rows[0])
+    changed = [name for name in columns if name != key]
+    if session.get_bind().dialect.name != "postgresql":
+        session.execute(
+            update(table)
+            .where(table.c[key] == bindparam(f"_{key}"))
+            .values({name: bindparam(f"_{name}") for name in changed}),
+            [{f"_{name}": value for name, value in _decoded(table, row).items()} for row in rows],
+        )
+        return
+    source, _ = _unnest(table, columns, session.get_bind().dialect)
+    assignments = ", ".join(f'"{name}" = rows."{name}"' for name in changed)
+    statement = (  # names from the Table's own columns; values are bound
+        f'UPDATE "{table.name}" SET {assignments} FROM {source} '  # noqa: S608
+        f'WHERE "{table.name}"."{table.c[key].name}" = rows."{key}"'
+    )
+    session.execute(text(statement), _arrays(columns, rows))
+
+
+def _decoded(table: Table, row: dict[str, object]) -> dict[str, object]:
+    """JSON columns come as encoded text for PostgreSQL's arrays; SQLAlchemy wants values."""
+    return {
+        name: json.loads(value)
+        if isinstance(table.c[name].type, JSON) and isinstance(value, str)
+        else value
+        for name, value in row.items()
+    }
 
 
 # --- migrations ---------------------------------------------------------------------

@@ -30,7 +30,7 @@ from typing import Any
 from sqlalchemy import Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from webpurse.settlement.db import for_update, insert_ignoring_conflicts
+from webpurse.settlement.db import bulk_insert, bulk_update, for_update, insert_ignoring_conflicts
 from webpurse.settlement.models import Account, Entry, Transfer
 
 _ACCOUNTS: Table = Account.__table__  # type: ignore[assignment]
@@ -327,21 +327,16 @@ def post_transfers(
                     "account_version": versions[account_id],
                 }
             )
-    session.execute(insert(_TRANSFERS), transfer_rows)
-    session.execute(
-        update(_ACCOUNTS)
-        .where(_ACCOUNTS.c.id == bindparam("account_id"))
-        .values(balance=bindparam("new_balance"), version=bindparam("new_version")),
+    bulk_insert(session, _TRANSFERS, transfer_rows)
+    bulk_update(
+        session,
+        _ACCOUNTS,
         [
-            {
-                "account_id": account_id,
-                "new_balance": balances[account_id],
-                "new_version": versions[account_id],
-            }
+            {"id": account_id, "balance": balances[account_id], "version": versions[account_id]}
             for account_id in sorted(touched)
         ],
     )
-    session.execute(insert(_ENTRIES), entry_rows)
+    bulk_insert(session, _ENTRIES, entry_rows)
 
 
 def balance(session: Session, account_id: str) -> int:
