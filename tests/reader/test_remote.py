@@ -44,6 +44,8 @@ from webpurse.reader.messages import MAX_MESSAGE_BYTES, Error, Outcome
 from webpurse.reader.remote import (
     CODE_ALPHABET,
     CODE_ATTEMPTS,
+    PAIRING_LIFETIME,
+    CodeLimiter,
     MemoryPairingStore,
     PairingError,
     Pairings,
@@ -534,3 +536,48 @@ def test_a_reader_failure_is_an_unknown_outcome_and_a_refusal_is_not() -> None:
     assert [r.to_bytes() for r in failed.responses] == [select_answer]
     assert isinstance(refused, BatchRefused) and not isinstance(refused, OutcomeUnknown)
     assert refused.code == "consent_refused"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+
+def test_wrong_codes_are_forgotten_once_a_window_has_passed() -> None:
+    clock = Clock()
+    start = clock.now
+    limiter = CodeLimiter(clock=clock)
+    for n in range(1000):  # many addresses, each wrong once, and never seen again
+        limiter.failed(f"10.0.{n // 256}.{n % 256}")
+    clock.now += dt.timedelta(seconds=10)
+    for _ in range(CODE_ATTEMPTS):
+        limiter.failed("192.0.2.7")
+    assert not limiter.allows("192.0.2.7") and len(limiter) == 1001
+
+    clock.now = start + PAIRING_LIFETIME
+    assert not limiter.allows("192.0.2.7")  # its failures are still recent
+    assert len(limiter) == 1  # the one-off addresses are gone
+
+    clock.now += dt.timedelta(seconds=10)
+    assert limiter.allows("192.0.2.7") and len(limiter) == 0
+
+
+def test_the_limiter_remembers_at_most_max_clients_and_then_fails_closed() -> None:
+    clock = Clock()
+    limiter = CodeLimiter(clock=clock, max_clients=3)
+    for client in ("a", "b", "c"):
+        limiter.failed(client)
+    limiter.failed("d")  # full: not remembered, and not let in either
+
+    assert len(limiter) == 3
+    assert not limiter.allows("d")
+    assert limiter.allows("a")  # a remembered client keeps its own count
+    for _ in range(CODE_ATTEMPTS):
+        limiter.failed("a")
+    assert not limiter.allows("a") and len(limiter) == 3
+
+    clock.now += PAIRING_LIFETIME
+    assert limiter.allows("d") and len(limiter) == 0

@@ -21,6 +21,7 @@ import datetime as dt
 import hashlib
 import logging
 import secrets
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -74,6 +75,8 @@ CODE_LENGTH = 8
 _MAX_VIOLATIONS = 8
 CODE_ATTEMPTS = 10
 """Failed code pairings allowed per client address per :data:`PAIRING_LIFETIME`."""
+CODE_CLIENTS = 10_000
+"""Client addresses with recent wrong codes the hub remembers at most (see :class:`CodeLimiter`)."""
 
 
 def utc_now() -> dt.datetime:
@@ -217,6 +220,74 @@ class Pairings:
         if self._clock() >= record.expires_at:
             raise PairingError("pairing token or code expired")
         return record
+
+
+class CodeLimiter:
+    """Bounds wrong short-code guesses per client address: at most ``attempts`` within
+    ``window`` (an 8-character code is guessable by brute force).
+
+    Memory is bounded too: a client's failures are forgotten once the newest is older than
+    ``window`` (swept on every call, oldest first), and at most ``max_clients`` addresses
+    are remembered. When that many addresses failed within one window, a new address may
+    not try a code until old entries lapse: the limiter fails closed (pairing by token is
+    unaffected), for forgetting a remembered address would hand an attacker with many
+    addresses fresh attempts.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Clock = utc_now,
+        window: dt.timedelta = PAIRING_LIFETIME,
+        attempts: int = CODE_ATTEMPTS,
+        max_clients: int = CODE_CLIENTS,
+    ) -> None:
+        self._clock = clock
+        self._window = window
+        self._attempts = attempts
+        self._max_clients = max_clients
+        # client → its failure times within the window; ordered by newest failure, oldest first
+        self._failures: OrderedDict[str, list[dt.datetime]] = OrderedDict()
+
+    def __len__(self) -> int:
+        """Client addresses remembered now."""
+        return len(self._failures)
+
+    def _sweep(self, now: dt.datetime) -> dt.datetime:
+        since = now - self._window
+        while self._failures:
+            client, times = next(iter(self._failures.items()))
+            if times[-1] > since:
+                break
+            del self._failures[client]
+        return since
+
+    def allows(self, client: str) -> bool:
+        """May ``client`` try a code now?"""
+        since = self._sweep(self._clock())
+        times = self._failures.get(client)
+        if times is None:
+            if len(self._failures) >= self._max_clients:
+                log.warning("code pairing refused for %s: %d clients failing", client, len(self))
+                return False
+            return True
+        recent = [t for t in times if t > since]
+        if not recent:  # only if the clock went back: stale behind a fresher entry
+            del self._failures[client]
+            return True
+        self._failures[client] = recent  # order unchanged: its newest failure is the same
+        return len(recent) < self._attempts
+
+    def failed(self, client: str) -> None:
+        """``client`` tried a wrong code."""
+        now = self._clock()
+        since = self._sweep(now)
+        times = self._failures.pop(client, None)
+        if times is None and len(self._failures) >= self._max_clients:
+            return  # full: ``allows`` refuses this client anyway
+        recent = [t for t in times or () if t > since]
+        recent.append(now)
+        self._failures[client] = recent[-self._attempts :]  # newest failure: to the end
 
 
 # --- the reader -----------------------------------------------------------------------
@@ -483,7 +554,7 @@ class ReaderHub:
         self._changed = asyncio.Event()
         self._expiry: dict[str, asyncio.TimerHandle] = {}
         self._clock = clock
-        self._code_failures: dict[str, list[dt.datetime]] = {}
+        self.code_limiter = CodeLimiter(clock=clock)
 
     def issue(self, binding: str, *, display: str | None = None) -> Pairing:
         """A pairing token and code for one payment or load id (see :class:`Pairings`)."""
@@ -587,14 +658,14 @@ class ReaderHub:
             )
             return None
         client = link.websocket.client.host if link.websocket.client else "?"
-        if hello.code is not None and not self._may_try_code(client):
+        if hello.code is not None and not self.code_limiter.allows(client):
             await self._refuse(link, ErrorCode.TOKEN_INVALID, "too many wrong codes; wait")
             return None
         try:
             record = self.pairings.redeem(token=hello.token, code=hello.code)
         except PairingError as exc:
             if hello.code is not None:
-                self._code_failures.setdefault(client, []).append(self._clock())
+                self.code_limiter.failed(client)
             await self._refuse(link, ErrorCode.TOKEN_INVALID, str(exc))
             return None
         old = self._readers.get(record.binding)
@@ -630,16 +701,6 @@ class ReaderHub:
         log.info("agent paired: session %s for %s", reader.session, record.binding)
         self._changed.set()
         return reader
-
-    def _may_try_code(self, client: str) -> bool:
-        """An 8-character code is guessable by brute force: bound the wrong guesses."""
-        since = self._clock() - PAIRING_LIFETIME
-        recent = [t for t in self._code_failures.get(client, []) if t > since]
-        if recent:
-            self._code_failures[client] = recent
-        else:
-            self._code_failures.pop(client, None)
-        return len(recent) < CODE_ATTEMPTS
 
     async def _resume(self, link: _Link, resume: Resume) -> RemoteReader | None:
         key = _digest(resume.resume_token)
