@@ -20,6 +20,7 @@ from tests.merchant.fakes import FakeSettlement
 from webpurse.merchant.app import create_app
 from webpurse.merchant.readers import LocalBroker
 from webpurse.merchant.settings import MerchantSettings
+from webpurse.merchant.webhooks import SeenEvents
 from webpurse.protocol.commands import INS_DEBIT_FOR_PURCHASE
 from webpurse.reader.sim import Fault, SimReader
 
@@ -242,3 +243,26 @@ async def test_a_debit_lost_before_the_card_is_released_and_paid_afresh(
     assert settlement.records[body["settlement_id"]].status == "succeeded"
     assert sim.card is not None and sim.card.state.balance == 10_000 - 990
     assert (order_id, "canceled") in app.state.cashier.broker.finished  # the agent re-pairs
+
+
+async def test_webhook_event_ids_are_remembered_in_a_bounded_set_once_handled(
+    shop: Any, settlement: FakeSettlement
+) -> None:
+    client, _, app = shop
+    order_id = await checkout(client, "kite")
+    order = app.state.orders.get(order_id)
+    settlement.records[order.settlement_id].status = "succeeded"
+    event = {
+        "id": "evt_1",
+        "type": "payment.succeeded",
+        "data": {"object": {"id": order.settlement_id}},
+    }
+    body = json.dumps(event).encode()
+
+    seen = app.state.seen_events
+    assert isinstance(seen, SeenEvents) and len(seen) == 0
+    response = await client.post("/webhooks/settlement", content=body, headers=_signed(body))
+    assert response.status_code == 204 and app.state.orders.get(order_id).status == "paid"
+    assert "evt_1" in seen and len(seen) == 1
+    again = await client.post("/webhooks/settlement", content=body, headers=_signed(body))
+    assert again.status_code == 204 and len(seen) == 1

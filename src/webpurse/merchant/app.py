@@ -55,7 +55,7 @@ from webpurse.merchant.progress import OrderEvent, ProgressBus
 from webpurse.merchant.readers import ReaderBroker, RemoteBroker
 from webpurse.merchant.settings import MerchantSettings
 from webpurse.merchant.settlement import Settlement, SettlementClient, SettlementError
-from webpurse.merchant.webhooks import WebhookRejected, verify_delivery
+from webpurse.merchant.webhooks import SeenEvents, WebhookRejected, verify_delivery
 from webpurse.reader.remote import ReaderHub
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def create_app(
         hub = hub or ReaderHub()
         broker = RemoteBroker(hub)
     cashier = Cashier(orders, settlement, broker, bus)
-    seen_events: set[str] = set()
+    seen_events = SeenEvents()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -114,6 +114,7 @@ def create_app(
     app.state.cashier = cashier
     app.state.bus = bus
     app.state.settings = settings
+    app.state.seen_events = seen_events
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     templates = Jinja2Templates(directory=HERE / "templates")
     if hub is not None:
@@ -351,11 +352,11 @@ def create_app(
             return JSONResponse({"error": "malformed_event"}, 400)
         if event_id in seen_events:
             return Response(status_code=204)
-        seen_events.add(event_id)
         order = orders.by_settlement_id(object_id)
         if order is not None:
             # Deliveries come in any order: re-fetch the object instead of trusting the body.
             await cashier.refresh(order.id)
+        seen_events.add(event_id)  # only once handled: a failed delivery is retried in full
         return Response(status_code=204)
 
     return app

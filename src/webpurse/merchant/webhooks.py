@@ -11,9 +11,14 @@ import base64
 import hashlib
 import hmac
 import time
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 
 TOLERANCE = 300
+SEEN_EVENTS = 10_000
+"""Event ids :class:`SeenEvents` remembers at most."""
+SEEN_EVENT_AGE = 3600.0
+"""Seconds :class:`SeenEvents` remembers an event id after its last delivery."""
 
 
 class WebhookRejected(Exception):
@@ -58,3 +63,53 @@ def verify_delivery(
         settlement_webhooks.verify(secret, headers, body, when)
     except (settlement_webhooks.WebhookError, ValueError) as exc:
         raise WebhookRejected(str(exc)) from exc
+
+
+class SeenEvents:
+    """Webhook event ids already handled, so a redelivery is answered without work.
+
+    Settlement delivers at least once, so the same event can come again; handling one
+    only re-fetches the object from settlement, so a duplicate that slips past this set
+    is harmless, and the set can be small. A bounded LRU: at most ``max_size`` ids (the
+    least recently delivered is forgotten first), none kept ``max_age`` seconds after its
+    last delivery. ``clock`` is monotonic seconds, injected for tests.
+    """
+
+    def __init__(
+        self,
+        max_size: int = SEEN_EVENTS,
+        max_age: float = SEEN_EVENT_AGE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._max_size = max_size
+        self._max_age = max_age
+        self._clock = clock
+        self._seen: OrderedDict[str, float] = OrderedDict()  # id → last delivery, oldest first
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def _expire(self, now: float) -> None:
+        while self._seen:
+            oldest, when = next(iter(self._seen.items()))
+            if now - when < self._max_age:
+                break
+            del self._seen[oldest]
+
+    def __contains__(self, event_id: object) -> bool:
+        """Seen (and not yet forgotten)? A hit counts as a delivery: it stays longer."""
+        now = self._clock()
+        self._expire(now)
+        if not isinstance(event_id, str) or event_id not in self._seen:
+            return False
+        self._seen[event_id] = now
+        self._seen.move_to_end(event_id)
+        return True
+
+    def add(self, event_id: str) -> None:
+        now = self._clock()
+        self._expire(now)
+        self._seen[event_id] = now
+        self._seen.move_to_end(event_id)
+        while len(self._seen) > self._max_size:
+            self._seen.popitem(last=False)
