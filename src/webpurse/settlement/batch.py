@@ -398,7 +398,7 @@ def _fast_create(ctx: Ctx, merchant: Any, items: list[Item], writes: _Writes) ->
             "currency": body.currency,
             "description": body.description,
             "merchant_reference": body.merchant_reference,
-            "metadata": json.dumps(dict(body.metadata)),
+            "metadata": dict(body.metadata),
             "terminal_id": merchant.terminal_id,
             "key_index": 1,
             "refunded_amount": 0,
@@ -406,8 +406,7 @@ def _fast_create(ctx: Ctx, merchant: Any, items: list[Item], writes: _Writes) ->
             "updated_at": ctx.now,
         }
         writes.payment_rows.append(row)
-        answer = payments.payment_json(_view({**row, "metadata": dict(body.metadata)}))
-        item.answer = (201, answer)
+        item.answer = (201, payments.payment_json(_view(row)))
 
 
 def _approvals(ctx: Ctx, merchant: Any, items: list[Item]) -> list[_Approval]:
@@ -601,14 +600,12 @@ def _fast_capture(ctx: Ctx, captures: list[_Capture], writes: _Writes) -> None:
             {
                 "card_id": card.id,
                 "kind": "purchase",
-                "detail": json.dumps(
-                    {
-                        "payment": payment.id,
-                        "amount": payment.amount,
-                        "counter": payment.counter,
-                        "tac": changes["tac"],
-                    }
-                ),
+                "detail": {
+                    "payment": payment.id,
+                    "amount": payment.amount,
+                    "counter": payment.counter,
+                    "tac": changes["tac"],
+                },
                 "created_at": ctx.now,
             }
         )

@@ -16,7 +16,6 @@ from typing import Any
 
 from fastapi import Request
 from sqlalchemy import (
-    JSON,
     DateTime,
     Engine,
     Table,
@@ -172,37 +171,43 @@ def insert_or_nothing(session: Session, table: Table) -> Any:
 
 
 @functools.lru_cache(maxsize=256)
-def _unnest(table: Table, columns: tuple[str, ...], dialect: Dialect) -> tuple[str, str]:
-    """``unnest(CAST(:c0 AS type[]), …) AS rows(c, …)`` for ``columns`` of ``table``."""
-    arrays = ", ".join(
-        f"CAST(:c{i} AS {table.c[name].type.compile(dialect=dialect)}[])"
-        for i, name in enumerate(columns)
+def _recordset(table: Table, columns: tuple[str, ...], dialect: Dialect) -> tuple[str, str]:
+    """``json_to_recordset(:rows) AS rows(c type, …)`` for ``columns`` of ``table``."""
+    definitions = ", ".join(
+        f'"{table.c[name].name}" {table.c[name].type.compile(dialect=dialect)}' for name in columns
     )
-    names = ", ".join(f'"{name}"' for name in columns)
-    return f"unnest({arrays}) AS rows({names})", names
+    names = ", ".join(f'"{table.c[name].name}"' for name in columns)
+    return f"json_to_recordset(CAST(:rows AS json)) AS rows({definitions})", names
 
 
-def _arrays(columns: tuple[str, ...], rows: list[dict[str, object]]) -> dict[str, object]:
-    return {f"c{i}": [row[name] for row in rows] for i, name in enumerate(columns)}
+def _json_value(value: object) -> object:
+    if isinstance(value, dt.datetime | dt.date):
+        return value.isoformat()
+    raise TypeError(f"cannot send {type(value).__name__} in a bulk write")
+
+
+def _rows_json(rows: list[dict[str, object]]) -> str:
+    return json.dumps(rows, separators=(",", ":"), default=_json_value)
 
 
 def bulk_insert(session: Session, table: Table, rows: list[dict[str, object]]) -> None:
-    """Insert ``rows`` (all with the same columns; JSON values already encoded as text).
+    """Insert ``rows`` (dicts with the same columns) with one statement.
 
-    PostgreSQL: one ``INSERT … SELECT FROM unnest(<one array per column>)`` — one
-    statement and one executor run however many rows, and always the same text, so it is
-    prepared once. Elsewhere: an executemany.
+    PostgreSQL: ``INSERT … SELECT FROM json_to_recordset(:rows)`` — the rows travel as
+    one JSON document (encoded in C by ``json``, parsed in C by PostgreSQL), the statement
+    runs one executor whatever the row count, and its text is always the same, so it is
+    prepared once. (psycopg's per-row executemany costs PostgreSQL an executor start per
+    row; arrays per column cost Python-level escaping per element.) Elsewhere: executemany.
     """
     if not rows:
         return
-    columns = tuple(rows[0])
     if session.get_bind().dialect.name != "postgresql":
-        session.execute(insert(table), [_decoded(table, row) for row in rows])
+        session.execute(insert(table), rows)
         return
-    source, names = _unnest(table, columns, session.get_bind().dialect)
-    # Names come from the Table's own columns (_unnest looks each one up); values are bound.
-    statement = f'INSERT INTO "{table.name}" ({names}) SELECT * FROM {source}'  # noqa: S608
-    session.execute(text(statement), _arrays(columns, rows))
+    source, names = _recordset(table, tuple(rows[0]), session.get_bind().dialect)
+    # Names come from the Table's own columns (looked up in _recordset); values are bound.
+    statement = f'INSERT INTO "{table.name}" ({names}) SELECT {names} FROM {source}'  # noqa: S608
+    session.execute(text(statement), {"rows": _rows_json(rows)})
 
 
 def bulk_update(
@@ -210,8 +215,9 @@ def bulk_update(
 ) -> None:
     """Update many rows by ``key`` (each dict: the key and the same other columns).
 
-    PostgreSQL: one ``UPDATE … FROM unnest(…)`` (see :func:`bulk_insert`); elsewhere an
-    executemany. The caller holds the rows' locks already (it read them FOR UPDATE).
+    PostgreSQL: one ``UPDATE … FROM json_to_recordset(…)`` (see :func:`bulk_insert`);
+    elsewhere an executemany. The caller holds the rows' locks already (it read them FOR
+    UPDATE), so the order rows are updated in cannot deadlock.
     """
     if not rows:
         return
@@ -222,26 +228,16 @@ def bulk_update(
             update(table)
             .where(table.c[key] == bindparam(f"_{key}"))
             .values({name: bindparam(f"_{name}") for name in changed}),
-            [{f"_{name}": value for name, value in _decoded(table, row).items()} for row in rows],
+            [{f"_{name}": value for name, value in row.items()} for row in rows],
         )
         return
-    source, _ = _unnest(table, columns, session.get_bind().dialect)
-    assignments = ", ".join(f'"{name}" = rows."{name}"' for name in changed)
+    source, _ = _recordset(table, columns, session.get_bind().dialect)
+    assignments = ", ".join(f'"{table.c[name].name}" = rows."{name}"' for name in changed)
     statement = (  # names from the Table's own columns; values are bound
         f'UPDATE "{table.name}" SET {assignments} FROM {source} '  # noqa: S608
         f'WHERE "{table.name}"."{table.c[key].name}" = rows."{key}"'
     )
-    session.execute(text(statement), _arrays(columns, rows))
-
-
-def _decoded(table: Table, row: dict[str, object]) -> dict[str, object]:
-    """JSON columns come as encoded text for PostgreSQL's arrays; SQLAlchemy wants values."""
-    return {
-        name: json.loads(value)
-        if isinstance(table.c[name].type, JSON) and isinstance(value, str)
-        else value
-        for name, value in row.items()
-    }
+    session.execute(text(statement), {"rows": _rows_json(rows)})
 
 
 # --- migrations ---------------------------------------------------------------------
