@@ -123,3 +123,21 @@ def test_a_card_it_personalises_accepts_its_mac1_and_proves_with_mac2_and_tac(
     assert not verify(answer.tac, answer.mac2)
     assert card.state.balance == 750
     engine.dispose()
+
+
+def test_cached_card_keys_are_the_diversified_keys_and_the_cache_is_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from webpurse.protocol.crypto import diversify
+
+    master = secrets.token_bytes(16)
+    keyset = dataclasses.make_dataclass("K", ["dpk", "dlk", "dtk"])(master, master, master)
+    module = SoftwareSecurityModule({1: keyset}, 1)  # type: ignore[dict-item]
+    monkeypatch.setattr(SoftwareSecurityModule, "CARD_KEY_CACHE", 2)
+    serials = [secrets.token_bytes(10) for _ in range(4)]
+    for _ in range(2):  # the second round is served partly from the cache
+        for serial in serials:
+            assert module._card_key("dpk", serial, 1) == diversify(master, serial)
+    assert len(module._SoftwareSecurityModule__card_keys) == 2  # type: ignore[attr-defined]
+    with pytest.raises(SecurityError):
+        module._card_key("dpk", serials[0], 9)

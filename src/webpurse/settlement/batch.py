@@ -40,7 +40,7 @@ from webpurse.protocol.commands import DebitForPurchaseResponse, InitializeForPu
 from webpurse.protocol.errors import ProtocolError
 from webpurse.protocol.records import IssuerData, decode_bcd_date, decode_bcd_time
 from webpurse.settlement import idempotency, ledger, payments, webhooks
-from webpurse.settlement.db import bulk_insert, bulk_update, for_update, insert_or_nothing
+from webpurse.settlement.db import bulk_insert, bulk_update, for_update
 from webpurse.settlement.decisions import CardRecord, PurchaseInputs, decide_purchase
 from webpurse.settlement.ledger import LedgerError, TransferSpec
 from webpurse.settlement.merchants import MAX_TERMINAL_SEQ
@@ -103,6 +103,15 @@ class Item:
     replayed: bool = False
     failed: bool = False  # an unexpected error: its key is forgotten so a retry can run
     duplicate_of: int | None = None
+    _encoded: str | None = None
+
+    @property
+    def encoded(self) -> str:
+        """The answer's body as JSON text, encoded once (stored, and sent, as is)."""
+        if self._encoded is None:
+            assert self.answer is not None
+            self._encoded = json.dumps(self.answer[1], separators=(",", ":"))
+        return self._encoded
 
     @property
     def payload(self) -> Any:
@@ -118,7 +127,7 @@ class Item:
 class Outcome:
     """What :func:`run` did, for the route and the metrics."""
 
-    answers: list[dict[str, Any]]
+    answers: list[tuple[int, str, bool]]  # status, the body as JSON text, replayed
     fast: int = 0
     slow: int = 0
     problems: list[ApiError] = field(default_factory=list)
@@ -198,8 +207,8 @@ def _claim_keys(ctx: Ctx, items: list[Item], request_id: str | None) -> None:
     ]
     claimed = {
         row.key: int(row.id)
-        for row in ctx.session.execute(
-            insert_or_nothing(ctx.session, _KEYS).returning(_KEYS.c.id, _KEYS.c.key), rows
+        for row in bulk_insert(
+            ctx.session, _KEYS, rows, skip_conflicts=True, returning=("id", "key")
         )
     }
     existing_keys = [item.key for item in keyed if item.key not in claimed]
@@ -242,7 +251,7 @@ def _claim_keys(ctx: Ctx, items: list[Item], request_id: str | None) -> None:
             )
         else:
             item.answer = (int(record.response_status or 200), json.loads(record.response_body))
-            item.replayed = True
+            item.replayed, item._encoded = True, record.response_body
 
 
 def _store_answers(ctx: Ctx, items: Iterable[Item]) -> None:
@@ -254,7 +263,7 @@ def _store_answers(ctx: Ctx, items: Iterable[Item]) -> None:
                 "id": item.record_id,
                 "state": "done",
                 "response_status": item.answer[0],
-                "response_body": json.dumps(item.answer[1]),
+                "response_body": item.encoded,
             }
             for item in items
             if item.record_id is not None and item.answer is not None and not item.failed
@@ -756,11 +765,10 @@ def run(ctx: Ctx, raw_items: Sequence[BatchItemIn], request_id: str | None) -> O
                     request_id,
                 )
             else:
-                item.answer, item.replayed = first.answer, True
+                item.answer, item.replayed, item._encoded = first.answer, True, first.encoded
     _store_answers(ctx, items)
     for item in items:
         assert item.answer is not None
-        status, body = item.answer
-        outcome.answers.append({"status": status, "body": body, "replayed": item.replayed})
+        outcome.answers.append((item.answer[0], item.encoded, item.replayed))
     log.info("batch.done", items=len(items), fast=outcome.fast, per_item=outcome.slow)
     return outcome

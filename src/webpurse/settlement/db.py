@@ -190,7 +190,14 @@ def _rows_json(rows: list[dict[str, object]]) -> str:
     return json.dumps(rows, separators=(",", ":"), default=_json_value)
 
 
-def bulk_insert(session: Session, table: Table, rows: list[dict[str, object]]) -> None:
+def bulk_insert(
+    session: Session,
+    table: Table,
+    rows: list[dict[str, object]],
+    *,
+    skip_conflicts: bool = False,
+    returning: tuple[str, ...] = (),
+) -> list[Any]:
     """Insert ``rows`` (dicts with the same columns) with one statement.
 
     PostgreSQL: ``INSERT … SELECT FROM json_to_recordset(:rows)`` — the rows travel as
@@ -198,16 +205,28 @@ def bulk_insert(session: Session, table: Table, rows: list[dict[str, object]]) -
     runs one executor whatever the row count, and its text is always the same, so it is
     prepared once. (psycopg's per-row executemany costs PostgreSQL an executor start per
     row; arrays per column cost Python-level escaping per element.) Elsewhere: executemany.
+    ``skip_conflicts`` adds ``ON CONFLICT DO NOTHING``; ``returning`` names columns to
+    return for the rows actually inserted.
     """
     if not rows:
-        return
+        return []
     if session.get_bind().dialect.name != "postgresql":
-        session.execute(insert(table), rows)
-        return
+        stmt = insert_or_nothing(session, table) if skip_conflicts else insert(table)
+        if returning:
+            stmt = stmt.returning(*(table.c[name] for name in returning))
+            return list(session.execute(stmt, rows))
+        session.execute(stmt, rows)
+        return []
     source, names = _recordset(table, tuple(rows[0]), session.get_bind().dialect)
     # Names come from the Table's own columns (looked up in _recordset); values are bound.
     statement = f'INSERT INTO "{table.name}" ({names}) SELECT {names} FROM {source}'  # noqa: S608
+    if skip_conflicts:
+        statement += " ON CONFLICT DO NOTHING"
+    if returning:
+        statement += " RETURNING " + ", ".join(f'"{table.c[name].name}"' for name in returning)
+        return list(session.execute(text(statement), {"rows": _rows_json(rows)}))
     session.execute(text(statement), {"rows": _rows_json(rows)})
+    return []
 
 
 def bulk_update(

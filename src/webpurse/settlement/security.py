@@ -15,6 +15,8 @@ import binascii
 import datetime as dt
 import os
 import secrets
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,9 +221,16 @@ class _KeySet:
 class SoftwareSecurityModule:
     """Master keys decrypted into memory from the database; the default keystore."""
 
+    # Diversified card keys kept for reuse (a card's capture needs the keys its
+    # authorisation derived). Only this object holds them, beside the master keys they
+    # come from, so caching adds no exposure; the bound keeps memory flat.
+    CARD_KEY_CACHE = 4096
+
     def __init__(self, keysets: dict[int, _KeySet], current_version: int) -> None:
         self.__keysets = keysets
         self._current = current_version
+        self.__card_keys: OrderedDict[tuple[str, bytes, int], bytes] = OrderedDict()
+        self.__card_keys_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"SoftwareSecurityModule(versions={sorted(self.__keysets)}, keys=<redacted>)"
@@ -259,11 +268,22 @@ class SoftwareSecurityModule:
         return self._current
 
     def _card_key(self, kind: str, serial: bytes, key_version: int) -> bytes:
+        cache_key = (kind, bytes(serial), key_version)
+        with self.__card_keys_lock:
+            cached = self.__card_keys.get(cache_key)
+            if cached is not None:
+                self.__card_keys.move_to_end(cache_key)
+                return cached
         keyset = self.__keysets.get(key_version)
         if keyset is None:
             raise SecurityError(f"no master keys of version {key_version}")
         master: bytes = getattr(keyset, kind)
-        return diversify(master, serial)
+        key = diversify(master, serial)
+        with self.__card_keys_lock:
+            self.__card_keys[cache_key] = key
+            if len(self.__card_keys) > self.CARD_KEY_CACHE:
+                self.__card_keys.popitem(last=False)
+        return key
 
     def personalise(
         self,
