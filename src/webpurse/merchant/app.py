@@ -54,7 +54,12 @@ from webpurse.merchant.orders import (
 from webpurse.merchant.progress import OrderEvent, ProgressBus
 from webpurse.merchant.readers import ReaderBroker, RemoteBroker
 from webpurse.merchant.settings import MerchantSettings
-from webpurse.merchant.settlement import Settlement, SettlementClient, SettlementError
+from webpurse.merchant.settlement import (
+    BatchingSettlementClient,
+    Settlement,
+    SettlementClient,
+    SettlementError,
+)
 from webpurse.merchant.webhooks import SeenEvents, WebhookRejected, verify_delivery
 from webpurse.reader.remote import ReaderHub
 
@@ -89,7 +94,11 @@ def create_app(
     http: httpx.AsyncClient | None = None
     if settlement is None:
         http = httpx.AsyncClient(base_url=settings.settlement_url, timeout=15.0)
-        settlement = SettlementClient(http, settings.settlement_api_key)
+        settlement = (
+            BatchingSettlementClient(http, settings.settlement_api_key)
+            if settings.settlement_batching
+            else SettlementClient(http, settings.settlement_api_key)
+        )
     if broker is None:
         hub = hub or ReaderHub()
         broker = RemoteBroker(hub)

@@ -31,6 +31,8 @@ class MerchantSettings:
     public_url: str = ""
     shop_name: str | None = None
     poll_interval: float = 15.0  # seconds between settlement polls (webhook fallback)
+    # Payment calls of concurrent shoppers go to settlement together (POST /v1/batch).
+    settlement_batching: bool = True
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'merchant.db'}"
@@ -49,6 +51,7 @@ class MerchantSettings:
             cookie_secret=cookie.encode() if cookie else _cookie_secret_file(data_dir),
             agent_url=env.get("WEBPURSE_AGENT_URL", "http://127.0.0.1:47800"),
             public_url=env.get("WEBPURSE_MERCHANT_PUBLIC_URL", ""),
+            settlement_batching=env.get("WEBPURSE_SETTLEMENT_BATCHING", "1") != "0",
         )
 
 
