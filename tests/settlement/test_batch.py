@@ -5,12 +5,18 @@ SQLite and PostgreSQL, through the HTTP API, with the real card emulator.
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
+import httpx
+import psycopg
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.exc import DBAPIError
 
-from tests.settlement.support import Terminal, World, ok
+from tests.settlement.support import Terminal, World, database_url, live_server, ok
 from webpurse.card import CardApplet
 from webpurse.settlement import batch, ledger
 from webpurse.settlement.models import Card, Entry, IdempotencyRecord, Payment
@@ -238,3 +244,90 @@ def test_another_merchants_payment_is_not_found_in_a_batch(world: World) -> None
     theirs = world.other_terminal.create_payment(100)
     answers = _run(world, [_authorise(world.terminal, theirs["id"], card, 100)])
     assert answers[0]["status"] == 404
+
+
+def test_a_batch_the_database_aborts_for_a_deadlock_runs_again(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = batch.run
+    attempts: list[int] = []
+
+    def deadlock_once(*args: Any, **kwargs: Any) -> batch.Outcome:
+        attempts.append(1)
+        outcome = real(*args, **kwargs)  # the work is done, then the database aborts it
+        if len(attempts) == 1:
+            raise DBAPIError("COMMIT", {}, psycopg.errors.DeadlockDetected("deadlock"))
+        return outcome
+
+    monkeypatch.setattr(batch, "run", deadlock_once)
+    answers = _run(world, [_create(10, "once")])
+    assert len(attempts) == 2 and answers[0]["status"] == 201 and not answers[0]["replayed"]
+    with world.factory() as session:
+        assert session.scalar(select(func.count()).select_from(Payment)) == 1
+
+
+@pytest.mark.postgres
+def test_concurrent_batches_and_single_calls_share_the_hot_rows_without_loss(
+    tmp_path: Path,
+) -> None:
+    """Four merchant-side batchers and two single-call clients at once, on a real uvicorn
+    with two workers over PostgreSQL: every purchase settles once, the hot accounts (held,
+    the merchant's payable) and the terminal sequence hold, no deadlock ends a request."""
+    with database_url("postgresql", tmp_path) as url, live_server(url, tmp_path, workers=2) as live:
+        limits = httpx.Limits(max_connections=16)
+        with httpx.Client(base_url=live.base_url, timeout=60, limits=limits) as http:
+            terminal = Terminal(http, live.merchant_key, live.terminal_id)
+            groups = [[live.issue() for _ in range(4)] for _ in range(6)]
+            for card in (card for group in groups for card in group):
+                terminal.load(card, 5_000)
+            start = threading.Barrier(len(groups))
+
+            def batcher(cards: list[CardApplet]) -> int:
+                start.wait()
+                done = 0
+                for _ in range(3):
+                    for answer in _purchases_over(http, terminal, cards, 10):
+                        assert answer["status"] == 200, answer
+                        done += 1
+                return done
+
+            def single(cards: list[CardApplet]) -> int:
+                start.wait()
+                for _ in range(3):
+                    for card in cards:
+                        assert terminal.purchase(card, 10)["status"] == "succeeded"
+                return 3 * len(cards)
+
+            with ThreadPoolExecutor(len(groups)) as pool:
+                jobs = [pool.submit(batcher, g) for g in groups[:4]]
+                jobs += [pool.submit(single, g) for g in groups[4:]]
+                total = sum(job.result() for job in jobs)
+        assert total == 6 * 4 * 3
+        with live.factory() as session:
+            merchant_id = session.scalars(select(Payment.merchant_id)).first()
+            assert merchant_id is not None
+            assert ledger.balance(session, ledger.merchant_account(merchant_id)) == total * 10
+            assert ledger.balance(session, ledger.HELD_PURCHASES) == 0
+            seqs = [p.terminal_seq for p in session.scalars(select(Payment))]
+            assert len(seqs) == len(set(seqs)) == total
+            assert ledger.check(session).ok
+
+
+def _purchases_over(
+    http: httpx.Client, terminal: Terminal, cards: list[CardApplet], amount: int
+) -> list[dict[str, Any]]:
+    def post(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        answer = http.post("/v1/batch", json={"requests": items}, headers=terminal.headers())
+        assert answer.status_code == 200, answer.text
+        return list(answer.json()["responses"])
+
+    created = post([_create(amount) for _ in cards])
+    ids = [a["body"]["id"] for a in created]
+    authorised = post(
+        [_authorise(terminal, pid, card, amount) for pid, card in zip(ids, cards, strict=True)]
+    )
+    debits = [
+        ok(card, bytes.fromhex(a["body"]["authorisation"]["debit_apdu"]))
+        for card, a in zip(cards, authorised, strict=True)
+    ]
+    return post([_capture(pid, d) for pid, d in zip(ids, debits, strict=True)])

@@ -34,7 +34,8 @@ from typing import Any, cast
 
 import structlog
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import Table, delete, select, update
+from sqlalchemy import Table, delete, or_, select, update
+from sqlalchemy.exc import DBAPIError
 
 from webpurse.protocol.commands import DebitForPurchaseResponse, InitializeForPurchaseResponse
 from webpurse.protocol.errors import ProtocolError
@@ -319,6 +320,16 @@ def _run_one(ctx: Ctx, item: Item, request_id: str | None, outcome: Outcome) -> 
         problem = ledger_refused(str(error))
         outcome.problems.append(problem)
         item.answer = _refusal(problem, request_id)
+    except DBAPIError as error:
+        if getattr(error.orig, "sqlstate", None) in ("40P01", "40001"):
+            raise  # a deadlock or serialization failure: the route runs the batch again
+        savepoint.rollback()
+        log.exception("batch.item_failed", path=item.path)
+        item.failed = True
+        item.answer = _refusal(
+            ApiError(500, "internal_error", "this item failed; it changed nothing, retry it"),
+            request_id,
+        )
     except Exception:
         savepoint.rollback()
         log.exception("batch.item_failed", path=item.path)
@@ -342,26 +353,41 @@ def _view(columns: Mapping[str, Any]) -> Payment:
     return cast(Payment, SimpleNamespace(**values))
 
 
-def _locked(ctx: Ctx, table: Table, column: Any, keys: Sequence[object]) -> Any:
-    """Rows whose ``column`` is in ``keys``, read in primary-key order, locked on PostgreSQL."""
-    stmt = select(table).where(column.in_(keys)).order_by(table.c.id)
-    if for_update(ctx.session):
-        stmt = stmt.with_for_update()
-    return ctx.session.execute(stmt)
+def _payments(ctx: Ctx, items: list[Item], status: str, *, lock: bool) -> dict[str, Any]:
+    """The caller's payments named by ``items`` that are ``status``, in id order.
 
-
-def _locked_payments(ctx: Ctx, items: list[Item]) -> dict[str, Any]:
+    With ``lock``, locked on PostgreSQL; rows in another status are neither returned nor
+    locked (PostgreSQL re-checks the status after waiting for a lock).
+    """
     ids = sorted({item.payment_id for item in items if item.payment_id})
     if not ids:
         return {}
     stmt = (
         select(_PAYMENTS)
-        .where(_PAYMENTS.c.id.in_(ids), _PAYMENTS.c.merchant_id == ctx.principal.merchant_id)
+        .where(
+            _PAYMENTS.c.id.in_(ids),
+            _PAYMENTS.c.merchant_id == ctx.principal.merchant_id,
+            _PAYMENTS.c.status == status,
+        )
         .order_by(_PAYMENTS.c.id)
+    )
+    if lock and for_update(ctx.session):
+        stmt = stmt.with_for_update()
+    return {row.id: row for row in ctx.session.execute(stmt)}
+
+
+def _lock_cards(ctx: Ctx, numbers: Sequence[str], ids: Sequence[str]) -> list[Any]:
+    """Every card the batch touches, locked with one statement in id order."""
+    if not numbers and not ids:
+        return []
+    stmt = (
+        select(_CARDS)
+        .where(or_(_CARDS.c.card_number.in_(numbers), _CARDS.c.id.in_(ids)))
+        .order_by(_CARDS.c.id)
     )
     if for_update(ctx.session):
         stmt = stmt.with_for_update()
-    return {row.id: row for row in ctx.session.execute(stmt)}
+    return list(ctx.session.execute(stmt))
 
 
 @dataclass
@@ -418,15 +444,18 @@ def _fast_create(ctx: Ctx, merchant: Any, items: list[Item], writes: _Writes) ->
         item.answer = (201, payments.payment_json(_view(row)))
 
 
-def _approvals(ctx: Ctx, merchant: Any, items: list[Item]) -> list[_Approval]:
-    """The authorisations the fast path may take: approved, nothing open on the card."""
-    rows = _locked_payments(ctx, items)
-    candidates: list[tuple[Item, Any, IssuerData, InitializeForPurchaseResponse]] = []
+Candidate = tuple[Item, Any, IssuerData, InitializeForPurchaseResponse]
+
+
+def _authorise_candidates(ctx: Ctx, items: list[Item]) -> list[Candidate]:
+    """Authorisations of payments waiting for a card (locked), with parseable answers."""
+    rows = _payments(ctx, items, "requires_card", lock=True)
+    candidates: list[Candidate] = []
     for item in items:
         row = rows.get(item.payment_id or "")
         body = item.body
         assert isinstance(body, PurchaseAuthorise)
-        if row is None or row.status != "requires_card":
+        if row is None:
             continue
         try:
             issuer = IssuerData.from_bytes(bytes.fromhex(body.issuer_data))
@@ -434,10 +463,18 @@ def _approvals(ctx: Ctx, merchant: Any, items: list[Item]) -> list[_Approval]:
         except (ProtocolError, ValueError):
             continue
         candidates.append((item, row, issuer, init))
-    numbers = sorted({issuer.card_number for _, _, issuer, _ in candidates})
-    cards = {row.card_number: row for row in _locked(ctx, _CARDS, _CARDS.c.card_number, numbers)}
+    return candidates
+
+
+def _approvals(
+    ctx: Ctx,
+    merchant: Any,
+    candidates: list[Candidate],
+    cards: dict[str, Any],
+    seen: set[str],
+) -> list[_Approval]:
+    """The authorisations the fast path may take: approved, nothing open on the card."""
     approvals: list[_Approval] = []
-    seen: set[str] = set()
     merchant_terminal = bytes.fromhex(merchant.terminal_id)
     for item, row, issuer, init in candidates:
         card = cards.get(issuer.card_number)
@@ -543,28 +580,39 @@ def _fast_authorise(ctx: Ctx, merchant: Any, approvals: list[_Approval], writes:
         approval.item.answer = (200, payments.payment_json(_view({**payment._mapping, **changes})))
 
 
-def _captures(ctx: Ctx, items: list[Item]) -> list[_Capture]:
-    """The captures the fast path may take: authorised, unlinked, the card's open one."""
-    rows = _locked_payments(ctx, items)
-    candidates: list[tuple[Item, Any, DebitForPurchaseResponse]] = []
+def _capture_cards(ctx: Ctx, items: list[Item]) -> list[str]:
+    """The cards of the payments ``items`` capture (read unlocked: the card comes first)."""
+    ids = sorted({item.payment_id for item in items if item.payment_id})
+    if not ids:
+        return []
+    stmt = select(_PAYMENTS.c.card_id).where(
+        _PAYMENTS.c.id.in_(ids),
+        _PAYMENTS.c.merchant_id == ctx.principal.merchant_id,
+        _PAYMENTS.c.status == "authorised",
+        _PAYMENTS.c.card_id.is_not(None),
+    )
+    return sorted({str(card_id) for card_id in ctx.session.scalars(stmt)})
+
+
+def _captures(ctx: Ctx, items: list[Item], cards: dict[str, Any], seen: set[str]) -> list[_Capture]:
+    """The captures the fast path may take: authorised, unlinked, the card's open one.
+
+    The cards are locked already (before these payments, as the single capture does).
+    """
+    rows = _payments(ctx, items, "authorised", lock=True)
+    captures: list[_Capture] = []
     for item in items:
         row = rows.get(item.payment_id or "")
         body = item.body
         assert isinstance(body, PurchaseCapture)
-        if row is None or row.status != "authorised" or row.supersedes is not None:
+        if row is None or row.supersedes is not None:
+            continue
+        card = cards.get(row.card_id)
+        if card is None or card.open_transaction != row.id or card.id in seen:
             continue
         try:
             answer = DebitForPurchaseResponse.from_data(bytes.fromhex(body.debit_response))
         except (ProtocolError, ValueError):
-            continue
-        candidates.append((item, row, answer))
-    card_ids = sorted({row.card_id for _, row, _ in candidates if row.card_id})
-    cards = {row.id: row for row in _locked(ctx, _CARDS, _CARDS.c.id, card_ids)}
-    captures: list[_Capture] = []
-    seen: set[str] = set()
-    for item, row, answer in candidates:
-        card = cards.get(row.card_id)
-        if card is None or card.open_transaction != row.id or card.id in seen:
             continue
         verified = ctx.security.verify_purchase_mac2_and_tac(
             bytes.fromhex(card.card_number),
@@ -692,16 +740,16 @@ def _write(ctx: Ctx, writes: _Writes) -> None:
 def _fast(ctx: Ctx, items: list[Item]) -> int:
     """Take what the fast path can; returns how many items it answered (0 after a fallback)."""
     by_action: dict[str, list[Item]] = {"create": [], "authorise": [], "capture": []}
-    seen: set[str] = set()
+    named: set[str] = set()
     for item in items:
         if item.answer is not None or item.duplicate_of is not None:
             continue
         if item.action not in by_action:
             continue
         if item.payment_id is not None:
-            if item.payment_id in seen:
+            if item.payment_id in named:
                 continue  # the same payment twice: the later one runs on the per-item path
-            seen.add(item.payment_id)
+            named.add(item.payment_id)
         by_action[item.action].append(item)
     if not any(by_action.values()):
         return 0
@@ -718,11 +766,18 @@ def _fast(ctx: Ctx, items: list[Item]) -> int:
         writes = _Writes()
         _fast_create(ctx, merchant, by_action["create"], writes)
         taken += by_action["create"]
-        # Lock order as the single endpoints: payments, cards, the merchant row, accounts.
-        approvals = (
-            _approvals(ctx, merchant, by_action["authorise"]) if by_action["authorise"] else []
+        # Lock order: payments to authorise, then every card (one sorted statement), then
+        # payments to capture, the merchant row, ledger accounts. As the single endpoints:
+        # authorise locks its payment before the card, capture the card before its payment.
+        candidates = _authorise_candidates(ctx, by_action["authorise"])
+        capture_card_ids = _capture_cards(ctx, by_action["capture"])
+        numbers = sorted({issuer.card_number for _, _, issuer, _ in candidates})
+        cards = _lock_cards(ctx, numbers, capture_card_ids)
+        seen: set[str] = set()  # one transaction per card in the fast path
+        approvals = _approvals(
+            ctx, merchant, candidates, {card.card_number: card for card in cards}, seen
         )
-        captures = _captures(ctx, by_action["capture"]) if by_action["capture"] else []
+        captures = _captures(ctx, by_action["capture"], {card.id: card for card in cards}, seen)
         _fast_authorise(ctx, merchant, approvals, writes)
         _fast_capture(ctx, captures, writes)
         taken += [a.item for a in approvals] + [c.item for c in captures]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import structlog
 from fastapi import APIRouter, Depends, Request, Response
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from webpurse.settlement import batch
@@ -13,7 +15,22 @@ from webpurse.settlement.db import get_session
 from webpurse.settlement.routes_payments import PROBLEMS, make_ctx
 from webpurse.settlement.schemas import BatchIn, BatchOut
 
+log = structlog.get_logger(__name__)
 router = APIRouter(prefix="/v1/batch", tags=["batch"])
+
+ATTEMPTS = 3
+# PostgreSQL's deadlock_detected and serialization_failure: the database aborted the
+# transaction to break a lock cycle; nothing of it happened.
+TRANSIENT_SQLSTATES = frozenset({"40P01", "40001"})
+
+
+def _sqlstate(error: DBAPIError) -> str | None:
+    return getattr(error.orig, "sqlstate", None)
+
+
+def _transient(error: DBAPIError) -> bool:
+    return _sqlstate(error) in TRANSIENT_SQLSTATES
+
 
 SessionDep = Annotated[Session, Depends(get_session)]
 
@@ -25,15 +42,25 @@ def run_batch(
     """Many payment requests in one transaction and one commit (group commit).
 
     Each item is answered as its single endpoint would answer it (status and body), with
-    its own idempotency key; items are independent and answered in order.
+    its own idempotency key; items are independent and answered in order. A batch the
+    database aborts to break a deadlock is run again (up to three times).
     """
-    ctx = make_ctx(request, session, principal)
-    try:
-        outcome = batch.run(ctx, body.requests, getattr(request.state, "request_id", None))
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
+    request_id = getattr(request.state, "request_id", None)
+    for attempt in range(1, ATTEMPTS + 1):
+        ctx = make_ctx(request, session, principal)
+        try:
+            outcome = batch.run(ctx, body.requests, request_id)
+            session.commit()
+            break
+        except DBAPIError as error:
+            session.rollback()
+            if attempt == ATTEMPTS or not _transient(error):
+                raise
+            # The whole transaction rolled back (keys included), so running it again is safe.
+            log.warning("batch.retry", attempt=attempt, sqlstate=_sqlstate(error))
+        except BaseException:
+            session.rollback()
+            raise
     metrics = request.app.state.settlement.metrics
     for problem in outcome.problems:
         if problem.decline_code:
