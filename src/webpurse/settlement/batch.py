@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, cast
 
+import orjson
 import structlog
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import Table, delete, or_, select, update
@@ -111,7 +112,7 @@ class Item:
         """The answer's body as JSON text, encoded once (stored, and sent, as is)."""
         if self._encoded is None:
             assert self.answer is not None
-            self._encoded = json.dumps(self.answer[1], separators=(",", ":"))
+            self._encoded = orjson.dumps(self.answer[1]).decode()
         return self._encoded
 
     @property
