@@ -359,8 +359,27 @@ def _verify_tac(ctx: Ctx, load: Load, card: Card, tac: bytes) -> bool:
     )
 
 
-def _card_of(ctx: Ctx, load: Load) -> Card:
-    card = registry.lock_card_id(ctx.session, load.card_id) if load.card_id else None
+def _lock_with_card(ctx: Ctx, load_id: str) -> tuple[Load, Card | None]:
+    """The load and its card, both locked on PostgreSQL: the card row first.
+
+    Complete and resolve may release *other* loads of the card (``_release_disproved``),
+    so they lock the card before any load: were the load row taken first, shop A resolving
+    its uncertain load (its row, then the card) and shop B completing the one that
+    superseded it (its row, the card, then A's row) would each hold what the other waits
+    for, and PostgreSQL would abort one as a deadlock (as ``payments._lock_with_card``).
+    """
+    owner = select(Load.card_id).where(Load.id == load_id)
+    if not ctx.principal.is_operator:
+        owner = owner.where(Load.merchant_id == ctx.principal.merchant_id)
+    card_id = ctx.session.scalar(owner)
+    card = registry.lock_card_id(ctx.session, card_id) if card_id else None
+    load = get_load(ctx, load_id, lock=True)
+    if load.card_id != card_id:  # authorised in between: its card is locked only now
+        card = registry.lock_card_id(ctx.session, load.card_id) if load.card_id else None
+    return load, card
+
+
+def _card_of(card: Card | None) -> Card:
     if card is None:
         raise conflict("invalid_load_state", "the load has no card")
     return card
@@ -415,10 +434,10 @@ def _succeed(ctx: Ctx, load: Load, card: Card, tac: bytes) -> None:
 
 
 def complete(ctx: Ctx, load_id: str, body: LoadComplete) -> Load:
-    load = get_load(ctx, load_id, lock=True)
+    load, locked_card = _lock_with_card(ctx, load_id)
     _need_status(load, "authorised", "uncertain")  # the TAC proves the credit either way
     answer = parse(body.credit_response, "credit_response", CreditForLoadResponse.from_data)
-    card = _card_of(ctx, load)
+    card = _card_of(locked_card)
     if not _verify_tac(ctx, load, card, answer.tac):
         registry.record_event(ctx.session, card, "verification_failed", ctx.now, {"load": load.id})
         raise verification_failed("the card's TAC does not verify for this load")
@@ -443,12 +462,12 @@ def mark_uncertain(ctx: Ctx, load: Load) -> None:
 
 
 def resolve(ctx: Ctx, load_id: str, body: Resolve) -> Load:
-    load = get_load(ctx, load_id, lock=True)
+    load, locked_card = _lock_with_card(ctx, load_id)
     _need_status(load, "authorised", "uncertain")
     init = parse(
         body.initialize_response, "initialize_response", InitializeForLoadResponse.from_data
     )
-    card = _card_of(ctx, load)
+    card = _card_of(locked_card)
     if (
         body.issuer_data is not None
         and parse_issuer(body.issuer_data).card_number != card.card_number

@@ -324,8 +324,28 @@ def _verify(ctx: Ctx, payment: Payment, card: Card, mac2: bytes, tac: bytes) -> 
     )
 
 
-def _card_of(ctx: Ctx, payment: Payment) -> Card:
-    card = registry.lock_card_id(ctx.session, payment.card_id) if payment.card_id else None
+def _lock_with_card(ctx: Ctx, payment_id: str) -> tuple[Payment, Card | None]:
+    """The payment and its card, both locked on PostgreSQL: the card row first.
+
+    Capture and resolve may release *other* payments of the card (``_release_disproved``),
+    so they lock the card before any payment: were the payment row taken first, shop A
+    resolving its uncertain payment (its row, then the card) and shop B capturing the one
+    that superseded it (its row, the card, then A's row) would each hold what the other
+    waits for, and PostgreSQL would abort one as a deadlock. Payments are then locked
+    after the card (the others in id order). SQLite serialises writers: no locks there.
+    """
+    owner = select(Payment.card_id).where(Payment.id == payment_id)
+    if not ctx.principal.is_operator:
+        owner = owner.where(Payment.merchant_id == ctx.principal.merchant_id)
+    card_id = ctx.session.scalar(owner)
+    card = registry.lock_card_id(ctx.session, card_id) if card_id else None
+    payment = get_payment(ctx, payment_id, lock=True)
+    if payment.card_id != card_id:  # authorised in between: its card is locked only now
+        card = registry.lock_card_id(ctx.session, payment.card_id) if payment.card_id else None
+    return payment, card
+
+
+def _card_of(card: Card | None) -> Card:
     if card is None:
         raise conflict("invalid_payment_state", "the payment has no card")
     return card
@@ -380,12 +400,12 @@ def _succeed(ctx: Ctx, payment: Payment, card: Card, mac2: bytes, tac: bytes) ->
 
 
 def capture(ctx: Ctx, payment_id: str, body: PurchaseCapture) -> Payment:
-    payment = get_payment(ctx, payment_id, lock=True)
+    payment, locked_card = _lock_with_card(ctx, payment_id)
     # An uncertain payment (the sweep timed it out) is captured too when the card's own
     # answer arrives: MAC2 and TAC prove the debit just as well as PROVE would.
     _need_status(payment, "authorised", "uncertain")
     answer = parse(body.debit_response, "debit_response", DebitForPurchaseResponse.from_data)
-    card = _card_of(ctx, payment)
+    card = _card_of(locked_card)
     if not _verify(ctx, payment, card, answer.mac2, answer.tac):
         registry.record_event(
             ctx.session, card, "verification_failed", ctx.now, {"payment": payment.id}
@@ -412,12 +432,12 @@ def uncertain(ctx: Ctx, payment_id: str) -> Payment:
 
 
 def resolve(ctx: Ctx, payment_id: str, body: Resolve) -> Payment:
-    payment = get_payment(ctx, payment_id, lock=True)
+    payment, locked_card = _lock_with_card(ctx, payment_id)
     _need_status(payment, "authorised", "uncertain")
     init = parse(
         body.initialize_response, "initialize_response", InitializeForPurchaseResponse.from_data
     )
-    card = _card_of(ctx, payment)
+    card = _card_of(locked_card)
     if (
         body.issuer_data is not None
         and parse_issuer(body.issuer_data).card_number != card.card_number
