@@ -362,7 +362,7 @@ class BatchingSettlementClient(SettlementClient):
         api_key: str,
         *,
         max_batch: int = 500,
-        max_in_flight: int = 2,
+        max_in_flight: int = 1,
     ) -> None:
         super().__init__(client, api_key)
         if not 1 <= max_batch <= 1000 or max_in_flight < 1:
