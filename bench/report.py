@@ -364,8 +364,9 @@ def summary(latest: dict[str, tuple[Run, list[Measurement]]]) -> str:
 def profile_tables(rows: Sequence[Measurement]) -> str:
     """py-spy's view of the server under load: share of samples per function/package."""
     parts = [
-        "### Where the settlement server's time goes (py-spy, under load)\n",
-        "Share of py-spy samples (`--nonblocking`, 200 Hz, one window each). *cpu*: only "
+        "### Where the settlement server's time goes (py-spy, under batched load)\n",
+        "Share of py-spy samples (`--nonblocking`, 200 Hz, one window each, shoppers batched "
+        "by `BatchingSettlementClient`). *cpu*: only "
         "the thread holding the GIL (where the server's Python CPU goes); *wall*: every "
         "thread that is not idle (waits on PostgreSQL and locks included). *Own*: the "
         "function at the top of the stack; *package*: that function's package; "

@@ -54,8 +54,8 @@ FUNDING_GROUP = 16  # cards funded at once (more would only queue for the server
 WORKERS = int(os.environ.get("WEBPURSE_BENCH_SETTLEMENT_WORKERS", str(os.cpu_count() or 1)))
 # Shoppers of one merchant server whose settlement client batches their calls
 # (``BatchingSettlementClient`` → ``POST /v1/batch``: group commit).
-BATCHED_CLIENTS = (1, 8, 32, 256)
-PROFILE_CLIENTS = 8
+BATCHED_CLIENTS = (1, 8, 32, 128, 512)
+PROFILE_CLIENTS = 512  # the batched server under its heaviest load
 PROFILE_SECONDS = 10
 
 
@@ -429,7 +429,7 @@ async def profile_server(
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        await measure_window(server.url, merchant_key, cards, seconds + 1, server)
+        await measure_window(server.url, merchant_key, cards, seconds + 1, server, batching=True)
         _, stderr = recorder.communicate(timeout=60)
         if recorder.returncode != 0 or not output.exists():
             reason = stderr.decode(errors="replace").strip()[-300:]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from bench.settlement import (
@@ -87,3 +89,16 @@ def test_window_rows_report_failures_and_no_ratio_without_pgbench() -> None:
     assert "1 client(s) failed: PurchaseFailed: 9401" in rows["settlement purchases/s"].note
     assert rows["ratio settlement/pgbench"].value is None
     assert "server CPU per purchase" not in rows
+
+
+def test_batched_window_rows_name_their_mode_and_divide_by_the_best_pgbench() -> None:
+    window = dataclasses.replace(
+        _window(1_000), batching=True, batches=50, batched_items=3_000, database_cpu_seconds=1.0
+    )
+    rows = {r.metric: r for r in window_rows(window, pgbench_tps=None, pgbench_best=400.0)}
+    assert rows["settlement purchases/s (batched)"].value == 100
+    assert rows["ratio batched/pgbench best"].value == pytest.approx(0.25)
+    assert rows["items per batch (mean)"].value == 60
+    assert rows["PostgreSQL CPU per purchase (batched)"].value == pytest.approx(1.0)
+    assert "ratio settlement/pgbench (batched)" not in rows  # pgbench did not run at N
+    assert "settlement purchases/s" not in rows
