@@ -15,8 +15,16 @@ import psycopg
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import make_transient
 
-from tests.settlement.support import Terminal, World, database_url, live_server, ok
+from tests.settlement.support import (
+    Terminal,
+    World,
+    database_url,
+    live_server,
+    make_world,
+    ok,
+)
 from webpurse.card import CardApplet
 from webpurse.settlement import batch, ledger
 from webpurse.settlement.models import Card, Entry, IdempotencyRecord, Payment
@@ -331,3 +339,39 @@ def _purchases_over(
         for card, a in zip(cards, authorised, strict=True)
     ]
     return post([_capture(pid, d) for pid, d in zip(ids, debits, strict=True)])
+
+
+@pytest.mark.postgres
+def test_a_key_stored_meanwhile_by_a_duplicate_replays_its_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A duplicate request stores the key between this batch's look-up and its store: this
+    batch's work is rolled back and the batch runs again, replaying the duplicate's answer."""
+    with database_url("postgresql", tmp_path) as url, make_world(url) as world:
+        first = world.terminal.post("/v1/payments", {"amount": 10}, key="elsewhere")
+        assert first.status_code == 201
+        with world.factory() as session:
+            stored = session.scalars(select(IdempotencyRecord)).one()
+            session.delete(stored)  # hidden from the look-up, put back just before the store
+            session.commit()
+            make_transient(stored)
+        real = batch._store_answers
+        raced: list[int] = []
+
+        def duplicate_first(ctx: Any, items: Any) -> None:
+            if not raced:
+                raced.append(1)
+                with world.factory() as other:
+                    other.add(stored)
+                    other.commit()
+            real(ctx, items)
+
+        monkeypatch.setattr(batch, "_store_answers", duplicate_first)
+        answers = _run(
+            world,
+            [{"path": "/v1/payments", "idempotency_key": "elsewhere", "body": {"amount": 10}}],
+        )
+        assert raced and answers[0]["replayed"] and answers[0]["status"] == 201
+        assert answers[0]["body"]["id"] == first.json()["id"]
+        with world.factory() as session:
+            assert session.scalar(select(func.count()).select_from(Payment)) == 1

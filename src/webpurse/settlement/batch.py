@@ -35,7 +35,7 @@ from typing import Any, cast
 import orjson
 import structlog
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import Table, delete, or_, select, update
+from sqlalchemy import Table, or_, select, update
 from sqlalchemy.exc import DBAPIError
 
 from webpurse.protocol.commands import DebitForPurchaseResponse, InitializeForPurchaseResponse
@@ -100,7 +100,7 @@ class Item:
     body: BaseModel | None
     key: str | None
     fingerprint: str = ""
-    record_id: int | None = None
+    new_key: bool = False  # a key not stored yet: stored with the answer at the end
     answer: Answer | None = None
     replayed: bool = False
     failed: bool = False  # an unexpected error: its key is forgotten so a retry can run
@@ -181,8 +181,21 @@ def parse_item(index: int, raw: BatchItemIn, request_id: str | None) -> Item:
 # --- idempotency -----------------------------------------------------------------------
 
 
-def _claim_keys(ctx: Ctx, items: list[Item], request_id: str | None) -> None:
-    """Claim every item's key in one INSERT; answer replays and reuses from stored rows."""
+class KeyRace(Exception):
+    """A key this batch is about to store was stored meanwhile by another request.
+
+    Both ran the item; only the other one may stand. The caller rolls the whole batch
+    back and runs it again, and then the key's stored answer is replayed.
+    """
+
+
+def _check_keys(ctx: Ctx, items: list[Item], request_id: str | None) -> None:
+    """Look the items' keys up (one SELECT): replay what is stored, refuse reuse.
+
+    Keys not stored yet are written with their answers at the end, in the same
+    transaction as the work (:func:`_store_answers`); a duplicate running concurrently is
+    caught there. One row write per key instead of a claim and an update.
+    """
     subject = ctx.principal.subject
     first_of: dict[str, Item] = {}
     keyed: list[Item] = []
@@ -197,41 +210,18 @@ def _claim_keys(ctx: Ctx, items: list[Item], request_id: str | None) -> None:
         keyed.append(item)
     if not keyed:
         return
-    rows: list[dict[str, object]] = [
-        {
-            "principal": subject,
-            "key": item.key,
-            "fingerprint": item.fingerprint,
-            "state": "in_flight",
-            "created_at": ctx.now,
-        }
-        for item in keyed
-    ]
-    claimed = {
-        row.key: int(row.id)
-        for row in bulk_insert(
-            ctx.session, _KEYS, rows, skip_conflicts=True, returning=("id", "key")
+    stored = {
+        row.key: row
+        for row in ctx.session.execute(
+            select(_KEYS).where(
+                _KEYS.c.principal == subject, _KEYS.c.key.in_([item.key for item in keyed])
+            )
         )
     }
-    existing_keys = [item.key for item in keyed if item.key not in claimed]
-    stored = {}
-    if existing_keys:
-        stored = {
-            row.key: row
-            for row in ctx.session.execute(
-                select(_KEYS).where(_KEYS.c.principal == subject, _KEYS.c.key.in_(existing_keys))
-            )
-        }
     for item in keyed:
-        assert item.key is not None
-        if item.key in claimed:
-            item.record_id = claimed[item.key]
-            continue
-        record = stored.get(item.key)
-        if record is None:  # pragma: no cover - a row deleted between the two statements
-            item.answer = _refusal(
-                ApiError(409, "idempotency_in_flight", "retry this request"), request_id
-            )
+        record = stored.get(item.key or "")
+        if record is None:
+            item.new_key = True
         elif record.fingerprint != item.fingerprint:
             item.answer = _refusal(
                 ApiError(
@@ -243,6 +233,7 @@ def _claim_keys(ctx: Ctx, items: list[Item], request_id: str | None) -> None:
                 request_id,
             )
         elif record.state != "done" or record.response_body is None:
+            # Only rows an older version left while its request ran (see idempotency.py).
             item.answer = _refusal(
                 ApiError(
                     409,
@@ -257,23 +248,23 @@ def _claim_keys(ctx: Ctx, items: list[Item], request_id: str | None) -> None:
 
 
 def _store_answers(ctx: Ctx, items: Iterable[Item]) -> None:
-    bulk_update(
-        ctx.session,
-        _KEYS,
-        [
-            {
-                "id": item.record_id,
-                "state": "done",
-                "response_status": item.answer[0],
-                "response_body": item.encoded,
-            }
-            for item in items
-            if item.record_id is not None and item.answer is not None and not item.failed
-        ],
-    )
-    failed = [i.record_id for i in items if i.record_id is not None and i.failed]
-    if failed:
-        ctx.session.execute(delete(_KEYS).where(_KEYS.c.id.in_(failed)))
+    """Store each new key with its answer (one INSERT); a key taken meanwhile: KeyRace."""
+    rows: list[dict[str, object]] = [
+        {
+            "principal": ctx.principal.subject,
+            "key": item.key,
+            "fingerprint": item.fingerprint,
+            "state": "done",
+            "response_status": item.answer[0],
+            "response_body": item.encoded,
+            "created_at": ctx.now,
+        }
+        for item in items
+        if item.new_key and item.answer is not None and not item.failed
+    ]
+    stored = bulk_insert(ctx.session, _KEYS, rows, skip_conflicts=True, returning=("key",))
+    if len(stored) != len(rows):
+        raise KeyRace(f"{len(rows) - len(stored)} idempotency key(s) stored by another request")
 
 
 # --- the per-item path -----------------------------------------------------------------
@@ -799,7 +790,7 @@ def _fast(ctx: Ctx, items: list[Item]) -> int:
 def run(ctx: Ctx, raw_items: Sequence[BatchItemIn], request_id: str | None) -> Outcome:
     """Answer every item of a batch inside the caller's transaction (the caller commits)."""
     items = [parse_item(index, raw, request_id) for index, raw in enumerate(raw_items)]
-    _claim_keys(ctx, items, request_id)
+    _check_keys(ctx, items, request_id)
     outcome = Outcome([])
     outcome.fast = _fast(ctx, items)
     ctx.session.expire_all()

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from webpurse.settlement import batch
 from webpurse.settlement.auth import MerchantPrincipal
 from webpurse.settlement.db import get_session
+from webpurse.settlement.problems import ApiError
 from webpurse.settlement.routes_payments import PROBLEMS, make_ctx
 from webpurse.settlement.schemas import BatchIn, BatchOut
 
@@ -43,7 +44,8 @@ def run_batch(
 
     Each item is answered as its single endpoint would answer it (status and body), with
     its own idempotency key; items are independent and answered in order. A batch the
-    database aborts to break a deadlock is run again (up to three times).
+    database aborts to break a deadlock, or whose idempotency key a concurrent duplicate
+    stored first, is run again (up to three times).
     """
     request_id = getattr(request.state, "request_id", None)
     for attempt in range(1, ATTEMPTS + 1):
@@ -58,6 +60,13 @@ def run_batch(
                 raise
             # The whole transaction rolled back (keys included), so running it again is safe.
             log.warning("batch.retry", attempt=attempt, sqlstate=_sqlstate(error))
+        except batch.KeyRace as race:
+            session.rollback()  # a duplicate of an item won: run again, its answer replays
+            if attempt == ATTEMPTS:
+                raise ApiError(
+                    409, "idempotency_in_flight", "requests with these keys are still running"
+                ) from race
+            log.warning("batch.retry", attempt=attempt, reason=str(race))
         except BaseException:
             session.rollback()
             raise
