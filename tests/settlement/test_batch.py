@@ -206,8 +206,16 @@ def test_a_key_used_twice_in_one_batch_runs_once(world: World) -> None:
         assert stored.state == "done" and stored.response_status == 201
 
 
+@pytest.mark.parametrize(
+    "surprise",
+    [
+        ledger.LedgerError("injected"),
+        DBAPIError("INSERT", {}, psycopg.errors.UniqueViolation("injected")),
+    ],
+    ids=["ledger refusal", "constraint"],
+)
 def test_a_surprise_in_the_fast_path_falls_back_to_the_per_item_path(
-    world: World, monkeypatch: pytest.MonkeyPatch
+    world: World, monkeypatch: pytest.MonkeyPatch, surprise: Exception
 ) -> None:
     cards = [world.funded_card(1_000) for _ in range(2)]
     real = ledger.post_transfers
@@ -216,7 +224,7 @@ def test_a_surprise_in_the_fast_path_falls_back_to_the_per_item_path(
     def refuse_once(*args: Any, **kwargs: Any) -> None:
         calls.append(1)
         if len(calls) == 1:
-            raise ledger.LedgerError("injected")
+            raise surprise
         real(*args, **kwargs)
 
     monkeypatch.setattr(ledger, "post_transfers", refuse_once)

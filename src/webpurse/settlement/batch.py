@@ -62,6 +62,7 @@ from webpurse.settlement.service import Ctx, card_time, new_id
 log = structlog.get_logger(__name__)
 
 MAX_ITEMS = 1000
+TRANSIENT_SQLSTATES = frozenset({"40P01", "40001"})
 """Items per batch: enough to amortise a commit, small enough to keep locks short."""
 
 _PAYMENTS: Table = Payment.__table__  # type: ignore[assignment]
@@ -103,7 +104,7 @@ class Item:
     new_key: bool = False  # a key not stored yet: stored with the answer at the end
     answer: Answer | None = None
     replayed: bool = False
-    failed: bool = False  # an unexpected error: its key is forgotten so a retry can run
+    failed: bool = False  # an unexpected error: its key is not stored, so a retry can run
     duplicate_of: int | None = None
     _encoded: str | None = None
 
@@ -313,7 +314,7 @@ def _run_one(ctx: Ctx, item: Item, request_id: str | None, outcome: Outcome) -> 
         outcome.problems.append(problem)
         item.answer = _refusal(problem, request_id)
     except DBAPIError as error:
-        if getattr(error.orig, "sqlstate", None) in ("40P01", "40001"):
+        if transient(error):
             raise  # a deadlock or serialization failure: the route runs the batch again
         savepoint.rollback()
         log.exception("batch.item_failed", path=item.path)
@@ -775,13 +776,21 @@ def _fast(ctx: Ctx, items: list[Item]) -> int:
         taken += [a.item for a in approvals] + [c.item for c in captures]
         _write(ctx, writes)
         savepoint.commit()
-    except (LedgerError, ApiError) as error:
+    except (LedgerError, ApiError, DBAPIError) as error:
+        if isinstance(error, DBAPIError) and transient(error):
+            raise  # a deadlock or serialization failure: the route runs the batch again
         savepoint.rollback()
         log.warning("batch.fast_path_refused", detail=str(error), items=len(taken))
         for item in taken:
             item.answer = None
         return 0
     return len(taken)
+
+
+def transient(error: DBAPIError) -> bool:
+    """PostgreSQL aborted the transaction to break a lock cycle (deadlock_detected,
+    serialization_failure): nothing of it happened, and running it again is the cure."""
+    return getattr(error.orig, "sqlstate", None) in TRANSIENT_SQLSTATES
 
 
 # --- the batch ---------------------------------------------------------------------------

@@ -20,17 +20,10 @@ log = structlog.get_logger(__name__)
 router = APIRouter(prefix="/v1/batch", tags=["batch"])
 
 ATTEMPTS = 3
-# PostgreSQL's deadlock_detected and serialization_failure: the database aborted the
-# transaction to break a lock cycle; nothing of it happened.
-TRANSIENT_SQLSTATES = frozenset({"40P01", "40001"})
 
 
 def _sqlstate(error: DBAPIError) -> str | None:
     return getattr(error.orig, "sqlstate", None)
-
-
-def _transient(error: DBAPIError) -> bool:
-    return _sqlstate(error) in TRANSIENT_SQLSTATES
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
@@ -56,7 +49,7 @@ def run_batch(
             break
         except DBAPIError as error:
             session.rollback()
-            if attempt == ATTEMPTS or not _transient(error):
+            if attempt == ATTEMPTS or not batch.transient(error):
                 raise
             # The whole transaction rolled back (keys included), so running it again is safe.
             log.warning("batch.retry", attempt=attempt, sqlstate=_sqlstate(error))
