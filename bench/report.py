@@ -50,7 +50,8 @@ NOTES = {
         "server whose settlement client (`BatchingSettlementClient`) sends their concurrent "
         "calls as `POST /v1/batch` (group commit: one transaction per batch, hot accounts "
         "locked once per batch); `ratio batched/pgbench best` divides by the best pgbench TPS "
-        "of the run (PostgreSQL's own limit here; pgbench cannot open 256 connections). "
+        "of the run (PostgreSQL's own limit here; pgbench cannot open 128 or 512 "
+        "connections: max_connections is 100). "
         "`PostgreSQL CPU per purchase` sums the postgres processes' CPU from /proc."
     ),
     "latency": (
@@ -324,11 +325,11 @@ SUMMARY_ROWS: tuple[tuple[str, str, dict[str, str | int | float | bool]], ...] =
     ("settlement", "ratio settlement/pgbench", {"clients": 8}),
     ("settlement", "server CPU per purchase", {"clients": 8}),
     ("settlement", "settlement purchases/s (batched)", {"clients": 8}),
-    ("settlement", "settlement purchases/s (batched)", {"clients": 256}),
+    ("settlement", "settlement purchases/s (batched)", {"clients": 512}),
     ("settlement", "ratio settlement/pgbench (batched)", {"clients": 8}),
-    ("settlement", "ratio batched/pgbench best", {"clients": 256}),
-    ("settlement", "server CPU per purchase (batched)", {"clients": 256}),
-    ("settlement", "PostgreSQL CPU per purchase (batched)", {"clients": 256}),
+    ("settlement", "ratio batched/pgbench best", {"clients": 512}),
+    ("settlement", "server CPU per purchase (batched)", {"clients": 512}),
+    ("settlement", "PostgreSQL CPU per purchase (batched)", {"clients": 512}),
     ("latency", "purchase total", {"reader": "sim via agent", "stat": "p50"}),
     ("latency", "purchase total", {"reader": "sim via agent", "stat": "p99"}),
     ("latency", "purchase total", {"reader": "pcsc via agent", "stat": "p50"}),
