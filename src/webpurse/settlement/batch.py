@@ -40,10 +40,10 @@ from sqlalchemy.exc import DBAPIError
 
 from webpurse.protocol.commands import DebitForPurchaseResponse, InitializeForPurchaseResponse
 from webpurse.protocol.errors import ProtocolError
-from webpurse.protocol.records import IssuerData, decode_bcd_date, decode_bcd_time
-from webpurse.settlement import idempotency, ledger, payments, webhooks
+from webpurse.protocol.records import IssuerData
+from webpurse.settlement import idempotency, ledger, payments, registry, webhooks
 from webpurse.settlement.db import bulk_insert, bulk_update, for_update
-from webpurse.settlement.decisions import CardRecord, PurchaseInputs, decide_purchase
+from webpurse.settlement.decisions import PurchaseInputs, decide_purchase
 from webpurse.settlement.ledger import LedgerError, TransferSpec
 from webpurse.settlement.merchants import MAX_TERMINAL_SEQ
 from webpurse.settlement.models import Card, CardEvent, IdempotencyRecord, Merchant, Payment
@@ -182,6 +182,18 @@ def parse_item(index: int, raw: BatchItemIn, request_id: str | None) -> Item:
 # --- idempotency -----------------------------------------------------------------------
 
 
+def _key_reused(request_id: str | None) -> Answer:
+    return _refusal(
+        ApiError(
+            422,
+            "idempotency_key_reused",
+            "this Idempotency-Key was used with different request parameters",
+            param="idempotency_key",
+        ),
+        request_id,
+    )
+
+
 class KeyRace(Exception):
     """A key this batch is about to store was stored meanwhile by another request.
 
@@ -224,15 +236,7 @@ def _check_keys(ctx: Ctx, items: list[Item], request_id: str | None) -> None:
         if record is None:
             item.new_key = True
         elif record.fingerprint != item.fingerprint:
-            item.answer = _refusal(
-                ApiError(
-                    422,
-                    "idempotency_key_reused",
-                    "this Idempotency-Key was used with different request parameters",
-                    param="idempotency_key",
-                ),
-                request_id,
-            )
+            item.answer = _key_reused(request_id)
         elif record.state != "done" or record.response_body is None:
             # Only rows an older version left while its request ran (see idempotency.py).
             item.answer = _refusal(
@@ -475,18 +479,7 @@ def _approvals(
             continue
         body = item.body
         assert isinstance(body, PurchaseAuthorise)
-        record = CardRecord(
-            card_number=card.card_number,
-            status=card.status,
-            issuer_id=bytes.fromhex(card.issuer_id),
-            key_version=card.key_version,
-            start_date=card.start_date,
-            expiry_date=card.expiry_date,
-            max_balance=card.max_balance,
-            shadow_balance=card.shadow_balance,
-            online_counter=card.online_counter,
-            offline_counter=card.offline_counter,
-        )
+        record = registry.record_of(card)  # nothing open: no ledger read needed
         decision = decide_purchase(
             record,
             PurchaseInputs(
@@ -607,20 +600,10 @@ def _captures(ctx: Ctx, items: list[Item], cards: dict[str, Any], seen: set[str]
             answer = DebitForPurchaseResponse.from_data(bytes.fromhex(body.debit_response))
         except (ProtocolError, ValueError):
             continue
-        verified = ctx.security.verify_purchase_mac2_and_tac(
-            bytes.fromhex(card.card_number),
-            row.key_version or card.key_version,
-            random=bytes.fromhex(row.card_random or ""),
-            offline_counter=row.counter or 0,
-            terminal_seq=row.terminal_seq or 0,
-            amount=row.amount,
-            terminal_id=bytes.fromhex(row.terminal_id),
-            date=decode_bcd_date(bytes.fromhex(row.txn_date or "")),
-            time=decode_bcd_time(bytes.fromhex(row.txn_time or "")),
-            mac2=answer.mac2,
-            tac=answer.tac,
-        )
-        if not verified:  # the per-item path records the failure and refuses it
+        # Core rows carry the columns payments.verify reads from the ORM objects.
+        if not payments.verify(
+            ctx, row, card, answer.mac2, answer.tac
+        ):  # the per-item path records the failure and refuses it
             continue
         seen.add(card.id)
         captures.append(_Capture(item, row, card, answer))
@@ -811,15 +794,7 @@ def run(ctx: Ctx, raw_items: Sequence[BatchItemIn], request_id: str | None) -> O
         if item.duplicate_of is not None:
             first = items[item.duplicate_of]
             if first.fingerprint != item.fingerprint:
-                item.answer = _refusal(
-                    ApiError(
-                        422,
-                        "idempotency_key_reused",
-                        "this Idempotency-Key was used with different request parameters",
-                        param="idempotency_key",
-                    ),
-                    request_id,
-                )
+                item.answer = _key_reused(request_id)
             else:
                 item.answer, item.replayed, item._encoded = first.answer, True, first.encoded
     _store_answers(ctx, items)

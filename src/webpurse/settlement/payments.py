@@ -308,7 +308,8 @@ def authorise(ctx: Ctx, payment_id: str, body: PurchaseAuthorise) -> Payment:
     return payment
 
 
-def _verify(ctx: Ctx, payment: Payment, card: Card, mac2: bytes, tac: bytes) -> bool:
+def verify(ctx: Ctx, payment: Payment, card: Card, mac2: bytes, tac: bytes) -> bool:
+    """Whether the card's MAC2 and TAC prove this payment's debit (spec §4)."""
     return ctx.security.verify_purchase_mac2_and_tac(
         bytes.fromhex(card.card_number),
         payment.key_version or card.key_version,
@@ -406,7 +407,7 @@ def capture(ctx: Ctx, payment_id: str, body: PurchaseCapture) -> Payment:
     _need_status(payment, "authorised", "uncertain")
     answer = parse(body.debit_response, "debit_response", DebitForPurchaseResponse.from_data)
     card = _card_of(locked_card)
-    if not _verify(ctx, payment, card, answer.mac2, answer.tac):
+    if not verify(ctx, payment, card, answer.mac2, answer.tac):
         registry.record_event(
             ctx.session, card, "verification_failed", ctx.now, {"payment": payment.id}
         )
@@ -458,7 +459,7 @@ def resolve(ctx: Ctx, payment_id: str, body: Resolve) -> Payment:
         random=bytes.fromhex(payment.card_random or ""),
         same_merchant=True,
     )
-    proof_valid = proof is not None and _verify(ctx, payment, card, proof.mac2, proof.tac)
+    proof_valid = proof is not None and verify(ctx, payment, card, proof.mac2, proof.tac)
     resolution = decide_resolution(
         open_txn,
         counter=init.offline_counter,

@@ -211,6 +211,14 @@ def _own_superseded(session: Session, item: Payment | Load, merchant_id: str) ->
 
 def card_record(session: Session, card: Card, merchant_id: str | None) -> CardRecord:
     open_txn = open_transaction(session, card, merchant_id)
+    available = None if open_txn is None else ledger.balance(session, ledger.card_account(card.id))
+    return record_of(card, open_txn, available)
+
+
+def record_of(
+    card: Card, open_txn: OpenTransaction | None = None, available: int | None = None
+) -> CardRecord:
+    """The card's row as decision values (an ORM card, or a Core row of ``cards``)."""
     return CardRecord(
         card_number=card.card_number,
         status=card.status,
@@ -223,9 +231,7 @@ def card_record(session: Session, card: Card, merchant_id: str | None) -> CardRe
         online_counter=card.online_counter,
         offline_counter=card.offline_counter,
         open_transaction=open_txn,
-        available=(
-            None if open_txn is None else ledger.balance(session, ledger.card_account(card.id))
-        ),
+        available=available,
     )
 
 
