@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 
@@ -29,8 +29,17 @@ class OrderEvent:
 
 
 class ProgressBus:
-    def __init__(self) -> None:
-        self._last: dict[str, OrderEvent] = {}
+    """The latest event of the most recent ``keep`` orders, and the live subscribers.
+
+    Older orders are forgotten here (their pages read the order's status from the order
+    book), so a long-running shop does not grow without bound.
+    """
+
+    KEEP = 10_000
+
+    def __init__(self, keep: int = KEEP) -> None:
+        self._keep = keep
+        self._last: OrderedDict[str, OrderEvent] = OrderedDict()
         self._queues: dict[str, set[asyncio.Queue[OrderEvent]]] = defaultdict(set)
 
     def last(self, order_id: str) -> OrderEvent | None:
@@ -38,6 +47,9 @@ class ProgressBus:
 
     def publish(self, event: OrderEvent) -> None:
         self._last[event.order_id] = event
+        self._last.move_to_end(event.order_id)
+        while len(self._last) > self._keep:
+            self._last.popitem(last=False)
         for queue in list(self._queues.get(event.order_id, ())):
             queue.put_nowait(event)
 
