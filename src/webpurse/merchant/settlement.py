@@ -209,26 +209,33 @@ class SettlementClient:
         headers = dict(self._headers)
         if method == "POST":
             headers["Idempotency-Key"] = "mer-" + secrets.token_hex(16)
-        response = await self._send(method, path, json, headers)
-        try:
-            body = response.json()
-        except ValueError:
-            body = {}
-        if response.status_code == 402:
+        status, body = await self._exchange(method, path, json, headers)
+        if status == 402:
             raise Declined(
                 str(body.get("detail") or body.get("title") or "declined"),
                 code=str(body.get("code") or "card_declined"),
                 decline_code=body.get("decline_code"),
                 recover=_recovery_hint(body),
             )
-        if response.status_code >= 400:
+        if status >= 400:
             raise SettlementError(
-                f"settlement {method} {path}: {response.status_code} "
+                f"settlement {method} {path}: {status} "
                 f"{body.get('code', '')} {body.get('detail', '')}".strip(),
-                status=response.status_code,
+                status=status,
                 code=body.get("code"),
             )
         return SettlementObject.from_json(kind, body)
+
+    async def _exchange(
+        self, method: str, path: str, json: dict[str, Any] | None, headers: dict[str, str]
+    ) -> tuple[int, dict[str, Any]]:
+        """One call: its status and its JSON body (``{}`` when the body is not an object)."""
+        response = await self._send(method, path, json, headers)
+        try:
+            body = response.json()
+        except ValueError:
+            body = {}
+        return response.status_code, body if isinstance(body, dict) else {}
 
     async def _send(
         self, method: str, path: str, json: dict[str, Any] | None, headers: dict[str, str]
@@ -369,19 +376,21 @@ class BatchingSettlementClient(SettlementClient):
             raise ValueError("max_batch must be 1..1000 and max_in_flight at least 1")
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
-        self._queue: list[tuple[dict[str, Any], asyncio.Future[httpx.Response]]] = []
+        self._queue: list[tuple[dict[str, Any], asyncio.Future[tuple[int, dict[str, Any]]]]] = []
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self.batches_sent = 0
         self.items_sent = 0
 
-    async def _send(
+    async def _exchange(
         self, method: str, path: str, json: dict[str, Any] | None, headers: dict[str, str]
-    ) -> httpx.Response:
+    ) -> tuple[int, dict[str, Any]]:
         if method != "POST" or not _BATCHABLE.fullmatch(path):
-            return await super()._send(method, path, json, headers)
+            return await super()._exchange(method, path, json, headers)
         item = {"path": path, "idempotency_key": headers.get("Idempotency-Key"), "body": json}
-        future: asyncio.Future[httpx.Response] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[tuple[int, dict[str, Any]]] = (
+            asyncio.get_running_loop().create_future()
+        )
         self._queue.append((item, future))
         self._pump()
         return await future
@@ -396,7 +405,7 @@ class BatchingSettlementClient(SettlementClient):
             task.add_done_callback(self._tasks.discard)
 
     async def _flush(
-        self, taken: list[tuple[dict[str, Any], asyncio.Future[httpx.Response]]]
+        self, taken: list[tuple[dict[str, Any], asyncio.Future[tuple[int, dict[str, Any]]]]]
     ) -> None:
         try:
             self.batches_sent += 1
@@ -404,17 +413,21 @@ class BatchingSettlementClient(SettlementClient):
             response = await super()._send(
                 "POST", "/v1/batch", {"requests": [item for item, _ in taken]}, self._headers
             )
-            answers: list[httpx.Response]
+            answers: list[tuple[int, dict[str, Any]]]
             if response.status_code == 200:
-                body = response.json()
                 answers = [
-                    httpx.Response(int(answer["status"]), json=answer["body"])
-                    for answer in body["responses"]
+                    (int(answer["status"]), dict(answer["body"]))
+                    for answer in response.json()["responses"]
                 ]
                 if len(answers) != len(taken):
                     raise SettlementError("settlement answered a batch with the wrong count")
             else:  # the batch as a whole was refused (401, 422, 503 …): so is each item
-                answers = [response] * len(taken)
+                try:
+                    refusal = response.json()
+                except ValueError:
+                    refusal = {}
+                whole = (response.status_code, refusal if isinstance(refusal, dict) else {})
+                answers = [whole] * len(taken)
             for (_, future), answer in zip(taken, answers, strict=True):
                 if not future.done():
                     future.set_result(answer)
