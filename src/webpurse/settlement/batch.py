@@ -10,10 +10,12 @@ Two paths, one outcome:
 
 - the **fast path** takes the common case set-based: plain creates, approvals of cards
   with nothing open, captures whose MAC2/TAC verify. Rows are read and locked once per
-  batch in a fixed order (payments by id, then cards by id, then the merchant's sequence
-  row, then ledger accounts by id — the same order the single endpoints use), the terminal
-  sequence numbers come from one ``UPDATE … RETURNING``, and the ledger posts every
-  transfer with one lock of each hot account (:func:`ledger.post_transfers`);
+  batch in a fixed order — payments to authorise, every card the batch touches (one
+  sorted statement), payments to capture, the merchant's sequence row, ledger accounts —
+  which keeps the single endpoints' orders (authorise: payment, then card; capture: card,
+  then payment). The terminal sequence numbers come from one ``UPDATE … RETURNING``, and
+  the ledger posts every transfer with one lock of each hot account
+  (:func:`ledger.post_transfers`);
 - everything else (declines, recovery, uncertain, resolve, cancel, retried keys, anything
   the fast path does not recognise) runs through the same service functions as the
   single endpoints (:mod:`.payments`), one SAVEPOINT per item, after the fast items.
