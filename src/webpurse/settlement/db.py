@@ -196,7 +196,7 @@ def bulk_insert(
     """Insert ``rows`` (dicts with the same columns) with one statement.
 
     PostgreSQL: ``INSERT … SELECT FROM json_to_recordset(:rows)`` — the rows travel as
-    one JSON document (encoded in C by ``json``, parsed in C by PostgreSQL), the statement
+    one JSON document (encoded natively by orjson, parsed in C by PostgreSQL), the statement
     runs one executor whatever the row count, and its text is always the same, so it is
     prepared once. (psycopg's per-row executemany costs PostgreSQL an executor start per
     row; arrays per column cost Python-level escaping per element.) Elsewhere: executemany.
