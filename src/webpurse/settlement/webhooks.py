@@ -69,6 +69,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from webpurse.settlement import events
 from webpurse.settlement.db import Base, UtcDateTime
 
 SECRET_PREFIX = "whsec_"  # noqa: S105 - a prefix, not a secret
@@ -328,21 +329,7 @@ _RESOURCES = ("payment", "refund", "load")
 EVENT_TYPE_RE = re.compile(r"(payment|refund|load)\.[a-z][a-z_]{0,40}")
 EVENT_FILTER_RE = re.compile(r"\*|(payment|refund|load)\.(\*|[a-z][a-z_]{0,40})")
 
-EVENT_TYPES: tuple[str, ...] = (
-    "payment.succeeded",
-    "payment.failed",
-    "payment.uncertain",
-    "payment.canceled",
-    "payment.expired",
-    "refund.created",
-    "refund.succeeded",
-    "refund.failed",
-    "refund.canceled",
-    "load.succeeded",
-    "load.failed",
-    "load.uncertain",
-    "load.canceled",
-)
+EVENT_TYPES: tuple[str, ...] = tuple(sorted(events.EVENT_TYPES))
 """The event types settlement emits today (others of the same families may be added)."""
 
 
