@@ -388,16 +388,7 @@ async def run_transaction(
     except ReaderError as exc:
         # The DEBIT/CREDIT may or may not have reached the card: never guess (spec §6).
         log.warning("%s %s: outcome unknown after %s", kind.value, obj.id, type(exc).__name__)
-        marked = await settlement.uncertain(kind, obj.id)
-        await progress(Progress(Phase.INTERRUPTED))
-        return Outcome(
-            marked.status,
-            marked,
-            trips.count,
-            card_number=contact.card_number,
-            balance_before=contact.balance,
-            counter=contact.counter,
-        )
+        return await _outcome_unknown(trips, settlement, obj, contact, progress)
     final = responses[-1] if responses else ResponseApdu(b"", 0x6F00)
     if not final.ok:
         # The card refused: its update is atomic, so nothing changed on it.
@@ -418,16 +409,7 @@ async def run_transaction(
             obj.id,
             declined.code,
         )
-        marked = await settlement.uncertain(kind, obj.id)
-        await progress(Progress(Phase.INTERRUPTED))
-        return Outcome(
-            marked.status,
-            marked,
-            trips.count,
-            card_number=contact.card_number,
-            balance_before=contact.balance,
-            counter=contact.counter,
-        )
+        return await _outcome_unknown(trips, settlement, obj, contact, progress)
     delta = obj.amount if kind is Kind.LOAD else -obj.amount
     succeeded = finished.status == "succeeded"
     await progress(Progress(Phase.SUCCEEDED if succeeded else Phase.FAILED, finished.status))
@@ -479,6 +461,27 @@ async def _recover_then_reinitialise(
     balance, counter = _parse_initialize(obj.kind, responses[2].data)
     return FirstContact(
         contact.issuer_data, responses[2].data, contact.card_number, balance, counter
+    )
+
+
+async def _outcome_unknown(
+    trips: RoundTrips,
+    settlement: Settlement,
+    obj: SettlementObject,
+    contact: FirstContact,
+    progress: ProgressSink,
+) -> Outcome:
+    """The DEBIT/CREDIT may have changed the card: tell settlement the outcome is unknown
+    (``uncertain``); the card's proof at its next contact settles it (spec §6)."""
+    marked = await settlement.uncertain(obj.kind, obj.id)
+    await progress(Progress(Phase.INTERRUPTED))
+    return Outcome(
+        marked.status,
+        marked,
+        trips.count,
+        card_number=contact.card_number,
+        balance_before=contact.balance,
+        counter=contact.counter,
     )
 
 
