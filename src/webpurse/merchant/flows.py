@@ -474,6 +474,13 @@ async def _outcome_unknown(
     """The DEBIT/CREDIT may have changed the card: tell settlement the outcome is unknown
     (``uncertain``); the card's proof at its next contact settles it (spec §6)."""
     marked = await settlement.uncertain(obj.kind, obj.id)
+    return await _interrupted(trips, marked, contact, progress)
+
+
+async def _interrupted(
+    trips: RoundTrips, marked: SettlementObject, contact: FirstContact, progress: ProgressSink
+) -> Outcome:
+    """Report the transaction interrupted: ``marked`` waits for the card's next contact."""
     await progress(Progress(Phase.INTERRUPTED))
     return Outcome(
         marked.status,
@@ -514,15 +521,7 @@ async def _release(
             marked = await settlement.uncertain(obj.kind, obj.id)
         except SettlementError:
             marked = obj
-        await progress(Progress(Phase.INTERRUPTED))
-        return Outcome(
-            marked.status,
-            marked,
-            trips.count,
-            card_number=contact.card_number,
-            balance_before=contact.balance,
-            counter=contact.counter,
-        )
+        return await _interrupted(trips, marked, contact, progress)
     if released.status == "succeeded":  # the card's proof says it ran after all
         await progress(Progress(Phase.SUCCEEDED))
         return Outcome(
