@@ -1,22 +1,48 @@
 # webpurse — `make demo` runs the system, `make test` passes the tests; both set up .venv.
+# Every Python package comes from uv.lock (`uv sync --frozen`); `make lock` refreshes it on
+# purpose. uv itself is installed by hash from requirements/uv.txt into .tools/.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
 STAMP := $(VENV)/.installed
+# uv uses the machine's interpreter and never downloads one.
+export UV_PYTHON := $(PYTHON)
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: test demo lint typecheck unit bench clean venv
+.PHONY: test demo lint typecheck lock-check lock lock-tools bench clean venv
 
-$(STAMP): pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade "pip>=24"
-	$(BIN)/python -m pip install -q -e '.[dev]'
-	@# pyscard builds from source (needs swig, gcc, libpcsclite-dev); without it the
-	@# PC/SC tests skip outside CI and fail inside it.
-	$(BIN)/python -m pip install -q 'pyscard>=2.0.9' || echo "warning: pyscard not installed: install swig, gcc, python3-dev, libpcsclite-dev"
+$(UV): requirements/uv.txt
+	@test -x $(TOOLS)/bin/python || $(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install -q --disable-pip-version-check --require-hashes --no-deps -r requirements/uv.txt
+	@touch $(UV)
+
+# Fails with a clear message when pyproject.toml and uv.lock disagree.
+lock-check: $(UV)
+	@$(UV) lock --check -q || { echo "error: uv.lock does not match pyproject.toml: run 'make lock' and commit uv.lock" >&2; exit 1; }
+
+# pyscard (the pcsc extra) is in the lock but builds from source (swig, gcc, libpcsclite-dev).
+# Without those the environment is synced without it and the PC/SC tests skip outside CI
+# and fail inside it (CI=true installs the build tools first, so there it must build).
+$(STAMP): pyproject.toml uv.lock $(UV)
+	@$(MAKE) --no-print-directory lock-check
+	@if $(UV) sync --frozen -q --extra dev --extra pcsc; then :; \
+	elif [ "$${CI:-}" = "true" ]; then echo "error: pyscard did not build from uv.lock" >&2; exit 1; \
+	else echo "warning: pyscard not installed (install swig, gcc, python3-dev, libpcsclite-dev and run 'make venv' again)" >&2; \
+	  $(UV) sync --frozen -q --extra dev; fi
 	@touch $(STAMP)
 
 venv: $(STAMP)
+
+# Resolve the newest versions pyproject.toml allows and write uv.lock; then run `make test`.
+lock: $(UV)
+	$(UV) lock --upgrade
+
+lock-tools: $(UV)
+	$(UV) pip compile requirements/uv.in --generate-hashes --no-header -q -o requirements/uv.txt
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
@@ -25,7 +51,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP) lint typecheck
+test: lock-check $(STAMP) lint typecheck
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)
@@ -35,4 +61,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache
