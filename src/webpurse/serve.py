@@ -32,8 +32,8 @@ def merchant(
     port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
 ) -> None:
     """The merchant web shop (settings from WEBPURSE_SETTLEMENT_URL, …; docs/merchant.md)."""
-    import uvicorn
+    from webpurse.listen import run_asgi
 
-    uvicorn.run(
+    run_asgi(
         "webpurse.merchant.app:app_from_env", factory=True, host=host, port=port, access_log=False
     )

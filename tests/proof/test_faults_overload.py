@@ -15,9 +15,9 @@ import secrets
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, func, select
 
+from tests.asgi import AppClient
 from tests.proof.conftest import Proof
 from tests.settlement.support import database_url
 from webpurse.settlement.app import create_app
@@ -58,7 +58,7 @@ def test_an_exhausted_pool_is_a_503_to_retry_and_changes_nothing(
             app = create_app(settings, security=security, engine=engine)
             body = {"amount": 100, "currency": "CNY", "description": "x"}
             auth = {"authorization": f"Bearer {key}"}
-            with TestClient(app) as client:
+            with AppClient(app) as client:
                 held = engine.connect()  # someone else holds the only connection
                 try:
                     busy = client.post("/v1/payments", json=body, headers=auth)

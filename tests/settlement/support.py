@@ -20,9 +20,9 @@ from typing import Any, Protocol
 import httpx
 import psycopg
 import pytest
-from fastapi.testclient import TestClient
 from psycopg import sql
 
+from tests.asgi import AppClient
 from webpurse.card import CardApplet, MemoryStore
 from webpurse.protocol.apdu import CommandApdu
 from webpurse.protocol.commands import (
@@ -231,7 +231,7 @@ class World:
     clock: FakeClock
     factory: SessionFactory
     security: SoftwareSecurityModule
-    client: TestClient
+    client: AppClient
     merchant_id: str
     merchant_key: str
     terminal_id: str
@@ -289,7 +289,7 @@ def make_world(url: str, *, clock: FakeClock | None = None) -> Iterator[World]:
             _, operator_key = new_api_key(session, OPERATOR, clock(), name="ops")
             ids = (merchant.id, merchant.terminal_id, other.terminal_id)
         app = create_app(settings, security=security, engine=engine)
-        with TestClient(app, raise_server_exceptions=True) as client:
+        with AppClient(app) as client:
             yield World(
                 url=url,
                 settings=settings,

@@ -10,10 +10,10 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
+from tests.asgi import AppClient
 from tests.settlement.wc_support import (
     MERCHANT_A,
     MERCHANT_B,
@@ -139,8 +139,8 @@ def stack(db_url: str) -> Iterator[Stack]:
 
 
 @pytest.fixture
-def client(stack: Stack) -> Iterator[TestClient]:
-    with TestClient(stack.app) as test_client:
+def client(stack: Stack) -> Iterator[AppClient]:
+    with AppClient(stack.app) as test_client:
         yield test_client
 
 
@@ -268,7 +268,7 @@ def at_cst(day: dt.date, hour: int, minute: int = 0) -> dt.datetime:
 
 
 def test_a_day_with_payments_and_a_refund_clears_once_and_the_ledger_balances(
-    stack: Stack, client: TestClient
+    stack: Stack, client: AppClient
 ) -> None:
     shop = Shop(stack)
     before = shop.pay(MERCHANT_A, 999, at_cst(DAY - dt.timedelta(1), 23, 59))  # the 25th
@@ -342,7 +342,7 @@ def test_a_day_with_payments_and_a_refund_clears_once_and_the_ledger_balances(
     assert client.post("/v1/clearing/batches", json={}, headers=other).status_code == 403
 
 
-def test_all_merchants_default_to_the_last_closed_day(stack: Stack, client: TestClient) -> None:
+def test_all_merchants_default_to_the_last_closed_day(stack: Stack, client: AppClient) -> None:
     shop = Shop(stack)
     shop.pay(MERCHANT_A, 100, at_cst(DAY, 9))
     shop.pay(MERCHANT_B, 250, at_cst(DAY, 10))
@@ -355,7 +355,7 @@ def test_all_merchants_default_to_the_last_closed_day(stack: Stack, client: Test
 
 
 def test_a_day_not_over_or_out_of_order_is_refused_and_changes_nothing(
-    stack: Stack, client: TestClient
+    stack: Stack, client: AppClient
 ) -> None:
     shop = Shop(stack)
     shop.pay(MERCHANT_A, 100, at_cst(DAY, 9))
@@ -445,7 +445,7 @@ def test_cli_runs_a_day(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def test_real_card_payments_are_notified_by_webhook_and_cleared(
-    stack: Stack, client: TestClient
+    stack: Stack, client: AppClient
 ) -> None:
     """End to end in process: a card emulator behind a SimReader, the merchant's flows and
     settlement client, the settlement API; then webhooks delivered and the day cleared."""

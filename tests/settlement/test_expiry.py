@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from tests.asgi import AppClient
 from tests.settlement.support import FakeClock, World, make_world
 from webpurse.settlement import events, webhooks
 from webpurse.settlement.app import create_app
@@ -52,7 +52,7 @@ def test_the_server_sweeps_by_itself(tmp_path: Path) -> None:
         engine = make_engine(world.url)
         app = create_app(settings, security=world.security, engine=engine)
         try:
-            with TestClient(app) as client:
+            with AppClient(app) as client:
                 auth = world.auth(world.merchant_key)
                 payment = client.post("/v1/payments", json={"amount": 5}, headers=auth).json()
                 clock.advance(dt.timedelta(minutes=31))

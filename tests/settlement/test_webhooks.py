@@ -15,9 +15,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import select, text
 
+from tests.asgi import AppClient
 from tests.settlement.wc_support import (
     MERCHANT_A,
     MERCHANT_B,
@@ -181,12 +181,12 @@ def stack(db_url: str) -> Iterator[Stack]:
 
 
 @pytest.fixture
-def client(stack: Stack) -> Iterator[TestClient]:
-    with TestClient(stack.app) as test_client:
+def client(stack: Stack) -> Iterator[AppClient]:
+    with AppClient(stack.app) as test_client:
         yield test_client
 
 
-def register(client: TestClient, stack: Stack, url: str, events: list[str]) -> dict[str, str]:
+def register(client: AppClient, stack: Stack, url: str, events: list[str]) -> dict[str, str]:
     response = client.post(
         "/v1/webhook_endpoints", json={"url": url, "events": events}, headers=stack.auth(MERCHANT_A)
     )
@@ -214,7 +214,7 @@ async def deliver(stack: Stack, http: httpx.AsyncClient) -> webhooks.DeliveryRep
 
 
 async def test_failed_delivery_is_retried_with_backoff_then_succeeds(
-    stack: Stack, client: TestClient
+    stack: Stack, client: AppClient
 ) -> None:
     with Receiver([500]) as receiver:
         endpoint = register(client, stack, receiver.url, ["payment.*"])
@@ -261,7 +261,7 @@ async def test_failed_delivery_is_retried_with_backoff_then_succeeds(
 
 
 async def test_unreachable_endpoint_is_given_up_after_the_window_and_can_be_replayed(
-    stack: Stack, client: TestClient
+    stack: Stack, client: AppClient
 ) -> None:
     with Receiver([]) as receiver:
         endpoint = register(client, stack, receiver.url, ["payment.succeeded"])
@@ -305,7 +305,7 @@ async def test_unreachable_endpoint_is_given_up_after_the_window_and_can_be_repl
     assert got.headers["webhook-id"] == event_id
 
 
-async def test_events_are_listed_for_replay_and_polling(stack: Stack, client: TestClient) -> None:
+async def test_events_are_listed_for_replay_and_polling(stack: Stack, client: AppClient) -> None:
     with Receiver([]) as receiver:
         register(client, stack, receiver.url, ["load.*"])
         ids = []
@@ -343,7 +343,7 @@ async def test_events_are_listed_for_replay_and_polling(stack: Stack, client: Te
 
 
 def test_each_merchant_sees_only_its_own_and_secrets_are_not_returned_or_stored_in_clear(
-    stack: Stack, client: TestClient
+    stack: Stack, client: AppClient
 ) -> None:
     endpoint = register(client, stack, "https://shop.example/hooks", ["*"])
     event_id = payment_event(stack)
@@ -376,7 +376,7 @@ def test_each_merchant_sees_only_its_own_and_secrets_are_not_returned_or_stored_
     assert secret_b64 not in dump
 
 
-def test_bad_registrations_are_refused_and_change_nothing(stack: Stack, client: TestClient) -> None:
+def test_bad_registrations_are_refused_and_change_nothing(stack: Stack, client: AppClient) -> None:
     auth = stack.auth(MERCHANT_A)
     for body, param in (
         ({"url": "ftp://shop.example/x", "events": ["*"]}, "url"),
@@ -393,7 +393,7 @@ def test_bad_registrations_are_refused_and_change_nothing(stack: Stack, client: 
 
 
 async def test_deleting_an_endpoint_cancels_its_pending_deliveries(
-    stack: Stack, client: TestClient
+    stack: Stack, client: AppClient
 ) -> None:
     endpoint = register(client, stack, "http://127.0.0.1:9/never", ["payment.*"])
     event_id = payment_event(stack)
@@ -424,7 +424,7 @@ def test_the_app_lifespan_worker_delivers_by_itself(tmp_path: Path) -> None:
         database_url("sqlite", tmp_path) as url,
         settlement_stack(url, START, webhook_worker=True, real_clock=True) as stack,
         Receiver([]) as receiver,
-        TestClient(stack.app) as client,
+        AppClient(stack.app) as client,
     ):
         endpoint = register(client, stack, receiver.url, ["payment.succeeded"])
         with stack.session_factory() as session, session.begin():
@@ -435,7 +435,7 @@ def test_the_app_lifespan_worker_delivers_by_itself(tmp_path: Path) -> None:
 
 
 async def test_an_unreadable_endpoint_secret_fails_its_message_and_delivers_the_rest(
-    stack: Stack, client: TestClient
+    stack: Stack, client: AppClient
 ) -> None:
     with Receiver([200]) as good, Receiver([200]) as damaged:
         register(client, stack, good.url, ["payment.*"])
@@ -496,7 +496,7 @@ def strict(db_url: str) -> Iterator[Stack]:
 def test_registering_a_private_url_is_refused_unless_the_operator_allows_it(
     strict: Stack,
 ) -> None:
-    with TestClient(strict.app) as client:
+    with AppClient(strict.app) as client:
         auth = strict.auth(MERCHANT_A)
         for url in (
             "http://127.0.0.1:8080/hooks",
@@ -530,7 +530,7 @@ def test_registering_a_private_url_is_refused_unless_the_operator_allows_it(
     # WEBPURSE_WEBHOOK_ALLOW_PRIVATE=1: the operator allows them (the demo, these tests).
     state = strict.app.state.settlement
     state.settings = dataclasses.replace(state.settings, webhook_allow_private=True)
-    with TestClient(strict.app) as client:
+    with AppClient(strict.app) as client:
         response = client.post(
             "/v1/webhook_endpoints",
             json={"url": "http://127.0.0.1:8080/hooks", "events": ["*"]},
@@ -551,7 +551,7 @@ async def test_a_name_that_resolves_to_a_private_address_at_delivery_is_not_sent
     strict: Stack,
 ) -> None:
     """DNS rebinding: the name was public (or unresolvable) at registration, private now."""
-    with TestClient(strict.app) as client:
+    with AppClient(strict.app) as client:
         response = client.post(
             "/v1/webhook_endpoints",
             json={"url": "https://hooks.shop.example:8443/webpurse?x=1", "events": ["*"]},
@@ -612,7 +612,8 @@ async def test_a_name_that_resolves_to_a_private_address_at_delivery_is_not_sent
     assert request.headers["host"] == "hooks.shop.example:8443"
     assert request.extensions["sni_hostname"] == "hooks.shop.example"
     assert request.headers["webhook-id"] == event_id
-    detail = TestClient(strict.app).get(f"/v1/events/{event_id}", headers=strict.auth(MERCHANT_A))
+    with AppClient(strict.app) as client:
+        detail = client.get(f"/v1/events/{event_id}", headers=strict.auth(MERCHANT_A))
     log = detail.json()["deliveries"][0]["log"]
     assert [a["succeeded"] for a in log] == [False, False, True]
     assert log[0]["status_code"] is None and "not a public address" in log[0]["error"]
@@ -622,7 +623,7 @@ async def test_a_name_that_resolves_to_a_private_address_at_delivery_is_not_sent
 
 
 async def test_the_sweep_forgets_deliveries_older_than_the_retention(
-    stack: Stack, client: TestClient
+    stack: Stack, client: AppClient
 ) -> None:
     from webpurse.settlement.expiry import expire_stale
 

@@ -10,7 +10,6 @@ import dataclasses
 import datetime as dt
 import json
 import logging
-import socket
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from webpurse.card.image import ImageFile
 from webpurse.card.personalise import parse_serial
+from webpurse.listen import run_asgi
 from webpurse.protocol.errors import FieldError
 from webpurse.settlement import expiry, ledger
 from webpurse.settlement.auth import OPERATOR, new_api_key
@@ -238,12 +238,9 @@ def serve(*, host: str, port: int, migrate: bool, workers: int = 1) -> None:
 
     The app is built once here first (settings, keys and, on SQLite, migrations are checked
     before anything listens); each worker then builds its own from the same environment.
-    With workers the listening socket is made here, as ``IPPROTO_TCP``: asyncio (Python
-    3.11) turns Nagle off only on such sockets, and uvicorn's own ``bind_socket`` makes
-    them with protocol 0, which delays a response written in two parts by ~40 ms.
+    The listening socket is ours (``webpurse.listen``), so accepted connections have
+    ``TCP_NODELAY`` whatever uvicorn does.
     """
-    import uvicorn
-
     from webpurse.settlement.app import create_app
 
     settings = _settings()
@@ -258,33 +255,20 @@ def serve(*, host: str, port: int, migrate: bool, workers: int = 1) -> None:
         raise _fail(
             f"database not ready ({type(exc).__name__}): run `webpurse settlement init`"
         ) from None
+    quiet: dict[str, Any] = {"log_config": None, "access_log": False}
     if workers <= 1:
-        uvicorn.run(application, host=host, port=port, log_config=None, access_log=False)
+        run_asgi(application, host=host, port=port, **quiet)
         return
     application.state.settlement.engine.dispose()
     del application
-    from uvicorn.supervisors import Multiprocess
-
-    config = uvicorn.Config(
+    run_asgi(
         "webpurse.settlement.cli:worker_app",
         factory=True,
         host=host,
         port=port,
         workers=workers,
-        log_config=None,
-        access_log=False,
+        **quiet,
     )
-    Multiprocess(config, sockets=[tcp_listen_socket(host, port)]).run()
-
-
-def tcp_listen_socket(host: str, port: int) -> socket.socket:
-    """A bound listening TCP socket whose accepted connections get ``TCP_NODELAY``."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.set_inheritable(True)
-    return sock
 
 
 def worker_app() -> Any:
