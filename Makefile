@@ -22,7 +22,7 @@ $(UV): requirements/uv.txt
 
 # Fails with a clear message when pyproject.toml and uv.lock disagree.
 lock-check: $(UV)
-	@$(UV) lock --check -q || { echo "error: uv.lock does not match pyproject.toml: run 'make lock' and commit uv.lock" >&2; exit 1; }
+	@$(UV) lock --check -q || { echo "error: uv.lock does not match pyproject.toml: run '$(UV) lock' (only what changed) and commit uv.lock" >&2; exit 1; }
 
 # pyscard (the pcsc extra) is in the lock but builds from source (swig, gcc, libpcsclite-dev).
 # Without those the environment is synced without it and the PC/SC tests skip outside CI
