@@ -88,6 +88,7 @@ class AppClient(httpx.Client):
     """``with AppClient(app) as client:`` — the app started, requests in process, stopped."""
 
     def __init__(self, app: Any, base_url: str = "http://testserver") -> None:
+        self.app = app  # for tests that also reach it asynchronously (httpx.ASGITransport)
         self._loop = _LoopThread()
         self._lifespan = _Lifespan(app)
         self._started = False
