@@ -13,6 +13,8 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+WORKER_START_SECONDS = 60
+
 
 def tcp_listen_socket(host: str, port: int) -> socket.socket:
     """A bound TCP socket (``IPPROTO_TCP``, so accepted connections get ``TCP_NODELAY``)."""
@@ -28,11 +30,17 @@ def run_asgi(app: Any, *, host: str, port: int, workers: int = 1, **options: Any
     """Serve ``app`` (an ASGI app, or an import string) on our own listening socket.
 
     ``workers`` > 1 needs an import string (each worker process imports its own app) and
-    runs uvicorn's process supervisor over the one inherited socket.
+    runs uvicorn's process supervisor over the one inherited socket. The supervisor kills
+    and respawns a worker that does not answer its health ping in time; its 5 s default
+    is shorter than a worker's start-up (importing and building the app) on a busy
+    2-core machine, which then restarts workers forever and never serves. A worker gets
+    ``WORKER_START_SECONDS`` instead.
     """
     import uvicorn
 
     sock = tcp_listen_socket(host, port)
+    if workers > 1:
+        options.setdefault("timeout_worker_healthcheck", WORKER_START_SECONDS)
     config = uvicorn.Config(app, host=host, port=port, workers=workers, **options)
     if workers > 1:
         from uvicorn.supervisors import Multiprocess

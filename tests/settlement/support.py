@@ -381,7 +381,7 @@ def live_server(url: str, tmp_path: Path, *, workers: int = 1) -> Iterator[LiveS
     )
     base_url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90
         while True:
             if process.poll() is not None:
                 raise RuntimeError(
@@ -393,7 +393,7 @@ def live_server(url: str, tmp_path: Path, *, workers: int = 1) -> Iterator[LiveS
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError("settlement server did not answer /health within 30 s")
+                raise RuntimeError("settlement server did not answer /health within 90 s")
             time.sleep(0.05)  # bounded polling for readiness, not synchronisation of results
         yield LiveServer(
             base_url,
