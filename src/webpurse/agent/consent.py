@@ -1,9 +1,13 @@
-"""Asking the shopper: the agent's trusted display (a terminal prompt by default).
+"""Asking the shopper: the agent's trusted display (a dialog window, or the terminal).
 
 A :data:`Consent` callback receives a :class:`~webpurse.agent.guard.ConsentRequest` and
 answers True (go ahead) or False. The agent injects one: :func:`terminal_consent` asks on
-the terminal with Rich, :func:`always_yes` (``--yes``) shows the request and agrees, and
-tests pass their own.
+the terminal with Rich, :func:`webpurse.agent.dialog.dialog_consent` in a native window,
+:func:`always_yes` (``--yes``) shows the request and agrees, and tests pass their own.
+
+Everything shown comes from :func:`webpurse.agent.display.lines`: the trusted facts
+first, the merchant's cleaned words last, printed as :class:`rich.text.Text` (never as
+markup), so nothing the merchant says can restyle, move or hide the amount.
 """
 
 from __future__ import annotations
@@ -11,33 +15,50 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.panel import Panel
 from rich.prompt import Confirm
+from rich.text import Text
 
+from webpurse.agent.display import lines, screen
 from webpurse.agent.guard import ConsentRequest, Kind
 
 Consent = Callable[[ConsentRequest], Awaitable[bool]]
 
 
-def describe(request: ConsentRequest) -> str:
-    """The lines the shopper reads: trusted facts first, the merchant's words last."""
-    action = "Pay" if request.kind is Kind.PURCHASE else "Load onto your card"
-    lines = [
-        f"{action}: [bold]{request.amount_text}[/bold] ({request.amount} fen {request.currency})",
-        f"Merchant site: [bold]{request.origin}[/bold]",
-    ]
-    if request.merchant:
-        lines.append(f"[dim]The merchant says: {request.merchant}[/dim]")
-    return "\n".join(lines)
+def describe(request: ConsentRequest, language: str = "en") -> str:
+    """The lines the shopper reads, as plain text: trusted facts first, the merchant's last."""
+    return "\n".join(lines(request, language))
 
 
-def terminal_consent(console: Console | None = None) -> Consent:
+def render(request: ConsentRequest, language: str = "en") -> Group:
+    """The Rich renderable of :func:`describe`: plain Text objects, the amount in bold."""
+    shown = screen(request, language)
+    first, *rest = shown.facts
+    head = Text(first)
+    head.stylize("bold", len(shown.action) + 2, len(shown.action) + 2 + len(shown.amount))
+    parts = [head, *(Text(line) for line in rest)]
+    if shown.words:
+        parts.append(Text(shown.words, style="dim"))
+    return Group(*parts)
+
+
+def show_text(console: Console) -> Callable[[str], None]:
+    """A ``show`` callback that prints agent status lines as text, never as markup."""
+
+    def show(text: str) -> None:
+        console.print(Text(text), highlight=False)
+
+    return show
+
+
+def terminal_consent(console: Console | None = None, language: str = "en") -> Consent:
     """Ask on the terminal; the prompt runs in a thread so the agent keeps answering pings."""
     out = console or Console()
 
     def ask(request: ConsentRequest) -> bool:
-        out.print(Panel(describe(request), title="webpurse agent: confirm", expand=False))
+        title = screen(request, language).title
+        out.print(Panel(render(request, language), title=Text(title), expand=False))
         return Confirm.ask("Allow this?", console=out, default=False)
 
     async def consent(request: ConsentRequest) -> bool:
@@ -47,11 +68,14 @@ def terminal_consent(console: Console | None = None) -> Consent:
 
 
 def always_yes(console: Console | None = None) -> Consent:
-    """``--yes``: unattended use; the request is still shown."""
+    """``--yes``: unattended payments and loads; the request is still shown. Sharing the
+    holder's data (:data:`Kind.SHARE`) is never agreed unattended."""
     out = console or Console()
 
     async def consent(request: ConsentRequest) -> bool:
-        out.print(Panel(describe(request), title="webpurse agent: allowed (--yes)", expand=False))
-        return True
+        granted = request.kind is not Kind.SHARE
+        title = "webpurse agent: allowed (--yes)" if granted else "webpurse agent: not shared"
+        out.print(Panel(render(request), title=title, expand=False))
+        return granted
 
     return consent
