@@ -299,9 +299,7 @@ class AgentSession:
                     pass
                 case End():
                     self.end = message
-                    self._show(
-                        outcome_line(message.outcome.value, message.amount, message.message)
-                    )
+                    self._show(outcome_line(message.outcome.value, message.amount, message.message))
                     with contextlib.suppress(Exception):
                         await link.close()
                     return True

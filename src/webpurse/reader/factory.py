@@ -62,4 +62,4 @@ def _open_sim(image: str) -> SimReader:
     try:
         return SimReader.from_image(image)
     except CardBusy as exc:  # the card is "in another reader": a reader-level failure
-            raise ReaderError(str(exc)) from exc
+        raise ReaderError(str(exc)) from exc
