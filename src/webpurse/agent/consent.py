@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import TextIO
 
 from rich.console import Console, Group
 from rich.panel import Panel
@@ -38,9 +39,15 @@ def render(request: ConsentRequest, language: str = "en") -> Group:
     head = Text(first)
     head.stylize("bold", len(shown.action) + 2, len(shown.action) + 2 + len(shown.amount))
     parts = [head, *(Text(line) for line in rest)]
-    if shown.words:
-        parts.append(Text(shown.words, style="dim"))
+    if shown.words:  # one line, cut with … rather than wrapped: it can never start a line
+        parts.append(Text(shown.words, style="dim", no_wrap=True, overflow="ellipsis"))
     return Group(*parts)
+
+
+def panel(request: ConsentRequest, language: str = "en") -> Panel:
+    """The box the terminal prompt shows (its title is the agent's, never the merchant's)."""
+    title = Text(screen(request, language).title)
+    return Panel(render(request, language), title=title, expand=False)
 
 
 def show_text(console: Console) -> Callable[[str], None]:
@@ -52,14 +59,17 @@ def show_text(console: Console) -> Callable[[str], None]:
     return show
 
 
-def terminal_consent(console: Console | None = None, language: str = "en") -> Consent:
-    """Ask on the terminal; the prompt runs in a thread so the agent keeps answering pings."""
+def terminal_consent(
+    console: Console | None = None, language: str = "en", stream: TextIO | None = None
+) -> Consent:
+    """Ask on the terminal; the prompt runs in a thread so the agent keeps answering pings.
+
+    ``stream`` is where the answer is read (standard input by default)."""
     out = console or Console()
 
     def ask(request: ConsentRequest) -> bool:
-        title = screen(request, language).title
-        out.print(Panel(render(request, language), title=Text(title), expand=False))
-        return Confirm.ask("Allow this?", console=out, default=False)
+        out.print(panel(request, language))
+        return Confirm.ask("Allow this?", console=out, default=False, stream=stream)
 
     async def consent(request: ConsentRequest) -> bool:
         return await asyncio.to_thread(ask, request)

@@ -31,6 +31,15 @@ _MAX_COMBINING = 2
 """Combining marks kept after one base character; more are escaped (no stacked overdraw)."""
 
 
+def _disputed(char: str) -> bool:
+    """Characters whose width terminals disagree on (emoji, flags, variation selectors):
+    shown as escapes so no renderer draws them wider than the layout reserved."""
+    code = ord(char)
+    if 0xFE00 <= code <= 0xFE0F or 0xE0000 <= code <= 0xE01EF:
+        return True
+    return code > 0xFFFF and not 0x20000 <= code <= 0x3FFFF  # keep CJK extension B…
+
+
 def _escape(char: str) -> str:
     code = ord(char)
     if code <= 0xFF:
@@ -57,7 +66,7 @@ def clean(text: str, columns: int = MERCHANT_COLUMNS) -> str:
         if category == "Zs" or char == " ":
             pending_space = bool(out)
             continue
-        if category in _ESCAPED_CATEGORIES:
+        if category in _ESCAPED_CATEGORIES or _disputed(char):
             piece = _escape(char)
             combining = 0
         elif category in ("Mn", "Me"):
@@ -138,7 +147,8 @@ def screen(request: ConsentRequest, language: str = "en") -> Screen:
             f"{text[request.kind]}: {amount} ({request.amount} {text['fen']} {request.currency})"
         )
     facts = (first, f"{text['site']}: {clean(request.origin)}")
-    words = f"{text['says']}: {clean(request.merchant)}" if request.merchant else None
+    said = clean(request.merchant) if request.merchant else ""
+    words = f"{text['says']}: {said}" if said else None
     return Screen(str(text["title"]), str(text[request.kind]), amount, facts, words)
 
 
