@@ -100,35 +100,44 @@ def ask(
             root = tk.Tk(className="webpurse-agent")
         except tk.TclError as exc:
             raise DialogUnavailable(f"cannot open a window: {exc}") from None
-        answer = [False]
-        shown: Shown | None = None
         try:
-            shown = _build(root, request, language, answer)
-            root.after(max(1, int(timeout * 1000)), root.quit)  # no answer in time: Cancel
-            if stop is not None:
-
-                def poll() -> None:
-                    if stop.is_set():
-                        root.quit()
-                    else:
-                        root.after(_POLL_MS, poll)
-
-                root.after(_POLL_MS, poll)
-            root.wait_visibility(root)
-            root.focus_force()
-            shown.cancel.focus_set()
-            if on_shown is not None:
-                on_shown(shown)
-            root.mainloop()
+            return _show(root, request, language, timeout, stop, on_shown)
         finally:
             with contextlib.suppress(tk.TclError):  # gone already (destroyed from outside)
                 root.destroy()
             # Free the Tcl interpreter here, in the thread that made it: widgets hold
             # reference cycles, and Tcl aborts if another thread's collection frees it.
             del root
-            shown = None
             gc.collect()
-        return answer[0]
+
+
+def _show(
+    root: tk.Tk,
+    request: ConsentRequest,
+    language: str,
+    timeout: float,
+    stop: threading.Event | None,
+    on_shown: Callable[[Shown], None] | None,
+) -> bool:
+    answer = [False]
+    shown = _build(root, request, language, answer)
+    root.after(max(1, int(timeout * 1000)), root.quit)  # no answer in time: Cancel
+    if stop is not None:
+
+        def poll() -> None:
+            if stop.is_set():
+                root.quit()
+            else:
+                root.after(_POLL_MS, poll)
+
+        root.after(_POLL_MS, poll)
+    root.wait_visibility(root)
+    root.focus_force()
+    shown.cancel.focus_set()
+    if on_shown is not None:
+        on_shown(shown)
+    root.mainloop()
+    return answer[0]
 
 
 def _build(root: tk.Tk, request: ConsentRequest, language: str, answer: list[bool]) -> Shown:
