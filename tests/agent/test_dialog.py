@@ -11,20 +11,29 @@ Without Xvfb, xdotool or tkinter the tests skip, unless CI=true, where they fail
 
 from __future__ import annotations
 
+import asyncio
 import os
 import select
 import shutil
+import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from tests.card.support import make_state
+from tests.reader.remote_support import load, merchant_app, purchase, serve
 from webpurse.agent.dialog import DEFAULT_TIMEOUT, Shown, ask, dialog_consent, system_language
 from webpurse.agent.guard import ConsentRequest, Kind
+from webpurse.card.image import ImageFile
+from webpurse.reader.messages import Outcome
+from webpurse.reader.remote import ReaderHub
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 ORIGIN = "https://shop.example"
@@ -236,8 +245,6 @@ def test_loads_and_sharing_have_their_own_buttons(display: str) -> None:
 
 
 async def test_the_agent_stopping_to_wait_closes_the_dialog_as_cancel(display: str) -> None:
-    import asyncio
-
     consent = dialog_consent(language="en", timeout=60)
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(consent(PURCHASE), 1.0)
@@ -250,3 +257,100 @@ def test_the_language_follows_the_system_locale() -> None:
     assert system_language({"LC_ALL": "en_GB.UTF-8", "LANG": "zh_CN.UTF-8"}) == "en"
     assert system_language({"LANG": "de_DE.UTF-8"}) == "en"
     assert system_language({}) == "en"
+
+
+def test_tab_then_space_presses_pay(display: str) -> None:
+    def act(shown: OnScreen) -> None:
+        xdotool(display, "key", "Tab", "space")
+
+    assert run_dialog(PURCHASE, act) is True
+
+
+def click_go_in_window(display: str) -> None:
+    """As a person would: find the dialog on the screen and click its go-ahead button (the
+    right-hand one, in the bottom right corner: 28 px side and 22 px bottom padding)."""
+    env = {**os.environ, "DISPLAY": display}
+    found = subprocess.run(
+        ["xdotool", "search", "--sync", "--onlyvisible", "--name", "^webpurse: confirm$"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.split()
+    geometry = subprocess.run(
+        ["xdotool", "getwindowgeometry", "--shell", found[0]],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    values = dict(line.split("=", 1) for line in geometry.split())
+    x = int(values["X"]) + int(values["WIDTH"]) - 28 - 20
+    y = int(values["Y"]) + int(values["HEIGHT"]) - 22 - 10
+    xdotool(display, "mousemove", "--sync", str(x), str(y), "click", "1")
+
+
+async def test_the_agent_process_asks_in_the_dialog_and_clicks_let_the_load_and_debit_through(
+    display: str, tmp_path: Path
+) -> None:
+    """``webpurse agent --consent dialog`` as a process: each CREDIT/DEBIT waits for the
+    window; a real click on its go-ahead button lets it through."""
+    image = tmp_path / "card.json"
+    ImageFile(image).create(make_state())
+    hub = ReaderHub()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    async with serve(merchant_app(hub)) as base:
+        process = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).with_name("webpurse")),
+            "agent",
+            "--reader",
+            f"sim:{image}",
+            "--consent",
+            "dialog",
+            "--language",
+            "en",
+            "--allow-origin",
+            base,
+            "--port",
+            str(port),
+            "--once",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, "DISPLAY": display},
+        )
+        try:
+            pairing = hub.issue("pay_dialog", display="Tea House")
+            async with httpx.AsyncClient(timeout=10) as client:
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 15
+                while True:  # bounded wait until the agent process listens
+                    try:
+                        paired = await client.post(
+                            f"http://127.0.0.1:{port}/pair",
+                            json={"token": pairing.token, "server": f"{base}/reader"},
+                            headers={"Origin": base},
+                        )
+                        break
+                    except httpx.TransportError:
+                        assert process.returncode is None and loop.time() < deadline
+                        await asyncio.sleep(0.05)
+            assert paired.status_code == 200, paired.text
+            remote = await hub.wait_for_reader("pay_dialog", 5)
+            loading = asyncio.create_task(load(remote, 3000))
+            await asyncio.to_thread(click_go_in_window, display)
+            await asyncio.wait_for(loading, 20)
+            paying = asyncio.create_task(purchase(remote, 1000))
+            await asyncio.to_thread(click_go_in_window, display)
+            await asyncio.wait_for(paying, 20)
+            await remote.end(Outcome.SUCCEEDED, "paid", 1000)
+            out, _ = await asyncio.wait_for(process.communicate(), 20)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            await hub.close()
+    assert process.returncode == 0, out.decode()
+    assert ImageFile(image).load().balance == 2000
