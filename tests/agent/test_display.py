@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from webpurse.agent.consent import panel
+from webpurse.agent.consent import always_yes, panel
 from webpurse.agent.display import MERCHANT_COLUMNS, buttons, clean, lines, outcome_line, screen
 from webpurse.agent.guard import ConsentRequest, Kind
 
@@ -161,3 +161,12 @@ def test_the_dialog_and_the_prompt_share_one_layout_in_both_languages() -> None:
 def test_the_end_message_is_cleaned_too() -> None:
     line = outcome_line("succeeded", 100, "ok\x1b[2A\x1b[8GPaid ¥0.00")
     assert line == r"succeeded ¥1.00: ok\x1b[2A\x1b[8GPaid ¥0.00"
+
+
+async def test_yes_agrees_to_payments_and_loads_but_never_to_sharing_data() -> None:
+    out = io.StringIO()
+    consent = always_yes(Console(file=out, width=COLUMNS))
+    assert await consent(ConsentRequest(Kind.PURCHASE, 100, ORIGIN)) is True
+    assert await consent(ConsentRequest(Kind.LOAD, 100, ORIGIN)) is True
+    assert await consent(ConsentRequest(Kind.SHARE, 0, ORIGIN, files=(0x16,))) is False
+    assert "not shared" in out.getvalue() and "your name and ID number" in out.getvalue()
