@@ -62,3 +62,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache
+
+# The terminal agent alone (docs/agent.md): dist/webpurse_agent-VERSION-py3-none-any.whl, its
+# hash-pinned requirements (versions from uv.lock) and dist/SHA256SUMS for both.
+.PHONY: agent
+agent: $(UV)
+	$(TOOLS)/bin/python agent-dist/build.py --uv $(UV)

@@ -154,3 +154,42 @@ async def test_bad_command_lines_fail_clearly(args: list[str]) -> None:
     process = await run_agent(*args)
     out = await finish(process)
     assert process.returncode == 2 and "error:" in out
+
+
+async def test_consent_dialog_without_a_display_is_a_clear_error(image: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    process = await asyncio.create_subprocess_exec(
+        *WEBPURSE,
+        "agent",
+        "--reader",
+        f"sim:{image}",
+        "--consent",
+        "dialog",
+        "--allow-origin",
+        "http://shop.test",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**env, "COLUMNS": "200"},
+    )
+    out = await finish(process)
+    assert process.returncode == 2 and "--consent dialog: no display" in out
+
+
+async def test_the_merchants_words_reach_the_terminal_as_text(
+    image: Path, merchant: tuple[ReaderHub, str]
+) -> None:
+    hub, base = merchant
+    pairing = hub.issue("pay_words", display="[bold red]Tea[/] \x1b[2AHouse")
+    process = await run_agent(
+        "--reader", f"sim:{image}", "--yes", "--code", pairing.code, "--server", f"{base}/reader"
+    )
+    try:
+        remote = await hub.wait_for_reader("pay_words", 15)
+        await load(remote, 500)
+        await remote.end(Outcome.SUCCEEDED, "[blink]loaded[/blink]\x1b[1A", 500)
+    finally:
+        out = await finish(process)
+    assert process.returncode == 0, out
+    assert r"The merchant says: [bold red]Tea[/] \x1b[2AHouse" in out
+    assert r"succeeded ¥5.00: [blink]loaded[/blink]\x1b[1A" in out
+    assert "\x1b[2A" not in out and "\x1b[1A" not in out

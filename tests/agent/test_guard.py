@@ -73,19 +73,39 @@ def test_refused_consent_refuses_the_debit_and_every_later_one(funded: Relay) ->
     assert len(funded.asked) == 1 and funded.card.state.balance == 5000
 
 
-def test_a_retry_for_the_confirmed_amount_passes_a_different_one_does_not(
-    funded: Relay,
-) -> None:
+def test_a_failed_debit_spends_the_consent_the_retry_is_asked_again(funded: Relay) -> None:
     init = funded.initialize_purchase(1000)
     failed = funded.debit(1000, init, forge=True)
     assert isinstance(failed, bytes) and failed[-2:] == b"\x93\x02"
+    assert funded.guard.failures == 1
     init = funded.initialize_purchase(2000)
-    mismatch = funded.debit(2000, init)
-    assert isinstance(mismatch, Refuse) and mismatch.code is ErrorCode.AMOUNT_MISMATCH
-    init = funded.initialize_purchase(1000)
-    retried = funded.debit(1000, init)
+    retried = funded.debit(2000, init)  # a new amount: a new question, with that amount
     assert isinstance(retried, bytes) and retried[-2:] == b"\x90\x00"
-    assert len(funded.asked) == 1 and funded.card.state.balance == 4000
+    assert [r.amount for r in funded.asked] == [1000, 2000]
+    assert funded.card.state.balance == 3000
+
+
+def test_after_two_failed_debits_the_agent_refuses_more_and_says_why(funded: Relay) -> None:
+    for _ in range(2):
+        failed = funded.debit(1000, funded.initialize_purchase(1000), forge=True)
+        assert isinstance(failed, bytes) and failed[-2:] == b"\x93\x02"
+    third = funded.debit(1000, funded.initialize_purchase(1000))
+    assert isinstance(third, Refuse) and third.code is ErrorCode.TOO_MANY_FAILURES
+    assert "locking the card" in third.message
+    assert len(funded.asked) == 2  # one "yes" per failed attempt, and no third question
+    assert funded.card.state.mac_failures == 2 and not funded.card.state.locked
+    assert funded.card.state.balance == 5000
+
+
+def test_a_confirmed_amount_does_not_cover_a_different_initialize(funded: Relay) -> None:
+    init = funded.initialize_purchase(1000)
+    debit = funded.terminal.debit_apdu(1000, ResponseApdu.from_bytes(init))
+    asked = funded.guard.check(debit)
+    assert isinstance(asked, Ask)
+    funded.guard.decide(asked.request, True)
+    funded.initialize_purchase(2000)  # the merchant swaps the INITIALIZE after the "yes"
+    swapped = funded.guard.check(debit)
+    assert isinstance(swapped, Refuse) and swapped.code is ErrorCode.AMOUNT_MISMATCH
 
 
 def test_no_second_debit_after_one_succeeded(funded: Relay) -> None:
@@ -154,3 +174,76 @@ def test_only_e_purse_commands_are_relayed(apdu: str) -> None:
 
 def test_amount_text_is_yuan() -> None:
     assert ConsentRequest(Kind.PURCHASE, 123456, ORIGIN).amount_text == "¥1,234.56"
+
+
+def select() -> bytes:
+    return cmd.Select(name=cmd.EP_AID).to_apdu().to_bytes()
+
+
+@pytest.mark.parametrize(
+    "apdu",
+    [
+        "00A4040007A0000003330101",  # another application (a PBOC debit/credit AID)
+        "00A40400" + "0E" + cmd.PSE_NAME.hex(),  # the payment system directory
+        "00A40000023F00",  # the MF by file id
+        "00A40000021001",  # the e-purse DF, but by file id
+    ],
+)
+def test_only_the_e_purse_application_is_selected(apdu: str) -> None:
+    verdict = Guard(ORIGIN).check(bytes.fromhex(apdu))
+    assert isinstance(verdict, Refuse) and verdict.code is ErrorCode.APDU_NOT_ALLOWED
+
+
+def test_nothing_is_read_before_the_e_purse_is_selected_on_this_card(funded: Relay) -> None:
+    read = cmd.ReadBinary(cmd.SFI_ISSUER).to_apdu().to_bytes()
+    balance = cmd.GetBalance().to_apdu().to_bytes()
+    fresh = Guard(ORIGIN)
+    for apdu in (read, balance):
+        verdict = fresh.check(apdu)
+        assert isinstance(verdict, Refuse) and verdict.code is ErrorCode.APDU_NOT_ALLOWED
+    funded.send(select())
+    assert isinstance(funded.guard.check(read), Allow)
+    funded.guard.card_changed()  # the card left the field: whatever is selected now, not EP
+    assert isinstance(funded.guard.check(read), Refuse)
+
+
+@pytest.mark.parametrize(
+    ("apdu", "sfi"),
+    [
+        (cmd.ReadBinary(cmd.SFI_CARDHOLDER).to_apdu().to_bytes(), cmd.SFI_CARDHOLDER),
+        (cmd.ReadRecord(cmd.SFI_LOG, 1).to_apdu().to_bytes(), cmd.SFI_LOG),
+    ],
+)
+def test_the_holder_file_and_the_log_need_the_shoppers_separate_consent(
+    apdu: bytes, sfi: int
+) -> None:
+    relay = Relay(consent=False)
+    relay.send(select())
+    first = relay.send(apdu)
+    second = relay.send(apdu)
+    for refusal in (first, second):
+        assert isinstance(refusal, Refuse) and refusal.code is ErrorCode.SHARE_REFUSED
+    assert relay.asked == [ConsentRequest(Kind.SHARE, 0, ORIGIN, "Order 42", files=(sfi,))]
+    agreed = Relay(consent=True)
+    agreed.send(select())
+    assert isinstance(agreed.send(apdu), bytes) and isinstance(agreed.send(apdu), bytes)
+    assert len(agreed.asked) == 1  # remembered for this session
+
+
+@pytest.mark.parametrize(
+    "apdu",
+    [
+        cmd.ReadBinary(0x01).to_apdu().to_bytes(),
+        cmd.ReadBinary(0x17).to_apdu().to_bytes(),
+        cmd.ReadRecord(cmd.SFI_ISSUER, 1).to_apdu().to_bytes(),
+        cmd.ReadRecord(0x01, 1).to_apdu().to_bytes(),
+        "805C000104",  # GET BALANCE of the e-deposit
+    ],
+)
+def test_no_other_file_is_read(apdu: bytes | str) -> None:
+    raw = bytes.fromhex(apdu) if isinstance(apdu, str) else apdu
+    relay = Relay()
+    relay.send(select())
+    refusal = relay.send(raw)
+    assert isinstance(refusal, Refuse) and refusal.code is ErrorCode.APDU_NOT_ALLOWED
+    assert relay.asked == []

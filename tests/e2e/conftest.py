@@ -36,7 +36,7 @@ def _need(condition: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoStack]:
     _need(CHROMIUM.exists(), f"chromium not found at {CHROMIUM}")
     demo = DemoStack(

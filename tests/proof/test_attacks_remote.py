@@ -247,7 +247,8 @@ async def test_a_debit_for_another_amount_than_confirmed_never_reaches_the_card(
         SUITE,
         "relay via the agent: shopper confirms 10.00; after a failed DEBIT the merchant"
         " re-INITIALIZEs for 20.00 and sends DEBIT",
-        expected="agent refuses amount_mismatch (logged by the agent); card never sees it",
+        expected="the failed DEBIT spent the consent: the agent asks again, showing 20.00;"
+        " the shopper says no → consent_refused (logged by the agent); card never sees it",
     ) as row:
         pairing = stack.hub.issue("pay_amount")
         body = {"token": pairing.token, "server": f"{stack.merchant}/reader"}
@@ -261,6 +262,7 @@ async def test_a_debit_for_another_amount_than_confirmed_never_reaches_the_card(
         (failed,) = await remote.transmit([debit_step(999, first[2])])
         assert failed.sw == StatusWord.MAC_INVALID
         before = purse(stack.card)
+        stack.agent_consent.answer = False  # the shopper expected 10.00, not 20.00
         caplog.clear()
         with caplog.at_level(logging.INFO):
             again = await remote.transmit(
@@ -268,14 +270,16 @@ async def test_a_debit_for_another_amount_than_confirmed_never_reaches_the_card(
             )
             with pytest.raises(BatchRefused) as refused:
                 await remote.transmit([debit_step(2_000, again[2], seq=2)])
-        assert refused.value.code == "amount_mismatch"
-        assert "amount_mismatch" in caplog.text
-        refusers = {r.name for r in caplog.records if "amount_mismatch" in r.getMessage()}
+        assert refused.value.code == "consent_refused"
+        refusers = {r.name for r in caplog.records if "consent_refused" in r.getMessage()}
         assert "webpurse.agent.session" in refusers, refusers
         assert purse(stack.card) == before
         asked = stack.agent_consent.asked
-        assert [(r.kind.value, r.amount) for r in asked] == [("purchase", 1_000)]
-        row.observed = "BatchRefused amount_mismatch; asked once (10.00); purse unchanged"
+        assert [(r.kind.value, r.amount) for r in asked] == [
+            ("purchase", 1_000),
+            ("purchase", 2_000),
+        ]
+        row.observed = "asked again showing 20.00; shopper no → consent_refused; purse unchanged"
 
 
 # --- frames at the merchant's hub --------------------------------------------------------

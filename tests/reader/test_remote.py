@@ -166,7 +166,7 @@ async def test_refused_consent_leaves_the_card_untouched(
     assert card.state == before
 
 
-async def test_debit_for_another_amount_than_confirmed_is_refused(
+async def test_after_a_failed_debit_another_amount_is_asked_again(
     hub: ReaderHub,
     base: str,
     sim: SimReader,
@@ -187,18 +187,20 @@ async def test_debit_for_another_amount_than_confirmed_is_refused(
     bad = Step(bad.apdu[:5] + (2).to_bytes(4, "big") + bad.apdu[9:])
     (answer,) = await remote.transmit([bad])
     assert answer.sw == 0x9302
-    # The merchant now relays INITIALIZE for 20.00 and a DEBIT: refused, no second prompt.
+    # The failed DEBIT spent that consent: INITIALIZE for 20.00 and a DEBIT ask again, with
+    # the new amount, and the shopper (who meant 10.00) says no.
     second = await remote.transmit(
         select_read_initialize(cmd.InitializeForPurchase(1, 2000, TERMINAL))
     )
     before = card.state
+    consent.answer = False
 
     with pytest.raises(BatchRefused) as refused:
         await remote.transmit([debit_step(2000, second[2])])
 
-    assert refused.value.code == "amount_mismatch"
+    assert refused.value.code == "consent_refused"
     assert card.state == before and card.state.balance == 5000
-    assert [r.amount for r in consent.asked] == [1000]
+    assert [r.amount for r in consent.asked] == [1000, 2000]
 
 
 async def test_socket_dropped_mid_batch_is_outcome_unknown_and_resume_allows_recovery(

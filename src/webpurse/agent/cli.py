@@ -1,20 +1,30 @@
-"""``webpurse agent``: the terminal agent beside the shopper's reader.
+"""``webpurse-agent`` (also ``webpurse agent``): the terminal agent beside the shopper's reader.
 
 Two ways to pair: the payment page posts the merchant's token to the loopback endpoint
 (127.0.0.1, ``--port``, only from ``--allow-origin`` sites), or the shopper types the
-short code: ``webpurse agent --reader … --code ABCD-EFGH --server https://shop.example/reader``.
+short code: ``webpurse-agent --reader … --code ABCD-EFGH --server https://shop.example/reader``.
+The shopper confirms each payment, load or data share in a dialog window (``--consent
+dialog``), on the terminal (``terminal``), or where a display exists in the dialog and
+otherwise on the terminal (``auto``, the default). See ``docs/agent.md``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from enum import StrEnum
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from webpurse.agent.consent import always_yes, terminal_consent
+from webpurse.agent.consent import Consent, always_yes, show_text, terminal_consent
+from webpurse.agent.dialog import (
+    DEFAULT_TIMEOUT,
+    dialog_consent,
+    dialog_unavailable,
+    system_language,
+)
 from webpurse.agent.pairing import DEFAULT_PORT, create_pairing_app, normalise_origins
 from webpurse.agent.session import PairingRefused
 from webpurse.agent.terminal import TerminalAgent
@@ -25,9 +35,28 @@ console = Console()
 err = Console(stderr=True)
 
 
+class ConsentMode(StrEnum):
+    AUTO = "auto"
+    DIALOG = "dialog"
+    TERMINAL = "terminal"
+
+
 def _fail(message: str) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}")
+    err.print("[red]error:[/red] ", end="")
+    err.print(message, markup=False, highlight=False)
     return typer.Exit(2)
+
+
+def choose_consent(mode: ConsentMode, yes: bool, language: str, timeout: float) -> Consent:
+    """The shopper's prompt for ``--consent``; raises ValueError if a dialog cannot be shown."""
+    if yes:
+        return always_yes(console)
+    why = dialog_unavailable()
+    if mode is ConsentMode.DIALOG and why is not None:
+        raise ValueError(f"--consent dialog: {why}")
+    if mode is ConsentMode.TERMINAL or why is not None:
+        return terminal_consent(console, language)
+    return dialog_consent(language, timeout)
 
 
 @app.callback(invoke_without_command=True)
@@ -48,6 +77,16 @@ def agent(
         str | None, typer.Option(help="the merchant's reader URL shown with the code")
     ] = None,
     once: Annotated[bool, typer.Option("--once", help="exit after one session")] = False,
+    consent: Annotated[
+        ConsentMode,
+        typer.Option(help="ask in a dialog window, on the terminal, or auto (dialog if a display)"),
+    ] = ConsentMode.AUTO,
+    language: Annotated[
+        str | None, typer.Option(help="en or zh (default: the system locale)")
+    ] = None,
+    dialog_timeout: Annotated[
+        float, typer.Option(help="seconds the dialog waits before it cancels", min=1)
+    ] = DEFAULT_TIMEOUT,
 ) -> None:
     """Run the agent: pair with a merchant and relay its card batches to READER."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -60,7 +99,11 @@ def agent(
     if code is None and not origins:
         raise _fail("give --allow-origin for the loopback endpoint, or --code and --server")
     try:
-        asyncio.run(_run(reader, yes, sorted(origins), port, code, server, once))
+        prompt = choose_consent(consent, yes, language or system_language(), dialog_timeout)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    try:
+        asyncio.run(_run(reader, prompt, sorted(origins), port, code, server, once))
     except (ReaderError, PairingRefused, ValueError, OSError) as exc:
         raise _fail(str(exc)) from None
     except KeyboardInterrupt:
@@ -69,7 +112,7 @@ def agent(
 
 async def _run(
     spec: str,
-    yes: bool,
+    consent: Consent,
     origins: list[str],
     port: int,
     code: str | None,
@@ -79,8 +122,7 @@ async def _run(
     from webpurse.reader.factory import open_reader
 
     local = open_reader(spec)
-    consent = always_yes(console) if yes else terminal_consent(console)
-    agent = TerminalAgent(local, consent=consent, show=console.print)
+    agent = TerminalAgent(local, consent=consent, show=show_text(console))
     try:
         if code is not None and server is not None:
             await agent.pair(server, code=code)
@@ -96,9 +138,9 @@ async def _run(
             lifespan="off",
         )
         pairing_server = uvicorn.Server(config)
-        console.print(
+        show_text(console)(
             f"agent on {local.name}: pairing at http://127.0.0.1:{port}/pair "
-            f"for {', '.join(origins)}"
+            f"for {', '.join(origins)} (Ctrl-C stops it)"
         )
         if once:
 
@@ -114,3 +156,8 @@ async def _run(
     finally:
         await agent.close()
         await local.close()
+
+
+def main() -> None:
+    """The ``webpurse-agent`` command."""
+    app(prog_name="webpurse-agent")

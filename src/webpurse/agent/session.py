@@ -25,6 +25,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from webpurse import __version__
 from webpurse.agent.consent import Consent
+from webpurse.agent.display import clean, outcome_line
 from webpurse.agent.guard import Allow, Ask, Guard, Refuse
 from webpurse.reader.base import (
     CardRemoved,
@@ -220,7 +221,7 @@ class AgentSession:
             raise
         self._link = link
         self._guard = Guard(self.target.origin, self.hello.merchant)
-        merchant = f" ({self.hello.merchant})" if self.hello.merchant else ""
+        merchant = f" ({clean(self.hello.merchant)})" if self.hello.merchant else ""
         self._show(f"paired with {self.target.origin}{merchant}")
         return self.hello
 
@@ -298,10 +299,7 @@ class AgentSession:
                     pass
                 case End():
                     self.end = message
-                    amount = ""
-                    if message.amount is not None:
-                        amount = f" ¥{message.amount // 100:,}.{message.amount % 100:02d}"
-                    self._show(f"{message.outcome.value}{amount}: {message.message}".strip())
+                    self._show(outcome_line(message.outcome.value, message.amount, message.message))
                     with contextlib.suppress(Exception):
                         await link.close()
                     return True
@@ -355,8 +353,10 @@ class AgentSession:
                 (response,) = await self.reader.transmit([Step(step.apdu, step.ok)])
             except CardRemoved as exc:
                 self._guard.sent(step.apdu, exc.responses[0].to_bytes() if exc.responses else None)
+                self._guard.card_changed()
                 return await refuse(ErrorCode.CARD_REMOVED, str(exc))
             except NoCard as exc:
+                self._guard.card_changed()
                 code = ErrorCode.NO_CARD if not responses else ErrorCode.CARD_REMOVED
                 return await refuse(code, str(exc))
             except ReaderError as exc:
@@ -377,11 +377,13 @@ class AgentSession:
                 if present:
                     await self.reader.wait_for_removal(3600)
                     present = False
+                    self._guard.card_changed()
                     self._card = CardStatus(False)
                     await self._send(Card(CardEvent.REMOVED))
                 else:
                     info = await self.reader.wait_for_card(3600)
                     present = True
+                    self._guard.card_changed()
                     self._card = CardStatus(True, info.atr or None)
                     await self._send(Card(CardEvent.INSERTED, info.atr or None))
             except ReaderTimeout:

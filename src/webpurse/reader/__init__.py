@@ -1,8 +1,15 @@
 """webpurse.reader: the reader interface, its local backends and the batch runner.
 
 ``RemoteReader`` (the server side of the remote-reader protocol) lives in
-``webpurse.reader.remote``.
+``webpurse.reader.remote``. The simulated reader (:class:`SimReader` and its fault
+injection) runs the card emulator in-process, so it is loaded only when first named
+(``webpurse.reader.SimReader``, or ``open_reader("sim:…")``): importing this package, or
+the terminal agent, loads nothing from ``webpurse.card``.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from webpurse.reader.base import (
     SUCCESS,
@@ -26,7 +33,21 @@ from webpurse.reader.pcsc import (
     ReaderNotFound,
     list_readers,
 )
-from webpurse.reader.sim import ApduEvent, ApduHook, Fault, Phase, SimReader
+
+if TYPE_CHECKING:
+    from webpurse.reader.sim import ApduEvent, ApduHook, Fault, Phase, SimReader
+
+_SIM_NAMES = frozenset({"ApduEvent", "ApduHook", "Fault", "Phase", "SimReader"})
+
+
+def __getattr__(name: str) -> Any:
+    """The sim backend's names, imported on first use (it needs the card emulator)."""
+    if name in _SIM_NAMES:
+        from webpurse.reader import sim
+
+        return getattr(sim, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "SUCCESS",

@@ -71,6 +71,10 @@ class ErrorCode(StrEnum):
     """The INITIALIZE amount differs from the amount the shopper confirmed."""
     ALREADY_DONE = "already_done"
     """A second DEBIT (or CREDIT) in a session whose first may have happened."""
+    TOO_MANY_FAILURES = "too_many_failures"
+    """The card refused two DEBIT/CREDIT in this session; the agent sends no more."""
+    SHARE_REFUSED = "share_refused"
+    """The shopper did not agree to share the holder's data (EF 0x16) or log (EF 0x18)."""
     INTERNAL = "internal"
 
 
