@@ -93,7 +93,7 @@ async def test_settlement_declines_insufficient_funds_at_the_card(
         assert (await client.get(Kind.PAYMENT, payment.id)).status == "canceled"
 
 
-async def test_a_card_that_locked_itself_is_flagged_at_settlement(
+async def test_a_card_that_locked_itself_is_observed_at_settlement_not_flagged(
     world: World, client: SettlementClient
 ) -> None:
     card = world.funded_card(5_000)
@@ -112,10 +112,12 @@ async def test_a_card_that_locked_itself_is_flagged_at_settlement(
     number = card.state.issuer.card_number
     operator = world.auth(world.operator_key)
     got = world.client.get(f"/v1/cards/{number}", headers=operator).json()
-    assert got["flagged"] and got["status"] == "active"  # flagged for the operator only
-    events = world.client.get(f"/v1/cards/{number}/events", headers=operator).json()["data"]
-    locked = [e for e in events if e["kind"] == "card_locked"]
-    assert len(locked) == 1 and locked[0]["detail"]["payment"] == payment.id
+    # 9303 is the relay's word, not the card's MAC: an observation for the operator only.
+    assert not got["flagged"] and got["status"] == "active"
+    seen = world.client.get(f"/v1/card_observations?card_number={number}", headers=operator).json()[
+        "data"
+    ]
+    assert [(o["kind"], o["reference"]) for o in seen] == [("card_locked_claim", payment.id)]
 
 
 async def test_torn_debit_is_resolved_paid_on_the_next_contact(

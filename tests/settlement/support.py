@@ -217,6 +217,14 @@ class Terminal:
     def load(self, applet: CardApplet, amount: int) -> dict[str, Any]:
         return self.run_load(applet, self.create_load(amount))
 
+    def card_check(self, applet: CardApplet, decline: dict[str, Any]) -> dict[str, Any]:
+        """Run the card check a decline offered on ``applet``; settlement's verdict."""
+        check = decline["card_check"]
+        answer = ok(applet, bytes.fromhex(check["initialize_apdu"]))
+        done = self.post(f"/v1/card_checks/{check['id']}", {"initialize_response": answer.hex()})
+        assert done.status_code == 200, done.text
+        return dict(done.json())
+
 
 def prove(applet: CardApplet, transaction_type: int, counter: int) -> tuple[bytes, int]:
     return apdu(applet, GetTransactionProve(transaction_type, counter).to_apdu())
