@@ -44,6 +44,7 @@ from webpurse.reader.messages import MAX_MESSAGE_BYTES, Error, Outcome
 from webpurse.reader.remote import (
     CODE_ALPHABET,
     CODE_ATTEMPTS,
+    CODE_SITE_ATTEMPTS,
     PAIRING_LIFETIME,
     CodeLimiter,
     MemoryPairingStore,
@@ -51,6 +52,7 @@ from webpurse.reader.remote import (
     Pairings,
     ReaderHub,
     RemoteReader,
+    client_network,
 )
 from webpurse.reader.sim import ApduEvent, Phase, SimReader
 
@@ -563,6 +565,35 @@ def test_wrong_codes_are_forgotten_once_a_window_has_passed() -> None:
 
     clock.now += dt.timedelta(seconds=10)
     assert limiter.allows("192.0.2.7") and len(limiter) == 0
+
+
+def test_an_ipv6_64_is_one_client_however_many_addresses_it_uses() -> None:
+    clock = Clock()
+    limiter = CodeLimiter(clock=clock, max_clients=100)
+    for n in range(5_000):  # one /64, a fresh address per guess
+        host = f"2001:db8:1:2::{n:x}"
+        if limiter.allows(host):
+            limiter.failed(host)
+    assert len(limiter) == 1
+    assert not limiter.allows("2001:db8:1:2::ffff")  # the whole /64 is limited
+    assert limiter.allows("2001:db8:9:9::1") and limiter.allows("192.0.2.1")  # others are not
+
+
+def test_a_48_flood_stops_before_it_can_fill_the_table_and_lock_others_out() -> None:
+    clock = Clock()
+    limiter = CodeLimiter(clock=clock, max_clients=500)
+    for n in range(20_000):  # one site's /48: a new /64 for every guess
+        host = f"2001:db8:7:{n:x}::1"
+        if limiter.allows(host):
+            limiter.failed(host)
+    assert len(limiter) == CODE_SITE_ATTEMPTS < 500  # stopped at the site's budget
+    assert not limiter.allows("2001:db8:7:ffff::2")
+    assert limiter.allows("2001:db8:8::1") and limiter.allows("198.51.100.7")
+
+
+def test_ipv4_mapped_addresses_count_as_the_ipv4_client() -> None:
+    assert client_network("::ffff:192.0.2.9") == ("192.0.2.9", "192.0.2.9")
+    assert client_network("2001:db8:1:2:3:4:5:6") == ("2001:db8:1:2::/64", "2001:db8:1::/48")
 
 
 def test_the_limiter_remembers_at_most_max_clients_and_then_fails_closed() -> None:

@@ -284,6 +284,7 @@ def make_world(url: str, *, clock: FakeClock | None = None) -> Iterator[World]:
         pool_size=5,
         max_overflow=5,
         webhook_allow_private=True,  # the test shops listen on loopback or unresolvable names
+        public_docs=True,  # as in the demo; tests/settlement/test_auth.py checks it off
     )
     engine = make_engine(url, pool_size=5, max_overflow=5)
     try:
@@ -371,6 +372,7 @@ def live_server(url: str, tmp_path: Path, *, workers: int = 1) -> Iterator[LiveS
         "WEBPURSE_KEK": kek.hex(),
         "WEBPURSE_DATA_DIR": str(tmp_path / "data"),
         "WEBPURSE_WEBHOOK_ALLOW_PRIVATE": "1",  # test endpoints are on 127.0.0.1
+        "WEBPURSE_PUBLIC_DOCS": "1",
     }
     log = open(tmp_path / "server.log", "wb")  # noqa: SIM115
     process = subprocess.Popen(

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import hashlib
+import ipaddress
 import logging
 import secrets
 from collections import OrderedDict
@@ -75,8 +76,10 @@ CODE_LENGTH = 8
 _MAX_VIOLATIONS = 8
 CODE_ATTEMPTS = 10
 """Failed code pairings allowed per client address per :data:`PAIRING_LIFETIME`."""
+CODE_SITE_ATTEMPTS = 100
+"""Failed code pairings allowed per IPv6 /48 (all its /64s together) per window."""
 CODE_CLIENTS = 10_000
-"""Client addresses with recent wrong codes the hub remembers at most (see :class:`CodeLimiter`)."""
+"""Client networks with recent wrong codes the hub remembers at most (see :class:`CodeLimiter`)."""
 
 
 def utc_now() -> dt.datetime:
@@ -222,16 +225,40 @@ class Pairings:
         return record
 
 
-class CodeLimiter:
-    """Bounds wrong short-code guesses per client address: at most ``attempts`` within
-    ``window`` (an 8-character code is guessable by brute force).
+def client_network(host: str) -> tuple[str, str]:
+    """The networks a client's wrong codes count against: (its own, the wider one).
 
-    Memory is bounded too: a client's failures are forgotten once the newest is older than
-    ``window`` (swept on every call, oldest first), and at most ``max_clients`` addresses
-    are remembered. When that many addresses failed within one window, a new address may
-    not try a code until old entries lapse: the limiter fails closed (pairing by token is
-    unaffected), for forgetting a remembered address would hand an attacker with many
-    addresses fresh attempts.
+    An IPv6 client owns its whole /64 (any host can take any address in it), so the /64 is
+    the client; the /48 around it (one site's allocation) is the wider network. An IPv4
+    address is the client and its own wider network (addresses are scarce). Anything else
+    (a test client's name) is itself.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host, host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv4Address):
+        return str(address), str(address)
+    narrow = ipaddress.IPv6Network((address, 64), strict=False)
+    wide = ipaddress.IPv6Network((address, 48), strict=False)
+    return str(narrow), str(wide)
+
+
+class CodeLimiter:
+    """Bounds wrong short-code guesses per client network: at most ``attempts`` within
+    ``window`` per IPv4 address or IPv6 /64 (an 8-character code is guessable by brute
+    force), and ``wide_attempts`` per IPv6 /48.
+
+    Memory is bounded too: a network's failures are forgotten once the newest is older
+    than ``window`` (swept on every call, oldest first), and at most ``max_clients``
+    networks are remembered. When that many failed within one window, a new network may not
+    try a code until old entries lapse: the limiter fails closed (pairing by token is
+    unaffected), for forgetting a remembered network would hand an attacker fresh attempts.
+    One flood cannot get there: a /64 is one entry however many addresses it uses, and a
+    /48 stops being let in (and so stops adding /64 entries) after ``wide_attempts``, so
+    filling the table takes ``max_clients / wide_attempts`` separate /48 sites.
     """
 
     def __init__(
@@ -240,54 +267,76 @@ class CodeLimiter:
         clock: Clock = utc_now,
         window: dt.timedelta = PAIRING_LIFETIME,
         attempts: int = CODE_ATTEMPTS,
+        wide_attempts: int = CODE_SITE_ATTEMPTS,
         max_clients: int = CODE_CLIENTS,
     ) -> None:
         self._clock = clock
         self._window = window
         self._attempts = attempts
+        self._wide_attempts = wide_attempts
         self._max_clients = max_clients
-        # client → its failure times within the window; ordered by newest failure, oldest first
+        # network → its failure times within the window; ordered by newest failure, oldest first
         self._failures: OrderedDict[str, list[dt.datetime]] = OrderedDict()
+        self._wide: OrderedDict[str, list[dt.datetime]] = OrderedDict()
 
     def __len__(self) -> int:
-        """Client addresses remembered now."""
+        """Client networks remembered now."""
         return len(self._failures)
 
-    def _sweep(self, now: dt.datetime) -> dt.datetime:
-        since = now - self._window
-        while self._failures:
-            client, times = next(iter(self._failures.items()))
+    def _sweep(self, table: OrderedDict[str, list[dt.datetime]], since: dt.datetime) -> None:
+        while table:
+            key, times = next(iter(table.items()))
             if times[-1] > since:
                 break
-            del self._failures[client]
-        return since
+            del table[key]
 
-    def allows(self, client: str) -> bool:
-        """May ``client`` try a code now?"""
-        since = self._sweep(self._clock())
-        times = self._failures.get(client)
+    def _recent(
+        self, table: OrderedDict[str, list[dt.datetime]], key: str, since: dt.datetime
+    ) -> int | None:
+        times = table.get(key)
         if times is None:
-            if len(self._failures) >= self._max_clients:
-                log.warning("code pairing refused for %s: %d clients failing", client, len(self))
-                return False
-            return True
+            return None
         recent = [t for t in times if t > since]
         if not recent:  # only if the clock went back: stale behind a fresher entry
-            del self._failures[client]
+            del table[key]
+            return None
+        table[key] = recent  # order unchanged: its newest failure is the same
+        return len(recent)
+
+    def allows(self, client: str) -> bool:
+        """May ``client`` (its address) try a code now?"""
+        since = self._clock() - self._window
+        self._sweep(self._failures, since)
+        self._sweep(self._wide, since)
+        narrow, wide = client_network(client)
+        if narrow != wide and (self._recent(self._wide, wide, since) or 0) >= self._wide_attempts:
+            return False
+        count = self._recent(self._failures, narrow, since)
+        if count is None:
+            if len(self._failures) >= self._max_clients:
+                log.warning("code pairing refused for %s: %d clients failing", narrow, len(self))
+                return False
             return True
-        self._failures[client] = recent  # order unchanged: its newest failure is the same
-        return len(recent) < self._attempts
+        return count < self._attempts
+
+    def _record(self, table: OrderedDict[str, list[dt.datetime]], key: str, keep: int) -> None:
+        now = self._clock()
+        times = table.pop(key, None)
+        if times is None and len(table) >= self._max_clients:
+            return  # full: ``allows`` refuses this network anyway
+        recent = [t for t in times or () if t > now - self._window]
+        recent.append(now)
+        table[key] = recent[-keep:]  # newest failure: to the end
 
     def failed(self, client: str) -> None:
-        """``client`` tried a wrong code."""
-        now = self._clock()
-        since = self._sweep(now)
-        times = self._failures.pop(client, None)
-        if times is None and len(self._failures) >= self._max_clients:
-            return  # full: ``allows`` refuses this client anyway
-        recent = [t for t in times or () if t > since]
-        recent.append(now)
-        self._failures[client] = recent[-self._attempts :]  # newest failure: to the end
+        """``client`` (its address) tried a wrong code."""
+        since = self._clock() - self._window
+        self._sweep(self._failures, since)
+        self._sweep(self._wide, since)
+        narrow, wide = client_network(client)
+        self._record(self._failures, narrow, self._attempts)
+        if narrow != wide:
+            self._record(self._wide, wide, self._wide_attempts)
 
 
 # --- the reader -----------------------------------------------------------------------
