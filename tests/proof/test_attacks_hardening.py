@@ -160,7 +160,8 @@ def test_one_network_flooding_codes_does_not_lock_out_another(proof: Proof) -> N
         "flood code pairing from one IPv6 /64 (a fresh address per guess) and from one /48 (a"
         " fresh /64 per guess), 20 000 guesses each",
         expected="each network refused after its budget; the table never fills; another"
-        " client (IPv4, another /64) may still pair by code",
+        " client (IPv4, another /64) may still pair by code; a table filled by many sites"
+        " locks nobody out (each code is retired after CODE_GUESS_BUDGET wrong codes)",
     ) as row:
         limiter = CodeLimiter(max_clients=10_000)
         for network in ("2001:db8:1:2::{:x}", "2001:db8:7:{:x}::1"):
@@ -176,7 +177,17 @@ def test_one_network_flooding_codes_does_not_lock_out_another(proof: Proof) -> N
         for _ in range(CODE_ATTEMPTS):
             limiter.failed("192.0.2.44")
         assert not limiter.allows("192.0.2.44")  # and its own limit still holds
-        row.observed = f"{len(limiter)} networks remembered; other clients allowed"
+        # Many sites together fill a small table: still nobody else is locked out; each
+        # open pairing's code is retired after CODE_GUESS_BUDGET wrong codes instead.
+        small = CodeLimiter(max_clients=50)
+        for site in range(200):
+            small.failed(f"2001:db8:{site:x}::1")
+        assert len(small) == 50 and small.allows("198.51.100.9")
+        assert small.wrong_codes == 200
+        row.observed = (
+            f"{len(limiter)} networks remembered; other clients allowed; a full table locks"
+            " nobody out"
+        )
 
 
 def test_settlement_route_map_is_not_public_unless_configured(tmp_path: Path, proof: Proof) -> None:

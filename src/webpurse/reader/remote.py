@@ -24,7 +24,7 @@ import logging
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -78,6 +78,10 @@ CODE_ATTEMPTS = 10
 """Failed code pairings allowed per client address per :data:`PAIRING_LIFETIME`."""
 CODE_SITE_ATTEMPTS = 100
 """Failed code pairings allowed per IPv6 /48 (all its /64s together) per window."""
+CODE_GUESS_BUDGET = 100_000
+"""Wrong codes the hub may see (from anyone) while one pairing is open before that
+pairing's code is retired: each code is one of 30⁸, so its chance of being guessed stays
+below 2 × 10⁻⁷ however many networks guess (the token and link still work)."""
 CODE_CLIENTS = 10_000
 """Client networks with recent wrong codes the hub remembers at most (see :class:`CodeLimiter`)."""
 
@@ -132,6 +136,8 @@ class PairingRecord:
     binding: str
     display: str | None
     expires_at: dt.datetime
+    # The hub's count of wrong codes when this pairing was issued (CODE_GUESS_BUDGET).
+    wrong_codes_at_issue: int = 0
 
 
 class PairingStore(Protocol):
@@ -197,18 +203,27 @@ class Pairings:
         self._clock = clock
         self._lifetime = lifetime
 
-    def issue(self, binding: str, *, display: str | None = None) -> Pairing:
+    def issue(self, binding: str, *, display: str | None = None, wrong_codes: int = 0) -> Pairing:
         """A new pairing for ``binding`` (e.g. ``pay_…``); ``display`` is shown by the agent
-        as secondary text (the trusted lines are the origin and the card's amount)."""
+        as secondary text (the trusted lines are the origin and the card's amount);
+        ``wrong_codes`` is the hub's count of wrong codes now (:data:`CODE_GUESS_BUDGET`)."""
         now = self._clock()
         self._store.purge(now)
         expires = now + self._lifetime
         while True:
             token = secrets.token_urlsafe(32)
             code = "".join(secrets.choice(CODE_ALPHABET) for _ in range(CODE_LENGTH))
-            record = PairingRecord(_digest(token), _digest(code), binding, display, expires)
+            record = PairingRecord(
+                _digest(token), _digest(code), binding, display, expires, wrong_codes
+            )
             if self._store.put(record):
                 return Pairing(token, code, binding, expires)
+
+    def retire_code(self, record: PairingRecord) -> None:
+        """Put ``record`` (taken by its code) back with its token only: the code is dead,
+        the link and the token still pair."""
+        dead = replace(record, code_hash=_digest(secrets.token_urlsafe(32)))
+        self._store.put(dead)
 
     def redeem(self, *, token: str | None = None, code: str | None = None) -> PairingRecord:
         """Spend a token or a code; raises :class:`PairingError` if unknown, used or expired."""
@@ -253,12 +268,13 @@ class CodeLimiter:
 
     Memory is bounded too: a network's failures are forgotten once the newest is older
     than ``window`` (swept on every call, oldest first), and at most ``max_clients``
-    networks are remembered. When that many failed within one window, a new network may not
-    try a code until old entries lapse: the limiter fails closed (pairing by token is
-    unaffected), for forgetting a remembered network would hand an attacker fresh attempts.
-    One flood cannot get there: a /64 is one entry however many addresses it uses, and a
-    /48 stops being let in (and so stops adding /64 entries) after ``wide_attempts``, so
-    filling the table takes ``max_clients / wide_attempts`` separate /48 sites.
+    networks are remembered. A /64 is one entry however many addresses it uses, and a /48
+    stops being let in (and so stops adding /64 entries) after ``wide_attempts``, so filling
+    the table takes ``max_clients / wide_attempts`` separate /48 sites. When it is full, a
+    network it does not hold may still try (it is not remembered): the table filling must
+    not lock every shopper out. What bounds guessing then is per pairing: every wrong code
+    counts in :attr:`wrong_codes`, and a pairing's code is retired once the hub has seen
+    :data:`CODE_GUESS_BUDGET` wrong codes since it was issued (``ReaderHub``).
     """
 
     def __init__(
@@ -278,6 +294,7 @@ class CodeLimiter:
         # network → its failure times within the window; ordered by newest failure, oldest first
         self._failures: OrderedDict[str, list[dt.datetime]] = OrderedDict()
         self._wide: OrderedDict[str, list[dt.datetime]] = OrderedDict()
+        self.wrong_codes = 0  # every wrong code ever, remembered or not
 
     def __len__(self) -> int:
         """Client networks remembered now."""
@@ -314,8 +331,7 @@ class CodeLimiter:
         count = self._recent(self._failures, narrow, since)
         if count is None:
             if len(self._failures) >= self._max_clients:
-                log.warning("code pairing refused for %s: %d clients failing", narrow, len(self))
-                return False
+                log.warning("code limiter full (%d networks): %s not remembered", len(self), narrow)
             return True
         return count < self._attempts
 
@@ -330,6 +346,7 @@ class CodeLimiter:
 
     def failed(self, client: str) -> None:
         """``client`` (its address) tried a wrong code."""
+        self.wrong_codes += 1
         since = self._clock() - self._window
         self._sweep(self._failures, since)
         self._sweep(self._wide, since)
@@ -607,7 +624,9 @@ class ReaderHub:
 
     def issue(self, binding: str, *, display: str | None = None) -> Pairing:
         """A pairing token and code for one payment or load id (see :class:`Pairings`)."""
-        return self.pairings.issue(binding, display=display)
+        return self.pairings.issue(
+            binding, display=display, wrong_codes=self.code_limiter.wrong_codes
+        )
 
     def reader_for(self, binding: str) -> RemoteReader | None:
         reader = self._readers.get(binding)
@@ -716,6 +735,16 @@ class ReaderHub:
             if hello.code is not None:
                 self.code_limiter.failed(client)
             await self._refuse(link, ErrorCode.TOKEN_INVALID, str(exc))
+            return None
+        guessed = self.code_limiter.wrong_codes - record.wrong_codes_at_issue
+        if hello.code is not None and guessed > CODE_GUESS_BUDGET:
+            log.warning("code for %s retired after %d wrong codes", record.binding, guessed)
+            self.pairings.retire_code(record)
+            await self._refuse(
+                link,
+                ErrorCode.TOKEN_INVALID,
+                "this code was retired after too many wrong codes here; pair with the link",
+            )
             return None
         old = self._readers.get(record.binding)
         if old is not None and not old.ended:
