@@ -130,6 +130,10 @@ class DemoStack:
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["WEBPURSE_DATA_DIR"] = str(self.data_dir)
+        # The demo is throwaway: its KEK stays in its own data folder, asked for explicitly
+        # (a real settlement keeps it outside: docs/settlement-api.md "Security module").
+        env.setdefault("WEBPURSE_KEK_IN_DATA_DIR", "1")
+        env.setdefault("WEBPURSE_PUBLIC_DOCS", "1")  # the demo shows its API documentation
         env.pop("WEBPURSE_DATABASE_URL", None)
         env.pop("WEBPURSE_MERCHANT_DATABASE_URL", None)
         return env

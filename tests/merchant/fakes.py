@@ -298,3 +298,7 @@ class FakeSettlement:
         )
         r.status = "canceled"
         return self._obj(r)
+
+    async def answer_card_check(self, check_id: str, initialize_response: bytes) -> str:
+        self.calls.append(f"card_check {check_id}")
+        return "consistent"

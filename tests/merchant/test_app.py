@@ -140,6 +140,46 @@ async def test_another_browser_cannot_see_an_order(shop: Any) -> None:
         assert (await other.get(f"/orders/{order_id}")).status_code == 404
 
 
+async def test_a_session_id_the_client_chose_is_never_adopted(shop: Any) -> None:
+    """Session fixation: an attacker plants a well-formed ``wp_sid`` in the victim's browser,
+    the victim checks out, and the attacker reads the victim's order with the same id."""
+    client, _, app = shop
+    planted = "attacker-chosen-session-id-0001"
+    client.cookies.set("wp_sid", planted)
+    order_id = await checkout(client, "mug")
+    issued = [c.value for c in client.cookies.jar if c.name == "wp_sid" and c.value != planted]
+    assert issued and not issued[0].startswith(planted)
+    client.cookies.delete("wp_sid", domain="")  # the browser keeps the one the shop set
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://shop.test") as attacker:
+        attacker.cookies.set("wp_sid", planted)
+        assert (await attacker.get(f"/orders/{order_id}")).status_code == 404
+        assert order_id not in (await attacker.get("/orders")).text
+        # A forged signature on a token of its choosing is refused too.
+        attacker.cookies.set("wp_sid", planted + ".AAAA")
+        assert (await attacker.get(f"/orders/{order_id}")).status_code == 404
+    assert (await client.get(f"/orders/{order_id}")).status_code == 200  # the victim's is
+
+
+@pytest.mark.parametrize(("scheme", "secure"), [("http", False), ("https", True)])
+async def test_session_and_cart_cookies_are_httponly_lax_and_secure_over_https(
+    tmp_path: Path, settlement: FakeSettlement, scheme: str, secure: bool
+) -> None:
+    settings = MerchantSettings(data_dir=tmp_path, cookie_secret=b"c" * 32, webhook_secret=SECRET)
+    app = create_app(settings, settlement=settlement, broker=LocalBroker(SimReader()))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url=f"{scheme}://shop.test") as client:
+        added = await client.post("/cart/add", data={"product": "tea", "quantity": "1"})
+        opened = await client.post("/checkout")
+    await app.state.cashier.close()
+    cookies = added.headers.get_list("set-cookie") + opened.headers.get_list("set-cookie")
+    by_name = {c.split("=", 1)[0]: c.lower() for c in cookies}
+    assert {"wp_sid", "wp_cart"} <= set(by_name)
+    for name in ("wp_sid", "wp_cart"):
+        assert "httponly" in by_name[name] and "samesite=lax" in by_name[name]
+        assert ("; secure" in by_name[name]) is secure
+
+
 def _signed(body: bytes, secret: str = SECRET, ts: int | None = None) -> dict[str, str]:
     ts = int(time.time()) if ts is None else ts
     key = base64.b64decode(secret.removeprefix("whsec_"))

@@ -7,6 +7,7 @@ settlement's security module and sits in a SimReader, so every MAC and TAC is re
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -18,10 +19,12 @@ from tests.settlement.support import (
     World,
     apdu,
     database_url,
+    deterministic_random,
     make_world,
     ok,
     read_issuer,
 )
+from webpurse.card import CardApplet, ImageFile
 from webpurse.merchant.flows import recover, run_transaction
 from webpurse.merchant.settlement import (
     BatchingSettlementClient,
@@ -93,7 +96,7 @@ async def test_settlement_declines_insufficient_funds_at_the_card(
         assert (await client.get(Kind.PAYMENT, payment.id)).status == "canceled"
 
 
-async def test_a_card_that_locked_itself_is_flagged_at_settlement(
+async def test_a_card_that_locked_itself_is_observed_at_settlement_not_flagged(
     world: World, client: SettlementClient
 ) -> None:
     card = world.funded_card(5_000)
@@ -112,10 +115,12 @@ async def test_a_card_that_locked_itself_is_flagged_at_settlement(
     number = card.state.issuer.card_number
     operator = world.auth(world.operator_key)
     got = world.client.get(f"/v1/cards/{number}", headers=operator).json()
-    assert got["flagged"] and got["status"] == "active"  # flagged for the operator only
-    events = world.client.get(f"/v1/cards/{number}/events", headers=operator).json()["data"]
-    locked = [e for e in events if e["kind"] == "card_locked"]
-    assert len(locked) == 1 and locked[0]["detail"]["payment"] == payment.id
+    # 9303 is the relay's word, not the card's MAC: an observation for the operator only.
+    assert not got["flagged"] and got["status"] == "active"
+    seen = world.client.get(f"/v1/card_observations?card_number={number}", headers=operator).json()[
+        "data"
+    ]
+    assert [(o["kind"], o["reference"]) for o in seen] == [("card_locked_claim", payment.id)]
 
 
 async def test_torn_debit_is_resolved_paid_on_the_next_contact(
@@ -219,3 +224,34 @@ async def test_a_wrong_key_is_a_settlement_error_and_never_logged(world: World) 
         with pytest.raises(SettlementError) as caught:
             await client.create(Kind.PAYMENT, 100, description="x", reference="y")
         assert caught.value.status == 401 and "sk_mer_wrong" not in str(caught.value)
+
+
+async def test_a_real_clone_is_checked_and_blocked_by_the_flow(
+    world: World, client: SettlementClient, tmp_path: Path
+) -> None:
+    """The decline offers a card check; the flow relays it in the same contact. A copied
+    image (real keys) answers with a MAC1 that verifies: settlement blocks the card."""
+    original = world.funded_card(5_000)
+    ImageFile(tmp_path / "a.json").create(original.state)
+    shutil.copy(tmp_path / "a.json", tmp_path / "b.json")
+    copy_a = CardApplet(
+        ImageFile(tmp_path / "a.json").load(),
+        ImageFile(tmp_path / "a.json"),
+        deterministic_random(31),
+    )
+    copy_b = CardApplet(
+        ImageFile(tmp_path / "b.json").load(),
+        ImageFile(tmp_path / "b.json"),
+        deterministic_random(32),
+    )
+    async with SimReader(copy_a) as reader:
+        paid = await client.create(Kind.PAYMENT, 700, description="tea", reference="ord_a")
+        assert (await run_transaction(reader, client, paid)).status == "succeeded"
+    async with SimReader(copy_b) as reader:
+        cloned = await client.create(Kind.PAYMENT, 700, description="tea", reference="ord_b")
+        outcome = await run_transaction(reader, client, cloned)
+    assert (outcome.status, outcome.decline_code) == ("declined", "counter_mismatch")
+    assert outcome.round_trips == 2  # batch 1, then the card check: no DEBIT
+    number = original.state.issuer.card_number
+    got = world.client.get(f"/v1/cards/{number}", headers=world.auth(world.operator_key)).json()
+    assert got["status"] == "blocked" and got["flagged"]

@@ -192,6 +192,9 @@ class GatedSettlement:
             kind, object_id, issuer_data=issuer_data, status_word=status_word
         )
 
+    async def answer_card_check(self, check_id: str, initialize_response: bytes) -> str:
+        return await self.inner.answer_card_check(check_id, initialize_response)
+
 
 class RecordingBus(ProgressBus):
     """The progress bus, remembering every phase published (tests wait on phases)."""

@@ -115,6 +115,16 @@ def purse(card: CardApplet) -> tuple[int, int, int, int]:
     return state.balance, state.online_counter, state.offline_counter, len(state.log)
 
 
+def observations(world: World, card: CardApplet) -> list[str]:
+    """The operator's observations (unauthenticated mismatches) for ``card``, oldest first."""
+    answer = world.client.get(
+        f"/v1/card_observations?card_number={card.state.issuer.card_number}",
+        headers=world.auth(world.operator_key),
+    )
+    assert answer.status_code == 200, answer.text
+    return [o["kind"] for o in reversed(answer.json()["data"])]
+
+
 def card_row(world: World, card: CardApplet) -> Card:
     with world.factory() as session:
         row = session.scalars(
@@ -457,7 +467,8 @@ def test_forged_card_cannot_load(world: World, proof: Proof) -> None:
     with proof.row(
         SUITE,
         "forged card: load (its MAC1 made with other keys)",
-        expected="402 mac_invalid, card flagged mac_failure, funds returned, no MAC2",
+        expected="402 mac_invalid, observed for the operator (card untouched), funds returned,"
+        " no MAC2",
     ) as row:
         genuine = world.funded_card(1_000)
         fake = forged_copy(world, genuine)
@@ -481,10 +492,11 @@ def test_forged_card_cannot_load(world: World, proof: Proof) -> None:
         assert after.loads[load["id"]] == "declined"
         assert after.accounts.get("held:loads", 0) == 0
         assert sum(v for k, v in after.accounts.items() if k.startswith("card:")) == 1_000
-        assert card_row(world, genuine).flagged
+        assert not card_row(world, genuine).flagged  # a bad MAC is anyone's, not the card's
+        assert observations(world, genuine) == ["mac1_invalid"]
         assert purse(fake) == purse_before
         assert before.cards == {k: v for k, v in after.cards.items()}
-        row.observed = "402 mac_invalid; load declined, held 0, card flagged, registry unchanged"
+        row.observed = "402 mac_invalid; load declined, held 0, observed; registry unchanged"
 
 
 def test_unknown_card_is_declined(world: World, proof: Proof) -> None:
@@ -517,9 +529,10 @@ def test_cloned_card_image_counter_going_back_blocks_the_card(
 ) -> None:
     with proof.row(
         SUITE,
-        "clone: copy a card image, pay with copy A, then with copy B (counter goes back)"
-        + on(world),
-        expected="402 counter_mismatch, card blocked (suspected_clone), logged; then card_blocked",
+        "clone: copy a card image (real keys), pay with copy A, then with copy B (counter goes"
+        " back)" + on(world),
+        expected="402 counter_mismatch (unauthenticated: observed, card untouched); the card"
+        " check's verified, fresh MAC1 blocks it (suspected_clone); then card_blocked",
     ) as row:
         original = world.funded_card(5_000)
         ImageFile(tmp_path / "a.json").create(original.state)
@@ -531,13 +544,19 @@ def test_cloned_card_image_counter_going_back_blocks_the_card(
         issuer, init = world.terminal.purchase_batch1(copy_b, 1_000)
         with structlog.testing.capture_logs() as events:
             answer = world.terminal.authorise_payment(payment["id"], issuer, init)
-        problem(answer, 402, "card_declined", "counter_mismatch")
+        body = problem(answer, 402, "card_declined", "counter_mismatch")
         logged(events, event="payment.declined", decline_code="counter_mismatch")
+        # INITIALIZE FOR PURCHASE proves nothing: the card is not touched by it.
+        assert card_row(world, copy_b).status == "active"
+        assert observations(world, copy_b) == ["counter_behind"]
+        # The check: copy B's MAC1 over settlement's fresh terminal id verifies, and shows a
+        # balance above the shadow with the online counter unchanged — a real clone.
+        assert world.terminal.card_check(copy_b, body)["verdict"] == "clone"
         flagged = card_row(world, copy_b)
         assert flagged.status == "blocked" and flagged.flagged
         assert "suspected_clone" in card_events(world, copy_b)
         assert books(world).accounts == before.accounts
-        assert purse(copy_b) == purse_b and ImageFile(tmp_path / "b.json").load() == copy_b.state
+        assert purse(copy_b) == purse_b  # the check's amount-0 INITIALIZE changes nothing
         # From now on neither copy pays.
         again = world.terminal.create_payment(100)
         issuer, init = world.terminal.purchase_batch1(copy_a, 100)
@@ -547,7 +566,10 @@ def test_cloned_card_image_counter_going_back_blocks_the_card(
             "card_declined",
             "card_blocked",
         )
-        row.observed = "402 counter_mismatch; blocked; ledger unchanged; copy A then card_blocked"
+        row.observed = (
+            "402 counter_mismatch, card active; check verdict clone → blocked; ledger unchanged;"
+            " copy A then card_blocked"
+        )
 
 
 @BOTH
@@ -558,7 +580,8 @@ def test_cloned_card_same_counter_other_balance_blocks_the_card(
         SUITE,
         "clone: copy A pays; copy B loads with the same online counter and the old balance"
         + on(world),
-        expected="402 balance_mismatch (above shadow), card blocked, funds returned, logged",
+        expected="402 balance_mismatch, funds returned (its MAC1 may be a recording: card"
+        " untouched); the card check's fresh MAC1 blocks it",
     ) as row:
         original = world.funded_card(5_000)
         ImageFile(tmp_path / "a.json").create(original.state)
@@ -579,14 +602,18 @@ def test_cloned_card_same_counter_other_balance_blocks_the_card(
                     "terminal_id": load["terminal_id"],
                 },
             )
-        problem(answer, 402, "card_declined", "balance_mismatch")
+        body = problem(answer, 402, "card_declined", "balance_mismatch")
         logged(events, event="http.problem", decline_code="balance_mismatch")
+        assert card_row(world, copy_b).status == "active"
+        assert world.terminal.card_check(copy_b, body)["verdict"] == "clone"
         assert card_row(world, copy_b).status == "blocked"
         after = books(world)
         assert after.loads[load["id"]] == "declined" and after.accounts.get("held:loads") == 0
         card_accounts = {k: v for k, v in after.accounts.items() if k.startswith("card:")}
         assert card_accounts == {k: v for k, v in before.accounts.items() if k.startswith("card:")}
-        row.observed = "402 balance_mismatch; blocked; load declined, funds returned"
+        row.observed = (
+            "402 balance_mismatch, card active; check verdict clone → blocked; funds back"
+        )
 
 
 # --- blocked, expired ---------------------------------------------------------------
@@ -670,11 +697,14 @@ def test_guessing_mac1_locks_the_card(world: World, proof: Proof) -> None:
         row.observed = "9302 ×10, then 9303; balance 5000 unchanged"
 
 
-def test_guessing_the_cards_mac1_at_settlement_flags_the_card(world: World, proof: Proof) -> None:
+def test_guessing_the_cards_mac1_at_settlement_is_observed_not_flagged(
+    world: World, proof: Proof
+) -> None:
     with proof.row(
         SUITE,
         "guess the card's load MAC1 at settlement (to get a MAC2 without the card)",
-        expected="402 mac_invalid each time, logged; card flagged with a mac_failure per guess",
+        expected="402 mac_invalid each time, logged; an observation per guess for the operator;"
+        " the card itself untouched (a bad MAC is anyone's)",
     ) as row:
         card = world.funded_card(1_000)
         issuer, init = world.terminal.load_batch1(card, 500, "000000000000")
@@ -695,16 +725,14 @@ def test_guessing_the_cards_mac1_at_settlement_flags_the_card(world: World, proo
                 declines.append(problem(answer, 402, "card_declined")["decline_code"])
         assert declines == ["mac_invalid"] * 3
         logged(events, event="http.problem", decline_code="mac_invalid")
-        flagged = card_row(world, card)
-        assert flagged.flagged and flagged.shadow_balance == 1_000
-        assert card_events(world, card).count("mac_failure") == 3
+        untouched = card_row(world, card)
+        assert not untouched.flagged and untouched.status == "active"
+        assert untouched.shadow_balance == 1_000
+        assert observations(world, card) == ["mac1_invalid"] * 3
         after = books(world)
         assert after.accounts.get("held:loads") == 0
-        listed = world.client.get(
-            "/v1/cards?flagged=true", headers=world.auth(world.operator_key)
-        ).json()
-        assert card.state.issuer.card_number in [c["card_number"] for c in listed["data"]]
-        row.observed = "402 mac_invalid ×3; flagged, 3 mac_failure events; funds returned"
+        assert world.terminal.purchase(card, 100)["status"] == "succeeded"
+        row.observed = "402 mac_invalid ×3; 3 observations, card active; funds returned"
 
 
 # --- racing captures through a real server -------------------------------------------

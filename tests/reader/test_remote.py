@@ -44,6 +44,8 @@ from webpurse.reader.messages import MAX_MESSAGE_BYTES, Error, Outcome
 from webpurse.reader.remote import (
     CODE_ALPHABET,
     CODE_ATTEMPTS,
+    CODE_GUESS_BUDGET,
+    CODE_SITE_ATTEMPTS,
     PAIRING_LIFETIME,
     CodeLimiter,
     MemoryPairingStore,
@@ -51,6 +53,7 @@ from webpurse.reader.remote import (
     Pairings,
     ReaderHub,
     RemoteReader,
+    client_network,
 )
 from webpurse.reader.sim import ApduEvent, Phase, SimReader
 
@@ -525,6 +528,23 @@ async def test_wrong_codes_are_bounded_per_client(
     await agent.pair(f"{base}/reader", token=pairing.token)  # the token still works
 
 
+async def test_a_code_guessed_at_too_often_is_retired_and_the_token_still_pairs(
+    hub: ReaderHub, base: str, sim: SimReader, agent_factory: list[TerminalAgent]
+) -> None:
+    """Per pairing: however many networks guess, a code lives through at most
+    CODE_GUESS_BUDGET wrong codes at the hub; then it no longer pairs, the token does."""
+    pairing = hub.issue("pay_r")
+    hub.code_limiter.wrong_codes += CODE_GUESS_BUDGET + 1  # a distributed flood's count
+    agent = make_agent(sim, agent_factory, ConsentRecorder(), [])
+    with pytest.raises(PairingRefused) as retired:
+        await agent.pair(f"{base}/reader", code=pairing.code)
+    assert "retired" in retired.value.message
+    await agent.pair(f"{base}/reader", token=pairing.token)
+    fresh = hub.issue("pay_r2")  # issued after the flood: its own budget
+    other = make_agent(sim, agent_factory, ConsentRecorder(), [])
+    await other.pair(f"{base}/reader", code=fresh.code)
+
+
 def test_a_reader_failure_is_an_unknown_outcome_and_a_refusal_is_not() -> None:
     """``reader_failure``: the failing step may have reached the card (docs/remote-reader.md);
     a guard refusal never did."""
@@ -567,19 +587,49 @@ def test_wrong_codes_are_forgotten_once_a_window_has_passed() -> None:
     assert limiter.allows("192.0.2.7") and len(limiter) == 0
 
 
-def test_the_limiter_remembers_at_most_max_clients_and_then_fails_closed() -> None:
+def test_an_ipv6_64_is_one_client_however_many_addresses_it_uses() -> None:
+    clock = Clock()
+    limiter = CodeLimiter(clock=clock, max_clients=100)
+    for n in range(5_000):  # one /64, a fresh address per guess
+        host = f"2001:db8:1:2::{n:x}"
+        if limiter.allows(host):
+            limiter.failed(host)
+    assert len(limiter) == 1
+    assert not limiter.allows("2001:db8:1:2::ffff")  # the whole /64 is limited
+    assert limiter.allows("2001:db8:9:9::1") and limiter.allows("192.0.2.1")  # others are not
+
+
+def test_a_48_flood_stops_before_it_can_fill_the_table_and_lock_others_out() -> None:
+    clock = Clock()
+    limiter = CodeLimiter(clock=clock, max_clients=500)
+    for n in range(20_000):  # one site's /48: a new /64 for every guess
+        host = f"2001:db8:7:{n:x}::1"
+        if limiter.allows(host):
+            limiter.failed(host)
+    assert len(limiter) == CODE_SITE_ATTEMPTS < 500  # stopped at the site's budget
+    assert not limiter.allows("2001:db8:7:ffff::2")
+    assert limiter.allows("2001:db8:8::1") and limiter.allows("198.51.100.7")
+
+
+def test_ipv4_mapped_addresses_count_as_the_ipv4_client() -> None:
+    assert client_network("::ffff:192.0.2.9") == ("192.0.2.9", "192.0.2.9")
+    assert client_network("2001:db8:1:2:3:4:5:6") == ("2001:db8:1:2::/64", "2001:db8:1::/48")
+
+
+def test_a_full_limiter_does_not_lock_out_networks_it_does_not_hold() -> None:
     clock = Clock()
     limiter = CodeLimiter(clock=clock, max_clients=3)
     for client in ("a", "b", "c"):
         limiter.failed(client)
-    limiter.failed("d")  # full: not remembered, and not let in either
+    limiter.failed("d")  # full: not remembered
 
     assert len(limiter) == 3
-    assert not limiter.allows("d")
+    assert limiter.allows("d")  # the table filling up locks nobody else out
+    assert limiter.wrong_codes == 4  # but every wrong code counts against open pairings
     assert limiter.allows("a")  # a remembered client keeps its own count
     for _ in range(CODE_ATTEMPTS):
         limiter.failed("a")
     assert not limiter.allows("a") and len(limiter) == 3
 
     clock.now += PAIRING_LIFETIME
-    assert limiter.allows("d") and len(limiter) == 0
+    assert limiter.allows("a") and len(limiter) == 0

@@ -217,6 +217,14 @@ class Terminal:
     def load(self, applet: CardApplet, amount: int) -> dict[str, Any]:
         return self.run_load(applet, self.create_load(amount))
 
+    def card_check(self, applet: CardApplet, decline: dict[str, Any]) -> dict[str, Any]:
+        """Run the card check a decline offered on ``applet``; settlement's verdict."""
+        check = decline["card_check"]
+        answer = ok(applet, bytes.fromhex(check["initialize_apdu"]))
+        done = self.post(f"/v1/card_checks/{check['id']}", {"initialize_response": answer.hex()})
+        assert done.status_code == 200, done.text
+        return dict(done.json())
+
 
 def prove(applet: CardApplet, transaction_type: int, counter: int) -> tuple[bytes, int]:
     return apdu(applet, GetTransactionProve(transaction_type, counter).to_apdu())
@@ -276,6 +284,7 @@ def make_world(url: str, *, clock: FakeClock | None = None) -> Iterator[World]:
         pool_size=5,
         max_overflow=5,
         webhook_allow_private=True,  # the test shops listen on loopback or unresolvable names
+        public_docs=True,  # as in the demo; tests/settlement/test_auth.py checks it off
     )
     engine = make_engine(url, pool_size=5, max_overflow=5)
     try:
@@ -363,6 +372,7 @@ def live_server(url: str, tmp_path: Path, *, workers: int = 1) -> Iterator[LiveS
         "WEBPURSE_KEK": kek.hex(),
         "WEBPURSE_DATA_DIR": str(tmp_path / "data"),
         "WEBPURSE_WEBHOOK_ALLOW_PRIVATE": "1",  # test endpoints are on 127.0.0.1
+        "WEBPURSE_PUBLIC_DOCS": "1",
     }
     log = open(tmp_path / "server.log", "wb")  # noqa: SIM115
     process = subprocess.Popen(

@@ -21,10 +21,15 @@ def test_init_merchant_card_and_ledger_check(
     monkeypatch.delenv("WEBPURSE_DATABASE_URL", raising=False)
     monkeypatch.delenv("WEBPURSE_KEK", raising=False)
     monkeypatch.delenv("WEBPURSE_KEK_FILE", raising=False)
+    monkeypatch.delenv("WEBPURSE_KEK_IN_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     runner = CliRunner()
     first = runner.invoke(app, ["settlement", "init"])
     assert first.exit_code == 0, first.output
-    assert (data / "kek.key").stat().st_mode & 0o777 == 0o600
+    # The KEK is kept outside the data folder: a backup of data/ does not open the keys.
+    assert (tmp_path / "config" / "webpurse" / "kek.key").stat().st_mode & 0o777 == 0o600
+    assert not (data / "kek.key").exists()
+    assert (data / "settlement.db").stat().st_mode & 0o777 == 0o600
     again = runner.invoke(app, ["settlement", "init"])
     assert again.exit_code == 0 and "master keys present" in again.output
 

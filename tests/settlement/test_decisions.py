@@ -12,8 +12,8 @@ from webpurse.protocol.records import ApplicationType, IssuerData
 from webpurse.settlement.decisions import (
     CardRecord,
     DeclineCode,
-    Flag,
     LoadInputs,
+    Observation,
     OpenTransaction,
     Outcome,
     PurchaseInputs,
@@ -57,7 +57,7 @@ def test_an_honest_card_is_approved() -> None:
 
 
 @pytest.mark.parametrize(
-    ("card", "inputs", "code", "flag"),
+    ("card", "inputs", "code", "observation"),
     [
         (None, PURCHASE, DeclineCode.UNKNOWN_CARD, None),
         (
@@ -103,25 +103,25 @@ def test_an_honest_card_is_approved() -> None:
             CARD,
             dataclasses.replace(PURCHASE, initialize=dataclasses.replace(INIT, offline_counter=2)),
             DeclineCode.COUNTER_MISMATCH,
-            Flag.CLONE,
+            Observation.COUNTER_BEHIND,
         ),
         (
             CARD,
             dataclasses.replace(PURCHASE, initialize=dataclasses.replace(INIT, offline_counter=4)),
             DeclineCode.COUNTER_MISMATCH,
-            Flag.GAP,
+            Observation.COUNTER_AHEAD,
         ),
         (
             CARD,
             dataclasses.replace(PURCHASE, initialize=dataclasses.replace(INIT, balance=1_001)),
             DeclineCode.BALANCE_MISMATCH,
-            Flag.CLONE,
+            Observation.BALANCE_ABOVE,
         ),
         (
             CARD,
             dataclasses.replace(PURCHASE, initialize=dataclasses.replace(INIT, balance=999)),
             DeclineCode.BALANCE_MISMATCH,
-            Flag.GAP,
+            Observation.BALANCE_BELOW,
         ),
         (CARD, dataclasses.replace(PURCHASE, amount=1_001), DeclineCode.INSUFFICIENT_FUNDS, None),
         (
@@ -139,11 +139,18 @@ def test_an_honest_card_is_approved() -> None:
     ],
 )
 def test_purchase_declines(
-    card: CardRecord | None, inputs: PurchaseInputs, code: DeclineCode, flag: Flag | None
+    card: CardRecord | None,
+    inputs: PurchaseInputs,
+    code: DeclineCode,
+    observation: Observation | None,
 ) -> None:
     decision = decide_purchase(card, inputs, NOW)
     assert not decision.approved
-    assert (decision.decline_code, decision.flag) == (code, flag)
+    assert (decision.decline_code, decision.observation) == (code, observation)
+    # The detail says what failed, never settlement's shadow numbers (nor their direction).
+    assert str(CARD.offline_counter) not in decision.detail
+    assert str(CARD.shadow_balance) not in decision.detail
+    assert "behind" not in decision.detail and "above" not in decision.detail
 
 
 def test_an_unchanged_counter_only_links_an_uncertain_purchase_never_releases_it() -> None:

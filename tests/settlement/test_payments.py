@@ -101,35 +101,108 @@ def test_decline_insufficient_funds(world: World) -> None:
     assert _payment(world, body["payment"]["id"])["status"] == "declined"
 
 
-def test_decline_counter_ahead_flags_a_missing_record(world: World) -> None:
+def _observations(world: World, card: CardApplet) -> list[str]:
+    answer = world.client.get(
+        f"/v1/card_observations?card_number={card.state.issuer.card_number}",
+        headers=world.auth(world.operator_key),
+    )
+    assert answer.status_code == 200, answer.text
+    return [o["kind"] for o in answer.json()["data"]]
+
+
+def test_decline_counter_ahead_is_observed_and_the_card_untouched(world: World) -> None:
     card = world.funded_card(1_000)
     body = _decline(world, card, 100, init_fields={"offline_counter": 1})
     assert body["decline_code"] == "counter_mismatch"
+    assert "1" not in body["detail"] and "0" not in body["detail"]  # no shadow counter
     row = _card_row(world, card)
-    assert row.flagged and row.status == "active"
+    assert not row.flagged and row.status == "active"
+    assert _observations(world, card) == ["counter_ahead"]
+    # The genuine card's next purchase is not affected.
+    assert world.terminal.purchase(card, 100)["status"] == "succeeded"
 
 
-def test_decline_counter_backwards_blocks_a_suspected_clone(world: World) -> None:
+def test_an_unauthenticated_counter_going_back_declines_and_blocks_nothing(
+    world: World,
+) -> None:
     card = world.funded_card(1_000)
     world.terminal.purchase(card, 100)  # shadow offline counter is now 1
     body = _decline(world, card, 100, init_fields={"offline_counter": 0, "balance": 900})
     assert body["decline_code"] == "counter_mismatch"
     row = _card_row(world, card)
-    assert row.flagged and row.status == "blocked"
-    # and the blacklisted card is refused from now on, even with honest answers
-    assert _decline(world, card, 100)["decline_code"] == "card_blocked"
+    assert not row.flagged and row.status == "active"
+    assert _observations(world, card) == ["counter_behind"]
+    # The check it offers, answered by the genuine card, finds nothing wrong.
+    assert world.terminal.card_check(card, body)["verdict"] == "consistent"
+    assert _card_row(world, card).status == "active"
+    assert world.terminal.purchase(card, 100)["status"] == "succeeded"
 
 
-def test_decline_balance_above_shadow_blocks_the_card(world: World) -> None:
+def test_a_balance_above_the_shadow_in_initialize_blocks_nothing(world: World) -> None:
     card = world.funded_card(1_000)
     body = _decline(world, card, 100, init_fields={"balance": 50_000})
     assert body["decline_code"] == "balance_mismatch"
-    assert _card_row(world, card).status == "blocked"
+    assert "1000" not in body["detail"] and "above" not in body["detail"]
+    assert _card_row(world, card).status == "active"
     events = world.client.get(
         f"/v1/cards/{card.state.issuer.card_number}/events",
         headers=world.auth(world.operator_key),
     ).json()["data"]
-    assert "suspected_clone" in [e["kind"] for e in events]
+    assert "suspected_clone" not in [e["kind"] for e in events]
+    assert _observations(world, card) == ["balance_above"]
+    assert world.terminal.purchase(card, 100)["status"] == "succeeded"
+
+
+def test_a_card_check_is_used_once_and_only_by_its_merchant(world: World) -> None:
+    card = world.funded_card(1_000)
+    body = _decline(world, card, 100, init_fields={"balance": 50_000})
+    check = body["card_check"]
+    answer = ok(card, bytes.fromhex(check["initialize_apdu"])).hex()
+    path = f"/v1/card_checks/{check['id']}"
+    other = world.other_terminal.post(path, {"initialize_response": answer})
+    assert other.status_code == 404
+    assert world.terminal.post(path, {"initialize_response": answer}).json()["verdict"] == (
+        "consistent"
+    )
+    again = world.terminal.post(path, {"initialize_response": answer})
+    assert again.status_code == 409 and again.json()["code"] == "card_check_used"
+
+
+def test_an_expired_card_check_is_refused(world: World) -> None:
+    card = world.funded_card(1_000)
+    body = _decline(world, card, 100, init_fields={"balance": 50_000})
+    check = body["card_check"]
+    answer = ok(card, bytes.fromhex(check["initialize_apdu"])).hex()
+    world.clock.advance(dt.timedelta(minutes=6))
+    late = world.terminal.post(f"/v1/card_checks/{check['id']}", {"initialize_response": answer})
+    assert late.status_code == 409 and late.json()["code"] == "card_check_expired"
+
+
+def test_an_operator_reactivates_a_blocked_card_with_a_reason_audited(world: World) -> None:
+    card = world.funded_card(1_000)
+    number = card.state.issuer.card_number
+    operator = world.auth(world.operator_key)
+    blocked = world.client.post(
+        f"/v1/cards/{number}/status", json={"status": "blocked"}, headers=operator
+    )
+    assert blocked.status_code == 200
+    no_reason = world.client.post(
+        f"/v1/cards/{number}/status", json={"status": "active"}, headers=operator
+    )
+    assert no_reason.status_code == 422 and no_reason.json()["code"] == "reason_required"
+    back = world.client.post(
+        f"/v1/cards/{number}/status",
+        json={"status": "active", "reason": "owner verified; clone report was a mistake"},
+        headers=operator,
+    )
+    assert back.status_code == 200 and back.json()["status"] == "active"
+    assert not back.json()["flagged"]
+    events = world.client.get(f"/v1/cards/{number}/events", headers=operator).json()["data"]
+    last = events[-1]
+    assert last["kind"] == "status" and last["detail"]["to"] == "active"
+    assert last["detail"]["by"] and last["detail"]["reason"].startswith("owner verified")
+    assert last["created_at"]
+    assert world.terminal.purchase(card, 100)["status"] == "succeeded"
 
 
 def test_decline_invalid_state_for_an_unknown_key_version(world: World) -> None:
@@ -301,7 +374,7 @@ def test_a_purchase_the_uncertain_hold_leaves_no_room_for_must_recover_it_first(
     assert _payment(world, big["id"])["status"] == "requires_card"
 
 
-def test_a_cancel_relaying_the_cards_9303_flags_it_locked_and_nothing_else(
+def test_a_cancel_relaying_the_cards_9303_is_observed_and_changes_nothing_on_the_card(
     world: World,
 ) -> None:
     card = world.funded_card(1_000)
@@ -328,12 +401,14 @@ def test_a_cancel_relaying_the_cards_9303_flags_it_locked_and_nothing_else(
     )
     assert answer.json()["status"] == "canceled"
     got = world.client.get(f"/v1/cards/{number}", headers=operator).json()
-    assert got["flagged"] and got["status"] == "active" and got["shadow_balance"] == 1_000
+    assert not got["flagged"] and got["status"] == "active" and got["shadow_balance"] == 1_000
     kinds = [
         e["kind"]
         for e in world.client.get(f"/v1/cards/{number}/events", headers=operator).json()["data"]
     ]
-    assert kinds.count("card_locked") == 1
+    assert "card_locked" not in kinds
+    assert _observations(world, card) == ["card_locked_claim"]
+    assert world.terminal.purchase(card, 100)["status"] == "succeeded"
 
 
 def test_cancel_only_before_a_debit_could_be_sent(world: World) -> None:

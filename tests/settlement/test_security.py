@@ -42,9 +42,12 @@ def test_kek_from_hex_or_base64_and_nothing_else() -> None:
 
 
 def test_init_creates_a_private_kek_file_and_refuses_a_readable_one(tmp_path: Path) -> None:
-    settings = Settings(database_url="sqlite://", data_dir=tmp_path / "data")
+    settings = Settings(
+        database_url="sqlite://", data_dir=tmp_path / "data", config_dir=tmp_path / "config"
+    )
     kek = resolve_kek(settings, create=True)
     path = settings.default_kek_file
+    assert path == tmp_path / "config" / "kek.key"
     assert path.stat().st_mode & 0o777 == 0o600
     assert resolve_kek(settings) == kek
     os.chmod(path, 0o644)
@@ -52,6 +55,29 @@ def test_init_creates_a_private_kek_file_and_refuses_a_readable_one(tmp_path: Pa
         resolve_kek(settings)
     with pytest.raises(FileExistsError):
         create_kek_file(path)
+
+
+def test_the_default_kek_lives_outside_the_data_folder(tmp_path: Path) -> None:
+    env = {"WEBPURSE_DATA_DIR": str(tmp_path / "data"), "XDG_CONFIG_HOME": str(tmp_path / "x")}
+    settings = Settings.from_env(env)
+    assert settings.default_kek_file == tmp_path / "x" / "webpurse" / "kek.key"
+    home = Settings.from_env({"HOME": str(tmp_path / "home")})
+    assert home.default_kek_file == tmp_path / "home" / ".config" / "webpurse" / "kek.key"
+
+
+def test_a_kek_inside_the_data_folder_is_refused_unless_asked_for(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    inside = Settings(database_url="sqlite://", data_dir=data, kek_file=data / "keys" / "kek.key")
+    with pytest.raises(SecurityError, match="inside the data folder"):
+        resolve_kek(inside, create=True)
+    # An old install's data/kek.key is named, not silently used.
+    create_kek_file(data / "kek.key")
+    legacy = Settings(database_url="sqlite://", data_dir=data, config_dir=tmp_path / "config")
+    with pytest.raises(SecurityError, match="move it there"):
+        resolve_kek(legacy)
+    asked = Settings(database_url="sqlite://", data_dir=data, kek_in_data_dir=True)
+    assert asked.default_kek_file == data / "kek.key"
+    assert len(resolve_kek(asked)) == 32
 
 
 def test_master_keys_are_sealed_and_need_the_right_kek(tmp_path: Path) -> None:

@@ -8,7 +8,10 @@ reader) and the cashier that runs the flows. Everything is injectable for tests.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import secrets
@@ -71,13 +74,34 @@ READER_PATH = "/reader"
 COOKIE_MAX_AGE = 60 * 60 * 24 * 30
 
 
-def _session_id(request: Request) -> str:
-    sid = request.cookies.get(SESSION_COOKIE, "")
-    if 16 <= len(sid) <= 64 and sid.replace("-", "").replace("_", "").isalnum():
-        return sid
-    sid = secrets.token_urlsafe(24)
-    request.state.new_sid = sid
-    return sid
+def _sign_sid(token: str, secret: bytes) -> str:
+    mac = hmac.new(secret, b"wp_sid:" + token.encode(), hashlib.sha256).digest()
+    return f"{token}.{base64.urlsafe_b64encode(mac).decode().rstrip('=')}"
+
+
+def _session_id(request: Request, secret: bytes) -> str:
+    """The browser's session id: one this server issued (signed), else a new one.
+
+    A client-chosen ``wp_sid`` is never adopted (session fixation): only ``token.signature``
+    with our HMAC is, so an attacker cannot plant an id in a victim's browser and then read
+    the victim's orders with it.
+    """
+    cookie = request.cookies.get(SESSION_COOKIE, "")
+    token, _, _ = cookie.partition(".")
+    if 16 <= len(token) <= 64 and hmac.compare_digest(cookie, _sign_sid(token, secret)):
+        return token
+    existing = getattr(request.state, "new_sid", None)
+    if existing is not None:
+        return str(existing).partition(".")[0]
+    token = secrets.token_urlsafe(24)
+    request.state.new_sid = _sign_sid(token, secret)
+    return token
+
+
+def _secure(request: Request) -> bool:
+    """Cookies are ``Secure`` when the shop is served over HTTPS (also behind a proxy
+    that uvicorn trusts for ``X-Forwarded-Proto``)."""
+    return request.url.scheme == "https"
 
 
 def create_app(
@@ -152,18 +176,30 @@ def create_app(
             request.headers.get("accept-language"),
         )
 
+    def session_of(request: Request) -> str:
+        return _session_id(request, settings.cookie_secret)
+
     def cart_of(request: Request) -> Cart:
         return Cart.decode(request.cookies.get(CART_COOKIE), settings.cookie_secret)
 
     def finish(request: Request, response: Response, cart: Cart | None = None) -> Response:
         if request.query_params.get("lang") in i18n.LANGUAGES:
             response.set_cookie(
-                i18n.COOKIE, request.query_params["lang"], max_age=COOKIE_MAX_AGE, samesite="lax"
+                i18n.COOKIE,
+                request.query_params["lang"],
+                max_age=COOKIE_MAX_AGE,
+                samesite="lax",
+                secure=_secure(request),
             )
         new_sid = getattr(request.state, "new_sid", None)
         if new_sid:
             response.set_cookie(
-                SESSION_COOKIE, new_sid, max_age=COOKIE_MAX_AGE, httponly=True, samesite="lax"
+                SESSION_COOKIE,
+                new_sid,
+                max_age=COOKIE_MAX_AGE,
+                httponly=True,
+                samesite="lax",
+                secure=_secure(request),
             )
         if cart is not None:
             response.set_cookie(
@@ -172,6 +208,7 @@ def create_app(
                 max_age=COOKIE_MAX_AGE,
                 httponly=True,
                 samesite="lax",
+                secure=_secure(request),
             )
         return response
 
@@ -195,7 +232,7 @@ def create_app(
 
     def own_order(request: Request, order_id: str) -> Order:
         order = orders.get(order_id)
-        if order is None or not secrets.compare_digest(order.session_id, _session_id(request)):
+        if order is None or not secrets.compare_digest(order.session_id, session_of(request)):
             raise HTTPException(404, "no such order")
         return order
 
@@ -246,7 +283,7 @@ def create_app(
         if not cart.items:
             return RedirectResponse("/cart", status_code=303)
         order = orders.create(
-            session_id=_session_id(request),
+            session_id=session_of(request),
             kind=PURCHASE,
             amount=cart.total,
             lines_json=lines_to_json(cart.lines),
@@ -262,12 +299,16 @@ def create_app(
         if amount not in TOPUP_AMOUNTS:
             log.info("refused top-up amount %r", amount)
             raise HTTPException(422, "choose one of the offered amounts")
-        order = orders.create(session_id=_session_id(request), kind=TOPUP, amount=amount)
+        order = orders.create(session_id=session_of(request), kind=TOPUP, amount=amount)
         return await open_and_redirect(request, order, None)
 
     @app.get("/orders", response_class=HTMLResponse)
     async def order_history(request: Request) -> Response:
-        return render(request, "orders.html", orders=orders.for_session(_session_id(request)))
+        return render(
+            request,
+            "orders.html",
+            orders=orders.for_session(session_of(request)),
+        )
 
     @app.get("/orders/{order_id}", response_class=HTMLResponse)
     async def order_page(request: Request, order_id: str) -> Response:

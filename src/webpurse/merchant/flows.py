@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from webpurse.merchant.settlement import (
+    CardCheck,
     Declined,
     Kind,
     RecoveryHint,
@@ -308,6 +309,30 @@ async def recover(
     )
 
 
+async def _run_card_check(
+    trips: RoundTrips, settlement: Settlement, obj: SettlementObject, check: CardCheck
+) -> None:
+    """The card check a decline offered, while the card is still here (one round trip).
+
+    Best effort: the transaction is declined either way; the check only lets settlement
+    tell a real clone (its MAC1 verifies over the check's fresh terminal id) from an answer
+    anyone could make up (docs/settlement-api.md, "Evidence").
+    """
+    try:
+        responses = await trips([Step(check.apdu)])
+        answer = responses[-1] if responses else ResponseApdu(b"", 0x6F00)
+        if not answer.ok:
+            log.info(
+                "%s %s: card check refused by the card: %04X", obj.kind.value, obj.id, answer.sw
+            )
+            return
+        verdict = await settlement.answer_card_check(check.id, answer.data)
+    except (ReaderError, SettlementError) as exc:
+        log.info("%s %s: card check not run: %s", obj.kind.value, obj.id, type(exc).__name__)
+        return
+    log.info("%s %s: card check %s: %s", obj.kind.value, obj.id, check.id, verdict)
+
+
 async def run_transaction(
     reader: Reader,
     settlement: Settlement,
@@ -349,6 +374,8 @@ async def run_transaction(
         authorised = await _authorise(settlement, obj, contact)
     except Declined as declined:
         if declined.decline_code != "recovery_required" or declined.recover is None:
+            if declined.card_check is not None:
+                await _run_card_check(trips, settlement, obj, declined.card_check)
             await progress(Progress(Phase.DECLINED, declined.decline_code or declined.code or ""))
             return Outcome(
                 "declined",

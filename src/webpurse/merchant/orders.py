@@ -8,14 +8,17 @@ or the browser alone.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import os
 import secrets
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import DateTime, Integer, String, Text, create_engine, event, select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from webpurse.merchant.cart import CartLine
@@ -90,9 +93,27 @@ def lines_to_json(lines: list[CartLine]) -> str:
     )
 
 
+def private_sqlite_file(url: str) -> None:
+    """Create the order book's SQLite file 0600 before SQLite does, and tighten one that
+    exists: its ``-wal`` and ``-shm`` files take the database file's mode (the shoppers'
+    orders are for the shop alone, whatever the umask)."""
+    path = make_url(url).database
+    if not path or path == ":memory:" or "mode=memory" in url:
+        return
+    db = Path(path)
+    if not db.parent.is_dir():
+        return  # SQLite will say so when it connects
+    os.close(os.open(db, os.O_CREAT | os.O_RDWR, 0o600))
+    for file in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if file.stat().st_uid == os.getuid() and file.stat().st_mode & 0o077:
+                os.chmod(file, 0o600)
+
+
 def make_engine(url: str) -> Engine:
-    """An engine with a bounded pool; SQLite gets WAL and a busy timeout."""
+    """An engine with a bounded pool; SQLite gets WAL and a busy timeout, its files 0600."""
     if url.startswith("sqlite"):
+        private_sqlite_file(url)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 15})
 
         @event.listens_for(engine, "connect")

@@ -64,8 +64,19 @@ class RecoveryHint:
     counter: int
 
 
+@dataclass(frozen=True, slots=True)
+class CardCheck:
+    """A card check a decline offered (docs/settlement-api.md, "Evidence"): relay ``apdu``
+    (INITIALIZE FOR LOAD, amount 0: it changes nothing on the card) in this contact and
+    post the card's answer; settlement judges whether the card is a clone."""
+
+    id: str
+    apdu: bytes
+
+
 class Declined(SettlementError):
-    """Settlement refused (402): ``decline_code`` says why, ``recover`` what to recover."""
+    """Settlement refused (402): ``decline_code`` says why, ``recover`` what to recover,
+    ``card_check`` the check to run on the card before it leaves (or None)."""
 
     def __init__(
         self,
@@ -74,10 +85,12 @@ class Declined(SettlementError):
         code: str,
         decline_code: str | None,
         recover: RecoveryHint | None = None,
+        card_check: CardCheck | None = None,
     ) -> None:
         super().__init__(message, status=402, code=code)
         self.decline_code = decline_code
         self.recover = recover
+        self.card_check = card_check
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +185,25 @@ class Settlement(Protocol):
         status_word: int | None = None,
     ) -> SettlementObject: ...
 
+    async def answer_card_check(self, check_id: str, initialize_response: bytes) -> str:
+        """Post the card's answer to a card check; settlement's verdict."""
+        ...
+
+
+def _card_check(body: dict[str, Any]) -> CardCheck | None:
+    raw = body.get("card_check")
+    if not isinstance(raw, dict):
+        return None
+    try:
+        apdu = bytes.fromhex(str(raw["initialize_apdu"]))
+        check_id = str(raw["id"])
+    except (KeyError, ValueError):
+        return None
+    # Only what a card check is: INITIALIZE FOR LOAD (80 50 00 02), amount 0.
+    if len(apdu) != 17 or apdu[:6] != bytes.fromhex("805000020B01") or any(apdu[6:10]):
+        return None
+    return CardCheck(check_id, apdu)
+
 
 def _recovery_hint(body: dict[str, Any]) -> RecoveryHint | None:
     raw = body.get("recover")
@@ -216,6 +248,7 @@ class SettlementClient:
                 code=str(body.get("code") or "card_declined"),
                 decline_code=body.get("decline_code"),
                 recover=_recovery_hint(body),
+                card_check=_card_check(body),
             )
         if status >= 400:
             raise SettlementError(
@@ -343,6 +376,19 @@ class SettlementClient:
         if status_word is not None:
             payload["card_status_word"] = f"{status_word:04X}"
         return await self._request(kind, "POST", f"/v1/{kind.value}/{object_id}/cancel", payload)
+
+    async def answer_card_check(self, check_id: str, initialize_response: bytes) -> str:
+        headers = {**self._headers, "Idempotency-Key": "mer-" + secrets.token_hex(16)}
+        path = f"/v1/card_checks/{check_id}"
+        payload = {"initialize_response": initialize_response.hex().upper()}
+        status, body = await self._exchange("POST", path, payload, headers)
+        if status != 200:
+            raise SettlementError(
+                f"settlement POST {path}: {status} {body.get('code', '')}".strip(),
+                status=status,
+                code=body.get("code"),
+            )
+        return str(body.get("verdict"))
 
 
 _BATCHABLE = re.compile(

@@ -19,11 +19,12 @@ import asyncio
 import contextlib
 import datetime as dt
 import hashlib
+import ipaddress
 import logging
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -75,8 +76,14 @@ CODE_LENGTH = 8
 _MAX_VIOLATIONS = 8
 CODE_ATTEMPTS = 10
 """Failed code pairings allowed per client address per :data:`PAIRING_LIFETIME`."""
+CODE_SITE_ATTEMPTS = 100
+"""Failed code pairings allowed per IPv6 /48 (all its /64s together) per window."""
+CODE_GUESS_BUDGET = 100_000
+"""Wrong codes the hub may see (from anyone) while one pairing is open before that
+pairing's code is retired: each code is one of 30⁸, so its chance of being guessed stays
+below 2 × 10⁻⁷ however many networks guess (the token and link still work)."""
 CODE_CLIENTS = 10_000
-"""Client addresses with recent wrong codes the hub remembers at most (see :class:`CodeLimiter`)."""
+"""Client networks with recent wrong codes the hub remembers at most (see :class:`CodeLimiter`)."""
 
 
 def utc_now() -> dt.datetime:
@@ -129,6 +136,8 @@ class PairingRecord:
     binding: str
     display: str | None
     expires_at: dt.datetime
+    # The hub's count of wrong codes when this pairing was issued (CODE_GUESS_BUDGET).
+    wrong_codes_at_issue: int = 0
 
 
 class PairingStore(Protocol):
@@ -194,18 +203,27 @@ class Pairings:
         self._clock = clock
         self._lifetime = lifetime
 
-    def issue(self, binding: str, *, display: str | None = None) -> Pairing:
+    def issue(self, binding: str, *, display: str | None = None, wrong_codes: int = 0) -> Pairing:
         """A new pairing for ``binding`` (e.g. ``pay_…``); ``display`` is shown by the agent
-        as secondary text (the trusted lines are the origin and the card's amount)."""
+        as secondary text (the trusted lines are the origin and the card's amount);
+        ``wrong_codes`` is the hub's count of wrong codes now (:data:`CODE_GUESS_BUDGET`)."""
         now = self._clock()
         self._store.purge(now)
         expires = now + self._lifetime
         while True:
             token = secrets.token_urlsafe(32)
             code = "".join(secrets.choice(CODE_ALPHABET) for _ in range(CODE_LENGTH))
-            record = PairingRecord(_digest(token), _digest(code), binding, display, expires)
+            record = PairingRecord(
+                _digest(token), _digest(code), binding, display, expires, wrong_codes
+            )
             if self._store.put(record):
                 return Pairing(token, code, binding, expires)
+
+    def retire_code(self, record: PairingRecord) -> None:
+        """Put ``record`` (taken by its code) back with its token only: the code is dead,
+        the link and the token still pair."""
+        dead = replace(record, code_hash=_digest(secrets.token_urlsafe(32)))
+        self._store.put(dead)
 
     def redeem(self, *, token: str | None = None, code: str | None = None) -> PairingRecord:
         """Spend a token or a code; raises :class:`PairingError` if unknown, used or expired."""
@@ -222,16 +240,41 @@ class Pairings:
         return record
 
 
-class CodeLimiter:
-    """Bounds wrong short-code guesses per client address: at most ``attempts`` within
-    ``window`` (an 8-character code is guessable by brute force).
+def client_network(host: str) -> tuple[str, str]:
+    """The networks a client's wrong codes count against: (its own, the wider one).
 
-    Memory is bounded too: a client's failures are forgotten once the newest is older than
-    ``window`` (swept on every call, oldest first), and at most ``max_clients`` addresses
-    are remembered. When that many addresses failed within one window, a new address may
-    not try a code until old entries lapse: the limiter fails closed (pairing by token is
-    unaffected), for forgetting a remembered address would hand an attacker with many
-    addresses fresh attempts.
+    An IPv6 client owns its whole /64 (any host can take any address in it), so the /64 is
+    the client; the /48 around it (one site's allocation) is the wider network. An IPv4
+    address is the client and its own wider network (addresses are scarce). Anything else
+    (a test client's name) is itself.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host, host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv4Address):
+        return str(address), str(address)
+    narrow = ipaddress.IPv6Network((address, 64), strict=False)
+    wide = ipaddress.IPv6Network((address, 48), strict=False)
+    return str(narrow), str(wide)
+
+
+class CodeLimiter:
+    """Bounds wrong short-code guesses per client network: at most ``attempts`` within
+    ``window`` per IPv4 address or IPv6 /64 (an 8-character code is guessable by brute
+    force), and ``wide_attempts`` per IPv6 /48.
+
+    Memory is bounded too: a network's failures are forgotten once the newest is older
+    than ``window`` (swept on every call, oldest first), and at most ``max_clients``
+    networks are remembered. A /64 is one entry however many addresses it uses, and a /48
+    stops being let in (and so stops adding /64 entries) after ``wide_attempts``, so filling
+    the table takes ``max_clients / wide_attempts`` separate /48 sites. When it is full, a
+    network it does not hold may still try (it is not remembered): the table filling must
+    not lock every shopper out. What bounds guessing then is per pairing: every wrong code
+    counts in :attr:`wrong_codes`, and a pairing's code is retired once the hub has seen
+    :data:`CODE_GUESS_BUDGET` wrong codes since it was issued (``ReaderHub``).
     """
 
     def __init__(
@@ -240,54 +283,77 @@ class CodeLimiter:
         clock: Clock = utc_now,
         window: dt.timedelta = PAIRING_LIFETIME,
         attempts: int = CODE_ATTEMPTS,
+        wide_attempts: int = CODE_SITE_ATTEMPTS,
         max_clients: int = CODE_CLIENTS,
     ) -> None:
         self._clock = clock
         self._window = window
         self._attempts = attempts
+        self._wide_attempts = wide_attempts
         self._max_clients = max_clients
-        # client → its failure times within the window; ordered by newest failure, oldest first
+        # network → its failure times within the window; ordered by newest failure, oldest first
         self._failures: OrderedDict[str, list[dt.datetime]] = OrderedDict()
+        self._wide: OrderedDict[str, list[dt.datetime]] = OrderedDict()
+        self.wrong_codes = 0  # every wrong code ever, remembered or not
 
     def __len__(self) -> int:
-        """Client addresses remembered now."""
+        """Client networks remembered now."""
         return len(self._failures)
 
-    def _sweep(self, now: dt.datetime) -> dt.datetime:
-        since = now - self._window
-        while self._failures:
-            client, times = next(iter(self._failures.items()))
+    def _sweep(self, table: OrderedDict[str, list[dt.datetime]], since: dt.datetime) -> None:
+        while table:
+            key, times = next(iter(table.items()))
             if times[-1] > since:
                 break
-            del self._failures[client]
-        return since
+            del table[key]
 
-    def allows(self, client: str) -> bool:
-        """May ``client`` try a code now?"""
-        since = self._sweep(self._clock())
-        times = self._failures.get(client)
+    def _recent(
+        self, table: OrderedDict[str, list[dt.datetime]], key: str, since: dt.datetime
+    ) -> int | None:
+        times = table.get(key)
         if times is None:
-            if len(self._failures) >= self._max_clients:
-                log.warning("code pairing refused for %s: %d clients failing", client, len(self))
-                return False
-            return True
+            return None
         recent = [t for t in times if t > since]
         if not recent:  # only if the clock went back: stale behind a fresher entry
-            del self._failures[client]
+            del table[key]
+            return None
+        table[key] = recent  # order unchanged: its newest failure is the same
+        return len(recent)
+
+    def allows(self, client: str) -> bool:
+        """May ``client`` (its address) try a code now?"""
+        since = self._clock() - self._window
+        self._sweep(self._failures, since)
+        self._sweep(self._wide, since)
+        narrow, wide = client_network(client)
+        if narrow != wide and (self._recent(self._wide, wide, since) or 0) >= self._wide_attempts:
+            return False
+        count = self._recent(self._failures, narrow, since)
+        if count is None:
+            if len(self._failures) >= self._max_clients:
+                log.warning("code limiter full (%d networks): %s not remembered", len(self), narrow)
             return True
-        self._failures[client] = recent  # order unchanged: its newest failure is the same
-        return len(recent) < self._attempts
+        return count < self._attempts
+
+    def _record(self, table: OrderedDict[str, list[dt.datetime]], key: str, keep: int) -> None:
+        now = self._clock()
+        times = table.pop(key, None)
+        if times is None and len(table) >= self._max_clients:
+            return  # full: ``allows`` refuses this network anyway
+        recent = [t for t in times or () if t > now - self._window]
+        recent.append(now)
+        table[key] = recent[-keep:]  # newest failure: to the end
 
     def failed(self, client: str) -> None:
-        """``client`` tried a wrong code."""
-        now = self._clock()
-        since = self._sweep(now)
-        times = self._failures.pop(client, None)
-        if times is None and len(self._failures) >= self._max_clients:
-            return  # full: ``allows`` refuses this client anyway
-        recent = [t for t in times or () if t > since]
-        recent.append(now)
-        self._failures[client] = recent[-self._attempts :]  # newest failure: to the end
+        """``client`` (its address) tried a wrong code."""
+        self.wrong_codes += 1
+        since = self._clock() - self._window
+        self._sweep(self._failures, since)
+        self._sweep(self._wide, since)
+        narrow, wide = client_network(client)
+        self._record(self._failures, narrow, self._attempts)
+        if narrow != wide:
+            self._record(self._wide, wide, self._wide_attempts)
 
 
 # --- the reader -----------------------------------------------------------------------
@@ -558,7 +624,9 @@ class ReaderHub:
 
     def issue(self, binding: str, *, display: str | None = None) -> Pairing:
         """A pairing token and code for one payment or load id (see :class:`Pairings`)."""
-        return self.pairings.issue(binding, display=display)
+        return self.pairings.issue(
+            binding, display=display, wrong_codes=self.code_limiter.wrong_codes
+        )
 
     def reader_for(self, binding: str) -> RemoteReader | None:
         reader = self._readers.get(binding)
@@ -667,6 +735,16 @@ class ReaderHub:
             if hello.code is not None:
                 self.code_limiter.failed(client)
             await self._refuse(link, ErrorCode.TOKEN_INVALID, str(exc))
+            return None
+        guessed = self.code_limiter.wrong_codes - record.wrong_codes_at_issue
+        if hello.code is not None and guessed > CODE_GUESS_BUDGET:
+            log.warning("code for %s retired after %d wrong codes", record.binding, guessed)
+            self.pairings.retire_code(record)
+            await self._refuse(
+                link,
+                ErrorCode.TOKEN_INVALID,
+                "this code was retired after too many wrong codes here; pair with the link",
+            )
             return None
         old = self._readers.get(record.binding)
         if old is not None and not old.ended:

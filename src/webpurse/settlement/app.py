@@ -122,6 +122,10 @@ def create_app(
         title="webpurse settlement",
         version="1",
         description="Settlement server: card registry, payments, loads, refunds, ledger.",
+        # The schema and its browser page only when configured (WEBPURSE_PUBLIC_DOCS=1, on
+        # in the demo): a production server does not hand out its map of routes.
+        docs_url="/docs" if settings.public_docs else None,
+        openapi_url="/openapi.json" if settings.public_docs else None,
         redoc_url=None,
         lifespan=_lifespan,
     )

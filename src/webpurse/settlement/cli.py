@@ -10,6 +10,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -187,7 +188,8 @@ def card_status(
             card = find_card(session, card_number)
             if card is None:
                 raise _fail(f"no card {card_number.upper()} is registered")
-            set_status(session, card, status, settings.clock(), reason or "operator (CLI)")
+            user = os.environ.get("USER") or os.environ.get("USERNAME") or "unknown"
+            set_status(session, card, status, settings.clock(), reason, by=f"cli:{user}")
     except RegistryError as exc:
         raise _fail(str(exc)) from None
     finally:

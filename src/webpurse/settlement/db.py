@@ -7,10 +7,13 @@ connections). Schema changes go through Alembic only, tests included.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
+import os
 from collections.abc import AsyncIterator
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -26,7 +29,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.pool import NullPool, StaticPool
 from sqlalchemy.types import TypeDecorator
@@ -70,6 +73,23 @@ def normalise_url(url: str) -> str:
     return url
 
 
+def private_sqlite_file(url: str) -> None:
+    """Create a SQLite database file 0600 (owner only) before SQLite does, and tighten one
+    that exists: SQLite gives the ``-wal`` and ``-shm`` files the database file's mode, so
+    all three hold the ledger for the owner alone, whatever the umask."""
+    path = make_url(url).database
+    if not path or path == ":memory:" or "mode=memory" in url:
+        return
+    db = Path(path)
+    if not db.parent.is_dir():
+        return  # SQLite will say so when it connects
+    os.close(os.open(db, os.O_CREAT | os.O_RDWR, 0o600))
+    for file in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if file.stat().st_uid == os.getuid() and file.stat().st_mode & 0o077:
+                os.chmod(file, 0o600)
+
+
 def make_engine(
     url: str,
     *,
@@ -80,6 +100,8 @@ def make_engine(
     url = normalise_url(url)
     if url.startswith("sqlite"):
         in_memory = url in ("sqlite://", "sqlite:///:memory:") or "mode=memory" in url
+        if not in_memory:
+            private_sqlite_file(url)
         engine = create_engine(
             url,
             connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},

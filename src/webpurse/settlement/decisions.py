@@ -33,12 +33,30 @@ class DeclineCode(StrEnum):
 
 
 class Flag(StrEnum):
-    """What a decline says about the card; ``CLONE`` blocks (blacklists) it."""
+    """What authenticated, fresh evidence says about a card (a card check, spec §7).
+
+    Only :func:`judge_card_check` produces one: ``CLONE`` blocks (blacklists) the card.
+    """
 
     CLONE = "suspected_clone"
-    GAP = "missing_record"
-    MAC = "mac_failure"
-    LOCKED = "card_locked"  # the card said it locked itself (9303); not authenticated
+
+
+class Observation(StrEnum):
+    """An unauthenticated mismatch: it declines the transaction at hand and nothing else.
+
+    Recorded for the operator (``card_observations``), never on the card: INITIALIZE FOR
+    PURCHASE carries no MAC, an INITIALIZE FOR LOAD's MAC1 can be replayed, and a status
+    word or a MAC that does not verify can be sent by anyone naming any card number
+    (docs/settlement-api.md, "Evidence").
+    """
+
+    COUNTER_BEHIND = "counter_behind"
+    COUNTER_AHEAD = "counter_ahead"
+    BALANCE_ABOVE = "balance_above"
+    BALANCE_BELOW = "balance_below"
+    MAC1_INVALID = "mac1_invalid"
+    CARD_LOCKED_CLAIM = "card_locked_claim"  # a merchant relays 9303 (spec §5)
+    CHECK_UNVERIFIED = "check_unverified"  # a card check's MAC1 did not verify
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +130,8 @@ class Decision:
     approved: bool
     decline_code: DeclineCode | None = None
     detail: str = ""
-    flag: Flag | None = None
+    # What an unauthenticated mismatch says, for the operator; never a flag on the card.
+    observation: Observation | None = None
     recover: Recover | None = None
     # An uncertain transaction at the same counter that this one proceeds past. It is NOT
     # released on this INITIALIZE (INITIALIZE FOR PURCHASE carries no MAC, so a relay can
@@ -130,10 +149,10 @@ class Decision:
         cls,
         code: DeclineCode,
         detail: str,
-        flag: Flag | None = None,
+        observation: Observation | None = None,
         recover: Recover | None = None,
     ) -> Decision:
-        return cls(False, code, detail, flag, recover)
+        return cls(False, code, detail, observation, recover)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,30 +246,25 @@ def _recovery_required(open_txn: OpenTransaction) -> Decision:
 def _shadow_checks(
     card: CardRecord, counter: int, shadow_counter: int, balance: int
 ) -> Decision | None:
-    """Spec §7: counters never go backwards; the balance is never above the shadow."""
-    if counter < shadow_counter:
+    """Spec §7: counters never go backwards; the balance is never above the shadow.
+
+    The values are the card's unauthenticated answer (or a replayable one): a mismatch
+    declines this transaction and is observed, and says nothing about the card. The detail
+    names what failed, never settlement's numbers, nor in which direction (no oracle).
+    """
+    if counter != shadow_counter:
+        behind = counter < shadow_counter
         return Decision.decline(
             DeclineCode.COUNTER_MISMATCH,
-            f"the card's counter {counter} is behind the last seen {shadow_counter}",
-            Flag.CLONE,
+            "the card's counter does not match settlement's record of this card",
+            Observation.COUNTER_BEHIND if behind else Observation.COUNTER_AHEAD,
         )
-    if counter > shadow_counter:
-        return Decision.decline(
-            DeclineCode.COUNTER_MISMATCH,
-            f"the card's counter {counter} is ahead of the last seen {shadow_counter}",
-            Flag.GAP,
-        )
-    if balance > card.shadow_balance:
+    if balance != card.shadow_balance:
+        above = balance > card.shadow_balance
         return Decision.decline(
             DeclineCode.BALANCE_MISMATCH,
-            "the card's balance is above the balance settlement knows",
-            Flag.CLONE,
-        )
-    if balance < card.shadow_balance:
-        return Decision.decline(
-            DeclineCode.BALANCE_MISMATCH,
-            "the card's balance is below the balance settlement knows",
-            Flag.GAP,
+            "the card's balance does not match settlement's record of this card",
+            Observation.BALANCE_ABOVE if above else Observation.BALANCE_BELOW,
         )
     return None
 
@@ -307,7 +321,7 @@ def decide_load(card: CardRecord | None, inputs: LoadInputs, now: dt.datetime) -
         return Decision.decline(
             DeclineCode.MAC_INVALID,
             "the card's MAC1 does not verify (wrong amount, terminal or card)",
-            Flag.MAC,
+            Observation.MAC1_INVALID,
         )
     early = _open_transaction_check(card, "load", init.online_counter, init.random)
     if early is not None:

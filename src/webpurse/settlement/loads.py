@@ -24,7 +24,7 @@ from webpurse.protocol.commands import (
 )
 from webpurse.protocol.crypto import macs_equal
 from webpurse.protocol.records import TransactionType, decode_bcd_date, decode_bcd_time
-from webpurse.settlement import events, ledger, registry
+from webpurse.settlement import card_checks, events, ledger, registry
 from webpurse.settlement.decisions import (
     DeclineCode,
     LoadInputs,
@@ -284,20 +284,25 @@ def authorise(ctx: Ctx, load_id: str, body: LoadAuthorise) -> Load:
         if card is not None:
             load.card_id = card.id
             load.card_number = card.card_number
-            if decision.flag is not None:
-                registry.flag_card(
-                    ctx.session,
-                    card,
-                    decision.flag,
-                    ctx.now,
-                    {
-                        "load": load.id,
-                        "decline_code": decision.decline_code.value,
-                        "balance": init.balance,
-                        "counter": init.online_counter,
-                    },
-                )
+        # A MAC1 that does not verify is anyone's; one that does may be a recording (its
+        # random is the card's): a mismatch declines this load, is observed for the
+        # operator and offers a card check; the card stays as it is.
         extra: dict[str, Any] = {}
+        check = card_checks.on_decline(
+            ctx,
+            card,
+            issuer.card_number,
+            decision,
+            reference=load.id,
+            merchant_id=load.merchant_id,
+            claimed={
+                "balance": init.balance,
+                "counter": init.online_counter,
+                "mac1_verified": mac1_valid,
+            },
+        )
+        if check is not None:
+            extra["card_check"] = check
         if decision.decline_code is DeclineCode.RECOVERY_REQUIRED and decision.recover:
             extra["recover"] = decision.recover.to_json()
         else:
@@ -550,7 +555,8 @@ def cancel(ctx: Ctx, load_id: str, body: Cancel | None = None) -> Load:
             issuer.card_number,
             body.card_status_word,
             ctx.now,
-            {"load": load.id, "merchant": load.merchant_id},
+            merchant_id=load.merchant_id,
+            reference=load.id,
         )
     _emit(ctx, load, "load.failed")
     return load

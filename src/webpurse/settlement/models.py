@@ -234,3 +234,41 @@ class IdempotencyRecord(Base):
     response_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
     response_body: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), index=True)
+
+
+class CardObservation(Base):
+    """An unauthenticated mismatch or claim about a card, for the operator to read.
+
+    Never a flag on the card (docs/settlement-api.md, "Evidence"): the card number is the
+    one the answer or the merchant named, which anyone can write.
+    """
+
+    __tablename__ = "card_observations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    card_number: Mapped[str] = mapped_column(String(20), index=True)
+    merchant_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    reference: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), index=True)
+
+
+class CardCheck(Base):
+    """A card check: a fresh INITIALIZE FOR LOAD challenge, used at most once."""
+
+    __tablename__ = "card_checks"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    card_id: Mapped[str] = mapped_column(ForeignKey("cards.id"), index=True)
+    merchant_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    nonce: Mapped[str] = mapped_column(String(12))  # the challenge terminal id, hex
+    # The shadow when the check was issued: the answer is judged against it, so a genuine
+    # answer held back until the card has spent elsewhere still matches (docs/settlement-api.md).
+    shadow_balance: Mapped[int] = mapped_column(BigInteger)
+    online_counter: Mapped[int] = mapped_column(Integer)
+    reference: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    verdict: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    expires_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    used_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)

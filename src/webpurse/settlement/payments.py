@@ -27,7 +27,7 @@ from webpurse.protocol.commands import (
     TransactionProof,
 )
 from webpurse.protocol.records import TransactionType, decode_bcd_date, decode_bcd_time
-from webpurse.settlement import events, ledger, registry
+from webpurse.settlement import card_checks, events, ledger, registry
 from webpurse.settlement.decisions import (
     DeclineCode,
     OpenTransaction,
@@ -232,20 +232,20 @@ def authorise(ctx: Ctx, payment_id: str, body: PurchaseAuthorise) -> Payment:
         assert decision.decline_code is not None
         if card is not None:
             payment.card_id = card.id
-            if decision.flag is not None:
-                registry.flag_card(
-                    ctx.session,
-                    card,
-                    decision.flag,
-                    ctx.now,
-                    {
-                        "payment": payment.id,
-                        "decline_code": decision.decline_code.value,
-                        "balance": init.balance,
-                        "counter": init.offline_counter,
-                    },
-                )
+        # INITIALIZE FOR PURCHASE carries no MAC: a mismatch declines this payment, is
+        # observed for the operator and offers a card check; the card stays as it is.
         extra: dict[str, Any] = {}
+        check = card_checks.on_decline(
+            ctx,
+            card,
+            issuer.card_number,
+            decision,
+            reference=payment.id,
+            merchant_id=payment.merchant_id,
+            claimed={"balance": init.balance, "counter": init.offline_counter},
+        )
+        if check is not None:
+            extra["card_check"] = check
         if decision.decline_code is DeclineCode.RECOVERY_REQUIRED and decision.recover:
             # The payment stays requires_card: pay it once the open transaction is settled.
             extra["recover"] = decision.recover.to_json()
@@ -515,7 +515,8 @@ def cancel(ctx: Ctx, payment_id: str, body: Cancel | None = None) -> Payment:
             issuer.card_number,
             body.card_status_word,
             ctx.now,
-            {"payment": payment.id, "merchant": payment.merchant_id},
+            merchant_id=payment.merchant_id,
+            reference=payment.id,
         )
     _emit(ctx, payment, "payment.canceled")
     return payment

@@ -3,8 +3,9 @@
 A card is issued in one step: the security module personalises it (card keys diversified
 from the master keys) and the registry records it with a zero shadow balance and its
 stored-value ledger account. The shadow balance and counters follow every settled
-transaction; a card that shows a balance above its shadow or a counter that goes
-backwards is flagged and blocked (spec §7).
+transaction. A card's status and flags change only on evidence only the card could give,
+fresh for this contact (:mod:`.evidence`, spec §7), or by an operator, audited (who, when,
+why); an unauthenticated mismatch is an observation for the operator (:func:`observe`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from sqlalchemy.orm import Session
 from webpurse.card.state import DEFAULT_MAX_BALANCE, CardState
 from webpurse.settlement import ledger
 from webpurse.settlement.db import for_update
-from webpurse.settlement.decisions import CardRecord, Flag, OpenTransaction
-from webpurse.settlement.models import Card, CardEvent, Load, Payment
+from webpurse.settlement.decisions import CardRecord, Flag, Observation, OpenTransaction
+from webpurse.settlement.models import Card, CardEvent, CardObservation, Load, Payment
 from webpurse.settlement.security import SecurityModule
 
 log = structlog.get_logger(__name__)
@@ -109,17 +110,39 @@ def record_event(
     log.info("card.event", card=card.card_number, kind=kind)
 
 
-def flag_card(
-    session: Session, card: Card, flag: Flag, now: dt.datetime, detail: dict[str, Any]
-) -> None:
-    """Record a suspicious answer; a suspected clone blocks (blacklists) the card."""
+def block_clone(session: Session, card: Card, now: dt.datetime, detail: dict[str, Any]) -> None:
+    """Authenticated, fresh evidence of a clone (a card check, :mod:`.evidence`): block."""
     card.flagged = True
     card.updated_at = now
-    if flag is Flag.CLONE and card.status == "active":
+    if card.status == "active":
         card.status = "blocked"
-        record_event(session, card, "blocked", now, {"reason": flag.value})
-    record_event(session, card, flag.value, now, detail)
-    log.warning("card.flagged", card=card.card_number, flag=flag.value)
+        record_event(session, card, "blocked", now, {"reason": Flag.CLONE.value, **detail})
+    record_event(session, card, Flag.CLONE.value, now, detail)
+    log.warning("card.blocked_clone", card=card.card_number)
+
+
+def observe(
+    session: Session,
+    card_number: str,
+    kind: Observation,
+    now: dt.datetime,
+    *,
+    merchant_id: str | None,
+    reference: str | None,
+    detail: dict[str, Any],
+) -> None:
+    """Record an unauthenticated mismatch or claim for the operator; the card is untouched."""
+    session.add(
+        CardObservation(
+            card_number=card_number.upper()[:20],
+            merchant_id=merchant_id,
+            kind=kind.value,
+            reference=reference,
+            detail=detail,
+            created_at=now,
+        )
+    )
+    log.info("card.observation", card=card_number, kind=kind.value, merchant=merchant_id)
 
 
 LOCKED_SW = "9303"
@@ -130,29 +153,59 @@ def note_card_refusal(
     card_number: str,
     status_word: str,
     now: dt.datetime,
-    detail: dict[str, Any],
+    *,
+    merchant_id: str | None,
+    reference: str,
 ) -> None:
     """A merchant relays that the card refused INITIALIZE with ``status_word``.
 
-    9303 (the application locked itself, e.g. after 10 wrong MAC1s; spec §5) flags the card
-    ``card_locked`` for the operator. The status word is not authenticated, so it only flags:
-    it never blocks a card (a merchant could name any card number).
+    9303 (the application locked itself, e.g. after 10 wrong MAC1s; spec §5) is recorded as
+    an observation for the operator. The status word is not authenticated and the merchant
+    could name any card number: it changes nothing on the card.
     """
     if status_word.upper() != LOCKED_SW:
         return
-    card = find_card(session, card_number, lock=True)
-    if card is None:
-        return
-    flag_card(session, card, Flag.LOCKED, now, {**detail, "status_word": LOCKED_SW})
+    observe(
+        session,
+        card_number,
+        Observation.CARD_LOCKED_CLAIM,
+        now,
+        merchant_id=merchant_id,
+        reference=reference,
+        detail={"status_word": LOCKED_SW},
+    )
 
 
-def set_status(session: Session, card: Card, status: str, now: dt.datetime, reason: str) -> None:
+def set_status(
+    session: Session,
+    card: Card,
+    status: str,
+    now: dt.datetime,
+    reason: str,
+    *,
+    by: str | None = None,
+) -> None:
+    """An operator's status change, audited: who (``by``, the API key id), when, why.
+
+    Reactivating a blocked card needs a reason; it clears the card's flag (the events keep
+    the history).
+    """
     if status not in STATUSES:
         raise RegistryError(f"status must be one of {', '.join(STATUSES)}")
     previous = card.status
+    if previous == "blocked" and status == "active" and not reason.strip():
+        raise RegistryError("reactivating a blocked card needs a reason")
     card.status = status
+    if status == "active":
+        card.flagged = False
     card.updated_at = now
-    record_event(session, card, "status", now, {"from": previous, "to": status, "reason": reason})
+    record_event(
+        session,
+        card,
+        "status",
+        now,
+        {"from": previous, "to": status, "reason": reason, "by": by},
+    )
 
 
 def open_transaction(

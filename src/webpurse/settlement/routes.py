@@ -19,6 +19,7 @@ ROUTERS = (
     "routes_batch",
     "routes_loads",
     "routes_refunds",
+    "routes_card_checks",
     "routes_admin",
 )
 

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from webpurse.settlement import expiry, idempotency, ledger, registry
 from webpurse.settlement.auth import OperatorPrincipal
 from webpurse.settlement.merchants import MerchantError, create_merchant, merchant_json
-from webpurse.settlement.models import Card, CardEvent, Merchant
+from webpurse.settlement.models import Card, CardEvent, CardObservation, Merchant
 from webpurse.settlement.problems import ApiError, not_found
 from webpurse.settlement.routes_payments import PROBLEMS, IdempotencyKey, SessionDep
 from webpurse.settlement.schemas import CardStatusChange, Empty, MerchantCreate
@@ -101,17 +101,58 @@ def set_card_status(
     session: SessionDep,
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
-    """Block, report lost, expire or reactivate a card."""
+    """Block, report lost, expire or reactivate a card; audited (key id, time, reason).
+
+    Reactivating a blocked card needs a ``reason``: the way back for a card blocked as a
+    clone once the operator has looked at the evidence in its events.
+    """
     now = request.app.state.settlement.clock()
 
     def handler() -> tuple[int, dict[str, Any]]:
         card = _card(session, card_number)
-        registry.set_status(session, card, body.status, now, body.reason)
+        try:
+            registry.set_status(session, card, body.status, now, body.reason, by=principal.key_id)
+        except registry.RegistryError as exc:
+            raise ApiError(422, "reason_required", str(exc), param="reason") from None
         return 200, registry.card_json(card)
 
     return idempotency.run(
         request, session, principal, idempotency_key, body.model_dump(mode="json"), handler
     )
+
+
+@router.get("/card_observations", responses=PROBLEMS)
+def card_observations(
+    principal: OperatorPrincipal,
+    session: SessionDep,
+    card_number: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> dict[str, Any]:
+    """Unauthenticated mismatches and claims, newest first: for the operator, not the card.
+
+    A counter or balance that does not match the shadow, a load MAC1 or card check that does
+    not verify, a relayed 9303: each declined only the transaction at hand (docs/
+    settlement-api.md, "Evidence").
+    """
+    stmt = select(CardObservation)
+    if card_number is not None:
+        stmt = stmt.where(CardObservation.card_number == card_number.upper())
+    rows = session.scalars(
+        stmt.order_by(CardObservation.created_at.desc(), CardObservation.id.desc()).limit(limit)
+    )
+    data = [
+        {
+            "object": "card_observation",
+            "card_number": o.card_number,
+            "kind": o.kind,
+            "merchant_id": o.merchant_id,
+            "reference": o.reference,
+            "detail": o.detail,
+            "created_at": o.created_at.isoformat(),
+        }
+        for o in rows
+    ]
+    return {"object": "list", "data": data, "has_more": False}
 
 
 @router.get("/blacklist", responses=PROBLEMS)

@@ -182,7 +182,7 @@ def cancel_load(
     body: Cancel | None = None,
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
-    """Cancel a load before any credit; ``card_status_word`` 9303 flags the card locked."""
+    """Cancel a load before any credit; ``card_status_word`` 9303 is only observed."""
     ctx = make_ctx(request, session, principal)
     return idempotency.run(
         request,

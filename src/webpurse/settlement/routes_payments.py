@@ -197,7 +197,7 @@ def cancel_payment(
     """Cancel a payment before any debit could have been sent.
 
     With the card's answer to batch 1 (``issuer_data``, ``card_status_word`` 9303: the card
-    locked itself) the card is flagged ``card_locked`` in the registry.
+    locked itself) an observation is recorded for the operator; the card is not touched.
     """
     ctx = make_ctx(request, session, principal)
     return idempotency.run(

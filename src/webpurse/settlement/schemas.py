@@ -45,6 +45,13 @@ class Empty(_In):
     pass
 
 
+class CardCheckAnswer(_In):
+    initialize_response: HexBytes = Field(
+        description="hex of the card's INITIALIZE FOR LOAD response data to the check's APDU,"
+        " 16 bytes, no SW"
+    )
+
+
 class Cancel(_In):
     """Why the card never got a debit/credit: what it answered batch 1 with (optional)."""
 

@@ -62,7 +62,7 @@ def parse_kek(text: str) -> bytes:
 
 def create_kek_file(path: Path) -> bytes:
     """Write a new random KEK to ``path`` with 0600 permissions; refuse to overwrite."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     kek = secrets.token_bytes(KEK_SIZE)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="ascii") as handle:
@@ -70,11 +70,34 @@ def create_kek_file(path: Path) -> bytes:
     return kek
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
 def resolve_kek(settings: Settings, *, create: bool = False) -> bytes:
-    """The KEK from the settings (env value, env file, or the data dir's default file)."""
+    """The KEK from the settings (env value, env file, or the default file).
+
+    The default file is in the user's config dir, never in the data folder: a KEK beside
+    ``settlement.db`` would make one backup of ``data/`` open every master key. A KEK file
+    inside the data folder is refused unless the operator asked for it
+    (``WEBPURSE_KEK_IN_DATA_DIR=1``, e.g. the throwaway demo).
+    """
     if settings.kek is not None:
         return settings.kek
     path = settings.kek_file or settings.default_kek_file
+    if not settings.kek_in_data_dir and _inside(path, settings.data_dir):
+        raise SecurityError(
+            f"the KEK file {path} is inside the data folder {settings.data_dir}: a backup of"
+            " the data would open the master keys. Keep it elsewhere (the default is"
+            f" {settings.config_dir or 'the user config dir'}/kek.key), or set"
+            " WEBPURSE_KEK_IN_DATA_DIR=1 to accept that"
+        )
+    legacy = settings.data_dir / "kek.key"
+    if settings.kek_file is None and not path.exists() and legacy.exists():
+        raise SecurityError(
+            f"found a KEK in the data folder ({legacy}) but none at {path}: move it there"
+            " (chmod 600), or set WEBPURSE_KEK_IN_DATA_DIR=1 to keep it where it is"
+        )
     if path.exists():
         mode = path.stat().st_mode & 0o777
         if mode & 0o077:

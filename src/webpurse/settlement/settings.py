@@ -19,6 +19,13 @@ def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def user_config_dir(env: dict[str, str]) -> Path:
+    """``$XDG_CONFIG_HOME/webpurse``, else ``~/.config/webpurse``: where the KEK lives by
+    default, outside the data folder, so one backup of the data does not open the keys."""
+    base = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME") or Path.home()) / ".config")
+    return Path(base) / "webpurse"
+
+
 def _flag(value: str) -> bool:
     """An on/off environment setting: 1, true, yes or on (any case) is on."""
     return value.strip().lower() in ("1", "true", "yes", "on")
@@ -32,6 +39,11 @@ class Settings:
     data_dir: Path = Path("data")
     kek: bytes | None = field(default=None, repr=False)
     kek_file: Path | None = None
+    # Where the default KEK file lives (None: the user's config dir, see user_config_dir).
+    config_dir: Path | None = None
+    # A KEK inside the data folder is refused unless asked for (WEBPURSE_KEK_IN_DATA_DIR=1,
+    # which the throwaway demo sets): then the default file is ``data_dir/kek.key``.
+    kek_in_data_dir: bool = False
     migrate: bool = False
     clock: Clock = utc_now
     requires_card_ttl: dt.timedelta = dt.timedelta(minutes=30)
@@ -51,6 +63,9 @@ class Settings:
     # the operator allows them: WEBPURSE_WEBHOOK_ALLOW_PRIVATE=1 (the demo and the tests,
     # whose shops listen on 127.0.0.1). Off by default.
     webhook_allow_private: bool = False
+    # The API documentation (/docs, /openapi.json) is public only when asked:
+    # WEBPURSE_PUBLIC_DOCS=1 (the demo sets it). /health is always public.
+    public_docs: bool = False
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, *, migrate: bool = False) -> Settings:
@@ -66,11 +81,16 @@ class Settings:
             data_dir=data_dir,
             kek=parse_kek(kek_text) if kek_text else None,
             kek_file=Path(kek_file) if kek_file else None,
+            config_dir=user_config_dir(env),
+            kek_in_data_dir=_flag(env.get("WEBPURSE_KEK_IN_DATA_DIR", "")),
             migrate=migrate,
             sweep_interval=float(env.get("WEBPURSE_SWEEP_INTERVAL", "30")),
             webhook_allow_private=_flag(env.get("WEBPURSE_WEBHOOK_ALLOW_PRIVATE", "")),
+            public_docs=_flag(env.get("WEBPURSE_PUBLIC_DOCS", "")),
         )
 
     @property
     def default_kek_file(self) -> Path:
-        return self.data_dir / "kek.key"
+        if self.kek_in_data_dir:
+            return self.data_dir / "kek.key"
+        return (self.config_dir or user_config_dir(dict(os.environ))) / "kek.key"
