@@ -16,9 +16,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
+from tests.asgi import AppClient
 from tests.merchant.fakes import FakeSettlement
 from tests.proof.conftest import Proof
 from tests.settlement.support import World, database_url, make_world
@@ -205,7 +205,7 @@ def test_settlement_route_map_is_not_public_unless_configured(tmp_path: Path, pr
                 webhook_worker=False,
                 sweep_interval=0.0,
             )
-            with TestClient(create_app(settings, security=object())) as client:
+            with AppClient(create_app(settings, security=object())) as client:
                 assert client.get("/docs").status_code == want
                 assert client.get("/openapi.json").status_code == want
                 assert client.get("/health").status_code == 200
