@@ -286,7 +286,7 @@ class SettlementClient:
             payload = {
                 "amount": amount,
                 "currency": "CNY",
-                "funding": {"method": "cash", "reference": reference},
+                "funding": {"method": "merchant_float", "reference": reference},
             }
         return await self._request(kind, "POST", f"/v1/{kind.value}", payload)
 
