@@ -336,7 +336,10 @@ class SettlementClient:
         else:
             if funding not in FUNDING_METHODS:
                 raise SettlementError(f"a load needs its funding, not {funding!r}")
-            payload = {"amount": amount, "currency": "CNY", "funding": {"method": funding}}
+            method: dict[str, Any] = {"method": funding}
+            if funding == MERCHANT_FLOAT:
+                method["reference"] = reference  # the till's order: on settlement's books
+            payload = {"amount": amount, "currency": "CNY", "funding": method}
             if card_number is not None:
                 payload["card_number"] = card_number
         return await self._request(kind, "POST", f"/v1/{kind.value}", payload)

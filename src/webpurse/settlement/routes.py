@@ -19,6 +19,7 @@ ROUTERS = (
     "routes_batch",
     "routes_loads",
     "routes_refunds",
+    "routes_funding",
     "routes_admin",
 )
 
