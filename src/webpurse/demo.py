@@ -36,6 +36,7 @@ from webpurse.card.image import ImageFile
 
 STATE_FILE = "demo.json"
 DEMO_LOAD = 50_000
+DEMO_FLOAT = 1_000_000  # fen (¥10,000) prepaid by the demo merchant for cash top-ups
 
 
 class DemoError(Exception):
@@ -188,6 +189,7 @@ class DemoStack:
             self.run_cli("settlement", "merchant", "create", "Purse & Co.", "--json")
         )
         operator = json.loads(self.run_cli("settlement", "operator", "create", "demo", "--json"))
+        self.seed_float(merchant["id"])
         image = self.data_dir / "demo-card.json"
         self.issue_card(image)
         self.state = DemoState(
@@ -199,6 +201,18 @@ class DemoStack:
         )
         self.state.save(state_path)
         return self.state
+
+    def seed_float(self, merchant_id: str, amount: int = DEMO_FLOAT) -> None:
+        """The merchant's prepaid top-up float: its cash top-ups draw it (issue 12)."""
+        self.run_cli(
+            "settlement",
+            "float",
+            "deposit",
+            merchant_id,
+            str(amount),
+            "--bank-reference",
+            f"DEMO-FLOAT-{merchant_id}",
+        )
 
     def issue_card(self, image: Path) -> str:
         out = self.run_cli("settlement", "card", "issue", str(image))
