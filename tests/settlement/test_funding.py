@@ -499,3 +499,40 @@ def test_an_unpaid_order_can_be_canceled_and_holds_nothing(world: World) -> None
 
 def test_seed_float_is_what_the_world_starts_with(world: World) -> None:
     assert _float(world)["balance"] == SEED_FLOAT
+
+
+@given(st.text(max_size=400), st.sampled_from(["mt940", "csv"]))
+def test_any_text_parses_or_is_refused_as_a_statement_error(text: str, fmt: str) -> None:
+    try:
+        statements.parse(text, fmt)
+    except statements.StatementError as refused:
+        assert refused.code.startswith("statement_")
+
+
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                ":20:X",
+                ":25:" + SETTLEMENT_ACCOUNT,
+                ":28C:1/1",
+                ":60F:C261127CNY0,00",
+                ":61:2611271127C1,00NTRFNONREF//B",
+                ":61:2611271127D0,50NTRF",
+                ":86:RF",
+                ":62F:C261127CNY0,50",
+                ":62F:C261127CNY1,00",
+                "x",
+                ":61:26112799C9,9NMSC",
+            ]
+        ),
+        max_size=12,
+    )
+)
+def test_any_mt940_field_soup_parses_or_is_refused(fields: list[str]) -> None:
+    try:
+        parsed = statements.parse("\n".join(fields) + "\n", "mt940")
+    except statements.StatementError as refused:
+        assert refused.code.startswith("statement_")
+    else:
+        assert parsed.number == 1

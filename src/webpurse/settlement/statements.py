@@ -25,6 +25,9 @@ from enum import StrEnum
 from webpurse.settlement import references
 
 CURRENCY = "CNY"
+MAX_FEN = 10**15  # a bound far above any real statement (and inside BIGINT)
+MAX_NUMBER = 2**31 - 1  # statement numbers (an INTEGER column)
+_NUMBER = re.compile(r"[0-9]{1,10}")
 CSV_HEADER = (
     "record",
     "account",
@@ -93,6 +96,8 @@ def to_fen(amount: Decimal | str, what: str) -> int:
     fen = value * 100
     if fen != fen.to_integral_value():
         raise StatementError("statement_malformed", f"{what}: more than two decimals")
+    if abs(fen) >= MAX_FEN:
+        raise StatementError("statement_malformed", f"{what}: {amount} is out of range")
     return int(fen)
 
 
@@ -156,7 +161,7 @@ def parse_mt940(text: str) -> Statement:
     number = data.get("statement_number")
     if opening is None or closing is None or not account or not number:
         raise StatementError("statement_malformed", "MT940: missing account, number or balance")
-    if not str(number).isdigit():
+    if not _NUMBER.fullmatch(str(number)) or int(str(number)) > MAX_NUMBER:
         raise StatementError("statement_malformed", f"MT940: statement number {number!r}")
     if len(parsed.transactions) != tags.count("61"):
         raise StatementError("statement_malformed", "MT940: a :61: line could not be read")
@@ -205,7 +210,10 @@ def parse_mt940(text: str) -> Statement:
 
 
 def parse_csv(text: str) -> Statement:
-    rows = list(csv.reader(io.StringIO(text.lstrip("\ufeff"))))
+    try:
+        rows = list(csv.reader(io.StringIO(text.lstrip("\ufeff"))))
+    except csv.Error as exc:
+        raise StatementError("statement_malformed", f"CSV: {exc}") from None
     rows = [row for row in rows if any(cell.strip() for cell in row)]
     if not rows or tuple(cell.strip() for cell in rows[0]) != CSV_HEADER:
         raise StatementError("statement_malformed", f"the header must be {','.join(CSV_HEADER)}")
@@ -222,7 +230,7 @@ def parse_csv(text: str) -> Statement:
         raise StatementError("statement_malformed", "the first row is opening, the last closing")
     account, number = records[0]["account"], records[0]["statement"]
     currency = records[0]["currency"]
-    if not number.isdigit():
+    if not _NUMBER.fullmatch(number) or int(number) > MAX_NUMBER:
         raise StatementError("statement_malformed", f"statement number {number!r}")
     lines = []
     for index, rec in enumerate(records[1:-1], start=1):
@@ -276,11 +284,16 @@ def parse_csv(text: str) -> Statement:
 
 
 def parse(text: str, fmt: str) -> Statement:
-    if fmt == "mt940":
-        return parse_mt940(text)
-    if fmt == "csv":
-        return parse_csv(text)
-    raise StatementError("statement_malformed", f"unknown format {fmt!r} (mt940 or csv)")
+    """The statement in ``text``; anything unreadable is a ``statement_malformed`` refusal."""
+    parsers = {"mt940": parse_mt940, "csv": parse_csv}
+    if fmt not in parsers:
+        raise StatementError("statement_malformed", f"unknown format {fmt!r} (mt940 or csv)")
+    try:
+        return parsers[fmt](text)
+    except StatementError:
+        raise
+    except (ValueError, TypeError, ArithmeticError, LookupError, AttributeError) as exc:
+        raise StatementError("statement_malformed", f"{fmt}: {exc}") from None
 
 
 def render_csv(statement: Statement) -> str:
