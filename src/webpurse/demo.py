@@ -201,7 +201,7 @@ class DemoStack:
         if existing is not None and Path(existing.card_image).exists():
             self.state = existing
             if not existing.staff_password:  # a data dir from before funded top-ups
-                self.seed_funding(existing.merchant_id)
+                self.seed_float(existing.merchant_id)
                 existing.staff_password = self.add_staff()
                 existing.save(state_path)
             return existing
@@ -212,7 +212,7 @@ class DemoStack:
         operator = json.loads(self.run_cli("settlement", "operator", "create", "demo", "--json"))
         image = self.data_dir / "demo-card.json"
         self.issue_card(image)
-        self.seed_funding(merchant["id"])
+        self.seed_float(merchant["id"])
         password = self.add_staff()
         self.state = DemoState(
             merchant_id=merchant["id"],
@@ -225,7 +225,7 @@ class DemoStack:
         self.state.save(state_path)
         return self.state
 
-    def seed_funding(self, merchant_id: str) -> None:
+    def seed_float(self, merchant_id: str) -> None:
         """The merchant prepaid its top-up float (a bank transfer to settlement, recorded by
         the operator): what the till may load for cash. Idempotent on the bank reference."""
         self.run_cli(

@@ -411,7 +411,9 @@ def _free_port() -> int:
 
 
 @contextmanager
-def live_server(url: str, tmp_path: Path, *, workers: int = 1) -> Iterator[LiveServer]:
+def live_server(
+    url: str, tmp_path: Path, *, workers: int = 1, float_fen: int = SEED_FLOAT
+) -> Iterator[LiveServer]:
     """Migrate ``url``, then run ``webpurse serve settlement`` on a free port until done."""
     import subprocess
     import sys
@@ -426,7 +428,7 @@ def live_server(url: str, tmp_path: Path, *, workers: int = 1) -> Iterator[LiveS
     security = SoftwareSecurityModule.load(factory, kek)
     with factory() as session, session.begin():
         merchant, merchant_key = create_merchant(session, "Live shop", now)
-        seed_float(session, merchant.id, SEED_FLOAT, now)
+        seed_float(session, merchant.id, float_fen, now)
         _, operator_key = new_api_key(session, OPERATOR, now, name="ops")
         terminal_id = merchant.terminal_id
     port = _free_port()

@@ -256,3 +256,33 @@ def test_an_abandoned_load_order_expires_and_its_funds_return(world: World) -> N
     got = world.client.get(f"/v1/loads/{load['id']}", headers=world.auth(world.merchant_key))
     assert got.json()["status"] == "expired"
     assert _balances(world, card)["held"] == 0 and _balances(world, card)["drawn"] == 0
+
+
+def test_a_paid_bank_transfer_load_released_unloaded_goes_back_to_its_payer(
+    world: World,
+) -> None:
+    """A bank-transfer top-up whose CREDIT never ran, settled by another load at its counter:
+    the cardholder's money is listed to be returned to them, never to the shop's float."""
+    from tests.settlement.support import pay_by_statement
+
+    card = world.issue()
+    number = card.state.issuer.card_number
+    stale = world.terminal.create_load(1_500, number, method="bank_transfer")
+    pay_by_statement(world, [(stale["funding"]["reference"], 1_500)])
+    assert _authorise(world, card, stale, 1_500).status_code == 200  # CREDIT never sent
+    world.terminal.post(f"/v1/loads/{stale['id']}/uncertain")
+    theirs = world.other_terminal.create_load(500)
+    linked = _authorise_with(world.other_terminal, card, theirs, 500)
+    credit = ok(card, bytes.fromhex(linked.json()["authorisation"]["credit_apdu"]))
+    world.other_terminal.post(
+        f"/v1/loads/{theirs['id']}/complete", {"credit_response": credit.hex()}
+    )
+    assert _load(world, stale["id"])["status"] == "canceled"
+    with world.factory() as session:
+        assert ledger.balance(session, ledger.RETURNS_AWAITING) == 1_500
+        assert ledger.balance(session, ledger.float_account(world.merchant_id)) == SEED_FLOAT
+    (listed,) = world.client.get(
+        "/v1/operator/statement-exceptions", headers=world.auth(world.operator_key)
+    ).json()["data"]
+    assert (listed["kind"], listed["load"]) == ("load_canceled", stale["id"])
+    assert _balances(world, card)["held"] == 0
