@@ -22,6 +22,7 @@ from webpurse.merchant.app import create_app
 from webpurse.merchant.readers import LocalBroker
 from webpurse.merchant.security import make_link
 from webpurse.merchant.settings import MerchantSettings
+from webpurse.reader.base import BatchRefused
 from webpurse.reader.sim import SimReader
 
 CARD = SERIAL.hex().upper()
@@ -204,3 +205,49 @@ async def test_the_top_up_page_offers_both_ways_in_both_languages(shop: Any) -> 
     assert "银行转账" in zh and "柜台现金" in zh
     cash = (await client.get("/topup?method=cash&lang=en")).text
     assert 'value="cash" data-testid="method-cash" checked' in cash
+
+
+class RefusingReader:
+    """An agent whose holder says no before INITIALIZE (consent refused)."""
+
+    def __init__(self, inner: SimReader) -> None:
+        self.inner = inner
+
+    @property
+    def name(self) -> str:
+        return "refusing"
+
+    async def wait_for_card(self, timeout: float) -> Any:
+        return await self.inner.wait_for_card(timeout)
+
+    async def wait_for_removal(self, timeout: float) -> None:
+        await self.inner.wait_for_removal(timeout)
+
+    async def transmit(self, batch: Any) -> Any:
+        raise BatchRefused("consent_refused", "the holder said no")
+
+
+async def test_saying_no_keeps_a_paid_transfer_for_the_next_try(
+    tmp_path: Path, settlement: FakeSettlement, wall: Clock
+) -> None:
+    settings = MerchantSettings(data_dir=tmp_path, cookie_secret=SECRET)
+    async with SimReader(make_card(balance=0)) as sim:
+        broker = LocalBroker(RefusingReader(sim))  # type: ignore[arg-type]
+        app = create_app(settings, settlement=settlement, broker=broker, wall_clock=wall)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://shop.test") as client:
+            order_id = await order_transfer(client)
+            load_id = (await client.get(f"/orders/{order_id}/status")).json()["settlement_id"]
+            settlement.fund(load_id)
+            await client.get(f"/orders/{order_id}/pay")
+            body = await wait_status(client, order_id, {"loaded", "declined"})
+            assert body["decline_code"] == "consent_refused"
+            assert settlement.records[load_id].status == "requires_card"  # not canceled
+            assert f"cancel {load_id}" not in settlement.calls
+            broker.attach(sim)  # this time the holder says yes
+            await client.post(f"/orders/{order_id}/retry")
+            await client.get(f"/orders/{order_id}/pay")
+            body = await wait_status(client, order_id, {"loaded"})
+            assert body["settlement_id"] == load_id and sim.card is not None
+            assert sim.card.state.balance == 5000
+        await app.state.cashier.close()

@@ -240,3 +240,37 @@ async def test_a_forged_or_expired_top_up_link_is_refused(rig: Rig, proof: Proof
             assert codes == [403, 403, 410, 403]
             assert (await stranger.get(f"/orders/{order_id}/transfer")).status_code == 404
         row.observed = f"{codes}; the order answers 404 to that browser"
+
+
+async def test_a_paid_transfer_loads_only_its_own_card(rig: Rig, proof: Proof) -> None:
+    with proof.row(
+        SUITE,
+        "shop: paid online top-up presented with another card, then its own",
+        expected="another card declined (wrong_card), unchanged, load kept; its own card loaded",
+    ) as row:
+        own = rig.reader.card.state.serial.hex().upper()  # type: ignore[union-attr]
+        answer = await rig.shop.post(
+            "/topup", data={"amount": "5000", "method": "bank_transfer", "card_number": own}
+        )
+        order_id = answer.headers["location"].split("/")[2]
+        status = (await rig.shop.get(f"/orders/{order_id}/status")).json()
+        pay_by_statement(rig.world, [(status["payment_reference"], 5000)])
+        broker = rig.app.state.cashier.broker
+        async with SimReader(rig.world.issue()) as stranger:
+            broker.attach(stranger)
+            assert (await rig.shop.get(f"/orders/{order_id}/pay")).status_code == 200
+            await rig.app.state.cashier.task(order_id)
+            declined = (await rig.shop.get(f"/orders/{order_id}/status")).json()
+            assert (declined["status"], declined["decline_code"]) == ("declined", "wrong_card")
+            assert declined["card_number"] == own  # the order still names its own card
+            assert declined["settlement_status"] == "requires_card"
+            assert stranger.card is not None and stranger.card.state.balance == 0
+        broker.attach(rig.reader)
+        assert (await rig.shop.post(f"/orders/{order_id}/retry")).status_code == 303
+        assert (await rig.shop.get(f"/orders/{order_id}/pay")).status_code == 200
+        await rig.app.state.cashier.task(order_id)
+        loaded = (await rig.shop.get(f"/orders/{order_id}/status")).json()
+        assert loaded["status"] == "loaded" and loaded["settlement_id"] == status["settlement_id"]
+        assert rig.balance == 5000
+        rig.ledger_ok()
+        row.observed = "other card: declined wrong_card, ¥0; own card: loaded ¥50.00, same load"

@@ -439,7 +439,15 @@ class Cashier:
             order = self.orders.update(order.id, status=DECLINED, decline_code=refused.reason)
             self.publish(order, Phase.DECLINED, refused.reason)
             return True
+        bound = order.card_number
         order = self._record(order, outcome)
+        if bound and outcome.card_number and outcome.card_number != bound:
+            # Another card than the one the money was paid for: settlement declined it
+            # (its code says only "invalid state"); the order keeps naming its own card.
+            fields: dict[str, object] = {"card_number": bound}
+            if order.status == DECLINED:
+                fields["decline_code"] = "wrong_card"
+            order = self.orders.update(order.id, **fields)
         if order.status == INTERRUPTED:
             self.publish(order, Phase.INTERRUPTED)
             await self._await_removal(order, reader)
