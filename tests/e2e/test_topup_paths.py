@@ -104,7 +104,11 @@ async def test_online_bank_transfer_statement_import_then_load(
     await page.click("[data-testid=method-cash]")
     await expect(page.locator("[data-testid=cash-help]")).to_be_visible()
     await page.click("[data-testid=method-bank_transfer]")
-    await page.fill("[data-testid=card-number]", card_number(shopper))
+    # The card number, read off the card through the shopper's agent (or typed).
+    await page.click("[data-testid=read-card]")
+    await expect(page.locator("[data-testid=card-number]")).to_have_value(
+        card_number(shopper), timeout=TIMEOUT
+    )
     await page.click("[data-testid=topup-5000]")
     reference = page.locator("[data-testid=payment-reference]")
     await expect(reference).to_be_visible(timeout=TIMEOUT)

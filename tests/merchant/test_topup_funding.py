@@ -251,3 +251,23 @@ async def test_saying_no_keeps_a_paid_transfer_for_the_next_try(
             assert body["settlement_id"] == load_id and sim.card is not None
             assert sim.card.state.balance == 5000
         await app.state.cashier.close()
+
+
+async def test_the_card_number_is_read_off_the_card_through_the_agent(
+    shop: Any, settlement: FakeSettlement
+) -> None:
+    client, sim, app = shop
+    started = (await client.post("/topup/card-reads")).json()
+    assert started["id"].startswith("rd_") and started["token"]
+    body: dict[str, Any] = {}
+    for _ in range(200):
+        body = (await client.get(f"/topup/card-reads/{started['id']}")).json()
+        if body["status"] != "waiting":
+            break
+        await asyncio.sleep(0.02)
+    assert body == {"status": "read", "card_number": CARD, "error": None}
+    assert sim.card is not None and sim.card.state.balance == 10_000  # nothing changed
+    assert settlement.records == {} and app.state.orders.count() == 0
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://shop.test") as other:
+        assert (await other.get(f"/topup/card-reads/{started['id']}")).status_code == 404

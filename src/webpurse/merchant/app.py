@@ -38,6 +38,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from webpurse.merchant import i18n
+from webpurse.merchant.cardread import CardReads
 from webpurse.merchant.cart import COOKIE as CART_COOKIE
 from webpurse.merchant.cart import Cart
 from webpurse.merchant.cashier import Cashier, kind_of
@@ -137,6 +138,7 @@ def create_app(
         hub = hub or ReaderHub()
         broker = RemoteBroker(hub)
     cashier = Cashier(orders, settlement, broker, bus)
+    card_reads = CardReads(broker)
     seen_events = SeenEvents()
 
     @asynccontextmanager
@@ -147,6 +149,7 @@ def create_app(
         with contextlib.suppress(asyncio.CancelledError):
             await poller
         await cashier.close()
+        await card_reads.close()
         if hub is not None:
             await hub.close()
         if http is not None:
@@ -318,6 +321,8 @@ def create_app(
             "topup.html",
             amounts=TOPUP_AMOUNTS,
             method=method if method in TOPUP_METHODS else None,
+            agent_url=settings.agent_url,
+            reader_path=READER_PATH,
         )
 
     @app.post("/topup")
@@ -349,6 +354,8 @@ def create_app(
                 method=BANK_TRANSFER,
                 error="bad_card_number",
                 card_number=card_number,
+                agent_url=settings.agent_url,
+                reader_path=READER_PATH,
             )
         order = orders.create(
             session_id=_session_id(request),
@@ -365,6 +372,27 @@ def create_app(
             return render(request, "error.html", status_code=502, message=str(exc))
         return finish(
             request, RedirectResponse(f"/orders/{order.id}/transfer", status_code=303), None
+        )
+
+    @app.post("/topup/card-reads")
+    async def start_card_read(request: Request) -> Response:
+        """Pair the shopper's agent to read the card number off the card (no consent
+        needed: SELECT and READ BINARY change nothing)."""
+        read, pairing = card_reads.start(_session_id(request))
+        response = JSONResponse(
+            {"id": read.id, "token": pairing.token, "code": pairing.short_code},
+            headers={"Cache-Control": "no-store"},
+        )
+        return finish(request, response)
+
+    @app.get("/topup/card-reads/{read_id}")
+    async def card_read(request: Request, read_id: str) -> JSONResponse:
+        read = card_reads.get(read_id, _session_id(request))
+        if read is None:
+            raise HTTPException(404, "no such card read")
+        return JSONResponse(
+            {"status": read.status, "card_number": read.card_number, "error": read.error},
+            headers={"Cache-Control": "no-store"},
         )
 
     @app.get("/orders/{order_id}/transfer", response_class=HTMLResponse)

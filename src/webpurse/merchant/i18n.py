@@ -152,6 +152,16 @@ STRINGS: dict[str, tuple[str, str]] = {
         "Card number (the 20 characters printed on the card)",
         "卡号（卡面上印的 20 位字符）",
     ),
+    "read_card": ("Read it from my card (reader)", "从卡上读取（读卡器）"),
+    "read_card_waiting": (
+        "Present your card to the reader beside you…",
+        "请把卡放在手边的读卡器上…",
+    ),
+    "read_card_done": ("Card number read from the card.", "已从卡上读取卡号。"),
+    "read_card_failed": (
+        "The card could not be read: type the number printed on it.",
+        "无法读取卡：请输入卡面上印的卡号。",
+    ),
     "topup_order_transfer": ("Get the payment reference", "获取付款参考号"),
     "cash_help": (
         "Come to our counter and pay in cash: the staff take the money and load it onto your "
