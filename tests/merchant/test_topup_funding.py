@@ -271,3 +271,23 @@ async def test_the_card_number_is_read_off_the_card_through_the_agent(
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://shop.test") as other:
         assert (await other.get(f"/topup/card-reads/{started['id']}")).status_code == 404
+
+
+async def test_card_reads_waiting_for_an_agent_are_bounded(
+    tmp_path: Path, settlement: FakeSettlement, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from webpurse.merchant import cardread
+
+    monkeypatch.setattr(cardread, "MAX_WAITING", 2)
+    settings = MerchantSettings(data_dir=tmp_path, cookie_secret=SECRET)
+    app = create_app(settings, settlement=settlement, broker=LocalBroker())  # no agent comes
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://shop.test") as client:
+        assert (await client.post("/topup/card-reads")).status_code == 200
+        assert (await client.post("/topup/card-reads")).status_code == 200  # replaces its own
+        await asyncio.sleep(0)
+        async with httpx.AsyncClient(transport=transport, base_url="http://shop.test") as other:
+            assert (await other.post("/topup/card-reads")).status_code == 200
+            async with httpx.AsyncClient(transport=transport, base_url="http://shop.test") as third:
+                assert (await third.post("/topup/card-reads")).status_code == 503
+    await app.state.cashier.close()

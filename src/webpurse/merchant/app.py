@@ -38,7 +38,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from webpurse.merchant import i18n
-from webpurse.merchant.cardread import CardReads
+from webpurse.merchant.cardread import CardReads, TooManyReads
 from webpurse.merchant.cart import COOKIE as CART_COOKIE
 from webpurse.merchant.cart import Cart
 from webpurse.merchant.cashier import Cashier, kind_of
@@ -378,7 +378,11 @@ def create_app(
     async def start_card_read(request: Request) -> Response:
         """Pair the shopper's agent to read the card number off the card (no consent
         needed: SELECT and READ BINARY change nothing)."""
-        read, pairing = card_reads.start(_session_id(request))
+        try:
+            read, pairing = card_reads.start(_session_id(request))
+        except TooManyReads as exc:
+            log.warning("refused a card read: %s", exc)
+            raise HTTPException(503, "too many card reads at once: try again shortly") from None
         response = JSONResponse(
             {"id": read.id, "token": pairing.token, "code": pairing.short_code},
             headers={"Cache-Control": "no-store"},

@@ -29,6 +29,12 @@ log = logging.getLogger(__name__)
 
 READ_TTL = 600.0
 MAX_READS = 10_000
+MAX_WAITING = 200
+"""Reads waiting for an agent at once, across all sessions (each holds a pairing and a task)."""
+
+
+class TooManyReads(Exception):
+    """More reads wait for an agent than :data:`MAX_WAITING`: try again shortly."""
 
 
 def read_steps() -> list[Step]:
@@ -81,11 +87,18 @@ class CardReads:
             del self._reads[next(iter(self._reads))]
 
     def start(self, session_id: str) -> tuple[CardRead, Pairing]:
+        """A new read for this browser session; its earlier read, if still waiting, ends."""
         self._forget_old()
+        for task in list(self._tasks):
+            if task.get_name() == f"read {session_id}":
+                task.cancel()
+                self._tasks.discard(task)  # it no longer counts as waiting
+        if len(self._tasks) >= MAX_WAITING:
+            raise TooManyReads(f"{len(self._tasks)} card reads are waiting")
         read = CardRead("rd_" + secrets.token_hex(12), session_id, self._clock())
         self._reads[read.id] = read
         pairing = self.broker.pair(read.id, amount=0, description="read the card number")
-        task = asyncio.create_task(self._run(read), name=f"read {read.id}")
+        task = asyncio.create_task(self._run(read), name=f"read {session_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return read, pairing
