@@ -333,6 +333,18 @@ def _statement_error(error: statements.StatementError) -> ApiError:
     return ApiError(error.status, error.code, error.detail)
 
 
+def next_statement(session: Session, account: str) -> tuple[int, int]:
+    """(number, opening balance) the next statement of ``account`` must have: what a demo or
+    a test writing a statement file needs (the bank numbers them; imports check the chain)."""
+    last = session.scalars(
+        select(BankStatement)
+        .where(BankStatement.account == statements.normalise_account(account))
+        .order_by(BankStatement.number.desc())
+        .limit(1)
+    ).first()
+    return (last.number + 1, last.closing_balance) if last is not None else (1, 0)
+
+
 def import_statement(
     session: Session, text: str, fmt: str, policy: FundingPolicy, now: dt.datetime
 ) -> tuple[dict[str, Any], bool]:
