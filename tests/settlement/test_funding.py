@@ -536,3 +536,31 @@ def test_any_mt940_field_soup_parses_or_is_refused(fields: list[str]) -> None:
         assert refused.code.startswith("statement_")
     else:
         assert parsed.number == 1
+
+
+@given(
+    st.lists(st.integers(1, 5_000), min_size=1, max_size=6),
+    st.lists(st.tuples(st.integers(0, 7), st.integers(-2, 2), st.booleans()), max_size=12),
+)
+def test_matching_funds_each_order_at_most_once_and_only_for_its_exact_amount(
+    amounts: list[int], payments: list[tuple[int, int, bool]]
+) -> None:
+    refs = [references.new_reference() for _ in amounts]
+    orders = {
+        ref: statements.Order(f"load_{i}", amount, "requires_funding", None)
+        for i, (ref, amount) in enumerate(zip(refs, amounts, strict=True))
+    }
+    lines = []
+    for no, (pick, delta, debit) in enumerate(payments, start=1):
+        ref = refs[pick % len(refs)] if pick < len(refs) else "none"
+        fen = max(1, amounts[pick % len(amounts)] + delta)
+        lines.append(_line(no, -fen if debit else fen, ref))
+    plan = statements.plan(lines, orders, START)
+    assert [d.line.line_no for d in plan] == [x.line_no for x in lines if x.amount > 0]
+    funded = [d.load_id for d in plan if d.matched]
+    assert len(funded) == len(set(funded))
+    for decision in plan:
+        if decision.matched:
+            assert orders[decision.reference or ""].amount == decision.line.amount
+        else:
+            assert decision.exception is not None
