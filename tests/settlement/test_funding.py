@@ -564,3 +564,72 @@ def test_matching_funds_each_order_at_most_once_and_only_for_its_exact_amount(
             assert orders[decision.reference or ""].amount == decision.line.amount
         else:
             assert decision.exception is not None
+
+
+def test_an_mt940_statement_funds_its_order_through_the_api(world: World) -> None:
+    card = world.issue()
+    load = _order(world, card.state.issuer.card_number, 20_000)
+    text = mt940(1, remittance=references.grouped(load["funding"]["reference"]))
+    answer = world.client.post(
+        "/v1/operator/statements", json={"format": "mt940", "statement": text}, headers=_op(world)
+    )
+    assert answer.status_code == 201, answer.text
+    assert [m["load"] for m in answer.json()["matched"]] == [load["id"]]
+    assert _status(world, load) == "requires_card"
+    _check(world)
+
+
+@pytest.mark.postgres
+def test_concurrent_replays_of_a_statement_and_a_deposit_book_each_once(tmp_path: Any) -> None:
+    """Eight operators post the same statement and the same deposit at once (uvicorn on
+    PostgreSQL): one import and one deposit are booked, the others answer them again."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    import httpx
+
+    from tests.settlement.support import database_url, live_server
+
+    with database_url("postgresql", tmp_path) as url, live_server(url, tmp_path) as live:
+        op = {"authorization": f"Bearer {live.operator_key}"}
+        merchant = {"authorization": f"Bearer {live.merchant_key}"}
+        with httpx.Client(base_url=live.base_url, timeout=60) as http:
+            card = live.issue()
+            order = http.post(
+                "/v1/loads",
+                json={
+                    "amount": 700,
+                    "card_number": card.state.issuer.card_number,
+                    "funding": {"method": "bank_transfer"},
+                },
+                headers=merchant,
+            ).json()
+            merchant_id = http.get("/v1/float", headers=merchant).json()["merchant"]
+            body = {
+                "format": "csv",
+                "statement": statement_csv(1, [(order["funding"]["reference"], 700)]),
+            }
+            start = Barrier(8)
+
+            def post(i: int) -> int:
+                start.wait(timeout=30)
+                if i % 2:
+                    return http.post("/v1/operator/statements", json=body, headers=op).status_code
+                return http.post(
+                    f"/v1/operator/floats/{merchant_id}/deposits",
+                    json={"amount": 500, "bank_reference": "SAME"},
+                    headers=op,
+                ).status_code
+
+            with ThreadPoolExecutor(8) as pool:
+                codes = list(pool.map(post, range(8)))
+            assert sorted(codes[1::2]) == [200, 200, 200, 201], codes
+            assert sorted(codes[0::2]) == [200, 200, 200, 201], codes
+            assert http.get(f"/v1/loads/{order['id']}", headers=merchant).json()["status"] == (
+                "requires_card"
+            )
+        with live.factory() as session:
+            assert ledger.balance(session, ledger.RECEIVED_BANK_TRANSFERS) == -700
+            assert ledger.balance(session, ledger.float_account(merchant_id)) == SEED_FLOAT + 500
+            report = ledger.check(session)
+            assert report.ok, report.problems
