@@ -633,3 +633,21 @@ def test_concurrent_replays_of_a_statement_and_a_deposit_book_each_once(tmp_path
             assert ledger.balance(session, ledger.float_account(merchant_id)) == SEED_FLOAT + 500
             report = ledger.check(session)
             assert report.ok, report.problems
+
+
+def test_an_order_for_an_unknown_or_blocked_card_is_refused(world: World) -> None:
+    unknown = world.terminal.post(
+        "/v1/loads",
+        {"amount": 100, "card_number": "00" * 10, "funding": {"method": "bank_transfer"}},
+    )
+    assert unknown.status_code == 404 and unknown.json()["param"] == "card_number"
+    card = world.issue()
+    number = card.state.issuer.card_number
+    world.client.post(f"/v1/cards/{number}/status", json={"status": "lost"}, headers=_op(world))
+    lost = world.terminal.post(
+        "/v1/loads",
+        {"amount": 100, "card_number": number, "funding": {"method": "bank_transfer"}},
+    )
+    assert lost.status_code == 409 and lost.json()["code"] == "card_not_loadable"
+    with world.factory() as session:
+        assert session.scalars(select(Load)).first() is None
