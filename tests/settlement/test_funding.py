@@ -651,3 +651,40 @@ def test_an_order_for_an_unknown_or_blocked_card_is_refused(world: World) -> Non
     assert lost.status_code == 409 and lost.json()["code"] == "card_not_loadable"
     with world.factory() as session:
         assert session.scalars(select(Load)).first() is None
+
+
+def test_a_recorded_float_deposit_on_the_statement_is_not_counted_twice(bare: World) -> None:
+    """The merchant's deposit reaches the same bank account: the operator recorded it (its
+    float is filled), and the statement line with that bank reference is that deposit."""
+    _deposit(bare, bare.merchant_id, 30_000, "B1-1")  # statement_csv names line i "B1-i"
+    text = statement_csv(1, [("float top-up", 30_000), ("float top-up", 30_000)])
+    answer = bare.client.post(
+        "/v1/operator/statements", json={"format": "csv", "statement": text}, headers=_op(bare)
+    )
+    summary = answer.json()
+    assert summary["float_deposits"] == [{"line": 1, "bank_reference": "B1-1"}]
+    assert [e["kind"] for e in summary["exceptions"]] == ["unmatched"]  # line 2: not recorded
+    with bare.factory() as session:
+        assert ledger.balance(session, ledger.RECEIVED_FLOAT_DEPOSITS) == -30_000
+        assert ledger.balance(session, ledger.RECEIVED_BANK_TRANSFERS) == -30_000
+    again = statement_csv(2, [("float top-up", 30_000)], opening=60_000)  # same bank ref B2-1
+    _deposit(bare, bare.merchant_id, 30_000, "B2-1")
+    second = bare.client.post(
+        "/v1/operator/statements", json={"format": "csv", "statement": again}, headers=_op(bare)
+    ).json()
+    assert second["float_deposits"] == [{"line": 1, "bank_reference": "B2-1"}]
+    _check(bare)
+
+
+def test_matching_recognises_a_recorded_deposit_once() -> None:
+    lines = [
+        statements.Line(1, 500, START.date(), bank_reference="DEP"),
+        statements.Line(2, 500, START.date(), bank_reference="DEP"),
+        statements.Line(3, 400, START.date(), bank_reference="OTHER"),
+    ]
+    plan = statements.plan(lines, {}, START, {"DEP": 500, "OTHER": 401})
+    assert [(d.deposit, d.exception) for d in plan] == [
+        ("DEP", None),
+        (None, statements.Exceptional.UNMATCHED),
+        (None, statements.Exceptional.UNMATCHED),
+    ]
