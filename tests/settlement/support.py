@@ -22,7 +22,6 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from psycopg import sql
-from sqlalchemy import select
 
 from webpurse.card import CardApplet, MemoryStore
 from webpurse.protocol.apdu import CommandApdu
@@ -38,9 +37,8 @@ from webpurse.protocol.commands import (
 from webpurse.settlement.app import create_app
 from webpurse.settlement.auth import OPERATOR, new_api_key
 from webpurse.settlement.db import SessionFactory, make_engine, make_session_factory, migrate
-from webpurse.settlement.funding import record_deposit
+from webpurse.settlement.funding import next_statement, record_deposit
 from webpurse.settlement.merchants import create_merchant
-from webpurse.settlement.models import BankStatement
 from webpurse.settlement.registry import issue_card
 from webpurse.settlement.security import SoftwareSecurityModule, generate_master_keys
 from webpurse.settlement.settings import Settings
@@ -310,10 +308,7 @@ def statement_csv(
 def pay_by_statement(world: World, credits: list[tuple[str, int]]) -> dict[str, Any]:
     """Import the next statement of the settlement account, paying ``credits``."""
     with world.factory() as session:
-        last = session.scalars(
-            select(BankStatement).order_by(BankStatement.number.desc()).limit(1)
-        ).first()
-    number, opening = (last.number + 1, last.closing_balance) if last else (1, 0)
+        number, opening = next_statement(session, world.settings.settlement_account)
     answer = world.client.post(
         "/v1/operator/statements",
         json={"format": "csv", "statement": statement_csv(number, credits, opening=opening)},

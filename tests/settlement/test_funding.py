@@ -536,3 +536,155 @@ def test_any_mt940_field_soup_parses_or_is_refused(fields: list[str]) -> None:
         assert refused.code.startswith("statement_")
     else:
         assert parsed.number == 1
+
+
+@given(
+    st.lists(st.integers(1, 5_000), min_size=1, max_size=6),
+    st.lists(st.tuples(st.integers(0, 7), st.integers(-2, 2), st.booleans()), max_size=12),
+)
+def test_matching_funds_each_order_at_most_once_and_only_for_its_exact_amount(
+    amounts: list[int], payments: list[tuple[int, int, bool]]
+) -> None:
+    refs = [references.new_reference() for _ in amounts]
+    orders = {
+        ref: statements.Order(f"load_{i}", amount, "requires_funding", None)
+        for i, (ref, amount) in enumerate(zip(refs, amounts, strict=True))
+    }
+    lines = []
+    for no, (pick, delta, debit) in enumerate(payments, start=1):
+        ref = refs[pick % len(refs)] if pick < len(refs) else "none"
+        fen = max(1, amounts[pick % len(amounts)] + delta)
+        lines.append(_line(no, -fen if debit else fen, ref))
+    plan = statements.plan(lines, orders, START)
+    assert [d.line.line_no for d in plan] == [x.line_no for x in lines if x.amount > 0]
+    funded = [d.load_id for d in plan if d.matched]
+    assert len(funded) == len(set(funded))
+    for decision in plan:
+        if decision.matched:
+            assert orders[decision.reference or ""].amount == decision.line.amount
+        else:
+            assert decision.exception is not None
+
+
+def test_an_mt940_statement_funds_its_order_through_the_api(world: World) -> None:
+    card = world.issue()
+    load = _order(world, card.state.issuer.card_number, 20_000)
+    text = mt940(1, remittance=references.grouped(load["funding"]["reference"]))
+    answer = world.client.post(
+        "/v1/operator/statements", json={"format": "mt940", "statement": text}, headers=_op(world)
+    )
+    assert answer.status_code == 201, answer.text
+    assert [m["load"] for m in answer.json()["matched"]] == [load["id"]]
+    assert _status(world, load) == "requires_card"
+    _check(world)
+
+
+@pytest.mark.postgres
+def test_concurrent_replays_of_a_statement_and_a_deposit_book_each_once(tmp_path: Any) -> None:
+    """Eight operators post the same statement and the same deposit at once (uvicorn on
+    PostgreSQL): one import and one deposit are booked, the others answer them again."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    import httpx
+
+    from tests.settlement.support import database_url, live_server
+
+    with database_url("postgresql", tmp_path) as url, live_server(url, tmp_path) as live:
+        op = {"authorization": f"Bearer {live.operator_key}"}
+        merchant = {"authorization": f"Bearer {live.merchant_key}"}
+        with httpx.Client(base_url=live.base_url, timeout=60) as http:
+            card = live.issue()
+            order = http.post(
+                "/v1/loads",
+                json={
+                    "amount": 700,
+                    "card_number": card.state.issuer.card_number,
+                    "funding": {"method": "bank_transfer"},
+                },
+                headers=merchant,
+            ).json()
+            merchant_id = http.get("/v1/float", headers=merchant).json()["merchant"]
+            body = {
+                "format": "csv",
+                "statement": statement_csv(1, [(order["funding"]["reference"], 700)]),
+            }
+            start = Barrier(8)
+
+            def post(i: int) -> int:
+                start.wait(timeout=30)
+                if i % 2:
+                    return http.post("/v1/operator/statements", json=body, headers=op).status_code
+                return http.post(
+                    f"/v1/operator/floats/{merchant_id}/deposits",
+                    json={"amount": 500, "bank_reference": "SAME"},
+                    headers=op,
+                ).status_code
+
+            with ThreadPoolExecutor(8) as pool:
+                codes = list(pool.map(post, range(8)))
+            assert sorted(codes[1::2]) == [200, 200, 200, 201], codes
+            assert sorted(codes[0::2]) == [200, 200, 200, 201], codes
+            assert http.get(f"/v1/loads/{order['id']}", headers=merchant).json()["status"] == (
+                "requires_card"
+            )
+        with live.factory() as session:
+            assert ledger.balance(session, ledger.RECEIVED_BANK_TRANSFERS) == -700
+            assert ledger.balance(session, ledger.float_account(merchant_id)) == SEED_FLOAT + 500
+            report = ledger.check(session)
+            assert report.ok, report.problems
+
+
+def test_an_order_for_an_unknown_or_blocked_card_is_refused(world: World) -> None:
+    unknown = world.terminal.post(
+        "/v1/loads",
+        {"amount": 100, "card_number": "00" * 10, "funding": {"method": "bank_transfer"}},
+    )
+    assert unknown.status_code == 404 and unknown.json()["param"] == "card_number"
+    card = world.issue()
+    number = card.state.issuer.card_number
+    world.client.post(f"/v1/cards/{number}/status", json={"status": "lost"}, headers=_op(world))
+    lost = world.terminal.post(
+        "/v1/loads",
+        {"amount": 100, "card_number": number, "funding": {"method": "bank_transfer"}},
+    )
+    assert lost.status_code == 409 and lost.json()["code"] == "card_not_loadable"
+    with world.factory() as session:
+        assert session.scalars(select(Load)).first() is None
+
+
+def test_a_recorded_float_deposit_on_the_statement_is_not_counted_twice(bare: World) -> None:
+    """The merchant's deposit reaches the same bank account: the operator recorded it (its
+    float is filled), and the statement line with that bank reference is that deposit."""
+    _deposit(bare, bare.merchant_id, 30_000, "B1-1")  # statement_csv names line i "B1-i"
+    text = statement_csv(1, [("float top-up", 30_000), ("float top-up", 30_000)])
+    answer = bare.client.post(
+        "/v1/operator/statements", json={"format": "csv", "statement": text}, headers=_op(bare)
+    )
+    summary = answer.json()
+    assert summary["float_deposits"] == [{"line": 1, "bank_reference": "B1-1"}]
+    assert [e["kind"] for e in summary["exceptions"]] == ["unmatched"]  # line 2: not recorded
+    with bare.factory() as session:
+        assert ledger.balance(session, ledger.RECEIVED_FLOAT_DEPOSITS) == -30_000
+        assert ledger.balance(session, ledger.RECEIVED_BANK_TRANSFERS) == -30_000
+    again = statement_csv(2, [("float top-up", 30_000)], opening=60_000)  # same bank ref B2-1
+    _deposit(bare, bare.merchant_id, 30_000, "B2-1")
+    second = bare.client.post(
+        "/v1/operator/statements", json={"format": "csv", "statement": again}, headers=_op(bare)
+    ).json()
+    assert second["float_deposits"] == [{"line": 1, "bank_reference": "B2-1"}]
+    _check(bare)
+
+
+def test_matching_recognises_a_recorded_deposit_once() -> None:
+    lines = [
+        statements.Line(1, 500, START.date(), bank_reference="DEP"),
+        statements.Line(2, 500, START.date(), bank_reference="DEP"),
+        statements.Line(3, 400, START.date(), bank_reference="OTHER"),
+    ]
+    plan = statements.plan(lines, {}, START, {"DEP": 500, "OTHER": 401})
+    assert [(d.deposit, d.exception) for d in plan] == [
+        ("DEP", None),
+        (None, statements.Exceptional.UNMATCHED),
+        (None, statements.Exceptional.UNMATCHED),
+    ]

@@ -20,6 +20,8 @@ from webpurse.settlement.loads import create_transfer_order
 from webpurse.settlement.models import Load
 from webpurse.settlement.service import Ctx
 
+CARD = "00" * 9 + "42"  # issued with this serial, the card number is the same
+
 
 def test_deposit_import_list_and_return_from_the_command_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -47,6 +49,10 @@ def test_deposit_import_list_and_return_from_the_command_line(
     shown = runner.invoke(app, ["settlement", "float", "show", merchant])
     assert json.loads(shown.output)["balance"] == 50_000
 
+    issued = runner.invoke(
+        app, ["settlement", "card", "issue", str(tmp_path / "card.json"), "--serial", CARD]
+    )
+    assert issued.exit_code == 0, issued.output
     engine = make_engine(f"sqlite:///{data / 'settlement.db'}")
     factory = make_session_factory(engine)
     with factory() as session, session.begin():
@@ -55,7 +61,7 @@ def test_deposit_import_list_and_return_from_the_command_line(
             ctx,
             amount=2_000,
             currency="CNY",
-            card_number="00" * 10,
+            card_number=CARD,
             ttl=FundingPolicy().bank_transfer_ttl,
         )
         reference, load_id = order.funding_reference, order.id

@@ -236,6 +236,22 @@ def _orders(session: Session, lines: tuple[statements.Line, ...]) -> dict[str, L
     return {load.funding_reference: load for load in rows}
 
 
+def _open_deposits(session: Session, lines: tuple[statements.Line, ...]) -> dict[str, int]:
+    """Recorded float deposits these lines may be, not yet seen on an earlier statement."""
+    refs = {line.bank_reference for line in lines if line.amount > 0 and line.bank_reference}
+    if not refs:
+        return {}
+    seen = set(
+        session.scalars(
+            select(StatementLine.bank_reference).where(
+                StatementLine.outcome == "float_deposit", StatementLine.bank_reference.in_(refs)
+            )
+        )
+    )
+    rows = session.scalars(select(FloatDeposit).where(FloatDeposit.bank_reference.in_(refs)))
+    return {d.bank_reference: d.amount for d in rows if d.bank_reference not in seen}
+
+
 def exception_json(exc: StatementException) -> dict[str, Any]:
     return {
         "id": exc.id,
@@ -328,9 +344,29 @@ def _fund(session: Session, load: Load, line: StatementLine, now: dt.datetime) -
     log.info("load.funded", load=load.id, line=line.id)
 
 
+def _outcome(decision: statements.Decision | None) -> str:
+    if decision is None:
+        return "debit"
+    if decision.deposit is not None:
+        return "float_deposit"
+    return "matched" if decision.matched else "exception"
+
+
 def _statement_error(error: statements.StatementError) -> ApiError:
     log.warning("statement.refused", code=error.code, detail=error.detail)
     return ApiError(error.status, error.code, error.detail)
+
+
+def next_statement(session: Session, account: str) -> tuple[int, int]:
+    """(number, opening balance) the next statement of ``account`` must have: what a demo or
+    a test writing a statement file needs (the bank numbers them; imports check the chain)."""
+    last = session.scalars(
+        select(BankStatement)
+        .where(BankStatement.account == statements.normalise_account(account))
+        .order_by(BankStatement.number.desc())
+        .limit(1)
+    ).first()
+    return (last.number + 1, last.closing_balance) if last is not None else (1, 0)
 
 
 def import_statement(
@@ -416,11 +452,13 @@ def import_statement(
             for ref, load in orders.items()
         },
         now,
+        _open_deposits(session, statement.lines),
     )
     decided = {decision.line.line_no: decision for decision in plan}
     by_id = {load.id: load for load in orders.values()}
     matched: list[dict[str, Any]] = []
     exceptions: list[dict[str, Any]] = []
+    deposits: list[dict[str, Any]] = []
     debits = 0
     for line in statement.lines:
         decision = decided.get(line.line_no)
@@ -434,13 +472,16 @@ def import_statement(
             payer=line.payer,
             remittance=line.remittance,
             reference=decision.reference if decision else None,
-            outcome="debit" if decision is None else "matched" if decision.matched else "exception",
+            outcome=_outcome(decision),
             load_id=decision.load_id if decision else None,
         )
         session.add(row)
         session.flush()
         if decision is None:
             debits += 1
+            continue
+        if decision.deposit is not None:  # booked when the operator recorded it
+            deposits.append({"line": line.line_no, "bank_reference": decision.deposit})
             continue
         if decision.matched:
             assert decision.load_id is not None
@@ -484,6 +525,7 @@ def import_statement(
         "number": statement.number,
         "matched": matched,
         "exceptions": exceptions,
+        "float_deposits": deposits,
         "debits": debits,
     }
     record.summary = summary

@@ -221,7 +221,16 @@ def _new_reference(ctx: Ctx) -> str:
 def create_transfer_order(
     ctx: Ctx, *, amount: int, currency: str, card_number: str, ttl: dt.timedelta
 ) -> Load:
-    """An online top-up: bound to one card, unfunded (no hold, no entry) until paid."""
+    """An online top-up: bound to one card, unfunded (no hold, no entry) until paid.
+
+    The card must be registered and usable now: the cardholder is about to send money for
+    it, and a mistyped number would leave that money with nowhere to go but back.
+    """
+    card = registry.find_card(ctx.session, card_number)
+    if card is None:
+        raise not_found("card", "card_number")
+    if card.status != "active":
+        raise conflict("card_not_loadable", f"the card is {card.status}: it cannot be topped up")
     load = _new_load(
         ctx,
         status="requires_funding",

@@ -52,7 +52,7 @@ def _random_digits(count: int) -> str:
 
 
 def grouped(reference: str) -> str:
-    """``RF71 8023 6447 …``: how a person reads and types it."""
+    """``RF17 8023 6447 …``: how a person reads and types it."""
     ref = normalise(reference)
     return " ".join(ref[i : i + 4] for i in range(0, len(ref), 4))
 

@@ -380,22 +380,36 @@ class Decision:
     load_id: str | None = None
     exception: Exceptional | None = None
     detail: str = ""
+    deposit: str | None = None  # the bank reference of a float deposit already booked
 
     @property
     def matched(self) -> bool:
         return self.exception is None and self.load_id is not None
 
 
-def plan(lines: Sequence[Line], orders: Mapping[str, Order], now: dt.datetime) -> list[Decision]:
+def plan(
+    lines: Sequence[Line],
+    orders: Mapping[str, Order],
+    now: dt.datetime,
+    deposits: Mapping[str, int] | None = None,
+) -> list[Decision]:
     """What each credit line does (debit lines are left out): fund an order or be listed.
 
     A line funds the order its reference names when that order is ``requires_funding``,
     not past ``expires_at``, for exactly the line's amount, and no earlier line funded it.
+    A line whose bank reference and amount are those of a float deposit the operator
+    already recorded (``deposits``: bank reference → fen, not yet seen on a statement) is
+    that deposit arriving: it was booked when it was recorded, so it is neither.
     """
     decisions: list[Decision] = []
     funded: set[str] = set()
+    open_deposits = dict(deposits or {})
     for line in lines:
         if line.amount <= 0:
+            continue
+        if open_deposits.get(line.bank_reference) == line.amount:
+            del open_deposits[line.bank_reference]
+            decisions.append(Decision(line, None, deposit=line.bank_reference))
             continue
         valid, invalid = references.find_in(line.remittance)
         known = [ref for ref in dict.fromkeys(valid) if ref in orders]
