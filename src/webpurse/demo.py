@@ -100,10 +100,6 @@ class DemoState:
     card_loaded: bool = False
     staff_name: str = STAFF_NAME
     staff_password: str = field(default="", repr=False)
-    statements: int = 0
-    """Statements of the settlement account imported so far (the next one is number + 1)."""
-    statement_closing: int = 0
-    """The last imported statement's closing balance (the next one opens with it)."""
 
     def save(self, path: Path) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -298,11 +294,22 @@ class DemoStack:
         """Write the settlement account's next bank statement (CSV) paying ``credits``
         (remittance text, fen) and import it as the operator does (``webpurse settlement
         statement import``); returns settlement's summary (``matched``, ``exceptions``)."""
+        from webpurse.settlement.db import make_engine, make_session_factory
+        from webpurse.settlement.funding import next_statement
         from webpurse.settlement.settings import Settings
         from webpurse.settlement.statements import Line, Statement, render_csv
 
         assert self.state is not None
-        number = self.state.statements + 1
+        settings = Settings.from_env(self.env())
+        account = settings.settlement_account
+        # The bank numbers its statements: the next one follows the last imported one (the
+        # demo's, or any the operator imported by hand into this data dir).
+        engine = make_engine(settings.database_url)
+        try:
+            with make_session_factory(engine)() as session:
+                number, opening = next_statement(session, account)
+        finally:
+            engine.dispose()
         today = time.strftime("%Y-%m-%d")
         lines = tuple(
             Line(
@@ -315,12 +322,12 @@ class DemoStack:
             )
             for i, (text, fen) in enumerate(credits, start=1)
         )
-        closing = self.state.statement_closing + sum(line.amount for line in lines)
+        closing = opening + sum(line.amount for line in lines)
         statement = Statement(
-            account=os.environ.get("WEBPURSE_SETTLEMENT_ACCOUNT", Settings.settlement_account),
+            account=account,
             number=number,
             currency="CNY",
-            opening_balance=self.state.statement_closing,
+            opening_balance=opening,
             closing_balance=closing,
             lines=lines,
         )
@@ -329,8 +336,6 @@ class DemoStack:
         summary: dict[str, Any] = json.loads(
             self.run_cli("settlement", "statement", "import", str(path), "--format", "csv")
         )
-        self.state.statements, self.state.statement_closing = number, closing
-        self.state.save(self.data_dir / STATE_FILE)
         summary["file"] = str(path)
         return summary
 

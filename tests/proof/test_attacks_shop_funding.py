@@ -274,3 +274,21 @@ async def test_a_paid_transfer_loads_only_its_own_card(rig: Rig, proof: Proof) -
         assert rig.balance == 5000
         rig.ledger_ok()
         row.observed = "other card: declined wrong_card, ¥0; own card: loaded ¥50.00, same load"
+
+
+async def test_a_transfer_for_a_card_settlement_does_not_know_asks_no_money(
+    rig: Rig, proof: Proof
+) -> None:
+    with proof.row(
+        SUITE,
+        "shop: online top-up for a mistyped (unregistered) card number",
+        expected="422 'we do not know this card'; no reference issued, no load, nothing to pay",
+    ) as row:
+        before = rig.books()
+        answer = await rig.shop.post(
+            "/topup",
+            data={"amount": "5000", "method": "bank_transfer", "card_number": "0" * 19 + "1"},
+        )
+        assert answer.status_code == 422 and "We do not know this card" in answer.text
+        assert "RF" not in answer.text and rig.books() == before
+        row.observed = f"422; loads, entries {before} → {rig.books()}"

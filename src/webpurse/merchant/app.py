@@ -369,6 +369,19 @@ def create_app(
         except SettlementError as exc:
             log.warning("order %s: settlement refused the top-up: %s", order.id, exc)
             orders.update(order.id, status="canceled", decline_code=exc.code or "settlement_error")
+            if exc.status == 404 or exc.code == "card_not_loadable":
+                # No money may be asked for a card that is not ours or cannot take value.
+                return render(
+                    request,
+                    "topup.html",
+                    status_code=422,
+                    amounts=TOPUP_AMOUNTS,
+                    method=BANK_TRANSFER,
+                    error="unknown_card" if exc.status == 404 else "card_not_loadable",
+                    card_number=card_number,
+                    agent_url=settings.agent_url,
+                    reader_path=READER_PATH,
+                )
             return render(request, "error.html", status_code=502, message=str(exc))
         return finish(
             request, RedirectResponse(f"/orders/{order.id}/transfer", status_code=303), None

@@ -172,6 +172,14 @@ STRINGS: dict[str, tuple[str, str]] = {
         "That is not a card number: type the 20 characters (0-9, A-F) printed on the card.",
         "卡号无效：请输入卡面上印的 20 位字符（0-9、A-F）。",
     ),
+    "unknown_card": (
+        "We do not know this card: check the number printed on it.",
+        "我们不认识此卡：请核对卡面上印的卡号。",
+    ),
+    "card_not_loadable": (
+        "This card cannot be topped up (blocked, lost or expired).",
+        "此卡无法充值（已锁定、挂失或过期）。",
+    ),
     "transfer_title": ("Pay by bank transfer", "银行转账付款"),
     "transfer_help": (
         "Transfer exactly this amount from your bank account, quoting this reference. "
