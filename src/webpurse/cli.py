@@ -7,6 +7,7 @@ import typer
 from webpurse.agent.cli import app as agent_app
 from webpurse.card.cli import app as card_app
 from webpurse.demo import demo
+from webpurse.merchant.cli import app as merchant_app
 from webpurse.serve import app as serve_app
 from webpurse.settlement.cli import app as settlement_app
 from webpurse.settlement.cli import ledger_app
@@ -19,6 +20,7 @@ app.add_typer(card_app, name="card")
 app.add_typer(agent_app, name="agent")
 app.add_typer(settlement_app, name="settlement")
 app.add_typer(ledger_app, name="ledger")
+app.add_typer(merchant_app, name="merchant")
 app.add_typer(serve_app, name="serve")
 app.command("demo")(demo)
 

@@ -5,8 +5,14 @@ shop as uvicorn processes, registers the merchant (API key, webhook endpoint), i
 demo card from settlement's master keys and loads it through the real load flow, starts
 the terminal agent with the emulated card, and prints the shop's address. Ctrl-C stops
 everything it started. ``--scripted`` runs one purchase headless through the shop, the
-agent and the card, prints a receipt and exits 0 when the payment succeeded and the ledger
-checks out.
+agent and the card, then one online top-up paid by bank transfer (it writes a CSV bank
+statement paying the top-up's reference, imports it as the operator would, and loads the card
+through the shop), prints both receipts and exits 0 when both succeeded and the ledger checks
+out.
+
+Value is never free: setup records a deposit into the merchant's top-up float (what the
+shop's till may load for cash) and creates a staff account for the till (its name and
+password are printed on start).
 
 :class:`DemoStack` is also the end-to-end tests' harness (tests/e2e).
 """
@@ -15,9 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -36,6 +44,9 @@ from webpurse.card.image import ImageFile
 
 STATE_FILE = "demo.json"
 DEMO_LOAD = 50_000
+DEMO_FLOAT = 1_000_000  # ¥10,000 prepaid by the merchant into its top-up float
+DEMO_TOPUP = 10_000  # the scripted online top-up: ¥100 by bank transfer
+STAFF_NAME = "till"
 
 
 class DemoError(Exception):
@@ -87,6 +98,8 @@ class DemoState:
     operator_key: str = field(repr=False)
     card_image: str
     card_loaded: bool = False
+    staff_name: str = STAFF_NAME
+    staff_password: str = field(default="", repr=False)
 
     def save(self, path: Path) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -143,11 +156,12 @@ class DemoStack:
             return None
         return open(self.data_dir / f"{name}.log", "ab")
 
-    def run_cli(self, *args: str) -> str:
+    def run_cli(self, *args: str, stdin: str | None = None) -> str:
         """Run ``webpurse ARGS`` against this data dir; return its standard output."""
         done = subprocess.run(  # noqa: S603 - our own CLI, argument list
             [*webpurse_command(), *args],
             env=self.env(),
+            input=stdin,
             capture_output=True,
             text=True,
             timeout=120,
@@ -186,6 +200,10 @@ class DemoStack:
         existing = DemoState.load(state_path)
         if existing is not None and Path(existing.card_image).exists():
             self.state = existing
+            if not existing.staff_password:  # a data dir from before funded top-ups
+                self.seed_float(existing.merchant_id)
+                existing.staff_password = self.add_staff()
+                existing.save(state_path)
             return existing
         self.run_cli("settlement", "init")
         merchant = json.loads(
@@ -194,15 +212,39 @@ class DemoStack:
         operator = json.loads(self.run_cli("settlement", "operator", "create", "demo", "--json"))
         image = self.data_dir / "demo-card.json"
         self.issue_card(image)
+        self.seed_float(merchant["id"])
+        password = self.add_staff()
         self.state = DemoState(
             merchant_id=merchant["id"],
             terminal_id=merchant["terminal_id"],
             api_key=merchant["api_key"],
             operator_key=operator["api_key"],
             card_image=str(image),
+            staff_password=password,
         )
         self.state.save(state_path)
         return self.state
+
+    def seed_float(self, merchant_id: str) -> None:
+        """The merchant prepaid its top-up float (a bank transfer to settlement, recorded by
+        the operator): what the till may load for cash. Idempotent on the bank reference."""
+        self.run_cli(
+            "settlement",
+            "float",
+            "deposit",
+            merchant_id,
+            str(DEMO_FLOAT),
+            "--bank-reference",
+            "DEMO-FLOAT-0001",
+        )
+
+    def add_staff(self) -> str:
+        """A staff account for the shop's till; returns its (new, random) password."""
+        password = secrets.token_urlsafe(12)
+        self.run_cli(
+            "merchant", "staff", "add", STAFF_NAME, "--password-stdin", stdin=password + "\n"
+        )
+        return password
 
     def issue_card(self, image: Path) -> str:
         out = self.run_cli("settlement", "card", "issue", str(image))
@@ -251,6 +293,55 @@ class DemoStack:
             raise DemoError(f"webhook endpoint: {response.status_code} {response.text}")
         self.webhook_secret = str(response.json()["secret"])
         return self.webhook_secret
+
+    def import_statement(self, credits: Sequence[tuple[str, int]]) -> dict[str, Any]:
+        """Write the settlement account's next bank statement (CSV) paying ``credits``
+        (remittance text, fen) and import it as the operator does (``webpurse settlement
+        statement import``); returns settlement's summary (``matched``, ``exceptions``)."""
+        from webpurse.settlement.db import make_engine, make_session_factory
+        from webpurse.settlement.funding import next_statement
+        from webpurse.settlement.settings import Settings
+        from webpurse.settlement.statements import Line, Statement, render_csv
+
+        assert self.state is not None
+        settings = Settings.from_env(self.env())
+        account = settings.settlement_account
+        # The bank numbers its statements: the next one follows the last imported one (the
+        # demo's, or any the operator imported by hand into this data dir).
+        engine = make_engine(settings.database_url)
+        try:
+            with make_session_factory(engine)() as session:
+                number, opening = next_statement(session, account)
+        finally:
+            engine.dispose()
+        today = time.strftime("%Y-%m-%d")
+        lines = tuple(
+            Line(
+                line_no=i,
+                amount=fen,
+                booked_on=dt.date.fromisoformat(today),
+                bank_reference=f"DEMO-{number}-{i}",
+                payer="Demo Cardholder",
+                remittance=text,
+            )
+            for i, (text, fen) in enumerate(credits, start=1)
+        )
+        closing = opening + sum(line.amount for line in lines)
+        statement = Statement(
+            account=account,
+            number=number,
+            currency="CNY",
+            opening_balance=opening,
+            closing_balance=closing,
+            lines=lines,
+        )
+        path = self.data_dir / f"statement-{number:04d}.csv"
+        path.write_text(render_csv(statement), encoding="utf-8")
+        summary: dict[str, Any] = json.loads(
+            self.run_cli("settlement", "statement", "import", str(path), "--format", "csv")
+        )
+        summary["file"] = str(path)
+        return summary
 
     def ledger_check(self) -> dict[str, Any]:
         assert self.state is not None
@@ -374,7 +465,10 @@ async def _load(settlement_url: str, api_key: str, image: Path, amount: int) -> 
 
     async with httpx.AsyncClient(base_url=settlement_url, timeout=15.0) as http:
         client = SettlementClient(http, api_key)
-        load = await client.create(Kind.LOAD, amount, description="demo load", reference="demo")
+        # Value the shop sold for cash at its till: drawn from the merchant's float.
+        load = await client.create(
+            Kind.LOAD, amount, description="demo load", reference="demo", funding="merchant_float"
+        )
         reader = SimReader.from_image(image)
         try:
             outcome = await run_transaction(reader, client, load, card_timeout=5.0)
@@ -403,28 +497,84 @@ def scripted_purchase(
             raise DemoError(f"checkout failed: {checkout.status_code} {checkout.text[:200]}")
         pay_path = checkout.headers["location"]
         order_id = pay_path.split("/")[2]
-        page = shop.get(pay_path).text
-        token = re.search(r'data-token="([^"]+)"', page)
-        if token is None:
-            raise DemoError("the payment page has no pairing token")
-        paired = httpx.post(
-            f"{stack.agent_url}/pair",
-            json={"token": token.group(1), "server": f"{stack.merchant_url}/reader"},
-            headers={"Origin": stack.merchant_url},
-            timeout=30.0,
-        )
-        if paired.status_code != 200:
-            raise DemoError(f"the agent refused to pair: {paired.status_code} {paired.text}")
-        deadline = time.monotonic() + timeout
-        status: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            status = shop.get(f"/orders/{order_id}/status").json()
-            if status["status"] in ("paid", "declined", "canceled"):
-                break
-            time.sleep(0.2)
+        status = _pay_through_agent(stack, shop, order_id, timeout)
     return {
         "order": order_id,
         "payment": status.get("settlement_id"),
+        "status": status.get("status"),
+        "amount": status.get("amount"),
+        "balance_before": before,
+        "balance_after": card_balance(image),
+        "tac": status.get("tac"),
+        "round_trips": status.get("round_trips"),
+        "decline_code": status.get("decline_code"),
+    }
+
+
+def _pay_through_agent(
+    stack: DemoStack, shop: httpx.Client, order_id: str, timeout: float
+) -> dict[str, Any]:
+    """Open the order's payment page, pair the agent as the page's script would, and wait
+    until settlement's verdict; returns the order's status."""
+    page = shop.get(f"/orders/{order_id}/pay").text
+    token = re.search(r'data-token="([^"]+)"', page)
+    if token is None:
+        raise DemoError("the payment page has no pairing token")
+    paired = httpx.post(
+        f"{stack.agent_url}/pair",
+        json={"token": token.group(1), "server": f"{stack.merchant_url}/reader"},
+        headers={"Origin": stack.merchant_url},
+        timeout=30.0,
+    )
+    if paired.status_code != 200:
+        raise DemoError(f"the agent refused to pair: {paired.status_code} {paired.text}")
+    deadline = time.monotonic() + timeout
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        status = shop.get(f"/orders/{order_id}/status").json()
+        if status["status"] in ("paid", "loaded", "declined", "canceled"):
+            break
+        time.sleep(0.2)
+    return status
+
+
+def scripted_funded_topup(
+    stack: DemoStack, amount: int = DEMO_TOPUP, timeout: float = 60.0
+) -> dict[str, Any]:
+    """One online top-up as a cardholder makes it, headless: order it on the shop's page
+    (bank transfer, the card's printed number), pay it (a bank statement line quoting its
+    reference, imported by the operator), then load it through the agent. The receipt."""
+    assert stack.state is not None
+    image = Path(stack.state.card_image)
+    card_number = ImageFile(image).load().serial.hex().upper()
+    before = card_balance(image)
+    with httpx.Client(base_url=stack.merchant_url, timeout=15.0) as shop:
+        ordered = shop.post(
+            "/topup",
+            data={"amount": str(amount), "method": "bank_transfer", "card_number": card_number},
+        )
+        if ordered.status_code != 303:
+            raise DemoError(f"top-up order failed: {ordered.status_code} {ordered.text[:200]}")
+        order_id = ordered.headers["location"].split("/")[2]
+        ordered_status = shop.get(f"/orders/{order_id}/status").json()
+        reference = ordered_status.get("payment_reference")
+        if not reference:
+            raise DemoError(f"the top-up has no payment reference: {ordered_status}")
+        summary = stack.import_statement([(f"webpurse top-up {reference}", amount)])
+        if len(summary.get("matched", [])) != 1:
+            raise DemoError(f"the statement matched nothing: {summary}")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            funded = shop.get(f"/orders/{order_id}/status").json()
+            if funded.get("settlement_status") != "requires_funding":
+                break
+            time.sleep(0.2)
+        status = _pay_through_agent(stack, shop, order_id, timeout)
+    return {
+        "order": order_id,
+        "load": status.get("settlement_id"),
+        "reference": reference,
+        "statement": summary["file"],
         "status": status.get("status"),
         "amount": status.get("amount"),
         "balance_before": before,
@@ -446,7 +596,11 @@ def demo(
         "data/demo"
     ),
     scripted: Annotated[
-        bool, typer.Option("--scripted", help="run one purchase headless, print a receipt, exit")
+        bool,
+        typer.Option(
+            "--scripted",
+            help="run one purchase and one funded top-up headless, print receipts, exit",
+        ),
     ] = False,
     port: Annotated[int, typer.Option(help="the shop's port (0: any free port)")] = 8000,
     settlement_port: Annotated[int, typer.Option(help="settlement's port (0: any)")] = 8100,
@@ -474,17 +628,31 @@ def demo(
             stack.start_agent(image, yes=yes)
             if scripted:
                 receipt = scripted_purchase(stack)
+                topup = scripted_funded_topup(stack)
                 ledger = stack.ledger_check()
                 _print_receipt(receipt, ledger)
-                ok = receipt["status"] == "paid" and ledger.get("ok") is True
+                _print_topup_receipt(topup)
+                ok = (
+                    receipt["status"] == "paid"
+                    and topup["status"] == "loaded"
+                    and ledger.get("ok") is True
+                )
                 raise typer.Exit(0 if ok else 1)
             out("")
             out(f"  shop:       {stack.merchant_url}/")
+            out(
+                f"  till:       {stack.merchant_url}/staff  (staff {state.staff_name},"
+                f" password {state.staff_password})"
+            )
+            out(f"  float:      {_fen(DEMO_FLOAT)} deposited for cash top-ups at the till")
             out(f"  settlement: {stack.settlement_url}/docs")
             out(f"  agent:      {stack.agent_url}  (card {image})")
             out("  consent:    " + ("automatic (no terminal)" if yes else "asked in this terminal"))
             out("")
             out("Open the shop in a browser, buy something, pay with the card. Ctrl-C stops.")
+            out("Top up: sign in at the till and take cash (the float pays for the value), or")
+            out("order a bank transfer on the shop's top-up page and pay it with a statement:")
+            out("  webpurse settlement statement import FILE --format csv   (docs/merchant.md)")
             while all(p.poll() is None for p in stack.processes):
                 time.sleep(0.5)
             out("a server stopped; shutting down")
@@ -519,5 +687,23 @@ def _print_receipt(receipt: dict[str, Any], ledger: dict[str, Any]) -> None:
         f"  round trips     {receipt['round_trips']}",
         "  ledger check    "
         + ("consistent" if ledger.get("ok") else f"PROBLEMS: {ledger.get('problems')}"),
+    ]
+    typer.echo("\n".join(lines))
+
+
+def _print_topup_receipt(receipt: dict[str, Any]) -> None:
+    lines = [
+        "top-up receipt (bank transfer)",
+        f"  order           {receipt['order']}",
+        f"  load            {receipt['load']}",
+        f"  reference       {receipt['reference']}",
+        f"  statement       {receipt['statement']}",
+        f"  status          {receipt['status']}"
+        + (f" ({receipt['decline_code']})" if receipt.get("decline_code") else ""),
+        f"  amount          {_fen(receipt['amount'])}",
+        f"  balance before  {_fen(receipt['balance_before'])}",
+        f"  balance after   {_fen(receipt['balance_after'])}",
+        f"  TAC             {receipt['tac']}",
+        f"  round trips     {receipt['round_trips']}",
     ]
     typer.echo("\n".join(lines))

@@ -150,25 +150,6 @@ async def test_interrupted_debit_asks_for_the_card_again_and_ends_paid_once(
     ledger_ok(stack)
 
 
-async def test_topup_raises_the_card_balance(
-    stack: DemoStack, shopper: Shopper, browser: Browser
-) -> None:
-    before = balance(shopper)
-    page = await new_page(browser)
-    await page.goto(f"{stack.merchant_url}/topup")
-    await page.click("[data-testid=topup-5000]")
-    message = page.locator("[data-testid=pay-message]")
-    await expect(message).to_have_text(
-        "Loaded. Your new balance is on the card.", timeout=PAY_TIMEOUT
-    )
-    await page.screenshot(path=ARTIFACTS / "e2e-topup.png", full_page=True)
-    status = await order_status(page)
-    assert (status["status"], status["round_trips"]) == ("loaded", 2)
-    assert balance(shopper) == before + 5000
-    assert settlement_object(stack, "loads", status["settlement_id"])["status"] == "succeeded"
-    ledger_ok(stack)
-
-
 async def test_phone_sized_payment_page_in_chinese(
     stack: DemoStack, shopper: Shopper, browser: Browser
 ) -> None:
@@ -198,6 +179,11 @@ async def test_short_code_pairs_an_agent_the_page_cannot_reach(
     await buy(page, stack, "notebook")
     await expect(page.locator("#agent-error")).to_be_visible(timeout=PAY_TIMEOUT)
     await expect(page.locator("[data-testid=pay-message]")).to_have_text("Waiting for your reader…")
+    # The other device's reader is a visible choice (patent claims 2 and 10), remembered.
+    await page.click("[data-testid=reader-other]")
+    await expect(page.locator("#agent-error")).to_be_hidden()
+    await expect(page.locator("#connect")).to_be_hidden()
+    await expect(page.locator("#pairing [data-for=other]")).to_be_visible()
     await page.screenshot(path=ARTIFACTS / "e2e-short-code.png", full_page=True)
     code = "".join((await page.inner_text("[data-testid=short-code]")).split())
     assert code.isalnum() and len(code) == 8
@@ -206,6 +192,10 @@ async def test_short_code_pairs_an_agent_the_page_cannot_reach(
         "Paid. Thank you!", timeout=PAY_TIMEOUT
     )
     assert balance(shopper) == before - 1250
+    await buy(page, stack, "tea")  # the next payment page remembers the choice
+    await expect(page.locator("[data-testid=reader-other]")).to_be_checked()
+    await expect(page.locator("#pairing [data-for=other]")).to_be_visible()
+    await expect(page.locator("#agent-error")).to_be_hidden()  # it did not try this device
 
 
 async def test_a_debit_lost_before_the_card_is_released_then_paid_in_a_new_session(

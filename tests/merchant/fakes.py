@@ -14,6 +14,7 @@ from webpurse.card import MasterKeys
 from webpurse.merchant.settlement import (
     Authorisation,
     Declined,
+    FloatBalance,
     Kind,
     RecoveryHint,
     SettlementError,
@@ -51,6 +52,9 @@ class Record:
     apdu: bytes | None = None
     supersedes: str | None = None
     calls: list[str] = field(default_factory=list)
+    funding: str | None = None
+    reference: str | None = None
+    bound_card: str | None = None
 
 
 class FakeSettlement:
@@ -59,6 +63,9 @@ class FakeSettlement:
         self.ids = itertools.count(1)
         self.seq = itertools.count(1)
         self.calls: list[str] = []
+        self.float = 1_000_000  # the merchant's prepaid float (merchant_float loads draw it)
+        self.low_threshold = 10_000
+        self.references = itertools.count(1)
 
     def _obj(self, r: Record) -> SettlementObject:
         auth = (
@@ -77,6 +84,12 @@ class FakeSettlement:
             decline_code=r.decline_code,
             tac=r.tac,
             authorisation=auth,
+            raw={
+                "id": r.id,
+                "status": r.status,
+                "funding": {"method": r.funding, "reference": r.reference},
+                "expires_at": "2026-11-30T13:00:00Z" if r.status == "requires_funding" else None,
+            },
         )
 
     def _get(self, object_id: str) -> Record:
@@ -86,16 +99,45 @@ class FakeSettlement:
             raise SettlementError("no such object", status=404) from None
 
     async def create(
-        self, kind: Kind, amount: int, *, description: str, reference: str
+        self,
+        kind: Kind,
+        amount: int,
+        *,
+        description: str,
+        reference: str,
+        funding: str | None = None,
+        card_number: str | None = None,
     ) -> SettlementObject:
         prefix = "pay" if kind is Kind.PAYMENT else "load"
         r = Record(kind, f"{prefix}_{next(self.ids)}", amount)
+        if kind is Kind.LOAD:
+            if funding == "merchant_float":
+                if amount > self.float:
+                    raise SettlementError("float too low", status=409, code="insufficient_float")
+                self.float -= amount
+            elif funding == "bank_transfer":
+                if card_number is None:
+                    raise SettlementError("card required", status=422, code="card_required")
+                r.status = "requires_funding"
+                r.reference = f"RF{next(self.references):08d}"
+            else:
+                raise SettlementError("unfunded load", status=422, code="invalid_funding")
+            r.funding, r.bound_card = funding, card_number
         self.records[r.id] = r
         self.calls.append(f"create {r.id}")
         return self._obj(r)
 
     async def get(self, kind: Kind, object_id: str) -> SettlementObject:
         return self._obj(self._get(object_id))
+
+    async def float_balance(self) -> FloatBalance:
+        return FloatBalance(self.float, self.low_threshold)
+
+    def fund(self, object_id: str) -> None:
+        """The operator imported a statement line matching this bank-transfer load."""
+        r = self._get(object_id)
+        assert r.status == "requires_funding", r.status
+        r.status = "requires_card"
 
     def _open_for(self, card: bytes, other: str) -> Record | None:
         for r in self.records.values():
@@ -132,6 +174,8 @@ class FakeSettlement:
                 decline_code="recovery_required",
                 recover=RecoveryHint(open_one.kind, open_one.id, ttype, open_one.counter or 0),
             )
+        if r.bound_card is not None and r.bound_card != serial.hex().upper():
+            raise Declined("another card", code="card_declined", decline_code="wrong_card")
         r.card = serial
         date, time = NOW.date(), NOW.time()
         if kind is Kind.PAYMENT:
@@ -296,6 +340,8 @@ class FakeSettlement:
         self.calls.append(
             f"cancel {object_id}" + (f" {status_word:04X}" if status_word is not None else "")
         )
+        if r.funding == "merchant_float" and r.status != "canceled":
+            self.float += r.amount
         r.status = "canceled"
         return self._obj(r)
 

@@ -113,16 +113,6 @@ async def test_insufficient_funds_shows_declined_with_the_reason(shop: Any) -> N
     assert "insufficient funds" in page
 
 
-async def test_topup_loads_value_onto_the_card(shop: Any) -> None:
-    client, sim, _ = shop
-    r = await client.post("/topup", data={"amount": "5000"})
-    order_id = r.headers["location"].split("/")[2]
-    await client.get(f"/orders/{order_id}/pay")
-    body = await wait_status(client, order_id, {"loaded", "declined"})
-    assert body["status"] == "loaded" and body["round_trips"] == 2
-    assert sim.card is not None and sim.card.state.balance == 15_000
-
-
 async def test_bad_input_is_refused_and_changes_nothing(shop: Any) -> None:
     client, _, _ = shop
     assert (await client.post("/cart/add", data={"product": "caviar"})).status_code == 422

@@ -51,7 +51,9 @@ async def test_purchase_takes_two_round_trips_and_debits_the_card(
 async def test_load_takes_two_round_trips_and_credits_the_card(
     reader: SimReader, settlement: FakeSettlement
 ) -> None:
-    load = await settlement.create(Kind.LOAD, 5000, description="d", reference="r")
+    load = await settlement.create(
+        Kind.LOAD, 5000, description="d", reference="r", funding="merchant_float"
+    )
     outcome = await run_transaction(reader, settlement, load)
     assert (outcome.status, outcome.round_trips) == ("succeeded", 2)
     assert reader.card is not None and reader.card.state.balance == 15_000
@@ -104,7 +106,9 @@ async def test_debit_lost_before_the_card_is_recovered_as_canceled(
 async def test_recovery_required_costs_one_more_round_trip(
     reader: SimReader, settlement: FakeSettlement
 ) -> None:
-    first = await settlement.create(Kind.LOAD, 2000, description="d", reference="r")
+    first = await settlement.create(
+        Kind.LOAD, 2000, description="d", reference="r", funding="merchant_float"
+    )
     reader.inject(Fault.after(INS_CREDIT_FOR_LOAD))
     assert (await run_transaction(reader, settlement, first)).status == "uncertain"
     reader.insert()

@@ -80,7 +80,9 @@ async def test_load_against_settlement_is_two_round_trips(
     world: World, client: SettlementClient
 ) -> None:
     async with SimReader(world.issue()) as reader:
-        load = await client.create(Kind.LOAD, 5000, description="top-up", reference="ord_2")
+        load = await client.create(
+            Kind.LOAD, 5000, description="top-up", reference="ord_2", funding="merchant_float"
+        )
         outcome = await run_transaction(reader, client, load)
         assert (outcome.status, outcome.round_trips) == ("succeeded", 2)
         assert reader.card is not None and reader.card.state.balance == 5000
@@ -164,7 +166,9 @@ async def test_a_load_lost_before_the_card_stays_held_until_the_next_load_settle
     ``canceled`` for the order (load again) while settlement keeps the load uncertain,
     its funds held; the next load's verified TAC at that counter releases it."""
     async with SimReader(world.issue()) as reader:
-        lost = await client.create(Kind.LOAD, 2_000, description="top-up", reference="ord_8")
+        lost = await client.create(
+            Kind.LOAD, 2_000, description="top-up", reference="ord_8", funding="merchant_float"
+        )
         reader.inject(Fault.before(INS_CREDIT_FOR_LOAD))
         outcome = await run_transaction(reader, client, lost)
         assert outcome.status == "uncertain" and outcome.counter is not None
@@ -174,7 +178,9 @@ async def test_a_load_lost_before_the_card_stays_held_until_the_next_load_settle
         assert recovered.status == "canceled" and recovered.object is not None
         assert recovered.object.status == "uncertain"
         assert (await client.get(Kind.LOAD, lost.id)).status == "uncertain"
-        again = await client.create(Kind.LOAD, 2_000, description="top-up", reference="ord_8")
+        again = await client.create(
+            Kind.LOAD, 2_000, description="top-up", reference="ord_8", funding="merchant_float"
+        )
         assert (await run_transaction(reader, client, again)).status == "succeeded"
         assert (await client.get(Kind.LOAD, lost.id)).status == "canceled"
         assert reader.card is not None and reader.card.state.balance == 2_000
@@ -186,7 +192,9 @@ async def test_an_open_load_the_card_shows_unused_is_passed_by_the_next_load(
     """recovery_required for an ``authorised`` load whose CREDIT never left: resolve keeps
     it (409), the flow marks it uncertain and the new load goes ahead linked to it."""
     async with SimReader(world.issue()) as reader:
-        stale = await client.create(Kind.LOAD, 2_000, description="top-up", reference="ord_9")
+        stale = await client.create(
+            Kind.LOAD, 2_000, description="top-up", reference="ord_9", funding="merchant_float"
+        )
         card = reader.card
         assert card is not None
         issuer = read_issuer(card)
@@ -194,7 +202,9 @@ async def test_an_open_load_the_card_shows_unused_is_passed_by_the_next_load(
         await client.authorise(
             Kind.LOAD, stale.id, issuer_data=issuer, initialize=init, terminal_id=stale.terminal_id
         )  # the merchant died before the CREDIT
-        fresh = await client.create(Kind.LOAD, 500, description="top-up", reference="ord_10")
+        fresh = await client.create(
+            Kind.LOAD, 500, description="top-up", reference="ord_10", funding="merchant_float"
+        )
         outcome = await run_transaction(reader, client, fresh)
         assert (outcome.status, outcome.round_trips) == ("succeeded", 3)
         assert (await client.get(Kind.LOAD, stale.id)).status == "canceled"
@@ -205,7 +215,9 @@ async def test_recovery_required_settles_the_torn_load_then_pays(
     world: World, client: SettlementClient
 ) -> None:
     async with SimReader(world.funded_card(1000)) as reader:
-        load = await client.create(Kind.LOAD, 2000, description="top-up", reference="ord_6")
+        load = await client.create(
+            Kind.LOAD, 2000, description="top-up", reference="ord_6", funding="merchant_float"
+        )
         reader.inject(Fault.after(INS_CREDIT_FOR_LOAD))
         assert (await run_transaction(reader, client, load)).status == "uncertain"
         reader.insert()

@@ -144,6 +144,8 @@ async def test_loads_and_reads_do_not_go_through_batches() -> None:
 
     async with _failing(httpx.MockTransport(answer)) as http:
         client = BatchingSettlementClient(http, "sk_mer_x")
-        await client.create(Kind.LOAD, 1, description="top-up", reference="o")
+        await client.create(
+            Kind.LOAD, 1, description="top-up", reference="o", funding="merchant_float"
+        )
         await client.get(Kind.PAYMENT, "pay_1")
     assert seen == ["POST /v1/loads", "GET /v1/payments/pay_1"]

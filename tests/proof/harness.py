@@ -27,6 +27,8 @@ from webpurse.merchant.orders import PURCHASE, TOPUP, Order, OrderBook, make_eng
 from webpurse.merchant.progress import OrderEvent, ProgressBus
 from webpurse.merchant.readers import LocalBroker, ReaderBroker
 from webpurse.merchant.settlement import (
+    MERCHANT_FLOAT,
+    FloatBalance,
     Kind,
     Settlement,
     SettlementClient,
@@ -139,9 +141,26 @@ class GatedSettlement:
         await asyncio.Event().wait()  # parked until the task is cancelled
 
     async def create(
-        self, kind: Kind, amount: int, *, description: str, reference: str
+        self,
+        kind: Kind,
+        amount: int,
+        *,
+        description: str,
+        reference: str,
+        funding: str | None = None,
+        card_number: str | None = None,
     ) -> SettlementObject:
-        return await self.inner.create(kind, amount, description=description, reference=reference)
+        return await self.inner.create(
+            kind,
+            amount,
+            description=description,
+            reference=reference,
+            funding=funding,
+            card_number=card_number,
+        )
+
+    async def float_balance(self) -> FloatBalance:
+        return await self.inner.float_balance()
 
     async def get(self, kind: Kind, object_id: str) -> SettlementObject:
         return await self.inner.get(kind, object_id)
@@ -244,7 +263,12 @@ class Shop:
         )
 
     async def open_order(self, kind: str, amount: int) -> Order:
-        order = self.orders.create(session_id="s" * 20, kind=kind, amount=amount)
+        order = self.orders.create(
+            session_id="s" * 20,
+            kind=kind,
+            amount=amount,
+            funding=MERCHANT_FLOAT if kind == TOPUP else None,
+        )
         order = await self.cashier.open_settlement(order, f"proof {kind}")
         self.cashier.start(order.id)
         return order

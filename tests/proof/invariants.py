@@ -4,11 +4,12 @@
 the real cards) after a scenario and its recovery, and raises :class:`InvariantBroken`
 naming every broken rule:
 
-1. value conserved: every transfer sums to zero; funds received for loads (by the issuer,
-   ``funding:``, and by merchants that sold top-ups, ``topups:<merchant>``, which they owe
-   until clearing nets them) == Σ card stored value + merchant payables + payouts + refunds
-   pending + held, recomputed here from the ledger entries and, independently, by
-   ``webpurse ledger check`` (exit status 0);
+1. value conserved: every transfer sums to zero; funds received (float deposits and bank
+   statement credits, ``received:``; ``funding:``/``topups:`` in databases from before
+   issue 12) == Σ card stored value + merchant payables + payouts + refunds pending + held +
+   unused floats + matched money not yet loaded + money awaiting return + money returned,
+   recomputed here from the ledger entries and, independently, by ``webpurse ledger check``
+   (exit status 0);
 2. each card's real balance and counters (read from the emulator) equal settlement's shadow
    balance and counters and its ``card:`` ledger account — once recovery has settled;
 3. nothing debited (or credited) twice: at most one hold per payment/load, never both a
@@ -57,7 +58,7 @@ class InvariantReport:
 
     def summary(self) -> str:
         """One line for the proof table's "observed" column."""
-        kinds = ("card", "merchant", "payouts", "refunds", "held")
+        kinds = ledger.HOLDING_KINDS
         parts = " + ".join(f"{k} {self.totals.get(k, 0)}" for k in kinds if self.totals.get(k))
         pays = ",".join(f"{n} {s}" for s, n in sorted(self.payments.items())) or "none"
         lds = ",".join(f"{n} {s}" for s, n in sorted(self.loads.items())) or "none"
@@ -117,10 +118,8 @@ def check_invariants(
         report.totals = totals
         if sum(totals.values()) != 0:
             p.append(f"ledger accounts sum to {sum(totals.values())}, not 0")
-        report.funded = -totals.get("funding", 0) - totals.get("topups", 0)
-        held_value = sum(
-            totals.get(k, 0) for k in ("card", "merchant", "payouts", "refunds", "held")
-        )
+        report.funded = ledger.funds_received(totals)
+        held_value = ledger.funds_held(totals)
         if report.funded != held_value:
             p.append(f"funded {report.funded} != value held {held_value} ({totals})")
         check = ledger.check(session)

@@ -24,7 +24,14 @@ from typing import cast
 
 import httpx
 
-from tests.settlement.support import Http, Terminal, database_url, deterministic_random
+from tests.settlement.support import (
+    SEED_FLOAT,
+    Http,
+    Terminal,
+    database_url,
+    deterministic_random,
+    seed_float,
+)
 from webpurse.card import CardApplet, MemoryStore
 from webpurse.settlement.db import SessionFactory, make_engine, make_session_factory, migrate
 from webpurse.settlement.merchants import create_merchant
@@ -180,6 +187,7 @@ def live_settlement(backend: str, tmp_path: Path) -> Iterator[Live]:
             security = SoftwareSecurityModule.load(factory, kek)
             with factory() as session, session.begin():
                 merchant, key = create_merchant(session, "Proof shop", now)
+                seed_float(session, merchant.id, SEED_FLOAT, now)
                 terminal_id = merchant.terminal_id
             server = SettlementProcess(url=url, kek=kek, directory=tmp_path)
             server.start()

@@ -820,28 +820,30 @@ def test_refunds_beyond_the_captured_amount_are_refused(world: World, proof: Pro
         row.observed = "422, 422, 409, 404; refunded 600 of 1000 only; ledger unchanged"
 
 
-def test_a_merchants_cash_top_ups_are_owed_by_that_merchant(world: World, proof: Proof) -> None:
+def test_a_merchants_cash_top_ups_draw_only_its_own_prepaid_float(
+    world: World, proof: Proof
+) -> None:
     with proof.row(
         SUITE,
         "compromised merchant server tops up a card with 'cash' it never collected",
-        expected="the merchant owes the load's amount (topups:<merchant>, netted at clearing)",
+        expected="drawn from that merchant's own prepaid float (float:<merchant>); nothing else"
+        " moves (attacks_funding: beyond the float 409 insufficient_float)",
     ) as row:
         card = world.issue()
+        with world.factory() as session:
+            before = {a.id: a.balance for a in session.scalars(select(Account))}
         world.terminal.load(card, 10_000)  # only the merchant's API key, no cash
         with world.factory() as session:
-            owed = sum(
-                a.balance
-                for a in session.scalars(select(Account))
-                if a.id.endswith(world.merchant_id)
-            )
-            funding = sum(
-                a.balance for a in session.scalars(select(Account)) if a.kind == "funding"
-            )
-            receivable = ledger.balance(session, ledger.topups_account(world.merchant_id))
-        assert owed == -10_000, f"merchant {world.merchant_id} owes {-owed} for a 10,000 load"
-        assert receivable == -10_000 and funding == 0  # not the operator's cash
+            after = {a.id: a.balance for a in session.scalars(select(Account))}
+        moved = {
+            k: after.get(k, 0) - before.get(k, 0)
+            for k in after
+            if after.get(k, 0) != before.get(k, 0)
+        }
+        card_account = next(k for k in moved if k.startswith("card:"))
+        assert moved == {ledger.float_account(world.merchant_id): -10_000, card_account: 10_000}
         assert books(world).cards[card.state.issuer.card_number][1] == 10_000
-        row.observed = "topups:<merchant> -10000 (owed); funding untouched; ledger check ok"
+        row.observed = "float:<merchant> -10000 -> card +10000; nothing else moved; ledger check ok"
 
 
 @BOTH

@@ -166,7 +166,10 @@ async def test_the_agents_socket_drops(
             shop = Shop(tmp_path, settlement, broker=broker)
             amount = PRICE if kind == "purchase" else TOPUP_AMOUNT
             order = shop.orders.create(
-                session_id="s" * 20, kind=PURCHASE if kind == "purchase" else TOPUP, amount=amount
+                session_id="s" * 20,
+                kind=PURCHASE if kind == "purchase" else TOPUP,
+                amount=amount,
+                funding=None if kind == "purchase" else "merchant_float",
             )
             order = await shop.cashier.open_settlement(order, f"proof {kind}")
             pairing = broker.pair(order.id, amount=amount, description="proof")

@@ -72,7 +72,12 @@ def _torn(kind: str) -> Fault:
 
 async def _open(shop: Shop, kind: str) -> Order:
     amount = PRICE if kind == "purchase" else TOPUP
-    order = shop.orders.create(session_id="s" * 20, kind=kind_name(kind), amount=amount)
+    order = shop.orders.create(
+        session_id="s" * 20,
+        kind=kind_name(kind),
+        amount=amount,
+        funding=None if kind == "purchase" else "merchant_float",  # a till top-up
+    )
     with contextlib.suppress(SettlementError):  # the checkout page shows an error
         order = await shop.cashier.open_settlement(order, f"proof {kind}")
     shop.cashier.start(order.id)

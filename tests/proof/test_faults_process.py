@@ -144,7 +144,10 @@ async def test_settlement_is_killed_between_its_steps_and_restarted(
             shop = Shop(tmp_path, GatedSettlement(client, gate), reader)
             amount = PRICE if kind == "purchase" else TOPUP_AMOUNT
             order = shop.orders.create(
-                session_id="s" * 20, kind=PURCHASE if kind == "purchase" else TOPUP, amount=amount
+                session_id="s" * 20,
+                kind=PURCHASE if kind == "purchase" else TOPUP,
+                amount=amount,
+                funding=None if kind == "purchase" else "merchant_float",  # a till top-up
             )
             if call == "create":
                 # The checkout's create is answered, then the server dies.

@@ -99,7 +99,12 @@ class Site:
     hooks: httpx.AsyncClient
 
     async def order(self, kind: str, amount: int) -> Order:
-        order = self.orders.create(session_id="s" * 20, kind=kind, amount=amount)
+        order = self.orders.create(
+            session_id="s" * 20,
+            kind=kind,
+            amount=amount,
+            funding="merchant_float" if kind == TOPUP else None,  # a till top-up
+        )
         order = await self.cashier.open_settlement(order, f"proof {kind}")
         self.cashier.start(order.id)
         return order

@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+from argon2 import PasswordHasher
 
 from tests.proof.conftest import Proof
 from tests.proof.harness import DEADLINE
@@ -28,6 +29,8 @@ from tests.proof.invariants import check_invariants
 from tests.proof.processes import Live, ShopProcess, live_settlement
 from tests.reader.remote_support import ConsentRecorder
 from webpurse.agent.terminal import TerminalAgent
+from webpurse.merchant.orders import make_engine
+from webpurse.merchant.staff import StaffBook
 from webpurse.protocol.commands import INS_CREDIT_FOR_LOAD, INS_DEBIT_FOR_PURCHASE, INS_INITIALIZE
 from webpurse.reader.sim import ApduEvent, Phase, SimReader
 
@@ -36,6 +39,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 SUITE = "faults"
 FUNDS = 10_000
 TOPUP_AMOUNT = 5_000
+STAFF, PASSWORD = "till", "till password 1"
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +53,36 @@ async def _open_order(browser: httpx.AsyncClient, kind: str) -> str:
         added = await browser.post("/cart/add", data={"product": "tea", "quantity": "1"})
         assert added.status_code == 303, added.text
         opened = await browser.post("/checkout")
-    else:
-        opened = await browser.post("/topup", data={"amount": str(TOPUP_AMOUNT)})
+    else:  # cash at the till: staff sign in and record it; the float pays for the load
+        page = await browser.get("/staff/signin")
+        signed = await browser.post(
+            "/staff/signin",
+            data={"name": STAFF, "password": PASSWORD, "csrf": _csrf(page.text)},
+        )
+        assert signed.status_code == 303, signed.text
+        till = await browser.get("/staff")
+        opened = await browser.post(
+            "/staff/topups", data={"cash": str(TOPUP_AMOUNT // 100), "csrf": _csrf(till.text)}
+        )
     assert opened.status_code == 303, opened.text
     return opened.headers["location"].split("/")[2]
+
+
+def _csrf(page: str) -> str:
+    token = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert token is not None, "the staff form has no CSRF token"
+    return token.group(1)
+
+
+def _add_staff(directory: Path) -> None:
+    """The till's staff account, in the shop's database before the shop starts."""
+    engine = make_engine(f"sqlite:///{directory / 'shop' / 'merchant.db'}")
+    try:
+        StaffBook(engine, PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)).add(
+            STAFF, PASSWORD
+        )
+    finally:
+        engine.dispose()
 
 
 async def _pair(
@@ -107,6 +137,9 @@ async def test_the_shop_is_killed_mid_payment_and_restarted(
         shop = ShopProcess(
             directory=tmp_path, settlement_url=live.server.base_url, api_key=live.merchant_key
         )
+        if kind == "load":
+            (tmp_path / "shop").mkdir(exist_ok=True)
+            _add_staff(tmp_path)
         shop.start()
         if "INITIALIZE" in point:
             ins, phase = INS_INITIALIZE, Phase.BEFORE

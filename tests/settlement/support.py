@@ -37,10 +37,12 @@ from webpurse.protocol.commands import (
 from webpurse.settlement.app import create_app
 from webpurse.settlement.auth import OPERATOR, new_api_key
 from webpurse.settlement.db import SessionFactory, make_engine, make_session_factory, migrate
+from webpurse.settlement.funding import next_statement, record_deposit
 from webpurse.settlement.merchants import create_merchant
 from webpurse.settlement.registry import issue_card
 from webpurse.settlement.security import SoftwareSecurityModule, generate_master_keys
 from webpurse.settlement.settings import Settings
+from webpurse.settlement.statements import Line, Statement, render_csv
 
 POSTGRES_URL = os.environ.get(
     "WEBPURSE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -181,11 +183,15 @@ class Terminal:
         assert captured.status_code == 200, captured.text
         return dict(captured.json())
 
-    def create_load(self, amount: int, card_number: str | None = None) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "amount": amount,
-            "funding": {"method": "cash", "reference": "till-1"},
-        }
+    def create_load(
+        self, amount: int, card_number: str | None = None, *, method: str = "merchant_float"
+    ) -> dict[str, Any]:
+        funding = (
+            {"method": method, "reference": "till-1"}
+            if method == "merchant_float"
+            else {"method": method}
+        )
+        body: dict[str, Any] = {"amount": amount, "funding": funding}
         if card_number:
             body["card_number"] = card_number
         answer = self.post("/v1/loads", body)
@@ -272,8 +278,67 @@ class World:
         return applet
 
 
+SETTLEMENT_ACCOUNT = Settings.settlement_account
+
+
+def statement_csv(
+    number: int,
+    credits: list[tuple[str, int]],
+    *,
+    opening: int = 0,
+    account: str = SETTLEMENT_ACCOUNT,
+    currency: str = "CNY",
+) -> str:
+    """A CSV statement whose credit lines pay ``(remittance, fen)`` each."""
+    lines = tuple(
+        Line(
+            line_no=i,
+            amount=fen,
+            booked_on=START.date(),
+            bank_reference=f"B{number}-{i}",
+            payer="Zhang San",
+            remittance=text,
+        )
+        for i, (text, fen) in enumerate(credits, start=1)
+    )
+    return render_csv(
+        Statement(
+            account=account,
+            number=number,
+            currency=currency,
+            opening_balance=opening,
+            closing_balance=opening + sum(line.amount for line in lines),
+            lines=lines,
+        )
+    )
+
+
+def pay_by_statement(world: World, credits: list[tuple[str, int]]) -> dict[str, Any]:
+    """Import the next statement of the settlement account, paying ``credits``."""
+    with world.factory() as session:
+        number, opening = next_statement(session, world.settings.settlement_account)
+    answer = world.client.post(
+        "/v1/operator/statements",
+        json={"format": "csv", "statement": statement_csv(number, credits, opening=opening)},
+        headers=world.auth(world.operator_key),
+    )
+    assert answer.status_code == 201, answer.text
+    return dict(answer.json())
+
+
+SEED_FLOAT = 10_000_000  # fen in each test merchant's float unless a test says otherwise
+
+
+def seed_float(session: Any, merchant_id: str, amount: int, now: dt.datetime) -> None:
+    """Money the merchant prepaid into its top-up float (a recorded deposit)."""
+    if amount > 0:
+        record_deposit(session, merchant_id, amount, f"seed-{merchant_id}", now)
+
+
 @contextmanager
-def make_world(url: str, *, clock: FakeClock | None = None) -> Iterator[World]:
+def make_world(
+    url: str, *, clock: FakeClock | None = None, float_fen: int = SEED_FLOAT
+) -> Iterator[World]:
     clock = clock or FakeClock()
     kek = secrets.token_bytes(32)
     settings = Settings(
@@ -296,6 +361,8 @@ def make_world(url: str, *, clock: FakeClock | None = None) -> Iterator[World]:
             merchant, merchant_key = create_merchant(session, "Shop A", clock())
             other, other_key = create_merchant(session, "Shop B", clock())
             _, operator_key = new_api_key(session, OPERATOR, clock(), name="ops")
+            seed_float(session, merchant.id, float_fen, clock())
+            seed_float(session, other.id, float_fen, clock())
             ids = (merchant.id, merchant.terminal_id, other.terminal_id)
         app = create_app(settings, security=security, engine=engine)
         with AppClient(app) as client:
@@ -348,7 +415,9 @@ def _free_port() -> int:
 
 
 @contextmanager
-def live_server(url: str, tmp_path: Path, *, workers: int = 1) -> Iterator[LiveServer]:
+def live_server(
+    url: str, tmp_path: Path, *, workers: int = 1, float_fen: int = SEED_FLOAT
+) -> Iterator[LiveServer]:
     """Migrate ``url``, then run ``webpurse serve settlement`` on a free port until done."""
     import subprocess
     import sys
@@ -363,6 +432,7 @@ def live_server(url: str, tmp_path: Path, *, workers: int = 1) -> Iterator[LiveS
     security = SoftwareSecurityModule.load(factory, kek)
     with factory() as session, session.begin():
         merchant, merchant_key = create_merchant(session, "Live shop", now)
+        seed_float(session, merchant.id, float_fen, now)
         _, operator_key = new_api_key(session, OPERATOR, now, name="ops")
         terminal_id = merchant.terminal_id
     port = _free_port()

@@ -460,6 +460,7 @@ async def test_real_card_payments_are_notified_by_webhook_and_cleared(
     from webpurse.merchant.flows import run_transaction
     from webpurse.merchant.settlement import Kind, SettlementClient
     from webpurse.reader.sim import SimReader
+    from webpurse.settlement.funding import record_deposit
     from webpurse.settlement.registry import issue_card
     from webpurse.settlement.routes_webhooks import secret_box_for
     from webpurse.settlement.webhooks import deliver_due
@@ -467,6 +468,7 @@ async def test_real_card_payments_are_notified_by_webhook_and_cleared(
     stack.clock.now = at_cst(DAY, 10)
     with stack.session_factory() as session, session.begin():
         _, state = issue_card(session, stack.app.state.settlement.security, stack.clock())
+        record_deposit(session, MERCHANT_A, 10_000, "BANK-A-1", stack.clock())  # its float
     reader = SimReader(CardApplet(state, MemoryStore(state), os.urandom))
 
     with Receiver([]) as receiver:
@@ -523,14 +525,14 @@ async def test_real_card_payments_are_notified_by_webhook_and_cleared(
     ).json()["data"]
     assert (batch["payment_count"], batch["payment_total"]) == (2, 5000)
     assert (batch["refund_count"], batch["refund_total"]) == (1, 500)
-    # The merchant sold the 10,000 top-up (it collected the cash), so it owes it: the
-    # day nets 5000 − 500 − 10,000; the payable settles 4500 of it, the rest is carried.
-    assert (batch["topup_count"], batch["topup_total"]) == (1, 10_000)
-    assert batch["topups_settled"] == 4500
-    assert (batch["net"], batch["payout"], batch["carried_out"]) == (-5500, 0, -5500)
+    # The 10,000 top-up was paid for from the merchant's prepaid float: it is not in the
+    # day's clearing, which pays out 5000 − 500.
+    assert (batch["topup_count"], batch["topup_total"]) == (0, 0)
+    assert batch["topups_settled"] == 0
+    assert (batch["net"], batch["payout"], batch["carried_out"]) == (4500, 4500, 0)
     with stack.session_factory() as session:
         check = ledger.check(session)
         assert check.ok, check.problems
-        assert ledger.balance(session, ledger.payout_account(MERCHANT_A)) == 0
+        assert ledger.balance(session, ledger.payout_account(MERCHANT_A)) == 4500
         assert ledger.balance(session, ledger.merchant_account(MERCHANT_A)) == 0
-        assert ledger.balance(session, ledger.topups_account(MERCHANT_A)) == -5500
+        assert ledger.balance(session, ledger.float_account(MERCHANT_A)) == 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.settlement.support import World, ok, prove, read_issuer
+from tests.settlement.support import SEED_FLOAT, World, ok, prove, read_issuer
 from webpurse.card import CardApplet
 from webpurse.protocol.commands import InitializeForLoad
 from webpurse.settlement import ledger
@@ -18,7 +18,8 @@ def _balances(world: World, card: CardApplet) -> dict[str, int]:
         return {
             "card": ledger.balance(session, ledger.card_account(row.id)),
             "shadow": row.shadow_balance,
-            "topups": ledger.balance(session, ledger.topups_account(world.merchant_id)),
+            # what the merchant's loads hold or loaded of its prepaid float
+            "drawn": SEED_FLOAT - ledger.balance(session, ledger.float_account(world.merchant_id)),
             "held": ledger.balance(session, ledger.HELD_LOADS),
             "merchant": ledger.balance(session, ledger.merchant_account(world.merchant_id)),
         }
@@ -35,7 +36,7 @@ def test_full_load_puts_the_value_on_the_card_and_in_its_account(world: World) -
     assert _balances(world, card) == {
         "card": 2_000,
         "shadow": 2_000,
-        "topups": -2_000,
+        "drawn": 2_000,
         "held": 0,
         "merchant": 0,
     }
@@ -60,7 +61,7 @@ def test_a_card_mac1_for_another_amount_is_declined_and_funds_return(world: Worl
     assert answer.status_code == 402 and answer.json()["decline_code"] == "mac_invalid"
     assert answer.json()["load"]["status"] == "declined"
     assert _balances(world, card)["held"] == 0
-    assert _balances(world, card)["topups"] == 0
+    assert _balances(world, card)["drawn"] == 0
 
 
 def test_a_load_bound_to_another_card_is_declined(world: World) -> None:
@@ -120,7 +121,7 @@ def test_uncertain_credit_that_never_happened_returns_the_funds(world: World) ->
     assert world.terminal.run_load(card, again)["status"] == "succeeded"
     assert _load(world, load["id"])["status"] == "canceled"
     balances = _balances(world, card)
-    assert balances["held"] == 0 and balances["topups"] == -1_500
+    assert balances["held"] == 0 and balances["drawn"] == 1_500
     assert balances["card"] == balances["shadow"] == card.state.balance == 1_500
 
 
@@ -143,7 +144,7 @@ def test_a_replayed_counter_unchanged_answer_cannot_cancel_a_load_that_ran(
     assert resolved.status_code == 409 and resolved.json()["code"] == "proof_required"
     assert _load(world, load["id"])["status"] == "uncertain"
     assert _balances(world, card) == before  # funds still held, nothing returned
-    assert before["held"] == 1_500 and before["topups"] == -1_500
+    assert before["held"] == 1_500 and before["drawn"] == 1_500
     # The card's own proof still settles it: the value it holds is accounted for.
     init = _initialize(world, card)
     proof, sw = prove(card, 0x02, 1)
@@ -177,7 +178,7 @@ def test_an_uncertain_load_stays_until_a_verified_credit_at_its_online_counter(
     assert done.json()["status"] == "succeeded"
     assert _load(world, stale["id"])["status"] == "canceled"
     balances = _balances(world, card)
-    assert balances["held"] == 0 and balances["topups"] == 0  # the stale one's funds back
+    assert balances["held"] == 0 and balances["drawn"] == 0  # the stale one's funds back
     assert balances["card"] == balances["shadow"] == card.state.balance == 500
 
 
@@ -221,18 +222,23 @@ def test_refund_is_a_pending_credit_delivered_as_a_load(world: World) -> None:
     assert balances["merchant"] == 350 and balances["card"] == balances["shadow"] == 650
 
 
-def test_operator_can_run_a_load_on_the_operator_terminal(world: World) -> None:
-    from tests.settlement.support import Terminal
+def test_operator_can_run_a_paid_load_on_the_operator_terminal(world: World) -> None:
+    from tests.settlement.support import Terminal, pay_by_statement
 
     operator = Terminal(world.client, world.operator_key, "000000000000")
     card = world.issue()
-    load = operator.create_load(700)
-    assert load["terminal_id"] == "000000000000"
+    float_load = operator.post(
+        "/v1/loads", {"amount": 700, "funding": {"method": "merchant_float"}}
+    )
+    assert float_load.status_code == 403  # an operator has no float to draw
+    load = operator.create_load(700, card.state.issuer.card_number, method="bank_transfer")
+    assert load["terminal_id"] == "000000000000" and load["status"] == "requires_funding"
+    pay_by_statement(world, [(load["funding"]["reference"], 700)])
     assert operator.run_load(card, load)["status"] == "succeeded"
-    # The operator's load is funded from its funding source, not charged to a merchant.
+    # The operator's load is funded by the cardholder's transfer, not charged to a merchant.
     with world.factory() as session:
-        assert ledger.balance(session, ledger.funding_account("cash")) == -700
-        assert ledger.balance(session, ledger.topups_account(world.merchant_id)) == 0
+        assert ledger.balance(session, ledger.RECEIVED_BANK_TRANSFERS) == -700
+        assert ledger.balance(session, ledger.float_account(world.merchant_id)) == SEED_FLOAT
     # merchants do not see operator loads
     hidden = world.client.get(f"/v1/loads/{load['id']}", headers=world.auth(world.merchant_key))
     assert hidden.status_code == 404
@@ -249,4 +255,34 @@ def test_an_abandoned_load_order_expires_and_its_funds_return(world: World) -> N
     assert swept.json()["loads_expired"] == 1
     got = world.client.get(f"/v1/loads/{load['id']}", headers=world.auth(world.merchant_key))
     assert got.json()["status"] == "expired"
-    assert _balances(world, card)["held"] == 0 and _balances(world, card)["topups"] == 0
+    assert _balances(world, card)["held"] == 0 and _balances(world, card)["drawn"] == 0
+
+
+def test_a_paid_bank_transfer_load_released_unloaded_goes_back_to_its_payer(
+    world: World,
+) -> None:
+    """A bank-transfer top-up whose CREDIT never ran, settled by another load at its counter:
+    the cardholder's money is listed to be returned to them, never to the shop's float."""
+    from tests.settlement.support import pay_by_statement
+
+    card = world.issue()
+    number = card.state.issuer.card_number
+    stale = world.terminal.create_load(1_500, number, method="bank_transfer")
+    pay_by_statement(world, [(stale["funding"]["reference"], 1_500)])
+    assert _authorise(world, card, stale, 1_500).status_code == 200  # CREDIT never sent
+    world.terminal.post(f"/v1/loads/{stale['id']}/uncertain")
+    theirs = world.other_terminal.create_load(500)
+    linked = _authorise_with(world.other_terminal, card, theirs, 500)
+    credit = ok(card, bytes.fromhex(linked.json()["authorisation"]["credit_apdu"]))
+    world.other_terminal.post(
+        f"/v1/loads/{theirs['id']}/complete", {"credit_response": credit.hex()}
+    )
+    assert _load(world, stale["id"])["status"] == "canceled"
+    with world.factory() as session:
+        assert ledger.balance(session, ledger.RETURNS_AWAITING) == 1_500
+        assert ledger.balance(session, ledger.float_account(world.merchant_id)) == SEED_FLOAT
+    (listed,) = world.client.get(
+        "/v1/operator/statement-exceptions", headers=world.auth(world.operator_key)
+    ).json()["data"]
+    assert (listed["kind"], listed["load"]) == ("load_canceled", stale["id"])
+    assert _balances(world, card)["held"] == 0

@@ -15,12 +15,14 @@ import hmac
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
+from argon2 import PasswordHasher
 from fastapi import FastAPI, Form, HTTPException, Request
 from fastapi.exception_handlers import (
     http_exception_handler,
@@ -39,6 +41,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from webpurse.merchant import i18n
+from webpurse.merchant.cardread import CardReads, TooManyReads
 from webpurse.merchant.cart import COOKIE as CART_COOKIE
 from webpurse.merchant.cart import Cart
 from webpurse.merchant.cashier import Cashier, kind_of
@@ -56,12 +59,30 @@ from webpurse.merchant.orders import (
 )
 from webpurse.merchant.progress import OrderEvent, ProgressBus
 from webpurse.merchant.readers import ReaderBroker, RemoteBroker
+from webpurse.merchant.security import (
+    LinkRefused,
+    RateLimiter,
+    make_link,
+    normalise_card_number,
+    open_link,
+)
 from webpurse.merchant.settings import MerchantSettings
 from webpurse.merchant.settlement import (
+    BANK_TRANSFER,
+    REQUIRES_FUNDING,
     BatchingSettlementClient,
     Settlement,
     SettlementClient,
     SettlementError,
+)
+from webpurse.merchant.staff import StaffBook
+from webpurse.merchant.till import (
+    ACCOUNT_FAILURES,
+    ADDRESS_FAILURES,
+    WINDOW,
+    FloatAlert,
+    TillState,
+    add_staff_routes,
 )
 from webpurse.merchant.webhooks import SeenEvents, WebhookRejected, verify_delivery
 from webpurse.reader.remote import ReaderHub
@@ -72,6 +93,10 @@ HERE = Path(__file__).parent
 SESSION_COOKIE = "wp_sid"
 READER_PATH = "/reader"
 COOKIE_MAX_AGE = 60 * 60 * 24 * 30
+GRANT_COOKIE = "wp_grant"
+LINK_SECONDS = 14 * 24 * 3600
+"""How long an online top-up's receipt link opens it (from when it was ordered)."""
+TOPUP_METHODS = ("bank_transfer", "cash")
 
 
 def _sign_sid(token: str, secret: bytes) -> str:
@@ -110,10 +135,20 @@ def create_app(
     settlement: Settlement | None = None,
     broker: ReaderBroker | None = None,
     hub: ReaderHub | None = None,
+    password_hasher: PasswordHasher | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    wall_clock: Callable[[], float] = time.time,
 ) -> FastAPI:
     """The shop. ``settlement`` defaults to the HTTP client with the settings' key;
-    ``broker`` to shoppers' agents over the WebSocket at ``/reader`` (a ``ReaderHub``)."""
-    orders = OrderBook(make_engine(settings.resolved_database_url()))
+    ``broker`` to shoppers' agents over the WebSocket at ``/reader`` (a ``ReaderHub``).
+    ``clock`` (monotonic) paces sign-in attempts; ``wall_clock`` dates top-up links."""
+    engine = make_engine(settings.resolved_database_url())
+    orders = OrderBook(engine)
+    till = TillState(
+        staff=StaffBook(engine, password_hasher),
+        by_account=RateLimiter(ACCOUNT_FAILURES, WINDOW, clock),
+        by_address=RateLimiter(ADDRESS_FAILURES, WINDOW, clock),
+    )
     bus = ProgressBus()
     http: httpx.AsyncClient | None = None
     if settlement is None:
@@ -127,6 +162,7 @@ def create_app(
         hub = hub or ReaderHub()
         broker = RemoteBroker(hub)
     cashier = Cashier(orders, settlement, broker, bus)
+    card_reads = CardReads(broker)
     seen_events = SeenEvents()
 
     @asynccontextmanager
@@ -137,6 +173,7 @@ def create_app(
         with contextlib.suppress(asyncio.CancelledError):
             await poller
         await cashier.close()
+        await card_reads.close()
         if hub is not None:
             await hub.close()
         if http is not None:
@@ -148,6 +185,7 @@ def create_app(
     app.state.bus = bus
     app.state.settings = settings
     app.state.seen_events = seen_events
+    app.state.till = till
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     templates = Jinja2Templates(directory=HERE / "templates")
     if hub is not None:
@@ -230,11 +268,33 @@ def create_app(
         response = templates.TemplateResponse(request, name, base, status_code=status_code)
         return finish(request, response)
 
+    def granted(request: Request, order_id: str) -> bool:
+        """The browser opened this order's receipt link (a signed, unexpired grant)."""
+        token = request.cookies.get(GRANT_COOKIE)
+        if not token:
+            return False
+        try:
+            return open_link(settings.cookie_secret, token, wall_clock()) == order_id
+        except LinkRefused:
+            return False
+
     def own_order(request: Request, order_id: str) -> Order:
         order = orders.get(order_id)
-        if order is None or not secrets.compare_digest(order.session_id, session_of(request)):
+        if order is None or not (
+            secrets.compare_digest(order.session_id, session_of(request))
+            or granted(request, order_id)
+        ):
             raise HTTPException(404, "no such order")
         return order
+
+    def receipt_link(request: Request, order: Order) -> str:
+        created = order.created_at.timestamp() if order.created_at else wall_clock()
+        token = make_link(settings.cookie_secret, order.id, int(created) + LINK_SECONDS)
+        base = settings.public_url.rstrip("/") or str(request.base_url).rstrip("/")
+        return f"{base}/topup/link/{token}"
+
+    def awaiting_funds(order: Order) -> bool:
+        return order.funding == BANK_TRANSFER and order.settlement_status == REQUIRES_FUNDING
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -292,15 +352,144 @@ def create_app(
 
     @app.get("/topup", response_class=HTMLResponse)
     async def topup_page(request: Request) -> Response:
-        return render(request, "topup.html", amounts=TOPUP_AMOUNTS)
+        method = request.query_params.get("method")
+        return render(
+            request,
+            "topup.html",
+            amounts=TOPUP_AMOUNTS,
+            method=method if method in TOPUP_METHODS else None,
+            agent_url=settings.agent_url,
+            reader_path=READER_PATH,
+        )
 
     @app.post("/topup")
-    async def topup(request: Request, amount: Annotated[int, Form()]) -> Response:
+    async def topup(
+        request: Request,
+        amount: Annotated[int, Form()],
+        method: Annotated[str, Form(max_length=20)] = "",
+        card_number: Annotated[str, Form(max_length=64)] = "",
+    ) -> Response:
+        """An online top-up is a bank transfer bound to one card: the order gets
+        settlement's payment reference and no value until the money has been matched.
+        Cash is paid at the till (staff only); anything else creates nothing."""
+        if method == "cash":
+            return RedirectResponse("/topup?method=cash", status_code=303)
+        if method != BANK_TRANSFER:
+            log.info("refused top-up without a funding method (%r)", method)
+            raise HTTPException(422, "choose how to pay: bank transfer, or cash at the till")
         if amount not in TOPUP_AMOUNTS:
             log.info("refused top-up amount %r", amount)
             raise HTTPException(422, "choose one of the offered amounts")
-        order = orders.create(session_id=session_of(request), kind=TOPUP, amount=amount)
-        return await open_and_redirect(request, order, None)
+        card = normalise_card_number(card_number)
+        if card is None:
+            log.info("refused top-up for card number %r", card_number[:64])
+            return render(
+                request,
+                "topup.html",
+                status_code=422,
+                amounts=TOPUP_AMOUNTS,
+                method=BANK_TRANSFER,
+                error="bad_card_number",
+                card_number=card_number,
+                agent_url=settings.agent_url,
+                reader_path=READER_PATH,
+            )
+        order = orders.create(
+            session_id=session_of(request),
+            kind=TOPUP,
+            amount=amount,
+            funding=BANK_TRANSFER,
+            card_number=card,
+        )
+        try:
+            await cashier.open_settlement(order, _describe(order))
+        except SettlementError as exc:
+            log.warning("order %s: settlement refused the top-up: %s", order.id, exc)
+            orders.update(order.id, status="canceled", decline_code=exc.code or "settlement_error")
+            if exc.status == 404 or exc.code == "card_not_loadable":
+                # No money may be asked for a card that is not ours or cannot take value.
+                return render(
+                    request,
+                    "topup.html",
+                    status_code=422,
+                    amounts=TOPUP_AMOUNTS,
+                    method=BANK_TRANSFER,
+                    error="unknown_card" if exc.status == 404 else "card_not_loadable",
+                    card_number=card_number,
+                    agent_url=settings.agent_url,
+                    reader_path=READER_PATH,
+                )
+            return render(request, "error.html", status_code=502, message=str(exc))
+        return finish(
+            request, RedirectResponse(f"/orders/{order.id}/transfer", status_code=303), None
+        )
+
+    @app.post("/topup/card-reads")
+    async def start_card_read(request: Request) -> Response:
+        """Pair the shopper's agent to read the card number off the card (no consent
+        needed: SELECT and READ BINARY change nothing)."""
+        try:
+            read, pairing = card_reads.start(session_of(request))
+        except TooManyReads as exc:
+            log.warning("refused a card read: %s", exc)
+            raise HTTPException(503, "too many card reads at once: try again shortly") from None
+        response = JSONResponse(
+            {"id": read.id, "token": pairing.token, "code": pairing.short_code},
+            headers={"Cache-Control": "no-store"},
+        )
+        return finish(request, response)
+
+    @app.get("/topup/card-reads/{read_id}")
+    async def card_read(request: Request, read_id: str) -> JSONResponse:
+        read = card_reads.get(read_id, session_of(request))
+        if read is None:
+            raise HTTPException(404, "no such card read")
+        return JSONResponse(
+            {"status": read.status, "card_number": read.card_number, "error": read.error},
+            headers={"Cache-Control": "no-store"},
+        )
+
+    @app.get("/orders/{order_id}/transfer", response_class=HTMLResponse)
+    async def transfer_page(request: Request, order_id: str) -> Response:
+        """The bank transfer's reference, and the wait for the money to be matched."""
+        own_order(request, order_id)
+        order = await cashier.refresh(order_id) or own_order(request, order_id)
+        if order.funding != BANK_TRANSFER:
+            return RedirectResponse(f"/orders/{order_id}", status_code=303)
+        return render(
+            request,
+            "transfer.html",
+            order=order,
+            products=BY_ID,
+            link=receipt_link(request, order),
+            waiting=awaiting_funds(order),
+        )
+
+    @app.get("/topup/link/{token}")
+    async def topup_link(request: Request, token: str) -> Response:
+        """A top-up's receipt link: opens the order in any browser until it expires."""
+        try:
+            order_id = open_link(settings.cookie_secret, token, wall_clock())
+        except LinkRefused as exc:
+            status = 410 if exc.reason == "expired" else 403
+            log.warning("refused a top-up link (%s) from %s", exc.reason, request.client)
+            return render(request, "error.html", status_code=status, message=t_link(request, exc))
+        if orders.get(order_id) is None:
+            raise HTTPException(404, "no such order")
+        response = RedirectResponse(f"/orders/{order_id}/transfer", status_code=303)
+        response.set_cookie(
+            GRANT_COOKIE,
+            token,
+            max_age=LINK_SECONDS,
+            httponly=True,
+            samesite="lax",
+            secure=settings.public_url.startswith("https://"),
+        )
+        return finish(request, response)
+
+    def t_link(request: Request, exc: LinkRefused) -> str:
+        t = i18n.translator(lang_of(request))
+        return t("link_expired") if exc.reason == "expired" else t("link_forged")
 
     @app.get("/orders", response_class=HTMLResponse)
     async def order_history(request: Request) -> Response:
@@ -321,6 +510,10 @@ def create_app(
         order = own_order(request, order_id)
         if order.is_final:
             return RedirectResponse(f"/orders/{order_id}", status_code=303)
+        if awaiting_funds(order):
+            order = await cashier.refresh(order_id) or order
+            if awaiting_funds(order) or order.is_final:
+                return RedirectResponse(f"/orders/{order_id}/transfer", status_code=303)
         pairing = cashier.broker.pair(order_id, amount=order.amount, description=_describe(order))
         cashier.start(order_id)
         return render(
@@ -339,6 +532,8 @@ def create_app(
         order = own_order(request, order_id)
         if order.is_final:
             raise HTTPException(409, "the order is already settled")
+        if awaiting_funds(order):
+            raise HTTPException(409, "the bank transfer has not arrived yet")
         pairing = cashier.broker.pair(order_id, amount=order.amount, description=_describe(order))
         cashier.start(order_id)
         return JSONResponse(
@@ -397,10 +592,23 @@ def create_app(
             event = json.loads(body)
             event_id = str(event["id"])
             obj = event["data"]["object"]
-            object_id = str(obj["id"])
+            if event.get("type") == "float.low":
+                alert = FloatAlert(int(obj["balance"]), int(obj.get("low_threshold") or 0))
+                object_id = ""
+            else:
+                object_id = str(obj["id"])
         except (ValueError, KeyError, TypeError):
             return JSONResponse({"error": "malformed_event"}, 400)
         if event_id in seen_events:
+            return Response(status_code=204)
+        if not object_id:
+            log.warning(
+                "float.low: the top-up float at settlement is down to %s (threshold %s)",
+                i18n.format_fen(alert.balance),
+                i18n.format_fen(alert.low_threshold),
+            )
+            till.float_alert = alert
+            seen_events.add(event_id)
             return Response(status_code=204)
         order = orders.by_settlement_id(object_id)
         if order is not None:
@@ -409,6 +617,16 @@ def create_app(
         seen_events.add(event_id)  # only once handled: a failed delivery is retried in full
         return Response(status_code=204)
 
+    add_staff_routes(
+        app,
+        settings=settings,
+        orders=orders,
+        cashier=cashier,
+        till=till,
+        render=render,
+        session_id=session_of,
+        finish=finish,
+    )
     return app
 
 
@@ -443,6 +661,10 @@ def _order_json(order: Order, last: OrderEvent | None) -> dict[str, Any]:
         "balance_after": order.balance_after,
         "tac": order.tac,
         "round_trips": order.round_trips,
+        "funding": order.funding,
+        "settlement_status": order.settlement_status,
+        "payment_reference": order.payment_reference,
+        "funding_expires_at": order.funding_expires_at,
         "phase": last.phase if last else _phase_for(order),
     }
 

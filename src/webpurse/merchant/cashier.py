@@ -28,6 +28,7 @@ from webpurse.merchant.flows import (
     run_transaction,
 )
 from webpurse.merchant.orders import (
+    CANCELED,
     DECLINED,
     INTERRUPTED,
     LOADED,
@@ -40,11 +41,14 @@ from webpurse.merchant.orders import (
 from webpurse.merchant.progress import OrderEvent, ProgressBus
 from webpurse.merchant.readers import ReaderBroker
 from webpurse.merchant.settlement import (
+    BANK_TRANSFER,
+    REQUIRES_FUNDING,
     Kind,
     RecoveryHint,
     Settlement,
     SettlementError,
     SettlementObject,
+    funding_reference,
 )
 from webpurse.protocol.records import TransactionType
 from webpurse.reader.base import Reader, ReaderError
@@ -54,6 +58,7 @@ log = logging.getLogger(__name__)
 MAX_CONTACTS = 10
 RECENT_TASKS = 256
 """Finished payment tasks the cashier still hands out from :meth:`Cashier.task` (newest)."""
+FUNDED = "funded"  # detail of a waiting_reader event: a bank transfer's money arrived
 REPAIR = "repair"  # detail of a waiting_reader event: the page must pair the agent again
 
 
@@ -97,11 +102,34 @@ class Cashier:
     # --- settlement objects --------------------------------------------------------
 
     async def open_settlement(self, order: Order, description: str) -> Order:
-        """Create the order's payment (or load) at settlement and remember its id."""
+        """Create the order's payment (or load) at settlement and remember its id.
+
+        A load carries the order's funding: the float (a till top-up) may be re-created
+        after a decline, for the cash was taken once and only one load succeeds; a bank
+        transfer never is, for the money matched to its load belongs to that load alone.
+        """
+        if order.funding == BANK_TRANSFER and order.settlement_id is not None:
+            raise SettlementError(
+                f"order {order.id}: a bank-transfer top-up keeps its own load", code="funded_once"
+            )
         obj = await self.settlement.create(
-            kind_of(order), order.amount, description=description, reference=order.id
+            kind_of(order),
+            order.amount,
+            description=description,
+            reference=order.id,
+            funding=order.funding if order.kind != PURCHASE else None,
+            card_number=order.card_number if order.funding == BANK_TRANSFER else None,
         )
-        return self.orders.update(order.id, settlement_id=obj.id, status=PENDING)
+        fields: dict[str, object] = {
+            "settlement_id": obj.id,
+            "status": PENDING,
+            "settlement_status": obj.status,
+        }
+        reference = funding_reference(obj)
+        if reference:
+            fields["payment_reference"] = reference
+            fields["funding_expires_at"] = obj.raw.get("expires_at")
+        return self.orders.update(order.id, **fields)
 
     def publish(self, order: Order, phase: Phase, detail: str = "") -> None:
         self.bus.publish(
@@ -124,7 +152,13 @@ class Cashier:
             log.warning("order %s: ignoring %s, not its settlement object", order_id, obj.id)
             return order
         fields: dict[str, object] = dict(extra)
-        if obj.status == "succeeded":
+        fields["settlement_status"] = obj.status
+        unfunded = order.funding == BANK_TRANSFER and order.settlement_status == REQUIRES_FUNDING
+        if unfunded and obj.status in ("expired", "canceled"):
+            # Never paid: the top-up is over; nothing was taken, nothing was loaded.
+            fields["status"] = CANCELED
+            fields["decline_code"] = "unpaid_" + obj.status
+        elif obj.status == "succeeded":
             fields["status"] = success_status(order)
             if obj.tac:
                 fields["tac"] = obj.tac
@@ -149,10 +183,13 @@ class Cashier:
         except SettlementError as exc:
             log.warning("order %s: settlement poll failed: %s", order_id, exc)
             return order
-        before = order.status
+        before, was = order.status, order.settlement_status
         order = self.apply(order_id, obj)
         if order.status != before and order.is_final:
-            self.publish(order, Phase.SUCCEEDED)
+            self.publish(order, Phase.FAILED if order.status == CANCELED else Phase.SUCCEEDED)
+        elif was == REQUIRES_FUNDING and obj.status == "requires_card":
+            log.info("order %s: the bank transfer arrived; the load can run", order_id)
+            self.publish(order, Phase.WAITING_READER, FUNDED)
         return order
 
     async def poll(self, interval: float) -> None:
@@ -337,6 +374,8 @@ class Cashier:
             await self._await_removal(order, reader)
             return False
 
+        if order.funding == BANK_TRANSFER:
+            return await self._funded_contact(order, reader, progress)
         if order.settlement_id is None or order.status == DECLINED:
             order = await self.open_settlement(order, order.id)
         assert order.settlement_id is not None
@@ -367,6 +406,53 @@ class Cashier:
             await self._await_removal(order, reader)
             return False
         if order.status in (PAID, LOADED):
+            self.publish(order, Phase.SUCCEEDED)
+        elif order.status == DECLINED:
+            self.publish(order, Phase.DECLINED, order.decline_code or "")
+        return True
+
+    async def _funded_contact(self, order: Order, reader: Reader, progress: ProgressSink) -> bool:
+        """One contact of a bank-transfer top-up: only its own load, once the money is in.
+
+        Its load is bound to one card at settlement, which declines any other card
+        (``wrong_card``); a decline leaves the load ``requires_card`` for the right card.
+        """
+        assert order.settlement_id is not None
+        obj = await self.settlement.get(Kind.LOAD, order.settlement_id)
+        order = self.apply(order.id, obj)
+        if obj.status == REQUIRES_FUNDING:
+            self.publish(order, Phase.FAILED, "awaiting_funds")
+            return True
+        if obj.status == "succeeded":
+            self.publish(order, Phase.SUCCEEDED)
+            return True
+        if obj.status in ("authorised", "uncertain"):
+            return await self._learn_counter(order, obj, reader, progress)
+        if obj.status != "requires_card":
+            self.publish(order, Phase.FAILED, obj.status)
+            return True
+        try:
+            outcome = await run_transaction(
+                reader, self.settlement, obj, card_timeout=self.card_timeout, progress=progress
+            )
+        except CardRefused as refused:
+            order = self.orders.update(order.id, status=DECLINED, decline_code=refused.reason)
+            self.publish(order, Phase.DECLINED, refused.reason)
+            return True
+        bound = order.card_number
+        order = self._record(order, outcome)
+        if bound and outcome.card_number and outcome.card_number != bound:
+            # Another card than the one the money was paid for: settlement declined it
+            # (its code says only "invalid state"); the order keeps naming its own card.
+            fields: dict[str, object] = {"card_number": bound}
+            if order.status == DECLINED:
+                fields["decline_code"] = "wrong_card"
+            order = self.orders.update(order.id, **fields)
+        if order.status == INTERRUPTED:
+            self.publish(order, Phase.INTERRUPTED)
+            await self._await_removal(order, reader)
+            return False
+        if order.status == LOADED:
             self.publish(order, Phase.SUCCEEDED)
         elif order.status == DECLINED:
             self.publish(order, Phase.DECLINED, order.decline_code or "")

@@ -35,6 +35,7 @@ from webpurse.merchant.settlement import (
     Settlement,
     SettlementError,
     SettlementObject,
+    funding_reference,
 )
 from webpurse.protocol.apdu import ResponseApdu, StatusWord
 from webpurse.protocol.commands import (
@@ -568,7 +569,15 @@ async def _release(
 async def _cancel_quietly(
     settlement: Settlement, obj: SettlementObject, refused: CardRefused | None = None
 ) -> None:
-    """Cancel ``obj``; a card that locked itself (9303) is reported so settlement flags it."""
+    """Cancel ``obj``; a card that locked itself (9303) is reported so settlement flags it.
+
+    Never a load the cardholder paid by bank transfer: its money belongs to that load (a
+    canceled one is listed to go back to the payer), so a refusal before INITIALIZE leaves
+    it ``requires_card`` for the next try with the right card.
+    """
+    if funding_reference(obj) is not None:
+        log.info("%s %s: kept for its next contact (paid by bank transfer)", obj.kind.value, obj.id)
+        return
     try:
         if refused is not None and refused.sw == StatusWord.APPLICATION_LOCKED:
             await settlement.cancel(

@@ -99,6 +99,15 @@ STRINGS: dict[str, tuple[str, str]] = {
         "the amount on your device did not match",
         "设备上的金额不一致",
     ),
+    "decline_wrong_card": (
+        "this top-up is bound to another card: present the card it was ordered for",
+        "此充值绑定了另一张卡：请放置下单时的卡",
+    ),
+    "decline_awaiting_funds": ("the bank transfer has not arrived yet", "银行转账尚未到账"),
+    "decline_insufficient_float": (
+        "the shop's top-up float is too low",
+        "商店充值备付金不足",
+    ),
     "decline_already_done": (
         "your agent ended the session after an interruption: try again",
         "中断后代理已结束会话：请重试",
@@ -127,9 +136,133 @@ STRINGS: dict[str, tuple[str, str]] = {
     "payment": ("Payment", "支付单"),
     "topup_title": ("Top up your card", "为卡充值"),
     "topup_help": (
-        "Choose an amount; the value is loaded onto your card through your reader.",
-        "选择金额，金额将通过读卡器写入您的卡。",
+        "Value goes onto your card only once you have paid for it: by bank transfer from "
+        "your own account, or in cash at our counter.",
+        "只有在您付款之后，金额才会写入您的卡：从您自己的账户银行转账，或在柜台付现金。",
     ),
+    "topup_method": ("How will you pay?", "付款方式"),
+    "method_bank_transfer": ("Bank transfer", "银行转账"),
+    "method_cash": ("Cash at the till", "柜台现金"),
+    "bank_transfer_help": (
+        "Choose the amount and the card. You get a payment reference: transfer the amount "
+        "with it from your bank. When the money has arrived, present the card here to load it.",
+        "选择金额和卡。您会得到一个付款参考号：请用它从银行转账。款项到账后，在此放卡即可充值。",
+    ),
+    "card_number_label": (
+        "Card number (the 20 characters printed on the card)",
+        "卡号（卡面上印的 20 位字符）",
+    ),
+    "read_card": ("Read it from my card (reader)", "从卡上读取（读卡器）"),
+    "read_card_waiting": (
+        "Present your card to the reader beside you…",
+        "请把卡放在手边的读卡器上…",
+    ),
+    "read_card_done": ("Card number read from the card.", "已从卡上读取卡号。"),
+    "read_card_failed": (
+        "The card could not be read: type the number printed on it.",
+        "无法读取卡：请输入卡面上印的卡号。",
+    ),
+    "topup_order_transfer": ("Get the payment reference", "获取付款参考号"),
+    "cash_help": (
+        "Come to our counter and pay in cash: the staff take the money and load it onto your "
+        "card on the till's reader while you wait. Nothing is loaded from this page.",
+        "请到柜台付现金：店员收款后，在收银台的读卡器上为您的卡充值。本页面不会充值。",
+    ),
+    "bad_card_number": (
+        "That is not a card number: type the 20 characters (0-9, A-F) printed on the card.",
+        "卡号无效：请输入卡面上印的 20 位字符（0-9、A-F）。",
+    ),
+    "unknown_card": (
+        "We do not know this card: check the number printed on it.",
+        "我们不认识此卡：请核对卡面上印的卡号。",
+    ),
+    "card_not_loadable": (
+        "This card cannot be topped up (blocked, lost or expired).",
+        "此卡无法充值（已锁定、挂失或过期）。",
+    ),
+    "transfer_title": ("Pay by bank transfer", "银行转账付款"),
+    "transfer_help": (
+        "Transfer exactly this amount from your bank account, quoting this reference. "
+        "Nothing is loaded before the money has arrived.",
+        "请从您的银行账户转账此金额，并注明此参考号。款项到账前不会充值。",
+    ),
+    "reference": ("Payment reference", "付款参考号"),
+    "expires": ("Pay before", "付款截止"),
+    "waiting_funds": ("Waiting for your transfer…", "等待您的转账…"),
+    "funds_arrived": (
+        "Your money has arrived: load it onto your card now.",
+        "款项已到账：现在可以充值到卡。",
+    ),
+    "load_now": ("Load onto my card", "充值到我的卡"),
+    "keep_link": (
+        "Keep this link to come back to this top-up from any browser:",
+        "请保存此链接，可在任何浏览器中回到此充值：",
+    ),
+    "unpaid": (
+        "This top-up expired unpaid: nothing was taken and nothing was loaded.",
+        "此充值未付款已过期：未扣款，也未充值。",
+    ),
+    "link_forged": ("This top-up link is not valid.", "此充值链接无效。"),
+    "link_expired": ("This top-up link has expired.", "此充值链接已过期。"),
+    "reader_choice": ("Which reader is the card on?", "卡在哪个读卡器上？"),
+    "reader_this": ("This device's reader", "本设备的读卡器"),
+    "reader_other": ("Another device's reader", "另一台设备的读卡器"),
+    "reader_other_help": (
+        "On the device with the reader, start the webpurse agent and type this code:",
+        "在有读卡器的设备上运行 webpurse 代理，并输入此代码：",
+    ),
+    "staff": ("Staff", "店员"),
+    "staff_signin": ("Staff sign-in", "店员登录"),
+    "staff_name": ("Name", "用户名"),
+    "password": ("Password", "密码"),
+    "signin": ("Sign in", "登录"),
+    "signout": ("Sign out", "退出"),
+    "signin_failed": ("Wrong name or password.", "用户名或密码错误。"),
+    "signin_limited": (
+        "Too many attempts: wait a few minutes and try again.",
+        "尝试次数过多：请等几分钟再试。",
+    ),
+    "till_title": ("Till: top-up in cash", "收银台：现金充值"),
+    "signed_in_as": ("Signed in as", "当前店员"),
+    "float_balance": ("Top-up float at settlement", "结算中心充值备付金"),
+    "float_low": (
+        "The top-up float is running low: ask the office to deposit more.",
+        "充值备付金余额不足：请联系办公室存入更多资金。",
+    ),
+    "float_unavailable": ("The float could not be read just now.", "暂时无法读取备付金余额。"),
+    "till_help": (
+        "Count the customer's cash, type the amount, then load it onto their card on the "
+        "till's reader. The float at settlement pays for the value; the cash goes in the till.",
+        "清点顾客的现金并输入金额，然后在收银台读卡器上为其卡充值。充值金额由结算中心的备付金支付，现金放入收银机。",
+    ),
+    "cash_received": ("Cash received (¥)", "收到现金（¥）"),
+    "load_cash": ("Record the cash and load the card", "记录现金并充值"),
+    "bad_cash": (
+        "Type the cash taken, e.g. 200 or 200.50 (¥1 to ¥1,000).",
+        "请输入收到的现金，例如 200 或 200.50（¥1 至 ¥1,000）。",
+    ),
+    "insufficient_float": (
+        "The top-up float is too low for this amount: hand the cash back. Nothing was loaded.",
+        "备付金不足以支付此金额：请退还现金。未充值。",
+    ),
+    "settlement_error": (
+        "Settlement could not be reached: hand the cash back. Nothing was loaded.",
+        "无法连接结算中心：请退还现金。未充值。",
+    ),
+    "recent_topups": ("Today's till top-ups", "今日收银台充值"),
+    "shift_report": ("Shift report", "班次报表"),
+    "day": ("Day", "日期"),
+    "topups_made": ("Top-ups", "充值笔数"),
+    "cash_taken": ("Cash taken", "收到现金"),
+    "loaded_value": ("Loaded onto cards", "已充值到卡"),
+    "loads_made": ("Loads", "充值成功笔数"),
+    "not_loaded": ("Cash not loaded", "未充值现金"),
+    "all_staff": ("All staff", "全部店员"),
+    "audit_trail": ("Audit trail", "审计记录"),
+    "when": ("When", "时间"),
+    "who": ("Who", "店员"),
+    "action": ("Action", "操作"),
+    "client": ("From", "来源"),
     "topup_go": ("Top up", "充值"),
     "kind_purchase": ("Purchase", "购物"),
     "kind_topup": ("Top-up", "充值"),

@@ -4,6 +4,12 @@ An order is ``pending`` until settlement says otherwise. It becomes ``paid`` (``
 for a top-up) only from a settlement object whose status is ``succeeded`` — the flow's
 capture answer, a verified webhook followed by a re-fetch, or a poll; never from the card
 or the browser alone.
+
+A top-up order names its funding (``merchant_float``: cash a staff member took at the
+till, ``staff_id`` and ``cash_received`` say who and how much; ``bank_transfer``: the
+shopper's own transfer, ``payment_reference`` is settlement's reference for it) and keeps
+settlement's last word on its load in ``settlement_status`` (``requires_funding`` until the
+money has been matched).
 """
 
 from __future__ import annotations
@@ -17,7 +23,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import DateTime, Integer, String, Text, create_engine, event, select
+from sqlalchemy import (
+    DateTime,
+    Integer,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    func,
+    inspect,
+    select,
+    text,
+)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -61,6 +79,12 @@ class Order(Base):
     counter: Mapped[int | None] = mapped_column(Integer, default=None)
     tac: Mapped[str | None] = mapped_column(String(8), default=None)
     round_trips: Mapped[int | None] = mapped_column(Integer, default=None)
+    funding: Mapped[str | None] = mapped_column(String(20), default=None)
+    payment_reference: Mapped[str | None] = mapped_column(String(64), default=None)
+    funding_expires_at: Mapped[str | None] = mapped_column(String(40), default=None)
+    settlement_status: Mapped[str | None] = mapped_column(String(24), default=None)
+    staff_id: Mapped[str | None] = mapped_column(String(40), index=True, default=None)
+    cash_received: Mapped[int | None] = mapped_column(Integer, default=None)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
     updated_at: Mapped[dt.datetime] = mapped_column(
         DateTime(timezone=True), default=_now, onupdate=_now
@@ -134,8 +158,20 @@ class OrderBook:
         self.engine = engine
         self._sessions: Callable[[], Session] = sessionmaker(engine, expire_on_commit=False)
         Base.metadata.create_all(engine)
+        add_missing_columns(engine, Order)
 
-    def create(self, *, session_id: str, kind: str, amount: int, lines_json: str = "[]") -> Order:
+    def create(
+        self,
+        *,
+        session_id: str,
+        kind: str,
+        amount: int,
+        lines_json: str = "[]",
+        funding: str | None = None,
+        card_number: str | None = None,
+        staff_id: str | None = None,
+        cash_received: int | None = None,
+    ) -> Order:
         order = Order(
             id=new_order_id(),
             session_id=session_id,
@@ -143,6 +179,10 @@ class OrderBook:
             amount=amount,
             lines_json=lines_json,
             status=PENDING,
+            funding=funding,
+            card_number=card_number,
+            staff_id=staff_id,
+            cash_received=cash_received,
         )
         with self._sessions() as session, session.begin():
             session.add(order)
@@ -169,6 +209,24 @@ class OrderBook:
                 )
             )
 
+    def till_orders(self, since: dt.datetime, until: dt.datetime, limit: int = 1000) -> list[Order]:
+        """Top-ups staff sold at the till between ``since`` and ``until``, oldest first."""
+        with self._sessions() as session:
+            return list(
+                session.scalars(
+                    select(Order)
+                    .where(Order.staff_id.is_not(None))
+                    .where(Order.created_at >= since)
+                    .where(Order.created_at < until)
+                    .order_by(Order.created_at)
+                    .limit(limit)
+                )
+            )
+
+    def count(self) -> int:
+        with self._sessions() as session:
+            return int(session.scalar(select(func.count()).select_from(Order)) or 0)
+
     def open_orders(self, limit: int = 100) -> list[Order]:
         """Orders still waiting on settlement's word (for the polling fallback)."""
         with self._sessions() as session:
@@ -193,3 +251,20 @@ class OrderBook:
             for name, value in fields.items():
                 setattr(order, name, value)
         return order
+
+
+def add_missing_columns(engine: Engine, model: type[Base]) -> None:
+    """Add the nullable columns a newer version of ``model`` has to an older table.
+
+    The shop's database has no migration tool: its tables only ever gain nullable columns,
+    which this adds (``ALTER TABLE … ADD COLUMN``) so an existing ``merchant.db`` keeps working.
+    """
+    table = model.__table__
+    assert isinstance(table, Table)
+    have = {column["name"] for column in inspect(engine).get_columns(table.name)}
+    with engine.begin() as connection:
+        for column in table.columns:
+            if column.name in have or not column.nullable:
+                continue
+            kind = column.type.compile(dialect=engine.dialect)
+            connection.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))

@@ -147,12 +147,56 @@ class SettlementObject:
             raise SettlementError(f"settlement sent a malformed {kind.value[:-1]}: {exc}") from exc
 
 
+MERCHANT_FLOAT = "merchant_float"
+BANK_TRANSFER = "bank_transfer"
+FUNDING_METHODS = frozenset({MERCHANT_FLOAT, BANK_TRANSFER})
+REQUIRES_FUNDING = "requires_funding"
+"""A bank-transfer load's status until settlement has matched the money to it."""
+"""How the shop's top-ups are funded (docs/settlement-api.md "Funding"): cash taken at the
+till draws on the merchant's prepaid float; an online top-up waits for the cardholder's own
+bank transfer. A load is never created without one of them."""
+
+
+@dataclass(frozen=True, slots=True)
+class FloatBalance:
+    """The merchant's prepaid top-up float at settlement (``GET /v1/float``)."""
+
+    balance: int
+    low_threshold: int
+    currency: str = "CNY"
+
+    @property
+    def is_low(self) -> bool:
+        return self.balance <= self.low_threshold
+
+
+def funding_reference(obj: SettlementObject) -> str | None:
+    """The payment reference settlement issued for a bank-transfer load (else None)."""
+    funding = obj.raw.get("funding")
+    if isinstance(funding, dict) and funding.get("method") == BANK_TRANSFER:
+        reference = funding.get("reference")
+        return str(reference) if reference else None
+    return None
+
+
 class Settlement(Protocol):
     """What the flows need from settlement; :class:`SettlementClient` is the HTTP one."""
 
     async def create(
-        self, kind: Kind, amount: int, *, description: str, reference: str
-    ) -> SettlementObject: ...
+        self,
+        kind: Kind,
+        amount: int,
+        *,
+        description: str,
+        reference: str,
+        funding: str | None = None,
+        card_number: str | None = None,
+    ) -> SettlementObject:
+        """A payment, or a load funded by ``funding`` (one of :data:`FUNDING_METHODS`),
+        bound to ``card_number`` when given (required for a bank transfer)."""
+        ...
+
+    async def float_balance(self) -> FloatBalance: ...
 
     async def get(self, kind: Kind, object_id: str) -> SettlementObject: ...
 
@@ -306,7 +350,14 @@ class SettlementClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def create(
-        self, kind: Kind, amount: int, *, description: str, reference: str
+        self,
+        kind: Kind,
+        amount: int,
+        *,
+        description: str,
+        reference: str,
+        funding: str | None = None,
+        card_number: str | None = None,
     ) -> SettlementObject:
         if kind is Kind.PAYMENT:
             payload: dict[str, Any] = {
@@ -316,12 +367,32 @@ class SettlementClient:
                 "merchant_reference": reference,
             }
         else:
-            payload = {
-                "amount": amount,
-                "currency": "CNY",
-                "funding": {"method": "cash", "reference": reference},
-            }
+            if funding not in FUNDING_METHODS:
+                raise SettlementError(f"a load needs its funding, not {funding!r}")
+            method: dict[str, Any] = {"method": funding}
+            if funding == MERCHANT_FLOAT:
+                method["reference"] = reference  # the till's order: on settlement's books
+            payload = {"amount": amount, "currency": "CNY", "funding": method}
+            if card_number is not None:
+                payload["card_number"] = card_number
         return await self._request(kind, "POST", f"/v1/{kind.value}", payload)
+
+    async def float_balance(self) -> FloatBalance:
+        status, body = await self._exchange("GET", "/v1/float", None, dict(self._headers))
+        if status != 200:
+            raise SettlementError(
+                f"settlement GET /v1/float: {status} {body.get('code', '')}".strip(),
+                status=status,
+                code=body.get("code"),
+            )
+        try:
+            return FloatBalance(
+                balance=int(body["balance"]),
+                low_threshold=int(body.get("low_threshold") or 0),
+                currency=str(body.get("currency") or "CNY"),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SettlementError(f"settlement sent a malformed float: {exc}") from exc
 
     async def get(self, kind: Kind, object_id: str) -> SettlementObject:
         return await self._request(kind, "GET", f"/v1/{kind.value}/{object_id}")

@@ -279,3 +279,137 @@ def worker_app() -> Any:
 
     configure_logging(logging.INFO)
     return create_app(dataclasses.replace(Settings.from_env(), migrate=False))
+
+
+# --- funding (issue 12): floats, bank statements, exceptions --------------------------
+
+float_app = typer.Typer(help="Merchants' prepaid top-up floats.", no_args_is_help=True)
+statement_app = typer.Typer(
+    help="Bank statements of the settlement account and their exceptions.", no_args_is_help=True
+)
+app.add_typer(float_app, name="float")
+app.add_typer(statement_app, name="statement")
+
+
+def _funding_run(work: Any) -> Any:
+    """Run ``work(session, settings)`` in one transaction; refusals exit 2 with their code."""
+    from webpurse.settlement.problems import ApiError
+
+    settings = _settings()
+    engine = make_engine(settings.database_url)
+    try:
+        with make_session_factory(engine)() as session, session.begin():
+            return work(session, settings)
+    except ApiError as exc:
+        raise _fail(f"{exc.code}: {exc.detail}") from None
+    finally:
+        engine.dispose()
+
+
+@float_app.command("deposit")
+def float_deposit(
+    merchant_id: Annotated[str, typer.Argument(help="the merchant (mer_…)")],
+    amount: Annotated[int, typer.Argument(help="fen received, > 0")],
+    bank_reference: Annotated[
+        str, typer.Option("--bank-reference", help="the bank's reference of the credit")
+    ],
+    json_output: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Record money a merchant paid into its float (idempotent on the bank reference)."""
+    from webpurse.settlement import funding
+
+    if amount <= 0 or not bank_reference.strip():
+        raise _fail("the amount must be > 0 fen and the bank reference not empty")
+
+    def work(session: Any, settings: Settings) -> dict[str, Any]:
+        deposit, created = funding.record_deposit(
+            session, merchant_id, amount, bank_reference.strip(), settings.clock()
+        )
+        policy = funding.FundingPolicy.from_settings(settings)
+        return {
+            **funding.deposit_json(deposit),
+            "created": created,
+            "float": funding.float_json(session, merchant_id, policy),
+        }
+
+    out = _funding_run(work)
+    if json_output:
+        sys.stdout.write(json.dumps(out) + "\n")
+    else:
+        verb = "recorded" if out["created"] else "already recorded"
+        console.print(
+            f"deposit {out['id']} {verb}: {amount:,} fen; float of {merchant_id} is"
+            f" {out['float']['balance']:,} fen"
+        )
+
+
+@float_app.command("show")
+def float_show(
+    merchant_id: Annotated[str, typer.Argument(help="the merchant (mer_…)")],
+) -> None:
+    """A merchant's float balance."""
+    from webpurse.settlement import funding
+
+    def work(session: Any, settings: Settings) -> dict[str, Any]:
+        return funding.float_json(
+            session, merchant_id, funding.FundingPolicy.from_settings(settings)
+        )
+
+    sys.stdout.write(json.dumps(_funding_run(work)) + "\n")
+
+
+@statement_app.command("import")
+def statement_import(
+    path: Annotated[Path, typer.Argument(help="the statement file")],
+    fmt: Annotated[str, typer.Option("--format", help="mt940 or csv")] = "mt940",
+) -> None:
+    """Import a statement: fund the top-ups it pays, list the rest (idempotent)."""
+    from webpurse.settlement import funding
+
+    if fmt not in ("mt940", "csv"):
+        raise _fail("--format is mt940 or csv")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _fail(f"cannot read {path}: {exc}") from None
+
+    def work(session: Any, settings: Settings) -> dict[str, Any]:
+        summary, created = funding.import_statement(
+            session, text, fmt, funding.FundingPolicy.from_settings(settings), settings.clock()
+        )
+        return {**summary, "created": created}
+
+    sys.stdout.write(json.dumps(_funding_run(work)) + "\n")
+
+
+@statement_app.command("exceptions")
+def statement_exceptions(
+    status: Annotated[
+        str | None, typer.Option(help="awaiting_return or returned (default: all)")
+    ] = None,
+) -> None:
+    """Money received that funds no top-up (one JSON object a line)."""
+    from webpurse.settlement import funding
+
+    def work(session: Any, settings: Settings) -> list[dict[str, Any]]:
+        return [funding.exception_json(x) for x in funding.list_exceptions(session, status)]
+
+    for row in _funding_run(work):
+        sys.stdout.write(json.dumps(row) + "\n")
+
+
+@statement_app.command("return")
+def statement_return(
+    exception_id: Annotated[str, typer.Argument(help="the exception (sexc_…)")],
+    return_reference: Annotated[
+        str, typer.Argument(help="the bank reference of the transfer back to the payer")
+    ],
+) -> None:
+    """Record that an exception's money went back to its payer."""
+    from webpurse.settlement import funding
+
+    def work(session: Any, settings: Settings) -> dict[str, Any]:
+        exc = funding.return_exception(session, exception_id, return_reference, settings.clock())
+        return funding.exception_json(exc)
+
+    sys.stdout.write(json.dumps(_funding_run(work)) + "\n")

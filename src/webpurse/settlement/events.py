@@ -25,6 +25,8 @@ EVENT_TYPES = frozenset(
         "load.succeeded",
         "load.failed",
         "load.uncertain",
+        "load.funded",
+        "float.low",
     }
 )
 

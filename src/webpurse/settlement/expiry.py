@@ -2,6 +2,8 @@
 
 - ``requires_card`` older than ``requires_card_ttl``: ``expired`` (loads return their funds),
   told to the merchant like every other change: ``payment.expired`` (loads: ``load.failed``);
+  refunds and funded bank-transfer top-ups wait for their card however long it takes;
+- ``requires_funding`` (an unpaid bank-transfer order) past its ``expires_at``: ``expired``;
 - ``authorised`` older than ``authorised_ttl``: ``uncertain`` — after MAC1 (or MAC2) was
   issued a DEBIT (or CREDIT) may have reached the card, so nothing is guessed; the card's
   next contact or its proof settles it (spec §6).
@@ -112,12 +114,19 @@ def expire_stale(
             select(Load).where(
                 Load.status == "requires_card",
                 Load.created_at < created_before,
-                # a refund waits for the card's next online contact, however long that takes
+                # a refund waits for the card's next online contact, however long that takes;
+                # so does a top-up the cardholder paid for by bank transfer
                 Load.refund_id.is_(None),
+                Load.funding_method != "bank_transfer",
             )
         )
     ):
         loads.expire(ctx, load)
+        counts["le"] += 1
+    for load in session.scalars(
+        _claim(select(Load).where(Load.status == "requires_funding", Load.expires_at <= now))
+    ):
+        loads.expire(ctx, load)  # an unpaid bank-transfer order: nothing was held
         counts["le"] += 1
     for load in session.scalars(
         _claim(

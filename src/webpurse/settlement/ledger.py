@@ -16,7 +16,16 @@ Accounts (see docs/settlement-api.md):
 - ``held:loads`` funds for loads in flight, not yet on a card or returned;
 - ``merchant:<merchant id>`` merchant payable;
 - ``payouts:<merchant id>`` paid out to merchants (clearing);
-- ``refunds:pending`` refunds waiting for the card's next online contact.
+- ``refunds:pending`` refunds waiting for the card's next online contact;
+- ``received:float_deposits``, ``received:bank_transfers`` money that reached the settlement
+  bank account (negative: the sources of all value since issue 12);
+- ``float:<merchant id>`` a merchant's unused prepaid top-up float;
+- ``matched:bank_transfers`` statement credits matched to an order, not yet held for its load;
+- ``returns:awaiting`` money received that funds nothing, waiting to go back to its payer;
+- ``returned:payers`` money paid back to payers (it left).
+
+``funding:`` and ``topups:`` are only in databases from before funding (issue 12): loads were
+funded from them without any money received.
 """
 
 from __future__ import annotations
@@ -40,9 +49,27 @@ _ENTRIES: Table = Entry.__table__  # type: ignore[assignment]
 HELD_PURCHASES = "held:purchases"
 HELD_LOADS = "held:loads"
 REFUNDS_PENDING = "refunds:pending"
+RECEIVED_FLOAT_DEPOSITS = "received:float_deposits"
+RECEIVED_BANK_TRANSFERS = "received:bank_transfers"
+MATCHED_BANK_TRANSFERS = "matched:bank_transfers"
+RETURNS_AWAITING = "returns:awaiting"
+RETURNED_PAYERS = "returned:payers"
 
 # Kinds whose balances may go below zero: the sources of value.
-_NEGATIVE_KINDS = frozenset({"funding", "topups"})
+_NEGATIVE_KINDS = frozenset({"received", "funding", "topups"})
+SOURCE_KINDS = ("received", "funding", "topups")
+# Where the value received is: held on cards, owed, paid out, in flight, waiting or gone back.
+HOLDING_KINDS = (
+    "card",
+    "merchant",
+    "payouts",
+    "refunds",
+    "held",
+    "float",
+    "matched",
+    "returns",
+    "returned",
+)
 
 
 def card_account(card_id: str) -> str:
@@ -59,6 +86,11 @@ def payout_account(merchant_id: str) -> str:
 
 def funding_account(method: str) -> str:
     return f"funding:{method}"
+
+
+def float_account(merchant_id: str) -> str:
+    """The merchant's unused prepaid top-up float."""
+    return f"float:{merchant_id}"
 
 
 def topups_account(merchant_id: str) -> str:
@@ -339,6 +371,18 @@ def post_transfers(
     bulk_insert(session, _ENTRIES, entry_rows)
 
 
+def locked_balance(
+    session: Session, account_id: str, now: dt.datetime, currency: str = "CNY"
+) -> int:
+    """The account's balance, its row locked (PostgreSQL) until the transaction ends.
+
+    A caller that decides on the balance (may this load draw the float?) and then posts a
+    transfer from it reads it here: a concurrent transaction waits for this one, so two
+    decisions never both see the same funds.
+    """
+    return int(_lock(session, [account_id], now, currency)[account_id].balance)
+
+
 def balance(session: Session, account_id: str) -> int:
     """The account's balance as the database has it now (0 for an unknown account)."""
     value = session.execute(
@@ -348,6 +392,17 @@ def balance(session: Session, account_id: str) -> int:
 
 
 # --- the ledger check ---------------------------------------------------------------
+
+
+def funds_received(totals: dict[str, int]) -> int:
+    """Money received: float deposits and bank statement credits (and, in databases from
+    before funding, the old ``funding:`` and ``topups:`` sources)."""
+    return -sum(totals.get(kind, 0) for kind in SOURCE_KINDS)
+
+
+def funds_held(totals: dict[str, int]) -> int:
+    """Where the money received is now (ARCHITECTURE.md "Invariants")."""
+    return sum(totals.get(kind, 0) for kind in HOLDING_KINDS)
 
 
 @dataclass
@@ -369,9 +424,10 @@ def check(session: Session) -> CheckReport:
     - each account's entries have versions 1..n with running balances, ending at the
       cached balance, which equals the sum of its entries;
     - no account that may not go negative is negative;
-    - all accounts sum to zero, and funds received for loads (by the issuer, ``funding``,
-      and by merchants selling top-ups, ``topups``) equal the value held on cards,
-      merchant payables, payouts, pending refunds and held amounts (ARCHITECTURE.md
+    - all accounts sum to zero, and funds received (float deposits and bank statement
+      credits, ``received``; ``funding``/``topups`` of old) equal the value held on cards,
+      merchant payables, payouts, pending refunds, held amounts, unused floats, matched
+      money not yet loaded, money awaiting return and money returned (ARCHITECTURE.md
       "Invariants").
     """
     report = CheckReport()
@@ -427,13 +483,11 @@ def check(session: Session) -> CheckReport:
     total = sum(report.totals.values())
     if total != 0:
         report.problems.append(f"accounts sum to {total}, not zero")
-    received = -report.totals.get("funding", 0) - report.totals.get("topups", 0)
-    held = sum(
-        report.totals.get(kind, 0) for kind in ("card", "merchant", "payouts", "refunds", "held")
-    )
+    received = funds_received(report.totals)
+    held = funds_held(report.totals)
     if received != held:
         report.problems.append(
-            f"funds received for loads {received} != value held {held} "
-            "(cards + merchant payables + payouts + pending refunds + held)"
+            f"funds received {received} != value held {held} (cards + merchant payables +"
+            " payouts + pending refunds + held + floats + matched + awaiting return + returned)"
         )
     return report

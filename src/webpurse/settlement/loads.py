@@ -1,16 +1,19 @@
 """Loads (top-ups): a funded order, MAC1 verified → MAC2, TAC verified → value on the card.
 
-Funds are held from the moment the load order records its funding source
-(``funding:<method>`` → ``held:loads``), so money is never taken without reaching the
-card (held → ``card:<id>``) or being returned (held → funding) — the lesson of the 2007
-Octopus top-up incident. Refunds are loads funded from ``refunds:pending``. A load a
-merchant creates is a top-up it sold: it collected the money, so the load is funded from
-its receivable ``topups:<merchant id>`` and clearing nets it against its payable
-(ARCHITECTURE.md: a compromised merchant server cannot create value).
+Funds are held from the moment the load order is funded (its source → ``held:loads``), so
+money is never taken without reaching the card (held → ``card:<id>``) or being returned
+(held → its source) — the lesson of the 2007 Octopus top-up incident. Every load is funded
+by money settlement received (issue 12, :mod:`webpurse.settlement.funding`): a merchant's
+cash top-up draws its prepaid float (``float:<merchant id>``, 409 ``insufficient_float``
+beyond it), an online top-up is a ``bank_transfer`` order that waits ``requires_funding``
+for the cardholder's money to show on an imported bank statement, and refunds are loads
+funded from ``refunds:pending``. A compromised merchant server can move at most its own
+float onto cards.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import structlog
@@ -24,7 +27,15 @@ from webpurse.protocol.commands import (
 )
 from webpurse.protocol.crypto import macs_equal
 from webpurse.protocol.records import TransactionType, decode_bcd_date, decode_bcd_time
-from webpurse.settlement import card_checks, events, ledger, registry
+from webpurse.settlement import (
+    card_checks,
+    events,
+    funding,
+    ledger,
+    references,
+    registry,
+    statements,
+)
 from webpurse.settlement.decisions import (
     DeclineCode,
     LoadInputs,
@@ -39,6 +50,7 @@ from webpurse.settlement.problems import (
     ApiError,
     conflict,
     declined,
+    forbidden,
     not_found,
     verification_failed,
 )
@@ -48,19 +60,17 @@ from webpurse.settlement.service import Ctx, card_time, new_id, parse, parse_iss
 log = structlog.get_logger(__name__)
 
 
-def funding_account_of(load: Load) -> str:
-    """Where a new load's funds come from: a refund, a merchant's top-up, or the operator's."""
-    if load.funding_method == "refund":
-        return ledger.REFUNDS_PENDING
-    if load.merchant_id is not None:
-        return ledger.topups_account(load.merchant_id)
-    return ledger.funding_account(load.funding_method)
-
-
 def _source_of(ctx: Ctx, load: Load) -> str:
     """The account the load's hold was taken from (funds go back exactly there)."""
     hold = ctx.session.get(Transfer, f"{load.id}:hold")
-    return hold.debit_account if hold is not None else funding_account_of(load)
+    if hold is None:
+        raise conflict("invalid_load_state", "the load holds no funds")
+    return hold.debit_account
+
+
+def _payer_funded(load: Load) -> bool:
+    """A bank-transfer order that is funded: the money is the cardholder's, for that card."""
+    return load.funding_method == "bank_transfer" and load.status != "requires_funding"
 
 
 def load_json(load: Load) -> dict[str, Any]:
@@ -83,7 +93,8 @@ def load_json(load: Load) -> dict[str, Any]:
         "status": load.status,
         "amount": load.amount,
         "currency": load.currency,
-        "funding": {"method": load.funding_method, "reference": load.funding_reference},
+        "funding": {"method": load.funding_method, "reference": load.funding_reference or None},
+        "expires_at": load.expires_at.isoformat() if load.expires_at else None,
         "refund": load.refund_id,
         "terminal_id": load.terminal_id,
         "key_index": load.key_index,
@@ -119,9 +130,10 @@ def _need_status(load: Load, *allowed: str) -> None:
         )
 
 
-def create_order(
+def _new_load(
     ctx: Ctx,
     *,
+    status: str,
     amount: int,
     currency: str,
     funding_method: str,
@@ -129,6 +141,7 @@ def create_order(
     merchant_id: str | None,
     card_number: str | None,
     refund_id: str | None = None,
+    expires_at: dt.datetime | None = None,
 ) -> Load:
     terminal_id = OPERATOR_TERMINAL_ID
     if merchant_id is not None:
@@ -139,7 +152,7 @@ def create_order(
     load = Load(
         id=new_id("load"),
         merchant_id=merchant_id,
-        status="requires_card",
+        status=status,
         amount=amount,
         currency=currency,
         funding_method=funding_method,
@@ -148,48 +161,151 @@ def create_order(
         terminal_id=terminal_id,
         key_index=1,
         requested_card_number=card_number.upper() if card_number else None,
+        expires_at=expires_at,
         created_at=ctx.now,
         updated_at=ctx.now,
     )
     ctx.session.add(load)
     ctx.session.flush()
-    ledger.post_transfer(
-        ctx.session,
-        f"{load.id}:hold",
-        funding_account_of(load),
-        ledger.HELD_LOADS,
-        amount,
-        "load_hold",
-        now=ctx.now,
-        reference=load.id,
+    return load
+
+
+def create_order(
+    ctx: Ctx,
+    *,
+    amount: int,
+    currency: str,
+    funding_method: str,
+    funding_reference: str,
+    merchant_id: str | None,
+    card_number: str | None,
+    refund_id: str | None = None,
+    float_low_threshold: int = 0,
+) -> Load:
+    """A load funded now: a refund (from ``refunds:pending``) or a merchant's float."""
+    if funding_method == "merchant_float" and merchant_id is None:
+        raise forbidden("an operator key has no float: merchant_float needs a merchant key")
+    if funding_method not in ("refund", "merchant_float"):
+        raise conflict("invalid_funding", f"a {funding_method} load is not funded on creation")
+    load = _new_load(
+        ctx,
+        status="requires_card",
+        amount=amount,
+        currency=currency,
+        funding_method=funding_method,
+        funding_reference=funding_reference,
+        merchant_id=merchant_id,
+        card_number=card_number,
+        refund_id=refund_id,
     )
+    if funding_method == "refund":
+        ledger.post_transfer(
+            ctx.session,
+            f"{load.id}:hold",
+            ledger.REFUNDS_PENDING,
+            ledger.HELD_LOADS,
+            amount,
+            "load_hold",
+            now=ctx.now,
+            reference=load.id,
+        )
+    else:
+        funding.draw_float(ctx.session, load, ctx.now, float_low_threshold)
     log.info("load.created", load=load.id, amount=amount, funding=funding_method)
     return load
 
 
-def create(ctx: Ctx, body: LoadCreate) -> Load:
+def _new_reference(ctx: Ctx) -> str:
+    """A payment reference no load has yet (16 random digits: a clash is a re-draw)."""
+    while True:
+        reference = references.new_reference()
+        taken = ctx.session.scalar(
+            select(Load.id).where(Load.funding_reference == reference).limit(1)
+        )
+        if taken is None:
+            return reference
+
+
+def create_transfer_order(
+    ctx: Ctx, *, amount: int, currency: str, card_number: str, ttl: dt.timedelta
+) -> Load:
+    """An online top-up: bound to one card, unfunded (no hold, no entry) until paid.
+
+    The card must be registered and usable now: the cardholder is about to send money for
+    it, and a mistyped number would leave that money with nowhere to go but back.
+    """
+    card = registry.find_card(ctx.session, card_number)
+    if card is None:
+        raise not_found("card", "card_number")
+    if card.status != "active":
+        raise conflict("card_not_loadable", f"the card is {card.status}: it cannot be topped up")
+    load = _new_load(
+        ctx,
+        status="requires_funding",
+        amount=amount,
+        currency=currency,
+        funding_method="bank_transfer",
+        funding_reference=_new_reference(ctx),
+        merchant_id=ctx.principal.merchant_id,
+        card_number=card_number,
+        expires_at=ctx.now + ttl,
+    )
+    log.info("load.ordered", load=load.id, amount=amount, reference=load.funding_reference)
+    return load
+
+
+def create(ctx: Ctx, body: LoadCreate, policy: funding.FundingPolicy | None = None) -> Load:
+    policy = policy or funding.FundingPolicy()
+    if body.funding.method == "bank_transfer":
+        assert body.card_number is not None  # the schema requires it
+        return create_transfer_order(
+            ctx,
+            amount=body.amount,
+            currency=body.currency,
+            card_number=body.card_number,
+            ttl=policy.bank_transfer_ttl,
+        )
     return create_order(
         ctx,
         amount=body.amount,
         currency=body.currency,
-        funding_method=body.funding.method,
-        funding_reference=body.funding.reference,
+        funding_method="merchant_float",
+        funding_reference=body.funding.reference or "",
         merchant_id=ctx.principal.merchant_id,
         card_number=body.card_number,
+        float_low_threshold=policy.float_low_threshold,
     )
 
 
 def _return_funds(ctx: Ctx, load: Load, status: str) -> None:
-    ledger.post_transfer(
-        ctx.session,
-        f"{load.id}:return",
-        ledger.HELD_LOADS,
-        _source_of(ctx, load),
-        load.amount,
-        "load_return",
-        now=ctx.now,
-        reference=load.id,
-    )
+    """No credit happened: the funds go back to their source.
+
+    A funded bank-transfer order's money is the cardholder's: it goes to the exceptions
+    list (``returns:awaiting``), for the operator to pay it back, never to anyone else.
+    """
+    if _payer_funded(load):
+        funding.add_exception(
+            ctx.session,
+            kind=statements.Exceptional.LOAD_CANCELED,
+            amount=load.amount,
+            now=ctx.now,
+            debit_account=ledger.HELD_LOADS,
+            transfer_id=f"{load.id}:return",
+            reference=load.funding_reference,
+            load_id=load.id,
+            detail=f"the funded order was {status} before reaching the card",
+        )
+    else:
+        ledger.post_transfer(
+            ctx.session,
+            f"{load.id}:return",
+            ledger.HELD_LOADS,
+            _source_of(ctx, load),
+            load.amount,
+            "load_return",
+            now=ctx.now,
+            reference=load.id,
+        )
     load.status = status
     load.updated_at = ctx.now
 
@@ -245,6 +361,11 @@ def _release_disproved(ctx: Ctx, load: Load, card: Card) -> None:
 
 def authorise(ctx: Ctx, load_id: str, body: LoadAuthorise) -> Load:
     load = get_load(ctx, load_id, lock=True)
+    if load.status == "requires_funding":
+        raise conflict(
+            "load_not_funded",
+            "the bank transfer for this load has not arrived yet (status requires_funding)",
+        )
     _need_status(load, "requires_card")
     issuer = parse_issuer(body.issuer_data)
     init = parse(
@@ -281,7 +402,9 @@ def authorise(ctx: Ctx, load_id: str, body: LoadAuthorise) -> Load:
     load.updated_at = ctx.now
     if not decision.approved:
         assert decision.decline_code is not None
-        if card is not None:
+        # A funded bank-transfer order waits for its own card: a decline changes nothing of it.
+        keep = _payer_funded(load)
+        if card is not None and not keep:
             load.card_id = card.id
             load.card_number = card.card_number
         # A MAC1 that does not verify is anyone's; one that does may be a recording (its
@@ -305,6 +428,8 @@ def authorise(ctx: Ctx, load_id: str, body: LoadAuthorise) -> Load:
             extra["card_check"] = check
         if decision.decline_code is DeclineCode.RECOVERY_REQUIRED and decision.recover:
             extra["recover"] = decision.recover.to_json()
+        elif keep:
+            log.info("load.declined_kept", load=load.id, decline_code=decision.decline_code.value)
         else:
             load.decline_code = decision.decline_code.value
             _return_funds(ctx, load, "declined")
@@ -543,6 +668,16 @@ def cancel(ctx: Ctx, load_id: str, body: Cancel | None = None) -> Load:
     issuer = parse_issuer(body.issuer_data) if body and body.issuer_data else None
     if load.status == "canceled":
         return load
+    if load.status == "requires_funding":  # unpaid: nothing is held
+        load.status = "canceled"
+        load.updated_at = ctx.now
+        _emit(ctx, load, "load.failed")
+        return load
+    if _payer_funded(load) and not ctx.principal.is_operator:
+        raise conflict(
+            "payer_funded",
+            "the cardholder paid for this load by bank transfer: it waits for their card",
+        )
     if load.status != "requires_card":
         raise conflict(
             "invalid_load_state",
@@ -563,6 +698,10 @@ def cancel(ctx: Ctx, load_id: str, body: Cancel | None = None) -> Load:
 
 
 def expire(ctx: Ctx, load: Load) -> None:
-    """A load order nobody brought a card for: return the funds."""
-    _return_funds(ctx, load, "expired")
+    """A load order nobody brought a card for (or paid for): return any funds."""
+    if load.status == "requires_funding":
+        load.status = "expired"
+        load.updated_at = ctx.now
+    else:
+        _return_funds(ctx, load, "expired")
     _emit(ctx, load, "load.failed")

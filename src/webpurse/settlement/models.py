@@ -140,7 +140,10 @@ class Load(Base):
     amount: Mapped[int] = mapped_column(BigInteger)
     currency: Mapped[str] = mapped_column(String(3))
     funding_method: Mapped[str] = mapped_column(String(20))
-    funding_reference: Mapped[str] = mapped_column(String(200))
+    # bank_transfer: the settlement-issued payment reference (RF creditor reference).
+    funding_reference: Mapped[str] = mapped_column(String(200), index=True)
+    # requires_funding: when the unpaid order expires.
+    expires_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     refund_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     terminal_id: Mapped[str] = mapped_column(String(12))
     key_index: Mapped[int] = mapped_column(Integer, default=1)
@@ -272,3 +275,77 @@ class CardCheck(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
     expires_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
     used_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+
+
+# --- funding (issue 12): float deposits, bank statements, exceptions ------------------
+
+
+class FloatDeposit(Base):
+    """Money a merchant paid into its top-up float, as the operator saw it arrive."""
+
+    __tablename__ = "float_deposits"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    merchant_id: Mapped[str] = mapped_column(ForeignKey("merchants.id"), index=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    # The bank's reference of the credit: a deposit's identity (a replay finds it).
+    bank_reference: Mapped[str] = mapped_column(String(100), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+
+
+class BankStatement(Base):
+    """An imported statement of the settlement bank account; (account, number) is unique."""
+
+    __tablename__ = "bank_statements"
+    __table_args__ = (UniqueConstraint("account", "number"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    account: Mapped[str] = mapped_column(String(64))
+    number: Mapped[int] = mapped_column(Integer)
+    format: Mapped[str] = mapped_column(String(8))
+    currency: Mapped[str] = mapped_column(String(3))
+    opening_balance: Mapped[int] = mapped_column(BigInteger)
+    closing_balance: Mapped[int] = mapped_column(BigInteger)
+    digest: Mapped[str] = mapped_column(String(64))  # SHA-256 of what was parsed
+    summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+
+
+class StatementLine(Base):
+    """One line of an imported statement and what settlement did with it."""
+
+    __tablename__ = "statement_lines"
+    __table_args__ = (UniqueConstraint("statement_id", "line_no"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    statement_id: Mapped[str] = mapped_column(ForeignKey("bank_statements.id"), index=True)
+    line_no: Mapped[int] = mapped_column(Integer)
+    amount: Mapped[int] = mapped_column(BigInteger)  # signed: + credit, - debit
+    booked_on: Mapped[dt.date] = mapped_column(Date)
+    bank_reference: Mapped[str] = mapped_column(String(100), default="")
+    payer: Mapped[str] = mapped_column(String(200), default="")
+    remittance: Mapped[str] = mapped_column(Text, default="")
+    reference: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    outcome: Mapped[str] = mapped_column(String(20))  # matched | exception | debit
+    load_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
+
+
+class StatementException(Base):
+    """Money received that funds no top-up: it waits for the operator to return it."""
+
+    __tablename__ = "statement_exceptions"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    line_id: Mapped[str | None] = mapped_column(ForeignKey("statement_lines.id"), nullable=True)
+    kind: Mapped[str] = mapped_column(String(24))
+    amount: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    reference: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    load_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    payer: Mapped[str] = mapped_column(String(200), default="")
+    detail: Mapped[str] = mapped_column(Text, default="")
+    status: Mapped[str] = mapped_column(String(20), index=True)  # awaiting_return | returned
+    return_reference: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    returned_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())

@@ -20,6 +20,7 @@ ROUTERS = (
     "routes_loads",
     "routes_refunds",
     "routes_card_checks",
+    "routes_funding",
     "routes_admin",
 )
 

@@ -10,6 +10,7 @@ from sqlalchemy import and_, or_, select
 
 from webpurse.settlement import idempotency, loads
 from webpurse.settlement.auth import AnyPrincipal
+from webpurse.settlement.funding import FundingPolicy
 from webpurse.settlement.loads import load_json
 from webpurse.settlement.models import Load
 from webpurse.settlement.routes_payments import PROBLEMS, IdempotencyKey, SessionDep, make_ctx
@@ -35,15 +36,21 @@ def create_load(
     session: SessionDep,
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
-    """Record a funded load order; the funds are held until the card is credited or they return."""
+    """Order a load: drawn from the merchant's float now, or waiting for a bank transfer.
+
+    ``merchant_float``: the funds are held until the card is credited or they return (409
+    ``insufficient_float`` beyond the float). ``bank_transfer``: ``requires_funding`` with
+    a payment reference until an imported statement pays it (docs/settlement-api.md).
+    """
     ctx = make_ctx(request, session, principal)
+    policy = FundingPolicy.from_settings(request.app.state.settlement.settings)
     return idempotency.run(
         request,
         session,
         principal,
         idempotency_key,
         body.model_dump(mode="json"),
-        lambda: (201, load_json(loads.create(ctx, body))),
+        lambda: (201, load_json(loads.create(ctx, body, policy))),
     )
 
 

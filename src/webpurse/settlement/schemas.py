@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 Hex12 = Annotated[str, StringConstraints(pattern=r"^[0-9A-Fa-f]{12}$")]
 Hex20 = Annotated[str, StringConstraints(pattern=r"^[0-9A-Fa-f]{20}$")]
@@ -77,16 +77,58 @@ class Resolve(_In):
     )
 
 
-class Funding(_In):
-    method: Literal["cash", "bank_transfer"]
-    reference: Annotated[str, Field(min_length=1, max_length=200)]
+class MerchantFloatFunding(_In):
+    """Cash the merchant took at its till: drawn from its prepaid float at settlement."""
+
+    method: Literal["merchant_float"]
+    reference: Annotated[str, Field(min_length=1, max_length=200)] | None = Field(
+        default=None, description="the merchant's own reference (till receipt, order id)"
+    )
+
+
+class BankTransferFunding(_In):
+    """The cardholder's own bank transfer: settlement issues the payment reference."""
+
+    method: Literal["bank_transfer"]
+
+
+Funding = Annotated[MerchantFloatFunding | BankTransferFunding, Field(discriminator="method")]
 
 
 class LoadCreate(_In):
     amount: Fen
     currency: Literal["CNY"] = "CNY"
-    card_number: Hex20 | None = None
+    card_number: Hex20 | None = Field(
+        default=None, description="bind the load to this card (required for bank_transfer)"
+    )
     funding: Funding
+
+    @model_validator(mode="after")
+    def _bank_transfer_names_its_card(self) -> LoadCreate:
+        if self.funding.method == "bank_transfer" and self.card_number is None:
+            raise ValueError("a bank_transfer load is bound to one card: card_number is required")
+        return self
+
+
+class FloatDepositCreate(_In):
+    amount: Fen
+    currency: Literal["CNY"] = "CNY"
+    bank_reference: Annotated[
+        str, StringConstraints(min_length=1, max_length=100, pattern=r"^[\x21-\x7e]+$")
+    ] = Field(description="the bank's reference of the credit; a deposit's identity")
+
+
+class StatementImport(_In):
+    format: Literal["mt940", "csv"]
+    statement: Annotated[str, Field(min_length=1, max_length=2_000_000)] = Field(
+        description="the statement file's text"
+    )
+
+
+class ExceptionReturn(_In):
+    return_reference: Annotated[str, Field(min_length=1, max_length=100)] = Field(
+        description="the bank reference of the transfer that paid the money back"
+    )
 
 
 class LoadAuthorise(_In):
@@ -157,10 +199,16 @@ class LoadAuthorisation(BaseModel):
 class LoadOut(BaseModel):
     id: str
     object: Literal["load"]
-    status: str
+    status: str = Field(
+        description="requires_funding (bank_transfer, unpaid), requires_card, authorised,"
+        " uncertain, succeeded, declined, canceled or expired"
+    )
     amount: int
     currency: str
-    funding: dict[str, str]
+    funding: dict[str, str | None]
+    expires_at: str | None = Field(
+        default=None, description="requires_funding: when the unpaid order expires"
+    )
     refund: str | None
     terminal_id: str
     key_index: int

@@ -66,6 +66,12 @@ class Settings:
     # The API documentation (/docs, /openapi.json) is public only when asked:
     # WEBPURSE_PUBLIC_DOCS=1 (the demo sets it). /health is always public.
     public_docs: bool = False
+    # Funding (issue 12, docs/settlement-api.md "Funding"): the settlement bank account whose
+    # statements are imported, how long an unpaid bank-transfer order waits, and the float
+    # balance (fen) below which the merchant gets a float.low event.
+    settlement_account: str = "WEBPURSE-SETTLEMENT-0001"
+    bank_transfer_ttl: dt.timedelta = dt.timedelta(days=3)
+    float_low_threshold: int = 10_000
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, *, migrate: bool = False) -> Settings:
@@ -87,6 +93,11 @@ class Settings:
             sweep_interval=float(env.get("WEBPURSE_SWEEP_INTERVAL", "30")),
             webhook_allow_private=_flag(env.get("WEBPURSE_WEBHOOK_ALLOW_PRIVATE", "")),
             public_docs=_flag(env.get("WEBPURSE_PUBLIC_DOCS", "")),
+            settlement_account=env.get("WEBPURSE_SETTLEMENT_ACCOUNT", cls.settlement_account),
+            bank_transfer_ttl=dt.timedelta(
+                seconds=float(env.get("WEBPURSE_BANK_TRANSFER_TTL", str(3 * 86400)))
+            ),
+            float_low_threshold=int(env.get("WEBPURSE_FLOAT_LOW_THRESHOLD", "10000")),
         )
 
     @property

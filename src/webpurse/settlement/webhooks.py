@@ -326,8 +326,8 @@ def check_target(url: str, resolver: Resolver = resolve_host) -> list[str]:
 # --------------------------------------------------------------------------- event types
 
 _RESOURCES = ("payment", "refund", "load")
-EVENT_TYPE_RE = re.compile(r"(payment|refund|load)\.[a-z][a-z_]{0,40}")
-EVENT_FILTER_RE = re.compile(r"\*|(payment|refund|load)\.(\*|[a-z][a-z_]{0,40})")
+EVENT_TYPE_RE = re.compile(r"(payment|refund|load|float)\.[a-z][a-z_]{0,40}")
+EVENT_FILTER_RE = re.compile(r"\*|(payment|refund|load|float)\.(\*|[a-z][a-z_]{0,40})")
 
 EVENT_TYPES: tuple[str, ...] = tuple(sorted(events.EVENT_TYPES))
 """The event types settlement emits today (others of the same families may be added)."""

@@ -40,6 +40,7 @@
     detail.textContent = "";
     if (event.phase !== "waiting_reader") {
       document.getElementById("pairing").hidden = true;
+      document.getElementById("reader-choice").hidden = true;
     } else if (event.detail === "repair" && !replayed) {
       repair();
     }
@@ -72,7 +73,7 @@
       el.textContent = fresh.code;
     });
     document.getElementById("pairing").hidden = false;
-    await pair();
+    if (root.dataset.reader_choice !== "other") { await pair(); }
   }
 
   async function pair() {
@@ -102,10 +103,33 @@
     });
   }
 
+  // The payment method (patent claims 2 and 10): the card on this device's reader (the
+  // page asks the local agent to pair) or on another device's reader (its agent is given
+  // the short code). The choice is remembered in this browser.
+  const CHOICE = "wp_reader_choice";
+  function stored() {
+    try { return localStorage.getItem(CHOICE); } catch (e) { return null; }
+  }
+  function choose(value, save) {
+    if (save) { try { localStorage.setItem(CHOICE, value); } catch (e) { /* private mode */ } }
+    root.dataset.reader_choice = value;
+    document.querySelectorAll("#pairing [data-for]").forEach(function (el) {
+      el.hidden = el.dataset.for !== value;
+    });
+    document.getElementById("connect").hidden = value !== "this";
+    document.getElementById("agent-error").hidden = true;
+    if (value === "this") { pair(); }
+  }
+  const initial = stored() === "other" ? "other" : "this";
+  document.querySelectorAll("#reader-choice input").forEach(function (input) {
+    input.checked = input.value === initial;
+    input.addEventListener("change", function () { if (input.checked) { choose(input.value, true); } });
+  });
+
   document.querySelectorAll("#code-command .origin").forEach(function (el) {
     el.textContent = location.origin;
   });
   document.getElementById("connect").addEventListener("click", pair);
   follow();
-  pair();
+  choose(initial, false);
 })();
