@@ -9,16 +9,20 @@ captures − refunds − top-ups.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import func, select
 
 from tests.proof.conftest import Proof
 from tests.proof.invariants import InvariantReport, check_invariants
-from tests.settlement.support import BACKENDS, World, database_url, make_world
+from tests.settlement.support import BACKENDS, World, database_url, make_world, ok
 from webpurse.card import CardApplet
+from webpurse.settlement import clearing, ledger
+from webpurse.settlement.models import Payment, Refund
 
 SUITE = "attacks_stuck"
 
@@ -81,4 +85,145 @@ def test_a_batch_cancel_then_authorise_answers_as_one_by_one(world: World, proof
         row.observed = (
             f"cancel {cancel['status']} {cancel['body']['status']}, authorise"
             f" {authorise['status']} {authorise['body']['code']}; {report.summary()}"
+        )
+
+
+# --- the payout rule -------------------------------------------------------------------
+
+
+def payout_rule(world: World) -> str:
+    """Clear merchant A's day: the payout is exactly captures − refunds (its cards were
+    funded by shop B, so A sold no top-ups); failed refunds count for nothing."""
+    world.clock.advance(dt.timedelta(days=1))
+    day = clearing.business_day_of(world.clock.now - dt.timedelta(days=1))
+    with world.factory() as session, session.begin():
+        captured = session.scalar(
+            select(func.coalesce(func.sum(Payment.amount), 0)).where(
+                Payment.merchant_id == world.merchant_id, Payment.status == "succeeded"
+            )
+        )
+        refunded = session.scalar(
+            select(func.coalesce(func.sum(Refund.amount), 0)).where(
+                Refund.merchant_id == world.merchant_id, Refund.status != "failed"
+            )
+        )
+        batch = clearing.run_batch(session, world.merchant_id, day, world.clock.now).batch
+        assert batch.payout == captured - refunded, (batch.payout, captured, refunded)
+        assert batch.payment_total - batch.refund_total == captured - refunded
+        assert ledger.balance(session, ledger.merchant_account(world.merchant_id)) == 0
+    return f"payout {batch.payout} = captures {captured} − refunds {refunded}"
+
+
+# --- finding 1: a refund whose delivery fails is failed, never stuck --------------------
+
+
+def _paid_and_refunded(
+    world: World, amount: int
+) -> tuple[CardApplet, dict[str, Any], dict[str, Any]]:
+    card = world.issue()
+    world.other_terminal.load(card, 1_000)  # funded by shop B: A sold no top-up
+    paid = world.terminal.purchase(card, amount)
+    answer = post(world, "/v1/refunds", {"payment": paid["id"]})
+    assert answer.status_code == 201, answer.text
+    return card, paid, answer.json()
+
+
+def _refund_state(world: World, paid: dict[str, Any], refund: dict[str, Any]) -> tuple[str, int]:
+    refund_now = world.client.get(
+        f"/v1/refunds/{refund['id']}", headers=world.auth(world.merchant_key)
+    ).json()
+    payment_now = world.client.get(
+        f"/v1/payments/{paid['id']}", headers=world.auth(world.merchant_key)
+    ).json()
+    return refund_now["status"], payment_now["amount_refunded"]
+
+
+def _load_attempt(
+    world: World, card: CardApplet, load_id: str, amount: int, key: str | None = None
+) -> Any:
+    issuer, init = world.terminal.load_batch1(card, amount, world.terminal_id)
+    return post(
+        world,
+        f"/v1/loads/{load_id}/authorise",
+        {
+            "issuer_data": issuer.hex(),
+            "initialize_response": init.hex(),
+            "terminal_id": world.terminal_id,
+        },
+        key,
+    )
+
+
+def test_a_declined_refund_delivery_is_failed_not_stuck(world: World, proof: Proof) -> None:
+    with proof.row(
+        SUITE,
+        f"refund: one delivery attempt with a wrong amount (402 mac_invalid) ({backend(world)})",
+        expected="refund failed, 300 back in the payable, amount_refunded 0; a new refund of the"
+        " whole amount is delivered; ledger check (refunds:pending vs open refunds) ok; payout"
+        " = captures − refunds",
+    ) as row:
+        card, paid, refund = _paid_and_refunded(world, 300)
+        answer = _load_attempt(world, card, refund["load"], 1)
+        assert answer.status_code == 402 and answer.json()["decline_code"] == "mac_invalid"
+        assert _refund_state(world, paid, refund) == ("failed", 0)
+        invariants(world, [card])
+        again = post(world, "/v1/refunds", {"payment": paid["id"]})
+        assert again.status_code == 201 and again.json()["amount"] == 300, again.text
+        world.terminal.run_load(
+            card, {"id": again.json()["load"], "amount": 300, "terminal_id": world.terminal_id}
+        )
+        assert _refund_state(world, paid, again.json()) == ("succeeded", 300)
+        report = invariants(world, [card])
+        row.observed = (
+            f"refund failed → re-refunded and delivered; {payout_rule(world)}; {report.summary()}"
+        )
+
+
+def test_a_canceled_refund_load_fails_the_refund(world: World, proof: Proof) -> None:
+    with proof.row(
+        SUITE,
+        f"refund: its load canceled by the merchant ({backend(world)})",
+        expected="refund failed, money back in the payable, amount_refunded 0; ledger check ok;"
+        " payout = captures − refunds",
+    ) as row:
+        card, paid, refund = _paid_and_refunded(world, 250)
+        answer = post(world, f"/v1/loads/{refund['load']}/cancel")
+        assert answer.status_code == 200 and answer.json()["status"] == "canceled", answer.text
+        assert _refund_state(world, paid, refund) == ("failed", 0)
+        report = invariants(world, [card])
+        row.observed = f"refund failed; {payout_rule(world)}; {report.summary()}"
+
+
+def test_a_superseded_refund_load_fails_the_refund(world: World, proof: Proof) -> None:
+    with proof.row(
+        SUITE,
+        f"refund: its load uncertain, then superseded by shop B's top-up at that counter"
+        f" ({backend(world)})",
+        expected="B's verified TAC releases the refund's load; refund failed, money back in A's"
+        " payable; ledger check ok; payout = captures − refunds",
+    ) as row:
+        card, paid, refund = _paid_and_refunded(world, 200)
+        answer = _load_attempt(world, card, refund["load"], 200)
+        assert answer.status_code == 200, answer.text  # MAC2 out; the CREDIT never reaches the card
+        assert post(world, f"/v1/loads/{refund['load']}/uncertain").status_code == 200
+        topup = world.other_terminal.create_load(100)
+        issuer, init = world.other_terminal.load_batch1(card, 100, world.other_terminal_id)
+        authorised = world.other_terminal.post(
+            f"/v1/loads/{topup['id']}/authorise",
+            {
+                "issuer_data": issuer.hex(),
+                "initialize_response": init.hex(),
+                "terminal_id": world.other_terminal_id,
+            },
+        )
+        assert authorised.status_code == 200, authorised.text
+        tac = ok(card, bytes.fromhex(authorised.json()["authorisation"]["credit_apdu"]))
+        done = world.other_terminal.post(
+            f"/v1/loads/{topup['id']}/complete", {"credit_response": tac.hex()}
+        )
+        assert done.status_code == 200 and done.json()["status"] == "succeeded", done.text
+        assert _refund_state(world, paid, refund) == ("failed", 0)
+        report = invariants(world, [card])
+        row.observed = (
+            f"refund load released, refund failed; {payout_rule(world)}; {report.summary()}"
         )

@@ -6,6 +6,9 @@
   issued a DEBIT (or CREDIT) may have reached the card, so nothing is guessed; the card's
   next contact or its proof settles it (spec §6).
 
+A refund left ``pending`` with a load that ended (by a version before refunds failed with
+their load) is failed, its amount back in the payable (:func:`refunds.heal_stuck`).
+
 The same sweep forgets idempotency keys after their retention and delivered webhooks after
 theirs (:func:`webpurse.settlement.webhooks.prune_delivered`).
 """
@@ -25,7 +28,7 @@ from fastapi import FastAPI
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
-from webpurse.settlement import events, idempotency, loads, payments, webhooks
+from webpurse.settlement import events, idempotency, loads, payments, refunds, webhooks
 from webpurse.settlement.auth import OPERATOR, Principal
 from webpurse.settlement.models import Load, Payment
 from webpurse.settlement.security import SecurityModule
@@ -126,6 +129,9 @@ def expire_stale(
     ):
         loads.mark_uncertain(ctx, load)
         counts["lu"] += 1
+    refunds_failed = refunds.heal_stuck(ctx)  # left pending by an older version
+    if refunds_failed:
+        log.warning("sweep.refunds_failed", count=refunds_failed)
     idempotency.purge(session, now)
     webhooks.prune_delivered(session, now)
     report = SweepReport(counts["pe"], counts["pu"], counts["le"], counts["lu"])

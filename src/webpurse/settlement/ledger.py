@@ -16,7 +16,7 @@ Accounts (see docs/settlement-api.md):
 - ``held:loads`` funds for loads in flight, not yet on a card or returned;
 - ``merchant:<merchant id>`` merchant payable;
 - ``payouts:<merchant id>`` paid out to merchants (clearing);
-- ``refunds:pending`` refunds waiting for the card's next online contact.
+- ``refunds:pending`` refunds on their way from the payable to their load (0 between requests).
 """
 
 from __future__ import annotations
@@ -372,7 +372,10 @@ def check(session: Session) -> CheckReport:
     - all accounts sum to zero, and funds received for loads (by the issuer, ``funding``,
       and by merchants selling top-ups, ``topups``) equal the value held on cards,
       merchant payables, payouts, pending refunds and held amounts (ARCHITECTURE.md
-      "Invariants").
+      "Invariants");
+    - ``refunds:pending`` holds exactly the pending refunds whose load is not in flight
+      (none: a refund whose load ends without a credit fails), and no refund is pending
+      with a load that ended (:func:`webpurse.settlement.refunds.open_refund_problems`).
     """
     report = CheckReport()
     accounts = {
@@ -436,4 +439,7 @@ def check(session: Session) -> CheckReport:
             f"funds received for loads {received} != value held {held} "
             "(cards + merchant payables + payouts + pending refunds + held)"
         )
+    from webpurse.settlement.refunds import open_refund_problems  # refunds posts through here
+
+    report.problems.extend(open_refund_problems(session))
     return report

@@ -11,6 +11,7 @@ its receivable ``topups:<merchant id>`` and clearing nets it against its payable
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import structlog
@@ -33,6 +34,7 @@ from webpurse.settlement.decisions import (
     decide_load,
     decide_resolution,
 )
+from webpurse.settlement.ledger import TransferSpec
 from webpurse.settlement.merchants import OPERATOR_TERMINAL_ID
 from webpurse.settlement.models import Card, Load, Merchant, Refund, Transfer
 from webpurse.settlement.problems import (
@@ -129,7 +131,9 @@ def create_order(
     merchant_id: str | None,
     card_number: str | None,
     refund_id: str | None = None,
+    before_hold: Sequence[TransferSpec] = (),
 ) -> Load:
+    """A new load order and its hold; ``before_hold``: transfers posted with it, first."""
     terminal_id = OPERATOR_TERMINAL_ID
     if merchant_id is not None:
         merchant = ctx.session.get(Merchant, merchant_id)
@@ -153,16 +157,22 @@ def create_order(
     )
     ctx.session.add(load)
     ctx.session.flush()
-    ledger.post_transfer(
-        ctx.session,
-        f"{load.id}:hold",
-        funding_account_of(load),
-        ledger.HELD_LOADS,
-        amount,
-        "load_hold",
-        now=ctx.now,
-        reference=load.id,
+    hold = TransferSpec(
+        f"{load.id}:hold", funding_account_of(load), ledger.HELD_LOADS, amount, "load_hold", load.id
     )
+    if before_hold:
+        ledger.post_transfers(ctx.session, [*before_hold, hold], now=ctx.now)
+    else:
+        ledger.post_transfer(
+            ctx.session,
+            hold.id,
+            hold.debit_account,
+            hold.credit_account,
+            amount,
+            hold.kind,
+            now=ctx.now,
+            reference=load.id,
+        )
     log.info("load.created", load=load.id, amount=amount, funding=funding_method)
     return load
 
@@ -180,6 +190,26 @@ def create(ctx: Ctx, body: LoadCreate) -> Load:
 
 
 def _return_funds(ctx: Ctx, load: Load, status: str) -> None:
+    """No credit happened: the funds go back to their source, the load ends ``status``.
+
+    A refund's load fails its refund in the same posting (:func:`refunds.fail`): the
+    amount goes on to the merchant's payable, so no refund waits without a load.
+    """
+    load.status = status
+    load.updated_at = ctx.now
+    if load.refund_id is not None:
+        from webpurse.settlement import refunds
+
+        returned = TransferSpec(
+            f"{load.id}:return",
+            ledger.HELD_LOADS,
+            _source_of(ctx, load),
+            load.amount,
+            "load_return",
+            load.id,
+        )
+        refunds.fail(ctx, load.refund_id, returned, f"its load {load.id} is {status}")
+        return
     ledger.post_transfer(
         ctx.session,
         f"{load.id}:return",
@@ -190,8 +220,6 @@ def _return_funds(ctx: Ctx, load: Load, status: str) -> None:
         now=ctx.now,
         reference=load.id,
     )
-    load.status = status
-    load.updated_at = ctx.now
 
 
 OPEN = ("authorised", "uncertain")
@@ -386,17 +414,10 @@ def _card_of(card: Card | None) -> Card:
 
 
 def _succeed(ctx: Ctx, load: Load, card: Card, tac: bytes) -> None:
+    """The card proved the credit. Loads it disproves are released *before* the credit is
+    posted: releasing a refund's load locks its payment, which must come before any ledger
+    account (``refunds`` module: the lock order of a refund's creation)."""
     linked = load.supersedes is not None or card.open_transaction != load.id
-    ledger.post_transfer(
-        ctx.session,
-        f"{load.id}:credit",
-        ledger.HELD_LOADS,
-        ledger.card_account(card.id),
-        load.amount,
-        "load_credit",
-        now=ctx.now,
-        reference=load.id,
-    )
     assert load.balance_before is not None and load.counter is not None
     load.status = "succeeded"
     load.tac = tac.hex().upper()
@@ -415,6 +436,16 @@ def _succeed(ctx: Ctx, load: Load, card: Card, tac: bytes) -> None:
     )
     if linked:
         _release_disproved(ctx, load, card)
+    ledger.post_transfer(
+        ctx.session,
+        f"{load.id}:credit",
+        ledger.HELD_LOADS,
+        ledger.card_account(card.id),
+        load.amount,
+        "load_credit",
+        now=ctx.now,
+        reference=load.id,
+    )
     _emit(ctx, load, "load.succeeded")
     if load.refund_id is not None:
         refund = ctx.session.get(Refund, load.refund_id)
