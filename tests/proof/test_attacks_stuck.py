@@ -19,8 +19,17 @@ from sqlalchemy import func, select
 
 from tests.proof.conftest import Proof
 from tests.proof.invariants import InvariantReport, check_invariants
-from tests.settlement.support import BACKENDS, World, database_url, make_world, ok
+from tests.settlement.support import (
+    BACKENDS,
+    World,
+    database_url,
+    make_world,
+    ok,
+    prove,
+    read_issuer,
+)
 from webpurse.card import CardApplet
+from webpurse.protocol.commands import InitializeForPurchaseResponse
 from webpurse.settlement import clearing, ledger
 from webpurse.settlement.models import Payment, Refund
 
@@ -227,3 +236,190 @@ def test_a_superseded_refund_load_fails_the_refund(world: World, proof: Proof) -
         row.observed = (
             f"refund load released, refund failed; {payout_rule(world)}; {report.summary()}"
         )
+
+
+# --- finding 2: one merchant cannot freeze a card; a card ahead of the shadow heals -----
+
+
+def forged_initialize(world: World, card: CardApplet, balance: int, counter: int) -> bytes:
+    """An INITIALIZE FOR PURCHASE answer the attacker predicts (it carries no MAC): the
+    key version as a real INITIALIZE shows it, balance and counter as the shadow's."""
+    _, real = world.terminal.purchase_batch1(card, 1)
+    return InitializeForPurchaseResponse(
+        balance=balance,
+        offline_counter=counter,
+        overdraft_limit=0,
+        key_version=InitializeForPurchaseResponse.from_data(real).key_version,
+        algorithm_id=0,
+        random=bytes.fromhex("A5A5A5A5"),
+    ).to_data()
+
+
+def other_shop_purchase(world: World, card: CardApplet, amount: int) -> Any:
+    """Shop B's purchase up to authorise: (payment, the authorise answer)."""
+    payment = world.other_terminal.create_payment(amount)
+    issuer, init = world.other_terminal.purchase_batch1(card, amount)
+    return payment, world.other_terminal.authorise_payment(payment["id"], issuer, init)
+
+
+def finish_purchase(world: World, card: CardApplet, payment_id: str, answer: Any) -> Any:
+    assert answer.status_code == 200, answer.text
+    debit = ok(card, bytes.fromhex(answer.json()["authorisation"]["debit_apdu"]))
+    done = world.other_terminal.post(
+        f"/v1/payments/{payment_id}/capture", {"debit_response": debit.hex()}
+    )
+    assert done.status_code == 200 and done.json()["status"] == "succeeded", done.text
+    return done.json()
+
+
+def sweep(world: World) -> dict[str, Any]:
+    answer = world.client.post("/v1/maintenance/sweep", headers=world.auth(world.operator_key))
+    assert answer.status_code == 200, answer.text
+    return dict(answer.json())
+
+
+def test_a_forged_uncertain_hold_frees_the_card_at_the_bound(world: World, proof: Proof) -> None:
+    bound = getattr(world.settings, "card_hold_ttl", dt.timedelta(hours=1))
+    with proof.row(
+        SUITE,
+        f"card frozen: shop A authorises the whole balance on a forged INITIALIZE, calls it"
+        f" uncertain ({backend(world)})",
+        expected=f"shop B gets recovery_required until the bound ({bound}); then the sweep"
+        " releases A's hold (canceled, hold_expired) and B buys and tops up; ledger check ok",
+    ) as row:
+        card = world.issue()
+        world.other_terminal.load(card, 500)
+        attacker = world.terminal.create_payment(500)
+        forged = forged_initialize(world, card, 500, 0)
+        issuer = read_issuer(card)
+        held = world.terminal.authorise_payment(attacker["id"], issuer, forged)
+        assert held.status_code == 200, held.text
+        assert post(world, f"/v1/payments/{attacker['id']}/uncertain").status_code == 200
+        _, refused = other_shop_purchase(world, card, 100)
+        assert refused.status_code == 402, refused.text
+        assert refused.json()["decline_code"] == "recovery_required"
+        world.clock.advance(bound / 2)
+        sweep(world)
+        _, still = other_shop_purchase(world, card, 100)
+        assert still.json()["decline_code"] == "recovery_required"  # within the bound
+        world.clock.advance(bound / 2 + dt.timedelta(seconds=1))
+        report_sweep = sweep(world)
+        released = world.client.get(
+            f"/v1/payments/{attacker['id']}", headers=world.auth(world.merchant_key)
+        ).json()
+        assert (released["status"], released["decline_code"]) == ("canceled", "hold_expired")
+        payment, answer = other_shop_purchase(world, card, 100)  # the first one expired meanwhile
+        finish_purchase(world, card, payment["id"], answer)
+        world.other_terminal.load(card, 50)  # top-ups go through too
+        assert card.state.balance == 450
+        report = invariants(world, [card])
+        row.observed = (
+            f"B refused (recovery_required) within the bound; after it the sweep released A's"
+            f" hold ({report_sweep}); B paid 100 and loaded 50; {report.summary()}"
+        )
+
+
+def test_a_released_real_debit_heals_from_the_cards_proof(world: World, proof: Proof) -> None:
+    with proof.row(
+        SUITE,
+        f"card ahead of the shadow: shop A debits 1 fen for real, then releases it with a"
+        f" forged 'counter unchanged' ({backend(world)})",
+        expected="shop B gets recovery_required with recover.heal (not a decline for good);"
+        " B's PROVE answer settles A's debit for A (succeeded); B then buys; a bad proof"
+        " changes nothing; ledger check ok",
+    ) as row:
+        card = world.issue()
+        world.other_terminal.load(card, 500)
+        attacker = world.terminal.create_payment(1)
+        issuer, init = world.terminal.purchase_batch1(card, 1)
+        held = world.terminal.authorise_payment(attacker["id"], issuer, init)
+        ok(card, bytes.fromhex(held.json()["authorisation"]["debit_apdu"]))  # the real debit
+        assert post(world, f"/v1/payments/{attacker['id']}/uncertain").status_code == 200
+        released = post(
+            world,
+            f"/v1/payments/{attacker['id']}/resolve",
+            {"initialize_response": forged_initialize(world, card, 500, 0).hex()},
+        )
+        assert released.status_code == 200 and released.json()["status"] == "canceled"
+        payment, answer = other_shop_purchase(world, card, 100)
+        assert answer.status_code == 402, answer.text
+        recover = answer.json()["recover"]
+        assert answer.json()["decline_code"] == "recovery_required" and recover["heal"] is True
+        assert "payment_id" not in recover  # A's id is not B's to see
+        bad = world.other_terminal.post(
+            "/v1/cards/heal",
+            {
+                "issuer_data": read_issuer(card).hex(),
+                "transaction_type": recover["transaction_type"],
+                "prove_response": "00" * 8,
+            },
+        )
+        assert bad.status_code == 402 and bad.json()["code"] == "verification_failed", bad.text
+        proof_data, sw = prove(card, 0x06, recover["counter"] + 1)
+        assert sw == 0x9000
+        healed = world.other_terminal.post(
+            "/v1/cards/heal",
+            {
+                "issuer_data": read_issuer(card).hex(),
+                "transaction_type": recover["transaction_type"],
+                "prove_response": proof_data.hex(),
+            },
+        )
+        assert healed.status_code == 200, healed.text
+        settled = world.client.get(
+            f"/v1/payments/{attacker['id']}", headers=world.auth(world.merchant_key)
+        ).json()
+        assert settled["status"] == "succeeded"  # settled against A, who released it
+        issuer_b, init_b = world.other_terminal.purchase_batch1(card, 100)
+        retry = world.other_terminal.authorise_payment(payment["id"], issuer_b, init_b)
+        finish_purchase(world, card, payment["id"], retry)
+        assert card.state.balance == 399
+        report = invariants(world, [card])
+        rule = payout_rule(world)
+        row.observed = (
+            f"B: recovery_required heal; bad proof 402; PROVE healed (A's 1 fen succeeded);"
+            f" B paid 100; {rule}; {report.summary()}"
+        )
+
+
+def test_operators_see_and_release_any_merchants_stale_hold(world: World, proof: Proof) -> None:
+    with proof.row(
+        SUITE,
+        f"operator queue: another merchant's stale uncertain hold ({backend(world)})",
+        expected="GET /v1/holds lists it once past the bound; an operator releases it with a"
+        " reason (audited: operator key, time, reason); a merchant key is 403; ledger check ok",
+    ) as row:
+        card = world.issue()
+        world.other_terminal.load(card, 300)
+        attacker = world.terminal.create_payment(300)
+        held = world.terminal.authorise_payment(
+            attacker["id"], read_issuer(card), forged_initialize(world, card, 300, 0)
+        )
+        assert held.status_code == 200
+        assert post(world, f"/v1/payments/{attacker['id']}/uncertain").status_code == 200
+        operator = world.auth(world.operator_key)
+        assert world.client.get("/v1/holds", headers=operator).json()["data"] == []
+        world.clock.advance(world.settings.card_hold_ttl + dt.timedelta(seconds=1))
+        listed = world.client.get("/v1/holds", headers=operator).json()["data"]
+        assert [(h["id"], h["stale"], h["merchant"]) for h in listed] == [
+            (attacker["id"], True, world.merchant_id)
+        ]
+        merchant_try = world.other_terminal.post(
+            f"/v1/holds/{attacker['id']}/release", {"reason": "mine now"}
+        )
+        assert merchant_try.status_code == 403
+        released = world.client.post(
+            f"/v1/holds/{attacker['id']}/release",
+            json={"reason": "ticket 42: forged hold"},
+            headers=operator,
+        )
+        assert released.status_code == 200 and released.json()["status"] == "canceled"
+        events = world.client.get(
+            f"/v1/cards/{card.state.issuer.card_number}/events", headers=operator
+        ).json()["data"]
+        audit = [e for e in events if e["kind"] == "operator_released"]
+        assert audit and audit[0]["detail"]["reason"] == "ticket 42: forged hold"
+        assert audit[0]["detail"]["operator"] and audit[0]["detail"]["at"]
+        world.other_terminal.purchase(card, 100)
+        report = invariants(world, [card])
+        row.observed = f"listed, released by operator (audited); B paid 100; {report.summary()}"

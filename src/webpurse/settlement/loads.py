@@ -306,6 +306,9 @@ def authorise(ctx: Ctx, load_id: str, body: LoadAuthorise) -> Load:
         ),
         ctx.now,
     )
+    from webpurse.settlement import holds  # holds settles through this module
+
+    decision = holds.heal_instead(ctx, card, decision, "load", init.online_counter)
     load.updated_at = ctx.now
     if not decision.approved:
         assert decision.decline_code is not None
@@ -417,7 +420,8 @@ def _succeed(ctx: Ctx, load: Load, card: Card, tac: bytes) -> None:
     """The card proved the credit. Loads it disproves are released *before* the credit is
     posted: releasing a refund's load locks its payment, which must come before any ledger
     account (``refunds`` module: the lock order of a refund's creation)."""
-    linked = load.supersedes is not None or card.open_transaction != load.id
+    # Always look for other open loads at this counter: one the sweep unlinked from the
+    # card (holds.release_stale) is settled by this verified TAC as well.
     assert load.balance_before is not None and load.counter is not None
     load.status = "succeeded"
     load.tac = tac.hex().upper()
@@ -434,8 +438,7 @@ def _succeed(ctx: Ctx, load: Load, card: Card, tac: bytes) -> None:
         ctx.now,
         {"load": load.id, "amount": load.amount, "counter": load.counter, "tac": load.tac},
     )
-    if linked:
-        _release_disproved(ctx, load, card)
+    _release_disproved(ctx, load, card)
     ledger.post_transfer(
         ctx.session,
         f"{load.id}:credit",

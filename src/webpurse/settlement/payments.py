@@ -226,6 +226,9 @@ def authorise(ctx: Ctx, payment_id: str, body: PurchaseAuthorise) -> Payment:
         ),
         ctx.now,
     )
+    from webpurse.settlement import holds  # holds settles through this module
+
+    decision = holds.heal_instead(ctx, card, decision, "payment", init.offline_counter)
     payment.card_number = issuer.card_number
     payment.updated_at = ctx.now
     if not decision.approved:

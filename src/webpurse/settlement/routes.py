@@ -20,6 +20,7 @@ ROUTERS = (
     "routes_loads",
     "routes_refunds",
     "routes_admin",
+    "routes_holds",
 )
 
 

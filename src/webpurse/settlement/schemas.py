@@ -70,6 +70,24 @@ class Resolve(_In):
     )
 
 
+class CardHeal(_In):
+    """The card's proof of the transaction at the counter settlement is missing (holds.py)."""
+
+    issuer_data: HexBytes = Field(description="hex of READ BINARY EF 0x15, 30 bytes")
+    transaction_type: Literal["06", "02"] = Field(
+        description="recover.transaction_type: 06 purchase (offline counter), 02 load (online)"
+    )
+    prove_response: HexBytes = Field(
+        description="hex of GET TRANSACTION PROVE (type, recover.counter + 1): MAC2 4 ‖ TAC 4"
+    )
+
+
+class HoldRelease(_In):
+    """Why an operator releases a merchant's open payment or load (audited)."""
+
+    reason: str = Field(min_length=3, max_length=500)
+
+
 class Funding(_In):
     method: Literal["cash", "bank_transfer"]
     reference: Annotated[str, Field(min_length=1, max_length=200)]

@@ -36,6 +36,10 @@ class Settings:
     clock: Clock = utc_now
     requires_card_ttl: dt.timedelta = dt.timedelta(minutes=30)
     authorised_ttl: dt.timedelta = dt.timedelta(minutes=2)
+    # The longest one merchant's open transaction (authorised or uncertain) may keep a card
+    # from other merchants, counted from its authorisation (holds.py); then the sweep
+    # releases it. WEBPURSE_CARD_HOLD_TTL, seconds.
+    card_hold_ttl: dt.timedelta = dt.timedelta(hours=1)
     pool_size: int = 10
     max_overflow: int = 10
     # Seconds between expiry sweeps inside the server (0: off, e.g. tests that sweep
@@ -68,6 +72,7 @@ class Settings:
             kek_file=Path(kek_file) if kek_file else None,
             migrate=migrate,
             sweep_interval=float(env.get("WEBPURSE_SWEEP_INTERVAL", "30")),
+            card_hold_ttl=dt.timedelta(seconds=float(env.get("WEBPURSE_CARD_HOLD_TTL", "3600"))),
             webhook_allow_private=_flag(env.get("WEBPURSE_WEBHOOK_ALLOW_PRIVATE", "")),
         )
 

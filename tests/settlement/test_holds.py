@@ -1,0 +1,82 @@
+"""Card holds (holds.py): the bound on an open transaction, healing a card one ahead.
+
+The attack scenarios (a forged uncertain payment, a released real debit, the operator
+queue) are in tests/proof/test_attacks_stuck.py; here the pure decision, the setting, and
+a stale *load*: it frees the card but keeps its funds until a verified TAC settles it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from tests.settlement.support import World
+from webpurse.protocol.records import TransactionType
+from webpurse.settlement import ledger
+from webpurse.settlement.decisions import DeclineCode, decide_gap
+from webpurse.settlement.models import Load
+from webpurse.settlement.settings import Settings
+
+
+def test_only_a_provable_counter_one_ahead_asks_for_the_cards_proof() -> None:
+    asked = decide_gap(5, 4, "payment", provable=True)
+    assert asked is not None and asked.decline_code is DeclineCode.RECOVERY_REQUIRED
+    assert asked.flag is None  # an unauthenticated answer flags nothing
+    assert asked.recover is not None and asked.recover.to_json() == {
+        "transaction_type": f"{TransactionType.EP_PURCHASE:02X}",
+        "counter": 4,
+        "heal": True,
+    }
+    load = decide_gap(3, 2, "load", provable=True)
+    assert load is not None and load.recover is not None
+    assert load.recover.transaction_type is TransactionType.EP_LOAD
+    assert decide_gap(5, 4, "payment", provable=False) is None  # no MAC issued: no proof
+    assert decide_gap(6, 4, "payment", provable=True) is None  # two ahead: not one proof
+    assert decide_gap(4, 4, "payment", provable=True) is None
+
+
+def test_the_bound_is_a_setting() -> None:
+    assert Settings.from_env({}).card_hold_ttl == dt.timedelta(hours=1)
+    assert Settings.from_env({"WEBPURSE_CARD_HOLD_TTL": "90"}).card_hold_ttl == dt.timedelta(
+        seconds=90
+    )
+
+
+def test_a_stale_uncertain_load_frees_the_card_and_a_later_load_releases_it(world: World) -> None:
+    card = world.issue()
+    world.other_terminal.load(card, 200)
+    stuck = world.terminal.create_load(100)
+    issuer, init = world.terminal.load_batch1(card, 100, world.terminal_id)
+    answer = world.terminal.post(
+        f"/v1/loads/{stuck['id']}/authorise",
+        {
+            "issuer_data": issuer.hex(),
+            "initialize_response": init.hex(),
+            "terminal_id": world.terminal_id,
+        },
+    )
+    assert answer.status_code == 200  # MAC2 out; the CREDIT never reaches the card
+    assert world.terminal.post(f"/v1/loads/{stuck['id']}/uncertain").status_code == 200
+    blocked = world.other_terminal.create_payment(50)
+    issuer_b, init_b = world.other_terminal.purchase_batch1(card, 50)
+    refused = world.other_terminal.authorise_payment(blocked["id"], issuer_b, init_b)
+    assert refused.json()["decline_code"] == "recovery_required"
+    world.clock.advance(world.settings.card_hold_ttl + dt.timedelta(seconds=1))
+    assert (
+        world.client.post(
+            "/v1/maintenance/sweep", headers=world.auth(world.operator_key)
+        ).status_code
+        == 200
+    )
+    with world.factory() as session:
+        load = session.get(Load, stuck["id"])
+        assert load is not None and load.status == "uncertain"  # its funds stay held
+        assert ledger.balance(session, ledger.HELD_LOADS) == 100
+    world.other_terminal.purchase(card, 50)  # the card is free
+    world.other_terminal.load(card, 30)  # at the stuck load's online counter: releases it
+    with world.factory() as session:
+        load = session.get(Load, stuck["id"])
+        assert load is not None and load.status == "canceled"
+        assert ledger.balance(session, ledger.HELD_LOADS) == 0
+        assert ledger.balance(session, ledger.topups_account(world.merchant_id)) == 0
+        assert ledger.check(session).ok
+    assert card.state.balance == 180
