@@ -285,7 +285,8 @@ def test_a_forged_uncertain_hold_frees_the_card_at_the_bound(world: World, proof
         f"card frozen: shop A authorises the whole balance on a forged INITIALIZE, calls it"
         f" uncertain ({backend(world)})",
         expected=f"shop B gets recovery_required until the bound ({bound}); then the sweep"
-        " releases A's hold (canceled, hold_expired) and B buys and tops up; ledger check ok",
+        " releases A's hold (canceled, hold_expired), A cannot hold it again at that counter,"
+        " and B buys and tops up; ledger check ok",
     ) as row:
         card = world.issue()
         world.other_terminal.load(card, 500)
@@ -308,6 +309,11 @@ def test_a_forged_uncertain_hold_frees_the_card_at_the_bound(world: World, proof
             f"/v1/payments/{attacker['id']}", headers=world.auth(world.merchant_key)
         ).json()
         assert (released["status"], released["decline_code"]) == ("canceled", "hold_expired")
+        again = world.terminal.create_payment(500)  # the same forgery, for a second bound
+        rehold = world.terminal.authorise_payment(
+            again["id"], issuer, forged_initialize(world, card, 500, 0)
+        )
+        assert rehold.status_code == 409 and rehold.json()["code"] == "card_hold_exhausted"
         payment, answer = other_shop_purchase(world, card, 100)  # the first one expired meanwhile
         finish_purchase(world, card, payment["id"], answer)
         world.other_terminal.load(card, 50)  # top-ups go through too
@@ -315,7 +321,8 @@ def test_a_forged_uncertain_hold_frees_the_card_at_the_bound(world: World, proof
         report = invariants(world, [card])
         row.observed = (
             f"B refused (recovery_required) within the bound; after it the sweep released A's"
-            f" hold ({report_sweep}); B paid 100 and loaded 50; {report.summary()}"
+            f" hold ({report_sweep}); A's second forged hold 409 card_hold_exhausted; B paid 100"
+            f" and loaded 50; {report.summary()}"
         )
 
 

@@ -137,6 +137,35 @@ def release_stale(ctx: Ctx, ttl: dt.timedelta) -> tuple[int, int]:
     return released, unblocked
 
 
+def refuse_rehold(ctx: Ctx, card: Card | None, merchant_id: str, counter: int) -> None:
+    """No second bound at the same counter: a merchant whose hold of this card at this
+    offline counter was released at the bound may not hold it again there (it could forge
+    the same INITIALIZE again and again). Its released payment settles by the card's proof
+    (heal); once the card's counter moves (any purchase), the card is anyone's again."""
+    if card is None or counter != card.offline_counter:
+        return
+    expired = ctx.session.scalar(
+        select(Payment.id)
+        .where(
+            Payment.card_id == card.id,
+            Payment.merchant_id == merchant_id,
+            Payment.counter == counter,
+            Payment.status == "canceled",
+            Payment.decline_code == HOLD_EXPIRED,
+        )
+        .limit(1)
+    )
+    if expired is not None:
+        log.warning("hold.rehold_refused", payment=expired, card=card.card_number)
+        raise ApiError(
+            409,
+            "card_hold_exhausted",
+            f"your hold of this card at its counter {counter} ({expired}) was released at the"
+            " bound: it cannot be held again at that counter; send the card's proof to"
+            " /v1/cards/heal if the debit happened",
+        )
+
+
 # --- a card one transaction ahead: ask for its proof, settle on a verified one ---------
 
 
