@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 
 from tests.settlement.support import World
+from webpurse.protocol.commands import InitializeForPurchaseResponse
 from webpurse.protocol.records import TransactionType
 from webpurse.settlement import ledger
 from webpurse.settlement.decisions import DeclineCode, decide_gap
@@ -80,3 +81,40 @@ def test_a_stale_uncertain_load_frees_the_card_and_a_later_load_releases_it(worl
         assert ledger.balance(session, ledger.topups_account(world.merchant_id)) == 0
         assert ledger.check(session).ok
     assert card.state.balance == 180
+
+
+def test_a_batch_cannot_hold_a_card_again_at_a_counter_released_at_the_bound(
+    world: World,
+) -> None:
+    card = world.issue()
+    world.other_terminal.load(card, 500)
+    issuer, real = world.terminal.purchase_batch1(card, 1)
+    forged = InitializeForPurchaseResponse.from_data(real)
+    forged = InitializeForPurchaseResponse(
+        forged.balance, forged.offline_counter, 0, forged.key_version, 0, b"\xa5" * 4
+    )
+    first = world.terminal.create_payment(500)
+    held = world.terminal.authorise_payment(first["id"], issuer, forged.to_data())
+    assert held.status_code == 200
+    world.clock.advance(world.settings.card_hold_ttl + dt.timedelta(minutes=3))
+    world.client.post("/v1/maintenance/sweep", headers=world.auth(world.operator_key))
+    second = world.terminal.create_payment(500)
+    answer = world.client.post(
+        "/v1/batch",
+        json={
+            "requests": [
+                {
+                    "path": f"/v1/payments/{second['id']}/authorise",
+                    "body": {
+                        "issuer_data": issuer.hex(),
+                        "initialize_response": forged.to_data().hex(),
+                        "terminal_id": world.terminal_id,
+                    },
+                }
+            ]
+        },
+        headers=world.auth(world.merchant_key),
+    )
+    (only,) = answer.json()["responses"]
+    assert (only["status"], only["body"]["code"]) == (409, "card_hold_exhausted")
+    world.other_terminal.purchase(card, 100)  # the other shop is not affected

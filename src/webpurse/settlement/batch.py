@@ -46,7 +46,7 @@ from sqlalchemy.exc import DBAPIError
 from webpurse.protocol.commands import DebitForPurchaseResponse, InitializeForPurchaseResponse
 from webpurse.protocol.errors import ProtocolError
 from webpurse.protocol.records import IssuerData
-from webpurse.settlement import idempotency, ledger, payments, registry, webhooks
+from webpurse.settlement import holds, idempotency, ledger, payments, registry, webhooks
 from webpurse.settlement.db import bulk_insert, bulk_update, for_update
 from webpurse.settlement.decisions import PurchaseInputs, decide_purchase
 from webpurse.settlement.ledger import LedgerError, TransferSpec
@@ -478,9 +478,13 @@ def _approvals(
     """The authorisations the fast path may take: approved, nothing open on the card."""
     approvals: list[_Approval] = []
     merchant_terminal = bytes.fromhex(merchant.terminal_id)
+    # A card this merchant held past the bound at that counter: the per-item path refuses.
+    refused = holds.exhausted(ctx, merchant.id, sorted({card.id for card in cards.values()}))
     for item, row, issuer, init in candidates:
         card = cards.get(issuer.card_number)
         if card is None or card.open_transaction is not None or card.id in seen:
+            continue
+        if (card.id, init.offline_counter) in refused:
             continue
         body = item.body
         assert isinstance(body, PurchaseAuthorise)

@@ -166,6 +166,22 @@ def refuse_rehold(ctx: Ctx, card: Card | None, merchant_id: str, counter: int) -
         )
 
 
+def exhausted(ctx: Ctx, merchant_id: str, card_ids: list[str]) -> set[tuple[str, int]]:
+    """(card id, offline counter) pairs where :func:`refuse_rehold` refuses the merchant:
+    one query for a whole batch (its fast path leaves these to the per-item path)."""
+    if not card_ids:
+        return set()
+    rows = ctx.session.execute(
+        select(Payment.card_id, Payment.counter).where(
+            Payment.card_id.in_(card_ids),
+            Payment.merchant_id == merchant_id,
+            Payment.status == "canceled",
+            Payment.decline_code == HOLD_EXPIRED,
+        )
+    )
+    return {(str(card_id), int(counter)) for card_id, counter in rows if counter is not None}
+
+
 # --- a card one transaction ahead: ask for its proof, settle on a verified one ---------
 
 
