@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from sqlalchemy import func, select
 
 from tests.proof.conftest import Proof
@@ -34,6 +35,15 @@ from webpurse.settlement import clearing, ledger
 from webpurse.settlement.models import Payment, Refund
 
 SUITE = "attacks_stuck"
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging_configuration() -> Iterator[None]:
+    """``webpurse ledger check`` (run in process by the invariants) configures structlog
+    globally (WARNING); later tests in the session capture INFO events."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -354,7 +364,7 @@ def test_a_released_real_debit_heals_from_the_cards_proof(world: World, proof: P
         assert answer.json()["decline_code"] == "recovery_required" and recover["heal"] is True
         assert "payment_id" not in recover  # A's id is not B's to see
         bad = world.other_terminal.post(
-            "/v1/cards/heal",
+            "/v1/heal",
             {
                 "issuer_data": read_issuer(card).hex(),
                 "transaction_type": recover["transaction_type"],
@@ -365,7 +375,7 @@ def test_a_released_real_debit_heals_from_the_cards_proof(world: World, proof: P
         proof_data, sw = prove(card, 0x06, recover["counter"] + 1)
         assert sw == 0x9000
         healed = world.other_terminal.post(
-            "/v1/cards/heal",
+            "/v1/heal",
             {
                 "issuer_data": read_issuer(card).hex(),
                 "transaction_type": recover["transaction_type"],

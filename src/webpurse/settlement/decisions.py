@@ -95,7 +95,7 @@ class Recover:
     payment_id: str | None = None
     load_id: str | None = None
     # The card's counter is one ahead of the shadow and settlement issued a MAC for that
-    # missing counter: whoever holds the card may send PROVE's answer to /v1/cards/heal.
+    # missing counter: whoever holds the card may send PROVE's answer to /v1/heal.
     heal: bool = False
 
     def to_json(self) -> dict[str, object]:
@@ -416,6 +416,6 @@ def decide_gap(counter: int, shadow_counter: int, kind: str, provable: bool) -> 
     return Decision.decline(
         DeclineCode.RECOVERY_REQUIRED,
         f"the card's counter {counter} is one ahead of the last seen {shadow_counter}:"
-        " send GET TRANSACTION PROVE's answer for it to /v1/cards/heal",
+        " send GET TRANSACTION PROVE's answer for it to /v1/heal",
         recover=Recover(transaction_type, shadow_counter, heal=True),
     )

@@ -18,7 +18,7 @@ counter one ahead of the shadow, and the card's own authenticated proof settles 
 authorisation finds the card one transaction ahead and settlement issued the MAC for the
 missing counter (an open or released transaction of the card at that counter), the answer
 is ``recovery_required`` with ``recover.heal`` instead of a decline for good; whoever holds
-the card sends GET TRANSACTION PROVE's answer for that counter to ``POST /v1/cards/heal``
+the card sends GET TRANSACTION PROVE's answer for that counter to ``POST /v1/heal``
 (:func:`heal`), and a proof that verifies — a MAC2/TAC over settlement's own terminal
 sequence number and amount (payments), the MAC2 settlement issued and a TAC over the new
 balance (loads) — settles that transaction against the merchant that authorised it (and
@@ -162,7 +162,7 @@ def refuse_rehold(ctx: Ctx, card: Card | None, merchant_id: str, counter: int) -
             "card_hold_exhausted",
             f"your hold of this card at its counter {counter} ({expired}) was released at the"
             " bound: it cannot be held again at that counter; send the card's proof to"
-            " /v1/cards/heal if the debit happened",
+            " /v1/heal if the debit happened",
         )
 
 

@@ -1,6 +1,6 @@
 """Routes for card holds (holds.py): heal a card from its proof; the operators' hold queue.
 
-- ``POST /v1/cards/heal`` (merchant or operator key): the card's GET TRANSACTION PROVE answer
+- ``POST /v1/heal`` (merchant or operator key): the card's GET TRANSACTION PROVE answer
   for the counter settlement is missing settles that transaction (``recover.heal``);
 - ``GET /v1/holds`` (operator): every merchant's holds past ``card_hold_ttl`` and payments
   released at the bound still awaiting their card's proof;
@@ -23,7 +23,7 @@ from webpurse.settlement.schemas import CardHeal, HoldRelease
 router = APIRouter(prefix="/v1", tags=["holds"])
 
 
-@router.post("/cards/heal", responses=PROBLEMS)
+@router.post("/heal", responses=PROBLEMS)
 def heal_card(
     request: Request,
     body: CardHeal,
