@@ -298,3 +298,8 @@ class FakeSettlement:
         )
         r.status = "canceled"
         return self._obj(r)
+
+    async def heal(self, *, issuer_data: bytes, transaction_type: int, prove: bytes) -> None:
+        """This double never asks for a heal (it keeps no shadow counters)."""
+        self.calls.append(f"heal {transaction_type:02X}")
+        raise SettlementError("nothing to heal", status=409, code="nothing_to_heal")
