@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import datetime as dt
 
-from tests.settlement.support import World
+from sqlalchemy import select
+
+from tests.settlement.support import World, ok, prove
+from webpurse.card import CardApplet
 from webpurse.protocol.commands import InitializeForPurchaseResponse
 from webpurse.protocol.records import TransactionType
 from webpurse.settlement import ledger
 from webpurse.settlement.decisions import DeclineCode, decide_gap
-from webpurse.settlement.models import Load
+from webpurse.settlement.models import Card, Load
 from webpurse.settlement.settings import Settings
 
 
@@ -118,3 +121,52 @@ def test_a_batch_cannot_hold_a_card_again_at_a_counter_released_at_the_bound(
     (only,) = answer.json()["responses"]
     assert (only["status"], only["body"]["code"]) == (409, "card_hold_exhausted")
     world.other_terminal.purchase(card, 100)  # the other shop is not affected
+
+
+def test_a_freed_load_whose_credit_ran_heals_from_its_proof_at_a_purchase(world: World) -> None:
+    """Shop A's load credited the card but A never completed it; freed at the bound, the
+    card shows more than the shadow. Shop B's purchase is asked for the load's proof (not
+    called a clone); the proof settles A's load, then B's purchase goes through."""
+    card = world.issue()
+    world.other_terminal.load(card, 200)
+    stuck = world.terminal.create_load(100)
+    issuer, init = world.terminal.load_batch1(card, 100, world.terminal_id)
+    answer = world.terminal.post(
+        f"/v1/loads/{stuck['id']}/authorise",
+        {
+            "issuer_data": issuer.hex(),
+            "initialize_response": init.hex(),
+            "terminal_id": world.terminal_id,
+        },
+    )
+    ok(card, bytes.fromhex(answer.json()["authorisation"]["credit_apdu"]))  # the CREDIT ran
+    assert world.terminal.post(f"/v1/loads/{stuck['id']}/uncertain").status_code == 200
+    world.clock.advance(world.settings.card_hold_ttl + dt.timedelta(seconds=1))
+    world.client.post("/v1/maintenance/sweep", headers=world.auth(world.operator_key))
+    payment = world.other_terminal.create_payment(50)
+    issuer_b, init_b = world.other_terminal.purchase_batch1(card, 50)
+    asked = world.other_terminal.authorise_payment(payment["id"], issuer_b, init_b)
+    assert asked.status_code == 402, asked.text
+    recover = asked.json()["recover"]
+    assert recover == {"transaction_type": "02", "counter": 1, "heal": True}
+    proof, sw = prove(card, 0x02, recover["counter"] + 1)
+    assert sw == 0x9000
+    healed = world.other_terminal.post(
+        "/v1/heal",
+        {"issuer_data": issuer_b.hex(), "transaction_type": "02", "prove_response": proof.hex()},
+    )
+    assert healed.status_code == 200, healed.text
+    assert (healed.json()["online_counter"], healed.json()["offline_counter"]) == (2, 0)
+    issuer_b, init_b = world.other_terminal.purchase_batch1(card, 50)
+    retry = world.other_terminal.authorise_payment(payment["id"], issuer_b, init_b)
+    assert retry.status_code == 200, retry.text
+    with world.factory() as session:
+        load = session.get(Load, stuck["id"])
+        assert load is not None and load.status == "succeeded"  # settled for A, who sold it
+        found = session.scalars(select(Card).where(Card.card_number == issuer_b_number(card)))
+        assert not found.one().flagged
+        assert ledger.check(session).ok
+
+
+def issuer_b_number(card: CardApplet) -> str:
+    return card.state.issuer.card_number

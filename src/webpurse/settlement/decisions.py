@@ -419,3 +419,20 @@ def decide_gap(counter: int, shadow_counter: int, kind: str, provable: bool) -> 
         " send GET TRANSACTION PROVE's answer for it to /v1/heal",
         recover=Recover(transaction_type, shadow_counter, heal=True),
     )
+
+
+def decide_unsettled_load(
+    balance: int, shadow_balance: int, online_counter: int, open_load_amounts: list[int]
+) -> Decision | None:
+    """A purchase sees the balance above the shadow by exactly the amount of an open load of
+    the card at its shadow online counter (MAC2 issued, e.g. freed at the bound): that load's
+    CREDIT probably ran. Ask for its proof (``heal``) rather than call the card a clone; the
+    answer is unauthenticated, so this only asks."""
+    if balance - shadow_balance not in open_load_amounts:
+        return None
+    return Decision.decline(
+        DeclineCode.RECOVERY_REQUIRED,
+        "the card's balance is above the last seen by an open load's amount: send GET"
+        " TRANSACTION PROVE's answer for that load to /v1/heal",
+        recover=Recover(TransactionType.EP_LOAD, online_counter, heal=True),
+    )

@@ -44,7 +44,12 @@ from webpurse.protocol.crypto import macs_equal
 from webpurse.protocol.records import TransactionType
 from webpurse.settlement import ledger, loads, payments, registry
 from webpurse.settlement.db import for_update
-from webpurse.settlement.decisions import Decision, DeclineCode, decide_gap
+from webpurse.settlement.decisions import (
+    Decision,
+    DeclineCode,
+    decide_gap,
+    decide_unsettled_load,
+)
 from webpurse.settlement.models import Card, Load, Payment
 from webpurse.settlement.problems import ApiError, conflict, not_found, verification_failed
 from webpurse.settlement.schemas import CardHeal, HoldRelease
@@ -221,10 +226,27 @@ def _loads_at(ctx: Ctx, card: Card, *, lock: bool) -> list[Load]:
 
 
 def heal_instead(
-    ctx: Ctx, card: Card | None, decision: Decision, kind: str, counter: int
+    ctx: Ctx,
+    card: Card | None,
+    decision: Decision,
+    kind: str,
+    counter: int,
+    balance: int | None = None,
 ) -> Decision:
-    """A counter-ahead decline becomes "send the proof" when settlement can check one."""
-    if card is None or decision.decline_code is not DeclineCode.COUNTER_MISMATCH:
+    """A counter-ahead decline becomes "send the proof" when settlement can check one; so
+    does a purchase's balance-above-the-shadow by an open load's amount (its CREDIT ran)."""
+    if card is None:
+        return decision
+    if (
+        kind == "payment"
+        and balance is not None
+        and decision.decline_code is DeclineCode.BALANCE_MISMATCH
+        and balance > card.shadow_balance
+    ):
+        amounts = [load.amount for load in _loads_at(ctx, card, lock=False)]
+        asked = decide_unsettled_load(balance, card.shadow_balance, card.online_counter, amounts)
+        return asked or decision
+    if decision.decline_code is not DeclineCode.COUNTER_MISMATCH:
         return decision
     shadow = card.offline_counter if kind == "payment" else card.online_counter
     provable = bool(

@@ -229,7 +229,9 @@ def authorise(ctx: Ctx, payment_id: str, body: PurchaseAuthorise) -> Payment:
         ),
         ctx.now,
     )
-    decision = holds.heal_instead(ctx, card, decision, "payment", init.offline_counter)
+    decision = holds.heal_instead(
+        ctx, card, decision, "payment", init.offline_counter, init.balance
+    )
     payment.card_number = issuer.card_number
     payment.updated_at = ctx.now
     if not decision.approved:
