@@ -267,6 +267,7 @@ def heal(ctx: Ctx, body: CardHeal) -> dict[str, Any]:
     purchase = body.transaction_type == f"{TransactionType.EP_PURCHASE:02X}"
     counter = card.offline_counter if purchase else card.online_counter
     settled: str | None = None
+    candidates: list[Payment] | list[Load]
     if purchase:
         candidates = _payments_at(ctx, card, lock=True)
         for payment in candidates:
@@ -275,16 +276,14 @@ def heal(ctx: Ctx, body: CardHeal) -> dict[str, Any]:
                 settled = payment.id
                 break
     else:
-        load_candidates = _loads_at(ctx, card, lock=True)
-        candidates_any: list[Any] = list(load_candidates)
-        for load in load_candidates:
+        candidates = _loads_at(ctx, card, lock=True)
+        for load in candidates:
             if macs_equal(bytes.fromhex(load.mac2 or ""), proof.mac2) and loads._verify_tac(
                 ctx, load, card, proof.tac
             ):
                 loads._succeed(ctx, load, card, proof.tac)
                 settled = load.id
                 break
-        candidates = candidates_any
     if not candidates:
         raise conflict(
             "nothing_to_heal",
