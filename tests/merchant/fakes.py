@@ -348,3 +348,8 @@ class FakeSettlement:
     async def answer_card_check(self, check_id: str, initialize_response: bytes) -> str:
         self.calls.append(f"card_check {check_id}")
         return "consistent"
+
+    async def heal(self, *, issuer_data: bytes, transaction_type: int, prove: bytes) -> None:
+        """This double never asks for a heal (it keeps no shadow counters)."""
+        self.calls.append(f"heal {transaction_type:02X}")
+        raise SettlementError("nothing to heal", status=409, code="nothing_to_heal")

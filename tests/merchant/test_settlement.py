@@ -267,3 +267,34 @@ async def test_a_real_clone_is_checked_and_blocked_by_the_flow(
     number = original.state.issuer.card_number
     got = world.client.get(f"/v1/cards/{number}", headers=world.auth(world.operator_key)).json()
     assert got["status"] == "blocked" and got["flagged"]
+
+
+async def test_a_card_another_shop_left_ahead_of_settlement_heals_then_pays(
+    world: World, client: SettlementClient
+) -> None:
+    """Shop B debits 1 fen for real, then releases it on a forged "counter unchanged": the
+    card is one purchase ahead of settlement. Our flow gets ``recover.heal``, sends the
+    card's PROVE to /v1/heal (B's debit is settled for B) and pays, one round trip more."""
+    card = world.issue()
+    world.other_terminal.load(card, 500)
+    b = world.other_terminal
+    stale = b.create_payment(1)
+    issuer, init = b.purchase_batch1(card, 1)
+    held = b.authorise_payment(stale["id"], issuer, init)
+    ok(card, bytes.fromhex(held.json()["authorisation"]["debit_apdu"]))  # the real debit
+    assert b.post(f"/v1/payments/{stale['id']}/uncertain").status_code == 200
+    _, fresh = b.purchase_batch1(card, 0)
+    forged = bytearray(fresh)
+    forged[0:4] = (500).to_bytes(4, "big")  # the balance and counter before the debit
+    forged[4:6] = (0).to_bytes(2, "big")
+    released = b.post(
+        f"/v1/payments/{stale['id']}/resolve", {"initialize_response": bytes(forged).hex()}
+    )
+    assert released.json()["status"] == "canceled"
+    async with SimReader(card) as reader:
+        payment = await client.create(Kind.PAYMENT, 100, description="tea", reference="ord_h")
+        outcome = await run_transaction(reader, client, payment)
+    assert (outcome.status, outcome.round_trips) == ("succeeded", 3)
+    settled = b.http.get(f"/v1/payments/{stale['id']}", headers=b.headers()).json()
+    assert settled["status"] == "succeeded"
+    assert card.state.balance == 500 - 1 - 100

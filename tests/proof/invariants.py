@@ -139,7 +139,8 @@ def check_invariants(
             kinds = Counter(transfers.get(payment.id, []))
             if any(n > 1 for n in kinds.values()):
                 p.append(f"{payment.id}: repeated transfers {dict(kinds)}")
-            if kinds["purchase_capture"] and kinds["purchase_release"]:
+            # A released payment the card later proved (holds.heal) is held again first.
+            if kinds["purchase_capture"] and kinds["purchase_release"] > kinds["purchase_rehold"]:
                 p.append(f"{payment.id}: both captured and released")
             if (payment.status == "succeeded") != bool(kinds["purchase_capture"]):
                 p.append(f"{payment.id}: status {payment.status} but transfers {dict(kinds)}")

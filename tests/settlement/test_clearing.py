@@ -244,7 +244,7 @@ class Shop:
                     payment_id=payment_id,
                     amount=amount,
                     currency="CNY",
-                    status="pending",
+                    status="succeeded",
                     created_at=at,
                     updated_at=at,
                 )
@@ -257,6 +257,17 @@ class Shop:
                 ledger.REFUNDS_PENDING,
                 amount,
                 "refund_reserve",
+                now=at,
+                reference=rid,
+            )
+            # Delivered (its load's hold and credit, in one): nothing waits in refunds:pending.
+            ledger.post_transfer(
+                session,
+                f"{rid}:delivered",
+                ledger.REFUNDS_PENDING,
+                ledger.card_account("crd_1"),
+                amount,
+                "load_credit",
                 now=at,
                 reference=rid,
             )

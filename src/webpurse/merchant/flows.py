@@ -477,13 +477,21 @@ async def _recover_then_reinitialise(
     steps.append(Step(_initialize(obj.kind, obj.key_index, obj.amount, obj.terminal_id)))
     responses = await trips(steps)
     initialize, prove = read_recovery(responses[:2])
-    try:
-        await _resolve(settlement, hint, initialize, prove)
-    except SettlementError as exc:
-        if not _load_needs_a_new_load(hint, exc):
-            raise
-        # Still open: a new load goes ahead linked to it; anything else is told to recover.
-        await _keep_uncertain(settlement, hint)
+    if hint.heal:
+        # The card is one transaction ahead of settlement: its proof settles that one.
+        if prove is None:
+            raise SettlementError("the card has no proof for the counter settlement is missing")
+        await settlement.heal(
+            issuer_data=contact.issuer_data, transaction_type=hint.transaction_type, prove=prove
+        )
+    else:
+        try:
+            await _resolve(settlement, hint, initialize, prove)
+        except SettlementError as exc:
+            if not _load_needs_a_new_load(hint, exc):
+                raise
+            # Still open: a new load goes ahead linked to it; anything else is told to recover.
+            await _keep_uncertain(settlement, hint)
     if len(responses) < 3 or not responses[2].ok:
         raise _refusal(responses[-1])
     balance, counter = _parse_initialize(obj.kind, responses[2].data)

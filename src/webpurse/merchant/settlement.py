@@ -20,6 +20,8 @@ from typing import Any, Protocol
 import httpx
 import structlog
 
+from webpurse.protocol.records import TransactionType
+
 log = structlog.get_logger("webpurse.merchant.settlement")
 
 RETRY_PAUSES = (0.05, 0.2, 0.5, 1.0)
@@ -62,6 +64,9 @@ class RecoveryHint:
     object_id: str
     transaction_type: int
     counter: int
+    # The card is one transaction ahead of settlement (``recover.heal``): no object of ours
+    # to resolve; the card's PROVE answer goes to ``POST /v1/heal`` (Settlement.heal).
+    heal: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +238,8 @@ class Settlement(Protocol):
         """Post the card's answer to a card check; settlement's verdict."""
         ...
 
+    async def heal(self, *, issuer_data: bytes, transaction_type: int, prove: bytes) -> None: ...
+
 
 def _card_check(body: dict[str, Any]) -> CardCheck | None:
     raw = body.get("card_check")
@@ -254,6 +261,11 @@ def _recovery_hint(body: dict[str, Any]) -> RecoveryHint | None:
     if not isinstance(raw, dict):
         return None
     try:
+        if raw.get("heal") is True:
+            ttype = raw["transaction_type"]
+            ttype_int = int(ttype, 16) if isinstance(ttype, str) else int(ttype)
+            kind = Kind.PAYMENT if ttype_int == TransactionType.EP_PURCHASE else Kind.LOAD
+            return RecoveryHint(kind, "", ttype_int, int(raw["counter"]), heal=True)
         if raw.get("payment_id"):
             kind, object_id = Kind.PAYMENT, str(raw["payment_id"])
         else:
@@ -348,6 +360,23 @@ class SettlementClient:
                 continue
             return response
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def heal(self, *, issuer_data: bytes, transaction_type: int, prove: bytes) -> None:
+        """Send the card's proof for the counter settlement is missing (``recover.heal``)."""
+        headers = {**self._headers, "Idempotency-Key": "mer-" + secrets.token_hex(16)}
+        payload = {
+            "issuer_data": issuer_data.hex().upper(),
+            "transaction_type": f"{transaction_type:02X}",
+            "prove_response": prove.hex().upper(),
+        }
+        status, body = await self._exchange("POST", "/v1/heal", payload, headers)
+        if status >= 400:
+            raise SettlementError(
+                f"settlement POST /v1/heal: {status} {body.get('code', '')}".strip(),
+                status=status,
+                code=body.get("code"),
+            )
+        log.info("settlement.healed", counter=body.get("counter"))
 
     async def create(
         self,

@@ -18,7 +18,10 @@ Two paths, one outcome:
   (:func:`ledger.post_transfers`);
 - everything else (declines, recovery, uncertain, resolve, cancel, retried keys, anything
   the fast path does not recognise) runs through the same service functions as the
-  single endpoints (:mod:`.payments`), one SAVEPOINT per item, after the fast items.
+  single endpoints (:mod:`.payments`), one SAVEPOINT per item, after the fast items, in
+  the batch's order. A fast item that an earlier per-item one touches (its payment or its
+  card) runs on the per-item path too (:func:`_in_order`), so every item answers as the
+  same calls one by one would.
 
 The fast path runs in a SAVEPOINT of its own: if anything in it is refused (a ledger
 overdraft the shadow balance did not predict, a constraint), it is rolled back as a whole
@@ -43,7 +46,7 @@ from sqlalchemy.exc import DBAPIError
 from webpurse.protocol.commands import DebitForPurchaseResponse, InitializeForPurchaseResponse
 from webpurse.protocol.errors import ProtocolError
 from webpurse.protocol.records import IssuerData
-from webpurse.settlement import idempotency, ledger, payments, registry, webhooks
+from webpurse.settlement import holds, idempotency, ledger, payments, registry, webhooks
 from webpurse.settlement.db import bulk_insert, bulk_update, for_update
 from webpurse.settlement.decisions import PurchaseInputs, decide_purchase
 from webpurse.settlement.ledger import LedgerError, TransferSpec
@@ -475,9 +478,13 @@ def _approvals(
     """The authorisations the fast path may take: approved, nothing open on the card."""
     approvals: list[_Approval] = []
     merchant_terminal = bytes.fromhex(merchant.terminal_id)
+    # A card this merchant held past the bound at that counter: the per-item path refuses.
+    refused = holds.exhausted(ctx, merchant.id, sorted({card.id for card in cards.values()}))
     for item, row, issuer, init in candidates:
         card = cards.get(issuer.card_number)
         if card is None or card.open_transaction is not None or card.id in seen:
+            continue
+        if (card.id, init.offline_counter) in refused:
             continue
         body = item.body
         assert isinstance(body, PurchaseAuthorise)
@@ -715,6 +722,73 @@ def _write(ctx: Ctx, writes: _Writes) -> None:
     _enqueue_events(ctx, ctx.principal.merchant_id, writes.events)
 
 
+def _card_number(body: BaseModel | None) -> str | None:
+    """The card an item's body names (its issuer data), if it names one that parses."""
+    raw = getattr(body, "issuer_data", None)
+    if not isinstance(raw, str):
+        return None
+    try:
+        return IssuerData.from_bytes(bytes.fromhex(raw)).card_number.upper()
+    except (ProtocolError, ValueError):
+        return None
+
+
+def _touches(ctx: Ctx, items: list[Item]) -> dict[int, frozenset[str]]:
+    """What each item still to run may read or change: its payment and its card(s).
+
+    The card of a payment named by id is the one settlement has for it (read unlocked: it
+    only orders this batch's items); an authorisation also names the card of its answer.
+    A create touches nothing an earlier item could (its payment does not exist yet).
+    """
+    pending = [i for i in items if i.answer is None and i.duplicate_of is None]
+    ids = sorted({i.payment_id for i in pending if i.payment_id})
+    cards: dict[str, str] = {}
+    if ids:
+        cards = {
+            row.id: row.card_number.upper()
+            for row in ctx.session.execute(
+                select(_PAYMENTS.c.id, _PAYMENTS.c.card_number).where(
+                    _PAYMENTS.c.id.in_(ids),
+                    _PAYMENTS.c.merchant_id == ctx.principal.merchant_id,
+                    _PAYMENTS.c.card_number.is_not(None),
+                )
+            )
+        }
+    touched: dict[int, frozenset[str]] = {}
+    for item in pending:
+        keys = {f"payment:{item.payment_id}"} if item.payment_id else set()
+        for number in (cards.get(item.payment_id or ""), _card_number(item.body)):
+            if number is not None:
+                keys.add(f"card:{number}")
+        touched[item.index] = frozenset(keys)
+    return touched
+
+
+def _in_order(items: list[Item], taken: set[int], touched: dict[int, frozenset[str]]) -> set[int]:
+    """The fast items that may run before the per-item ones and answer as one by one.
+
+    The fast path runs before the per-item path, so a fast item jumps ahead of every
+    per-item one placed before it in the batch. That is the same as running them in order
+    exactly when none of those touches its payment or card: ``[cancel P, authorise P]``
+    must cancel first (then the authorisation finds P canceled), and a decline that blocks
+    a card must come before a later authorisation of it. Any other fast item goes back to
+    the per-item path, which runs in the batch's order; one pass in that order suffices,
+    since a dropped item can only affect the items after it.
+    """
+    kept = set(taken)
+    blocked: set[str] = set()
+    for item in items:
+        keys = touched.get(item.index)
+        if keys is None:
+            continue  # answered already (refused, replayed) or a duplicate: changes nothing
+        if item.index in kept and keys.isdisjoint(blocked):
+            continue
+        kept.discard(item.index)
+        if item.action != "create":
+            blocked |= keys
+    return kept
+
+
 def _fast(ctx: Ctx, items: list[Item]) -> int:
     """Take what the fast path can; returns how many items it answered (0 after a fallback)."""
     by_action: dict[str, list[Item]] = {"create": [], "authorise": [], "capture": []}
@@ -756,6 +830,9 @@ def _fast(ctx: Ctx, items: list[Item]) -> int:
             ctx, merchant, candidates, {card.card_number: card for card in cards}, seen
         )
         captures = _captures(ctx, by_action["capture"], {card.id: card for card in cards}, seen)
+        kept = _in_order(items, {a.item.index for a in approvals + captures}, _touches(ctx, items))
+        approvals = [a for a in approvals if a.item.index in kept]
+        captures = [c for c in captures if c.item.index in kept]
         _fast_authorise(ctx, merchant, approvals, writes)
         _fast_capture(ctx, captures, writes)
         taken += [a.item for a in approvals] + [c.item for c in captures]

@@ -103,11 +103,14 @@ class ItemKind(StrEnum):
     REFUND = "refund"
     TOPUP = "topup"  # a load the merchant sold: it owes the amount
     TOPUP_RETURN = "topup_return"  # that load failed: its amount is no longer owed
+    REFUND_RETURN = "refund_return"  # a refund failed (its load ended): back to the merchant
 
     @property
     def sign(self) -> int:
         """+1 when the line adds to what the merchant is owed, -1 when it takes from it."""
-        return 1 if self in (ItemKind.PAYMENT, ItemKind.TOPUP_RETURN) else -1
+        if self in (ItemKind.PAYMENT, ItemKind.TOPUP_RETURN, ItemKind.REFUND_RETURN):
+            return 1
+        return -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,10 +210,11 @@ def compute_batch(
     """
     payments = [i for i in items if i.kind is ItemKind.PAYMENT]
     refunds = [i for i in items if i.kind is ItemKind.REFUND]
+    refunds_returned = [i for i in items if i.kind is ItemKind.REFUND_RETURN]
     topups = [i for i in items if i.kind is ItemKind.TOPUP]
     returned = [i for i in items if i.kind is ItemKind.TOPUP_RETURN]
     payment_total = sum(i.amount for i in payments)
-    refund_total = sum(i.amount for i in refunds)
+    refund_total = sum(i.amount for i in refunds) - sum(i.amount for i in refunds_returned)
     topup_total = sum(i.amount for i in topups) - sum(i.amount for i in returned)
     payout = max(payment_total - refund_total - topup_total + carried_in, 0)
     settled = 0
@@ -270,7 +274,8 @@ def render_csv(
 
     Columns: ``kind,id,payment_id,amount,currency,at_utc,reference,card_number``; refunds
     and top-ups sold (``topup``, the load id) carry a negative amount, a returned top-up
-    (``topup_return``) a positive one, so the item lines sum to the day's net. Trailer lines
+    (``topup_return``) and a failed refund (``refund_return``) a positive one, so the item
+    lines sum to the day's net. Trailer lines
     (``id`` = the batch id) with ``kind`` = ``total_payments``, ``total_refunds``,
     ``total_topups``, ``day_net``, ``carried_in``, ``net``, ``topups_settled``, ``payout``
     and ``carried_out``.
@@ -434,6 +439,18 @@ def day_items(
             continue
         incoming = transfer.credit_account == account
         reference = transfer.reference or transfer.id
+        if incoming and transfer.kind == REFUND_RETURN_KIND:
+            refund = session.get(Refund, reference)
+            items.append(
+                ClearingItem(
+                    kind=ItemKind.REFUND_RETURN,
+                    id=reference,
+                    amount=transfer.amount,
+                    at=transfer.created_at,
+                    payment_id=refund.payment_id if refund is not None else "",
+                )
+            )
+            continue
         item_id, payment_id, merchant_reference, card_number = reference, "", "", ""
         refund = None if incoming else session.get(Refund, reference)
         if refund is not None:
@@ -458,6 +475,7 @@ def day_items(
 
 
 PAYOUT_KIND = "payout"
+REFUND_RETURN_KIND = "refund_return"  # refunds.fail: refunds:pending → the payable
 TOPUPS_SETTLED_KIND = "topups_settled"
 
 

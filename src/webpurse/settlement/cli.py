@@ -209,6 +209,7 @@ def sweep() -> None:
                 settings.clock(),
                 requires_card_ttl=settings.requires_card_ttl,
                 authorised_ttl=settings.authorised_ttl,
+                card_hold_ttl=settings.card_hold_ttl,
             )
     finally:
         engine.dispose()

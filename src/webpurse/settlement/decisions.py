@@ -112,6 +112,9 @@ class Recover:
     counter: int
     payment_id: str | None = None
     load_id: str | None = None
+    # The card's counter is one ahead of the shadow and settlement issued a MAC for that
+    # missing counter: whoever holds the card may send PROVE's answer to /v1/heal.
+    heal: bool = False
 
     def to_json(self) -> dict[str, object]:
         body: dict[str, object] = {
@@ -122,6 +125,8 @@ class Recover:
             body["payment_id"] = self.payment_id
         if self.load_id:
             body["load_id"] = self.load_id
+        if self.heal:
+            body["heal"] = True
         return body
 
 
@@ -406,4 +411,42 @@ def decide_resolution(
     return Resolution(
         Outcome.MISMATCH,
         f"the card's counter {counter} is neither {open_txn.counter} nor {open_txn.counter + 1}",
+    )
+
+
+# --- a card one transaction ahead of the shadow (issue 19) ---------------------------
+
+
+def decide_gap(counter: int, shadow_counter: int, kind: str, provable: bool) -> Decision | None:
+    """The card's counter is ``shadow_counter + 1`` and settlement issued a MAC for
+    ``shadow_counter`` (``provable``: a released or open transaction of this card at that
+    counter): ask for the card's proof of it (GET TRANSACTION PROVE, ``heal``) instead of
+    declining the card for good. The answer is unauthenticated, so this only asks: it
+    changes nothing; only a proof that verifies does (:mod:`webpurse.settlement.holds`).
+    """
+    if not provable or counter != shadow_counter + 1:
+        return None
+    transaction_type = TransactionType.EP_PURCHASE if kind == "payment" else TransactionType.EP_LOAD
+    return Decision.decline(
+        DeclineCode.RECOVERY_REQUIRED,
+        f"the card's counter {counter} is one ahead of the last seen {shadow_counter}:"
+        " send GET TRANSACTION PROVE's answer for it to /v1/heal",
+        recover=Recover(transaction_type, shadow_counter, heal=True),
+    )
+
+
+def decide_unsettled_load(
+    balance: int, shadow_balance: int, online_counter: int, open_load_amounts: list[int]
+) -> Decision | None:
+    """A purchase sees the balance above the shadow by exactly the amount of an open load of
+    the card at its shadow online counter (MAC2 issued, e.g. freed at the bound): that load's
+    CREDIT probably ran. Ask for its proof (``heal``) rather than call the card a clone; the
+    answer is unauthenticated, so this only asks."""
+    if balance - shadow_balance not in open_load_amounts:
+        return None
+    return Decision.decline(
+        DeclineCode.RECOVERY_REQUIRED,
+        "the card's balance is above the last seen by an open load's amount: send GET"
+        " TRANSACTION PROVE's answer for that load to /v1/heal",
+        recover=Recover(TransactionType.EP_LOAD, online_counter, heal=True),
     )

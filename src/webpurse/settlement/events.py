@@ -22,6 +22,7 @@ EVENT_TYPES = frozenset(
         "payment.expired",
         "refund.created",
         "refund.succeeded",
+        "refund.failed",
         "load.succeeded",
         "load.failed",
         "load.uncertain",

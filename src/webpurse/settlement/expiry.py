@@ -8,6 +8,12 @@
   issued a DEBIT (or CREDIT) may have reached the card, so nothing is guessed; the card's
   next contact or its proof settles it (spec §6).
 
+An open payment or load that has held its card longer than ``card_hold_ttl`` (from its
+authorisation) frees the card for other merchants (:func:`holds.release_stale`).
+
+A refund left ``pending`` with a load that ended (by a version before refunds failed with
+their load) is failed, its amount back in the payable (:func:`refunds.heal_stuck`).
+
 The same sweep forgets idempotency keys after their retention and delivered webhooks after
 theirs (:func:`webpurse.settlement.webhooks.prune_delivered`).
 """
@@ -27,7 +33,7 @@ from fastapi import FastAPI
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
-from webpurse.settlement import events, idempotency, loads, payments, webhooks
+from webpurse.settlement import events, holds, idempotency, loads, payments, refunds, webhooks
 from webpurse.settlement.auth import OPERATOR, Principal
 from webpurse.settlement.models import Load, Payment
 from webpurse.settlement.security import SecurityModule
@@ -81,6 +87,7 @@ def expire_stale(
     *,
     requires_card_ttl: dt.timedelta,
     authorised_ttl: dt.timedelta,
+    card_hold_ttl: dt.timedelta = dt.timedelta(hours=1),
 ) -> SweepReport:
     """Run one sweep in the caller's transaction; returns what it changed."""
     ctx = Ctx(session, cast(SecurityModule, _NoKeys()), now, SYSTEM)
@@ -135,6 +142,12 @@ def expire_stale(
     ):
         loads.mark_uncertain(ctx, load)
         counts["lu"] += 1
+    holds_released, holds_unblocked = holds.release_stale(ctx, card_hold_ttl)
+    if holds_released or holds_unblocked:
+        log.warning("sweep.holds", released=holds_released, unblocked=holds_unblocked)
+    refunds_failed = refunds.heal_stuck(ctx)  # left pending by an older version
+    if refunds_failed:
+        log.warning("sweep.refunds_failed", count=refunds_failed)
     idempotency.purge(session, now)
     webhooks.prune_delivered(session, now)
     report = SweepReport(counts["pe"], counts["pu"], counts["le"], counts["lu"])
@@ -158,6 +171,7 @@ async def sweeper_lifespan(app: FastAPI) -> AsyncIterator[None]:
                 state.clock(),
                 requires_card_ttl=settings.requires_card_ttl,
                 authorised_ttl=settings.authorised_ttl,
+                card_hold_ttl=settings.card_hold_ttl,
             )
 
     async def loop() -> None:

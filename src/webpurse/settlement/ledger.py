@@ -16,7 +16,7 @@ Accounts (see docs/settlement-api.md):
 - ``held:loads`` funds for loads in flight, not yet on a card or returned;
 - ``merchant:<merchant id>`` merchant payable;
 - ``payouts:<merchant id>`` paid out to merchants (clearing);
-- ``refunds:pending`` refunds waiting for the card's next online contact;
+- ``refunds:pending`` refunds on their way from the payable to their load (0 between requests);
 - ``received:float_deposits``, ``received:bank_transfers`` money that reached the settlement
   bank account (negative: the sources of all value since issue 12);
 - ``float:<merchant id>`` a merchant's unused prepaid top-up float;
@@ -428,7 +428,10 @@ def check(session: Session) -> CheckReport:
       credits, ``received``; ``funding``/``topups`` of old) equal the value held on cards,
       merchant payables, payouts, pending refunds, held amounts, unused floats, matched
       money not yet loaded, money awaiting return and money returned (ARCHITECTURE.md
-      "Invariants").
+      "Invariants");
+    - ``refunds:pending`` holds exactly the pending refunds whose load is not in flight
+      (none: a refund whose load ends without a credit fails), and no refund is pending
+      with a load that ended (:func:`webpurse.settlement.refunds.open_refund_problems`).
     """
     report = CheckReport()
     accounts = {
@@ -490,4 +493,7 @@ def check(session: Session) -> CheckReport:
             f"funds received {received} != value held {held} (cards + merchant payables +"
             " payouts + pending refunds + held + floats + matched + awaiting return + returned)"
         )
+    from webpurse.settlement.refunds import open_refund_problems  # refunds posts through here
+
+    report.problems.extend(open_refund_problems(session))
     return report

@@ -14,6 +14,7 @@ float onto cards.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from typing import Any
 
 import structlog
@@ -44,6 +45,7 @@ from webpurse.settlement.decisions import (
     decide_load,
     decide_resolution,
 )
+from webpurse.settlement.ledger import TransferSpec
 from webpurse.settlement.merchants import OPERATOR_TERMINAL_ID
 from webpurse.settlement.models import Card, Load, Merchant, Refund, Transfer
 from webpurse.settlement.problems import (
@@ -143,6 +145,7 @@ def _new_load(
     refund_id: str | None = None,
     expires_at: dt.datetime | None = None,
 ) -> Load:
+    """A new load order (no ledger entry: its creator posts the hold, if any)."""
     terminal_id = OPERATOR_TERMINAL_ID
     if merchant_id is not None:
         merchant = ctx.session.get(Merchant, merchant_id)
@@ -181,8 +184,13 @@ def create_order(
     card_number: str | None,
     refund_id: str | None = None,
     float_low_threshold: int = 0,
+    before_hold: Sequence[TransferSpec] = (),
 ) -> Load:
-    """A load funded now: a refund (from ``refunds:pending``) or a merchant's float."""
+    """A load funded now: a refund (from ``refunds:pending``) or a merchant's float.
+
+    ``before_hold``: transfers posted with a refund load's hold, first (the refund's
+    reserve: every account locked at once, in sorted order).
+    """
     if funding_method == "merchant_float" and merchant_id is None:
         raise forbidden("an operator key has no float: merchant_float needs a merchant key")
     if funding_method not in ("refund", "merchant_float"):
@@ -199,16 +207,15 @@ def create_order(
         refund_id=refund_id,
     )
     if funding_method == "refund":
-        ledger.post_transfer(
-            ctx.session,
+        hold = TransferSpec(
             f"{load.id}:hold",
             ledger.REFUNDS_PENDING,
             ledger.HELD_LOADS,
             amount,
             "load_hold",
-            now=ctx.now,
-            reference=load.id,
+            load.id,
         )
+        ledger.post_transfers(ctx.session, [*before_hold, hold], now=ctx.now)
     else:
         funding.draw_float(ctx.session, load, ctx.now, float_low_threshold)
     log.info("load.created", load=load.id, amount=amount, funding=funding_method)
@@ -278,11 +285,28 @@ def create(ctx: Ctx, body: LoadCreate, policy: funding.FundingPolicy | None = No
 
 
 def _return_funds(ctx: Ctx, load: Load, status: str) -> None:
-    """No credit happened: the funds go back to their source.
+    """No credit happened: the funds go back to their source, the load ends ``status``.
 
-    A funded bank-transfer order's money is the cardholder's: it goes to the exceptions
-    list (``returns:awaiting``), for the operator to pay it back, never to anyone else.
+    A refund's load fails its refund in the same posting (:func:`refunds.fail`): the
+    amount goes on to the merchant's payable, so no refund waits without a load. A funded
+    bank-transfer order's money is the cardholder's: it goes to the exceptions list
+    (``returns:awaiting``), for the operator to pay it back, never to anyone else.
     """
+    load.status = status
+    load.updated_at = ctx.now
+    if load.refund_id is not None:
+        from webpurse.settlement import refunds
+
+        returned = TransferSpec(
+            f"{load.id}:return",
+            ledger.HELD_LOADS,
+            _source_of(ctx, load),
+            load.amount,
+            "load_return",
+            load.id,
+        )
+        refunds.fail(ctx, load.refund_id, returned, f"its load {load.id} is {status}")
+        return
     if _payer_funded(load):
         funding.add_exception(
             ctx.session,
@@ -295,19 +319,17 @@ def _return_funds(ctx: Ctx, load: Load, status: str) -> None:
             load_id=load.id,
             detail=f"the funded order was {status} before reaching the card",
         )
-    else:
-        ledger.post_transfer(
-            ctx.session,
-            f"{load.id}:return",
-            ledger.HELD_LOADS,
-            _source_of(ctx, load),
-            load.amount,
-            "load_return",
-            now=ctx.now,
-            reference=load.id,
-        )
-    load.status = status
-    load.updated_at = ctx.now
+        return
+    ledger.post_transfer(
+        ctx.session,
+        f"{load.id}:return",
+        ledger.HELD_LOADS,
+        _source_of(ctx, load),
+        load.amount,
+        "load_return",
+        now=ctx.now,
+        reference=load.id,
+    )
 
 
 OPEN = ("authorised", "uncertain")
@@ -399,6 +421,9 @@ def authorise(ctx: Ctx, load_id: str, body: LoadAuthorise) -> Load:
         ),
         ctx.now,
     )
+    from webpurse.settlement import holds  # holds settles through this module
+
+    decision = holds.heal_instead(ctx, card, decision, "load", init.online_counter)
     load.updated_at = ctx.now
     if not decision.approved:
         assert decision.decline_code is not None
@@ -516,17 +541,11 @@ def _card_of(card: Card | None) -> Card:
 
 
 def _succeed(ctx: Ctx, load: Load, card: Card, tac: bytes) -> None:
-    linked = load.supersedes is not None or card.open_transaction != load.id
-    ledger.post_transfer(
-        ctx.session,
-        f"{load.id}:credit",
-        ledger.HELD_LOADS,
-        ledger.card_account(card.id),
-        load.amount,
-        "load_credit",
-        now=ctx.now,
-        reference=load.id,
-    )
+    """The card proved the credit. Loads it disproves are released *before* the credit is
+    posted: releasing a refund's load locks its payment, which must come before any ledger
+    account (``refunds`` module: the lock order of a refund's creation)."""
+    # Always look for other open loads at this counter: one the sweep unlinked from the
+    # card (holds.release_stale) is settled by this verified TAC as well.
     assert load.balance_before is not None and load.counter is not None
     load.status = "succeeded"
     load.tac = tac.hex().upper()
@@ -543,8 +562,17 @@ def _succeed(ctx: Ctx, load: Load, card: Card, tac: bytes) -> None:
         ctx.now,
         {"load": load.id, "amount": load.amount, "counter": load.counter, "tac": load.tac},
     )
-    if linked:
-        _release_disproved(ctx, load, card)
+    _release_disproved(ctx, load, card)
+    ledger.post_transfer(
+        ctx.session,
+        f"{load.id}:credit",
+        ledger.HELD_LOADS,
+        ledger.card_account(card.id),
+        load.amount,
+        "load_credit",
+        now=ctx.now,
+        reference=load.id,
+    )
     _emit(ctx, load, "load.succeeded")
     if load.refund_id is not None:
         refund = ctx.session.get(Refund, load.refund_id)

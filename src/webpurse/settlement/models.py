@@ -96,7 +96,10 @@ class CardEvent(Base):
 
 class Payment(Base):
     __tablename__ = "payments"
-    __table_args__ = (Index("ix_payments_merchant_created", "merchant_id", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_payments_merchant_created", "merchant_id", "created_at", "id"),
+        Index("ix_payments_card_counter", "card_id", "counter"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     merchant_id: Mapped[str] = mapped_column(ForeignKey("merchants.id"))
@@ -132,7 +135,10 @@ class Payment(Base):
 
 class Load(Base):
     __tablename__ = "loads"
-    __table_args__ = (Index("ix_loads_merchant_created", "merchant_id", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_loads_merchant_created", "merchant_id", "created_at", "id"),
+        Index("ix_loads_card_counter", "card_id", "counter"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     merchant_id: Mapped[str | None] = mapped_column(ForeignKey("merchants.id"), nullable=True)

@@ -213,6 +213,9 @@ def authorise(ctx: Ctx, payment_id: str, body: PurchaseAuthorise) -> Payment:
     merchant = ctx.session.get(Merchant, payment.merchant_id)
     assert merchant is not None
     card = registry.find_card(ctx.session, issuer.card_number, lock=True)
+    from webpurse.settlement import holds  # holds settles through this module
+
+    holds.refuse_rehold(ctx, card, payment.merchant_id, init.offline_counter)
     record = registry.card_record(ctx.session, card, payment.merchant_id) if card else None
     decision = decide_purchase(
         record,
@@ -225,6 +228,9 @@ def authorise(ctx: Ctx, payment_id: str, body: PurchaseAuthorise) -> Payment:
             initialize_amount=body.amount,
         ),
         ctx.now,
+    )
+    decision = holds.heal_instead(
+        ctx, card, decision, "payment", init.offline_counter, init.balance
     )
     payment.card_number = issuer.card_number
     payment.updated_at = ctx.now

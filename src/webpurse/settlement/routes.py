@@ -22,6 +22,7 @@ ROUTERS = (
     "routes_card_checks",
     "routes_funding",
     "routes_admin",
+    "routes_holds",
 )
 
 

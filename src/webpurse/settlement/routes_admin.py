@@ -182,6 +182,7 @@ def sweep(
             state.clock(),
             requires_card_ttl=state.settings.requires_card_ttl,
             authorised_ttl=state.settings.authorised_ttl,
+            card_hold_ttl=state.settings.card_hold_ttl,
         )
         return 200, report.to_json()
 

@@ -95,6 +95,24 @@ class BankTransferFunding(_In):
 Funding = Annotated[MerchantFloatFunding | BankTransferFunding, Field(discriminator="method")]
 
 
+class CardHeal(_In):
+    """The card's proof of the transaction at the counter settlement is missing (holds.py)."""
+
+    issuer_data: HexBytes = Field(description="hex of READ BINARY EF 0x15, 30 bytes")
+    transaction_type: Literal["06", "02"] = Field(
+        description="recover.transaction_type: 06 purchase (offline counter), 02 load (online)"
+    )
+    prove_response: HexBytes = Field(
+        description="hex of GET TRANSACTION PROVE (type, recover.counter + 1): MAC2 4 ‖ TAC 4"
+    )
+
+
+class HoldRelease(_In):
+    """Why an operator releases a merchant's open payment or load (audited)."""
+
+    reason: str = Field(min_length=3, max_length=500)
+
+
 class LoadCreate(_In):
     amount: Fen
     currency: Literal["CNY"] = "CNY"

@@ -48,6 +48,10 @@ class Settings:
     clock: Clock = utc_now
     requires_card_ttl: dt.timedelta = dt.timedelta(minutes=30)
     authorised_ttl: dt.timedelta = dt.timedelta(minutes=2)
+    # The longest one merchant's open transaction (authorised or uncertain) may keep a card
+    # from other merchants, counted from its authorisation (holds.py); then the sweep
+    # releases it. WEBPURSE_CARD_HOLD_TTL, seconds.
+    card_hold_ttl: dt.timedelta = dt.timedelta(hours=1)
     pool_size: int = 10
     max_overflow: int = 10
     # Seconds between expiry sweeps inside the server (0: off, e.g. tests that sweep
@@ -91,6 +95,7 @@ class Settings:
             kek_in_data_dir=_flag(env.get("WEBPURSE_KEK_IN_DATA_DIR", "")),
             migrate=migrate,
             sweep_interval=float(env.get("WEBPURSE_SWEEP_INTERVAL", "30")),
+            card_hold_ttl=dt.timedelta(seconds=float(env.get("WEBPURSE_CARD_HOLD_TTL", "3600"))),
             webhook_allow_private=_flag(env.get("WEBPURSE_WEBHOOK_ALLOW_PRIVATE", "")),
             public_docs=_flag(env.get("WEBPURSE_PUBLIC_DOCS", "")),
             settlement_account=env.get("WEBPURSE_SETTLEMENT_ACCOUNT", cls.settlement_account),

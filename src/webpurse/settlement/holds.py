@@ -1,0 +1,423 @@
+"""Card holds: no merchant keeps a card from the others longer than a bound, and gaps heal.
+
+A payment or load that is ``authorised`` or ``uncertain`` is the card's open transaction:
+other merchants get ``recovery_required`` for it (spec §6). One merchant could keep a card
+that way for good (e.g. authorise the whole balance on a forged INITIALIZE and call it
+uncertain), so every open transaction holds its card at most ``card_hold_ttl`` after its
+authorisation (``Settings.card_hold_ttl``, ``WEBPURSE_CARD_HOLD_TTL``); then the expiry
+sweep (:func:`release_stale`):
+
+- releases a stale *payment*: its hold goes back to the card account, the payment is
+  ``canceled`` with ``decline_code`` ``hold_expired`` (``payment.canceled``), the card is free;
+- frees the card of a stale *load* but leaves the load ``uncertain`` with its funds held
+  (returning them without proof could create value): a later load at its counter releases
+  it (its verified TAC proves the counter was used by the other), its own proof settles it.
+
+Nothing is lost by releasing a payment that did debit the card: the card then shows its
+counter one ahead of the shadow, and the card's own authenticated proof settles it. When an
+authorisation finds the card one transaction ahead and settlement issued the MAC for the
+missing counter (an open or released transaction of the card at that counter), the answer
+is ``recovery_required`` with ``recover.heal`` instead of a decline for good; whoever holds
+the card sends GET TRANSACTION PROVE's answer for that counter to ``POST /v1/heal``
+(:func:`heal`), and a proof that verifies — a MAC2/TAC over settlement's own terminal
+sequence number and amount (payments), the MAC2 settlement issued and a TAC over the new
+balance (loads) — settles that transaction against the merchant that authorised it (and
+released it), moving the shadow on. An answer that does not verify changes nothing (the
+evidence rule: only authenticated, fresh evidence changes a card).
+
+Operators see stale holds and released payments still awaiting their card's proof
+(:func:`queue`, ``GET /v1/holds``) and may release any merchant's open transaction
+(:func:`operator_release`, ``POST /v1/holds/{id}/release``): audited as the card event
+``operator_released`` naming the operator key, the time and the reason.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import structlog
+from sqlalchemy import and_, or_, select
+
+from webpurse.protocol.commands import TransactionProof
+from webpurse.protocol.crypto import macs_equal
+from webpurse.protocol.records import TransactionType
+from webpurse.settlement import ledger, loads, payments, registry
+from webpurse.settlement.db import for_update
+from webpurse.settlement.decisions import (
+    Decision,
+    DeclineCode,
+    decide_gap,
+    decide_unsettled_load,
+)
+from webpurse.settlement.models import Card, Load, Payment
+from webpurse.settlement.problems import ApiError, conflict, not_found, verification_failed
+from webpurse.settlement.schemas import CardHeal, HoldRelease
+from webpurse.settlement.service import Ctx, parse, parse_issuer
+
+log = structlog.get_logger(__name__)
+
+HOLD_EXPIRED = "hold_expired"  # decline_code of a payment the sweep released at the bound
+OPEN = ("authorised", "uncertain")
+
+
+def _locked_rows(ctx: Ctx, stmt: Any, *, skip_locked: bool = False) -> list[Any]:
+    if for_update(ctx.session):
+        stmt = stmt.with_for_update(skip_locked=skip_locked)
+    return list(ctx.session.scalars(stmt.execution_options(populate_existing=True)))
+
+
+def _lock_card(ctx: Ctx, card_id: str, *, skip_locked: bool = False) -> Card | None:
+    rows = _locked_rows(ctx, select(Card).where(Card.id == card_id), skip_locked=skip_locked)
+    return rows[0] if rows else None
+
+
+# --- the bound ------------------------------------------------------------------------
+
+
+def release_stale(ctx: Ctx, ttl: dt.timedelta) -> tuple[int, int]:
+    """Free every card an open transaction has held for longer than ``ttl`` (the sweep).
+
+    Returns (payments released, loads unblocked). The card row is locked before the
+    payment or load (as capture and complete lock them); rows a request holds are skipped
+    this pass (``SKIP LOCKED``) and taken by the next.
+    """
+    before = ctx.now - ttl
+    stale_payments = ctx.session.execute(
+        select(Payment.id, Payment.card_id)
+        .where(
+            Payment.status.in_(OPEN),
+            Payment.authorised_at < before,
+            Payment.card_id.is_not(None),
+        )
+        .order_by(Payment.id)
+    ).all()
+    released = 0
+    for payment_id, card_id in stale_payments:
+        card = _lock_card(ctx, str(card_id), skip_locked=True)
+        rows = _locked_rows(ctx, select(Payment).where(Payment.id == payment_id), skip_locked=True)
+        if card is None or not rows or rows[0].status not in OPEN:
+            continue
+        payment: Payment = rows[0]
+        payment.decline_code = HOLD_EXPIRED
+        payments._release(ctx, payment, card, f"held the card longer than {ttl}")
+        registry.record_event(
+            ctx.session,
+            card,
+            "stale_hold_released",
+            ctx.now,
+            {
+                "payment": payment.id,
+                "merchant": payment.merchant_id,
+                "authorised_at": payment.authorised_at.isoformat()
+                if payment.authorised_at
+                else None,
+                "bound_seconds": int(ttl.total_seconds()),
+            },
+        )
+        log.warning("hold.released", payment=payment.id, merchant=payment.merchant_id)
+        released += 1
+    stale_loads = ctx.session.execute(
+        select(Load.id, Load.card_id)
+        .join(Card, Card.id == Load.card_id)
+        .where(Load.status.in_(OPEN), Load.authorised_at < before, Card.open_transaction == Load.id)
+        .order_by(Load.id)
+    ).all()
+    unblocked = 0
+    for load_id, card_id in stale_loads:
+        card = _lock_card(ctx, str(card_id), skip_locked=True)
+        if card is None or card.open_transaction != load_id:
+            continue
+        card.open_transaction = None
+        card.updated_at = ctx.now
+        registry.record_event(
+            ctx.session,
+            card,
+            "stale_hold_unblocked",
+            ctx.now,
+            {"load": load_id, "bound_seconds": int(ttl.total_seconds())},
+        )
+        log.warning("hold.unblocked", load=load_id)
+        unblocked += 1
+    return released, unblocked
+
+
+def refuse_rehold(ctx: Ctx, card: Card | None, merchant_id: str, counter: int) -> None:
+    """No second bound at the same counter: a merchant whose hold of this card at this
+    offline counter was released at the bound may not hold it again there (it could forge
+    the same INITIALIZE again and again). Its released payment settles by the card's proof
+    (heal); once the card's counter moves (any purchase), the card is anyone's again."""
+    if card is None or counter != card.offline_counter:
+        return
+    expired = ctx.session.scalar(
+        select(Payment.id)
+        .where(
+            Payment.card_id == card.id,
+            Payment.merchant_id == merchant_id,
+            Payment.counter == counter,
+            Payment.status == "canceled",
+            Payment.decline_code == HOLD_EXPIRED,
+        )
+        .limit(1)
+    )
+    if expired is not None:
+        log.warning("hold.rehold_refused", payment=expired, card=card.card_number)
+        raise ApiError(
+            409,
+            "card_hold_exhausted",
+            f"your hold of this card at its counter {counter} ({expired}) was released at the"
+            " bound: it cannot be held again at that counter; send the card's proof to"
+            " /v1/heal if the debit happened",
+        )
+
+
+def exhausted(ctx: Ctx, merchant_id: str, card_ids: list[str]) -> set[tuple[str, int]]:
+    """(card id, offline counter) pairs where :func:`refuse_rehold` refuses the merchant:
+    one query for a whole batch (its fast path leaves these to the per-item path)."""
+    if not card_ids:
+        return set()
+    rows = ctx.session.execute(
+        select(Payment.card_id, Payment.counter).where(
+            Payment.card_id.in_(card_ids),
+            Payment.merchant_id == merchant_id,
+            Payment.status == "canceled",
+            Payment.decline_code == HOLD_EXPIRED,
+        )
+    )
+    return {(str(card_id), int(counter)) for card_id, counter in rows if counter is not None}
+
+
+# --- a card one transaction ahead: ask for its proof, settle on a verified one ---------
+
+
+def _payments_at(ctx: Ctx, card: Card, *, lock: bool) -> list[Payment]:
+    """The card's payments at its shadow offline counter that settlement issued MAC1 for
+    and that may have run: open, or released (canceled after authorisation)."""
+    stmt = (
+        select(Payment)
+        .where(
+            Payment.card_id == card.id,
+            Payment.counter == card.offline_counter,
+            Payment.mac1.is_not(None),
+            Payment.status.in_((*OPEN, "canceled")),
+        )
+        .order_by(Payment.id)
+    )
+    if lock:
+        return _locked_rows(ctx, stmt)
+    return list(ctx.session.scalars(stmt))
+
+
+def _loads_at(ctx: Ctx, card: Card, *, lock: bool) -> list[Load]:
+    """The card's open loads at its shadow online counter (MAC2 issued, not settled)."""
+    stmt = (
+        select(Load)
+        .where(
+            Load.card_id == card.id,
+            Load.counter == card.online_counter,
+            Load.mac2.is_not(None),
+            Load.status.in_(OPEN),
+        )
+        .order_by(Load.id)
+    )
+    if lock:
+        return _locked_rows(ctx, stmt)
+    return list(ctx.session.scalars(stmt))
+
+
+def heal_instead(
+    ctx: Ctx,
+    card: Card | None,
+    decision: Decision,
+    kind: str,
+    counter: int,
+    balance: int | None = None,
+) -> Decision:
+    """A counter-ahead decline becomes "send the proof" when settlement can check one; so
+    does a purchase's balance-above-the-shadow by an open load's amount (its CREDIT ran)."""
+    if card is None:
+        return decision
+    if (
+        kind == "payment"
+        and balance is not None
+        and decision.decline_code is DeclineCode.BALANCE_MISMATCH
+        and balance > card.shadow_balance
+    ):
+        amounts = [load.amount for load in _loads_at(ctx, card, lock=False)]
+        asked = decide_unsettled_load(balance, card.shadow_balance, card.online_counter, amounts)
+        return asked or decision
+    if decision.decline_code is not DeclineCode.COUNTER_MISMATCH:
+        return decision
+    shadow = card.offline_counter if kind == "payment" else card.online_counter
+    provable = bool(
+        _payments_at(ctx, card, lock=False)
+        if kind == "payment"
+        else _loads_at(ctx, card, lock=False)
+    )
+    return decide_gap(counter, shadow, kind, provable) or decision
+
+
+def heal(ctx: Ctx, body: CardHeal) -> dict[str, Any]:
+    """Settle the card's transaction at its missing counter from the card's own proof."""
+    issuer = parse_issuer(body.issuer_data)
+    proof = parse(body.prove_response, "prove_response", TransactionProof.from_data)
+    card = registry.find_card(ctx.session, issuer.card_number, lock=True)
+    if card is None:
+        raise not_found("card", "issuer_data")
+    purchase = body.transaction_type == f"{TransactionType.EP_PURCHASE:02X}"
+    counter = card.offline_counter if purchase else card.online_counter
+    settled: str | None = None
+    candidates: list[Payment] | list[Load]
+    if purchase:
+        candidates = _payments_at(ctx, card, lock=True)
+        for payment in candidates:
+            if payments.verify(ctx, payment, card, proof.mac2, proof.tac):
+                _settle_payment(ctx, payment, card, proof)
+                settled = payment.id
+                break
+    else:
+        candidates = _loads_at(ctx, card, lock=True)
+        for load in candidates:
+            if macs_equal(bytes.fromhex(load.mac2 or ""), proof.mac2) and loads._verify_tac(
+                ctx, load, card, proof.tac
+            ):
+                loads._succeed(ctx, load, card, proof.tac)
+                settled = load.id
+                break
+    if not candidates:
+        raise conflict(
+            "nothing_to_heal",
+            f"settlement issued no MAC for this card's {'offline' if purchase else 'online'}"
+            f" counter {counter}: there is nothing its proof could settle",
+        )
+    if settled is None:
+        registry.record_event(
+            ctx.session, card, "verification_failed", ctx.now, {"heal_counter": counter}
+        )
+        raise verification_failed("the card's proof does not verify for its missing counter")
+    registry.record_event(
+        ctx.session,
+        card,
+        "healed",
+        ctx.now,
+        {"settled": settled, "counter": counter, "by": ctx.principal.subject},
+    )
+    log.info("card.healed", card=card.card_number, settled=settled, counter=counter)
+    return {
+        "object": "card_heal",
+        "card_number": card.card_number,
+        "transaction_type": body.transaction_type,
+        "counter": counter,
+        "offline_counter": card.offline_counter,
+        "online_counter": card.online_counter,
+    }
+
+
+def _settle_payment(ctx: Ctx, payment: Payment, card: Card, proof: TransactionProof) -> None:
+    """The card proved ``payment``'s debit: capture it for its merchant (re-holding the
+    amount first if it had been released), the shadow one debit further on."""
+    shadow = card.shadow_balance
+    if payment.status == "canceled":
+        ledger.post_transfer(
+            ctx.session,
+            f"{payment.id}:rehold",
+            ledger.card_account(card.id),
+            ledger.HELD_PURCHASES,
+            payment.amount,
+            "purchase_rehold",
+            now=ctx.now,
+            reference=payment.id,
+        )
+        payment.decline_code = None
+    payments._succeed(ctx, payment, card, proof.mac2, proof.tac)
+    # The MAC2/TAC bind the amount and counter, not the balance INITIALIZE claimed.
+    card.shadow_balance = shadow - payment.amount
+
+
+# --- the operator queue ---------------------------------------------------------------
+
+
+def _hold_json(item: Payment | Load, kind: str, stale_before: dt.datetime) -> dict[str, Any]:
+    waiting = "proof" if item.status == "canceled" else "release_or_proof"
+    return {
+        "object": "hold",
+        "id": item.id,
+        "kind": kind,
+        "merchant": item.merchant_id,
+        "card_number": item.card_number,
+        "status": item.status,
+        "amount": item.amount,
+        "counter": item.counter,
+        "authorised_at": item.authorised_at.isoformat() if item.authorised_at else None,
+        "stale": bool(item.authorised_at and item.authorised_at < stale_before),
+        "waiting_for": waiting,
+    }
+
+
+def queue(ctx: Ctx, ttl: dt.timedelta) -> list[dict[str, Any]]:
+    """Every merchant's holds past the bound, and released payments still provable."""
+    before = ctx.now - ttl
+    rows: list[dict[str, Any]] = []
+    stale = ctx.session.scalars(
+        select(Payment)
+        .outerjoin(Card, Card.id == Payment.card_id)
+        .where(
+            or_(
+                and_(Payment.status.in_(OPEN), Payment.authorised_at < before),
+                and_(
+                    Payment.status == "canceled",
+                    Payment.decline_code == HOLD_EXPIRED,
+                    Card.offline_counter == Payment.counter,
+                ),
+            )
+        )
+        .order_by(Payment.authorised_at, Payment.id)
+    )
+    rows += [_hold_json(p, "payment", before) for p in stale]
+    stale_loads = ctx.session.scalars(
+        select(Load)
+        .where(Load.status.in_(OPEN), Load.authorised_at < before)
+        .order_by(Load.authorised_at, Load.id)
+    )
+    rows += [_hold_json(x, "load", before) for x in stale_loads]
+    return rows
+
+
+def operator_release(ctx: Ctx, object_id: str, body: HoldRelease) -> dict[str, Any]:
+    """An operator releases any merchant's open payment or load, audited (who, when, why)."""
+    kind = "payment" if object_id.startswith("pay_") else "load"
+    model: type[Payment] | type[Load] = Payment if kind == "payment" else Load
+    card_id = ctx.session.scalar(select(model.card_id).where(model.id == object_id))
+    card = _lock_card(ctx, card_id) if card_id else None
+    rows = _locked_rows(ctx, select(model).where(model.id == object_id))
+    if not rows:
+        raise not_found(kind, "id")
+    item = rows[0]
+    if item.status not in OPEN or card is None:
+        raise ApiError(
+            409,
+            "invalid_hold_state",
+            f"the {kind} is {item.status}: only an open (authorised or uncertain) one is released",
+        )
+    reason = f"operator {ctx.principal.key_id}: {body.reason}"
+    if isinstance(item, Payment):
+        payments._release(ctx, item, card, reason)
+    else:
+        loads._release(ctx, item, card, reason)
+    registry.record_event(
+        ctx.session,
+        card,
+        "operator_released",
+        ctx.now,
+        {
+            kind: item.id,
+            "merchant": item.merchant_id,
+            "operator": ctx.principal.key_id,
+            "at": ctx.now.isoformat(),
+            "reason": body.reason,
+        },
+    )
+    log.warning(
+        "hold.operator_released", object=item.id, operator=ctx.principal.key_id, reason=body.reason
+    )
+    return _hold_json(item, kind, ctx.now)
