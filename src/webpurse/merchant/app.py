@@ -35,6 +35,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from webpurse.body_limit import BodyLimit, plain_refusal
 from webpurse.merchant import i18n
 from webpurse.merchant.cart import COOKIE as CART_COOKIE
 from webpurse.merchant.cart import Cart
@@ -78,6 +79,10 @@ def _session_id(request: Request) -> str:
     sid = secrets.token_urlsafe(24)
     request.state.new_sid = sid
     return sid
+
+
+def _log_too_large(method: str, path: str, limit: int, seen: int) -> None:
+    log.warning("refused %s %s: 413 body over %d bytes (%d seen)", method, path, limit, seen)
 
 
 def create_app(
@@ -124,6 +129,9 @@ def create_app(
     app.state.bus = bus
     app.state.settings = settings
     app.state.seen_events = seen_events
+    app.add_middleware(
+        BodyLimit, limit=settings.max_body_bytes, refusal=plain_refusal, logger=_log_too_large
+    )
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     templates = Jinja2Templates(directory=HERE / "templates")
     if hub is not None:

@@ -51,6 +51,11 @@ class Settings:
     # the operator allows them: WEBPURSE_WEBHOOK_ALLOW_PRIVATE=1 (the demo and the tests,
     # whose shops listen on 127.0.0.1). Off by default.
     webhook_allow_private: bool = False
+    # Request bodies are refused with 413 beyond these sizes, before routing and
+    # authentication (webpurse.body_limit): 1 MiB, and 8 MiB for POST /v1/batch (up to
+    # 1000 items). WEBPURSE_MAX_BODY_BYTES, WEBPURSE_MAX_BATCH_BODY_BYTES.
+    max_body_bytes: int = 1 << 20
+    max_batch_body_bytes: int = 8 << 20
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, *, migrate: bool = False) -> Settings:
@@ -69,6 +74,8 @@ class Settings:
             migrate=migrate,
             sweep_interval=float(env.get("WEBPURSE_SWEEP_INTERVAL", "30")),
             webhook_allow_private=_flag(env.get("WEBPURSE_WEBHOOK_ALLOW_PRIVATE", "")),
+            max_body_bytes=int(env.get("WEBPURSE_MAX_BODY_BYTES", str(1 << 20))),
+            max_batch_body_bytes=int(env.get("WEBPURSE_MAX_BATCH_BODY_BYTES", str(8 << 20))),
         )
 
     @property
