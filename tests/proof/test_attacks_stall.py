@@ -16,8 +16,10 @@ Each case runs against real servers and, where it is a race, real PostgreSQL:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import re
 import select as io_select
 import socket
 import time
@@ -30,9 +32,16 @@ import pytest
 from sqlalchemy import func, select
 
 from tests.proof.conftest import Proof
-from tests.settlement.support import LiveServer, database_url, live_server
-from webpurse.settlement.routes_webhooks import MAX_ENDPOINTS_PER_MERCHANT
-from webpurse.settlement.webhooks import WebhookEndpoint
+from tests.settlement.support import LiveServer, World, database_url, live_server, make_world
+from webpurse.settlement.routes_webhooks import MAX_ENDPOINTS_PER_MERCHANT, secret_box_for
+from webpurse.settlement.webhooks import (
+    WebhookAttempt,
+    WebhookEndpoint,
+    WebhookEvent,
+    WebhookMessage,
+    WebhookWorker,
+    enqueue_event,
+)
 
 SUITE = "attacks_stall"
 
@@ -174,3 +183,162 @@ def test_an_unauthenticated_huge_chunked_body_is_refused_before_it_is_read(
             f"413 after {sent >> 20} MiB in {seconds:.1f} s; RSS {before:.0f} → {after:.0f} MiB; "
             "/health 200 during and after"
         )
+
+
+# --- a webhook tarpit --------------------------------------------------------------------
+
+TARPIT_EVENTS = 20
+OTHER_EVENTS = 5
+DEADLINE = 5.0
+PER_ENDPOINT = 4
+
+
+async def test_a_tarpit_webhook_endpoint_delays_no_other_merchant(
+    tmp_path: Path, proof: Proof
+) -> None:
+    with proof.row(
+        SUITE,
+        "webhook tarpit: an endpoint sends its headers one byte every 0.5 s",
+        expected=f"other merchant's {OTHER_EVENTS} events delivered while the tarpit holds its "
+        f"connections; at most {PER_ENDPOINT} of its messages in flight; each of its attempts "
+        f"ends at the {DEADLINE:g} s deadline",
+    ) as row:
+        tarpit_open = 0
+        tarpit_most = 0
+        tarpit_connected = asyncio.Event()
+        tarpit_dropped = asyncio.Event()
+
+        async def tarpit(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal tarpit_open, tarpit_most
+            tarpit_open += 1
+            # what the worker has in flight to this endpoint (the server side only learns
+            # of a connection the worker gave up at its next write)
+            tarpit_most = max(tarpit_most, *(w.in_flight().get(slow_id, 0) for w in workers))
+            tarpit_connected.set()
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+                for byte in b"HTTP/1.1 200 OK\r\nx-slow: " + b"a" * 10_000:
+                    writer.write(bytes([byte]))
+                    await writer.drain()
+                    await asyncio.sleep(0.5)  # the attack: one byte every half second
+            except (ConnectionError, asyncio.IncompleteReadError):
+                tarpit_dropped.set()
+            finally:
+                tarpit_open -= 1
+                writer.close()
+
+        workers: list[WebhookWorker] = []
+        slow_id = ""
+        received: list[str] = []
+        got_all = asyncio.Event()
+
+        async def prompt(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"(?i)content-length: *(\d+)", head)
+            await reader.readexactly(int(length.group(1)) if length else 0)
+            event_id = re.search(rb"(?i)webhook-id: *(\S+)", head)
+            received.append(event_id.group(1).decode() if event_id else "?")
+            writer.write(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n")
+            await writer.drain()
+            writer.close()
+            if len(received) >= OTHER_EVENTS:
+                got_all.set()
+
+        slow_server = await asyncio.start_server(tarpit, "127.0.0.1", 0)
+        fast_server = await asyncio.start_server(prompt, "127.0.0.1", 0)
+        slow_port = slow_server.sockets[0].getsockname()[1]
+        fast_port = fast_server.sockets[0].getsockname()[1]
+        url = f"sqlite:///{tmp_path / 'settlement.db'}"
+        with make_world(url) as world:
+            endpoints = []
+            for key, port in ((world.merchant_key, slow_port), (world.other_key, fast_port)):
+                created = world.client.post(
+                    "/v1/webhook_endpoints",
+                    json={"url": f"http://127.0.0.1:{port}/hook", "events": ["*"]},
+                    headers=world.auth(key),
+                )
+                assert created.status_code == 201, created.text
+                endpoints.append(created.json()["id"])
+            slow_id = endpoints[0]
+            with world.factory() as session:
+                other_id = session.scalars(
+                    select(WebhookEndpoint.merchant_id).where(
+                        WebhookEndpoint.merchant_id != world.merchant_id
+                    )
+                ).one()
+
+            def enqueue(merchant_id: str, n: int) -> list[str]:
+                with world.factory() as session, session.begin():
+                    return [
+                        enqueue_event(
+                            session,
+                            merchant_id,
+                            "payment.succeeded",
+                            {"id": f"pay_{i}"},
+                            now=world.clock(),
+                        )
+                        for i in range(n)
+                    ]
+
+            enqueue(world.merchant_id, TARPIT_EVENTS)
+            worker = WebhookWorker(
+                world.factory,
+                secret_box_for(world.settings),
+                clock=world.clock,
+                interval=0.2,
+                allow_private=True,
+                deadline=DEADLINE,
+                per_endpoint=PER_ENDPOINT,
+                max_in_flight=8,  # the tarpit's 20 messages alone could fill every slot
+            )
+            workers.append(worker)
+            await worker.start()
+            try:
+                await asyncio.wait_for(tarpit_connected.wait(), timeout=30)
+                started = time.monotonic()
+                wanted = enqueue(other_id, OTHER_EVENTS)
+                await asyncio.wait_for(got_all.wait(), timeout=30)
+                prompt_seconds = time.monotonic() - started
+                held = tarpit_open
+                with world.factory() as session:
+                    tarpit_attempts_so_far = session.scalar(
+                        select(func.count())
+                        .select_from(WebhookAttempt)
+                        .join(WebhookMessage, WebhookMessage.id == WebhookAttempt.message_id)
+                        .join(WebhookEvent, WebhookEvent.id == WebhookMessage.event_id)
+                        .where(WebhookEvent.merchant_id == world.merchant_id)
+                    )
+                await asyncio.wait_for(tarpit_dropped.wait(), timeout=60)
+                attempts = await _tarpit_attempts(world, world.merchant_id)
+            finally:
+                await worker.stop()
+                slow_server.close()
+                fast_server.close()
+        assert sorted(received) == sorted(wanted)
+        assert held > 0 and tarpit_attempts_so_far == 0, "delivered only after the tarpit"
+        assert 0 < tarpit_most <= PER_ENDPOINT
+        assert attempts and all(a.error and a.error.startswith("deadline") for a in attempts)
+        assert all(DEADLINE * 1000 <= a.duration_ms < (DEADLINE + 5) * 1000 for a in attempts)
+        row.observed = (
+            f"{len(received)}/{OTHER_EVENTS} delivered in {prompt_seconds:.1f} s while the tarpit "
+            f"held {held} connections (at most {tarpit_most} in flight); its attempts ended at "
+            f"{min(a.duration_ms for a in attempts)} ms: deadline"
+        )
+
+
+async def _tarpit_attempts(world: World, merchant_id: str) -> list[WebhookAttempt]:
+    """The tarpit merchant's recorded attempts, once its first ones are recorded."""
+    for _ in range(200):  # bounded wait for the worker's own transaction, not a result race
+        with world.factory() as session:
+            rows = list(
+                session.scalars(
+                    select(WebhookAttempt)
+                    .join(WebhookMessage, WebhookMessage.id == WebhookAttempt.message_id)
+                    .join(WebhookEvent, WebhookEvent.id == WebhookMessage.event_id)
+                    .where(WebhookEvent.merchant_id == merchant_id)
+                )
+            )
+        if rows:
+            return rows
+        await asyncio.sleep(0.05)
+    return []

@@ -465,6 +465,8 @@ async def webhook_worker_lifespan(app: FastAPI) -> AsyncIterator[None]:
         clock=state.clock,
         interval=settings.webhook_interval,
         allow_private=settings.webhook_allow_private,
+        deadline=settings.webhook_deadline,
+        per_endpoint=settings.webhook_per_endpoint,
     )
     await worker.start()
     try:

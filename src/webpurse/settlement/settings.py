@@ -51,6 +51,10 @@ class Settings:
     # the operator allows them: WEBPURSE_WEBHOOK_ALLOW_PRIVATE=1 (the demo and the tests,
     # whose shops listen on 127.0.0.1). Off by default.
     webhook_allow_private: bool = False
+    # Each delivery attempt gets this many seconds in all (not per read), and at most this
+    # many messages of one endpoint are in flight at once (docs/webhooks.md, "Slow endpoints").
+    webhook_deadline: float = 10.0
+    webhook_per_endpoint: int = 4
     # Request bodies are refused with 413 beyond these sizes, before routing and
     # authentication (webpurse.body_limit): 1 MiB, and 8 MiB for POST /v1/batch (up to
     # 1000 items). WEBPURSE_MAX_BODY_BYTES, WEBPURSE_MAX_BATCH_BODY_BYTES.
