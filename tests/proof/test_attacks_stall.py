@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import datetime as dt
 import json
 import re
 import select as io_select
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,11 +32,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
+from sqlalchemy.orm import Session
 
 from tests.proof.conftest import Proof
 from tests.settlement.support import LiveServer, World, database_url, live_server, make_world
+from webpurse.settlement import ledger, loads
+from webpurse.settlement.auth import MERCHANT, Principal
+from webpurse.settlement.expiry import SweepReport, sweep
+from webpurse.settlement.merchants import create_merchant
+from webpurse.settlement.models import Load, Merchant
 from webpurse.settlement.routes_webhooks import MAX_ENDPOINTS_PER_MERCHANT, secret_box_for
+from webpurse.settlement.service import Ctx
 from webpurse.settlement.webhooks import (
     WebhookAttempt,
     WebhookEndpoint,
@@ -342,3 +352,158 @@ async def _tarpit_attempts(world: World, merchant_id: str) -> list[WebhookAttemp
             return rows
         await asyncio.sleep(0.05)
     return []
+
+
+# --- the expiry sweep and the open-order cap -----------------------------------------------
+
+STALE_LOADS = 2000
+SWEEP_CHUNK = 100
+
+
+def _stale_load_orders(server: LiveServer, merchant_id: str, n: int, at: dt.datetime) -> None:
+    """``n`` one-fen load orders of one shop, each holding its fen in ``held:loads``."""
+    principal = Principal(role=MERCHANT, key_id="attack", merchant_id=merchant_id)
+    with server.factory() as session, session.begin():
+        ctx = Ctx(session, server.security, at, principal)
+        for i in range(n):
+            loads.create_order(
+                ctx,
+                amount=1,
+                currency="CNY",
+                funding_method="cash",
+                funding_reference=f"r{i}",
+                merchant_id=merchant_id,
+                card_number=None,
+            )
+
+
+@pytest.mark.postgres
+def test_a_long_expiry_sweep_blocks_no_other_shops_load_creates(
+    pg_server: LiveServer, proof: Proof
+) -> None:
+    with proof.row(
+        SUITE,
+        f"expiry sweep of one shop's {STALE_LOADS} stale 1-fen load orders (PostgreSQL)",
+        expected=f"swept in committed chunks of {SWEEP_CHUNK}; another shop's load creates all "
+        "answer 201 while the sweep is still running",
+    ) as row:
+        with pg_server.factory() as session:
+            attacker = session.scalars(select(Merchant.id)).one()
+        with pg_server.factory() as session, session.begin():
+            other, other_key = create_merchant(session, "Other shop", dt.datetime.now(dt.UTC))
+            other_id = other.id
+        now = dt.datetime.now(dt.UTC)
+        _stale_load_orders(pg_server, attacker, STALE_LOADS, now)  # stale at now + 2 h
+        done = threading.Event()
+        first_chunk = threading.Event()
+        reports: list[SweepReport] = []
+
+        def factory() -> Session:
+            """The server's sessions, telling the test when the first chunk has committed."""
+            session = pg_server.factory()
+            event.listen(session, "after_commit", lambda _: first_chunk.set())
+            return session
+
+        def run_sweep() -> None:
+            try:
+                reports.append(
+                    sweep(
+                        factory,
+                        now + dt.timedelta(hours=2),  # the server sweeps on real time
+                        requires_card_ttl=dt.timedelta(minutes=30),
+                        authorised_ttl=dt.timedelta(minutes=2),
+                        chunk=SWEEP_CHUNK,
+                    )
+                )
+            finally:
+                done.set()
+
+        sweeper = threading.Thread(target=run_sweep)
+        sweeper.start()
+        latencies: list[float] = []
+        answered_during_sweep = 0
+        try:
+            assert first_chunk.wait(timeout=120)
+            with httpx.Client(base_url=pg_server.base_url, timeout=60) as http:
+                for i in range(5):
+                    started = time.monotonic()
+                    answer = http.post(
+                        "/v1/loads",
+                        json={"amount": 100, "funding": {"method": "cash", "reference": f"o{i}"}},
+                        headers={"authorization": f"Bearer {other_key}"},
+                    )
+                    latencies.append(time.monotonic() - started)
+                    assert answer.status_code == 201, answer.text
+                    answered_during_sweep += not done.is_set()
+        finally:
+            sweeper.join(timeout=300)
+        # (the other shop's creates are stale at the sweep's clock too, if it reached them)
+        assert reports and reports[0].loads_expired >= STALE_LOADS
+        assert reports[0].chunks > STALE_LOADS // SWEEP_CHUNK
+        assert answered_during_sweep == 5, "the creates waited for the whole sweep"
+        with pg_server.factory() as session:
+            assert ledger.check(session).ok
+            expired = session.scalar(
+                select(func.count())
+                .select_from(Load)
+                .where(Load.merchant_id == attacker, Load.status == "expired")
+            )
+            assert expired == STALE_LOADS
+            theirs = session.scalar(
+                select(func.count()).select_from(Load).where(Load.merchant_id == other_id)
+            )
+            assert theirs == 5
+        row.observed = (
+            f"{STALE_LOADS} expired in {reports[0].chunks} chunks; other shop's 5 "
+            f"creates 201 during the sweep, slowest {max(latencies) * 1000:.0f} ms"
+        )
+
+
+def test_open_requires_card_orders_per_merchant_are_capped(tmp_path: Path, proof: Proof) -> None:
+    with proof.row(
+        SUITE,
+        "one merchant opens more requires_card payments and load orders than its cap",
+        expected="429 too_many_open_orders problem+json beyond the cap (payments, loads, "
+        "batch); other merchants unaffected; room again once one is canceled",
+    ) as row:
+        url = f"sqlite:///{tmp_path / 'settlement.db'}"
+        with make_world(url) as world:
+            cap = 5
+            client = world.client
+            client.app.state.settlement.settings = dataclasses.replace(  # type: ignore[attr-defined]
+                world.settings, max_open_orders=cap
+            )
+            mine = world.auth(world.merchant_key)
+            created = [
+                client.post("/v1/payments", json={"amount": 1}, headers=mine) for _ in range(cap)
+            ]
+            assert all(a.status_code == 201 for a in created)
+            over = client.post("/v1/payments", json={"amount": 1}, headers=mine)
+            assert over.status_code == 429, over.text
+            assert over.headers["content-type"].startswith("application/problem+json")
+            assert over.json()["code"] == "too_many_open_orders"
+            batch = client.post(
+                "/v1/batch",
+                json={"requests": [{"path": "/v1/payments", "body": {"amount": 1}}]},
+                headers=mine,
+            )
+            assert batch.status_code == 200, batch.text
+            assert batch.json()["responses"][0]["status"] == 429
+            funding = {"method": "cash", "reference": "x"}
+            loads_made = [
+                client.post("/v1/loads", json={"amount": 1, "funding": funding}, headers=mine)
+                for _ in range(cap + 1)
+            ]
+            assert [a.status_code for a in loads_made] == [201] * cap + [429]
+            theirs = client.post(
+                "/v1/payments", json={"amount": 1}, headers=world.auth(world.other_key)
+            )
+            assert theirs.status_code == 201
+            canceled = client.post(
+                f"/v1/payments/{created[0].json()['id']}/cancel", json={}, headers=mine
+            )
+            assert canceled.status_code == 200, canceled.text
+            again = client.post("/v1/payments", json={"amount": 1}, headers=mine)
+            assert again.status_code == 201
+        row.observed = "6th payment, batch item and 6th load 429 too_many_open_orders; other "
+        row.observed += "merchant 201; after a cancel 201"

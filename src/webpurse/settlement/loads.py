@@ -24,7 +24,7 @@ from webpurse.protocol.commands import (
 )
 from webpurse.protocol.crypto import macs_equal
 from webpurse.protocol.records import TransactionType, decode_bcd_date, decode_bcd_time
-from webpurse.settlement import events, ledger, registry
+from webpurse.settlement import events, ledger, quotas, registry
 from webpurse.settlement.decisions import (
     DeclineCode,
     LoadInputs,
@@ -136,6 +136,8 @@ def create_order(
         if merchant is None:
             raise not_found("merchant")
         terminal_id = merchant.terminal_id
+        if refund_id is None:
+            quotas.ensure_room(ctx.session, merchant_id, "load", ctx.max_open_orders)
     load = Load(
         id=new_id("load"),
         merchant_id=merchant_id,

@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -96,7 +97,15 @@ class CardEvent(Base):
 
 class Payment(Base):
     __tablename__ = "payments"
-    __table_args__ = (Index("ix_payments_merchant_created", "merchant_id", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_payments_merchant_created", "merchant_id", "created_at", "id"),
+        Index(
+            "ix_payments_merchant_open",
+            "merchant_id",
+            postgresql_where=text("status = 'requires_card'"),
+            sqlite_where=text("status = 'requires_card'"),
+        ),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     merchant_id: Mapped[str] = mapped_column(ForeignKey("merchants.id"))
@@ -132,7 +141,15 @@ class Payment(Base):
 
 class Load(Base):
     __tablename__ = "loads"
-    __table_args__ = (Index("ix_loads_merchant_created", "merchant_id", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_loads_merchant_created", "merchant_id", "created_at", "id"),
+        Index(
+            "ix_loads_merchant_open",
+            "merchant_id",
+            postgresql_where=text("status = 'requires_card'"),
+            sqlite_where=text("status = 'requires_card'"),
+        ),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     merchant_id: Mapped[str | None] = mapped_column(ForeignKey("merchants.id"), nullable=True)

@@ -59,6 +59,9 @@ class Settings:
     # authentication (webpurse.body_limit): 1 MiB, and 8 MiB for POST /v1/batch (up to
     # 1000 items). WEBPURSE_MAX_BODY_BYTES, WEBPURSE_MAX_BATCH_BODY_BYTES.
     max_body_bytes: int = 1 << 20
+    # requires_card payments, and load orders, one merchant may have open at once (429
+    # too_many_open_orders beyond; quotas.py). WEBPURSE_MAX_OPEN_ORDERS.
+    max_open_orders: int = 1000
     max_batch_body_bytes: int = 8 << 20
 
     @classmethod
@@ -78,6 +81,7 @@ class Settings:
             migrate=migrate,
             sweep_interval=float(env.get("WEBPURSE_SWEEP_INTERVAL", "30")),
             webhook_allow_private=_flag(env.get("WEBPURSE_WEBHOOK_ALLOW_PRIVATE", "")),
+            max_open_orders=int(env.get("WEBPURSE_MAX_OPEN_ORDERS", "1000")),
             max_body_bytes=int(env.get("WEBPURSE_MAX_BODY_BYTES", str(1 << 20))),
             max_batch_body_bytes=int(env.get("WEBPURSE_MAX_BATCH_BODY_BYTES", str(8 << 20))),
         )
