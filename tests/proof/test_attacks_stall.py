@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import itertools
 import json
 import re
 import select as io_select
@@ -39,6 +40,14 @@ from tests.proof.conftest import Proof
 from tests.settlement.support import LiveServer, World, database_url, live_server, make_world
 from webpurse.settlement import ledger, loads
 from webpurse.settlement.auth import MERCHANT, Principal
+from webpurse.settlement.clearing import (
+    CHINA_STANDARD_TIME,
+    ClearedDay,
+    ClearingBatch,
+    run_batch,
+    run_day,
+)
+from webpurse.settlement.db import SessionFactory, make_engine, make_session_factory, migrate
 from webpurse.settlement.expiry import SweepReport, sweep
 from webpurse.settlement.merchants import create_merchant
 from webpurse.settlement.models import Load, Merchant
@@ -507,3 +516,182 @@ def test_open_requires_card_orders_per_merchant_are_capped(tmp_path: Path, proof
             assert again.status_code == 201
         row.observed = "6th payment, batch item and 6th load 429 too_many_open_orders; other "
         row.observed += "merchant 201; after a cancel 201"
+
+
+# --- clearing ----------------------------------------------------------------------------
+
+CLEAR_DAYS = 8
+REFUNDERS = 8
+
+
+def _capture(factory: SessionFactory, merchant_id: str, amount: int, at: dt.datetime) -> None:
+    with factory() as session, session.begin():
+        tag = f"{merchant_id}:{at.isoformat()}:{amount}"
+        ledger.post_transfer(
+            session,
+            f"{tag}:hold",
+            "funding:test",
+            ledger.HELD_PURCHASES,
+            amount,
+            "purchase_hold",
+            now=at,
+        )
+        ledger.post_transfer(
+            session,
+            f"{tag}:capture",
+            ledger.HELD_PURCHASES,
+            ledger.merchant_account(merchant_id),
+            amount,
+            "purchase_capture",
+            now=at,
+        )
+
+
+@pytest.mark.postgres
+def test_one_merchant_refunding_from_eight_threads_fails_no_payout(
+    tmp_path: Path, proof: Proof
+) -> None:
+    with proof.row(
+        SUITE,
+        f"clearing {CLEAR_DAYS} days while one merchant refunds 1 fen at a time from "
+        f"{REFUNDERS} threads (PostgreSQL)",
+        expected="every run clears every merchant: no failure, the other merchant paid in full; "
+        "the refunding merchant's payouts + payable + refunds == its captures",
+    ) as row:
+        days = [dt.date(2026, 11, 1) + dt.timedelta(days=i) for i in range(CLEAR_DAYS)]
+        now = dt.datetime(2026, 11, 20, tzinfo=dt.UTC)
+        with database_url("postgresql", tmp_path) as url:
+            engine = make_engine(url, pool_size=REFUNDERS + 2, max_overflow=2)
+            try:
+                migrate(engine)
+                factory = make_session_factory(engine)
+                with factory() as session, session.begin():
+                    busy = create_merchant(session, "Refunding shop", now)[0].id
+                    calm = create_merchant(session, "Calm shop", now)[0].id
+                for day in days:
+                    noon = dt.datetime.combine(day, dt.time(12), tzinfo=CHINA_STANDARD_TIME)
+                    _capture(factory, busy, 10_000, noon)
+                    _capture(factory, calm, 10_000, noon)
+                stop = threading.Event()
+                refunded = [0] * REFUNDERS
+
+                def refund_forever(worker: int) -> None:
+                    for n in itertools.count():
+                        if stop.is_set():
+                            return
+                        with contextlib.suppress(ledger.LedgerError), factory() as session:
+                            with session.begin():
+                                ledger.post_transfer(
+                                    session,
+                                    f"refund:{worker}:{n}",
+                                    ledger.merchant_account(busy),
+                                    ledger.REFUNDS_PENDING,
+                                    1,
+                                    "refund_reserve",
+                                    now=now,
+                                )
+                            refunded[worker] += 1
+
+                threads = [
+                    threading.Thread(target=refund_forever, args=(i,)) for i in range(REFUNDERS)
+                ]
+                for thread in threads:
+                    thread.start()
+                runs: list[ClearedDay] = []
+                try:
+                    for day in days:
+                        while sum(refunded) < 20 * (len(runs) + 1):  # refunds are flowing
+                            time.sleep(0.01)  # waiting on the other threads' progress
+                        runs.append(run_day(factory, day, now))
+                finally:
+                    stop.set()
+                    for thread in threads:
+                        thread.join(timeout=60)
+                failures = [f for run in runs for f in run.failures]
+                assert failures == []
+                with factory() as session:
+                    batches = session.scalars(select(ClearingBatch)).all()
+                    assert len(batches) == 2 * CLEAR_DAYS
+                    calm_paid = ledger.balance(session, ledger.payout_account(calm))
+                    busy_paid = ledger.balance(session, ledger.payout_account(busy))
+                    busy_left = ledger.balance(session, ledger.merchant_account(busy))
+                    assert calm_paid == CLEAR_DAYS * 10_000
+                    assert busy_paid + busy_left + sum(refunded) == CLEAR_DAYS * 10_000
+                    assert ledger.check(session).ok
+            finally:
+                engine.dispose()
+        row.observed = (
+            f"{len(runs)} runs, 0 failures; {sum(refunded)} refunds meanwhile; calm shop paid "
+            f"{calm_paid} fen in full, refunding shop paid {busy_paid} + {busy_left} payable"
+        )
+
+
+def test_a_late_commit_and_a_top_up_returned_after_clearing_are_paid_out(
+    tmp_path: Path, proof: Proof
+) -> None:
+    with proof.row(
+        SUITE,
+        "capture stamped 23:59:59 committed after its day's batch; top-up returned after the "
+        "batch that settled it",
+        expected="the capture is in the next day's batch (once); the returned top-up goes back "
+        "to the payable and is paid; payouts == captures − refunds − top-ups",
+    ) as row:
+        engine = make_engine(f"sqlite:///{tmp_path / 'settlement.db'}")
+        try:
+            migrate(engine)
+            factory = make_session_factory(engine)
+            day = dt.date(2026, 11, 26)
+            after = dt.datetime(2026, 11, 27, 2, 0, tzinfo=dt.UTC)
+            with factory() as session, session.begin():
+                shop = create_merchant(session, "Shop", after)[0].id
+            late = dt.datetime.combine(day, dt.time(23, 59, 59), tzinfo=CHINA_STANDARD_TIME)
+            _capture(factory, shop, 3000, late - dt.timedelta(hours=1))
+            with factory() as session, session.begin():  # a top-up sold on the day
+                ledger.post_transfer(
+                    session,
+                    "load_1:hold",
+                    ledger.topups_account(shop),
+                    ledger.HELD_LOADS,
+                    1000,
+                    "load_hold",
+                    now=late - dt.timedelta(hours=2),
+                    reference="load_1",
+                )
+            with factory() as session, session.begin():
+                first = run_batch(session, shop, day, after).batch
+                assert (first.payment_total, first.topups_settled, first.payout) == (
+                    3000,
+                    1000,
+                    2000,
+                )
+            # committed now, stamped before the batch's day ended
+            _capture(factory, shop, 500, late)
+            with factory() as session, session.begin():  # the load failed: returned
+                ledger.post_transfer(
+                    session,
+                    "load_1:return",
+                    ledger.HELD_LOADS,
+                    ledger.topups_account(shop),
+                    1000,
+                    "load_return",
+                    now=after,
+                    reference="load_1",
+                )
+            with factory() as session, session.begin():
+                second = run_batch(
+                    session, shop, day + dt.timedelta(days=1), after + dt.timedelta(days=1)
+                ).batch
+            assert (second.payment_total, second.topup_total) == (500, -1000)
+            assert (second.topups_settled, second.payout, second.carried_out) == (-1000, 1500, 0)
+            with factory() as session:
+                paid = ledger.balance(session, ledger.payout_account(shop))
+                assert paid == 3000 + 500 - (1000 - 1000)
+                assert ledger.balance(session, ledger.merchant_account(shop)) == 0
+                assert ledger.balance(session, ledger.topups_account(shop)) == 0
+                assert ledger.check(session).ok
+        finally:
+            engine.dispose()
+        row.observed = (
+            "late capture in the next batch; topups_settled −1000 back to the payable; "
+            f"paid {paid} = 3500 captured − 0 net top-ups"
+        )
