@@ -4,14 +4,17 @@ Each case runs against real servers and, where it is a race, real PostgreSQL:
 
 - webhook endpoint cap: 60 parallel creates leave at most 16 live endpoints;
 - webhook tarpit: an endpoint that sends its headers one byte at a time delays no other
-  merchant's deliveries, and its own attempts end at the total deadline;
-- huge bodies: an unauthenticated 64 MiB chunked POST is refused with 413 before it is
-  read, the server's memory stays flat and ``/health`` keeps answering;
+  merchant's deliveries, holds at most its per-endpoint share of the worker, and its own
+  attempts end at the total deadline;
+- huge bodies: an unauthenticated 128 MiB chunked POST is refused with 413 after about the
+  limit, before authentication; the server's memory stays flat and ``/health`` answers;
 - the expiry sweep: thousands of stale load orders of one shop are expired in small
-  committed chunks while another shop's load creates answer promptly; open ``requires_card``
-  orders per merchant are capped;
-- clearing: one merchant refunding 1 fen at a time from 8 threads fails no other merchant's
-  payout, and its own batch still balances.
+  committed chunks while another shop's load creates answer; open ``requires_card`` orders
+  per merchant are capped (429);
+- clearing: one merchant refunding 1 fen at a time from 8 threads fails no merchant's
+  batch; a refund forced between a batch's read of the payable and its payout waits for the
+  batch (before the fix the payout overdrew: 409 ledger_refused); a capture committed after
+  its day's batch and a top-up returned after it was settled are paid out.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -694,4 +698,80 @@ def test_a_late_commit_and_a_top_up_returned_after_clearing_are_paid_out(
         row.observed = (
             "late capture in the next batch; topups_settled −1000 back to the payable; "
             f"paid {paid} = 3500 captured − 0 net top-ups"
+        )
+
+
+@pytest.mark.postgres
+def test_a_refund_between_the_batchs_read_and_its_payout_cannot_fail_it(
+    tmp_path: Path, proof: Proof
+) -> None:
+    """The race of finding 6, forced: the moment the batch has read the payable's balance, a
+    1-fen refund tries to commit (given up to 1 s). Unlocked, it commits and the payout of
+    the balance read overdraws (409 ledger_refused); locked, it waits for the batch."""
+    with proof.row(
+        SUITE,
+        "a 1-fen refund commits between clearing's read of the payable and its payout (PostgreSQL)",
+        expected="the refund waits for the batch's lock; the payout posts; then the refund "
+        "finds the payable paid out (refused); the ledger balances",
+    ) as row:
+        now = dt.datetime(2026, 11, 20, tzinfo=dt.UTC)
+        day = dt.date(2026, 11, 1)
+        with database_url("postgresql", tmp_path) as url:
+            engine = make_engine(url, pool_size=4, max_overflow=2)
+            try:
+                migrate(engine)
+                factory = make_session_factory(engine)
+                with factory() as session, session.begin():
+                    shop = create_merchant(session, "Shop", now)[0].id
+                noon = dt.datetime.combine(day, dt.time(12), tzinfo=CHINA_STANDARD_TIME)
+                _capture(factory, shop, 10_000, noon)
+                refund_done = threading.Event()
+                raced: list[bool] = []
+
+                outcome: list[str] = []
+
+                def refund() -> None:
+                    try:
+                        with factory() as session, session.begin():
+                            ledger.post_transfer(
+                                session,
+                                "refund:race",
+                                ledger.merchant_account(shop),
+                                ledger.REFUNDS_PENDING,
+                                1,
+                                "refund_reserve",
+                                now=now,
+                            )
+                        outcome.append("committed")
+                    except ledger.LedgerError:
+                        outcome.append("refused")
+                    finally:
+                        refund_done.set()
+
+                def after_read(_c: Any, _cur: Any, statement: str, params: Any, *_: Any) -> None:
+                    reads_payable = statement.lstrip().startswith(
+                        "SELECT ledger_accounts.balance"
+                    ) and ledger.merchant_account(shop) in str(params)
+                    if reads_payable and not raced:
+                        racer = threading.Thread(target=refund)
+                        racer.start()
+                        raced.append(refund_done.wait(timeout=1.0))  # committed meanwhile?
+
+                event.listen(engine, "after_cursor_execute", after_read)
+                with factory() as session, session.begin():
+                    batch = run_batch(session, shop, day, now).batch
+                event.remove(engine, "after_cursor_execute", after_read)
+                assert refund_done.wait(timeout=30)
+                assert raced == [False], "the refund ended inside the batch's read window"
+                # it ran after the batch: the payable was paid out, nothing left to refund
+                assert outcome == ["refused"]
+                with factory() as session:
+                    assert batch.payout == 10_000
+                    assert ledger.balance(session, ledger.payout_account(shop)) == 10_000
+                    assert ledger.check(session).ok
+            finally:
+                engine.dispose()
+        row.observed = (
+            "refund waited for the batch, then refused (payable paid out); payout 10000 "
+            "posted; ledger balanced"
         )
