@@ -169,8 +169,8 @@ BODIES: list[tuple[str, dict[str, Any], int, str]] = [
     (
         "huge JSON (8 MB description)",
         {"json": {"amount": 1, "description": "x" * 8_000_000}},
-        422,
-        "validation_error",
+        413,
+        "payload_too_large",
     ),
     (
         "deeply nested JSON (100k levels)",
@@ -226,7 +226,8 @@ def test_hostile_bodies_at_settlement_are_4xx_and_create_nothing(
             with structlog.testing.capture_logs() as events:
                 answer = world.client.post("/v1/payments", headers=headers, **kwargs)
             assert_problem(answer, status, code)
-            assert any(e.get("event") in ("http.invalid", "http.problem") for e in events)
+            logged = ("http.invalid", "http.problem", "http.body_too_large")
+            assert any(e.get("event") in logged for e in events)
             assert objects(world) == before
             row.observed = f"{answer.status_code} {code}"
 
@@ -272,7 +273,8 @@ def test_malformed_card_answers_are_refused_and_the_payment_waits(
                     headers=world.auth(world.merchant_key),
                 )
             assert_problem(answer, status, code)
-            assert any(e.get("event") in ("http.invalid", "http.problem") for e in events)
+            logged = ("http.invalid", "http.problem", "http.body_too_large")
+            assert any(e.get("event") in logged for e in events)
             got = world.client.get(
                 f"/v1/payments/{payment['id']}", headers=world.auth(world.merchant_key)
             ).json()
@@ -304,7 +306,7 @@ def test_a_real_server_survives_a_flood_of_bad_bodies(tmp_path: Path, proof: Pro
             for n in range(200):
                 bad = http.post("/v1/payments", json={"amount": -n}, headers=auth)
                 statuses.add(bad.status_code)
-            assert statuses <= {400, 422}, statuses
+            assert statuses <= {400, 413, 422}, statuses
             assert http.get("/health").status_code == 200
             created = http.post("/v1/payments", json={"amount": 1}, headers=auth)
             assert created.status_code == 201
@@ -380,17 +382,19 @@ async def test_forged_stale_and_replayed_webhooks_move_no_order(
     with proof.row(
         SUITE,
         "shop webhook: 8 MB unsigned JSON body",
-        expected="400 invalid_signature, logged; order unchanged; shop still answers",
+        expected="413 payload_too_large before it is read (limit 1 MiB), logged; order "
+        "unchanged; shop still answers",
     ) as row:
         caplog.clear()
         huge = b'{"id": "evt_big", "data": {"object": {"id": "' + b"x" * (8 << 20) + b'"}}}'
         answer = await client.post(
             "/webhooks/settlement", content=huge, headers={"content-type": "application/json"}
         )
-        assert answer.status_code == 400 and "rejected a webhook delivery" in caplog.text
+        assert answer.status_code == 413 and "413 body over" in caplog.text
+        assert answer.json()["code"] == "payload_too_large"
         assert app.state.orders.get(order.id).status == "pending"
         assert (await client.get("/health")).status_code == 200
-        row.observed = "400 invalid_signature; pending; healthy"
+        row.observed = "413 payload_too_large; pending; healthy"
 
     with proof.row(
         SUITE,
@@ -462,14 +466,14 @@ async def test_hostile_forms_at_the_shop_are_refused_and_logged(
         with proof.row(
             SUITE,
             f"shop POST {path}: {label}",
-            expected="4xx (422; 400 for a part over 1 MB), logged; nothing created",
+            expected="4xx (422; 413 for a body over 1 MiB), logged; nothing created",
         ) as row:
             calls = len(settlement.calls)
             orders = len(app.state.orders.for_session("x" * 16))
             caplog.clear()
             with caplog.at_level(logging.INFO, logger="webpurse.merchant.app"):
                 answer = await client.post(path, **kwargs)
-            assert answer.status_code in (400, 422), (answer.status_code, answer.text[:200])
+            assert answer.status_code in (400, 413, 422), (answer.status_code, answer.text[:200])
             assert caplog.records, "the refusal was not logged"
             assert len(settlement.calls) == calls
             assert len(app.state.orders.for_session("x" * 16)) == orders

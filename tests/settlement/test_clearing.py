@@ -285,9 +285,9 @@ def test_a_day_with_payments_and_a_refund_clears_once_and_the_ledger_balances(
     before = shop.pay(MERCHANT_A, 999, at_cst(DAY - dt.timedelta(1), 23, 59))  # the 25th
     first = shop.pay(MERCHANT_A, 3000, at_cst(DAY, 0, 0), "order-A")  # 16:00 UTC on the 25th
     second = shop.pay(MERCHANT_A, 2000, at_cst(DAY, 23, 59))
+    refund = shop.refund(first, 500, at_cst(DAY, 18, 30))
     shop.pay(MERCHANT_A, 700, at_cst(DAY + dt.timedelta(1), 0, 0))  # the 27th
     shop.pay(MERCHANT_B, 4200, at_cst(DAY, 12, 0))  # another merchant
-    refund = shop.refund(first, 500, at_cst(DAY, 18, 30))
 
     stack.clock.now = AFTER_DAY
     operator = stack.auth("operator")
@@ -299,9 +299,11 @@ def test_a_day_with_payments_and_a_refund_clears_once_and_the_ledger_balances(
     assert batch["id"] == batch_id(MERCHANT_A, DAY)
     assert batch["created"] is True
     assert batch["timezone"] == "UTC+08:00"
-    assert (batch["payment_count"], batch["payment_total"]) == (2, 5000)
+    # The 25th never had a batch: its 999 is not stranded, the merchant's first batch takes
+    # everything committed before it that is not of a later day.
+    assert (batch["payment_count"], batch["payment_total"]) == (3, 5999)
     assert (batch["refund_count"], batch["refund_total"]) == (1, 500)
-    assert (batch["net"], batch["payout"], batch["carried_out"]) == (4500, 4500, 0)
+    assert (batch["net"], batch["payout"], batch["carried_out"]) == (5499, 5499, 0)
 
     report = client.get(f"/v1/clearing/batches/{batch['id']}/report.csv", headers=operator)
     assert report.headers["content-type"].startswith("text/csv")
@@ -309,17 +311,20 @@ def test_a_day_with_payments_and_a_refund_clears_once_and_the_ledger_balances(
     lines = [
         (r["kind"], r["id"], int(r["amount"])) for r in rows if r["kind"] != "" and r["at_utc"]
     ]
-    assert lines == [("payment", first, 3000), ("refund", refund, -500), ("payment", second, 2000)]
+    assert lines == [
+        ("payment", before, 999),
+        ("payment", first, 3000),
+        ("refund", refund, -500),
+        ("payment", second, 2000),
+    ]
     by_id = {r["id"]: r for r in rows}
     assert by_id[first]["reference"] == "order-A"
     assert by_id[refund]["payment_id"] == first
     assert by_id[first]["card_number"] == "12345678901234567890"
-    assert before not in by_id
-
     with stack.session_factory() as session:
-        assert ledger.balance(session, ledger.payout_account(MERCHANT_A)) == 4500
-        # 999 (the 25th) + 700 (the 27th) are still payable; the 26th was paid out.
-        assert ledger.balance(session, ledger.merchant_account(MERCHANT_A)) == 999 + 700
+        assert ledger.balance(session, ledger.payout_account(MERCHANT_A)) == 5499
+        # 700 (the 27th) is still payable; everything up to the 26th was paid out.
+        assert ledger.balance(session, ledger.merchant_account(MERCHANT_A)) == 700
         assert ledger.check(session).ok, ledger.check(session).problems
 
     # Running it again, by API or directly, pays nothing more.
@@ -327,7 +332,7 @@ def test_a_day_with_payments_and_a_refund_clears_once_and_the_ledger_balances(
         "/v1/clearing/batches", json={"merchant": MERCHANT_A, "day": "2026-11-26"}, headers=operator
     ).json()["data"][0]
     assert again["created"] is False
-    assert again["payout"] == 4500
+    assert again["payout"] == 5499
     with stack.session_factory() as session, session.begin():
         assert run_batch(session, MERCHANT_A, DAY, AFTER_DAY).created is False
     with stack.session_factory() as session:
@@ -335,12 +340,12 @@ def test_a_day_with_payments_and_a_refund_clears_once_and_the_ledger_balances(
             select(func.count()).select_from(Transfer).where(Transfer.kind == "payout")
         )
         assert payouts == 1
-        assert ledger.balance(session, ledger.payout_account(MERCHANT_A)) == 4500
+        assert ledger.balance(session, ledger.payout_account(MERCHANT_A)) == 5499
         assert ledger.check(session).ok
 
     # A merchant reads its own batch and report, not another's; only operators run batches.
     own = client.get(f"/v1/clearing/batches/{batch['id']}", headers=stack.auth(MERCHANT_A))
-    assert own.json()["payout"] == 4500
+    assert own.json()["payout"] == 5499
     listed = client.get("/v1/clearing/batches", headers=stack.auth(MERCHANT_A)).json()
     assert [b["id"] for b in listed["data"]] == [batch["id"]]
     other = stack.auth(MERCHANT_B)

@@ -9,14 +9,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+import pytest
+from sqlalchemy import event, func, select
+from sqlalchemy.orm import Session
 
 from tests.asgi import AppClient
 from tests.settlement.support import FakeClock, World, make_world
 from webpurse.settlement import events, webhooks
 from webpurse.settlement.app import create_app
 from webpurse.settlement.db import make_engine
-from webpurse.settlement.expiry import expire_stale
+from webpurse.settlement.expiry import expire_stale, sweep
+from webpurse.settlement.models import Payment
 from webpurse.settlement.webhooks import WebhookEvent
 
 
@@ -99,3 +102,40 @@ def test_an_expired_payment_is_told_to_its_merchant_like_an_expired_load(world: 
     assert [kind for kind, _ in events_of(load["id"])] == ["load.failed"]
     assert "payment.expired" in events.EVENT_TYPES
     assert "payment.expired" in webhooks.EVENT_TYPES
+
+
+def test_the_sweep_commits_in_chunks_and_leaves_nothing_stale(tmp_path: Path) -> None:
+    with make_world(f"sqlite:///{tmp_path / 's.db'}") as world:
+        for _ in range(7):
+            world.terminal.create_payment(100)
+        commits: list[int] = []
+
+        def factory() -> Session:
+            session = world.factory()
+            event.listen(session, "after_commit", lambda _: commits.append(1))
+            return session
+
+        report = sweep(
+            factory,
+            world.clock() + dt.timedelta(minutes=31),
+            requires_card_ttl=dt.timedelta(minutes=30),
+            authorised_ttl=dt.timedelta(minutes=2),
+            chunk=3,
+        )
+        # 3 + 3 + 1 expired, one transaction each, then one for the housekeeping
+        assert (report.payments_expired, report.chunks, len(commits)) == (7, 3, 4)
+        with world.factory() as session:
+            assert (
+                session.scalar(
+                    select(func.count()).select_from(Payment).where(Payment.status == "expired")
+                )
+                == 7
+            )
+        with pytest.raises(ValueError):
+            sweep(
+                factory,
+                world.clock(),
+                requires_card_ttl=dt.timedelta(minutes=30),
+                authorised_ttl=dt.timedelta(minutes=2),
+                chunk=0,
+            )

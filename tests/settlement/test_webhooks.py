@@ -3,13 +3,16 @@ a delivery log, events listed for replay, and each merchant seeing only its own.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
 import hmac
 import json
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -672,3 +675,66 @@ async def test_the_sweep_forgets_deliveries_older_than_the_retention(
     assert attempts == before[2] - 1
     listed = client.get("/v1/events", headers=stack.auth(MERCHANT_A)).json()["data"]
     assert {e["id"] for e in listed} == {old_failing, recent_delivered}
+
+
+# --- slow endpoints: a total deadline, a per-endpoint bound ----------------------------
+
+
+async def test_an_attempt_has_a_total_deadline_not_a_per_read_timeout(
+    stack: Stack, client: AppClient
+) -> None:
+    """A receiver sending its status line one byte every 0.2 s never trips httpx's per-read
+    timeout; the attempt's deadline ends it all the same, as a retried failure."""
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            for byte in b"HTTP/1.1 200 OK\r\n" * 100:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.2)  # the slow receiver itself
+        writer.close()
+
+    server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    register(client, stack, f"http://127.0.0.1:{port}/hook", ["payment.*"])
+    payment_event(stack)
+    try:
+        async with httpx.AsyncClient() as http:
+            started = time.monotonic()
+            report = await deliver_due(
+                stack.session_factory,
+                http,
+                stack.clock(),
+                secret_box=secret_box_for(stack.settings),
+                rng=random.Random(1),
+                allow_private=True,
+                timeout=1.0,
+            )
+            took = time.monotonic() - started
+    finally:
+        server.close()
+    assert (report.attempted, report.retrying) == (1, 1)
+    assert took < 5
+    with stack.session_factory() as session:
+        message = session.scalars(select(WebhookMessage)).one()
+        assert message.status == "pending"
+        assert message.last_error is not None and message.last_error.startswith("deadline")
+
+
+async def test_a_claim_takes_at_most_per_endpoint_messages_of_one_endpoint(
+    stack: Stack, client: AppClient
+) -> None:
+    busy = register(client, stack, "http://127.0.0.1:9/busy", ["payment.*"])
+    for _ in range(5):
+        payment_event(stack)
+    box = secret_box_for(stack.settings)
+    jobs, _ = webhooks._claim_due(
+        stack.session_factory, stack.clock(), box, 50, dt.timedelta(minutes=2), {}, 2
+    )
+    assert [job.endpoint_id for job in jobs] == [busy["id"]] * 2
+    # with both still in flight, the endpoint gets nothing more
+    more, _ = webhooks._claim_due(
+        stack.session_factory, stack.clock(), box, 50, dt.timedelta(minutes=2), {busy["id"]: 2}, 2
+    )
+    assert more == []

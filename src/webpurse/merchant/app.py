@@ -40,6 +40,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from webpurse.body_limit import BodyLimit, plain_refusal
 from webpurse.merchant import i18n
 from webpurse.merchant.cardread import CardReads, TooManyReads
 from webpurse.merchant.cart import COOKIE as CART_COOKIE
@@ -129,6 +130,10 @@ def _secure(request: Request) -> bool:
     return request.url.scheme == "https"
 
 
+def _log_too_large(method: str, path: str, limit: int, seen: int) -> None:
+    log.warning("refused %s %s: 413 body over %d bytes (%d seen)", method, path, limit, seen)
+
+
 def create_app(
     settings: MerchantSettings,
     *,
@@ -186,6 +191,9 @@ def create_app(
     app.state.settings = settings
     app.state.seen_events = seen_events
     app.state.till = till
+    app.add_middleware(
+        BodyLimit, limit=settings.max_body_bytes, refusal=plain_refusal, logger=_log_too_large
+    )
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     templates = Jinja2Templates(directory=HERE / "templates")
     if hub is not None:

@@ -33,6 +33,9 @@ class MerchantSettings:
     poll_interval: float = 15.0  # seconds between settlement polls (webhook fallback)
     # Payment calls of concurrent shoppers go to settlement together (POST /v1/batch).
     settlement_batching: bool = True
+    # Request bodies over this are refused with 413 before any route reads them
+    # (webpurse.body_limit); the shop's forms and settlement's webhooks are a few KB.
+    max_body_bytes: int = 1 << 20
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'merchant.db'}"
@@ -52,6 +55,7 @@ class MerchantSettings:
             agent_url=env.get("WEBPURSE_AGENT_URL", "http://127.0.0.1:47800"),
             public_url=env.get("WEBPURSE_MERCHANT_PUBLIC_URL", ""),
             settlement_batching=env.get("WEBPURSE_SETTLEMENT_BATCHING", "1") != "0",
+            max_body_bytes=int(env.get("WEBPURSE_MERCHANT_MAX_BODY_BYTES", str(1 << 20))),
         )
 
 

@@ -7,6 +7,7 @@ routers. Routes of the webhooks and clearing work are included when their module
 from __future__ import annotations
 
 import importlib
+import json
 import re
 import time
 import uuid
@@ -24,6 +25,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from webpurse.body_limit import BodyLimit
 from webpurse.settlement.db import SessionFactory, make_engine, make_session_factory, migrate
 from webpurse.settlement.ledger import LedgerError
 from webpurse.settlement.problems import PROBLEM_JSON, ApiError
@@ -83,6 +85,17 @@ class SettlementState:
 def _problem(error: ApiError, request: Request) -> JSONResponse:
     request_id = getattr(request.state, "request_id", None)
     return JSONResponse(error.body(request_id), status_code=error.status, media_type=PROBLEM_JSON)
+
+
+def _body_refusal(status: int, code: str, detail: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """A body-limit refusal as problem+json, with a fresh request id (none was assigned yet)."""
+    request_id = f"req_{uuid.uuid4().hex}"
+    body = json.dumps(ApiError(status, code, detail).body(request_id)).encode("utf-8")
+    headers = [
+        (b"content-type", PROBLEM_JSON.encode("ascii")),
+        (b"x-request-id", request_id.encode("ascii")),
+    ]
+    return headers, body
 
 
 @asynccontextmanager
@@ -216,6 +229,14 @@ def create_app(
         log.info("http.invalid", errors=len(errors), param=problem.param)
         return _problem(problem, request)
 
+    # Outermost of our middleware: a body over the limit is refused before the request
+    # context, routing, authentication or any handler sees it (issue 19, finding 5).
+    app.add_middleware(
+        BodyLimit,
+        limit=settings.max_body_bytes,
+        overrides={"/v1/batch": settings.max_batch_body_bytes},
+        refusal=_body_refusal,
+    )
     routes.include(app)
     for name in OPTIONAL_ROUTERS:
         try:

@@ -46,7 +46,7 @@ from sqlalchemy.exc import DBAPIError
 from webpurse.protocol.commands import DebitForPurchaseResponse, InitializeForPurchaseResponse
 from webpurse.protocol.errors import ProtocolError
 from webpurse.protocol.records import IssuerData
-from webpurse.settlement import holds, idempotency, ledger, payments, registry, webhooks
+from webpurse.settlement import holds, idempotency, ledger, payments, quotas, registry, webhooks
 from webpurse.settlement.db import bulk_insert, bulk_update, for_update
 from webpurse.settlement.decisions import PurchaseInputs, decide_purchase
 from webpurse.settlement.ledger import LedgerError, TransferSpec
@@ -812,6 +812,9 @@ def _fast(ctx: Ctx, items: list[Item]) -> int:
     ).first()
     if merchant is None:
         raise not_found("merchant")
+    room = quotas.room(ctx.session, merchant.id, "payment", ctx.max_open_orders)
+    if room is not None and room < len(by_action["create"]):
+        by_action["create"] = []  # past the cap: the per-item path refuses each one (429)
     savepoint = ctx.session.begin_nested()
     taken: list[Item] = []
     try:

@@ -17,6 +17,22 @@ The computation (:func:`business_day_window`, :func:`compute_batch`, :func:`rend
 database adapter: it reads the day's items, stores the batch and posts the payout in one
 transaction. Ids are derived from (merchant, day), so running a batch twice returns the
 first one and never pays twice.
+
+Which movements a batch holds is decided by commit order, not by the clock a request read
+when it started (issue 19, finding 7). Every movement on an account has a version, given
+under the account's row lock, so versions follow commit order. A batch first locks the
+merchant's payable and top-up receivable — every transfer that already touched them has
+committed by then, and none can touch them until the batch commits — and then takes, on
+each account, the movements after the previous batch's mark, in version order, up to the
+first one stamped after its business day ends; it records where it stopped
+(``payable_version``, ``topups_version``). A movement stamped on a day whose batch already
+ran, because its transaction committed after that batch, falls into the next batch: never
+into none, never into two. A top-up returned after the batch that settled it leaves the
+receivable positive; the next batch moves that back to the payable (a negative
+``topups_settled``) and pays it out.
+
+:func:`run_day` clears each merchant in its own transaction: one merchant's failure (or its
+requests holding its accounts) never fails another's batch (issue 19, finding 6).
 """
 
 from __future__ import annotations
@@ -25,7 +41,7 @@ import csv
 import io
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, timezone, tzinfo
 from enum import StrEnum
@@ -40,14 +56,14 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
-    or_,
     select,
 )
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from webpurse.settlement import ledger
 from webpurse.settlement.db import Base, UtcDateTime
-from webpurse.settlement.models import Merchant, Payment, Refund, Transfer
+from webpurse.settlement.models import Entry, Merchant, Payment, Refund, Transfer
 
 log = structlog.get_logger(__name__)
 
@@ -206,7 +222,9 @@ def compute_batch(
 
     ``carried_in`` is the previous batch's ``carried_out``; ``available`` is the merchant's
     payable balance when the batch runs (``None``: no bound); ``topups_owed`` what its
-    top-up receivable is owed then (settled first, from the payable, as far as it goes).
+    top-up receivable is owed then (settled first, from the payable, as far as it goes). A
+    negative ``topups_owed`` (loads returned after their top-ups were settled) goes back to
+    the payable: ``topups_settled`` is then negative and the payout may use it.
     """
     payments = [i for i in items if i.kind is ItemKind.PAYMENT]
     refunds = [i for i in items if i.kind is ItemKind.REFUND]
@@ -219,7 +237,8 @@ def compute_batch(
     payout = max(payment_total - refund_total - topup_total + carried_in, 0)
     settled = 0
     if available is not None:
-        settled = min(max(topups_owed, 0), max(available, 0))
+        # top-ups returned after they were settled (owed < 0): the receivable gives it back
+        settled = min(topups_owed, max(available, 0)) if topups_owed >= 0 else topups_owed
         payout = min(payout, max(available - settled, 0))
     return BatchTotals(
         payment_count=len(payments),
@@ -383,6 +402,10 @@ class ClearingBatch(Base):
     payout: Mapped[int] = mapped_column(BigInteger)
     carried_out: Mapped[int] = mapped_column(BigInteger)
     transfer_id: Mapped[str | None] = mapped_column(String(120), nullable=True)
+    # Where the batch stopped on the payable and on the top-up receivable (entry versions):
+    # the next batch starts after them. None: a batch of before these marks (0).
+    payable_version: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    topups_version: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     report_csv: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
@@ -395,48 +418,69 @@ class BatchResult:
     created: bool
 
 
-def day_items(
-    session: Session, merchant_id: str, window: tuple[datetime, datetime]
-) -> list[ClearingItem]:
-    """The ledger's movements on the merchant's payable account in ``[start, end)``.
+PAYOUT_KIND = "payout"
+REFUND_RETURN_KIND = "refund_return"  # refunds.fail: refunds:pending → the payable
+TOPUPS_SETTLED_KIND = "topups_settled"
+_CLEARING_KINDS = (PAYOUT_KIND, TOPUPS_SETTLED_KIND)
 
-    Money in (captures) becomes payment lines, money out other than payouts (refunds)
-    refund lines; payment and refund rows add the merchant's reference and card number.
-    The movements on its top-up receivable become top-up lines (sold, or returned when the
-    load failed), named by the load id.
+
+def _movements(
+    session: Session, account: str, after: int, end: datetime
+) -> tuple[list[Transfer], int]:
+    """The account's movements after version ``after``, in commit order, up to ``end``.
+
+    Stops before the first movement stamped at or after ``end`` (it belongs to a later day,
+    and so does everything committed after it); clearing's own transfers (payouts, top-ups
+    settled) are passed over. Returns the movements and the version it stopped at.
+    """
+    rows = session.execute(
+        select(Entry.account_version, Transfer)
+        .join(Transfer, Transfer.id == Entry.transfer_id)
+        .where(Entry.account_id == account, Entry.account_version > after)
+        .order_by(Entry.account_version)
+    ).all()
+    taken: list[Transfer] = []
+    last = after
+    for version, transfer in rows:
+        if transfer.kind not in _CLEARING_KINDS:
+            stamped = transfer.created_at
+            if stamped.tzinfo is None:
+                stamped = stamped.replace(tzinfo=UTC)
+            if stamped >= end:
+                break
+            taken.append(transfer)
+        last = int(version)
+    return taken, last
+
+
+def batch_items(
+    session: Session, merchant_id: str, after: tuple[int, int], end: datetime
+) -> tuple[list[ClearingItem], tuple[int, int]]:
+    """The merchant's movements a batch ending at ``end`` takes, and its marks.
+
+    ``after`` is the previous batch's (payable, receivable) marks. Money into the payable
+    (captures) becomes payment lines, money out of it (refunds) refund lines, with the
+    merchant's reference and card number; movements on the top-up receivable become top-up
+    lines (sold, or returned when the load failed), named by the load id. Call it with both
+    accounts locked (:func:`webpurse.settlement.ledger.lock_accounts`).
     """
     account = ledger.merchant_account(merchant_id)
     receivable = ledger.topups_account(merchant_id)
-    start, end = window
-    transfers = session.scalars(
-        select(Transfer)
-        .where(
-            or_(
-                Transfer.credit_account == account,
-                Transfer.debit_account == account,
-                Transfer.credit_account == receivable,
-                Transfer.debit_account == receivable,
-            ),
-            Transfer.created_at >= start,
-            Transfer.created_at < end,
-            Transfer.kind.not_in((PAYOUT_KIND, TOPUPS_SETTLED_KIND)),
-        )
-        .order_by(Transfer.created_at, Transfer.id)
-    ).all()
+    payable_moves, payable_mark = _movements(session, account, after[0], end)
+    topup_moves, topups_mark = _movements(session, receivable, after[1], end)
     items: list[ClearingItem] = []
-    for transfer in transfers:
-        if receivable in (transfer.debit_account, transfer.credit_account):
-            items.append(
-                ClearingItem(
-                    kind=ItemKind.TOPUP
-                    if transfer.debit_account == receivable
-                    else ItemKind.TOPUP_RETURN,
-                    id=transfer.reference or transfer.id,
-                    amount=transfer.amount,
-                    at=transfer.created_at,
-                )
+    for transfer in topup_moves:
+        items.append(
+            ClearingItem(
+                kind=ItemKind.TOPUP
+                if transfer.debit_account == receivable
+                else ItemKind.TOPUP_RETURN,
+                id=transfer.reference or transfer.id,
+                amount=transfer.amount,
+                at=transfer.created_at,
             )
-            continue
+        )
+    for transfer in payable_moves:
         incoming = transfer.credit_account == account
         reference = transfer.reference or transfer.id
         if incoming and transfer.kind == REFUND_RETURN_KIND:
@@ -471,12 +515,8 @@ def day_items(
                 payment_id=payment_id,
             )
         )
-    return items
-
-
-PAYOUT_KIND = "payout"
-REFUND_RETURN_KIND = "refund_return"  # refunds.fail: refunds:pending → the payable
-TOPUPS_SETTLED_KIND = "topups_settled"
+    items.sort(key=lambda i: (i.at if i.at.tzinfo else i.at.replace(tzinfo=UTC), i.id))
+    return items, (payable_mark, topups_mark)
 
 
 def run_batch(
@@ -493,7 +533,8 @@ def run_batch(
     Runs in the caller's transaction. Idempotent: the batch id and the payout transfer id
     derive from (merchant, day), so a second run returns the stored batch untouched. Refuses
     a day that has not ended, and a day earlier than the merchant's latest batch (the carry
-    forward runs in day order).
+    forward runs in day order). Locks the merchant's payable and top-up receivable before it
+    reads them (see the module's docstring), so what it pays is what they hold.
     """
     check_day(day)
     identifier = batch_id(merchant_id, day)
@@ -503,6 +544,13 @@ def run_batch(
     if session.get(Merchant, merchant_id) is None:
         raise UnknownMerchantError(f"no merchant {merchant_id}")
     ensure_day_over(day, now, tz)
+    payable = ledger.merchant_account(merchant_id)
+    receivable = ledger.topups_account(merchant_id)
+    ledger.lock_accounts(session, [payable, receivable], now, currency)
+    # A concurrent run of the same batch may have committed while this one waited.
+    existing = session.get(ClearingBatch, identifier, populate_existing=True)
+    if existing is not None:
+        return BatchResult(existing, created=False)
     later = session.scalars(
         select(ClearingBatch.day).where(
             ClearingBatch.merchant_id == merchant_id, ClearingBatch.day > day
@@ -519,18 +567,24 @@ def run_batch(
         .order_by(ClearingBatch.day.desc())
     ).first()
     carried_in = previous.carried_out if previous is not None else 0
+    marks = (
+        (previous.payable_version or 0, previous.topups_version or 0)
+        if previous is not None
+        else (0, 0)
+    )
     window = business_day_window(day, tz)
-    items = day_items(session, merchant_id, window)
-    available = ledger.balance(session, ledger.merchant_account(merchant_id))
-    owed = -ledger.balance(session, ledger.topups_account(merchant_id))
+    items, marks = batch_items(session, merchant_id, marks, window[1])
+    available = ledger.balance(session, payable)
+    owed = -ledger.balance(session, receivable)
     totals = compute_batch(items, carried_in, available, owed)
-    if totals.topups_settled > 0:
+    if totals.topups_settled != 0:
+        settling = totals.topups_settled > 0
         ledger.post_transfer(
             session,
             topups_transfer_id(identifier),
-            ledger.merchant_account(merchant_id),
-            ledger.topups_account(merchant_id),
-            totals.topups_settled,
+            payable if settling else receivable,
+            receivable if settling else payable,
+            abs(totals.topups_settled),
             TOPUPS_SETTLED_KIND,
             now=now,
             reference=identifier,
@@ -542,7 +596,7 @@ def run_batch(
         ledger.post_transfer(
             session,
             transfer_id,
-            ledger.merchant_account(merchant_id),
+            payable,
             ledger.payout_account(merchant_id),
             totals.payout,
             PAYOUT_KIND,
@@ -569,6 +623,8 @@ def run_batch(
         payout=totals.payout,
         carried_out=totals.carried_out,
         transfer_id=transfer_id,
+        payable_version=marks[0],
+        topups_version=marks[1],
         report_csv=render_csv(merchant_id, day, items, totals, tz, currency=currency),
         created_at=now,
     )
@@ -585,10 +641,49 @@ def run_batch(
     return BatchResult(batch, created=True)
 
 
+@dataclass(frozen=True, slots=True)
+class MerchantFailure:
+    """A merchant whose batch could not run this time (its transaction rolled back)."""
+
+    merchant_id: str
+    code: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClearedDay:
+    """What :func:`run_day` did: the batches (new or stored) and the merchants that failed."""
+
+    batches: list[BatchResult]
+    failures: list[MerchantFailure]
+
+
 def run_day(
-    session: Session, day: date, now: datetime, tz: tzinfo = CHINA_STANDARD_TIME
-) -> list[BatchResult]:
-    """Clear ``day`` for every merchant (the daily job)."""
+    session_factory: Callable[[], Session],
+    day: date,
+    now: datetime,
+    tz: tzinfo = CHINA_STANDARD_TIME,
+) -> ClearedDay:
+    """Clear ``day`` for every merchant (the daily job), each in its own transaction.
+
+    One merchant's batch failing (its day out of order, a refused transfer, a database
+    error) rolls back that batch alone and is reported in ``failures``; every other
+    merchant's batch is stored and paid. Running the day again retries only what failed.
+    """
     check_day(day)
-    merchant_ids = session.scalars(select(Merchant.id).order_by(Merchant.id)).all()
-    return [run_batch(session, merchant_id, day, now, tz) for merchant_id in merchant_ids]
+    ensure_day_over(day, now, tz)
+    with session_factory() as session:
+        merchant_ids = list(session.scalars(select(Merchant.id).order_by(Merchant.id)))
+    batches: list[BatchResult] = []
+    failures: list[MerchantFailure] = []
+    for merchant_id in merchant_ids:
+        try:
+            with session_factory() as session, session.begin():
+                result = run_batch(session, merchant_id, day, now, tz)
+            batches.append(result)
+        except (ClearingError, ledger.LedgerError, SQLAlchemyError) as exc:
+            code = getattr(exc, "code", None) or type(exc).__name__
+            code = code if isinstance(code, str) else type(exc).__name__
+            log.error("clearing.merchant_failed", merchant=merchant_id, code=code)
+            failures.append(MerchantFailure(merchant_id, code, str(exc).splitlines()[0][:300]))
+    return ClearedDay(batches, failures)

@@ -15,6 +15,7 @@ import typer
 
 from webpurse.settlement.clearing import (
     ClearingError,
+    MerchantFailure,
     last_closed_day,
     parse_timezone,
     run_batch,
@@ -64,11 +65,13 @@ def run(
     engine = make_engine(settings.database_url, pool_size=1, max_overflow=0)
     try:
         factory = make_session_factory(engine)
-        with factory() as session, session.begin():
-            if merchant is not None:
+        failures: list[MerchantFailure] = []
+        if merchant is not None:
+            with factory() as session, session.begin():
                 results = [run_batch(session, merchant, business_day, now, zone)]
-            else:
-                results = run_day(session, business_day, now, zone)
+        else:
+            cleared = run_day(factory, business_day, now, zone)
+            results, failures = cleared.batches, cleared.failures
     except ClearingError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -87,3 +90,7 @@ def run(
         if report_dir is not None:
             report_dir.mkdir(parents=True, exist_ok=True)
             (report_dir / f"{batch.id}.csv").write_text(batch.report_csv, encoding="utf-8")
+    for failure in failures:
+        typer.echo(f"error: {failure.merchant_id}: {failure.code}: {failure.detail}", err=True)
+    if failures:
+        raise typer.Exit(1)

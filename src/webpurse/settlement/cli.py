@@ -203,14 +203,13 @@ def sweep() -> None:
     settings = _settings()
     engine = make_engine(settings.database_url)
     try:
-        with make_session_factory(engine)() as session, session.begin():
-            report = expiry.expire_stale(
-                session,
-                settings.clock(),
-                requires_card_ttl=settings.requires_card_ttl,
-                authorised_ttl=settings.authorised_ttl,
-                card_hold_ttl=settings.card_hold_ttl,
-            )
+        report = expiry.sweep(
+            make_session_factory(engine),
+            settings.clock(),
+            requires_card_ttl=settings.requires_card_ttl,
+            authorised_ttl=settings.authorised_ttl,
+            card_hold_ttl=settings.card_hold_ttl,
+        )
     finally:
         engine.dispose()
     console.print(json.dumps(report.to_json()))

@@ -16,6 +16,11 @@ their load) is failed, its amount back in the payable (:func:`refunds.heal_stuck
 
 The same sweep forgets idempotency keys after their retention and delivered webhooks after
 theirs (:func:`webpurse.settlement.webhooks.prune_delivered`).
+
+:func:`sweep` runs it in small committed chunks (at most :data:`CHUNK` rows of each kind per
+transaction): one transaction over thousands of stale rows would hold ``held:loads`` and
+the merchants' accounts for its whole length, stalling every other merchant's creates behind
+it (issue 19, finding 4). :func:`expire_stale` is one chunk, in the caller's transaction.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -51,12 +56,32 @@ class _NoKeys:
         raise RuntimeError("the expiry sweep must not use the security module")
 
 
+CHUNK = 200
+"""At most this many rows of each kind change per sweep transaction."""
+
+
 @dataclass(frozen=True)
 class SweepReport:
     payments_expired: int = 0
     payments_uncertain: int = 0
     loads_expired: int = 0
     loads_uncertain: int = 0
+    chunks: int = 1
+
+    def __add__(self, other: SweepReport) -> SweepReport:
+        return SweepReport(
+            self.payments_expired + other.payments_expired,
+            self.payments_uncertain + other.payments_uncertain,
+            self.loads_expired + other.loads_expired,
+            self.loads_uncertain + other.loads_uncertain,
+            self.chunks + other.chunks,
+        )
+
+    def most(self) -> int:
+        """The largest count of one kind: a chunk that reached its limit may have left more."""
+        return max(
+            self.payments_expired, self.payments_uncertain, self.loads_expired, self.loads_uncertain
+        )
 
     def to_json(self) -> dict[str, int]:
         return {
@@ -81,6 +106,65 @@ def _claim(statement: S) -> S:
     return statement.with_for_update(skip_locked=True).execution_options(populate_existing=True)
 
 
+def _claim_first(limit: int | None, statement: S) -> S:
+    """:func:`_claim`, the oldest ``limit`` rows first."""
+    entity = statement.column_descriptions[0]["entity"]
+    ordered = statement.order_by(entity.created_at, entity.id)
+    return _claim(ordered if limit is None else ordered.limit(limit))
+
+
+def _housekeeping(ctx: Ctx, card_hold_ttl: dt.timedelta) -> None:
+    """Free cards held past the bound, fail refunds left stuck, purge what has aged out."""
+    holds_released, holds_unblocked = holds.release_stale(ctx, card_hold_ttl)
+    if holds_released or holds_unblocked:
+        log.warning("sweep.holds", released=holds_released, unblocked=holds_unblocked)
+    refunds_failed = refunds.heal_stuck(ctx)  # left pending by an older version
+    if refunds_failed:
+        log.warning("sweep.refunds_failed", count=refunds_failed)
+    idempotency.purge(ctx.session, ctx.now)
+    webhooks.prune_delivered(ctx.session, ctx.now)
+
+
+def sweep(
+    session_factory: Callable[[], Session],
+    now: dt.datetime,
+    *,
+    requires_card_ttl: dt.timedelta,
+    authorised_ttl: dt.timedelta,
+    card_hold_ttl: dt.timedelta = dt.timedelta(hours=1),
+    chunk: int = CHUNK,
+) -> SweepReport:
+    """Expire everything stale at ``now`` in committed chunks of at most ``chunk`` rows each.
+
+    Each chunk is its own short transaction, so the locks a chunk takes (the held accounts,
+    the merchants' payables) are released after ``chunk`` rows and other merchants' requests
+    run between chunks. Ends when a chunk finds fewer than ``chunk`` rows of every kind
+    (rows a request holds are skipped and left for the next sweep); then the housekeeping
+    (cards held past ``card_hold_ttl``, stuck refunds of old, idempotency keys, delivered
+    webhooks) runs in one more short transaction.
+    """
+    if chunk < 1:
+        raise ValueError("a sweep chunk holds at least one row")
+    total: SweepReport | None = None
+    while True:
+        with session_factory() as session, session.begin():
+            report = expire_stale(
+                session,
+                now,
+                requires_card_ttl=requires_card_ttl,
+                authorised_ttl=authorised_ttl,
+                limit=chunk,
+                housekeeping=False,
+            )
+        total = report if total is None else total + report
+        if report.most() < chunk:
+            break
+    with session_factory() as session, session.begin():
+        _housekeeping(Ctx(session, cast(SecurityModule, _NoKeys()), now, SYSTEM), card_hold_ttl)
+    log.info("sweep.finished", **total.to_json(), chunks=total.chunks)
+    return total
+
+
 def expire_stale(
     session: Session,
     now: dt.datetime,
@@ -88,17 +172,25 @@ def expire_stale(
     requires_card_ttl: dt.timedelta,
     authorised_ttl: dt.timedelta,
     card_hold_ttl: dt.timedelta = dt.timedelta(hours=1),
+    limit: int | None = None,
+    housekeeping: bool = True,
 ) -> SweepReport:
-    """Run one sweep in the caller's transaction; returns what it changed."""
+    """Run one sweep (at most ``limit`` rows of each kind) in the caller's transaction.
+
+    Returns what it changed; a count equal to ``limit`` means more may be left (see
+    :func:`sweep`). ``housekeeping`` also frees cards held past ``card_hold_ttl``, fails
+    refunds an older version left stuck, and purges idempotency keys and delivered webhooks.
+    """
     ctx = Ctx(session, cast(SecurityModule, _NoKeys()), now, SYSTEM)
     created_before = now - requires_card_ttl
     authorised_before = now - authorised_ttl
     counts = {"pe": 0, "pu": 0, "le": 0, "lu": 0}
     for payment in session.scalars(
-        _claim(
+        _claim_first(
+            limit,
             select(Payment).where(
                 Payment.status == "requires_card", Payment.created_at < created_before
-            )
+            ),
         )
     ):
         payment.status = "expired"
@@ -108,16 +200,18 @@ def expire_stale(
         )
         counts["pe"] += 1
     for payment in session.scalars(
-        _claim(
+        _claim_first(
+            limit,
             select(Payment).where(
                 Payment.status == "authorised", Payment.authorised_at < authorised_before
-            )
+            ),
         )
     ):
         payments.mark_uncertain(ctx, payment)
         counts["pu"] += 1
     for load in session.scalars(
-        _claim(
+        _claim_first(
+            limit,
             select(Load).where(
                 Load.status == "requires_card",
                 Load.created_at < created_before,
@@ -125,31 +219,29 @@ def expire_stale(
                 # so does a top-up the cardholder paid for by bank transfer
                 Load.refund_id.is_(None),
                 Load.funding_method != "bank_transfer",
-            )
+            ),
         )
     ):
         loads.expire(ctx, load)
         counts["le"] += 1
     for load in session.scalars(
-        _claim(select(Load).where(Load.status == "requires_funding", Load.expires_at <= now))
+        _claim_first(
+            limit,
+            select(Load).where(Load.status == "requires_funding", Load.expires_at <= now),
+        )
     ):
         loads.expire(ctx, load)  # an unpaid bank-transfer order: nothing was held
         counts["le"] += 1
     for load in session.scalars(
-        _claim(
-            select(Load).where(Load.status == "authorised", Load.authorised_at < authorised_before)
+        _claim_first(
+            limit,
+            select(Load).where(Load.status == "authorised", Load.authorised_at < authorised_before),
         )
     ):
         loads.mark_uncertain(ctx, load)
         counts["lu"] += 1
-    holds_released, holds_unblocked = holds.release_stale(ctx, card_hold_ttl)
-    if holds_released or holds_unblocked:
-        log.warning("sweep.holds", released=holds_released, unblocked=holds_unblocked)
-    refunds_failed = refunds.heal_stuck(ctx)  # left pending by an older version
-    if refunds_failed:
-        log.warning("sweep.refunds_failed", count=refunds_failed)
-    idempotency.purge(session, now)
-    webhooks.prune_delivered(session, now)
+    if housekeeping:
+        _housekeeping(ctx, card_hold_ttl)
     report = SweepReport(counts["pe"], counts["pu"], counts["le"], counts["lu"])
     log.info("sweep.done", **report.to_json())
     return report
@@ -165,14 +257,13 @@ async def sweeper_lifespan(app: FastAPI) -> AsyncIterator[None]:
         return
 
     def sweep_once() -> None:
-        with state.session_factory() as session, session.begin():
-            expire_stale(
-                session,
-                state.clock(),
-                requires_card_ttl=settings.requires_card_ttl,
-                authorised_ttl=settings.authorised_ttl,
-                card_hold_ttl=settings.card_hold_ttl,
-            )
+        sweep(
+            state.session_factory,
+            state.clock(),
+            requires_card_ttl=settings.requires_card_ttl,
+            authorised_ttl=settings.authorised_ttl,
+            card_hold_ttl=settings.card_hold_ttl,
+        )
 
     async def loop() -> None:
         while True:

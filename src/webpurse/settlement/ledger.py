@@ -175,6 +175,18 @@ def _lock(
     return found
 
 
+def lock_accounts(
+    session: Session, account_ids: list[str], now: dt.datetime, currency: str = "CNY"
+) -> dict[str, int]:
+    """Lock the accounts (sorted id order, as every transfer does) and read their versions.
+
+    Clearing takes these locks before it reads what the accounts hold: a transfer that
+    already touched one has committed by the time the lock is granted, and none can touch
+    it until the clearing transaction ends. Returns ``{account id: version}``.
+    """
+    return {row.id: int(row.version) for row in _lock(session, account_ids, now, currency).values()}
+
+
 def _existing(
     session: Session, transfer_id: str, debit_account: str, credit_account: str, amount: int
 ) -> TransferResult | None:

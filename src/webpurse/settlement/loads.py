@@ -33,6 +33,7 @@ from webpurse.settlement import (
     events,
     funding,
     ledger,
+    quotas,
     references,
     registry,
     statements,
@@ -152,6 +153,8 @@ def _new_load(
         if merchant is None:
             raise not_found("merchant")
         terminal_id = merchant.terminal_id
+        if refund_id is None:
+            quotas.ensure_room(ctx.session, merchant_id, "load", ctx.max_open_orders)
     load = Load(
         id=new_id("load"),
         merchant_id=merchant_id,

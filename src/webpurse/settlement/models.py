@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -99,6 +100,12 @@ class Payment(Base):
     __table_args__ = (
         Index("ix_payments_merchant_created", "merchant_id", "created_at", "id"),
         Index("ix_payments_card_counter", "card_id", "counter"),
+        Index(
+            "ix_payments_merchant_open",
+            "merchant_id",
+            postgresql_where=text("status = 'requires_card'"),
+            sqlite_where=text("status = 'requires_card'"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -138,6 +145,12 @@ class Load(Base):
     __table_args__ = (
         Index("ix_loads_merchant_created", "merchant_id", "created_at", "id"),
         Index("ix_loads_card_counter", "card_id", "counter"),
+        Index(
+            "ix_loads_merchant_open",
+            "merchant_id",
+            postgresql_where=text("status = 'requires_card'"),
+            sqlite_where=text("status = 'requires_card'"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)

@@ -27,7 +27,7 @@ from webpurse.protocol.commands import (
     TransactionProof,
 )
 from webpurse.protocol.records import TransactionType, decode_bcd_date, decode_bcd_time
-from webpurse.settlement import card_checks, events, ledger, registry
+from webpurse.settlement import card_checks, events, ledger, quotas, registry
 from webpurse.settlement.decisions import (
     DeclineCode,
     OpenTransaction,
@@ -126,6 +126,7 @@ def create(ctx: Ctx, body: PaymentCreate) -> Payment:
     merchant = ctx.session.get(Merchant, ctx.principal.merchant_id)
     if merchant is None:
         raise not_found("merchant")
+    quotas.ensure_room(ctx.session, merchant.id, "payment", ctx.max_open_orders)
     payment = Payment(
         id=new_id("pay"),
         merchant_id=merchant.id,

@@ -173,7 +173,12 @@ def sweep(
     body: Empty | None = None,
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
-    """Expire stale payments and loads now (also `webpurse settlement sweep`)."""
+    """Expire stale payments and loads now, one chunk (``more``: call again).
+
+    One chunk of at most ``expiry.CHUNK`` rows of each kind, in this request's transaction,
+    so an operator's sweep is as short as the server's own (``webpurse settlement sweep``
+    runs every chunk).
+    """
     state = request.app.state.settlement
 
     def handler() -> tuple[int, dict[str, Any]]:
@@ -183,8 +188,9 @@ def sweep(
             requires_card_ttl=state.settings.requires_card_ttl,
             authorised_ttl=state.settings.authorised_ttl,
             card_hold_ttl=state.settings.card_hold_ttl,
+            limit=expiry.CHUNK,
         )
-        return 200, report.to_json()
+        return 200, {**report.to_json(), "more": report.most() >= expiry.CHUNK}
 
     return idempotency.run(request, session, principal, idempotency_key, {}, handler)
 

@@ -107,10 +107,19 @@ class BatchOut(BaseModel):
     )
 
 
+class FailedBatch(BaseModel):
+    """A merchant whose batch did not run this time (nothing of it was written)."""
+
+    merchant: str
+    code: str
+    detail: str
+
+
 class BatchList(BaseModel):
     object: Literal["list"] = "list"
     data: list[BatchOut]
     has_more: bool = False
+    failed: list[FailedBatch] = []
 
 
 def batch_out(batch: ClearingBatch, created: bool | None = None) -> BatchOut:
@@ -158,18 +167,36 @@ def _visible_batch(session: Session, principal: Principal, batch_id: str) -> Cle
 
 @router.post("/batches", response_model=BatchList, responses=PROBLEMS)
 def create_batches(
-    body: BatchRequest, principal: OperatorPrincipal, session: DbSession, now: Now, tz: Tz
+    request: Request,
+    body: BatchRequest,
+    principal: OperatorPrincipal,
+    session: DbSession,
+    now: Now,
+    tz: Tz,
 ) -> BatchList:
-    """Clear a business day for one merchant or all; re-running returns the stored batches."""
+    """Clear a business day for one merchant or all; re-running returns the stored batches.
+
+    For all merchants, each is cleared in its own transaction; a merchant whose batch
+    failed is listed in ``failed`` (run the day again to retry it) and fails no other.
+    """
     day = body.day or last_closed_day(now, tz)
+    failed: list[FailedBatch] = []
     try:
         if body.merchant is not None:
             results = [run_batch(session, body.merchant, day, now, tz)]
         else:
-            results = run_day(session, day, now, tz)
+            # Each merchant's batch runs in its own transaction; this request's own (the key
+            # lookup) must not stay open beside them (on SQLite it holds the write lock).
+            session.commit()
+            cleared = run_day(request.app.state.settlement.session_factory, day, now, tz)
+            results = cleared.batches
+            failed = [
+                FailedBatch(merchant=f.merchant_id, code=f.code, detail=f.detail)
+                for f in cleared.failures
+            ]
     except ClearingError as exc:
         raise _problem(exc) from exc
-    return BatchList(data=[batch_out(r.batch, r.created) for r in results])
+    return BatchList(data=[batch_out(r.batch, r.created) for r in results], failed=failed)
 
 
 @router.get("/batches", response_model=BatchList, responses=PROBLEMS)

@@ -40,7 +40,13 @@ PROBLEMS: dict[int | str, dict[str, Any]] = {
 
 def make_ctx(request: Request, session: Session, principal: Principal) -> Ctx:
     state = request.app.state.settlement
-    return Ctx(session, state.security, state.clock(), principal)
+    return Ctx(
+        session,
+        state.security,
+        state.clock(),
+        principal,
+        max_open_orders=state.settings.max_open_orders,
+    )
 
 
 @router.post("", status_code=201, response_model=PaymentOut, responses=PROBLEMS)

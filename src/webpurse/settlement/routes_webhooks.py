@@ -24,7 +24,8 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from webpurse.settlement.auth import MerchantPrincipal
-from webpurse.settlement.db import get_session
+from webpurse.settlement.db import for_update, get_session
+from webpurse.settlement.models import Merchant
 from webpurse.settlement.problems import PROBLEM_JSON, ApiError, bad_request, not_found
 from webpurse.settlement.security import resolve_kek
 from webpurse.settlement.settings import Clock, Settings
@@ -288,6 +289,11 @@ def create_endpoint(
     settings: Settings = request.app.state.settlement.settings
     if not settings.webhook_allow_private:
         _refuse_private_target(body.url)
+    # Count and insert under the merchant row's lock: two creates that both counted 15
+    # live endpoints would otherwise both insert (issue 19, finding 9). PostgreSQL queues
+    # a merchant's concurrent creates here; SQLite serialises writers anyway.
+    lock = select(Merchant.id).where(Merchant.id == principal.merchant_id)
+    session.execute(lock.with_for_update() if for_update(session) else lock)
     live = session.scalars(
         select(WebhookEndpoint.id).where(
             WebhookEndpoint.merchant_id == principal.merchant_id,
@@ -459,6 +465,8 @@ async def webhook_worker_lifespan(app: FastAPI) -> AsyncIterator[None]:
         clock=state.clock,
         interval=settings.webhook_interval,
         allow_private=settings.webhook_allow_private,
+        deadline=settings.webhook_deadline,
+        per_endpoint=settings.webhook_per_endpoint,
     )
     await worker.start()
     try:

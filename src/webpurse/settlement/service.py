@@ -29,6 +29,8 @@ class Ctx:
     security: SecurityModule
     now: dt.datetime
     principal: Principal
+    # requires_card payments (and loads) a merchant may have open at once (quotas.py)
+    max_open_orders: int | None = None
 
 
 def new_id(prefix: str) -> str:

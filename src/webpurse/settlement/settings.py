@@ -76,6 +76,18 @@ class Settings:
     settlement_account: str = "WEBPURSE-SETTLEMENT-0001"
     bank_transfer_ttl: dt.timedelta = dt.timedelta(days=3)
     float_low_threshold: int = 10_000
+    # Each delivery attempt gets this many seconds in all (not per read), and at most this
+    # many messages of one endpoint are in flight at once (docs/webhooks.md, "Slow endpoints").
+    webhook_deadline: float = 10.0
+    webhook_per_endpoint: int = 4
+    # Request bodies are refused with 413 beyond these sizes, before routing and
+    # authentication (webpurse.body_limit): 1 MiB, and 8 MiB for POST /v1/batch (up to
+    # 1000 items). WEBPURSE_MAX_BODY_BYTES, WEBPURSE_MAX_BATCH_BODY_BYTES.
+    max_body_bytes: int = 1 << 20
+    # requires_card payments, and load orders, one merchant may have open at once (429
+    # too_many_open_orders beyond; quotas.py). WEBPURSE_MAX_OPEN_ORDERS.
+    max_open_orders: int = 1000
+    max_batch_body_bytes: int = 8 << 20
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, *, migrate: bool = False) -> Settings:
@@ -103,6 +115,9 @@ class Settings:
                 seconds=float(env.get("WEBPURSE_BANK_TRANSFER_TTL", str(3 * 86400)))
             ),
             float_low_threshold=int(env.get("WEBPURSE_FLOAT_LOW_THRESHOLD", "10000")),
+            max_open_orders=int(env.get("WEBPURSE_MAX_OPEN_ORDERS", "1000")),
+            max_body_bytes=int(env.get("WEBPURSE_MAX_BODY_BYTES", str(1 << 20))),
+            max_batch_body_bytes=int(env.get("WEBPURSE_MAX_BATCH_BODY_BYTES", str(8 << 20))),
         )
 
     @property

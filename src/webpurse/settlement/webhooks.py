@@ -65,6 +65,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     delete,
+    func,
     select,
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column
@@ -612,6 +613,7 @@ def prune_delivered(
 @dataclass(frozen=True, slots=True)
 class _Job:
     message_id: str
+    endpoint_id: str
     event_id: str
     url: str
     secret: str
@@ -658,8 +660,14 @@ async def deliver_due(
     lease: timedelta = timedelta(minutes=2),
     allow_private: bool = False,
     resolver: Resolver = resolve_host,
+    per_endpoint: int | None = None,
 ) -> DeliveryReport:
     """Deliver every outbox message due at ``now``; record each attempt; schedule retries.
+
+    One pass, for tests and tools (the app runs :class:`WebhookWorker`, which never waits
+    for a whole pass). ``timeout`` is each attempt's total deadline, from the first byte sent
+    to the response's status line, so the pass ends within about ``timeout`` however slowly
+    an endpoint answers; ``per_endpoint`` bounds how many messages of one endpoint it claims.
 
     At least once: a message is claimed by moving its ``next_attempt_at`` one ``lease``
     ahead (rows locked with ``SKIP LOCKED`` on PostgreSQL, so several workers share the
@@ -680,7 +688,7 @@ async def deliver_due(
     # The database work runs on a worker thread: the event loop keeps serving requests
     # while a transaction waits for a lock.
     jobs, canceled = await asyncio.to_thread(
-        _claim_due, session_factory, now, secret_box, limit, lease
+        _claim_due, session_factory, now, secret_box, limit, lease, {}, per_endpoint
     )
     if not jobs:
         return DeliveryReport(canceled=canceled)
@@ -750,22 +758,53 @@ def _claim_due(
     secret_box: SecretBox,
     limit: int,
     lease: timedelta,
+    busy: Mapping[str, int] | None = None,
+    per_endpoint: int | None = None,
 ) -> tuple[list[_Job], int]:
+    """Claim up to ``limit`` due messages, at most ``per_endpoint`` per endpoint in flight.
+
+    ``busy`` counts the messages of each endpoint this worker is still sending: an endpoint
+    at ``per_endpoint`` gets nothing more, so a slow one holds at most that many of the
+    worker's slots and the rest go to other endpoints' messages (issue 19, finding 3).
+    """
+    busy = busy or {}
     jobs: list[_Job] = []
     canceled = 0
     with session_factory() as session, session.begin():
-        query = (
-            select(WebhookMessage)
-            .where(
-                WebhookMessage.status == MessageStatus.PENDING.value,
-                WebhookMessage.next_attempt_at <= now,
-            )
-            .order_by(WebhookMessage.next_attempt_at, WebhookMessage.id)
-            .limit(limit)
+        due = (
+            WebhookMessage.status == MessageStatus.PENDING.value,
+            WebhookMessage.next_attempt_at <= now,
         )
+        query = select(WebhookMessage)
+        if per_endpoint is None:
+            query = query.where(*due)
+        else:
+            full = [endpoint for endpoint, n in busy.items() if n >= per_endpoint]
+            ranked = (
+                select(
+                    WebhookMessage.id,
+                    func.row_number()
+                    .over(
+                        partition_by=WebhookMessage.endpoint_id,
+                        order_by=(WebhookMessage.next_attempt_at, WebhookMessage.id),
+                    )
+                    .label("rank"),
+                )
+                .where(*due, WebhookMessage.endpoint_id.not_in(full))
+                .subquery()
+            )
+            first = select(ranked.c.id).where(ranked.c.rank <= per_endpoint)
+            query = query.where(*due, WebhookMessage.id.in_(first))
+        query = query.order_by(WebhookMessage.next_attempt_at, WebhookMessage.id).limit(limit)
         if session.get_bind().dialect.name == "postgresql":
             query = query.with_for_update(skip_locked=True)
+        taken: dict[str, int] = {}
         for message in session.scalars(query).all():
+            if per_endpoint is not None:
+                in_flight = busy.get(message.endpoint_id, 0) + taken.get(message.endpoint_id, 0)
+                if in_flight >= per_endpoint:
+                    continue  # stays due: claimed once this endpoint has room again
+                taken[message.endpoint_id] = taken.get(message.endpoint_id, 0) + 1
             endpoint = session.get(WebhookEndpoint, message.endpoint_id)
             event = session.get(WebhookEvent, message.event_id)
             if endpoint is None or event is None or endpoint.deleted_at is not None:
@@ -789,6 +828,7 @@ def _claim_due(
             jobs.append(
                 _Job(
                     message_id=message.id,
+                    endpoint_id=endpoint.id,
                     event_id=event.id,
                     url=endpoint.url,
                     secret=secret,
@@ -841,17 +881,23 @@ async def _send(
             duration_ms = int((time.monotonic() - started) * 1000)
             return _Outcome(job=job, status_code=None, error=error, duration_ms=duration_ms)
     try:
-        async with client.stream(
-            "POST",
-            url,
-            content=job.body,
-            headers=headers,
-            timeout=timeout,
-            extensions=extensions or None,
-        ) as response:
-            status = response.status_code
-            if not 200 <= status < 300:
-                error = f"HTTP {status}"
+        # httpx's timeout bounds each read and write; an endpoint that sends its headers one
+        # byte at a time never trips it. The attempt as a whole gets ``timeout`` seconds.
+        async with asyncio.timeout(timeout):
+            async with client.stream(
+                "POST",
+                url,
+                content=job.body,
+                headers=headers,
+                timeout=timeout,
+                extensions=extensions or None,
+            ) as response:
+                status = response.status_code
+                if not 200 <= status < 300:
+                    error = f"HTTP {status}"
+    except TimeoutError:
+        status = None
+        error = f"deadline: no complete answer within {timeout:g} s"
     except httpx.HTTPError as exc:
         error = f"{type(exc).__name__}: {exc}"[:500]
     duration_ms = int((time.monotonic() - started) * 1000)
@@ -859,7 +905,16 @@ async def _send(
 
 
 class WebhookWorker:
-    """Runs :func:`deliver_due` every ``interval`` seconds until stopped (app lifespan)."""
+    """Delivers due messages continuously while the app serves (its lifespan).
+
+    Never a pass that waits for its slowest request: each claimed message is sent by its own
+    task, which records its outcome itself, and the loop claims more whenever a task ends
+    (or every ``interval`` seconds). Each attempt has a total deadline (``deadline``
+    seconds, then it is a failure retried per the policy); at most ``per_endpoint`` messages
+    of one endpoint are in flight at once and at most ``max_in_flight`` in all. So an
+    endpoint that answers slowly, or one byte at a time, delays only its own messages: the
+    other endpoints keep the rest of the slots (issue 19, finding 3).
+    """
 
     def __init__(
         self,
@@ -871,7 +926,14 @@ class WebhookWorker:
         policy: RetryPolicy = DEFAULT_POLICY,
         http_client: httpx.AsyncClient | None = None,
         allow_private: bool = False,
+        deadline: float = 10.0,
+        per_endpoint: int = 4,
+        max_in_flight: int = 256,
+        lease: timedelta = timedelta(minutes=2),
+        resolver: Resolver = resolve_host,
     ) -> None:
+        if lease.total_seconds() <= deadline:
+            raise ValueError("the lease must outlast an attempt's deadline")
         self._session_factory = session_factory
         self._allow_private = allow_private
         self._secret_box = secret_box
@@ -879,43 +941,103 @@ class WebhookWorker:
         self._interval = interval
         self._policy = policy
         self._client = http_client
+        self._deadline = deadline
+        self._per_endpoint = per_endpoint
+        self._max_in_flight = max_in_flight
+        self._lease = lease
+        self._resolver = resolver
+        self._rng = random.Random()
         self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.batch_size = 50
+        self._sending: set[asyncio.Task[None]] = set()
+        self._busy: dict[str, int] = {}
 
     async def start(self) -> None:
         self._stop.clear()
         self._task = asyncio.create_task(self._run(), name="webhook-worker")
 
     async def stop(self) -> None:
+        """Stop claiming; abandon sends in flight (their lease makes them due again)."""
         self._stop.set()
+        self._wake.set()
         if self._task is not None:
             await self._task
             self._task = None
+
+    def in_flight(self) -> dict[str, int]:
+        """Messages being sent now, per endpoint id."""
+        return dict(self._busy)
 
     async def _run(self) -> None:
         owns_client = self._client is None
         client = self._client or httpx.AsyncClient(follow_redirects=False)
         try:
             while not self._stop.is_set():
-                busy = False
-                try:
-                    report = await deliver_due(
-                        self._session_factory,
-                        client,
-                        self._clock(),
-                        secret_box=self._secret_box,
-                        policy=self._policy,
-                        limit=self.batch_size,
-                        allow_private=self._allow_private,
-                    )
-                    busy = report.attempted + report.canceled >= self.batch_size
-                except Exception:  # the loop must survive a bad pass (DB restart, ...)
-                    log.exception("webhooks.pass_failed")
-                if busy:  # a full batch: more may be due right away
+                self._wake.clear()
+                room = self._max_in_flight - len(self._sending)
+                full = False
+                if room > 0:
+                    try:
+                        full = await self._claim_and_send(client, room)
+                    except Exception:  # the loop must survive a bad pass (DB restart, ...)
+                        log.exception("webhooks.pass_failed")
+                if full:  # every slot offered was taken: more may be due right away
                     continue
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), timeout=self._interval)
+                    # a send that ends frees a slot (and its endpoint) right away
+                    await asyncio.wait_for(self._wake.wait(), timeout=self._interval)
         finally:
+            for task in list(self._sending):
+                task.cancel()
+            if self._sending:
+                await asyncio.gather(*self._sending, return_exceptions=True)
             if owns_client:
                 await client.aclose()
+
+    async def _claim_and_send(self, client: httpx.AsyncClient, room: int) -> bool:
+        now = _aware(self._clock())
+        jobs, canceled = await asyncio.to_thread(
+            _claim_due,
+            self._session_factory,
+            now,
+            self._secret_box,
+            room,
+            self._lease,
+            dict(self._busy),
+            self._per_endpoint,
+        )
+        for job in jobs:
+            self._busy[job.endpoint_id] = self._busy.get(job.endpoint_id, 0) + 1
+            task = asyncio.create_task(self._deliver(client, job, now))
+            self._sending.add(task)
+            task.add_done_callback(self._sent)
+        return len(jobs) + canceled >= room
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sending.discard(task)
+        self._wake.set()
+
+    async def _deliver(self, client: httpx.AsyncClient, job: _Job, now: datetime) -> None:
+        try:
+            outcome = await _send(
+                client, job, now, self._deadline, self._allow_private, self._resolver
+            )
+            await asyncio.to_thread(
+                _record,
+                self._session_factory,
+                [outcome],
+                _aware(self._clock()),
+                self._policy,
+                self._rng,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # recorded next time: the lease makes the message due again
+            log.exception("webhooks.delivery_failed", message_id=job.message_id)
+        finally:
+            left = self._busy.get(job.endpoint_id, 1) - 1
+            if left > 0:
+                self._busy[job.endpoint_id] = left
+            else:
+                self._busy.pop(job.endpoint_id, None)
