@@ -396,7 +396,9 @@ async def run_pcsc(ctx: Context, rig: Rig, folder: Path, count: int) -> list[Mea
 async def _fund_over_reader(rig: Rig, reader: Any) -> None:
     from webpurse.merchant.flows import run_transaction
 
-    load = await rig.settlement.create(Kind.LOAD, FUNDING, description="bench", reference="pcsc")
+    load = await rig.settlement.create(
+        Kind.LOAD, FUNDING, description="bench", reference="pcsc", funding="merchant_float"
+    )
     outcome = await run_transaction(reader, rig.settlement, load, card_timeout=10)
     if outcome.status != "succeeded":
         raise SetupError(f"loading the PC/SC card ended {outcome.status} ({outcome.decline_code})")

@@ -107,6 +107,16 @@ class SettlementEnvironment:
         create_database(self.pg, self.database)
         self.cli("settlement", "init")
         out = json.loads(self.cli("settlement", "merchant", "create", "bench", "--json"))
+        # Loads are funded by money received: the bench merchant prepays its float.
+        self.cli(
+            "settlement",
+            "float",
+            "deposit",
+            out["id"],
+            str(BENCH_FLOAT),
+            "--bank-reference",
+            "bench-float",
+        )
         return Merchant(api_key=out["api_key"], terminal_id=out["terminal_id"])
 
     def issue_cards(self, count: int) -> list[CardApplet]:
@@ -216,6 +226,10 @@ def _process_tree(pid: int) -> list[int]:
     return found
 
 
+BENCH_FLOAT = 10**12
+"""Fen the bench merchant prepays into its top-up float (enough for every bench load)."""
+
+
 @contextlib.contextmanager
 def settlement_server(
     pg: PgServer, *, workers: int = 1
@@ -254,7 +268,9 @@ def _data(response: bytes, what: str) -> bytes:
 
 async def fund_card(settlement: SettlementClient, card: CardApplet, amount: int) -> None:
     """Load ``amount`` onto ``card`` through settlement's loads API (a top-up)."""
-    load = await settlement.create(Kind.LOAD, amount, description="bench", reference="bench")
+    load = await settlement.create(
+        Kind.LOAD, amount, description="bench", reference="bench", funding="merchant_float"
+    )
     _data(card.process(APDUS.select), "SELECT")
     issuer = _data(card.process(APDUS.read_issuer), "READ BINARY")
     init = cmd.InitializeForLoad(load.key_index, amount, load.terminal_id).to_apdu().to_bytes()

@@ -66,7 +66,13 @@ async def _shopper(
 ) -> None:
     async with SimReader(card) as reader:
         try:
-            load = await client.create(Kind.LOAD, FUNDS, description="soak", reference=f"s{number}")
+            load = await client.create(
+                Kind.LOAD,
+                FUNDS,
+                description="soak",
+                reference=f"s{number}",
+                funding="merchant_float",
+            )
             funded = await run_transaction(reader, client, load, card_timeout=5)
             outcomes[f"load {funded.status}"] += 1
             if funded.status != "succeeded":

@@ -496,7 +496,9 @@ async def test_real_card_payments_are_notified_by_webhook_and_cleared(
         transport = httpx.ASGITransport(app=stack.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://settlement") as http:
             merchant = SettlementClient(http, stack.keys[MERCHANT_A])
-            load = await merchant.create(Kind.LOAD, 10_000, description="", reference="cash-1")
+            load = await merchant.create(
+                Kind.LOAD, 10_000, description="", reference="cash-1", funding="merchant_float"
+            )
             assert (await run_transaction(reader, merchant, load, card_timeout=1)).status == (
                 "succeeded"
             )

@@ -30,7 +30,9 @@ async def test_purchase_and_load_with_the_merchants_flows(
     world: World, client: SettlementClient
 ) -> None:
     async with SimReader(world.issue()) as reader:
-        load = await client.create(Kind.LOAD, 5_000, description="top-up", reference="till")
+        load = await client.create(
+            Kind.LOAD, 5_000, description="top-up", reference="till", funding="merchant_float"
+        )
         assert (await run_transaction(reader, client, load)).status == "succeeded"
         payment = await client.create(Kind.PAYMENT, 1_250, description="tea", reference="o-1")
         outcome = await run_transaction(reader, client, payment)
@@ -59,7 +61,9 @@ async def test_recovery_required_costs_one_more_round_trip(
     world: World, client: SettlementClient
 ) -> None:
     async with SimReader(world.funded_card(10_000)) as reader:
-        first = await client.create(Kind.LOAD, 2_000, description="top-up", reference="till")
+        first = await client.create(
+            Kind.LOAD, 2_000, description="top-up", reference="till", funding="merchant_float"
+        )
         reader.inject(Fault.after(INS_CREDIT_FOR_LOAD))
         assert (await run_transaction(reader, client, first)).status == "uncertain"
         reader.insert()
