@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.card.support import make_card
+from tests.agent.test_cli import WEBPURSE, finish, run_agent
+from tests.card.support import make_card, make_state
+from tests.reader.remote_support import load, merchant_app, purchase, serve
 from tests.reader.support import GET_BALANCE, SELECT_EP, HostTerminal, step
-from webpurse.card import CardApplet
+from webpurse.card import CardApplet, ImageFile
 from webpurse.card.pn532sim import ApduEvent, Phase, Pn532Chip, PtyServer
 from webpurse.card.vpcd import CARD_ATR
 from webpurse.protocol import commands as cmd
 from webpurse.reader import CardRemoved, NoCard, Reader, ReaderTimeout
 from webpurse.reader.factory import ReaderSpecError, open_reader
+from webpurse.reader.messages import Outcome
 from webpurse.reader.pn532 import Pn532Reader, Pn532Unavailable, parse_port
+from webpurse.reader.remote import ReaderHub
 
 
 @dataclass
@@ -182,3 +188,48 @@ async def test_factory_spec() -> None:
             assert [r.sw for r in responses] == [0x9000, 0x9000]
         finally:
             await reader.close()
+
+
+async def test_the_agent_process_on_a_pn532_line_loads_and_pays(tmp_path: Path) -> None:
+    """Two real processes: ``webpurse card serve-pn532`` and ``webpurse agent --reader pn532:``;
+    the merchant's hub runs a load and a purchase through the agent, the PN532 and the card."""
+    image = tmp_path / "card.json"
+    ImageFile(image).create(make_state())
+    served = subprocess.Popen(
+        [*WEBPURSE, "card", "serve-pn532", str(image)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert served.stdout is not None
+        path = served.stdout.readline().strip()
+        hub = ReaderHub()
+        async with serve(merchant_app(hub)) as base:
+            try:
+                pairing = hub.issue("pn532_cli")
+                process = await run_agent(
+                    "--reader",
+                    f"pn532:{path}",
+                    "--yes",
+                    "--code",
+                    pairing.display_code,
+                    "--server",
+                    f"{base}/reader",
+                )
+                try:
+                    remote = await hub.wait_for_reader("pn532_cli", 15)
+                    await remote.wait_for_card(5)
+                    await load(remote, 3000)
+                    await purchase(remote, 1000)
+                    await remote.end(Outcome.SUCCEEDED, "paid", 1000)
+                finally:
+                    out = await finish(process)
+            finally:
+                await hub.close()
+        assert process.returncode == 0, out
+        assert "¥30.00" in out and "¥10.00" in out
+    finally:
+        served.terminate()
+        assert served.wait(timeout=10) == 0
+    assert ImageFile(image).load().balance == 2000
