@@ -136,3 +136,13 @@ def test_serve_pn532_prints_a_pty_that_nfc_list_opens(tmp_path: Path) -> None:
     finally:
         serve.terminate()
         assert serve.wait(timeout=10) == 0
+
+
+def test_nfcpys_start_up_extras_are_answered() -> None:
+    """nfcpy switches the baud rate and tests the line with a 265-byte extended frame."""
+    chip = Pn532Chip(None)
+    assert answers(chip, command_frame(0x10, b"\x07"))[1] == Information(TFI_CHIP, b"\x11")
+    line_test = b"\x00" + bytes(x & 0xFF for x in range(262))
+    assert answers(chip, command_frame(0x00, line_test))[1] == Information(
+        TFI_CHIP, b"\x01" + line_test
+    )

@@ -8,8 +8,9 @@ Split as h11 does: :class:`Pn532Chip` is pure (bytes from the host in, bytes to 
 out) and answers the commands libnfc's ``pn532_uart`` driver and webpurse send
 (UM0701-02 §7): Diagnose (communication test, card presence), GetFirmwareVersion,
 GetGeneralStatus, Read/WriteRegister (a register file that remembers what was written),
-SetParameters, SAMConfiguration, PowerDown, RFConfiguration, InListPassiveTarget (106 kbps
-type A only: other modulations find nothing), InDataExchange (with MI chaining both ways),
+SetParameters, SetSerialBaudRate (a no-op on a pty), SAMConfiguration, PowerDown,
+RFConfiguration, InListPassiveTarget (106 kbps type A only: other modulations find nothing),
+InDataExchange (with MI chaining both ways),
 InCommunicateThru (no target answers raw frames), InDeselect, InSelect, InRelease. Anything
 else gets the chip's syntax-error frame. :class:`PtyServer` is the thin loop that puts a
 chip on a pty.
@@ -295,6 +296,7 @@ _HANDLERS: dict[int, Callable[[Pn532Chip, bytes], bytes]] = {
     Command.READ_REGISTER: Pn532Chip._read_register,
     Command.WRITE_REGISTER: Pn532Chip._write_register,
     Command.SET_PARAMETERS: Pn532Chip._empty,
+    Command.SET_SERIAL_BAUD_RATE: Pn532Chip._empty,  # a pty has no baud rate to change
     Command.SAM_CONFIGURATION: Pn532Chip._empty,
     Command.POWER_DOWN: Pn532Chip._ok_status,
     Command.RF_CONFIGURATION: Pn532Chip._empty,

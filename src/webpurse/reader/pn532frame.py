@@ -45,8 +45,9 @@ TFI_CHIP = 0xD5
 
 #: LEN of a normal frame counts TFI and the data: at most 255.
 MAX_NORMAL = 255
-#: The PN532's buffer: 264 bytes of TFI‖PD in an extended frame (UM0701-02 §6.2.1.3).
-MAX_EXTENDED = 264
+#: The PN532's buffer: 265 bytes of TFI‖PD in an extended frame (UM0701-02 §6.2.1.3; libnfc
+#: allows 264 after TFI, nfcpy 265 in all).
+MAX_EXTENDED = 265
 
 
 class Command(IntEnum):
