@@ -44,6 +44,8 @@ MODULES = (
     "webpurse/reader/factory.py",
     "webpurse/reader/messages.py",
     "webpurse/reader/pcsc.py",
+    "webpurse/reader/pn532.py",
+    "webpurse/reader/pn532frame.py",
     "webpurse/protocol/*.py",
 )
 

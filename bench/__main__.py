@@ -39,9 +39,10 @@ BENCHMARKS: dict[str, str] = {
     "settlement": "bench.settlement",
     "latency": "bench.latency",
     "scale": "bench.scale",
+    "pn532": "bench.pn532",
 }
 # What a bare ``python -m bench`` runs (``settlement`` includes its own pgbench runs).
-DEFAULT = ["micro", "settlement", "latency", "scale"]
+DEFAULT = ["micro", "settlement", "latency", "scale", "pn532"]
 
 
 def _run_one(name: str, ctx: Context) -> list[Measurement]:

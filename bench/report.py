@@ -22,6 +22,7 @@ TITLES = {
     "settlement": "Settlement throughput through the HTTP API, beside pgbench",
     "latency": "End-to-end purchase latency by stage",
     "scale": "Merchant server: idle agent WebSocket connections",
+    "pn532": "A purchase over a PN532 serial line: bytes on the wire, 115200 baud, the pty",
 }
 
 NOTES = {

@@ -61,7 +61,9 @@ def choose_consent(mode: ConsentMode, yes: bool, language: str, timeout: float) 
 
 @app.callback(invoke_without_command=True)
 def agent(
-    reader: Annotated[str, typer.Option(help="sim:IMAGE (card image file), pcsc, or pcsc:NAME")],
+    reader: Annotated[
+        str, typer.Option(help="sim:IMAGE (card image file), pcsc, pcsc:NAME, or pn532:PORT[:BAUD]")
+    ],
     yes: Annotated[
         bool, typer.Option("--yes", help="allow debits and loads without asking (unattended)")
     ] = False,

@@ -145,3 +145,34 @@ def serve(
                 client.close()
     except (CardBusy, OSError, ValueError) as exc:
         raise _fail(str(exc)) from None
+
+
+@app.command("serve-pn532")
+def serve_pn532(
+    image: Annotated[Path, typer.Argument(help="card image file (every commit persists)")],
+) -> None:
+    """Serve the card in a simulated PN532 on a new pseudo-terminal until stopped.
+
+    Prints the pty's path: use it as the PN532's serial line, e.g. ``webpurse agent --reader
+    pn532:/dev/pts/N`` or libnfc's ``LIBNFC_DEFAULT_DEVICE=pn532_uart:/dev/pts/N nfc-list``.
+    Ctrl-C or SIGTERM stops it. See docs/readers.md.
+    """
+    from webpurse.card.pn532sim import Pn532Chip, PtyServer
+
+    try:
+        with open_card(image) as card:
+            server = PtyServer(Pn532Chip(card))
+            previous = {
+                sig: signal.signal(sig, lambda *_: server.stop())
+                for sig in (signal.SIGINT, signal.SIGTERM)
+            }
+            try:
+                err.print(f"serving card {card.state.issuer.card_number} in a PN532 on")
+                print(server.path, flush=True)
+                server.run()
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+                server.close()
+    except (CardBusy, OSError, ValueError) as exc:
+        raise _fail(str(exc)) from None

@@ -4,7 +4,10 @@ Specs:
 - ``sim:IMAGE`` — the card in image file ``IMAGE``, in an in-process reader (:class:`SimReader`);
 - ``pcsc`` — the first PC/SC reader pcscd knows;
 - ``pcsc:NAME`` — the PC/SC reader named ``NAME``, or the only one whose name contains it
-  (e.g. ``pcsc:Virtual PCD 00 00`` for a card served by ``webpurse card serve``).
+  (e.g. ``pcsc:Virtual PCD 00 00`` for a card served by ``webpurse card serve``);
+- ``pn532:PORT`` or ``pn532:PORT:BAUD`` — an NXP PN532 on the serial line ``PORT`` (e.g.
+  ``pn532:/dev/ttyUSB0``, default 115200 baud; ``webpurse card serve-pn532`` prints a pty to
+  use), see ``docs/readers.md``.
 
 The sim backend (and with it the card emulator) is imported only for a ``sim:`` spec, so
 the terminal agent installed alone (``docs/agent.md``) runs without ``webpurse.card``; there
@@ -23,8 +26,8 @@ if TYPE_CHECKING:
 
 
 class LocalReader(Reader, Protocol):
-    """What :func:`open_reader` returns (a :class:`PcscReader`, or a ``SimReader`` for
-    ``sim:``): a :class:`Reader` its owner closes."""
+    """What :func:`open_reader` returns (a :class:`PcscReader`, a ``Pn532Reader`` for
+    ``pn532:``, or a ``SimReader`` for ``sim:``): a :class:`Reader` its owner closes."""
 
     async def close(self) -> None: ...
 
@@ -38,7 +41,8 @@ def open_reader(spec: str) -> LocalReader:
 
     Raises :class:`ReaderSpecError` for an unknown spec, ``ReaderError`` for a card image
     in use elsewhere, ``FileNotFoundError`` for a missing image, and ``PcscUnavailable`` /
-    ``ReaderNotFound`` for PC/SC.
+    ``ReaderNotFound`` for PC/SC, ``Pn532Unavailable`` for a PN532 line that cannot be opened
+    or where no PN532 answers.
     """
     kind, _, argument = spec.partition(":")
     if kind == "sim":
@@ -47,7 +51,19 @@ def open_reader(spec: str) -> LocalReader:
         return _open_sim(argument)
     if kind == "pcsc":
         return PcscReader(argument or None)
-    raise ReaderSpecError(f"unknown reader {spec!r}: use sim:IMAGE, pcsc or pcsc:NAME")
+    if kind == "pn532":
+        if not argument:
+            raise ReaderSpecError("pn532 needs a serial line: pn532:/dev/ttyUSB0[:BAUD]")
+        from webpurse.reader.pn532 import Pn532Reader, parse_port
+
+        try:
+            port, baud = parse_port(argument)
+        except ValueError as exc:
+            raise ReaderSpecError(str(exc)) from None
+        return Pn532Reader(port, baud)
+    raise ReaderSpecError(
+        f"unknown reader {spec!r}: use sim:IMAGE, pcsc, pcsc:NAME or pn532:PORT[:BAUD]"
+    )
 
 
 def _open_sim(image: str) -> SimReader:
