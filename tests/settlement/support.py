@@ -11,6 +11,7 @@ import datetime as dt
 import itertools
 import os
 import secrets
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -238,7 +239,7 @@ class World:
     settings: Settings
     clock: FakeClock
     factory: SessionFactory
-    security: SoftwareSecurityModule
+    security: Any  # SoftwareSecurityModule or Pkcs11SecurityModule
     client: AppClient
     merchant_id: str
     merchant_key: str
@@ -273,7 +274,11 @@ class World:
 
 
 @contextmanager
-def make_world(url: str, *, clock: FakeClock | None = None) -> Iterator[World]:
+def make_world(
+    url: str, *, clock: FakeClock | None = None, security_module: str = "software"
+) -> Iterator[World]:
+    """A settlement server on ``url``; with ``security_module="pkcs11"`` its keys are in a
+    fresh SoftHSM2 token (the software module's master keys migrated into it)."""
     clock = clock or FakeClock()
     kek = secrets.token_bytes(32)
     settings = Settings(
@@ -287,11 +292,21 @@ def make_world(url: str, *, clock: FakeClock | None = None) -> Iterator[World]:
         public_docs=True,  # as in the demo; tests/settlement/test_auth.py checks it off
     )
     engine = make_engine(url, pool_size=5, max_overflow=5)
+    closers: list[Any] = []
     try:
         migrate(engine)
         factory = make_session_factory(engine)
         generate_master_keys(factory, kek, clock())
-        security = SoftwareSecurityModule.load(factory, kek)
+        security: Any = SoftwareSecurityModule.load(factory, kek)
+        if security_module == "pkcs11":
+            from tests.settlement.pkcs11_support import new_token
+            from webpurse.settlement.pkcs11 import Pkcs11SecurityModule, migrate_from_software
+
+            folder = Path(tempfile.mkdtemp(prefix="webpurse-pin-"))
+            token = Pkcs11SecurityModule(new_token(folder))
+            migrate_from_software(security, token, factory)
+            security = token
+            closers.append(token.close)
         with factory() as session, session.begin():
             merchant, merchant_key = create_merchant(session, "Shop A", clock())
             other, other_key = create_merchant(session, "Shop B", clock())
@@ -314,6 +329,8 @@ def make_world(url: str, *, clock: FakeClock | None = None) -> Iterator[World]:
                 operator_key=operator_key,
             )
     finally:
+        for close in closers:
+            close()
         engine.dispose()
 
 

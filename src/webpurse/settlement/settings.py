@@ -66,6 +66,15 @@ class Settings:
     # The API documentation (/docs, /openapi.json) is public only when asked:
     # WEBPURSE_PUBLIC_DOCS=1 (the demo sets it). /health is always public.
     public_docs: bool = False
+    # Where the master keys live: "software" (sealed in the database under the KEK) or
+    # "pkcs11" (a PKCS#11 token: WEBPURSE_PKCS11_MODULE, WEBPURSE_PKCS11_TOKEN_LABEL or
+    # WEBPURSE_PKCS11_SLOT, and the user PIN in WEBPURSE_PKCS11_PIN_FILE). See
+    # docs/security-module.md.
+    security_module: str = "software"
+    pkcs11_module: Path | None = None
+    pkcs11_token_label: str | None = None
+    pkcs11_slot: int | None = None
+    pkcs11_pin_file: Path | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, *, migrate: bool = False) -> Settings:
@@ -74,7 +83,16 @@ class Settings:
         url = env.get("WEBPURSE_DATABASE_URL") or f"sqlite:///{data_dir / 'settlement.db'}"
         kek_file = env.get("WEBPURSE_KEK_FILE")
         kek_text = env.get("WEBPURSE_KEK")
-        from webpurse.settlement.security import parse_kek
+        from webpurse.settlement.security import SecurityError, parse_kek
+
+        module = env.get("WEBPURSE_SECURITY_MODULE", "software").strip().lower() or "software"
+        if module not in ("software", "pkcs11"):
+            raise SecurityError(
+                f"WEBPURSE_SECURITY_MODULE must be software or pkcs11, not {module!r}"
+            )
+        slot = env.get("WEBPURSE_PKCS11_SLOT")
+        pin_file = env.get("WEBPURSE_PKCS11_PIN_FILE")
+        p11_module = env.get("WEBPURSE_PKCS11_MODULE")
 
         return cls(
             database_url=url,
@@ -87,6 +105,11 @@ class Settings:
             sweep_interval=float(env.get("WEBPURSE_SWEEP_INTERVAL", "30")),
             webhook_allow_private=_flag(env.get("WEBPURSE_WEBHOOK_ALLOW_PRIVATE", "")),
             public_docs=_flag(env.get("WEBPURSE_PUBLIC_DOCS", "")),
+            security_module=module,
+            pkcs11_module=Path(p11_module) if p11_module else None,
+            pkcs11_token_label=env.get("WEBPURSE_PKCS11_TOKEN_LABEL") or None,
+            pkcs11_slot=int(slot) if slot else None,
+            pkcs11_pin_file=Path(pin_file) if pin_file else None,
         )
 
     @property

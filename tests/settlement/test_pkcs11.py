@@ -1,0 +1,363 @@
+"""The PKCS#11 security module on a real SoftHSM2 token (docs/security-module.md).
+
+Each test gets a fresh token. The settlement payment, load and refund suites also run on a
+token (tests/settlement/conftest.py); these tests show what those cannot: the master keys'
+attributes and refusals, the spec's worked examples, and that the token module produces
+the same purchase and load, byte for byte, as the software module it was migrated from.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.settlement.pkcs11_support import new_token
+from tests.settlement.support import deterministic_random, ok
+from webpurse.card import CardApplet, MemoryStore
+from webpurse.protocol import host
+from webpurse.protocol.commands import (
+    EP_AID,
+    CreditForLoad,
+    CreditForLoadResponse,
+    DebitForPurchase,
+    DebitForPurchaseResponse,
+    InitializeForLoad,
+    InitializeForLoadResponse,
+    InitializeForPurchase,
+    InitializeForPurchaseResponse,
+    Select,
+)
+from webpurse.settlement.pkcs11 import Pkcs11SecurityModule, migrate_cards
+from webpurse.settlement.security import KINDS, SecurityError, SoftwareSecurityModule, _KeySet
+
+pytestmark = pytest.mark.pkcs11
+
+SERIAL = bytes.fromhex("0000000000000000A001")
+TERMINAL = bytes.fromhex("001122334455")
+WHEN = {"date": dt.date(2026, 12, 6), "time": dt.time(5, 30, 0)}
+
+
+@pytest.fixture
+def token(tmp_path: Path) -> Iterator[Pkcs11SecurityModule]:
+    module = Pkcs11SecurityModule(new_token(tmp_path))
+    try:
+        yield module
+    finally:
+        module.close()
+
+
+def _software() -> SoftwareSecurityModule:
+    keys = _KeySet(*(secrets.token_bytes(16) for _ in KINDS))
+    return SoftwareSecurityModule({1: keys}, 1)
+
+
+def _error_name(exc: BaseException) -> str:
+    import PyKCS11
+
+    return str(PyKCS11.CKR[getattr(exc, "value", -1)])
+
+
+# --- the master keys ---------------------------------------------------------------
+
+
+def test_master_keys_are_generated_sensitive_unextractable_and_derive_only(
+    token: Pkcs11SecurityModule,
+) -> None:
+    assert token.generate_master_keys() is True
+    assert token.generate_master_keys() is False  # idempotent, as `settlement init`
+    assert token.key_version == 1
+    dump = {kind: token.master_key_attributes(kind, 1) for kind in KINDS}
+    print(json.dumps(dump, indent=2))  # the attribute dump docs/security-module.md quotes
+    for kind, attributes in dump.items():
+        assert attributes["CKA_LABEL"] == f"webpurse:{kind}:v1"
+        assert attributes["CKA_KEY_TYPE"] == "CKK_DES2"
+        assert attributes["CKA_TOKEN"] is True
+        assert attributes["CKA_SENSITIVE"] is True
+        assert attributes["CKA_ALWAYS_SENSITIVE"] is True
+        assert attributes["CKA_EXTRACTABLE"] is False
+        assert attributes["CKA_NEVER_EXTRACTABLE"] is True
+        assert attributes["CKA_LOCAL"] is True  # generated inside the token
+        assert attributes["CKA_DERIVE"] is True
+        for use in ("CKA_ENCRYPT", "CKA_DECRYPT", "CKA_WRAP", "CKA_UNWRAP", "CKA_SIGN"):
+            assert attributes[use] is False, use
+        assert attributes["CKA_MODIFIABLE"] is False
+        assert attributes["CKA_VALUE"] == "<refused: CKR_ATTRIBUTE_SENSITIVE>"
+
+
+def test_the_token_refuses_to_encrypt_with_or_export_a_master_key(
+    token: Pkcs11SecurityModule,
+) -> None:
+    """Encrypting D || NOT D under the DPK master key would hand out every card's DPK."""
+    import PyKCS11
+
+    token.generate_master_keys()
+    master = token.master_key_handle("dpk", 1)
+    d = SERIAL[-8:]
+    with token.raw_session() as session:
+        with pytest.raises(PyKCS11.PyKCS11Error) as refused:
+            session.encrypt(
+                master, d + bytes(b ^ 0xFF for b in d), PyKCS11.Mechanism(PyKCS11.CKM_DES3_ECB)
+            )
+        assert _error_name(refused.value) == "CKR_KEY_FUNCTION_NOT_PERMITTED"
+        wrapping = session.generateKey(
+            [
+                (PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY),
+                (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_AES),
+                (PyKCS11.CKA_VALUE_LEN, 32),
+                (PyKCS11.CKA_TOKEN, False),
+                (PyKCS11.CKA_WRAP, True),
+            ],
+            PyKCS11.Mechanism(PyKCS11.CKM_AES_KEY_GEN),
+        )
+        with pytest.raises(PyKCS11.PyKCS11Error) as unwrappable:
+            session.wrapKey(wrapping, master, PyKCS11.Mechanism(PyKCS11.CKM_AES_KEY_WRAP))
+        assert _error_name(unwrappable.value) == "CKR_KEY_UNEXTRACTABLE"
+        assert session.getAttributeValue(master, [PyKCS11.CKA_VALUE]) == [None]
+        with pytest.raises(PyKCS11.PyKCS11Error) as readonly:
+            session.setAttributeValue(master, [(PyKCS11.CKA_EXTRACTABLE, True)])
+        assert _error_name(readonly.value) == "CKR_ACTION_PROHIBITED"
+
+
+def test_key_rotation_makes_the_new_version_current_and_keeps_the_old(
+    token: Pkcs11SecurityModule,
+) -> None:
+    token.generate_master_keys(1)
+    old_card = token.personalise(SERIAL, start=WHEN["date"])
+    token.generate_master_keys(2)
+    assert token.versions == [1, 2] and token.key_version == 2
+    assert token.personalise(bytes.fromhex("0000000000000000A002"), start=WHEN["date"])
+    # A card of version 1 still pays: its keys derive from the version-1 masters.
+    applet = _applet(old_card)
+    assert _load(applet, token, amount=100)["verified"] is True
+    assert _purchase(applet, token, amount=60)["verified"] is True
+
+
+def test_a_migration_runs_once(token: Pkcs11SecurityModule) -> None:
+    software = _software()
+    token.import_master_keys(software.export_master_keys())
+    with pytest.raises(SecurityError, match="already holds master keys of versions \\[1\\]"):
+        token.import_master_keys(software.export_master_keys())
+    attributes = token.master_key_attributes("dpk", 1)
+    assert attributes["CKA_LOCAL"] is False  # imported, and says so
+    assert attributes["CKA_SENSITIVE"] is True and attributes["CKA_EXTRACTABLE"] is False
+
+
+def test_a_card_without_a_tac_key_in_the_token_is_an_operator_error(
+    token: Pkcs11SecurityModule,
+) -> None:
+    token.import_master_keys(_software().export_master_keys())
+    with pytest.raises(SecurityError, match="no TAC key for card 0000000000000000A001"):
+        token.verify_load_tac(
+            SERIAL,
+            1,
+            new_balance=1,
+            online_counter=0,
+            amount=1,
+            terminal_id=TERMINAL,
+            tac=bytes(4),
+            **WHEN,  # type: ignore[arg-type]
+        )
+
+
+# --- the spec's worked examples (§8) with their card keys imported --------------------
+
+KEY_A = bytes.fromhex("11223344556677888877665544332211")
+RANDOM_A = bytes.fromhex("11223344")
+
+
+def test_worked_example_a_through_the_token(token: Pkcs11SecurityModule) -> None:
+    for kind in KINDS:
+        token.import_card_key(kind, SERIAL, 1, KEY_A)
+    load = {"random": RANDOM_A, "online_counter": 0, "amount": 0x1000, "terminal_id": TERMINAL}
+    assert token.verify_load_mac1(SERIAL, 1, balance=0, mac1=bytes.fromhex("A5638AA0"), **load)  # type: ignore[arg-type]
+    assert not token.verify_load_mac1(SERIAL, 1, balance=0, mac1=bytes.fromhex("A5638AA1"), **load)  # type: ignore[arg-type]
+    mac2 = token.load_mac2(SERIAL, 1, date=dt.date(2011, 12, 21), time=dt.time(21, 48, 22), **load)  # type: ignore[arg-type]
+    assert mac2.hex().upper() == "FDD12AF1"
+    purchase = {"random": RANDOM_A, "offline_counter": 0, "terminal_seq": 1, "amount": 0x1000}
+    when = {"date": dt.date(2012, 2, 29), "time": dt.time(13, 51, 0)}
+    mac1 = token.purchase_mac1(SERIAL, 1, terminal_id=TERMINAL, **purchase, **when)  # type: ignore[arg-type]
+    assert mac1.hex().upper() == "F15CAB75"
+    tac = host.purchase_tac(KEY_A, amount=0x1000, terminal_id=TERMINAL, terminal_seq=1, **when)
+    assert token.verify_purchase_mac2_and_tac(
+        SERIAL,
+        1,
+        terminal_id=TERMINAL,
+        mac2=bytes.fromhex("56988A13"),
+        tac=tac,
+        **purchase,
+        **when,  # type: ignore[arg-type]
+    )
+    assert not token.verify_purchase_mac2_and_tac(
+        SERIAL,
+        1,
+        terminal_id=TERMINAL,
+        mac2=bytes.fromhex("56988A14"),
+        tac=tac,
+        **purchase,
+        **when,  # type: ignore[arg-type]
+    )
+
+
+def test_worked_example_b_real_card_load_through_the_token(token: Pkcs11SecurityModule) -> None:
+    token.import_card_key("dlk", SERIAL, 1, bytes.fromhex("3F013F013F013F013F013F013F013F01"))
+    assert token.verify_load_mac1(
+        SERIAL,
+        1,
+        random=bytes.fromhex("F9CABA91"),
+        online_counter=0,
+        balance=0,
+        amount=0x1234,
+        terminal_id=bytes.fromhex("000000000001"),
+        mac1=bytes.fromhex("6C394D64"),
+    )
+
+
+# --- the same purchase and load with either module ------------------------------------
+
+
+def _applet(state: Any, seed: int = 7) -> CardApplet:
+    applet = CardApplet(state, MemoryStore(state), deterministic_random(seed))
+    ok(applet, Select(name=EP_AID).to_apdu())
+    return applet
+
+
+def _purchase(applet: CardApplet, module: Any, *, amount: int) -> dict[str, Any]:
+    serial = applet.state.issuer.serial
+    init_apdu = InitializeForPurchase(1, amount, TERMINAL).to_apdu()
+    init = InitializeForPurchaseResponse.from_data(ok(applet, init_apdu))
+    seq = 42
+    mac1 = module.purchase_mac1(
+        serial,
+        init.key_version,
+        random=init.random,
+        offline_counter=init.offline_counter,
+        terminal_seq=seq,
+        amount=amount,
+        terminal_id=TERMINAL,
+        **WHEN,
+    )
+    debit_apdu = DebitForPurchase(seq, WHEN["date"], WHEN["time"], mac1).to_apdu()  # type: ignore[arg-type]
+    answer = DebitForPurchaseResponse.from_data(ok(applet, debit_apdu))
+    verified = module.verify_purchase_mac2_and_tac(
+        serial,
+        init.key_version,
+        random=init.random,
+        offline_counter=init.offline_counter,
+        terminal_seq=seq,
+        amount=amount,
+        terminal_id=TERMINAL,
+        mac2=answer.mac2,
+        tac=answer.tac,
+        **WHEN,
+    )
+    return {
+        "apdus": [
+            init_apdu.to_bytes().hex(),
+            init.to_data().hex(),
+            debit_apdu.to_bytes().hex(),
+            answer.to_data().hex(),
+        ],
+        "verified": verified,
+    }
+
+
+def _load(applet: CardApplet, module: Any, *, amount: int) -> dict[str, Any]:
+    serial = applet.state.issuer.serial
+    init_apdu = InitializeForLoad(1, amount, TERMINAL).to_apdu()
+    init = InitializeForLoadResponse.from_data(ok(applet, init_apdu))
+    common = {
+        "random": init.random,
+        "online_counter": init.online_counter,
+        "amount": amount,
+        "terminal_id": TERMINAL,
+    }
+    mac1_ok = module.verify_load_mac1(
+        serial, init.key_version, balance=init.balance, mac1=init.mac1, **common
+    )
+    mac2 = module.load_mac2(serial, init.key_version, **common, **WHEN)
+    credit_apdu = CreditForLoad(WHEN["date"], WHEN["time"], mac2).to_apdu()  # type: ignore[arg-type]
+    answer = CreditForLoadResponse.from_data(ok(applet, credit_apdu))
+    tac_ok = module.verify_load_tac(
+        serial,
+        init.key_version,
+        new_balance=init.balance + amount,
+        online_counter=init.online_counter,
+        amount=amount,
+        terminal_id=TERMINAL,
+        tac=answer.tac,
+        **WHEN,
+    )
+    return {
+        "apdus": [
+            init_apdu.to_bytes().hex(),
+            init.to_data().hex(),
+            credit_apdu.to_bytes().hex(),
+            answer.to_data().hex(),
+        ],
+        "verified": mac1_ok and tac_ok,
+    }
+
+
+def test_the_same_load_and_purchase_byte_for_byte_with_either_module(
+    token: Pkcs11SecurityModule,
+) -> None:
+    """A card issued by the software module; its keys migrated into the token; the same
+    card (twice, same random numbers), the same terminal: the same APDUs, MACs and TAC."""
+    software = _software()
+    state = software.personalise(SERIAL, start=WHEN["date"])
+    token.import_master_keys(software.export_master_keys())
+    assert migrate_cards(token, [(SERIAL, 1, software.card_dtk(SERIAL, 1))]) == 1
+    by_software, by_token = _applet(state), _applet(state)
+    runs = {}
+    for name, applet, module in (("software", by_software, software), ("pkcs11", by_token, token)):
+        runs[name] = [_load(applet, module, amount=5000), _purchase(applet, module, amount=1234)]
+    print(json.dumps(runs, indent=2))
+    assert runs["software"] == runs["pkcs11"]
+    assert all(step["verified"] for step in runs["pkcs11"])
+
+
+def test_a_card_issued_by_the_token_pays_and_the_software_module_agrees(
+    token: Pkcs11SecurityModule,
+) -> None:
+    """Issuance from the token (card keys leave it once, into the card) gives a card whose
+    MACs the software module with the same master keys computes identically."""
+    software = _software()
+    token.import_master_keys(software.export_master_keys())
+    state = token.personalise(SERIAL, start=WHEN["date"])
+    assert token.tac_key_count() == 1
+    runs = []
+    for module in (software, token):
+        applet = _applet(state)
+        runs.append([_load(applet, module, amount=700), _purchase(applet, module, amount=300)])
+    assert runs[0] == runs[1]
+    assert all(step["verified"] for step in runs[1])
+
+
+def test_a_forged_tac_or_mac_is_refused_by_the_token(token: Pkcs11SecurityModule) -> None:
+    token.generate_master_keys()
+    applet = _applet(token.personalise(SERIAL, start=WHEN["date"]))
+    init = InitializeForLoadResponse.from_data(
+        ok(applet, InitializeForLoad(1, 100, TERMINAL).to_apdu())
+    )
+    common = {
+        "random": init.random,
+        "online_counter": init.online_counter,
+        "amount": 100,
+        "terminal_id": TERMINAL,
+    }
+    forged = bytes(b ^ 1 for b in init.mac1)
+    assert token.verify_load_mac1(SERIAL, 1, balance=0, mac1=init.mac1, **common)  # type: ignore[arg-type]
+    assert not token.verify_load_mac1(SERIAL, 1, balance=0, mac1=forged, **common)  # type: ignore[arg-type]
+    mac2 = token.load_mac2(SERIAL, 1, **common, **WHEN)  # type: ignore[arg-type]
+    tac = CreditForLoadResponse.from_data(
+        ok(applet, CreditForLoad(WHEN["date"], WHEN["time"], mac2).to_apdu())  # type: ignore[arg-type]
+    ).tac
+    kwargs = {"new_balance": 100, "online_counter": 0, "amount": 100, "terminal_id": TERMINAL}
+    assert token.verify_load_tac(SERIAL, 1, tac=tac, **kwargs, **WHEN)  # type: ignore[arg-type]
+    assert not token.verify_load_tac(SERIAL, 1, tac=bytes(b ^ 1 for b in tac), **kwargs, **WHEN)  # type: ignore[arg-type]
