@@ -39,9 +39,10 @@ BENCHMARKS: dict[str, str] = {
     "settlement": "bench.settlement",
     "latency": "bench.latency",
     "scale": "bench.scale",
+    "security": "bench.security",
 }
 # What a bare ``python -m bench`` runs (``settlement`` includes its own pgbench runs).
-DEFAULT = ["micro", "settlement", "latency", "scale"]
+DEFAULT = ["micro", "security", "settlement", "latency", "scale"]
 
 
 def _run_one(name: str, ctx: Context) -> list[Measurement]:

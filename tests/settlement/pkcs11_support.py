@@ -15,7 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from webpurse.settlement.pkcs11 import DEFAULT_MODULE, TokenConfig
+from webpurse.settlement.pkcs11 import (
+    DEFAULT_MODULE,
+    TokenConfig,
+    initialise_token,
+    softhsm2_config,
+)
 
 SO_PIN = "so-" + secrets.token_hex(4)
 _lock = threading.Lock()
@@ -44,44 +49,18 @@ def _configure() -> None:
     if _conf_dir is not None:
         return
     folder = Path(tempfile.mkdtemp(prefix="webpurse-softhsm-"))
-    (folder / "tokens").mkdir()
-    conf = folder / "softhsm2.conf"
-    conf.write_text(
-        f"directories.tokendir = {folder / 'tokens'}\nobjectstore.backend = file\n"
-        "log.level = ERROR\nslots.removable = false\n",
-        encoding="ascii",
-    )
-    os.environ["SOFTHSM2_CONF"] = str(conf)
+    os.environ["SOFTHSM2_CONF"] = str(softhsm2_config(folder))
     _conf_dir = folder
 
 
 def new_token(folder: Path, label: str | None = None) -> TokenConfig:
     """Initialise a fresh token (its own label, a random user PIN in a 0600 file)."""
     require_softhsm()
-    import PyKCS11
-
     with _lock:
         _configure()
         label = label or "wp-" + secrets.token_hex(6)
         pin = secrets.token_hex(8)
-        lib = PyKCS11.PyKCS11Lib()
-        lib.load(str(DEFAULT_MODULE))
-        free = next(
-            s
-            for s in lib.getSlotList()
-            if not lib.getTokenInfo(s).flags & PyKCS11.CKF_TOKEN_INITIALIZED
-        )
-        lib.initToken(free, SO_PIN, label)
-        slot = next(
-            s
-            for s in lib.getSlotList(tokenPresent=True)
-            if lib.getTokenInfo(s).label.rstrip("\x00 ") == label
-        )
-        session = lib.openSession(slot, PyKCS11.CKF_SERIAL_SESSION | PyKCS11.CKF_RW_SESSION)
-        session.login(SO_PIN, PyKCS11.CKU_SO)
-        session.initPin(pin)
-        session.logout()
-        session.closeSession()
+        initialise_token(DEFAULT_MODULE, label, so_pin=SO_PIN, pin=pin)
     pin_file = folder / f"{label}.pin"
     pin_file.write_text(pin + "\n", encoding="ascii")
     pin_file.chmod(0o600)

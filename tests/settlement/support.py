@@ -275,11 +275,14 @@ class World:
 
 @contextmanager
 def make_world(
-    url: str, *, clock: FakeClock | None = None, security_module: str = "software"
+    url: str, *, clock: FakeClock | None = None, security_module: str | None = None
 ) -> Iterator[World]:
     """A settlement server on ``url``; with ``security_module="pkcs11"`` its keys are in a
-    fresh SoftHSM2 token (the software module's master keys migrated into it)."""
+    fresh SoftHSM2 token (the software module's master keys migrated into it). The default
+    is ``WEBPURSE_TEST_SECURITY_MODULE`` (software if unset): any suite built on this world,
+    e.g. the slow recovery suite, runs on the token with that variable set."""
     clock = clock or FakeClock()
+    security_module = security_module or os.environ.get("WEBPURSE_TEST_SECURITY_MODULE", "software")
     kek = secrets.token_bytes(32)
     settings = Settings(
         database_url=url,

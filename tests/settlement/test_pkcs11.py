@@ -361,3 +361,116 @@ def test_a_forged_tac_or_mac_is_refused_by_the_token(token: Pkcs11SecurityModule
     kwargs = {"new_balance": 100, "online_counter": 0, "amount": 100, "terminal_id": TERMINAL}
     assert token.verify_load_tac(SERIAL, 1, tac=tac, **kwargs, **WHEN)  # type: ignore[arg-type]
     assert not token.verify_load_tac(SERIAL, 1, tac=bytes(b ^ 1 for b in tac), **kwargs, **WHEN)  # type: ignore[arg-type]
+
+
+# --- the operator's commands --------------------------------------------------------
+
+
+def test_init_on_a_token_and_the_one_time_migration_from_the_software_module(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from webpurse.cli import app
+
+    for name in ("WEBPURSE_DATABASE_URL", "WEBPURSE_KEK", "WEBPURSE_KEK_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WEBPURSE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    runner = CliRunner()
+
+    # A fresh install on a token: init generates the master keys inside it.
+    fresh = new_token(tmp_path)
+    monkeypatch.setenv("WEBPURSE_SECURITY_MODULE", "pkcs11")
+    monkeypatch.setenv("WEBPURSE_PKCS11_TOKEN_LABEL", str(fresh.label))
+    monkeypatch.setenv("WEBPURSE_PKCS11_PIN_FILE", str(tmp_path / f"{fresh.label}.pin"))
+    made = runner.invoke(app, ["settlement", "init"])
+    assert made.exit_code == 0 and "master keys created" in made.output, made.output
+    again = runner.invoke(app, ["settlement", "init"])
+    assert again.exit_code == 0 and "master keys present" in again.output
+    assert not (tmp_path / "config" / "webpurse" / "kek.key").exists()  # no KEK needed
+    issued = runner.invoke(
+        app, ["settlement", "card", "issue", str(tmp_path / "t.json"), "--serial", "00" * 9 + "01"]
+    )
+    assert issued.exit_code == 0, issued.output
+
+    # An install that ran on the software module moves to a second token, once.
+    monkeypatch.setenv("WEBPURSE_DATA_DIR", str(tmp_path / "data2"))
+    monkeypatch.setenv("WEBPURSE_SECURITY_MODULE", "software")
+    assert runner.invoke(app, ["settlement", "init"]).exit_code == 0
+    old = runner.invoke(
+        app, ["settlement", "card", "issue", str(tmp_path / "s.json"), "--serial", "00" * 9 + "02"]
+    )
+    assert old.exit_code == 0, old.output
+    target = new_token(tmp_path)
+    monkeypatch.setenv("WEBPURSE_PKCS11_TOKEN_LABEL", str(target.label))
+    monkeypatch.setenv("WEBPURSE_PKCS11_PIN_FILE", str(tmp_path / f"{target.label}.pin"))
+    moved = runner.invoke(app, ["settlement", "migrate-keys-to-token"])
+    assert moved.exit_code == 0, moved.output
+    assert "versions [1]" in moved.output and "TAC keys of 1 cards" in moved.output
+    twice = runner.invoke(app, ["settlement", "migrate-keys-to-token"])
+    assert twice.exit_code == 2 and "already holds master keys" in twice.output
+
+    # The card issued before the migration checks out against the token.
+    from webpurse.card.image import ImageFile
+
+    state = ImageFile(tmp_path / "s.json").load()
+    module = Pkcs11SecurityModule(target)
+    try:
+        applet = _applet(state)
+        assert _load(applet, module, amount=500)["verified"] is True
+        assert _purchase(applet, module, amount=200)["verified"] is True
+    finally:
+        module.close()
+
+
+def test_a_bad_pin_file_or_module_choice_is_refused(tmp_path: Path) -> None:
+    from webpurse.settlement.pkcs11 import read_pin_file
+    from webpurse.settlement.settings import Settings
+
+    with pytest.raises(SecurityError, match="software or pkcs11"):
+        Settings.from_env({"WEBPURSE_SECURITY_MODULE": "hsm"})
+    loose = tmp_path / "pin"
+    loose.write_text("1234\n")
+    loose.chmod(0o644)
+    with pytest.raises(SecurityError, match="chmod 600"):
+        read_pin_file(loose)
+    with pytest.raises(SecurityError, match="no PKCS#11 PIN file"):
+        read_pin_file(tmp_path / "absent")
+
+
+# --- what the token does not stop (docs/security-module.md, "The PIN") -----------------
+
+
+def test_softhsm2_lets_a_pin_holder_derive_an_exportable_card_key(
+    token: Pkcs11SecurityModule,
+) -> None:
+    """Derive-only stops C_Encrypt, not CKM_DES3_ECB_ENCRYPT_DATA into an extractable key:
+    issuance needs exactly that, and SoftHSM2 has no policy to limit it to issuance. So
+    whoever holds the PIN can read card keys; the PIN is guarded like the master keys."""
+    import PyKCS11
+
+    from webpurse.protocol.crypto import diversify
+
+    software = _software()
+    token.import_master_keys(software.export_master_keys())
+    d = SERIAL[-8:]
+    with token.raw_session() as session:
+        handle = session.deriveKey(
+            token.master_key_handle("dpk", 1),
+            [
+                (PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY),
+                (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_DES2),
+                (PyKCS11.CKA_TOKEN, False),
+                (PyKCS11.CKA_SENSITIVE, False),
+                (PyKCS11.CKA_EXTRACTABLE, True),
+            ],
+            PyKCS11.KEY_DERIVATION_STRING_DATA_MechanismBase(
+                d + bytes(b ^ 0xFF for b in d), PyKCS11.CKM_DES3_ECB_ENCRYPT_DATA
+            ),
+        )
+        (value,) = session.getAttributeValue(handle, [PyKCS11.CKA_VALUE], allAsBinary=True)
+        session.destroyObject(handle)
+    expected = diversify(software.export_master_keys()[("dpk", 1)], SERIAL)
+    # The same DES key; SoftHSM2 sets each byte's parity bit (DES ignores it).
+    assert bytes(b & 0xFE for b in bytes(value)) == bytes(b & 0xFE for b in expected)

@@ -118,6 +118,46 @@ def token_config(settings: Settings) -> TokenConfig:
     )
 
 
+def initialise_token(module: Path, label: str, *, so_pin: str, pin: str) -> None:
+    """Initialise a free slot's token as ``label`` with a user PIN (SoftHSM2 tests, bench,
+    a demo token). A production token is initialised by its security officer."""
+    p11 = _pkcs11()
+    lib = p11.PyKCS11Lib()
+    lib.load(str(module))
+    free = next(
+        (s for s in lib.getSlotList() if not lib.getTokenInfo(s).flags & p11.CKF_TOKEN_INITIALIZED),
+        None,
+    )
+    if free is None:
+        raise SecurityError(f"no free slot in {module} to initialise a token in")
+    lib.initToken(free, so_pin, label)
+    slot = next(
+        s
+        for s in lib.getSlotList(tokenPresent=True)
+        if lib.getTokenInfo(s).label.rstrip("\x00 ") == label
+    )
+    session = lib.openSession(slot, p11.CKF_SERIAL_SESSION | p11.CKF_RW_SESSION)
+    try:
+        session.login(so_pin, p11.CKU_SO)
+        session.initPin(pin)
+        session.logout()
+    finally:
+        session.closeSession()
+
+
+def softhsm2_config(folder: Path) -> Path:
+    """Write a SoftHSM2 config whose tokens live in ``folder/tokens``; export its path as
+    ``SOFTHSM2_CONF`` before the library is first loaded in the process."""
+    (folder / "tokens").mkdir(parents=True, exist_ok=True)
+    conf = folder / "softhsm2.conf"
+    conf.write_text(
+        f"directories.tokendir = {folder / 'tokens'}\nobjectstore.backend = file\n"
+        "log.level = ERROR\nslots.removable = false\n",
+        encoding="ascii",
+    )
+    return conf
+
+
 class Pkcs11SecurityModule:
     """The security module on a PKCS#11 token: no key value ever enters this process
     except the card keys :meth:`personalise` hands to the card being issued."""
