@@ -369,9 +369,11 @@ def test_a_forged_tac_or_mac_is_refused_by_the_token(token: Pkcs11SecurityModule
 def test_init_on_a_token_and_the_one_time_migration_from_the_software_module(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from sqlalchemy import text
     from typer.testing import CliRunner
 
     from webpurse.cli import app
+    from webpurse.settlement.db import make_engine
 
     for name in ("WEBPURSE_DATABASE_URL", "WEBPURSE_KEK", "WEBPURSE_KEK_FILE"):
         monkeypatch.delenv(name, raising=False)
@@ -388,7 +390,9 @@ def test_init_on_a_token_and_the_one_time_migration_from_the_software_module(
     assert made.exit_code == 0 and "master keys created" in made.output, made.output
     again = runner.invoke(app, ["settlement", "init"])
     assert again.exit_code == 0 and "master keys present" in again.output
-    assert not (tmp_path / "config" / "webpurse" / "kek.key").exists()  # no KEK needed
+    # The master keys are in the token, not the database (the KEK seals webhook secrets).
+    with make_engine(f"sqlite:///{tmp_path / 'data' / 'settlement.db'}").connect() as db:
+        assert db.execute(text("select count(*) from master_keys")).scalar() == 0
     issued = runner.invoke(
         app, ["settlement", "card", "issue", str(tmp_path / "t.json"), "--serial", "00" * 9 + "01"]
     )

@@ -77,12 +77,15 @@ def _prepare_sqlite_dir(settings: Settings) -> None:
 
 @app.command("init")
 def init() -> None:
-    """Create the schema (Alembic) and the master keys if absent; idempotent."""
+    """Create the schema (Alembic) and the master keys if absent (in the database under the
+    KEK, or in the PKCS#11 token with WEBPURSE_SECURITY_MODULE=pkcs11); idempotent."""
     settings = _settings()
     _prepare_sqlite_dir(settings)
     engine = make_engine(settings.database_url)
     try:
         migrate(engine)
+        # The KEK seals the webhook secrets whichever module holds the master keys.
+        kek = resolve_kek(settings, create=True)
         if settings.security_module == "pkcs11":
             from webpurse.settlement.pkcs11 import Pkcs11SecurityModule, token_config
 
@@ -92,7 +95,6 @@ def init() -> None:
             finally:
                 token.close()
         else:
-            kek = resolve_kek(settings, create=True)
             created = generate_master_keys(make_session_factory(engine), kek, settings.clock())
             SoftwareSecurityModule.load(make_session_factory(engine), kek)
     except SecurityError as exc:
