@@ -1,5 +1,8 @@
 """The PKCS#11 security module on a real SoftHSM2 token (docs/security-module.md).
 
+The attacks on the token's keys (encrypt with, export, derive out) are proof rows in
+tests/proof/test_attacks_security_module.py.
+
 Each test gets a fresh token. The settlement payment, load and refund suites also run on a
 token (tests/settlement/conftest.py); these tests show what those cannot: the master keys'
 attributes and refusals, the spec's worked examples, and that the token module produces
@@ -57,12 +60,6 @@ def _software() -> SoftwareSecurityModule:
     return SoftwareSecurityModule({1: keys}, 1)
 
 
-def _error_name(exc: BaseException) -> str:
-    import PyKCS11
-
-    return str(PyKCS11.CKR[getattr(exc, "value", -1)])
-
-
 # --- the master keys ---------------------------------------------------------------
 
 
@@ -90,40 +87,6 @@ def test_master_keys_are_generated_sensitive_unextractable_and_derive_only(
         assert attributes["CKA_VALUE"] == "<refused: CKR_ATTRIBUTE_SENSITIVE>"
 
 
-def test_the_token_refuses_to_encrypt_with_or_export_a_master_key(
-    token: Pkcs11SecurityModule,
-) -> None:
-    """Encrypting D || NOT D under the DPK master key would hand out every card's DPK."""
-    import PyKCS11
-
-    token.generate_master_keys()
-    master = token.master_key_handle("dpk", 1)
-    d = SERIAL[-8:]
-    with token.raw_session() as session:
-        with pytest.raises(PyKCS11.PyKCS11Error) as refused:
-            session.encrypt(
-                master, d + bytes(b ^ 0xFF for b in d), PyKCS11.Mechanism(PyKCS11.CKM_DES3_ECB)
-            )
-        assert _error_name(refused.value) == "CKR_KEY_FUNCTION_NOT_PERMITTED"
-        wrapping = session.generateKey(
-            [
-                (PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY),
-                (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_AES),
-                (PyKCS11.CKA_VALUE_LEN, 32),
-                (PyKCS11.CKA_TOKEN, False),
-                (PyKCS11.CKA_WRAP, True),
-            ],
-            PyKCS11.Mechanism(PyKCS11.CKM_AES_KEY_GEN),
-        )
-        with pytest.raises(PyKCS11.PyKCS11Error) as unwrappable:
-            session.wrapKey(wrapping, master, PyKCS11.Mechanism(PyKCS11.CKM_AES_KEY_WRAP))
-        assert _error_name(unwrappable.value) == "CKR_KEY_UNEXTRACTABLE"
-        assert session.getAttributeValue(master, [PyKCS11.CKA_VALUE]) == [None]
-        with pytest.raises(PyKCS11.PyKCS11Error) as readonly:
-            session.setAttributeValue(master, [(PyKCS11.CKA_EXTRACTABLE, True)])
-        assert _error_name(readonly.value) == "CKR_ACTION_PROHIBITED"
-
-
 def test_key_rotation_makes_the_new_version_current_and_keeps_the_old(
     token: Pkcs11SecurityModule,
 ) -> None:
@@ -146,6 +109,24 @@ def test_a_migration_runs_once(token: Pkcs11SecurityModule) -> None:
     attributes = token.master_key_attributes("dpk", 1)
     assert attributes["CKA_LOCAL"] is False  # imported, and says so
     assert attributes["CKA_SENSITIVE"] is True and attributes["CKA_EXTRACTABLE"] is False
+
+
+def test_a_token_failure_is_a_security_error_naming_the_return_code(
+    token: Pkcs11SecurityModule,
+) -> None:
+    token.import_master_keys(_software().export_master_keys())
+    with token.raw_session() as session:
+        session.logout()  # as if the token had been reset under the server
+    with pytest.raises(SecurityError, match="PKCS#11 token failed: CKR_"):
+        token.load_mac2(
+            SERIAL,
+            1,
+            random=bytes(4),
+            online_counter=0,
+            amount=1,
+            terminal_id=TERMINAL,
+            **WHEN,  # type: ignore[arg-type]
+        )
 
 
 def test_a_card_without_a_tac_key_in_the_token_is_an_operator_error(
@@ -397,6 +378,14 @@ def test_init_on_a_token_and_the_one_time_migration_from_the_software_module(
         app, ["settlement", "card", "issue", str(tmp_path / "t.json"), "--serial", "00" * 9 + "01"]
     )
     assert issued.exit_code == 0, issued.output
+    # The server the settings describe (as `serve` builds it) uses the token.
+    from webpurse.settlement.app import create_app
+    from webpurse.settlement.settings import Settings
+
+    server = create_app(Settings.from_env())
+    assert isinstance(server.state.settlement.security, Pkcs11SecurityModule)
+    server.state.settlement.security.close()
+    server.state.settlement.engine.dispose()
 
     # An install that ran on the software module moves to a second token, once.
     monkeypatch.setenv("WEBPURSE_DATA_DIR", str(tmp_path / "data2"))
@@ -441,40 +430,3 @@ def test_a_bad_pin_file_or_module_choice_is_refused(tmp_path: Path) -> None:
         read_pin_file(loose)
     with pytest.raises(SecurityError, match="no PKCS#11 PIN file"):
         read_pin_file(tmp_path / "absent")
-
-
-# --- what the token does not stop (docs/security-module.md, "The PIN") -----------------
-
-
-def test_softhsm2_lets_a_pin_holder_derive_an_exportable_card_key(
-    token: Pkcs11SecurityModule,
-) -> None:
-    """Derive-only stops C_Encrypt, not CKM_DES3_ECB_ENCRYPT_DATA into an extractable key:
-    issuance needs exactly that, and SoftHSM2 has no policy to limit it to issuance. So
-    whoever holds the PIN can read card keys; the PIN is guarded like the master keys."""
-    import PyKCS11
-
-    from webpurse.protocol.crypto import diversify
-
-    software = _software()
-    token.import_master_keys(software.export_master_keys())
-    d = SERIAL[-8:]
-    with token.raw_session() as session:
-        handle = session.deriveKey(
-            token.master_key_handle("dpk", 1),
-            [
-                (PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY),
-                (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_DES2),
-                (PyKCS11.CKA_TOKEN, False),
-                (PyKCS11.CKA_SENSITIVE, False),
-                (PyKCS11.CKA_EXTRACTABLE, True),
-            ],
-            PyKCS11.KEY_DERIVATION_STRING_DATA_MechanismBase(
-                d + bytes(b ^ 0xFF for b in d), PyKCS11.CKM_DES3_ECB_ENCRYPT_DATA
-            ),
-        )
-        (value,) = session.getAttributeValue(handle, [PyKCS11.CKA_VALUE], allAsBinary=True)
-        session.destroyObject(handle)
-    expected = diversify(software.export_master_keys()[("dpk", 1)], SERIAL)
-    # The same DES key; SoftHSM2 sets each byte's parity bit (DES ignores it).
-    assert bytes(b & 0xFE for b in bytes(value)) == bytes(b & 0xFE for b in expected)

@@ -399,10 +399,20 @@ class Pkcs11SecurityModule:
         )
         return out[-8:][:MAC_LENGTH]
 
+    @contextmanager
+    def _token_call(self) -> Iterator[None]:
+        """The module's lock; a token failure (removed, logged out, out of memory) becomes
+        a :class:`SecurityError` naming the PKCS#11 return code, never a key."""
+        with self._lock:
+            try:
+                yield
+            except self._p11.PyKCS11Error as exc:
+                raise SecurityError(f"the PKCS#11 token failed: {exc}") from None
+
     def _session_mac(
         self, kind: str, serial: bytes, version: int, block: bytes, data: bytes
     ) -> bytes:
-        with self._lock:
+        with self._token_call():
             session_key = self._derive(
                 self._card_key(kind, serial, version), block * 2, encrypt=True
             )
@@ -428,7 +438,7 @@ class Pkcs11SecurityModule:
         return handle
 
     def _tac(self, serial: bytes, version: int, data: bytes) -> bytes:
-        with self._lock:
+        with self._token_call():
             return self._cbc_mac(self._tac_key(serial, version), data)
 
     def store_tac_key(self, serial: bytes, version: int, dtk: bytes) -> None:
@@ -490,7 +500,7 @@ class Pkcs11SecurityModule:
         expiry: dt.date | None = None,
         max_balance: int = DEFAULT_MAX_BALANCE,
     ) -> CardState:
-        with self._lock:
+        with self._token_call():
             version = self.key_version
             keys = {kind: self._export_card_key(kind, serial, version) for kind in KINDS}
             self.store_tac_key(serial, version, keys["dtk"])
