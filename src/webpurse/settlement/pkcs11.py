@@ -37,11 +37,12 @@ from webpurse.protocol import host
 from webpurse.protocol.crypto import (
     MAC_LENGTH,
     diversification_data,
+    load_session_block,
     macs_equal,
     pad,
+    purchase_session_block,
     tac_key,
 )
-from webpurse.protocol.records import TransactionType
 from webpurse.settlement.security import KINDS, SecurityError
 
 if TYPE_CHECKING:
@@ -69,12 +70,6 @@ def _pkcs11() -> Any:
             "WEBPURSE_SECURITY_MODULE=pkcs11 needs PyKCS11: install webpurse[pkcs11]"
         ) from None
     return PyKCS11
-
-
-def _block(random: bytes, counter: int, tail: bytes) -> bytes:
-    if len(random) != 4:
-        raise SecurityError("the card random must be 4 bytes")
-    return random + counter.to_bytes(2, "big") + tail
 
 
 @dataclass(frozen=True)
@@ -528,13 +523,8 @@ class Pkcs11SecurityModule:
         date: dt.date,
         time: dt.time,
     ) -> bytes:
-        block = _block(random, offline_counter, terminal_seq.to_bytes(4, "big")[2:])
-        data = (
-            host._u32(amount)
-            + bytes((TransactionType.EP_PURCHASE,))
-            + terminal_id
-            + host._when(date, time)
-        )
+        block = purchase_session_block(random, offline_counter, terminal_seq)
+        data = host.purchase_mac1_data(amount=amount, terminal_id=terminal_id, date=date, time=time)
         return self._session_mac("dpk", serial, key_version, block, data)
 
     def verify_purchase_mac2_and_tac(
@@ -552,16 +542,20 @@ class Pkcs11SecurityModule:
         mac2: bytes,
         tac: bytes,
     ) -> bool:
-        block = _block(random, offline_counter, terminal_seq.to_bytes(4, "big")[2:])
-        expected_mac2 = self._session_mac("dpk", serial, key_version, block, host._u32(amount))
+        block = purchase_session_block(random, offline_counter, terminal_seq)
+        expected_mac2 = self._session_mac(
+            "dpk", serial, key_version, block, host.purchase_mac2_data(amount=amount)
+        )
         expected_tac = self._tac(
             serial,
             key_version,
-            host._u32(amount)
-            + bytes((TransactionType.EP_PURCHASE,))
-            + terminal_id
-            + host._u32(terminal_seq)
-            + host._when(date, time),
+            host.purchase_tac_data(
+                amount=amount,
+                terminal_id=terminal_id,
+                terminal_seq=terminal_seq,
+                date=date,
+                time=time,
+            ),
         )
         return macs_equal(expected_mac2, mac2) & macs_equal(expected_tac, tac)
 
@@ -577,10 +571,8 @@ class Pkcs11SecurityModule:
         terminal_id: bytes,
         mac1: bytes,
     ) -> bool:
-        block = _block(random, online_counter, b"\x80\x00")
-        data = (
-            host._u32(balance) + host._u32(amount) + bytes((TransactionType.EP_LOAD,)) + terminal_id
-        )
+        block = load_session_block(random, online_counter)
+        data = host.load_mac1_data(balance=balance, amount=amount, terminal_id=terminal_id)
         return macs_equal(self._session_mac("dlk", serial, key_version, block, data), mac1)
 
     def load_mac2(
@@ -595,13 +587,8 @@ class Pkcs11SecurityModule:
         date: dt.date,
         time: dt.time,
     ) -> bytes:
-        block = _block(random, online_counter, b"\x80\x00")
-        data = (
-            host._u32(amount)
-            + bytes((TransactionType.EP_LOAD,))
-            + terminal_id
-            + host._when(date, time)
-        )
+        block = load_session_block(random, online_counter)
+        data = host.load_mac2_data(amount=amount, terminal_id=terminal_id, date=date, time=time)
         return self._session_mac("dlk", serial, key_version, block, data)
 
     def verify_load_tac(
@@ -617,13 +604,13 @@ class Pkcs11SecurityModule:
         time: dt.time,
         tac: bytes,
     ) -> bool:
-        data = (
-            host._u32(new_balance)
-            + online_counter.to_bytes(2, "big")
-            + host._u32(amount)
-            + bytes((TransactionType.EP_LOAD,))
-            + terminal_id
-            + host._when(date, time)
+        data = host.load_tac_data(
+            new_balance=new_balance,
+            online_counter=online_counter,
+            amount=amount,
+            terminal_id=terminal_id,
+            date=date,
+            time=time,
         )
         return macs_equal(self._tac(serial, key_version, data), tac)
 
