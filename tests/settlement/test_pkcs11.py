@@ -129,6 +129,35 @@ def test_a_token_failure_is_a_security_error_naming_the_return_code(
         )
 
 
+def test_a_master_key_that_could_encrypt_or_be_exported_is_refused(tmp_path: Path) -> None:
+    """A key labelled as a master key but made by hand with encryption allowed."""
+    import PyKCS11
+
+    config = new_token(tmp_path)
+    module = Pkcs11SecurityModule(config)
+    try:
+        with module.raw_session() as session:
+            session.generateKey(
+                [
+                    (PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY),
+                    (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_DES2),
+                    (PyKCS11.CKA_TOKEN, True),
+                    (PyKCS11.CKA_LABEL, "webpurse:dpk:v1"),
+                    (PyKCS11.CKA_SENSITIVE, True),
+                    (PyKCS11.CKA_EXTRACTABLE, True),
+                    (PyKCS11.CKA_DERIVE, True),
+                    (PyKCS11.CKA_ENCRYPT, True),
+                ],
+                PyKCS11.Mechanism(PyKCS11.CKM_DES2_KEY_GEN),
+            )
+        with pytest.raises(
+            SecurityError, match="unsafe attributes \\(CKA_EXTRACTABLE, CKA_ENCRYPT"
+        ):
+            module.refresh()
+    finally:
+        module.close()
+
+
 def test_a_card_without_a_tac_key_in_the_token_is_an_operator_error(
     token: Pkcs11SecurityModule,
 ) -> None:

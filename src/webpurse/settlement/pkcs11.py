@@ -224,7 +224,10 @@ class Pkcs11SecurityModule:
         return found[0] if found else None
 
     def refresh(self) -> None:
-        """Read which master keys the token holds; the newest complete version is current."""
+        """Read which master keys the token holds; the newest complete version is current.
+
+        A master key that is not sensitive, not unextractable or not derive-only (made by
+        hand, or by another tool) is refused rather than used."""
         p11 = self._p11
         with self._lock:
             masters: dict[tuple[str, int], Any] = {}
@@ -234,6 +237,7 @@ class Pkcs11SecurityModule:
                 (label,) = self._session.getAttributeValue(handle, [p11.CKA_LABEL])
                 parts = str(label).split(":")
                 if len(parts) == 3 and parts[0] == LABEL_PREFIX and parts[1] in KINDS:
+                    self._check_master(handle, str(label))
                     masters[(parts[1], int(parts[2].removeprefix("v")))] = handle
             self._masters = masters
             complete = [
@@ -242,6 +246,27 @@ class Pkcs11SecurityModule:
                 if all((kind, version) in masters for kind in KINDS)
             ]
             self._current = max(complete, default=0)
+
+    def _check_master(self, handle: Any, label: str) -> None:
+        p11 = self._p11
+        wanted = {
+            "CKA_SENSITIVE": True,
+            "CKA_EXTRACTABLE": False,
+            "CKA_DERIVE": True,
+            "CKA_ENCRYPT": False,
+            "CKA_DECRYPT": False,
+            "CKA_WRAP": False,
+        }
+        values = self._session.getAttributeValue(handle, [getattr(p11, n) for n in wanted])
+        wrong = [
+            name for (name, want), got in zip(wanted.items(), values, strict=True) if got != want
+        ]
+        if wrong:
+            raise SecurityError(
+                f"the token's master key {label} has unsafe attributes ({', '.join(wrong)}):"
+                " refusing to use it; a master key must be sensitive, unextractable and"
+                " derive-only (docs/security-module.md)"
+            )
 
     @property
     def versions(self) -> list[int]:
