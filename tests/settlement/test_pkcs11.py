@@ -84,6 +84,7 @@ def test_master_keys_are_generated_sensitive_unextractable_and_derive_only(
         for use in ("CKA_ENCRYPT", "CKA_DECRYPT", "CKA_WRAP", "CKA_UNWRAP", "CKA_SIGN"):
             assert attributes[use] is False, use
         assert attributes["CKA_MODIFIABLE"] is False
+        assert attributes["CKA_COPYABLE"] is False
         assert attributes["CKA_VALUE"] == "<refused: CKR_ATTRIBUTE_SENSITIVE>"
 
 

@@ -296,6 +296,7 @@ class Pkcs11SecurityModule:
             (p11.CKA_SIGN, False),
             (p11.CKA_VERIFY, False),
             (p11.CKA_MODIFIABLE, False),
+            (p11.CKA_COPYABLE, False),
         ]
 
     def generate_master_keys(self, version: int = 1) -> bool:
@@ -347,7 +348,9 @@ class Pkcs11SecurityModule:
             (p11.CKA_ENCRYPT, encrypt),
             (p11.CKA_DECRYPT, False),
             (p11.CKA_WRAP, False),
+            (p11.CKA_UNWRAP, False),
             (p11.CKA_SIGN, False),
+            (p11.CKA_VERIFY, False),
         ]
         return self._session.deriveKey(base, template, mechanism)
 
@@ -396,6 +399,10 @@ class Pkcs11SecurityModule:
                     (p11.CKA_DERIVE, True),
                     (p11.CKA_ENCRYPT, False),
                     (p11.CKA_DECRYPT, False),
+                    (p11.CKA_WRAP, False),
+                    (p11.CKA_UNWRAP, False),
+                    (p11.CKA_SIGN, False),
+                    (p11.CKA_VERIFY, False),
                 ]
             )
             self._imported[(kind, bytes(serial), version)] = handle
@@ -485,7 +492,11 @@ class Pkcs11SecurityModule:
                     (p11.CKA_DECRYPT, False),
                     (p11.CKA_DERIVE, False),
                     (p11.CKA_WRAP, False),
+                    (p11.CKA_UNWRAP, False),
                     (p11.CKA_SIGN, False),
+                    (p11.CKA_VERIFY, False),
+                    (p11.CKA_MODIFIABLE, False),
+                    (p11.CKA_COPYABLE, False),
                 ]
             )
 
@@ -662,6 +673,7 @@ class Pkcs11SecurityModule:
             "CKA_SIGN",
             "CKA_VERIFY",
             "CKA_MODIFIABLE",
+            "CKA_COPYABLE",
             "CKA_VALUE",
         )
         with self._lock:
