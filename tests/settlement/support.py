@@ -305,11 +305,12 @@ def make_world(
             from tests.settlement.pkcs11_support import new_token
             from webpurse.settlement.pkcs11 import Pkcs11SecurityModule, migrate_from_software
 
-            folder = Path(tempfile.mkdtemp(prefix="webpurse-pin-"))
-            token = Pkcs11SecurityModule(new_token(folder))
+            folder = tempfile.TemporaryDirectory(prefix="webpurse-pin-")
+            closers.append(folder.cleanup)
+            token = Pkcs11SecurityModule(new_token(Path(folder.name)))
+            closers.insert(0, token.close)
             migrate_from_software(security, token, factory)
             security = token
-            closers.append(token.close)
         with factory() as session, session.begin():
             merchant, merchant_key = create_merchant(session, "Shop A", clock())
             other, other_key = create_merchant(session, "Shop B", clock())
