@@ -40,9 +40,10 @@ BENCHMARKS: dict[str, str] = {
     "latency": "bench.latency",
     "scale": "bench.scale",
     "pn532": "bench.pn532",
+    "security": "bench.security",
 }
 # What a bare ``python -m bench`` runs (``settlement`` includes its own pgbench runs).
-DEFAULT = ["micro", "settlement", "latency", "scale", "pn532"]
+DEFAULT = ["micro", "security", "settlement", "latency", "scale", "pn532"]
 
 
 def _run_one(name: str, ctx: Context) -> list[Measurement]:

@@ -23,9 +23,18 @@ TITLES = {
     "latency": "End-to-end purchase latency by stage",
     "scale": "Merchant server: idle agent WebSocket connections",
     "pn532": "A purchase over a PN532 serial line: bytes on the wire, 115200 baud, the pty",
+    "security": "Security module: software vs PKCS#11 token (SoftHSM2)",
 }
 
 NOTES = {
+    "security": (
+        "One Python process; the same master keys in both modules (the token's imported as "
+        "by `webpurse settlement migrate-keys-to-token`). `MACs/s`: `purchase_mac1` through "
+        "the module, card key cached (software: 3DES session key + DES CBC-MAC in memory; "
+        "token: C_DeriveKey + C_Encrypt + C_DestroyObject). `purchases/s`: a card emulator "
+        "in process, INITIALIZE, MAC1, DEBIT, MAC2 and TAC verified by the module. See "
+        "docs/security-module.md."
+    ),
     "micro": (
         "One Python process, one core, no I/O except the card image's write + fsync + rename "
         "per committing command (`image (fsync)`); host rows are the settlement security "

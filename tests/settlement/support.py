@@ -11,6 +11,7 @@ import datetime as dt
 import itertools
 import os
 import secrets
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -244,7 +245,7 @@ class World:
     settings: Settings
     clock: FakeClock
     factory: SessionFactory
-    security: SoftwareSecurityModule
+    security: Any  # SoftwareSecurityModule or Pkcs11SecurityModule
     client: AppClient
     merchant_id: str
     merchant_key: str
@@ -337,9 +338,18 @@ def seed_float(session: Any, merchant_id: str, amount: int, now: dt.datetime) ->
 
 @contextmanager
 def make_world(
-    url: str, *, clock: FakeClock | None = None, float_fen: int = SEED_FLOAT
+    url: str,
+    *,
+    clock: FakeClock | None = None,
+    float_fen: int = SEED_FLOAT,
+    security_module: str | None = None,
 ) -> Iterator[World]:
+    """A settlement server on ``url``; with ``security_module="pkcs11"`` its keys are in a
+    fresh SoftHSM2 token (the software module's master keys migrated into it). The default
+    is ``WEBPURSE_TEST_SECURITY_MODULE`` (software if unset): any suite built on this world,
+    e.g. the slow recovery suite, runs on the token with that variable set."""
     clock = clock or FakeClock()
+    security_module = security_module or os.environ.get("WEBPURSE_TEST_SECURITY_MODULE", "software")
     kek = secrets.token_bytes(32)
     settings = Settings(
         database_url=url,
@@ -352,11 +362,22 @@ def make_world(
         public_docs=True,  # as in the demo; tests/settlement/test_auth.py checks it off
     )
     engine = make_engine(url, pool_size=5, max_overflow=5)
+    closers: list[Any] = []
     try:
         migrate(engine)
         factory = make_session_factory(engine)
         generate_master_keys(factory, kek, clock())
-        security = SoftwareSecurityModule.load(factory, kek)
+        security: Any = SoftwareSecurityModule.load(factory, kek)
+        if security_module == "pkcs11":
+            from tests.settlement.pkcs11_support import new_token
+            from webpurse.settlement.pkcs11 import Pkcs11SecurityModule, migrate_from_software
+
+            folder = tempfile.TemporaryDirectory(prefix="webpurse-pin-")
+            closers.append(folder.cleanup)
+            token = Pkcs11SecurityModule(new_token(Path(folder.name)))
+            closers.insert(0, token.close)
+            migrate_from_software(security, token, factory)
+            security = token
         with factory() as session, session.begin():
             merchant, merchant_key = create_merchant(session, "Shop A", clock())
             other, other_key = create_merchant(session, "Shop B", clock())
@@ -381,6 +402,8 @@ def make_world(
                 operator_key=operator_key,
             )
     finally:
+        for close in closers:
+            close()
         engine.dispose()
 
 

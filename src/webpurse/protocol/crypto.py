@@ -35,14 +35,25 @@ def diversify(master_key: bytes, serial: bytes, suite: CipherSuite = DES_SUITE) 
     )
 
 
+def load_session_block(random: bytes, online_counter: int) -> bytes:
+    """What the DLK encrypts into the load session key: random 4 || online counter 2 || 80 00."""
+    _need("card random", random, 4)
+    return random + online_counter.to_bytes(2, "big") + b"\x80\x00"
+
+
+def purchase_session_block(random: bytes, offline_counter: int, terminal_seq: int) -> bytes:
+    """What the DPK encrypts into the purchase session key: random 4 || offline counter 2 ||
+    last 2 bytes of the terminal transaction sequence number."""
+    _need("card random", random, 4)
+    return random + offline_counter.to_bytes(2, "big") + terminal_seq.to_bytes(4, "big")[2:]
+
+
 def load_session_key(
     dlk: bytes, random: bytes, online_counter: int, suite: CipherSuite = DES_SUITE
 ) -> bytes:
     """3DES(DLK, random 4 || online counter 2 || 80 00) (spec §4)."""
     _need("DLK", dlk, suite.key_cipher.key_size)
-    _need("card random", random, 4)
-    block = random + online_counter.to_bytes(2, "big") + b"\x80\x00"
-    return suite.key_cipher.encrypt_ecb(dlk, block)
+    return suite.key_cipher.encrypt_ecb(dlk, load_session_block(random, online_counter))
 
 
 def purchase_session_key(
@@ -54,8 +65,7 @@ def purchase_session_key(
 ) -> bytes:
     """3DES(DPK, random 4 || offline counter 2 || last 2 bytes of terminal txn seq) (§4)."""
     _need("DPK", dpk, suite.key_cipher.key_size)
-    _need("card random", random, 4)
-    block = random + offline_counter.to_bytes(2, "big") + terminal_seq.to_bytes(4, "big")[2:]
+    block = purchase_session_block(random, offline_counter, terminal_seq)
     return suite.key_cipher.encrypt_ecb(dpk, block)
 
 

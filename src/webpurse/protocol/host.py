@@ -32,6 +32,86 @@ def _u32(value: int) -> bytes:
     return value.to_bytes(4, "big")
 
 
+# --- what each MAC covers (spec §4): shared with any security module ------------------
+
+
+def purchase_mac1_data(
+    *,
+    amount: int,
+    terminal_id: bytes,
+    date: dt.date,
+    time: dt.time,
+    transaction_type: int = PURCHASE,
+) -> bytes:
+    """MAC1 for DEBIT FOR PURCHASE covers amount || type || terminal || date || time."""
+    return _u32(amount) + bytes((transaction_type,)) + terminal_id + _when(date, time)
+
+
+def purchase_mac2_data(*, amount: int) -> bytes:
+    """MAC2 after a debit covers the amount."""
+    return _u32(amount)
+
+
+def purchase_tac_data(
+    *,
+    amount: int,
+    terminal_id: bytes,
+    terminal_seq: int,
+    date: dt.date,
+    time: dt.time,
+    transaction_type: int = PURCHASE,
+) -> bytes:
+    """The purchase TAC covers amount || type || terminal || terminal seq || date || time."""
+    return (
+        _u32(amount)
+        + bytes((transaction_type,))
+        + terminal_id
+        + _u32(terminal_seq)
+        + _when(date, time)
+    )
+
+
+def load_mac1_data(
+    *, balance: int, amount: int, terminal_id: bytes, transaction_type: int = LOAD
+) -> bytes:
+    """MAC1 from INITIALIZE FOR LOAD covers old balance || amount || type || terminal."""
+    return _u32(balance) + _u32(amount) + bytes((transaction_type,)) + terminal_id
+
+
+def load_mac2_data(
+    *,
+    amount: int,
+    terminal_id: bytes,
+    date: dt.date,
+    time: dt.time,
+    transaction_type: int = LOAD,
+) -> bytes:
+    """MAC2 for CREDIT FOR LOAD covers amount || type || terminal || date || time."""
+    return _u32(amount) + bytes((transaction_type,)) + terminal_id + _when(date, time)
+
+
+def load_tac_data(
+    *,
+    new_balance: int,
+    online_counter: int,
+    amount: int,
+    terminal_id: bytes,
+    date: dt.date,
+    time: dt.time,
+    transaction_type: int = LOAD,
+) -> bytes:
+    """The load TAC covers new balance || online counter (before +1) || amount || type ||
+    terminal || date || time."""
+    return (
+        _u32(new_balance)
+        + online_counter.to_bytes(2, "big")
+        + _u32(amount)
+        + bytes((transaction_type,))
+        + terminal_id
+        + _when(date, time)
+    )
+
+
 # --- purchase -----------------------------------------------------------------------
 
 
@@ -50,7 +130,13 @@ def purchase_mac1(
 ) -> bytes:
     """MAC1 for DEBIT FOR PURCHASE: amount || type || terminal || date || time."""
     key = purchase_session_key(dpk, random, offline_counter, terminal_seq, suite)
-    data = _u32(amount) + bytes((transaction_type,)) + terminal_id + _when(date, time)
+    data = purchase_mac1_data(
+        amount=amount,
+        terminal_id=terminal_id,
+        date=date,
+        time=time,
+        transaction_type=transaction_type,
+    )
     return mac(key, data, suite)
 
 
@@ -65,7 +151,7 @@ def purchase_mac2(
 ) -> bytes:
     """MAC2 the card returns after a debit: MAC over the amount."""
     key = purchase_session_key(dpk, random, offline_counter, terminal_seq, suite)
-    return mac(key, _u32(amount), suite)
+    return mac(key, purchase_mac2_data(amount=amount), suite)
 
 
 def verify_purchase_mac2(
@@ -101,12 +187,13 @@ def purchase_tac(
     suite: CipherSuite = DES_SUITE,
 ) -> bytes:
     """Purchase TAC: amount || type || terminal || terminal seq || date || time."""
-    data = (
-        _u32(amount)
-        + bytes((transaction_type,))
-        + terminal_id
-        + _u32(terminal_seq)
-        + _when(date, time)
+    data = purchase_tac_data(
+        amount=amount,
+        terminal_id=terminal_id,
+        terminal_seq=terminal_seq,
+        date=date,
+        time=time,
+        transaction_type=transaction_type,
     )
     return mac(tac_key(dtk), data, suite)
 
@@ -152,7 +239,9 @@ def load_mac1(
 ) -> bytes:
     """MAC1 the card returns from INITIALIZE FOR LOAD: old balance || amount || type || terminal."""
     key = load_session_key(dlk, random, online_counter, suite)
-    data = _u32(balance) + _u32(amount) + bytes((transaction_type,)) + terminal_id
+    data = load_mac1_data(
+        balance=balance, amount=amount, terminal_id=terminal_id, transaction_type=transaction_type
+    )
     return mac(key, data, suite)
 
 
@@ -195,7 +284,13 @@ def load_mac2(
 ) -> bytes:
     """MAC2 for CREDIT FOR LOAD: amount || type || terminal || date || time."""
     key = load_session_key(dlk, random, online_counter, suite)
-    data = _u32(amount) + bytes((transaction_type,)) + terminal_id + _when(date, time)
+    data = load_mac2_data(
+        amount=amount,
+        terminal_id=terminal_id,
+        date=date,
+        time=time,
+        transaction_type=transaction_type,
+    )
     return mac(key, data, suite)
 
 
@@ -212,13 +307,14 @@ def load_tac(
     suite: CipherSuite = DES_SUITE,
 ) -> bytes:
     """Load TAC: new balance || online counter (before +1) || amount || type || terminal || when."""
-    data = (
-        _u32(new_balance)
-        + online_counter.to_bytes(2, "big")
-        + _u32(amount)
-        + bytes((transaction_type,))
-        + terminal_id
-        + _when(date, time)
+    data = load_tac_data(
+        new_balance=new_balance,
+        online_counter=online_counter,
+        amount=amount,
+        terminal_id=terminal_id,
+        date=date,
+        time=time,
+        transaction_type=transaction_type,
     )
     return mac(tac_key(dtk), data, suite)
 

@@ -121,7 +121,7 @@ def create_app(
 ) -> FastAPI:
     """Build the settlement FastAPI app from ``settings`` (see :mod:`.settings`)."""
     from webpurse.settlement import routes
-    from webpurse.settlement.security import SoftwareSecurityModule
+    from webpurse.settlement.security import open_security_module
 
     engine = engine or make_engine(
         settings.database_url, pool_size=settings.pool_size, max_overflow=settings.max_overflow
@@ -130,7 +130,7 @@ def create_app(
         migrate(engine)
     session_factory = make_session_factory(engine)
     if security is None:
-        security = SoftwareSecurityModule.from_settings(settings, session_factory)
+        security = open_security_module(settings, session_factory)
     app = FastAPI(
         title="webpurse settlement",
         version="1",

@@ -34,6 +34,7 @@ from webpurse.settlement.security import (
     SecurityError,
     SoftwareSecurityModule,
     generate_master_keys,
+    open_security_module,
     resolve_kek,
 )
 from webpurse.settlement.settings import Settings
@@ -76,21 +77,58 @@ def _prepare_sqlite_dir(settings: Settings) -> None:
 
 @app.command("init")
 def init() -> None:
-    """Create the schema (Alembic) and the master keys if absent; idempotent."""
+    """Create the schema (Alembic) and the master keys if absent (in the database under the
+    KEK, or in the PKCS#11 token with WEBPURSE_SECURITY_MODULE=pkcs11); idempotent."""
     settings = _settings()
     _prepare_sqlite_dir(settings)
     engine = make_engine(settings.database_url)
     try:
         migrate(engine)
+        # The KEK seals the webhook secrets whichever module holds the master keys.
         kek = resolve_kek(settings, create=True)
-        created = generate_master_keys(make_session_factory(engine), kek, settings.clock())
-        SoftwareSecurityModule.load(make_session_factory(engine), kek)
+        if settings.security_module == "pkcs11":
+            from webpurse.settlement.pkcs11 import Pkcs11SecurityModule, token_config
+
+            token = Pkcs11SecurityModule(token_config(settings))
+            try:
+                created = token.generate_master_keys()
+            finally:
+                token.close()
+        else:
+            created = generate_master_keys(make_session_factory(engine), kek, settings.clock())
+            SoftwareSecurityModule.load(make_session_factory(engine), kek)
     except SecurityError as exc:
         raise _fail(str(exc)) from None
     finally:
         engine.dispose()
     console.print(
         "schema up to date; " + ("master keys created" if created else "master keys present")
+    )
+
+
+@app.command("migrate-keys-to-token")
+def migrate_keys_to_token() -> None:
+    """Copy the software module's master keys into the PKCS#11 token, once, and store every
+    issued card's TAC key there; then set WEBPURSE_SECURITY_MODULE=pkcs11."""
+    from webpurse.settlement.pkcs11 import Pkcs11SecurityModule, migrate_from_software, token_config
+
+    settings = _settings()
+    engine = make_engine(settings.database_url)
+    try:
+        factory = make_session_factory(engine)
+        software = SoftwareSecurityModule.load(factory, resolve_kek(settings))
+        token = Pkcs11SecurityModule(token_config(settings))
+        try:
+            versions, cards = migrate_from_software(software, token, factory)
+        finally:
+            token.close()
+    except SecurityError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        engine.dispose()
+    console.print(
+        f"master keys of versions {versions} imported into the token; TAC keys of {cards}"
+        " cards stored. Set WEBPURSE_SECURITY_MODULE=pkcs11, then move the KEK offline."
     )
 
 
@@ -153,7 +191,7 @@ def card_issue(
     engine = make_engine(settings.database_url)
     try:
         factory = make_session_factory(engine)
-        security = SoftwareSecurityModule.from_settings(settings, factory)
+        security = open_security_module(settings, factory)
         if image.exists():
             raise _fail(f"{image} already holds a card image")
         with factory() as session, session.begin():

@@ -290,6 +290,19 @@ class SoftwareSecurityModule:
     def key_version(self) -> int:
         return self._current
 
+    def export_master_keys(self) -> dict[tuple[str, int], bytes]:
+        """Every master key value by (kind, version): only for the one-time migration into
+        a PKCS#11 token (``webpurse settlement migrate-keys-to-token``)."""
+        return {
+            (kind, version): getattr(keyset, kind)
+            for version, keyset in self.__keysets.items()
+            for kind in KINDS
+        }
+
+    def card_dtk(self, serial: bytes, key_version: int) -> bytes:
+        """A card's DTK: only for the migration, which stores each issued card's TAC key."""
+        return self._card_key("dtk", serial, key_version)
+
     def _card_key(self, kind: str, serial: bytes, key_version: int) -> bytes:
         cache_key = (kind, bytes(serial), key_version)
         with self.__card_keys_lock:
@@ -453,3 +466,12 @@ class SoftwareSecurityModule:
             date=date,
             time=time,
         )
+
+
+def open_security_module(settings: Settings, session_factory: SessionFactory) -> SecurityModule:
+    """The security module the settings choose (``WEBPURSE_SECURITY_MODULE``)."""
+    if settings.security_module == "pkcs11":
+        from webpurse.settlement.pkcs11 import Pkcs11SecurityModule
+
+        return Pkcs11SecurityModule.from_settings(settings)
+    return SoftwareSecurityModule.from_settings(settings, session_factory)

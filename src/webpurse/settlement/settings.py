@@ -88,6 +88,15 @@ class Settings:
     # too_many_open_orders beyond; quotas.py). WEBPURSE_MAX_OPEN_ORDERS.
     max_open_orders: int = 1000
     max_batch_body_bytes: int = 8 << 20
+    # Where the master keys live: "software" (sealed in the database under the KEK) or
+    # "pkcs11" (a PKCS#11 token: WEBPURSE_PKCS11_MODULE, WEBPURSE_PKCS11_TOKEN_LABEL or
+    # WEBPURSE_PKCS11_SLOT, and the user PIN in WEBPURSE_PKCS11_PIN_FILE). See
+    # docs/security-module.md.
+    security_module: str = "software"
+    pkcs11_module: Path | None = None
+    pkcs11_token_label: str | None = None
+    pkcs11_slot: int | None = None
+    pkcs11_pin_file: Path | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, *, migrate: bool = False) -> Settings:
@@ -96,7 +105,16 @@ class Settings:
         url = env.get("WEBPURSE_DATABASE_URL") or f"sqlite:///{data_dir / 'settlement.db'}"
         kek_file = env.get("WEBPURSE_KEK_FILE")
         kek_text = env.get("WEBPURSE_KEK")
-        from webpurse.settlement.security import parse_kek
+        from webpurse.settlement.security import SecurityError, parse_kek
+
+        module = env.get("WEBPURSE_SECURITY_MODULE", "software").strip().lower() or "software"
+        if module not in ("software", "pkcs11"):
+            raise SecurityError(
+                f"WEBPURSE_SECURITY_MODULE must be software or pkcs11, not {module!r}"
+            )
+        slot = env.get("WEBPURSE_PKCS11_SLOT")
+        pin_file = env.get("WEBPURSE_PKCS11_PIN_FILE")
+        p11_module = env.get("WEBPURSE_PKCS11_MODULE")
 
         return cls(
             database_url=url,
@@ -118,6 +136,11 @@ class Settings:
             max_open_orders=int(env.get("WEBPURSE_MAX_OPEN_ORDERS", "1000")),
             max_body_bytes=int(env.get("WEBPURSE_MAX_BODY_BYTES", str(1 << 20))),
             max_batch_body_bytes=int(env.get("WEBPURSE_MAX_BATCH_BODY_BYTES", str(8 << 20))),
+            security_module=module,
+            pkcs11_module=Path(p11_module) if p11_module else None,
+            pkcs11_token_label=env.get("WEBPURSE_PKCS11_TOKEN_LABEL") or None,
+            pkcs11_slot=int(slot) if slot else None,
+            pkcs11_pin_file=Path(pin_file) if pin_file else None,
         )
 
     @property
