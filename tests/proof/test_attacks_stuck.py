@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from sqlalchemy import func, select
 
 from tests.proof.conftest import Proof
@@ -35,15 +34,6 @@ from webpurse.settlement import clearing, ledger
 from webpurse.settlement.models import Payment, Refund
 
 SUITE = "attacks_stuck"
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging_configuration() -> Iterator[None]:
-    """``webpurse ledger check`` (run in process by the invariants) configures structlog
-    globally (WARNING); later tests in the session capture INFO events."""
-    saved = structlog.get_config()
-    yield
-    structlog.configure(**saved)
 
 
 @pytest.fixture(params=BACKENDS)

@@ -24,7 +24,7 @@ from webpurse.settlement.settings import Settings
 def test_only_a_provable_counter_one_ahead_asks_for_the_cards_proof() -> None:
     asked = decide_gap(5, 4, "payment", provable=True)
     assert asked is not None and asked.decline_code is DeclineCode.RECOVERY_REQUIRED
-    assert asked.flag is None  # an unauthenticated answer flags nothing
+    assert asked.observation is None  # the card asked for its proof: nothing to record
     assert asked.recover is not None and asked.recover.to_json() == {
         "transaction_type": f"{TransactionType.EP_PURCHASE:02X}",
         "counter": 4,
