@@ -45,7 +45,6 @@ MODULES = (
     "webpurse/reader/messages.py",
     "webpurse/reader/pcsc.py",
     "webpurse/reader/pn532.py",
-    "webpurse/reader/pn532frame.py",
     "webpurse/protocol/*.py",
 )
 

@@ -7,15 +7,19 @@ import typer
 from webpurse.agent.cli import app as agent_app
 from webpurse.card.cli import app as card_app
 from webpurse.demo import demo
+from webpurse.issuer import card_issue
 from webpurse.merchant.cli import app as merchant_app
 from webpurse.serve import app as serve_app
 from webpurse.settlement.cli import app as settlement_app
+from webpurse.settlement.cli import card_app as settlement_card_app
 from webpurse.settlement.cli import ledger_app
 
 app = typer.Typer(
     help="webpurse: pay on a merchant web page with the e-purse on a contactless card.",
     no_args_is_help=True,
 )
+# Issuing joins settlement and the card image file, so it is wired here (webpurse.issuer).
+settlement_card_app.command("issue")(card_issue)
 app.add_typer(card_app, name="card")
 app.add_typer(agent_app, name="agent")
 app.add_typer(settlement_app, name="settlement")

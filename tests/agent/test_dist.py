@@ -33,6 +33,7 @@ AGENT_MODULES = {
     "webpurse.protocol.errors",
     "webpurse.protocol.host",
     "webpurse.protocol.records",
+    "webpurse.protocol.status",
     "webpurse.reader",
     "webpurse.reader.base",
     "webpurse.reader.batch",

@@ -12,7 +12,7 @@ from tests.card.support import make_card, make_state
 from tests.reader.vpcd_support import unavailable
 from webpurse.card import ImageFile
 from webpurse.card.pn532sim import DEFAULT_UID, Pn532Chip, PtyServer
-from webpurse.reader.pn532frame import (
+from webpurse.protocol.pn532frame import (
     ACK_FRAME,
     ERROR_FRAME,
     NACK_FRAME,

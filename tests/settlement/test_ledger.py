@@ -122,3 +122,10 @@ def test_concurrent_first_use_of_an_account_creates_it_once(tmp_path: Path) -> N
                 assert report.totals["funding"] == -150
         finally:
             engine.dispose()
+
+
+def test_the_ledger_check_s_refund_rule_names_the_ledger_s_account() -> None:
+    """``refund_checks`` sits below ``ledger`` (no import cycle) and names its account."""
+    from webpurse.settlement import refund_checks
+
+    assert refund_checks.REFUNDS_PENDING == ledger.REFUNDS_PENDING

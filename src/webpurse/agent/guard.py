@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from webpurse.protocol import commands as cmd
-from webpurse.protocol.apdu import CommandApdu, ResponseApdu, StatusWord
+from webpurse.protocol.apdu import CommandApdu, ResponseApdu
 from webpurse.protocol.errors import ProtocolError
 from webpurse.reader.messages import ErrorCode
 
@@ -247,7 +247,8 @@ class Guard:
         """The card answered ``response`` to ``apdu`` (None: the answer was lost)."""
         command = CommandApdu.from_bytes(apdu)
         answer = ResponseApdu.from_bytes(response) if response is not None else None
-        ok = answer is not None and answer.sw == StatusWord.SUCCESS
+        # Read through the command's own status table (protocol.status): a result, or not.
+        ok = answer is not None and cmd.statuses_for(command).is_answer(answer.sw)
         # Any command ends the card's pending INITIALIZE (spec §3); a new one starts one.
         self._pending = None
         if command.cla == cmd.CLA_ISO and command.ins == cmd.INS_SELECT:

@@ -161,6 +161,19 @@ class CardApplet:
         return self.process_apdu(apdu).to_bytes()
 
     def process_apdu(self, raw: bytes) -> ResponseApdu:
+        response = self._respond(raw)
+        try:
+            command = CommandApdu.from_bytes(bytes(raw))
+        except ApduFormatError:
+            return response
+        # Every answer is one its command's status table lists (protocol.status, spec §5):
+        # a status word outside it is a bug here, not something a terminal must guess at.
+        assert cmd.statuses_for(command).allows(response.sw), (
+            f"{cmd.statuses_for(command).command} answered {response.sw:04X}, not in its table"
+        )
+        return response
+
+    def _respond(self, raw: bytes) -> ResponseApdu:
         pending, self._pending = self._pending, None  # any command cancels a pending one
         try:
             apdu = CommandApdu.from_bytes(bytes(raw))

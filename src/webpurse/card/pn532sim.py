@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from webpurse.card.vpcd import Card
-from webpurse.reader.pn532frame import (
+from webpurse.protocol.pn532frame import (
     ACK_FRAME,
     ERROR_FRAME,
     ERROR_NO_TARGET,

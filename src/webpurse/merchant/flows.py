@@ -37,6 +37,7 @@ from webpurse.merchant.settlement import (
     SettlementObject,
     funding_reference,
 )
+from webpurse.protocol import status
 from webpurse.protocol.apdu import ResponseApdu, StatusWord
 from webpurse.protocol.commands import (
     EP_AID,
@@ -49,13 +50,16 @@ from webpurse.protocol.commands import (
     ReadBinary,
     Select,
 )
+from webpurse.protocol.commands import (
+    prove_counter as _counter_after,
+)
 from webpurse.protocol.errors import ProtocolError
 from webpurse.protocol.records import IssuerData, TransactionType
 from webpurse.reader.base import BatchRefused, Reader, ReaderError, Step
 
 log = logging.getLogger(__name__)
 
-PROVE_OK: frozenset[int] = frozenset({StatusWord.SUCCESS, StatusWord.PROOF_NOT_AVAILABLE})
+PROVE_OK: frozenset[int] = status.GET_TRANSACTION_PROVE.answers()  # 9000 and 9406
 
 
 class Phase(StrEnum):
@@ -101,16 +105,12 @@ class CardRefused(Exception):
         self.issuer_data = issuer_data
 
 
-# SW of batch 1 → the decline reason the merchant shows (spec §5).
-_REFUSALS: dict[int, str] = {
-    StatusWord.INSUFFICIENT_FUNDS: "insufficient_funds",
-    StatusWord.WRONG_DATA: "balance_limit",
-    StatusWord.FILE_NOT_FOUND: "not_an_epurse",
-    StatusWord.APPLICATION_BLOCKED: "card_blocked",
-    StatusWord.APPLICATION_LOCKED: "card_blocked",
-    StatusWord.KEY_INDEX_NOT_SUPPORTED: "key_not_supported",
-    StatusWord.COUNTER_AT_MAXIMUM: "counter_at_maximum",
-}
+def _initialize_statuses(kind: Kind) -> status.CommandStatuses:
+    return status.INITIALIZE_FOR_PURCHASE if kind is Kind.PAYMENT else status.INITIALIZE_FOR_LOAD
+
+
+def _completion_statuses(kind: Kind) -> status.CommandStatuses:
+    return status.DEBIT_FOR_PURCHASE if kind is Kind.PAYMENT else status.CREDIT_FOR_LOAD
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,19 +171,34 @@ def _parse_initialize(kind: Kind, data: bytes) -> tuple[int, int]:
     return load.balance, load.online_counter
 
 
-def _refusal(response: ResponseApdu, issuer_data: bytes | None = None) -> CardRefused:
-    return CardRefused(response.sw, _REFUSALS.get(response.sw, "card_error"), issuer_data)
+def _refusal(
+    statuses: status.CommandStatuses, response: ResponseApdu, issuer_data: bytes | None = None
+) -> CardRefused:
+    """The card refused the command ``statuses`` is the table of: its reason (spec §5)."""
+    return CardRefused(response.sw, statuses.reason(response.sw, "card_error"), issuer_data)
+
+
+def _last_refusal(
+    commands: Sequence[status.CommandStatuses],
+    responses: Sequence[ResponseApdu],
+    issuer_data: bytes | None = None,
+) -> CardRefused:
+    """A batch stopped at its last answer: the refusal of the command that gave it."""
+    if not responses:
+        return CardRefused(StatusWord.NO_PRECISE_DIAGNOSIS, "card_error")
+    return _refusal(commands[len(responses) - 1], responses[-1], issuer_data)
 
 
 def read_first_contact(kind: Kind, responses: Sequence[ResponseApdu]) -> FirstContact:
     """Check batch 1's three answers; raise :class:`CardRefused` if the card said no."""
     if not responses:
         raise CardRefused(0x6F00, "card_error")
+    commands = (status.SELECT, status.READ_BINARY, _initialize_statuses(kind))
     if len(responses) < 3:
-        raise _refusal(responses[-1])
+        raise _last_refusal(commands, responses)
     for index, response in enumerate(responses):
         if not response.ok:
-            raise _refusal(response, responses[1].data if index == 2 else None)
+            raise _refusal(commands[index], response, responses[1].data if index == 2 else None)
     try:
         issuer = IssuerData.from_bytes(responses[1].data)
         balance, counter = _parse_initialize(kind, responses[2].data)
@@ -201,7 +216,12 @@ def read_first_contact(kind: Kind, responses: Sequence[ResponseApdu]) -> FirstCo
 
 def prove_counter(hint: RecoveryHint) -> int:
     """GET TRANSACTION PROVE names the card's current counter: the lost one's + 1 (spec §3)."""
-    return hint.counter + 1
+    return _counter_after(hint.counter)
+
+
+def _hint_kind(hint: RecoveryHint) -> Kind:
+    """The kind of the lost transaction, by its card transaction type."""
+    return Kind.PAYMENT if hint.transaction_type == TransactionType.EP_PURCHASE else Kind.LOAD
 
 
 def recovery_steps(hint: RecoveryHint, *, key_index: int, terminal_id: bytes) -> list[Step]:
@@ -210,7 +230,7 @@ def recovery_steps(hint: RecoveryHint, *, key_index: int, terminal_id: bytes) ->
     PROVE answers 9406 when the counter did not move (nothing was debited or credited):
     that is an answer, not a failure, so the batch goes on.
     """
-    kind = Kind.PAYMENT if hint.transaction_type == TransactionType.EP_PURCHASE else Kind.LOAD
+    kind = _hint_kind(hint)
     prove = GetTransactionProve(hint.transaction_type, prove_counter(hint))
     return [
         Step(_initialize(kind, key_index, 0, terminal_id)),
@@ -218,16 +238,21 @@ def recovery_steps(hint: RecoveryHint, *, key_index: int, terminal_id: bytes) ->
     ]
 
 
-def read_recovery(responses: Sequence[ResponseApdu]) -> tuple[bytes, bytes | None]:
-    """(INITIALIZE data, PROVE data or None when the card has no proof for that counter)."""
+def read_recovery(
+    responses: Sequence[ResponseApdu], kind: Kind = Kind.PAYMENT
+) -> tuple[bytes, bytes | None]:
+    """(INITIALIZE data, PROVE data or None when the card has no proof for that counter).
+
+    ``kind`` is the lost transaction's, whose INITIALIZE opened the batch."""
+    commands = (_initialize_statuses(kind), status.GET_TRANSACTION_PROVE)
     if len(responses) < 2 or not responses[0].ok:
-        raise _refusal(responses[-1] if responses else ResponseApdu(b"", 0x6F00))
+        raise _last_refusal(commands, responses[:2])
     prove = responses[1]
     if prove.sw == StatusWord.SUCCESS:
         return responses[0].data, prove.data
     if prove.sw == StatusWord.PROOF_NOT_AVAILABLE:
         return responses[0].data, None
-    raise _refusal(prove)
+    raise _refusal(status.GET_TRANSACTION_PROVE, prove)
 
 
 class RoundTrips:
@@ -296,8 +321,8 @@ async def recover(
     batch += recovery_steps(hint, key_index=key_index, terminal_id=terminal_id)
     responses = await trips(batch)
     if not responses or not responses[0].ok:
-        raise _refusal(responses[-1] if responses else ResponseApdu(b"", 0x6F00))
-    initialize, prove = read_recovery(responses[1:])
+        raise _last_refusal((status.SELECT,), responses[:1])
+    initialize, prove = read_recovery(responses[1:], _hint_kind(hint))
     try:
         resolved = await _resolve(settlement, hint, initialize, prove)
     except SettlementError as exc:
@@ -421,7 +446,7 @@ async def run_transaction(
     if not final.ok:
         # The card refused: its update is atomic, so nothing changed on it.
         log.info("%s %s: card refused batch 2 with %04X", kind.value, obj.id, final.sw)
-        reason = _REFUSALS.get(final.sw, "card_refused")
+        reason = _completion_statuses(kind).reason(final.sw, "card_refused")
         return await _release(trips, settlement, obj, contact, reason, progress)
 
     await progress(Progress(Phase.CAPTURING))
@@ -476,7 +501,7 @@ async def _recover_then_reinitialise(
     steps = recovery_steps(hint, key_index=obj.key_index, terminal_id=obj.terminal_id)
     steps.append(Step(_initialize(obj.kind, obj.key_index, obj.amount, obj.terminal_id)))
     responses = await trips(steps)
-    initialize, prove = read_recovery(responses[:2])
+    initialize, prove = read_recovery(responses[:2], _hint_kind(hint))
     if hint.heal:
         # The card is one transaction ahead of settlement: its proof settles that one.
         if prove is None:
@@ -493,7 +518,12 @@ async def _recover_then_reinitialise(
             # Still open: a new load goes ahead linked to it; anything else is told to recover.
             await _keep_uncertain(settlement, hint)
     if len(responses) < 3 or not responses[2].ok:
-        raise _refusal(responses[-1])
+        commands = (
+            _initialize_statuses(_hint_kind(hint)),
+            status.GET_TRANSACTION_PROVE,
+            _initialize_statuses(obj.kind),
+        )
+        raise _last_refusal(commands, responses[:3])
     balance, counter = _parse_initialize(obj.kind, responses[2].data)
     return FirstContact(
         contact.issuer_data, responses[2].data, contact.card_number, balance, counter
@@ -549,7 +579,7 @@ async def _release(
         responses = await trips(
             recovery_steps(hint, key_index=obj.key_index, terminal_id=obj.terminal_id)
         )
-        initialize, prove = read_recovery(responses)
+        initialize, prove = read_recovery(responses, obj.kind)
         released = await _resolve(settlement, hint, initialize, prove)
     except (ReaderError, CardRefused, SettlementError) as exc:
         log.warning("%s %s: could not release (%s); marking uncertain", obj.kind.value, obj.id, exc)

@@ -1,8 +1,9 @@
 """Verifying settlement's webhooks (Standard Webhooks; docs/team/contracts.md).
 
-Uses ``webpurse.settlement.webhooks.verify`` when it is installed; otherwise the same
-check here: HMAC-SHA256 over ``id.timestamp.body`` with the base64 secret after
-``whsec_``, compared in constant time, timestamps at most 5 minutes off.
+The shop's own verifier: it talks to settlement over HTTP only and imports nothing from
+``webpurse.settlement`` (the import contracts, docs/architecture.md). HMAC-SHA256 over
+``id.timestamp.body`` with the base64 secret after ``whsec_``, compared in constant time,
+timestamps at most 5 minutes off — the Standard Webhooks check.
 """
 
 from __future__ import annotations
@@ -54,15 +55,7 @@ def verify_delivery(
 ) -> None:
     """Raise :class:`WebhookRejected` unless the delivery is genuine and fresh."""
     when = time.time() if now is None else now
-    try:
-        from webpurse.settlement import webhooks as settlement_webhooks
-    except ImportError:  # settlement not installed beside the merchant
-        _local_verify(secret, headers, body, when)
-        return
-    try:
-        settlement_webhooks.verify(secret, headers, body, when)
-    except (settlement_webhooks.WebhookError, ValueError) as exc:
-        raise WebhookRejected(str(exc)) from exc
+    _local_verify(secret, headers, body, when)
 
 
 class SeenEvents:

@@ -1,78 +1,19 @@
-"""Command and response APDUs (ISO 7816-4 short form) and the status words of spec §5."""
+"""Command and response APDUs (ISO 7816-4 short form); status words are in :mod:`.status`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import IntEnum
 
 from webpurse.protocol.errors import ApduFormatError
+from webpurse.protocol.status import StatusWord, describe_sw, is_success
 
-
-class StatusWord(IntEnum):
-    """The status words of pboc-epurse.md §5, plus the ISO ones a reader path produces."""
-
-    SUCCESS = 0x9000
-    WRONG_LENGTH = 0x6700
-    SECURITY_STATUS_NOT_SATISFIED = 0x6982
-    PIN_BLOCKED = 0x6983
-    CONDITIONS_NOT_SATISFIED = 0x6985
-    WRONG_DATA = 0x6A80
-    APPLICATION_BLOCKED = 0x6A81
-    FILE_NOT_FOUND = 0x6A82
-    RECORD_NOT_FOUND = 0x6A83
-    WRONG_P1P2 = 0x6A86
-    INS_NOT_SUPPORTED = 0x6D00
-    CLA_NOT_SUPPORTED = 0x6E00
-    MEMORY_FAILURE = 0x6581
-    NO_PRECISE_DIAGNOSIS = 0x6F00
-    MAC_INVALID = 0x9302
-    APPLICATION_LOCKED = 0x9303
-    INSUFFICIENT_FUNDS = 0x9401
-    COUNTER_AT_MAXIMUM = 0x9402
-    KEY_INDEX_NOT_SUPPORTED = 0x9403
-    PROOF_NOT_AVAILABLE = 0x9406
-
-
-_NAMES: dict[int, str] = {
-    0x9000: "success",
-    0x6700: "wrong length",
-    0x6982: "security status not satisfied (PIN needed)",
-    0x6983: "PIN blocked",
-    0x6985: "conditions not satisfied",
-    0x6A80: "wrong data",
-    0x6A81: "application blocked",
-    0x6A82: "file not found",
-    0x6A83: "record not found",
-    0x6A86: "wrong P1/P2",
-    0x6D00: "INS not supported",
-    0x6E00: "CLA not supported",
-    0x6581: "memory failure",
-    0x6F00: "no precise diagnosis",
-    0x9302: "MAC invalid",
-    0x9303: "application permanently locked",
-    0x9401: "insufficient funds",
-    0x9402: "transaction counter at its maximum",
-    0x9403: "key index not supported",
-    0x9406: "MAC/TAC not available",
-}
-
-
-def describe_sw(sw: int) -> str:
-    """A human name for a status word, including the parameterised 61xx, 6Cxx and 63Cx."""
-    if sw in _NAMES:
-        return _NAMES[sw]
-    hi, lo = sw >> 8, sw & 0xFF
-    if hi == 0x61:
-        return f"{lo} more bytes available (GET RESPONSE)"
-    if hi == 0x6C:
-        return f"wrong Le, {lo} bytes available"
-    if hi == 0x63 and lo & 0xF0 == 0xC0:
-        return f"wrong PIN, {lo & 0x0F} tries left"
-    return "unknown status word"
-
-
-def is_success(sw: int) -> bool:
-    return sw == StatusWord.SUCCESS
+__all__ = [
+    "CommandApdu",
+    "ResponseApdu",
+    "StatusWord",
+    "describe_sw",
+    "is_success",
+]
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import ClassVar
 
+from webpurse.protocol import status
 from webpurse.protocol.apdu import CommandApdu
 from webpurse.protocol.errors import ApduFormatError, FieldError, ProtocolError
 from webpurse.protocol.records import (
@@ -445,3 +446,33 @@ class TransactionProof:
 
     def to_data(self) -> bytes:
         return self.mac2 + self.tac
+
+
+def prove_counter(counter_before: int) -> int:
+    """The counter GET TRANSACTION PROVE names for a transaction that started at
+    ``counter_before`` (the counter its INITIALIZE reported): the card's counter after that
+    transaction, ``counter_before + 1`` (spec §3). A proof exists only if the card's counter
+    moved; for any other value the card answers 9406."""
+    return counter_before + 1
+
+
+_STATUSES_BY_INS: dict[int, status.CommandStatuses] = {
+    INS_SELECT: status.SELECT,
+    INS_READ_BINARY: status.READ_BINARY,
+    INS_READ_RECORD: status.READ_RECORD,
+    INS_VERIFY: status.VERIFY,
+    INS_GET_BALANCE: status.GET_BALANCE,
+    INS_CREDIT_FOR_LOAD: status.CREDIT_FOR_LOAD,
+    INS_DEBIT_FOR_PURCHASE: status.DEBIT_FOR_PURCHASE,
+    INS_GET_TRANSACTION_PROVE: status.GET_TRANSACTION_PROVE,
+}
+
+
+def statuses_for(apdu: CommandApdu) -> status.CommandStatuses:
+    """The status-word table of the command ``apdu`` is (spec §5): INITIALIZE's by its P1;
+    an instruction the e-purse does not know gets only the common answers."""
+    if apdu.ins == INS_INITIALIZE:
+        if apdu.p1 == InitializeForLoad.P1:
+            return status.INITIALIZE_FOR_LOAD
+        return status.INITIALIZE_FOR_PURCHASE
+    return _STATUSES_BY_INS.get(apdu.ins, status.UNKNOWN_COMMAND)

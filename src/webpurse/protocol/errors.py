@@ -6,6 +6,8 @@ message elsewhere.
 
 from __future__ import annotations
 
+from webpurse.protocol.status import describe_sw
+
 
 class ProtocolError(Exception):
     """Base class: bytes that do not form what the spec (pboc-epurse.md) says they must."""
@@ -23,8 +25,6 @@ class StatusError(ProtocolError):
     """A card answered with a status word that the caller did not accept."""
 
     def __init__(self, sw: int, command: str = "") -> None:
-        from webpurse.protocol.apdu import describe_sw
-
         self.sw = sw
         self.command = command
         where = f"{command}: " if command else ""

@@ -1,6 +1,6 @@
 """``Pn532Reader``: an NXP PN532 on a serial line (HSU/UART), e.g. ``/dev/ttyUSB0``.
 
-The frames are :mod:`webpurse.reader.pn532frame` (why not nfcpy or libnfc: that module's
+The frames are :mod:`webpurse.protocol.pn532frame` (why not nfcpy or libnfc: that module's
 docstring and ``docs/readers.md``); the line is the tty itself through ``termios`` (raw, 8N1,
 the given baud rate), so no serial library is needed and a pseudo-terminal works as well as
 a USB-serial adapter.
@@ -43,9 +43,7 @@ from types import TracebackType
 from typing import TypeVar
 
 from webpurse.protocol.apdu import ResponseApdu
-from webpurse.reader.base import CardInfo, NoCard, ReaderError, ReaderTimeout, Step
-from webpurse.reader.batch import LinkBroken, run_batch
-from webpurse.reader.pn532frame import (
+from webpurse.protocol.pn532frame import (
     ACK_FRAME,
     ERROR_TIMEOUT,
     STATUS_ERROR_MASK,
@@ -66,6 +64,8 @@ from webpurse.reader.pn532frame import (
     decode_list_passive_a,
     pcsc_atr,
 )
+from webpurse.reader.base import CardInfo, NoCard, ReaderError, ReaderTimeout, Step
+from webpurse.reader.batch import LinkBroken, run_batch
 
 T = TypeVar("T")
 

@@ -6,7 +6,6 @@ routers. Routes of the webhooks and clearing work are included when their module
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 import time
@@ -33,8 +32,6 @@ from webpurse.settlement.routes_webhooks import webhook_worker_lifespan
 from webpurse.settlement.settings import Clock, Settings
 
 log = structlog.get_logger(__name__)
-
-OPTIONAL_ROUTERS = ("routes_webhooks", "routes_clearing")
 
 
 @dataclass
@@ -121,7 +118,7 @@ def create_app(
 ) -> FastAPI:
     """Build the settlement FastAPI app from ``settings`` (see :mod:`.settings`)."""
     from webpurse.settlement import routes
-    from webpurse.settlement.security import open_security_module
+    from webpurse.settlement.security_factory import open_security_module
 
     engine = engine or make_engine(
         settings.database_url, pool_size=settings.pool_size, max_overflow=settings.max_overflow
@@ -238,12 +235,4 @@ def create_app(
         refusal=_body_refusal,
     )
     routes.include(app)
-    for name in OPTIONAL_ROUTERS:
-        try:
-            module = importlib.import_module(f"webpurse.settlement.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"webpurse.settlement.{name}":
-                raise
-            continue
-        app.include_router(module.router)
     return app

@@ -7,7 +7,6 @@ over HTTP. Settings come from the environment (see :class:`.settings.Settings`).
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import json
 import logging
 import os
@@ -19,22 +18,18 @@ import typer
 from rich.console import Console
 from sqlalchemy.exc import SQLAlchemyError
 
-from webpurse.card.image import ImageFile
-from webpurse.card.personalise import parse_serial
 from webpurse.listen import run_asgi
-from webpurse.protocol.errors import FieldError
 from webpurse.settlement import expiry, ledger
 from webpurse.settlement.auth import OPERATOR, new_api_key
 from webpurse.settlement.clearing_cli import app as clearing_app
 from webpurse.settlement.db import make_engine, make_session_factory, migrate
 from webpurse.settlement.logs import configure_logging
 from webpurse.settlement.merchants import MerchantError, create_merchant
-from webpurse.settlement.registry import RegistryError, find_card, issue_card, set_status
+from webpurse.settlement.registry import RegistryError, find_card, set_status
 from webpurse.settlement.security import (
     SecurityError,
     SoftwareSecurityModule,
     generate_master_keys,
-    open_security_module,
     resolve_kek,
 )
 from webpurse.settlement.settings import Settings
@@ -175,41 +170,6 @@ def operator_create(
         sys.stdout.write(json.dumps({"api_key": key}) + "\n")
     else:
         console.print(f"operator API key (shown once): {key}", soft_wrap=True)
-
-
-@card_app.command("issue")
-def card_issue(
-    image: Annotated[Path, typer.Argument(help="card image file to create")],
-    serial: Annotated[
-        str | None, typer.Option(help="10-byte serial, hex (random if absent)")
-    ] = None,
-    max_balance: Annotated[int, typer.Option(help="maximum balance in fen")] = 100_000,
-    expiry_date: Annotated[str | None, typer.Option("--expiry", help="YYYY-MM-DD")] = None,
-) -> None:
-    """Personalise a card from the master keys and register it, in one step."""
-    settings = _settings()
-    engine = make_engine(settings.database_url)
-    try:
-        factory = make_session_factory(engine)
-        security = open_security_module(settings, factory)
-        if image.exists():
-            raise _fail(f"{image} already holds a card image")
-        with factory() as session, session.begin():
-            card, state = issue_card(
-                session,
-                security,
-                settings.clock(),
-                serial=parse_serial(serial) if serial else None,
-                expiry=dt.date.fromisoformat(expiry_date) if expiry_date else None,
-                max_balance=max_balance,
-            )
-            ImageFile(image).create(state)
-            number = card.card_number
-    except (SecurityError, RegistryError, FieldError, OSError, ValueError) as exc:
-        raise _fail(str(exc)) from None
-    finally:
-        engine.dispose()
-    console.print(f"issued card {number} → {image}")
 
 
 @card_app.command("status")

@@ -1,35 +1,22 @@
 """The hook through which state changes merchants care about reach the webhook outbox.
 
 Call :func:`emit` inside the same database transaction as the change, so the event exists
-exactly when the change does. ``webpurse.settlement.webhooks.enqueue_event`` (owned by the
-webhooks work) persists it; until that module exists, events are dropped here.
+exactly when the change does. :func:`webpurse.settlement.webhooks.enqueue_event` persists it
+in the outbox; imported directly, so a broken webhooks module fails at start-up instead of
+dropping events.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import importlib
 from typing import Any
 
 from sqlalchemy.orm import Session
 
-EVENT_TYPES = frozenset(
-    {
-        "payment.succeeded",
-        "payment.failed",
-        "payment.uncertain",
-        "payment.canceled",
-        "payment.expired",
-        "refund.created",
-        "refund.succeeded",
-        "refund.failed",
-        "load.succeeded",
-        "load.failed",
-        "load.uncertain",
-        "load.funded",
-        "float.low",
-    }
-)
+from webpurse.settlement.event_types import EVENT_TYPES
+from webpurse.settlement.webhooks import enqueue_event
+
+__all__ = ["EVENT_TYPES", "emit"]
 
 
 def emit(
@@ -48,10 +35,4 @@ def emit(
         raise ValueError(f"unknown event type {event_type!r}")
     if merchant_id is None:  # operator-initiated loads have no merchant to tell
         return
-    try:
-        webhooks = importlib.import_module("webpurse.settlement.webhooks")
-    except ModuleNotFoundError as exc:
-        if exc.name != "webpurse.settlement.webhooks":
-            raise
-        return
-    webhooks.enqueue_event(session, merchant_id, event_type, data, now=now)
+    enqueue_event(session, merchant_id, event_type, data, now=now)

@@ -42,6 +42,7 @@ from webpurse.settlement.models import (
 from webpurse.settlement.problems import ApiError, conflict, not_found
 from webpurse.settlement.service import new_id
 from webpurse.settlement.settings import Settings
+from webpurse.settlement.views import load_json
 
 log = structlog.get_logger(__name__)
 
@@ -315,8 +316,6 @@ def add_exception(
 
 def _fund(session: Session, load: Load, line: StatementLine, now: dt.datetime) -> None:
     """The line paid the order: received → matched → held, and the order waits for its card."""
-    from webpurse.settlement.loads import load_json
-
     ledger.post_transfer(
         session,
         f"{line.id}:received",

@@ -41,6 +41,7 @@ from sqlalchemy.orm import Session
 
 from webpurse.settlement.db import bulk_insert, bulk_update, for_update, insert_ignoring_conflicts
 from webpurse.settlement.models import Account, Entry, Transfer
+from webpurse.settlement.refund_checks import open_refund_problems
 
 _ACCOUNTS: Table = Account.__table__  # type: ignore[assignment]
 _TRANSFERS: Table = Transfer.__table__  # type: ignore[assignment]
@@ -505,7 +506,5 @@ def check(session: Session) -> CheckReport:
             f"funds received {received} != value held {held} (cards + merchant payables +"
             " payouts + pending refunds + held + floats + matched + awaiting return + returned)"
         )
-    from webpurse.settlement.refunds import open_refund_problems  # refunds posts through here
-
-    report.problems.extend(open_refund_problems(session))
+    report.problems.extend(open_refund_problems(session, balance(session, REFUNDS_PENDING)))
     return report

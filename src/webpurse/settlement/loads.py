@@ -21,7 +21,6 @@ import structlog
 from sqlalchemy import select
 
 from webpurse.protocol.commands import (
-    CreditForLoad,
     CreditForLoadResponse,
     InitializeForLoadResponse,
     TransactionProof,
@@ -32,9 +31,11 @@ from webpurse.settlement import (
     card_checks,
     events,
     funding,
+    hold_guards,
     ledger,
     quotas,
     references,
+    refund_outcomes,
     registry,
     statements,
 )
@@ -59,6 +60,8 @@ from webpurse.settlement.problems import (
 )
 from webpurse.settlement.schemas import Cancel, LoadAuthorise, LoadComplete, LoadCreate, Resolve
 from webpurse.settlement.service import Ctx, card_time, new_id, parse, parse_issuer
+from webpurse.settlement.views import load_json as load_json
+from webpurse.settlement.views import refund_json
 
 log = structlog.get_logger(__name__)
 
@@ -74,40 +77,6 @@ def _source_of(ctx: Ctx, load: Load) -> str:
 def _payer_funded(load: Load) -> bool:
     """A bank-transfer order that is funded: the money is the cardholder's, for that card."""
     return load.funding_method == "bank_transfer" and load.status != "requires_funding"
-
-
-def load_json(load: Load) -> dict[str, Any]:
-    authorisation = None
-    if load.mac2 is not None:
-        credit = CreditForLoad(
-            decode_bcd_date(bytes.fromhex(load.txn_date or "")),
-            decode_bcd_time(bytes.fromhex(load.txn_time or "")),
-            bytes.fromhex(load.mac2),
-        )
-        authorisation = {
-            "date": load.txn_date,
-            "time": load.txn_time,
-            "mac2": load.mac2,
-            "credit_apdu": credit.to_apdu().to_bytes().hex().upper(),
-        }
-    return {
-        "id": load.id,
-        "object": "load",
-        "status": load.status,
-        "amount": load.amount,
-        "currency": load.currency,
-        "funding": {"method": load.funding_method, "reference": load.funding_reference or None},
-        "expires_at": load.expires_at.isoformat() if load.expires_at else None,
-        "refund": load.refund_id,
-        "terminal_id": load.terminal_id,
-        "key_index": load.key_index,
-        "card_number": load.card_number or load.requested_card_number,
-        "decline_code": load.decline_code,
-        "tac": load.tac,
-        "created_at": load.created_at.isoformat(),
-        "updated_at": load.updated_at.isoformat(),
-        "authorisation": authorisation,
-    }
 
 
 def _emit(ctx: Ctx, load: Load, event_type: str) -> None:
@@ -298,8 +267,6 @@ def _return_funds(ctx: Ctx, load: Load, status: str) -> None:
     load.status = status
     load.updated_at = ctx.now
     if load.refund_id is not None:
-        from webpurse.settlement import refunds
-
         returned = TransferSpec(
             f"{load.id}:return",
             ledger.HELD_LOADS,
@@ -308,7 +275,7 @@ def _return_funds(ctx: Ctx, load: Load, status: str) -> None:
             "load_return",
             load.id,
         )
-        refunds.fail(ctx, load.refund_id, returned, f"its load {load.id} is {status}")
+        refund_outcomes.fail(ctx, load.refund_id, returned, f"its load {load.id} is {status}")
         return
     if _payer_funded(load):
         funding.add_exception(
@@ -424,9 +391,7 @@ def authorise(ctx: Ctx, load_id: str, body: LoadAuthorise) -> Load:
         ),
         ctx.now,
     )
-    from webpurse.settlement import holds  # holds settles through this module
-
-    decision = holds.heal_instead(ctx, card, decision, "load", init.online_counter)
+    decision = hold_guards.heal_instead(ctx, card, decision, "load", init.online_counter)
     load.updated_at = ctx.now
     if not decision.approved:
         assert decision.decline_code is not None
@@ -580,8 +545,6 @@ def _succeed(ctx: Ctx, load: Load, card: Card, tac: bytes) -> None:
     if load.refund_id is not None:
         refund = ctx.session.get(Refund, load.refund_id)
         if refund is not None and refund.status == "pending":
-            from webpurse.settlement.refunds import refund_json
-
             refund.status = "succeeded"
             refund.updated_at = ctx.now
             events.emit(

@@ -27,7 +27,7 @@ from webpurse.protocol.commands import (
     TransactionProof,
 )
 from webpurse.protocol.records import TransactionType, decode_bcd_date, decode_bcd_time
-from webpurse.settlement import card_checks, events, ledger, quotas, registry
+from webpurse.settlement import card_checks, events, hold_guards, ledger, quotas, registry
 from webpurse.settlement.decisions import (
     DeclineCode,
     OpenTransaction,
@@ -214,9 +214,7 @@ def authorise(ctx: Ctx, payment_id: str, body: PurchaseAuthorise) -> Payment:
     merchant = ctx.session.get(Merchant, payment.merchant_id)
     assert merchant is not None
     card = registry.find_card(ctx.session, issuer.card_number, lock=True)
-    from webpurse.settlement import holds  # holds settles through this module
-
-    holds.refuse_rehold(ctx, card, payment.merchant_id, init.offline_counter)
+    hold_guards.refuse_rehold(ctx, card, payment.merchant_id, init.offline_counter)
     record = registry.card_record(ctx.session, card, payment.merchant_id) if card else None
     decision = decide_purchase(
         record,
@@ -230,7 +228,7 @@ def authorise(ctx: Ctx, payment_id: str, body: PurchaseAuthorise) -> Payment:
         ),
         ctx.now,
     )
-    decision = holds.heal_instead(
+    decision = hold_guards.heal_instead(
         ctx, card, decision, "payment", init.offline_counter, init.balance
     )
     payment.card_number = issuer.card_number

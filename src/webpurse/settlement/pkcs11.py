@@ -31,8 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from webpurse.card.personalise import personalise_with_card_keys
-from webpurse.card.state import DEFAULT_MAX_BALANCE, CardState
 from webpurse.protocol import host
 from webpurse.protocol.crypto import (
     MAC_LENGTH,
@@ -43,7 +41,9 @@ from webpurse.protocol.crypto import (
     purchase_session_block,
     tac_key,
 )
-from webpurse.settlement.security import KINDS, SecurityError
+from webpurse.protocol.issuance import personalise_with_card_keys
+from webpurse.protocol.purse import DEFAULT_MAX_BALANCE, CardState
+from webpurse.settlement.kek import KINDS, SecurityError
 
 if TYPE_CHECKING:
     from webpurse.settlement.db import SessionFactory

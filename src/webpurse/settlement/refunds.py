@@ -22,36 +22,25 @@ refund inside another load's completion (``loads._succeed``) releases before it 
 
 from __future__ import annotations
 
-from typing import Any
-
 import structlog
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from webpurse.settlement import events, ledger
-from webpurse.settlement.db import for_update
+from webpurse.settlement import events, ledger, loads, refund_checks
 from webpurse.settlement.ledger import LedgerError, TransferSpec
-from webpurse.settlement.models import Load, Payment, Refund
+from webpurse.settlement.models import Payment, Refund
 from webpurse.settlement.payments import get_payment
 from webpurse.settlement.problems import ApiError, conflict, ledger_refused, not_found
+from webpurse.settlement.refund_checks import LIVE_LOAD as LIVE_LOAD
+from webpurse.settlement.refund_checks import RETURNED as RETURNED
+from webpurse.settlement.refund_checks import stuck as stuck
+from webpurse.settlement.refund_outcomes import fail as fail
+from webpurse.settlement.refund_outcomes import heal_stuck as heal_stuck
 from webpurse.settlement.schemas import RefundCreate
 from webpurse.settlement.service import Ctx, new_id
+from webpurse.settlement.views import refund_json as refund_json
 
 log = structlog.get_logger(__name__)
-
-
-def refund_json(refund: Refund) -> dict[str, Any]:
-    return {
-        "id": refund.id,
-        "object": "refund",
-        "status": refund.status,
-        "payment": refund.payment_id,
-        "amount": refund.amount,
-        "currency": refund.currency,
-        "load": refund.load_id,
-        "created_at": refund.created_at.isoformat(),
-        "updated_at": refund.updated_at.isoformat(),
-    }
 
 
 def get_refund(ctx: Ctx, refund_id: str) -> Refund:
@@ -65,8 +54,6 @@ def get_refund(ctx: Ctx, refund_id: str) -> Refund:
 
 
 def create(ctx: Ctx, body: RefundCreate) -> Refund:
-    from webpurse.settlement import loads
-
     payment: Payment = get_payment(ctx, body.payment, lock=True)
     if payment.status != "succeeded":
         raise conflict("invalid_payment_state", f"the payment is {payment.status}, not succeeded")
@@ -134,102 +121,8 @@ def create(ctx: Ctx, body: RefundCreate) -> Refund:
     return refund
 
 
-LIVE_LOAD = ("requires_card", "authorised", "uncertain")
-RETURNED = ("declined", "canceled", "expired")  # a load that gave its funds back
-
-
-def fail(ctx: Ctx, refund_id: str, returned: TransferSpec | None, reason: str) -> None:
-    """The refund's load ended without a credit: fail the refund, give the money back.
-
-    ``returned`` is the load's own return (``held:loads`` → ``refunds:pending``), posted with
-    the refund's return (``refunds:pending`` → the merchant's payable) in one posting;
-    ``None`` when the load's funds are back in ``refunds:pending`` already (a refund left
-    stuck by an older version: :func:`heal_stuck`). The payment is locked first. A refund
-    that is not ``pending`` any more only gets the load's return.
-    """
-    refund = _locked(ctx.session, select(Refund).where(Refund.id == refund_id))
-    transfers = [returned] if returned is not None else []
-    if refund is None or refund.status != "pending":
-        ledger.post_transfers(ctx.session, transfers, now=ctx.now)
-        return
-    payment = _locked(ctx.session, select(Payment).where(Payment.id == refund.payment_id))
-    transfers.append(
-        TransferSpec(
-            f"{refund.id}:return",
-            ledger.REFUNDS_PENDING,
-            ledger.merchant_account(refund.merchant_id),
-            refund.amount,
-            "refund_return",
-            refund.id,
-        )
-    )
-    ledger.post_transfers(ctx.session, transfers, now=ctx.now)
-    refund.status = "failed"
-    refund.updated_at = ctx.now
-    if payment is not None:
-        payment.refunded_amount -= refund.amount
-        payment.updated_at = ctx.now
-    events.emit(ctx.session, refund.merchant_id, "refund.failed", refund_json(refund), now=ctx.now)
-    log.warning("refund.failed", refund=refund.id, load=refund.load_id, reason=reason)
-
-
-def _locked(session: Session, stmt: Any) -> Any:
-    if for_update(session):
-        stmt = stmt.with_for_update()
-    return session.scalars(stmt.execution_options(populate_existing=True)).first()
-
-
-def stuck(session: Session) -> list[tuple[Refund, Load | None]]:
-    """Pending refunds whose load can no longer deliver them (left by an older version)."""
-    rows = session.execute(
-        select(Refund, Load)
-        .outerjoin(Load, Load.id == Refund.load_id)
-        .where(Refund.status == "pending")
-        .where((Load.id.is_(None)) | (Load.status.not_in(LIVE_LOAD)))
-        .order_by(Refund.id)
-    ).all()
-    return [(refund, load) for refund, load in rows]
-
-
-def heal_stuck(ctx: Ctx, limit: int = 100) -> int:
-    """Fail up to ``limit`` stuck refunds (the expiry sweep calls this); how many.
-
-    Only refunds whose load returned its funds (declined, canceled, expired): their amount
-    waits in ``refunds:pending``. Anything else stuck is for the ledger check to report.
-    """
-    healed = 0
-    for refund, load in stuck(ctx.session)[:limit]:
-        if load is None or load.status not in RETURNED:
-            continue
-        fail(ctx, refund.id, None, f"its load {load.id} is {load.status}")
-        healed += 1
-    return healed
-
-
 def open_refund_problems(session: Session) -> list[str]:
-    """``refunds:pending`` against the refunds actually open (for ``ledger check``).
-
-    A pending refund's amount is in ``held:loads`` while its load is in flight; nothing else
-    may sit in ``refunds:pending``. A pending refund whose load ended is stuck.
-    """
-    problems = [
-        f"refund {refund.id} is pending but its load {refund.load_id} is"
-        f" {load.status if load is not None else 'missing'}: stuck"
-        for refund, load in stuck(session)
-    ]
-    expected = (
-        session.scalar(
-            select(func.coalesce(func.sum(Refund.amount), 0))
-            .outerjoin(Load, Load.id == Refund.load_id)
-            .where(Refund.status == "pending")
-            .where((Load.id.is_(None)) | (Load.status.not_in(LIVE_LOAD)))
-        )
-        or 0
+    """``refunds:pending`` against the refunds actually open (for ``ledger check``)."""
+    return refund_checks.open_refund_problems(
+        session, ledger.balance(session, ledger.REFUNDS_PENDING)
     )
-    actual = ledger.balance(session, ledger.REFUNDS_PENDING)
-    if actual != expected:
-        problems.append(
-            f"{ledger.REFUNDS_PENDING} holds {actual} fen, but the pending refunds with no load"
-            f" in flight amount to {expected} fen"
-        )
-    return problems

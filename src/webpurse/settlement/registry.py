@@ -18,7 +18,7 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from webpurse.card.state import DEFAULT_MAX_BALANCE, CardState
+from webpurse.protocol.purse import DEFAULT_MAX_BALANCE, CardState
 from webpurse.settlement import ledger
 from webpurse.settlement.db import for_update
 from webpurse.settlement.decisions import CardRecord, Flag, Observation, OpenTransaction

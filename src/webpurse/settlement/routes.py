@@ -2,28 +2,25 @@
 
 from __future__ import annotations
 
-import importlib
-
 from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
+from webpurse.settlement import (
+    routes_admin,
+    routes_batch,
+    routes_card_checks,
+    routes_clearing,
+    routes_funding,
+    routes_holds,
+    routes_loads,
+    routes_payments,
+    routes_refunds,
+    routes_webhooks,
+)
 from webpurse.settlement.auth import OperatorPrincipal
 
 router = APIRouter()
-
-# Modules (in this package) whose ``router`` the app mounts, in order.
-ROUTERS = (
-    "routes",
-    "routes_payments",
-    "routes_batch",
-    "routes_loads",
-    "routes_refunds",
-    "routes_card_checks",
-    "routes_funding",
-    "routes_admin",
-    "routes_holds",
-)
 
 
 @router.get("/health", tags=["meta"])
@@ -43,11 +40,19 @@ def metrics(request: Request, _principal: OperatorPrincipal) -> Response:
 
 
 def include(app: FastAPI) -> None:
-    for name in ROUTERS:
-        try:
-            module = importlib.import_module(f"webpurse.settlement.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"webpurse.settlement.{name}":
-                raise
-            continue
+    """Mount every router, in order. Each is imported explicitly (no optional modules): a
+    router that fails to import fails the start-up, never a silently missing API."""
+    app.include_router(router)
+    for module in (
+        routes_payments,
+        routes_batch,
+        routes_loads,
+        routes_refunds,
+        routes_card_checks,
+        routes_funding,
+        routes_admin,
+        routes_holds,
+        routes_webhooks,
+        routes_clearing,
+    ):
         app.include_router(module.router)

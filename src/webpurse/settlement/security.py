@@ -10,8 +10,6 @@ stored AES-256-GCM encrypted under a key-encryption key (KEK) from ``WEBPURSE_KE
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as dt
 import os
 import secrets
@@ -26,38 +24,20 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import select
 
-from webpurse.card.personalise import personalise_with_card_keys
-from webpurse.card.state import DEFAULT_MAX_BALANCE, CardState
 from webpurse.protocol import host
 from webpurse.protocol.crypto import diversify
+from webpurse.protocol.issuance import personalise_with_card_keys
+from webpurse.protocol.purse import DEFAULT_MAX_BALANCE, CardState
 
 if TYPE_CHECKING:
     from webpurse.settlement.db import SessionFactory
     from webpurse.settlement.settings import Settings
 
+from webpurse.settlement.kek import KEK_SIZE as KEK_SIZE
+from webpurse.settlement.kek import KINDS as KINDS
+from webpurse.settlement.kek import SecurityError as SecurityError
+from webpurse.settlement.kek import parse_kek as parse_kek
 from webpurse.settlement.models import MasterKeyRecord
-
-KINDS = ("dpk", "dlk", "dtk")
-KEK_SIZE = 32
-
-
-class SecurityError(Exception):
-    """The security module cannot work: no KEK, wrong KEK, missing master key."""
-
-
-def parse_kek(text: str) -> bytes:
-    """A 32-byte KEK from 64 hex digits or base64."""
-    text = text.strip()
-    try:
-        raw = bytes.fromhex(text)
-    except ValueError:
-        try:
-            raw = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            raise SecurityError("the KEK must be 32 bytes in hex or base64") from None
-    if len(raw) != KEK_SIZE:
-        raise SecurityError(f"the KEK must be {KEK_SIZE} bytes, got {len(raw)}")
-    return raw
 
 
 def create_kek_file(path: Path) -> bytes:
@@ -466,12 +446,3 @@ class SoftwareSecurityModule:
             date=date,
             time=time,
         )
-
-
-def open_security_module(settings: Settings, session_factory: SessionFactory) -> SecurityModule:
-    """The security module the settings choose (``WEBPURSE_SECURITY_MODULE``)."""
-    if settings.security_module == "pkcs11":
-        from webpurse.settlement.pkcs11 import Pkcs11SecurityModule
-
-        return Pkcs11SecurityModule.from_settings(settings)
-    return SoftwareSecurityModule.from_settings(settings, session_factory)

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from webpurse.settlement.kek import SecurityError, parse_kek
+
 Clock = Callable[[], dt.datetime]
 
 
@@ -105,8 +107,6 @@ class Settings:
         url = env.get("WEBPURSE_DATABASE_URL") or f"sqlite:///{data_dir / 'settlement.db'}"
         kek_file = env.get("WEBPURSE_KEK_FILE")
         kek_text = env.get("WEBPURSE_KEK")
-        from webpurse.settlement.security import SecurityError, parse_kek
-
         module = env.get("WEBPURSE_SECURITY_MODULE", "software").strip().lower() or "software"
         if module not in ("software", "pkcs11"):
             raise SecurityError(

@@ -70,8 +70,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from webpurse.settlement import events
 from webpurse.settlement.db import Base, UtcDateTime
+from webpurse.settlement.event_types import EVENT_TYPES as _EVENT_TYPES
 
 SECRET_PREFIX = "whsec_"  # noqa: S105 - a prefix, not a secret
 SIGNATURE_VERSION = "v1"
@@ -330,7 +330,7 @@ _RESOURCES = ("payment", "refund", "load")
 EVENT_TYPE_RE = re.compile(r"(payment|refund|load|float)\.[a-z][a-z_]{0,40}")
 EVENT_FILTER_RE = re.compile(r"\*|(payment|refund|load|float)\.(\*|[a-z][a-z_]{0,40})")
 
-EVENT_TYPES: tuple[str, ...] = tuple(sorted(events.EVENT_TYPES))
+EVENT_TYPES: tuple[str, ...] = tuple(sorted(_EVENT_TYPES))
 """The event types settlement emits today (others of the same families may be added)."""
 
 

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from webpurse.card.vpcd import CARD_ATR
-from webpurse.reader.pn532frame import (
+from webpurse.protocol.pn532frame import (
     ACK_FRAME,
     ERROR_FRAME,
     MAX_EXTENDED,
