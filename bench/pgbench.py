@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -90,28 +91,83 @@ def find_pgbench() -> str | None:
     return max(candidates, key=version) if candidates else None
 
 
-def postgres_cpu_seconds() -> float | None:
-    """CPU seconds used so far by this machine's PostgreSQL processes (from /proc).
+def postgres_cpu_seconds(database: str | None = None) -> float | None:
+    """CPU seconds used so far by this machine's live PostgreSQL processes (from /proc).
 
     The settlement benchmark runs PostgreSQL on the same machine (ARCHITECTURE.md), so
     the difference over a window is the database's CPU per purchase; ``None`` where
-    /proc is not there.
+    /proc is not there. With ``database``, only the background processes and that
+    database's backends count (not other people's tests on a shared machine). Only live
+    processes count: a window whose connections end inside it (pgbench's) is measured by
+    :class:`DatabaseCpu` instead.
     """
-    proc = Path("/proc")
-    if not proc.is_dir():
+    if not Path("/proc").is_dir():
         return None
-    ticks = 0
-    for entry in proc.iterdir():
+    return sum(_postgres_processes(database).values()) / os.sysconf("SC_CLK_TCK")
+
+
+def _postgres_processes(database: str | None) -> dict[int, int]:
+    """pid → CPU ticks of PostgreSQL's background processes and ``database``'s backends
+    (every backend when ``database`` is ``None``).
+
+    Other databases' client backends (other people's tests on a shared machine) are left
+    out; a client backend's title names its database and its client's address.
+    """
+    found: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             if (entry / "comm").read_text().strip() not in ("postgres", "postmaster"):
                 continue
+            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue  # the process ended meanwhile
-        ticks += int(fields[11]) + int(fields[12])  # utime + stime
-    return ticks / os.sysconf("SC_CLK_TCK")
+        client = "(" in title or "[local]" in title
+        if client and database is not None and f" {database} " not in f" {title} ":
+            continue
+        found[int(entry.name)] = int(fields[11]) + int(fields[12])  # utime + stime
+    return found
+
+
+class DatabaseCpu:
+    """PostgreSQL's CPU over a window whose connections end inside it (a pgbench run).
+
+    The backends' CPU is gone from /proc once they exit, so a thread samples it every
+    ``interval`` seconds and keeps each process's last reading: what a backend spends in
+    its last ``interval`` before it exits is missed (with the bench's 15 s windows, under
+    1 %). ``seconds`` is ``None`` where /proc is not there.
+    """
+
+    def __init__(self, database: str, interval: float = 0.05) -> None:
+        self.database = database
+        self.interval = interval
+        self.seconds: float | None = None
+        self._first: dict[int, int] = {}
+        self._last: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> DatabaseCpu:
+        if Path("/proc").is_dir():
+            self._first = _postgres_processes(self.database)
+            self._last = dict(self._first)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):  # a sampling period, not a synchronisation
+            self._last.update(_postgres_processes(self.database))
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._thread.is_alive():
+            return
+        self._stop.set()
+        self._thread.join()
+        self._last.update(_postgres_processes(self.database))
+        ticks = sum(last - self._first.get(pid, 0) for pid, last in self._last.items())
+        self.seconds = ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _admin(server: PgServer, sql: str) -> None:
@@ -163,8 +219,22 @@ class Pgbench:
             text=True,
         )
 
-    def run(self, clients: int, seconds: int) -> PgbenchResult:
+    def run(
+        self,
+        clients: int,
+        seconds: int,
+        *,
+        script: Path | None = None,
+        define: dict[str, int] | None = None,
+        transactions: int | None = None,
+    ) -> PgbenchResult:
+        """tpcb-like at ``clients`` for ``seconds``, or a custom ``script`` (``-f``) with
+        its variables (``-D name=value``) on the same database; ``transactions`` per
+        client (``-t``) instead of a time window."""
         threads = min(2, clients)
+        custom = ["-f", str(script)] if script is not None else []
+        for name, value in (define or {}).items():
+            custom += ["-D", f"{name}={value}"]
         command = [
             self.binary,
             *self.server.args(),
@@ -172,11 +242,11 @@ class Pgbench:
             str(clients),
             "-j",
             str(threads),
-            "-T",
-            str(seconds),
+            *(("-t", str(transactions)) if transactions is not None else ("-T", str(seconds))),
             "-M",
             "prepared",
             "-n",
+            *custom,
             self.database,
         ]
         done = subprocess.run(command, check=True, capture_output=True, text=True)

@@ -62,7 +62,21 @@ NOTES = {
         "locked once per batch); `ratio batched/pgbench best` divides by the best pgbench TPS "
         "of the run (PostgreSQL's own limit here; pgbench cannot open 128 or 512 "
         "connections: max_connections is 100). "
-        "`PostgreSQL CPU per purchase` sums the postgres processes' CPU from /proc."
+        "`PostgreSQL CPU per purchase` sums, from /proc, the CPU of PostgreSQL's background "
+        "processes and of the benchmark database's backends (other databases' connections "
+        "— other people's tests on this shared machine — are left out); over a pgbench run, "
+        "whose backends exit inside the window, it is sampled every 50 ms. "
+        "*Lean purchase SQL*: at the same N, between tpcb-like and the server, pgbench runs "
+        "`bench/lean/purchase.pgbench` on `bench/lean/schema.sql` (see `bench/lean.py`): "
+        "the SQL of a purchase that keeps every guarantee (double entry with one zero-sum "
+        "transfer per purchase, idempotency keys as unique columns of the payment, one "
+        "transaction in flight per card, the card's shadow balance and counters, its MACs "
+        "kept for the audit, an outbox row), `batch` purchases per script run through "
+        "create, authorise and capture with one commit per step and the merchant's payable "
+        "updated once per batch, last; purchases/s = TPS × batch. It is the physical limit "
+        "of a purchase here, not settlement's schema. Every database is `ANALYZE`d after "
+        "loading (pgbench -i vacuums its own), and the `autovacuum` row says whether "
+        "PostgreSQL would gather statistics by itself."
     ),
     "latency": (
         "Purchases one at a time through the merchant's flow (`run_transaction`): create "
@@ -189,6 +203,9 @@ def _series(rows: Sequence[Measurement], metric: str, key: str) -> list[tuple[fl
 def plot_throughput(rows: Sequence[Measurement], path: Path) -> bool:
     series = {
         "pgbench tpcb-like (TPS)": _series(rows, "pgbench tps", "clients"),
+        "lean purchase SQL under pgbench (purchases/s)": _series(
+            rows, "lean purchase SQL purchases/s", "clients"
+        ),
         "settlement purchases/s, one call per request": _series(
             rows, "settlement purchases/s", "clients"
         ),
@@ -312,6 +329,10 @@ def render(runs: Sequence[Run], *, plots: bool = True) -> str:
             IMAGE_DIR.mkdir(parents=True, exist_ok=True)
             if plotter(rows, image):
                 parts.append(f"![{title}](img/{image.name})\n")
+        if name == "settlement":
+            side = limits_table(rows)
+            if side:
+                parts.append(side)
         plain = [r for r in rows if not r.metric.startswith("profile")]
         parts.append(table(plain) + "\n")
         profile = [r for r in rows if r.metric.startswith("profile")]
@@ -325,10 +346,64 @@ def render(runs: Sequence[Run], *, plots: bool = True) -> str:
     return "\n".join(parts)
 
 
+# The side-by-side table: (column title, metric) for throughput, then CPU per purchase.
+LIMIT_RATES = (
+    ("pgbench tpcb-like (TPS)", "pgbench tps"),
+    ("lean purchase SQL (purchases/s)", "lean purchase SQL purchases/s"),
+    ("settlement HTTP (purchases/s)", "settlement purchases/s"),
+    ("settlement HTTP, batched", "settlement purchases/s (batched)"),
+)
+LIMIT_DATABASE_CPU = (
+    "pgbench PostgreSQL CPU per transaction",
+    "lean purchase SQL PostgreSQL CPU per purchase",
+    "PostgreSQL CPU per purchase",
+    "PostgreSQL CPU per purchase (batched)",
+)
+LIMIT_SERVER_CPU = ("server CPU per purchase", "server CPU per purchase (batched)")
+
+
+def limits_table(rows: Sequence[Measurement]) -> str:
+    """The three numbers side by side per client count: PostgreSQL's limit (tpcb-like),
+    the lean purchase's SQL limit, and settlement through its API; with the CPU each costs.
+    """
+    wanted = {m for _, m in LIMIT_RATES} | set(LIMIT_DATABASE_CPU) | set(LIMIT_SERVER_CPU)
+    cell: dict[tuple[str, float], float] = {}
+    for row in rows:
+        clients = row.params.get("clients")
+        if row.metric in wanted and row.value is not None and isinstance(clients, int | float):
+            cell[(row.metric, float(clients))] = row.value
+    if not any(metric == "lean purchase SQL purchases/s" for metric, _ in cell):
+        return ""
+    counts = sorted({clients for _, clients in cell})
+
+    def shown(metric: str, clients: float, unit: str = "") -> str:
+        value = cell.get((metric, clients))
+        return "—" if value is None else format_value(value, unit)
+
+    titles = [title for title, _ in LIMIT_RATES]
+    lines = [
+        "Side by side, per client count (one run): "
+        + ", ".join(titles)
+        + "; PostgreSQL CPU ms per transaction or purchase in the same order; the "
+        "settlement server's CPU ms per purchase (one call per request · batched).\n",
+        "| clients | " + " | ".join(titles) + " | PostgreSQL CPU (ms) | server CPU (ms) |",
+        "|---:|" + "---:|" * len(titles) + "---|---|",
+    ]
+    for clients in counts:
+        rates = [shown(metric, clients) for _, metric in LIMIT_RATES]
+        database = " · ".join(shown(m, clients) for m in LIMIT_DATABASE_CPU)
+        server = " · ".join(shown(m, clients) for m in LIMIT_SERVER_CPU)
+        lines.append(f"| {clients:g} | " + " | ".join(rates) + f" | {database} | {server} |")
+    return "\n".join(lines) + "\n"
+
+
 SUMMARY_ROWS: tuple[tuple[str, str, dict[str, str | int | float | bool]], ...] = (
     ("micro", "full purchase (INIT+DEBIT+host MACs)", {"store": "memory"}),
     ("micro", "full purchase (INIT+DEBIT+host MACs)", {"store": "image (fsync)"}),
     ("settlement", "pgbench tps", {"clients": 8}),
+    ("settlement", "lean purchase SQL purchases/s", {"clients": 8}),
+    ("settlement", "ratio lean SQL/pgbench", {"clients": 8}),
+    ("settlement", "lean purchase SQL PostgreSQL CPU per purchase", {"clients": 8}),
     ("settlement", "settlement purchases/s", {"clients": 1}),
     ("settlement", "settlement purchases/s", {"clients": 8}),
     ("settlement", "settlement purchases/s", {"clients": 32}),

@@ -1,12 +1,19 @@
 """Settlement throughput through its HTTP API, side by side with pgbench, in one run.
 
-For each client count N: pgbench tpcb-like with N clients, then N concurrent merchant
-clients (``webpurse.merchant.settlement.SettlementClient`` over one ``httpx.AsyncClient``)
-each completing purchases on its own emulated card: create payment, authorise (the card's
-READ BINARY + INITIALIZE answers), capture (DEBIT's TAC ‖ MAC2). The card emulator runs
-in this (client) process between the calls; its time is counted and reported separately.
-Afterwards the server is profiled under load with py-spy (top functions by own time, and
-by package).
+Three numbers at each client count N, in this order: pgbench tpcb-like (PostgreSQL's own
+limit for a simple write transaction), the lean purchase's SQL under pgbench
+(``bench.lean``: what a purchase that keeps every guarantee could cost PostgreSQL), and
+settlement through its HTTP API; each with PostgreSQL's CPU per transaction or purchase.
+Every database is ``ANALYZE``d after loading (autovacuum is off on this machine kind; the
+run records whether it is on).
+
+For each client count N: pgbench tpcb-like with N clients, the lean script, then N
+concurrent merchant clients (``webpurse.merchant.settlement.SettlementClient`` over one
+``httpx.AsyncClient``) each completing purchases on its own emulated card: create
+payment, authorise (the card's READ BINARY + INITIALIZE answers), capture (DEBIT's TAC ‖
+MAC2). The card emulator runs in this (client) process between the calls; its time is
+counted and reported separately. Afterwards the server is profiled under load with py-spy
+(top functions by own time, and by package).
 """
 
 from __future__ import annotations
@@ -23,18 +30,22 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench import lean
 from bench.cards import APDUS
 from bench.harness import Context, Measurement, not_measured, ratio, summarise
 from bench.pgbench import (
     CLIENTS,
     SECONDS,
+    DatabaseCpu,
     Pgbench,
+    PgbenchResult,
     PgServer,
     postgres_cpu_seconds,
     rows_for,
     unavailable_reason,
 )
 from bench.servers import (
+    DATABASE,
     SettlementEnvironment,
     SettlementProcess,
     SetupError,
@@ -170,7 +181,7 @@ async def measure_window(
         )
         stats = [ClientStats() for _ in cards]
         cpu_before, server_before = time.process_time(), server.cpu_seconds()
-        database_before = postgres_cpu_seconds()
+        database_before = postgres_cpu_seconds(DATABASE)
         batches_before, items_before = _batch_counts(settlement)
         started = time.perf_counter()
         until = started + seconds
@@ -189,7 +200,7 @@ async def measure_window(
             client_cpu_seconds=time.process_time() - cpu_before,
             server_cpu_seconds=server.cpu_seconds() - server_before,
             errors=[e for s in stats for e in s.errors],
-            database_cpu_seconds=_difference(postgres_cpu_seconds(), database_before),
+            database_cpu_seconds=_difference(postgres_cpu_seconds(DATABASE), database_before),
             batching=batching,
             batches=_batch_counts(settlement)[0] - batches_before,
             batched_items=_batch_counts(settlement)[1] - items_before,
@@ -453,12 +464,24 @@ async def _run(ctx: Context, pg: PgServer) -> list[Measurement]:
     clients = CLIENTS if not ctx.quick else (1, 4)
     batched = BATCHED_CLIENTS if not ctx.quick else (4, 16)
     seconds = int(ctx.seconds(SECONDS))
-    steps = 2 + 2 * len(clients) + len(batched) + 1
+    steps = 2 + 3 * len(clients) + len(batched) + 1
     tps: dict[int, float] = {}
+    autovacuum = lean.autovacuum_on(pg)
+    rows.append(
+        Measurement(
+            NAME,
+            "autovacuum",
+            1.0 if autovacuum else 0.0,
+            "",
+            {},
+            "on" if autovacuum else "off: only the bench's explicit ANALYZE gives statistics",
+        )
+    )
     with ctx.task("settlement vs pgbench", total=steps) as advance:
         pgbench = Pgbench(pg)
-        pgbench.initialise()
+        pgbench.initialise()  # pgbench -i vacuums and analyses its tables itself
         try:
+            lean.load(pg, pgbench.database, cards=max(clients) * lean.BATCH)  # and ANALYZE
             with settlement_server(pg, workers=WORKERS) as (environment, server):
                 merchant = environment.initialise()
                 cards = environment.issue_cards(max(*clients, *batched))
@@ -468,13 +491,20 @@ async def _run(ctx: Context, pg: PgServer) -> list[Measurement]:
                     for start in range(0, len(cards), FUNDING_GROUP):
                         group = cards[start : start + FUNDING_GROUP]
                         await fund_cards(funder, group, FUNDING)
+                lean.analyze(pg, environment.database)  # the loaded cards, merchant, keys
                 advance()
                 for n in clients:
-                    result = pgbench.run(n, seconds)
+                    with DatabaseCpu(pgbench.database) as cpu:
+                        result = pgbench.run(n, seconds)
                     rows += [
                         Measurement(r.benchmark.replace("pgbench", NAME), *_rest(r))
                         for r in rows_for(result, n, seconds)
                     ]
+                    rows += _pgbench_cpu(result, n, seconds, cpu.seconds)
+                    advance()
+                    with DatabaseCpu(pgbench.database) as cpu:
+                        limit = lean.run(pgbench, n, seconds)
+                    rows += lean.rows_for(NAME, limit, n, seconds, cpu.seconds, result.tps)
                     advance()
                     window = await measure_window(
                         server.url, merchant.api_key, cards[:n], seconds, server
@@ -496,6 +526,17 @@ async def _run(ctx: Context, pg: PgServer) -> list[Measurement]:
             pgbench.drop()
         advance()
     return rows
+
+
+def _pgbench_cpu(
+    result: PgbenchResult, clients: int, seconds: int, used: float | None
+) -> list[Measurement]:
+    """PostgreSQL's CPU per tpcb-like transaction over the pgbench window just run."""
+    if used is None or not result.transactions:
+        return []
+    params: dict[str, str | int | float | bool] = {"clients": clients, "seconds": seconds}
+    value = used * 1000 / result.transactions
+    return [Measurement(NAME, "pgbench PostgreSQL CPU per transaction", value, "ms", params)]
 
 
 def _rest(row: Measurement) -> tuple[str, float | None, str, dict[str, str | int | float | bool]]:

@@ -65,3 +65,24 @@ def test_profile_rows_get_their_own_tables_cpu_first() -> None:
         "| profile wall own time, 8 clients |"
     )
     assert "| `c` | 12.0 % |" in text
+
+
+def test_the_three_limits_stand_side_by_side_per_client_count() -> None:
+    def row(metric: str, value: float, clients: int, unit: str = "1/s") -> Measurement:
+        return Measurement("settlement", metric, value, unit, {"clients": clients})
+
+    rows = [
+        row("pgbench tps", 4200.0, 8, "TPS"),
+        row("lean purchase SQL purchases/s", 30000.0, 8),
+        row("settlement purchases/s", 160.0, 8),
+        row("settlement purchases/s (batched)", 700.0, 512),
+        row("pgbench PostgreSQL CPU per transaction", 0.3, 8, "ms"),
+        row("lean purchase SQL PostgreSQL CPU per purchase", 0.05, 8, "ms"),
+        row("server CPU per purchase", 6.0, 8, "ms"),
+    ]
+    text = render([Run("2026-12-06", "c", False, {}, ["settlement"], rows)], plots=False)
+    section = text[text.index("## Settlement") :]
+    assert "| clients | pgbench tpcb-like (TPS) | lean purchase SQL (purchases/s) |" in section
+    assert "| 8 | 4,200 | 30,000 | 160 | — | 0.3 · 0.05 · — · — | 6.00 · — |" in section
+    assert "| 512 | — | — | — | 700 | — · — · — · — | — · — |" in section
+    assert section.index("| clients |") < section.index("| metric |")

@@ -15,11 +15,11 @@ from sqlalchemy.orm import Session
 
 from tests.asgi import AppClient
 from tests.settlement.support import FakeClock, World, make_world
-from webpurse.settlement import events, webhooks
+from webpurse.settlement import events, idempotency, webhooks
 from webpurse.settlement.app import create_app
 from webpurse.settlement.db import make_engine
 from webpurse.settlement.expiry import expire_stale, sweep
-from webpurse.settlement.models import Payment
+from webpurse.settlement.models import IdempotencyRecord, Payment
 from webpurse.settlement.webhooks import WebhookEvent
 
 
@@ -139,3 +139,52 @@ def test_the_sweep_commits_in_chunks_and_leaves_nothing_stale(tmp_path: Path) ->
                 authorised_ttl=dt.timedelta(minutes=2),
                 chunk=0,
             )
+
+
+def test_old_idempotency_keys_are_forgotten_in_bounded_committed_chunks(world: World) -> None:
+    """Keys older than KEEP_FOR go, oldest first, at most ``purge_chunk`` per transaction;
+    a key inside the window stays (its retry is still replayed)."""
+    now = world.clock() + idempotency.KEEP_FOR + dt.timedelta(days=1)
+    rows = [
+        IdempotencyRecord(
+            principal="mer_x",
+            key=f"old-{i}",
+            fingerprint="0" * 64,
+            state="done",
+            response_status=201,
+            response_body="{}",
+            created_at=now - idempotency.KEEP_FOR - dt.timedelta(minutes=i + 1),
+        )
+        for i in range(5)
+    ]
+    young = IdempotencyRecord(
+        principal="mer_x",
+        key="young",
+        fingerprint="0" * 64,
+        state="done",
+        response_status=201,
+        response_body="{}",
+        created_at=now - idempotency.KEEP_FOR + dt.timedelta(minutes=1),
+    )
+    with world.factory() as session, session.begin():
+        session.add_all([*rows, young])
+    commits: list[int] = []
+
+    def factory() -> Session:
+        session = world.factory()
+        event.listen(session, "after_commit", lambda _: commits.append(1))
+        return session
+
+    sweep(
+        factory,
+        now,
+        requires_card_ttl=dt.timedelta(minutes=30),
+        authorised_ttl=dt.timedelta(minutes=2),
+        purge_chunk=2,
+    )
+    # one expiry chunk (nothing stale), housekeeping with 2 keys, then 2 + 1 keys
+    assert len(commits) == 4
+    with world.factory() as session:
+        assert list(session.scalars(select(IdempotencyRecord.key))) == ["young"]
+        with pytest.raises(ValueError):
+            idempotency.purge(session, now, limit=0)

@@ -231,9 +231,7 @@ def _check_keys(ctx: Ctx, items: list[Item], request_id: str | None) -> None:
     stored = {
         row.key: row
         for row in ctx.session.execute(
-            select(_KEYS).where(
-                _KEYS.c.principal == subject, _KEYS.c.key.in_([item.key for item in keyed])
-            )
+            idempotency.lookup(subject, [item.key for item in keyed if item.key is not None])
         )
     }
     for item in keyed:

@@ -113,16 +113,21 @@ def _claim_first(limit: int | None, statement: S) -> S:
     return _claim(ordered if limit is None else ordered.limit(limit))
 
 
-def _housekeeping(ctx: Ctx, card_hold_ttl: dt.timedelta) -> None:
-    """Free cards held past the bound, fail refunds left stuck, purge what has aged out."""
+def _housekeeping(ctx: Ctx, card_hold_ttl: dt.timedelta, purge_chunk: int | None = None) -> int:
+    """Free cards held past the bound, fail refunds left stuck, purge what has aged out.
+
+    Forgets at most ``purge_chunk`` idempotency keys (``idempotency.PURGE_CHUNK``) and
+    returns how many: :func:`sweep` goes on in further committed chunks while that many.
+    """
     holds_released, holds_unblocked = holds.release_stale(ctx, card_hold_ttl)
     if holds_released or holds_unblocked:
         log.warning("sweep.holds", released=holds_released, unblocked=holds_unblocked)
     refunds_failed = refunds.heal_stuck(ctx)  # left pending by an older version
     if refunds_failed:
         log.warning("sweep.refunds_failed", count=refunds_failed)
-    idempotency.purge(ctx.session, ctx.now)
+    purged = idempotency.purge(ctx.session, ctx.now, limit=purge_chunk)
     webhooks.prune_delivered(ctx.session, ctx.now)
+    return purged
 
 
 def sweep(
@@ -133,6 +138,7 @@ def sweep(
     authorised_ttl: dt.timedelta,
     card_hold_ttl: dt.timedelta = dt.timedelta(hours=1),
     chunk: int = CHUNK,
+    purge_chunk: int = idempotency.PURGE_CHUNK,
 ) -> SweepReport:
     """Expire everything stale at ``now`` in committed chunks of at most ``chunk`` rows each.
 
@@ -141,7 +147,8 @@ def sweep(
     run between chunks. Ends when a chunk finds fewer than ``chunk`` rows of every kind
     (rows a request holds are skipped and left for the next sweep); then the housekeeping
     (cards held past ``card_hold_ttl``, stuck refunds of old, idempotency keys, delivered
-    webhooks) runs in one more short transaction.
+    webhooks) runs in one more short transaction, and old idempotency keys are forgotten
+    in further committed chunks of at most ``purge_chunk`` until a chunk finds fewer.
     """
     if chunk < 1:
         raise ValueError("a sweep chunk holds at least one row")
@@ -160,8 +167,13 @@ def sweep(
         if report.most() < chunk:
             break
     with session_factory() as session, session.begin():
-        _housekeeping(Ctx(session, cast(SecurityModule, _NoKeys()), now, SYSTEM), card_hold_ttl)
-    log.info("sweep.finished", **total.to_json(), chunks=total.chunks)
+        ctx = Ctx(session, cast(SecurityModule, _NoKeys()), now, SYSTEM)
+        purged = forgotten = _housekeeping(ctx, card_hold_ttl, purge_chunk)
+    while purged == purge_chunk:
+        with session_factory() as session, session.begin():
+            purged = idempotency.purge(session, now, limit=purge_chunk)
+        forgotten += purged
+    log.info("sweep.finished", **total.to_json(), chunks=total.chunks, keys_forgotten=forgotten)
     return total
 
 

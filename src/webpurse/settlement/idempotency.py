@@ -22,13 +22,13 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import structlog
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import Table, delete, select, update
+from sqlalchemy import Select, Table, delete, select, update
 from sqlalchemy.orm import Session
 
 from webpurse.settlement.auth import Principal
@@ -51,8 +51,20 @@ MAX_KEY_LENGTH = 255
 ABANDONED_AFTER = dt.timedelta(minutes=5)
 # Keys are kept at least this long (payments-api.md: at least 24 hours).
 KEEP_FOR = dt.timedelta(days=7)
+# Keys forgotten per committed chunk of the sweep (:func:`purge`).
+PURGE_CHUNK = 5000
 _KEYS: Table = IdempotencyRecord.__table__  # type: ignore[assignment]
 Handler = Callable[[], tuple[int, dict[str, Any]]]
+
+
+def lookup(principal: str, keys: Collection[str]) -> Select[Any]:
+    """The stored rows of ``principal``'s ``keys``: the one statement both paths run.
+
+    A request's replay (:func:`_replay`) and a batch's look-up of its items' keys
+    (``batch._check_keys``) both use it, so the plan test
+    (``tests/settlement/test_idempotency_plan.py``) explains exactly what they run.
+    """
+    return select(_KEYS).where(_KEYS.c.key.in_(list(keys)), _KEYS.c.principal == principal)
 
 
 def fingerprint(method: str, path: str, payload: Any) -> str:
@@ -181,11 +193,7 @@ def _replay(
     ``in_flight`` here is a row an older version committed before its work (see the module
     docstring); this version's key rows are committed only with their answer.
     """
-    existing = session.scalars(
-        select(IdempotencyRecord)
-        .where(IdempotencyRecord.principal == principal.subject, IdempotencyRecord.key == key)
-        .execution_options(populate_existing=True)
-    ).one()
+    existing = session.execute(lookup(principal.subject, [key])).one()
     session.rollback()
     if existing.fingerprint != print_:
         raise ApiError(
@@ -196,7 +204,7 @@ def _replay(
         )
     if existing.state != "done" and existing.created_at < now - ABANDONED_AFTER:
         log.warning("idempotency.abandoned", key=key)
-        session.execute(delete(IdempotencyRecord).where(IdempotencyRecord.id == existing.id))
+        session.execute(delete(_KEYS).where(_KEYS.c.id == existing.id))
         session.commit()
         return run(request, session, principal, key, payload, handler)
     if existing.state != "done" or existing.response_body is None:
@@ -209,9 +217,23 @@ def _replay(
     )
 
 
-def purge(session: Session, now: dt.datetime) -> int:
-    """Forget keys older than :data:`KEEP_FOR`; returns how many."""
-    result = session.execute(
-        delete(IdempotencyRecord).where(IdempotencyRecord.created_at < now - KEEP_FOR)
+def purge(session: Session, now: dt.datetime, *, limit: int | None = None) -> int:
+    """Forget at most ``limit`` keys older than :data:`KEEP_FOR`, oldest first; how many.
+
+    Bounded so that one pass never deletes a whole backlog in one transaction (at 750
+    purchases/s a sweep interval of 30 s leaves ~67,000 keys to forget): the expiry sweep
+    calls it in committed chunks until a chunk finds fewer (``expiry.sweep``). The oldest
+    rows are found on ``ix_idempotency_keys_created_at``. A key younger than ``KEEP_FOR``
+    is never touched, so a retry within the documented window is always replayed.
+    """
+    limit = PURGE_CHUNK if limit is None else limit
+    if limit < 1:
+        raise ValueError("a purge chunk forgets at least one key")
+    oldest = (
+        select(_KEYS.c.id)
+        .where(_KEYS.c.created_at < now - KEEP_FOR)
+        .order_by(_KEYS.c.created_at, _KEYS.c.id)
+        .limit(limit)
     )
+    result = session.execute(delete(_KEYS).where(_KEYS.c.id.in_(oldest.scalar_subquery())))
     return int(getattr(result, "rowcount", 0) or 0)
