@@ -23,7 +23,6 @@ naming every broken rule:
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys
@@ -32,7 +31,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
@@ -87,15 +85,9 @@ def ledger_check_cli(database_url: str, *, subprocess_run: bool = False) -> tupl
         return done.returncode, done.stdout + done.stderr
     from webpurse.cli import app
 
-    # The CLI configures logging for its process (structlog at WARNING): in process, put
-    # the caller's configuration back, or later tests would capture no INFO events.
-    saved = structlog.get_config()
-    root_level = logging.getLogger().level
-    try:
-        result = CliRunner().invoke(app, ["ledger", "check"], env=env)
-    finally:
-        structlog.configure(**saved)
-        logging.getLogger().setLevel(root_level)
+    # The CLI configures logging for its process (structlog at WARNING); tests/conftest.py
+    # puts each test's configuration back afterwards.
+    result = CliRunner().invoke(app, ["ledger", "check"], env=env)
     return result.exit_code, result.output
 
 
