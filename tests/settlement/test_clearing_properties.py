@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
@@ -139,6 +139,7 @@ def _clear(factory: SessionFactory, history: History) -> None:
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
+@example(ops=[("capture", 1, 0), ("advance", 4, 0), ("clear", 0, 0), ("topup", 1, 0)])
 @given(ops=OPS)
 def test_payouts_are_captures_minus_refunds_minus_top_ups_over_any_commit_order(
     factory: SessionFactory, ops: list[tuple[str, int, int]]
@@ -166,10 +167,11 @@ def test_payouts_are_captures_minus_refunds_minus_top_ups_over_any_commit_order(
         assert sum(b.payment_total for b in batches) == history.captured
         assert sum(b.refund_total for b in batches) == history.refunded
         assert sum(b.topup_total for b in batches) == history.sold - history.returned
-        if expected >= 0:
-            assert paid == expected
-            assert last.carried_out == 0
+        # What was paid, plus the debt the last batch carries forward, is exactly the rule.
+        # A debt remains whenever money owed (top-ups sold, refunds) arrived after a payout
+        # had already left: a payout is never clawed back, the next one nets it.
+        assert last.carried_out <= 0
+        assert paid + last.carried_out == expected
+        if last.carried_out == 0:
             assert ledger.balance(session, ledger.merchant_account(merchant.id)) == 0
             assert ledger.balance(session, ledger.topups_account(merchant.id)) == 0
-        else:
-            assert paid + last.carried_out == expected
