@@ -17,13 +17,23 @@ def settlement(
         bool, typer.Option(help="apply database migrations at start (SQLite default)")
     ] = True,
     workers: Annotated[
-        int, typer.Option(min=1, help="uvicorn worker processes (one core each)")
+        int,
+        typer.Option(min=1, help="worker processes (one core each), each on its own socket"),
     ] = 1,
+    reuse_port: Annotated[
+        bool,
+        typer.Option(help="share the port with other processes that set it too (SO_REUSEPORT)"),
+    ] = False,
 ) -> None:
-    """The settlement server (settings from WEBPURSE_DATABASE_URL, WEBPURSE_KEK…)."""
+    """The settlement server (settings from WEBPURSE_DATABASE_URL, WEBPURSE_KEK…).
+
+    Any number of these may share one PostgreSQL database, each on its own port (behind a
+    load balancer) or on one port with --reuse-port; background jobs run once at a time
+    across them.
+    """
     from webpurse.settlement.cli import serve
 
-    serve(host=host, port=port, migrate=migrate, workers=workers)
+    serve(host=host, port=port, migrate=migrate, workers=workers, reuse_port=reuse_port)
 
 
 @app.command("merchant")

@@ -1,10 +1,14 @@
-"""``webpurse serve settlement [--workers N]``: processes on one socket of ours (TCP_NODELAY)."""
+"""``webpurse serve settlement [--workers N]``: each worker on its own socket of ours.
+
+Our sockets: TCP_NODELAY on accepted connections; one ``SO_REUSEPORT`` socket per worker.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import os
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import cast
@@ -125,3 +129,50 @@ def test_two_workers_serve_concurrent_purchases_and_the_ledger_balances(tmp_path
             merchant = session.query(Merchant).one()
             paid = ledger.balance(session, ledger.merchant_account(merchant.id))
             assert paid == PURCHASES * 10
+
+
+def _listening_inodes(port: int) -> set[int]:
+    """Inodes of the IPv4 TCP sockets in LISTEN state (0A) on ``port``."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == "0A":
+            inodes.add(int(fields[9]))
+    return inodes
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets process ``pid`` holds open."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[len("socket:[") : -1]))
+    return inodes
+
+
+def test_each_worker_listens_on_its_own_socket(tmp_path: Path) -> None:
+    """``--workers 3``: three listening sockets on the port, one per worker, none shared."""
+    with (
+        database_url("sqlite", tmp_path) as url,
+        live_server(url, tmp_path, workers=3) as server,
+    ):
+        port = int(server.base_url.rsplit(":", 1)[1])
+        assert server.pid is not None
+        workers = _workers(server.pid)
+        assert len(workers) == 3
+        deadline = time.monotonic() + 60
+        listening = _listening_inodes(port)
+        while len(listening) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)  # bounded polling for the other workers' start-up
+            listening = _listening_inodes(port)
+        assert len(listening) == 3, listening
+        held = [_socket_inodes(worker) & listening for worker in workers]
+        assert all(len(mine) == 1 for mine in held), held
+        assert set().union(*held) == listening  # each socket in exactly one worker
+        assert not _socket_inodes(server.pid) & listening  # the supervisor holds none
+        for _ in range(6):  # every worker serves whichever socket the kernel picks
+            assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200

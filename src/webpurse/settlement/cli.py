@@ -233,13 +233,16 @@ def ledger_check() -> None:
     console.print("[green]ledger consistent[/green]: all balances agree with the entries")
 
 
-def serve(*, host: str, port: int, migrate: bool, workers: int = 1) -> None:
+def serve(
+    *, host: str, port: int, migrate: bool, workers: int = 1, reuse_port: bool = False
+) -> None:
     """Run the settlement server; ``workers`` > 1 runs that many uvicorn worker processes.
 
     The app is built once here first (settings, keys and, on SQLite, migrations are checked
     before anything listens); each worker then builds its own from the same environment.
-    The listening socket is ours (``webpurse.listen``), so accepted connections have
-    ``TCP_NODELAY`` whatever uvicorn does.
+    The listening sockets are ours (``webpurse.listen``), so accepted connections have
+    ``TCP_NODELAY`` whatever uvicorn does; each worker has its own (``SO_REUSEPORT``), and
+    ``reuse_port`` lets a one-worker server share its port with other servers too.
     """
     from webpurse.settlement.app import create_app
 
@@ -257,7 +260,7 @@ def serve(*, host: str, port: int, migrate: bool, workers: int = 1) -> None:
         ) from None
     quiet: dict[str, Any] = {"log_config": None, "access_log": False}
     if workers <= 1:
-        run_asgi(application, host=host, port=port, **quiet)
+        run_asgi(application, host=host, port=port, reuse_port=reuse_port, **quiet)
         return
     application.state.settlement.engine.dispose()
     del application

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from sqlalchemy.orm import Session
 
 from webpurse.settlement import events, holds, idempotency, loads, payments, refunds, webhooks
 from webpurse.settlement.auth import OPERATOR, Principal
+from webpurse.settlement.leader import SWEEP_JOB, Leadership
 from webpurse.settlement.models import Load, Payment
 from webpurse.settlement.security import SecurityModule
 from webpurse.settlement.service import Ctx
@@ -277,11 +279,16 @@ async def sweeper_lifespan(app: FastAPI) -> AsyncIterator[None]:
             card_hold_ttl=settings.card_hold_ttl,
         )
 
+    # One process at a time sweeps, however many share the database (leader.py).
+    leadership = Leadership(state.engine, SWEEP_JOB)
+
     async def loop() -> None:
         while True:
             await asyncio.sleep(settings.sweep_interval)  # a periodic timer
             try:
-                await asyncio.to_thread(sweep_once)
+                if await asyncio.to_thread(leadership.lead):
+                    await asyncio.to_thread(sweep_once)
+                    log.info("sweep.tick", pid=os.getpid())
             except Exception:  # keep sweeping; the next round retries
                 log.exception("sweep.failed")
 
@@ -292,3 +299,4 @@ async def sweeper_lifespan(app: FastAPI) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        await asyncio.to_thread(leadership.release)
