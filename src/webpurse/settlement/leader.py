@@ -37,9 +37,13 @@ SWEEP_JOB = "expiry-sweep"
 """The periodic expiry sweep and its housekeeping."""
 
 
-def job_key(job: str) -> int:
-    """The job's advisory lock key: a signed 64-bit number derived from its name."""
-    digest = hashlib.sha256(b"webpurse-leader:" + job.encode("utf-8")).digest()
+def job_key(job: str, schema: str = "public") -> int:
+    """The job's advisory lock key: a signed 64-bit number from its name and the schema.
+
+    Advisory locks are per database; the schema is in the key so that deployments (or
+    tests) sharing one database in separate schemas each elect their own leader.
+    """
+    digest = hashlib.sha256(f"webpurse-leader:{schema}:{job}".encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
@@ -52,7 +56,7 @@ class Leadership:
 
     def __init__(self, engine: Engine, job: str) -> None:
         self.job = job
-        self.key = job_key(job)
+        self.key: int | None = None  # known once connected: it depends on the schema
         self._engine = engine
         self._shared = engine.dialect.name == "postgresql"
         self._connection: Connection | None = None
@@ -80,6 +84,8 @@ class Leadership:
                 connection.execute(
                     text("SELECT set_config('application_name', :n, false)"), {"n": name}
                 )
+                schema = connection.execute(text("SELECT current_schema()")).scalar_one()
+                self.key = job_key(self.job, str(schema))
             if self._held:
                 self._connection.execute(text("SELECT 1"))
                 return True
