@@ -1,7 +1,8 @@
 """``python -m bench [NAME ...] [--quick]``: run benchmarks, record them, rewrite the report.
 
 With no name every benchmark runs, in the order below (``settlement`` runs ``pgbench``
-itself, side by side, so the ratio is from one run). Results are appended to
+itself, side by side, so the ratio is from one run; so does ``processes``, settlement
+with 1, 2 and 4 server processes). Results are appended to
 ``bench/results.json``; ``docs/performance.md`` and ``docs/img/*.png`` are regenerated
 from that file (``--report-only`` does just that).
 """
@@ -37,13 +38,14 @@ BENCHMARKS: dict[str, str] = {
     "micro": "bench.micro",
     "pgbench": "bench.pgbench",
     "settlement": "bench.settlement",
+    "processes": "bench.processes",
     "latency": "bench.latency",
     "scale": "bench.scale",
     "pn532": "bench.pn532",
     "security": "bench.security",
 }
 # What a bare ``python -m bench`` runs (``settlement`` includes its own pgbench runs).
-DEFAULT = ["micro", "security", "settlement", "latency", "scale", "pn532"]
+DEFAULT = ["micro", "security", "settlement", "processes", "latency", "scale", "pn532"]
 
 
 def _run_one(name: str, ctx: Context) -> list[Measurement]:

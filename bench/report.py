@@ -20,6 +20,7 @@ TITLES = {
     "micro": "Micro benchmarks: host MACs, card commands, in-process purchase",
     "pgbench": "PostgreSQL reference: pgbench tpcb-like",
     "settlement": "Settlement throughput through the HTTP API, beside pgbench",
+    "processes": "Settlement throughput against the number of settlement processes",
     "latency": "End-to-end purchase latency by stage",
     "scale": "Merchant server: idle agent WebSocket connections",
     "pn532": "A purchase over a PN532 serial line: bytes on the wire, 115200 baud, the pty",
@@ -77,6 +78,19 @@ NOTES = {
         "of a purchase here, not settlement's schema. Every database is `ANALYZE`d after "
         "loading (pgbench -i vacuums its own), and the `autovacuum` row says whether "
         "PostgreSQL would gather statistics by itself."
+    ),
+    "processes": (
+        "Settlement nodes are stateless: 1, 2 and 4 one-worker `webpurse serve settlement` "
+        "processes on one PostgreSQL database, pgbench tpcb-like at the same client count "
+        "just before in the same run (`ratio` = settlement purchases/s ÷ pgbench TPS). "
+        "*one port*: the processes share one port with `--reuse-port` (each its own "
+        "`SO_REUSEPORT` listening socket, the kernel spreading the connections), 32 merchant "
+        "clients making one call per request. *batched, a port each*: each process on its "
+        "own port, as behind a load balancer, with one `BatchingSettlementClient` of "
+        "256 ÷ processes shoppers in front of it, all batchers at once, purchases added up. "
+        "The clients (httpx, card emulators) run in the bench process on the same 2 cores as "
+        "the servers and PostgreSQL, and the machine is shared with other engineers' test "
+        "runs while this was measured: compare rows of one run only. See `bench/processes.py`."
     ),
     "latency": (
         "Purchases one at a time through the merchant's flow (`run_transaction`): create "
@@ -300,8 +314,57 @@ def plot_scale(rows: Sequence[Measurement], path: Path) -> bool:
     return True
 
 
+def plot_processes(rows: Sequence[Measurement], path: Path) -> bool:
+    """Purchases/s against settlement processes, one line per mode; pgbench as a level."""
+    modes = sorted({str(r.params.get("mode")) for r in rows if "mode" in r.params})
+    series = {
+        mode: _series(
+            [r for r in rows if r.params.get("mode") == mode], "settlement purchases/s", "processes"
+        )
+        for mode in modes
+    }
+    if not any(series.values()):
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for mode, points in series.items():
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o", label=f"settlement purchases/s, {mode}")
+            for x, y in points:
+                ax.annotate(
+                    f"{y:,.0f}",
+                    (x, y),
+                    textcoords="offset points",
+                    xytext=(0, 6),
+                    ha="center",
+                    fontsize=7,
+                )
+    tps = [r for r in rows if r.metric == "pgbench tps" and r.value is not None]
+    if tps:
+        ax.axhline(
+            float(tps[0].value or 0),
+            linestyle="--",
+            color="grey",
+            label=f"pgbench tpcb-like, {tps[0].params.get('clients')} clients (TPS)",
+        )
+    ticks = sorted({x for points in series.values() for x, _ in points})
+    ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("settlement processes (one worker each)")
+    ax.set_ylabel("per second")
+    ax.set_title("Settlement purchases/s against processes (same run as pgbench)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 PLOTS = {
     "micro": plot_micro,
+    "processes": plot_processes,
     "settlement": plot_throughput,
     "pgbench": plot_throughput,
     "latency": plot_latency,

@@ -157,16 +157,25 @@ class SettlementProcess:
     """``python -m webpurse serve settlement`` on a free port, logs to a file."""
 
     def __init__(
-        self, environment: SettlementEnvironment, *, timed: bool = False, workers: int = 1
+        self,
+        environment: SettlementEnvironment,
+        *,
+        timed: bool = False,
+        workers: int = 1,
+        port: int | None = None,
+        reuse_port: bool = False,
+        name: str = "settlement",
     ) -> None:
         """``timed``: run ``bench.settlement_server`` (the same app with database timers);
-        ``workers``: ``webpurse serve settlement --workers N`` (not with ``timed``)."""
+        ``workers``: ``webpurse serve settlement --workers N`` (not with ``timed``);
+        ``reuse_port``: ``--reuse-port``, so several processes may share ``port``."""
         self.environment = environment
         self.timed = timed
         self.workers = workers
-        self.port = free_port()
+        self.reuse_port = reuse_port
+        self.port = port if port is not None else free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = environment.folder / "settlement.log"
+        self.log = environment.folder / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -182,6 +191,7 @@ class SettlementProcess:
                 *(sys.executable, "-m", "webpurse", "serve", "settlement"),
                 *("--host", "127.0.0.1", "--port", str(self.port), "--no-migrate"),
                 *(("--workers", str(self.workers)) if self.workers > 1 else ()),
+                *(("--reuse-port",) if self.reuse_port else ()),
             ]
         env = self.environment.env()
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))

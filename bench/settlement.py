@@ -29,6 +29,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from bench import lean
 from bench.cards import APDUS
@@ -155,12 +156,18 @@ class WindowResult:
         return self.purchases / self.seconds
 
 
+class CpuMeter(Protocol):
+    """What a window reads the server's CPU from: one process, or several."""
+
+    def cpu_seconds(self) -> float: ...
+
+
 async def measure_window(
     url: str,
     api_key: str,
     cards: list[CardApplet],
     seconds: float,
-    server: SettlementProcess,
+    server: CpuMeter,
     *,
     batching: bool = False,
 ) -> WindowResult:
