@@ -11,7 +11,9 @@ while that session lives; when the process dies (SIGKILL included) its connectio
 PostgreSQL ends the session and frees the lock, and the next process whose tick asks takes
 it over: a job stops for at most one tick when its leader dies. The connection's
 ``application_name`` says which process leads (``webpurse-leader:<job>:<pid>``), so
-``pg_stat_activity`` shows it.
+``pg_stat_activity`` shows it. The lock's key is derived from the job and the database
+schema (:func:`job_key`), so deployments sharing one database in separate schemas each
+have their own leader.
 
 Row work inside a job stays safe on its own (rows are claimed with ``FOR UPDATE SKIP
 LOCKED``); leadership is what makes a job run once per tick across processes instead of once
