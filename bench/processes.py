@@ -9,8 +9,10 @@ processes, side by side with pgbench tpcb-like in the same run, two ways:
   clients, one call per request (create, authorise, capture);
 - *batched, a port each*: each process on its own port (as behind a load balancer) with one
   merchant batcher (``BatchingSettlementClient``, ``POST /v1/batch``) of
-  ``BATCHED // processes`` shoppers in front of it; the batchers run at once and their
-  purchases are added up.
+  ``BATCHED // processes`` shoppers in front of it, each batcher in a client process of its
+  own; the batchers' windows are the same wall-clock interval and their purchases are
+  added up. Twice: all batchers for *one merchant* (whose payable account every batch
+  locks), and *a merchant each*.
 
 ``ratio`` = settlement purchases/s ÷ pgbench TPS at ``CLIENTS`` clients, measured just
 before in the same run. The client (card emulators, httpx) runs in this one process and
@@ -21,9 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import multiprocessing
+import secrets
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from bench.harness import Context, Measurement, not_measured, ratio, summarise
@@ -31,6 +37,7 @@ from bench.pgbench import DATABASE as PGBENCH_DATABASE
 from bench.pgbench import Pgbench, PgServer, rows_for, unavailable_reason
 from bench.servers import (
     DATABASE,
+    Merchant,
     SettlementEnvironment,
     SettlementProcess,
     SetupError,
@@ -38,15 +45,25 @@ from bench.servers import (
     fund_cards,
     http_client,
 )
-from bench.settlement import FUNDING, FUNDING_GROUP, WindowResult, measure_window
-from webpurse.card import CardApplet
-from webpurse.merchant.settlement import SettlementClient
+from bench.settlement import (
+    FUNDING,
+    FUNDING_GROUP,
+    ClientStats,
+    WindowResult,
+    _client_loop,
+    measure_window,
+    purchase,
+)
+from webpurse.card import CardApplet, MemoryStore
+from webpurse.merchant.settlement import BatchingSettlementClient, SettlementClient
+from webpurse.protocol.purse import CardState
 
 NAME = "processes"
 PROCESSES = (1, 2, 4)
 CLIENTS = 32  # merchant clients, one call per request, on the shared port
 BATCHED = 256  # shoppers in all, split over one batcher per process
 SECONDS = 10
+WARMUP_SECONDS = 10.0  # client processes start and warm up before their common window
 START_TIMEOUT = 60.0
 
 
@@ -92,6 +109,14 @@ def _grow_shared(group: Group, environment: SettlementEnvironment, port: int, n:
             time.sleep(0.05)  # polling interval of a bounded wait, not synchronisation
 
 
+def _merchant(environment: SettlementEnvironment, index: int) -> Merchant:
+    """Another merchant (purchases need no float)."""
+    out = json.loads(
+        environment.cli("settlement", "merchant", "create", f"bench-{index}", "--json")
+    )
+    return Merchant(api_key=out["api_key"], terminal_id=out["terminal_id"])
+
+
 def _grow_own(group: Group, environment: SettlementEnvironment, n: int) -> None:
     """Start processes, each on its own port, until there are ``n``."""
     while len(group.processes) < n:
@@ -127,35 +152,91 @@ def _window_rows(
     return rows
 
 
-async def _batched(
-    group: Group, api_key: str, cards: list[CardApplet], seconds: float
-) -> WindowResult:
-    """One batcher per process, each on that process's port, all at once; added up."""
-    share = len(cards) // len(group.processes)
-    results = await asyncio.gather(
-        *(
-            measure_window(
-                process.url,
-                api_key,
-                cards[i * share : (i + 1) * share],
-                seconds,
-                group,
-                batching=True,
+Outcome = tuple[int, list[float], list[str], list[CardState]]
+"""A batcher's purchases, latencies, errors (as text) and its cards' states afterwards."""
+
+
+def _batcher_main(
+    url: str, api_key: str, states: list[CardState], seconds: float, start_at: float
+) -> Outcome:
+    """One batcher in its own client process: warm up, then buy from ``start_at`` (wall
+    clock, so every batcher's window is the same) for ``seconds``. The cards' states come
+    back: the next window goes on from them."""
+    cards = [CardApplet(state, MemoryStore(state), secrets.token_bytes) for state in states]
+    try:
+        done, latencies, errors = asyncio.run(_batcher(url, api_key, cards, seconds, start_at))
+    except Exception as exc:  # the parent gets text: not every exception pickles
+        done, latencies, errors = 0, [], [f"{type(exc).__name__}: {exc}"]
+    return done, latencies, errors, [card.state for card in cards]
+
+
+async def _batcher(
+    url: str, api_key: str, cards: list[CardApplet], seconds: float, start_at: float
+) -> tuple[int, list[float], list[str]]:
+    async with http_client(url) as http:
+        settlement = BatchingSettlementClient(http, api_key)
+        warmup = ClientStats()
+        await asyncio.gather(*(purchase(settlement, c, warmup, "warmup") for c in cards))
+        await asyncio.sleep(max(0.0, start_at - time.time()))  # the common window's start
+        stats = [ClientStats() for _ in cards]
+        until = time.perf_counter() + seconds
+        done = await asyncio.gather(
+            *(
+                _client_loop(settlement, card, s, until, f"b{i}")
+                for i, (card, s) in enumerate(zip(cards, stats, strict=True))
             )
-            for i, process in enumerate(group.processes)
         )
-    )
+    latencies = [lat for s in stats for lat in s.latencies]
+    return sum(done), latencies, [e for s in stats for e in s.errors] + warmup.errors
+
+
+async def _batched(
+    group: Group, api_keys: list[str], cards: list[CardApplet], seconds: float
+) -> tuple[WindowResult, list[CardApplet]]:
+    """One batcher per process, each in a client process of its own talking to its own
+    server process's port, all in one window; purchases added up.
+
+    A client process each: one Python process running every shopper's card emulator
+    would itself be the limit (one core), whatever the number of servers.
+    """
+    share = len(cards) // len(group.processes)
+    slices = [cards[i * share : (i + 1) * share] for i in range(len(group.processes))]
+    start_at = time.time() + WARMUP_SECONDS
+    cpu_before = group.cpu_seconds()
+    loop = asyncio.get_running_loop()
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(len(slices), mp_context=context) as pool:
+        results = await asyncio.gather(
+            *(
+                loop.run_in_executor(
+                    pool,
+                    _batcher_main,
+                    process.url,
+                    api_keys[i % len(api_keys)],
+                    [card.state for card in mine],
+                    seconds,
+                    start_at,
+                )
+                for i, (process, mine) in enumerate(zip(group.processes, slices, strict=True))
+            )
+        )
+    after = [
+        CardApplet(state, MemoryStore(state), secrets.token_bytes)
+        for r in results
+        for state in r[3]
+    ]
+    after += cards[share * len(slices) :]  # not in any slice: unchanged
     return WindowResult(
-        clients=sum(r.clients for r in results),
+        clients=sum(len(mine) for mine in slices),
         seconds=seconds,
-        purchases=sum(r.purchases for r in results),
-        latencies=[lat for r in results for lat in r.latencies],
-        card_seconds=sum(r.card_seconds for r in results),
+        purchases=sum(r[0] for r in results),
+        latencies=[lat for r in results for lat in r[1]],
+        card_seconds=0.0,
         client_cpu_seconds=0.0,
-        server_cpu_seconds=0.0,
-        errors=[e for r in results for e in r.errors],
+        server_cpu_seconds=group.cpu_seconds() - cpu_before,  # warm-ups included
+        errors=[e for r in results for e in r[2]],
         batching=True,
-    )
+    ), after
 
 
 @contextlib.contextmanager
@@ -175,7 +256,7 @@ async def _run(ctx: Context, pg: PgServer) -> list[Measurement]:
     clients = CLIENTS if not ctx.quick else 4
     batched = BATCHED if not ctx.quick else 16
     seconds = ctx.seconds(SECONDS)
-    with ctx.task("settlement processes vs pgbench", total=2 + 2 * len(counts)) as advance:
+    with ctx.task("settlement processes vs pgbench", total=2 + 3 * len(counts)) as advance:
         pgbench = Pgbench(pg, database=f"{PGBENCH_DATABASE}_processes")
         pgbench.initialise()
         try:
@@ -207,11 +288,22 @@ async def _run(ctx: Context, pg: PgServer) -> list[Measurement]:
                     rows += _window_rows(window, n, "one port", result.tps, cpu=True)
                     advance()
                 shared.stop()
-                for n in counts:
-                    _grow_own(own, environment, n)
-                    window = await _batched(own, merchant.api_key, cards[:batched], seconds)
-                    rows += _window_rows(window, n, "batched, a port each", result.tps, cpu=False)
-                    advance()
+                others = [_merchant(environment, i) for i in range(1, max(counts))]
+                modes = {
+                    "batched, a port each, one merchant": [merchant.api_key],
+                    "batched, a port and a merchant each": [
+                        merchant.api_key,
+                        *(m.api_key for m in others),
+                    ],
+                }
+                for mode, keys in modes.items():
+                    for n in counts:
+                        _grow_own(own, environment, n)
+                        window, cards[:batched] = await _batched(
+                            own, keys, cards[:batched], seconds
+                        )
+                        rows += _window_rows(window, n, mode, result.tps, cpu=False)
+                        advance()
             finally:
                 shared.stop()
                 own.stop()
