@@ -329,7 +329,7 @@ def plot_processes(rows: Sequence[Measurement], path: Path) -> bool:
     if not any(series.values()):
         return False
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(7, 5))
     for mode, points in series.items():
         if points:
             xs, ys = zip(*points, strict=True)
@@ -339,8 +339,8 @@ def plot_processes(rows: Sequence[Measurement], path: Path) -> bool:
                     f"{y:,.0f}",
                     (x, y),
                     textcoords="offset points",
-                    xytext=(0, 6),
-                    ha="center",
+                    xytext=(6, -3),
+                    ha="left",
                     fontsize=7,
                 )
     tps = [r for r in rows if r.metric == "pgbench tps" and r.value is not None]
@@ -353,12 +353,13 @@ def plot_processes(rows: Sequence[Measurement], path: Path) -> bool:
         )
     ticks = sorted({x for points in series.values() for x, _ in points})
     ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
-    ax.set_ylim(bottom=0)
+    ax.set_yscale("log")
+    ax.set_xlim(0.7, max(ticks) + 0.6)
     ax.set_xlabel("settlement processes (one worker each)")
-    ax.set_ylabel("per second")
+    ax.set_ylabel("per second (log scale)")
     ax.set_title("Settlement purchases/s against processes (same run as pgbench)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
