@@ -222,7 +222,12 @@ def test_three_processes_sweep_once_per_tick_and_deliver_each_webhook_once(
             # The leader dies without a word; one of the others takes the sweep over.
             old.kill()
             old_ticks = old.ticks()
-            wait_until(lambda: len(live.leaders()) == 1, "a new sweep leader")
+            survivors = {node.pid() for node in followers}
+            # The dead leader's backend may linger in pg_locks for a moment after its exit.
+            wait_until(
+                lambda: len(live.leaders()) == 1 and live.leaders()[0] in survivors,
+                "a new sweep leader",
+            )
             (successor,) = live.leaders()
             new = next(node for node in followers if node.pid() == successor)
             wait_until(lambda: len(new.ticks()) >= 3, "the new leader's sweep ticks")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,20 +56,13 @@ def test_a_leader_whose_session_dies_loses_the_job_to_the_next(
 ) -> None:
     a, b = Leadership(engines[0], SWEEP_JOB), Leadership(engines[1], SWEEP_JOB)
     try:
-        assert a.lead()  # b has not connected yet: the name is a's connection's alone
+        assert a.lead()
+        assert a.backend_pid is not None
         with engines[1].connect() as admin:
-            ended = (
-                admin.execute(
-                    text(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                        "WHERE application_name = :name"
-                    ),
-                    {"name": f"webpurse-leader:{SWEEP_JOB}:{os.getpid()}"},
-                )
-                .scalars()
-                .all()
-            )
-        assert ended == [True]
+            ended = admin.execute(
+                text("SELECT pg_terminate_backend(:pid, 10000)"), {"pid": a.backend_pid}
+            ).scalar_one()
+        assert ended is True  # it waited (up to 10 s) for the backend to be gone
         assert b.lead()  # the lock went with the session
         assert not a.lead()  # a notices it lost the job, and the lock is b's now
         assert not a.held

@@ -59,6 +59,7 @@ class Leadership:
     def __init__(self, engine: Engine, job: str) -> None:
         self.job = job
         self.key: int | None = None  # known once connected: it depends on the schema
+        self.backend_pid: int | None = None  # the PostgreSQL backend of the connection
         self._engine = engine
         self._shared = engine.dialect.name == "postgresql"
         self._connection: Connection | None = None
@@ -86,8 +87,11 @@ class Leadership:
                 connection.execute(
                     text("SELECT set_config('application_name', :n, false)"), {"n": name}
                 )
-                schema = connection.execute(text("SELECT current_schema()")).scalar_one()
+                schema, backend = connection.execute(
+                    text("SELECT current_schema(), pg_backend_pid()")
+                ).one()
                 self.key = job_key(self.job, str(schema))
+                self.backend_pid = int(backend)
             if self._held:
                 self._connection.execute(text("SELECT 1"))
                 return True
@@ -101,7 +105,7 @@ class Leadership:
             return False
         if taken:
             self._held = True
-            log.info("leader.acquired", job=self.job, pid=os.getpid())
+            log.info("leader.acquired", job=self.job, pid=os.getpid(), backend_pid=self.backend_pid)
         return self._held
 
     def release(self) -> None:
@@ -116,6 +120,7 @@ class Leadership:
 
     def _close(self) -> None:
         self._held = False
+        self.backend_pid = None
         connection, self._connection = self._connection, None
         if connection is not None:
             try:
