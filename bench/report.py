@@ -482,6 +482,26 @@ SUMMARY_ROWS: tuple[tuple[str, str, dict[str, str | int | float | bool]], ...] =
     ("settlement", "ratio batched/pgbench best", {"clients": 512}),
     ("settlement", "server CPU per purchase (batched)", {"clients": 512}),
     ("settlement", "PostgreSQL CPU per purchase (batched)", {"clients": 512}),
+    (
+        "processes",
+        "settlement purchases/s",
+        {"processes": 1, "mode": "batched, a port and a merchant each"},
+    ),
+    (
+        "processes",
+        "settlement purchases/s",
+        {"processes": 2, "mode": "batched, a port and a merchant each"},
+    ),
+    (
+        "processes",
+        "settlement purchases/s",
+        {"processes": 4, "mode": "batched, a port and a merchant each"},
+    ),
+    (
+        "processes",
+        "ratio settlement/pgbench",
+        {"processes": 4, "mode": "batched, a port and a merchant each"},
+    ),
     ("latency", "purchase total", {"reader": "sim via agent", "stat": "p50"}),
     ("latency", "purchase total", {"reader": "sim via agent", "stat": "p99"}),
     ("latency", "purchase total", {"reader": "pcsc via agent", "stat": "p50"}),
