@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import cast
@@ -176,3 +178,35 @@ def test_each_worker_listens_on_its_own_socket(tmp_path: Path) -> None:
         assert not _socket_inodes(server.pid) & listening  # the supervisor holds none
         for _ in range(6):  # every worker serves whichever socket the kernel picks
             assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200
+
+
+def _wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if condition():
+                return
+        except FileNotFoundError:  # a process went away while /proc was read
+            pass
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)  # bounded polling of the processes' state
+
+
+def test_a_killed_worker_is_replaced_with_a_socket_of_its_own(tmp_path: Path) -> None:
+    with (
+        database_url("sqlite", tmp_path) as url,
+        live_server(url, tmp_path, workers=2) as server,
+    ):
+        port = int(server.base_url.rsplit(":", 1)[1])
+        assert server.pid is not None
+        supervisor = server.pid
+        _wait_for(lambda: len(_listening_inodes(port)) == 2, "both workers listening")
+        victim, survivor = _workers(supervisor)
+        os.kill(victim, signal.SIGKILL)
+        _wait_for(
+            lambda: len(_workers(supervisor)) == 2 and victim not in _workers(supervisor),
+            "a replacement worker",
+        )
+        _wait_for(lambda: len(_listening_inodes(port)) == 2, "the replacement listening")
+        assert survivor in _workers(supervisor)
+        assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200
