@@ -63,6 +63,7 @@ from webpurse.settlement.schemas import (
     Resolve,
 )
 from webpurse.settlement.service import Ctx, card_time, new_id
+from webpurse.settlement.transactions import Status
 
 log = structlog.get_logger(__name__)
 
@@ -428,7 +429,7 @@ def _fast_create(ctx: Ctx, merchant: Any, items: list[Item], writes: _Writes) ->
         row: dict[str, object] = {
             "id": new_id("pay"),
             "merchant_id": merchant.id,
-            "status": "requires_card",
+            "status": Status.REQUIRES_CARD,
             "amount": body.amount,
             "currency": body.currency,
             "description": body.description,
@@ -449,7 +450,7 @@ Candidate = tuple[Item, Any, IssuerData, InitializeForPurchaseResponse]
 
 def _authorise_candidates(ctx: Ctx, items: list[Item]) -> list[Candidate]:
     """Authorisations of payments waiting for a card (locked), with parseable answers."""
-    rows = _payments(ctx, items, "requires_card", lock=True)
+    rows = _payments(ctx, items, Status.REQUIRES_CARD, lock=True)
     candidates: list[Candidate] = []
     for item in items:
         row = rows.get(item.payment_id or "")
@@ -541,7 +542,7 @@ def _fast_authorise(ctx: Ctx, merchant: Any, approvals: list[_Approval], writes:
             time=time,
         )
         changes: dict[str, object] = {
-            "status": "authorised",
+            "status": Status.AUTHORISED,
             "card_id": card.id,
             "card_number": approval.issuer.card_number,
             "balance_before": init.balance,
@@ -581,7 +582,7 @@ def _capture_cards(ctx: Ctx, items: list[Item]) -> list[str]:
     stmt = select(_PAYMENTS.c.card_id).where(
         _PAYMENTS.c.id.in_(ids),
         _PAYMENTS.c.merchant_id == ctx.principal.merchant_id,
-        _PAYMENTS.c.status == "authorised",
+        _PAYMENTS.c.status == Status.AUTHORISED,
         _PAYMENTS.c.card_id.is_not(None),
     )
     return sorted({str(card_id) for card_id in ctx.session.scalars(stmt)})
@@ -592,7 +593,7 @@ def _captures(ctx: Ctx, items: list[Item], cards: dict[str, Any], seen: set[str]
 
     The cards are locked already (before these payments, as the single capture does).
     """
-    rows = _payments(ctx, items, "authorised", lock=True)
+    rows = _payments(ctx, items, Status.AUTHORISED, lock=True)
     captures: list[_Capture] = []
     for item in items:
         row = rows.get(item.payment_id or "")
@@ -621,7 +622,7 @@ def _fast_capture(ctx: Ctx, captures: list[_Capture], writes: _Writes) -> None:
     for capture in captures:
         payment, card = capture.payment, capture.card
         changes: dict[str, object] = {
-            "status": "succeeded",
+            "status": Status.SUCCEEDED,
             "mac2": capture.answer.mac2.hex().upper(),
             "tac": capture.answer.tac.hex().upper(),
             "updated_at": ctx.now,

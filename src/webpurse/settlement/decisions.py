@@ -13,6 +13,7 @@ from enum import StrEnum
 
 from webpurse.protocol.commands import InitializeForLoadResponse, InitializeForPurchaseResponse
 from webpurse.protocol.records import ApplicationType, IssuerData, TransactionType
+from webpurse.settlement.transactions import Status
 
 
 class DeclineCode(StrEnum):
@@ -65,7 +66,7 @@ class OpenTransaction:
 
     id: str
     kind: str  # "payment" | "load"
-    status: str  # "authorised" | "uncertain"
+    status: str  # Status.AUTHORISED | Status.UNCERTAIN
     counter: int  # the counter INITIALIZE returned for it (before the debit/credit)
     amount: int
     balance_before: int
@@ -222,7 +223,7 @@ def _open_transaction_check(
         return None
     if (
         open_txn.kind == kind
-        and open_txn.status == "uncertain"
+        and open_txn.status == Status.UNCERTAIN
         and counter == open_txn.counter
         and random != open_txn.random
     ):

@@ -43,6 +43,7 @@ from webpurse.settlement.auth import OPERATOR, Principal
 from webpurse.settlement.models import Load, Payment
 from webpurse.settlement.security import SecurityModule
 from webpurse.settlement.service import Ctx
+from webpurse.settlement.transactions import Kind, Status, move
 
 log = structlog.get_logger(__name__)
 
@@ -201,11 +202,11 @@ def expire_stale(
         _claim_first(
             limit,
             select(Payment).where(
-                Payment.status == "requires_card", Payment.created_at < created_before
+                Payment.status == Status.REQUIRES_CARD, Payment.created_at < created_before
             ),
         )
     ):
-        payment.status = "expired"
+        move(Kind.PAYMENT, payment, Status.EXPIRED)
         payment.updated_at = now
         events.emit(
             session, payment.merchant_id, "payment.expired", payments.payment_json(payment), now=now
@@ -215,7 +216,7 @@ def expire_stale(
         _claim_first(
             limit,
             select(Payment).where(
-                Payment.status == "authorised", Payment.authorised_at < authorised_before
+                Payment.status == Status.AUTHORISED, Payment.authorised_at < authorised_before
             ),
         )
     ):
@@ -225,7 +226,7 @@ def expire_stale(
         _claim_first(
             limit,
             select(Load).where(
-                Load.status == "requires_card",
+                Load.status == Status.REQUIRES_CARD,
                 Load.created_at < created_before,
                 # a refund waits for the card's next online contact, however long that takes;
                 # so does a top-up the cardholder paid for by bank transfer
@@ -239,7 +240,7 @@ def expire_stale(
     for load in session.scalars(
         _claim_first(
             limit,
-            select(Load).where(Load.status == "requires_funding", Load.expires_at <= now),
+            select(Load).where(Load.status == Status.REQUIRES_FUNDING, Load.expires_at <= now),
         )
     ):
         loads.expire(ctx, load)  # an unpaid bank-transfer order: nothing was held
@@ -247,7 +248,9 @@ def expire_stale(
     for load in session.scalars(
         _claim_first(
             limit,
-            select(Load).where(Load.status == "authorised", Load.authorised_at < authorised_before),
+            select(Load).where(
+                Load.status == Status.AUTHORISED, Load.authorised_at < authorised_before
+            ),
         )
     ):
         loads.mark_uncertain(ctx, load)

@@ -42,6 +42,7 @@ from webpurse.settlement.models import (
 from webpurse.settlement.problems import ApiError, conflict, not_found
 from webpurse.settlement.service import new_id
 from webpurse.settlement.settings import Settings
+from webpurse.settlement.transactions import Kind, Status, move
 from webpurse.settlement.views import load_json
 
 log = structlog.get_logger(__name__)
@@ -336,7 +337,7 @@ def _fund(session: Session, load: Load, line: StatementLine, now: dt.datetime) -
         now=now,
         reference=load.id,
     )
-    load.status = "requires_card"
+    move(Kind.LOAD, load, Status.REQUIRES_CARD)
     load.expires_at = None
     load.updated_at = now
     events.emit(session, load.merchant_id, "load.funded", load_json(load), now=now)

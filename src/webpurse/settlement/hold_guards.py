@@ -23,11 +23,12 @@ from webpurse.settlement.decisions import (
 from webpurse.settlement.models import Card, Load, Payment
 from webpurse.settlement.problems import ApiError
 from webpurse.settlement.service import Ctx
+from webpurse.settlement.transactions import OPEN as OPEN
+from webpurse.settlement.transactions import Status
 
 log = structlog.get_logger("webpurse.settlement.holds")
 
 HOLD_EXPIRED = "hold_expired"  # decline_code of a payment the sweep released at the bound
-OPEN = ("authorised", "uncertain")
 
 
 def _locked_rows(ctx: Ctx, stmt: Any, *, skip_locked: bool = False) -> list[Any]:
@@ -49,7 +50,7 @@ def refuse_rehold(ctx: Ctx, card: Card | None, merchant_id: str, counter: int) -
             Payment.card_id == card.id,
             Payment.merchant_id == merchant_id,
             Payment.counter == counter,
-            Payment.status == "canceled",
+            Payment.status == Status.CANCELED,
             Payment.decline_code == HOLD_EXPIRED,
         )
         .limit(1)
@@ -74,7 +75,7 @@ def exhausted(ctx: Ctx, merchant_id: str, card_ids: list[str]) -> set[tuple[str,
         select(Payment.card_id, Payment.counter).where(
             Payment.card_id.in_(card_ids),
             Payment.merchant_id == merchant_id,
-            Payment.status == "canceled",
+            Payment.status == Status.CANCELED,
             Payment.decline_code == HOLD_EXPIRED,
         )
     )
@@ -93,7 +94,7 @@ def _payments_at(ctx: Ctx, card: Card, *, lock: bool) -> list[Payment]:
             Payment.card_id == card.id,
             Payment.counter == card.offline_counter,
             Payment.mac1.is_not(None),
-            Payment.status.in_((*OPEN, "canceled")),
+            Payment.status.in_((*OPEN, Status.CANCELED)),
         )
         .order_by(Payment.id)
     )

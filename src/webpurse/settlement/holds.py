@@ -53,6 +53,7 @@ from webpurse.settlement.models import Card, Load, Payment
 from webpurse.settlement.problems import ApiError, conflict, not_found, verification_failed
 from webpurse.settlement.schemas import CardHeal, HoldRelease
 from webpurse.settlement.service import Ctx, parse, parse_issuer
+from webpurse.settlement.transactions import Status
 
 log = structlog.get_logger(__name__)
 
@@ -192,7 +193,7 @@ def _settle_payment(ctx: Ctx, payment: Payment, card: Card, proof: TransactionPr
     """The card proved ``payment``'s debit: capture it for its merchant (re-holding the
     amount first if it had been released), the shadow one debit further on."""
     shadow = card.shadow_balance
-    if payment.status == "canceled":
+    if payment.status == Status.CANCELED:
         ledger.post_transfer(
             ctx.session,
             f"{payment.id}:rehold",
@@ -213,7 +214,7 @@ def _settle_payment(ctx: Ctx, payment: Payment, card: Card, proof: TransactionPr
 
 
 def _hold_json(item: Payment | Load, kind: str, stale_before: dt.datetime) -> dict[str, Any]:
-    waiting = "proof" if item.status == "canceled" else "release_or_proof"
+    waiting = "proof" if item.status == Status.CANCELED else "release_or_proof"
     return {
         "object": "hold",
         "id": item.id,
@@ -240,7 +241,7 @@ def queue(ctx: Ctx, ttl: dt.timedelta) -> list[dict[str, Any]]:
             or_(
                 and_(Payment.status.in_(OPEN), Payment.authorised_at < before),
                 and_(
-                    Payment.status == "canceled",
+                    Payment.status == Status.CANCELED,
                     Payment.decline_code == HOLD_EXPIRED,
                     Card.offline_counter == Payment.counter,
                 ),

@@ -60,10 +60,13 @@ from webpurse.settlement.problems import (
 )
 from webpurse.settlement.schemas import Cancel, LoadAuthorise, LoadComplete, LoadCreate, Resolve
 from webpurse.settlement.service import Ctx, card_time, new_id, parse, parse_issuer
+from webpurse.settlement.transactions import OPEN, Kind, Status, move
 from webpurse.settlement.views import load_json as load_json
 from webpurse.settlement.views import refund_json
 
 log = structlog.get_logger(__name__)
+
+LOAD = Kind.LOAD
 
 
 def _source_of(ctx: Ctx, load: Load) -> str:
@@ -76,7 +79,7 @@ def _source_of(ctx: Ctx, load: Load) -> str:
 
 def _payer_funded(load: Load) -> bool:
     """A bank-transfer order that is funded: the money is the cardholder's, for that card."""
-    return load.funding_method == "bank_transfer" and load.status != "requires_funding"
+    return load.funding_method == "bank_transfer" and load.status != Status.REQUIRES_FUNDING
 
 
 def _emit(ctx: Ctx, load: Load, event_type: str) -> None:
@@ -105,7 +108,7 @@ def _need_status(load: Load, *allowed: str) -> None:
 def _new_load(
     ctx: Ctx,
     *,
-    status: str,
+    status: Status,
     amount: int,
     currency: str,
     funding_method: str,
@@ -169,7 +172,7 @@ def create_order(
         raise conflict("invalid_funding", f"a {funding_method} load is not funded on creation")
     load = _new_load(
         ctx,
-        status="requires_card",
+        status=Status.REQUIRES_CARD,
         amount=amount,
         currency=currency,
         funding_method=funding_method,
@@ -220,7 +223,7 @@ def create_transfer_order(
         raise conflict("card_not_loadable", f"the card is {card.status}: it cannot be topped up")
     load = _new_load(
         ctx,
-        status="requires_funding",
+        status=Status.REQUIRES_FUNDING,
         amount=amount,
         currency=currency,
         funding_method="bank_transfer",
@@ -256,7 +259,7 @@ def create(ctx: Ctx, body: LoadCreate, policy: funding.FundingPolicy | None = No
     )
 
 
-def _return_funds(ctx: Ctx, load: Load, status: str) -> None:
+def _return_funds(ctx: Ctx, load: Load, status: Status) -> None:
     """No credit happened: the funds go back to their source, the load ends ``status``.
 
     A refund's load fails its refund in the same posting (:func:`refunds.fail`): the
@@ -264,7 +267,7 @@ def _return_funds(ctx: Ctx, load: Load, status: str) -> None:
     bank-transfer order's money is the cardholder's: it goes to the exceptions list
     (``returns:awaiting``), for the operator to pay it back, never to anyone else.
     """
-    load.status = status
+    move(LOAD, load, status)
     load.updated_at = ctx.now
     if load.refund_id is not None:
         returned = TransferSpec(
@@ -302,9 +305,6 @@ def _return_funds(ctx: Ctx, load: Load, status: str) -> None:
     )
 
 
-OPEN = ("authorised", "uncertain")
-
-
 def _still_open(ctx: Ctx, load: Load) -> str | None:
     """The newest load ``load`` superseded that is still open: the card's open one now."""
     seen = {load.id}
@@ -322,7 +322,7 @@ def _still_open(ctx: Ctx, load: Load) -> str | None:
 
 def _release(ctx: Ctx, load: Load, card: Card, reason: str) -> None:
     """No credit happened for ``load``: return its funds to their source, close it."""
-    _return_funds(ctx, load, "canceled")
+    _return_funds(ctx, load, Status.CANCELED)
     if card.open_transaction == load.id:
         card.open_transaction = _still_open(ctx, load)
     card.updated_at = ctx.now
@@ -353,12 +353,12 @@ def _release_disproved(ctx: Ctx, load: Load, card: Card) -> None:
 
 def authorise(ctx: Ctx, load_id: str, body: LoadAuthorise) -> Load:
     load = get_load(ctx, load_id, lock=True)
-    if load.status == "requires_funding":
+    if load.status == Status.REQUIRES_FUNDING:
         raise conflict(
             "load_not_funded",
             "the bank transfer for this load has not arrived yet (status requires_funding)",
         )
-    _need_status(load, "requires_card")
+    _need_status(load, Status.REQUIRES_CARD)
     issuer = parse_issuer(body.issuer_data)
     init = parse(
         body.initialize_response, "initialize_response", InitializeForLoadResponse.from_data
@@ -425,7 +425,7 @@ def authorise(ctx: Ctx, load_id: str, body: LoadAuthorise) -> Load:
             log.info("load.declined_kept", load=load.id, decline_code=decision.decline_code.value)
         else:
             load.decline_code = decision.decline_code.value
-            _return_funds(ctx, load, "declined")
+            _return_funds(ctx, load, Status.DECLINED)
             _emit(ctx, load, "load.failed")
         extra["load"] = load_json(load)
         log.info("load.declined", load=load.id, decline_code=decision.decline_code.value)
@@ -450,7 +450,7 @@ def authorise(ctx: Ctx, load_id: str, body: LoadAuthorise) -> Load:
         date=date,
         time=time,
     )
-    load.status = "authorised"
+    move(LOAD, load, Status.AUTHORISED)
     load.card_id = card.id
     load.card_number = card.card_number
     load.balance_before = init.balance
@@ -515,7 +515,7 @@ def _succeed(ctx: Ctx, load: Load, card: Card, tac: bytes) -> None:
     # Always look for other open loads at this counter: one the sweep unlinked from the
     # card (holds.release_stale) is settled by this verified TAC as well.
     assert load.balance_before is not None and load.counter is not None
-    load.status = "succeeded"
+    move(LOAD, load, Status.SUCCEEDED)
     load.tac = tac.hex().upper()
     load.updated_at = ctx.now
     card.shadow_balance = load.balance_before + load.amount
@@ -544,8 +544,8 @@ def _succeed(ctx: Ctx, load: Load, card: Card, tac: bytes) -> None:
     _emit(ctx, load, "load.succeeded")
     if load.refund_id is not None:
         refund = ctx.session.get(Refund, load.refund_id)
-        if refund is not None and refund.status == "pending":
-            refund.status = "succeeded"
+        if refund is not None and refund.status == Status.PENDING:
+            move(Kind.REFUND, refund, Status.SUCCEEDED)
             refund.updated_at = ctx.now
             events.emit(
                 ctx.session,
@@ -559,7 +559,7 @@ def _succeed(ctx: Ctx, load: Load, card: Card, tac: bytes) -> None:
 
 def complete(ctx: Ctx, load_id: str, body: LoadComplete) -> Load:
     load, locked_card = _lock_with_card(ctx, load_id)
-    _need_status(load, "authorised", "uncertain")  # the TAC proves the credit either way
+    _need_status(load, *OPEN)  # the TAC proves the credit either way
     answer = parse(body.credit_response, "credit_response", CreditForLoadResponse.from_data)
     card = _card_of(locked_card)
     if not _verify_tac(ctx, load, card, answer.tac):
@@ -571,15 +571,15 @@ def complete(ctx: Ctx, load_id: str, body: LoadComplete) -> Load:
 
 def uncertain(ctx: Ctx, load_id: str) -> Load:
     load = get_load(ctx, load_id, lock=True)
-    if load.status == "uncertain":
+    if load.status == Status.UNCERTAIN:
         return load
-    _need_status(load, "authorised")
+    _need_status(load, Status.AUTHORISED)
     mark_uncertain(ctx, load)
     return load
 
 
 def mark_uncertain(ctx: Ctx, load: Load) -> None:
-    load.status = "uncertain"
+    move(LOAD, load, Status.UNCERTAIN)
     load.updated_at = ctx.now
     _emit(ctx, load, "load.uncertain")
     log.warning("load.uncertain", load=load.id)
@@ -587,7 +587,7 @@ def mark_uncertain(ctx: Ctx, load: Load) -> None:
 
 def resolve(ctx: Ctx, load_id: str, body: Resolve) -> Load:
     load, locked_card = _lock_with_card(ctx, load_id)
-    _need_status(load, "authorised", "uncertain")
+    _need_status(load, *OPEN)
     init = parse(
         body.initialize_response, "initialize_response", InitializeForLoadResponse.from_data
     )
@@ -660,10 +660,10 @@ def resolve(ctx: Ctx, load_id: str, body: Resolve) -> Load:
 def cancel(ctx: Ctx, load_id: str, body: Cancel | None = None) -> Load:
     load = get_load(ctx, load_id, lock=True)
     issuer = parse_issuer(body.issuer_data) if body and body.issuer_data else None
-    if load.status == "canceled":
+    if load.status == Status.CANCELED:
         return load
-    if load.status == "requires_funding":  # unpaid: nothing is held
-        load.status = "canceled"
+    if load.status == Status.REQUIRES_FUNDING:  # unpaid: nothing is held
+        move(LOAD, load, Status.CANCELED)
         load.updated_at = ctx.now
         _emit(ctx, load, "load.failed")
         return load
@@ -672,12 +672,12 @@ def cancel(ctx: Ctx, load_id: str, body: Cancel | None = None) -> Load:
             "payer_funded",
             "the cardholder paid for this load by bank transfer: it waits for their card",
         )
-    if load.status != "requires_card":
+    if load.status != Status.REQUIRES_CARD:
         raise conflict(
             "invalid_load_state",
             f"the load is {load.status}: only a load before any credit can be canceled",
         )
-    _return_funds(ctx, load, "canceled")
+    _return_funds(ctx, load, Status.CANCELED)
     if issuer is not None and body is not None and body.card_status_word is not None:
         registry.note_card_refusal(
             ctx.session,
@@ -693,9 +693,9 @@ def cancel(ctx: Ctx, load_id: str, body: Cancel | None = None) -> Load:
 
 def expire(ctx: Ctx, load: Load) -> None:
     """A load order nobody brought a card for (or paid for): return any funds."""
-    if load.status == "requires_funding":
-        load.status = "expired"
+    if load.status == Status.REQUIRES_FUNDING:
+        move(LOAD, load, Status.EXPIRED)
         load.updated_at = ctx.now
     else:
-        _return_funds(ctx, load, "expired")
+        _return_funds(ctx, load, Status.EXPIRED)
     _emit(ctx, load, "load.failed")

@@ -53,11 +53,11 @@ from webpurse.settlement.schemas import (
     Resolve,
 )
 from webpurse.settlement.service import Ctx, card_time, new_id, parse, parse_issuer
+from webpurse.settlement.transactions import OPEN, Kind, Status, move
 
 log = structlog.get_logger(__name__)
 
-FINAL = frozenset({"succeeded", "canceled", "declined", "expired"})
-OPEN = ("authorised", "uncertain")
+PAYMENT = Kind.PAYMENT
 
 
 def payment_json(payment: Payment) -> dict[str, Any]:
@@ -130,7 +130,7 @@ def create(ctx: Ctx, body: PaymentCreate) -> Payment:
     payment = Payment(
         id=new_id("pay"),
         merchant_id=merchant.id,
-        status="requires_card",
+        status=Status.REQUIRES_CARD,
         amount=body.amount,
         currency=body.currency,
         description=body.description,
@@ -160,7 +160,7 @@ def _release(ctx: Ctx, payment: Payment, card: Card, reason: str) -> None:
         now=ctx.now,
         reference=payment.id,
     )
-    payment.status = "canceled"
+    move(PAYMENT, payment, Status.CANCELED)
     payment.updated_at = ctx.now
     if card.open_transaction == payment.id:
         card.open_transaction = _still_open(ctx, payment)
@@ -206,7 +206,7 @@ def _release_disproved(ctx: Ctx, payment: Payment, card: Card) -> None:
 
 def authorise(ctx: Ctx, payment_id: str, body: PurchaseAuthorise) -> Payment:
     payment = get_payment(ctx, payment_id, lock=True)
-    _need_status(payment, "requires_card")
+    _need_status(payment, Status.REQUIRES_CARD)
     issuer = parse_issuer(body.issuer_data)
     init = parse(
         body.initialize_response, "initialize_response", InitializeForPurchaseResponse.from_data
@@ -255,7 +255,7 @@ def authorise(ctx: Ctx, payment_id: str, body: PurchaseAuthorise) -> Payment:
             # The payment stays requires_card: pay it once the open transaction is settled.
             extra["recover"] = decision.recover.to_json()
         else:
-            payment.status = "declined"
+            move(PAYMENT, payment, Status.DECLINED)
             payment.decline_code = decision.decline_code.value
             _emit(ctx, payment, "payment.failed")
         extra["payment"] = payment_json(payment)
@@ -271,7 +271,7 @@ def authorise(ctx: Ctx, payment_id: str, body: PurchaseAuthorise) -> Payment:
         )
     date, time = card_time(ctx.now)
     payment.supersedes = decision.supersedes.id if decision.supersedes is not None else None
-    payment.status = "authorised"
+    move(PAYMENT, payment, Status.AUTHORISED)
     payment.card_id = card.id
     payment.balance_before = init.balance
     payment.counter = init.offline_counter
@@ -366,7 +366,7 @@ def _succeed(ctx: Ctx, payment: Payment, card: Card, mac2: bytes, tac: bytes) ->
     verified answer proves they never ran.
     """
     linked = payment.supersedes is not None or card.open_transaction != payment.id
-    payment.status = "succeeded"
+    move(PAYMENT, payment, Status.SUCCEEDED)
     payment.mac2 = mac2.hex().upper()
     payment.tac = tac.hex().upper()
     payment.updated_at = ctx.now
@@ -409,7 +409,7 @@ def capture(ctx: Ctx, payment_id: str, body: PurchaseCapture) -> Payment:
     payment, locked_card = _lock_with_card(ctx, payment_id)
     # An uncertain payment (the sweep timed it out) is captured too when the card's own
     # answer arrives: MAC2 and TAC prove the debit just as well as PROVE would.
-    _need_status(payment, "authorised", "uncertain")
+    _need_status(payment, *OPEN)
     answer = parse(body.debit_response, "debit_response", DebitForPurchaseResponse.from_data)
     card = _card_of(locked_card)
     if not verify(ctx, payment, card, answer.mac2, answer.tac):
@@ -422,7 +422,7 @@ def capture(ctx: Ctx, payment_id: str, body: PurchaseCapture) -> Payment:
 
 
 def mark_uncertain(ctx: Ctx, payment: Payment) -> None:
-    payment.status = "uncertain"
+    move(PAYMENT, payment, Status.UNCERTAIN)
     payment.updated_at = ctx.now
     _emit(ctx, payment, "payment.uncertain")
     log.warning("payment.uncertain", payment=payment.id)
@@ -430,16 +430,16 @@ def mark_uncertain(ctx: Ctx, payment: Payment) -> None:
 
 def uncertain(ctx: Ctx, payment_id: str) -> Payment:
     payment = get_payment(ctx, payment_id, lock=True)
-    if payment.status == "uncertain":
+    if payment.status == Status.UNCERTAIN:
         return payment
-    _need_status(payment, "authorised")
+    _need_status(payment, Status.AUTHORISED)
     mark_uncertain(ctx, payment)
     return payment
 
 
 def resolve(ctx: Ctx, payment_id: str, body: Resolve) -> Payment:
     payment, locked_card = _lock_with_card(ctx, payment_id)
-    _need_status(payment, "authorised", "uncertain")
+    _need_status(payment, *OPEN)
     init = parse(
         body.initialize_response, "initialize_response", InitializeForPurchaseResponse.from_data
     )
@@ -504,15 +504,15 @@ def resolve(ctx: Ctx, payment_id: str, body: Resolve) -> Payment:
 def cancel(ctx: Ctx, payment_id: str, body: Cancel | None = None) -> Payment:
     payment = get_payment(ctx, payment_id, lock=True)
     issuer = parse_issuer(body.issuer_data) if body and body.issuer_data else None
-    if payment.status == "canceled":
+    if payment.status == Status.CANCELED:
         return payment
-    if payment.status != "requires_card":
+    if payment.status != Status.REQUIRES_CARD:
         raise conflict(
             "invalid_payment_state",
             f"the payment is {payment.status}: only a payment before any debit can be canceled"
             " (an authorised one is resolved with the card's proof)",
         )
-    payment.status = "canceled"
+    move(PAYMENT, payment, Status.CANCELED)
     payment.updated_at = ctx.now
     if issuer is not None and body is not None and body.card_status_word is not None:
         registry.note_card_refusal(

@@ -38,6 +38,7 @@ from webpurse.settlement.refund_outcomes import fail as fail
 from webpurse.settlement.refund_outcomes import heal_stuck as heal_stuck
 from webpurse.settlement.schemas import RefundCreate
 from webpurse.settlement.service import Ctx, new_id
+from webpurse.settlement.transactions import Status
 from webpurse.settlement.views import refund_json as refund_json
 
 log = structlog.get_logger(__name__)
@@ -55,7 +56,7 @@ def get_refund(ctx: Ctx, refund_id: str) -> Refund:
 
 def create(ctx: Ctx, body: RefundCreate) -> Refund:
     payment: Payment = get_payment(ctx, body.payment, lock=True)
-    if payment.status != "succeeded":
+    if payment.status != Status.SUCCEEDED:
         raise conflict("invalid_payment_state", f"the payment is {payment.status}, not succeeded")
     remaining = payment.amount - payment.refunded_amount
     amount = body.amount if body.amount is not None else remaining
@@ -72,7 +73,7 @@ def create(ctx: Ctx, body: RefundCreate) -> Refund:
         payment_id=payment.id,
         amount=amount,
         currency=payment.currency,
-        status="pending",
+        status=Status.PENDING,
         created_at=ctx.now,
         updated_at=ctx.now,
     )

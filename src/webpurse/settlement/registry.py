@@ -24,6 +24,7 @@ from webpurse.settlement.db import for_update
 from webpurse.settlement.decisions import CardRecord, Flag, Observation, OpenTransaction
 from webpurse.settlement.models import Card, CardEvent, CardObservation, Load, Payment
 from webpurse.settlement.security import SecurityModule
+from webpurse.settlement.transactions import OPEN
 
 log = structlog.get_logger(__name__)
 
@@ -254,7 +255,7 @@ def _own_superseded(session: Session, item: Payment | Load, merchant_id: str) ->
             return None
         if (
             older.merchant_id == merchant_id
-            and older.status in ("authorised", "uncertain")
+            and older.status in OPEN
             and older.counter == item.counter
         ):
             return older.id
