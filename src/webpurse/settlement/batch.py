@@ -49,10 +49,11 @@ from webpurse.protocol.records import IssuerData
 from webpurse.settlement import holds, idempotency, ledger, payments, quotas, registry, webhooks
 from webpurse.settlement.db import bulk_insert, bulk_update, for_update
 from webpurse.settlement.decisions import PurchaseInputs, decide_purchase
+from webpurse.settlement.errors import SettlementError, ledger_refused, not_found
 from webpurse.settlement.ledger import LedgerError, TransferSpec
 from webpurse.settlement.merchants import MAX_TERMINAL_SEQ
 from webpurse.settlement.models import Card, CardEvent, IdempotencyRecord, Merchant, Payment
-from webpurse.settlement.problems import ApiError, ledger_refused, not_found
+from webpurse.settlement.problems import ApiError, keeps_changes, problem
 from webpurse.settlement.schemas import (
     BatchItemIn,
     Cancel,
@@ -145,8 +146,9 @@ class Outcome:
 # --- parsing ---------------------------------------------------------------------------
 
 
-def _refusal(error: ApiError, request_id: str | None) -> Answer:
-    return error.status, error.body(request_id)
+def _refusal(error: SettlementError, request_id: str | None) -> Answer:
+    answer = problem(error)
+    return answer.status, answer.body(request_id)
 
 
 def parse_item(index: int, raw: BatchItemIn, request_id: str | None) -> Item:
@@ -308,19 +310,19 @@ def _run_one(ctx: Ctx, item: Item, request_id: str | None, outcome: Outcome) -> 
         ctx.session.flush()
         item.answer = (status, payments.payment_json(payment))
         savepoint.commit()
-    except ApiError as error:
-        if error.commit:
+    except SettlementError as error:
+        if keeps_changes(error):
             savepoint.commit()
         else:
             savepoint.rollback()
-        outcome.problems.append(error)
+        outcome.problems.append(problem(error))
         item.answer = _refusal(error, request_id)
     except LedgerError as error:
         savepoint.rollback()
         log.warning("ledger.refused", detail=str(error), path=item.path)
-        problem = ledger_refused(str(error))
-        outcome.problems.append(problem)
-        item.answer = _refusal(problem, request_id)
+        refusal = problem(ledger_refused(str(error)))
+        outcome.problems.append(refusal)
+        item.answer = _refusal(refusal, request_id)
     except DBAPIError as error:
         if transient(error):
             raise  # a deadlock or serialization failure: the route runs the batch again
@@ -840,7 +842,7 @@ def _fast(ctx: Ctx, items: list[Item]) -> int:
         taken += [a.item for a in approvals] + [c.item for c in captures]
         _write(ctx, writes)
         savepoint.commit()
-    except (LedgerError, ApiError, DBAPIError) as error:
+    except (LedgerError, SettlementError, DBAPIError) as error:
         if isinstance(error, DBAPIError) and transient(error):
             raise  # a deadlock or serialization failure: the route runs the batch again
         savepoint.rollback()

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from webpurse.settlement import events, ledger, references, statements
 from webpurse.settlement.db import for_update, insert_ignoring_conflicts
+from webpurse.settlement.errors import conflict, not_found
 from webpurse.settlement.models import (
     BankStatement,
     FloatDeposit,
@@ -39,7 +40,7 @@ from webpurse.settlement.models import (
     StatementLine,
     Transfer,
 )
-from webpurse.settlement.problems import ApiError, conflict, not_found
+from webpurse.settlement.problems import ApiError
 from webpurse.settlement.service import new_id
 from webpurse.settlement.settings import Settings
 from webpurse.settlement.transactions import Kind, Status, move
@@ -174,8 +175,7 @@ def draw_float(
     balance = ledger.locked_balance(session, account, now)
     if balance < load.amount:
         log.info("load.insufficient_float", merchant=load.merchant_id, amount=load.amount)
-        raise ApiError(
-            409,
+        raise conflict(
             "insufficient_float",
             f"the merchant's float holds {balance} fen, less than the load's {load.amount} fen",
             extra={"float_balance": balance},

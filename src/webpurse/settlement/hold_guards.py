@@ -20,8 +20,8 @@ from webpurse.settlement.decisions import (
     decide_gap,
     decide_unsettled_load,
 )
+from webpurse.settlement.errors import conflict
 from webpurse.settlement.models import Card, Load, Payment
-from webpurse.settlement.problems import ApiError
 from webpurse.settlement.service import Ctx
 from webpurse.settlement.transactions import OPEN as OPEN
 from webpurse.settlement.transactions import Status
@@ -57,8 +57,7 @@ def refuse_rehold(ctx: Ctx, card: Card | None, merchant_id: str, counter: int) -
     )
     if expired is not None:
         log.warning("hold.rehold_refused", payment=expired, card=card.card_number)
-        raise ApiError(
-            409,
+        raise conflict(
             "card_hold_exhausted",
             f"your hold of this card at its counter {counter} ({expired}) was released at the"
             " bound: it cannot be held again at that counter; send the card's proof to"

@@ -43,6 +43,7 @@ from webpurse.protocol.commands import TransactionProof
 from webpurse.protocol.crypto import macs_equal
 from webpurse.protocol.records import TransactionType
 from webpurse.settlement import ledger, loads, payments, registry
+from webpurse.settlement.errors import conflict, not_found, verification_failed
 from webpurse.settlement.hold_guards import HOLD_EXPIRED as HOLD_EXPIRED
 from webpurse.settlement.hold_guards import OPEN as OPEN
 from webpurse.settlement.hold_guards import _loads_at, _locked_rows, _payments_at
@@ -50,7 +51,6 @@ from webpurse.settlement.hold_guards import exhausted as exhausted
 from webpurse.settlement.hold_guards import heal_instead as heal_instead
 from webpurse.settlement.hold_guards import refuse_rehold as refuse_rehold
 from webpurse.settlement.models import Card, Load, Payment
-from webpurse.settlement.problems import ApiError, conflict, not_found, verification_failed
 from webpurse.settlement.schemas import CardHeal, HoldRelease
 from webpurse.settlement.service import Ctx, parse, parse_issuer
 from webpurse.settlement.transactions import Status
@@ -270,8 +270,7 @@ def operator_release(ctx: Ctx, object_id: str, body: HoldRelease) -> dict[str, A
         raise not_found(kind, "id")
     item = rows[0]
     if item.status not in OPEN or card is None:
-        raise ApiError(
-            409,
+        raise conflict(
             "invalid_hold_state",
             f"the {kind} is {item.status}: only an open (authorised or uncertain) one is released",
         )

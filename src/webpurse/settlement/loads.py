@@ -47,17 +47,16 @@ from webpurse.settlement.decisions import (
     decide_load,
     decide_resolution,
 )
-from webpurse.settlement.ledger import TransferSpec
-from webpurse.settlement.merchants import OPERATOR_TERMINAL_ID
-from webpurse.settlement.models import Card, Load, Merchant, Refund, Transfer
-from webpurse.settlement.problems import (
-    ApiError,
+from webpurse.settlement.errors import (
     conflict,
     declined,
     forbidden,
     not_found,
     verification_failed,
 )
+from webpurse.settlement.ledger import TransferSpec
+from webpurse.settlement.merchants import OPERATOR_TERMINAL_ID
+from webpurse.settlement.models import Card, Load, Merchant, Refund, Transfer
 from webpurse.settlement.schemas import Cancel, LoadAuthorise, LoadComplete, LoadCreate, Resolve
 from webpurse.settlement.service import Ctx, card_time, new_id, parse, parse_issuer
 from webpurse.settlement.transactions import OPEN, Kind, Status, move
@@ -637,8 +636,7 @@ def resolve(ctx: Ctx, load_id: str, body: Resolve) -> Load:
             outcome=resolution.outcome.value,
             counter=init.online_counter,
         )
-        raise ApiError(
-            409,
+        raise conflict(
             "proof_required",
             resolution.detail,
             extra={

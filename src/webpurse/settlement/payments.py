@@ -1,7 +1,7 @@
 """Payments: create, authorise (MAC1), capture (MAC2/TAC), uncertain, resolve, cancel.
 
 Each function runs inside the caller's transaction and raises
-:class:`~webpurse.settlement.problems.ApiError` to refuse. The decisions themselves are
+:mod:`~webpurse.settlement.errors` to refuse. The decisions themselves are
 in :mod:`.decisions`; here they meet the database, the security module and the ledger.
 Ledger moves: authorise holds the amount (card → ``held:purchases``); capture posts it to
 the merchant (held → merchant); a release returns it (held → card).
@@ -36,15 +36,14 @@ from webpurse.settlement.decisions import (
     decide_purchase,
     decide_resolution,
 )
-from webpurse.settlement.merchants import next_terminal_seq
-from webpurse.settlement.models import Card, Merchant, Payment
-from webpurse.settlement.problems import (
-    ApiError,
+from webpurse.settlement.errors import (
     conflict,
     declined,
     not_found,
     verification_failed,
 )
+from webpurse.settlement.merchants import next_terminal_seq
+from webpurse.settlement.models import Card, Merchant, Payment
 from webpurse.settlement.schemas import (
     Cancel,
     PaymentCreate,
@@ -479,8 +478,7 @@ def resolve(ctx: Ctx, payment_id: str, body: Resolve) -> Payment:
     elif resolution.outcome is Outcome.CANCELED:
         _release(ctx, payment, card, "resolved: counter did not move")
     elif resolution.outcome is Outcome.PROOF_REQUIRED:
-        raise ApiError(
-            409,
+        raise conflict(
             "proof_required",
             resolution.detail,
             extra={

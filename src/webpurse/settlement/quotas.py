@@ -20,8 +20,8 @@ from typing import Literal
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from webpurse.settlement.errors import TooMany
 from webpurse.settlement.models import Load, Payment
-from webpurse.settlement.problems import ApiError
 from webpurse.settlement.transactions import Status
 
 Kind = Literal["payment", "load"]
@@ -52,12 +52,11 @@ def room(session: Session, merchant_id: str, kind: Kind, cap: int | None) -> int
     return max(cap - open_orders(session, merchant_id, kind, cap), 0)
 
 
-def too_many(kind: Kind, cap: int) -> ApiError:
-    return ApiError(
-        429,
-        "too_many_open_orders",
+def too_many(kind: Kind, cap: int) -> TooMany:
+    return TooMany(
         f"this merchant already has {cap} {kind}s waiting for a card; use, cancel or let "
         "some expire first",
+        code="too_many_open_orders",
         extra={"limit": cap},
     )
 

@@ -14,10 +14,10 @@ from sqlalchemy import select
 
 from webpurse.settlement import expiry, idempotency, ledger, registry
 from webpurse.settlement.auth import OperatorPrincipal
+from webpurse.settlement.deps import PROBLEMS, IdempotencyKey, SessionDep
 from webpurse.settlement.merchants import MerchantError, create_merchant, merchant_json
 from webpurse.settlement.models import Card, CardEvent, CardObservation, Merchant
 from webpurse.settlement.problems import ApiError, not_found
-from webpurse.settlement.routes_payments import PROBLEMS, IdempotencyKey, SessionDep
 from webpurse.settlement.schemas import CardStatusChange, Empty, MerchantCreate
 
 router = APIRouter(prefix="/v1", tags=["operator"])

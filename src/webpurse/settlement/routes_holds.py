@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 
 from webpurse.settlement import holds, idempotency
 from webpurse.settlement.auth import AnyPrincipal, OperatorPrincipal
-from webpurse.settlement.routes_payments import PROBLEMS, IdempotencyKey, SessionDep, make_ctx
+from webpurse.settlement.deps import PROBLEMS, IdempotencyKey, SessionDep, make_ctx
 from webpurse.settlement.schemas import CardHeal, HoldRelease
 
 router = APIRouter(prefix="/v1", tags=["holds"])

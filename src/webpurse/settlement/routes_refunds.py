@@ -10,9 +10,9 @@ from sqlalchemy import select
 
 from webpurse.settlement import idempotency, refunds
 from webpurse.settlement.auth import MerchantPrincipal
+from webpurse.settlement.deps import PROBLEMS, IdempotencyKey, SessionDep, make_ctx
 from webpurse.settlement.models import Refund
 from webpurse.settlement.refunds import refund_json
-from webpurse.settlement.routes_payments import PROBLEMS, IdempotencyKey, SessionDep, make_ctx
 from webpurse.settlement.schemas import ListOut, RefundCreate, RefundOut
 
 router = APIRouter(prefix="/v1/refunds", tags=["refunds"])
