@@ -12,12 +12,12 @@ name, path parameter and description it always had, so the OpenAPI document is u
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import NoneType, UnionType
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy.orm import Session
 
 from webpurse.settlement import idempotency
 from webpurse.settlement.auth import Principal
@@ -26,6 +26,24 @@ from webpurse.settlement.schemas import Cancel, Empty, Resolve
 from webpurse.settlement.service import Ctx
 
 Service = Callable[..., Any]
+
+
+def _dump(body: BaseModel | None) -> Any:
+    return body.model_dump(mode="json") if body is not None else {}
+
+
+def _dump_set(body: BaseModel | None) -> Any:
+    return body.model_dump(mode="json", exclude_none=True) if body is not None else {}
+
+
+@dataclass(frozen=True)
+class Action:
+    """One lifecycle POST: ``/{id}/<name>`` runs ``service(ctx, id, body)``."""
+
+    name: str  # "authorise", "capture", …
+    service: Service
+    body: Any  # its schema; ``X | None`` for an optional body
+    payload: Callable[[BaseModel | None], Any] = _dump  # what the idempotency key fingerprints
 
 
 @dataclass(frozen=True)
@@ -42,7 +60,7 @@ class Kind:
     finish_action: str  # "capture" | "complete"
     finish: Service
     finish_body: type[BaseModel]
-    uncertain: Service
+    uncertain: Callable[[Ctx, str], Any]
     resolve: Service
     cancel: Service
     docs: dict[str, str]  # route name → its description (none: no description)
@@ -50,6 +68,21 @@ class Kind:
     @property
     def id_param(self) -> str:
         return f"{self.name}_id"
+
+    def actions(self) -> tuple[Action, ...]:
+        uncertain = self.uncertain
+        return (
+            Action("authorise", self.authorise, self.authorise_body),
+            Action(self.finish_action, self.finish, self.finish_body),
+            Action(
+                "uncertain",
+                lambda ctx, object_id, _body: uncertain(ctx, object_id),
+                Empty | None,
+                lambda _body: {},
+            ),
+            Action("resolve", self.resolve, Resolve),
+            Action("cancel", self.cancel, Cancel | None, _dump_set),
+        )
 
 
 def _route(
@@ -59,10 +92,11 @@ def _route(
     path: str,
     name: str,
     endpoint: Callable[..., Any],
-    body: type[BaseModel] | None = None,
+    body: Any = None,
 ) -> None:
     """Add ``endpoint`` as the kind's: its path parameter (``payment_id``) in place of
-    ``object_id``, its principal dependency and its ``body`` schema."""
+    ``object_id``, its principal dependency and its ``body`` schema (required unless the
+    schema admits ``None``)."""
     signature = inspect.signature(endpoint)
     parameters = []
     for param in signature.parameters.values():
@@ -71,7 +105,9 @@ def _route(
         elif param.name == "principal":
             param = param.replace(annotation=kind.principal)
         elif param.name == "body" and body is not None:
-            param = param.replace(annotation=body)
+            optional = isinstance(body, UnionType) and NoneType in body.__args__
+            default = None if optional else inspect.Parameter.empty
+            param = param.replace(annotation=body, default=default)
         parameters.append(param)
 
     def call(**kwargs: Any) -> Any:
@@ -91,130 +127,41 @@ def _route(
     )
 
 
-def _run(
-    request: Request,
-    session: Session,
-    principal: Principal,
-    key: str | None,
-    payload: Any,
-    work: Callable[[], Any],
-    to_json: Callable[[Any], dict[str, Any]],
-) -> JSONResponse:
-    return idempotency.run(
-        request, session, principal, key, payload, lambda: (200, to_json(work()))
-    )
+def _post(kind: Kind, action: Action) -> Callable[..., JSONResponse]:
+    def post(
+        request: Request,
+        object_id: str,
+        *,
+        body: BaseModel | None = None,
+        principal: Principal,
+        session: SessionDep,
+        idempotency_key: IdempotencyKey = None,
+    ) -> JSONResponse:
+        ctx = make_ctx(request, session, principal)
+        return idempotency.run(
+            request,
+            session,
+            principal,
+            idempotency_key,
+            action.payload(body),
+            lambda: (200, kind.to_json(action.service(ctx, object_id, body))),
+        )
+
+    return post
 
 
 def add_routes(router: APIRouter, kind: Kind) -> None:
-    """Add get, authorise, capture/complete, uncertain, resolve and cancel for ``kind``."""
+    """Add ``GET /{id}`` and the kind's lifecycle POSTs (authorise, capture or complete,
+    uncertain, resolve, cancel) to ``router``."""
 
     def get(
         request: Request, object_id: str, principal: Principal, session: SessionDep
     ) -> dict[str, Any]:
         return kind.to_json(kind.get(make_ctx(request, session, principal), object_id))
 
-    def authorise(
-        request: Request,
-        object_id: str,
-        body: BaseModel,
-        principal: Principal,
-        session: SessionDep,
-        idempotency_key: IdempotencyKey = None,
-    ) -> JSONResponse:
-        ctx = make_ctx(request, session, principal)
-        return _run(
-            request,
-            session,
-            principal,
-            idempotency_key,
-            body.model_dump(mode="json"),
-            lambda: kind.authorise(ctx, object_id, body),
-            kind.to_json,
+    _route(router, kind, "GET", "/{id}", f"get_{kind.name}", get)
+    for action in kind.actions():
+        name = f"{action.name}_{kind.name}"
+        _route(
+            router, kind, "POST", f"/{{id}}/{action.name}", name, _post(kind, action), action.body
         )
-
-    def finish(
-        request: Request,
-        object_id: str,
-        body: BaseModel,
-        principal: Principal,
-        session: SessionDep,
-        idempotency_key: IdempotencyKey = None,
-    ) -> JSONResponse:
-        ctx = make_ctx(request, session, principal)
-        return _run(
-            request,
-            session,
-            principal,
-            idempotency_key,
-            body.model_dump(mode="json"),
-            lambda: kind.finish(ctx, object_id, body),
-            kind.to_json,
-        )
-
-    def uncertain(
-        request: Request,
-        object_id: str,
-        principal: Principal,
-        session: SessionDep,
-        body: Empty | None = None,
-        idempotency_key: IdempotencyKey = None,
-    ) -> JSONResponse:
-        ctx = make_ctx(request, session, principal)
-        return _run(
-            request,
-            session,
-            principal,
-            idempotency_key,
-            {},
-            lambda: kind.uncertain(ctx, object_id),
-            kind.to_json,
-        )
-
-    def resolve(
-        request: Request,
-        object_id: str,
-        body: Resolve,
-        principal: Principal,
-        session: SessionDep,
-        idempotency_key: IdempotencyKey = None,
-    ) -> JSONResponse:
-        ctx = make_ctx(request, session, principal)
-        return _run(
-            request,
-            session,
-            principal,
-            idempotency_key,
-            body.model_dump(mode="json"),
-            lambda: kind.resolve(ctx, object_id, body),
-            kind.to_json,
-        )
-
-    def cancel(
-        request: Request,
-        object_id: str,
-        principal: Principal,
-        session: SessionDep,
-        body: Cancel | None = None,
-        idempotency_key: IdempotencyKey = None,
-    ) -> JSONResponse:
-        ctx = make_ctx(request, session, principal)
-        return _run(
-            request,
-            session,
-            principal,
-            idempotency_key,
-            body.model_dump(mode="json", exclude_none=True) if body else {},
-            lambda: kind.cancel(ctx, object_id, body),
-            kind.to_json,
-        )
-
-    name = kind.name
-    _route(router, kind, "GET", "/{id}", f"get_{name}", get)
-    _route(
-        router, kind, "POST", "/{id}/authorise", f"authorise_{name}", authorise, kind.authorise_body
-    )
-    action = kind.finish_action
-    _route(router, kind, "POST", f"/{{id}}/{action}", f"{action}_{name}", finish, kind.finish_body)
-    _route(router, kind, "POST", "/{id}/uncertain", f"uncertain_{name}", uncertain)
-    _route(router, kind, "POST", "/{id}/resolve", f"resolve_{name}", resolve)
-    _route(router, kind, "POST", "/{id}/cancel", f"cancel_{name}", cancel)
