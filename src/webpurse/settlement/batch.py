@@ -46,7 +46,16 @@ from sqlalchemy.exc import DBAPIError
 from webpurse.protocol.commands import DebitForPurchaseResponse, InitializeForPurchaseResponse
 from webpurse.protocol.errors import ProtocolError
 from webpurse.protocol.records import IssuerData
-from webpurse.settlement import holds, idempotency, ledger, payments, quotas, registry, webhooks
+from webpurse.settlement import (
+    changes,
+    holds,
+    idempotency,
+    ledger,
+    payments,
+    quotas,
+    registry,
+    webhooks,
+)
 from webpurse.settlement.db import bulk_insert, bulk_update, for_update
 from webpurse.settlement.decisions import PurchaseInputs, decide_purchase
 from webpurse.settlement.errors import SettlementError, ledger_refused, not_found
@@ -64,7 +73,7 @@ from webpurse.settlement.schemas import (
     Resolve,
 )
 from webpurse.settlement.service import Ctx, card_time, new_id
-from webpurse.settlement.transactions import Status
+from webpurse.settlement.transactions import Kind, Status
 
 log = structlog.get_logger(__name__)
 
@@ -527,7 +536,6 @@ def _fast_authorise(ctx: Ctx, merchant: Any, approvals: list[_Approval], writes:
         return
     first_seq = _terminal_seqs(ctx, merchant.id, len(approvals))
     date, time = card_time(ctx.now)
-    txn_date, txn_time = date.strftime("%Y%m%d"), time.strftime("%H%M%S")
     terminal_id = bytes.fromhex(merchant.terminal_id)
     for offset, approval in enumerate(approvals):
         payment, card, init = approval.payment, approval.card, approval.initialize
@@ -543,37 +551,31 @@ def _fast_authorise(ctx: Ctx, merchant: Any, approvals: list[_Approval], writes:
             date=date,
             time=time,
         )
-        changes: dict[str, object] = {
-            "status": Status.AUTHORISED,
-            "card_id": card.id,
-            "card_number": approval.issuer.card_number,
-            "balance_before": init.balance,
-            "counter": init.offline_counter,
-            "supersedes": None,
-            "key_version": card.key_version,
-            "card_random": init.random.hex().upper(),
-            "txn_date": txn_date,
-            "txn_time": txn_time,
+        authorised: dict[str, object] = {
+            **changes.authorised(
+                Kind.PAYMENT,
+                payment.status,
+                card_id=card.id,
+                card_number=approval.issuer.card_number,
+                key_version=card.key_version,
+                balance=init.balance,
+                counter=init.offline_counter,
+                random=init.random,
+                date=date,
+                time=time,
+                now=ctx.now,
+                supersedes=None,
+            ),
             "terminal_seq": seq,
             "mac1": mac1.hex().upper(),
-            "authorised_at": ctx.now,
-            "updated_at": ctx.now,
         }
-        writes.authorised.append({"id": payment.id, **changes})
+        writes.authorised.append({"id": payment.id, **authorised})
         writes.card_open.append(
             {"id": card.id, "open_transaction": payment.id, "updated_at": ctx.now}
         )
-        writes.transfers.append(
-            TransferSpec(
-                f"{payment.id}:hold",
-                ledger.card_account(card.id),
-                ledger.HELD_PURCHASES,
-                payment.amount,
-                "purchase_hold",
-                payment.id,
-            )
-        )
-        approval.item.answer = (200, payments.payment_json(_view({**payment._mapping, **changes})))
+        writes.transfers.append(changes.purchase_hold(payment.id, card.id, payment.amount))
+        view = _view({**payment._mapping, **authorised})
+        approval.item.answer = (200, payments.payment_json(view))
 
 
 def _capture_cards(ctx: Ctx, items: list[Item]) -> list[str]:
@@ -623,47 +625,33 @@ def _captures(ctx: Ctx, items: list[Item], cards: dict[str, Any], seen: set[str]
 def _fast_capture(ctx: Ctx, captures: list[_Capture], writes: _Writes) -> None:
     for capture in captures:
         payment, card = capture.payment, capture.card
-        changes: dict[str, object] = {
-            "status": Status.SUCCEEDED,
-            "mac2": capture.answer.mac2.hex().upper(),
-            "tac": capture.answer.tac.hex().upper(),
-            "updated_at": ctx.now,
-        }
-        writes.succeeded.append({"id": payment.id, **changes})
-        writes.card_settled.append(
-            {
-                "id": card.id,
-                "shadow_balance": payment.balance_before - payment.amount,
-                "offline_counter": payment.counter + 1,
-                "open_transaction": None,
-                "updated_at": ctx.now,
-            }
+        succeeded = changes.succeeded(
+            Kind.PAYMENT,
+            payment.status,
+            mac2=capture.answer.mac2,
+            tac=capture.answer.tac,
+            now=ctx.now,
+        )
+        writes.succeeded.append({"id": payment.id, **succeeded})
+        settled = changes.card_settled(
+            Kind.PAYMENT,
+            balance_before=payment.balance_before,
+            amount=payment.amount,
+            counter=payment.counter,
+            now=ctx.now,
+        )
+        writes.card_settled.append({"id": card.id, **settled, "open_transaction": None})
+        event, detail = changes.card_event(
+            Kind.PAYMENT, payment.id, payment.amount, payment.counter, succeeded["tac"]
         )
         writes.card_events.append(
-            {
-                "card_id": card.id,
-                "kind": "purchase",
-                "detail": {
-                    "payment": payment.id,
-                    "amount": payment.amount,
-                    "counter": payment.counter,
-                    "tac": changes["tac"],
-                },
-                "created_at": ctx.now,
-            }
+            {"card_id": card.id, "kind": event, "detail": detail, "created_at": ctx.now}
         )
         writes.transfers.append(
-            TransferSpec(
-                f"{payment.id}:capture",
-                ledger.HELD_PURCHASES,
-                ledger.merchant_account(payment.merchant_id),
-                payment.amount,
-                "purchase_capture",
-                payment.id,
-            )
+            changes.purchase_capture(payment.id, payment.merchant_id, payment.amount)
         )
-        body = payments.payment_json(_view({**payment._mapping, **changes}))
-        writes.events.append(("payment.succeeded", body))
+        body = payments.payment_json(_view({**payment._mapping, **succeeded}))
+        writes.events.append((payments.STRATEGY.events[Status.SUCCEEDED], body))
         capture.item.answer = (200, body)
 
 

@@ -38,12 +38,12 @@ from fastapi import FastAPI
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
-from webpurse.settlement import events, holds, idempotency, loads, payments, refunds, webhooks
+from webpurse.settlement import holds, idempotency, loads, payments, refunds, webhooks
 from webpurse.settlement.auth import OPERATOR, Principal
 from webpurse.settlement.models import Load, Payment
 from webpurse.settlement.security import SecurityModule
 from webpurse.settlement.service import Ctx
-from webpurse.settlement.transactions import Kind, Status, move
+from webpurse.settlement.transactions import Status
 
 log = structlog.get_logger(__name__)
 
@@ -206,11 +206,7 @@ def expire_stale(
             ),
         )
     ):
-        move(Kind.PAYMENT, payment, Status.EXPIRED)
-        payment.updated_at = now
-        events.emit(
-            session, payment.merchant_id, "payment.expired", payments.payment_json(payment), now=now
-        )
+        payments.expire(ctx, payment)
         counts["pe"] += 1
     for payment in session.scalars(
         _claim_first(
