@@ -94,49 +94,33 @@ def card_event(
     return event, {kind.value: object_id, "amount": amount, "counter": counter, "tac": tac}
 
 
+def _transfer(
+    object_id: str, step: str, debit: str, credit: str, amount: int, kind: str
+) -> TransferSpec:
+    return TransferSpec(f"{object_id}:{step}", debit, credit, amount, kind, object_id)
+
+
 def purchase_hold(payment_id: str, card_id: str, amount: int) -> TransferSpec:
     """Authorise: the amount leaves the card's account for ``held:purchases``."""
-    return TransferSpec(
-        f"{payment_id}:hold",
-        ledger.card_account(card_id),
-        ledger.HELD_PURCHASES,
-        amount,
-        "purchase_hold",
-        payment_id,
-    )
+    card = ledger.card_account(card_id)
+    return _transfer(payment_id, "hold", card, ledger.HELD_PURCHASES, amount, "purchase_hold")
 
 
 def purchase_capture(payment_id: str, merchant_id: str, amount: int) -> TransferSpec:
     """Capture: the held amount goes to the merchant."""
-    return TransferSpec(
-        f"{payment_id}:capture",
-        ledger.HELD_PURCHASES,
-        ledger.merchant_account(merchant_id),
-        amount,
-        "purchase_capture",
-        payment_id,
-    )
+    merchant = ledger.merchant_account(merchant_id)
+    held = ledger.HELD_PURCHASES
+    return _transfer(payment_id, "capture", held, merchant, amount, "purchase_capture")
 
 
 def purchase_release(payment_id: str, card_id: str, amount: int) -> TransferSpec:
     """Release: the card proved no debit; the hold goes back to the card."""
-    return TransferSpec(
-        f"{payment_id}:release",
-        ledger.HELD_PURCHASES,
-        ledger.card_account(card_id),
-        amount,
-        "purchase_release",
-        payment_id,
-    )
+    card = ledger.card_account(card_id)
+    held = ledger.HELD_PURCHASES
+    return _transfer(payment_id, "release", held, card, amount, "purchase_release")
 
 
 def load_credit(load_id: str, card_id: str, amount: int) -> TransferSpec:
     """Complete: the held funds are on the card."""
-    return TransferSpec(
-        f"{load_id}:credit",
-        ledger.HELD_LOADS,
-        ledger.card_account(card_id),
-        amount,
-        "load_credit",
-        load_id,
-    )
+    card = ledger.card_account(card_id)
+    return _transfer(load_id, "credit", ledger.HELD_LOADS, card, amount, "load_credit")

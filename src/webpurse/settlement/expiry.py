@@ -197,30 +197,25 @@ def expire_stale(
     ctx = Ctx(session, cast(SecurityModule, _NoKeys()), now, SYSTEM)
     created_before = now - requires_card_ttl
     authorised_before = now - authorised_ttl
-    counts = {"pe": 0, "pu": 0, "le": 0, "lu": 0}
-    for payment in session.scalars(
-        _claim_first(
-            limit,
+    # (what it counts, the rows, the lifecycle step): run in this order, each query after
+    # the previous step's changes.
+    steps: list[tuple[str, Any, Callable[[Any], None]]] = [
+        (
+            "pe",
             select(Payment).where(
                 Payment.status == Status.REQUIRES_CARD, Payment.created_at < created_before
             ),
-        )
-    ):
-        payments.expire(ctx, payment)
-        counts["pe"] += 1
-    for payment in session.scalars(
-        _claim_first(
-            limit,
+            lambda payment: payments.expire(ctx, payment),
+        ),
+        (
+            "pu",
             select(Payment).where(
                 Payment.status == Status.AUTHORISED, Payment.authorised_at < authorised_before
             ),
-        )
-    ):
-        payments.mark_uncertain(ctx, payment)
-        counts["pu"] += 1
-    for load in session.scalars(
-        _claim_first(
-            limit,
+            lambda payment: payments.mark_uncertain(ctx, payment),
+        ),
+        (
+            "le",
             select(Load).where(
                 Load.status == Status.REQUIRES_CARD,
                 Load.created_at < created_before,
@@ -229,28 +224,26 @@ def expire_stale(
                 Load.refund_id.is_(None),
                 Load.funding_method != "bank_transfer",
             ),
-        )
-    ):
-        loads.expire(ctx, load)
-        counts["le"] += 1
-    for load in session.scalars(
-        _claim_first(
-            limit,
+            lambda load: loads.expire(ctx, load),
+        ),
+        (  # an unpaid bank-transfer order: nothing was held
+            "le",
             select(Load).where(Load.status == Status.REQUIRES_FUNDING, Load.expires_at <= now),
-        )
-    ):
-        loads.expire(ctx, load)  # an unpaid bank-transfer order: nothing was held
-        counts["le"] += 1
-    for load in session.scalars(
-        _claim_first(
-            limit,
+            lambda load: loads.expire(ctx, load),
+        ),
+        (
+            "lu",
             select(Load).where(
                 Load.status == Status.AUTHORISED, Load.authorised_at < authorised_before
             ),
-        )
-    ):
-        loads.mark_uncertain(ctx, load)
-        counts["lu"] += 1
+            lambda load: loads.mark_uncertain(ctx, load),
+        ),
+    ]
+    counts = {"pe": 0, "pu": 0, "le": 0, "lu": 0}
+    for key, rows, step in steps:
+        for row in session.scalars(_claim_first(limit, rows)):
+            step(row)
+            counts[key] += 1
     if housekeeping:
         _housekeeping(ctx, card_hold_ttl)
     report = SweepReport(counts["pe"], counts["pu"], counts["le"], counts["lu"])

@@ -12,6 +12,7 @@ check, its ledger accounts, its counter, its event names — is the kind's
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, NoReturn, TypeVar
@@ -21,7 +22,7 @@ from sqlalchemy import select
 
 from webpurse.protocol.commands import TransactionProof
 from webpurse.protocol.records import IssuerData, TransactionType
-from webpurse.settlement import card_checks, events, ledger, registry
+from webpurse.settlement import card_checks, changes, events, ledger, registry
 from webpurse.settlement.decisions import (
     Decision,
     DeclineCode,
@@ -33,7 +34,7 @@ from webpurse.settlement.errors import conflict, declined, not_found, verificati
 from webpurse.settlement.ledger import TransferSpec
 from webpurse.settlement.models import Card, Load, Payment
 from webpurse.settlement.schemas import Cancel, Resolve
-from webpurse.settlement.service import Ctx, parse, parse_issuer
+from webpurse.settlement.service import Ctx, card_time, parse, parse_issuer
 from webpurse.settlement.transactions import OPEN, Kind, Status, move
 
 log = structlog.get_logger(__name__)
@@ -148,6 +149,74 @@ def free_card(ctx: Ctx, strategy: Strategy[Row], row: Row, card: Card) -> None:
     if card.open_transaction == row.id:
         card.open_transaction = still_open(ctx, strategy, row)
     card.updated_at = ctx.now
+
+
+def bind(
+    ctx: Ctx,
+    strategy: Strategy[Row],
+    row: Row,
+    card: Card,
+    init: Initialize,
+    *,
+    card_number: str,
+    supersedes: str | None,
+) -> tuple[dt.date, dt.time]:
+    """Authorise: ``row`` is bound to the card's INITIALIZE and is the card's open one.
+
+    Returns the transaction's date and time (what the MAC covers)."""
+    date, time = card_time(ctx.now)
+    changes.apply(
+        row,
+        changes.authorised(
+            strategy.kind,
+            row.status,
+            card_id=card.id,
+            card_number=card_number,
+            key_version=card.key_version,
+            balance=init.balance,
+            counter=init.counter,
+            random=init.random,
+            date=date,
+            time=time,
+            now=ctx.now,
+            supersedes=supersedes,
+        ),
+    )
+    card.open_transaction = row.id
+    card.updated_at = ctx.now
+    return date, time
+
+
+def record_proof(
+    ctx: Ctx, strategy: Strategy[Row], row: Row, card: Card, succeeded: changes.Changes
+) -> None:
+    """The card proved ``row``: its columns, the shadow purse one step on, the card's history."""
+    assert row.balance_before is not None and row.counter is not None
+    changes.apply(row, succeeded)
+    settled = changes.card_settled(
+        strategy.kind,
+        balance_before=row.balance_before,
+        amount=row.amount,
+        counter=row.counter,
+        now=ctx.now,
+    )
+    changes.apply(card, settled)
+    if card.open_transaction == row.id:
+        card.open_transaction = None
+    event, detail = changes.card_event(
+        strategy.kind, row.id, row.amount, row.counter, succeeded["tac"]
+    )
+    registry.record_event(ctx.session, card, event, ctx.now, detail)
+
+
+def released(ctx: Ctx, strategy: Strategy[Row], row: Row, card: Card, reason: str) -> None:
+    """``row`` was released (its funds are back): free the card, note it, tell the merchant."""
+    free_card(ctx, strategy, row, card)
+    event = "purchase_released" if strategy.kind is Kind.PAYMENT else "load_released"
+    registry.record_event(
+        ctx.session, card, event, ctx.now, {strategy.name: row.id, "reason": reason}
+    )
+    emit(ctx, strategy, row, Status.CANCELED)
 
 
 def release_disproved(ctx: Ctx, strategy: Strategy[Row], row: Row, card: Card) -> None:

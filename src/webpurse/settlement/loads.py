@@ -49,7 +49,7 @@ from webpurse.settlement.ledger import TransferSpec
 from webpurse.settlement.merchants import OPERATOR_TERMINAL_ID
 from webpurse.settlement.models import Card, Load, Merchant, Refund, Transfer
 from webpurse.settlement.schemas import Cancel, LoadAuthorise, LoadComplete, LoadCreate, Resolve
-from webpurse.settlement.service import Ctx, card_time, new_id, parse, parse_issuer
+from webpurse.settlement.service import Ctx, new_id, parse, parse_issuer
 from webpurse.settlement.transactions import Kind, Status, move
 from webpurse.settlement.views import load_json as load_json
 from webpurse.settlement.views import refund_json
@@ -279,11 +279,7 @@ def _return_funds(ctx: Ctx, load: Load, status: Status) -> None:
 def _release(ctx: Ctx, load: Load, card: Card, reason: str) -> None:
     """No credit happened for ``load``: return its funds to their source, close it."""
     _return_funds(ctx, load, Status.CANCELED)
-    lifecycle.free_card(ctx, STRATEGY, load, card)
-    registry.record_event(
-        ctx.session, card, "load_released", ctx.now, {"load": load.id, "reason": reason}
-    )
-    lifecycle.emit(ctx, STRATEGY, load, Status.CANCELED)
+    lifecycle.released(ctx, STRATEGY, load, card, reason)
 
 
 def authorise(ctx: Ctx, load_id: str, body: LoadAuthorise) -> Load:
@@ -362,7 +358,15 @@ def authorise(ctx: Ctx, load_id: str, body: LoadAuthorise) -> Load:
             uncertain=decision.supersedes.id,
             counter=init.online_counter,
         )
-    date, time = card_time(ctx.now)
+    date, time = lifecycle.bind(
+        ctx,
+        STRATEGY,
+        load,
+        card,
+        lifecycle.Initialize(init.online_counter, init.balance, init.random),
+        card_number=card.card_number,
+        supersedes=decision.supersedes.id if decision.supersedes is not None else None,
+    )
     mac2 = ctx.security.load_mac2(
         issuer.serial,
         card.key_version,
@@ -373,26 +377,7 @@ def authorise(ctx: Ctx, load_id: str, body: LoadAuthorise) -> Load:
         date=date,
         time=time,
     )
-    changes.apply(
-        load,
-        changes.authorised(
-            LOAD,
-            load.status,
-            card_id=card.id,
-            card_number=card.card_number,
-            key_version=card.key_version,
-            balance=init.balance,
-            counter=init.online_counter,
-            random=init.random,
-            date=date,
-            time=time,
-            now=ctx.now,
-            supersedes=decision.supersedes.id if decision.supersedes is not None else None,
-        ),
-    )
     load.mac2 = mac2.hex().upper()
-    card.open_transaction = load.id
-    card.updated_at = ctx.now
     log.info("load.authorised", load=load.id, card=card.card_number)
     return load
 
@@ -418,23 +403,9 @@ def _succeed(ctx: Ctx, load: Load, card: Card, tac: bytes) -> None:
     account (``refunds`` module: the lock order of a refund's creation)."""
     # Always look for other open loads at this counter: one the sweep unlinked from the
     # card (holds.release_stale) is settled by this verified TAC as well.
-    assert load.balance_before is not None and load.counter is not None
-    changes.apply(load, changes.succeeded(LOAD, load.status, tac=tac, now=ctx.now))
-    changes.apply(
-        card,
-        changes.card_settled(
-            LOAD,
-            balance_before=load.balance_before,
-            amount=load.amount,
-            counter=load.counter,
-            now=ctx.now,
-        ),
+    lifecycle.record_proof(
+        ctx, STRATEGY, load, card, changes.succeeded(LOAD, load.status, tac=tac, now=ctx.now)
     )
-    if card.open_transaction == load.id:
-        card.open_transaction = None
-    assert load.tac is not None
-    event, detail = changes.card_event(LOAD, load.id, load.amount, load.counter, load.tac)
-    registry.record_event(ctx.session, card, event, ctx.now, detail)
     lifecycle.release_disproved(ctx, STRATEGY, load, card)
     lifecycle.post(ctx, changes.load_credit(load.id, card.id, load.amount))
     lifecycle.emit(ctx, STRATEGY, load, Status.SUCCEEDED)

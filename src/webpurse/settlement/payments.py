@@ -37,7 +37,7 @@ from webpurse.settlement.schemas import (
     PurchaseCapture,
     Resolve,
 )
-from webpurse.settlement.service import Ctx, card_time, new_id, parse, parse_issuer
+from webpurse.settlement.service import Ctx, new_id, parse, parse_issuer
 from webpurse.settlement.transactions import Kind, Status, move
 
 log = structlog.get_logger(__name__)
@@ -119,11 +119,7 @@ def _release(ctx: Ctx, payment: Payment, card: Card, reason: str) -> None:
     lifecycle.post(ctx, changes.purchase_release(payment.id, card.id, payment.amount))
     move(PAYMENT, payment, Status.CANCELED)
     payment.updated_at = ctx.now
-    lifecycle.free_card(ctx, STRATEGY, payment, card)
-    registry.record_event(
-        ctx.session, card, "purchase_released", ctx.now, {"payment": payment.id, "reason": reason}
-    )
-    lifecycle.emit(ctx, STRATEGY, payment, Status.CANCELED)
+    lifecycle.released(ctx, STRATEGY, payment, card, reason)
 
 
 def authorise(ctx: Ctx, payment_id: str, body: PurchaseAuthorise) -> Payment:
@@ -175,26 +171,15 @@ def authorise(ctx: Ctx, payment_id: str, body: PurchaseAuthorise) -> Payment:
             uncertain=decision.supersedes.id,
             counter=init.offline_counter,
         )
-    date, time = card_time(ctx.now)
-    changes.apply(
+    date, time = lifecycle.bind(
+        ctx,
+        STRATEGY,
         payment,
-        changes.authorised(
-            PAYMENT,
-            payment.status,
-            card_id=card.id,
-            card_number=issuer.card_number,
-            key_version=card.key_version,
-            balance=init.balance,
-            counter=init.offline_counter,
-            random=init.random,
-            date=date,
-            time=time,
-            now=ctx.now,
-            supersedes=decision.supersedes.id if decision.supersedes is not None else None,
-        ),
+        card,
+        lifecycle.Initialize(init.offline_counter, init.balance, init.random),
+        card_number=issuer.card_number,
+        supersedes=decision.supersedes.id if decision.supersedes is not None else None,
     )
-    card.open_transaction = payment.id
-    card.updated_at = ctx.now
     # The hot rows (the merchant's sequence counter, the held account) are touched last,
     # so they stay locked only for their own statements and the commit.
     ctx.session.flush()
@@ -243,27 +228,8 @@ def _succeed(ctx: Ctx, payment: Payment, card: Card, mac2: bytes, tac: bytes) ->
     verified answer proves they never ran.
     """
     linked = payment.supersedes is not None or card.open_transaction != payment.id
-    assert payment.balance_before is not None and payment.counter is not None
-    changes.apply(
-        payment, changes.succeeded(PAYMENT, payment.status, mac2=mac2, tac=tac, now=ctx.now)
-    )
-    changes.apply(
-        card,
-        changes.card_settled(
-            PAYMENT,
-            balance_before=payment.balance_before,
-            amount=payment.amount,
-            counter=payment.counter,
-            now=ctx.now,
-        ),
-    )
-    if card.open_transaction == payment.id:
-        card.open_transaction = None
-    assert payment.tac is not None
-    event, detail = changes.card_event(
-        PAYMENT, payment.id, payment.amount, payment.counter, payment.tac
-    )
-    registry.record_event(ctx.session, card, event, ctx.now, detail)
+    succeeded = changes.succeeded(PAYMENT, payment.status, mac2=mac2, tac=tac, now=ctx.now)
+    lifecycle.record_proof(ctx, STRATEGY, payment, card, succeeded)
     if linked:
         lifecycle.release_disproved(ctx, STRATEGY, payment, card)
     lifecycle.emit(ctx, STRATEGY, payment, Status.SUCCEEDED)
