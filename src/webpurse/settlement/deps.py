@@ -6,11 +6,15 @@ made it the helper module of its siblings).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import Header, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
+from webpurse.settlement import idempotency
 from webpurse.settlement.auth import Principal
 from webpurse.settlement.problems import PROBLEM_JSON
 from webpurse.settlement.service import Ctx
@@ -34,3 +38,21 @@ def make_ctx(request: Request, session: Session, principal: Principal) -> Ctx:
         principal,
         max_open_orders=state.settings.max_open_orders,
     )
+
+
+def idempotent(
+    request: Request,
+    session: Session,
+    principal: Principal,
+    key: str | None,
+    payload: BaseModel | dict[str, Any],
+    work: Callable[[Ctx], dict[str, Any]],
+    *,
+    status: int = 200,
+) -> JSONResponse:
+    """Run ``work`` in the request's context at most once per ``key`` (its answer ``status``):
+    :func:`~webpurse.settlement.idempotency.run`, which fingerprints ``payload``."""
+    ctx = make_ctx(request, session, principal)
+    if isinstance(payload, BaseModel):
+        payload = payload.model_dump(mode="json")
+    return idempotency.run(request, session, principal, key, payload, lambda: (status, work(ctx)))

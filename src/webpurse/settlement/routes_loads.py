@@ -12,9 +12,9 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import and_, or_, select
 
-from webpurse.settlement import idempotency, loads
+from webpurse.settlement import loads
 from webpurse.settlement.auth import AnyPrincipal
-from webpurse.settlement.deps import PROBLEMS, IdempotencyKey, SessionDep, make_ctx
+from webpurse.settlement.deps import PROBLEMS, IdempotencyKey, SessionDep, idempotent, make_ctx
 from webpurse.settlement.funding import FundingPolicy
 from webpurse.settlement.loads import load_json
 from webpurse.settlement.models import Load
@@ -44,15 +44,15 @@ def create_load(
     ``insufficient_float`` beyond the float). ``bank_transfer``: ``requires_funding`` with
     a payment reference until an imported statement pays it (docs/settlement-api.md).
     """
-    ctx = make_ctx(request, session, principal)
     policy = FundingPolicy.from_settings(request.app.state.settlement.settings)
-    return idempotency.run(
+    return idempotent(
         request,
         session,
         principal,
         idempotency_key,
-        body.model_dump(mode="json"),
-        lambda: (201, load_json(loads.create(ctx, body, policy))),
+        body,
+        lambda ctx: load_json(loads.create(ctx, body, policy)),
+        status=201,
     )
 
 

@@ -12,9 +12,9 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import and_, or_, select
 
-from webpurse.settlement import idempotency, payments
+from webpurse.settlement import payments
 from webpurse.settlement.auth import MerchantPrincipal
-from webpurse.settlement.deps import PROBLEMS, IdempotencyKey, SessionDep, make_ctx
+from webpurse.settlement.deps import PROBLEMS, IdempotencyKey, SessionDep, idempotent, make_ctx
 from webpurse.settlement.models import Payment
 from webpurse.settlement.payments import payment_json
 from webpurse.settlement.routes_transactions import Kind, add_routes
@@ -38,14 +38,14 @@ def create_payment(
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
     """Create a payment; it waits for the shopper's card (`requires_card`)."""
-    ctx = make_ctx(request, session, principal)
-    return idempotency.run(
+    return idempotent(
         request,
         session,
         principal,
         idempotency_key,
-        body.model_dump(mode="json"),
-        lambda: (201, payment_json(payments.create(ctx, body))),
+        body,
+        lambda ctx: payment_json(payments.create(ctx, body)),
+        status=201,
     )
 
 

@@ -19,9 +19,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from webpurse.settlement import idempotency
 from webpurse.settlement.auth import Principal
-from webpurse.settlement.deps import PROBLEMS, IdempotencyKey, SessionDep, make_ctx
+from webpurse.settlement.deps import PROBLEMS, IdempotencyKey, SessionDep, idempotent, make_ctx
 from webpurse.settlement.schemas import Cancel, Empty, Resolve
 from webpurse.settlement.service import Ctx
 
@@ -137,14 +136,13 @@ def _post(kind: Kind, action: Action) -> Callable[..., JSONResponse]:
         session: SessionDep,
         idempotency_key: IdempotencyKey = None,
     ) -> JSONResponse:
-        ctx = make_ctx(request, session, principal)
-        return idempotency.run(
+        return idempotent(
             request,
             session,
             principal,
             idempotency_key,
             action.payload(body),
-            lambda: (200, kind.to_json(action.service(ctx, object_id, body))),
+            lambda ctx: kind.to_json(action.service(ctx, object_id, body)),
         )
 
     return post
