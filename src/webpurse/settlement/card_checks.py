@@ -25,6 +25,7 @@ from webpurse.settlement.errors import conflict, not_found
 from webpurse.settlement.evidence import NONCE_BYTES, Verdict, check_apdu, judge_card_check
 from webpurse.settlement.models import Card, CardCheck
 from webpurse.settlement.service import Ctx, new_id, parse
+from webpurse.settlement.transactions import CardStatus
 
 log = structlog.get_logger(__name__)
 
@@ -67,7 +68,11 @@ def on_decline(
         reference=reference,
         detail={"decline_code": str(decision.decline_code), **claimed},
     )
-    if card is None or card.status != "active" or decision.observation is Observation.MAC1_INVALID:
+    if (
+        card is None
+        or card.status != CardStatus.ACTIVE
+        or decision.observation is Observation.MAC1_INVALID
+    ):
         return None
     check = CardCheck(
         id=new_id("chk"),

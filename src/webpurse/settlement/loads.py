@@ -50,7 +50,7 @@ from webpurse.settlement.merchants import OPERATOR_TERMINAL_ID
 from webpurse.settlement.models import Card, Load, Merchant, Refund, Transfer
 from webpurse.settlement.schemas import Cancel, LoadAuthorise, LoadComplete, LoadCreate, Resolve
 from webpurse.settlement.service import Ctx, new_id, parse, parse_issuer
-from webpurse.settlement.transactions import Kind, Status, move
+from webpurse.settlement.transactions import CardStatus, Kind, Status, move
 from webpurse.settlement.views import load_json as load_json
 from webpurse.settlement.views import refund_json
 
@@ -190,7 +190,7 @@ def create_transfer_order(
     card = registry.find_card(ctx.session, card_number)
     if card is None:
         raise not_found("card", "card_number")
-    if card.status != "active":
+    if card.status != CardStatus.ACTIVE:
         raise conflict("card_not_loadable", f"the card is {card.status}: it cannot be topped up")
     load = _new_load(
         ctx,

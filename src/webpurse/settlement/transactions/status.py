@@ -36,6 +36,15 @@ class Status(StrEnum):
     FAILED = "failed"  # a refund whose load gave the money back
 
 
+class CardStatus(StrEnum):
+    """The ``status`` column of a registered card (the operator sets it, a clone blocks it)."""
+
+    ACTIVE = "active"
+    BLOCKED = "blocked"
+    LOST = "lost"
+    EXPIRED = "expired"
+
+
 class Kind(StrEnum):
     PAYMENT = "payment"
     LOAD = "load"
