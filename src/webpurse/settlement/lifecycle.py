@@ -159,11 +159,19 @@ def bind(
     init: Initialize,
     *,
     card_number: str,
-    supersedes: str | None,
+    supersedes: OpenTransaction | None,
 ) -> tuple[dt.date, dt.time]:
-    """Authorise: ``row`` is bound to the card's INITIALIZE and is the card's open one.
+    """Authorise: ``row`` is bound to the card's INITIALIZE and is the card's open one
+    (past ``supersedes``, an uncertain one at the same counter, if the decision said so).
 
     Returns the transaction's date and time (what the MAC covers)."""
+    if supersedes is not None:
+        log.info(
+            f"{strategy.name}.supersedes",
+            **{strategy.name: row.id},
+            uncertain=supersedes.id,
+            counter=init.counter,
+        )
     date, time = card_time(ctx.now)
     changes.apply(
         row,
@@ -179,7 +187,7 @@ def bind(
             date=date,
             time=time,
             now=ctx.now,
-            supersedes=supersedes,
+            supersedes=supersedes.id if supersedes is not None else None,
         ),
     )
     card.open_transaction = row.id
@@ -416,6 +424,42 @@ def post(ctx: Ctx, transfer: TransferSpec) -> None:
         now=ctx.now,
         reference=transfer.reference,
     )
+
+
+def cancel(
+    ctx: Ctx,
+    strategy: Strategy[Row],
+    object_id: str,
+    body: Cancel | None,
+    *,
+    refused: str,
+    release: Callable[[Row], None],
+    guard: Callable[[Row], None] = lambda _row: None,
+) -> Row:
+    """Cancel before any debit or credit could have been sent (canceling twice is a no-op).
+
+    ``release`` gives back what the row holds; ``guard`` may refuse first; ``refused`` says
+    why a row past ``requires_card`` cannot be canceled. The card's refusal a cancel
+    carries is only observed (:func:`note_refusal`).
+    """
+    row = get(ctx, strategy, object_id, lock=True)
+    issuer = parse_issuer(body.issuer_data) if body and body.issuer_data else None
+    if row.status == Status.CANCELED:
+        return row
+    if row.status == Status.REQUIRES_FUNDING:  # an unpaid load order: nothing is held
+        move(strategy.kind, row, Status.CANCELED)
+        row.updated_at = ctx.now
+        emit(ctx, strategy, row, Status.CANCELED)
+        return row
+    guard(row)
+    if row.status != Status.REQUIRES_CARD:
+        raise conflict(
+            f"invalid_{strategy.name}_state", f"the {strategy.name} is {row.status}: {refused}"
+        )
+    release(row)
+    note_refusal(ctx, row, issuer, body)
+    emit(ctx, strategy, row, Status.CANCELED)
+    return row
 
 
 def note_refusal(ctx: Ctx, row: Row, issuer: IssuerData | None, body: Cancel | None) -> None:

@@ -351,13 +351,6 @@ def authorise(ctx: Ctx, load_id: str, body: LoadAuthorise) -> Load:
         }
         lifecycle.decline(ctx, STRATEGY, load, card, issuer.card_number, decision, claimed, fail)
     assert card is not None
-    if decision.supersedes is not None:
-        log.info(
-            "load.supersedes",
-            load=load.id,
-            uncertain=decision.supersedes.id,
-            counter=init.online_counter,
-        )
     date, time = lifecycle.bind(
         ctx,
         STRATEGY,
@@ -365,7 +358,7 @@ def authorise(ctx: Ctx, load_id: str, body: LoadAuthorise) -> Load:
         card,
         lifecycle.Initialize(init.online_counter, init.balance, init.random),
         card_number=card.card_number,
-        supersedes=decision.supersedes.id if decision.supersedes is not None else None,
+        supersedes=decision.supersedes,
     )
     mac2 = ctx.security.load_mac2(
         issuer.serial,
@@ -449,29 +442,22 @@ def resolve(ctx: Ctx, load_id: str, body: Resolve) -> Load:
 
 
 def cancel(ctx: Ctx, load_id: str, body: Cancel | None = None) -> Load:
-    load = get_load(ctx, load_id, lock=True)
-    issuer = parse_issuer(body.issuer_data) if body and body.issuer_data else None
-    if load.status == Status.CANCELED:
-        return load
-    if load.status == Status.REQUIRES_FUNDING:  # unpaid: nothing is held
-        move(LOAD, load, Status.CANCELED)
-        load.updated_at = ctx.now
-        lifecycle.emit(ctx, STRATEGY, load, Status.CANCELED)
-        return load
-    if _payer_funded(load) and not ctx.principal.is_operator:
-        raise conflict(
-            "payer_funded",
-            "the cardholder paid for this load by bank transfer: it waits for their card",
-        )
-    if load.status != Status.REQUIRES_CARD:
-        raise conflict(
-            "invalid_load_state",
-            f"the load is {load.status}: only a load before any credit can be canceled",
-        )
-    _return_funds(ctx, load, Status.CANCELED)
-    lifecycle.note_refusal(ctx, load, issuer, body)
-    lifecycle.emit(ctx, STRATEGY, load, Status.CANCELED)
-    return load
+    def guard(load: Load) -> None:
+        if _payer_funded(load) and not ctx.principal.is_operator:
+            raise conflict(
+                "payer_funded",
+                "the cardholder paid for this load by bank transfer: it waits for their card",
+            )
+
+    return lifecycle.cancel(
+        ctx,
+        STRATEGY,
+        load_id,
+        body,
+        refused="only a load before any credit can be canceled",
+        release=lambda load: _return_funds(ctx, load, Status.CANCELED),
+        guard=guard,
+    )
 
 
 def expire(ctx: Ctx, load: Load) -> None:

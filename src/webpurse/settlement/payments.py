@@ -27,7 +27,7 @@ from webpurse.protocol.commands import (
 from webpurse.protocol.records import TransactionType, decode_bcd_date, decode_bcd_time
 from webpurse.settlement import changes, hold_guards, lifecycle, quotas, registry
 from webpurse.settlement.decisions import PurchaseInputs, decide_purchase
-from webpurse.settlement.errors import conflict, not_found
+from webpurse.settlement.errors import not_found
 from webpurse.settlement.merchants import next_terminal_seq
 from webpurse.settlement.models import Card, Merchant, Payment
 from webpurse.settlement.schemas import (
@@ -164,13 +164,6 @@ def authorise(ctx: Ctx, payment_id: str, body: PurchaseAuthorise) -> Payment:
         claimed = {"balance": init.balance, "counter": init.offline_counter}
         lifecycle.decline(ctx, STRATEGY, payment, card, issuer.card_number, decision, claimed, fail)
     assert card is not None
-    if decision.supersedes is not None:
-        log.info(
-            "payment.supersedes",
-            payment=payment.id,
-            uncertain=decision.supersedes.id,
-            counter=init.offline_counter,
-        )
     date, time = lifecycle.bind(
         ctx,
         STRATEGY,
@@ -178,7 +171,7 @@ def authorise(ctx: Ctx, payment_id: str, body: PurchaseAuthorise) -> Payment:
         card,
         lifecycle.Initialize(init.offline_counter, init.balance, init.random),
         card_number=issuer.card_number,
-        supersedes=decision.supersedes.id if decision.supersedes is not None else None,
+        supersedes=decision.supersedes,
     )
     # The hot rows (the merchant's sequence counter, the held account) are touched last,
     # so they stay locked only for their own statements and the commit.
@@ -263,21 +256,19 @@ def resolve(ctx: Ctx, payment_id: str, body: Resolve) -> Payment:
 
 
 def cancel(ctx: Ctx, payment_id: str, body: Cancel | None = None) -> Payment:
-    payment = get_payment(ctx, payment_id, lock=True)
-    issuer = parse_issuer(body.issuer_data) if body and body.issuer_data else None
-    if payment.status == Status.CANCELED:
-        return payment
-    if payment.status != Status.REQUIRES_CARD:
-        raise conflict(
-            "invalid_payment_state",
-            f"the payment is {payment.status}: only a payment before any debit can be canceled"
-            " (an authorised one is resolved with the card's proof)",
-        )
-    move(PAYMENT, payment, Status.CANCELED)
-    payment.updated_at = ctx.now
-    lifecycle.note_refusal(ctx, payment, issuer, body)
-    lifecycle.emit(ctx, STRATEGY, payment, Status.CANCELED)
-    return payment
+    def release(payment: Payment) -> None:  # nothing is held before authorisation
+        move(PAYMENT, payment, Status.CANCELED)
+        payment.updated_at = ctx.now
+
+    return lifecycle.cancel(
+        ctx,
+        STRATEGY,
+        payment_id,
+        body,
+        refused="only a payment before any debit can be canceled"
+        " (an authorised one is resolved with the card's proof)",
+        release=release,
+    )
 
 
 def expire(ctx: Ctx, payment: Payment) -> None:
