@@ -5,13 +5,18 @@ The table is the lifecycle (docs/architecture.md draws it)::
     payment  requires_card → authorised | declined | canceled | expired
              authorised    → succeeded | uncertain | canceled
              uncertain     → succeeded | canceled
+             canceled      → succeeded   (healed: the card proves a released debit ran)
     load     requires_funding → requires_card | canceled | expired   (a bank-transfer order)
              then as a payment
     refund   pending → succeeded | failed
 
 ``authorised``/``uncertain`` → ``canceled`` is a release: the card proved (resolve, or a
 verified answer of another transaction at the same counter) that no debit or credit ran.
-A final status has no way out. Sans-I/O: no database here, only the rule.
+A released payment (``canceled`` after authorisation, its hold returned) is the one way
+back: the card's verified proof that the debit did run re-holds and captures it
+(``holds.heal``, issue 19); a released load is settled by a load completed at its
+counter instead. Every other end (:data:`FINAL`) has no way out. Sans-I/O: no database
+here, only the rule.
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ _CARD_TRANSACTION: dict[Status, frozenset[Status]] = {
 }
 
 TRANSITIONS: dict[Kind, dict[Status, frozenset[Status]]] = {
-    Kind.PAYMENT: _CARD_TRANSACTION,
+    Kind.PAYMENT: {**_CARD_TRANSACTION, S.CANCELED: frozenset({S.SUCCEEDED})},
     Kind.LOAD: {
         S.REQUIRES_FUNDING: frozenset({S.REQUIRES_CARD, S.CANCELED, S.EXPIRED}),
         **_CARD_TRANSACTION,
@@ -78,7 +83,8 @@ TRANSITIONS: dict[Kind, dict[Status, frozenset[Status]]] = {
 
 # The card transaction a card may still be in the middle of (its counter's fate unknown).
 OPEN = (S.AUTHORISED, S.UNCERTAIN)
-FINAL = frozenset({S.SUCCEEDED, S.CANCELED, S.DECLINED, S.EXPIRED, S.FAILED})
+# Ends: no way out (``canceled`` too, but for a payment the card proves: see above).
+FINAL = frozenset({S.SUCCEEDED, S.DECLINED, S.EXPIRED, S.FAILED})
 # A load that gave its funds back (or never took the card's counter).
 RETURNED = (S.DECLINED, S.CANCELED, S.EXPIRED)
 
