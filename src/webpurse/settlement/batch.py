@@ -57,7 +57,6 @@ from webpurse.settlement import (
     webhooks,
 )
 from webpurse.settlement.db import bulk_insert, bulk_update, for_update
-from webpurse.settlement.decisions import PurchaseInputs, decide_purchase
 from webpurse.settlement.errors import SettlementError, ledger_refused, not_found
 from webpurse.settlement.ledger import LedgerError, TransferSpec
 from webpurse.settlement.merchants import MAX_TERMINAL_SEQ
@@ -499,18 +498,7 @@ def _approvals(
         body = item.body
         assert isinstance(body, PurchaseAuthorise)
         record = registry.record_of(card)  # nothing open: no ledger read needed
-        decision = decide_purchase(
-            record,
-            PurchaseInputs(
-                issuer=issuer,
-                initialize=init,
-                terminal_id=bytes.fromhex(body.terminal_id),
-                merchant_terminal_id=merchant_terminal,
-                amount=row.amount,
-                initialize_amount=body.amount,
-            ),
-            ctx.now,
-        )
+        decision = payments.decide(ctx, record, body, issuer, init, merchant_terminal, row.amount)
         if not decision.approved or decision.supersedes is not None:
             continue
         seen.add(card.id)

@@ -24,9 +24,14 @@ from webpurse.protocol.commands import (
     DebitForPurchaseResponse,
     InitializeForPurchaseResponse,
 )
-from webpurse.protocol.records import TransactionType, decode_bcd_date, decode_bcd_time
+from webpurse.protocol.records import (
+    IssuerData,
+    TransactionType,
+    decode_bcd_date,
+    decode_bcd_time,
+)
 from webpurse.settlement import changes, hold_guards, lifecycle, quotas, registry
-from webpurse.settlement.decisions import PurchaseInputs, decide_purchase
+from webpurse.settlement.decisions import CardRecord, Decision, PurchaseInputs, decide_purchase
 from webpurse.settlement.errors import not_found
 from webpurse.settlement.merchants import next_terminal_seq
 from webpurse.settlement.models import Card, Merchant, Payment
@@ -122,6 +127,27 @@ def _release(ctx: Ctx, payment: Payment, card: Card, reason: str) -> None:
     lifecycle.released(ctx, STRATEGY, payment, card, reason)
 
 
+def decide(
+    ctx: Ctx,
+    record: CardRecord | None,
+    body: PurchaseAuthorise,
+    issuer: IssuerData,
+    init: InitializeForPurchaseResponse,
+    merchant_terminal_id: bytes,
+    amount: int,
+) -> Decision:
+    """The purchase decision on the card's answers (the single path's and the batch's)."""
+    inputs = PurchaseInputs(
+        issuer=issuer,
+        initialize=init,
+        terminal_id=bytes.fromhex(body.terminal_id),
+        merchant_terminal_id=merchant_terminal_id,
+        amount=amount,
+        initialize_amount=body.amount,
+    )
+    return decide_purchase(record, inputs, ctx.now)
+
+
 def authorise(ctx: Ctx, payment_id: str, body: PurchaseAuthorise) -> Payment:
     payment = get_payment(ctx, payment_id, lock=True)
     lifecycle.need_status(STRATEGY, payment, Status.REQUIRES_CARD)
@@ -134,18 +160,8 @@ def authorise(ctx: Ctx, payment_id: str, body: PurchaseAuthorise) -> Payment:
     card = registry.find_card(ctx.session, issuer.card_number, lock=True)
     hold_guards.refuse_rehold(ctx, card, payment.merchant_id, init.offline_counter)
     record = registry.card_record(ctx.session, card, payment.merchant_id) if card else None
-    decision = decide_purchase(
-        record,
-        PurchaseInputs(
-            issuer=issuer,
-            initialize=init,
-            terminal_id=bytes.fromhex(body.terminal_id),
-            merchant_terminal_id=bytes.fromhex(merchant.terminal_id),
-            amount=payment.amount,
-            initialize_amount=body.amount,
-        ),
-        ctx.now,
-    )
+    terminal_id = bytes.fromhex(merchant.terminal_id)
+    decision = decide(ctx, record, body, issuer, init, terminal_id, payment.amount)
     decision = hold_guards.heal_instead(
         ctx, card, decision, "payment", init.offline_counter, init.balance
     )
