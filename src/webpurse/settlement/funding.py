@@ -30,7 +30,13 @@ from sqlalchemy.orm import Session
 
 from webpurse.settlement import events, ledger, references, statements
 from webpurse.settlement.db import for_update, insert_ignoring_conflicts
-from webpurse.settlement.errors import conflict, not_found
+from webpurse.settlement.errors import (
+    Conflict,
+    SettlementError,
+    Unprocessable,
+    conflict,
+    not_found,
+)
 from webpurse.settlement.models import (
     BankStatement,
     FloatDeposit,
@@ -40,7 +46,6 @@ from webpurse.settlement.models import (
     StatementLine,
     Transfer,
 )
-from webpurse.settlement.problems import ApiError
 from webpurse.settlement.service import new_id
 from webpurse.settlement.settings import Settings
 from webpurse.settlement.transactions import Kind, Status, move
@@ -352,9 +357,11 @@ def _outcome(decision: statements.Decision | None) -> str:
     return "matched" if decision.matched else "exception"
 
 
-def _statement_error(error: statements.StatementError) -> ApiError:
+def _statement_error(error: statements.StatementError) -> SettlementError:
+    """A statement refused as a whole: 409 if it clashes with what was imported, else 422."""
     log.warning("statement.refused", code=error.code, detail=error.detail)
-    return ApiError(error.status, error.code, error.detail)
+    refusal = {409: Conflict, 422: Unprocessable}[error.status]
+    return refusal(error.detail, code=error.code)
 
 
 def next_statement(session: Session, account: str) -> tuple[int, int]:
@@ -374,7 +381,7 @@ def import_statement(
 ) -> tuple[dict[str, Any], bool]:
     """Import one statement in the caller's transaction: (its summary, whether it is new).
 
-    A statement settlement refuses raises :class:`ApiError` before anything is written.
+    A statement settlement refuses raises a :mod:`~.errors` refusal before anything is written.
     """
     try:
         statement = statements.parse(text, fmt)
