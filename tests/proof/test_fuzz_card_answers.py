@@ -32,8 +32,9 @@ from webpurse.protocol.commands import (
     TransactionProof,
 )
 from webpurse.protocol.records import IssuerData
+from webpurse.settlement.errors import SettlementError
 from webpurse.settlement.models import Account
-from webpurse.settlement.problems import ApiError
+from webpurse.settlement.problems import problem
 from webpurse.settlement.service import parse
 
 SUITE = "fuzz-hypothesis"
@@ -74,7 +75,8 @@ def test_card_answer_parsers_accept_exact_layouts_or_refuse_with_400(
     text = raw.hex().upper() if upper else raw.hex()
     try:
         value = parse(text, field, parser)
-    except ApiError as exc:
+    except SettlementError as refusal:
+        exc = problem(refusal)
         assert exc.status == 400 and exc.code == f"invalid_{field}", (exc.status, exc.code)
         _COUNTS["refused"] += 1
     else:

@@ -28,8 +28,8 @@ from tests.settlement.support import (
 )
 from webpurse.settlement import ledger, loads, payments, registry
 from webpurse.settlement.auth import MERCHANT, Principal
+from webpurse.settlement.errors import SettlementError as Refusal
 from webpurse.settlement.models import Card, Load, Merchant, Payment
-from webpurse.settlement.problems import ApiError
 from webpurse.settlement.schemas import LoadComplete, PurchaseCapture, Resolve
 from webpurse.settlement.service import Ctx
 
@@ -222,7 +222,7 @@ def test_resolving_an_uncertain_payment_while_its_successor_is_captured_does_not
     )
     assert outcomes["b"] == "succeeded", outcomes
     # A's resolve queued behind B's capture, which had released its payment already.
-    assert isinstance(outcomes["a"], ApiError) and outcomes["a"].code == "invalid_payment_state"
+    assert isinstance(outcomes["a"], Refusal) and outcomes["a"].code == "invalid_payment_state"
     with world.factory() as session:
         assert session.get(Payment, stale["id"]).status == "canceled"  # type: ignore[union-attr]
         assert ledger.balance(session, ledger.HELD_PURCHASES) == 0
@@ -272,7 +272,7 @@ def test_resolving_an_uncertain_load_while_its_successor_completes_does_not_dead
         ),
     )
     assert outcomes["b"] == "succeeded", outcomes
-    assert isinstance(outcomes["a"], ApiError) and outcomes["a"].code == "invalid_load_state"
+    assert isinstance(outcomes["a"], Refusal) and outcomes["a"].code == "invalid_load_state"
     with world.factory() as session:
         assert session.get(Load, stale["id"]).status == "canceled"  # type: ignore[union-attr]
         assert ledger.balance(session, ledger.HELD_LOADS) == 0

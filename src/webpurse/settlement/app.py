@@ -26,8 +26,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from webpurse.body_limit import BodyLimit
 from webpurse.settlement.db import SessionFactory, make_engine, make_session_factory, migrate
+from webpurse.settlement.errors import SettlementError
 from webpurse.settlement.ledger import LedgerError
-from webpurse.settlement.problems import PROBLEM_JSON, ApiError
+from webpurse.settlement.problems import PROBLEM_JSON, ApiError, problem
 from webpurse.settlement.routes_webhooks import webhook_worker_lifespan
 from webpurse.settlement.settings import Clock, Settings
 
@@ -175,8 +176,9 @@ def create_app(
         )
         return response
 
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+    @app.exception_handler(SettlementError)
+    async def api_error(request: Request, refusal: SettlementError) -> JSONResponse:
+        exc = problem(refusal)
         if exc.decline_code:
             metrics.declines.labels(exc.decline_code).inc()
         log.info("http.problem", code=exc.code, decline_code=exc.decline_code, status=exc.status)

@@ -19,9 +19,9 @@ from fastapi import Depends, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from webpurse.settlement.db import get_session
+from webpurse.settlement.errors import forbidden, unauthenticated
 from webpurse.settlement.models import ApiKey
-from webpurse.settlement.problems import forbidden, unauthenticated
+from webpurse.settlement.sessions import get_session
 
 log = structlog.get_logger(__name__)
 

@@ -46,13 +46,22 @@ from sqlalchemy.exc import DBAPIError
 from webpurse.protocol.commands import DebitForPurchaseResponse, InitializeForPurchaseResponse
 from webpurse.protocol.errors import ProtocolError
 from webpurse.protocol.records import IssuerData
-from webpurse.settlement import holds, idempotency, ledger, payments, quotas, registry, webhooks
+from webpurse.settlement import (
+    changes,
+    holds,
+    idempotency,
+    ledger,
+    payments,
+    quotas,
+    registry,
+    webhooks,
+)
 from webpurse.settlement.db import bulk_insert, bulk_update, for_update
-from webpurse.settlement.decisions import PurchaseInputs, decide_purchase
+from webpurse.settlement.errors import SettlementError, ledger_refused, not_found
 from webpurse.settlement.ledger import LedgerError, TransferSpec
 from webpurse.settlement.merchants import MAX_TERMINAL_SEQ
 from webpurse.settlement.models import Card, CardEvent, IdempotencyRecord, Merchant, Payment
-from webpurse.settlement.problems import ApiError, ledger_refused, not_found
+from webpurse.settlement.problems import ApiError, keeps_changes, problem
 from webpurse.settlement.schemas import (
     BatchItemIn,
     Cancel,
@@ -63,6 +72,7 @@ from webpurse.settlement.schemas import (
     Resolve,
 )
 from webpurse.settlement.service import Ctx, card_time, new_id
+from webpurse.settlement.transactions import Kind, Status
 
 log = structlog.get_logger(__name__)
 
@@ -144,8 +154,9 @@ class Outcome:
 # --- parsing ---------------------------------------------------------------------------
 
 
-def _refusal(error: ApiError, request_id: str | None) -> Answer:
-    return error.status, error.body(request_id)
+def _refusal(error: SettlementError, request_id: str | None) -> Answer:
+    answer = problem(error)
+    return answer.status, answer.body(request_id)
 
 
 def parse_item(index: int, raw: BatchItemIn, request_id: str | None) -> Item:
@@ -307,19 +318,19 @@ def _run_one(ctx: Ctx, item: Item, request_id: str | None, outcome: Outcome) -> 
         ctx.session.flush()
         item.answer = (status, payments.payment_json(payment))
         savepoint.commit()
-    except ApiError as error:
-        if error.commit:
+    except SettlementError as error:
+        if keeps_changes(error):
             savepoint.commit()
         else:
             savepoint.rollback()
-        outcome.problems.append(error)
+        outcome.problems.append(problem(error))
         item.answer = _refusal(error, request_id)
     except LedgerError as error:
         savepoint.rollback()
         log.warning("ledger.refused", detail=str(error), path=item.path)
-        problem = ledger_refused(str(error))
-        outcome.problems.append(problem)
-        item.answer = _refusal(problem, request_id)
+        refusal = problem(ledger_refused(str(error)))
+        outcome.problems.append(refusal)
+        item.answer = _refusal(refusal, request_id)
     except DBAPIError as error:
         if transient(error):
             raise  # a deadlock or serialization failure: the route runs the batch again
@@ -428,7 +439,7 @@ def _fast_create(ctx: Ctx, merchant: Any, items: list[Item], writes: _Writes) ->
         row: dict[str, object] = {
             "id": new_id("pay"),
             "merchant_id": merchant.id,
-            "status": "requires_card",
+            "status": Status.REQUIRES_CARD,
             "amount": body.amount,
             "currency": body.currency,
             "description": body.description,
@@ -449,7 +460,7 @@ Candidate = tuple[Item, Any, IssuerData, InitializeForPurchaseResponse]
 
 def _authorise_candidates(ctx: Ctx, items: list[Item]) -> list[Candidate]:
     """Authorisations of payments waiting for a card (locked), with parseable answers."""
-    rows = _payments(ctx, items, "requires_card", lock=True)
+    rows = _payments(ctx, items, Status.REQUIRES_CARD, lock=True)
     candidates: list[Candidate] = []
     for item in items:
         row = rows.get(item.payment_id or "")
@@ -487,18 +498,7 @@ def _approvals(
         body = item.body
         assert isinstance(body, PurchaseAuthorise)
         record = registry.record_of(card)  # nothing open: no ledger read needed
-        decision = decide_purchase(
-            record,
-            PurchaseInputs(
-                issuer=issuer,
-                initialize=init,
-                terminal_id=bytes.fromhex(body.terminal_id),
-                merchant_terminal_id=merchant_terminal,
-                amount=row.amount,
-                initialize_amount=body.amount,
-            ),
-            ctx.now,
-        )
+        decision = payments.decide(ctx, record, body, issuer, init, merchant_terminal, row.amount)
         if not decision.approved or decision.supersedes is not None:
             continue
         seen.add(card.id)
@@ -524,7 +524,6 @@ def _fast_authorise(ctx: Ctx, merchant: Any, approvals: list[_Approval], writes:
         return
     first_seq = _terminal_seqs(ctx, merchant.id, len(approvals))
     date, time = card_time(ctx.now)
-    txn_date, txn_time = date.strftime("%Y%m%d"), time.strftime("%H%M%S")
     terminal_id = bytes.fromhex(merchant.terminal_id)
     for offset, approval in enumerate(approvals):
         payment, card, init = approval.payment, approval.card, approval.initialize
@@ -540,37 +539,31 @@ def _fast_authorise(ctx: Ctx, merchant: Any, approvals: list[_Approval], writes:
             date=date,
             time=time,
         )
-        changes: dict[str, object] = {
-            "status": "authorised",
-            "card_id": card.id,
-            "card_number": approval.issuer.card_number,
-            "balance_before": init.balance,
-            "counter": init.offline_counter,
-            "supersedes": None,
-            "key_version": card.key_version,
-            "card_random": init.random.hex().upper(),
-            "txn_date": txn_date,
-            "txn_time": txn_time,
+        authorised: dict[str, object] = {
+            **changes.authorised(
+                Kind.PAYMENT,
+                payment.status,
+                card_id=card.id,
+                card_number=approval.issuer.card_number,
+                key_version=card.key_version,
+                balance=init.balance,
+                counter=init.offline_counter,
+                random=init.random,
+                date=date,
+                time=time,
+                now=ctx.now,
+                supersedes=None,
+            ),
             "terminal_seq": seq,
             "mac1": mac1.hex().upper(),
-            "authorised_at": ctx.now,
-            "updated_at": ctx.now,
         }
-        writes.authorised.append({"id": payment.id, **changes})
+        writes.authorised.append({"id": payment.id, **authorised})
         writes.card_open.append(
             {"id": card.id, "open_transaction": payment.id, "updated_at": ctx.now}
         )
-        writes.transfers.append(
-            TransferSpec(
-                f"{payment.id}:hold",
-                ledger.card_account(card.id),
-                ledger.HELD_PURCHASES,
-                payment.amount,
-                "purchase_hold",
-                payment.id,
-            )
-        )
-        approval.item.answer = (200, payments.payment_json(_view({**payment._mapping, **changes})))
+        writes.transfers.append(changes.purchase_hold(payment.id, card.id, payment.amount))
+        view = _view({**payment._mapping, **authorised})
+        approval.item.answer = (200, payments.payment_json(view))
 
 
 def _capture_cards(ctx: Ctx, items: list[Item]) -> list[str]:
@@ -581,7 +574,7 @@ def _capture_cards(ctx: Ctx, items: list[Item]) -> list[str]:
     stmt = select(_PAYMENTS.c.card_id).where(
         _PAYMENTS.c.id.in_(ids),
         _PAYMENTS.c.merchant_id == ctx.principal.merchant_id,
-        _PAYMENTS.c.status == "authorised",
+        _PAYMENTS.c.status == Status.AUTHORISED,
         _PAYMENTS.c.card_id.is_not(None),
     )
     return sorted({str(card_id) for card_id in ctx.session.scalars(stmt)})
@@ -592,7 +585,7 @@ def _captures(ctx: Ctx, items: list[Item], cards: dict[str, Any], seen: set[str]
 
     The cards are locked already (before these payments, as the single capture does).
     """
-    rows = _payments(ctx, items, "authorised", lock=True)
+    rows = _payments(ctx, items, Status.AUTHORISED, lock=True)
     captures: list[_Capture] = []
     for item in items:
         row = rows.get(item.payment_id or "")
@@ -620,47 +613,33 @@ def _captures(ctx: Ctx, items: list[Item], cards: dict[str, Any], seen: set[str]
 def _fast_capture(ctx: Ctx, captures: list[_Capture], writes: _Writes) -> None:
     for capture in captures:
         payment, card = capture.payment, capture.card
-        changes: dict[str, object] = {
-            "status": "succeeded",
-            "mac2": capture.answer.mac2.hex().upper(),
-            "tac": capture.answer.tac.hex().upper(),
-            "updated_at": ctx.now,
-        }
-        writes.succeeded.append({"id": payment.id, **changes})
-        writes.card_settled.append(
-            {
-                "id": card.id,
-                "shadow_balance": payment.balance_before - payment.amount,
-                "offline_counter": payment.counter + 1,
-                "open_transaction": None,
-                "updated_at": ctx.now,
-            }
+        succeeded = changes.succeeded(
+            Kind.PAYMENT,
+            payment.status,
+            mac2=capture.answer.mac2,
+            tac=capture.answer.tac,
+            now=ctx.now,
+        )
+        writes.succeeded.append({"id": payment.id, **succeeded})
+        settled = changes.card_settled(
+            Kind.PAYMENT,
+            balance_before=payment.balance_before,
+            amount=payment.amount,
+            counter=payment.counter,
+            now=ctx.now,
+        )
+        writes.card_settled.append({"id": card.id, **settled, "open_transaction": None})
+        event, detail = changes.card_event(
+            Kind.PAYMENT, payment.id, payment.amount, payment.counter, succeeded["tac"]
         )
         writes.card_events.append(
-            {
-                "card_id": card.id,
-                "kind": "purchase",
-                "detail": {
-                    "payment": payment.id,
-                    "amount": payment.amount,
-                    "counter": payment.counter,
-                    "tac": changes["tac"],
-                },
-                "created_at": ctx.now,
-            }
+            {"card_id": card.id, "kind": event, "detail": detail, "created_at": ctx.now}
         )
         writes.transfers.append(
-            TransferSpec(
-                f"{payment.id}:capture",
-                ledger.HELD_PURCHASES,
-                ledger.merchant_account(payment.merchant_id),
-                payment.amount,
-                "purchase_capture",
-                payment.id,
-            )
+            changes.purchase_capture(payment.id, payment.merchant_id, payment.amount)
         )
-        body = payments.payment_json(_view({**payment._mapping, **changes}))
-        writes.events.append(("payment.succeeded", body))
+        body = payments.payment_json(_view({**payment._mapping, **succeeded}))
+        writes.events.append((payments.STRATEGY.events[Status.SUCCEEDED], body))
         capture.item.answer = (200, body)
 
 
@@ -839,7 +818,7 @@ def _fast(ctx: Ctx, items: list[Item]) -> int:
         taken += [a.item for a in approvals] + [c.item for c in captures]
         _write(ctx, writes)
         savepoint.commit()
-    except (LedgerError, ApiError, DBAPIError) as error:
+    except (LedgerError, SettlementError, DBAPIError) as error:
         if isinstance(error, DBAPIError) and transient(error):
             raise  # a deadlock or serialization failure: the route runs the batch again
         savepoint.rollback()

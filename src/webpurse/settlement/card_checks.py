@@ -21,10 +21,11 @@ from sqlalchemy import select
 from webpurse.protocol.commands import InitializeForLoadResponse
 from webpurse.settlement import registry
 from webpurse.settlement.decisions import Decision, Observation
+from webpurse.settlement.errors import conflict, not_found
 from webpurse.settlement.evidence import NONCE_BYTES, Verdict, check_apdu, judge_card_check
 from webpurse.settlement.models import Card, CardCheck
-from webpurse.settlement.problems import ApiError, conflict, not_found
 from webpurse.settlement.service import Ctx, new_id, parse
+from webpurse.settlement.transactions import CardStatus
 
 log = structlog.get_logger(__name__)
 
@@ -67,7 +68,11 @@ def on_decline(
         reference=reference,
         detail={"decline_code": str(decision.decline_code), **claimed},
     )
-    if card is None or card.status != "active" or decision.observation is Observation.MAC1_INVALID:
+    if (
+        card is None
+        or card.status != CardStatus.ACTIVE
+        or decision.observation is Observation.MAC1_INVALID
+    ):
         return None
     check = CardCheck(
         id=new_id("chk"),
@@ -98,7 +103,7 @@ def answer(ctx: Ctx, check_id: str, initialize_response: str) -> CardCheck:
     if check.used_at is not None:
         raise conflict("card_check_used", "this card check was answered already")
     if ctx.now >= check.expires_at:
-        raise ApiError(409, "card_check_expired", "this card check has expired")
+        raise conflict("card_check_expired", "this card check has expired")
     check.used_at = ctx.now
     nonce = bytes.fromhex(check.nonce)
     mac1_valid = init.key_version == card.key_version and ctx.security.verify_load_mac1(

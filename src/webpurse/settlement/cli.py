@@ -294,14 +294,14 @@ app.add_typer(statement_app, name="statement")
 
 def _funding_run(work: Any) -> Any:
     """Run ``work(session, settings)`` in one transaction; refusals exit 2 with their code."""
-    from webpurse.settlement.problems import ApiError
+    from webpurse.settlement.errors import SettlementError
 
     settings = _settings()
     engine = make_engine(settings.database_url)
     try:
         with make_session_factory(engine)() as session, session.begin():
             return work(session, settings)
-    except ApiError as exc:
+    except SettlementError as exc:
         raise _fail(f"{exc.code}: {exc.detail}") from None
     finally:
         engine.dispose()

@@ -11,13 +11,11 @@ import contextlib
 import datetime as dt
 import functools
 import os
-from collections.abc import AsyncIterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import orjson
-from fastapi import Request
 from sqlalchemy import (
     DateTime,
     Engine,
@@ -33,7 +31,6 @@ from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.pool import NullPool, StaticPool
 from sqlalchemy.types import TypeDecorator
-from starlette.concurrency import run_in_threadpool
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -297,37 +294,3 @@ def migrate(engine: Engine, revision: str = "head", *, downgrade: bool = False) 
         command.downgrade(alembic_config(engine), revision)
     else:
         command.upgrade(alembic_config(engine), revision)
-
-
-# --- FastAPI dependencies ----------------------------------------------------------
-
-
-async def get_session(request: Request) -> AsyncIterator[Session]:
-    """A session for one request: committed when the route returns, rolled back on error.
-
-    Creating a session does no I/O, so it happens on the event loop; the route (and the
-    auth dependency) use it in worker threads. The end costs a thread hop only when the
-    route left a transaction open (a route that commits, as every POST does through
-    :func:`~webpurse.settlement.idempotency.run`, has already released its connection).
-    """
-    factory: SessionFactory = request.app.state.settlement.session_factory
-    session = factory()
-    try:
-        yield session
-    except BaseException:
-        await run_in_threadpool(_finish, session, False)
-        raise
-    if session.in_transaction():
-        await run_in_threadpool(_finish, session, True)
-    else:
-        session.close()
-
-
-def _finish(session: Session, commit: bool) -> None:
-    try:
-        if commit:
-            session.commit()
-        else:
-            session.rollback()
-    finally:
-        session.close()

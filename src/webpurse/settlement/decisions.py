@@ -13,6 +13,7 @@ from enum import StrEnum
 
 from webpurse.protocol.commands import InitializeForLoadResponse, InitializeForPurchaseResponse
 from webpurse.protocol.records import ApplicationType, IssuerData, TransactionType
+from webpurse.settlement.transactions import CardStatus, Status
 
 
 class DeclineCode(StrEnum):
@@ -65,7 +66,7 @@ class OpenTransaction:
 
     id: str
     kind: str  # "payment" | "load"
-    status: str  # "authorised" | "uncertain"
+    status: str  # Status.AUTHORISED | Status.UNCERTAIN
     counter: int  # the counter INITIALIZE returned for it (before the debit/credit)
     amount: int
     balance_before: int
@@ -192,14 +193,14 @@ def _card_checks(
 ) -> Decision | None:
     if card is None or card.issuer_id != issuer.issuer_id:
         return Decision.decline(DeclineCode.UNKNOWN_CARD, "the card is not registered here")
-    if card.status == "blocked":
+    if card.status == CardStatus.BLOCKED:
         return Decision.decline(DeclineCode.CARD_BLOCKED, "the card is blocked")
-    if card.status == "lost":
+    if card.status == CardStatus.LOST:
         return Decision.decline(DeclineCode.CARD_LOST, "the card was reported lost")
     today = now.astimezone(dt.UTC).date()
-    if card.status == "expired" or today > card.expiry_date or today > issuer.expiry_date:
+    if card.status == CardStatus.EXPIRED or today > card.expiry_date or today > issuer.expiry_date:
         return Decision.decline(DeclineCode.CARD_EXPIRED, "the card has expired")
-    if card.status != "active":
+    if card.status != CardStatus.ACTIVE:
         return Decision.decline(DeclineCode.INVALID_STATE, f"the card is {card.status}")
     if today < card.start_date:
         return Decision.decline(DeclineCode.INVALID_STATE, "the card is not valid yet")
@@ -222,7 +223,7 @@ def _open_transaction_check(
         return None
     if (
         open_txn.kind == kind
-        and open_txn.status == "uncertain"
+        and open_txn.status == Status.UNCERTAIN
         and counter == open_txn.counter
         and random != open_txn.random
     ):

@@ -39,12 +39,13 @@ from fastapi import FastAPI
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
-from webpurse.settlement import events, holds, idempotency, loads, payments, refunds, webhooks
+from webpurse.settlement import holds, idempotency, loads, payments, refunds, webhooks
 from webpurse.settlement.auth import OPERATOR, Principal
 from webpurse.settlement.leader import SWEEP_JOB, Leadership
 from webpurse.settlement.models import Load, Payment
 from webpurse.settlement.security import SecurityModule
 from webpurse.settlement.service import Ctx
+from webpurse.settlement.transactions import Status
 
 log = structlog.get_logger(__name__)
 
@@ -198,62 +199,53 @@ def expire_stale(
     ctx = Ctx(session, cast(SecurityModule, _NoKeys()), now, SYSTEM)
     created_before = now - requires_card_ttl
     authorised_before = now - authorised_ttl
-    counts = {"pe": 0, "pu": 0, "le": 0, "lu": 0}
-    for payment in session.scalars(
-        _claim_first(
-            limit,
+    # (what it counts, the rows, the lifecycle step): run in this order, each query after
+    # the previous step's changes.
+    steps: list[tuple[str, Any, Callable[[Any], None]]] = [
+        (
+            "pe",
             select(Payment).where(
-                Payment.status == "requires_card", Payment.created_at < created_before
+                Payment.status == Status.REQUIRES_CARD, Payment.created_at < created_before
             ),
-        )
-    ):
-        payment.status = "expired"
-        payment.updated_at = now
-        events.emit(
-            session, payment.merchant_id, "payment.expired", payments.payment_json(payment), now=now
-        )
-        counts["pe"] += 1
-    for payment in session.scalars(
-        _claim_first(
-            limit,
+            lambda payment: payments.expire(ctx, payment),
+        ),
+        (
+            "pu",
             select(Payment).where(
-                Payment.status == "authorised", Payment.authorised_at < authorised_before
+                Payment.status == Status.AUTHORISED, Payment.authorised_at < authorised_before
             ),
-        )
-    ):
-        payments.mark_uncertain(ctx, payment)
-        counts["pu"] += 1
-    for load in session.scalars(
-        _claim_first(
-            limit,
+            lambda payment: payments.mark_uncertain(ctx, payment),
+        ),
+        (
+            "le",
             select(Load).where(
-                Load.status == "requires_card",
+                Load.status == Status.REQUIRES_CARD,
                 Load.created_at < created_before,
                 # a refund waits for the card's next online contact, however long that takes;
                 # so does a top-up the cardholder paid for by bank transfer
                 Load.refund_id.is_(None),
                 Load.funding_method != "bank_transfer",
             ),
-        )
-    ):
-        loads.expire(ctx, load)
-        counts["le"] += 1
-    for load in session.scalars(
-        _claim_first(
-            limit,
-            select(Load).where(Load.status == "requires_funding", Load.expires_at <= now),
-        )
-    ):
-        loads.expire(ctx, load)  # an unpaid bank-transfer order: nothing was held
-        counts["le"] += 1
-    for load in session.scalars(
-        _claim_first(
-            limit,
-            select(Load).where(Load.status == "authorised", Load.authorised_at < authorised_before),
-        )
-    ):
-        loads.mark_uncertain(ctx, load)
-        counts["lu"] += 1
+            lambda load: loads.expire(ctx, load),
+        ),
+        (  # an unpaid bank-transfer order: nothing was held
+            "le",
+            select(Load).where(Load.status == Status.REQUIRES_FUNDING, Load.expires_at <= now),
+            lambda load: loads.expire(ctx, load),
+        ),
+        (
+            "lu",
+            select(Load).where(
+                Load.status == Status.AUTHORISED, Load.authorised_at < authorised_before
+            ),
+            lambda load: loads.mark_uncertain(ctx, load),
+        ),
+    ]
+    counts = {"pe": 0, "pu": 0, "le": 0, "lu": 0}
+    for key, rows, step in steps:
+        for row in session.scalars(_claim_first(limit, rows)):
+            step(row)
+            counts[key] += 1
     if housekeeping:
         _housekeeping(ctx, card_hold_ttl)
     report = SweepReport(counts["pe"], counts["pu"], counts["le"], counts["lu"])

@@ -30,6 +30,13 @@ from sqlalchemy.orm import Session
 
 from webpurse.settlement import events, ledger, references, statements
 from webpurse.settlement.db import for_update, insert_ignoring_conflicts
+from webpurse.settlement.errors import (
+    Conflict,
+    SettlementError,
+    Unprocessable,
+    conflict,
+    not_found,
+)
 from webpurse.settlement.models import (
     BankStatement,
     FloatDeposit,
@@ -39,9 +46,9 @@ from webpurse.settlement.models import (
     StatementLine,
     Transfer,
 )
-from webpurse.settlement.problems import ApiError, conflict, not_found
 from webpurse.settlement.service import new_id
 from webpurse.settlement.settings import Settings
+from webpurse.settlement.transactions import Kind, Status, move
 from webpurse.settlement.views import load_json
 
 log = structlog.get_logger(__name__)
@@ -173,8 +180,7 @@ def draw_float(
     balance = ledger.locked_balance(session, account, now)
     if balance < load.amount:
         log.info("load.insufficient_float", merchant=load.merchant_id, amount=load.amount)
-        raise ApiError(
-            409,
+        raise conflict(
             "insufficient_float",
             f"the merchant's float holds {balance} fen, less than the load's {load.amount} fen",
             extra={"float_balance": balance},
@@ -336,7 +342,7 @@ def _fund(session: Session, load: Load, line: StatementLine, now: dt.datetime) -
         now=now,
         reference=load.id,
     )
-    load.status = "requires_card"
+    move(Kind.LOAD, load, Status.REQUIRES_CARD)
     load.expires_at = None
     load.updated_at = now
     events.emit(session, load.merchant_id, "load.funded", load_json(load), now=now)
@@ -351,9 +357,11 @@ def _outcome(decision: statements.Decision | None) -> str:
     return "matched" if decision.matched else "exception"
 
 
-def _statement_error(error: statements.StatementError) -> ApiError:
+def _statement_error(error: statements.StatementError) -> SettlementError:
+    """A statement refused as a whole: 409 if it clashes with what was imported, else 422."""
     log.warning("statement.refused", code=error.code, detail=error.detail)
-    return ApiError(error.status, error.code, error.detail)
+    refusal = {409: Conflict, 422: Unprocessable}[error.status]
+    return refusal(error.detail, code=error.code)
 
 
 def next_statement(session: Session, account: str) -> tuple[int, int]:
@@ -373,7 +381,7 @@ def import_statement(
 ) -> tuple[dict[str, Any], bool]:
     """Import one statement in the caller's transaction: (its summary, whether it is new).
 
-    A statement settlement refuses raises :class:`ApiError` before anything is written.
+    A statement settlement refuses raises a :mod:`~.errors` refusal before anything is written.
     """
     try:
         statement = statements.parse(text, fmt)

@@ -20,14 +20,15 @@ from webpurse.settlement.decisions import (
     decide_gap,
     decide_unsettled_load,
 )
+from webpurse.settlement.errors import conflict
 from webpurse.settlement.models import Card, Load, Payment
-from webpurse.settlement.problems import ApiError
 from webpurse.settlement.service import Ctx
+from webpurse.settlement.transactions import OPEN as OPEN
+from webpurse.settlement.transactions import Status
 
 log = structlog.get_logger("webpurse.settlement.holds")
 
 HOLD_EXPIRED = "hold_expired"  # decline_code of a payment the sweep released at the bound
-OPEN = ("authorised", "uncertain")
 
 
 def _locked_rows(ctx: Ctx, stmt: Any, *, skip_locked: bool = False) -> list[Any]:
@@ -49,15 +50,14 @@ def refuse_rehold(ctx: Ctx, card: Card | None, merchant_id: str, counter: int) -
             Payment.card_id == card.id,
             Payment.merchant_id == merchant_id,
             Payment.counter == counter,
-            Payment.status == "canceled",
+            Payment.status == Status.CANCELED,
             Payment.decline_code == HOLD_EXPIRED,
         )
         .limit(1)
     )
     if expired is not None:
         log.warning("hold.rehold_refused", payment=expired, card=card.card_number)
-        raise ApiError(
-            409,
+        raise conflict(
             "card_hold_exhausted",
             f"your hold of this card at its counter {counter} ({expired}) was released at the"
             " bound: it cannot be held again at that counter; send the card's proof to"
@@ -74,7 +74,7 @@ def exhausted(ctx: Ctx, merchant_id: str, card_ids: list[str]) -> set[tuple[str,
         select(Payment.card_id, Payment.counter).where(
             Payment.card_id.in_(card_ids),
             Payment.merchant_id == merchant_id,
-            Payment.status == "canceled",
+            Payment.status == Status.CANCELED,
             Payment.decline_code == HOLD_EXPIRED,
         )
     )
@@ -93,7 +93,7 @@ def _payments_at(ctx: Ctx, card: Card, *, lock: bool) -> list[Payment]:
             Payment.card_id == card.id,
             Payment.counter == card.offline_counter,
             Payment.mac1.is_not(None),
-            Payment.status.in_((*OPEN, "canceled")),
+            Payment.status.in_((*OPEN, Status.CANCELED)),
         )
         .order_by(Payment.id)
     )

@@ -43,6 +43,7 @@ from webpurse.protocol.commands import TransactionProof
 from webpurse.protocol.crypto import macs_equal
 from webpurse.protocol.records import TransactionType
 from webpurse.settlement import ledger, loads, payments, registry
+from webpurse.settlement.errors import conflict, not_found, verification_failed
 from webpurse.settlement.hold_guards import HOLD_EXPIRED as HOLD_EXPIRED
 from webpurse.settlement.hold_guards import OPEN as OPEN
 from webpurse.settlement.hold_guards import _loads_at, _locked_rows, _payments_at
@@ -50,9 +51,9 @@ from webpurse.settlement.hold_guards import exhausted as exhausted
 from webpurse.settlement.hold_guards import heal_instead as heal_instead
 from webpurse.settlement.hold_guards import refuse_rehold as refuse_rehold
 from webpurse.settlement.models import Card, Load, Payment
-from webpurse.settlement.problems import ApiError, conflict, not_found, verification_failed
 from webpurse.settlement.schemas import CardHeal, HoldRelease
 from webpurse.settlement.service import Ctx, parse, parse_issuer
+from webpurse.settlement.transactions import Status
 
 log = structlog.get_logger(__name__)
 
@@ -192,7 +193,7 @@ def _settle_payment(ctx: Ctx, payment: Payment, card: Card, proof: TransactionPr
     """The card proved ``payment``'s debit: capture it for its merchant (re-holding the
     amount first if it had been released), the shadow one debit further on."""
     shadow = card.shadow_balance
-    if payment.status == "canceled":
+    if payment.status == Status.CANCELED:
         ledger.post_transfer(
             ctx.session,
             f"{payment.id}:rehold",
@@ -213,7 +214,7 @@ def _settle_payment(ctx: Ctx, payment: Payment, card: Card, proof: TransactionPr
 
 
 def _hold_json(item: Payment | Load, kind: str, stale_before: dt.datetime) -> dict[str, Any]:
-    waiting = "proof" if item.status == "canceled" else "release_or_proof"
+    waiting = "proof" if item.status == Status.CANCELED else "release_or_proof"
     return {
         "object": "hold",
         "id": item.id,
@@ -240,7 +241,7 @@ def queue(ctx: Ctx, ttl: dt.timedelta) -> list[dict[str, Any]]:
             or_(
                 and_(Payment.status.in_(OPEN), Payment.authorised_at < before),
                 and_(
-                    Payment.status == "canceled",
+                    Payment.status == Status.CANCELED,
                     Payment.decline_code == HOLD_EXPIRED,
                     Card.offline_counter == Payment.counter,
                 ),
@@ -269,8 +270,7 @@ def operator_release(ctx: Ctx, object_id: str, body: HoldRelease) -> dict[str, A
         raise not_found(kind, "id")
     item = rows[0]
     if item.status not in OPEN or card is None:
-        raise ApiError(
-            409,
+        raise conflict(
             "invalid_hold_state",
             f"the {kind} is {item.status}: only an open (authorised or uncertain) one is released",
         )

@@ -7,9 +7,10 @@ the key's unique index (PostgreSQL; SQLite serialises writers, so it waits for t
 lock) until the first request's transaction ends; its insert then does nothing and it
 replays the stored answer — or, if the first rolled back, its insert claims the key and it
 runs. The same key with a different request gets 422 ``idempotency_key_reused``. Refusals
-are stored and replayed too (an :class:`ApiError` that is not ``commit`` rolls the work
-back and stores only the refusal; a ledger refusal is 409 ``ledger_refused``); a crash
-(5xx) rolls back the key with the work, so the client can retry.
+are stored and replayed too (a service's refusal that does not keep its changes,
+:func:`~webpurse.settlement.problems.keeps_changes`, rolls the work back and stores only
+the refusal; a ledger refusal is 409 ``ledger_refused``); a crash (5xx) rolls back the key
+with the work, so the client can retry.
 
 The ``in_flight`` state (409 ``idempotency_in_flight``, a key abandoned after 5 minutes)
 is never committed by this version: a row is ``in_flight`` only inside its own uncommitted
@@ -33,6 +34,7 @@ from sqlalchemy.orm import Session
 
 from webpurse.settlement.auth import Principal
 from webpurse.settlement.db import insert_ignoring_conflicts
+from webpurse.settlement.errors import SettlementError
 from webpurse.settlement.ledger import LedgerError
 from webpurse.settlement.models import IdempotencyRecord
 from webpurse.settlement.problems import (
@@ -40,7 +42,9 @@ from webpurse.settlement.problems import (
     ApiError,
     bad_request,
     conflict,
+    keeps_changes,
     ledger_refused,
+    problem,
 )
 
 log = structlog.get_logger(__name__)
@@ -72,7 +76,8 @@ def fingerprint(method: str, path: str, payload: Any) -> str:
     return hashlib.sha256(f"{method} {path}\n{canonical}".encode()).hexdigest()
 
 
-def _problem(request: Request, error: ApiError) -> tuple[int, dict[str, Any]]:
+def _problem(request: Request, refusal: SettlementError) -> tuple[int, dict[str, Any]]:
+    error = problem(refusal)
     metrics = request.app.state.settlement.metrics
     if error.decline_code:
         metrics.declines.labels(error.decline_code).inc()
@@ -134,7 +139,7 @@ def run(
 
     The key row, the work and the stored response are one transaction and one commit
     (payments-api.md: local work runs in one transaction with the key row). A refusal
-    that must not keep the work's changes (``ApiError.commit`` false) rolls the work back
+    that must not keep the work's changes (:func:`~.problems.keeps_changes`) rolls the work back
     and stores the refusal under the key in a second, short transaction. Any other
     exception rolls everything back, the key included, so the client can retry; a
     :class:`~webpurse.settlement.ledger.LedgerError` is the refusal 409 ``ledger_refused``.
@@ -142,8 +147,8 @@ def run(
     if key is None:
         try:
             status, body = _call(handler)
-        except ApiError as error:
-            if not error.commit:
+        except SettlementError as error:
+            if not keeps_changes(error):
                 session.rollback()
             status, body = _problem(request, error)
         session.commit()
@@ -162,9 +167,9 @@ def run(
             return _replay(request, session, principal, key, payload, handler, print_, now)
         try:
             status, body = _call(handler)
-        except ApiError as error:
+        except SettlementError as error:
             status, body = _problem(request, error)
-            if not error.commit:
+            if not keeps_changes(error):
                 session.rollback()
                 record_id = _claim(session, principal.subject, key, print_, now)
                 if record_id is None:  # another request took the key meanwhile

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from typing import Any
 
 import structlog
 from sqlalchemy import select
@@ -28,42 +27,36 @@ from webpurse.protocol.commands import (
 from webpurse.protocol.crypto import macs_equal
 from webpurse.protocol.records import TransactionType, decode_bcd_date, decode_bcd_time
 from webpurse.settlement import (
-    card_checks,
+    changes,
     events,
     funding,
     hold_guards,
     ledger,
+    lifecycle,
     quotas,
     references,
     refund_outcomes,
     registry,
     statements,
 )
-from webpurse.settlement.decisions import (
-    DeclineCode,
-    LoadInputs,
-    OpenTransaction,
-    Outcome,
-    decide_load,
-    decide_resolution,
+from webpurse.settlement.decisions import LoadInputs, decide_load
+from webpurse.settlement.errors import (
+    conflict,
+    forbidden,
+    not_found,
 )
 from webpurse.settlement.ledger import TransferSpec
 from webpurse.settlement.merchants import OPERATOR_TERMINAL_ID
 from webpurse.settlement.models import Card, Load, Merchant, Refund, Transfer
-from webpurse.settlement.problems import (
-    ApiError,
-    conflict,
-    declined,
-    forbidden,
-    not_found,
-    verification_failed,
-)
 from webpurse.settlement.schemas import Cancel, LoadAuthorise, LoadComplete, LoadCreate, Resolve
-from webpurse.settlement.service import Ctx, card_time, new_id, parse, parse_issuer
+from webpurse.settlement.service import Ctx, new_id, parse, parse_issuer
+from webpurse.settlement.transactions import CardStatus, Kind, Status, move
 from webpurse.settlement.views import load_json as load_json
 from webpurse.settlement.views import refund_json
 
 log = structlog.get_logger(__name__)
+
+LOAD = Kind.LOAD
 
 
 def _source_of(ctx: Ctx, load: Load) -> str:
@@ -76,36 +69,17 @@ def _source_of(ctx: Ctx, load: Load) -> str:
 
 def _payer_funded(load: Load) -> bool:
     """A bank-transfer order that is funded: the money is the cardholder's, for that card."""
-    return load.funding_method == "bank_transfer" and load.status != "requires_funding"
-
-
-def _emit(ctx: Ctx, load: Load, event_type: str) -> None:
-    events.emit(ctx.session, load.merchant_id, event_type, load_json(load), now=ctx.now)
+    return load.funding_method == "bank_transfer" and load.status != Status.REQUIRES_FUNDING
 
 
 def get_load(ctx: Ctx, load_id: str, *, lock: bool = False) -> Load:
-    stmt = select(Load).where(Load.id == load_id)
-    if not ctx.principal.is_operator:
-        stmt = stmt.where(Load.merchant_id == ctx.principal.merchant_id)
-    if lock and ctx.session.get_bind().dialect.name == "postgresql":
-        stmt = stmt.with_for_update()
-    load = ctx.session.scalars(stmt.execution_options(populate_existing=lock)).first()
-    if load is None:
-        raise not_found("load", "id")
-    return load
-
-
-def _need_status(load: Load, *allowed: str) -> None:
-    if load.status not in allowed:
-        raise conflict(
-            "invalid_load_state", f"the load is {load.status}; this needs {' or '.join(allowed)}"
-        )
+    return lifecycle.get(ctx, STRATEGY, load_id, lock=lock)
 
 
 def _new_load(
     ctx: Ctx,
     *,
-    status: str,
+    status: Status,
     amount: int,
     currency: str,
     funding_method: str,
@@ -169,7 +143,7 @@ def create_order(
         raise conflict("invalid_funding", f"a {funding_method} load is not funded on creation")
     load = _new_load(
         ctx,
-        status="requires_card",
+        status=Status.REQUIRES_CARD,
         amount=amount,
         currency=currency,
         funding_method=funding_method,
@@ -216,11 +190,11 @@ def create_transfer_order(
     card = registry.find_card(ctx.session, card_number)
     if card is None:
         raise not_found("card", "card_number")
-    if card.status != "active":
+    if card.status != CardStatus.ACTIVE:
         raise conflict("card_not_loadable", f"the card is {card.status}: it cannot be topped up")
     load = _new_load(
         ctx,
-        status="requires_funding",
+        status=Status.REQUIRES_FUNDING,
         amount=amount,
         currency=currency,
         funding_method="bank_transfer",
@@ -256,7 +230,7 @@ def create(ctx: Ctx, body: LoadCreate, policy: funding.FundingPolicy | None = No
     )
 
 
-def _return_funds(ctx: Ctx, load: Load, status: str) -> None:
+def _return_funds(ctx: Ctx, load: Load, status: Status) -> None:
     """No credit happened: the funds go back to their source, the load ends ``status``.
 
     A refund's load fails its refund in the same posting (:func:`refunds.fail`): the
@@ -264,7 +238,7 @@ def _return_funds(ctx: Ctx, load: Load, status: str) -> None:
     bank-transfer order's money is the cardholder's: it goes to the exceptions list
     (``returns:awaiting``), for the operator to pay it back, never to anyone else.
     """
-    load.status = status
+    move(LOAD, load, status)
     load.updated_at = ctx.now
     if load.refund_id is not None:
         returned = TransferSpec(
@@ -302,63 +276,20 @@ def _return_funds(ctx: Ctx, load: Load, status: str) -> None:
     )
 
 
-OPEN = ("authorised", "uncertain")
-
-
-def _still_open(ctx: Ctx, load: Load) -> str | None:
-    """The newest load ``load`` superseded that is still open: the card's open one now."""
-    seen = {load.id}
-    older_id = load.supersedes
-    while older_id is not None and older_id not in seen:
-        seen.add(older_id)
-        older = ctx.session.get(Load, older_id)
-        if older is None:
-            return None
-        if older.status in OPEN and older.card_id == load.card_id:
-            return older.id
-        older_id = older.supersedes
-    return None
-
-
 def _release(ctx: Ctx, load: Load, card: Card, reason: str) -> None:
     """No credit happened for ``load``: return its funds to their source, close it."""
-    _return_funds(ctx, load, "canceled")
-    if card.open_transaction == load.id:
-        card.open_transaction = _still_open(ctx, load)
-    card.updated_at = ctx.now
-    registry.record_event(
-        ctx.session, card, "load_released", ctx.now, {"load": load.id, "reason": reason}
-    )
-    _emit(ctx, load, "load.failed")
-
-
-def _release_disproved(ctx: Ctx, load: Load, card: Card) -> None:
-    """``load``'s verified TAC (it binds the online counter and the new balance) proves the
-    card used that counter for it: every other open load of the card at that counter never
-    ran, so its funds go back (spec §6)."""
-    others = ctx.session.scalars(
-        select(Load)
-        .where(
-            Load.card_id == card.id,
-            Load.status.in_(OPEN),
-            Load.counter == load.counter,
-            Load.id != load.id,
-        )
-        .order_by(Load.id)
-        .execution_options(populate_existing=True)
-    ).all()
-    for other in others:
-        _release(ctx, other, card, f"counter {load.counter} was used by {load.id}")
+    _return_funds(ctx, load, Status.CANCELED)
+    lifecycle.released(ctx, STRATEGY, load, card, reason)
 
 
 def authorise(ctx: Ctx, load_id: str, body: LoadAuthorise) -> Load:
     load = get_load(ctx, load_id, lock=True)
-    if load.status == "requires_funding":
+    if load.status == Status.REQUIRES_FUNDING:
         raise conflict(
             "load_not_funded",
             "the bank transfer for this load has not arrived yet (status requires_funding)",
         )
-    _need_status(load, "requires_card")
+    lifecycle.need_status(STRATEGY, load, Status.REQUIRES_CARD)
     issuer = parse_issuer(body.issuer_data)
     init = parse(
         body.initialize_response, "initialize_response", InitializeForLoadResponse.from_data
@@ -394,52 +325,41 @@ def authorise(ctx: Ctx, load_id: str, body: LoadAuthorise) -> Load:
     decision = hold_guards.heal_instead(ctx, card, decision, "load", init.online_counter)
     load.updated_at = ctx.now
     if not decision.approved:
-        assert decision.decline_code is not None
         # A funded bank-transfer order waits for its own card: a decline changes nothing of it.
         keep = _payer_funded(load)
         if card is not None and not keep:
             load.card_id = card.id
             load.card_number = card.card_number
-        # A MAC1 that does not verify is anyone's; one that does may be a recording (its
-        # random is the card's): a mismatch declines this load, is observed for the
-        # operator and offers a card check; the card stays as it is.
-        extra: dict[str, Any] = {}
-        check = card_checks.on_decline(
-            ctx,
-            card,
-            issuer.card_number,
-            decision,
-            reference=load.id,
-            merchant_id=load.merchant_id,
-            claimed={
-                "balance": init.balance,
-                "counter": init.online_counter,
-                "mac1_verified": mac1_valid,
-            },
-        )
-        if check is not None:
-            extra["card_check"] = check
-        if decision.decline_code is DeclineCode.RECOVERY_REQUIRED and decision.recover:
-            extra["recover"] = decision.recover.to_json()
-        elif keep:
-            log.info("load.declined_kept", load=load.id, decline_code=decision.decline_code.value)
-        else:
+
+        def fail() -> None:
+            assert decision.decline_code is not None
+            if keep:
+                log.info(
+                    "load.declined_kept", load=load.id, decline_code=decision.decline_code.value
+                )
+                return
             load.decline_code = decision.decline_code.value
-            _return_funds(ctx, load, "declined")
-            _emit(ctx, load, "load.failed")
-        extra["load"] = load_json(load)
-        log.info("load.declined", load=load.id, decline_code=decision.decline_code.value)
-        raise declined(decision.decline_code.value, decision.detail, extra=extra)
+            _return_funds(ctx, load, Status.DECLINED)
+            lifecycle.emit(ctx, STRATEGY, load, Status.DECLINED)
+
+        # A MAC1 that does not verify is anyone's; one that does may be a recording (its
+        # random is the card's).
+        claimed = {
+            "balance": init.balance,
+            "counter": init.online_counter,
+            "mac1_verified": mac1_valid,
+        }
+        lifecycle.decline(ctx, STRATEGY, load, card, issuer.card_number, decision, claimed, fail)
     assert card is not None
-    if decision.supersedes is not None:
-        log.info(
-            "load.supersedes",
-            load=load.id,
-            uncertain=decision.supersedes.id,
-            counter=init.online_counter,
-        )
-    load.supersedes = decision.supersedes.id if decision.supersedes is not None else None
-    date, time = card_time(ctx.now)
+    date, time = lifecycle.bind(
+        ctx,
+        STRATEGY,
+        load,
+        card,
+        lifecycle.Initialize(init.online_counter, init.balance, init.random),
+        card_number=card.card_number,
+        supersedes=decision.supersedes,
+    )
     mac2 = ctx.security.load_mac2(
         issuer.serial,
         card.key_version,
@@ -450,19 +370,7 @@ def authorise(ctx: Ctx, load_id: str, body: LoadAuthorise) -> Load:
         date=date,
         time=time,
     )
-    load.status = "authorised"
-    load.card_id = card.id
-    load.card_number = card.card_number
-    load.balance_before = init.balance
-    load.counter = init.online_counter
-    load.key_version = card.key_version
-    load.card_random = init.random.hex().upper()
-    load.txn_date = date.strftime("%Y%m%d")
-    load.txn_time = time.strftime("%H%M%S")
     load.mac2 = mac2.hex().upper()
-    load.authorised_at = ctx.now
-    card.open_transaction = load.id
-    card.updated_at = ctx.now
     log.info("load.authorised", load=load.id, card=card.card_number)
     return load
 
@@ -482,70 +390,22 @@ def _verify_tac(ctx: Ctx, load: Load, card: Card, tac: bytes) -> bool:
     )
 
 
-def _lock_with_card(ctx: Ctx, load_id: str) -> tuple[Load, Card | None]:
-    """The load and its card, both locked on PostgreSQL: the card row first.
-
-    Complete and resolve may release *other* loads of the card (``_release_disproved``),
-    so they lock the card before any load: were the load row taken first, shop A resolving
-    its uncertain load (its row, then the card) and shop B completing the one that
-    superseded it (its row, the card, then A's row) would each hold what the other waits
-    for, and PostgreSQL would abort one as a deadlock (as ``payments._lock_with_card``).
-    """
-    owner = select(Load.card_id).where(Load.id == load_id)
-    if not ctx.principal.is_operator:
-        owner = owner.where(Load.merchant_id == ctx.principal.merchant_id)
-    card_id = ctx.session.scalar(owner)
-    card = registry.lock_card_id(ctx.session, card_id) if card_id else None
-    load = get_load(ctx, load_id, lock=True)
-    if load.card_id != card_id:  # authorised in between: its card is locked only now
-        card = registry.lock_card_id(ctx.session, load.card_id) if load.card_id else None
-    return load, card
-
-
-def _card_of(card: Card | None) -> Card:
-    if card is None:
-        raise conflict("invalid_load_state", "the load has no card")
-    return card
-
-
 def _succeed(ctx: Ctx, load: Load, card: Card, tac: bytes) -> None:
     """The card proved the credit. Loads it disproves are released *before* the credit is
     posted: releasing a refund's load locks its payment, which must come before any ledger
     account (``refunds`` module: the lock order of a refund's creation)."""
     # Always look for other open loads at this counter: one the sweep unlinked from the
     # card (holds.release_stale) is settled by this verified TAC as well.
-    assert load.balance_before is not None and load.counter is not None
-    load.status = "succeeded"
-    load.tac = tac.hex().upper()
-    load.updated_at = ctx.now
-    card.shadow_balance = load.balance_before + load.amount
-    card.online_counter = load.counter + 1
-    if card.open_transaction == load.id:
-        card.open_transaction = None
-    card.updated_at = ctx.now
-    registry.record_event(
-        ctx.session,
-        card,
-        "load",
-        ctx.now,
-        {"load": load.id, "amount": load.amount, "counter": load.counter, "tac": load.tac},
+    lifecycle.record_proof(
+        ctx, STRATEGY, load, card, changes.succeeded(LOAD, load.status, tac=tac, now=ctx.now)
     )
-    _release_disproved(ctx, load, card)
-    ledger.post_transfer(
-        ctx.session,
-        f"{load.id}:credit",
-        ledger.HELD_LOADS,
-        ledger.card_account(card.id),
-        load.amount,
-        "load_credit",
-        now=ctx.now,
-        reference=load.id,
-    )
-    _emit(ctx, load, "load.succeeded")
+    lifecycle.release_disproved(ctx, STRATEGY, load, card)
+    lifecycle.post(ctx, changes.load_credit(load.id, card.id, load.amount))
+    lifecycle.emit(ctx, STRATEGY, load, Status.SUCCEEDED)
     if load.refund_id is not None:
         refund = ctx.session.get(Refund, load.refund_id)
-        if refund is not None and refund.status == "pending":
-            refund.status = "succeeded"
+        if refund is not None and refund.status == Status.PENDING:
+            move(Kind.REFUND, refund, Status.SUCCEEDED)
             refund.updated_at = ctx.now
             events.emit(
                 ctx.session,
@@ -558,144 +418,86 @@ def _succeed(ctx: Ctx, load: Load, card: Card, tac: bytes) -> None:
 
 
 def complete(ctx: Ctx, load_id: str, body: LoadComplete) -> Load:
-    load, locked_card = _lock_with_card(ctx, load_id)
-    _need_status(load, "authorised", "uncertain")  # the TAC proves the credit either way
-    answer = parse(body.credit_response, "credit_response", CreditForLoadResponse.from_data)
-    card = _card_of(locked_card)
-    if not _verify_tac(ctx, load, card, answer.tac):
-        registry.record_event(ctx.session, card, "verification_failed", ctx.now, {"load": load.id})
-        raise verification_failed("the card's TAC does not verify for this load")
-    _succeed(ctx, load, card, answer.tac)
-    return load
+    return lifecycle.prove(
+        ctx,
+        STRATEGY,
+        load_id,
+        lambda: parse(body.credit_response, "credit_response", CreditForLoadResponse.from_data),
+        lambda load, card, answer: _verify_tac(ctx, load, card, answer.tac),
+        lambda load, card, answer: _succeed(ctx, load, card, answer.tac),
+        "the card's TAC does not verify for this load",
+    )
 
 
 def uncertain(ctx: Ctx, load_id: str) -> Load:
-    load = get_load(ctx, load_id, lock=True)
-    if load.status == "uncertain":
-        return load
-    _need_status(load, "authorised")
-    mark_uncertain(ctx, load)
-    return load
+    return lifecycle.uncertain(ctx, STRATEGY, load_id)
 
 
 def mark_uncertain(ctx: Ctx, load: Load) -> None:
-    load.status = "uncertain"
-    load.updated_at = ctx.now
-    _emit(ctx, load, "load.uncertain")
-    log.warning("load.uncertain", load=load.id)
+    lifecycle.mark_uncertain(ctx, STRATEGY, load)
 
 
 def resolve(ctx: Ctx, load_id: str, body: Resolve) -> Load:
-    load, locked_card = _lock_with_card(ctx, load_id)
-    _need_status(load, "authorised", "uncertain")
-    init = parse(
-        body.initialize_response, "initialize_response", InitializeForLoadResponse.from_data
-    )
-    card = _card_of(locked_card)
-    if (
-        body.issuer_data is not None
-        and parse_issuer(body.issuer_data).card_number != card.card_number
-    ):
-        raise conflict("card_mismatch", "issuer_data names another card than this load's")
-    proof = (
-        parse(body.prove_response, "prove_response", TransactionProof.from_data)
-        if body.prove_response is not None
-        else None
-    )
-    open_txn = OpenTransaction(
-        id=load.id,
-        kind="load",
-        status=load.status,
-        counter=load.counter or 0,
-        amount=load.amount,
-        balance_before=load.balance_before or 0,
-        random=bytes.fromhex(load.card_random or ""),
-        same_merchant=True,
-    )
-    proof_valid = (
-        proof is not None
-        and macs_equal(bytes.fromhex(load.mac2 or ""), proof.mac2)
-        and _verify_tac(ctx, load, card, proof.tac)
-    )
-    resolution = decide_resolution(
-        open_txn,
-        counter=init.online_counter,
-        balance=init.balance,
-        random=init.random,
-        proof_given=proof is not None,
-        proof_valid=proof_valid,
-    )
-    if resolution.outcome is Outcome.SUCCEEDED:
-        assert proof is not None
-        _succeed(ctx, load, card, proof.tac)
-    elif resolution.outcome in (Outcome.PROOF_REQUIRED, Outcome.UNPROVEN):
-        # UNPROVEN: "the counter did not move" is never proof for a load (decide_resolution):
-        # nothing changes; a load of this card completed at that counter releases it.
-        log.info(
-            "load.resolve_needs_proof",
-            load=load.id,
-            outcome=resolution.outcome.value,
-            counter=init.online_counter,
-        )
-        raise ApiError(
-            409,
-            "proof_required",
-            resolution.detail,
-            extra={
-                "recover": {
-                    "load_id": load.id,
-                    "transaction_type": f"{TransactionType.EP_LOAD:02X}",
-                    "counter": open_txn.counter,
-                }
-            },
-        )
-    elif resolution.outcome is Outcome.PROOF_INVALID:
-        registry.record_event(ctx.session, card, "verification_failed", ctx.now, {"load": load.id})
-        raise verification_failed(resolution.detail)
-    else:
-        raise conflict("resolution_mismatch", resolution.detail)
-    return load
+    return lifecycle.resolve(ctx, STRATEGY, load_id, body)
 
 
 def cancel(ctx: Ctx, load_id: str, body: Cancel | None = None) -> Load:
-    load = get_load(ctx, load_id, lock=True)
-    issuer = parse_issuer(body.issuer_data) if body and body.issuer_data else None
-    if load.status == "canceled":
-        return load
-    if load.status == "requires_funding":  # unpaid: nothing is held
-        load.status = "canceled"
-        load.updated_at = ctx.now
-        _emit(ctx, load, "load.failed")
-        return load
-    if _payer_funded(load) and not ctx.principal.is_operator:
-        raise conflict(
-            "payer_funded",
-            "the cardholder paid for this load by bank transfer: it waits for their card",
-        )
-    if load.status != "requires_card":
-        raise conflict(
-            "invalid_load_state",
-            f"the load is {load.status}: only a load before any credit can be canceled",
-        )
-    _return_funds(ctx, load, "canceled")
-    if issuer is not None and body is not None and body.card_status_word is not None:
-        registry.note_card_refusal(
-            ctx.session,
-            issuer.card_number,
-            body.card_status_word,
-            ctx.now,
-            merchant_id=load.merchant_id,
-            reference=load.id,
-        )
-    _emit(ctx, load, "load.failed")
-    return load
+    def guard(load: Load) -> None:
+        if _payer_funded(load) and not ctx.principal.is_operator:
+            raise conflict(
+                "payer_funded",
+                "the cardholder paid for this load by bank transfer: it waits for their card",
+            )
+
+    return lifecycle.cancel(
+        ctx,
+        STRATEGY,
+        load_id,
+        body,
+        refused="only a load before any credit can be canceled",
+        release=lambda load: _return_funds(ctx, load, Status.CANCELED),
+        guard=guard,
+    )
 
 
 def expire(ctx: Ctx, load: Load) -> None:
     """A load order nobody brought a card for (or paid for): return any funds."""
-    if load.status == "requires_funding":
-        load.status = "expired"
+    if load.status == Status.REQUIRES_FUNDING:
+        move(LOAD, load, Status.EXPIRED)
         load.updated_at = ctx.now
     else:
-        _return_funds(ctx, load, "expired")
-    _emit(ctx, load, "load.failed")
+        _return_funds(ctx, load, Status.EXPIRED)
+    lifecycle.emit(ctx, STRATEGY, load, Status.EXPIRED)
+
+
+def _initialize(text: str) -> lifecycle.Initialize:
+    init = parse(text, "initialize_response", InitializeForLoadResponse.from_data)
+    return lifecycle.Initialize(init.online_counter, init.balance, init.random)
+
+
+def _proof_valid(ctx: Ctx, load: Load, card: Card, proof: TransactionProof) -> bool:
+    """GET TRANSACTION PROVE's MAC2 is the one settlement issued, and its TAC verifies."""
+    return macs_equal(bytes.fromhex(load.mac2 or ""), proof.mac2) and _verify_tac(
+        ctx, load, card, proof.tac
+    )
+
+
+STRATEGY: lifecycle.Strategy[Load] = lifecycle.Strategy(
+    kind=LOAD,
+    model=Load,
+    transaction_type=TransactionType.EP_LOAD,
+    to_json=load_json,
+    events={
+        Status.DECLINED: "load.failed",
+        Status.SUCCEEDED: "load.succeeded",
+        Status.UNCERTAIN: "load.uncertain",
+        Status.CANCELED: "load.failed",
+        Status.EXPIRED: "load.failed",
+    },
+    initialize=_initialize,
+    proof_valid=_proof_valid,
+    succeed=lambda ctx, load, card, proof: _succeed(ctx, load, card, proof.tac),
+    # looked up when called, so the module's _release is the one that runs
+    release=lambda ctx, load, card, reason: _release(ctx, load, card, reason),
+    unproven_needs_proof=True,
+)

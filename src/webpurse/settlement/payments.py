@@ -1,7 +1,7 @@
 """Payments: create, authorise (MAC1), capture (MAC2/TAC), uncertain, resolve, cancel.
 
 Each function runs inside the caller's transaction and raises
-:class:`~webpurse.settlement.problems.ApiError` to refuse. The decisions themselves are
+:mod:`~webpurse.settlement.errors` to refuse. The decisions themselves are
 in :mod:`.decisions`; here they meet the database, the security module and the ledger.
 Ledger moves: authorise holds the amount (card → ``held:purchases``); capture posts it to
 the merchant (held → merchant); a release returns it (held → card).
@@ -18,33 +18,23 @@ from __future__ import annotations
 from typing import Any
 
 import structlog
-from sqlalchemy import select
 
 from webpurse.protocol.commands import (
     DebitForPurchase,
     DebitForPurchaseResponse,
     InitializeForPurchaseResponse,
-    TransactionProof,
 )
-from webpurse.protocol.records import TransactionType, decode_bcd_date, decode_bcd_time
-from webpurse.settlement import card_checks, events, hold_guards, ledger, quotas, registry
-from webpurse.settlement.decisions import (
-    DeclineCode,
-    OpenTransaction,
-    Outcome,
-    PurchaseInputs,
-    decide_purchase,
-    decide_resolution,
+from webpurse.protocol.records import (
+    IssuerData,
+    TransactionType,
+    decode_bcd_date,
+    decode_bcd_time,
 )
+from webpurse.settlement import changes, hold_guards, lifecycle, quotas, registry
+from webpurse.settlement.decisions import CardRecord, Decision, PurchaseInputs, decide_purchase
+from webpurse.settlement.errors import not_found
 from webpurse.settlement.merchants import next_terminal_seq
 from webpurse.settlement.models import Card, Merchant, Payment
-from webpurse.settlement.problems import (
-    ApiError,
-    conflict,
-    declined,
-    not_found,
-    verification_failed,
-)
 from webpurse.settlement.schemas import (
     Cancel,
     PaymentCreate,
@@ -52,12 +42,12 @@ from webpurse.settlement.schemas import (
     PurchaseCapture,
     Resolve,
 )
-from webpurse.settlement.service import Ctx, card_time, new_id, parse, parse_issuer
+from webpurse.settlement.service import Ctx, new_id, parse, parse_issuer
+from webpurse.settlement.transactions import Kind, Status, move
 
 log = structlog.get_logger(__name__)
 
-FINAL = frozenset({"succeeded", "canceled", "declined", "expired"})
-OPEN = ("authorised", "uncertain")
+PAYMENT = Kind.PAYMENT
 
 
 def payment_json(payment: Payment) -> dict[str, Any]:
@@ -97,29 +87,9 @@ def payment_json(payment: Payment) -> dict[str, Any]:
     }
 
 
-def _emit(ctx: Ctx, payment: Payment, event_type: str) -> None:
-    events.emit(ctx.session, payment.merchant_id, event_type, payment_json(payment), now=ctx.now)
-
-
 def get_payment(ctx: Ctx, payment_id: str, *, lock: bool = False) -> Payment:
     """The caller's payment (another merchant's is "no such payment": 404)."""
-    stmt = select(Payment).where(Payment.id == payment_id)
-    if not ctx.principal.is_operator:
-        stmt = stmt.where(Payment.merchant_id == ctx.principal.merchant_id)
-    if lock and ctx.session.get_bind().dialect.name == "postgresql":
-        stmt = stmt.with_for_update()
-    payment = ctx.session.scalars(stmt.execution_options(populate_existing=lock)).first()
-    if payment is None:
-        raise not_found("payment", "id")
-    return payment
-
-
-def _need_status(payment: Payment, *allowed: str) -> None:
-    if payment.status not in allowed:
-        raise conflict(
-            "invalid_payment_state",
-            f"the payment is {payment.status}; this needs {' or '.join(allowed)}",
-        )
+    return lifecycle.get(ctx, STRATEGY, payment_id, lock=lock)
 
 
 def create(ctx: Ctx, body: PaymentCreate) -> Payment:
@@ -130,7 +100,7 @@ def create(ctx: Ctx, body: PaymentCreate) -> Payment:
     payment = Payment(
         id=new_id("pay"),
         merchant_id=merchant.id,
-        status="requires_card",
+        status=Status.REQUIRES_CARD,
         amount=body.amount,
         currency=body.currency,
         description=body.description,
@@ -150,63 +120,37 @@ def create(ctx: Ctx, body: PaymentCreate) -> Payment:
 
 def _release(ctx: Ctx, payment: Payment, card: Card, reason: str) -> None:
     """The card proved no debit happened: return the hold, close the payment."""
-    ledger.post_transfer(
-        ctx.session,
-        f"{payment.id}:release",
-        ledger.HELD_PURCHASES,
-        ledger.card_account(card.id),
-        payment.amount,
-        "purchase_release",
-        now=ctx.now,
-        reference=payment.id,
-    )
-    payment.status = "canceled"
+    assert payment.card_id is not None
+    lifecycle.post(ctx, changes.purchase_release(payment.id, card.id, payment.amount))
+    move(PAYMENT, payment, Status.CANCELED)
     payment.updated_at = ctx.now
-    if card.open_transaction == payment.id:
-        card.open_transaction = _still_open(ctx, payment)
-    card.updated_at = ctx.now
-    registry.record_event(
-        ctx.session, card, "purchase_released", ctx.now, {"payment": payment.id, "reason": reason}
+    lifecycle.released(ctx, STRATEGY, payment, card, reason)
+
+
+def decide(
+    ctx: Ctx,
+    record: CardRecord | None,
+    body: PurchaseAuthorise,
+    issuer: IssuerData,
+    init: InitializeForPurchaseResponse,
+    merchant_terminal_id: bytes,
+    amount: int,
+) -> Decision:
+    """The purchase decision on the card's answers (the single path's and the batch's)."""
+    inputs = PurchaseInputs(
+        issuer=issuer,
+        initialize=init,
+        terminal_id=bytes.fromhex(body.terminal_id),
+        merchant_terminal_id=merchant_terminal_id,
+        amount=amount,
+        initialize_amount=body.amount,
     )
-    _emit(ctx, payment, "payment.canceled")
-
-
-def _still_open(ctx: Ctx, payment: Payment) -> str | None:
-    """The newest payment ``payment`` superseded that is still open: the card's open one now."""
-    seen = {payment.id}
-    older_id = payment.supersedes
-    while older_id is not None and older_id not in seen:
-        seen.add(older_id)
-        older = ctx.session.get(Payment, older_id)
-        if older is None:
-            return None
-        if older.status in OPEN and older.card_id == payment.card_id:
-            return older.id
-        older_id = older.supersedes
-    return None
-
-
-def _release_disproved(ctx: Ctx, payment: Payment, card: Card) -> None:
-    """``payment``'s verified MAC2/TAC proves the card used its counter for it, so every
-    other open payment of this card at that counter never ran: release them (spec §6)."""
-    others = ctx.session.scalars(
-        select(Payment)
-        .where(
-            Payment.card_id == card.id,
-            Payment.status.in_(OPEN),
-            Payment.counter == payment.counter,
-            Payment.id != payment.id,
-        )
-        .order_by(Payment.id)
-        .execution_options(populate_existing=True)
-    ).all()
-    for other in others:
-        _release(ctx, other, card, f"counter {payment.counter} was used by {payment.id}")
+    return decide_purchase(record, inputs, ctx.now)
 
 
 def authorise(ctx: Ctx, payment_id: str, body: PurchaseAuthorise) -> Payment:
     payment = get_payment(ctx, payment_id, lock=True)
-    _need_status(payment, "requires_card")
+    lifecycle.need_status(STRATEGY, payment, Status.REQUIRES_CARD)
     issuer = parse_issuer(body.issuer_data)
     init = parse(
         body.initialize_response, "initialize_response", InitializeForPurchaseResponse.from_data
@@ -216,72 +160,35 @@ def authorise(ctx: Ctx, payment_id: str, body: PurchaseAuthorise) -> Payment:
     card = registry.find_card(ctx.session, issuer.card_number, lock=True)
     hold_guards.refuse_rehold(ctx, card, payment.merchant_id, init.offline_counter)
     record = registry.card_record(ctx.session, card, payment.merchant_id) if card else None
-    decision = decide_purchase(
-        record,
-        PurchaseInputs(
-            issuer=issuer,
-            initialize=init,
-            terminal_id=bytes.fromhex(body.terminal_id),
-            merchant_terminal_id=bytes.fromhex(merchant.terminal_id),
-            amount=payment.amount,
-            initialize_amount=body.amount,
-        ),
-        ctx.now,
-    )
+    terminal_id = bytes.fromhex(merchant.terminal_id)
+    decision = decide(ctx, record, body, issuer, init, terminal_id, payment.amount)
     decision = hold_guards.heal_instead(
         ctx, card, decision, "payment", init.offline_counter, init.balance
     )
     payment.card_number = issuer.card_number
     payment.updated_at = ctx.now
     if not decision.approved:
-        assert decision.decline_code is not None
         if card is not None:
             payment.card_id = card.id
-        # INITIALIZE FOR PURCHASE carries no MAC: a mismatch declines this payment, is
-        # observed for the operator and offers a card check; the card stays as it is.
-        extra: dict[str, Any] = {}
-        check = card_checks.on_decline(
-            ctx,
-            card,
-            issuer.card_number,
-            decision,
-            reference=payment.id,
-            merchant_id=payment.merchant_id,
-            claimed={"balance": init.balance, "counter": init.offline_counter},
-        )
-        if check is not None:
-            extra["card_check"] = check
-        if decision.decline_code is DeclineCode.RECOVERY_REQUIRED and decision.recover:
-            # The payment stays requires_card: pay it once the open transaction is settled.
-            extra["recover"] = decision.recover.to_json()
-        else:
-            payment.status = "declined"
+
+        def fail() -> None:
+            assert decision.decline_code is not None
+            move(PAYMENT, payment, Status.DECLINED)
             payment.decline_code = decision.decline_code.value
-            _emit(ctx, payment, "payment.failed")
-        extra["payment"] = payment_json(payment)
-        log.info("payment.declined", payment=payment.id, decline_code=decision.decline_code.value)
-        raise declined(decision.decline_code.value, decision.detail, extra=extra)
+            lifecycle.emit(ctx, STRATEGY, payment, Status.DECLINED)
+
+        claimed = {"balance": init.balance, "counter": init.offline_counter}
+        lifecycle.decline(ctx, STRATEGY, payment, card, issuer.card_number, decision, claimed, fail)
     assert card is not None
-    if decision.supersedes is not None:
-        log.info(
-            "payment.supersedes",
-            payment=payment.id,
-            uncertain=decision.supersedes.id,
-            counter=init.offline_counter,
-        )
-    date, time = card_time(ctx.now)
-    payment.supersedes = decision.supersedes.id if decision.supersedes is not None else None
-    payment.status = "authorised"
-    payment.card_id = card.id
-    payment.balance_before = init.balance
-    payment.counter = init.offline_counter
-    payment.key_version = card.key_version
-    payment.card_random = init.random.hex().upper()
-    payment.txn_date = date.strftime("%Y%m%d")
-    payment.txn_time = time.strftime("%H%M%S")
-    payment.authorised_at = ctx.now
-    card.open_transaction = payment.id
-    card.updated_at = ctx.now
+    date, time = lifecycle.bind(
+        ctx,
+        STRATEGY,
+        payment,
+        card,
+        lifecycle.Initialize(init.offline_counter, init.balance, init.random),
+        card_number=issuer.card_number,
+        supersedes=decision.supersedes,
+    )
     # The hot rows (the merchant's sequence counter, the held account) are touched last,
     # so they stay locked only for their own statements and the commit.
     ctx.session.flush()
@@ -299,16 +206,7 @@ def authorise(ctx: Ctx, payment_id: str, body: PurchaseAuthorise) -> Payment:
     )
     payment.terminal_seq = seq
     payment.mac1 = mac1.hex().upper()
-    ledger.post_transfer(
-        ctx.session,
-        f"{payment.id}:hold",
-        ledger.card_account(card.id),
-        ledger.HELD_PURCHASES,
-        payment.amount,
-        "purchase_hold",
-        now=ctx.now,
-        reference=payment.id,
-    )
+    lifecycle.post(ctx, changes.purchase_hold(payment.id, card.id, payment.amount))
     log.info("payment.authorised", payment=payment.id, card=card.card_number, seq=seq)
     return payment
 
@@ -330,33 +228,6 @@ def verify(ctx: Ctx, payment: Payment, card: Card, mac2: bytes, tac: bytes) -> b
     )
 
 
-def _lock_with_card(ctx: Ctx, payment_id: str) -> tuple[Payment, Card | None]:
-    """The payment and its card, both locked on PostgreSQL: the card row first.
-
-    Capture and resolve may release *other* payments of the card (``_release_disproved``),
-    so they lock the card before any payment: were the payment row taken first, shop A
-    resolving its uncertain payment (its row, then the card) and shop B capturing the one
-    that superseded it (its row, the card, then A's row) would each hold what the other
-    waits for, and PostgreSQL would abort one as a deadlock. Payments are then locked
-    after the card (the others in id order). SQLite serialises writers: no locks there.
-    """
-    owner = select(Payment.card_id).where(Payment.id == payment_id)
-    if not ctx.principal.is_operator:
-        owner = owner.where(Payment.merchant_id == ctx.principal.merchant_id)
-    card_id = ctx.session.scalar(owner)
-    card = registry.lock_card_id(ctx.session, card_id) if card_id else None
-    payment = get_payment(ctx, payment_id, lock=True)
-    if payment.card_id != card_id:  # authorised in between: its card is locked only now
-        card = registry.lock_card_id(ctx.session, payment.card_id) if payment.card_id else None
-    return payment, card
-
-
-def _card_of(card: Card | None) -> Card:
-    if card is None:
-        raise conflict("invalid_payment_state", "the payment has no card")
-    return card
-
-
 def _succeed(ctx: Ctx, payment: Payment, card: Card, mac2: bytes, tac: bytes) -> None:
     """The card proved the debit: move the shadow purse on, tell the merchant, post it.
 
@@ -366,162 +237,84 @@ def _succeed(ctx: Ctx, payment: Payment, card: Card, mac2: bytes, tac: bytes) ->
     verified answer proves they never ran.
     """
     linked = payment.supersedes is not None or card.open_transaction != payment.id
-    payment.status = "succeeded"
-    payment.mac2 = mac2.hex().upper()
-    payment.tac = tac.hex().upper()
-    payment.updated_at = ctx.now
-    assert payment.balance_before is not None and payment.counter is not None
-    card.shadow_balance = payment.balance_before - payment.amount
-    card.offline_counter = payment.counter + 1
-    if card.open_transaction == payment.id:
-        card.open_transaction = None
-    card.updated_at = ctx.now
-    registry.record_event(
-        ctx.session,
-        card,
-        "purchase",
-        ctx.now,
-        {
-            "payment": payment.id,
-            "amount": payment.amount,
-            "counter": payment.counter,
-            "tac": payment.tac,
-        },
-    )
+    succeeded = changes.succeeded(PAYMENT, payment.status, mac2=mac2, tac=tac, now=ctx.now)
+    lifecycle.record_proof(ctx, STRATEGY, payment, card, succeeded)
     if linked:
-        _release_disproved(ctx, payment, card)
-    _emit(ctx, payment, "payment.succeeded")
+        lifecycle.release_disproved(ctx, STRATEGY, payment, card)
+    lifecycle.emit(ctx, STRATEGY, payment, Status.SUCCEEDED)
     ctx.session.flush()
-    ledger.post_transfer(
-        ctx.session,
-        f"{payment.id}:capture",
-        ledger.HELD_PURCHASES,
-        ledger.merchant_account(payment.merchant_id),
-        payment.amount,
-        "purchase_capture",
-        now=ctx.now,
-        reference=payment.id,
-    )
+    lifecycle.post(ctx, changes.purchase_capture(payment.id, payment.merchant_id, payment.amount))
     log.info("payment.succeeded", payment=payment.id)
 
 
 def capture(ctx: Ctx, payment_id: str, body: PurchaseCapture) -> Payment:
-    payment, locked_card = _lock_with_card(ctx, payment_id)
-    # An uncertain payment (the sweep timed it out) is captured too when the card's own
-    # answer arrives: MAC2 and TAC prove the debit just as well as PROVE would.
-    _need_status(payment, "authorised", "uncertain")
-    answer = parse(body.debit_response, "debit_response", DebitForPurchaseResponse.from_data)
-    card = _card_of(locked_card)
-    if not verify(ctx, payment, card, answer.mac2, answer.tac):
-        registry.record_event(
-            ctx.session, card, "verification_failed", ctx.now, {"payment": payment.id}
-        )
-        raise verification_failed("the card's MAC2 or TAC does not verify for this debit")
-    _succeed(ctx, payment, card, answer.mac2, answer.tac)
-    return payment
+    return lifecycle.prove(
+        ctx,
+        STRATEGY,
+        payment_id,
+        lambda: parse(body.debit_response, "debit_response", DebitForPurchaseResponse.from_data),
+        lambda payment, card, answer: verify(ctx, payment, card, answer.mac2, answer.tac),
+        lambda payment, card, answer: _succeed(ctx, payment, card, answer.mac2, answer.tac),
+        "the card's MAC2 or TAC does not verify for this debit",
+    )
 
 
 def mark_uncertain(ctx: Ctx, payment: Payment) -> None:
-    payment.status = "uncertain"
-    payment.updated_at = ctx.now
-    _emit(ctx, payment, "payment.uncertain")
-    log.warning("payment.uncertain", payment=payment.id)
+    lifecycle.mark_uncertain(ctx, STRATEGY, payment)
 
 
 def uncertain(ctx: Ctx, payment_id: str) -> Payment:
-    payment = get_payment(ctx, payment_id, lock=True)
-    if payment.status == "uncertain":
-        return payment
-    _need_status(payment, "authorised")
-    mark_uncertain(ctx, payment)
-    return payment
+    return lifecycle.uncertain(ctx, STRATEGY, payment_id)
 
 
 def resolve(ctx: Ctx, payment_id: str, body: Resolve) -> Payment:
-    payment, locked_card = _lock_with_card(ctx, payment_id)
-    _need_status(payment, "authorised", "uncertain")
-    init = parse(
-        body.initialize_response, "initialize_response", InitializeForPurchaseResponse.from_data
-    )
-    card = _card_of(locked_card)
-    if (
-        body.issuer_data is not None
-        and parse_issuer(body.issuer_data).card_number != card.card_number
-    ):
-        raise conflict("card_mismatch", "issuer_data names another card than this payment's")
-    proof = (
-        parse(body.prove_response, "prove_response", TransactionProof.from_data)
-        if body.prove_response is not None
-        else None
-    )
-    open_txn = OpenTransaction(
-        id=payment.id,
-        kind="payment",
-        status=payment.status,
-        counter=payment.counter or 0,
-        amount=payment.amount,
-        balance_before=payment.balance_before or 0,
-        random=bytes.fromhex(payment.card_random or ""),
-        same_merchant=True,
-    )
-    proof_valid = proof is not None and verify(ctx, payment, card, proof.mac2, proof.tac)
-    resolution = decide_resolution(
-        open_txn,
-        counter=init.offline_counter,
-        balance=init.balance,
-        random=init.random,
-        proof_given=proof is not None,
-        proof_valid=proof_valid,
-    )
-    if resolution.outcome is Outcome.SUCCEEDED:
-        assert proof is not None
-        _succeed(ctx, payment, card, proof.mac2, proof.tac)
-    elif resolution.outcome is Outcome.CANCELED:
-        _release(ctx, payment, card, "resolved: counter did not move")
-    elif resolution.outcome is Outcome.PROOF_REQUIRED:
-        raise ApiError(
-            409,
-            "proof_required",
-            resolution.detail,
-            extra={
-                "recover": {
-                    "payment_id": payment.id,
-                    "transaction_type": f"{TransactionType.EP_PURCHASE:02X}",
-                    "counter": open_txn.counter,
-                }
-            },
-        )
-    elif resolution.outcome is Outcome.PROOF_INVALID:
-        registry.record_event(
-            ctx.session, card, "verification_failed", ctx.now, {"payment": payment.id}
-        )
-        raise verification_failed(resolution.detail)
-    else:
-        raise conflict("resolution_mismatch", resolution.detail)
-    return payment
+    return lifecycle.resolve(ctx, STRATEGY, payment_id, body)
 
 
 def cancel(ctx: Ctx, payment_id: str, body: Cancel | None = None) -> Payment:
-    payment = get_payment(ctx, payment_id, lock=True)
-    issuer = parse_issuer(body.issuer_data) if body and body.issuer_data else None
-    if payment.status == "canceled":
-        return payment
-    if payment.status != "requires_card":
-        raise conflict(
-            "invalid_payment_state",
-            f"the payment is {payment.status}: only a payment before any debit can be canceled"
-            " (an authorised one is resolved with the card's proof)",
-        )
-    payment.status = "canceled"
+    def release(payment: Payment) -> None:  # nothing is held before authorisation
+        move(PAYMENT, payment, Status.CANCELED)
+        payment.updated_at = ctx.now
+
+    return lifecycle.cancel(
+        ctx,
+        STRATEGY,
+        payment_id,
+        body,
+        refused="only a payment before any debit can be canceled"
+        " (an authorised one is resolved with the card's proof)",
+        release=release,
+    )
+
+
+def expire(ctx: Ctx, payment: Payment) -> None:
+    """A payment nobody brought a card for: nothing was held."""
+    move(PAYMENT, payment, Status.EXPIRED)
     payment.updated_at = ctx.now
-    if issuer is not None and body is not None and body.card_status_word is not None:
-        registry.note_card_refusal(
-            ctx.session,
-            issuer.card_number,
-            body.card_status_word,
-            ctx.now,
-            merchant_id=payment.merchant_id,
-            reference=payment.id,
-        )
-    _emit(ctx, payment, "payment.canceled")
-    return payment
+    lifecycle.emit(ctx, STRATEGY, payment, Status.EXPIRED)
+
+
+def _initialize(text: str) -> lifecycle.Initialize:
+    init = parse(text, "initialize_response", InitializeForPurchaseResponse.from_data)
+    return lifecycle.Initialize(init.offline_counter, init.balance, init.random)
+
+
+STRATEGY: lifecycle.Strategy[Payment] = lifecycle.Strategy(
+    kind=PAYMENT,
+    model=Payment,
+    transaction_type=TransactionType.EP_PURCHASE,
+    to_json=payment_json,
+    events={
+        Status.DECLINED: "payment.failed",
+        Status.SUCCEEDED: "payment.succeeded",
+        Status.UNCERTAIN: "payment.uncertain",
+        Status.CANCELED: "payment.canceled",
+        Status.EXPIRED: "payment.expired",
+    },
+    initialize=_initialize,
+    proof_valid=lambda ctx, payment, card, proof: verify(ctx, payment, card, proof.mac2, proof.tac),
+    succeed=lambda ctx, payment, card, proof: _succeed(ctx, payment, card, proof.mac2, proof.tac),
+    # looked up when called, so the module's _release is the one that runs
+    release=lambda ctx, payment, card, reason: _release(ctx, payment, card, reason),
+    unproven_needs_proof=False,
+)

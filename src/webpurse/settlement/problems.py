@@ -1,20 +1,71 @@
-"""Errors of the settlement server and their RFC 9457 problem+json form.
+"""The HTTP edge's errors: RFC 9457 problem+json for every refusal.
 
-Inside, code raises :class:`ApiError` (or a subclass); the app's exception handler turns
-it into ``application/problem+json`` with a stable ``code`` and the request id.
+Services raise :mod:`webpurse.settlement.errors` (no status, no HTTP); :func:`problem` gives
+each its status and body, and :func:`keeps_changes` says whether the request's changes
+stand. :class:`ApiError` is a refusal made at the edge itself (validation, idempotency,
+batch paths) with its status spelled out. The service constructors (``not_found``,
+``conflict``, …) are re-exported from here for the routes.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from webpurse.settlement.errors import (
+    Conflict,
+    Declined,
+    Forbidden,
+    Invalid,
+    NotFound,
+    Refused,
+    SettlementError,
+    TooMany,
+    Unauthenticated,
+    Unprocessable,
+    bad_request,
+    conflict,
+    declined,
+    forbidden,
+    ledger_refused,
+    not_found,
+    unauthenticated,
+    verification_failed,
+)
+
+__all__ = [
+    "PROBLEM_BASE",
+    "PROBLEM_JSON",
+    "ApiError",
+    "bad_request",
+    "conflict",
+    "declined",
+    "forbidden",
+    "keeps_changes",
+    "ledger_refused",
+    "not_found",
+    "problem",
+    "unauthenticated",
+    "verification_failed",
+]
+
 PROBLEM_JSON = "application/problem+json"
 PROBLEM_BASE = "https://webpurse.dev/problems/"
 
+# The status of each domain refusal (the first class of the error's MRO found here).
+STATUS: dict[type[SettlementError], int] = {
+    Invalid: 400,
+    Unauthenticated: 401,
+    Refused: 402,
+    Forbidden: 403,
+    NotFound: 404,
+    Conflict: 409,
+    Unprocessable: 422,
+    TooMany: 429,
+}
 
-class ApiError(Exception):
-    """A refused request. ``commit`` says whether state changes made so far stand
-    (a decline moves the payment to ``declined``); otherwise they are rolled back."""
+
+class ApiError(SettlementError):
+    """A refusal with its HTTP status (``status``, ``code``, ``detail``, …)."""
 
     def __init__(
         self,
@@ -26,17 +77,11 @@ class ApiError(Exception):
         param: str | None = None,
         decline_code: str | None = None,
         extra: dict[str, Any] | None = None,
-        commit: bool = False,
     ) -> None:
-        super().__init__(detail)
+        super().__init__(detail, code=code, param=param, extra=extra)
         self.status = status
-        self.code = code
-        self.detail = detail
         self.title = title or code.replace("_", " ").capitalize()
-        self.param = param
         self.decline_code = decline_code
-        self.extra = extra or {}
-        self.commit = commit
 
     def body(self, request_id: str | None) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -55,48 +100,22 @@ class ApiError(Exception):
         return body
 
 
-def not_found(what: str, param: str | None = None) -> ApiError:
-    return ApiError(404, "resource_missing", f"no such {what}", param=param)
-
-
-def unauthenticated(detail: str = "a valid API key is required") -> ApiError:
-    return ApiError(401, "unauthenticated", detail)
-
-
-def forbidden(detail: str) -> ApiError:
-    return ApiError(403, "forbidden", detail)
-
-
-def bad_request(code: str, detail: str, param: str | None = None) -> ApiError:
-    return ApiError(400, code, detail, param=param)
-
-
-def conflict(code: str, detail: str) -> ApiError:
-    return ApiError(409, code, detail)
-
-
-def declined(
-    decline_code: str, detail: str, *, extra: dict[str, Any] | None = None, commit: bool = True
-) -> ApiError:
+def problem(error: SettlementError) -> ApiError:
+    """``error`` as the problem the API answers (the same status, code and body always)."""
+    if isinstance(error, ApiError):
+        return error
+    status = next(STATUS[cls] for cls in type(error).__mro__ if cls in STATUS)
     return ApiError(
-        402,
-        "card_declined",
-        detail,
-        title="Card declined",
-        decline_code=decline_code,
-        extra=extra,
-        commit=commit,
+        status,
+        error.code,
+        error.detail,
+        param=error.param,
+        decline_code=error.decline_code if isinstance(error, Declined) else None,
+        extra=error.extra,
     )
 
 
-def verification_failed(detail: str) -> ApiError:
-    return ApiError(402, "verification_failed", detail, title="Verification failed", commit=True)
-
-
-def ledger_refused(detail: str) -> ApiError:
-    """409 ``ledger_refused``: a transfer the ledger will not post (its message as the detail).
-
-    Not committed: the request's work rolls back and the refusal is stored under its
-    idempotency key like any other (docs/settlement-api.md).
-    """
-    return ApiError(409, "ledger_refused", detail)
+def keeps_changes(error: SettlementError) -> bool:
+    """Whether the request's changes are committed with the refusal: a decline moves the
+    payment to ``declined``, a failed verification records an event; all else rolls back."""
+    return isinstance(error, Refused)

@@ -20,8 +20,9 @@ from typing import Literal
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from webpurse.settlement.errors import TooMany
 from webpurse.settlement.models import Load, Payment
-from webpurse.settlement.problems import ApiError
+from webpurse.settlement.transactions import Status
 
 Kind = Literal["payment", "load"]
 
@@ -32,12 +33,12 @@ def open_orders(session: Session, merchant_id: str, kind: Kind, cap: int) -> int
     """The merchant's ``requires_card`` orders of ``kind``, counted up to ``cap``."""
     if kind == "payment":
         rows = select(Payment.id).where(
-            Payment.merchant_id == merchant_id, Payment.status == "requires_card"
+            Payment.merchant_id == merchant_id, Payment.status == Status.REQUIRES_CARD
         )
     else:
         rows = select(Load.id).where(
             Load.merchant_id == merchant_id,
-            Load.status == "requires_card",
+            Load.status == Status.REQUIRES_CARD,
             Load.refund_id.is_(None),
         )
     limited = rows.limit(cap).subquery()
@@ -51,12 +52,11 @@ def room(session: Session, merchant_id: str, kind: Kind, cap: int | None) -> int
     return max(cap - open_orders(session, merchant_id, kind, cap), 0)
 
 
-def too_many(kind: Kind, cap: int) -> ApiError:
-    return ApiError(
-        429,
-        "too_many_open_orders",
+def too_many(kind: Kind, cap: int) -> TooMany:
+    return TooMany(
         f"this merchant already has {cap} {kind}s waiting for a card; use, cancel or let "
         "some expire first",
+        code="too_many_open_orders",
         extra={"limit": cap},
     )
 

@@ -10,12 +10,13 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from webpurse.settlement.models import Load, Refund
+from webpurse.settlement.transactions import OPEN, Status
+from webpurse.settlement.transactions import RETURNED as RETURNED
 
 REFUNDS_PENDING = "refunds:pending"
 """The ledger account pending refunds wait in (``ledger.REFUNDS_PENDING``)."""
 
-LIVE_LOAD = ("requires_card", "authorised", "uncertain")
-RETURNED = ("declined", "canceled", "expired")  # a load that gave its funds back
+LIVE_LOAD = (Status.REQUIRES_CARD, *OPEN)
 
 
 def stuck(session: Session) -> list[tuple[Refund, Load | None]]:
@@ -23,7 +24,7 @@ def stuck(session: Session) -> list[tuple[Refund, Load | None]]:
     rows = session.execute(
         select(Refund, Load)
         .outerjoin(Load, Load.id == Refund.load_id)
-        .where(Refund.status == "pending")
+        .where(Refund.status == Status.PENDING)
         .where((Load.id.is_(None)) | (Load.status.not_in(LIVE_LOAD)))
         .order_by(Refund.id)
     ).all()
@@ -45,7 +46,7 @@ def open_refund_problems(session: Session, refunds_pending: int) -> list[str]:
         session.scalar(
             select(func.coalesce(func.sum(Refund.amount), 0))
             .outerjoin(Load, Load.id == Refund.load_id)
-            .where(Refund.status == "pending")
+            .where(Refund.status == Status.PENDING)
             .where((Load.id.is_(None)) | (Load.status.not_in(LIVE_LOAD)))
         )
         or 0

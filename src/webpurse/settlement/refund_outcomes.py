@@ -19,6 +19,7 @@ from webpurse.settlement.ledger import TransferSpec
 from webpurse.settlement.models import Payment, Refund
 from webpurse.settlement.refund_checks import RETURNED, stuck
 from webpurse.settlement.service import Ctx
+from webpurse.settlement.transactions import Kind, Status, move
 from webpurse.settlement.views import refund_json
 
 log = structlog.get_logger("webpurse.settlement.refunds")
@@ -35,7 +36,7 @@ def fail(ctx: Ctx, refund_id: str, returned: TransferSpec | None, reason: str) -
     """
     refund = _locked(ctx.session, select(Refund).where(Refund.id == refund_id))
     transfers = [returned] if returned is not None else []
-    if refund is None or refund.status != "pending":
+    if refund is None or refund.status != Status.PENDING:
         ledger.post_transfers(ctx.session, transfers, now=ctx.now)
         return
     payment = _locked(ctx.session, select(Payment).where(Payment.id == refund.payment_id))
@@ -50,7 +51,7 @@ def fail(ctx: Ctx, refund_id: str, returned: TransferSpec | None, reason: str) -
         )
     )
     ledger.post_transfers(ctx.session, transfers, now=ctx.now)
-    refund.status = "failed"
+    move(Kind.REFUND, refund, Status.FAILED)
     refund.updated_at = ctx.now
     if payment is not None:
         payment.refunded_amount -= refund.amount

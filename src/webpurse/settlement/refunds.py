@@ -3,7 +3,7 @@
 Creating a refund moves the amount from the merchant's payable to ``refunds:pending`` and
 opens a load order funded from there, bound to the card that paid; when that load
 succeeds the refund succeeds. Several partial refunds are allowed up to the captured
-amount. A refusal raises an :class:`ApiError` that is not committed, so
+amount. A refusal raises a :mod:`~webpurse.settlement.errors` error that is not committed, so
 :func:`webpurse.settlement.idempotency.run` rolls the refund back and stores the refusal
 under the request's idempotency key.
 
@@ -27,10 +27,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from webpurse.settlement import events, ledger, loads, refund_checks
+from webpurse.settlement.errors import Unprocessable, conflict, ledger_refused, not_found
 from webpurse.settlement.ledger import LedgerError, TransferSpec
 from webpurse.settlement.models import Payment, Refund
 from webpurse.settlement.payments import get_payment
-from webpurse.settlement.problems import ApiError, conflict, ledger_refused, not_found
 from webpurse.settlement.refund_checks import LIVE_LOAD as LIVE_LOAD
 from webpurse.settlement.refund_checks import RETURNED as RETURNED
 from webpurse.settlement.refund_checks import stuck as stuck
@@ -38,6 +38,7 @@ from webpurse.settlement.refund_outcomes import fail as fail
 from webpurse.settlement.refund_outcomes import heal_stuck as heal_stuck
 from webpurse.settlement.schemas import RefundCreate
 from webpurse.settlement.service import Ctx, new_id
+from webpurse.settlement.transactions import Status
 from webpurse.settlement.views import refund_json as refund_json
 
 log = structlog.get_logger(__name__)
@@ -55,15 +56,14 @@ def get_refund(ctx: Ctx, refund_id: str) -> Refund:
 
 def create(ctx: Ctx, body: RefundCreate) -> Refund:
     payment: Payment = get_payment(ctx, body.payment, lock=True)
-    if payment.status != "succeeded":
+    if payment.status != Status.SUCCEEDED:
         raise conflict("invalid_payment_state", f"the payment is {payment.status}, not succeeded")
     remaining = payment.amount - payment.refunded_amount
     amount = body.amount if body.amount is not None else remaining
     if amount <= 0 or amount > remaining:
-        raise ApiError(
-            422,
-            "amount_too_large",
+        raise Unprocessable(
             f"at most {remaining} fen of this payment can still be refunded",
+            code="amount_too_large",
             param="amount",
         )
     refund = Refund(
@@ -72,7 +72,7 @@ def create(ctx: Ctx, body: RefundCreate) -> Refund:
         payment_id=payment.id,
         amount=amount,
         currency=payment.currency,
-        status="pending",
+        status=Status.PENDING,
         created_at=ctx.now,
         updated_at=ctx.now,
     )

@@ -24,10 +24,11 @@ from webpurse.settlement.db import for_update
 from webpurse.settlement.decisions import CardRecord, Flag, Observation, OpenTransaction
 from webpurse.settlement.models import Card, CardEvent, CardObservation, Load, Payment
 from webpurse.settlement.security import SecurityModule
+from webpurse.settlement.transactions import OPEN, CardStatus
 
 log = structlog.get_logger(__name__)
 
-STATUSES = ("active", "blocked", "lost", "expired")
+STATUSES = tuple(CardStatus)
 
 
 class RegistryError(Exception):
@@ -60,7 +61,7 @@ def issue_card(
     card = Card(
         id="crd_" + secrets.token_hex(12),
         card_number=number,
-        status="active",
+        status=CardStatus.ACTIVE,
         issuer_id=state.issuer.issuer_id.hex().upper(),
         key_version=security.key_version,
         start_date=state.issuer.start_date,
@@ -114,8 +115,8 @@ def block_clone(session: Session, card: Card, now: dt.datetime, detail: dict[str
     """Authenticated, fresh evidence of a clone (a card check, :mod:`.evidence`): block."""
     card.flagged = True
     card.updated_at = now
-    if card.status == "active":
-        card.status = "blocked"
+    if card.status == CardStatus.ACTIVE:
+        card.status = CardStatus.BLOCKED
         record_event(session, card, "blocked", now, {"reason": Flag.CLONE.value, **detail})
     record_event(session, card, Flag.CLONE.value, now, detail)
     log.warning("card.blocked_clone", card=card.card_number)
@@ -193,10 +194,10 @@ def set_status(
     if status not in STATUSES:
         raise RegistryError(f"status must be one of {', '.join(STATUSES)}")
     previous = card.status
-    if previous == "blocked" and status == "active" and not reason.strip():
+    if previous == CardStatus.BLOCKED and status == CardStatus.ACTIVE and not reason.strip():
         raise RegistryError("reactivating a blocked card needs a reason")
     card.status = status
-    if status == "active":
+    if status == CardStatus.ACTIVE:
         card.flagged = False
     card.updated_at = now
     record_event(
@@ -254,7 +255,7 @@ def _own_superseded(session: Session, item: Payment | Load, merchant_id: str) ->
             return None
         if (
             older.merchant_id == merchant_id
-            and older.status in ("authorised", "uncertain")
+            and older.status in OPEN
             and older.counter == item.counter
         ):
             return older.id

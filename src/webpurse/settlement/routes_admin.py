@@ -14,11 +14,12 @@ from sqlalchemy import select
 
 from webpurse.settlement import expiry, idempotency, ledger, registry
 from webpurse.settlement.auth import OperatorPrincipal
+from webpurse.settlement.deps import PROBLEMS, IdempotencyKey, SessionDep
 from webpurse.settlement.merchants import MerchantError, create_merchant, merchant_json
 from webpurse.settlement.models import Card, CardEvent, CardObservation, Merchant
 from webpurse.settlement.problems import ApiError, not_found
-from webpurse.settlement.routes_payments import PROBLEMS, IdempotencyKey, SessionDep
 from webpurse.settlement.schemas import CardStatusChange, Empty, MerchantCreate
+from webpurse.settlement.transactions import CardStatus
 
 router = APIRouter(prefix="/v1", tags=["operator"])
 
@@ -159,7 +160,9 @@ def card_observations(
 def blacklist(principal: OperatorPrincipal, session: SessionDep) -> dict[str, Any]:
     """Cards that must not transact: blocked or lost."""
     rows = session.scalars(
-        select(Card).where(Card.status.in_(("blocked", "lost"))).order_by(Card.card_number)
+        select(Card)
+        .where(Card.status.in_((CardStatus.BLOCKED, CardStatus.LOST)))
+        .order_by(Card.card_number)
     )
     data = [{"card_number": c.card_number, "status": c.status, "flagged": c.flagged} for c in rows]
     return {"object": "list", "data": data, "has_more": False}

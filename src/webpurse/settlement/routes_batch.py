@@ -11,10 +11,10 @@ from sqlalchemy.orm import Session
 
 from webpurse.settlement import batch
 from webpurse.settlement.auth import MerchantPrincipal
-from webpurse.settlement.db import get_session
+from webpurse.settlement.deps import PROBLEMS, make_ctx
 from webpurse.settlement.problems import ApiError
-from webpurse.settlement.routes_payments import PROBLEMS, make_ctx
 from webpurse.settlement.schemas import BatchIn, BatchOut
+from webpurse.settlement.sessions import get_session
 
 log = structlog.get_logger(__name__)
 router = APIRouter(prefix="/v1/batch", tags=["batch"])

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 
 from webpurse.settlement import card_checks, idempotency
 from webpurse.settlement.auth import AnyPrincipal
-from webpurse.settlement.routes_payments import PROBLEMS, IdempotencyKey, SessionDep, make_ctx
+from webpurse.settlement.deps import PROBLEMS, IdempotencyKey, SessionDep, make_ctx
 from webpurse.settlement.schemas import CardCheckAnswer
 
 router = APIRouter(prefix="/v1/card_checks", tags=["cards"])

@@ -27,8 +27,8 @@ from webpurse.settlement.clearing import (
     run_day,
     timezone_from_env,
 )
-from webpurse.settlement.db import get_session
 from webpurse.settlement.problems import PROBLEM_JSON, ApiError, not_found
+from webpurse.settlement.sessions import get_session
 from webpurse.settlement.settings import Clock
 
 router = APIRouter(prefix="/v1/clearing", tags=["clearing"])

@@ -10,8 +10,8 @@ from fastapi.responses import JSONResponse
 
 from webpurse.settlement import funding, idempotency
 from webpurse.settlement.auth import MerchantPrincipal, OperatorPrincipal
+from webpurse.settlement.deps import PROBLEMS, IdempotencyKey, SessionDep
 from webpurse.settlement.funding import FundingPolicy
-from webpurse.settlement.routes_payments import PROBLEMS, IdempotencyKey, SessionDep
 from webpurse.settlement.schemas import ExceptionReturn, FloatDepositCreate, StatementImport
 
 router = APIRouter(prefix="/v1", tags=["funding"])

@@ -15,9 +15,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from webpurse.settlement import holds, idempotency
+from webpurse.settlement import holds
 from webpurse.settlement.auth import AnyPrincipal, OperatorPrincipal
-from webpurse.settlement.routes_payments import PROBLEMS, IdempotencyKey, SessionDep, make_ctx
+from webpurse.settlement.deps import PROBLEMS, IdempotencyKey, SessionDep, idempotent, make_ctx
 from webpurse.settlement.schemas import CardHeal, HoldRelease
 
 router = APIRouter(prefix="/v1", tags=["holds"])
@@ -32,14 +32,8 @@ def heal_card(
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
     """Settle the card's transaction at the counter settlement is missing, from its proof."""
-    ctx = make_ctx(request, session, principal)
-    return idempotency.run(
-        request,
-        session,
-        principal,
-        idempotency_key,
-        body.model_dump(mode="json"),
-        lambda: (200, holds.heal(ctx, body)),
+    return idempotent(
+        request, session, principal, idempotency_key, body, lambda ctx: holds.heal(ctx, body)
     )
 
 
@@ -63,12 +57,11 @@ def release_hold(
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
     """Release any merchant's open payment or load (its hold back to its source), audited."""
-    ctx = make_ctx(request, session, principal)
-    return idempotency.run(
+    return idempotent(
         request,
         session,
         principal,
         idempotency_key,
-        body.model_dump(mode="json"),
-        lambda: (200, holds.operator_release(ctx, object_id, body)),
+        body,
+        lambda ctx: holds.operator_release(ctx, object_id, body),
     )

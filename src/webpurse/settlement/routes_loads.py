@@ -1,4 +1,8 @@
-"""HTTP routes for loads (merchant key as a top-up agent, or operator key): /v1/loads …"""
+"""HTTP routes for loads (merchant key as a top-up agent, or operator key): /v1/loads …
+
+Creating and listing are the load's own; the lifecycle routes are built by
+:func:`~webpurse.settlement.routes_transactions.add_routes`, as for payments.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +12,19 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import and_, or_, select
 
-from webpurse.settlement import idempotency, loads
+from webpurse.settlement import loads
 from webpurse.settlement.auth import AnyPrincipal
+from webpurse.settlement.deps import PROBLEMS, IdempotencyKey, SessionDep, idempotent, make_ctx
 from webpurse.settlement.funding import FundingPolicy
 from webpurse.settlement.loads import load_json
 from webpurse.settlement.models import Load
-from webpurse.settlement.routes_payments import PROBLEMS, IdempotencyKey, SessionDep, make_ctx
+from webpurse.settlement.routes_transactions import Kind, add_routes
 from webpurse.settlement.schemas import (
-    Cancel,
-    Empty,
     ListOut,
     LoadAuthorise,
     LoadComplete,
     LoadCreate,
     LoadOut,
-    Resolve,
 )
 
 router = APIRouter(prefix="/v1/loads", tags=["loads"])
@@ -42,15 +44,15 @@ def create_load(
     ``insufficient_float`` beyond the float). ``bank_transfer``: ``requires_funding`` with
     a payment reference until an imported statement pays it (docs/settlement-api.md).
     """
-    ctx = make_ctx(request, session, principal)
     policy = FundingPolicy.from_settings(request.app.state.settlement.settings)
-    return idempotency.run(
+    return idempotent(
         request,
         session,
         principal,
         idempotency_key,
-        body.model_dump(mode="json"),
-        lambda: (201, load_json(loads.create(ctx, body, policy))),
+        body,
+        lambda ctx: load_json(loads.create(ctx, body, policy)),
+        status=201,
     )
 
 
@@ -91,111 +93,28 @@ def list_loads(
     }
 
 
-@router.get("/{load_id}", response_model=LoadOut, responses=PROBLEMS)
-def get_load(
-    request: Request, load_id: str, principal: AnyPrincipal, session: SessionDep
-) -> dict[str, Any]:
-    return load_json(loads.get_load(make_ctx(request, session, principal), load_id))
-
-
-@router.post("/{load_id}/authorise", response_model=LoadOut, responses=PROBLEMS)
-def authorise_load(
-    request: Request,
-    load_id: str,
-    body: LoadAuthorise,
-    principal: AnyPrincipal,
-    session: SessionDep,
-    idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
-    """Verify the card's MAC1; issue MAC2 and the CREDIT FOR LOAD APDU."""
-    ctx = make_ctx(request, session, principal)
-    return idempotency.run(
-        request,
-        session,
-        principal,
-        idempotency_key,
-        body.model_dump(mode="json"),
-        lambda: (200, load_json(loads.authorise(ctx, load_id, body))),
-    )
-
-
-@router.post("/{load_id}/complete", response_model=LoadOut, responses=PROBLEMS)
-def complete_load(
-    request: Request,
-    load_id: str,
-    body: LoadComplete,
-    principal: AnyPrincipal,
-    session: SessionDep,
-    idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
-    """Verify the card's TAC; the value is now on the card."""
-    ctx = make_ctx(request, session, principal)
-    return idempotency.run(
-        request,
-        session,
-        principal,
-        idempotency_key,
-        body.model_dump(mode="json"),
-        lambda: (200, load_json(loads.complete(ctx, load_id, body))),
-    )
-
-
-@router.post("/{load_id}/uncertain", response_model=LoadOut, responses=PROBLEMS)
-def uncertain_load(
-    request: Request,
-    load_id: str,
-    principal: AnyPrincipal,
-    session: SessionDep,
-    body: Empty | None = None,
-    idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
-    ctx = make_ctx(request, session, principal)
-    return idempotency.run(
-        request,
-        session,
-        principal,
-        idempotency_key,
-        {},
-        lambda: (200, load_json(loads.uncertain(ctx, load_id))),
-    )
-
-
-@router.post("/{load_id}/resolve", response_model=LoadOut, responses=PROBLEMS)
-def resolve_load(
-    request: Request,
-    load_id: str,
-    body: Resolve,
-    principal: AnyPrincipal,
-    session: SessionDep,
-    idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
-    ctx = make_ctx(request, session, principal)
-    return idempotency.run(
-        request,
-        session,
-        principal,
-        idempotency_key,
-        body.model_dump(mode="json"),
-        lambda: (200, load_json(loads.resolve(ctx, load_id, body))),
-    )
-
-
-@router.post("/{load_id}/cancel", response_model=LoadOut, responses=PROBLEMS)
-def cancel_load(
-    request: Request,
-    load_id: str,
-    principal: AnyPrincipal,
-    session: SessionDep,
-    body: Cancel | None = None,
-    idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
-    """Cancel a load before any credit; ``card_status_word`` 9303 is only observed."""
-    ctx = make_ctx(request, session, principal)
-    return idempotency.run(
-        request,
-        session,
-        principal,
-        idempotency_key,
-        body.model_dump(mode="json", exclude_none=True) if body else {},
-        lambda: (200, load_json(loads.cancel(ctx, load_id, body))),
-    )
+add_routes(
+    router,
+    Kind(
+        name="load",
+        principal=AnyPrincipal,
+        out=LoadOut,
+        to_json=load_json,
+        get=loads.get_load,
+        authorise=loads.authorise,
+        authorise_body=LoadAuthorise,
+        finish_action="complete",
+        finish=loads.complete,
+        finish_body=LoadComplete,
+        uncertain=loads.uncertain,
+        resolve=loads.resolve,
+        cancel=loads.cancel,
+        docs={
+            "authorise_load": "Verify the card's MAC1; issue MAC2 and the CREDIT FOR LOAD APDU.",
+            "complete_load": "Verify the card's TAC; the value is now on the card.",
+            "cancel_load": (
+                "Cancel a load before any credit; ``card_status_word`` 9303 is only observed."
+            ),
+        },
+    ),
+)

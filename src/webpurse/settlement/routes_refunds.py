@@ -8,11 +8,11 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
-from webpurse.settlement import idempotency, refunds
+from webpurse.settlement import refunds
 from webpurse.settlement.auth import MerchantPrincipal
+from webpurse.settlement.deps import PROBLEMS, IdempotencyKey, SessionDep, idempotent, make_ctx
 from webpurse.settlement.models import Refund
 from webpurse.settlement.refunds import refund_json
-from webpurse.settlement.routes_payments import PROBLEMS, IdempotencyKey, SessionDep, make_ctx
 from webpurse.settlement.schemas import ListOut, RefundCreate, RefundOut
 
 router = APIRouter(prefix="/v1/refunds", tags=["refunds"])
@@ -27,14 +27,14 @@ def create_refund(
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
     """Refund (part of) a succeeded payment: a pending credit for the card's next contact."""
-    ctx = make_ctx(request, session, principal)
-    return idempotency.run(
+    return idempotent(
         request,
         session,
         principal,
         idempotency_key,
-        body.model_dump(mode="json"),
-        lambda: (201, refund_json(refunds.create(ctx, body))),
+        body,
+        lambda ctx: refund_json(refunds.create(ctx, body)),
+        status=201,
     )
 
 

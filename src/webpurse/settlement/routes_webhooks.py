@@ -24,10 +24,11 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from webpurse.settlement.auth import MerchantPrincipal
-from webpurse.settlement.db import for_update, get_session
+from webpurse.settlement.db import for_update
 from webpurse.settlement.models import Merchant
 from webpurse.settlement.problems import PROBLEM_JSON, ApiError, bad_request, not_found
 from webpurse.settlement.security import resolve_kek
+from webpurse.settlement.sessions import get_session
 from webpurse.settlement.settings import Clock, Settings
 from webpurse.settlement.webhooks import (
     EVENT_FILTER_RE,

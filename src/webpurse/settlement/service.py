@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from webpurse.protocol.errors import ProtocolError
 from webpurse.protocol.records import IssuerData
 from webpurse.settlement.auth import Principal
-from webpurse.settlement.problems import bad_request
+from webpurse.settlement.errors import bad_request
 from webpurse.settlement.security import SecurityModule
 
 T = TypeVar("T")

@@ -23,6 +23,7 @@ from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 
 from webpurse.settlement import references
+from webpurse.settlement.transactions import Status
 
 CURRENCY = "CNY"
 MAX_FEN = 10**15  # a bound far above any real statement (and inside BIGINT)
@@ -449,7 +450,7 @@ def plan(
         detail = ""
         if order.funded or order.load_id in funded:
             kind, detail = Exceptional.DUPLICATE, "the order is already funded"
-        elif order.status != "requires_funding" or (
+        elif order.status != Status.REQUIRES_FUNDING or (
             order.expires_at is not None and order.expires_at <= now
         ):
             kind, detail = Exceptional.EXPIRED_ORDER, f"the order is {order.status}, unpaid"

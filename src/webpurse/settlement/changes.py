@@ -1,0 +1,126 @@
+"""Pure change builders: what each lifecycle step writes, as values.
+
+Each function returns the column values of a step (or the ledger transfer it posts) and
+touches no database: the single path (:mod:`.payments`, :mod:`.loads`) sets them on its ORM
+rows, the batch fast path (:mod:`.batch`) writes them set-based, so the two cannot drift.
+A status change in them goes through the lifecycle table
+(:func:`~webpurse.settlement.transactions.transition`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from webpurse.settlement import ledger
+from webpurse.settlement.ledger import TransferSpec
+from webpurse.settlement.transactions import Kind, Status, transition
+
+Changes = dict[str, Any]
+
+
+def apply(row: Any, changes: Changes) -> None:
+    """Set ``changes`` on an ORM row."""
+    for column, value in changes.items():
+        setattr(row, column, value)
+
+
+def authorised(
+    kind: Kind,
+    status: str,
+    *,
+    card_id: str,
+    card_number: str,
+    key_version: int,
+    balance: int,
+    counter: int,
+    random: bytes,
+    date: dt.date,
+    time: dt.time,
+    now: dt.datetime,
+    supersedes: str | None,
+) -> Changes:
+    """The card's INITIALIZE values and the transaction's date and time, bound to it."""
+    return {
+        "status": transition(kind, status, Status.AUTHORISED),
+        "card_id": card_id,
+        "card_number": card_number,
+        "balance_before": balance,
+        "counter": counter,
+        "supersedes": supersedes,
+        "key_version": key_version,
+        "card_random": random.hex().upper(),
+        "txn_date": date.strftime("%Y%m%d"),
+        "txn_time": time.strftime("%H%M%S"),
+        "authorised_at": now,
+        "updated_at": now,
+    }
+
+
+def succeeded(
+    kind: Kind, status: str, *, tac: bytes, now: dt.datetime, mac2: bytes | None = None
+) -> Changes:
+    """The card proved the debit (MAC2 and TAC) or the credit (TAC)."""
+    changes: Changes = {"status": transition(kind, status, Status.SUCCEEDED)}
+    if mac2 is not None:
+        changes["mac2"] = mac2.hex().upper()
+    changes["tac"] = tac.hex().upper()
+    changes["updated_at"] = now
+    return changes
+
+
+def card_settled(
+    kind: Kind, *, balance_before: int, amount: int, counter: int, now: dt.datetime
+) -> Changes:
+    """The shadow purse after the card's proven debit or credit: balance and counter on."""
+    if kind is Kind.PAYMENT:
+        return {
+            "shadow_balance": balance_before - amount,
+            "offline_counter": counter + 1,
+            "updated_at": now,
+        }
+    return {
+        "shadow_balance": balance_before + amount,
+        "online_counter": counter + 1,
+        "updated_at": now,
+    }
+
+
+def card_event(
+    kind: Kind, object_id: str, amount: int, counter: int, tac: str
+) -> tuple[str, dict[str, Any]]:
+    """The card's history entry for a proven transaction: its kind and detail."""
+    event = "purchase" if kind is Kind.PAYMENT else "load"
+    return event, {kind.value: object_id, "amount": amount, "counter": counter, "tac": tac}
+
+
+def _transfer(
+    object_id: str, step: str, debit: str, credit: str, amount: int, kind: str
+) -> TransferSpec:
+    return TransferSpec(f"{object_id}:{step}", debit, credit, amount, kind, object_id)
+
+
+def purchase_hold(payment_id: str, card_id: str, amount: int) -> TransferSpec:
+    """Authorise: the amount leaves the card's account for ``held:purchases``."""
+    card = ledger.card_account(card_id)
+    return _transfer(payment_id, "hold", card, ledger.HELD_PURCHASES, amount, "purchase_hold")
+
+
+def purchase_capture(payment_id: str, merchant_id: str, amount: int) -> TransferSpec:
+    """Capture: the held amount goes to the merchant."""
+    merchant = ledger.merchant_account(merchant_id)
+    held = ledger.HELD_PURCHASES
+    return _transfer(payment_id, "capture", held, merchant, amount, "purchase_capture")
+
+
+def purchase_release(payment_id: str, card_id: str, amount: int) -> TransferSpec:
+    """Release: the card proved no debit; the hold goes back to the card."""
+    card = ledger.card_account(card_id)
+    held = ledger.HELD_PURCHASES
+    return _transfer(payment_id, "release", held, card, amount, "purchase_release")
+
+
+def load_credit(load_id: str, card_id: str, amount: int) -> TransferSpec:
+    """Complete: the held funds are on the card."""
+    card = ledger.card_account(card_id)
+    return _transfer(load_id, "credit", ledger.HELD_LOADS, card, amount, "load_credit")
