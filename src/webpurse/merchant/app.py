@@ -26,7 +26,7 @@ from fastapi.exception_handlers import (
     request_validation_exception_handler,
 )
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -35,8 +35,9 @@ from webpurse.body_limit import BodyLimit, plain_refusal
 from webpurse.merchant import routes_orders, routes_shop, routes_topup, routes_webhooks
 from webpurse.merchant.cardread import CardReads
 from webpurse.merchant.cashier import Cashier
+from webpurse.merchant.leases import RedisFlowLeases
 from webpurse.merchant.orders import OrderBook, make_engine
-from webpurse.merchant.progress import ProgressBus
+from webpurse.merchant.progress import ProgressBus, RedisProgressBus
 from webpurse.merchant.readers import ReaderBroker, RemoteBroker
 from webpurse.merchant.security import RateLimiter
 from webpurse.merchant.settings import MerchantSettings
@@ -54,8 +55,9 @@ from webpurse.merchant.till import (
     add_staff_routes,
 )
 from webpurse.merchant.web import READER_PATH, Shop
-from webpurse.merchant.webhooks import SeenEvents
+from webpurse.merchant.webhooks import RedisSeenEvents, SeenEvents
 from webpurse.reader.remote import ReaderHub
+from webpurse.reader.remote.shared import UNAVAILABLE, SharedState, SharedStateUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,24 @@ async def _refused(request: Request, exc: Exception) -> Response:
     return await http_exception_handler(request, exc)
 
 
+async def _shared_state_unavailable(request: Request, exc: Exception) -> Response:
+    """The shop's Redis is away: refuse (503, retry shortly); nothing was changed."""
+    log.warning("refused %s %s: 503 %s", request.method, request.url.path, exc)
+    return JSONResponse(
+        {
+            "type": "about:blank",
+            "title": "Service unavailable",
+            "status": 503,
+            "code": UNAVAILABLE,
+            "detail": "payments are paused: the shop cannot reach its shared state; "
+            "try again shortly",
+        },
+        status_code=503,
+        media_type="application/problem+json",
+        headers={"Retry-After": "5", "Cache-Control": "no-store"},
+    )
+
+
 def create_app(
     settings: MerchantSettings,
     *,
@@ -102,7 +122,12 @@ def create_app(
         by_account=RateLimiter(ACCOUNT_FAILURES, WINDOW, clock),
         by_address=RateLimiter(ADDRESS_FAILURES, WINDOW, clock),
     )
-    bus = ProgressBus()
+    shared = (
+        SharedState.from_url(settings.redis_url, prefix=settings.redis_prefix)
+        if settings.redis_url
+        else None
+    )
+    bus = ProgressBus() if shared is None else RedisProgressBus(shared)
     http: httpx.AsyncClient | None = None
     if settlement is None:
         http = httpx.AsyncClient(base_url=settings.settlement_url, timeout=15.0)
@@ -112,9 +137,10 @@ def create_app(
             else SettlementClient(http, settings.settlement_api_key)
         )
     if broker is None:
-        hub = hub or ReaderHub()
+        hub = hub or ReaderHub(shared=shared)
         broker = RemoteBroker(hub)
-    cashier = Cashier(orders, settlement, broker, bus)
+    leases = RedisFlowLeases(shared) if shared is not None else None
+    cashier = Cashier(orders, settlement, broker, bus, leases=leases)
     card_reads = CardReads(broker)
     shop = Shop(
         settings=settings,
@@ -123,9 +149,10 @@ def create_app(
         bus=bus,
         till=till,
         card_reads=card_reads,
-        seen_events=SeenEvents(),
+        seen_events=SeenEvents() if shared is None else RedisSeenEvents(shared),
         templates=Jinja2Templates(directory=HERE / "templates"),
         wall_clock=wall_clock,
+        shared=shared,
     )
 
     @asynccontextmanager
@@ -141,6 +168,10 @@ def create_app(
             await hub.close()
         if http is not None:
             await http.aclose()
+        if isinstance(bus, RedisProgressBus):
+            await bus.flush()
+        if shared is not None:
+            await shared.close()
 
     app = FastAPI(title="webpurse merchant shop", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.shop = shop
@@ -155,6 +186,7 @@ def create_app(
     )
     app.add_exception_handler(RequestValidationError, _invalid_input)
     app.add_exception_handler(StarletteHTTPException, _refused)
+    app.add_exception_handler(SharedStateUnavailable, _shared_state_unavailable)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     if hub is not None:
         app.add_api_websocket_route(READER_PATH, hub.endpoint)

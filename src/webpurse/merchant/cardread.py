@@ -86,7 +86,7 @@ class CardReads:
         while len(self._reads) > MAX_READS:
             del self._reads[next(iter(self._reads))]
 
-    def start(self, session_id: str) -> tuple[CardRead, Pairing]:
+    async def start(self, session_id: str) -> tuple[CardRead, Pairing]:
         """A new read for this browser session; its earlier read, if still waiting, ends."""
         self._forget_old()
         for task in list(self._tasks):
@@ -96,8 +96,10 @@ class CardReads:
         if len(self._tasks) >= MAX_WAITING:
             raise TooManyReads(f"{len(self._tasks)} card reads are waiting")
         read = CardRead("rd_" + secrets.token_hex(12), session_id, self._clock())
+        pairing = await self.broker.pair(read.id, amount=0, description="read the card number")
+        if len(self._tasks) >= MAX_WAITING:  # others started while the pairing was stored
+            raise TooManyReads(f"{len(self._tasks)} card reads are waiting")
         self._reads[read.id] = read
-        pairing = self.broker.pair(read.id, amount=0, description="read the card number")
         task = asyncio.create_task(self._run(read), name=f"read {session_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -12,6 +12,7 @@ the webhook's follow-up: it re-reads the settlement object and applies its statu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections import OrderedDict
@@ -27,6 +28,7 @@ from webpurse.merchant.flows import (
     recover,
     run_transaction,
 )
+from webpurse.merchant.leases import RedisFlowLeases
 from webpurse.merchant.orders import (
     CANCELED,
     DECLINED,
@@ -52,6 +54,7 @@ from webpurse.merchant.settlement import (
 )
 from webpurse.protocol.records import TransactionType
 from webpurse.reader.base import Reader, ReaderError
+from webpurse.reader.remote.shared import SharedStateUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,7 @@ class Cashier:
         *,
         reader_timeout: float = 300.0,
         card_timeout: float = 120.0,
+        leases: RedisFlowLeases | None = None,
     ) -> None:
         self.orders = orders
         self.settlement = settlement
@@ -95,6 +99,8 @@ class Cashier:
         self.bus = bus
         self.reader_timeout = reader_timeout
         self.card_timeout = card_timeout
+        self.leases = leases
+        """With several shop processes: only the lease holder drives an order."""
         self._tasks: dict[str, asyncio.Task[None]] = {}
         """Running payment tasks only: a task leaves when it ends (see ``_task_done``)."""
         self._finished: OrderedDict[str, asyncio.Task[None]] = OrderedDict()
@@ -254,6 +260,29 @@ class Cashier:
                 log.exception("%s failed while the cashier closed", task.get_name())
 
     async def _drive(self, order_id: str) -> None:
+        """Run the order's payment here unless another shop process already does."""
+        if self.leases is None:
+            await self._drive_here(order_id)
+            return
+        try:
+            held = await self.leases.acquire(order_id)
+        except SharedStateUnavailable:
+            log.warning("order %s: shared state unavailable; not starting its payment", order_id)
+            self._publish_failure(order_id, SharedStateUnavailable.code)
+            return
+        if not held:
+            log.info("order %s: another shop process drives its payment", order_id)
+            return
+        keeper = asyncio.create_task(self.leases.keep(order_id), name=f"lease {order_id}")
+        try:
+            await self._drive_here(order_id)
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+            await self.leases.release(order_id)
+
+    async def _drive_here(self, order_id: str) -> None:
         """Run the order's payment; whatever happens, end the agent's session after it."""
         outcome, message, amount = "failed", "internal error", None
         try:
@@ -272,14 +301,14 @@ class Cashier:
             self._publish_failure(order_id)
         await self._finish(order_id, outcome, message, amount)
 
-    def _publish_failure(self, order_id: str) -> None:
+    def _publish_failure(self, order_id: str, detail: str = "internal_error") -> None:
         try:
             order = self.orders.get(order_id)
         except Exception:
             log.exception("order %s: cannot read the order to report its failure", order_id)
             return
         if order is not None:
-            self.publish(order, Phase.FAILED, "internal_error")
+            self.publish(order, Phase.FAILED, detail)
 
     async def _finish(self, order_id: str, outcome: str, message: str, amount: int | None) -> None:
         """Tell the agent how it ended and close its session; a failure is logged, not raised."""

@@ -29,7 +29,7 @@ class Pairing:
 
 
 class ReaderBroker(Protocol):
-    def pair(self, order_id: str, *, amount: int, description: str) -> Pairing: ...
+    async def pair(self, order_id: str, *, amount: int, description: str) -> Pairing: ...
 
     async def reader_for(self, order_id: str, timeout: float) -> Reader: ...
 
@@ -52,7 +52,7 @@ class LocalBroker:
         self._reader = reader
         self._ready.set()
 
-    def pair(self, order_id: str, *, amount: int, description: str) -> Pairing:
+    async def pair(self, order_id: str, *, amount: int, description: str) -> Pairing:
         return Pairing(secrets.token_urlsafe(32), f"{secrets.randbelow(10**8):08d}")
 
     async def reader_for(self, order_id: str, timeout: float) -> Reader:
@@ -74,14 +74,16 @@ class RemoteBroker:
     """Readers of shoppers' agents over the remote-reader WebSocket (``ReaderHub``).
 
     The pairing is bound to the order id, so a retry or a recovery after an interruption
-    stays with the same order whatever its current settlement object is.
+    stays with the same order whatever its current settlement object is. With the hub's
+    shared state (Redis), the agent may be connected to another shop process: its reader
+    is then driven through that process (``RoutedReader``).
     """
 
     def __init__(self, hub: ReaderHub) -> None:
         self.hub = hub
 
-    def pair(self, order_id: str, *, amount: int, description: str) -> Pairing:
-        issued = self.hub.issue(order_id, display=description[:64])
+    async def pair(self, order_id: str, *, amount: int, description: str) -> Pairing:
+        issued = await self.hub.open_pairing(order_id, display=description[:64])
         return Pairing(issued.token, issued.code)
 
     async def reader_for(self, order_id: str, timeout: float) -> Reader:
@@ -90,6 +92,4 @@ class RemoteBroker:
         return reader
 
     async def finish(self, order_id: str, outcome: str, message: str, amount: int | None) -> None:
-        reader = self.hub.reader_for(order_id)
-        if reader is not None:
-            await reader.end(_OUTCOMES.get(outcome, Outcome.FAILED), message, amount)
+        await self.hub.finish(order_id, _OUTCOMES.get(outcome, Outcome.FAILED), message, amount)

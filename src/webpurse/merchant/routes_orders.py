@@ -53,7 +53,9 @@ async def pay_page(request: Request, shop: ShopDep, order_id: str) -> Response:
         order = await shop.cashier.refresh(order_id) or order
         if awaiting_funds(order) or order.is_final:
             return RedirectResponse(f"/orders/{order_id}/transfer", status_code=303)
-    pairing = shop.cashier.broker.pair(order_id, amount=order.amount, description=describe(order))
+    pairing = await shop.cashier.broker.pair(
+        order_id, amount=order.amount, description=describe(order)
+    )
     shop.cashier.start(order_id)
     return shop.render(
         request,
@@ -74,7 +76,9 @@ async def new_pairing(request: Request, shop: ShopDep, order_id: str) -> JSONRes
         raise HTTPException(409, "the order is already settled")
     if awaiting_funds(order):
         raise HTTPException(409, "the bank transfer has not arrived yet")
-    pairing = shop.cashier.broker.pair(order_id, amount=order.amount, description=describe(order))
+    pairing = await shop.cashier.broker.pair(
+        order_id, amount=order.amount, description=describe(order)
+    )
     shop.cashier.start(order_id)
     return JSONResponse(
         {"token": pairing.token, "code": pairing.short_code},
@@ -95,7 +99,7 @@ async def retry(request: Request, shop: ShopDep, order_id: str) -> Response:
 async def order_status(request: Request, shop: ShopDep, order_id: str) -> JSONResponse:
     shop.own_order(request, order_id)
     order = await shop.cashier.refresh(order_id) or shop.own_order(request, order_id)
-    last = shop.bus.last(order_id)
+    last = await shop.bus.latest(order_id)
     return JSONResponse(order_json(order, last))
 
 
@@ -105,7 +109,7 @@ async def order_events(request: Request, shop: ShopDep, order_id: str) -> Stream
 
     async def stream() -> AsyncIterator[str]:
         order = await shop.cashier.refresh(order_id)
-        last = shop.bus.last(order_id)
+        last = await shop.bus.latest(order_id)
         if last is not None:
             yield last.to_sse()
         elif order is not None:

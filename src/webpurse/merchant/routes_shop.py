@@ -79,6 +79,7 @@ async def checkout(request: Request, shop: ShopDep) -> Response:
     cart = shop.cart_of(request)
     if not cart.items:
         return RedirectResponse("/cart", status_code=303)
+    await shop.require_shared()  # no order (nor payment at settlement) we cannot take
     order = shop.orders.create(
         session_id=shop.session_of(request),
         kind=PURCHASE,

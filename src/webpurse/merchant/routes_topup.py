@@ -111,7 +111,7 @@ async def start_card_read(request: Request, shop: ShopDep) -> Response:
     """Pair the shopper's agent to read the card number off the card (no consent
     needed: SELECT and READ BINARY change nothing)."""
     try:
-        read, pairing = shop.card_reads.start(shop.session_of(request))
+        read, pairing = await shop.card_reads.start(shop.session_of(request))
     except TooManyReads as exc:
         log.warning("refused a card read: %s", exc)
         raise HTTPException(503, "too many card reads at once: try again shortly") from None

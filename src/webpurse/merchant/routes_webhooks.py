@@ -39,7 +39,7 @@ async def settlement_webhook(request: Request, shop: ShopDep) -> Response:
             object_id = str(obj["id"])
     except (ValueError, KeyError, TypeError):
         return JSONResponse({"error": "malformed_event"}, 400)
-    if event_id in shop.seen_events:
+    if await shop.seen_events.seen(event_id):
         return Response(status_code=204)
     if not object_id:
         log.warning(
@@ -48,11 +48,13 @@ async def settlement_webhook(request: Request, shop: ShopDep) -> Response:
             i18n.format_fen(alert.low_threshold),
         )
         shop.till.float_alert = alert
-        shop.seen_events.add(event_id)
+        await shop.seen_events.remember(event_id)
         return Response(status_code=204)
     order = shop.orders.by_settlement_id(object_id)
     if order is not None:
         # Deliveries come in any order: re-fetch the object instead of trusting the body.
         await shop.cashier.refresh(order.id)
-    shop.seen_events.add(event_id)  # only once handled: a failed delivery is retried in full
+    await shop.seen_events.remember(
+        event_id
+    )  # only once handled: a failed delivery is retried in full
     return Response(status_code=204)

@@ -31,7 +31,8 @@ from webpurse.merchant.security import LinkRefused, make_link, open_link
 from webpurse.merchant.settings import MerchantSettings
 from webpurse.merchant.settlement import BANK_TRANSFER, REQUIRES_FUNDING
 from webpurse.merchant.till import TillState
-from webpurse.merchant.webhooks import SeenEvents
+from webpurse.merchant.webhooks import RedisSeenEvents, SeenEvents
+from webpurse.reader.remote.shared import SharedState
 
 SESSION_COOKIE = "wp_sid"
 READER_PATH = "/reader"
@@ -82,9 +83,16 @@ class Shop:
     bus: ProgressBus
     till: TillState
     card_reads: CardReads
-    seen_events: SeenEvents
+    seen_events: SeenEvents | RedisSeenEvents
     templates: Jinja2Templates
     wall_clock: Callable[[], float]
+    shared: SharedState | None = None
+
+    async def require_shared(self) -> None:
+        """Refuse (``SharedStateUnavailable``: a 503 problem) before anything is created
+        when this shop runs with shared state that cannot be reached."""
+        if self.shared is not None:
+            await self.shared.ping()
 
     def lang_of(self, request: Request) -> str:
         return i18n.choose_language(

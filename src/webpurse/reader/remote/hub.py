@@ -9,10 +9,11 @@ import secrets
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from webpurse.reader.base import ReaderTimeout
+from webpurse.reader.base import ReaderDisconnected, ReaderTimeout
 from webpurse.reader.messages import (
     PROTOCOL_VERSIONS,
     AgentHello,
+    Card,
     Error,
     ErrorCode,
     Message,
@@ -30,11 +31,17 @@ from webpurse.reader.remote.pairing import (
     Clock,
     Pairing,
     PairingError,
+    PairingRecord,
     Pairings,
     digest,
     utc_now,
 )
 from webpurse.reader.remote.reader import RemoteReader
+from webpurse.reader.remote.redis_limiter import RedisCodeLimiter
+from webpurse.reader.remote.redis_pairing import RedisPairings
+from webpurse.reader.remote.routed import RoutedReader
+from webpurse.reader.remote.routing import RpcServer, SessionDirectory, SessionState
+from webpurse.reader.remote.shared import SharedState
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +53,12 @@ class ReaderHub:
 
     ``app.add_api_websocket_route("/reader", hub.endpoint)`` (FastAPI) or
     ``WebSocketRoute("/reader", hub.endpoint)`` (Starlette).
+
+    With ``shared`` (the shop's Redis) pairings, the code limiter and the sessions' state
+    are shared by every shop process: an agent may pair on one process while the cashier
+    drives its reader from another (:class:`RoutedReader`). Without it, all of it stays
+    in this process. The async methods (:meth:`open_pairing`, :meth:`wait_for_reader`,
+    :meth:`finish`) work either way.
     """
 
     def __init__(
@@ -57,6 +70,7 @@ class ReaderHub:
         batch_timeout: float = 60.0,
         hello_timeout: float = 10.0,
         ping_interval: float = 15.0,
+        shared: SharedState | None = None,
     ) -> None:
         self.pairings = pairings if pairings is not None else Pairings(clock=clock)
         self.grace = grace
@@ -70,6 +84,52 @@ class ReaderHub:
         self._expiry: dict[str, asyncio.TimerHandle] = {}
         self._clock = clock
         self.code_limiter = CodeLimiter(clock=clock)
+        self.shared = shared
+        self._shared_pairings: RedisPairings | None = None
+        self._shared_limiter: RedisCodeLimiter | None = None
+        self.directory: SessionDirectory | None = None
+        self._rpc: RpcServer | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        if shared is not None:
+            self._shared_pairings = RedisPairings(shared, clock=clock)
+            self._shared_limiter = RedisCodeLimiter(shared, clock=clock)
+            self.directory = SessionDirectory(shared)
+            self._rpc = RpcServer(shared, self.reader_for)
+
+    async def open_pairing(self, binding: str, *, display: str | None = None) -> Pairing:
+        """:meth:`issue`, in the shared state when there is one (any process redeems it);
+        raises :class:`~webpurse.reader.remote.shared.SharedStateUnavailable` without it."""
+        if self._shared_pairings is None or self._shared_limiter is None:
+            return self.issue(binding, display=display)
+        wrong = await self._shared_limiter.wrong_codes()
+        return await self._shared_pairings.issue(binding, display=display, wrong_codes=wrong)
+
+    async def _code_allowed(self, client: str) -> bool:
+        if self._shared_limiter is not None:
+            return await self._shared_limiter.allows(client)
+        return self.code_limiter.allows(client)
+
+    async def _code_failed(self, client: str) -> None:
+        if self._shared_limiter is not None:
+            await self._shared_limiter.failed(client)
+        else:
+            self.code_limiter.failed(client)
+
+    async def _wrong_codes(self) -> int:
+        if self._shared_limiter is not None:
+            return await self._shared_limiter.wrong_codes()
+        return self.code_limiter.wrong_codes
+
+    async def _redeem(self, token: str | None, code: str | None) -> PairingRecord:
+        if self._shared_pairings is not None:
+            return await self._shared_pairings.redeem(token=token, code=code)
+        return self.pairings.redeem(token=token, code=code)
+
+    async def _retire_code(self, record: PairingRecord) -> None:
+        if self._shared_pairings is not None:
+            await self._shared_pairings.retire_code(record)
+        else:
+            self.pairings.retire_code(record)
 
     def issue(self, binding: str, *, display: str | None = None) -> Pairing:
         """A pairing token and code for one payment or load id (see :class:`Pairings`)."""
@@ -81,8 +141,11 @@ class ReaderHub:
         reader = self._readers.get(binding)
         return None if reader is None or reader.ended else reader
 
-    async def wait_for_reader(self, binding: str, timeout: float) -> RemoteReader:
-        """The reader of the agent that paired for ``binding``, once its hello is done."""
+    async def wait_for_reader(self, binding: str, timeout: float) -> RemoteReader | RoutedReader:
+        """The reader of the agent that paired for ``binding``, once its hello is done:
+        on this process, or (with shared state) on any other."""
+        if self.directory is not None:
+            return await self._wait_shared(self.directory, binding, timeout)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while (reader := self.reader_for(binding)) is None:
@@ -94,14 +157,83 @@ class ReaderHub:
                 await asyncio.wait_for(self._changed.wait(), remaining)
         return reader
 
+    async def _wait_shared(
+        self, directory: SessionDirectory, binding: str, timeout: float
+    ) -> RemoteReader | RoutedReader:
+        me = directory.shared.node
+
+        def paired(state: SessionState | None) -> bool:
+            # A session of this process counts only while it is here (not just ended).
+            local = self.reader_for(binding) is not None
+            return local or (state is not None and state.node != me)
+
+        try:
+            state = await directory.wait(binding, paired, timeout)
+        except ReaderDisconnected:
+            # Redis is away: an agent paired with this very process still works.
+            if (reader := self.reader_for(binding)) is not None:
+                return reader
+            raise
+        local = self.reader_for(binding)
+        if local is not None:
+            return local
+        assert state is not None
+        return RoutedReader(directory, state, batch_timeout=self.batch_timeout)
+
+    async def finish(
+        self, binding: str, outcome: Outcome, message: str = "", amount: int | None = None
+    ) -> None:
+        """Tell the agent paired for ``binding`` the outcome and end its session, wherever
+        it is connected (nothing when there is none)."""
+        reader = self.reader_for(binding)
+        if reader is not None:
+            await reader.end(outcome, message, amount)
+            return
+        if self.directory is None:
+            return
+        try:
+            state = await self.directory.lookup(binding)
+        except Exception:
+            log.warning("could not look up the session for %s to end it", binding)
+            return
+        if state is not None and state.node != self.directory.shared.node:
+            routed = RoutedReader(self.directory, state, batch_timeout=self.batch_timeout)
+            await routed.end(outcome, message, amount)
+
+    def _announce(self, reader: RemoteReader) -> None:
+        """Publish ``reader``'s state to the shared state (in the background, in order)."""
+        if self.directory is None:
+            return
+        directory = self.directory
+        previous = getattr(reader, "_announced", None)
+
+        async def write() -> None:
+            if previous is not None:
+                with contextlib.suppress(BaseException):
+                    await previous
+            if reader.ended:
+                await directory.forget(reader)
+            else:
+                await directory.publish(reader)
+
+        task = asyncio.get_running_loop().create_task(write())
+        reader._announced = task  # type: ignore[attr-defined]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def close(self) -> None:
         """End every session (server shutdown)."""
+        if self._rpc is not None:
+            await self._rpc.close()
         for reader in list(self._readers.values()):
             await reader.end(Outcome.CANCELED, "the merchant server is shutting down")
         for handle in self._expiry.values():
             handle.cancel()
         self._readers.clear()
         self._by_resume.clear()
+        for task in list(self._background):
+            with contextlib.suppress(BaseException):
+                await task
 
     # -- the endpoint ---------------------------------------------------------------------
 
@@ -118,6 +250,7 @@ class ReaderHub:
             finally:
                 if reader._detach(link):
                     self._start_grace(reader)
+                    self._announce(reader)
                 elif reader.ended:
                     self._forget(reader)
         except WebSocketDisconnect:
@@ -175,20 +308,20 @@ class ReaderHub:
             )
             return None
         client = link.websocket.client.host if link.websocket.client else "?"
-        if hello.code is not None and not self.code_limiter.allows(client):
+        if hello.code is not None and not await self._code_allowed(client):
             await self._refuse(link, ErrorCode.TOKEN_INVALID, "too many wrong codes; wait")
             return None
         try:
-            record = self.pairings.redeem(token=hello.token, code=hello.code)
+            record = await self._redeem(hello.token, hello.code)
         except PairingError as exc:
             if hello.code is not None:
-                self.code_limiter.failed(client)
+                await self._code_failed(client)
             await self._refuse(link, ErrorCode.TOKEN_INVALID, str(exc))
             return None
-        guessed = self.code_limiter.wrong_codes - record.wrong_codes_at_issue
+        guessed = await self._wrong_codes() - record.wrong_codes_at_issue
         if hello.code is not None and guessed > CODE_GUESS_BUDGET:
             log.warning("code for %s retired after %d wrong codes", record.binding, guessed)
-            self.pairings.retire_code(record)
+            await self._retire_code(record)
             await self._refuse(
                 link,
                 ErrorCode.TOKEN_INVALID,
@@ -225,6 +358,8 @@ class ReaderHub:
             self._forget(reader)
             return None
         reader._attach(link, hello.card, hello.reader)
+        self._start_rpc()
+        self._announce(reader)
         log.info("agent paired: session %s for %s", reader.session, record.binding)
         self._changed.set()
         return reader
@@ -264,6 +399,7 @@ class ReaderHub:
             self._start_grace(reader)
             return None
         reader._attach(link, resume.card, resume.reader)
+        self._announce(reader)
         log.info("agent resumed session %s", reader.session)
         self._changed.set()
         return reader
@@ -283,6 +419,8 @@ class ReaderHub:
                     reply: Message | None = error_for(message)
                 else:
                     reply = reader.on_message(message)
+                    if isinstance(message, Card):
+                        self._announce(reader)
                 if isinstance(reply, Error):
                     violations += 1
                 if reply is not None:
@@ -318,7 +456,12 @@ class ReaderHub:
             reader._expire()
             self._forget(reader)
 
+    def _start_rpc(self) -> None:
+        if self._rpc is not None:
+            self._rpc.start()
+
     def _forget(self, reader: RemoteReader) -> None:
+        self._announce(reader)
         if self._readers.get(reader.binding) is reader:
             del self._readers[reader.binding]
         for key in [k for k, r in self._by_resume.items() if r is reader]:
