@@ -39,7 +39,7 @@ from webpurse.merchant.leases import RedisFlowLeases
 from webpurse.merchant.orders import OrderBook, make_engine
 from webpurse.merchant.progress import ProgressBus, RedisProgressBus
 from webpurse.merchant.readers import ReaderBroker, RemoteBroker
-from webpurse.merchant.security import RateLimiter
+from webpurse.merchant.security import RateLimiter, RedisRateLimiter
 from webpurse.merchant.settings import MerchantSettings
 from webpurse.merchant.settlement import (
     BatchingSettlementClient,
@@ -117,15 +117,19 @@ def create_app(
     ``clock`` (monotonic) paces sign-in attempts; ``wall_clock`` dates top-up links."""
     engine = make_engine(settings.resolved_database_url())
     orders = OrderBook(engine)
-    till = TillState(
-        staff=StaffBook(engine, password_hasher),
-        by_account=RateLimiter(ACCOUNT_FAILURES, WINDOW, clock),
-        by_address=RateLimiter(ADDRESS_FAILURES, WINDOW, clock),
-    )
     shared = (
         SharedState.from_url(settings.redis_url, prefix=settings.redis_prefix)
         if settings.redis_url
         else None
+    )
+    till = TillState(
+        staff=StaffBook(engine, password_hasher),
+        by_account=RateLimiter(ACCOUNT_FAILURES, WINDOW, clock)
+        if shared is None
+        else RedisRateLimiter(shared, "signin-account", ACCOUNT_FAILURES, WINDOW),
+        by_address=RateLimiter(ADDRESS_FAILURES, WINDOW, clock)
+        if shared is None
+        else RedisRateLimiter(shared, "signin-address", ADDRESS_FAILURES, WINDOW),
     )
     bus = ProgressBus() if shared is None else RedisProgressBus(shared)
     http: httpx.AsyncClient | None = None

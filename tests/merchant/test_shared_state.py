@@ -1,0 +1,78 @@
+"""Two shop apps (two processes' worth: each its own Redis pool and node id) on one Redis
+and one order book: staff sign-in limits and staff sessions hold across them, and the
+shop without Redis configured keeps everything in the process (the embedded default)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.merchant.fakes import FakeSettlement
+from tests.merchant.test_till import FAST, PASSWORD, sign_in
+from tests.redis_support import drop_prefix, redis_url, unique_prefix
+from webpurse.merchant.app import create_app
+from webpurse.merchant.progress import ProgressBus, RedisProgressBus
+from webpurse.merchant.security import RateLimiter, RedisRateLimiter
+from webpurse.merchant.settings import MerchantSettings
+from webpurse.merchant.till import ACCOUNT_FAILURES
+from webpurse.merchant.webhooks import RedisSeenEvents, SeenEvents
+
+
+@pytest.fixture
+async def apps(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[list[Any]]:
+    url = redis_url()
+    prefix = unique_prefix(request.node.name)
+    settings = MerchantSettings(
+        data_dir=tmp_path, cookie_secret=b"c" * 32, redis_url=url, redis_prefix=prefix
+    )
+    async with AsyncExitStack() as stack:
+        made = []
+        for _ in range(2):
+            app = create_app(settings, settlement=FakeSettlement(), password_hasher=FAST)
+            await stack.enter_async_context(app.router.lifespan_context(app))
+            made.append(app)
+        made[0].state.till.staff.add("mei", PASSWORD)
+        yield made
+    drop_prefix(url, prefix)
+
+
+def client(app: Any, address: str) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, client=(address, 123))
+    return httpx.AsyncClient(transport=transport, base_url="http://shop.test")
+
+
+async def test_failed_sign_ins_on_one_process_count_on_the_other(apps: list[Any]) -> None:
+    a, b = apps
+    assert isinstance(a.state.till.by_account, RedisRateLimiter)
+    async with client(a, "192.0.2.10") as on_a, client(b, "192.0.2.10") as on_b:
+        for _ in range(ACCOUNT_FAILURES):
+            assert (await sign_in(on_a, "mei", "wrong password")).status_code == 401
+        refused = await sign_in(on_b, "mei", PASSWORD)  # even the right password, on B
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 0
+
+
+async def test_a_staff_session_opened_on_one_process_works_on_the_other(
+    apps: list[Any],
+) -> None:
+    a, b = apps
+    async with client(a, "192.0.2.11") as on_a, client(b, "192.0.2.11") as on_b:
+        signed = await sign_in(on_a)
+        assert signed.status_code == 303, signed.text
+        on_b.cookies.update(on_a.cookies)
+        till = await on_b.get("/staff")
+        assert till.status_code == 200 and "mei" in till.text
+
+
+async def test_without_redis_the_shop_keeps_its_state_in_the_process(tmp_path: Path) -> None:
+    settings = MerchantSettings(data_dir=tmp_path, cookie_secret=b"c" * 32)
+    app = create_app(settings, settlement=FakeSettlement(), password_hasher=FAST)
+    assert isinstance(app.state.till.by_account, RateLimiter)
+    assert type(app.state.bus) is ProgressBus and not isinstance(app.state.bus, RedisProgressBus)
+    assert isinstance(app.state.seen_events, SeenEvents)
+    assert not isinstance(app.state.seen_events, RedisSeenEvents)
+    assert app.state.shop.shared is None
