@@ -4,6 +4,7 @@ shop without Redis configured keeps everything in the process (the embedded defa
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -12,15 +13,19 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.merchant.conftest import SERIAL, make_card
 from tests.merchant.fakes import FakeSettlement
 from tests.merchant.test_till import FAST, PASSWORD, sign_in
+from tests.reader.remote_support import ConsentRecorder, serve
 from tests.redis_support import drop_prefix, redis_url, unique_prefix
+from webpurse.agent.terminal import TerminalAgent
 from webpurse.merchant.app import create_app
 from webpurse.merchant.progress import ProgressBus, RedisProgressBus
 from webpurse.merchant.security import RateLimiter, RedisRateLimiter
 from webpurse.merchant.settings import MerchantSettings
 from webpurse.merchant.till import ACCOUNT_FAILURES
 from webpurse.merchant.webhooks import RedisSeenEvents, SeenEvents
+from webpurse.reader.sim import SimReader
 
 
 @pytest.fixture
@@ -76,3 +81,34 @@ async def test_without_redis_the_shop_keeps_its_state_in_the_process(tmp_path: P
     assert isinstance(app.state.seen_events, SeenEvents)
     assert not isinstance(app.state.seen_events, RedisSeenEvents)
     assert app.state.shop.shared is None
+
+
+async def test_a_card_read_started_on_one_process_reads_through_an_agent_on_another(
+    apps: list[Any],
+) -> None:
+    a, b = apps
+    card = make_card()
+    agent = TerminalAgent(SimReader(card), consent=ConsentRecorder(), show=lambda _: None)
+    try:
+        async with (
+            serve(a) as url_a,
+            serve(b) as url_b,
+            httpx.AsyncClient(base_url=url_a) as on_a,
+            httpx.AsyncClient(base_url=url_b) as on_b,
+        ):
+            started = (await on_a.post("/topup/card-reads")).json()
+            on_b.cookies.update(on_a.cookies)
+            await agent.pair(f"{url_b}/reader", token=started["token"])
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 20
+            while True:  # bounded polling, as the top-up page does (on the other process)
+                body = (await on_b.get(f"/topup/card-reads/{started['id']}")).json()
+                if body["status"] != "waiting" or loop.time() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+            assert body == {"status": "read", "card_number": SERIAL.hex().upper(), "error": None}
+            async with httpx.AsyncClient(base_url=url_b) as stranger:
+                refused = await stranger.get(f"/topup/card-reads/{started['id']}")
+                assert refused.status_code == 404  # another browser session
+    finally:
+        await agent.close()

@@ -73,6 +73,16 @@ async def _status(browser: httpx.AsyncClient, order_id: str, want: set[str]) -> 
         await asyncio.sleep(0.1)
 
 
+async def _phase(browser: httpx.AsyncClient, order_id: str, want: str) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DEADLINE
+    while True:  # bounded polling of the shop's status endpoint (what the page does)
+        body: dict[str, Any] = (await browser.get(f"/orders/{order_id}/status")).json()
+        if body["phase"] == want or loop.time() > deadline:
+            return body
+        await asyncio.sleep(0.1)
+
+
 async def test_redis_goes_away_mid_purchase(live: Live, tmp_path: Path, proof: Proof) -> None:
     with proof.row(
         SUITE,
@@ -136,6 +146,10 @@ async def test_redis_goes_away_mid_purchase(live: Live, tmp_path: Path, proof: P
                 problem = refused.json()
                 assert problem["code"] == "shared_state_unavailable", problem
                 assert (await on_a.get("/orders")).text.count("/orders/ord_") <= 1
+
+                # The page says the attempt is over (no reader while Redis is away).
+                gave_up = await _phase(on_b, order_id, "failed")
+                assert gave_up["status"] == "interrupted", gave_up
 
                 # Redis back (empty); the shopper reloads the page; recovery finishes it.
                 server.start()

@@ -145,7 +145,7 @@ def create_app(
         broker = RemoteBroker(hub)
     leases = RedisFlowLeases(shared) if shared is not None else None
     cashier = Cashier(orders, settlement, broker, bus, leases=leases)
-    card_reads = CardReads(broker)
+    card_reads = CardReads(broker, shared=shared)
     shop = Shop(
         settings=settings,
         orders=orders,

@@ -104,6 +104,11 @@ class Cashier:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         """Running payment tasks only: a task leaves when it ends (see ``_task_done``)."""
         self._finished: OrderedDict[str, asyncio.Task[None]] = OrderedDict()
+        self._finishing: set[str] = set()
+        """Orders whose task is past its payment, ending the agent's session."""
+        self._again: set[str] = set()
+        """Orders started again while finishing: a new task follows the one that ends."""
+        self._closing = False
 
     # --- settlement objects --------------------------------------------------------
 
@@ -227,6 +232,10 @@ class Cashier:
     def start(self, order_id: str) -> None:
         task = self._tasks.get(order_id)
         if task is not None and not task.done():
+            if order_id in self._finishing:
+                # The page paired again as the last attempt gave up: run once more after it.
+                self._again.add(order_id)
+                log.info("order %s: paired again while finishing: will run once more", order_id)
             return
         task = asyncio.create_task(self._drive(order_id), name=f"pay {order_id}")
         self._tasks[order_id] = task
@@ -242,12 +251,18 @@ class Cashier:
         self._finished.move_to_end(order_id)
         while len(self._finished) > RECENT_TASKS:
             self._finished.popitem(last=False)
+        self._finishing.discard(order_id)
+        if order_id in self._again:
+            self._again.discard(order_id)
+            if not self._closing:
+                self.start(order_id)
 
     def task(self, order_id: str) -> asyncio.Task[None] | None:
         """The order's running payment task, or its recently ended one."""
         return self._tasks.get(order_id) or self._finished.get(order_id)
 
     async def close(self) -> None:
+        self._closing = True
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
@@ -273,6 +288,7 @@ class Cashier:
         if not held:
             log.info("order %s: another shop process drives its payment", order_id)
             return
+        log.info("order %s: this shop process drives its payment", order_id)
         keeper = asyncio.create_task(self.leases.keep(order_id), name=f"lease {order_id}")
         try:
             await self._drive_here(order_id)
@@ -299,6 +315,7 @@ class Cashier:
         except Exception:
             log.exception("order %s: payment task failed", order_id)
             self._publish_failure(order_id)
+        self._finishing.add(order_id)
         await self._finish(order_id, outcome, message, amount)
 
     def _publish_failure(self, order_id: str, detail: str = "internal_error") -> None:

@@ -15,7 +15,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Protocol
 
-from webpurse.reader.base import Reader, ReaderTimeout
+from webpurse.reader.base import Reader, ReaderDisconnected, ReaderTimeout
 from webpurse.reader.messages import Outcome
 from webpurse.reader.remote import ReaderHub
 
@@ -87,9 +87,19 @@ class RemoteBroker:
         return Pairing(issued.token, issued.code)
 
     async def reader_for(self, order_id: str, timeout: float) -> Reader:
-        reader = await self.hub.wait_for_reader(order_id, timeout)
-        await reader.wait_connected(timeout)
-        return reader
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            reader = await self.hub.wait_for_reader(order_id, max(0.0, deadline - loop.time()))
+            try:
+                await reader.wait_connected(max(0.0, deadline - loop.time()))
+            except ReaderDisconnected:
+                # Its session ended while we waited for its link: the agent paired again
+                # for this order (a new session); take that one.
+                if loop.time() >= deadline:
+                    raise
+                continue
+            return reader
 
     async def finish(self, order_id: str, outcome: str, message: str, amount: int | None) -> None:
         await self.hub.finish(order_id, _OUTCOMES.get(outcome, Outcome.FAILED), message, amount)

@@ -124,7 +124,7 @@ async def start_card_read(request: Request, shop: ShopDep) -> Response:
 
 @router.get("/topup/card-reads/{read_id}")
 async def card_read(request: Request, shop: ShopDep, read_id: str) -> JSONResponse:
-    read = shop.card_reads.get(read_id, shop.session_of(request))
+    read = await shop.card_reads.lookup(read_id, shop.session_of(request))
     if read is None:
         raise HTTPException(404, "no such card read")
     return JSONResponse(

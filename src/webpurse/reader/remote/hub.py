@@ -41,7 +41,7 @@ from webpurse.reader.remote.redis_limiter import RedisCodeLimiter
 from webpurse.reader.remote.redis_pairing import RedisPairings
 from webpurse.reader.remote.routed import RoutedReader
 from webpurse.reader.remote.routing import RpcServer, SessionDirectory, SessionState
-from webpurse.reader.remote.shared import SharedState
+from webpurse.reader.remote.shared import SharedState, SharedStateUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class ReaderHub:
         def paired(state: SessionState | None) -> bool:
             # A session of this process counts only while it is here (not just ended).
             local = self.reader_for(binding) is not None
-            return local or (state is not None and state.node != me)
+            return local or (state is not None and state.node != me and state.alive)
 
         try:
             state = await directory.wait(binding, paired, timeout)
@@ -199,6 +199,17 @@ class ReaderHub:
         if state is not None and state.node != self.directory.shared.node:
             routed = RoutedReader(self.directory, state, batch_timeout=self.batch_timeout)
             await routed.end(outcome, message, amount)
+
+    async def _end_elsewhere(self, directory: SessionDirectory, binding: str) -> None:
+        """An agent pairs here for ``binding`` while another process holds its previous
+        session: end that one (its batches could no longer be routed to it)."""
+        try:
+            state = await directory.lookup(binding)
+        except SharedStateUnavailable:
+            return
+        if state is not None and state.node != directory.shared.node:
+            routed = RoutedReader(directory, state, batch_timeout=self.batch_timeout)
+            await routed.end(Outcome.CANCELED, "another agent paired for this payment")
 
     def _announce(self, reader: RemoteReader) -> None:
         """Publish ``reader``'s state to the shared state (in the background, in order)."""
@@ -332,6 +343,8 @@ class ReaderHub:
         if old is not None and not old.ended:
             await old.end(Outcome.CANCELED, "another agent paired for this payment")
             self._forget(old)
+        elif self.directory is not None:
+            await self._end_elsewhere(self.directory, record.binding)
         reader = RemoteReader(
             session="ses_" + secrets.token_urlsafe(12),
             binding=record.binding,

@@ -9,6 +9,7 @@ whose answer never came may have run (:class:`OutcomeUnknown`: recover, never re
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -31,8 +32,12 @@ from webpurse.reader.remote.routing import (
     decode_error,
     encode_steps,
 )
+from webpurse.reader.remote.shared import SharedStateUnavailable
 
 log = logging.getLogger(__name__)
+
+_SLICE = 2.0
+"""Seconds of one BLPOP on an answer before the node's heartbeat is checked again."""
 
 
 class RoutedReader:
@@ -63,6 +68,8 @@ class RoutedReader:
         def ready(state: SessionState | None) -> bool:
             if state is None or state.session != self.session:
                 raise ReaderDisconnected("the remote reader's session has ended")
+            if not state.alive:
+                raise ReaderDisconnected("the shop process holding the agent's link is gone")
             return condition(state)
 
         state = await self._directory.wait(self.binding, ready, timeout)
@@ -83,18 +90,33 @@ class RoutedReader:
         shared = self._directory.shared
         reply = shared.key("reply", secrets.token_hex(12))
         request = {**request, "binding": self.binding, "session": self.session, "reply": reply}
-        queue = shared.key("rpc", self._state.node)
+        node = self._state.node
+        queue = shared.key("rpc", node)
         try:
+            if not await self._directory.alive(node):
+                raise ReaderDisconnected("the shop process holding the agent's link is gone")
             await shared.redis.rpush(queue, json.dumps(request))  # type: ignore[misc]
+        except SharedStateUnavailable as exc:
+            raise ReaderDisconnected(f"shared state unavailable, nothing sent: {exc}") from exc
         except (RedisError, OSError) as exc:
             raise ReaderDisconnected(f"shared state unavailable, nothing sent: {exc}") from exc
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        answer = None
         try:
-            answer = await shared.redis.blpop([reply], timeout=wait)  # type: ignore[misc]
-        except (RedisError, OSError) as exc:
+            while answer is None:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise OutcomeUnknown(f"no answer from the reader's node within {wait:g} s")
+                # In slices, so a node that died mid-batch is noticed within seconds.
+                answer = await shared.redis.blpop(  # type: ignore[misc]
+                    [reply], timeout=max(1, int(min(_SLICE, remaining)))
+                )
+                if answer is None and not await self._directory.alive(node):
+                    raise OutcomeUnknown("the shop process holding the agent's link died")
+        except (RedisError, OSError, SharedStateUnavailable) as exc:
             log.warning("session %s: lost the shared state mid-batch: %s", self.session, exc)
             raise OutcomeUnknown(f"shared state lost while the batch was out: {exc}") from exc
-        if answer is None:
-            raise OutcomeUnknown(f"no answer from the reader's node within {wait:g} s")
         result: dict[str, object] = json.loads(answer[1])
         return result
 
@@ -119,6 +141,6 @@ class RoutedReader:
             "amount": amount,
         }
         try:
-            await self._call(request, 10.0)
+            await self._call(request, 3.0)
         except (ReaderDisconnected, OutcomeUnknown) as exc:
             log.info("session %s: could not end it from here: %s", self.session, exc)

@@ -45,6 +45,8 @@ SESSION_TTL = 3600
 """Seconds a session's state outlives its last change (a node that died leaves none)."""
 REPLY_TTL = 120
 """Seconds an answer waits for the cashier that asked."""
+NODE_TTL = 10
+"""Seconds a node counts as alive after its last heartbeat (every NODE_TTL / 3 s)."""
 
 _FORGET = """
 if redis.call('HGET', KEYS[1], 'session') == ARGV[1] then
@@ -65,9 +67,11 @@ class SessionState:
     connected: bool
     present: bool
     atr: bytes | None
+    alive: bool = True
+    """Its node's heartbeat is fresh (a SIGKILLed node's sessions are not)."""
 
     @classmethod
-    def parse(cls, binding: str, raw: dict[Any, Any]) -> SessionState | None:
+    def parse(cls, binding: str, raw: dict[Any, Any], alive: bool = True) -> SessionState | None:
         fields = {
             (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
             for k, v in raw.items()
@@ -82,6 +86,7 @@ class SessionState:
             connected=fields.get("connected") == "1",
             present=fields.get("present") == "1",
             atr=bytes.fromhex(fields["atr"]) if fields.get("atr") else None,
+            alive=alive,
         )
 
 
@@ -93,6 +98,13 @@ class SessionDirectory:
 
     def _key(self, binding: str) -> str:
         return self.shared.key("session", binding)
+
+    def node_key(self, node: str) -> str:
+        return self.shared.key("node", node)
+
+    async def alive(self, node: str) -> bool:
+        with self.shared.guard("checking a node's heartbeat"):
+            return bool(await self.shared.redis.exists(self.node_key(node)))
 
     def channel(self, binding: str) -> str:
         return self.shared.key("session-events", binding)
@@ -112,6 +124,7 @@ class SessionDirectory:
         key = self._key(reader.binding)
         try:
             async with self.shared.redis.pipeline(transaction=True) as pipe:
+                pipe.set(self.node_key(self.shared.node), b"1", ex=NODE_TTL)
                 pipe.hset(key, mapping=mapping)
                 pipe.expire(key, SESSION_TTL)
                 pipe.publish(self.channel(reader.binding), reader.session)
@@ -130,7 +143,10 @@ class SessionDirectory:
     async def lookup(self, binding: str) -> SessionState | None:
         with self.shared.guard("looking up a reader session"):
             raw = await self.shared.redis.hgetall(self._key(binding))  # type: ignore[misc]
-        return SessionState.parse(binding, raw)
+        state = SessionState.parse(binding, raw)
+        if state is None:
+            return None
+        return SessionState.parse(binding, raw, await self.alive(state.node))
 
     async def wait(
         self,
@@ -223,6 +239,7 @@ class RpcServer:
         self.shared = shared
         self._readers = readers
         self._task: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
 
     @property
@@ -232,9 +249,21 @@ class RpcServer:
     def start(self) -> None:
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._serve(), name=f"reader rpc {self.shared.node}")
+        if self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = asyncio.create_task(self._beat(), name="reader rpc heartbeat")
+
+    async def _beat(self) -> None:
+        """Tell the other processes this node (and so its sessions) is alive."""
+        key = self.shared.key("node", self.shared.node)
+        while True:
+            try:
+                await self.shared.redis.set(key, b"1", ex=NODE_TTL)
+            except (RedisError, OSError) as exc:
+                log.warning("reader rpc: heartbeat not written: %s", exc)
+            await asyncio.sleep(NODE_TTL / 3)
 
     async def close(self) -> None:
-        tasks = [t for t in (self._task, *self._running) if t is not None]
+        tasks = [t for t in (self._task, self._heartbeat, *self._running) if t is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -245,7 +274,7 @@ class RpcServer:
         backoff = 0.1
         while True:
             try:
-                item = await self.shared.redis.blpop([self.queue], timeout=5)  # type: ignore[misc]
+                item = await self.shared.redis.blpop([self.queue], timeout=2)  # type: ignore[misc]
                 backoff = 0.1
             except (RedisError, OSError) as exc:
                 log.warning("reader rpc: Redis unavailable (%s); retrying in %g s", exc, backoff)

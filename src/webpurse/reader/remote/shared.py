@@ -43,14 +43,16 @@ class SharedState:
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "webpurse") -> SharedState:
-        # No socket timeout: BLPOP waits as long as it is told; a dead server closes the
-        # socket (ConnectionError), and connecting to none fails within 2 s. A broken
+        # Reads time out after 30 s (every BLPOP here blocks at most a few seconds; pub/sub
+        # reads pass their own timeout); a dead server closes the socket (ConnectionError),
+        # and connecting to none fails within 2 s. A broken
         # connection is retried twice, quickly (a restarted Redis is used again at once; a
         # dead one is reported within a second). A retried RPUSH of a batch request may
         # land twice: the node runs each request id once (RpcServer).
         redis = Redis.from_url(
             url,
             socket_connect_timeout=2.0,
+            socket_timeout=30.0,
             health_check_interval=15,
             retry=Retry(ExponentialBackoff(cap=0.25, base=0.05), 2),
         )
