@@ -16,15 +16,26 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.card.support import make_card
-from tests.reader.remote_support import ConsentRecorder, load, merchant_app, purchase, serve
+from tests.card.support import TERMINAL, make_card
+from tests.reader.remote_support import (
+    ConsentRecorder,
+    TcpProxy,
+    debit_step,
+    load,
+    merchant_app,
+    purchase,
+    select_read_initialize,
+    serve,
+)
 from tests.redis_support import drop_prefix, redis_url, unique_prefix
 from webpurse.agent.terminal import TerminalAgent
+from webpurse.protocol import commands as cmd
+from webpurse.reader.base import OutcomeUnknown
 from webpurse.reader.messages import Outcome
 from webpurse.reader.remote import CODE_ATTEMPTS, PairingError, ReaderHub
 from webpurse.reader.remote.routed import RoutedReader
 from webpurse.reader.remote.shared import SharedState
-from webpurse.reader.sim import SimReader
+from webpurse.reader.sim import ApduEvent, Phase, SimReader
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -128,3 +139,55 @@ async def test_a_redeemed_code_is_gone_for_every_process(nodes: tuple[Node, Node
     assert record.binding == "pay_code"
     with pytest.raises(PairingError):
         await a.hub._shared_pairings.redeem(token=pairing.token)
+
+
+async def test_an_agent_that_resumes_on_another_process_keeps_its_session(
+    nodes: tuple[Node, Node], agents: list[TerminalAgent]
+) -> None:
+    """The network drops as the DEBIT reaches the card; the agent's resume lands on the
+    other process (round-robin), which takes the session over; recovery runs there."""
+    a, b = nodes
+    card = make_card()
+    sim = SimReader(card)
+    await load(sim, 5000)
+    resumed = asyncio.Event()
+
+    def show(line: str) -> None:
+        if line == "resumed":
+            resumed.set()
+
+    agent = TerminalAgent(sim, consent=ConsentRecorder(), show=show)
+    agents.append(agent)
+    port_a = int(a.url.rsplit(":", 1)[1])
+    async with TcpProxy(port_a) as proxy:
+        pairing = await b.hub.open_pairing("pay_move")
+        hello = await agent.pair(f"http://127.0.0.1:{proxy.port}/reader", token=pairing.token)
+        remote = await b.hub.wait_for_reader("pay_move", 5)  # the cashier is on B
+        assert isinstance(remote, RoutedReader)
+        await remote.wait_for_card(5)
+        first = await remote.transmit(
+            select_read_initialize(cmd.InitializeForPurchase(1, 1000, TERMINAL))
+        )
+        init = cmd.InitializeForPurchaseResponse.from_data(first[2].data)
+
+        def cut_at_debit(event: ApduEvent) -> None:
+            if event.phase is Phase.BEFORE and event.apdu[1] == cmd.INS_DEBIT_FOR_PURCHASE:
+                proxy.target_port = int(b.url.rsplit(":", 1)[1])  # the next connection: B
+                proxy.cut()
+
+        sim.add_hook(cut_at_debit)
+        with pytest.raises(OutcomeUnknown):
+            await remote.transmit([debit_step(1000, first[2])])
+        sim.remove_hook(cut_at_debit)
+
+        await asyncio.wait_for(resumed.wait(), 10)  # the agent's resume, answered by B
+        moved = b.hub.reader_for("pay_move")
+        assert moved is not None and moved.session == hello.session
+        await moved.wait_connected(10)
+        assert a.hub.reader_for("pay_move") is None  # A gave it up
+        recovery = await moved.transmit(
+            select_read_initialize(cmd.InitializeForPurchase(1, 0, TERMINAL))[::2]
+        )
+        now = cmd.InitializeForPurchaseResponse.from_data(recovery[1].data)
+        assert now.offline_counter == init.offline_counter + 1  # the debit happened, once
+        assert card.state.balance == 4000

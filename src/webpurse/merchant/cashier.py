@@ -109,6 +109,8 @@ class Cashier:
         self._again: set[str] = set()
         """Orders started again while finishing: a new task follows the one that ends."""
         self._closing = False
+        self._sessions: dict[str, str] = {}
+        """The agent session each running order last drove (ended when it finishes)."""
 
     # --- settlement objects --------------------------------------------------------
 
@@ -252,6 +254,7 @@ class Cashier:
         while len(self._finished) > RECENT_TASKS:
             self._finished.popitem(last=False)
         self._finishing.discard(order_id)
+        self._sessions.pop(order_id, None)
         if order_id in self._again:
             self._again.discard(order_id)
             if not self._closing:
@@ -316,7 +319,7 @@ class Cashier:
             log.exception("order %s: payment task failed", order_id)
             self._publish_failure(order_id)
         self._finishing.add(order_id)
-        await self._finish(order_id, outcome, message, amount)
+        await self._finish(order_id, outcome, message, amount, self._sessions.pop(order_id, None))
 
     def _publish_failure(self, order_id: str, detail: str = "internal_error") -> None:
         try:
@@ -327,10 +330,21 @@ class Cashier:
         if order is not None:
             self.publish(order, Phase.FAILED, detail)
 
-    async def _finish(self, order_id: str, outcome: str, message: str, amount: int | None) -> None:
-        """Tell the agent how it ended and close its session; a failure is logged, not raised."""
+    async def _finish(
+        self,
+        order_id: str,
+        outcome: str,
+        message: str,
+        amount: int | None,
+        session: str | None = None,
+    ) -> None:
+        """Tell the agent how it ended and close its session; a failure is logged, not raised.
+        With ``session`` (the one this task drove) a newer session is left alone."""
         try:
-            await self.broker.finish(order_id, outcome, message, amount)
+            if session is None:
+                await self.broker.finish(order_id, outcome, message, amount)
+            else:
+                await self.broker.finish(order_id, outcome, message, amount, session=session)
         except Exception:
             log.warning(
                 "order %s: could not end the agent's session (%s)", order_id, outcome, exc_info=True
@@ -348,6 +362,9 @@ class Cashier:
             if reader is None:
                 try:
                     reader = await self.broker.reader_for(order.id, self.reader_timeout)
+                    session = getattr(reader, "session", None)
+                    if isinstance(session, str):
+                        self._sessions[order.id] = session
                 except ReaderError as exc:
                     # No agent came: the order stays payable; reopening the page retries.
                     log.info("order %s: no reader (%s)", order.id, exc)

@@ -34,7 +34,12 @@ class ReaderBroker(Protocol):
     async def reader_for(self, order_id: str, timeout: float) -> Reader: ...
 
     async def finish(
-        self, order_id: str, outcome: str, message: str, amount: int | None
+        self,
+        order_id: str,
+        outcome: str,
+        message: str,
+        amount: int | None,
+        session: str | None = None,
     ) -> None: ...
 
 
@@ -63,7 +68,14 @@ class LocalBroker:
         assert self._reader is not None
         return self._reader
 
-    async def finish(self, order_id: str, outcome: str, message: str, amount: int | None) -> None:
+    async def finish(
+        self,
+        order_id: str,
+        outcome: str,
+        message: str,
+        amount: int | None,
+        session: str | None = None,
+    ) -> None:
         self.finished.append((order_id, outcome))
 
 
@@ -101,5 +113,16 @@ class RemoteBroker:
                 continue
             return reader
 
-    async def finish(self, order_id: str, outcome: str, message: str, amount: int | None) -> None:
-        await self.hub.finish(order_id, _OUTCOMES.get(outcome, Outcome.FAILED), message, amount)
+    async def finish(
+        self,
+        order_id: str,
+        outcome: str,
+        message: str,
+        amount: int | None,
+        session: str | None = None,
+    ) -> None:
+        """End the order's agent session (only ``session`` when given: a newer one the
+        shopper paired since is left alone)."""
+        await self.hub.finish(
+            order_id, _OUTCOMES.get(outcome, Outcome.FAILED), message, amount, session=session
+        )

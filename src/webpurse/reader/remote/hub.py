@@ -6,14 +6,17 @@ import asyncio
 import contextlib
 import logging
 import secrets
+from typing import Any
 
+from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from webpurse.reader.base import ReaderDisconnected, ReaderTimeout
+from webpurse.reader.base import ReaderDisconnected, ReaderError, ReaderTimeout
 from webpurse.reader.messages import (
     PROTOCOL_VERSIONS,
     AgentHello,
     Card,
+    CardStatus,
     Error,
     ErrorCode,
     Message,
@@ -40,12 +43,16 @@ from webpurse.reader.remote.reader import RemoteReader
 from webpurse.reader.remote.redis_limiter import RedisCodeLimiter
 from webpurse.reader.remote.redis_pairing import RedisPairings
 from webpurse.reader.remote.routed import RoutedReader
-from webpurse.reader.remote.routing import RpcServer, SessionDirectory, SessionState
+from webpurse.reader.remote.routing import SESSION_TTL, RpcServer, SessionDirectory, SessionState
 from webpurse.reader.remote.shared import SharedState, SharedStateUnavailable
 
 log = logging.getLogger(__name__)
 
 _MAX_VIOLATIONS = 8
+
+
+class ReaderBusy(ReaderError):
+    """The session cannot move to another process now: a batch is out on it."""
 
 
 class ReaderHub:
@@ -90,11 +97,12 @@ class ReaderHub:
         self.directory: SessionDirectory | None = None
         self._rpc: RpcServer | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._announcing: dict[str, asyncio.Task[None]] = {}
         if shared is not None:
             self._shared_pairings = RedisPairings(shared, clock=clock)
             self._shared_limiter = RedisCodeLimiter(shared, clock=clock)
             self.directory = SessionDirectory(shared)
-            self._rpc = RpcServer(shared, self.reader_for)
+            self._rpc = RpcServer(shared, self.reader_for, self._hand_over)
 
     async def open_pairing(self, binding: str, *, display: str | None = None) -> Pairing:
         """:meth:`issue`, in the shared state when there is one (any process redeems it);
@@ -181,13 +189,20 @@ class ReaderHub:
         return RoutedReader(directory, state, batch_timeout=self.batch_timeout)
 
     async def finish(
-        self, binding: str, outcome: Outcome, message: str = "", amount: int | None = None
+        self,
+        binding: str,
+        outcome: Outcome,
+        message: str = "",
+        amount: int | None = None,
+        *,
+        session: str | None = None,
     ) -> None:
         """Tell the agent paired for ``binding`` the outcome and end its session, wherever
-        it is connected (nothing when there is none)."""
+        it is connected (nothing when there is none); with ``session``, only that one."""
         reader = self.reader_for(binding)
         if reader is not None:
-            await reader.end(outcome, message, amount)
+            if session is None or reader.session == session:
+                await reader.end(outcome, message, amount)
             return
         if self.directory is None:
             return
@@ -196,7 +211,9 @@ class ReaderHub:
         except Exception:
             log.warning("could not look up the session for %s to end it", binding)
             return
-        if state is not None and state.node != self.directory.shared.node:
+        if state is None or state.node == self.directory.shared.node:
+            return
+        if session is None or state.session == session:
             routed = RoutedReader(self.directory, state, batch_timeout=self.batch_timeout)
             await routed.end(outcome, message, amount)
 
@@ -211,12 +228,106 @@ class ReaderHub:
             routed = RoutedReader(directory, state, batch_timeout=self.batch_timeout)
             await routed.end(Outcome.CANCELED, "another agent paired for this payment")
 
-    def _announce(self, reader: RemoteReader) -> None:
-        """Publish ``reader``'s state to the shared state (in the background, in order)."""
+    def _share_resume(self, key: bytes, reader: RemoteReader) -> None:
+        """Let any shop process find ``reader``'s binding by its resume token's hash."""
         if self.directory is None:
             return
+        shared = self.directory.shared
+
+        async def write() -> None:
+            try:
+                await shared.redis.set(
+                    shared.key("resume", key.hex()), reader.binding, ex=SESSION_TTL
+                )
+            except (RedisError, OSError) as exc:
+                log.warning("session %s: resume token not shared: %s", reader.session, exc)
+
+        task = asyncio.get_running_loop().create_task(write())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _take_over(self, directory: SessionDirectory, key: bytes) -> RemoteReader | None:
+        """An agent resumes here a session another shop process holds: move it here."""
+        shared = directory.shared
+        try:
+            raw = await shared.redis.getdel(shared.key("resume", key.hex()))
+            if raw is None:
+                return None
+            binding = raw.decode() if isinstance(raw, bytes) else str(raw)
+            state = await directory.lookup(binding)
+        except (RedisError, OSError, SharedStateUnavailable) as exc:
+            log.warning("resume: shared state unavailable: %s", exc)
+            return None
+        if state is None or not state.alive or state.node == shared.node:
+            return None
+        moved = await RoutedReader(directory, state, batch_timeout=self.batch_timeout).hand_over()
+        if moved is None:
+            return None
+        atr = str(moved.get("atr") or "")
+        reader = RemoteReader(
+            session=state.session,
+            binding=binding,
+            reader_name=str(moved.get("reader", "")),
+            card=CardStatus(bool(moved.get("present")), bytes.fromhex(atr) if atr else None),
+            batch_timeout=self.batch_timeout,
+        )
+        reader._next_id = int(str(moved.get("next_id", 1)))
+        lost = moved.get("lost_id")
+        reader._lost_id = int(str(lost)) if lost is not None else None
+        display = moved.get("display")
+        old = self._readers.get(binding)
+        if old is not None and not old.ended:
+            await old.end(Outcome.CANCELED, "the agent resumed its newer session")
+            self._forget(old)
+        self._readers[binding] = reader
+        self._by_resume[key] = reader
+        self._displays[reader.session] = str(display) if display is not None else None
+        self._start_rpc()
+        log.info(
+            "session %s moved here from %s (its agent resumed here)", reader.session, state.node
+        )
+        return reader
+
+    async def _hand_over(self, reader: RemoteReader) -> dict[str, Any]:
+        """Another shop process asks for ``reader``'s session (its agent resumed there):
+        give it up unless a batch is out; its state in Redis stays (the taker rewrites it)."""
+        if reader._pending is not None:
+            raise ReaderBusy("a batch is in flight on this session")
+        link = reader._link
+        if link is not None:  # a half-dead socket: the agent is connected elsewhere now
+            reader._detach(link)
+            await link.close(1001, "the session moved to another shop process")
+        handle = self._expiry.pop(reader.session, None)
+        if handle is not None:
+            handle.cancel()
+        moved = {
+            "reader": reader.name.removeprefix("remote:"),
+            "present": reader.card.present,
+            "atr": (reader.card.atr or b"").hex(),
+            "next_id": reader._next_id,
+            "lost_id": reader._take_lost_batch(),
+            "display": self._displays.get(reader.session),
+        }
+        reader.moved = True
+        reader._expire()  # ended here: a cashier here finds the session where it went
+        if self._readers.get(reader.binding) is reader:
+            del self._readers[reader.binding]
+        for key in [k for k, r in self._by_resume.items() if r is reader]:
+            del self._by_resume[key]
+        self._displays.pop(reader.session, None)
+        self._changed.set()
+        log.info("session %s handed over (its agent resumed elsewhere)", reader.session)
+        return moved
+
+    def _announce(self, reader: RemoteReader) -> None:
+        """Publish ``reader``'s state to the shared state, in the background and in order
+        per binding: an old session's last word (it dropped, it ended) never lands after
+        the announcement of the session that replaced it."""
+        if self.directory is None or reader.moved:
+            return
         directory = self.directory
-        previous = getattr(reader, "_announced", None)
+        binding = reader.binding
+        previous = self._announcing.get(binding)
 
         async def write() -> None:
             if previous is not None:
@@ -228,9 +339,15 @@ class ReaderHub:
                 await directory.publish(reader)
 
         task = asyncio.get_running_loop().create_task(write())
-        reader._announced = task  # type: ignore[attr-defined]
+        self._announcing[binding] = task
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+
+        def done(finished: asyncio.Task[None]) -> None:
+            self._background.discard(finished)
+            if self._announcing.get(binding) is finished:
+                del self._announcing[binding]
+
+        task.add_done_callback(done)
 
     async def close(self) -> None:
         """End every session (server shutdown)."""
@@ -355,6 +472,7 @@ class ReaderHub:
         resume_token = secrets.token_urlsafe(32)
         self._readers[record.binding] = reader
         self._by_resume[digest(resume_token)] = reader
+        self._share_resume(digest(resume_token), reader)
         self._displays[reader.session] = record.display
         try:
             await link.send(
@@ -380,6 +498,8 @@ class ReaderHub:
     async def _resume(self, link: Link, resume: Resume) -> RemoteReader | None:
         key = digest(resume.resume_token)
         reader = self._by_resume.get(key)
+        if reader is None and self.directory is not None:
+            reader = await self._take_over(self.directory, key)
         if reader is None or reader.ended:
             await self._refuse(link, ErrorCode.SESSION_EXPIRED, "no such session, or it expired")
             return None
@@ -394,6 +514,7 @@ class ReaderHub:
         del self._by_resume[key]
         resume_token = secrets.token_urlsafe(32)
         self._by_resume[digest(resume_token)] = reader
+        self._share_resume(digest(resume_token), reader)
         lost = reader._take_lost_batch()
         try:
             await link.send(

@@ -74,6 +74,8 @@ class RemoteReader:
         self._pending: asyncio.Future[Result] | None = None
         self._lost_id: int | None = None
         self.ended = False
+        self.moved = False
+        """Handed over to another shop process (its agent resumed there)."""
 
     # Reader interface
 

@@ -126,11 +126,25 @@ class RoutedReader:
         # The node's own deadline is batch_timeout (+5 s for the wire); answer after it.
         wait = min(REPLY_TTL, self.batch_timeout + 10.0)
         answer = await self._call({"op": "transmit", "steps": encode_steps(batch)}, wait)
-        if "responses" not in answer:
+        if "error" in answer or "responses" not in answer:
             raise decode_error(answer)
         raw = answer["responses"]
         assert isinstance(raw, list)
         return [ResponseApdu.from_bytes(bytes.fromhex(str(r))) for r in raw]
+
+    async def hand_over(self) -> dict[str, object] | None:
+        """Ask the node holding this session to give it up (its agent resumed here): what
+        the session needs to go on here, or None if it cannot move now."""
+        try:
+            answer = await self._call({"op": "handover"}, 3.0)
+        except (ReaderDisconnected, OutcomeUnknown) as exc:
+            log.info("session %s: not handed over: %s", self.session, exc)
+            return None
+        moved = answer.get("handover")
+        if not isinstance(moved, dict):
+            log.info("session %s: not handed over: %s", self.session, answer.get("message"))
+            return None
+        return moved
 
     async def end(self, outcome: Outcome, message: str = "", amount: int | None = None) -> None:
         """Tell the agent the outcome, through its node, and close the session."""

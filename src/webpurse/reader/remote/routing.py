@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -235,9 +235,15 @@ _OUTCOMES = {o.value: o for o in Outcome}
 class RpcServer:
     """The owning node's side: takes requests for its sessions off ``rpc:<node>``."""
 
-    def __init__(self, shared: SharedState, readers: Callable[[str], RemoteReader | None]) -> None:
+    def __init__(
+        self,
+        shared: SharedState,
+        readers: Callable[[str], RemoteReader | None],
+        handover: Callable[[RemoteReader], Awaitable[dict[str, Any]]] | None = None,
+    ) -> None:
         self.shared = shared
         self._readers = readers
+        self._handover = handover
         self._task: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
@@ -320,6 +326,8 @@ class RpcServer:
                         outcome, str(request.get("message", "")), request.get("amount")
                     )
                     answer = {"ok": True}
+                elif request.get("op") == "handover" and self._handover is not None:
+                    answer = {"handover": await self._handover(reader)}
                 else:
                     responses = await reader.transmit(decode_steps(request["steps"]))
                     answer = {"responses": [r.to_bytes().hex() for r in responses]}
