@@ -5,6 +5,7 @@ shop without Redis configured keeps everything in the process (the embedded defa
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -112,3 +113,25 @@ async def test_a_card_read_started_on_one_process_reads_through_an_agent_on_anot
                 assert refused.status_code == 404  # another browser session
     finally:
         await agent.close()
+
+
+async def test_an_unreachable_redis_refuses_new_purchases_before_anything_is_created(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as sock:  # a loopback port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = MerchantSettings(
+        data_dir=tmp_path, cookie_secret=b"c" * 32, redis_url=f"redis://127.0.0.1:{port}/0"
+    )
+    settlement = FakeSettlement()
+    app = create_app(settings, settlement=settlement, password_hasher=FAST)
+    async with client(app, "192.0.2.12") as browser:
+        added = await browser.post("/cart/add", data={"product": "tea", "quantity": "1"})
+        assert added.status_code == 303
+        refused = await browser.post("/checkout")
+        assert refused.status_code == 503
+        assert refused.headers["content-type"].startswith("application/problem+json")
+        assert refused.headers["retry-after"]
+        assert refused.json()["code"] == "shared_state_unavailable"
+    assert settlement.records == {}  # no payment was opened at settlement
