@@ -31,18 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from webpurse.protocol import host
 from webpurse.protocol.crypto import (
     MAC_LENGTH,
     diversification_data,
-    load_session_block,
-    macs_equal,
     pad,
-    purchase_session_block,
     tac_key,
 )
 from webpurse.protocol.issuance import personalise_with_card_keys
 from webpurse.protocol.purse import DEFAULT_MAX_BALANCE, CardState
+from webpurse.settlement.card_macs import SecurityModule
 from webpurse.settlement.kek import KINDS, SecurityError
 
 if TYPE_CHECKING:
@@ -153,7 +150,7 @@ def softhsm2_config(folder: Path) -> Path:
     return conf
 
 
-class Pkcs11SecurityModule:
+class Pkcs11SecurityModule(SecurityModule):
     """The security module on a PKCS#11 token: no key value ever enters this process
     except the card keys :meth:`personalise` hands to the card being issued."""
 
@@ -545,110 +542,6 @@ class Pkcs11SecurityModule:
             key_version=version,
             max_balance=max_balance,
         )
-
-    def purchase_mac1(
-        self,
-        serial: bytes,
-        key_version: int,
-        *,
-        random: bytes,
-        offline_counter: int,
-        terminal_seq: int,
-        amount: int,
-        terminal_id: bytes,
-        date: dt.date,
-        time: dt.time,
-    ) -> bytes:
-        block = purchase_session_block(random, offline_counter, terminal_seq)
-        data = host.purchase_mac1_data(amount=amount, terminal_id=terminal_id, date=date, time=time)
-        return self._session_mac("dpk", serial, key_version, block, data)
-
-    def verify_purchase_mac2_and_tac(
-        self,
-        serial: bytes,
-        key_version: int,
-        *,
-        random: bytes,
-        offline_counter: int,
-        terminal_seq: int,
-        amount: int,
-        terminal_id: bytes,
-        date: dt.date,
-        time: dt.time,
-        mac2: bytes,
-        tac: bytes,
-    ) -> bool:
-        block = purchase_session_block(random, offline_counter, terminal_seq)
-        expected_mac2 = self._session_mac(
-            "dpk", serial, key_version, block, host.purchase_mac2_data(amount=amount)
-        )
-        expected_tac = self._tac(
-            serial,
-            key_version,
-            host.purchase_tac_data(
-                amount=amount,
-                terminal_id=terminal_id,
-                terminal_seq=terminal_seq,
-                date=date,
-                time=time,
-            ),
-        )
-        return macs_equal(expected_mac2, mac2) & macs_equal(expected_tac, tac)
-
-    def verify_load_mac1(
-        self,
-        serial: bytes,
-        key_version: int,
-        *,
-        random: bytes,
-        online_counter: int,
-        balance: int,
-        amount: int,
-        terminal_id: bytes,
-        mac1: bytes,
-    ) -> bool:
-        block = load_session_block(random, online_counter)
-        data = host.load_mac1_data(balance=balance, amount=amount, terminal_id=terminal_id)
-        return macs_equal(self._session_mac("dlk", serial, key_version, block, data), mac1)
-
-    def load_mac2(
-        self,
-        serial: bytes,
-        key_version: int,
-        *,
-        random: bytes,
-        online_counter: int,
-        amount: int,
-        terminal_id: bytes,
-        date: dt.date,
-        time: dt.time,
-    ) -> bytes:
-        block = load_session_block(random, online_counter)
-        data = host.load_mac2_data(amount=amount, terminal_id=terminal_id, date=date, time=time)
-        return self._session_mac("dlk", serial, key_version, block, data)
-
-    def verify_load_tac(
-        self,
-        serial: bytes,
-        key_version: int,
-        *,
-        new_balance: int,
-        online_counter: int,
-        amount: int,
-        terminal_id: bytes,
-        date: dt.date,
-        time: dt.time,
-        tac: bytes,
-    ) -> bool:
-        data = host.load_tac_data(
-            new_balance=new_balance,
-            online_counter=online_counter,
-            amount=amount,
-            terminal_id=terminal_id,
-            date=date,
-            time=time,
-        )
-        return macs_equal(self._tac(serial, key_version, data), tac)
 
     # --- inspection (tests, docs) ------------------------------------------------------
 
