@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 
 from webpurse.protocol import host
 from webpurse.protocol.crypto import load_session_block, macs_equal, purchase_session_block
+from webpurse.protocol.issuance import personalise_with_card_keys
 from webpurse.protocol.purse import DEFAULT_MAX_BALANCE, CardState
 
 
@@ -30,15 +31,9 @@ class SecurityModule(ABC):
         """The master-key version new cards are issued under."""
 
     @abstractmethod
-    def personalise(
-        self,
-        serial: bytes,
-        *,
-        start: dt.date,
-        expiry: dt.date | None = None,
-        max_balance: int = DEFAULT_MAX_BALANCE,
-    ) -> CardState:
-        """A new card's state, its card keys diversified from the current master keys."""
+    def _card_keys_to_issue(self, serial: bytes) -> tuple[int, dict[str, bytes]]:
+        """The current key version and the new card's dpk, dlk and dtk, by kind: the one
+        place card keys leave the keystore, into the card being personalised."""
 
     @abstractmethod
     def _session_mac(
@@ -50,6 +45,27 @@ class SecurityModule(ABC):
     @abstractmethod
     def _tac(self, serial: bytes, version: int, data: bytes) -> bytes:
         """The MAC of ``data`` under the card's TAC key (DTK left XOR right, spec §4)."""
+
+    def personalise(
+        self,
+        serial: bytes,
+        *,
+        start: dt.date,
+        expiry: dt.date | None = None,
+        max_balance: int = DEFAULT_MAX_BALANCE,
+    ) -> CardState:
+        """A new card's state, its card keys diversified from the current master keys."""
+        version, keys = self._card_keys_to_issue(serial)
+        return personalise_with_card_keys(
+            serial,
+            dpk=keys["dpk"],
+            dlk=keys["dlk"],
+            dtk=keys["dtk"],
+            start=start,
+            expiry=expiry,
+            key_version=version,
+            max_balance=max_balance,
+        )
 
     # --- purchase ----------------------------------------------------------------------
 

@@ -22,7 +22,6 @@ personalisation bureau writes them into a card; they are never logged or kept.
 
 from __future__ import annotations
 
-import datetime as dt
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -37,8 +36,6 @@ from webpurse.protocol.crypto import (
     pad,
     tac_key,
 )
-from webpurse.protocol.issuance import personalise_with_card_keys
-from webpurse.protocol.purse import DEFAULT_MAX_BALANCE, CardState
 from webpurse.settlement.card_macs import SecurityModule
 from webpurse.settlement.kek import KINDS, SecurityError
 
@@ -520,28 +517,12 @@ class Pkcs11SecurityModule(SecurityModule):
 
     # --- the SecurityModule interface --------------------------------------------------
 
-    def personalise(
-        self,
-        serial: bytes,
-        *,
-        start: dt.date,
-        expiry: dt.date | None = None,
-        max_balance: int = DEFAULT_MAX_BALANCE,
-    ) -> CardState:
+    def _card_keys_to_issue(self, serial: bytes) -> tuple[int, dict[str, bytes]]:
         with self._token_call():
             version = self.key_version
             keys = {kind: self._export_card_key(kind, serial, version) for kind in KINDS}
             self.store_tac_key(serial, version, keys["dtk"])
-        return personalise_with_card_keys(
-            serial,
-            dpk=keys["dpk"],
-            dlk=keys["dlk"],
-            dtk=keys["dtk"],
-            start=start,
-            expiry=expiry,
-            key_version=version,
-            max_balance=max_balance,
-        )
+        return version, keys
 
     # --- inspection (tests, docs) ------------------------------------------------------
 

@@ -27,8 +27,6 @@ from sqlalchemy import select
 
 from webpurse.protocol.cipher import DES_SUITE
 from webpurse.protocol.crypto import diversify, mac, tac_key
-from webpurse.protocol.issuance import personalise_with_card_keys
-from webpurse.protocol.purse import DEFAULT_MAX_BALANCE, CardState
 
 if TYPE_CHECKING:
     from webpurse.settlement.db import SessionFactory
@@ -216,25 +214,9 @@ class SoftwareSecurityModule(SecurityModule):
                 self.__card_keys.popitem(last=False)
         return key
 
-    def personalise(
-        self,
-        serial: bytes,
-        *,
-        start: dt.date,
-        expiry: dt.date | None = None,
-        max_balance: int = DEFAULT_MAX_BALANCE,
-    ) -> CardState:
+    def _card_keys_to_issue(self, serial: bytes) -> tuple[int, dict[str, bytes]]:
         version = self._current
-        return personalise_with_card_keys(
-            serial,
-            dpk=self._card_key("dpk", serial, version),
-            dlk=self._card_key("dlk", serial, version),
-            dtk=self._card_key("dtk", serial, version),
-            start=start,
-            expiry=expiry,
-            key_version=version,
-            max_balance=max_balance,
-        )
+        return version, {kind: self._card_key(kind, serial, version) for kind in KINDS}
 
     def _session_mac(
         self, kind: str, serial: bytes, version: int, block: bytes, data: bytes
