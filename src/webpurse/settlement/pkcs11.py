@@ -272,26 +272,49 @@ class Pkcs11SecurityModule(SecurityModule):
             raise SecurityError("no master keys in the token: run `webpurse settlement init`")
         return self._current
 
-    def _master_template(self, kind: str, version: int) -> list[tuple[int, Any]]:
+    def _key_template(
+        self,
+        *,
+        encrypt: bool,
+        token: bool,
+        label: str | None = None,
+        value: bytes | None = None,
+        export: bool = False,
+    ) -> list[tuple[int, Any]]:
+        """The attributes of every key this module makes: two-key 3DES with one use only,
+        derive (master and card keys) or encrypt (session and TAC keys), never decrypt,
+        wrap, unwrap, sign or verify; sensitive and unextractable unless ``export`` (a card
+        key read out for issuance). A token object is also private and frozen (neither
+        modifiable nor copyable)."""
         p11 = self._p11
-        return [
+        template: list[tuple[int, Any]] = [
             (p11.CKA_CLASS, p11.CKO_SECRET_KEY),
             (p11.CKA_KEY_TYPE, p11.CKK_DES2),
-            (p11.CKA_TOKEN, True),
-            (p11.CKA_PRIVATE, True),
-            (p11.CKA_LABEL, master_label(kind, version)),
-            (p11.CKA_SENSITIVE, True),
-            (p11.CKA_EXTRACTABLE, False),
-            (p11.CKA_DERIVE, True),
-            (p11.CKA_ENCRYPT, False),
+            (p11.CKA_TOKEN, token),
+            (p11.CKA_SENSITIVE, not export),
+            (p11.CKA_EXTRACTABLE, export),
+            (p11.CKA_DERIVE, not encrypt),
+            (p11.CKA_ENCRYPT, encrypt),
             (p11.CKA_DECRYPT, False),
             (p11.CKA_WRAP, False),
             (p11.CKA_UNWRAP, False),
             (p11.CKA_SIGN, False),
             (p11.CKA_VERIFY, False),
-            (p11.CKA_MODIFIABLE, False),
-            (p11.CKA_COPYABLE, False),
         ]
+        if token:
+            template += [
+                (p11.CKA_PRIVATE, True),
+                (p11.CKA_MODIFIABLE, False),
+                (p11.CKA_COPYABLE, False),
+            ]
+        if label is not None:
+            template.append((p11.CKA_LABEL, label))
+        if value is not None:
+            template.append((p11.CKA_VALUE, value))
+        return template
+
+    def _master_template(self, kind: str, version: int) -> list[tuple[int, Any]]:
+        return self._key_template(encrypt=False, token=True, label=master_label(kind, version))
 
     def generate_master_keys(self, version: int = 1) -> bool:
         """Generate dpk, dlk and dtk of ``version`` inside the token if absent."""
@@ -332,20 +355,7 @@ class Pkcs11SecurityModule(SecurityModule):
         mechanism = p11.KEY_DERIVATION_STRING_DATA_MechanismBase(
             data, p11.CKM_DES3_ECB_ENCRYPT_DATA
         )
-        template = [
-            (p11.CKA_CLASS, p11.CKO_SECRET_KEY),
-            (p11.CKA_KEY_TYPE, p11.CKK_DES2),
-            (p11.CKA_TOKEN, False),
-            (p11.CKA_SENSITIVE, not export),
-            (p11.CKA_EXTRACTABLE, export),
-            (p11.CKA_DERIVE, not encrypt),
-            (p11.CKA_ENCRYPT, encrypt),
-            (p11.CKA_DECRYPT, False),
-            (p11.CKA_WRAP, False),
-            (p11.CKA_UNWRAP, False),
-            (p11.CKA_SIGN, False),
-            (p11.CKA_VERIFY, False),
-        ]
+        template = self._key_template(encrypt=encrypt, token=False, export=export)
         return self._session.deriveKey(base, template, mechanism)
 
     def _master(self, kind: str, version: int) -> Any:
@@ -378,26 +388,11 @@ class Pkcs11SecurityModule(SecurityModule):
         """Use ``value`` as the card key of ``kind`` for this card (sensitive, derive-only
         session object), instead of deriving it: a card personalised elsewhere, whose card
         keys are all there is (the spec's worked examples)."""
-        p11 = self._p11
         if kind not in KINDS or len(value) != 16:
             raise SecurityError(f"bad card key {kind}")
         with self._lock:
             handle = self._session.createObject(
-                [
-                    (p11.CKA_CLASS, p11.CKO_SECRET_KEY),
-                    (p11.CKA_KEY_TYPE, p11.CKK_DES2),
-                    (p11.CKA_TOKEN, False),
-                    (p11.CKA_VALUE, value),
-                    (p11.CKA_SENSITIVE, True),
-                    (p11.CKA_EXTRACTABLE, False),
-                    (p11.CKA_DERIVE, True),
-                    (p11.CKA_ENCRYPT, False),
-                    (p11.CKA_DECRYPT, False),
-                    (p11.CKA_WRAP, False),
-                    (p11.CKA_UNWRAP, False),
-                    (p11.CKA_SIGN, False),
-                    (p11.CKA_VERIFY, False),
-                ]
+                self._key_template(encrypt=False, token=False, value=value)
             )
             self._imported[(kind, bytes(serial), version)] = handle
         if kind == "dtk":
@@ -465,7 +460,6 @@ class Pkcs11SecurityModule(SecurityModule):
     def store_tac_key(self, serial: bytes, version: int, dtk: bytes) -> None:
         """Keep the card's TAC key (DTK left XOR right) as a token object ``T || T``:
         sensitive, not extractable, encrypt-only. Replaces one already there."""
-        p11 = self._p11
         key = tac_key(dtk)
         with self._lock:
             old = self._find(tac_label(serial, version))
@@ -473,25 +467,9 @@ class Pkcs11SecurityModule(SecurityModule):
                 self._session.destroyObject(old)
             self._tac_keys.pop((bytes(serial), version), None)
             self._session.createObject(
-                [
-                    (p11.CKA_CLASS, p11.CKO_SECRET_KEY),
-                    (p11.CKA_KEY_TYPE, p11.CKK_DES2),
-                    (p11.CKA_TOKEN, True),
-                    (p11.CKA_PRIVATE, True),
-                    (p11.CKA_LABEL, tac_label(serial, version)),
-                    (p11.CKA_VALUE, key + key),
-                    (p11.CKA_SENSITIVE, True),
-                    (p11.CKA_EXTRACTABLE, False),
-                    (p11.CKA_ENCRYPT, True),
-                    (p11.CKA_DECRYPT, False),
-                    (p11.CKA_DERIVE, False),
-                    (p11.CKA_WRAP, False),
-                    (p11.CKA_UNWRAP, False),
-                    (p11.CKA_SIGN, False),
-                    (p11.CKA_VERIFY, False),
-                    (p11.CKA_MODIFIABLE, False),
-                    (p11.CKA_COPYABLE, False),
-                ]
+                self._key_template(
+                    encrypt=True, token=True, label=tac_label(serial, version), value=key + key
+                )
             )
 
     def tac_key_count(self) -> int:
