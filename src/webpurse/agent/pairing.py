@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from starlette.applications import Starlette
@@ -62,11 +62,44 @@ def _host_ok(request: Request) -> bool:
     return name.lower() in _LOOPBACK
 
 
-def create_pairing_app(agent: TerminalAgent, *, allowed_origins: Sequence[str]) -> Starlette:
-    """The loopback app; serve it on 127.0.0.1 only (``webpurse agent`` does)."""
-    allowed = normalise_origins(allowed_origins)
+def _cors(origin: str) -> dict[str, str]:
+    return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
 
-    def page_origin(request: Request) -> str | None:
+
+def _pair_request(body: Any, origin: str, headers: dict[str, str]) -> tuple[str, str] | Response:
+    """The (token, server) of a pairing request, or the problem that refuses it."""
+    if not isinstance(body, dict):
+        return _problem(400, "bad_request", "expected a small JSON object", headers)
+    token, server = body.get("token"), body.get("server")
+    if not isinstance(token, str) or not _TOKEN.match(token):
+        return _problem(400, "bad_request", "token must be a URL-safe pairing token", headers)
+    if not isinstance(server, str) or len(server) > 2000:
+        return _problem(400, "bad_request", "server must be the merchant's URL", headers)
+    try:
+        server_origin = origin_of(server)
+    except ValueError as exc:
+        return _problem(400, "bad_request", str(exc), headers)
+    if server_origin != origin:
+        return _problem(
+            400,
+            "server_origin_mismatch",
+            f"the agent dials only the page's own origin {origin}",
+            headers,
+        )
+    return token, server
+
+
+Handler = Callable[[Request, str], Awaitable[Response]]
+
+
+class _PairingEndpoint:
+    """The routes of the loopback app; each checks the host and the page's origin first."""
+
+    def __init__(self, agent: TerminalAgent, allowed: frozenset[str]) -> None:
+        self.agent = agent
+        self.allowed = allowed
+
+    def page_origin(self, request: Request) -> str | None:
         raw = request.headers.get("origin")
         if raw is None:
             return None
@@ -74,15 +107,12 @@ def create_pairing_app(agent: TerminalAgent, *, allowed_origins: Sequence[str]) 
             origin = origin_of(raw)
         except ValueError:
             return None
-        return origin if origin in allowed else None
+        return origin if origin in self.allowed else None
 
-    def cors(origin: str) -> dict[str, str]:
-        return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
-
-    def gate(request: Request) -> tuple[str | None, Response | None]:
+    def gate(self, request: Request) -> tuple[str | None, Response | None]:
         if not _host_ok(request):
             return None, _problem(421, "bad_host", "the agent answers only on its loopback name")
-        origin = page_origin(request)
+        origin = self.page_origin(request)
         if origin is None:
             log.warning("pairing refused: origin %r not allowed", request.headers.get("origin"))
             return None, _problem(
@@ -90,11 +120,21 @@ def create_pairing_app(agent: TerminalAgent, *, allowed_origins: Sequence[str]) 
             )
         return origin, None
 
-    async def preflight(request: Request) -> Response:
-        origin, refusal = gate(request)
-        if refusal is not None or origin is None:
-            return refusal or _problem(403, "origin_not_allowed", "not allowed")
-        headers = cors(origin) | {
+    def route(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        """``handler`` behind the gate, with the CORS preflight on OPTIONS."""
+
+        async def endpoint(request: Request) -> Response:
+            origin, refusal = self.gate(request)
+            if refusal is not None or origin is None:
+                return refusal or _problem(403, "origin_not_allowed", "not allowed")
+            if request.method == "OPTIONS":
+                return self.preflight(request, origin)
+            return await handler(request, origin)
+
+        return endpoint
+
+    def preflight(self, request: Request, origin: str) -> Response:
+        headers = _cors(origin) | {
             "Access-Control-Allow-Methods": "POST, GET",
             "Access-Control-Allow-Headers": "Content-Type",
             "Access-Control-Max-Age": "600",
@@ -103,32 +143,14 @@ def create_pairing_app(agent: TerminalAgent, *, allowed_origins: Sequence[str]) 
             headers["Access-Control-Allow-Private-Network"] = "true"
         return Response(status_code=204, headers=headers)
 
-    async def pair(request: Request) -> Response:
-        origin, refusal = gate(request)
-        if refusal is not None or origin is None:
-            return refusal or _problem(403, "origin_not_allowed", "not allowed")
-        headers = cors(origin)
-        body = await _read_json(request)
-        if not isinstance(body, dict):
-            return _problem(400, "bad_request", "expected a small JSON object", headers)
-        token, server = body.get("token"), body.get("server")
-        if not isinstance(token, str) or not _TOKEN.match(token):
-            return _problem(400, "bad_request", "token must be a URL-safe pairing token", headers)
-        if not isinstance(server, str) or len(server) > 2000:
-            return _problem(400, "bad_request", "server must be the merchant's URL", headers)
+    async def pair(self, request: Request, origin: str) -> Response:
+        headers = _cors(origin)
+        checked = _pair_request(await _read_json(request), origin, headers)
+        if isinstance(checked, Response):
+            return checked
+        token, server = checked
         try:
-            server_origin = origin_of(server)
-        except ValueError as exc:
-            return _problem(400, "bad_request", str(exc), headers)
-        if server_origin != origin:
-            return _problem(
-                400,
-                "server_origin_mismatch",
-                f"the agent dials only the page's own origin {origin}",
-                headers,
-            )
-        try:
-            hello = await agent.pair(server, token=token, origin=origin)
+            hello = await self.agent.pair(server, token=token, origin=origin)
         except AgentBusy as exc:
             return _problem(409, "busy", str(exc), headers)
         except PairingRefused as exc:
@@ -139,27 +161,19 @@ def create_pairing_app(agent: TerminalAgent, *, allowed_origins: Sequence[str]) 
         payload = {"status": "paired", "session": hello.session, "merchant": hello.merchant}
         return JSONResponse(payload, headers=headers)
 
-    async def pair_route(request: Request) -> Response:
-        if request.method == "OPTIONS":
-            return await preflight(request)
-        return await pair(request)
-
-    async def status(request: Request) -> Response:
-        origin, refusal = gate(request)
-        if refusal is not None or origin is None:
-            return refusal or _problem(403, "origin_not_allowed", "not allowed")
+    async def status(self, request: Request, origin: str) -> Response:
+        agent = self.agent
         payload = {"agent": AGENT_NAME, "reader": agent.reader.name, "busy": agent.busy}
-        return JSONResponse(payload, headers=cors(origin))
+        return JSONResponse(payload, headers=_cors(origin))
 
-    async def status_route(request: Request) -> Response:
-        if request.method == "OPTIONS":
-            return await preflight(request)
-        return await status(request)
 
+def create_pairing_app(agent: TerminalAgent, *, allowed_origins: Sequence[str]) -> Starlette:
+    """The loopback app; serve it on 127.0.0.1 only (``webpurse agent`` does)."""
+    endpoint = _PairingEndpoint(agent, normalise_origins(allowed_origins))
     return Starlette(
         routes=[
-            Route("/pair", pair_route, methods=["POST", "OPTIONS"]),
-            Route("/status", status_route, methods=["GET", "OPTIONS"]),
+            Route("/pair", endpoint.route(endpoint.pair), methods=["POST", "OPTIONS"]),
+            Route("/status", endpoint.route(endpoint.status), methods=["GET", "OPTIONS"]),
         ]
     )
 

@@ -11,6 +11,7 @@ Random numbers are injected, like every clock, so a test can fix them (spec §8)
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -387,24 +388,15 @@ class CardApplet:
             time=credit.time,
             suite=suite_named(state.tac_key().suite),
         )
-        record = LogRecord(
-            pending.online_counter,
-            state.overdraft_limit,
-            pending.amount,
+        self._commit_transaction(
             TransactionType.EP_LOAD,
-            pending.terminal_id,
+            pending,
+            pending.online_counter,
             credit.date,
             credit.time,
-        )
-        counter_after = pending.online_counter + 1
-        self._commit(
-            replace(
-                state.with_log(record),
-                balance=new_balance,
-                online_counter=counter_after,
-                load_proof=Proof(counter_after, credit.mac2, tac),
-                mac_failures=0,
-            )
+            new_balance=new_balance,
+            mac2=credit.mac2,
+            tac=tac,
         )
         return _sw(StatusWord.SUCCESS, cmd.CreditForLoadResponse(tac).to_data())
 
@@ -444,26 +436,67 @@ class CardApplet:
             time=debit.time,
             suite=suite_named(state.tac_key().suite),
         )
-        record = LogRecord(
-            pending.offline_counter,
-            state.overdraft_limit,
-            pending.amount,
+        self._commit_transaction(
             TransactionType.EP_PURCHASE,
-            pending.terminal_id,
+            pending,
+            pending.offline_counter,
             debit.date,
             debit.time,
-        )
-        counter_after = pending.offline_counter + 1
-        self._commit(
-            replace(
-                state.with_log(record),
-                balance=pending.balance - pending.amount,
-                offline_counter=counter_after,
-                purchase_proof=Proof(counter_after, mac2, tac),
-                mac_failures=0,
-            )
+            new_balance=pending.balance - pending.amount,
+            mac2=mac2,
+            tac=tac,
         )
         return _sw(StatusWord.SUCCESS, cmd.DebitForPurchaseResponse(tac, mac2).to_data())
+
+    def _commit_transaction(
+        self,
+        transaction_type: TransactionType,
+        pending: _PendingLoad | _PendingPurchase,
+        counter_before: int,
+        date: dt.date,
+        time: dt.time,
+        *,
+        new_balance: int,
+        mac2: bytes,
+        tac: bytes,
+    ) -> None:
+        """One save for a completed load or purchase (spec §3): the log record, the new
+        balance, the type's counter + 1, the proof GET TRANSACTION PROVE answers with, and
+        the MAC failures cleared."""
+        state = self._state
+        logged = state.with_log(
+            LogRecord(
+                counter_before,
+                state.overdraft_limit,
+                pending.amount,
+                transaction_type,
+                pending.terminal_id,
+                date,
+                time,
+            )
+        )
+        counter_after = counter_before + 1
+        proof = Proof(counter_after, mac2, tac)
+        if transaction_type == TransactionType.EP_LOAD:
+            self._commit(
+                replace(
+                    logged,
+                    balance=new_balance,
+                    online_counter=counter_after,
+                    load_proof=proof,
+                    mac_failures=0,
+                )
+            )
+        else:
+            self._commit(
+                replace(
+                    logged,
+                    balance=new_balance,
+                    offline_counter=counter_after,
+                    purchase_proof=proof,
+                    mac_failures=0,
+                )
+            )
 
     def _get_transaction_prove(self, apdu: CommandApdu, _pending: object) -> ResponseApdu:
         prove = cmd.GetTransactionProve.from_apdu(apdu)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import signal
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -22,6 +24,20 @@ from webpurse.protocol.errors import FieldError
 app = typer.Typer(help="Card images: personalise, inspect and drive an emulated e-purse card.")
 console = Console()
 err = Console(stderr=True)
+
+
+@contextmanager
+def _stopped_by_signals(stop: Callable[[], None]) -> Iterator[None]:
+    """While inside, SIGINT and SIGTERM call ``stop`` (a server's run returns); the previous
+    handlers come back on the way out."""
+    previous = {
+        sig: signal.signal(sig, lambda *_: stop()) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _fail(message: str) -> typer.Exit:
@@ -132,16 +148,11 @@ def serve(
     try:
         with open_card(image) as card:
             client = VpcdClient(card, host, port, on_status=lambda m: err.print(m))
-            previous = {
-                sig: signal.signal(sig, lambda *_: client.stop())
-                for sig in (signal.SIGINT, signal.SIGTERM)
-            }
             try:
-                err.print(f"serving card {card.state.issuer.card_number} to vpcd {host}:{port}")
-                client.run()
+                with _stopped_by_signals(client.stop):
+                    err.print(f"serving card {card.state.issuer.card_number} to vpcd {host}:{port}")
+                    client.run()
             finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
                 client.close()
     except (CardBusy, OSError, ValueError) as exc:
         raise _fail(str(exc)) from None
@@ -162,17 +173,12 @@ def serve_pn532(
     try:
         with open_card(image) as card:
             server = PtyServer(Pn532Chip(card))
-            previous = {
-                sig: signal.signal(sig, lambda *_: server.stop())
-                for sig in (signal.SIGINT, signal.SIGTERM)
-            }
             try:
-                err.print(f"serving card {card.state.issuer.card_number} in a PN532 on")
-                print(server.path, flush=True)
-                server.run()
+                with _stopped_by_signals(server.stop):
+                    err.print(f"serving card {card.state.issuer.card_number} in a PN532 on")
+                    print(server.path, flush=True)
+                    server.run()
             finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
                 server.close()
     except (CardBusy, OSError, ValueError) as exc:
         raise _fail(str(exc)) from None

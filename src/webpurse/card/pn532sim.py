@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import selectors
 import termios
 import threading
 import tty
@@ -38,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
+from webpurse.card.serving import readable_until_stopped
 from webpurse.card.vpcd import Card
 from webpurse.protocol.pn532frame import (
     ACK_FRAME,
@@ -334,22 +334,16 @@ class PtyServer:
 
     def run(self) -> None:
         """Serve until :meth:`stop` (blocking)."""
-        with selectors.DefaultSelector() as selector:
-            selector.register(self._master, selectors.EVENT_READ, "line")
-            selector.register(self._wake_r, selectors.EVENT_READ, "stop")
-            while not self._stopping:
-                for key, _ in selector.select():
-                    if key.data == "stop":
-                        return
-                    try:
-                        data = os.read(self._master, 4096)
-                    except OSError as exc:  # EIO: no slave open (cannot happen: we hold one)
-                        log.warning("pn532 sim: pty read failed: %s", exc)
-                        return
-                    with self._lock:
-                        out = self.chip.receive(data)
-                    if out:
-                        os.write(self._master, out)
+        for _ in readable_until_stopped(self._master, self._wake_r, lambda: self._stopping):
+            try:
+                data = os.read(self._master, 4096)
+            except OSError as exc:  # EIO: no slave open (cannot happen: we hold one)
+                log.warning("pn532 sim: pty read failed: %s", exc)
+                return
+            with self._lock:
+                out = self.chip.receive(data)
+            if out:
+                os.write(self._master, out)
 
     def start(self) -> PtyServer:
         """Serve on a daemon thread."""

@@ -30,6 +30,8 @@ from enum import IntEnum
 from functools import reduce
 from typing import Protocol
 
+from webpurse.card.serving import readable_until_stopped
+
 log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
@@ -227,27 +229,21 @@ class VpcdClient:
     def _serve(self, sock: socket.socket) -> None:
         session = VpcdSession(self._card, self._atr)
         quickack = getattr(socket, "TCP_QUICKACK", None)
-        with selectors.DefaultSelector() as selector:
-            selector.register(sock, selectors.EVENT_READ, "vpcd")
-            selector.register(self._wake_r, selectors.EVENT_READ, "stop")
-            while not self._stopping:
-                for key, _ in selector.select():
-                    if key.data == "stop":
-                        return
-                try:
-                    data = sock.recv(65536)
-                except OSError as exc:
-                    self._on_status(f"vpcd connection lost: {exc}")
-                    return
-                if not data:
-                    self._on_status("vpcd closed the connection (pcscd stopped?)")
-                    return
-                if quickack is not None:
-                    sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
-                try:
-                    out = session.receive(data)
-                except VpcdProtocolError as exc:
-                    self._on_status(f"vpcd protocol error: {exc}; reconnecting")
-                    return
-                if out:
-                    sock.sendall(out)
+        for _ in readable_until_stopped(sock, self._wake_r, lambda: self._stopping):
+            try:
+                data = sock.recv(65536)
+            except OSError as exc:
+                self._on_status(f"vpcd connection lost: {exc}")
+                return
+            if not data:
+                self._on_status("vpcd closed the connection (pcscd stopped?)")
+                return
+            if quickack is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
+            try:
+                out = session.receive(data)
+            except VpcdProtocolError as exc:
+                self._on_status(f"vpcd protocol error: {exc}; reconnecting")
+                return
+            if out:
+                sock.sendall(out)

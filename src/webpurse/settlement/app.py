@@ -114,41 +114,9 @@ def _allowed_methods(app: FastAPI, path: str) -> list[str]:
     return sorted(allowed)
 
 
-def create_app(
-    settings: Settings, *, security: Any = None, engine: Engine | None = None
-) -> FastAPI:
-    """Build the settlement FastAPI app from ``settings`` (see :mod:`.settings`)."""
-    from webpurse.settlement import routes
-    from webpurse.settlement.security_factory import open_security_module
-
-    engine = engine or make_engine(
-        settings.database_url, pool_size=settings.pool_size, max_overflow=settings.max_overflow
-    )
-    if settings.migrate:
-        migrate(engine)
-    session_factory = make_session_factory(engine)
-    if security is None:
-        security = open_security_module(settings, session_factory)
-    app = FastAPI(
-        title="webpurse settlement",
-        version="1",
-        description="Settlement server: card registry, payments, loads, refunds, ledger.",
-        # The schema and its browser page only when configured (WEBPURSE_PUBLIC_DOCS=1, on
-        # in the demo): a production server does not hand out its map of routes.
-        docs_url="/docs" if settings.public_docs else None,
-        openapi_url="/openapi.json" if settings.public_docs else None,
-        redoc_url=None,
-        lifespan=_lifespan,
-    )
-    metrics = _metrics()
-    app.state.settlement = SettlementState(
-        settings=settings,
-        engine=engine,
-        session_factory=session_factory,
-        security=security,
-        clock=settings.clock,
-        metrics=metrics,
-    )
+def _add_request_context(app: FastAPI, metrics: Metrics) -> None:
+    """Every request: its id (the caller's X-Request-Id or a new one) bound to the log
+    context and echoed, its count and latency by route, one log line."""
 
     @app.middleware("http")
     async def request_context(
@@ -175,6 +143,11 @@ def create_app(
             ms=round(elapsed * 1000, 2),
         )
         return response
+
+
+def _add_problem_handlers(app: FastAPI, metrics: Metrics) -> None:
+    """Every refusal as problem+json: the domain's refusals, routing errors, a pool that
+    stayed busy, a transfer the ledger refused, a request that failed validation."""
 
     @app.exception_handler(SettlementError)
     async def api_error(request: Request, refusal: SettlementError) -> JSONResponse:
@@ -227,6 +200,46 @@ def create_app(
         )
         log.info("http.invalid", errors=len(errors), param=problem.param)
         return _problem(problem, request)
+
+
+def create_app(
+    settings: Settings, *, security: Any = None, engine: Engine | None = None
+) -> FastAPI:
+    """Build the settlement FastAPI app from ``settings`` (see :mod:`.settings`)."""
+    from webpurse.settlement import routes
+    from webpurse.settlement.security_factory import open_security_module
+
+    engine = engine or make_engine(
+        settings.database_url, pool_size=settings.pool_size, max_overflow=settings.max_overflow
+    )
+    if settings.migrate:
+        migrate(engine)
+    session_factory = make_session_factory(engine)
+    if security is None:
+        security = open_security_module(settings, session_factory)
+    app = FastAPI(
+        title="webpurse settlement",
+        version="1",
+        description="Settlement server: card registry, payments, loads, refunds, ledger.",
+        # The schema and its browser page only when configured (WEBPURSE_PUBLIC_DOCS=1, on
+        # in the demo): a production server does not hand out its map of routes.
+        docs_url="/docs" if settings.public_docs else None,
+        openapi_url="/openapi.json" if settings.public_docs else None,
+        redoc_url=None,
+        lifespan=_lifespan,
+    )
+    metrics = _metrics()
+    app.state.settlement = SettlementState(
+        settings=settings,
+        engine=engine,
+        session_factory=session_factory,
+        security=security,
+        clock=settings.clock,
+        metrics=metrics,
+    )
+
+    _add_request_context(app, metrics)
+    _add_problem_handlers(app, metrics)
 
     # Outermost of our middleware: a body over the limit is refused before the request
     # context, routing, authentication or any handler sees it (issue 19, finding 5).

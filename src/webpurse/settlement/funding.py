@@ -376,21 +376,22 @@ def next_statement(session: Session, account: str) -> tuple[int, int]:
     return (last.number + 1, last.closing_balance) if last is not None else (1, 0)
 
 
-def import_statement(
-    session: Session, text: str, fmt: str, policy: FundingPolicy, now: dt.datetime
-) -> tuple[dict[str, Any], bool]:
-    """Import one statement in the caller's transaction: (its summary, whether it is new).
-
-    A statement settlement refuses raises a :mod:`~.errors` refusal before anything is written.
-    """
+def _parse(text: str, fmt: str, policy: FundingPolicy) -> statements.Statement:
+    """The statement, parsed and checked on its own (no database)."""
     try:
         statement = statements.parse(text, fmt)
         statements.check(statement, account=policy.settlement_account)
     except statements.StatementError as error:
         raise _statement_error(error) from None
-    account = statements.normalise_account(statement.account)
-    # One import at a time: every import (and nothing else) posts from this account.
-    ledger.locked_balance(session, ledger.RECEIVED_BANK_TRANSFERS, now)
+    return statement
+
+
+def _imported_before(
+    session: Session, account: str, statement: statements.Statement
+) -> dict[str, Any] | None:
+    """The summary of this statement if it was imported before; None if it is the next one
+    of the account's chain. Refuses other content under a known number, a gap in the
+    numbers, or an opening balance that is not the previous statement's closing balance."""
     known = session.scalars(
         select(BankStatement).where(
             BankStatement.account == account, BankStatement.number == statement.number
@@ -405,47 +406,38 @@ def import_statement(
                     409,
                 )
             )
-        return dict(known.summary), False
+        return dict(known.summary)
     last = session.scalar(
         select(func.max(BankStatement.number)).where(BankStatement.account == account)
     )
-    if last is not None:
-        if statement.number != last + 1:
-            raise _statement_error(
-                statements.StatementError(
-                    "statement_gap",
-                    f"statement {statement.number}: the next statement of {account} is {last + 1}",
-                    409,
-                )
+    if last is None:
+        return None
+    if statement.number != last + 1:
+        raise _statement_error(
+            statements.StatementError(
+                "statement_gap",
+                f"statement {statement.number}: the next statement of {account} is {last + 1}",
+                409,
             )
-        previous = session.scalars(
-            select(BankStatement).where(
-                BankStatement.account == account, BankStatement.number == last
+        )
+    previous = session.scalars(
+        select(BankStatement).where(BankStatement.account == account, BankStatement.number == last)
+    ).one()
+    if previous.closing_balance != statement.opening_balance:
+        raise _statement_error(
+            statements.StatementError(
+                "statement_opening_mismatch",
+                f"opening balance {statement.opening_balance} fen, but statement {last}"
+                f" closed at {previous.closing_balance} fen",
             )
-        ).one()
-        if previous.closing_balance != statement.opening_balance:
-            raise _statement_error(
-                statements.StatementError(
-                    "statement_opening_mismatch",
-                    f"opening balance {statement.opening_balance} fen, but statement {last}"
-                    f" closed at {previous.closing_balance} fen",
-                )
-            )
-    record = BankStatement(
-        id=new_id("stmt"),
-        account=account,
-        number=statement.number,
-        format=fmt,
-        currency=statement.currency,
-        opening_balance=statement.opening_balance,
-        closing_balance=statement.closing_balance,
-        digest=statement.digest,
-        summary={},
-        created_at=now,
-    )
-    session.add(record)
-    session.flush()
-    orders = _orders(session, statement.lines)
+        )
+    return None
+
+
+def _plan(
+    session: Session, statement: statements.Statement, orders: dict[str, Load], now: dt.datetime
+) -> dict[int, statements.Decision]:
+    """What each credit line does (:func:`statements.plan`), by line number."""
     plan = statements.plan(
         statement.lines,
         {
@@ -461,87 +453,138 @@ def import_statement(
         now,
         _open_deposits(session, statement.lines),
     )
-    decided = {decision.line.line_no: decision for decision in plan}
-    by_id = {load.id: load for load in orders.values()}
-    matched: list[dict[str, Any]] = []
-    exceptions: list[dict[str, Any]] = []
-    deposits: list[dict[str, Any]] = []
-    debits = 0
-    for line in statement.lines:
-        decision = decided.get(line.line_no)
-        row = StatementLine(
-            id=new_id("sline"),
-            statement_id=record.id,
-            line_no=line.line_no,
-            amount=line.amount,
-            booked_on=line.booked_on,
-            bank_reference=line.bank_reference,
-            payer=line.payer,
-            remittance=line.remittance,
-            reference=decision.reference if decision else None,
-            outcome=_outcome(decision),
-            load_id=decision.load_id if decision else None,
-        )
-        session.add(row)
-        session.flush()
-        if decision is None:
-            debits += 1
-            continue
-        if decision.deposit is not None:  # booked when the operator recorded it
-            deposits.append({"line": line.line_no, "bank_reference": decision.deposit})
-            continue
-        if decision.matched:
-            assert decision.load_id is not None
-            _fund(session, by_id[decision.load_id], row, now)
-            matched.append(
-                {
-                    "line": line.line_no,
-                    "load": decision.load_id,
-                    "reference": decision.reference,
-                    "amount": line.amount,
-                }
-            )
-            continue
-        assert decision.exception is not None
-        exc = add_exception(
-            session,
-            kind=decision.exception,
-            amount=line.amount,
-            now=now,
-            debit_account=ledger.RECEIVED_BANK_TRANSFERS,
-            transfer_id=f"{row.id}:received",
-            line=row,
-            reference=decision.reference,
-            load_id=decision.load_id,
-            detail=decision.detail,
-        )
-        exceptions.append(
+    return {decision.line.line_no: decision for decision in plan}
+
+
+@dataclass
+class _Summary:
+    """What an import did, line by line: the ``statement_import`` object's lists."""
+
+    matched: list[dict[str, Any]]
+    exceptions: list[dict[str, Any]]
+    deposits: list[dict[str, Any]]
+    debits: int = 0
+
+
+def _book_line(
+    session: Session,
+    record: BankStatement,
+    line: statements.Line,
+    decision: statements.Decision | None,
+    loads: dict[str, Load],
+    summary: _Summary,
+    now: dt.datetime,
+) -> None:
+    """Store one statement line and book what its decision says; note it in ``summary``."""
+    row = StatementLine(
+        id=new_id("sline"),
+        statement_id=record.id,
+        line_no=line.line_no,
+        amount=line.amount,
+        booked_on=line.booked_on,
+        bank_reference=line.bank_reference,
+        payer=line.payer,
+        remittance=line.remittance,
+        reference=decision.reference if decision else None,
+        outcome=_outcome(decision),
+        load_id=decision.load_id if decision else None,
+    )
+    session.add(row)
+    session.flush()
+    if decision is None:
+        summary.debits += 1
+        return
+    if decision.deposit is not None:  # booked when the operator recorded it
+        summary.deposits.append({"line": line.line_no, "bank_reference": decision.deposit})
+        return
+    if decision.matched:
+        assert decision.load_id is not None
+        _fund(session, loads[decision.load_id], row, now)
+        summary.matched.append(
             {
-                "id": exc.id,
-                "kind": exc.kind,
                 "line": line.line_no,
-                "amount": line.amount,
-                "reference": decision.reference,
                 "load": decision.load_id,
+                "reference": decision.reference,
+                "amount": line.amount,
             }
         )
+        return
+    assert decision.exception is not None
+    exc = add_exception(
+        session,
+        kind=decision.exception,
+        amount=line.amount,
+        now=now,
+        debit_account=ledger.RECEIVED_BANK_TRANSFERS,
+        transfer_id=f"{row.id}:received",
+        line=row,
+        reference=decision.reference,
+        load_id=decision.load_id,
+        detail=decision.detail,
+    )
+    summary.exceptions.append(
+        {
+            "id": exc.id,
+            "kind": exc.kind,
+            "line": line.line_no,
+            "amount": line.amount,
+            "reference": decision.reference,
+            "load": decision.load_id,
+        }
+    )
+
+
+def import_statement(
+    session: Session, text: str, fmt: str, policy: FundingPolicy, now: dt.datetime
+) -> tuple[dict[str, Any], bool]:
+    """Import one statement in the caller's transaction: (its summary, whether it is new).
+
+    A statement settlement refuses raises a :mod:`~.errors` refusal before anything is written.
+    """
+    statement = _parse(text, fmt, policy)
+    account = statements.normalise_account(statement.account)
+    # One import at a time: every import (and nothing else) posts from this account.
+    ledger.locked_balance(session, ledger.RECEIVED_BANK_TRANSFERS, now)
+    before = _imported_before(session, account, statement)
+    if before is not None:
+        return before, False
+    record = BankStatement(
+        id=new_id("stmt"),
+        account=account,
+        number=statement.number,
+        format=fmt,
+        currency=statement.currency,
+        opening_balance=statement.opening_balance,
+        closing_balance=statement.closing_balance,
+        digest=statement.digest,
+        summary={},
+        created_at=now,
+    )
+    session.add(record)
+    session.flush()
+    orders = _orders(session, statement.lines)
+    decided = _plan(session, statement, orders, now)
+    loads = {load.id: load for load in orders.values()}
+    done = _Summary(matched=[], exceptions=[], deposits=[])
+    for line in statement.lines:
+        _book_line(session, record, line, decided.get(line.line_no), loads, done, now)
     summary = {
         "object": "statement_import",
         "statement_id": record.id,
         "account": account,
         "number": statement.number,
-        "matched": matched,
-        "exceptions": exceptions,
-        "float_deposits": deposits,
-        "debits": debits,
+        "matched": done.matched,
+        "exceptions": done.exceptions,
+        "float_deposits": done.deposits,
+        "debits": done.debits,
     }
     record.summary = summary
     log.info(
         "statement.imported",
         statement=record.id,
         number=statement.number,
-        matched=len(matched),
-        exceptions=len(exceptions),
+        matched=len(done.matched),
+        exceptions=len(done.exceptions),
     )
     return summary, True
 

@@ -22,7 +22,6 @@ personalisation bureau writes them into a card; they are never logged or kept.
 
 from __future__ import annotations
 
-import datetime as dt
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -31,18 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from webpurse.protocol import host
 from webpurse.protocol.crypto import (
     MAC_LENGTH,
     diversification_data,
-    load_session_block,
-    macs_equal,
     pad,
-    purchase_session_block,
     tac_key,
 )
-from webpurse.protocol.issuance import personalise_with_card_keys
-from webpurse.protocol.purse import DEFAULT_MAX_BALANCE, CardState
+from webpurse.settlement.card_macs import SecurityModule
 from webpurse.settlement.kek import KINDS, SecurityError
 
 if TYPE_CHECKING:
@@ -153,7 +147,7 @@ def softhsm2_config(folder: Path) -> Path:
     return conf
 
 
-class Pkcs11SecurityModule:
+class Pkcs11SecurityModule(SecurityModule):
     """The security module on a PKCS#11 token: no key value ever enters this process
     except the card keys :meth:`personalise` hands to the card being issued."""
 
@@ -278,26 +272,49 @@ class Pkcs11SecurityModule:
             raise SecurityError("no master keys in the token: run `webpurse settlement init`")
         return self._current
 
-    def _master_template(self, kind: str, version: int) -> list[tuple[int, Any]]:
+    def _key_template(
+        self,
+        *,
+        encrypt: bool,
+        token: bool,
+        label: str | None = None,
+        value: bytes | None = None,
+        export: bool = False,
+    ) -> list[tuple[int, Any]]:
+        """The attributes of every key this module makes: two-key 3DES with one use only,
+        derive (master and card keys) or encrypt (session and TAC keys), never decrypt,
+        wrap, unwrap, sign or verify; sensitive and unextractable unless ``export`` (a card
+        key read out for issuance). A token object is also private and frozen (neither
+        modifiable nor copyable)."""
         p11 = self._p11
-        return [
+        template: list[tuple[int, Any]] = [
             (p11.CKA_CLASS, p11.CKO_SECRET_KEY),
             (p11.CKA_KEY_TYPE, p11.CKK_DES2),
-            (p11.CKA_TOKEN, True),
-            (p11.CKA_PRIVATE, True),
-            (p11.CKA_LABEL, master_label(kind, version)),
-            (p11.CKA_SENSITIVE, True),
-            (p11.CKA_EXTRACTABLE, False),
-            (p11.CKA_DERIVE, True),
-            (p11.CKA_ENCRYPT, False),
+            (p11.CKA_TOKEN, token),
+            (p11.CKA_SENSITIVE, not export),
+            (p11.CKA_EXTRACTABLE, export),
+            (p11.CKA_DERIVE, not encrypt),
+            (p11.CKA_ENCRYPT, encrypt),
             (p11.CKA_DECRYPT, False),
             (p11.CKA_WRAP, False),
             (p11.CKA_UNWRAP, False),
             (p11.CKA_SIGN, False),
             (p11.CKA_VERIFY, False),
-            (p11.CKA_MODIFIABLE, False),
-            (p11.CKA_COPYABLE, False),
         ]
+        if token:
+            template += [
+                (p11.CKA_PRIVATE, True),
+                (p11.CKA_MODIFIABLE, False),
+                (p11.CKA_COPYABLE, False),
+            ]
+        if label is not None:
+            template.append((p11.CKA_LABEL, label))
+        if value is not None:
+            template.append((p11.CKA_VALUE, value))
+        return template
+
+    def _master_template(self, kind: str, version: int) -> list[tuple[int, Any]]:
+        return self._key_template(encrypt=False, token=True, label=master_label(kind, version))
 
     def generate_master_keys(self, version: int = 1) -> bool:
         """Generate dpk, dlk and dtk of ``version`` inside the token if absent."""
@@ -338,20 +355,7 @@ class Pkcs11SecurityModule:
         mechanism = p11.KEY_DERIVATION_STRING_DATA_MechanismBase(
             data, p11.CKM_DES3_ECB_ENCRYPT_DATA
         )
-        template = [
-            (p11.CKA_CLASS, p11.CKO_SECRET_KEY),
-            (p11.CKA_KEY_TYPE, p11.CKK_DES2),
-            (p11.CKA_TOKEN, False),
-            (p11.CKA_SENSITIVE, not export),
-            (p11.CKA_EXTRACTABLE, export),
-            (p11.CKA_DERIVE, not encrypt),
-            (p11.CKA_ENCRYPT, encrypt),
-            (p11.CKA_DECRYPT, False),
-            (p11.CKA_WRAP, False),
-            (p11.CKA_UNWRAP, False),
-            (p11.CKA_SIGN, False),
-            (p11.CKA_VERIFY, False),
-        ]
+        template = self._key_template(encrypt=encrypt, token=False, export=export)
         return self._session.deriveKey(base, template, mechanism)
 
     def _master(self, kind: str, version: int) -> Any:
@@ -384,26 +388,11 @@ class Pkcs11SecurityModule:
         """Use ``value`` as the card key of ``kind`` for this card (sensitive, derive-only
         session object), instead of deriving it: a card personalised elsewhere, whose card
         keys are all there is (the spec's worked examples)."""
-        p11 = self._p11
         if kind not in KINDS or len(value) != 16:
             raise SecurityError(f"bad card key {kind}")
         with self._lock:
             handle = self._session.createObject(
-                [
-                    (p11.CKA_CLASS, p11.CKO_SECRET_KEY),
-                    (p11.CKA_KEY_TYPE, p11.CKK_DES2),
-                    (p11.CKA_TOKEN, False),
-                    (p11.CKA_VALUE, value),
-                    (p11.CKA_SENSITIVE, True),
-                    (p11.CKA_EXTRACTABLE, False),
-                    (p11.CKA_DERIVE, True),
-                    (p11.CKA_ENCRYPT, False),
-                    (p11.CKA_DECRYPT, False),
-                    (p11.CKA_WRAP, False),
-                    (p11.CKA_UNWRAP, False),
-                    (p11.CKA_SIGN, False),
-                    (p11.CKA_VERIFY, False),
-                ]
+                self._key_template(encrypt=False, token=False, value=value)
             )
             self._imported[(kind, bytes(serial), version)] = handle
         if kind == "dtk":
@@ -471,7 +460,6 @@ class Pkcs11SecurityModule:
     def store_tac_key(self, serial: bytes, version: int, dtk: bytes) -> None:
         """Keep the card's TAC key (DTK left XOR right) as a token object ``T || T``:
         sensitive, not extractable, encrypt-only. Replaces one already there."""
-        p11 = self._p11
         key = tac_key(dtk)
         with self._lock:
             old = self._find(tac_label(serial, version))
@@ -479,25 +467,9 @@ class Pkcs11SecurityModule:
                 self._session.destroyObject(old)
             self._tac_keys.pop((bytes(serial), version), None)
             self._session.createObject(
-                [
-                    (p11.CKA_CLASS, p11.CKO_SECRET_KEY),
-                    (p11.CKA_KEY_TYPE, p11.CKK_DES2),
-                    (p11.CKA_TOKEN, True),
-                    (p11.CKA_PRIVATE, True),
-                    (p11.CKA_LABEL, tac_label(serial, version)),
-                    (p11.CKA_VALUE, key + key),
-                    (p11.CKA_SENSITIVE, True),
-                    (p11.CKA_EXTRACTABLE, False),
-                    (p11.CKA_ENCRYPT, True),
-                    (p11.CKA_DECRYPT, False),
-                    (p11.CKA_DERIVE, False),
-                    (p11.CKA_WRAP, False),
-                    (p11.CKA_UNWRAP, False),
-                    (p11.CKA_SIGN, False),
-                    (p11.CKA_VERIFY, False),
-                    (p11.CKA_MODIFIABLE, False),
-                    (p11.CKA_COPYABLE, False),
-                ]
+                self._key_template(
+                    encrypt=True, token=True, label=tac_label(serial, version), value=key + key
+                )
             )
 
     def tac_key_count(self) -> int:
@@ -523,132 +495,12 @@ class Pkcs11SecurityModule:
 
     # --- the SecurityModule interface --------------------------------------------------
 
-    def personalise(
-        self,
-        serial: bytes,
-        *,
-        start: dt.date,
-        expiry: dt.date | None = None,
-        max_balance: int = DEFAULT_MAX_BALANCE,
-    ) -> CardState:
+    def _card_keys_to_issue(self, serial: bytes) -> tuple[int, dict[str, bytes]]:
         with self._token_call():
             version = self.key_version
             keys = {kind: self._export_card_key(kind, serial, version) for kind in KINDS}
             self.store_tac_key(serial, version, keys["dtk"])
-        return personalise_with_card_keys(
-            serial,
-            dpk=keys["dpk"],
-            dlk=keys["dlk"],
-            dtk=keys["dtk"],
-            start=start,
-            expiry=expiry,
-            key_version=version,
-            max_balance=max_balance,
-        )
-
-    def purchase_mac1(
-        self,
-        serial: bytes,
-        key_version: int,
-        *,
-        random: bytes,
-        offline_counter: int,
-        terminal_seq: int,
-        amount: int,
-        terminal_id: bytes,
-        date: dt.date,
-        time: dt.time,
-    ) -> bytes:
-        block = purchase_session_block(random, offline_counter, terminal_seq)
-        data = host.purchase_mac1_data(amount=amount, terminal_id=terminal_id, date=date, time=time)
-        return self._session_mac("dpk", serial, key_version, block, data)
-
-    def verify_purchase_mac2_and_tac(
-        self,
-        serial: bytes,
-        key_version: int,
-        *,
-        random: bytes,
-        offline_counter: int,
-        terminal_seq: int,
-        amount: int,
-        terminal_id: bytes,
-        date: dt.date,
-        time: dt.time,
-        mac2: bytes,
-        tac: bytes,
-    ) -> bool:
-        block = purchase_session_block(random, offline_counter, terminal_seq)
-        expected_mac2 = self._session_mac(
-            "dpk", serial, key_version, block, host.purchase_mac2_data(amount=amount)
-        )
-        expected_tac = self._tac(
-            serial,
-            key_version,
-            host.purchase_tac_data(
-                amount=amount,
-                terminal_id=terminal_id,
-                terminal_seq=terminal_seq,
-                date=date,
-                time=time,
-            ),
-        )
-        return macs_equal(expected_mac2, mac2) & macs_equal(expected_tac, tac)
-
-    def verify_load_mac1(
-        self,
-        serial: bytes,
-        key_version: int,
-        *,
-        random: bytes,
-        online_counter: int,
-        balance: int,
-        amount: int,
-        terminal_id: bytes,
-        mac1: bytes,
-    ) -> bool:
-        block = load_session_block(random, online_counter)
-        data = host.load_mac1_data(balance=balance, amount=amount, terminal_id=terminal_id)
-        return macs_equal(self._session_mac("dlk", serial, key_version, block, data), mac1)
-
-    def load_mac2(
-        self,
-        serial: bytes,
-        key_version: int,
-        *,
-        random: bytes,
-        online_counter: int,
-        amount: int,
-        terminal_id: bytes,
-        date: dt.date,
-        time: dt.time,
-    ) -> bytes:
-        block = load_session_block(random, online_counter)
-        data = host.load_mac2_data(amount=amount, terminal_id=terminal_id, date=date, time=time)
-        return self._session_mac("dlk", serial, key_version, block, data)
-
-    def verify_load_tac(
-        self,
-        serial: bytes,
-        key_version: int,
-        *,
-        new_balance: int,
-        online_counter: int,
-        amount: int,
-        terminal_id: bytes,
-        date: dt.date,
-        time: dt.time,
-        tac: bytes,
-    ) -> bool:
-        data = host.load_tac_data(
-            new_balance=new_balance,
-            online_counter=online_counter,
-            amount=amount,
-            terminal_id=terminal_id,
-            date=date,
-            time=time,
-        )
-        return macs_equal(self._tac(serial, key_version, data), tac)
+        return version, keys
 
     # --- inspection (tests, docs) ------------------------------------------------------
 

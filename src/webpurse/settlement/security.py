@@ -1,7 +1,8 @@
 """The security module: master keys and every MAC the host computes or checks (spec §2, §4).
 
-Nothing outside this module ever holds a key. The interface is :class:`SecurityModule`
-(narrow on purpose, so a PKCS#11 HSM can implement it); :class:`SoftwareSecurityModule`
+Nothing outside this module ever holds a key. The interface is
+:class:`~webpurse.settlement.card_macs.SecurityModule` (narrow on purpose, so a PKCS#11 HSM
+can implement it; every MAC is written there once); :class:`SoftwareSecurityModule`
 is the default: master keys per kind (dpk, dlk, dtk) and version, generated at init,
 stored AES-256-GCM encrypted under a key-encryption key (KEK) from ``WEBPURSE_KEK``
 (hex or base64) or the file ``WEBPURSE_KEK_FILE``. All crypto goes through
@@ -18,21 +19,20 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import select
 
-from webpurse.protocol import host
-from webpurse.protocol.crypto import diversify
-from webpurse.protocol.issuance import personalise_with_card_keys
-from webpurse.protocol.purse import DEFAULT_MAX_BALANCE, CardState
+from webpurse.protocol.cipher import DES_SUITE
+from webpurse.protocol.crypto import diversify, mac, tac_key
 
 if TYPE_CHECKING:
     from webpurse.settlement.db import SessionFactory
     from webpurse.settlement.settings import Settings
 
+from webpurse.settlement.card_macs import SecurityModule as SecurityModule
 from webpurse.settlement.kek import KEK_SIZE as KEK_SIZE
 from webpurse.settlement.kek import KINDS as KINDS
 from webpurse.settlement.kek import SecurityError as SecurityError
@@ -88,93 +88,6 @@ def resolve_kek(settings: Settings, *, create: bool = False) -> bytes:
     raise SecurityError(f"no key-encryption key: set WEBPURSE_KEK or create {path}")
 
 
-class SecurityModule(Protocol):
-    """What settlement asks of its keys. Every method takes the card's serial and key
-    version and derives the card key inside; no method returns a key."""
-
-    def personalise(
-        self,
-        serial: bytes,
-        *,
-        start: dt.date,
-        expiry: dt.date | None = None,
-        max_balance: int = DEFAULT_MAX_BALANCE,
-    ) -> CardState: ...
-
-    @property
-    def key_version(self) -> int: ...
-
-    def purchase_mac1(
-        self,
-        serial: bytes,
-        key_version: int,
-        *,
-        random: bytes,
-        offline_counter: int,
-        terminal_seq: int,
-        amount: int,
-        terminal_id: bytes,
-        date: dt.date,
-        time: dt.time,
-    ) -> bytes: ...
-
-    def verify_purchase_mac2_and_tac(
-        self,
-        serial: bytes,
-        key_version: int,
-        *,
-        random: bytes,
-        offline_counter: int,
-        terminal_seq: int,
-        amount: int,
-        terminal_id: bytes,
-        date: dt.date,
-        time: dt.time,
-        mac2: bytes,
-        tac: bytes,
-    ) -> bool: ...
-
-    def verify_load_mac1(
-        self,
-        serial: bytes,
-        key_version: int,
-        *,
-        random: bytes,
-        online_counter: int,
-        balance: int,
-        amount: int,
-        terminal_id: bytes,
-        mac1: bytes,
-    ) -> bool: ...
-
-    def load_mac2(
-        self,
-        serial: bytes,
-        key_version: int,
-        *,
-        random: bytes,
-        online_counter: int,
-        amount: int,
-        terminal_id: bytes,
-        date: dt.date,
-        time: dt.time,
-    ) -> bytes: ...
-
-    def verify_load_tac(
-        self,
-        serial: bytes,
-        key_version: int,
-        *,
-        new_balance: int,
-        online_counter: int,
-        amount: int,
-        terminal_id: bytes,
-        date: dt.date,
-        time: dt.time,
-        tac: bytes,
-    ) -> bool: ...
-
-
 def _aad(kind: str, version: int) -> bytes:
     return f"webpurse-master-key:{kind}:{version}".encode("ascii")
 
@@ -221,7 +134,7 @@ class _KeySet:
         return "_KeySet(<redacted>)"
 
 
-class SoftwareSecurityModule:
+class SoftwareSecurityModule(SecurityModule):
     """Master keys decrypted into memory from the database; the default keystore."""
 
     # Diversified card keys kept for reuse (a card's capture needs the keys its
@@ -301,148 +214,15 @@ class SoftwareSecurityModule:
                 self.__card_keys.popitem(last=False)
         return key
 
-    def personalise(
-        self,
-        serial: bytes,
-        *,
-        start: dt.date,
-        expiry: dt.date | None = None,
-        max_balance: int = DEFAULT_MAX_BALANCE,
-    ) -> CardState:
+    def _card_keys_to_issue(self, serial: bytes) -> tuple[int, dict[str, bytes]]:
         version = self._current
-        return personalise_with_card_keys(
-            serial,
-            dpk=self._card_key("dpk", serial, version),
-            dlk=self._card_key("dlk", serial, version),
-            dtk=self._card_key("dtk", serial, version),
-            start=start,
-            expiry=expiry,
-            key_version=version,
-            max_balance=max_balance,
-        )
+        return version, {kind: self._card_key(kind, serial, version) for kind in KINDS}
 
-    def purchase_mac1(
-        self,
-        serial: bytes,
-        key_version: int,
-        *,
-        random: bytes,
-        offline_counter: int,
-        terminal_seq: int,
-        amount: int,
-        terminal_id: bytes,
-        date: dt.date,
-        time: dt.time,
+    def _session_mac(
+        self, kind: str, serial: bytes, version: int, block: bytes, data: bytes
     ) -> bytes:
-        return host.purchase_mac1(
-            self._card_key("dpk", serial, key_version),
-            random=random,
-            offline_counter=offline_counter,
-            terminal_seq=terminal_seq,
-            amount=amount,
-            terminal_id=terminal_id,
-            date=date,
-            time=time,
-        )
+        session_key = DES_SUITE.key_cipher.encrypt_ecb(self._card_key(kind, serial, version), block)
+        return mac(session_key, data)
 
-    def verify_purchase_mac2_and_tac(
-        self,
-        serial: bytes,
-        key_version: int,
-        *,
-        random: bytes,
-        offline_counter: int,
-        terminal_seq: int,
-        amount: int,
-        terminal_id: bytes,
-        date: dt.date,
-        time: dt.time,
-        mac2: bytes,
-        tac: bytes,
-    ) -> bool:
-        mac2_ok = host.verify_purchase_mac2(
-            self._card_key("dpk", serial, key_version),
-            mac2,
-            random=random,
-            offline_counter=offline_counter,
-            terminal_seq=terminal_seq,
-            amount=amount,
-        )
-        tac_ok = host.verify_purchase_tac(
-            self._card_key("dtk", serial, key_version),
-            tac,
-            amount=amount,
-            terminal_id=terminal_id,
-            terminal_seq=terminal_seq,
-            date=date,
-            time=time,
-        )
-        return mac2_ok & tac_ok
-
-    def verify_load_mac1(
-        self,
-        serial: bytes,
-        key_version: int,
-        *,
-        random: bytes,
-        online_counter: int,
-        balance: int,
-        amount: int,
-        terminal_id: bytes,
-        mac1: bytes,
-    ) -> bool:
-        return host.verify_load_mac1(
-            self._card_key("dlk", serial, key_version),
-            mac1,
-            random=random,
-            online_counter=online_counter,
-            balance=balance,
-            amount=amount,
-            terminal_id=terminal_id,
-        )
-
-    def load_mac2(
-        self,
-        serial: bytes,
-        key_version: int,
-        *,
-        random: bytes,
-        online_counter: int,
-        amount: int,
-        terminal_id: bytes,
-        date: dt.date,
-        time: dt.time,
-    ) -> bytes:
-        return host.load_mac2(
-            self._card_key("dlk", serial, key_version),
-            random=random,
-            online_counter=online_counter,
-            amount=amount,
-            terminal_id=terminal_id,
-            date=date,
-            time=time,
-        )
-
-    def verify_load_tac(
-        self,
-        serial: bytes,
-        key_version: int,
-        *,
-        new_balance: int,
-        online_counter: int,
-        amount: int,
-        terminal_id: bytes,
-        date: dt.date,
-        time: dt.time,
-        tac: bytes,
-    ) -> bool:
-        return host.verify_load_tac(
-            self._card_key("dtk", serial, key_version),
-            tac,
-            new_balance=new_balance,
-            online_counter=online_counter,
-            amount=amount,
-            terminal_id=terminal_id,
-            date=date,
-            time=time,
-        )
+    def _tac(self, serial: bytes, version: int, data: bytes) -> bytes:
+        return mac(tac_key(self._card_key("dtk", serial, version)), data)

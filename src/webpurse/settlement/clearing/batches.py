@@ -21,6 +21,7 @@ from webpurse.settlement.clearing.days import (
 )
 from webpurse.settlement.clearing.errors import OutOfOrderError, UnknownMerchantError
 from webpurse.settlement.clearing.items import (
+    BatchTotals,
     ClearingItem,
     ItemKind,
     batch_id,
@@ -144,6 +145,70 @@ def batch_items(
     return items, (payable_mark, topups_mark)
 
 
+def _previous_batch(session: Session, merchant_id: str, day: date) -> ClearingBatch | None:
+    """The merchant's batch before ``day`` (its carry and marks are this one's start).
+
+    Refuses a day earlier than a batch the merchant already has: the carry forward runs in
+    day order."""
+    later = session.scalars(
+        select(ClearingBatch.day).where(
+            ClearingBatch.merchant_id == merchant_id, ClearingBatch.day > day
+        )
+    ).first()
+    if later is not None:
+        raise OutOfOrderError(
+            f"merchant {merchant_id} already has a batch for {later.isoformat()}; "
+            "batches run in day order"
+        )
+    return session.scalars(
+        select(ClearingBatch)
+        .where(ClearingBatch.merchant_id == merchant_id, ClearingBatch.day < day)
+        .order_by(ClearingBatch.day.desc())
+    ).first()
+
+
+def _post_totals(
+    session: Session,
+    identifier: str,
+    merchant_id: str,
+    totals: BatchTotals,
+    now: datetime,
+    currency: str,
+) -> str | None:
+    """Post the batch's money: the top-ups settled between payable and receivable, then the
+    payout; the payout's transfer id (None when nothing is paid)."""
+    payable = ledger.merchant_account(merchant_id)
+    receivable = ledger.topups_account(merchant_id)
+    if totals.topups_settled != 0:
+        settling = totals.topups_settled > 0
+        ledger.post_transfer(
+            session,
+            topups_transfer_id(identifier),
+            payable if settling else receivable,
+            receivable if settling else payable,
+            abs(totals.topups_settled),
+            TOPUPS_SETTLED_KIND,
+            now=now,
+            reference=identifier,
+            currency=currency,
+        )
+    if totals.payout <= 0:
+        return None
+    transfer_id = payout_transfer_id(identifier)
+    ledger.post_transfer(
+        session,
+        transfer_id,
+        payable,
+        ledger.payout_account(merchant_id),
+        totals.payout,
+        PAYOUT_KIND,
+        now=now,
+        reference=identifier,
+        currency=currency,
+    )
+    return transfer_id
+
+
 def run_batch(
     session: Session,
     merchant_id: str,
@@ -176,21 +241,7 @@ def run_batch(
     existing = session.get(ClearingBatch, identifier, populate_existing=True)
     if existing is not None:
         return BatchResult(existing, created=False)
-    later = session.scalars(
-        select(ClearingBatch.day).where(
-            ClearingBatch.merchant_id == merchant_id, ClearingBatch.day > day
-        )
-    ).first()
-    if later is not None:
-        raise OutOfOrderError(
-            f"merchant {merchant_id} already has a batch for {later.isoformat()}; "
-            "batches run in day order"
-        )
-    previous = session.scalars(
-        select(ClearingBatch)
-        .where(ClearingBatch.merchant_id == merchant_id, ClearingBatch.day < day)
-        .order_by(ClearingBatch.day.desc())
-    ).first()
+    previous = _previous_batch(session, merchant_id, day)
     carried_in = previous.carried_out if previous is not None else 0
     marks = (
         (previous.payable_version or 0, previous.topups_version or 0)
@@ -202,33 +253,7 @@ def run_batch(
     available = ledger.balance(session, payable)
     owed = -ledger.balance(session, receivable)
     totals = compute_batch(items, carried_in, available, owed)
-    if totals.topups_settled != 0:
-        settling = totals.topups_settled > 0
-        ledger.post_transfer(
-            session,
-            topups_transfer_id(identifier),
-            payable if settling else receivable,
-            receivable if settling else payable,
-            abs(totals.topups_settled),
-            TOPUPS_SETTLED_KIND,
-            now=now,
-            reference=identifier,
-            currency=currency,
-        )
-    transfer_id = None
-    if totals.payout > 0:
-        transfer_id = payout_transfer_id(identifier)
-        ledger.post_transfer(
-            session,
-            transfer_id,
-            payable,
-            ledger.payout_account(merchant_id),
-            totals.payout,
-            PAYOUT_KIND,
-            now=now,
-            reference=identifier,
-            currency=currency,
-        )
+    transfer_id = _post_totals(session, identifier, merchant_id, totals, now, currency)
     batch = ClearingBatch(
         id=identifier,
         merchant_id=merchant_id,
