@@ -27,6 +27,7 @@ from webpurse.protocol.commands import EP_AID, SFI_ISSUER, ReadBinary, Select
 from webpurse.protocol.errors import ProtocolError
 from webpurse.protocol.records import IssuerData
 from webpurse.reader.base import ReaderError, Step
+from webpurse.reader.messages import Outcome as AgentOutcome
 from webpurse.reader.remote.shared import SharedState
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ class CardReads:
         )
 
     async def _run(self, read: CardRead) -> None:
-        outcome, message = "failed", "no card read"
+        outcome, message = AgentOutcome.FAILED, "no card read"
         try:
             reader = await self.broker.reader_for(read.id, self.reader_timeout)
             await reader.wait_for_card(self.reader_timeout)
@@ -172,7 +173,7 @@ class CardReads:
                 read.status, read.error = "failed", "not_an_epurse"
             else:
                 read.status, read.card_number = "read", number
-                outcome, message = "succeeded", "card number read"
+                outcome, message = AgentOutcome.SUCCEEDED, "card number read"
         except ReaderError as exc:
             log.info("card read %s: %s", read.id, exc)
             read.status, read.error = "failed", "no_reader"

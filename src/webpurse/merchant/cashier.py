@@ -50,10 +50,12 @@ from webpurse.merchant.settlement import (
     Settlement,
     SettlementError,
     SettlementObject,
+    TxStatus,
     funding_reference,
 )
 from webpurse.protocol.records import TransactionType
 from webpurse.reader.base import Reader, ReaderError
+from webpurse.reader.messages import Outcome as AgentOutcome
 from webpurse.reader.remote.shared import SharedStateUnavailable
 
 log = logging.getLogger(__name__)
@@ -69,7 +71,11 @@ class _NewSession(Exception):
     """The agent's session is over but the order goes on: wait for a new pairing."""
 
 
-_AGENT_OUTCOMES = {PAID: "succeeded", LOADED: "succeeded", DECLINED: "declined"}
+_AGENT_OUTCOMES: dict[str, AgentOutcome] = {
+    PAID: AgentOutcome.SUCCEEDED,
+    LOADED: AgentOutcome.SUCCEEDED,
+    DECLINED: AgentOutcome.DECLINED,
+}
 """Order status → the outcome the agent shows at the session's end (else ``failed``)."""
 
 
@@ -167,20 +173,20 @@ class Cashier:
         fields: dict[str, object] = dict(extra)
         fields["settlement_status"] = obj.status
         unfunded = order.funding == BANK_TRANSFER and order.settlement_status == REQUIRES_FUNDING
-        if unfunded and obj.status in ("expired", "canceled"):
+        if unfunded and obj.status in (TxStatus.EXPIRED, TxStatus.CANCELED):
             # Never paid: the top-up is over; nothing was taken, nothing was loaded.
             fields["status"] = CANCELED
             fields["decline_code"] = "unpaid_" + obj.status
-        elif obj.status == "succeeded":
+        elif obj.status == TxStatus.SUCCEEDED:
             fields["status"] = success_status(order)
             if obj.tac:
                 fields["tac"] = obj.tac
-        elif obj.status == "uncertain":
+        elif obj.status == TxStatus.UNCERTAIN:
             fields["status"] = INTERRUPTED
-        elif obj.status in ("declined", "expired"):
+        elif obj.status in (TxStatus.DECLINED, TxStatus.EXPIRED):
             fields["status"] = DECLINED
             fields["decline_code"] = obj.decline_code or extra.get("decline_code") or obj.status
-        elif obj.status == "canceled" and order.status != INTERRUPTED:
+        elif obj.status == TxStatus.CANCELED and order.status != INTERRUPTED:
             fields.setdefault("status", DECLINED)
         if obj.card_number and "card_number" not in fields:
             fields["card_number"] = obj.card_number
@@ -200,7 +206,7 @@ class Cashier:
         order = self.apply(order_id, obj)
         if order.status != before and order.is_final:
             self.publish(order, Phase.FAILED if order.status == CANCELED else Phase.SUCCEEDED)
-        elif was == REQUIRES_FUNDING and obj.status == "requires_card":
+        elif was == REQUIRES_FUNDING and obj.status == TxStatus.REQUIRES_CARD:
             log.info("order %s: the bank transfer arrived; the load can run", order_id)
             self.publish(order, Phase.WAITING_READER, FUNDED)
         return order
@@ -303,7 +309,7 @@ class Cashier:
 
     async def _drive_here(self, order_id: str) -> None:
         """Run the order's payment; whatever happens, end the agent's session after it."""
-        outcome, message, amount = "failed", "internal error", None
+        outcome, message, amount = AgentOutcome.FAILED, "internal error", None
         try:
             order = self.orders.get(order_id)
             if order is None:
@@ -311,7 +317,7 @@ class Cashier:
             if not order.is_final:
                 await self._drive_order(order)
             final = self.orders.get(order_id) or order
-            outcome = _AGENT_OUTCOMES.get(final.status, "failed")
+            outcome = _AGENT_OUTCOMES.get(final.status, AgentOutcome.FAILED)
             message, amount = final.decline_code or "", final.amount
         except asyncio.CancelledError:
             raise  # server shutdown: the hub ends every session itself
@@ -424,13 +430,13 @@ class Cashier:
             if order.is_final:
                 self.publish(order, Phase.SUCCEEDED)
                 return True
-            if outcome.status == "canceled":
+            if outcome.status == TxStatus.CANCELED:
                 # The card proved nothing happened: pay again with a fresh payment. The
                 # agent refuses a second DEBIT in a session whose first may have run, so
                 # end this session; the page pairs a new one (phase waiting_reader, "repair").
                 order = self.orders.update(order.id, status=PENDING, counter=None)
                 order = await self.open_settlement(order, order.id)
-                await self._finish(order.id, "canceled", "present the card again", None)
+                await self._finish(order.id, AgentOutcome.CANCELED, "present the card again", None)
                 self.publish(order, Phase.WAITING_READER, REPAIR)
                 raise _NewSession
             self.publish(order, Phase.INTERRUPTED)
@@ -443,13 +449,13 @@ class Cashier:
             order = await self.open_settlement(order, order.id)
         assert order.settlement_id is not None
         obj = await self.settlement.get(kind, order.settlement_id)
-        if obj.status == "succeeded":
+        if obj.status == TxStatus.SUCCEEDED:
             order = self.apply(order.id, obj)
             self.publish(order, Phase.SUCCEEDED)
             return True
-        if obj.status in ("authorised", "uncertain"):
+        if obj.status in (TxStatus.AUTHORISED, TxStatus.UNCERTAIN):
             return await self._learn_counter(order, obj, reader, progress)
-        if obj.status in ("canceled", "expired", "declined"):
+        if obj.status in (TxStatus.CANCELED, TxStatus.EXPIRED, TxStatus.DECLINED):
             # Released before this order heard of it: nothing was taken; pay afresh.
             order = await self.open_settlement(order, order.id)
             assert order.settlement_id is not None
@@ -486,12 +492,12 @@ class Cashier:
         if obj.status == REQUIRES_FUNDING:
             self.publish(order, Phase.FAILED, "awaiting_funds")
             return True
-        if obj.status == "succeeded":
+        if obj.status == TxStatus.SUCCEEDED:
             self.publish(order, Phase.SUCCEEDED)
             return True
-        if obj.status in ("authorised", "uncertain"):
+        if obj.status in (TxStatus.AUTHORISED, TxStatus.UNCERTAIN):
             return await self._learn_counter(order, obj, reader, progress)
-        if obj.status != "requires_card":
+        if obj.status != TxStatus.REQUIRES_CARD:
             self.publish(order, Phase.FAILED, obj.status)
             return True
         try:
@@ -535,7 +541,7 @@ class Cashier:
         the counter whether the transaction ran (proof verified) or not (released).
         """
         kind = obj.kind
-        if obj.status == "authorised":
+        if obj.status == TxStatus.AUTHORISED:
             obj = await self.settlement.uncertain(kind, obj.id)
         await progress(Progress(Phase.INTERRUPTED))
         await reader.wait_for_card(self.card_timeout)
@@ -571,12 +577,13 @@ class Cashier:
             value = getattr(outcome, name)
             if value is not None:
                 extra[name] = value
-        if outcome.status == "declined":
+        if outcome.status == TxStatus.DECLINED:
             extra["decline_code"] = outcome.decline_code
-            if outcome.object is None or outcome.object.status != "declined":
+            if outcome.object is None or outcome.object.status != TxStatus.DECLINED:
                 extra["status"] = DECLINED
         if outcome.object is None:
             return self.orders.update(order.id, **extra)
-        if outcome.status == "declined" and outcome.object.status in ("requires_card", "canceled"):
+        kept = (TxStatus.REQUIRES_CARD, TxStatus.CANCELED)
+        if outcome.status == TxStatus.DECLINED and outcome.object.status in kept:
             return self.orders.update(order.id, **extra)
         return self.apply(order.id, outcome.object, **extra)

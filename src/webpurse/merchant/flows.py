@@ -35,6 +35,7 @@ from webpurse.merchant.settlement import (
     Settlement,
     SettlementError,
     SettlementObject,
+    TxStatus,
     funding_reference,
 )
 from webpurse.protocol import status
@@ -329,7 +330,7 @@ async def recover(
         if not _load_needs_a_new_load(hint, exc):
             raise
         kept = await _keep_uncertain(settlement, hint)
-        return Outcome(status="canceled", object=kept, round_trips=trips.count)
+        return Outcome(status=TxStatus.CANCELED, object=kept, round_trips=trips.count)
     return Outcome(
         status=resolved.status, object=resolved, round_trips=trips.count, tac=resolved.tac
     )
@@ -388,12 +389,12 @@ async def run_transaction(
         log.info("%s %s: reader refused batch 1: %s", kind.value, obj.id, refused.code)
         await _cancel_quietly(settlement, obj)
         await progress(Progress(Phase.DECLINED, refused.code))
-        return Outcome("declined", obj, trips.count, decline_code=refused.code)
+        return Outcome(TxStatus.DECLINED, obj, trips.count, decline_code=refused.code)
     except CardRefused as refused:
         log.info("%s %s: card refused batch 1: %s", kind.value, obj.id, refused)
         await _cancel_quietly(settlement, obj, refused)
         await progress(Progress(Phase.DECLINED, refused.reason))
-        return Outcome("declined", obj, trips.count, decline_code=refused.reason)
+        return Outcome(TxStatus.DECLINED, obj, trips.count, decline_code=refused.reason)
 
     await progress(Progress(Phase.AUTHORISING))
     try:
@@ -404,7 +405,7 @@ async def run_transaction(
                 await _run_card_check(trips, settlement, obj, declined.card_check)
             await progress(Progress(Phase.DECLINED, declined.decline_code or declined.code or ""))
             return Outcome(
-                "declined",
+                TxStatus.DECLINED,
                 obj,
                 trips.count,
                 decline_code=declined.decline_code or declined.code,
@@ -420,7 +421,7 @@ async def run_transaction(
         except Declined as again:
             await progress(Progress(Phase.DECLINED, again.decline_code or again.code or ""))
             return Outcome(
-                "declined",
+                TxStatus.DECLINED,
                 obj,
                 trips.count,
                 decline_code=again.decline_code or again.code,
@@ -464,7 +465,7 @@ async def run_transaction(
         )
         return await _outcome_unknown(trips, settlement, obj, contact, progress)
     delta = obj.amount if kind is Kind.LOAD else -obj.amount
-    succeeded = finished.status == "succeeded"
+    succeeded = finished.status == TxStatus.SUCCEEDED
     await progress(Progress(Phase.SUCCEEDED if succeeded else Phase.FAILED, finished.status))
     return Outcome(
         finished.status,
@@ -591,11 +592,15 @@ async def _release(
     if released.status == "succeeded":  # the card's proof says it ran after all
         await progress(Progress(Phase.SUCCEEDED))
         return Outcome(
-            "succeeded", released, trips.count, card_number=contact.card_number, tac=released.tac
+            TxStatus.SUCCEEDED,
+            released,
+            trips.count,
+            card_number=contact.card_number,
+            tac=released.tac,
         )
     await progress(Progress(Phase.DECLINED, reason))
     return Outcome(
-        "declined",
+        TxStatus.DECLINED,
         released,
         trips.count,
         decline_code=reason,

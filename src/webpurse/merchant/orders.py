@@ -20,6 +20,7 @@ import json
 import os
 import secrets
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +45,27 @@ from webpurse.merchant.cart import CartLine
 PURCHASE = "purchase"
 TOPUP = "topup"
 
-PENDING = "pending"
-PAID = "paid"
-LOADED = "loaded"
-DECLINED = "declined"
-INTERRUPTED = "interrupted"
-CANCELED = "canceled"
+
+class OrderStatus(StrEnum):
+    """An order's status at the shop (docs/merchant.md).
+
+    Settlement's own word for the order's payment or load is ``settlement_status``.
+    """
+
+    PENDING = "pending"
+    PAID = "paid"
+    LOADED = "loaded"
+    DECLINED = "declined"
+    INTERRUPTED = "interrupted"
+    CANCELED = "canceled"
+
+
+PENDING = OrderStatus.PENDING
+PAID = OrderStatus.PAID
+LOADED = OrderStatus.LOADED
+DECLINED = OrderStatus.DECLINED
+INTERRUPTED = OrderStatus.INTERRUPTED
+CANCELED = OrderStatus.CANCELED
 # Final: never changes again. A declined order may be tried again with another card.
 FINAL = frozenset({PAID, LOADED, CANCELED})
 

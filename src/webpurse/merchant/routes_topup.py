@@ -11,7 +11,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 
 from webpurse.merchant.cardread import TooManyReads
 from webpurse.merchant.catalogue import BY_ID, TOPUP_AMOUNTS
-from webpurse.merchant.orders import TOPUP
+from webpurse.merchant.orders import CANCELED, TOPUP
 from webpurse.merchant.security import LinkRefused, normalise_card_number, open_link
 from webpurse.merchant.settlement import BANK_TRANSFER, SettlementError
 from webpurse.merchant.web import (
@@ -86,7 +86,7 @@ async def topup(
         await shop.cashier.open_settlement(order, describe(order))
     except SettlementError as exc:
         log.warning("order %s: settlement refused the top-up: %s", order.id, exc)
-        shop.orders.update(order.id, status="canceled", decline_code=exc.code or "settlement_error")
+        shop.orders.update(order.id, status=CANCELED, decline_code=exc.code or "settlement_error")
         if exc.status == 404 or exc.code == "card_not_loadable":
             # No money may be asked for a card that is not ours or cannot take value.
             return shop.render(

@@ -155,7 +155,26 @@ class SettlementObject:
 MERCHANT_FLOAT = "merchant_float"
 BANK_TRANSFER = "bank_transfer"
 FUNDING_METHODS = frozenset({MERCHANT_FLOAT, BANK_TRANSFER})
-REQUIRES_FUNDING = "requires_funding"
+
+
+class TxStatus(StrEnum):
+    """A payment's or a load's status, as settlement's API documents it (docs/settlement-api.md).
+
+    The shop's own copy of settlement's words: it talks to settlement over HTTP only and
+    imports nothing of it; ``tests/merchant/test_statuses.py`` keeps the two the same.
+    """
+
+    REQUIRES_FUNDING = "requires_funding"
+    REQUIRES_CARD = "requires_card"
+    AUTHORISED = "authorised"
+    UNCERTAIN = "uncertain"
+    SUCCEEDED = "succeeded"
+    DECLINED = "declined"
+    CANCELED = "canceled"
+    EXPIRED = "expired"
+
+
+REQUIRES_FUNDING = TxStatus.REQUIRES_FUNDING
 """A bank-transfer load's status until settlement has matched the money to it."""
 """How the shop's top-ups are funded (docs/settlement-api.md "Funding"): cash taken at the
 till draws on the merchant's prepaid float; an online top-up waits for the cardholder's own

@@ -25,7 +25,7 @@ from webpurse.merchant.cart import COOKIE as CART_COOKIE
 from webpurse.merchant.cart import Cart
 from webpurse.merchant.cashier import Cashier, kind_of
 from webpurse.merchant.flows import Phase
-from webpurse.merchant.orders import TOPUP, Order, OrderBook
+from webpurse.merchant.orders import TOPUP, Order, OrderBook, OrderStatus
 from webpurse.merchant.progress import OrderEvent, ProgressBus
 from webpurse.merchant.security import LinkRefused, make_link, open_link
 from webpurse.merchant.settings import MerchantSettings
@@ -209,13 +209,14 @@ def describe(order: Order) -> str:
 
 
 def phase_for(order: Order) -> str:
-    return {
-        "paid": Phase.SUCCEEDED,
-        "loaded": Phase.SUCCEEDED,
-        "declined": Phase.DECLINED,
-        "interrupted": Phase.INTERRUPTED,
-        "canceled": Phase.FAILED,
-    }.get(order.status, Phase.WAITING_READER).value
+    phases: dict[str, Phase] = {
+        OrderStatus.PAID: Phase.SUCCEEDED,
+        OrderStatus.LOADED: Phase.SUCCEEDED,
+        OrderStatus.DECLINED: Phase.DECLINED,
+        OrderStatus.INTERRUPTED: Phase.INTERRUPTED,
+        OrderStatus.CANCELED: Phase.FAILED,
+    }
+    return phases.get(order.status, Phase.WAITING_READER).value
 
 
 def order_json(order: Order, last: OrderEvent | None) -> dict[str, Any]:
