@@ -376,6 +376,9 @@ class DemoStack:
                 str(self.merchant_port),
                 "--log-level",
                 "warning",
+                # uvicorn would believe X-Forwarded-For from 127.0.0.1 (any local process):
+                # the demo has no proxy in front (webpurse.listen.proxy_options).
+                "--no-proxy-headers",
             ],
             env,
         )
