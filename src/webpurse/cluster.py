@@ -33,7 +33,14 @@ import httpx
 import typer
 
 from webpurse import demo as single
-from webpurse.balancer import Backend, Layout, command, write_config
+from webpurse.balancer import (
+    Backend,
+    Layout,
+    command,
+    server_stats,
+    stats_path,
+    write_config,
+)
 from webpurse.balancer.tls import TlsFiles, make_certificates
 from webpurse.demo import DemoError, DemoStack, free_port, webpurse_command
 
@@ -169,6 +176,10 @@ class ClusterStack(DemoStack):
         self.named[name] = process
         wait_health(f"http://{self.host}:{port}/health", process=process)
         return process
+
+    def stats(self) -> dict[tuple[str, str], dict[str, str]]:
+        """HAProxy's counters per (backend, server): ``stot`` served, ``scur`` open now."""
+        return server_stats(stats_path(self.data_dir))
 
     def kill(self, name: str) -> None:
         """SIGKILL one process (and its children), as a crash would."""

@@ -13,7 +13,9 @@ connection comes from a trusted proxy (``WEBPURSE_TRUSTED_PROXIES``: see
 
 from __future__ import annotations
 
+import csv
 import shutil
+import socket
 import string
 import subprocess
 from collections.abc import Sequence
@@ -68,8 +70,10 @@ def _safe(value: str, what: str) -> str:
     return value
 
 
-def render_config(layout: Layout, tls: TlsFiles) -> str:
-    """haproxy.cfg for ``layout``; bad input (no backends, odd names) is refused."""
+def render_config(layout: Layout, tls: TlsFiles, stats_socket: Path | None = None) -> str:
+    """haproxy.cfg for ``layout``; bad input (no backends, odd names) is refused.
+
+    ``stats_socket``: HAProxy's operator socket (default: beside the certificate)."""
     if not layout.shop or not layout.settlement:
         raise BalancerError("the balancer needs at least one shop and one settlement process")
     for balance in (layout.shop_balance, layout.settlement_balance):
@@ -87,6 +91,7 @@ def render_config(layout: Layout, tls: TlsFiles) -> str:
         shop_internal_port=layout.shop_internal_port,
         settlement_port=layout.settlement_port,
         bundle=_safe(str(tls.bundle), "certificate path"),
+        stats_socket=_safe(str(stats_socket or tls.bundle.parent / "haproxy.sock"), "socket"),
         shop_balance=layout.shop_balance,
         settlement_balance=layout.settlement_balance,
         shop_servers="\n".join(b.line() for b in layout.shop),
@@ -106,7 +111,7 @@ def write_config(directory: Path, layout: Layout, tls: TlsFiles) -> Path:
     if binary is None:
         raise BalancerError("haproxy is not installed (Debian: apt-get install haproxy)")
     path = directory / "haproxy.cfg"
-    path.write_text(render_config(layout, tls), encoding="utf-8")
+    path.write_text(render_config(layout, tls, stats_path(directory)), encoding="utf-8")
     checked = subprocess.run(  # noqa: S603 - haproxy, our own argument list
         [binary, "-c", "-q", "-f", str(path)],
         capture_output=True,
@@ -117,6 +122,28 @@ def write_config(directory: Path, layout: Layout, tls: TlsFiles) -> Path:
     if checked.returncode != 0:
         raise BalancerError(f"haproxy refused {path}: {checked.stderr.strip()[:500]}")
     return path
+
+
+def stats_path(directory: Path) -> Path:
+    """HAProxy's operator socket for a config written into ``directory``."""
+    return directory / "haproxy.sock"
+
+
+def server_stats(socket_path: Path) -> dict[tuple[str, str], dict[str, str]]:
+    """``show stat`` from HAProxy's socket: (backend, server) → its counters (``stot``:
+    sessions served, ``scur``: open now, ``status``: UP/DOWN…)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5.0)
+        sock.connect(str(socket_path))
+        sock.sendall(b"show stat\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    lines = b"".join(chunks).decode("utf-8", "replace").splitlines()
+    if not lines or not lines[0].startswith("# "):
+        raise BalancerError(f"unexpected answer from {socket_path}: {lines[:1]}")
+    rows = csv.DictReader([lines[0][2:], *[line for line in lines[1:] if line]])
+    return {(row["pxname"], row["svname"]): dict(row) for row in rows}
 
 
 def command(config: Path) -> list[str]:
