@@ -107,8 +107,11 @@ NOTES = {
         "session with the payment created, from the shop sending batch 1 to settlement's "
         "answer to the capture (goal p50 ≤ 2 × RTT + 20 ms). *From the pay click*: from the "
         "agent being asked to pair (the page's pay button, on the shopper's machine) through "
-        "its WebSocket to the shop, the payment's creation and the purchase. Purchases one "
-        "at a time; the machine is shared, so the fixed part (RTT 0) varies between runs."
+        "its WebSocket to the shop, the payment's creation and the purchase. *Of which*: the "
+        "shop's two transmits to the card (relay, agent, emulator: what the RTT multiplies) "
+        "and settlement's two calls (authorise, capture on PostgreSQL: the fixed part the "
+        "goal's 20 ms must cover). Purchases one at a time; the machine is shared with other "
+        "work, so the settlement part varies between runs."
     ),
 }
 

@@ -45,6 +45,8 @@ class Timing:
     purchase: float  # batch 1 → capture answer, seconds
     from_click: float  # pairing asked → capture answer, seconds
     batches: int  # merchant↔reader round trips
+    reader: float = 0.0  # of ``purchase``: the shop's transmits (the relay and the card)
+    settlement: float = 0.0  # of ``purchase``: settlement's HTTP calls (authorise, capture)
 
 
 def goal_ms(rtt_ms: float) -> float:
@@ -58,6 +60,14 @@ def rtt_rows(one_way_ms: float, timings: Sequence[Timing]) -> list[Measurement]:
     rows: list[Measurement] = []
     series = (
         ("purchase, batch 1 → capture answer", [t.purchase * 1000 for t in timings]),
+        (
+            "of which the card's round trips (relay, agent, card)",
+            [t.reader * 1000 for t in timings],
+        ),
+        (
+            "of which settlement's calls (authorise, capture)",
+            [t.settlement * 1000 for t in timings],
+        ),
         ("purchase from the pay click (pairing included)", [t.from_click * 1000 for t in timings]),
     )
     for metric, values in series:
@@ -119,9 +129,16 @@ async def purchases_at(
                         raise SetupError(
                             f"purchase ended {outcome.status} ({outcome.decline_code})"
                         )
-                    _seconds, counts = r.clock.take()
-                    batches = counts.get("merchant reader batches", 0)
-                    timings.append(Timing(ended - started, ended - clicked, batches))
+                    seconds, counts = r.clock.take()
+                    timings.append(
+                        Timing(
+                            ended - started,
+                            ended - clicked,
+                            counts.get("merchant reader batches", 0),
+                            seconds.get("merchant reader", 0.0),
+                            seconds.get("settlement", 0.0),
+                        )
+                    )
                     await remote.end(Outcome.SUCCEEDED, "paid", AMOUNT)
                     await asyncio.wait_for(agent.wait_session(), 30)
                     advance()
