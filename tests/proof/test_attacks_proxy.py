@@ -10,6 +10,7 @@ the HAProxy case runs Debian's ``haproxy`` on a config from :mod:`webpurse.balan
 from __future__ import annotations
 
 import os
+import re
 import ssl
 import subprocess
 import sys
@@ -22,8 +23,9 @@ import pytest
 from tests.proof.conftest import Proof
 from webpurse.balancer import Backend, Layout, command, haproxy_path, write_config
 from webpurse.balancer.tls import make_certificates
-from webpurse.demo import free_port, wait_http, wait_port
+from webpurse.demo import free_port, wait_http, wait_port, webpurse_command
 from webpurse.listen import ProxySettingError, proxy_options, trusted_proxies
+from webpurse.merchant.till import ADDRESS_FAILURES
 
 SUITE = "attacks_proxy"
 ROOT = Path(__file__).resolve().parents[2]
@@ -169,3 +171,91 @@ def test_client_forging_through_haproxy_is_replaced(
         finally:
             haproxy.terminate()
             haproxy.wait(timeout=10)
+
+
+def _csrf(page: str) -> str:
+    token = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert token is not None, "the sign-in form has no CSRF token"
+    return token.group(1)
+
+
+def _signin(client: httpx.Client, base: str, name: str, forged: str) -> httpx.Response:
+    page = client.get(f"{base}/staff/signin")
+    assert page.status_code == 200, page.text
+    return client.post(
+        f"{base}/staff/signin",
+        data={"name": name, "password": "wrong", "csrf": _csrf(page.text)},
+        headers={"X-Forwarded-For": forged},
+    )
+
+
+def test_the_shops_signin_limiter_counts_each_client_behind_haproxy(
+    tmp_path: Path, proof: Proof
+) -> None:
+    _need_haproxy()
+    with proof.row(
+        SUITE,
+        "staff sign-in guessed through HAProxy, a new forged X-Forwarded-For each time",
+        expected=f"429 after {ADDRESS_FAILURES} failures from that client; another client"
+        " still gets 401; cookies Secure",
+    ) as row:
+        port = free_port()
+        (tmp_path / "shop").mkdir()
+        env = dict(os.environ)
+        env.update(
+            {
+                "WEBPURSE_DATA_DIR": str(tmp_path / "shop"),
+                "WEBPURSE_SETTLEMENT_URL": "http://127.0.0.1:9",  # not called here
+                "WEBPURSE_SETTLEMENT_API_KEY": "sk_mer_unused",
+                "WEBPURSE_MERCHANT_COOKIE_SECRET": "c" * 64,
+                "WEBPURSE_TRUSTED_PROXIES": "127.0.0.1",
+            }
+        )
+        env.pop("WEBPURSE_MERCHANT_DATABASE_URL", None)
+        shop = subprocess.Popen(
+            [*webpurse_command(), "serve", "merchant", "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        haproxy: subprocess.Popen[bytes] | None = None
+        try:
+            wait_http(f"http://127.0.0.1:{port}/health", process=shop)
+            tls = make_certificates(tmp_path / "tls")
+            layout = Layout(
+                shop=[Backend("shop1", "127.0.0.1", port)],
+                settlement=[Backend("settlement1", "127.0.0.1", port)],
+                shop_port=free_port(),
+                shop_internal_port=free_port(),
+                settlement_port=free_port(),
+            )
+            haproxy = subprocess.Popen(command(write_config(tmp_path, layout, tls)))
+            wait_port("127.0.0.1", layout.shop_port, haproxy)
+            base = f"https://127.0.0.1:{layout.shop_port}"
+            verify = ssl.create_default_context(cafile=str(tls.ca))
+
+            def client(source: str) -> httpx.Client:
+                transport = httpx.HTTPTransport(local_address=source, verify=verify)
+                return httpx.Client(transport=transport, timeout=30.0)
+
+            with client("127.0.0.2") as guesser:
+                codes = [
+                    _signin(guesser, base, f"staff{i}", f"203.0.113.{i}").status_code
+                    for i in range(ADDRESS_FAILURES + 1)
+                ]
+                jar = list(guesser.cookies.jar)
+                secure = bool(jar) and all(cookie.secure for cookie in jar)
+            with client("127.0.0.3") as other:
+                other_code = _signin(other, base, "staff", "127.0.0.2").status_code
+            assert codes == [401] * ADDRESS_FAILURES + [429], codes
+            assert other_code == 401
+            assert secure
+            row.observed = (
+                f"{codes.count(401)}×401 then {codes[-1]} for 127.0.0.2 (forged addresses"
+                f" ignored); 127.0.0.3: {other_code}; cookies Secure"
+            )
+        finally:
+            for process in (haproxy, shop):
+                if process is not None:
+                    process.terminate()
+                    process.wait(timeout=10)
