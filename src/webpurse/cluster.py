@@ -97,6 +97,7 @@ class ClusterStack(DemoStack):
 
     database_url: str = DEFAULT_POSTGRES
     redis_url: str = DEFAULT_REDIS
+    redis_prefix: str = "webpurse-cluster"
     shops: int = 2
     settlements: int = 2
     shop_balance: str = SHOP_BALANCE
@@ -143,6 +144,7 @@ class ClusterStack(DemoStack):
         env["WEBPURSE_DATABASE_URL"] = self.database_url
         env["WEBPURSE_MERCHANT_DATABASE_URL"] = self.merchant_database_url
         env["WEBPURSE_REDIS_URL"] = self.redis_url
+        env["WEBPURSE_REDIS_PREFIX"] = self.redis_prefix  # every shop key starts with it
         # HAProxy connects from loopback: only its X-Forwarded-For is believed.
         env["WEBPURSE_TRUSTED_PROXIES"] = "127.0.0.1"
         if self.tls is not None:

@@ -66,7 +66,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterStack]:
     _need(_listening(POSTGRES, 5432), "PostgreSQL is not listening")
     _need(_listening(REDIS, 6379), "Redis is not listening")
     base = POSTGRES.split("?", 1)[0].rsplit("/", 1)[0]
-    database = f"{base}/webpurse_cluster_{secrets.token_hex(4)}"
+    unique = f"webpurse_cluster_{secrets.token_hex(4)}"
+    database = f"{base}/{unique}"
     stack = ClusterStack(
         tmp_path_factory.mktemp("cluster"),
         settlement_port=free_port(),
@@ -74,6 +75,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterStack]:
         agent_port=free_port(),
         database_url=database,
         redis_url=REDIS,
+        redis_prefix=unique,
     )
     saved = os.environ.get("SSL_CERT_FILE")
     try:
