@@ -26,6 +26,13 @@ if pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null \
         || createdb -h 127.0.0.1 -U postgres test || true
 fi
 
+# Redis on 127.0.0.1:6379 for the shop's shared-state tests (WEBPURSE_REDIS_URL); the
+# Redis-outage test starts a redis-server of its own on a free port.
+if command -v redis-server >/dev/null && ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+    echo "starting Redis"
+    redis-server --port 6379 --bind 127.0.0.1 --save "" --appendonly no --daemonize yes >/dev/null
+fi
+
 # pcscd with the vsmartcard vpcd driver (docs/pcsc.md). No systemd in a container: run the
 # daemon itself (it forks into the background and stays; no --auto-exit). It reads
 # /etc/reader.conf.d/ only at start, so a pcscd started before vsmartcard-vpcd was

@@ -172,7 +172,7 @@ async def test_the_agents_socket_drops(
                 funding=None if kind == "purchase" else "merchant_float",
             )
             order = await shop.cashier.open_settlement(order, f"proof {kind}")
-            pairing = broker.pair(order.id, amount=amount, description="proof")
+            pairing = await broker.pair(order.id, amount=amount, description="proof")
             shop.cashier.start(order.id)
             await agent.pair(f"http://127.0.0.1:{proxy.port}/reader", token=pairing.token)
             lifts = await _shopper(shop, sim, order.id)

@@ -5,13 +5,16 @@ typing: it pairs the agent exactly as the payment page does (a single-use token 
 *read* id instead of an order), and the shop sends one batch, ``SELECT`` EP and
 ``READ BINARY`` EF 0x15 — nothing that needs the holder's consent or changes the card — and
 takes the card number from the issuer data. A read belongs to the browser session that
-started it; it is forgotten after :data:`READ_TTL` seconds.
+started it; it is forgotten after :data:`READ_TTL` seconds. With the shop's shared state
+(Redis) its status is also kept there, so the page may poll any shop process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import logging
 import secrets
 import time
@@ -24,6 +27,7 @@ from webpurse.protocol.commands import EP_AID, SFI_ISSUER, ReadBinary, Select
 from webpurse.protocol.errors import ProtocolError
 from webpurse.protocol.records import IssuerData
 from webpurse.reader.base import ReaderError, Step
+from webpurse.reader.remote.shared import SharedState
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +76,10 @@ class CardReads:
         *,
         reader_timeout: float = 120.0,
         clock: Callable[[], float] = time.monotonic,
+        shared: SharedState | None = None,
     ) -> None:
         self.broker = broker
+        self._shared = shared
         self.reader_timeout = reader_timeout
         self._clock = clock
         self._reads: dict[str, CardRead] = {}
@@ -86,7 +92,7 @@ class CardReads:
         while len(self._reads) > MAX_READS:
             del self._reads[next(iter(self._reads))]
 
-    def start(self, session_id: str) -> tuple[CardRead, Pairing]:
+    async def start(self, session_id: str) -> tuple[CardRead, Pairing]:
         """A new read for this browser session; its earlier read, if still waiting, ends."""
         self._forget_old()
         for task in list(self._tasks):
@@ -96,8 +102,11 @@ class CardReads:
         if len(self._tasks) >= MAX_WAITING:
             raise TooManyReads(f"{len(self._tasks)} card reads are waiting")
         read = CardRead("rd_" + secrets.token_hex(12), session_id, self._clock())
+        pairing = await self.broker.pair(read.id, amount=0, description="read the card number")
+        if len(self._tasks) >= MAX_WAITING:  # others started while the pairing was stored
+            raise TooManyReads(f"{len(self._tasks)} card reads are waiting")
         self._reads[read.id] = read
-        pairing = self.broker.pair(read.id, amount=0, description="read the card number")
+        await self._save(read)
         task = asyncio.create_task(self._run(read), name=f"read {session_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -108,6 +117,50 @@ class CardReads:
         if read is None or not secrets.compare_digest(read.session_id, session_id):
             return None
         return read
+
+    @staticmethod
+    def _owner(session_id: str) -> str:
+        """Redis keeps a hash of the browser's session id, not the id itself."""
+        return hashlib.sha256(session_id.encode()).hexdigest()
+
+    async def _save(self, read: CardRead) -> None:
+        """Share the read's status (errors are logged: this process still answers)."""
+        if self._shared is None:
+            return
+        data = {
+            "owner": self._owner(read.session_id),
+            "status": read.status,
+            "card_number": read.card_number,
+            "error": read.error,
+        }
+        try:
+            with self._shared.guard("sharing a card read"):
+                await self._shared.redis.set(
+                    self._shared.key("cardread", read.id), json.dumps(data), ex=int(READ_TTL)
+                )
+        except Exception:
+            log.warning("card read %s: status not shared", read.id)
+
+    async def lookup(self, read_id: str, session_id: str) -> CardRead | None:
+        """:meth:`get`, and with shared state a read started by another shop process."""
+        read = self.get(read_id, session_id)
+        if read is not None or self._shared is None:
+            return read
+        with self._shared.guard("reading a card read"):
+            raw = await self._shared.redis.get(self._shared.key("cardread", read_id))
+        if raw is None:
+            return None
+        data = json.loads(raw)
+        if not secrets.compare_digest(str(data.get("owner", "")), self._owner(session_id)):
+            return None
+        return CardRead(
+            read_id,
+            session_id,
+            self._clock(),
+            status=str(data["status"]),
+            card_number=data.get("card_number"),
+            error=data.get("error"),
+        )
 
     async def _run(self, read: CardRead) -> None:
         outcome, message = "failed", "no card read"
@@ -126,6 +179,7 @@ class CardReads:
         except Exception:
             log.exception("card read %s failed", read.id)
             read.status, read.error = "failed", "internal_error"
+        await self._save(read)
         try:
             await self.broker.finish(read.id, outcome, message, None)
         except Exception:

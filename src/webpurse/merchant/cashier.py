@@ -12,6 +12,7 @@ the webhook's follow-up: it re-reads the settlement object and applies its statu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections import OrderedDict
@@ -27,6 +28,7 @@ from webpurse.merchant.flows import (
     recover,
     run_transaction,
 )
+from webpurse.merchant.leases import RedisFlowLeases
 from webpurse.merchant.orders import (
     CANCELED,
     DECLINED,
@@ -52,6 +54,7 @@ from webpurse.merchant.settlement import (
 )
 from webpurse.protocol.records import TransactionType
 from webpurse.reader.base import Reader, ReaderError
+from webpurse.reader.remote.shared import SharedStateUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,7 @@ class Cashier:
         *,
         reader_timeout: float = 300.0,
         card_timeout: float = 120.0,
+        leases: RedisFlowLeases | None = None,
     ) -> None:
         self.orders = orders
         self.settlement = settlement
@@ -95,9 +99,18 @@ class Cashier:
         self.bus = bus
         self.reader_timeout = reader_timeout
         self.card_timeout = card_timeout
+        self.leases = leases
+        """With several shop processes: only the lease holder drives an order."""
         self._tasks: dict[str, asyncio.Task[None]] = {}
         """Running payment tasks only: a task leaves when it ends (see ``_task_done``)."""
         self._finished: OrderedDict[str, asyncio.Task[None]] = OrderedDict()
+        self._finishing: set[str] = set()
+        """Orders whose task is past its payment, ending the agent's session."""
+        self._again: set[str] = set()
+        """Orders started again while finishing: a new task follows the one that ends."""
+        self._closing = False
+        self._sessions: dict[str, str] = {}
+        """The agent session each running order last drove (ended when it finishes)."""
 
     # --- settlement objects --------------------------------------------------------
 
@@ -221,6 +234,10 @@ class Cashier:
     def start(self, order_id: str) -> None:
         task = self._tasks.get(order_id)
         if task is not None and not task.done():
+            if order_id in self._finishing:
+                # The page paired again as the last attempt gave up: run once more after it.
+                self._again.add(order_id)
+                log.info("order %s: paired again while finishing: will run once more", order_id)
             return
         task = asyncio.create_task(self._drive(order_id), name=f"pay {order_id}")
         self._tasks[order_id] = task
@@ -236,12 +253,19 @@ class Cashier:
         self._finished.move_to_end(order_id)
         while len(self._finished) > RECENT_TASKS:
             self._finished.popitem(last=False)
+        self._finishing.discard(order_id)
+        self._sessions.pop(order_id, None)
+        if order_id in self._again:
+            self._again.discard(order_id)
+            if not self._closing:
+                self.start(order_id)
 
     def task(self, order_id: str) -> asyncio.Task[None] | None:
         """The order's running payment task, or its recently ended one."""
         return self._tasks.get(order_id) or self._finished.get(order_id)
 
     async def close(self) -> None:
+        self._closing = True
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
@@ -254,6 +278,30 @@ class Cashier:
                 log.exception("%s failed while the cashier closed", task.get_name())
 
     async def _drive(self, order_id: str) -> None:
+        """Run the order's payment here unless another shop process already does."""
+        if self.leases is None:
+            await self._drive_here(order_id)
+            return
+        try:
+            held = await self.leases.acquire(order_id)
+        except SharedStateUnavailable:
+            log.warning("order %s: shared state unavailable; not starting its payment", order_id)
+            self._publish_failure(order_id, SharedStateUnavailable.code)
+            return
+        if not held:
+            log.info("order %s: another shop process drives its payment", order_id)
+            return
+        log.info("order %s: this shop process drives its payment", order_id)
+        keeper = asyncio.create_task(self.leases.keep(order_id), name=f"lease {order_id}")
+        try:
+            await self._drive_here(order_id)
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+            await self.leases.release(order_id)
+
+    async def _drive_here(self, order_id: str) -> None:
         """Run the order's payment; whatever happens, end the agent's session after it."""
         outcome, message, amount = "failed", "internal error", None
         try:
@@ -270,21 +318,33 @@ class Cashier:
         except Exception:
             log.exception("order %s: payment task failed", order_id)
             self._publish_failure(order_id)
-        await self._finish(order_id, outcome, message, amount)
+        self._finishing.add(order_id)
+        await self._finish(order_id, outcome, message, amount, self._sessions.pop(order_id, None))
 
-    def _publish_failure(self, order_id: str) -> None:
+    def _publish_failure(self, order_id: str, detail: str = "internal_error") -> None:
         try:
             order = self.orders.get(order_id)
         except Exception:
             log.exception("order %s: cannot read the order to report its failure", order_id)
             return
         if order is not None:
-            self.publish(order, Phase.FAILED, "internal_error")
+            self.publish(order, Phase.FAILED, detail)
 
-    async def _finish(self, order_id: str, outcome: str, message: str, amount: int | None) -> None:
-        """Tell the agent how it ended and close its session; a failure is logged, not raised."""
+    async def _finish(
+        self,
+        order_id: str,
+        outcome: str,
+        message: str,
+        amount: int | None,
+        session: str | None = None,
+    ) -> None:
+        """Tell the agent how it ended and close its session; a failure is logged, not raised.
+        With ``session`` (the one this task drove) a newer session is left alone."""
         try:
-            await self.broker.finish(order_id, outcome, message, amount)
+            if session is None:
+                await self.broker.finish(order_id, outcome, message, amount)
+            else:
+                await self.broker.finish(order_id, outcome, message, amount, session=session)
         except Exception:
             log.warning(
                 "order %s: could not end the agent's session (%s)", order_id, outcome, exc_info=True
@@ -302,6 +362,9 @@ class Cashier:
             if reader is None:
                 try:
                     reader = await self.broker.reader_for(order.id, self.reader_timeout)
+                    session = getattr(reader, "session", None)
+                    if isinstance(session, str):
+                        self._sessions[order.id] = session
                 except ReaderError as exc:
                     # No agent came: the order stays payable; reopening the page retries.
                     log.info("order %s: no reader (%s)", order.id, exc)

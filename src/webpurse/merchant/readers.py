@@ -15,7 +15,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Protocol
 
-from webpurse.reader.base import Reader, ReaderTimeout
+from webpurse.reader.base import Reader, ReaderDisconnected, ReaderTimeout
 from webpurse.reader.messages import Outcome
 from webpurse.reader.remote import ReaderHub
 
@@ -29,12 +29,17 @@ class Pairing:
 
 
 class ReaderBroker(Protocol):
-    def pair(self, order_id: str, *, amount: int, description: str) -> Pairing: ...
+    async def pair(self, order_id: str, *, amount: int, description: str) -> Pairing: ...
 
     async def reader_for(self, order_id: str, timeout: float) -> Reader: ...
 
     async def finish(
-        self, order_id: str, outcome: str, message: str, amount: int | None
+        self,
+        order_id: str,
+        outcome: str,
+        message: str,
+        amount: int | None,
+        session: str | None = None,
     ) -> None: ...
 
 
@@ -52,7 +57,7 @@ class LocalBroker:
         self._reader = reader
         self._ready.set()
 
-    def pair(self, order_id: str, *, amount: int, description: str) -> Pairing:
+    async def pair(self, order_id: str, *, amount: int, description: str) -> Pairing:
         return Pairing(secrets.token_urlsafe(32), f"{secrets.randbelow(10**8):08d}")
 
     async def reader_for(self, order_id: str, timeout: float) -> Reader:
@@ -63,7 +68,14 @@ class LocalBroker:
         assert self._reader is not None
         return self._reader
 
-    async def finish(self, order_id: str, outcome: str, message: str, amount: int | None) -> None:
+    async def finish(
+        self,
+        order_id: str,
+        outcome: str,
+        message: str,
+        amount: int | None,
+        session: str | None = None,
+    ) -> None:
         self.finished.append((order_id, outcome))
 
 
@@ -74,22 +86,43 @@ class RemoteBroker:
     """Readers of shoppers' agents over the remote-reader WebSocket (``ReaderHub``).
 
     The pairing is bound to the order id, so a retry or a recovery after an interruption
-    stays with the same order whatever its current settlement object is.
+    stays with the same order whatever its current settlement object is. With the hub's
+    shared state (Redis), the agent may be connected to another shop process: its reader
+    is then driven through that process (``RoutedReader``).
     """
 
     def __init__(self, hub: ReaderHub) -> None:
         self.hub = hub
 
-    def pair(self, order_id: str, *, amount: int, description: str) -> Pairing:
-        issued = self.hub.issue(order_id, display=description[:64])
+    async def pair(self, order_id: str, *, amount: int, description: str) -> Pairing:
+        issued = await self.hub.open_pairing(order_id, display=description[:64])
         return Pairing(issued.token, issued.code)
 
     async def reader_for(self, order_id: str, timeout: float) -> Reader:
-        reader = await self.hub.wait_for_reader(order_id, timeout)
-        await reader.wait_connected(timeout)
-        return reader
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            reader = await self.hub.wait_for_reader(order_id, max(0.0, deadline - loop.time()))
+            try:
+                await reader.wait_connected(max(0.0, deadline - loop.time()))
+            except ReaderDisconnected:
+                # Its session ended while we waited for its link: the agent paired again
+                # for this order (a new session); take that one.
+                if loop.time() >= deadline:
+                    raise
+                continue
+            return reader
 
-    async def finish(self, order_id: str, outcome: str, message: str, amount: int | None) -> None:
-        reader = self.hub.reader_for(order_id)
-        if reader is not None:
-            await reader.end(_OUTCOMES.get(outcome, Outcome.FAILED), message, amount)
+    async def finish(
+        self,
+        order_id: str,
+        outcome: str,
+        message: str,
+        amount: int | None,
+        session: str | None = None,
+    ) -> None:
+        """End the order's agent session (only ``session`` when given: a newer one the
+        shopper paired since is left alone)."""
+        await self.hub.finish(
+            order_id, _OUTCOMES.get(outcome, Outcome.FAILED), message, amount, session=session
+        )

@@ -17,10 +17,13 @@ import base64
 import hashlib
 import hmac
 import re
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from webpurse.reader.remote.shared import SharedState
 
 
 def _tag(secret: bytes, purpose: str, value: str) -> str:
@@ -116,6 +119,65 @@ class RateLimiter:
 
     def reset(self, key: str) -> None:
         self._failures.pop(key, None)
+
+    # The interface every limiter has (the shared one asks Redis):
+
+    async def refused_for(self, key: str) -> int:
+        """0 when ``key`` may try now, else the seconds until it may."""
+        return 0 if self.allowed(key) else self.retry_after(key)
+
+    async def record_failure(self, key: str) -> None:
+        self.failed(key)
+
+    async def clear(self, key: str) -> None:
+        self.reset(key)
+
+
+class RedisRateLimiter:
+    """:class:`RateLimiter` shared by every shop process (the shop's Redis): a sorted set
+    of failure times (wall clock) per key, expiring with the window."""
+
+    def __init__(
+        self,
+        shared: SharedState,
+        name: str,
+        limit: int,
+        window: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._shared = shared
+        self._name = name
+        self.limit = limit
+        self.window = window
+        self._clock = clock
+
+    def _key(self, key: str) -> str:
+        return self._shared.key("limit", self._name, key)
+
+    async def refused_for(self, key: str) -> int:
+        now = self._clock()
+        redis_key = self._key(key)
+        with self._shared.guard("checking a sign-in limit"):
+            await self._shared.redis.zremrangebyscore(redis_key, "-inf", now - self.window)
+            if int(await self._shared.redis.zcard(redis_key)) < self.limit:
+                return 0
+            oldest = await self._shared.redis.zrange(redis_key, 0, 0, withscores=True)
+        first = float(oldest[0][1]) if oldest else now
+        return max(1, int(first + self.window - now) + 1)
+
+    async def record_failure(self, key: str) -> None:
+        now = self._clock()
+        redis_key = self._key(key)
+        with self._shared.guard("counting a failed sign-in"):
+            async with self._shared.redis.pipeline(transaction=True) as pipe:
+                pipe.zadd(redis_key, {f"{now:.6f}:{secrets.token_hex(4)}": now})
+                pipe.zremrangebyrank(redis_key, 0, -self.limit - 1)
+                pipe.pexpire(redis_key, int(self.window * 1000))
+                await pipe.execute()
+
+    async def clear(self, key: str) -> None:
+        with self._shared.guard("clearing a sign-in limit"):
+            await self._shared.redis.delete(self._key(key))
 
 
 _YUAN = re.compile(r"^\s*¥?\s*(\d{1,7})(?:\.(\d{1,2}))?\s*$")

@@ -36,6 +36,11 @@ class MerchantSettings:
     # Request bodies over this are refused with 413 before any route reads them
     # (webpurse.body_limit); the shop's forms and settlement's webhooks are a few KB.
     max_body_bytes: int = 1 << 20
+    # The shop's shared state (several shop processes behind a load balancer): reader
+    # sessions, pairings, code limits, progress events, webhook dedupe and order leases
+    # in this Redis, every key under ``redis_prefix``. Empty: all in this one process.
+    redis_url: str = field(default="", repr=False)
+    redis_prefix: str = "webpurse"
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'merchant.db'}"
@@ -56,6 +61,8 @@ class MerchantSettings:
             public_url=env.get("WEBPURSE_MERCHANT_PUBLIC_URL", ""),
             settlement_batching=env.get("WEBPURSE_SETTLEMENT_BATCHING", "1") != "0",
             max_body_bytes=int(env.get("WEBPURSE_MERCHANT_MAX_BODY_BYTES", str(1 << 20))),
+            redis_url=_secret(env, "WEBPURSE_REDIS_URL") or "",
+            redis_prefix=env.get("WEBPURSE_REDIS_PREFIX", "webpurse"),
         )
 
 

@@ -31,7 +31,7 @@ from fastapi.responses import RedirectResponse, Response
 
 from webpurse.merchant.cashier import Cashier
 from webpurse.merchant.orders import CANCELED, TOPUP, OrderBook
-from webpurse.merchant.security import RateLimiter, parse_yuan, sign, unsign
+from webpurse.merchant.security import RateLimiter, RedisRateLimiter, parse_yuan, sign, unsign
 from webpurse.merchant.settings import MerchantSettings
 from webpurse.merchant.settlement import MERCHANT_FLOAT, FloatBalance, SettlementError
 from webpurse.merchant.staff import SignedIn, StaffBook, shift_report, totals
@@ -59,8 +59,8 @@ class FloatAlert:
 @dataclass
 class TillState:
     staff: StaffBook
-    by_account: RateLimiter
-    by_address: RateLimiter
+    by_account: RateLimiter | RedisRateLimiter
+    by_address: RateLimiter | RedisRateLimiter
     float_alert: FloatAlert | None = None
 
 
@@ -164,8 +164,10 @@ def add_staff_routes(
             log.warning("staff sign-in from %s without a valid CSRF token", client)
             raise HTTPException(403, "missing or wrong CSRF token")
         account, address = f"name:{name.lower()}", f"addr:{client}"
-        if not till.by_account.allowed(account) or not till.by_address.allowed(address):
-            wait = max(till.by_account.retry_after(account), till.by_address.retry_after(address))
+        wait = max(
+            await till.by_account.refused_for(account), await till.by_address.refused_for(address)
+        )
+        if wait:
             log.warning("staff sign-in as %r from %s refused: too many attempts", name, client)
             staff.audit(name, "signin_limited", {}, client=client)
             response = render(
@@ -175,14 +177,14 @@ def add_staff_routes(
             return response
         member = staff.authenticate(name, password)
         if member is None:
-            till.by_account.failed(account)
-            till.by_address.failed(address)
+            await till.by_account.record_failure(account)
+            await till.by_address.record_failure(address)
             log.info("staff sign-in as %r from %s failed", name, client)
             staff.audit(name, "signin_failed", {}, client=client)
             return render(
                 request, "staff_signin.html", status_code=401, csrf=pre, error="signin_failed"
             )
-        till.by_account.reset(account)
+        await till.by_account.clear(account)
         sid, who = staff.open_session(member)
         staff.audit(who.name, "signin", {}, client=client)
         response = RedirectResponse("/staff", status_code=303)

@@ -15,6 +15,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
+from webpurse.reader.remote.shared import SharedState
+
 TOLERANCE = 300
 SEEN_EVENTS = 10_000
 """Event ids :class:`SeenEvents` remembers at most."""
@@ -106,3 +108,36 @@ class SeenEvents:
         self._seen.move_to_end(event_id)
         while len(self._seen) > self._max_size:
             self._seen.popitem(last=False)
+
+    async def seen(self, event_id: str) -> bool:
+        """``event_id in self``, the way every process's dedupe set is asked."""
+        return event_id in self
+
+    async def remember(self, event_id: str) -> None:
+        """:meth:`add`, the way every process's dedupe set is told."""
+        self.add(event_id)
+
+
+class RedisSeenEvents:
+    """Webhook event ids already handled, shared by every shop process (the shop's Redis).
+
+    One key per event id, set once it was handled (``SET NX`` with ``max_age`` as its
+    lifetime; Redis forgets it then); a redelivery to any process is answered without work.
+    """
+
+    def __init__(self, shared: SharedState, max_age: float = SEEN_EVENT_AGE) -> None:
+        self._shared = shared
+        self._max_age = max_age
+
+    def _key(self, event_id: str) -> str:
+        return self._shared.key("webhook-seen", event_id)
+
+    async def seen(self, event_id: str) -> bool:
+        with self._shared.guard("checking a webhook event"):
+            return bool(await self._shared.redis.exists(self._key(event_id)))
+
+    async def remember(self, event_id: str) -> None:
+        with self._shared.guard("remembering a webhook event"):
+            await self._shared.redis.set(
+                self._key(event_id), b"1", nx=True, ex=max(1, int(self._max_age))
+            )
