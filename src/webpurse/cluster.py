@@ -46,9 +46,10 @@ from webpurse.demo import DemoError, DemoStack, free_port, webpurse_command
 
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/webpurse_cluster"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
-# How HAProxy picks a shop process. ``source`` keeps a client on one process: what a shop
-# needs while a purchase's page, agent and cashier must meet in one process's memory.
-SHOP_BALANCE = "source"
+# How HAProxy picks a shop process: round-robin. The shops share their state over Redis
+# (WEBPURSE_REDIS_URL), so a purchase's page, agent, cashier and webhook may each be
+# served by a different process.
+SHOP_BALANCE = "roundrobin"
 
 
 def _libpq(url: str) -> str:
