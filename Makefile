@@ -13,7 +13,7 @@ export UV_PYTHON := $(PYTHON)
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: test demo lint typecheck lock-check lock lock-tools bench clean venv
+.PHONY: test demo demo-cluster lint typecheck lock-check lock lock-tools bench clean venv
 
 $(UV): requirements/uv.txt
 	@test -x $(TOOLS)/bin/python || $(PYTHON) -m venv $(TOOLS)
@@ -57,6 +57,11 @@ test: lock-check $(STAMP) lint typecheck
 
 demo: $(STAMP)
 	$(BIN)/webpurse demo
+
+# 2 shop + 2 settlement processes behind HAProxy (TLS), on PostgreSQL and Redis at
+# 127.0.0.1 (WEBPURSE_CLUSTER_DATABASE_URL, WEBPURSE_CLUSTER_REDIS_URL); needs haproxy.
+demo-cluster: $(STAMP)
+	$(BIN)/webpurse demo --cluster
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -43,9 +43,10 @@ BENCHMARKS: dict[str, str] = {
     "scale": "bench.scale",
     "pn532": "bench.pn532",
     "security": "bench.security",
+    "rtt": "bench.rtt",
 }
 # What a bare ``python -m bench`` runs (``settlement`` includes its own pgbench runs).
-DEFAULT = ["micro", "security", "settlement", "processes", "latency", "scale", "pn532"]
+DEFAULT = ["micro", "security", "settlement", "processes", "latency", "scale", "pn532", "rtt"]
 
 
 def _run_one(name: str, ctx: Context) -> list[Measurement]:

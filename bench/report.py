@@ -25,6 +25,7 @@ TITLES = {
     "scale": "Merchant server: idle agent WebSocket connections",
     "pn532": "A purchase over a PN532 serial line: bytes on the wire, 115200 baud, the pty",
     "security": "Security module: software vs PKCS#11 token (SoftHSM2)",
+    "rtt": "Purchase latency against the internet's round trip (delaying proxy)",
 }
 
 NOTES = {
@@ -111,6 +112,23 @@ NOTES = {
     "scale": (
         "Idle agent WebSocket connections held open to one merchant process; memory per "
         "connection = RSS delta ÷ connections."
+    ),
+    "rtt": (
+        "The `latency` rig (settlement a uvicorn process on PostgreSQL, the shop's "
+        "`ReaderHub`, a `TerminalAgent` with the card emulator) with a delaying TCP proxy "
+        "(`bench/delay_proxy.py`, asyncio, loopback only: the kernel has no `netem`) between "
+        "the agent and the shop: each byte is forwarded one-way delay later, each way (RTT = "
+        "2 × delay); a new connection's first bytes reach the shop 1.5 RTT after its connect "
+        "(the TCP handshake). TLS is not modelled (TLS 1.3 adds one RTT to a new connection). "
+        "Settlement stays next to the shop. *batch 1 → capture answer*: on an established "
+        "session with the payment created, from the shop sending batch 1 to settlement's "
+        "answer to the capture (goal p50 ≤ 2 × RTT + 20 ms). *From the pay click*: from the "
+        "agent being asked to pair (the page's pay button, on the shopper's machine) through "
+        "its WebSocket to the shop, the payment's creation and the purchase. *Of which*: the "
+        "shop's two transmits to the card (relay, agent, emulator: what the RTT multiplies) "
+        "and settlement's two calls (authorise, capture on PostgreSQL: the fixed part the "
+        "goal's 20 ms must cover). Purchases one at a time; the machine is shared with other "
+        "work, so the settlement part varies between runs."
     ),
 }
 

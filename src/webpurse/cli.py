@@ -6,7 +6,7 @@ import typer
 
 from webpurse.agent.cli import app as agent_app
 from webpurse.card.cli import app as card_app
-from webpurse.demo import demo
+from webpurse.cluster import demo_command
 from webpurse.issuer import card_issue
 from webpurse.merchant.cli import app as merchant_app
 from webpurse.serve import app as serve_app
@@ -26,7 +26,7 @@ app.add_typer(settlement_app, name="settlement")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(merchant_app, name="merchant")
 app.add_typer(serve_app, name="serve")
-app.command("demo")(demo)
+app.command("demo")(demo_command)
 
 
 def main() -> None:  # pragma: no cover - console entry point

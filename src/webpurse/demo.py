@@ -140,6 +140,11 @@ class DemoStack:
     def agent_url(self) -> str:
         return f"http://{self.host}:{self.agent_port}"
 
+    @property
+    def webhook_base_url(self) -> str:
+        """Where settlement delivers the shop's webhooks (the cluster: an internal port)."""
+        return self.merchant_url
+
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["WEBPURSE_DATA_DIR"] = str(self.data_dir)
@@ -287,7 +292,7 @@ class DemoStack:
                     client.delete(f"/v1/webhook_endpoints/{endpoint['id']}")
             response = client.post(
                 "/v1/webhook_endpoints",
-                json={"url": f"{self.merchant_url}/webhooks/settlement", "events": ["*"]},
+                json={"url": f"{self.webhook_base_url}/webhooks/settlement", "events": ["*"]},
             )
         if response.status_code != 201:
             raise DemoError(f"webhook endpoint: {response.status_code} {response.text}")
@@ -376,6 +381,9 @@ class DemoStack:
                 str(self.merchant_port),
                 "--log-level",
                 "warning",
+                # uvicorn would believe X-Forwarded-For from 127.0.0.1 (any local process):
+                # the demo has no proxy in front (webpurse.listen.proxy_options).
+                "--no-proxy-headers",
             ],
             env,
         )

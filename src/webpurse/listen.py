@@ -18,17 +18,62 @@ own so a load balancer can health-check and drain it alone.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import multiprocessing
+import os
 import signal
 import socket
 import sys
 import threading
+from collections.abc import Mapping
 from multiprocessing.process import BaseProcess
 from typing import Any
 
 STARTUP_FAILURE = 3
 """A worker's exit status when it cannot start (uvicorn's; also ours when the port is taken)."""
 WORKER_STOP_SECONDS = 30
+
+
+TRUSTED_PROXIES_ENV = "WEBPURSE_TRUSTED_PROXIES"
+
+
+class ProxySettingError(ValueError):
+    """``WEBPURSE_TRUSTED_PROXIES`` names something that is not an address or network."""
+
+
+def trusted_proxies(env: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The proxies whose ``X-Forwarded-For``/``-Proto`` our servers believe.
+
+    ``WEBPURSE_TRUSTED_PROXIES``: comma-separated addresses or networks (``127.0.0.1``,
+    ``10.0.0.0/8``). Unset or empty: none, and the headers are ignored: the client's
+    address is the connection's peer. A wildcard is refused: it would let any client
+    choose the address that rate limits count.
+    """
+    raw = (os.environ if env is None else env).get(TRUSTED_PROXIES_ENV, "")
+    found: list[str] = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        try:
+            if "/" in item:
+                item = str(ipaddress.ip_network(item, strict=False))
+            else:
+                item = str(ipaddress.ip_address(item))
+        except ValueError:
+            raise ProxySettingError(
+                f"{TRUSTED_PROXIES_ENV}: {item!r} is not an IP address or network"
+                " (a wildcard is not allowed)"
+            ) from None
+        found.append(item)
+    return tuple(found)
+
+
+def proxy_options(proxies: tuple[str, ...]) -> dict[str, Any]:
+    """uvicorn's options for ``proxies``. uvicorn's own default believes the headers from
+    127.0.0.1, so any local process could forge a client's address: always explicit."""
+    if not proxies:
+        return {"proxy_headers": False}
+    return {"proxy_headers": True, "forwarded_allow_ips": list(proxies)}
 
 
 def tcp_listen_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
@@ -62,7 +107,13 @@ def run_asgi(
     calling process then supervises that many workers (:func:`_supervise`), each listening
     on its own ``SO_REUSEPORT`` socket. ``reuse_port`` lets one process share its port with
     other processes that set it too.
+
+    The client's address comes from ``X-Forwarded-For`` only when the peer is one of
+    :func:`trusted_proxies` (``WEBPURSE_TRUSTED_PROXIES``), unless ``options`` say
+    otherwise.
     """
+    if "proxy_headers" not in options and "forwarded_allow_ips" not in options:
+        options.update(proxy_options(trusted_proxies()))
     if workers > 1:
         if not isinstance(app, str):
             raise TypeError("workers > 1 needs the app as an import string")
