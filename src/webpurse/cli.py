@@ -6,7 +6,7 @@ import typer
 
 from webpurse.agent.cli import app as agent_app
 from webpurse.card.cli import app as card_app
-from webpurse.cluster import demo_command
+from webpurse.demo_cli import demo_command
 from webpurse.issuer import card_issue
 from webpurse.merchant.cli import app as merchant_app
 from webpurse.serve import app as serve_app

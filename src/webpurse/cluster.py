@@ -27,7 +27,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
 
 import httpx
 import typer
@@ -43,9 +42,8 @@ from webpurse.balancer import (
 )
 from webpurse.balancer.tls import TlsFiles, make_certificates
 from webpurse.demo import DemoError, DemoStack, free_port, webpurse_command
+from webpurse.demo_cli import DEFAULT_POSTGRES, DEFAULT_REDIS
 
-DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/webpurse_cluster"
-DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 # How HAProxy picks a shop process: round-robin. The shops share their state over Redis
 # (WEBPURSE_REDIS_URL), so a purchase's page, agent, cashier and webhook may each be
 # served by a different process.
@@ -353,56 +351,3 @@ def cluster_demo(
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             out("\nstopping …")
-
-
-def demo_command(
-    data_dir: Annotated[Path, typer.Option(help="data folder (created on first run)")] = Path(
-        "data/demo"
-    ),
-    scripted: Annotated[
-        bool,
-        typer.Option(
-            "--scripted",
-            help="run one purchase and one funded top-up headless, print receipts, exit",
-        ),
-    ] = False,
-    port: Annotated[int, typer.Option(help="the shop's port (0: any free port)")] = 8000,
-    settlement_port: Annotated[int, typer.Option(help="settlement's port (0: any)")] = 8100,
-    agent_port: Annotated[int, typer.Option(help="the agent's loopback port")] = 47800,
-    cluster: Annotated[
-        bool,
-        typer.Option(
-            "--cluster",
-            help="2 shop + 2 settlement processes behind HAProxy (TLS), PostgreSQL, Redis",
-        ),
-    ] = False,
-    database_url: Annotated[
-        str,
-        typer.Option(
-            envvar="WEBPURSE_CLUSTER_DATABASE_URL",
-            help="--cluster: settlement's PostgreSQL database (the shop's: NAME_shop)",
-        ),
-    ] = DEFAULT_POSTGRES,
-    redis_url: Annotated[
-        str, typer.Option(envvar="WEBPURSE_CLUSTER_REDIS_URL", help="--cluster: Redis")
-    ] = DEFAULT_REDIS,
-) -> None:
-    """Run settlement, the shop, and an agent with an emulated card; Ctrl-C stops them."""
-    if not cluster:
-        single.demo(
-            data_dir=data_dir,
-            scripted=scripted,
-            port=port,
-            settlement_port=settlement_port,
-            agent_port=agent_port,
-        )
-        return
-    cluster_demo(
-        data_dir if data_dir != Path("data/demo") else Path("data/demo-cluster"),
-        scripted=scripted,
-        port=port,
-        settlement_port=settlement_port,
-        agent_port=agent_port,
-        database_url=database_url,
-        redis_url=redis_url,
-    )

@@ -35,7 +35,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import httpx
 import typer
@@ -600,19 +600,12 @@ def _fen(amount: int | None) -> str:
 
 
 def demo(
-    data_dir: Annotated[Path, typer.Option(help="data folder (created on first run)")] = Path(
-        "data/demo"
-    ),
-    scripted: Annotated[
-        bool,
-        typer.Option(
-            "--scripted",
-            help="run one purchase and one funded top-up headless, print receipts, exit",
-        ),
-    ] = False,
-    port: Annotated[int, typer.Option(help="the shop's port (0: any free port)")] = 8000,
-    settlement_port: Annotated[int, typer.Option(help="settlement's port (0: any)")] = 8100,
-    agent_port: Annotated[int, typer.Option(help="the agent's loopback port")] = 47800,
+    *,
+    data_dir: Path,
+    scripted: bool,
+    port: int,
+    settlement_port: int,
+    agent_port: int,
 ) -> None:
     """Run settlement, the shop, and an agent with an emulated card; Ctrl-C stops them."""
     if scripted:
