@@ -694,9 +694,11 @@ def _write(ctx: Ctx, writes: _Writes) -> None:
     bulk_update(session, _CARDS, writes.card_open)
     bulk_update(session, _CARDS, writes.card_settled)
     bulk_insert(session, _CARD_EVENTS, writes.card_events)
-    ledger.post_transfers(session, writes.transfers, now=ctx.now)
     assert ctx.principal.merchant_id is not None
     _enqueue_events(ctx, ctx.principal.merchant_id, writes.events)
+    # The hot accounts (held:purchases, the merchant's payable) last: their locks are
+    # held from here to the commit, which every concurrent batch waits on.
+    ledger.post_transfers(session, writes.transfers, now=ctx.now)
 
 
 def _card_number(body: BaseModel | None) -> str | None:
