@@ -33,7 +33,9 @@ class Merchant(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
     terminal_id: Mapped[str] = mapped_column(String(12), unique=True)
-    # The last 4-byte terminal transaction sequence number issued (a PSAM's counter).
+    # The last 4-byte terminal transaction sequence number issued (a PSAM's counter) on
+    # SQLite; on PostgreSQL the ``terminal_seq`` SEQUENCE issues them (migration 0012) and
+    # this is what had been issued before it (``merchants.terminal_seqs``).
     terminal_seq: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
 
