@@ -56,7 +56,7 @@ from webpurse.settlement import (
     registry,
     webhooks,
 )
-from webpurse.settlement.db import bulk_insert, bulk_update, for_update
+from webpurse.settlement.db import among, bulk_insert, bulk_update, for_update
 from webpurse.settlement.errors import SettlementError, ledger_refused, not_found
 from webpurse.settlement.ledger import LedgerError, TransferSpec
 from webpurse.settlement.merchants import MerchantError, terminal_seqs
@@ -242,7 +242,11 @@ def _check_keys(ctx: Ctx, items: list[Item], request_id: str | None) -> None:
     stored = {
         row.key: row
         for row in ctx.session.execute(
-            idempotency.lookup(subject, [item.key for item in keyed if item.key is not None])
+            idempotency.lookup(
+                subject,
+                [item.key for item in keyed if item.key is not None],
+                ctx.session.get_bind().dialect.name,
+            )
         )
     }
     for item in keyed:
@@ -376,7 +380,7 @@ def _payments(ctx: Ctx, items: list[Item], status: str, *, lock: bool) -> dict[s
     stmt = (
         select(_PAYMENTS)
         .where(
-            _PAYMENTS.c.id.in_(ids),
+            among(ctx.session, _PAYMENTS.c.id, ids),
             _PAYMENTS.c.merchant_id == ctx.principal.merchant_id,
             _PAYMENTS.c.status == status,
         )
@@ -393,7 +397,12 @@ def _lock_cards(ctx: Ctx, numbers: Sequence[str], ids: Sequence[str]) -> list[An
         return []
     stmt = (
         select(_CARDS)
-        .where(or_(_CARDS.c.card_number.in_(numbers), _CARDS.c.id.in_(ids)))
+        .where(
+            or_(
+                among(ctx.session, _CARDS.c.card_number, numbers),
+                among(ctx.session, _CARDS.c.id, ids),
+            )
+        )
         .order_by(_CARDS.c.id)
     )
     if for_update(ctx.session):
@@ -561,7 +570,7 @@ def _capture_cards(ctx: Ctx, items: list[Item]) -> list[str]:
     if not ids:
         return []
     stmt = select(_PAYMENTS.c.card_id).where(
-        _PAYMENTS.c.id.in_(ids),
+        among(ctx.session, _PAYMENTS.c.id, ids),
         _PAYMENTS.c.merchant_id == ctx.principal.merchant_id,
         _PAYMENTS.c.status == Status.AUTHORISED,
         _PAYMENTS.c.card_id.is_not(None),
@@ -716,7 +725,7 @@ def _touches(ctx: Ctx, items: list[Item]) -> dict[int, frozenset[str]]:
             row.id: row.card_number.upper()
             for row in ctx.session.execute(
                 select(_PAYMENTS.c.id, _PAYMENTS.c.card_number).where(
-                    _PAYMENTS.c.id.in_(ids),
+                    among(ctx.session, _PAYMENTS.c.id, ids),
                     _PAYMENTS.c.merchant_id == ctx.principal.merchant_id,
                     _PAYMENTS.c.card_number.is_not(None),
                 )

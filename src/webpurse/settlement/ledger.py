@@ -39,7 +39,13 @@ from typing import Any
 from sqlalchemy import Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from webpurse.settlement.db import bulk_insert, bulk_update, for_update, insert_ignoring_conflicts
+from webpurse.settlement.db import (
+    among,
+    bulk_insert,
+    bulk_update,
+    for_update,
+    insert_ignoring_conflicts,
+)
 from webpurse.settlement.models import Account, Entry, Transfer
 from webpurse.settlement.refund_checks import open_refund_problems
 
@@ -164,7 +170,7 @@ def _lock(
             _ACCOUNTS.c.version,
             _ACCOUNTS.c.allow_negative,
         )
-        .where(_ACCOUNTS.c.id.in_(ids))
+        .where(among(session, _ACCOUNTS.c.id, ids))
         .order_by(_ACCOUNTS.c.id)
     )
     if for_update(session):
