@@ -138,6 +138,9 @@ def make_engine(
         # (below), instead of a ROLLBACK round trip on every return to the pool.
         pool_reset_on_return=None,
         connect_args=connect_args or {},
+        # JSON columns read with orjson (psycopg's loader used the stdlib json: the top
+        # function under batched load once the statements were cached, issue 20).
+        json_deserializer=orjson.loads,
     )
 
     @event.listens_for(engine, "reset")
