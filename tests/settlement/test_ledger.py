@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text, update
+from sqlalchemy import delete, text, update
 from sqlalchemy.orm import Session
 
 from tests.settlement.support import database_url
@@ -73,6 +73,17 @@ def test_the_check_catches_an_edited_balance(session: Session) -> None:
     report = ledger.check(session)
     assert not report.ok
     assert any("cached balance 5000" in p for p in report.problems)
+
+
+def test_the_check_catches_entries_on_an_account_that_does_not_exist(session: Session) -> None:
+    """No foreign key guards the account names any more (migration 0011): the check does."""
+    ledger.post_transfer(session, "t1", CASH, CARD, 1_000, "load", now=NOW)
+    session.commit()
+    session.execute(delete(Account).where(Account.id == CARD))
+    session.commit()
+    report = ledger.check(session)
+    assert not report.ok
+    assert f"entries on unknown account {CARD}" in report.problems
 
 
 @pytest.mark.postgres

@@ -11,11 +11,11 @@ Two paths, one outcome:
 - the **fast path** takes the common case set-based: plain creates, approvals of cards
   with nothing open, captures whose MAC2/TAC verify. Rows are read and locked once per
   batch in a fixed order — payments to authorise, every card the batch touches (one
-  sorted statement), payments to capture, the merchant's sequence row, ledger accounts —
-  which keeps the single endpoints' orders (authorise: payment, then card; capture: card,
-  then payment). The terminal sequence numbers come from one ``UPDATE … RETURNING``, and
-  the ledger posts every transfer with one lock of each hot account
-  (:func:`ledger.post_transfers`);
+  sorted statement), payments to capture, ledger accounts (last, just before the
+  commit) — which keeps the single endpoints' orders (authorise: payment, then card;
+  capture: card, then payment). The terminal sequence numbers come from one statement on
+  a SEQUENCE (:func:`merchants.terminal_seqs`, no row lock), and the ledger posts every
+  transfer with one lock of each hot account (:func:`ledger.post_transfers`);
 - everything else (declines, recovery, uncertain, resolve, cancel, retried keys, anything
   the fast path does not recognise) runs through the same service functions as the
   single endpoints (:mod:`.payments`), one SAVEPOINT per item, after the fast items, in
@@ -40,7 +40,7 @@ from typing import Any, cast
 import orjson
 import structlog
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import Table, or_, select, update
+from sqlalchemy import Table, or_, select
 from sqlalchemy.exc import DBAPIError
 
 from webpurse.protocol.commands import DebitForPurchaseResponse, InitializeForPurchaseResponse
@@ -56,10 +56,10 @@ from webpurse.settlement import (
     registry,
     webhooks,
 )
-from webpurse.settlement.db import bulk_insert, bulk_update, for_update
+from webpurse.settlement.db import among, bulk_insert, bulk_update, for_update
 from webpurse.settlement.errors import SettlementError, ledger_refused, not_found
 from webpurse.settlement.ledger import LedgerError, TransferSpec
-from webpurse.settlement.merchants import MAX_TERMINAL_SEQ
+from webpurse.settlement.merchants import MerchantError, terminal_seqs
 from webpurse.settlement.models import Card, CardEvent, IdempotencyRecord, Merchant, Payment
 from webpurse.settlement.problems import ApiError, keeps_changes, problem
 from webpurse.settlement.schemas import (
@@ -242,7 +242,11 @@ def _check_keys(ctx: Ctx, items: list[Item], request_id: str | None) -> None:
     stored = {
         row.key: row
         for row in ctx.session.execute(
-            idempotency.lookup(subject, [item.key for item in keyed if item.key is not None])
+            idempotency.lookup(
+                subject,
+                [item.key for item in keyed if item.key is not None],
+                ctx.session.get_bind().dialect.name,
+            )
         )
     }
     for item in keyed:
@@ -376,7 +380,7 @@ def _payments(ctx: Ctx, items: list[Item], status: str, *, lock: bool) -> dict[s
     stmt = (
         select(_PAYMENTS)
         .where(
-            _PAYMENTS.c.id.in_(ids),
+            among(ctx.session, _PAYMENTS.c.id, ids),
             _PAYMENTS.c.merchant_id == ctx.principal.merchant_id,
             _PAYMENTS.c.status == status,
         )
@@ -393,7 +397,12 @@ def _lock_cards(ctx: Ctx, numbers: Sequence[str], ids: Sequence[str]) -> list[An
         return []
     stmt = (
         select(_CARDS)
-        .where(or_(_CARDS.c.card_number.in_(numbers), _CARDS.c.id.in_(ids)))
+        .where(
+            or_(
+                among(ctx.session, _CARDS.c.card_number, numbers),
+                among(ctx.session, _CARDS.c.id, ids),
+            )
+        )
         .order_by(_CARDS.c.id)
     )
     if for_update(ctx.session):
@@ -506,28 +515,17 @@ def _approvals(
     return approvals
 
 
-def _terminal_seqs(ctx: Ctx, merchant_id: str, count: int) -> int:
-    """Reserve ``count`` sequence numbers with one statement; the first of them."""
-    last = ctx.session.execute(
-        update(_MERCHANTS)
-        .where(_MERCHANTS.c.id == merchant_id)
-        .values(terminal_seq=_MERCHANTS.c.terminal_seq + count)
-        .returning(_MERCHANTS.c.terminal_seq)
-    ).scalar_one()
-    if last > MAX_TERMINAL_SEQ:
-        raise LedgerError("the terminal's sequence numbers are exhausted")
-    return int(last) - count + 1
-
-
 def _fast_authorise(ctx: Ctx, merchant: Any, approvals: list[_Approval], writes: _Writes) -> None:
     if not approvals:
         return
-    first_seq = _terminal_seqs(ctx, merchant.id, len(approvals))
+    try:
+        seqs = terminal_seqs(ctx.session, merchant.id, len(approvals))
+    except MerchantError as error:
+        raise LedgerError(str(error)) from None  # the per-item path refuses each one
     date, time = card_time(ctx.now)
     terminal_id = bytes.fromhex(merchant.terminal_id)
-    for offset, approval in enumerate(approvals):
+    for seq, approval in zip(seqs, approvals, strict=True):
         payment, card, init = approval.payment, approval.card, approval.initialize
-        seq = first_seq + offset
         mac1 = ctx.security.purchase_mac1(
             approval.issuer.serial,
             card.key_version,
@@ -572,7 +570,7 @@ def _capture_cards(ctx: Ctx, items: list[Item]) -> list[str]:
     if not ids:
         return []
     stmt = select(_PAYMENTS.c.card_id).where(
-        _PAYMENTS.c.id.in_(ids),
+        among(ctx.session, _PAYMENTS.c.id, ids),
         _PAYMENTS.c.merchant_id == ctx.principal.merchant_id,
         _PAYMENTS.c.status == Status.AUTHORISED,
         _PAYMENTS.c.card_id.is_not(None),
@@ -694,9 +692,11 @@ def _write(ctx: Ctx, writes: _Writes) -> None:
     bulk_update(session, _CARDS, writes.card_open)
     bulk_update(session, _CARDS, writes.card_settled)
     bulk_insert(session, _CARD_EVENTS, writes.card_events)
-    ledger.post_transfers(session, writes.transfers, now=ctx.now)
     assert ctx.principal.merchant_id is not None
     _enqueue_events(ctx, ctx.principal.merchant_id, writes.events)
+    # The hot accounts (held:purchases, the merchant's payable) last: their locks are
+    # held from here to the commit, which every concurrent batch waits on.
+    ledger.post_transfers(session, writes.transfers, now=ctx.now)
 
 
 def _card_number(body: BaseModel | None) -> str | None:
@@ -725,7 +725,7 @@ def _touches(ctx: Ctx, items: list[Item]) -> dict[int, frozenset[str]]:
             row.id: row.card_number.upper()
             for row in ctx.session.execute(
                 select(_PAYMENTS.c.id, _PAYMENTS.c.card_number).where(
-                    _PAYMENTS.c.id.in_(ids),
+                    among(ctx.session, _PAYMENTS.c.id, ids),
                     _PAYMENTS.c.merchant_id == ctx.principal.merchant_id,
                     _PAYMENTS.c.card_number.is_not(None),
                 )
@@ -799,7 +799,7 @@ def _fast(ctx: Ctx, items: list[Item]) -> int:
         _fast_create(ctx, merchant, by_action["create"], writes)
         taken += by_action["create"]
         # Lock order: payments to authorise, then every card (one sorted statement), then
-        # payments to capture, the merchant row, ledger accounts. As the single endpoints:
+        # payments to capture, ledger accounts. As the single endpoints:
         # authorise locks its payment before the card, capture the card before its payment.
         candidates = _authorise_candidates(ctx, by_action["authorise"])
         capture_card_ids = _capture_cards(ctx, by_action["capture"])

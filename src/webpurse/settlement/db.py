@@ -11,6 +11,7 @@ import contextlib
 import datetime as dt
 import functools
 import os
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from sqlalchemy import (
     DateTime,
     Engine,
     Table,
+    TextClause,
+    any_,
     bindparam,
     create_engine,
     event,
@@ -27,6 +30,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.pool import NullPool, StaticPool
@@ -134,6 +138,9 @@ def make_engine(
         # (below), instead of a ROLLBACK round trip on every return to the pool.
         pool_reset_on_return=None,
         connect_args=connect_args or {},
+        # JSON columns read with orjson (psycopg's loader used the stdlib json: the top
+        # function under batched load once the statements were cached, issue 20).
+        json_deserializer=orjson.loads,
     )
 
     @event.listens_for(engine, "reset")
@@ -190,13 +197,67 @@ def insert_or_nothing(session: Session, table: Table) -> Any:
 
 
 @functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=256)
 def _recordset(table: Table, columns: tuple[str, ...], dialect: Dialect) -> tuple[str, str]:
-    """``json_to_recordset(:rows) AS rows(c type, …)`` for ``columns`` of ``table``."""
+    """``json_to_recordset(:rows) AS rows(c type, …)`` for ``columns`` of ``table``.
+
+    Cached: compiling the column types cost more than the rest of a batch's statement.
+    """
     definitions = ", ".join(
         f'"{table.c[name].name}" {table.c[name].type.compile(dialect=dialect)}' for name in columns
     )
     names = ", ".join(f'"{table.c[name].name}"' for name in columns)
     return f"json_to_recordset(CAST(:rows AS json)) AS rows({definitions})", names
+
+
+@functools.lru_cache(maxsize=256)
+def _insert_statement(
+    table: Table,
+    columns: tuple[str, ...],
+    dialect: Dialect,
+    skip_conflicts: bool,
+    returning: tuple[str, ...],
+) -> TextClause:
+    """:func:`bulk_insert`'s statement, built (and its bind parameters parsed) once."""
+    source, names = _recordset(table, columns, dialect)
+    # Names come from the Table's own columns (looked up in _recordset); values are bound.
+    statement = f'INSERT INTO "{table.name}" ({names}) SELECT {names} FROM {source}'  # noqa: S608
+    if skip_conflicts:
+        statement += " ON CONFLICT DO NOTHING"
+    if returning:
+        statement += " RETURNING " + ", ".join(f'"{table.c[name].name}"' for name in returning)
+    return text(statement)
+
+
+@functools.lru_cache(maxsize=256)
+def _update_statement(
+    table: Table, columns: tuple[str, ...], key: str, dialect: Dialect
+) -> TextClause:
+    """:func:`bulk_update`'s statement, built (and its bind parameters parsed) once."""
+    changed = [name for name in columns if name != key]
+    source, _ = _recordset(table, columns, dialect)
+    assignments = ", ".join(f'"{table.c[name].name}" = rows."{name}"' for name in changed)
+    return text(  # names from the Table's own columns; values are bound
+        f'UPDATE "{table.name}" SET {assignments} FROM {source} '  # noqa: S608
+        f'WHERE "{table.name}"."{table.c[key].name}" = rows."{key}"'
+    )
+
+
+def among(where: Session | str, column: Any, values: Iterable[Any]) -> Any:
+    """``column IN (values)``; on PostgreSQL ``column = ANY(:values)``, one bound array.
+
+    An expanded ``IN`` list makes every batch a new statement, as long as the batch: psycopg
+    parses its text again each time (``_split_query`` was the server's top function under
+    batched load, issue 20) and PostgreSQL plans it again. With one array the text is the
+    same whatever the count, so SQLAlchemy's compiled cache, psycopg's parse cache and
+    PostgreSQL's prepared statements serve every batch. The plans are the same index scans.
+    ``where``: the session, or the name of its dialect.
+    """
+    values = list(values)
+    dialect = where if isinstance(where, str) else where.get_bind().dialect.name
+    if dialect != "postgresql":
+        return column.in_(values)
+    return column == any_(bindparam(None, values, type_=postgresql.ARRAY(column.type)))
 
 
 def _rows_json(rows: list[dict[str, object]]) -> str:
@@ -231,16 +292,10 @@ def bulk_insert(
             return list(session.execute(stmt, rows))
         session.execute(stmt, rows)
         return []
-    source, names = _recordset(table, tuple(rows[0]), session.get_bind().dialect)
-    # Names come from the Table's own columns (looked up in _recordset); values are bound.
-    statement = f'INSERT INTO "{table.name}" ({names}) SELECT {names} FROM {source}'  # noqa: S608
-    if skip_conflicts:
-        statement += " ON CONFLICT DO NOTHING"
-    if returning:
-        statement += " RETURNING " + ", ".join(f'"{table.c[name].name}"' for name in returning)
-        return list(session.execute(text(statement), {"rows": _rows_json(rows)}))
-    session.execute(text(statement), {"rows": _rows_json(rows)})
-    return []
+    dialect = session.get_bind().dialect
+    statement = _insert_statement(table, tuple(rows[0]), dialect, skip_conflicts, returning)
+    result = session.execute(statement, {"rows": _rows_json(rows)})
+    return list(result) if returning else []
 
 
 def bulk_update(
@@ -264,13 +319,8 @@ def bulk_update(
             [{f"_{name}": value for name, value in row.items()} for row in rows],
         )
         return
-    source, _ = _recordset(table, columns, session.get_bind().dialect)
-    assignments = ", ".join(f'"{table.c[name].name}" = rows."{name}"' for name in changed)
-    statement = (  # names from the Table's own columns; values are bound
-        f'UPDATE "{table.name}" SET {assignments} FROM {source} '  # noqa: S608
-        f'WHERE "{table.name}"."{table.c[key].name}" = rows."{key}"'
-    )
-    session.execute(text(statement), {"rows": _rows_json(rows)})
+    statement = _update_statement(table, columns, key, session.get_bind().dialect)
+    session.execute(statement, {"rows": _rows_json(rows)})
 
 
 # --- migrations ---------------------------------------------------------------------

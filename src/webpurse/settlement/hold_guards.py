@@ -13,7 +13,7 @@ from typing import Any
 import structlog
 from sqlalchemy import select
 
-from webpurse.settlement.db import for_update
+from webpurse.settlement.db import among, for_update
 from webpurse.settlement.decisions import (
     Decision,
     DeclineCode,
@@ -72,7 +72,7 @@ def exhausted(ctx: Ctx, merchant_id: str, card_ids: list[str]) -> set[tuple[str,
         return set()
     rows = ctx.session.execute(
         select(Payment.card_id, Payment.counter).where(
-            Payment.card_id.in_(card_ids),
+            among(ctx.session, Payment.card_id, card_ids),
             Payment.merchant_id == merchant_id,
             Payment.status == Status.CANCELED,
             Payment.decline_code == HOLD_EXPIRED,

@@ -33,7 +33,7 @@ from sqlalchemy import Select, Table, delete, select, update
 from sqlalchemy.orm import Session
 
 from webpurse.settlement.auth import Principal
-from webpurse.settlement.db import insert_ignoring_conflicts
+from webpurse.settlement.db import among, insert_ignoring_conflicts
 from webpurse.settlement.errors import SettlementError
 from webpurse.settlement.ledger import LedgerError
 from webpurse.settlement.models import IdempotencyRecord
@@ -61,14 +61,16 @@ _KEYS: Table = IdempotencyRecord.__table__  # type: ignore[assignment]
 Handler = Callable[[], tuple[int, dict[str, Any]]]
 
 
-def lookup(principal: str, keys: Collection[str]) -> Select[Any]:
+def lookup(principal: str, keys: Collection[str], dialect: str = "postgresql") -> Select[Any]:
     """The stored rows of ``principal``'s ``keys``: the one statement both paths run.
 
     A request's replay (:func:`_replay`) and a batch's look-up of its items' keys
     (``batch._check_keys``) both use it, so the plan test
-    (``tests/settlement/test_idempotency_plan.py``) explains exactly what they run.
+    (``tests/settlement/test_idempotency_plan.py``) explains exactly what they run. On
+    PostgreSQL the keys are one bound array (``db.among``): the same statement text for
+    any number of keys.
     """
-    return select(_KEYS).where(_KEYS.c.key.in_(list(keys)), _KEYS.c.principal == principal)
+    return select(_KEYS).where(among(dialect, _KEYS.c.key, keys), _KEYS.c.principal == principal)
 
 
 def fingerprint(method: str, path: str, payload: Any) -> str:
@@ -198,7 +200,9 @@ def _replay(
     ``in_flight`` here is a row an older version committed before its work (see the module
     docstring); this version's key rows are committed only with their answer.
     """
-    existing = session.execute(lookup(principal.subject, [key])).one()
+    existing = session.execute(
+        lookup(principal.subject, [key], session.get_bind().dialect.name)
+    ).one()
     session.rollback()
     if existing.fingerprint != print_:
         raise ApiError(

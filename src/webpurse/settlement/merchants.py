@@ -10,11 +10,12 @@ import datetime as dt
 import secrets
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
 from webpurse.settlement import ledger
 from webpurse.settlement.auth import MERCHANT, new_api_key
+from webpurse.settlement.db import for_update
 from webpurse.settlement.models import Merchant
 
 # Loads an operator creates directly are relayed under this terminal id.
@@ -64,17 +65,40 @@ def create_merchant(
     return merchant, key
 
 
-def next_terminal_seq(session: Session, merchant_id: str) -> int:
-    """The next terminal transaction sequence number, issued once (atomic increment)."""
-    seq = session.execute(
-        update(Merchant)
-        .where(Merchant.id == merchant_id)
-        .values(terminal_seq=Merchant.terminal_seq + 1)
-        .returning(Merchant.terminal_seq)
-    ).scalar_one()
-    if seq > MAX_TERMINAL_SEQ:
+# The terminal sequence numbers on PostgreSQL (migration 0012): one SEQUENCE, no row lock.
+_NEXT_VALUES = text("SELECT nextval('terminal_seq') FROM generate_series(1, :count)")
+
+
+def terminal_seqs(session: Session, merchant_id: str, count: int) -> list[int]:
+    """``count`` new terminal transaction sequence numbers, each issued once, ascending.
+
+    On PostgreSQL they come from the ``terminal_seq`` SEQUENCE: no row is locked, so
+    concurrent authorisations of one merchant do not queue on its merchant row until they
+    commit (issue 20). The sequence is shared by every terminal: a terminal's numbers are
+    still unique and increasing (that is what DEBIT FOR PURCHASE and the TAC need), with
+    gaps where another terminal took one. SQLite (one writer at a time anyway) keeps the
+    merchant row's counter.
+    """
+    if count <= 0:
+        return []
+    if for_update(session):
+        seqs = sorted(int(seq) for seq in session.scalars(_NEXT_VALUES, {"count": count}))
+    else:
+        last = session.execute(
+            update(Merchant)
+            .where(Merchant.id == merchant_id)
+            .values(terminal_seq=Merchant.terminal_seq + count)
+            .returning(Merchant.terminal_seq)
+        ).scalar_one()
+        seqs = list(range(int(last) - count + 1, int(last) + 1))
+    if seqs[-1] > MAX_TERMINAL_SEQ:
         raise MerchantError("the terminal's sequence numbers are exhausted")
-    return int(seq)
+    return seqs
+
+
+def next_terminal_seq(session: Session, merchant_id: str) -> int:
+    """The next terminal transaction sequence number, issued once (:func:`terminal_seqs`)."""
+    return terminal_seqs(session, merchant_id, 1)[0]
 
 
 def merchant_json(merchant: Merchant) -> dict[str, Any]:

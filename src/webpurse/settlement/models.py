@@ -33,7 +33,9 @@ class Merchant(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
     terminal_id: Mapped[str] = mapped_column(String(12), unique=True)
-    # The last 4-byte terminal transaction sequence number issued (a PSAM's counter).
+    # The last 4-byte terminal transaction sequence number issued (a PSAM's counter) on
+    # SQLite; on PostgreSQL the ``terminal_seq`` SEQUENCE issues them (migration 0012) and
+    # this is what had been issued before it (``merchants.terminal_seqs``).
     terminal_seq: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
 
@@ -106,11 +108,25 @@ class Payment(Base):
             postgresql_where=text("status = 'requires_card'"),
             sqlite_where=text("status = 'requires_card'"),
         ),
+        # No index on status itself: every update changes it (migration 0011). The open
+        # ones by age (expiry, holds) and the ones released at the bound (holds) instead.
+        Index(
+            "ix_payments_open_authorised",
+            "authorised_at",
+            postgresql_where=text("status IN ('authorised', 'uncertain')"),
+            sqlite_where=text("status IN ('authorised', 'uncertain')"),
+        ),
+        Index(
+            "ix_payments_hold_expired",
+            "card_id",
+            postgresql_where=text("decline_code = 'hold_expired'"),
+            sqlite_where=text("decline_code = 'hold_expired'"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     merchant_id: Mapped[str] = mapped_column(ForeignKey("merchants.id"))
-    status: Mapped[str] = mapped_column(String(20), index=True)
+    status: Mapped[str] = mapped_column(String(20))
     amount: Mapped[int] = mapped_column(BigInteger)
     currency: Mapped[str] = mapped_column(String(3))
     description: Mapped[str] = mapped_column(Text, default="")
@@ -214,13 +230,18 @@ class Account(Base):
 
 
 class Transfer(Base):
-    """An immutable transfer: ``amount`` from ``debit_account`` to ``credit_account``."""
+    """An immutable transfer: ``amount`` from ``debit_account`` to ``credit_account``.
+
+    No foreign key to the accounts (migration 0011): a hot account would take a key-share
+    lock per row; the ledger posts only to accounts it has locked, and ``ledger.check``
+    reports any transfer or entry naming an account that does not exist.
+    """
 
     __tablename__ = "ledger_transfers"
 
     id: Mapped[str] = mapped_column(String(120), primary_key=True)
-    debit_account: Mapped[str] = mapped_column(ForeignKey("ledger_accounts.id"), index=True)
-    credit_account: Mapped[str] = mapped_column(ForeignKey("ledger_accounts.id"), index=True)
+    debit_account: Mapped[str] = mapped_column(String(80), index=True)
+    credit_account: Mapped[str] = mapped_column(String(80), index=True)
     amount: Mapped[int] = mapped_column(BigInteger)
     currency: Mapped[str] = mapped_column(String(3))
     kind: Mapped[str] = mapped_column(String(40))
@@ -236,7 +257,7 @@ class Entry(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     transfer_id: Mapped[str] = mapped_column(ForeignKey("ledger_transfers.id"), index=True)
-    account_id: Mapped[str] = mapped_column(ForeignKey("ledger_accounts.id"))
+    account_id: Mapped[str] = mapped_column(String(80))  # no foreign key: see Transfer
     amount: Mapped[int] = mapped_column(BigInteger)  # signed: -debit, +credit
     balance_after: Mapped[int] = mapped_column(BigInteger)
     account_version: Mapped[int] = mapped_column(BigInteger)

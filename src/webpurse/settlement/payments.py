@@ -189,8 +189,8 @@ def authorise(ctx: Ctx, payment_id: str, body: PurchaseAuthorise) -> Payment:
         card_number=issuer.card_number,
         supersedes=decision.supersedes,
     )
-    # The hot rows (the merchant's sequence counter, the held account) are touched last,
-    # so they stay locked only for their own statements and the commit.
+    # The sequence number (a SEQUENCE on PostgreSQL: no row lock) and the hot held
+    # account last, so the account stays locked only for its own statements and the commit.
     ctx.session.flush()
     seq = next_terminal_seq(ctx.session, merchant.id)
     mac1 = ctx.security.purchase_mac1(
