@@ -8,7 +8,6 @@ without touching them.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Protocol
@@ -42,14 +41,14 @@ class BlockCipher(Protocol):
 
 @lru_cache(maxsize=4096)
 def _tdes_key(key: bytes) -> TripleDES:
-    # Two-key 3DES (K1||K2) warns in cryptography; K1||K2||K1 is the same cipher (spec §4).
+    # Two-key 3DES (K1||K2) warns in cryptography; K1||K2||K1 is the same cipher (spec §4)
+    # and does not, so no warning filter is needed here (changing the filters on every new
+    # session key cost 2.7 % of the settlement server's CPU, issue 20's profile).
     if len(key) == 16:
         key = key + key[:8]
     elif len(key) == 8:
         key = key * 3
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return TripleDES(key)
+    return TripleDES(key)
 
 
 @dataclass(frozen=True)
