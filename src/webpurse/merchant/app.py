@@ -162,10 +162,17 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         poller = asyncio.create_task(cashier.poll(settings.poll_interval), name="poll settlement")
+        watcher = (
+            asyncio.create_task(cashier.watch(settings.takeover_interval), name="takeover")
+            if leases is not None
+            else None
+        )
         yield
-        poller.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await poller
+        for task in (poller, watcher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await cashier.close()
         await card_reads.close()
         if hub is not None:

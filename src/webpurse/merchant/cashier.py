@@ -235,6 +235,49 @@ class Cashier:
                 except Exception:
                     log.exception("order %s: settlement poll failed; polling goes on", order.id)
 
+    async def take_over(self) -> list[str]:
+        """With several shop processes: start the payment of every open order whose driving
+        process died (its lease outlives its node's heartbeat); returns their ids.
+
+        The order goes on here as after a restart of its process: settlement's word and the
+        card's counter decide whether its DEBIT/CREDIT ran (``_learn_counter``, recovery),
+        never a second one blindly; then the agent's session is ended so the page can pair
+        again if it must.
+        """
+        if self.leases is None or self._closing:
+            return []
+        candidates = [
+            order.id
+            for order in self.orders.open_orders()
+            if (task := self._tasks.get(order.id)) is None or task.done()
+        ]
+        taken: list[str] = []
+        for order_id, node in (await self.leases.orphaned(candidates)).items():
+            if not await self.leases.clear_dead(order_id, node):
+                continue  # another survivor was first, or the node came back
+            log.warning(
+                "order %s: its shop process %s is gone; this process takes the payment over",
+                order_id,
+                node,
+            )
+            self.start(order_id)
+            taken.append(order_id)
+        return taken
+
+    async def watch(self, interval: float) -> None:
+        """Run :meth:`take_over` every ``interval`` seconds for the life of the server;
+        an error (Redis or the order database away) is logged and the next round follows."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.take_over()
+            except Exception:
+                log.warning(
+                    "takeover of dead processes' orders failed; next try in %gs",
+                    interval,
+                    exc_info=True,
+                )
+
     # --- running a payment -----------------------------------------------------------
 
     def start(self, order_id: str) -> None:

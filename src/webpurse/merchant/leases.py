@@ -5,6 +5,14 @@ several processes (behind a load balancer) two could start one for the same orde
 in the shop's Redis (``SET NX`` with a short lifetime, renewed while the task runs) lets
 only one drive it; a process that dies stops renewing, and the lease lapses within
 :data:`LEASE_SECONDS` so another can take the order over.
+
+A shopper should not wait that long: while it holds a lease a process also keeps its node's
+heartbeat (``node:<node>``, the key the reader hub's sessions live by, lifetime
+:data:`~webpurse.reader.remote.routing.NODE_TTL`). A lease whose holder's heartbeat is gone
+belongs to a dead process: :meth:`RedisFlowLeases.orphaned` finds such orders and
+:meth:`RedisFlowLeases.clear_dead` frees the lease (only if that dead node still holds it),
+so a surviving process's cashier takes the order over within seconds (recovery as after a
+restart: the card's counter and settlement decide, nothing is sent to the card blindly).
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import logging
 
 from redis.exceptions import RedisError
 
+from webpurse.reader.remote.routing import NODE_TTL
 from webpurse.reader.remote.shared import SharedState
 
 log = logging.getLogger(__name__)
@@ -22,6 +31,12 @@ LEASE_SECONDS = 30.0
 
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+_CLEAR_DEAD = """
+if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('EXISTS', KEYS[2]) == 0 then
   return redis.call('DEL', KEYS[1])
 end
 return 0
@@ -44,25 +59,59 @@ class RedisFlowLeases:
     def _key(self, order_id: str) -> str:
         return self._shared.key("flow", order_id)
 
+    def _node_key(self, node: str) -> str:
+        return self._shared.key("node", node)
+
     async def acquire(self, order_id: str) -> bool:
         """True if this process now drives ``order_id`` (raises ``SharedStateUnavailable``)."""
         with self._shared.guard("taking an order's lease"):
-            taken = await self._shared.redis.set(
-                self._key(order_id), self._shared.node, nx=True, px=self._ms
-            )
+            async with self._shared.redis.pipeline(transaction=True) as pipe:
+                pipe.set(self._node_key(self._shared.node), b"1", ex=NODE_TTL)
+                pipe.set(self._key(order_id), self._shared.node, nx=True, px=self._ms)
+                _, taken = await pipe.execute()
         return bool(taken)
 
     async def keep(self, order_id: str) -> None:
-        """Renew the lease until cancelled; a Redis away for a while is logged, not fatal
-        (the flow on this process goes on; its reader is local or its batches fail)."""
+        """Renew the lease and this node's heartbeat until cancelled; a Redis away for a
+        while is logged, not fatal (the flow on this process goes on; its reader is local or
+        its batches fail)."""
+        interval = min(self._ms / 3000, NODE_TTL / 3)
         while True:
-            await asyncio.sleep(self._ms / 3000)
+            await asyncio.sleep(interval)
             try:
+                await self._shared.redis.set(self._node_key(self._shared.node), b"1", ex=NODE_TTL)
                 await self._shared.redis.eval(  # type: ignore[misc]
                     _RENEW, 1, self._key(order_id), self._shared.node, str(self._ms)
                 )
             except (RedisError, OSError) as exc:
                 log.warning("order %s: could not renew its lease: %s", order_id, exc)
+
+    async def orphaned(self, order_ids: list[str]) -> dict[str, str]:
+        """Of ``order_ids``, those whose lease is held by a node with no heartbeat (a dead
+        process), each with that node (raises ``SharedStateUnavailable``)."""
+        if not order_ids:
+            return {}
+        with self._shared.guard("looking for orders of dead processes"):
+            holders = await self._shared.redis.mget([self._key(o) for o in order_ids])
+            held = {
+                order_id: (h.decode() if isinstance(h, bytes) else str(h))
+                for order_id, h in zip(order_ids, holders, strict=True)
+                if h is not None
+            }
+            nodes = sorted(set(held.values()) - {self._shared.node})
+            alive = {
+                node: bool(await self._shared.redis.exists(self._node_key(node))) for node in nodes
+            }
+        return {order_id: node for order_id, node in held.items() if alive.get(node) is False}
+
+    async def clear_dead(self, order_id: str, node: str) -> bool:
+        """Free ``order_id``'s lease if the dead ``node`` still holds it and still has no
+        heartbeat (one survivor wins; raises ``SharedStateUnavailable``)."""
+        with self._shared.guard("freeing a dead process's lease"):
+            cleared = await self._shared.redis.eval(  # type: ignore[misc]
+                _CLEAR_DEAD, 2, self._key(order_id), self._node_key(node), node
+            )
+        return bool(cleared)
 
     async def release(self, order_id: str) -> None:
         try:

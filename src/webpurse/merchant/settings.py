@@ -31,6 +31,9 @@ class MerchantSettings:
     public_url: str = ""
     shop_name: str | None = None
     poll_interval: float = 15.0  # seconds between settlement polls (webhook fallback)
+    # With shared state: seconds between looks for orders whose driving shop process died
+    # (its heartbeat lapsed, NODE_TTL); a survivor takes each over (Cashier.take_over).
+    takeover_interval: float = 2.0
     # Payment calls of concurrent shoppers go to settlement together (POST /v1/batch).
     settlement_batching: bool = True
     # Request bodies over this are refused with 413 before any route reads them
@@ -63,6 +66,7 @@ class MerchantSettings:
             max_body_bytes=int(env.get("WEBPURSE_MERCHANT_MAX_BODY_BYTES", str(1 << 20))),
             redis_url=_secret(env, "WEBPURSE_REDIS_URL") or "",
             redis_prefix=env.get("WEBPURSE_REDIS_PREFIX", "webpurse"),
+            takeover_interval=float(env.get("WEBPURSE_MERCHANT_TAKEOVER_INTERVAL", "2.0")),
         )
 
 
