@@ -221,13 +221,6 @@ async def test_a_purchase_through_the_balancer_over_both_shop_processes(
     await context.close()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="intermittent (failed 2 of 4 runs after merging i17shop): after SIGKILL of the shop"
-    " process holding the purchase, the agent resumes its session on a surviving shop"
-    " process but no process takes the order over: it stays pending and the agent's"
-    " session stays open, so the page cannot pair again",
-)
 async def test_a_shop_and_a_settlement_process_killed_mid_purchase(
     cluster: ClusterStack, shopper: Shopper, browser: Browser
 ) -> None:
