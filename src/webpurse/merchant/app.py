@@ -118,7 +118,9 @@ def create_app(
     engine = make_engine(settings.resolved_database_url())
     orders = OrderBook(engine)
     shared = (
-        SharedState.from_url(settings.redis_url, prefix=settings.redis_prefix)
+        SharedState.from_url(
+            settings.redis_url, prefix=settings.redis_prefix, name=settings.node_name
+        )
         if settings.redis_url
         else None
     )

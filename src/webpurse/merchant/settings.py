@@ -44,6 +44,8 @@ class MerchantSettings:
     # in this Redis, every key under ``redis_prefix``. Empty: all in this one process.
     redis_url: str = field(default="", repr=False)
     redis_prefix: str = "webpurse"
+    # The start of this process's node id in the shared state (``shop1`` in the cluster).
+    node_name: str = "node"
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'merchant.db'}"
@@ -66,6 +68,7 @@ class MerchantSettings:
             max_body_bytes=int(env.get("WEBPURSE_MERCHANT_MAX_BODY_BYTES", str(1 << 20))),
             redis_url=_secret(env, "WEBPURSE_REDIS_URL") or "",
             redis_prefix=env.get("WEBPURSE_REDIS_PREFIX", "webpurse"),
+            node_name=env.get("WEBPURSE_NODE_NAME", "node"),
             takeover_interval=float(env.get("WEBPURSE_MERCHANT_TAKEOVER_INTERVAL", "2.0")),
         )
 
