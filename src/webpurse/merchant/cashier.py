@@ -342,12 +342,19 @@ class Cashier:
             return
         log.info("order %s: this shop process drives its payment", order_id)
         keeper = asyncio.create_task(self.leases.keep(order_id), name=f"lease {order_id}")
+        drive = asyncio.create_task(self._drive_here(order_id), name=f"drive {order_id}")
         try:
-            await self._drive_here(order_id)
+            await asyncio.wait({keeper, drive}, return_when=asyncio.FIRST_COMPLETED)
+            if not drive.done():
+                # Another process took the order over (this one looked dead): never two
+                # drivers; it recovers from the card's counter whatever this one did.
+                log.warning("order %s: lease lost; this process stops driving it", order_id)
         finally:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+            for task in (drive, keeper):
+                task.cancel()
+            for task in (drive, keeper):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await self.leases.release(order_id)
 
     async def _drive_here(self, order_id: str) -> None:

@@ -42,8 +42,13 @@ end
 return 0
 """
 _RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
 end
 return 0
 """
@@ -74,17 +79,23 @@ class RedisFlowLeases:
     async def keep(self, order_id: str) -> None:
         """Renew the lease and this node's heartbeat until cancelled; a Redis away for a
         while is logged, not fatal (the flow on this process goes on; its reader is local or
-        its batches fail)."""
+        its batches fail), and a lease gone meanwhile (a Redis restarted empty) is taken
+        again. Returns only when another process holds the lease: it took the order over
+        (this process looked dead), so this one must stop driving it."""
         interval = min(self._ms / 3000, NODE_TTL / 3)
         while True:
             await asyncio.sleep(interval)
             try:
                 await self._shared.redis.set(self._node_key(self._shared.node), b"1", ex=NODE_TTL)
-                await self._shared.redis.eval(  # type: ignore[misc]
+                kept = await self._shared.redis.eval(  # type: ignore[misc]
                     _RENEW, 1, self._key(order_id), self._shared.node, str(self._ms)
                 )
             except (RedisError, OSError) as exc:
                 log.warning("order %s: could not renew its lease: %s", order_id, exc)
+                continue
+            if not kept:
+                log.warning("order %s: another shop process took its lease over", order_id)
+                return
 
     async def orphaned(self, order_ids: list[str]) -> dict[str, str]:
         """Of ``order_ids``, those whose lease is held by a node with no heartbeat (a dead
