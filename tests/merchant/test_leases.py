@@ -41,16 +41,23 @@ async def test_a_dead_drivers_lease_is_freed_for_one_survivor_only(
     assert await on_a.acquire("ord_1")
     assert not await on_b.acquire("ord_1")
     # A is alive (acquire wrote its heartbeat): nothing to take over, nothing freed.
-    assert await on_b.orphaned(["ord_1", "ord_2"]) == {}
+    assert await on_b.orphaned() == {}
     assert not await on_b.clear_dead("ord_1", a.node)
     # A dies: its heartbeat lapses (deleted here rather than waited for), its lease stays.
     await a.redis.delete(a.key("node", a.node))
-    assert await on_b.orphaned(["ord_1", "ord_2"]) == {"ord_1": a.node}
-    assert await on_b.orphaned([]) == {}
+    assert await on_b.orphaned() == {"ord_1": a.node}
     assert await on_b.clear_dead("ord_1", a.node)
     assert not await on_b.clear_dead("ord_1", a.node)  # a second survivor finds it gone
     assert await on_b.acquire("ord_1")
     assert await b.redis.get(b.key("flow", "ord_1")) == b.node.encode()
+    assert await on_a.orphaned() == {}  # B is alive
+    # Released: no longer looked at; a lease that lapsed with nobody left is forgotten.
+    await on_b.release("ord_1")
+    assert await b.redis.smembers(b.key("flows")) == set()
+    assert await on_b.acquire("ord_2")
+    await b.redis.delete(b.key("flow", "ord_2"))
+    assert await on_a.orphaned() == {}
+    assert await b.redis.smembers(b.key("flows")) == set()
 
 
 async def test_a_driver_whose_lease_was_taken_over_stops_and_a_lost_lease_is_retaken(

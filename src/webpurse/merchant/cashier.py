@@ -246,13 +246,8 @@ class Cashier:
         """
         if self.leases is None or self._closing:
             return []
-        candidates = [
-            order.id
-            for order in self.orders.open_orders()
-            if (task := self._tasks.get(order.id)) is None or task.done()
-        ]
         taken: list[str] = []
-        for order_id, node in (await self.leases.orphaned(candidates)).items():
+        for order_id, node in (await self.leases.orphaned()).items():
             if not await self.leases.clear_dead(order_id, node):
                 continue  # another survivor was first, or the node came back
             log.warning(

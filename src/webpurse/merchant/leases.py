@@ -29,25 +29,39 @@ log = logging.getLogger(__name__)
 
 LEASE_SECONDS = 30.0
 
+# KEYS[1] the lease flow:<order>, KEYS[2] the set ``flows`` of leased orders, ARGV[1] the
+# node, ARGV[2] the order id.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SREM', KEYS[2], ARGV[2])
   return redis.call('DEL', KEYS[1])
 end
 return 0
 """
+# KEYS[3] the dead node's heartbeat.
 _CLEAR_DEAD = """
-if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('EXISTS', KEYS[2]) == 0 then
+if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('EXISTS', KEYS[3]) == 0 then
+  redis.call('SREM', KEYS[2], ARGV[2])
   return redis.call('DEL', KEYS[1])
 end
 return 0
 """
+# A lease that lapsed with nobody to take it over leaves the set (not if taken meanwhile).
+_FORGET_LAPSED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return redis.call('SREM', KEYS[2], ARGV[2])
+end
+return 0
+"""
+# ARGV[3] the lease's lifetime in ms.
 _RENEW = """
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return redis.call('PEXPIRE', KEYS[1], ARGV[3])
 end
 if not holder then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+  redis.call('SADD', KEYS[2], ARGV[2])
   return 1
 end
 return 0
@@ -67,13 +81,18 @@ class RedisFlowLeases:
     def _node_key(self, node: str) -> str:
         return self._shared.key("node", node)
 
+    @property
+    def _flows(self) -> str:
+        return self._shared.key("flows")
+
     async def acquire(self, order_id: str) -> bool:
         """True if this process now drives ``order_id`` (raises ``SharedStateUnavailable``)."""
         with self._shared.guard("taking an order's lease"):
             async with self._shared.redis.pipeline(transaction=True) as pipe:
                 pipe.set(self._node_key(self._shared.node), b"1", ex=NODE_TTL)
                 pipe.set(self._key(order_id), self._shared.node, nx=True, px=self._ms)
-                _, taken = await pipe.execute()
+                pipe.sadd(self._flows, order_id)  # already there if another holds it
+                _, taken, _ = await pipe.execute()
         return bool(taken)
 
     async def keep(self, order_id: str) -> None:
@@ -88,7 +107,13 @@ class RedisFlowLeases:
             try:
                 await self._shared.redis.set(self._node_key(self._shared.node), b"1", ex=NODE_TTL)
                 kept = await self._shared.redis.eval(  # type: ignore[misc]
-                    _RENEW, 1, self._key(order_id), self._shared.node, str(self._ms)
+                    _RENEW,
+                    2,
+                    self._key(order_id),
+                    self._flows,
+                    self._shared.node,
+                    order_id,
+                    str(self._ms),
                 )
             except (RedisError, OSError) as exc:
                 log.warning("order %s: could not renew its lease: %s", order_id, exc)
@@ -97,22 +122,27 @@ class RedisFlowLeases:
                 log.warning("order %s: another shop process took its lease over", order_id)
                 return
 
-    async def orphaned(self, order_ids: list[str]) -> dict[str, str]:
-        """Of ``order_ids``, those whose lease is held by a node with no heartbeat (a dead
-        process), each with that node (raises ``SharedStateUnavailable``)."""
-        if not order_ids:
-            return {}
+    async def orphaned(self) -> dict[str, str]:
+        """The leased orders whose holder is a node with no heartbeat (a dead process),
+        each with that node (raises ``SharedStateUnavailable``). Only orders some process
+        drives are looked at (the set ``flows``), not every open order."""
+        redis = self._shared.redis
         with self._shared.guard("looking for orders of dead processes"):
-            holders = await self._shared.redis.mget([self._key(o) for o in order_ids])
-            held = {
-                order_id: (h.decode() if isinstance(h, bytes) else str(h))
-                for order_id, h in zip(order_ids, holders, strict=True)
-                if h is not None
-            }
+            members = await redis.smembers(self._flows)  # type: ignore[misc]
+            order_ids = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+            if not order_ids:
+                return {}
+            holders = await redis.mget([self._key(o) for o in order_ids])
+            held: dict[str, str] = {}
+            for order_id, holder in zip(order_ids, holders, strict=True):
+                if holder is None:
+                    await redis.eval(  # type: ignore[misc]
+                        _FORGET_LAPSED, 2, self._key(order_id), self._flows, "", order_id
+                    )
+                else:
+                    held[order_id] = holder.decode() if isinstance(holder, bytes) else str(holder)
             nodes = sorted(set(held.values()) - {self._shared.node})
-            alive = {
-                node: bool(await self._shared.redis.exists(self._node_key(node))) for node in nodes
-            }
+            alive = {node: bool(await redis.exists(self._node_key(node))) for node in nodes}
         return {order_id: node for order_id, node in held.items() if alive.get(node) is False}
 
     async def clear_dead(self, order_id: str, node: str) -> bool:
@@ -120,14 +150,20 @@ class RedisFlowLeases:
         heartbeat (one survivor wins; raises ``SharedStateUnavailable``)."""
         with self._shared.guard("freeing a dead process's lease"):
             cleared = await self._shared.redis.eval(  # type: ignore[misc]
-                _CLEAR_DEAD, 2, self._key(order_id), self._node_key(node), node
+                _CLEAR_DEAD,
+                3,
+                self._key(order_id),
+                self._flows,
+                self._node_key(node),
+                node,
+                order_id,
             )
         return bool(cleared)
 
     async def release(self, order_id: str) -> None:
         try:
             await self._shared.redis.eval(  # type: ignore[misc]
-                _RELEASE, 1, self._key(order_id), self._shared.node
+                _RELEASE, 2, self._key(order_id), self._flows, self._shared.node, order_id
             )
         except (RedisError, OSError) as exc:
             log.warning("order %s: could not release its lease: %s", order_id, exc)
