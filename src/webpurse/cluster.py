@@ -170,6 +170,7 @@ class ClusterStack(DemoStack):
             env["WEBPURSE_SETTLEMENT_API_KEY"] = self.state.api_key
             env["WEBPURSE_AGENT_URL"] = self.agent_url
             env["WEBPURSE_MERCHANT_PUBLIC_URL"] = self.merchant_url
+            env["WEBPURSE_NODE_NAME"] = name  # its node id in Redis: shop1_<random>
             if self.webhook_secret:
                 env["WEBPURSE_MERCHANT_WEBHOOK_SECRET"] = self.webhook_secret
             args = ["serve", "merchant", "--host", self.host, "--port", str(port)]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 SUITE = "faults_redis"
 FUNDS = 10_000
+
+
+@dataclass(kw_only=True)
+class TakeoverShop(RedisShop):
+    """A shop process that looks for dead processes' orders every half second."""
+
+    def environment(self) -> dict[str, str]:
+        return {**super().environment(), "WEBPURSE_MERCHANT_TAKEOVER_INTERVAL": "0.5"}
 
 
 @pytest.fixture(scope="module")
@@ -175,4 +184,79 @@ async def test_redis_goes_away_mid_purchase(live: Live, tmp_path: Path, proof: P
             f"interrupted/uncertain while Redis was down; new purchase 503 "
             f"{problem['code']}; paid after restart ({delta:+d} fen on the card); "
             f"{report.summary()}"
+        )
+
+
+async def test_the_shop_process_driving_a_purchase_is_killed_and_a_survivor_takes_over(
+    live: Live, tmp_path: Path, proof: Proof
+) -> None:
+    with proof.row(
+        SUITE,
+        "shop cluster (2 processes, cashier on B, agent on A): B SIGKILLed right after the "
+        "card committed the DEBIT; nobody reloads the page",
+        expected="A takes the order over once B's heartbeat lapses: recovery reads the "
+        "card's counter, paid exactly once, the agent's session ended; invariants hold",
+    ) as row:
+        server = OwnRedis(tmp_path)
+        server.start()
+        shops = [
+            TakeoverShop(
+                directory=tmp_path,
+                name=f"shop-{name}",
+                settlement_url=live.server.base_url,
+                api_key=live.merchant_key,
+                redis_url=server.url,
+                redis_prefix="takeover",
+            )
+            for name in "ab"
+        ]
+        a, b = shops
+        card = live.funded_card(FUNDS)
+        before = card.state.balance
+        sim = SimReader(card)
+        debits: list[float] = []
+
+        def kill_the_driver(event: ApduEvent) -> None:
+            committed = event.phase is Phase.AFTER and event.apdu[1] == INS_DEBIT_FOR_PURCHASE
+            if committed and not debits:
+                b.kill()  # the card committed; the cashier that asked for it is gone
+                debits.append(asyncio.get_running_loop().time())
+
+        sim.add_hook(kill_the_driver)
+        try:
+            for shop in shops:
+                shop.start()
+            async with (
+                httpx.AsyncClient(base_url=b.base_url, timeout=DEADLINE) as on_b,
+                httpx.AsyncClient(base_url=a.base_url, timeout=DEADLINE) as on_a,
+            ):
+                opened = await _open_purchase(on_b)
+                assert opened.status_code == 303, opened.text
+                order_id = opened.headers["location"].split("/")[2]
+                on_a.cookies.update(on_b.cookies)
+                token = await _token(on_b, order_id)  # the cashier task starts on B
+                agent = TerminalAgent(sim, consent=ConsentRecorder(), show=lambda _: None)
+                await agent.pair(f"{a.base_url}/reader", token=token)
+                status = await _status(on_a, order_id, {"paid", "declined"})
+                took = asyncio.get_running_loop().time() - debits[0]
+                # The survivor ended the agent's session: the page could pair again.
+                await asyncio.wait_for(agent.wait_ended(), DEADLINE)
+                await agent.close()
+        finally:
+            for shop in shops:
+                shop.stop()
+            server.stop()
+        report = check_invariants(
+            live.factory,
+            live.server.url,
+            [card],
+            orders=[(status["status"], status["settlement_id"])],
+        )
+        assert debits, "the purchase never reached the DEBIT"
+        assert status["status"] == "paid", status
+        delta = card.state.balance - before
+        assert delta == -status["amount"]  # debited once, not twice
+        row.observed = (
+            f"paid {took:.1f} s after the SIGKILL, taken over by A ({delta:+d} fen on the "
+            f"card); {report.summary()}"
         )

@@ -118,7 +118,9 @@ def create_app(
     engine = make_engine(settings.resolved_database_url())
     orders = OrderBook(engine)
     shared = (
-        SharedState.from_url(settings.redis_url, prefix=settings.redis_prefix)
+        SharedState.from_url(
+            settings.redis_url, prefix=settings.redis_prefix, name=settings.node_name
+        )
         if settings.redis_url
         else None
     )
@@ -162,10 +164,17 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         poller = asyncio.create_task(cashier.poll(settings.poll_interval), name="poll settlement")
+        watcher = (
+            asyncio.create_task(cashier.watch(settings.takeover_interval), name="takeover")
+            if leases is not None
+            else None
+        )
         yield
-        poller.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await poller
+        for task in (poller, watcher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await cashier.close()
         await card_reads.close()
         if hub is not None:

@@ -235,6 +235,44 @@ class Cashier:
                 except Exception:
                     log.exception("order %s: settlement poll failed; polling goes on", order.id)
 
+    async def take_over(self) -> list[str]:
+        """With several shop processes: start the payment of every open order whose driving
+        process died (its lease outlives its node's heartbeat); returns their ids.
+
+        The order goes on here as after a restart of its process: settlement's word and the
+        card's counter decide whether its DEBIT/CREDIT ran (``_learn_counter``, recovery),
+        never a second one blindly; then the agent's session is ended so the page can pair
+        again if it must.
+        """
+        if self.leases is None or self._closing:
+            return []
+        taken: list[str] = []
+        for order_id, node in (await self.leases.orphaned()).items():
+            if not await self.leases.clear_dead(order_id, node):
+                continue  # another survivor was first, or the node came back
+            log.warning(
+                "order %s: its shop process %s is gone; this process takes the payment over",
+                order_id,
+                node,
+            )
+            self.start(order_id)
+            taken.append(order_id)
+        return taken
+
+    async def watch(self, interval: float) -> None:
+        """Run :meth:`take_over` every ``interval`` seconds for the life of the server;
+        an error (Redis or the order database away) is logged and the next round follows."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.take_over()
+            except Exception:
+                log.warning(
+                    "takeover of dead processes' orders failed; next try in %gs",
+                    interval,
+                    exc_info=True,
+                )
+
     # --- running a payment -----------------------------------------------------------
 
     def start(self, order_id: str) -> None:
@@ -299,12 +337,19 @@ class Cashier:
             return
         log.info("order %s: this shop process drives its payment", order_id)
         keeper = asyncio.create_task(self.leases.keep(order_id), name=f"lease {order_id}")
+        drive = asyncio.create_task(self._drive_here(order_id), name=f"drive {order_id}")
         try:
-            await self._drive_here(order_id)
+            await asyncio.wait({keeper, drive}, return_when=asyncio.FIRST_COMPLETED)
+            if not drive.done():
+                # Another process took the order over (this one looked dead): never two
+                # drivers; it recovers from the card's counter whatever this one did.
+                log.warning("order %s: lease lost; this process stops driving it", order_id)
         finally:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+            for task in (drive, keeper):
+                task.cancel()
+            for task in (drive, keeper):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await self.leases.release(order_id)
 
     async def _drive_here(self, order_id: str) -> None:

@@ -31,6 +31,9 @@ class MerchantSettings:
     public_url: str = ""
     shop_name: str | None = None
     poll_interval: float = 15.0  # seconds between settlement polls (webhook fallback)
+    # With shared state: seconds between looks for orders whose driving shop process died
+    # (its heartbeat lapsed, NODE_TTL); a survivor takes each over (Cashier.take_over).
+    takeover_interval: float = 2.0
     # Payment calls of concurrent shoppers go to settlement together (POST /v1/batch).
     settlement_batching: bool = True
     # Request bodies over this are refused with 413 before any route reads them
@@ -41,6 +44,8 @@ class MerchantSettings:
     # in this Redis, every key under ``redis_prefix``. Empty: all in this one process.
     redis_url: str = field(default="", repr=False)
     redis_prefix: str = "webpurse"
+    # The start of this process's node id in the shared state (``shop1`` in the cluster).
+    node_name: str = "node"
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'merchant.db'}"
@@ -63,6 +68,8 @@ class MerchantSettings:
             max_body_bytes=int(env.get("WEBPURSE_MERCHANT_MAX_BODY_BYTES", str(1 << 20))),
             redis_url=_secret(env, "WEBPURSE_REDIS_URL") or "",
             redis_prefix=env.get("WEBPURSE_REDIS_PREFIX", "webpurse"),
+            node_name=env.get("WEBPURSE_NODE_NAME", "node"),
+            takeover_interval=float(env.get("WEBPURSE_MERCHANT_TAKEOVER_INTERVAL", "2.0")),
         )
 
 

@@ -42,7 +42,9 @@ class SharedState:
         self.node = node or "node_" + secrets.token_hex(6)
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str = "webpurse") -> SharedState:
+    def from_url(cls, url: str, *, prefix: str = "webpurse", name: str = "node") -> SharedState:
+        """``name`` starts this process's node id (made unique by a random tail): logs and
+        the operator see which process holds a session or an order's lease."""
         # Reads time out after 30 s (every BLPOP here blocks at most a few seconds; pub/sub
         # reads pass their own timeout); a dead server closes the socket (ConnectionError),
         # and connecting to none fails within 2 s. A broken
@@ -56,7 +58,7 @@ class SharedState:
             health_check_interval=15,
             retry=Retry(ExponentialBackoff(cap=0.25, base=0.05), 2),
         )
-        return cls(redis, prefix=prefix)
+        return cls(redis, prefix=prefix, node=f"{name}_{secrets.token_hex(6)}")
 
     def key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
