@@ -41,8 +41,8 @@ from webpurse.balancer import (
     write_config,
 )
 from webpurse.balancer.tls import TlsFiles, make_certificates
+from webpurse.cluster_defaults import DEFAULT_POSTGRES, DEFAULT_REDIS
 from webpurse.demo import DemoError, DemoStack, free_port, webpurse_command
-from webpurse.demo_cli import DEFAULT_POSTGRES, DEFAULT_REDIS
 
 # How HAProxy picks a shop process: round-robin. The shops share their state over Redis
 # (WEBPURSE_REDIS_URL), so a purchase's page, agent, cashier and webhook may each be

@@ -11,8 +11,7 @@ from typing import Annotated
 
 import typer
 
-DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/webpurse_cluster"
-DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+from webpurse.cluster_defaults import DEFAULT_POSTGRES, DEFAULT_REDIS
 
 
 def demo_command(
