@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import and_, or_, select
+from sqlalchemy import or_, select
 
 from webpurse.settlement import loads
 from webpurse.settlement.auth import AnyPrincipal
@@ -18,6 +18,7 @@ from webpurse.settlement.deps import PROBLEMS, IdempotencyKey, SessionDep, idemp
 from webpurse.settlement.funding import FundingPolicy
 from webpurse.settlement.loads import load_json
 from webpurse.settlement.models import Load
+from webpurse.settlement.pages import newest_first
 from webpurse.settlement.routes_transactions import Kind, add_routes
 from webpurse.settlement.schemas import (
     ListOut,
@@ -75,22 +76,10 @@ def list_loads(
         stmt = stmt.where(or_(Load.card_number == number, Load.requested_card_number == number))
     if status is not None:
         stmt = stmt.where(Load.status == status)
+    after = None
     if starting_after is not None:
-        anchor = loads.get_load(make_ctx(request, session, principal), starting_after)
-        stmt = stmt.where(
-            or_(
-                Load.created_at < anchor.created_at,
-                and_(Load.created_at == anchor.created_at, Load.id < anchor.id),
-            )
-        )
-    rows = list(
-        session.scalars(stmt.order_by(Load.created_at.desc(), Load.id.desc()).limit(limit + 1))
-    )
-    return {
-        "object": "list",
-        "data": [load_json(x) for x in rows[:limit]],
-        "has_more": len(rows) > limit,
-    }
+        after = loads.get_load(make_ctx(request, session, principal), starting_after)
+    return newest_first(session, stmt, Load, limit=limit, render=load_json, after=after)
 
 
 add_routes(

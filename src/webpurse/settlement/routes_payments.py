@@ -10,12 +10,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 
 from webpurse.settlement import payments
 from webpurse.settlement.auth import MerchantPrincipal
 from webpurse.settlement.deps import PROBLEMS, IdempotencyKey, SessionDep, idempotent, make_ctx
 from webpurse.settlement.models import Payment
+from webpurse.settlement.pages import newest_first
 from webpurse.settlement.payments import payment_json
 from webpurse.settlement.routes_transactions import Kind, add_routes
 from webpurse.settlement.schemas import (
@@ -59,25 +60,10 @@ def list_payments(
 ) -> dict[str, Any]:
     """The merchant's payments, newest first."""
     stmt = select(Payment).where(Payment.merchant_id == principal.merchant_id)
+    after = None
     if starting_after is not None:
-        ctx = make_ctx(request, session, principal)
-        anchor = payments.get_payment(ctx, starting_after)
-        stmt = stmt.where(
-            or_(
-                Payment.created_at < anchor.created_at,
-                and_(Payment.created_at == anchor.created_at, Payment.id < anchor.id),
-            )
-        )
-    rows = list(
-        session.scalars(
-            stmt.order_by(Payment.created_at.desc(), Payment.id.desc()).limit(limit + 1)
-        )
-    )
-    return {
-        "object": "list",
-        "data": [payment_json(p) for p in rows[:limit]],
-        "has_more": len(rows) > limit,
-    }
+        after = payments.get_payment(make_ctx(request, session, principal), starting_after)
+    return newest_first(session, stmt, Payment, limit=limit, render=payment_json, after=after)
 
 
 add_routes(

@@ -12,6 +12,7 @@ from webpurse.settlement import refunds
 from webpurse.settlement.auth import MerchantPrincipal
 from webpurse.settlement.deps import PROBLEMS, IdempotencyKey, SessionDep, idempotent, make_ctx
 from webpurse.settlement.models import Refund
+from webpurse.settlement.pages import newest_first
 from webpurse.settlement.refunds import refund_json
 from webpurse.settlement.schemas import ListOut, RefundCreate, RefundOut
 
@@ -48,14 +49,7 @@ def list_refunds(
     stmt = select(Refund).where(Refund.merchant_id == principal.merchant_id)
     if payment is not None:
         stmt = stmt.where(Refund.payment_id == payment)
-    rows = list(
-        session.scalars(stmt.order_by(Refund.created_at.desc(), Refund.id.desc()).limit(limit + 1))
-    )
-    return {
-        "object": "list",
-        "data": [refund_json(r) for r in rows[:limit]],
-        "has_more": len(rows) > limit,
-    }
+    return newest_first(session, stmt, Refund, limit=limit, render=refund_json)
 
 
 @router.get("/{refund_id}", response_model=RefundOut, responses=PROBLEMS)
