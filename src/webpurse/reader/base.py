@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from types import TracebackType
+from typing import Protocol, Self, runtime_checkable
 
 from webpurse.protocol.apdu import ResponseApdu
 
@@ -114,3 +115,21 @@ class Reader(Protocol):
         link went away mid-batch.
         """
         ...
+
+
+class ClosedOnExit:
+    """``async with reader:`` closes the reader on the way out, whatever happened inside."""
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

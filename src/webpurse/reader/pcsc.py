@@ -27,11 +27,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from types import ModuleType, TracebackType
+from types import ModuleType
 from typing import Any, TypeVar, cast
 
 from webpurse.protocol.apdu import ResponseApdu
-from webpurse.reader.base import CardInfo, NoCard, ReaderError, ReaderTimeout, Step
+from webpurse.reader.base import CardInfo, ClosedOnExit, NoCard, ReaderError, ReaderTimeout, Step
 from webpurse.reader.batch import LinkBroken, run_batch
 
 T = TypeVar("T")
@@ -130,7 +130,7 @@ class _Wait:
         self.lock = threading.Lock()
 
 
-class PcscReader:
+class PcscReader(ClosedOnExit):
     """A :class:`~webpurse.reader.base.Reader` over one PC/SC reader."""
 
     def __init__(self, name: str | None = None, *, exclusive: bool = False) -> None:
@@ -326,14 +326,3 @@ class PcscReader:
             await self._on_card_thread(self._release)
             self._closed = True
         self._executor.shutdown(wait=False)
-
-    async def __aenter__(self) -> PcscReader:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()

@@ -39,7 +39,6 @@ import tty
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from types import TracebackType
 from typing import TypeVar
 
 from webpurse.protocol.apdu import ResponseApdu
@@ -64,7 +63,7 @@ from webpurse.protocol.pn532frame import (
     decode_list_passive_a,
     pcsc_atr,
 )
-from webpurse.reader.base import CardInfo, NoCard, ReaderError, ReaderTimeout, Step
+from webpurse.reader.base import CardInfo, ClosedOnExit, NoCard, ReaderError, ReaderTimeout, Step
 from webpurse.reader.batch import LinkBroken, run_batch
 
 T = TypeVar("T")
@@ -199,7 +198,7 @@ class Pn532Line:
         return answer.params
 
 
-class Pn532Reader:
+class Pn532Reader(ClosedOnExit):
     """A :class:`~webpurse.reader.base.Reader` over a PN532 on a serial line."""
 
     def __init__(
@@ -344,14 +343,3 @@ class Pn532Reader:
             await self._on_thread(self._release)
             self._closed = True
         self._executor.shutdown(wait=False)
-
-    async def __aenter__(self) -> Pn532Reader:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()

@@ -26,13 +26,12 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from types import TracebackType
 
 from webpurse.card.applet import CardApplet
 from webpurse.card.image import open_card
 from webpurse.card.vpcd import CARD_ATR
 from webpurse.protocol.apdu import ResponseApdu
-from webpurse.reader.base import CardInfo, NoCard, ReaderTimeout, Step
+from webpurse.reader.base import CardInfo, ClosedOnExit, NoCard, ReaderTimeout, Step
 from webpurse.reader.batch import LinkBroken, run_batch
 
 
@@ -81,7 +80,7 @@ class Fault:
 DEFAULT_NAME = "webpurse sim"
 
 
-class SimReader:
+class SimReader(ClosedOnExit):
     """A :class:`~webpurse.reader.base.Reader` with an emulated card in (or out of) its field."""
 
     def __init__(
@@ -222,14 +221,3 @@ class SimReader:
         """Take the card out and release its image file."""
         self.remove()
         self._resources.close()
-
-    async def __aenter__(self) -> SimReader:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
