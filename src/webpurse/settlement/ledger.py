@@ -212,63 +212,25 @@ def _existing(
     return TransferResult(existing, created=False)
 
 
-def post_transfer(
-    session: Session,
-    transfer_id: str,
-    debit_account: str,
-    credit_account: str,
-    amount: int,
-    kind: str,
-    *,
-    now: dt.datetime,
-    reference: str | None = None,
-    currency: str = "CNY",
-) -> TransferResult:
-    """Move ``amount`` fen from ``debit_account`` to ``credit_account`` exactly once.
-
-    Runs inside the caller's transaction (so it commits or rolls back with the payment
-    state that caused it). A repeated ``transfer_id`` with identical content returns the
-    original transfer; with different content it raises :class:`LedgerError`. A refused
-    transfer writes nothing.
-
-    Four statements (SQLAlchemy Core): lock both accounts, insert the transfer (``ON
-    CONFLICT DO NOTHING``: a retry inserts nothing), update both balances, insert both
-    entries.
-    """
+def _check_shape(amount: object, debit_account: str, credit_account: str) -> None:
+    """Refuse a transfer that could never be posted: not a positive integer, one account."""
     if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
         raise LedgerError(f"transfer amount must be a positive integer of fen, got {amount!r}")
     if debit_account == credit_account:
         raise LedgerError("a transfer needs two different accounts")
-    accounts = _lock(session, [debit_account, credit_account], now, currency)
-    debit, credit = accounts[debit_account], accounts[credit_account]
-    refusal = None
+
+
+def _refusal(debit: Any, credit: Any, amount: int, currency: str) -> str | None:
+    """Why the locked accounts cannot take this transfer now, or None when they can."""
     if debit.currency != currency or credit.currency != currency:
-        refusal = "both accounts must be in the transfer's currency"
-    elif not debit.allow_negative and debit.balance < amount:
-        refusal = f"{debit_account} holds {debit.balance} fen, cannot transfer {amount} fen"
-    if refusal is not None:
-        retried = _existing(session, transfer_id, debit_account, credit_account, amount)
-        if retried is not None:
-            return retried
-        raise LedgerError(refusal)
-    row: dict[str, object] = {
-        "id": transfer_id,
-        "debit_account": debit_account,
-        "credit_account": credit_account,
-        "amount": amount,
-        "currency": currency,
-        "kind": kind,
-        "reference": reference,
-        "created_at": now,
-    }
-    inserted = session.execute(
-        insert_ignoring_conflicts(session, _TRANSFERS, [row]).returning(_TRANSFERS.c.id)
-    ).first()
-    if inserted is None:
-        retried = _existing(session, transfer_id, debit_account, credit_account, amount)
-        assert retried is not None
-        return retried
-    legs = [(debit, -amount), (credit, amount)]
+        return "both accounts must be in the transfer's currency"
+    if not debit.allow_negative and debit.balance < amount:
+        return f"{debit.id} holds {debit.balance} fen, cannot transfer {amount} fen"
+    return None
+
+
+def _write_legs(session: Session, transfer_id: str, legs: list[tuple[Any, int]]) -> None:
+    """Update both locked accounts' balances and versions and insert their entries."""
     session.execute(
         update(_ACCOUNTS)
         .where(_ACCOUNTS.c.id == bindparam("account_id"))
@@ -295,6 +257,58 @@ def post_transfer(
             for account, signed in legs
         ],
     )
+
+
+def post_transfer(
+    session: Session,
+    transfer_id: str,
+    debit_account: str,
+    credit_account: str,
+    amount: int,
+    kind: str,
+    *,
+    now: dt.datetime,
+    reference: str | None = None,
+    currency: str = "CNY",
+) -> TransferResult:
+    """Move ``amount`` fen from ``debit_account`` to ``credit_account`` exactly once.
+
+    Runs inside the caller's transaction (so it commits or rolls back with the payment
+    state that caused it). A repeated ``transfer_id`` with identical content returns the
+    original transfer; with different content it raises :class:`LedgerError`. A refused
+    transfer writes nothing.
+
+    Four statements (SQLAlchemy Core): lock both accounts, insert the transfer (``ON
+    CONFLICT DO NOTHING``: a retry inserts nothing), update both balances, insert both
+    entries.
+    """
+    _check_shape(amount, debit_account, credit_account)
+    accounts = _lock(session, [debit_account, credit_account], now, currency)
+    debit, credit = accounts[debit_account], accounts[credit_account]
+    refusal = _refusal(debit, credit, amount, currency)
+    if refusal is not None:
+        retried = _existing(session, transfer_id, debit_account, credit_account, amount)
+        if retried is not None:
+            return retried
+        raise LedgerError(refusal)
+    row: dict[str, object] = {
+        "id": transfer_id,
+        "debit_account": debit_account,
+        "credit_account": credit_account,
+        "amount": amount,
+        "currency": currency,
+        "kind": kind,
+        "reference": reference,
+        "created_at": now,
+    }
+    inserted = session.execute(
+        insert_ignoring_conflicts(session, _TRANSFERS, [row]).returning(_TRANSFERS.c.id)
+    ).first()
+    if inserted is None:
+        retried = _existing(session, transfer_id, debit_account, credit_account, amount)
+        assert retried is not None
+        return retried
+    _write_legs(session, transfer_id, [(debit, -amount), (credit, amount)])
     return TransferResult(Transfer(**row), created=True)
 
 
