@@ -347,12 +347,7 @@ def post_transfers(
     if not transfers:
         return
     for spec in transfers:
-        if isinstance(spec.amount, bool) or not isinstance(spec.amount, int) or spec.amount <= 0:
-            raise LedgerError(
-                f"transfer amount must be a positive integer of fen, got {spec.amount!r}"
-            )
-        if spec.debit_account == spec.credit_account:
-            raise LedgerError("a transfer needs two different accounts")
+        _check_shape(spec.amount, spec.debit_account, spec.credit_account)
     touched = {spec.debit_account for spec in transfers} | {
         spec.credit_account for spec in transfers
     }
@@ -451,6 +446,73 @@ class CheckReport:
         return not self.problems
 
 
+def _transfer_problems(session: Session, legs: dict[str, list[Entry]]) -> list[str]:
+    """Each transfer has exactly its two entries, -amount and +amount; no entry is orphaned.
+
+    Consumes ``legs`` (the entries by transfer id): what is left names no transfer.
+    """
+    problems: list[str] = []
+    for transfer in session.scalars(select(Transfer)):
+        entries = legs.pop(transfer.id, [])
+        got = sorted((e.account_id, e.amount) for e in entries)
+        want = sorted(
+            [(transfer.debit_account, -transfer.amount), (transfer.credit_account, transfer.amount)]
+        )
+        if transfer.amount <= 0 or got != want:
+            problems.append(f"transfer {transfer.id}: entries {got} != {want}")
+    for orphan in legs:
+        problems.append(f"entries for unknown transfer {orphan}")
+    return problems
+
+
+def _check_account(report: CheckReport, account: Account, entries: list[Entry]) -> int:
+    """Replay one account's entries (in version order) against its cached balance and version.
+
+    Adds what is wrong to ``report.problems`` and returns the running balance the entries
+    give (up to and including the first entry found wrong).
+    """
+    account_id = account.id
+    running = 0
+    for expected_version, entry in enumerate(entries, start=1):
+        running += entry.amount
+        if entry.account_version != expected_version:
+            report.problems.append(
+                f"{account_id}: version {entry.account_version}, expected {expected_version}"
+            )
+            break
+        if entry.balance_after != running:
+            report.problems.append(
+                f"{account_id}: balance after v{expected_version} is {entry.balance_after},"
+                f" entries give {running}"
+            )
+            break
+    if running != account.balance:
+        report.problems.append(
+            f"{account_id}: cached balance {account.balance}, entries give {running}"
+        )
+    if len(entries) != account.version:
+        report.problems.append(f"{account_id}: version {account.version} != entry count")
+    if not account.allow_negative and running < 0:
+        report.problems.append(f"{account_id}: negative balance {running}")
+    return running
+
+
+def _sum_problems(totals: dict[str, int]) -> list[str]:
+    """All accounts sum to zero and the funds received equal the value held."""
+    problems: list[str] = []
+    total = sum(totals.values())
+    if total != 0:
+        problems.append(f"accounts sum to {total}, not zero")
+    received = funds_received(totals)
+    held = funds_held(totals)
+    if received != held:
+        problems.append(
+            f"funds received {received} != value held {held} (cards + merchant payables +"
+            " payouts + pending refunds + held + floats + matched + awaiting return + returned)"
+        )
+    return problems
+
+
 def check(session: Session) -> CheckReport:
     """Recompute every balance from the entries and prove the ledger's invariants.
 
@@ -480,55 +542,14 @@ def check(session: Session) -> CheckReport:
         legs[entry.transfer_id].append(entry)
         per_account[entry.account_id].append(entry)
 
-    for transfer in session.scalars(select(Transfer)):
-        entries = legs.pop(transfer.id, [])
-        got = sorted((e.account_id, e.amount) for e in entries)
-        want = sorted(
-            [(transfer.debit_account, -transfer.amount), (transfer.credit_account, transfer.amount)]
-        )
-        if transfer.amount <= 0 or got != want:
-            report.problems.append(f"transfer {transfer.id}: entries {got} != {want}")
-    for orphan in legs:
-        report.problems.append(f"entries for unknown transfer {orphan}")
-
+    report.problems.extend(_transfer_problems(session, legs))
     for account_id, account in accounts.items():
-        running = 0
-        for expected_version, entry in enumerate(per_account.get(account_id, []), start=1):
-            running += entry.amount
-            if entry.account_version != expected_version:
-                report.problems.append(
-                    f"{account_id}: version {entry.account_version}, expected {expected_version}"
-                )
-                break
-            if entry.balance_after != running:
-                report.problems.append(
-                    f"{account_id}: balance after v{expected_version} is {entry.balance_after},"
-                    f" entries give {running}"
-                )
-                break
-        if running != account.balance:
-            report.problems.append(
-                f"{account_id}: cached balance {account.balance}, entries give {running}"
-            )
-        if len(per_account.get(account_id, [])) != account.version:
-            report.problems.append(f"{account_id}: version {account.version} != entry count")
-        if not account.allow_negative and running < 0:
-            report.problems.append(f"{account_id}: negative balance {running}")
+        running = _check_account(report, account, per_account.get(account_id, []))
         kind = account.kind
         report.totals[kind] = report.totals.get(kind, 0) + running
     # No foreign key guards the account names (migration 0011): the check does.
     for account_id in sorted(set(per_account) - set(accounts)):
         report.problems.append(f"entries on unknown account {account_id}")
-
-    total = sum(report.totals.values())
-    if total != 0:
-        report.problems.append(f"accounts sum to {total}, not zero")
-    received = funds_received(report.totals)
-    held = funds_held(report.totals)
-    if received != held:
-        report.problems.append(
-            f"funds received {received} != value held {held} (cards + merchant payables +"
-            " payouts + pending refunds + held + floats + matched + awaiting return + returned)"
-        )
+    report.problems.extend(_sum_problems(report.totals))
     report.problems.extend(open_refund_problems(session, balance(session, REFUNDS_PENDING)))
     return report
