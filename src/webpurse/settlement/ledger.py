@@ -212,63 +212,25 @@ def _existing(
     return TransferResult(existing, created=False)
 
 
-def post_transfer(
-    session: Session,
-    transfer_id: str,
-    debit_account: str,
-    credit_account: str,
-    amount: int,
-    kind: str,
-    *,
-    now: dt.datetime,
-    reference: str | None = None,
-    currency: str = "CNY",
-) -> TransferResult:
-    """Move ``amount`` fen from ``debit_account`` to ``credit_account`` exactly once.
-
-    Runs inside the caller's transaction (so it commits or rolls back with the payment
-    state that caused it). A repeated ``transfer_id`` with identical content returns the
-    original transfer; with different content it raises :class:`LedgerError`. A refused
-    transfer writes nothing.
-
-    Four statements (SQLAlchemy Core): lock both accounts, insert the transfer (``ON
-    CONFLICT DO NOTHING``: a retry inserts nothing), update both balances, insert both
-    entries.
-    """
+def _check_shape(amount: object, debit_account: str, credit_account: str) -> None:
+    """Refuse a transfer that could never be posted: not a positive integer, one account."""
     if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
         raise LedgerError(f"transfer amount must be a positive integer of fen, got {amount!r}")
     if debit_account == credit_account:
         raise LedgerError("a transfer needs two different accounts")
-    accounts = _lock(session, [debit_account, credit_account], now, currency)
-    debit, credit = accounts[debit_account], accounts[credit_account]
-    refusal = None
+
+
+def _refusal(debit: Any, credit: Any, amount: int, currency: str) -> str | None:
+    """Why the locked accounts cannot take this transfer now, or None when they can."""
     if debit.currency != currency or credit.currency != currency:
-        refusal = "both accounts must be in the transfer's currency"
-    elif not debit.allow_negative and debit.balance < amount:
-        refusal = f"{debit_account} holds {debit.balance} fen, cannot transfer {amount} fen"
-    if refusal is not None:
-        retried = _existing(session, transfer_id, debit_account, credit_account, amount)
-        if retried is not None:
-            return retried
-        raise LedgerError(refusal)
-    row: dict[str, object] = {
-        "id": transfer_id,
-        "debit_account": debit_account,
-        "credit_account": credit_account,
-        "amount": amount,
-        "currency": currency,
-        "kind": kind,
-        "reference": reference,
-        "created_at": now,
-    }
-    inserted = session.execute(
-        insert_ignoring_conflicts(session, _TRANSFERS, [row]).returning(_TRANSFERS.c.id)
-    ).first()
-    if inserted is None:
-        retried = _existing(session, transfer_id, debit_account, credit_account, amount)
-        assert retried is not None
-        return retried
-    legs = [(debit, -amount), (credit, amount)]
+        return "both accounts must be in the transfer's currency"
+    if not debit.allow_negative and debit.balance < amount:
+        return f"{debit.id} holds {debit.balance} fen, cannot transfer {amount} fen"
+    return None
+
+
+def _write_legs(session: Session, transfer_id: str, legs: list[tuple[Any, int]]) -> None:
+    """Update both locked accounts' balances and versions and insert their entries."""
     session.execute(
         update(_ACCOUNTS)
         .where(_ACCOUNTS.c.id == bindparam("account_id"))
@@ -295,6 +257,58 @@ def post_transfer(
             for account, signed in legs
         ],
     )
+
+
+def post_transfer(
+    session: Session,
+    transfer_id: str,
+    debit_account: str,
+    credit_account: str,
+    amount: int,
+    kind: str,
+    *,
+    now: dt.datetime,
+    reference: str | None = None,
+    currency: str = "CNY",
+) -> TransferResult:
+    """Move ``amount`` fen from ``debit_account`` to ``credit_account`` exactly once.
+
+    Runs inside the caller's transaction (so it commits or rolls back with the payment
+    state that caused it). A repeated ``transfer_id`` with identical content returns the
+    original transfer; with different content it raises :class:`LedgerError`. A refused
+    transfer writes nothing.
+
+    Four statements (SQLAlchemy Core): lock both accounts, insert the transfer (``ON
+    CONFLICT DO NOTHING``: a retry inserts nothing), update both balances, insert both
+    entries.
+    """
+    _check_shape(amount, debit_account, credit_account)
+    accounts = _lock(session, [debit_account, credit_account], now, currency)
+    debit, credit = accounts[debit_account], accounts[credit_account]
+    refusal = _refusal(debit, credit, amount, currency)
+    if refusal is not None:
+        retried = _existing(session, transfer_id, debit_account, credit_account, amount)
+        if retried is not None:
+            return retried
+        raise LedgerError(refusal)
+    row: dict[str, object] = {
+        "id": transfer_id,
+        "debit_account": debit_account,
+        "credit_account": credit_account,
+        "amount": amount,
+        "currency": currency,
+        "kind": kind,
+        "reference": reference,
+        "created_at": now,
+    }
+    inserted = session.execute(
+        insert_ignoring_conflicts(session, _TRANSFERS, [row]).returning(_TRANSFERS.c.id)
+    ).first()
+    if inserted is None:
+        retried = _existing(session, transfer_id, debit_account, credit_account, amount)
+        assert retried is not None
+        return retried
+    _write_legs(session, transfer_id, [(debit, -amount), (credit, amount)])
     return TransferResult(Transfer(**row), created=True)
 
 
@@ -333,12 +347,7 @@ def post_transfers(
     if not transfers:
         return
     for spec in transfers:
-        if isinstance(spec.amount, bool) or not isinstance(spec.amount, int) or spec.amount <= 0:
-            raise LedgerError(
-                f"transfer amount must be a positive integer of fen, got {spec.amount!r}"
-            )
-        if spec.debit_account == spec.credit_account:
-            raise LedgerError("a transfer needs two different accounts")
+        _check_shape(spec.amount, spec.debit_account, spec.credit_account)
     touched = {spec.debit_account for spec in transfers} | {
         spec.credit_account for spec in transfers
     }
@@ -437,6 +446,73 @@ class CheckReport:
         return not self.problems
 
 
+def _transfer_problems(session: Session, legs: dict[str, list[Entry]]) -> list[str]:
+    """Each transfer has exactly its two entries, -amount and +amount; no entry is orphaned.
+
+    Consumes ``legs`` (the entries by transfer id): what is left names no transfer.
+    """
+    problems: list[str] = []
+    for transfer in session.scalars(select(Transfer)):
+        entries = legs.pop(transfer.id, [])
+        got = sorted((e.account_id, e.amount) for e in entries)
+        want = sorted(
+            [(transfer.debit_account, -transfer.amount), (transfer.credit_account, transfer.amount)]
+        )
+        if transfer.amount <= 0 or got != want:
+            problems.append(f"transfer {transfer.id}: entries {got} != {want}")
+    for orphan in legs:
+        problems.append(f"entries for unknown transfer {orphan}")
+    return problems
+
+
+def _check_account(report: CheckReport, account: Account, entries: list[Entry]) -> int:
+    """Replay one account's entries (in version order) against its cached balance and version.
+
+    Adds what is wrong to ``report.problems`` and returns the running balance the entries
+    give (up to and including the first entry found wrong).
+    """
+    account_id = account.id
+    running = 0
+    for expected_version, entry in enumerate(entries, start=1):
+        running += entry.amount
+        if entry.account_version != expected_version:
+            report.problems.append(
+                f"{account_id}: version {entry.account_version}, expected {expected_version}"
+            )
+            break
+        if entry.balance_after != running:
+            report.problems.append(
+                f"{account_id}: balance after v{expected_version} is {entry.balance_after},"
+                f" entries give {running}"
+            )
+            break
+    if running != account.balance:
+        report.problems.append(
+            f"{account_id}: cached balance {account.balance}, entries give {running}"
+        )
+    if len(entries) != account.version:
+        report.problems.append(f"{account_id}: version {account.version} != entry count")
+    if not account.allow_negative and running < 0:
+        report.problems.append(f"{account_id}: negative balance {running}")
+    return running
+
+
+def _sum_problems(totals: dict[str, int]) -> list[str]:
+    """All accounts sum to zero and the funds received equal the value held."""
+    problems: list[str] = []
+    total = sum(totals.values())
+    if total != 0:
+        problems.append(f"accounts sum to {total}, not zero")
+    received = funds_received(totals)
+    held = funds_held(totals)
+    if received != held:
+        problems.append(
+            f"funds received {received} != value held {held} (cards + merchant payables +"
+            " payouts + pending refunds + held + floats + matched + awaiting return + returned)"
+        )
+    return problems
+
+
 def check(session: Session) -> CheckReport:
     """Recompute every balance from the entries and prove the ledger's invariants.
 
@@ -466,55 +542,14 @@ def check(session: Session) -> CheckReport:
         legs[entry.transfer_id].append(entry)
         per_account[entry.account_id].append(entry)
 
-    for transfer in session.scalars(select(Transfer)):
-        entries = legs.pop(transfer.id, [])
-        got = sorted((e.account_id, e.amount) for e in entries)
-        want = sorted(
-            [(transfer.debit_account, -transfer.amount), (transfer.credit_account, transfer.amount)]
-        )
-        if transfer.amount <= 0 or got != want:
-            report.problems.append(f"transfer {transfer.id}: entries {got} != {want}")
-    for orphan in legs:
-        report.problems.append(f"entries for unknown transfer {orphan}")
-
+    report.problems.extend(_transfer_problems(session, legs))
     for account_id, account in accounts.items():
-        running = 0
-        for expected_version, entry in enumerate(per_account.get(account_id, []), start=1):
-            running += entry.amount
-            if entry.account_version != expected_version:
-                report.problems.append(
-                    f"{account_id}: version {entry.account_version}, expected {expected_version}"
-                )
-                break
-            if entry.balance_after != running:
-                report.problems.append(
-                    f"{account_id}: balance after v{expected_version} is {entry.balance_after},"
-                    f" entries give {running}"
-                )
-                break
-        if running != account.balance:
-            report.problems.append(
-                f"{account_id}: cached balance {account.balance}, entries give {running}"
-            )
-        if len(per_account.get(account_id, [])) != account.version:
-            report.problems.append(f"{account_id}: version {account.version} != entry count")
-        if not account.allow_negative and running < 0:
-            report.problems.append(f"{account_id}: negative balance {running}")
+        running = _check_account(report, account, per_account.get(account_id, []))
         kind = account.kind
         report.totals[kind] = report.totals.get(kind, 0) + running
     # No foreign key guards the account names (migration 0011): the check does.
     for account_id in sorted(set(per_account) - set(accounts)):
         report.problems.append(f"entries on unknown account {account_id}")
-
-    total = sum(report.totals.values())
-    if total != 0:
-        report.problems.append(f"accounts sum to {total}, not zero")
-    received = funds_received(report.totals)
-    held = funds_held(report.totals)
-    if received != held:
-        report.problems.append(
-            f"funds received {received} != value held {held} (cards + merchant payables +"
-            " payouts + pending refunds + held + floats + matched + awaiting return + returned)"
-        )
+    report.problems.extend(_sum_problems(report.totals))
     report.problems.extend(open_refund_problems(session, balance(session, REFUNDS_PENDING)))
     return report

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
+from typing import NoReturn
 
 import structlog
 from sqlalchemy import select
@@ -25,7 +26,12 @@ from webpurse.protocol.commands import (
     TransactionProof,
 )
 from webpurse.protocol.crypto import macs_equal
-from webpurse.protocol.records import TransactionType, decode_bcd_date, decode_bcd_time
+from webpurse.protocol.records import (
+    IssuerData,
+    TransactionType,
+    decode_bcd_date,
+    decode_bcd_time,
+)
 from webpurse.settlement import (
     changes,
     events,
@@ -39,7 +45,7 @@ from webpurse.settlement import (
     registry,
     statements,
 )
-from webpurse.settlement.decisions import LoadInputs, decide_load
+from webpurse.settlement.decisions import Decision, LoadInputs, decide_load
 from webpurse.settlement.errors import (
     conflict,
     forbidden,
@@ -282,7 +288,8 @@ def _release(ctx: Ctx, load: Load, card: Card, reason: str) -> None:
     lifecycle.released(ctx, STRATEGY, load, card, reason)
 
 
-def authorise(ctx: Ctx, load_id: str, body: LoadAuthorise) -> Load:
+def _funded_waiting_for_card(ctx: Ctx, load_id: str) -> Load:
+    """The load, locked, funded and waiting for its card (409 otherwise)."""
     load = get_load(ctx, load_id, lock=True)
     if load.status == Status.REQUIRES_FUNDING:
         raise conflict(
@@ -290,24 +297,42 @@ def authorise(ctx: Ctx, load_id: str, body: LoadAuthorise) -> Load:
             "the bank transfer for this load has not arrived yet (status requires_funding)",
         )
     lifecycle.need_status(STRATEGY, load, Status.REQUIRES_CARD)
-    issuer = parse_issuer(body.issuer_data)
-    init = parse(
-        body.initialize_response, "initialize_response", InitializeForLoadResponse.from_data
+    return load
+
+
+def _mac1_valid(
+    ctx: Ctx,
+    load: Load,
+    card: Card | None,
+    issuer: IssuerData,
+    init: InitializeForLoadResponse,
+    terminal_id: bytes,
+) -> bool:
+    """Whether the card's INITIALIZE FOR LOAD MAC1 verifies (False for an unknown card)."""
+    if card is None or init.key_version != card.key_version:
+        return False
+    return ctx.security.verify_load_mac1(
+        issuer.serial,
+        card.key_version,
+        random=init.random,
+        online_counter=init.online_counter,
+        balance=init.balance,
+        amount=load.amount,
+        terminal_id=terminal_id,
+        mac1=init.mac1,
     )
-    terminal_id = bytes.fromhex(body.terminal_id)
-    card = registry.find_card(ctx.session, issuer.card_number, lock=True)
-    mac1_valid = False
-    if card is not None and init.key_version == card.key_version:
-        mac1_valid = ctx.security.verify_load_mac1(
-            issuer.serial,
-            card.key_version,
-            random=init.random,
-            online_counter=init.online_counter,
-            balance=init.balance,
-            amount=load.amount,
-            terminal_id=terminal_id,
-            mac1=init.mac1,
-        )
+
+
+def _decide(
+    ctx: Ctx,
+    load: Load,
+    card: Card | None,
+    issuer: IssuerData,
+    init: InitializeForLoadResponse,
+    terminal_id: bytes,
+    mac1_valid: bool,
+) -> Decision:
+    """The load decision on the card's answers, healed if the card's open hold allows it."""
     record = registry.card_record(ctx.session, card, load.merchant_id) if card else None
     decision = decide_load(
         record,
@@ -322,35 +347,54 @@ def authorise(ctx: Ctx, load_id: str, body: LoadAuthorise) -> Load:
         ),
         ctx.now,
     )
-    decision = hold_guards.heal_instead(ctx, card, decision, "load", init.online_counter)
-    load.updated_at = ctx.now
-    if not decision.approved:
-        # A funded bank-transfer order waits for its own card: a decline changes nothing of it.
-        keep = _payer_funded(load)
-        if card is not None and not keep:
-            load.card_id = card.id
-            load.card_number = card.card_number
+    return hold_guards.heal_instead(ctx, card, decision, "load", init.online_counter)
 
-        def fail() -> None:
-            assert decision.decline_code is not None
-            if keep:
-                log.info(
-                    "load.declined_kept", load=load.id, decline_code=decision.decline_code.value
-                )
-                return
-            load.decline_code = decision.decline_code.value
-            _return_funds(ctx, load, Status.DECLINED)
-            lifecycle.emit(ctx, STRATEGY, load, Status.DECLINED)
 
-        # A MAC1 that does not verify is anyone's; one that does may be a recording (its
-        # random is the card's).
-        claimed = {
-            "balance": init.balance,
-            "counter": init.online_counter,
-            "mac1_verified": mac1_valid,
-        }
-        lifecycle.decline(ctx, STRATEGY, load, card, issuer.card_number, decision, claimed, fail)
-    assert card is not None
+def _decline(
+    ctx: Ctx,
+    load: Load,
+    card: Card | None,
+    issuer: IssuerData,
+    init: InitializeForLoadResponse,
+    decision: Decision,
+    mac1_valid: bool,
+) -> NoReturn:
+    """Refuse the load: its funds go back, unless a funded bank-transfer order keeps them."""
+    # A funded bank-transfer order waits for its own card: a decline changes nothing of it.
+    keep = _payer_funded(load)
+    if card is not None and not keep:
+        load.card_id = card.id
+        load.card_number = card.card_number
+
+    def fail() -> None:
+        assert decision.decline_code is not None
+        if keep:
+            log.info("load.declined_kept", load=load.id, decline_code=decision.decline_code.value)
+            return
+        load.decline_code = decision.decline_code.value
+        _return_funds(ctx, load, Status.DECLINED)
+        lifecycle.emit(ctx, STRATEGY, load, Status.DECLINED)
+
+    # A MAC1 that does not verify is anyone's; one that does may be a recording (its
+    # random is the card's).
+    claimed = {
+        "balance": init.balance,
+        "counter": init.online_counter,
+        "mac1_verified": mac1_valid,
+    }
+    lifecycle.decline(ctx, STRATEGY, load, card, issuer.card_number, decision, claimed, fail)
+
+
+def _bind_and_sign(
+    ctx: Ctx,
+    load: Load,
+    card: Card,
+    issuer: IssuerData,
+    init: InitializeForLoadResponse,
+    terminal_id: bytes,
+    decision: Decision,
+) -> None:
+    """Approved: bind the load to the card's INITIALIZE and compute the MAC2 it credits with."""
     date, time = lifecycle.bind(
         ctx,
         STRATEGY,
@@ -371,6 +415,23 @@ def authorise(ctx: Ctx, load_id: str, body: LoadAuthorise) -> Load:
         time=time,
     )
     load.mac2 = mac2.hex().upper()
+
+
+def authorise(ctx: Ctx, load_id: str, body: LoadAuthorise) -> Load:
+    load = _funded_waiting_for_card(ctx, load_id)
+    issuer = parse_issuer(body.issuer_data)
+    init = parse(
+        body.initialize_response, "initialize_response", InitializeForLoadResponse.from_data
+    )
+    terminal_id = bytes.fromhex(body.terminal_id)
+    card = registry.find_card(ctx.session, issuer.card_number, lock=True)
+    mac1_valid = _mac1_valid(ctx, load, card, issuer, init, terminal_id)
+    decision = _decide(ctx, load, card, issuer, init, terminal_id, mac1_valid)
+    load.updated_at = ctx.now
+    if not decision.approved:
+        _decline(ctx, load, card, issuer, init, decision, mac1_valid)
+    assert card is not None
+    _bind_and_sign(ctx, load, card, issuer, init, terminal_id, decision)
     log.info("load.authorised", load=load.id, card=card.card_number)
     return load
 

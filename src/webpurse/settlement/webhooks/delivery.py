@@ -15,6 +15,7 @@ import httpx
 import structlog
 from cryptography.exceptions import InvalidTag
 from sqlalchemy import (
+    Select,
     func,
     select,
 )
@@ -179,6 +180,88 @@ def _record(
     )
 
 
+def _due_query(
+    session: Session,
+    now: datetime,
+    limit: int,
+    busy: Mapping[str, int],
+    per_endpoint: int | None,
+) -> Select[WebhookMessage]:
+    """The due messages, oldest first, at most ``per_endpoint`` per endpoint not full.
+
+    On PostgreSQL the rows are locked ``SKIP LOCKED``: several workers share the outbox.
+    """
+    due = (
+        WebhookMessage.status == MessageStatus.PENDING.value,
+        WebhookMessage.next_attempt_at <= now,
+    )
+    query = select(WebhookMessage)
+    if per_endpoint is None:
+        query = query.where(*due)
+    else:
+        full = [endpoint for endpoint, n in busy.items() if n >= per_endpoint]
+        ranked = (
+            select(
+                WebhookMessage.id,
+                func.row_number()
+                .over(
+                    partition_by=WebhookMessage.endpoint_id,
+                    order_by=(WebhookMessage.next_attempt_at, WebhookMessage.id),
+                )
+                .label("rank"),
+            )
+            .where(*due, WebhookMessage.endpoint_id.not_in(full))
+            .subquery()
+        )
+        first = select(ranked.c.id).where(ranked.c.rank <= per_endpoint)
+        query = query.where(*due, WebhookMessage.id.in_(first))
+    query = query.order_by(WebhookMessage.next_attempt_at, WebhookMessage.id).limit(limit)
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    return query
+
+
+def _claim_one(
+    session: Session,
+    message: WebhookMessage,
+    now: datetime,
+    secret_box: SecretBox,
+    lease: timedelta,
+) -> _Job | MessageStatus:
+    """Lease one due message for sending: its job, or the status it ended in instead.
+
+    A message whose endpoint or event is gone is canceled; one whose endpoint's secret
+    cannot be opened fails.
+    """
+    endpoint = session.get(WebhookEndpoint, message.endpoint_id)
+    event = session.get(WebhookEvent, message.event_id)
+    if endpoint is None or event is None or endpoint.deleted_at is not None:
+        message.status = MessageStatus.CANCELED.value
+        message.next_attempt_at = None
+        message.updated_at = now
+        return MessageStatus.CANCELED
+    try:
+        secret = secret_box.open(endpoint.id, endpoint.secret_sealed)
+    except (WebhookError, InvalidTag, ValueError):
+        # One endpoint whose secret cannot be opened (another KEK, a damaged row)
+        # must not stall every merchant's deliveries: fail this message, loudly.
+        log.error("webhooks.secret_unreadable", endpoint=endpoint.id, message=message.id)
+        message.status = MessageStatus.FAILED.value
+        message.last_error = "endpoint secret cannot be opened"
+        message.next_attempt_at = None
+        message.updated_at = now
+        return MessageStatus.FAILED
+    message.next_attempt_at = now + lease
+    return _Job(
+        message_id=message.id,
+        endpoint_id=endpoint.id,
+        event_id=event.id,
+        url=endpoint.url,
+        secret=secret,
+        body=event.body.encode("utf-8"),
+    )
+
+
 def _claim_due(
     session_factory: SessionMaker,
     now: datetime,
@@ -198,33 +281,7 @@ def _claim_due(
     jobs: list[_Job] = []
     canceled = 0
     with session_factory() as session, session.begin():
-        due = (
-            WebhookMessage.status == MessageStatus.PENDING.value,
-            WebhookMessage.next_attempt_at <= now,
-        )
-        query = select(WebhookMessage)
-        if per_endpoint is None:
-            query = query.where(*due)
-        else:
-            full = [endpoint for endpoint, n in busy.items() if n >= per_endpoint]
-            ranked = (
-                select(
-                    WebhookMessage.id,
-                    func.row_number()
-                    .over(
-                        partition_by=WebhookMessage.endpoint_id,
-                        order_by=(WebhookMessage.next_attempt_at, WebhookMessage.id),
-                    )
-                    .label("rank"),
-                )
-                .where(*due, WebhookMessage.endpoint_id.not_in(full))
-                .subquery()
-            )
-            first = select(ranked.c.id).where(ranked.c.rank <= per_endpoint)
-            query = query.where(*due, WebhookMessage.id.in_(first))
-        query = query.order_by(WebhookMessage.next_attempt_at, WebhookMessage.id).limit(limit)
-        if session.get_bind().dialect.name == "postgresql":
-            query = query.with_for_update(skip_locked=True)
+        query = _due_query(session, now, limit, busy, per_endpoint)
         taken: dict[str, int] = {}
         for message in session.scalars(query).all():
             if per_endpoint is not None:
@@ -232,36 +289,11 @@ def _claim_due(
                 if in_flight >= per_endpoint:
                     continue  # stays due: claimed once this endpoint has room again
                 taken[message.endpoint_id] = taken.get(message.endpoint_id, 0) + 1
-            endpoint = session.get(WebhookEndpoint, message.endpoint_id)
-            event = session.get(WebhookEvent, message.event_id)
-            if endpoint is None or event is None or endpoint.deleted_at is not None:
-                message.status = MessageStatus.CANCELED.value
-                message.next_attempt_at = None
-                message.updated_at = now
+            claimed = _claim_one(session, message, now, secret_box, lease)
+            if isinstance(claimed, _Job):
+                jobs.append(claimed)
+            elif claimed is MessageStatus.CANCELED:
                 canceled += 1
-                continue
-            try:
-                secret = secret_box.open(endpoint.id, endpoint.secret_sealed)
-            except (WebhookError, InvalidTag, ValueError):
-                # One endpoint whose secret cannot be opened (another KEK, a damaged row)
-                # must not stall every merchant's deliveries: fail this message, loudly.
-                log.error("webhooks.secret_unreadable", endpoint=endpoint.id, message=message.id)
-                message.status = MessageStatus.FAILED.value
-                message.last_error = "endpoint secret cannot be opened"
-                message.next_attempt_at = None
-                message.updated_at = now
-                continue
-            message.next_attempt_at = now + lease
-            jobs.append(
-                _Job(
-                    message_id=message.id,
-                    endpoint_id=endpoint.id,
-                    event_id=event.id,
-                    url=endpoint.url,
-                    secret=secret,
-                    body=event.body.encode("utf-8"),
-                )
-            )
     return jobs, canceled
 
 
