@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from sqlalchemy.engine import Engine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from webpurse.body_limit import BodyLimit, plain_refusal
@@ -102,6 +103,103 @@ async def _shared_state_unavailable(request: Request, exc: Exception) -> Respons
     )
 
 
+def _till_state(
+    engine: Engine,
+    shared: SharedState | None,
+    password_hasher: PasswordHasher | None,
+    clock: Callable[[], float],
+) -> TillState:
+    """Staff accounts, and sign-in attempts counted here or (several processes) in Redis."""
+    return TillState(
+        staff=StaffBook(engine, password_hasher),
+        by_account=RateLimiter(ACCOUNT_FAILURES, WINDOW, clock)
+        if shared is None
+        else RedisRateLimiter(shared, "signin-account", ACCOUNT_FAILURES, WINDOW),
+        by_address=RateLimiter(ADDRESS_FAILURES, WINDOW, clock)
+        if shared is None
+        else RedisRateLimiter(shared, "signin-address", ADDRESS_FAILURES, WINDOW),
+    )
+
+
+def _settlement_client(settings: MerchantSettings) -> tuple[Settlement, httpx.AsyncClient]:
+    """The HTTP client of settlement with the settings' key (and the connection it owns)."""
+    http = httpx.AsyncClient(base_url=settings.settlement_url, timeout=15.0)
+    settlement = (
+        BatchingSettlementClient(http, settings.settlement_api_key)
+        if settings.settlement_batching
+        else SettlementClient(http, settings.settlement_api_key)
+    )
+    return settlement, http
+
+
+def _lifespan(
+    shop: Shop, *, hub: ReaderHub | None, http: httpx.AsyncClient | None, takeover: bool
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """The shop's background tasks (polling settlement, taking over dead processes'
+    orders) while it runs, and everything it opened closed when it stops."""
+    settings, cashier, bus, shared = shop.settings, shop.cashier, shop.bus, shop.shared
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        poller = asyncio.create_task(cashier.poll(settings.poll_interval), name="poll settlement")
+        watcher = (
+            asyncio.create_task(cashier.watch(settings.takeover_interval), name="takeover")
+            if takeover
+            else None
+        )
+        yield
+        for task in (poller, watcher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await cashier.close()
+        await shop.card_reads.close()
+        if hub is not None:
+            await hub.close()
+        if http is not None:
+            await http.aclose()
+        if isinstance(bus, RedisProgressBus):
+            await bus.flush()
+        if shared is not None:
+            await shared.close()
+
+    return lifespan
+
+
+def _mount(app: FastAPI, shop: Shop, hub: ReaderHub | None) -> None:
+    """The shop's state, middleware, error handlers and routes on ``app``."""
+    settings = shop.settings
+    app.state.shop = shop
+    app.state.orders = shop.orders
+    app.state.cashier = shop.cashier
+    app.state.bus = shop.bus
+    app.state.settings = settings
+    app.state.seen_events = shop.seen_events
+    app.state.till = shop.till
+    app.add_middleware(
+        BodyLimit, limit=settings.max_body_bytes, refusal=plain_refusal, logger=_log_too_large
+    )
+    app.add_exception_handler(RequestValidationError, _invalid_input)
+    app.add_exception_handler(StarletteHTTPException, _refused)
+    app.add_exception_handler(SharedStateUnavailable, _shared_state_unavailable)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    if hub is not None:
+        app.add_api_websocket_route(READER_PATH, hub.endpoint)
+    for module in (routes_shop, routes_topup, routes_orders, routes_webhooks):
+        app.include_router(module.router)
+    add_staff_routes(
+        app,
+        settings=settings,
+        orders=shop.orders,
+        cashier=shop.cashier,
+        till=shop.till,
+        render=shop.render,
+        session_id=shop.session_of,
+        finish=shop.finish,
+    )
+
+
 def create_app(
     settings: MerchantSettings,
     *,
@@ -124,97 +222,31 @@ def create_app(
         if settings.redis_url
         else None
     )
-    till = TillState(
-        staff=StaffBook(engine, password_hasher),
-        by_account=RateLimiter(ACCOUNT_FAILURES, WINDOW, clock)
-        if shared is None
-        else RedisRateLimiter(shared, "signin-account", ACCOUNT_FAILURES, WINDOW),
-        by_address=RateLimiter(ADDRESS_FAILURES, WINDOW, clock)
-        if shared is None
-        else RedisRateLimiter(shared, "signin-address", ADDRESS_FAILURES, WINDOW),
-    )
+    till = _till_state(engine, shared, password_hasher, clock)
     bus = ProgressBus() if shared is None else RedisProgressBus(shared)
     http: httpx.AsyncClient | None = None
     if settlement is None:
-        http = httpx.AsyncClient(base_url=settings.settlement_url, timeout=15.0)
-        settlement = (
-            BatchingSettlementClient(http, settings.settlement_api_key)
-            if settings.settlement_batching
-            else SettlementClient(http, settings.settlement_api_key)
-        )
+        settlement, http = _settlement_client(settings)
     if broker is None:
         hub = hub or ReaderHub(shared=shared)
         broker = RemoteBroker(hub)
     leases = RedisFlowLeases(shared) if shared is not None else None
     cashier = Cashier(orders, settlement, broker, bus, leases=leases)
-    card_reads = CardReads(broker, shared=shared)
     shop = Shop(
         settings=settings,
         orders=orders,
         cashier=cashier,
         bus=bus,
         till=till,
-        card_reads=card_reads,
+        card_reads=CardReads(broker, shared=shared),
         seen_events=SeenEvents() if shared is None else RedisSeenEvents(shared),
         templates=Jinja2Templates(directory=HERE / "templates"),
         wall_clock=wall_clock,
         shared=shared,
     )
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        poller = asyncio.create_task(cashier.poll(settings.poll_interval), name="poll settlement")
-        watcher = (
-            asyncio.create_task(cashier.watch(settings.takeover_interval), name="takeover")
-            if leases is not None
-            else None
-        )
-        yield
-        for task in (poller, watcher):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        await cashier.close()
-        await card_reads.close()
-        if hub is not None:
-            await hub.close()
-        if http is not None:
-            await http.aclose()
-        if isinstance(bus, RedisProgressBus):
-            await bus.flush()
-        if shared is not None:
-            await shared.close()
-
+    lifespan = _lifespan(shop, hub=hub, http=http, takeover=leases is not None)
     app = FastAPI(title="webpurse merchant shop", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.shop = shop
-    app.state.orders = orders
-    app.state.cashier = cashier
-    app.state.bus = bus
-    app.state.settings = settings
-    app.state.seen_events = shop.seen_events
-    app.state.till = till
-    app.add_middleware(
-        BodyLimit, limit=settings.max_body_bytes, refusal=plain_refusal, logger=_log_too_large
-    )
-    app.add_exception_handler(RequestValidationError, _invalid_input)
-    app.add_exception_handler(StarletteHTTPException, _refused)
-    app.add_exception_handler(SharedStateUnavailable, _shared_state_unavailable)
-    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-    if hub is not None:
-        app.add_api_websocket_route(READER_PATH, hub.endpoint)
-    for module in (routes_shop, routes_topup, routes_orders, routes_webhooks):
-        app.include_router(module.router)
-    add_staff_routes(
-        app,
-        settings=settings,
-        orders=orders,
-        cashier=cashier,
-        till=till,
-        render=shop.render,
-        session_id=shop.session_of,
-        finish=shop.finish,
-    )
+    _mount(app, shop, hub)
     return app
 
 

@@ -446,47 +446,7 @@ class Cashier:
             self.publish(latest, step.phase, step.detail)
 
         if order.status == INTERRUPTED and order.settlement_id and order.counter is not None:
-            obj = await self.settlement.get(kind, order.settlement_id)
-            ttype = TransactionType.EP_PURCHASE if kind is Kind.PAYMENT else TransactionType.EP_LOAD
-            hint = RecoveryHint(kind, order.settlement_id, ttype, order.counter)
-
-            async def recovery_progress(step: Progress) -> None:
-                # Until the card is back, the page keeps saying "present the card again".
-                if step.phase is Phase.PRESENT_CARD:
-                    step = Progress(Phase.INTERRUPTED)
-                await progress(step)
-
-            try:
-                outcome = await recover(
-                    reader,
-                    self.settlement,
-                    hint,
-                    key_index=obj.key_index,
-                    terminal_id=obj.terminal_id,
-                    card_timeout=self.card_timeout,
-                    progress=recovery_progress,
-                )
-            except CardRefused as refused:
-                self.publish(order, Phase.INTERRUPTED, refused.reason)
-                await self._await_removal(order, reader)
-                return False
-            assert outcome.object is not None
-            order = self.apply(order.id, outcome.object)
-            if order.is_final:
-                self.publish(order, Phase.SUCCEEDED)
-                return True
-            if outcome.status == TxStatus.CANCELED:
-                # The card proved nothing happened: pay again with a fresh payment. The
-                # agent refuses a second DEBIT in a session whose first may have run, so
-                # end this session; the page pairs a new one (phase waiting_reader, "repair").
-                order = self.orders.update(order.id, status=PENDING, counter=None)
-                order = await self.open_settlement(order, order.id)
-                await self._finish(order.id, AgentOutcome.CANCELED, "present the card again", None)
-                self.publish(order, Phase.WAITING_READER, REPAIR)
-                raise _NewSession
-            self.publish(order, Phase.INTERRUPTED)
-            await self._await_removal(order, reader)
-            return False
+            return await self._recovery_contact(order, reader, progress)
 
         if order.funding == BANK_TRANSFER:
             return await self._funded_contact(order, reader, progress)
@@ -524,6 +484,52 @@ class Cashier:
         elif order.status == DECLINED:
             self.publish(order, Phase.DECLINED, order.decline_code or "")
         return True
+
+    async def _recovery_contact(self, order: Order, reader: Reader, progress: ProgressSink) -> bool:
+        """The contact of an interrupted order: recover its uncertain transaction first."""
+        kind = kind_of(order)
+        assert order.settlement_id is not None and order.counter is not None
+        obj = await self.settlement.get(kind, order.settlement_id)
+        ttype = TransactionType.EP_PURCHASE if kind is Kind.PAYMENT else TransactionType.EP_LOAD
+        hint = RecoveryHint(kind, order.settlement_id, ttype, order.counter)
+
+        async def recovery_progress(step: Progress) -> None:
+            # Until the card is back, the page keeps saying "present the card again".
+            if step.phase is Phase.PRESENT_CARD:
+                step = Progress(Phase.INTERRUPTED)
+            await progress(step)
+
+        try:
+            outcome = await recover(
+                reader,
+                self.settlement,
+                hint,
+                key_index=obj.key_index,
+                terminal_id=obj.terminal_id,
+                card_timeout=self.card_timeout,
+                progress=recovery_progress,
+            )
+        except CardRefused as refused:
+            self.publish(order, Phase.INTERRUPTED, refused.reason)
+            await self._await_removal(order, reader)
+            return False
+        assert outcome.object is not None
+        order = self.apply(order.id, outcome.object)
+        if order.is_final:
+            self.publish(order, Phase.SUCCEEDED)
+            return True
+        if outcome.status == TxStatus.CANCELED:
+            # The card proved nothing happened: pay again with a fresh payment. The
+            # agent refuses a second DEBIT in a session whose first may have run, so
+            # end this session; the page pairs a new one (phase waiting_reader, "repair").
+            order = self.orders.update(order.id, status=PENDING, counter=None)
+            order = await self.open_settlement(order, order.id)
+            await self._finish(order.id, AgentOutcome.CANCELED, "present the card again", None)
+            self.publish(order, Phase.WAITING_READER, REPAIR)
+            raise _NewSession
+        self.publish(order, Phase.INTERRUPTED)
+        await self._await_removal(order, reader)
+        return False
 
     async def _funded_contact(self, order: Order, reader: Reader, progress: ProgressSink) -> bool:
         """One contact of a bank-transfer top-up: only its own load, once the money is in.

@@ -374,16 +374,30 @@ async def run_transaction(
     run (nothing is pending on the card then) and :class:`SettlementError` when settlement
     fails outside a decline.
     """
-    kind = obj.kind
     trips = RoundTrips(reader)
     await progress(Progress(Phase.PRESENT_CARD))
     await reader.wait_for_card(card_timeout)
+    contact = await _first_round_trip(trips, settlement, obj, progress)
+    if isinstance(contact, Outcome):
+        return contact
+    authorised = await _authorise_contact(trips, settlement, obj, contact, progress)
+    if isinstance(authorised, Outcome):
+        return authorised
+    contact, obj_authorised = authorised
+    return await _second_round_trip(trips, settlement, obj, contact, obj_authorised, progress)
+
+
+async def _first_round_trip(
+    trips: RoundTrips, settlement: Settlement, obj: SettlementObject, progress: ProgressSink
+) -> FirstContact | Outcome:
+    """Batch 1 (SELECT, READ BINARY, INITIALIZE): the card's first contact, or a decline."""
+    kind = obj.kind
     await progress(Progress(Phase.READING))
     batch1 = first_batch(
         kind, key_index=obj.key_index, amount=obj.amount, terminal_id=obj.terminal_id
     )
     try:
-        contact = read_first_contact(kind, await trips(batch1))
+        return read_first_contact(kind, await trips(batch1))
     except BatchRefused as refused:
         # The agent refused before INITIALIZE could start anything on the card.
         log.info("%s %s: reader refused batch 1: %s", kind.value, obj.id, refused.code)
@@ -396,39 +410,59 @@ async def run_transaction(
         await progress(Progress(Phase.DECLINED, refused.reason))
         return Outcome(TxStatus.DECLINED, obj, trips.count, decline_code=refused.reason)
 
+
+def _declined(
+    trips: RoundTrips, obj: SettlementObject, contact: FirstContact, declined: Declined
+) -> Outcome:
+    return Outcome(
+        TxStatus.DECLINED,
+        obj,
+        trips.count,
+        decline_code=declined.decline_code or declined.code,
+        card_number=contact.card_number,
+        balance_before=contact.balance,
+    )
+
+
+async def _authorise_contact(
+    trips: RoundTrips,
+    settlement: Settlement,
+    obj: SettlementObject,
+    contact: FirstContact,
+    progress: ProgressSink,
+) -> tuple[FirstContact, SettlementObject] | Outcome:
+    """Settlement's authorisation of the first contact (after recovering another open
+    transaction of the card when it asks for that), or its decline."""
     await progress(Progress(Phase.AUTHORISING))
     try:
-        authorised = await _authorise(settlement, obj, contact)
+        return contact, await _authorise(settlement, obj, contact)
     except Declined as declined:
         if declined.decline_code != "recovery_required" or declined.recover is None:
             if declined.card_check is not None:
                 await _run_card_check(trips, settlement, obj, declined.card_check)
             await progress(Progress(Phase.DECLINED, declined.decline_code or declined.code or ""))
-            return Outcome(
-                TxStatus.DECLINED,
-                obj,
-                trips.count,
-                decline_code=declined.decline_code or declined.code,
-                card_number=contact.card_number,
-                balance_before=contact.balance,
-            )
+            return _declined(trips, obj, contact, declined)
         contact = await _recover_then_reinitialise(
             trips, settlement, obj, contact, declined.recover
         )
-        await progress(Progress(Phase.AUTHORISING))
-        try:
-            authorised = await _authorise(settlement, obj, contact)
-        except Declined as again:
-            await progress(Progress(Phase.DECLINED, again.decline_code or again.code or ""))
-            return Outcome(
-                TxStatus.DECLINED,
-                obj,
-                trips.count,
-                decline_code=again.decline_code or again.code,
-                card_number=contact.card_number,
-                balance_before=contact.balance,
-            )
+    await progress(Progress(Phase.AUTHORISING))
+    try:
+        return contact, await _authorise(settlement, obj, contact)
+    except Declined as again:
+        await progress(Progress(Phase.DECLINED, again.decline_code or again.code or ""))
+        return _declined(trips, obj, contact, again)
 
+
+async def _second_round_trip(
+    trips: RoundTrips,
+    settlement: Settlement,
+    obj: SettlementObject,
+    contact: FirstContact,
+    authorised: SettlementObject,
+    progress: ProgressSink,
+) -> Outcome:
+    """Batch 2 (DEBIT/CREDIT) and settlement's capture of the card's answer."""
+    kind = obj.kind
     if authorised.authorisation is None:
         raise SettlementError(f"settlement authorised {obj.id} without an APDU")
     await progress(Progress(Phase.CONFIRM))

@@ -71,29 +71,39 @@ def _client(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def add_staff_routes(
-    app: FastAPI,
-    *,
-    settings: MerchantSettings,
-    orders: OrderBook,
-    cashier: Cashier,
-    till: TillState,
-    render: Render,
-    session_id: Callable[[Request], str],
-    finish: Callable[[Request, Response], Response],
-) -> None:
-    staff = till.staff
+def _day_bounds(day: dt.date) -> tuple[dt.datetime, dt.datetime]:
+    start = dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
+    return start, start + dt.timedelta(days=1)
 
-    def secure(request: Request) -> bool:
-        return request.url.scheme == "https" or settings.public_url.startswith("https://")
 
-    def signed_in(request: Request) -> SignedIn | None:
-        sid = unsign(settings.cookie_secret, SESSION_PURPOSE, request.cookies.get(STAFF_COOKIE))
-        return staff.session(sid)
+@dataclass
+class _StaffRoutes:
+    """The till's handlers, over the shop's order book, cashier and pages."""
 
-    def require(request: Request, csrf: str | None) -> SignedIn:
+    settings: MerchantSettings
+    orders: OrderBook
+    cashier: Cashier
+    till: TillState
+    render: Render
+    session_id: Callable[[Request], str]
+    finish: Callable[[Request, Response], Response]
+
+    @property
+    def staff(self) -> StaffBook:
+        return self.till.staff
+
+    def secure(self, request: Request) -> bool:
+        return request.url.scheme == "https" or self.settings.public_url.startswith("https://")
+
+    def signed_in(self, request: Request) -> SignedIn | None:
+        sid = unsign(
+            self.settings.cookie_secret, SESSION_PURPOSE, request.cookies.get(STAFF_COOKIE)
+        )
+        return self.staff.session(sid)
+
+    def require(self, request: Request, csrf: str | None) -> SignedIn:
         """The signed-in staff member of a POST with its CSRF token, else 403 (logged)."""
-        who = signed_in(request)
+        who = self.signed_in(request)
         if who is None:
             log.warning(
                 "staff POST %s without a session from %s", request.url.path, _client(request)
@@ -103,32 +113,28 @@ def add_staff_routes(
             log.warning(
                 "staff POST %s by %s without a valid CSRF token", request.url.path, who.name
             )
-            staff.audit(
+            self.staff.audit(
                 who.name, "csrf_refused", {"path": request.url.path}, client=_client(request)
             )
             raise HTTPException(403, "missing or wrong CSRF token")
         return who
 
-    async def float_now() -> tuple[FloatBalance | None, str | None]:
+    async def float_now(self) -> tuple[FloatBalance | None, str | None]:
         try:
-            return await cashier.settlement.float_balance(), None
+            return await self.cashier.settlement.float_balance(), None
         except SettlementError as exc:
             log.warning("could not read the float at settlement: %s", exc)
             return None, str(exc)
 
-    def day_bounds(day: dt.date) -> tuple[dt.datetime, dt.datetime]:
-        start = dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
-        return start, start + dt.timedelta(days=1)
-
     async def till_page(
-        request: Request, who: SignedIn, status_code: int = 200, **extra: Any
+        self, request: Request, who: SignedIn, status_code: int = 200, **extra: Any
     ) -> Response:
-        balance, float_error = await float_now()
-        alert = till.float_alert
+        balance, float_error = await self.float_now()
+        alert = self.till.float_alert
         if balance is not None and alert is not None and not balance.is_low:
-            till.float_alert = alert = None  # refilled since the warning
-        since, until = day_bounds(dt.datetime.now(dt.UTC).date())
-        return render(
+            self.till.float_alert = alert = None  # refilled since the warning
+        since, until = _day_bounds(dt.datetime.now(dt.UTC).date())
+        return self.render(
             request,
             "staff.html",
             status_code=status_code,
@@ -136,23 +142,27 @@ def add_staff_routes(
             float_balance=balance,
             float_error=float_error,
             float_low=(balance is not None and balance.is_low) or alert is not None,
-            recent=list(reversed(orders.till_orders(since, until)))[:20],
+            recent=list(reversed(self.orders.till_orders(since, until)))[:20],
             **extra,
         )
 
-    @app.get("/staff/signin")
-    async def signin_page(request: Request) -> Response:
-        if signed_in(request) is not None:
+    async def signin_page(self, request: Request) -> Response:
+        if self.signed_in(request) is not None:
             return RedirectResponse("/staff", status_code=303)
         pre = secrets.token_urlsafe(24)
-        response = render(request, "staff_signin.html", csrf=pre)
+        response = self.render(request, "staff_signin.html", csrf=pre)
         response.set_cookie(
-            PRE_COOKIE, pre, max_age=3600, httponly=True, samesite="lax", secure=secure(request)
+            PRE_COOKIE,
+            pre,
+            max_age=3600,
+            httponly=True,
+            samesite="lax",
+            secure=self.secure(request),
         )
         return response
 
-    @app.post("/staff/signin")
     async def signin(
+        self,
         request: Request,
         name: Annotated[str, Form(max_length=64)],
         password: Annotated[str, Form(max_length=256)],
@@ -164,75 +174,77 @@ def add_staff_routes(
             log.warning("staff sign-in from %s without a valid CSRF token", client)
             raise HTTPException(403, "missing or wrong CSRF token")
         account, address = f"name:{name.lower()}", f"addr:{client}"
+        till = self.till
         wait = max(
             await till.by_account.refused_for(account), await till.by_address.refused_for(address)
         )
         if wait:
             log.warning("staff sign-in as %r from %s refused: too many attempts", name, client)
-            staff.audit(name, "signin_limited", {}, client=client)
-            response = render(
+            self.staff.audit(name, "signin_limited", {}, client=client)
+            response = self.render(
                 request, "staff_signin.html", status_code=429, csrf=pre, error="signin_limited"
             )
             response.headers["Retry-After"] = str(wait)
             return response
-        member = staff.authenticate(name, password)
+        member = self.staff.authenticate(name, password)
         if member is None:
             await till.by_account.record_failure(account)
             await till.by_address.record_failure(address)
             log.info("staff sign-in as %r from %s failed", name, client)
-            staff.audit(name, "signin_failed", {}, client=client)
-            return render(
+            self.staff.audit(name, "signin_failed", {}, client=client)
+            return self.render(
                 request, "staff_signin.html", status_code=401, csrf=pre, error="signin_failed"
             )
         await till.by_account.clear(account)
-        sid, who = staff.open_session(member)
-        staff.audit(who.name, "signin", {}, client=client)
+        sid, who = self.staff.open_session(member)
+        self.staff.audit(who.name, "signin", {}, client=client)
         response = RedirectResponse("/staff", status_code=303)
         response.set_cookie(
             STAFF_COOKIE,
-            sign(settings.cookie_secret, SESSION_PURPOSE, sid),
+            sign(self.settings.cookie_secret, SESSION_PURPOSE, sid),
             httponly=True,
             samesite="lax",
-            secure=secure(request),
+            secure=self.secure(request),
         )
         response.delete_cookie(PRE_COOKIE)
         return response
 
-    @app.post("/staff/signout")
     async def signout(
-        request: Request, csrf: Annotated[str, Form(max_length=128)] = ""
+        self, request: Request, csrf: Annotated[str, Form(max_length=128)] = ""
     ) -> Response:
-        who = require(request, csrf)
-        sid = unsign(settings.cookie_secret, SESSION_PURPOSE, request.cookies.get(STAFF_COOKIE))
+        who = self.require(request, csrf)
+        sid = unsign(
+            self.settings.cookie_secret, SESSION_PURPOSE, request.cookies.get(STAFF_COOKIE)
+        )
         if sid:
-            staff.close_session(sid)
-        staff.audit(who.name, "signout", {}, client=_client(request))
+            self.staff.close_session(sid)
+        self.staff.audit(who.name, "signout", {}, client=_client(request))
         response = RedirectResponse("/staff/signin", status_code=303)
         response.delete_cookie(STAFF_COOKIE)
         return response
 
-    @app.get("/staff")
-    async def till_home(request: Request) -> Response:
-        who = signed_in(request)
+    async def till_home(self, request: Request) -> Response:
+        who = self.signed_in(request)
         if who is None:
             return RedirectResponse("/staff/signin", status_code=303)
-        return await till_page(request, who)
+        return await self.till_page(request, who)
 
-    @app.post("/staff/topups")
     async def till_topup(
+        self,
         request: Request,
         cash: Annotated[str, Form(max_length=32)],
         csrf: Annotated[str, Form(max_length=128)] = "",
     ) -> Response:
-        who = require(request, csrf)
+        who = self.require(request, csrf)
         client = _client(request)
+        staff = self.staff
         amount = parse_yuan(cash)
         if amount is None or not MIN_CASH <= amount <= MAX_CASH:
             log.info("till: %s typed %r, not an amount of cash", who.name, cash)
             staff.audit(who.name, "topup_refused", {"cash": cash[:32]}, client=client)
-            return await till_page(request, who, status_code=422, error="bad_cash")
-        order = orders.create(
-            session_id=session_id(request),
+            return await self.till_page(request, who, status_code=422, error="bad_cash")
+        order = self.orders.create(
+            session_id=self.session_id(request),
             kind=TOPUP,
             amount=amount,
             funding=MERCHANT_FLOAT,
@@ -241,41 +253,67 @@ def add_staff_routes(
         )
         staff.audit(who.name, "cash_taken", {"order": order.id, "cash": amount}, client=client)
         try:
-            order = await cashier.open_settlement(order, f"till top-up {order.id} by {who.name}")
+            order = await self.cashier.open_settlement(
+                order, f"till top-up {order.id} by {who.name}"
+            )
         except SettlementError as exc:
             code = exc.code or "settlement_error"
-            orders.update(order.id, status=CANCELED, decline_code=code)
+            self.orders.update(order.id, status=CANCELED, decline_code=code)
             staff.audit(who.name, "topup_refused", {"order": order.id, "code": code}, client=client)
             log.warning("till top-up %s refused by settlement: %s", order.id, exc)
             error = "insufficient_float" if code == "insufficient_float" else "settlement_error"
             status = 409 if code == "insufficient_float" else 502
-            return await till_page(request, who, status_code=status, error=error, refused=order)
+            return await self.till_page(
+                request, who, status_code=status, error=error, refused=order
+            )
         staff.audit(
             who.name,
             "load_created",
             {"order": order.id, "load": order.settlement_id, "amount": amount},
             client=client,
         )
-        return finish(request, RedirectResponse(f"/orders/{order.id}/pay", status_code=303))
+        return self.finish(request, RedirectResponse(f"/orders/{order.id}/pay", status_code=303))
 
-    @app.get("/staff/report")
-    async def report(request: Request, day: str | None = None) -> Response:
-        who = signed_in(request)
+    async def report(self, request: Request, day: str | None = None) -> Response:
+        who = self.signed_in(request)
         if who is None:
             return RedirectResponse("/staff/signin", status_code=303)
         try:
             chosen = dt.date.fromisoformat(day) if day else dt.datetime.now(dt.UTC).date()
         except ValueError:
             raise HTTPException(422, "day is YYYY-MM-DD") from None
-        since, until = day_bounds(chosen)
-        rows = shift_report(orders.till_orders(since, until), staff.names_by_id())
-        staff.audit(who.name, "report_viewed", {"day": chosen.isoformat()}, client=_client(request))
-        return render(
+        since, until = _day_bounds(chosen)
+        rows = shift_report(self.orders.till_orders(since, until), self.staff.names_by_id())
+        self.staff.audit(
+            who.name, "report_viewed", {"day": chosen.isoformat()}, client=_client(request)
+        )
+        return self.render(
             request,
             "staff_report.html",
             who=who,
             day=chosen,
             rows=rows,
             total=totals(rows),
-            audit=staff.audit_trail(since, until),
+            audit=self.staff.audit_trail(since, until),
         )
+
+
+def add_staff_routes(
+    app: FastAPI,
+    *,
+    settings: MerchantSettings,
+    orders: OrderBook,
+    cashier: Cashier,
+    till: TillState,
+    render: Render,
+    session_id: Callable[[Request], str],
+    finish: Callable[[Request, Response], Response],
+) -> None:
+    """Mount the till's ``/staff`` routes on the shop."""
+    routes = _StaffRoutes(settings, orders, cashier, till, render, session_id, finish)
+    app.get("/staff/signin")(routes.signin_page)
+    app.post("/staff/signin")(routes.signin)
+    app.post("/staff/signout")(routes.signout)
+    app.get("/staff")(routes.till_home)
+    app.post("/staff/topups")(routes.till_topup)
+    app.get("/staff/report")(routes.report)

@@ -462,86 +462,118 @@ def _drop_none(obj: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in obj.items() if v is not None}
 
 
+def _agent_hello_json(message: AgentHello) -> dict[str, Any]:
+    return _drop_none(
+        {
+            "type": "hello",
+            "versions": list(message.versions),
+            "agent": message.agent,
+            "reader": message.reader,
+            "card": _card_json(message.card),
+            "token": message.token,
+            "code": message.code,
+        }
+    )
+
+
+def _server_hello_json(message: ServerHello) -> dict[str, Any]:
+    return _drop_none(
+        {
+            "type": "hello",
+            "version": message.version,
+            "session": message.session,
+            "resume_token": message.resume_token,
+            "grace_ms": message.grace_ms,
+            "merchant": message.merchant,
+            "unknown_batch": message.unknown_batch,
+        }
+    )
+
+
+def _resume_json(message: Resume) -> dict[str, Any]:
+    return {
+        "type": "resume",
+        "resume_token": message.resume_token,
+        "reader": message.reader,
+        "card": _card_json(message.card),
+    }
+
+
+def _transmit_json(message: Transmit) -> dict[str, Any]:
+    return {
+        "type": "transmit",
+        "id": message.id,
+        "apdus": [
+            {"apdu": s.apdu.hex().upper(), "ok": [f"{sw:04X}" for sw in sorted(s.ok)]}
+            for s in message.apdus
+        ],
+        "timeout_ms": message.timeout_ms,
+    }
+
+
+def _result_json(message: Result) -> dict[str, Any]:
+    return {
+        "type": "result",
+        "id": message.id,
+        "responses": [r.hex().upper() for r in message.responses],
+        "complete": message.complete,
+    }
+
+
+def _card_event_json(message: Card) -> dict[str, Any]:
+    return _drop_none(
+        {
+            "type": "card",
+            "event": message.event.value,
+            "atr": message.atr.hex().upper() if message.atr else None,
+        }
+    )
+
+
+def _error_json(message: Error) -> dict[str, Any]:
+    out = _drop_none(
+        {
+            "type": "error",
+            "code": message.code,
+            "message": message.message[:1000],
+            "id": message.id,
+        }
+    )
+    if message.responses:
+        out["responses"] = [r.hex().upper() for r in message.responses]
+    return out
+
+
+def _end_json(message: End) -> dict[str, Any]:
+    return _drop_none(
+        {
+            "type": "end",
+            "outcome": message.outcome.value,
+            "message": message.message,
+            "amount": message.amount,
+        }
+    )
+
+
 def to_json(message: Message) -> dict[str, Any]:
     """The JSON object for a message (see :func:`encode_message`)."""
     match message:
         case AgentHello():
-            return _drop_none(
-                {
-                    "type": "hello",
-                    "versions": list(message.versions),
-                    "agent": message.agent,
-                    "reader": message.reader,
-                    "card": _card_json(message.card),
-                    "token": message.token,
-                    "code": message.code,
-                }
-            )
+            return _agent_hello_json(message)
         case ServerHello():
-            return _drop_none(
-                {
-                    "type": "hello",
-                    "version": message.version,
-                    "session": message.session,
-                    "resume_token": message.resume_token,
-                    "grace_ms": message.grace_ms,
-                    "merchant": message.merchant,
-                    "unknown_batch": message.unknown_batch,
-                }
-            )
+            return _server_hello_json(message)
         case Resume():
-            return {
-                "type": "resume",
-                "resume_token": message.resume_token,
-                "reader": message.reader,
-                "card": _card_json(message.card),
-            }
+            return _resume_json(message)
         case Transmit():
-            return {
-                "type": "transmit",
-                "id": message.id,
-                "apdus": [
-                    {"apdu": s.apdu.hex().upper(), "ok": [f"{sw:04X}" for sw in sorted(s.ok)]}
-                    for s in message.apdus
-                ],
-                "timeout_ms": message.timeout_ms,
-            }
+            return _transmit_json(message)
         case Result():
-            return {
-                "type": "result",
-                "id": message.id,
-                "responses": [r.hex().upper() for r in message.responses],
-                "complete": message.complete,
-            }
+            return _result_json(message)
         case Card():
-            return _drop_none(
-                {
-                    "type": "card",
-                    "event": message.event.value,
-                    "atr": message.atr.hex().upper() if message.atr else None,
-                }
-            )
+            return _card_event_json(message)
         case Error():
-            out = _drop_none(
-                {
-                    "type": "error",
-                    "code": message.code,
-                    "message": message.message[:1000],
-                    "id": message.id,
-                }
-            )
-            if message.responses:
-                out["responses"] = [r.hex().upper() for r in message.responses]
-            return out
+            return _error_json(message)
         case End():
-            return _drop_none(
-                {
-                    "type": "end",
-                    "outcome": message.outcome.value,
-                    "message": message.message,
-                    "amount": message.amount,
-                }
-            )
+            return _end_json(message)
         case Ping():
             return {"type": "ping", "nonce": message.nonce}
         case Pong():
