@@ -27,6 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import typer
@@ -105,6 +106,7 @@ class ClusterStack(DemoStack):
     settlement_ports: list[int] = field(default_factory=list)
     tls: TlsFiles | None = None
     named: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    scheme: ClassVar[str] = "https"  # HAProxy terminates TLS in front of every process
 
     def __post_init__(self) -> None:
         if self.shops < 1 or self.settlements < 1:
@@ -115,14 +117,6 @@ class ClusterStack(DemoStack):
         ]
 
     # --- where things are ------------------------------------------------------------
-
-    @property
-    def settlement_url(self) -> str:
-        return f"https://{self.host}:{self.settlement_port}"
-
-    @property
-    def merchant_url(self) -> str:
-        return f"https://{self.host}:{self.merchant_port}"
 
     @property
     def webhook_base_url(self) -> str:

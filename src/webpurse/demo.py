@@ -35,7 +35,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import typer
@@ -127,14 +127,16 @@ class DemoStack:
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     state: DemoState | None = None
     webhook_secret: str | None = field(default=None, repr=False)
+    scheme: ClassVar[str] = "http"
+    """How the shopper and the shop reach settlement and the shop (the cluster: https)."""
 
     @property
     def settlement_url(self) -> str:
-        return f"http://{self.host}:{self.settlement_port}"
+        return f"{self.scheme}://{self.host}:{self.settlement_port}"
 
     @property
     def merchant_url(self) -> str:
-        return f"http://{self.host}:{self.merchant_port}"
+        return f"{self.scheme}://{self.host}:{self.merchant_port}"
 
     @property
     def agent_url(self) -> str:
