@@ -6,20 +6,21 @@ Card issuance is not here: it handles card keys, so it is the local CLI only
 
 from __future__ import annotations
 
+import heapq
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
-from webpurse.settlement import expiry, idempotency, ledger, registry
+from webpurse.settlement import changes, expiry, idempotency, ledger, registry
 from webpurse.settlement.auth import OperatorPrincipal
 from webpurse.settlement.deps import PROBLEMS, IdempotencyKey, SessionDep
 from webpurse.settlement.merchants import MerchantError, create_merchant, merchant_json
-from webpurse.settlement.models import Card, CardEvent, CardObservation, Merchant
+from webpurse.settlement.models import Card, CardEvent, CardObservation, Merchant, Payment
 from webpurse.settlement.problems import ApiError, not_found
 from webpurse.settlement.schemas import CardStatusChange, Empty, MerchantCreate
-from webpurse.settlement.transactions import CardStatus
+from webpurse.settlement.transactions import CardStatus, Kind
 
 router = APIRouter(prefix="/v1", tags=["operator"])
 
@@ -83,12 +84,31 @@ def get_card(card_number: str, principal: OperatorPrincipal, session: SessionDep
 def card_events(
     card_number: str, principal: OperatorPrincipal, session: SessionDep
 ) -> dict[str, Any]:
+    """The card's history: its recorded events and its purchases, oldest first.
+
+    A purchase is not a recorded event but its payment (TAC, counter, ``succeeded_at``),
+    shown as the ``purchase`` event it once was; at the same instant a recorded event
+    comes first, the purchases in counter order.
+    """
     card = _card(session, card_number)
     rows = session.scalars(
         select(CardEvent).where(CardEvent.card_id == card.id).order_by(CardEvent.id)
     )
+    recorded = [(e.created_at, 0, e.kind, e.detail) for e in rows]
+    captured = session.execute(
+        select(Payment.id, Payment.amount, Payment.counter, Payment.tac, Payment.succeeded_at)
+        .where(Payment.card_id == card.id, Payment.succeeded_at.is_not(None))
+        .order_by(Payment.counter, Payment.id)
+    ).all()
+    purchases = [
+        (p.succeeded_at, 1, *changes.card_event(Kind.PAYMENT, p.id, p.amount, p.counter, p.tac))
+        for p in captured
+    ]
+    # A merge: each list keeps its own order (events by id, purchases by counter).
+    merged = heapq.merge(recorded, purchases, key=lambda e: (e[0], e[1]))
     data = [
-        {"kind": e.kind, "detail": e.detail, "created_at": e.created_at.isoformat()} for e in rows
+        {"kind": kind, "detail": detail, "created_at": at.isoformat()}
+        for at, _, kind, detail in merged
     ]
     return {"object": "list", "data": data, "has_more": False}
 
