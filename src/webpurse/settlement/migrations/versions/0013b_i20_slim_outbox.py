@@ -14,8 +14,8 @@ counter. The payment row holds all of it once it also knows when it was captured
   payment and is rendered at delivery, byte for byte the body it would have stored.
 
 Existing rows keep their bodies. Downgrading writes the purchase card events back from the
-payments, and renders every referenced answer and event body into its row (the app's own
-rendering: the bodies it would have stored), so the older version finds them all.
+payments, and renders every referenced answer and event body into its row (the bodies
+this version would have stored), so the older version finds them all.
 
 Revision ID: 0013b_i20_slim_outbox
 Revises: 0012_i20_terminal_seq_sequence
@@ -25,6 +25,7 @@ Create Date: 2026-12-06 10:30:00
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
@@ -81,27 +82,82 @@ def upgrade() -> None:
     op.execute(sa.text(_MOVED.format(of_event=of_event)))
 
 
+# The columns a payment's JSON is rendered from, as of this revision.
+_RENDERED = (
+    "id",
+    "status",
+    "amount",
+    "currency",
+    "description",
+    "merchant_reference",
+    "terminal_id",
+    "key_index",
+    "card_number",
+    "decline_code",
+    "tac",
+    "refunded_amount",
+    "mac1",
+    "terminal_seq",
+    "txn_date",
+    "txn_time",
+)
+_TIMES = ("created_at", "updated_at", "authorised_at", "succeeded_at")
+
+
 def _render_references() -> None:
-    """Write each referenced answer and event body into its row, as this version renders it."""
+    """Write each referenced answer and event body into its row, rendered as this revision's
+    code renders it (``views.payment_as_of``, ``webhooks.event_body``) from this revision's
+    columns (a Core table: the ORM models may have moved on)."""
     import json
+    from types import SimpleNamespace
 
-    from sqlalchemy.orm import Session
+    from webpurse.settlement.db import UtcDateTime
+    from webpurse.settlement.views import payment_as_of
+    from webpurse.settlement.webhooks.bodies import event_body
 
-    from webpurse.settlement.idempotency import replayed_body
-    from webpurse.settlement.models import IdempotencyRecord
-    from webpurse.settlement.webhooks import WebhookEvent, event_bytes
+    bind = op.get_bind()
+    payments = sa.table(
+        "payments",
+        *(sa.column(name) for name in _RENDERED),
+        sa.column("metadata", sa.JSON()),
+        *(sa.column(name, UtcDateTime()) for name in _TIMES),
+    )
+    keys = sa.table(
+        "idempotency_keys",
+        sa.column("id"),
+        sa.column("object_id"),
+        sa.column("step"),
+        sa.column("response_body"),
+    )
+    events = sa.table(
+        "webhook_events",
+        sa.column("id"),
+        sa.column("type"),
+        sa.column("created_at", UtcDateTime()),
+        sa.column("object_id"),
+        sa.column("body"),
+    )
 
-    session = Session(bind=op.get_bind())
-    keys = session.scalars(
-        sa.select(IdempotencyRecord).where(
-            IdempotencyRecord.response_body.is_(None), IdempotencyRecord.step.is_not(None)
-        )
-    ).all()
-    for key in keys:
-        key.response_body = json.dumps(replayed_body(session, key))
-    for event in session.scalars(sa.select(WebhookEvent).where(WebhookEvent.body.is_(None))):
-        event.body = event_bytes(session, event).decode("utf-8")
-    session.flush()
+    def payment(payment_id: str) -> Any:
+        row = bind.execute(sa.select(payments).where(payments.c.id == payment_id)).one()
+        values = dict(row._mapping)
+        values["metadata_"] = values.pop("metadata")
+        return SimpleNamespace(**values)
+
+    referenced = sa.select(keys.c.id, keys.c.object_id, keys.c.step).where(
+        keys.c.response_body.is_(None), keys.c.step.is_not(None)
+    )
+    for key_id, object_id, step in bind.execute(referenced).all():
+        body = json.dumps(payment_as_of(payment(object_id), step))
+        bind.execute(sa.update(keys).where(keys.c.id == key_id).values(response_body=body))
+    named = sa.select(events.c.id, events.c.type, events.c.created_at, events.c.object_id).where(
+        events.c.body.is_(None)
+    )
+    for event_id, event_type, created_at, object_id in bind.execute(named).all():
+        step = {"payment.succeeded": "capture"}[event_type]
+        data = payment_as_of(payment(object_id), step)
+        body = event_body(event_id, event_type, created_at, data).decode("utf-8")
+        bind.execute(sa.update(events).where(events.c.id == event_id).values(body=body))
 
 
 def downgrade() -> None:
