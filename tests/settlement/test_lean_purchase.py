@@ -15,12 +15,13 @@ import json
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import select
 
 from tests.settlement.support import World, ok
-from webpurse.settlement import changes, views
+from webpurse.settlement import changes, ledger, views
 from webpurse.settlement.models import CardEvent, IdempotencyRecord, Payment
 from webpurse.settlement.routes_webhooks import secret_box_for
 from webpurse.settlement.transactions import Kind, Status, move
@@ -365,3 +366,33 @@ def test_a_capture_adds_no_card_event_and_the_card_still_lists_its_purchase(
         "tac": captured["tac"],
     }
     assert purchase["created_at"] == succeeded_at.isoformat()
+
+
+def test_an_item_the_fast_path_gave_back_and_the_ledger_refused_replays_its_refusal(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast path answered (a reference to store), fell back, and the per-item path
+    refused: the key keeps the refusal, not a rendering of the payment."""
+    card = world.funded_card(1_000)
+    created = _batch(world, [{"path": "/v1/payments", "body": {"amount": 100}}])[0]["body"]
+    issuer, init = world.terminal.purchase_batch1(card, 100)
+    item = {
+        "path": f"/v1/payments/{created['id']}/authorise",
+        "idempotency_key": "auth-refused",
+        "body": {
+            "issuer_data": issuer.hex(),
+            "initialize_response": init.hex(),
+            "terminal_id": world.terminal_id,
+        },
+    }
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise ledger.LedgerError("refused for the test")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(ledger, "post_transfers", refuse)
+        patched.setattr(ledger, "post_transfer", refuse)
+        first = _batch(world, [item])[0]
+    assert (first["status"], first["body"]["code"]) == (409, "ledger_refused")
+    again = _batch(world, [item])[0]
+    assert again["replayed"] and (again["status"], again["body"]) == (409, first["body"])

@@ -348,6 +348,7 @@ def _handler(ctx: Ctx, item: Item) -> Callable[[], Payment]:
 def _run_one(ctx: Ctx, item: Item, request_id: str | None, outcome: Outcome) -> None:
     """The single endpoint's service call, in a SAVEPOINT: a refusal undoes only this item."""
     status = 201 if item.action == "create" else 200
+    item.as_of = None
     savepoint = ctx.session.begin_nested()
     try:
         payment = _handler(ctx, item)()
@@ -866,7 +867,7 @@ def _fast(ctx: Ctx, items: list[Item]) -> int:
         savepoint.rollback()
         log.warning("batch.fast_path_refused", detail=str(error), items=len(taken))
         for item in taken:
-            item.answer = None
+            item.answer, item.as_of = None, None
         return 0
     return len(taken)
 
