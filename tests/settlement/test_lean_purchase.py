@@ -396,3 +396,30 @@ def test_an_item_the_fast_path_gave_back_and_the_ledger_refused_replays_its_refu
     assert (first["status"], first["body"]["code"]) == (409, "ledger_refused")
     again = _batch(world, [item])[0]
     assert again["replayed"] and (again["status"], again["body"]) == (409, first["body"])
+
+
+def test_a_purchase_is_listed_before_the_release_its_capture_caused(world: World) -> None:
+    """B supersedes A's uncertain payment at the same counter; B's capture releases A in
+    the same request: the card lists B's purchase, then A's release, as it recorded them."""
+    card = world.funded_card(1_000)
+    number = card.state.issuer.card_number
+    world.clock.advance(dt.timedelta(seconds=1))
+    stale = world.terminal.create_payment(300)
+    issuer, init = world.terminal.purchase_batch1(card, 300)
+    assert world.terminal.authorise_payment(stale["id"], issuer, init).status_code == 200
+    assert world.terminal.post(f"/v1/payments/{stale['id']}/uncertain").status_code == 200
+    theirs = world.other_terminal.create_payment(200)
+    issuer, init = world.other_terminal.purchase_batch1(card, 200)
+    authorised = world.other_terminal.authorise_payment(theirs["id"], issuer, init)
+    assert authorised.status_code == 200, authorised.text  # it supersedes A's
+    debit = ok(card, bytes.fromhex(authorised.json()["authorisation"]["debit_apdu"]))
+    world.clock.advance(dt.timedelta(seconds=1))
+    path = f"/v1/payments/{theirs['id']}/capture"
+    captured = world.other_terminal.post(path, {"debit_response": debit.hex()})
+    assert captured.json()["status"] == "succeeded"
+    events = world.client.get(
+        f"/v1/cards/{number}/events", headers=world.auth(world.operator_key)
+    ).json()["data"]
+    kinds = [(e["kind"], e["detail"].get("payment")) for e in events]
+    assert kinds[-2:] == [("purchase", theirs["id"]), ("purchase_released", stale["id"])]
+    assert events[-1]["created_at"] == events[-2]["created_at"]

@@ -6,7 +6,7 @@ Card issuance is not here: it handles card keys, so it is the local CLI only
 
 from __future__ import annotations
 
-import heapq
+from collections import deque
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -80,6 +80,15 @@ def get_card(card_number: str, principal: OperatorPrincipal, session: SessionDep
     return registry.card_json(_card(session, card_number))
 
 
+def _caused_by(detail: dict[str, Any], payment_id: str) -> bool:
+    """Whether a recorded event followed from ``payment_id``'s capture in its own request
+    (the release of what its counter disproved, the heal that settled it)."""
+    reason = detail.get("reason")
+    return detail.get("settled") == payment_id or (
+        isinstance(reason, str) and reason.endswith(f" used by {payment_id}")
+    )
+
+
 @router.get("/cards/{card_number}/events", responses=PROBLEMS)
 def card_events(
     card_number: str, principal: OperatorPrincipal, session: SessionDep
@@ -87,29 +96,43 @@ def card_events(
     """The card's history: its recorded events and its purchases, oldest first.
 
     A purchase is not a recorded event but its payment (TAC, counter, ``succeeded_at``),
-    shown as the ``purchase`` event it once was; at the same instant a recorded event
-    comes first, the purchases in counter order.
+    shown as the ``purchase`` event it was recorded as before (migration 0013b). It goes
+    before the first recorded event after it, or at the same instant one its capture
+    caused (recorded after it in the same request); at the same instant otherwise, after
+    the recorded ones.
     """
     card = _card(session, card_number)
-    rows = session.scalars(
+    recorded = session.scalars(
         select(CardEvent).where(CardEvent.card_id == card.id).order_by(CardEvent.id)
-    )
-    recorded = [(e.created_at, 0, e.kind, e.detail) for e in rows]
-    captured = session.execute(
-        select(Payment.id, Payment.amount, Payment.counter, Payment.tac, Payment.succeeded_at)
-        .where(Payment.card_id == card.id, Payment.succeeded_at.is_not(None))
-        .order_by(Payment.counter, Payment.id)
     ).all()
-    purchases = [
-        (p.succeeded_at, 1, *changes.card_event(Kind.PAYMENT, p.id, p.amount, p.counter, p.tac))
-        for p in captured
-    ]
-    # A merge: each list keeps its own order (events by id, purchases by counter).
-    merged = heapq.merge(recorded, purchases, key=lambda e: (e[0], e[1]))
-    data = [
-        {"kind": kind, "detail": detail, "created_at": at.isoformat()}
-        for at, _, kind, detail in merged
-    ]
+    pending = deque(
+        session.execute(
+            select(Payment.id, Payment.amount, Payment.counter, Payment.tac, Payment.succeeded_at)
+            .where(Payment.card_id == card.id, Payment.succeeded_at.is_not(None))
+            .order_by(Payment.counter, Payment.id)
+        ).all()
+    )
+    data: list[dict[str, Any]] = []
+
+    def purchase() -> None:
+        p = pending.popleft()
+        kind, detail = changes.card_event(Kind.PAYMENT, p.id, p.amount, p.counter, p.tac)
+        data.append({"kind": kind, "detail": detail, "created_at": p.succeeded_at.isoformat()})
+
+    for event in recorded:
+        while pending and (
+            pending[0].succeeded_at < event.created_at
+            or (
+                pending[0].succeeded_at == event.created_at
+                and _caused_by(event.detail, pending[0].id)
+            )
+        ):
+            purchase()
+        data.append(
+            {"kind": event.kind, "detail": event.detail, "created_at": event.created_at.isoformat()}
+        )
+    while pending:
+        purchase()
     return {"object": "list", "data": data, "has_more": False}
 
 
