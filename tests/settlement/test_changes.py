@@ -59,6 +59,7 @@ def test_succeeded_carries_the_proof() -> None:
         "status": Status.SUCCEEDED,
         "mac2": "01020304",
         "tac": "0A0B0C0D",
+        "succeeded_at": NOW,  # a payment keeps the capture's time (views.payment_as_of)
         "updated_at": NOW,
     }
     assert changes.succeeded(Kind.LOAD, "authorised", tac=tac, now=NOW) == {

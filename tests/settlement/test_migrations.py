@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib
+import json
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect, text
+from sqlalchemy import inspect, select, text
 from sqlalchemy.orm import Session
 
-from webpurse.settlement import merchants
-from webpurse.settlement.db import Base, make_engine, migrate
+from webpurse.settlement import merchants, views
+from webpurse.settlement.db import Base, UtcDateTime, make_engine, migrate
+from webpurse.settlement.models import CardEvent, IdempotencyRecord, Payment
+from webpurse.settlement.webhooks import WebhookEvent, event_body
 
 # Every module that declares tables on Base.
 for name in ("models", "webhooks", "clearing"):
@@ -73,5 +78,197 @@ def test_the_terminal_sequence_continues_past_every_number_a_merchant_row_issued
         migrate(engine)
         with Session(engine) as session, session.begin():
             assert merchants.next_terminal_seq(session, "mer_b") == 46
+    finally:
+        engine.dispose()
+
+
+def test_the_purchase_card_events_move_into_their_payments_and_back(db_url: str) -> None:
+    """Migration 0013b: a purchase card event becomes its payment's ``succeeded_at`` (the
+    operator's card history shows the payment instead); downgrading writes it back, and
+    renders each answer and event body the payment row stood in for."""
+    engine = make_engine(db_url, pool_size=1, max_overflow=0)
+    now = dt.datetime(2026, 12, 6, 9, 0, 0, 123456, tzinfo=dt.UTC)
+    captured = now + dt.timedelta(seconds=7, microseconds=5)
+    detail = {"payment": "pay_1", "amount": 250, "counter": 3, "tac": "11223344"}
+    times = (
+        "created_at",
+        "updated_at",
+        "authorised_at",
+        "start_date",
+        "expiry_date",
+    )
+    tables = {
+        "merchants": ("id", "name", "terminal_id", "terminal_seq", "created_at"),
+        "cards": (
+            "id",
+            "card_number",
+            "status",
+            "issuer_id",
+            "key_version",
+            "start_date",
+            "expiry_date",
+            "max_balance",
+            "shadow_balance",
+            "online_counter",
+            "offline_counter",
+            "flagged",
+            "created_at",
+            "updated_at",
+        ),
+        "payments": (
+            "id",
+            "merchant_id",
+            "status",
+            "amount",
+            "currency",
+            "description",
+            "merchant_reference",
+            "metadata",
+            "terminal_id",
+            "key_index",
+            "card_id",
+            "card_number",
+            "counter",
+            "terminal_seq",
+            "txn_date",
+            "txn_time",
+            "mac1",
+            "mac2",
+            "tac",
+            "refunded_amount",
+            "authorised_at",
+            "created_at",
+            "updated_at",
+        ),
+        "card_events": ("card_id", "kind", "detail", "created_at"),
+    }
+
+    def table(name: str) -> Any:
+        columns = []
+        for column in tables[name]:
+            if column in ("start_date", "expiry_date"):
+                columns.append(sa.column(column, sa.Date()))
+            elif column in times:
+                columns.append(sa.column(column, UtcDateTime()))
+            elif column in ("metadata", "detail"):
+                columns.append(sa.column(column, sa.JSON()))
+            else:
+                columns.append(sa.column(column))
+        return sa.table(name, *columns)
+
+    try:
+        migrate(engine, "0012_i20_terminal_seq_sequence")
+        with engine.begin() as connection:
+            connection.execute(
+                sa.insert(table("merchants")),
+                {"id": "mer_1", "name": "shop", "terminal_id": "AA" * 6, "terminal_seq": 1}
+                | {"created_at": now},
+            )
+            connection.execute(
+                sa.insert(table("cards")),
+                {
+                    "id": "crd_1",
+                    "card_number": "1234567890123456",
+                    "status": "active",
+                    "issuer_id": "1",
+                    "key_version": 1,
+                    "start_date": now.date(),
+                    "expiry_date": now.date(),
+                    "max_balance": 10_000,
+                    "shadow_balance": 750,
+                    "online_counter": 1,
+                    "offline_counter": 4,
+                    "flagged": False,
+                    "created_at": now,
+                    "updated_at": now,
+                },
+            )
+            connection.execute(
+                sa.insert(table("payments")),
+                {
+                    "id": "pay_1",
+                    "merchant_id": "mer_1",
+                    "status": "succeeded",
+                    "amount": 250,
+                    "currency": "CNY",
+                    "description": "",
+                    "merchant_reference": "",
+                    "metadata": {"b": "2", "a": "1"},
+                    "terminal_id": "AA" * 6,
+                    "key_index": 1,
+                    "card_id": "crd_1",
+                    "card_number": "1234567890123456",
+                    "counter": 3,
+                    "terminal_seq": 1,
+                    "txn_date": "20261206",
+                    "txn_time": "090000",
+                    "mac1": "A1B2C3D4",
+                    "mac2": "D4C3B2A1",
+                    "tac": "11223344",
+                    "refunded_amount": 50,  # refunded after the capture
+                    "authorised_at": now,
+                    "created_at": now,
+                    "updated_at": captured + dt.timedelta(hours=1),
+                },
+            )
+            events = table("card_events")
+            connection.execute(
+                sa.insert(events),
+                [
+                    {"card_id": "crd_1", "kind": "issued", "detail": {}, "created_at": now},
+                    {"card_id": "crd_1", "kind": "purchase", "detail": detail}
+                    | {"created_at": captured},
+                ],
+            )
+        migrate(engine)
+        with Session(engine) as session, session.begin():
+            payment = session.get(Payment, "pay_1")
+            assert payment is not None and payment.succeeded_at == captured
+            kinds = session.scalars(select(CardEvent.kind).order_by(CardEvent.id)).all()
+            assert kinds == ["issued"]
+            answer = views.payment_as_of(payment, "capture")
+            assert (answer["status"], answer["amount_refunded"]) == ("succeeded", 0)
+            assert answer["updated_at"] == captured.isoformat()
+            session.add(
+                IdempotencyRecord(
+                    principal="mer_1",
+                    key="capture-1",
+                    fingerprint="f" * 64,
+                    state="done",
+                    response_status=200,
+                    object_id="pay_1",
+                    step="capture",
+                    created_at=captured,
+                )
+            )
+            session.add(
+                WebhookEvent(
+                    id="evt_1",
+                    merchant_id="mer_1",
+                    type="payment.succeeded",
+                    created_at=captured,
+                    object_id="pay_1",
+                )
+            )
+        migrate(engine, "0012_i20_terminal_seq_sequence", downgrade=True)
+        with engine.connect() as connection:
+            rows = connection.execute(
+                sa.select(events.c.kind, events.c.detail, events.c.created_at).order_by(
+                    sa.text("id")
+                )
+            ).all()
+            assert [(r.kind, r.detail, r.created_at) for r in rows] == [
+                ("issued", {}, now),
+                ("purchase", detail, captured),
+            ]
+            stored = connection.execute(
+                text("SELECT response_body FROM idempotency_keys WHERE key = 'capture-1'")
+            ).scalar_one()
+            assert json.loads(stored) == answer
+            body = connection.execute(
+                text("SELECT body FROM webhook_events WHERE id = 'evt_1'")
+            ).scalar_one()
+            assert body.encode() == event_body("evt_1", "payment.succeeded", captured, answer)
+        migrate(engine)
     finally:
         engine.dispose()

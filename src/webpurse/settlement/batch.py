@@ -54,13 +54,14 @@ from webpurse.settlement import (
     payments,
     quotas,
     registry,
+    views,
     webhooks,
 )
 from webpurse.settlement.db import among, bulk_insert, bulk_update, for_update
 from webpurse.settlement.errors import SettlementError, ledger_refused, not_found
 from webpurse.settlement.ledger import LedgerError, TransferSpec
 from webpurse.settlement.merchants import MerchantError, terminal_seqs
-from webpurse.settlement.models import Card, CardEvent, IdempotencyRecord, Merchant, Payment
+from webpurse.settlement.models import Card, IdempotencyRecord, Merchant, Payment
 from webpurse.settlement.problems import ApiError, keeps_changes, problem
 from webpurse.settlement.schemas import (
     BatchItemIn,
@@ -83,7 +84,6 @@ TRANSIENT_SQLSTATES = frozenset({"40P01", "40001"})
 _PAYMENTS: Table = Payment.__table__  # type: ignore[assignment]
 _CARDS: Table = Card.__table__  # type: ignore[assignment]
 _MERCHANTS: Table = Merchant.__table__  # type: ignore[assignment]
-_CARD_EVENTS: Table = CardEvent.__table__  # type: ignore[assignment]
 _KEYS: Table = IdempotencyRecord.__table__  # type: ignore[assignment]
 _EVENTS: Table = webhooks.WebhookEvent.__table__  # type: ignore[assignment]
 _MESSAGES: Table = webhooks.WebhookMessage.__table__  # type: ignore[assignment]
@@ -121,6 +121,7 @@ class Item:
     replayed: bool = False
     failed: bool = False  # an unexpected error: its key is not stored, so a retry can run
     duplicate_of: int | None = None
+    as_of: str | None = None  # the purchase step its answer re-renders as of (views.STEPS)
     _encoded: str | None = None
 
     @property
@@ -130,6 +131,14 @@ class Item:
             assert self.answer is not None
             self._encoded = orjson.dumps(self.answer[1]).decode()
         return self._encoded
+
+    def answer_payment(self, status: int, payment: Payment, step: str) -> None:
+        """Answer with ``payment`` right after ``step``; stored as a reference if it
+        re-renders exactly (:func:`views.renders_as_of`)."""
+        body = payments.payment_json(payment)
+        self.answer = (status, body)
+        if views.renders_as_of(body, payment, step):
+            self.as_of = step
 
     @property
     def payload(self) -> Any:
@@ -249,12 +258,20 @@ def _check_keys(ctx: Ctx, items: list[Item], request_id: str | None) -> None:
             )
         )
     }
+    referenced = _referenced(ctx, stored.values())
     for item in keyed:
         record = stored.get(item.key or "")
         if record is None:
             item.new_key = True
         elif record.fingerprint != item.fingerprint:
             item.answer = _key_reused(request_id)
+        elif record.state == "done" and record.response_body is None and record.step:
+            payment = referenced[record.object_id]
+            item.answer = (
+                int(record.response_status or 200),
+                views.payment_as_of(payment, record.step),
+            )
+            item.replayed = True
         elif record.state != "done" or record.response_body is None:
             # Only rows an older version left while its request ran (see idempotency.py).
             item.answer = _refusal(
@@ -270,8 +287,21 @@ def _check_keys(ctx: Ctx, items: list[Item], request_id: str | None) -> None:
             item.replayed, item._encoded = True, record.response_body
 
 
+def _referenced(ctx: Ctx, records: Iterable[Any]) -> dict[str, Payment]:
+    """The payments whose answers stored keys name instead of a body (one SELECT)."""
+    ids = sorted({r.object_id for r in records if r.response_body is None and r.object_id})
+    if not ids:
+        return {}
+    rows = ctx.session.execute(select(_PAYMENTS).where(among(ctx.session, _PAYMENTS.c.id, ids)))
+    return {row.id: _view(dict(row._mapping)) for row in rows}
+
+
 def _store_answers(ctx: Ctx, items: Iterable[Item]) -> None:
-    """Store each new key with its answer (one INSERT); a key taken meanwhile: KeyRace."""
+    """Store each new key with its answer (one INSERT); a key taken meanwhile: KeyRace.
+
+    A purchase step's answer is stored as its payment's id and the step (re-rendered on
+    replay, :func:`views.payment_as_of`), any other answer as its JSON text.
+    """
     rows: list[dict[str, object]] = [
         {
             "principal": ctx.principal.subject,
@@ -279,7 +309,9 @@ def _store_answers(ctx: Ctx, items: Iterable[Item]) -> None:
             "fingerprint": item.fingerprint,
             "state": "done",
             "response_status": item.answer[0],
-            "response_body": item.encoded,
+            "response_body": None if item.as_of else item.encoded,
+            "object_id": item.answer[1]["id"] if item.as_of else None,
+            "step": item.as_of,
             "created_at": ctx.now,
         }
         for item in items
@@ -316,11 +348,15 @@ def _handler(ctx: Ctx, item: Item) -> Callable[[], Payment]:
 def _run_one(ctx: Ctx, item: Item, request_id: str | None, outcome: Outcome) -> None:
     """The single endpoint's service call, in a SAVEPOINT: a refusal undoes only this item."""
     status = 201 if item.action == "create" else 200
+    item.as_of = None
     savepoint = ctx.session.begin_nested()
     try:
         payment = _handler(ctx, item)()
         ctx.session.flush()
-        item.answer = (status, payments.payment_json(payment))
+        if item.action in views.STEPS:
+            item.answer_payment(status, payment, item.action)
+        else:
+            item.answer = (status, payments.payment_json(payment))
         savepoint.commit()
     except SettlementError as error:
         if keeps_changes(error):
@@ -436,9 +472,9 @@ class _Writes:
     succeeded: list[dict[str, object]] = field(default_factory=list)
     card_open: list[dict[str, object]] = field(default_factory=list)
     card_settled: list[dict[str, object]] = field(default_factory=list)
-    card_events: list[dict[str, object]] = field(default_factory=list)
     transfers: list[TransferSpec] = field(default_factory=list)
-    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    # (type, the payment's JSON, whether the event names the payment instead of a body)
+    events: list[tuple[str, dict[str, Any], bool]] = field(default_factory=list)
 
 
 def _fast_create(ctx: Ctx, merchant: Any, items: list[Item], writes: _Writes) -> None:
@@ -461,7 +497,7 @@ def _fast_create(ctx: Ctx, merchant: Any, items: list[Item], writes: _Writes) ->
             "updated_at": ctx.now,
         }
         writes.payment_rows.append(row)
-        item.answer = (201, payments.payment_json(_view(row)))
+        item.answer_payment(201, _view(row), "create")
 
 
 Candidate = tuple[Item, Any, IssuerData, InitializeForPurchaseResponse]
@@ -560,8 +596,7 @@ def _fast_authorise(ctx: Ctx, merchant: Any, approvals: list[_Approval], writes:
             {"id": card.id, "open_transaction": payment.id, "updated_at": ctx.now}
         )
         writes.transfers.append(changes.purchase_hold(payment.id, card.id, payment.amount))
-        view = _view({**payment._mapping, **authorised})
-        approval.item.answer = (200, payments.payment_json(view))
+        approval.item.answer_payment(200, _view({**payment._mapping, **authorised}), "authorise")
 
 
 def _capture_cards(ctx: Ctx, items: list[Item]) -> list[str]:
@@ -626,23 +661,28 @@ def _fast_capture(ctx: Ctx, captures: list[_Capture], writes: _Writes) -> None:
             counter=payment.counter,
             now=ctx.now,
         )
+        # No card_events row: the payment (its TAC, counter, succeeded_at) is the card's
+        # purchase record (routes_admin.card_events).
         writes.card_settled.append({"id": card.id, **settled, "open_transaction": None})
-        event, detail = changes.card_event(
-            Kind.PAYMENT, payment.id, payment.amount, payment.counter, succeeded["tac"]
-        )
-        writes.card_events.append(
-            {"card_id": card.id, "kind": event, "detail": detail, "created_at": ctx.now}
-        )
         writes.transfers.append(
             changes.purchase_capture(payment.id, payment.merchant_id, payment.amount)
         )
-        body = payments.payment_json(_view({**payment._mapping, **succeeded}))
-        writes.events.append((payments.STRATEGY.events[Status.SUCCEEDED], body))
-        capture.item.answer = (200, body)
+        view = _view({**payment._mapping, **succeeded})
+        capture.item.answer_payment(200, view, "capture")
+        assert capture.item.answer is not None
+        body = capture.item.answer[1]
+        named = capture.item.as_of is not None  # the event re-renders from the row too
+        writes.events.append((payments.STRATEGY.events[Status.SUCCEEDED], body, named))
 
 
-def _enqueue_events(ctx: Ctx, merchant_id: str, events: list[tuple[str, dict[str, Any]]]) -> None:
-    """:func:`webhooks.enqueue_event` for many events: one SELECT, two INSERTs."""
+def _enqueue_events(
+    ctx: Ctx, merchant_id: str, events: list[tuple[str, dict[str, Any], bool]]
+) -> None:
+    """:func:`webhooks.enqueue_event` for many events: one SELECT, two INSERTs.
+
+    An event whose payment renders its body again (``named``, checked by the caller with
+    :func:`views.renders_as_of`) stores the payment's id instead of the body.
+    """
     if not events:
         return
     endpoints = ctx.session.execute(
@@ -653,16 +693,20 @@ def _enqueue_events(ctx: Ctx, merchant_id: str, events: list[tuple[str, dict[str
     ).all()
     event_rows: list[dict[str, object]] = []
     message_rows: list[dict[str, object]] = []
-    for event_type, data in events:
+    for event_type, data, named in events:
         event_id = webhooks.new_id("evt")
-        body = webhooks.event_body(event_id, event_type, ctx.now, data)
+        if named:
+            fields: dict[str, object] = {"body": None, "object_id": data["id"]}
+        else:
+            body = webhooks.event_body(event_id, event_type, ctx.now, data)
+            fields = {"body": body.decode("utf-8"), "object_id": None}
         event_rows.append(
             {
                 "id": event_id,
                 "merchant_id": merchant_id,
                 "type": event_type,
                 "created_at": ctx.now,
-                "body": body.decode("utf-8"),
+                **fields,
             }
         )
         for endpoint in endpoints:
@@ -691,7 +735,6 @@ def _write(ctx: Ctx, writes: _Writes) -> None:
     bulk_update(session, _PAYMENTS, writes.succeeded)
     bulk_update(session, _CARDS, writes.card_open)
     bulk_update(session, _CARDS, writes.card_settled)
-    bulk_insert(session, _CARD_EVENTS, writes.card_events)
     assert ctx.principal.merchant_id is not None
     _enqueue_events(ctx, ctx.principal.merchant_id, writes.events)
     # The hot accounts (held:purchases, the merchant's payable) last: their locks are
@@ -824,7 +867,7 @@ def _fast(ctx: Ctx, items: list[Item]) -> int:
         savepoint.rollback()
         log.warning("batch.fast_path_refused", detail=str(error), items=len(taken))
         for item in taken:
-            item.answer = None
+            item.answer, item.as_of = None, None
         return 0
     return len(taken)
 

@@ -65,6 +65,8 @@ def succeeded(
     if mac2 is not None:
         changes["mac2"] = mac2.hex().upper()
     changes["tac"] = tac.hex().upper()
+    if kind is Kind.PAYMENT:
+        changes["succeeded_at"] = now  # the capture's time (views.payment_as_of)
     changes["updated_at"] = now
     return changes
 

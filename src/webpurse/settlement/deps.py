@@ -49,10 +49,14 @@ def idempotent(
     work: Callable[[Ctx], dict[str, Any]],
     *,
     status: int = 200,
+    as_of: str | None = None,
 ) -> JSONResponse:
     """Run ``work`` in the request's context at most once per ``key`` (its answer ``status``):
-    :func:`~webpurse.settlement.idempotency.run`, which fingerprints ``payload``."""
+    :func:`~webpurse.settlement.idempotency.run`, which fingerprints ``payload``; ``as_of``
+    names the purchase step whose payment answer is stored as a reference."""
     ctx = make_ctx(request, session, principal)
     if isinstance(payload, BaseModel):
         payload = payload.model_dump(mode="json")
-    return idempotency.run(request, session, principal, key, payload, lambda: (status, work(ctx)))
+    return idempotency.run(
+        request, session, principal, key, payload, lambda: (status, work(ctx)), as_of=as_of
+    )

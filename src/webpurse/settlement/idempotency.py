@@ -12,6 +12,12 @@ are stored and replayed too (a service's refusal that does not keep its changes,
 the refusal; a ledger refusal is 409 ``ledger_refused``); a crash (5xx) rolls back the key
 with the work, so the client can retry.
 
+A purchase step's successful answer (a payment created, authorised, captured: the route
+says which, ``as_of``) is stored as a reference instead — the payment's id and the step —
+when :func:`~.views.renders_as_of` confirms that the payment row renders it again exactly
+(:func:`~.views.payment_as_of`); a replay re-renders it, byte for byte the first answer
+even after the payment moved on (captured, refunded). Every other answer is stored as is.
+
 The ``in_flight`` state (409 ``idempotency_in_flight``, a key abandoned after 5 minutes)
 is never committed by this version: a row is ``in_flight`` only inside its own uncommitted
 transaction. Older versions committed the key row before the work, and one whose request
@@ -36,7 +42,7 @@ from webpurse.settlement.auth import Principal
 from webpurse.settlement.db import among, insert_ignoring_conflicts
 from webpurse.settlement.errors import SettlementError
 from webpurse.settlement.ledger import LedgerError
-from webpurse.settlement.models import IdempotencyRecord
+from webpurse.settlement.models import IdempotencyRecord, Payment
 from webpurse.settlement.problems import (
     PROBLEM_JSON,
     ApiError,
@@ -46,6 +52,7 @@ from webpurse.settlement.problems import (
     ledger_refused,
     problem,
 )
+from webpurse.settlement.views import payment_as_of, renders_as_of
 
 log = structlog.get_logger(__name__)
 
@@ -112,11 +119,43 @@ def _claim(session: Session, subject: str, key: str, print_: str, now: dt.dateti
     return None if claimed is None else int(claimed)
 
 
-def _store(session: Session, record_id: int, status: int, body: dict[str, Any]) -> None:
+def reference(
+    session: Session, status: int, body: dict[str, Any], as_of: str | None
+) -> dict[str, Any] | None:
+    """The reference (object id, step) to store instead of ``body``, if one re-renders it.
+
+    ``as_of`` is the purchase step whose answer ``body`` is (None: not one); the payment
+    is the one the session holds (the handler just changed it).
+    """
+    if as_of is None or not 200 <= status < 300 or body.get("object") != "payment":
+        return None
+    payment = session.get(Payment, body.get("id"))
+    if payment is None or not renders_as_of(body, payment, as_of):
+        return None
+    return {"response_body": None, "object_id": payment.id, "step": as_of}
+
+
+def replayed_body(session: Session, record: Any) -> dict[str, Any] | None:
+    """A stored answer: its body, or re-rendered from its reference; None if it has neither."""
+    if record.response_body is not None:
+        body: dict[str, Any] = json.loads(record.response_body)
+        return body
+    if record.step is None or record.object_id is None:
+        return None
+    payment = session.get(Payment, record.object_id)
+    if payment is None:  # payments are never deleted
+        raise LookupError(f"idempotency key {record.key}: payment {record.object_id} is gone")
+    return payment_as_of(payment, record.step)
+
+
+def _store(
+    session: Session, record_id: int, status: int, body: dict[str, Any], as_of: str | None
+) -> None:
+    answer = reference(session, status, body, as_of) or {"response_body": json.dumps(body)}
     session.execute(
         update(_KEYS)
         .where(_KEYS.c.id == record_id)
-        .values(state="done", response_status=status, response_body=json.dumps(body))
+        .values(state="done", response_status=status, **answer)
     )
 
 
@@ -136,6 +175,8 @@ def run(
     key: str | None,
     payload: Any,
     handler: Handler,
+    *,
+    as_of: str | None = None,
 ) -> JSONResponse:
     """Run ``handler`` (which works in ``session``) at most once per idempotency key.
 
@@ -145,6 +186,7 @@ def run(
     and stores the refusal under the key in a second, short transaction. Any other
     exception rolls everything back, the key included, so the client can retry; a
     :class:`~webpurse.settlement.ledger.LedgerError` is the refusal 409 ``ledger_refused``.
+    ``as_of``: the purchase step the handler's payment answer is, stored as a reference.
     """
     if key is None:
         try:
@@ -166,7 +208,7 @@ def run(
     try:
         record_id = _claim(session, principal.subject, key, print_, now)
         if record_id is None:
-            return _replay(request, session, principal, key, payload, handler, print_, now)
+            return _replay(request, session, principal, key, payload, handler, print_, now, as_of)
         try:
             status, body = _call(handler)
         except SettlementError as error:
@@ -177,7 +219,7 @@ def run(
                 if record_id is None:  # another request took the key meanwhile
                     session.commit()
                     return _respond(status, body)
-        _store(session, record_id, status, body)
+        _store(session, record_id, status, body, as_of)
         session.commit()
     except BaseException:
         session.rollback()
@@ -194,6 +236,7 @@ def _replay(
     handler: Handler,
     print_: str,
     now: dt.datetime,
+    as_of: str | None,
 ) -> JSONResponse:
     """The key exists: replay its answer, refuse a different request, or 409 in flight.
 
@@ -203,6 +246,7 @@ def _replay(
     existing = session.execute(
         lookup(principal.subject, [key], session.get_bind().dialect.name)
     ).one()
+    body = replayed_body(session, existing) if existing.state == "done" else None
     session.rollback()
     if existing.fingerprint != print_:
         raise ApiError(
@@ -215,15 +259,13 @@ def _replay(
         log.warning("idempotency.abandoned", key=key)
         session.execute(delete(_KEYS).where(_KEYS.c.id == existing.id))
         session.commit()
-        return run(request, session, principal, key, payload, handler)
-    if existing.state != "done" or existing.response_body is None:
+        return run(request, session, principal, key, payload, handler, as_of=as_of)
+    if body is None:
         raise conflict(
             "idempotency_in_flight", "a request with this Idempotency-Key is still running"
         )
     log.info("idempotency.replay", key=key)
-    return _respond(
-        existing.response_status or 200, json.loads(existing.response_body), replayed=True
-    )
+    return _respond(existing.response_status or 200, body, replayed=True)
 
 
 def purge(session: Session, now: dt.datetime, *, limit: int | None = None) -> int:

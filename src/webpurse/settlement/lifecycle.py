@@ -198,7 +198,11 @@ def bind(
 def record_proof(
     ctx: Ctx, strategy: Strategy[Row], row: Row, card: Card, succeeded: changes.Changes
 ) -> None:
-    """The card proved ``row``: its columns, the shadow purse one step on, the card's history."""
+    """The card proved ``row``: its columns, the shadow purse one step on, the card's history.
+
+    A payment adds no card event: the payment row (its TAC, counter and ``succeeded_at``)
+    is the card's purchase record, listed with the card's events (``routes_admin``).
+    """
     assert row.balance_before is not None and row.counter is not None
     changes.apply(row, succeeded)
     settled = changes.card_settled(
@@ -211,6 +215,8 @@ def record_proof(
     changes.apply(card, settled)
     if card.open_transaction == row.id:
         card.open_transaction = None
+    if strategy.kind is Kind.PAYMENT:
+        return
     event, detail = changes.card_event(
         strategy.kind, row.id, row.amount, row.counter, succeeded["tac"]
     )

@@ -152,6 +152,9 @@ class Payment(Base):
     tac: Mapped[str | None] = mapped_column(String(8), nullable=True)
     refunded_amount: Mapped[int] = mapped_column(BigInteger, default=0)
     authorised_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    # When the card proved the debit: the capture's answer and the card's purchase history
+    # are rendered from the row with it (views.payment_as_of, routes_admin.card_events).
+    succeeded_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
     updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
 
@@ -280,6 +283,11 @@ class IdempotencyRecord(Base):
     state: Mapped[str] = mapped_column(String(12))  # in_flight | done
     response_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
     response_body: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Instead of ``response_body``: the payment whose answer this was, and the purchase
+    # step (create, authorise, capture) it answered; replayed as it was then
+    # (views.payment_as_of).
+    object_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    step: Mapped[str | None] = mapped_column(String(12), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), index=True)
 
 

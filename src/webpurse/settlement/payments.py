@@ -15,12 +15,9 @@ may be fabricated) is linked to it (``supersedes``) and releases it when it is c
 
 from __future__ import annotations
 
-from typing import Any
-
 import structlog
 
 from webpurse.protocol.commands import (
-    DebitForPurchase,
     DebitForPurchaseResponse,
     InitializeForPurchaseResponse,
 )
@@ -44,47 +41,11 @@ from webpurse.settlement.schemas import (
 )
 from webpurse.settlement.service import Ctx, new_id, parse, parse_issuer
 from webpurse.settlement.transactions import Kind, Status, move
+from webpurse.settlement.views import payment_json as payment_json
 
 log = structlog.get_logger(__name__)
 
 PAYMENT = Kind.PAYMENT
-
-
-def payment_json(payment: Payment) -> dict[str, Any]:
-    authorisation = None
-    if payment.mac1 is not None and payment.terminal_seq is not None:
-        debit = DebitForPurchase(
-            payment.terminal_seq,
-            decode_bcd_date(bytes.fromhex(payment.txn_date or "")),
-            decode_bcd_time(bytes.fromhex(payment.txn_time or "")),
-            bytes.fromhex(payment.mac1),
-        )
-        authorisation = {
-            "terminal_seq": payment.terminal_seq,
-            "date": payment.txn_date,
-            "time": payment.txn_time,
-            "mac1": payment.mac1,
-            "debit_apdu": debit.to_apdu().to_bytes().hex().upper(),
-        }
-    return {
-        "id": payment.id,
-        "object": "payment",
-        "status": payment.status,
-        "amount": payment.amount,
-        "currency": payment.currency,
-        "description": payment.description,
-        "merchant_reference": payment.merchant_reference,
-        "metadata": payment.metadata_,
-        "terminal_id": payment.terminal_id,
-        "key_index": payment.key_index,
-        "card_number": payment.card_number,
-        "decline_code": payment.decline_code,
-        "tac": payment.tac,
-        "amount_refunded": payment.refunded_amount,
-        "created_at": payment.created_at.isoformat(),
-        "updated_at": payment.updated_at.isoformat(),
-        "authorisation": authorisation,
-    }
 
 
 def get_payment(ctx: Ctx, payment_id: str, *, lock: bool = False) -> Payment:

@@ -6,20 +6,21 @@ Card issuance is not here: it handles card keys, so it is the local CLI only
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
-from webpurse.settlement import expiry, idempotency, ledger, registry
+from webpurse.settlement import changes, expiry, idempotency, ledger, registry
 from webpurse.settlement.auth import OperatorPrincipal
 from webpurse.settlement.deps import PROBLEMS, IdempotencyKey, SessionDep
 from webpurse.settlement.merchants import MerchantError, create_merchant, merchant_json
-from webpurse.settlement.models import Card, CardEvent, CardObservation, Merchant
+from webpurse.settlement.models import Card, CardEvent, CardObservation, Merchant, Payment
 from webpurse.settlement.problems import ApiError, not_found
 from webpurse.settlement.schemas import CardStatusChange, Empty, MerchantCreate
-from webpurse.settlement.transactions import CardStatus
+from webpurse.settlement.transactions import CardStatus, Kind
 
 router = APIRouter(prefix="/v1", tags=["operator"])
 
@@ -79,17 +80,59 @@ def get_card(card_number: str, principal: OperatorPrincipal, session: SessionDep
     return registry.card_json(_card(session, card_number))
 
 
+def _caused_by(detail: dict[str, Any], payment_id: str) -> bool:
+    """Whether a recorded event followed from ``payment_id``'s capture in its own request
+    (the release of what its counter disproved, the heal that settled it)."""
+    reason = detail.get("reason")
+    return detail.get("settled") == payment_id or (
+        isinstance(reason, str) and reason.endswith(f" used by {payment_id}")
+    )
+
+
 @router.get("/cards/{card_number}/events", responses=PROBLEMS)
 def card_events(
     card_number: str, principal: OperatorPrincipal, session: SessionDep
 ) -> dict[str, Any]:
+    """The card's history: its recorded events and its purchases, oldest first.
+
+    A purchase is not a recorded event but its payment (TAC, counter, ``succeeded_at``),
+    shown as the ``purchase`` event it was recorded as before (migration 0013b). It goes
+    before the first recorded event after it, or at the same instant one its capture
+    caused (recorded after it in the same request); at the same instant otherwise, after
+    the recorded ones.
+    """
     card = _card(session, card_number)
-    rows = session.scalars(
+    recorded = session.scalars(
         select(CardEvent).where(CardEvent.card_id == card.id).order_by(CardEvent.id)
+    ).all()
+    pending = deque(
+        session.execute(
+            select(Payment.id, Payment.amount, Payment.counter, Payment.tac, Payment.succeeded_at)
+            .where(Payment.card_id == card.id, Payment.succeeded_at.is_not(None))
+            .order_by(Payment.counter, Payment.id)
+        ).all()
     )
-    data = [
-        {"kind": e.kind, "detail": e.detail, "created_at": e.created_at.isoformat()} for e in rows
-    ]
+    data: list[dict[str, Any]] = []
+
+    def purchase() -> None:
+        p = pending.popleft()
+        kind, detail = changes.card_event(Kind.PAYMENT, p.id, p.amount, p.counter, p.tac)
+        data.append({"kind": kind, "detail": detail, "created_at": p.succeeded_at.isoformat()})
+
+    for event in recorded:
+        while pending and (
+            pending[0].succeeded_at < event.created_at
+            or (
+                pending[0].succeeded_at == event.created_at
+                and _caused_by(event.detail, pending[0].id)
+            )
+        ):
+            purchase()
+        data.append(
+            {"kind": event.kind, "detail": event.detail, "created_at": event.created_at.isoformat()}
+        )
+    while pending:
+        purchase()
     return {"object": "list", "data": data, "has_more": False}
 
 

@@ -47,6 +47,7 @@ def create_payment(
         body,
         lambda ctx: payment_json(payments.create(ctx, body)),
         status=201,
+        as_of="create",
     )
 
 

@@ -23,6 +23,7 @@ from webpurse.settlement.auth import Principal
 from webpurse.settlement.deps import PROBLEMS, IdempotencyKey, SessionDep, idempotent, make_ctx
 from webpurse.settlement.schemas import Cancel, Empty, Resolve
 from webpurse.settlement.service import Ctx
+from webpurse.settlement.views import STEPS
 
 Service = Callable[..., Any]
 
@@ -127,6 +128,9 @@ def _route(
 
 
 def _post(kind: Kind, action: Action) -> Callable[..., JSONResponse]:
+    # A payment's authorise and capture answers are stored as references (views.STEPS).
+    as_of = action.name if kind.name == "payment" and action.name in STEPS else None
+
     def post(
         request: Request,
         object_id: str,
@@ -143,6 +147,7 @@ def _post(kind: Kind, action: Action) -> Callable[..., JSONResponse]:
             idempotency_key,
             action.payload(body),
             lambda ctx: kind.to_json(action.service(ctx, object_id, body)),
+            as_of=as_of,
         )
 
     return post

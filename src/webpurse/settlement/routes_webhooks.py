@@ -42,6 +42,7 @@ from webpurse.settlement.webhooks import (
     WebhookMessage,
     WebhookWorker,
     check_target,
+    event_bytes,
     event_matches,
     new_id,
     new_message,
@@ -244,7 +245,7 @@ def _event_out(session: Session, event: WebhookEvent, *, with_log: bool) -> Even
                 log=log,
             )
         )
-    body = json.loads(event.body)
+    body = json.loads(event_bytes(session, event))
     return EventOut(
         id=event.id,
         type=event.type,

@@ -1,16 +1,56 @@
-"""How the API shows a load and a refund (docs/settlement-api.md): plain dicts for JSON.
+"""How the API shows a payment, a load and a refund (docs/settlement-api.md): plain dicts.
 
 Their own module, below the services: ``funding`` and ``loads`` show a load, ``loads`` and
-``refunds`` show a refund, without importing one another.
+``refunds`` show a refund, without importing one another; the webhook outbox and the
+idempotency keys show a payment as it was at one step of its purchase
+(:func:`payment_as_of`), without importing the payment service.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
-from webpurse.protocol.commands import CreditForLoad
+from webpurse.protocol.commands import CreditForLoad, DebitForPurchase
 from webpurse.protocol.records import decode_bcd_date, decode_bcd_time
-from webpurse.settlement.models import Load, Refund
+from webpurse.settlement.models import Load, Payment, Refund
+
+
+def payment_json(payment: Payment) -> dict[str, Any]:
+    authorisation = None
+    if payment.mac1 is not None and payment.terminal_seq is not None:
+        debit = DebitForPurchase(
+            payment.terminal_seq,
+            decode_bcd_date(bytes.fromhex(payment.txn_date or "")),
+            decode_bcd_time(bytes.fromhex(payment.txn_time or "")),
+            bytes.fromhex(payment.mac1),
+        )
+        authorisation = {
+            "terminal_seq": payment.terminal_seq,
+            "date": payment.txn_date,
+            "time": payment.txn_time,
+            "mac1": payment.mac1,
+            "debit_apdu": debit.to_apdu().to_bytes().hex().upper(),
+        }
+    return {
+        "id": payment.id,
+        "object": "payment",
+        "status": payment.status,
+        "amount": payment.amount,
+        "currency": payment.currency,
+        "description": payment.description,
+        "merchant_reference": payment.merchant_reference,
+        "metadata": payment.metadata_,
+        "terminal_id": payment.terminal_id,
+        "key_index": payment.key_index,
+        "card_number": payment.card_number,
+        "decline_code": payment.decline_code,
+        "tac": payment.tac,
+        "amount_refunded": payment.refunded_amount,
+        "created_at": payment.created_at.isoformat(),
+        "updated_at": payment.updated_at.isoformat(),
+        "authorisation": authorisation,
+    }
 
 
 def load_json(load: Load) -> dict[str, Any]:
@@ -59,3 +99,76 @@ def refund_json(refund: Refund) -> dict[str, Any]:
         "created_at": refund.created_at.isoformat(),
         "updated_at": refund.updated_at.isoformat(),
     }
+
+
+# --- a payment as it answered at one step of its purchase ------------------------------
+#
+# A purchase answers three times: create (201), authorise and capture (200). Each answer
+# is the payment as it was right after that step, and the payment row still holds all of
+# it: what a step does not override below is written once, at or before that step, and
+# never again (amount, currency, description, reference, metadata, terminal, key index and
+# created_at at create; the card number and the authorisation — terminal_seq, date, time,
+# MAC1 — at authorise; the TAC at capture). What later steps change (status, decline_code,
+# tac, amount_refunded, updated_at) is pinned to its value at the step, with the step's own
+# time from the row (created_at, authorised_at, succeeded_at). So the answer is re-rendered
+# instead of stored (the idempotency key's replay, the outbox's event body), and
+# :func:`renders_as_of` checks, when the answer is first given, that it is exactly what
+# the re-rendering will give; an answer it does not cover is stored as it is.
+
+STEPS = ("create", "authorise", "capture")
+"""The purchase steps whose successful answer :func:`payment_as_of` renders."""
+
+_STEP_TIME = {"create": "created_at", "authorise": "authorised_at", "capture": "succeeded_at"}
+
+
+def _pinned(step: str, at: dt.datetime) -> dict[str, Any]:
+    """The members of a payment's JSON a later step changes, as they were after ``step``."""
+    later: dict[str, Any] = {"decline_code": None, "amount_refunded": 0}
+    if step == "create":
+        status = "requires_card"
+        later |= {"card_number": None, "tac": None, "authorisation": None}
+    elif step == "authorise":
+        status = "authorised"
+        later["tac"] = None
+    elif step == "capture":
+        status = "succeeded"
+    else:
+        raise ValueError(f"no as-of rendering for the step {step!r}")
+    return {"status": status, **later, "updated_at": _iso(at)}
+
+
+def _iso(at: dt.datetime) -> str:
+    """A time as a payment's JSON shows it once read back (the columns are UTC)."""
+    return at.astimezone(dt.UTC).isoformat()
+
+
+def step_time(payment: Payment, step: str) -> dt.datetime | None:
+    """When ``payment`` took ``step`` (None: it has not, or the row does not say)."""
+    at: dt.datetime | None = getattr(payment, _STEP_TIME[step])
+    return at
+
+
+def payment_as_of(payment: Payment, step: str) -> dict[str, Any]:
+    """``payment``'s JSON as it was right after ``step``, whatever happened to it since.
+
+    Raises ``ValueError`` if the row does not know when it took ``step``.
+    """
+    at = step_time(payment, step)
+    if at is None:
+        raise ValueError(f"payment {payment.id} has no time for the step {step!r}")
+    answer = payment_json(payment)
+    answer.update(_pinned(step, at))
+    return answer
+
+
+def renders_as_of(answer: dict[str, Any], payment: Payment, step: str) -> bool:
+    """Whether ``answer`` (``payment``'s JSON right after ``step``) is exactly what
+    :func:`payment_as_of` will render for it later: only then may it be re-rendered."""
+    if step not in _STEP_TIME or answer.get("object") != "payment":
+        return False
+    at = step_time(payment, step)
+    if at is None or answer.get("id") != payment.id:
+        return False
+    if answer.get("created_at") != _iso(payment.created_at):
+        return False  # a clock not in UTC: the stored column reads back otherwise
+    return all(answer.get(name) == value for name, value in _pinned(step, at).items())

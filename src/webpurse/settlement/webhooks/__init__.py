@@ -62,6 +62,8 @@ from webpurse.settlement.webhooks.outbox import (
     DELIVERY_RETENTION,
     PRUNE_BATCH,
     enqueue_event,
+    event_bytes,
+    event_fields,
     new_message,
     prune_delivered,
 )
@@ -133,6 +135,8 @@ __all__ = [
     "deliver_due",
     "enqueue_event",
     "event_body",
+    "event_bytes",
+    "event_fields",
     "event_matches",
     "new_id",
     "new_message",

@@ -22,6 +22,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from webpurse.settlement.webhooks.errors import TargetNotAllowedError, WebhookError
+from webpurse.settlement.webhooks.outbox import event_bytes
 from webpurse.settlement.webhooks.retry import RetryPolicy
 from webpurse.settlement.webhooks.secret_box import SecretBox
 from webpurse.settlement.webhooks.signing import signed_headers
@@ -258,7 +259,7 @@ def _claim_one(
         event_id=event.id,
         url=endpoint.url,
         secret=secret,
-        body=event.body.encode("utf-8"),
+        body=event_bytes(session, event),
     )
 
 

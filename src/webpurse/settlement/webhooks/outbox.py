@@ -1,4 +1,12 @@
-"""The outbox: events and their deliveries written in the caller's transaction, and pruned."""
+"""The outbox: events and their deliveries written in the caller's transaction, and pruned.
+
+An event whose body the payment row renders again exactly — ``payment.succeeded``, the
+purchase's own event, whose ``data`` is the payment as captured — is stored small: its
+type, time and the payment's id, body NULL (:func:`event_fields`). Its deliveries and the
+merchant's event list render the body from the payment as of the capture
+(:func:`event_bytes`, :func:`~webpurse.settlement.views.payment_as_of`): the same bytes,
+so the same signatures. Every other event stores its body, as do rows from before.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +21,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
+from webpurse.settlement.models import Payment
+from webpurse.settlement.views import payment_as_of, renders_as_of
 from webpurse.settlement.webhooks.bodies import EVENT_TYPE_RE, event_body, event_matches
 from webpurse.settlement.webhooks.errors import WebhookError
 from webpurse.settlement.webhooks.tables import (
@@ -28,6 +38,41 @@ from webpurse.settlement.webhooks.tables import (
 
 log = structlog.get_logger(__name__)
 
+AS_OF_STEP = {"payment.succeeded": "capture"}
+"""The events whose body is the payment as of a purchase step, and that step."""
+
+
+def event_fields(
+    event_id: str,
+    event_type: str,
+    created_at: datetime,
+    data: Mapping[str, Any],
+    payment: Payment | None = None,
+) -> dict[str, Any]:
+    """The stored columns of an event beyond its id, type and time: its body, or — if
+    ``payment`` renders ``data`` again exactly as of the event's step — the payment's id."""
+    step = AS_OF_STEP.get(event_type)
+    if (
+        step is not None
+        and payment is not None
+        and isinstance(data, dict)
+        and renders_as_of(data, payment, step)
+    ):
+        return {"body": None, "object_id": payment.id}
+    body = event_body(event_id, event_type, created_at, data)
+    return {"body": body.decode("utf-8"), "object_id": None}
+
+
+def event_bytes(session: Session, event: WebhookEvent) -> bytes:
+    """The body every delivery of ``event`` carries: stored, or rendered from its payment."""
+    if event.body is not None:
+        return event.body.encode("utf-8")
+    payment = session.get(Payment, event.object_id)
+    if payment is None:  # payments are never deleted
+        raise WebhookError(f"event {event.id}: payment {event.object_id} is gone")
+    data = payment_as_of(payment, AS_OF_STEP[event.type])
+    return event_body(event.id, event.type, _aware(event.created_at), data)
+
 
 def enqueue_event(
     session: Session,
@@ -42,19 +87,20 @@ def enqueue_event(
     Runs in the caller's transaction (it flushes, never commits): the event exists exactly
     when the state change that caused it commits. ``data`` is the event's ``data`` member
     (see :func:`event_body`), e.g. ``{"object": payment_json}`` or the bare payment JSON.
+    A payment's event that its row renders again is stored without its body
+    (:func:`event_fields`).
     """
     if not EVENT_TYPE_RE.fullmatch(event_type):
         raise WebhookError(f"unknown event type {event_type!r}")
     created = _aware(now) if now is not None else _utcnow()
     event_id = new_id("evt")
-    body = event_body(event_id, event_type, created, data)
+    payment = None
+    if event_type in AS_OF_STEP and data.get("object") == "payment":
+        payment = session.get(Payment, data.get("id"))  # the caller's: no query
+    fields = event_fields(event_id, event_type, created, data, payment)
     session.add(
         WebhookEvent(
-            id=event_id,
-            merchant_id=merchant_id,
-            type=event_type,
-            created_at=created,
-            body=body.decode("utf-8"),
+            id=event_id, merchant_id=merchant_id, type=event_type, created_at=created, **fields
         )
     )
     endpoints = session.scalars(

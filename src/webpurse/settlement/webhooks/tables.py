@@ -62,7 +62,11 @@ class WebhookEndpoint(Base):
 
 
 class WebhookEvent(Base):
-    """An event as it is delivered: its JSON body is fixed at creation, byte for byte."""
+    """An event as it is delivered: its JSON body is fixed at creation, byte for byte.
+
+    Stored as it is, or (``body`` NULL) named by its object: a payment's event is rendered
+    from the payment as of the event (:func:`.outbox.event_bytes`), the same bytes.
+    """
 
     __tablename__ = "webhook_events"
     __table_args__ = (Index("ix_webhook_events_merchant_created", "merchant_id", "created_at"),)
@@ -71,7 +75,8 @@ class WebhookEvent(Base):
     merchant_id: Mapped[str] = mapped_column(ForeignKey("merchants.id"))
     type: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
-    body: Mapped[str] = mapped_column(Text)
+    body: Mapped[str | None] = mapped_column(Text, nullable=True)
+    object_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
 
 
 class WebhookMessage(Base):
