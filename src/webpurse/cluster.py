@@ -23,14 +23,12 @@ import re
 import signal
 import ssl
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import httpx
-import typer
 
 from webpurse import demo as single
 from webpurse.balancer import (
@@ -297,52 +295,43 @@ def cluster_demo(
         shops=shops,
         settlements=settlements,
     )
-    out = typer.echo
-    single._interrupt_on_signals()
-    with stack.running():
-        try:
-            out(
-                f"setting up {shops} shop + {settlements} settlement processes"
-                f" in {stack.data_dir} …"
-            )
-            state = stack.up()
-            image = Path(state.card_image)
-            out(f"demo card {image.name}: balance {single._fen(single.card_balance(image))}")
-            yes = scripted or not sys.stdin.isatty()
-            stack.start_agent(image, yes=yes)
-            if scripted:
-                receipt = single.scripted_purchase(stack)
-                ledger = stack.ledger_check()
-                single._print_receipt(receipt, ledger)
-                ok = receipt["status"] == "paid" and ledger.get("ok") is True
-                raise typer.Exit(0 if ok else 1)
-            assert stack.tls is not None
-            out("")
-            out(f"  shop:       {stack.merchant_url}/   (HAProxy, TLS; CA {stack.tls.ca})")
-            for name, number in zip(
-                (f"shop{i + 1}" for i in range(shops)), stack.shop_ports, strict=True
-            ):
-                out(f"    {name}:    http://{stack.host}:{number}/health")
-            out(
-                f"  till:       {stack.merchant_url}/staff  (staff {state.staff_name},"
-                f" password {state.staff_password})"
-            )
-            out(f"  settlement: {stack.settlement_url}/docs")
-            for name, number in zip(
-                (f"settlement{i + 1}" for i in range(settlements)),
-                stack.settlement_ports,
-                strict=True,
-            ):
-                out(f"    {name}: http://{stack.host}:{number}/health")
-            out(f"  agent:      {stack.agent_url}  (card {image})")
-            out(f"  databases:  {stack.database_url.split('@')[-1]} (+ _shop); {redis_url}")
-            out("")
-            out("The certificate is self-signed: the browser asks once. Ctrl-C stops.")
-            while all(p.poll() is None for p in stack.processes):
-                time.sleep(0.5)
-            out("a process stopped; shutting down")
-        except DemoError as exc:
-            typer.echo(f"error: {exc} (logs in {stack.data_dir})", err=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            out("\nstopping …")
+
+    def addresses(state: single.DemoState, image: Path, yes: bool) -> list[str]:
+        assert stack.tls is not None
+        return [
+            "",
+            f"  shop:       {stack.merchant_url}/   (HAProxy, TLS; CA {stack.tls.ca})",
+            *(
+                f"    shop{i + 1}:    http://{stack.host}:{number}/health"
+                for i, number in enumerate(stack.shop_ports)
+            ),
+            f"  till:       {stack.merchant_url}/staff  (staff {state.staff_name},"
+            f" password {state.staff_password})",
+            f"  settlement: {stack.settlement_url}/docs",
+            *(
+                f"    settlement{i + 1}: http://{stack.host}:{number}/health"
+                for i, number in enumerate(stack.settlement_ports)
+            ),
+            f"  agent:      {stack.agent_url}  (card {image})",
+            f"  databases:  {stack.database_url.split('@')[-1]} (+ _shop); {redis_url}",
+            "",
+            "The certificate is self-signed: the browser asks once. Ctrl-C stops.",
+        ]
+
+    single.run_stack(
+        stack,
+        scripted=scripted,
+        setting_up=f"setting up {shops} shop + {settlements} settlement processes"
+        f" in {stack.data_dir} …",
+        run_scripted=_scripted_purchase,
+        addresses=addresses,
+        stopped="a process stopped; shutting down",
+    )
+
+
+def _scripted_purchase(stack: single.DemoStack) -> bool:
+    """``demo --cluster --scripted``: one purchase through HAProxy; whether it was paid."""
+    receipt = single.scripted_purchase(stack)
+    ledger = stack.ledger_check()
+    single._print_receipt(receipt, ledger)
+    return receipt["status"] == "paid" and ledger.get("ok") is True

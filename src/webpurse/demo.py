@@ -32,7 +32,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -619,46 +619,73 @@ def demo(
         merchant_port=port or free_port(),
         agent_port=agent_port or free_port(),
     )
+
+    def addresses(state: DemoState, image: Path, yes: bool) -> list[str]:
+        return [
+            "",
+            f"  shop:       {stack.merchant_url}/",
+            f"  till:       {stack.merchant_url}/staff  (staff {state.staff_name},"
+            f" password {state.staff_password})",
+            f"  float:      {_fen(DEMO_FLOAT)} deposited for cash top-ups at the till",
+            f"  settlement: {stack.settlement_url}/docs",
+            f"  agent:      {stack.agent_url}  (card {image})",
+            "  consent:    " + ("automatic (no terminal)" if yes else "asked in this terminal"),
+            "",
+            "Open the shop in a browser, buy something, pay with the card. Ctrl-C stops.",
+            "Top up: sign in at the till and take cash (the float pays for the value), or",
+            "order a bank transfer on the shop's top-up page and pay it with a statement:",
+            "  webpurse settlement statement import FILE --format csv   (docs/merchant.md)",
+        ]
+
+    run_stack(
+        stack,
+        scripted=scripted,
+        setting_up=f"setting up in {stack.data_dir} …",
+        run_scripted=_scripted_purchase_and_topup,
+        addresses=addresses,
+        stopped="a server stopped; shutting down",
+    )
+
+
+def _scripted_purchase_and_topup(stack: DemoStack) -> bool:
+    """``demo --scripted``: a purchase and a funded top-up; whether both went through."""
+    receipt = scripted_purchase(stack)
+    topup = scripted_funded_topup(stack)
+    ledger = stack.ledger_check()
+    _print_receipt(receipt, ledger)
+    _print_topup_receipt(topup)
+    return receipt["status"] == "paid" and topup["status"] == "loaded" and ledger.get("ok") is True
+
+
+def run_stack(
+    stack: DemoStack,
+    *,
+    scripted: bool,
+    setting_up: str,
+    run_scripted: Callable[[DemoStack], bool],
+    addresses: Callable[[DemoState, Path, bool], list[str]],
+    stopped: str,
+) -> None:
+    """Set ``stack`` up and start its agent on the demo card; then, scripted, exit 0 when
+    ``run_scripted`` passed (1 otherwise), else print ``addresses`` (of the state, the card
+    image, whether consent is automatic) and run until Ctrl-C or until a process stops."""
     out = typer.echo
     _interrupt_on_signals()
     with stack.running():
         try:
-            out(f"setting up in {stack.data_dir} …")
+            out(setting_up)
             state = stack.up()
             image = Path(state.card_image)
             out(f"demo card {image.name}: balance {_fen(card_balance(image))}")
             yes = scripted or not sys.stdin.isatty()
             stack.start_agent(image, yes=yes)
             if scripted:
-                receipt = scripted_purchase(stack)
-                topup = scripted_funded_topup(stack)
-                ledger = stack.ledger_check()
-                _print_receipt(receipt, ledger)
-                _print_topup_receipt(topup)
-                ok = (
-                    receipt["status"] == "paid"
-                    and topup["status"] == "loaded"
-                    and ledger.get("ok") is True
-                )
-                raise typer.Exit(0 if ok else 1)
-            out("")
-            out(f"  shop:       {stack.merchant_url}/")
-            out(
-                f"  till:       {stack.merchant_url}/staff  (staff {state.staff_name},"
-                f" password {state.staff_password})"
-            )
-            out(f"  float:      {_fen(DEMO_FLOAT)} deposited for cash top-ups at the till")
-            out(f"  settlement: {stack.settlement_url}/docs")
-            out(f"  agent:      {stack.agent_url}  (card {image})")
-            out("  consent:    " + ("automatic (no terminal)" if yes else "asked in this terminal"))
-            out("")
-            out("Open the shop in a browser, buy something, pay with the card. Ctrl-C stops.")
-            out("Top up: sign in at the till and take cash (the float pays for the value), or")
-            out("order a bank transfer on the shop's top-up page and pay it with a statement:")
-            out("  webpurse settlement statement import FILE --format csv   (docs/merchant.md)")
+                raise typer.Exit(0 if run_scripted(stack) else 1)
+            for line in addresses(state, image, yes):
+                out(line)
             while all(p.poll() is None for p in stack.processes):
                 time.sleep(0.5)
-            out("a server stopped; shutting down")
+            out(stopped)
         except DemoError as exc:
             typer.echo(f"error: {exc} (logs in {stack.data_dir})", err=True)
             raise typer.Exit(2) from None
