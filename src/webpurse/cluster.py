@@ -283,13 +283,12 @@ def cluster_demo(
     settlements: int = 2,
 ) -> None:
     """The demo with 2 + 2 processes behind HAProxy (what ``demo --cluster`` runs)."""
-    if scripted:
-        port, settlement_port, agent_port = 0, 0, 0
-    stack = ClusterStack(
-        data_dir.resolve(),
-        settlement_port=settlement_port or free_port(),
-        merchant_port=port or free_port(),
-        agent_port=agent_port or free_port(),
+    stack = ClusterStack.on_ports(
+        data_dir,
+        scripted=scripted,
+        port=port,
+        settlement_port=settlement_port,
+        agent_port=agent_port,
         database_url=database_url,
         redis_url=redis_url,
         shops=shops,

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import httpx
 import typer
@@ -129,6 +129,30 @@ class DemoStack:
     webhook_secret: str | None = field(default=None, repr=False)
     scheme: ClassVar[str] = "http"
     """How the shopper and the shop reach settlement and the shop (the cluster: https)."""
+
+    @classmethod
+    def on_ports(
+        cls,
+        data_dir: Path,
+        *,
+        scripted: bool,
+        port: int,
+        settlement_port: int,
+        agent_port: int,
+        **fields: Any,
+    ) -> Self:
+        """A stack in ``data_dir`` on the ports asked for (0: a free one). Scripted, every
+        port is a free one: headless runs must not clash with a demo (or anything else) on
+        the usual ports."""
+        if scripted:
+            port, settlement_port, agent_port = 0, 0, 0
+        return cls(
+            data_dir.resolve(),
+            settlement_port=settlement_port or free_port(),
+            merchant_port=port or free_port(),
+            agent_port=agent_port or free_port(),
+            **fields,
+        )
 
     @property
     def settlement_url(self) -> str:
@@ -511,6 +535,14 @@ def scripted_purchase(
     return {
         "order": order_id,
         "payment": status.get("settlement_id"),
+        **_outcome(status, before, image),
+    }
+
+
+def _outcome(status: dict[str, Any], before: int, image: Path) -> dict[str, Any]:
+    """What a scripted order's receipt tells of the card: the order's final status, the
+    balance before and after, the TAC, the round trips, any decline."""
+    return {
         "status": status.get("status"),
         "amount": status.get("amount"),
         "balance_before": before,
@@ -585,13 +617,7 @@ def scripted_funded_topup(
         "load": status.get("settlement_id"),
         "reference": reference,
         "statement": summary["file"],
-        "status": status.get("status"),
-        "amount": status.get("amount"),
-        "balance_before": before,
-        "balance_after": card_balance(image),
-        "tac": status.get("tac"),
-        "round_trips": status.get("round_trips"),
-        "decline_code": status.get("decline_code"),
+        **_outcome(status, before, image),
     }
 
 
@@ -610,14 +636,12 @@ def demo(
     agent_port: int,
 ) -> None:
     """Run settlement, the shop, and an agent with an emulated card; Ctrl-C stops them."""
-    if scripted:
-        # Headless runs must not clash with a demo (or anything else) on the usual ports.
-        port, settlement_port, agent_port = 0, 0, 0
-    stack = DemoStack(
-        data_dir.resolve(),
-        settlement_port=settlement_port or free_port(),
-        merchant_port=port or free_port(),
-        agent_port=agent_port or free_port(),
+    stack = DemoStack.on_ports(
+        data_dir,
+        scripted=scripted,
+        port=port,
+        settlement_port=settlement_port,
+        agent_port=agent_port,
     )
 
     def addresses(state: DemoState, image: Path, yes: bool) -> list[str]:
