@@ -228,6 +228,23 @@ class ReaderHub:
             routed = RoutedReader(directory, state, batch_timeout=self.batch_timeout)
             await routed.end(Outcome.CANCELED, "another agent paired for this payment")
 
+    def _new_resume_token(self, reader: RemoteReader) -> str:
+        """A fresh resume token for ``reader``: found by its hash here and, shared, in any
+        shop process."""
+        resume_token = secrets.token_urlsafe(32)
+        self._by_resume[digest(resume_token)] = reader
+        self._share_resume(digest(resume_token), reader)
+        return resume_token
+
+    def _unregister(self, reader: RemoteReader) -> None:
+        """``reader`` is no longer this process's: its binding, resume tokens and display."""
+        if self._readers.get(reader.binding) is reader:
+            del self._readers[reader.binding]
+        for key in [k for k, r in self._by_resume.items() if r is reader]:
+            del self._by_resume[key]
+        self._displays.pop(reader.session, None)
+        self._changed.set()
+
     def _share_resume(self, key: bytes, reader: RemoteReader) -> None:
         """Let any shop process find ``reader``'s binding by its resume token's hash."""
         if self.directory is None:
@@ -310,12 +327,7 @@ class ReaderHub:
         }
         reader.moved = True
         reader._expire()  # ended here: a cashier here finds the session where it went
-        if self._readers.get(reader.binding) is reader:
-            del self._readers[reader.binding]
-        for key in [k for k, r in self._by_resume.items() if r is reader]:
-            del self._by_resume[key]
-        self._displays.pop(reader.session, None)
-        self._changed.set()
+        self._unregister(reader)
         log.info("session %s handed over (its agent resumed elsewhere)", reader.session)
         return moved
 
@@ -469,10 +481,8 @@ class ReaderHub:
             card=hello.card,
             batch_timeout=self.batch_timeout,
         )
-        resume_token = secrets.token_urlsafe(32)
         self._readers[record.binding] = reader
-        self._by_resume[digest(resume_token)] = reader
-        self._share_resume(digest(resume_token), reader)
+        resume_token = self._new_resume_token(reader)
         self._displays[reader.session] = record.display
         try:
             await link.send(
@@ -512,9 +522,7 @@ class ReaderHub:
             handle.cancel()
         # A fresh resume token each time: a token seen on a dropped path is spent.
         del self._by_resume[key]
-        resume_token = secrets.token_urlsafe(32)
-        self._by_resume[digest(resume_token)] = reader
-        self._share_resume(digest(resume_token), reader)
+        resume_token = self._new_resume_token(reader)
         lost = reader._take_lost_batch()
         try:
             await link.send(
@@ -596,9 +604,4 @@ class ReaderHub:
 
     def _forget(self, reader: RemoteReader) -> None:
         self._announce(reader)
-        if self._readers.get(reader.binding) is reader:
-            del self._readers[reader.binding]
-        for key in [k for k, r in self._by_resume.items() if r is reader]:
-            del self._by_resume[key]
-        self._displays.pop(reader.session, None)
-        self._changed.set()
+        self._unregister(reader)
