@@ -23,7 +23,6 @@ import re
 import signal
 import ssl
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -41,12 +40,15 @@ from webpurse.balancer import (
 )
 from webpurse.balancer.tls import TlsFiles, make_certificates
 from webpurse.cluster_defaults import DEFAULT_POSTGRES, DEFAULT_REDIS
-from webpurse.demo import DemoError, DemoStack, free_port, webpurse_command
+from webpurse.demo import DemoError, DemoStack, free_port, wait_http, webpurse_command
 
 # How HAProxy picks a shop process: round-robin. The shops share their state over Redis
 # (WEBPURSE_REDIS_URL), so a purchase's page, agent, cashier and webhook may each be
 # served by a different process.
 SHOP_BALANCE = "roundrobin"
+
+# How long a cluster process may take to answer its health check (seconds).
+UP_WITHIN = 60.0
 
 
 def _libpq(url: str) -> str:
@@ -168,7 +170,7 @@ class ClusterStack(DemoStack):
             args = ["serve", "merchant", "--host", self.host, "--port", str(port)]
         process = self.spawn(name, [*webpurse_command(), *args], env)
         self.named[name] = process
-        wait_health(f"http://{self.host}:{port}/health", process=process)
+        wait_http(f"http://{self.host}:{port}/health", UP_WITHIN, process)
         return process
 
     def stats(self) -> dict[tuple[str, str], dict[str, str]]:
@@ -216,12 +218,12 @@ class ClusterStack(DemoStack):
         config = write_config(self.data_dir, layout, self.tls)
         process = self.spawn("haproxy", command(config))
         self.named["haproxy"] = process
-        wait_health(f"{self.settlement_url}/health", process=process, verify=self.ssl_context())
+        wait_http(f"{self.settlement_url}/health", UP_WITHIN, process, verify=self.ssl_context())
 
     def start_merchant(self) -> None:
         for index in range(self.shops):
             self.start_named(f"shop{index + 1}")
-        wait_health(f"{self.merchant_url}/health", verify=self.ssl_context())
+        wait_http(f"{self.merchant_url}/health", UP_WITHIN, verify=self.ssl_context())
 
     def settlement_client(self, key: str | None = None) -> httpx.Client:
         assert self.state is not None
@@ -244,30 +246,6 @@ class ClusterStack(DemoStack):
         assert self.tls is not None
         os.environ["SSL_CERT_FILE"] = str(self.tls.ca)
         return state
-
-
-def wait_health(
-    url: str,
-    *,
-    process: subprocess.Popen[bytes] | None = None,
-    verify: ssl.SSLContext | bool = True,
-    timeout: float = 60.0,
-) -> None:
-    """Poll ``url`` until it answers 200, the process dies, or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise DemoError(f"{url}: the server exited with {process.returncode}")
-        try:
-            answer = httpx.get(url, timeout=2.0, verify=verify)
-            if answer.status_code == 200:
-                return
-            last = str(answer.status_code)
-        except httpx.HTTPError as exc:
-            last = type(exc).__name__
-        time.sleep(0.1)
-    raise DemoError(f"{url} did not come up within {timeout:g} s ({last})")
 
 
 def cluster_demo(

@@ -29,6 +29,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -71,7 +72,11 @@ def webpurse_command() -> list[str]:
 
 
 def wait_http(
-    url: str, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None
+    url: str,
+    timeout: float = 30.0,
+    process: subprocess.Popen[bytes] | None = None,
+    *,
+    verify: ssl.SSLContext | bool = True,
 ) -> None:
     """Poll ``url`` until it answers 200, the process dies, or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
@@ -80,8 +85,10 @@ def wait_http(
         if process is not None and process.poll() is not None:
             raise DemoError(f"{url}: the server exited with {process.returncode}")
         try:
-            if httpx.get(url, timeout=2.0).status_code == 200:
+            answer = httpx.get(url, timeout=2.0, verify=verify)
+            if answer.status_code == 200:
                 return
+            last = str(answer.status_code)
         except httpx.HTTPError as exc:
             last = type(exc).__name__
         time.sleep(0.1)
@@ -727,11 +734,9 @@ def _interrupt_on_signals() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
-def _print_receipt(receipt: dict[str, Any], ledger: dict[str, Any]) -> None:
-    lines = [
-        "receipt",
-        f"  order           {receipt['order']}",
-        f"  payment         {receipt['payment']}",
+def _outcome_lines(receipt: dict[str, Any]) -> list[str]:
+    """A receipt's lines for its :func:`_outcome`."""
+    return [
         f"  status          {receipt['status']}"
         + (f" ({receipt['decline_code']})" if receipt.get("decline_code") else ""),
         f"  amount          {_fen(receipt['amount'])}",
@@ -739,6 +744,15 @@ def _print_receipt(receipt: dict[str, Any], ledger: dict[str, Any]) -> None:
         f"  balance after   {_fen(receipt['balance_after'])}",
         f"  TAC             {receipt['tac']}",
         f"  round trips     {receipt['round_trips']}",
+    ]
+
+
+def _print_receipt(receipt: dict[str, Any], ledger: dict[str, Any]) -> None:
+    lines = [
+        "receipt",
+        f"  order           {receipt['order']}",
+        f"  payment         {receipt['payment']}",
+        *_outcome_lines(receipt),
         "  ledger check    "
         + ("consistent" if ledger.get("ok") else f"PROBLEMS: {ledger.get('problems')}"),
     ]
@@ -752,12 +766,6 @@ def _print_topup_receipt(receipt: dict[str, Any]) -> None:
         f"  load            {receipt['load']}",
         f"  reference       {receipt['reference']}",
         f"  statement       {receipt['statement']}",
-        f"  status          {receipt['status']}"
-        + (f" ({receipt['decline_code']})" if receipt.get("decline_code") else ""),
-        f"  amount          {_fen(receipt['amount'])}",
-        f"  balance before  {_fen(receipt['balance_before'])}",
-        f"  balance after   {_fen(receipt['balance_after'])}",
-        f"  TAC             {receipt['tac']}",
-        f"  round trips     {receipt['round_trips']}",
+        *_outcome_lines(receipt),
     ]
     typer.echo("\n".join(lines))
