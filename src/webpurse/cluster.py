@@ -40,7 +40,7 @@ from webpurse.balancer import (
 )
 from webpurse.balancer.tls import TlsFiles, make_certificates
 from webpurse.cluster_defaults import DEFAULT_POSTGRES, DEFAULT_REDIS
-from webpurse.demo import DemoError, DemoStack, free_port, wait_http, webpurse_command
+from webpurse.demo import DemoError, DemoStack, Ports, free_port, wait_http, webpurse_command
 
 # How HAProxy picks a shop process: round-robin. The shops share their state over Redis
 # (WEBPURSE_REDIS_URL), so a purchase's page, agent, cashier and webhook may each be
@@ -252,9 +252,7 @@ def cluster_demo(
     data_dir: Path,
     *,
     scripted: bool,
-    port: int,
-    settlement_port: int,
-    agent_port: int,
+    ports: Ports,
     database_url: str,
     redis_url: str,
     shops: int = 2,
@@ -263,10 +261,8 @@ def cluster_demo(
     """The demo with 2 + 2 processes behind HAProxy (what ``demo --cluster`` runs)."""
     stack = ClusterStack.on_ports(
         data_dir,
+        ports,
         scripted=scripted,
-        port=port,
-        settlement_port=settlement_port,
-        agent_port=agent_port,
         database_url=database_url,
         redis_url=redis_url,
         shops=shops,

@@ -121,6 +121,15 @@ class DemoState:
             return None
 
 
+@dataclass(frozen=True)
+class Ports:
+    """The ports ``webpurse demo`` was asked to serve on (0: any free one)."""
+
+    shop: int
+    settlement: int
+    agent: int
+
+
 @dataclass
 class DemoStack:
     """Settlement and merchant servers (uvicorn processes) over one data dir."""
@@ -138,26 +147,17 @@ class DemoStack:
     """How the shopper and the shop reach settlement and the shop (the cluster: https)."""
 
     @classmethod
-    def on_ports(
-        cls,
-        data_dir: Path,
-        *,
-        scripted: bool,
-        port: int,
-        settlement_port: int,
-        agent_port: int,
-        **fields: Any,
-    ) -> Self:
+    def on_ports(cls, data_dir: Path, ports: Ports, *, scripted: bool, **fields: Any) -> Self:
         """A stack in ``data_dir`` on the ports asked for (0: a free one). Scripted, every
         port is a free one: headless runs must not clash with a demo (or anything else) on
         the usual ports."""
         if scripted:
-            port, settlement_port, agent_port = 0, 0, 0
+            ports = Ports(0, 0, 0)
         return cls(
             data_dir.resolve(),
-            settlement_port=settlement_port or free_port(),
-            merchant_port=port or free_port(),
-            agent_port=agent_port or free_port(),
+            settlement_port=ports.settlement or free_port(),
+            merchant_port=ports.shop or free_port(),
+            agent_port=ports.agent or free_port(),
             **fields,
         )
 
@@ -638,18 +638,10 @@ def demo(
     *,
     data_dir: Path,
     scripted: bool,
-    port: int,
-    settlement_port: int,
-    agent_port: int,
+    ports: Ports,
 ) -> None:
     """Run settlement, the shop, and an agent with an emulated card; Ctrl-C stops them."""
-    stack = DemoStack.on_ports(
-        data_dir,
-        scripted=scripted,
-        port=port,
-        settlement_port=settlement_port,
-        agent_port=agent_port,
-    )
+    stack = DemoStack.on_ports(data_dir, ports, scripted=scripted)
 
     def addresses(state: DemoState, image: Path, yes: bool) -> list[str]:
         return [
