@@ -27,8 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-import httpx
-
 from webpurse import demo as single
 from webpurse.balancer import (
     Backend,
@@ -127,7 +125,7 @@ class ClusterStack(DemoStack):
         base, _, query = self.database_url.partition("?")
         return base + "_shop" + (f"?{query}" if query else "")
 
-    def ssl_context(self) -> ssl.SSLContext:
+    def verify(self) -> ssl.SSLContext:
         """A client context trusting this cluster's CA (and only it)."""
         assert self.tls is not None, "the balancer's certificates are made at start"
         return ssl.create_default_context(cafile=str(self.tls.ca))
@@ -218,21 +216,12 @@ class ClusterStack(DemoStack):
         config = write_config(self.data_dir, layout, self.tls)
         process = self.spawn("haproxy", command(config))
         self.named["haproxy"] = process
-        wait_http(f"{self.settlement_url}/health", UP_WITHIN, process, verify=self.ssl_context())
+        wait_http(f"{self.settlement_url}/health", UP_WITHIN, process, verify=self.verify())
 
     def start_merchant(self) -> None:
         for index in range(self.shops):
             self.start_named(f"shop{index + 1}")
-        wait_http(f"{self.merchant_url}/health", UP_WITHIN, verify=self.ssl_context())
-
-    def settlement_client(self, key: str | None = None) -> httpx.Client:
-        assert self.state is not None
-        return httpx.Client(
-            base_url=self.settlement_url,
-            headers={"Authorization": f"Bearer {key or self.state.api_key}"},
-            timeout=15.0,
-            verify=self.ssl_context(),
-        )
+        wait_http(f"{self.merchant_url}/health", UP_WITHIN, verify=self.verify())
 
     async def load_card_async(self, image: Path, amount: int) -> int:
         # The load flow's client trusts the environment's CA file (httpx: SSL_CERT_FILE).
