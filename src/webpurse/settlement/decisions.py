@@ -1,6 +1,6 @@
 """The settlement decisions as pure functions over values: authorise? decline why? settle?
 
-No database, no keys, no clock: callers pass the card record, the card's parsed answers,
+No database, no keys, no clock: visible pass the card record, the card's parsed answers,
 whether the MACs verified, and ``now``. Spec references: pboc-epurse.md §6 (interrupted
 transactions) and §7 (what the host must check).
 """

@@ -27,6 +27,7 @@ from webpurse.settlement.schemas import (
     LoadCreate,
     LoadOut,
 )
+from webpurse.settlement.service import visible
 
 router = APIRouter(prefix="/v1/loads", tags=["loads"])
 
@@ -56,9 +57,7 @@ def list_loads(
     status: str | None = None,
 ) -> dict[str, Any]:
     """Loads, newest first; filter by card (e.g. pending refunds for the card on the reader)."""
-    stmt = select(Load)
-    if not principal.is_operator:
-        stmt = stmt.where(Load.merchant_id == principal.merchant_id)
+    stmt = visible(select(Load), Load, principal)
     if card_number is not None:
         number = card_number.upper()
         stmt = stmt.where(or_(Load.card_number == number, Load.requested_card_number == number))
