@@ -228,6 +228,26 @@ class ReaderHub:
             routed = RoutedReader(directory, state, batch_timeout=self.batch_timeout)
             await routed.end(Outcome.CANCELED, "another agent paired for this payment")
 
+    async def _greet(
+        self, link: Link, reader: RemoteReader, version: int, *, unknown_batch: int | None = None
+    ) -> bool:
+        """Tell ``reader``'s agent its session is up, with a fresh resume token (a token seen
+        on a dropped path is spent); False when the agent left meanwhile."""
+        try:
+            await link.send(
+                ServerHello(
+                    version=version,
+                    session=reader.session,
+                    resume_token=self._new_resume_token(reader),
+                    grace_ms=int(self.grace * 1000),
+                    merchant=self._displays.get(reader.session),
+                    unknown_batch=unknown_batch,
+                )
+            )
+        except Exception:
+            return False
+        return True
+
     def _new_resume_token(self, reader: RemoteReader) -> str:
         """A fresh resume token for ``reader``: found by its hash here and, shared, in any
         shop process."""
@@ -482,19 +502,8 @@ class ReaderHub:
             batch_timeout=self.batch_timeout,
         )
         self._readers[record.binding] = reader
-        resume_token = self._new_resume_token(reader)
         self._displays[reader.session] = record.display
-        try:
-            await link.send(
-                ServerHello(
-                    version=max(common),
-                    session=reader.session,
-                    resume_token=resume_token,
-                    grace_ms=int(self.grace * 1000),
-                    merchant=record.display,
-                )
-            )
-        except Exception:
+        if not await self._greet(link, reader, max(common)):
             log.warning("agent for %s left during hello", record.binding)
             self._forget(reader)
             return None
@@ -520,22 +529,10 @@ class ReaderHub:
         handle = self._expiry.pop(reader.session, None)
         if handle is not None:
             handle.cancel()
-        # A fresh resume token each time: a token seen on a dropped path is spent.
+        # A fresh resume token each time (_greet): a token seen on a dropped path is spent.
         del self._by_resume[key]
-        resume_token = self._new_resume_token(reader)
         lost = reader._take_lost_batch()
-        try:
-            await link.send(
-                ServerHello(
-                    version=max(PROTOCOL_VERSIONS),
-                    session=reader.session,
-                    resume_token=resume_token,
-                    grace_ms=int(self.grace * 1000),
-                    merchant=self._displays.get(reader.session),
-                    unknown_batch=lost,
-                )
-            )
-        except Exception:
+        if not await self._greet(link, reader, max(PROTOCOL_VERSIONS), unknown_batch=lost):
             log.warning("agent of session %s left during resume", reader.session)
             reader._lost_id = lost
             self._start_grace(reader)
