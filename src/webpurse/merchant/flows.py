@@ -399,12 +399,15 @@ class _Transaction:
                 TxStatus.DECLINED, self.obj, self.trips.count, decline_code=refused.reason
             )
 
-    def declined_outcome(self, contact: FirstContact, declined: Declined) -> Outcome:
+    def declined_outcome(
+        self, contact: FirstContact, code: str | None, obj: SettlementObject | None = None
+    ) -> Outcome:
+        """Declined after the first contact (``obj``: settlement's last word, if newer)."""
         return Outcome(
             TxStatus.DECLINED,
-            self.obj,
+            self.obj if obj is None else obj,
             self.trips.count,
-            decline_code=declined.decline_code or declined.code,
+            decline_code=code,
             card_number=contact.card_number,
             balance_before=contact.balance,
         )
@@ -424,14 +427,14 @@ class _Transaction:
                 await self.progress(
                     Progress(Phase.DECLINED, declined.decline_code or declined.code or "")
                 )
-                return self.declined_outcome(contact, declined)
+                return self.declined_outcome(contact, declined.decline_code or declined.code)
             contact = await self.recover_then_reinitialise(contact, declined.recover)
         await self.progress(Progress(Phase.AUTHORISING))
         try:
             return contact, await self.authorise(contact)
         except Declined as again:
             await self.progress(Progress(Phase.DECLINED, again.decline_code or again.code or ""))
-            return self.declined_outcome(contact, again)
+            return self.declined_outcome(contact, again.decline_code or again.code)
 
     async def second_round_trip(
         self, contact: FirstContact, authorised: SettlementObject
@@ -601,14 +604,7 @@ class _Transaction:
                 tac=released.tac,
             )
         await self.progress(Progress(Phase.DECLINED, reason))
-        return Outcome(
-            TxStatus.DECLINED,
-            released,
-            self.trips.count,
-            decline_code=reason,
-            card_number=contact.card_number,
-            balance_before=contact.balance,
-        )
+        return self.declined_outcome(contact, reason, released)
 
     async def run_card_check(self, check: CardCheck) -> None:
         """The card check a decline offered, while the card is still here (one round trip).
