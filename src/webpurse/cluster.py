@@ -23,14 +23,9 @@ import re
 import signal
 import ssl
 import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
-
-import httpx
-import typer
 
 from webpurse import demo as single
 from webpurse.balancer import (
@@ -43,12 +38,15 @@ from webpurse.balancer import (
 )
 from webpurse.balancer.tls import TlsFiles, make_certificates
 from webpurse.cluster_defaults import DEFAULT_POSTGRES, DEFAULT_REDIS
-from webpurse.demo import DemoError, DemoStack, free_port, webpurse_command
+from webpurse.demo import DemoError, DemoStack, Ports, free_port, wait_http, webpurse_command
 
 # How HAProxy picks a shop process: round-robin. The shops share their state over Redis
 # (WEBPURSE_REDIS_URL), so a purchase's page, agent, cashier and webhook may each be
 # served by a different process.
 SHOP_BALANCE = "roundrobin"
+
+# How long a cluster process may take to answer its health check (seconds).
+UP_WITHIN = 60.0
 
 
 def _libpq(url: str) -> str:
@@ -127,7 +125,7 @@ class ClusterStack(DemoStack):
         base, _, query = self.database_url.partition("?")
         return base + "_shop" + (f"?{query}" if query else "")
 
-    def ssl_context(self) -> ssl.SSLContext:
+    def verify(self) -> ssl.SSLContext:
         """A client context trusting this cluster's CA (and only it)."""
         assert self.tls is not None, "the balancer's certificates are made at start"
         return ssl.create_default_context(cafile=str(self.tls.ca))
@@ -170,7 +168,7 @@ class ClusterStack(DemoStack):
             args = ["serve", "merchant", "--host", self.host, "--port", str(port)]
         process = self.spawn(name, [*webpurse_command(), *args], env)
         self.named[name] = process
-        wait_health(f"http://{self.host}:{port}/health", process=process)
+        wait_http(f"http://{self.host}:{port}/health", UP_WITHIN, process)
         return process
 
     def stats(self) -> dict[tuple[str, str], dict[str, str]]:
@@ -218,21 +216,12 @@ class ClusterStack(DemoStack):
         config = write_config(self.data_dir, layout, self.tls)
         process = self.spawn("haproxy", command(config))
         self.named["haproxy"] = process
-        wait_health(f"{self.settlement_url}/health", process=process, verify=self.ssl_context())
+        wait_http(f"{self.settlement_url}/health", UP_WITHIN, process, verify=self.verify())
 
     def start_merchant(self) -> None:
         for index in range(self.shops):
             self.start_named(f"shop{index + 1}")
-        wait_health(f"{self.merchant_url}/health", verify=self.ssl_context())
-
-    def settlement_client(self, key: str | None = None) -> httpx.Client:
-        assert self.state is not None
-        return httpx.Client(
-            base_url=self.settlement_url,
-            headers={"Authorization": f"Bearer {key or self.state.api_key}"},
-            timeout=15.0,
-            verify=self.ssl_context(),
-        )
+        wait_http(f"{self.merchant_url}/health", UP_WITHIN, verify=self.verify())
 
     async def load_card_async(self, image: Path, amount: int) -> int:
         # The load flow's client trusts the environment's CA file (httpx: SSL_CERT_FILE).
@@ -248,101 +237,63 @@ class ClusterStack(DemoStack):
         return state
 
 
-def wait_health(
-    url: str,
-    *,
-    process: subprocess.Popen[bytes] | None = None,
-    verify: ssl.SSLContext | bool = True,
-    timeout: float = 60.0,
-) -> None:
-    """Poll ``url`` until it answers 200, the process dies, or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise DemoError(f"{url}: the server exited with {process.returncode}")
-        try:
-            answer = httpx.get(url, timeout=2.0, verify=verify)
-            if answer.status_code == 200:
-                return
-            last = str(answer.status_code)
-        except httpx.HTTPError as exc:
-            last = type(exc).__name__
-        time.sleep(0.1)
-    raise DemoError(f"{url} did not come up within {timeout:g} s ({last})")
-
-
 def cluster_demo(
     data_dir: Path,
     *,
     scripted: bool,
-    port: int,
-    settlement_port: int,
-    agent_port: int,
+    ports: Ports,
     database_url: str,
     redis_url: str,
     shops: int = 2,
     settlements: int = 2,
 ) -> None:
     """The demo with 2 + 2 processes behind HAProxy (what ``demo --cluster`` runs)."""
-    if scripted:
-        port, settlement_port, agent_port = 0, 0, 0
-    stack = ClusterStack(
-        data_dir.resolve(),
-        settlement_port=settlement_port or free_port(),
-        merchant_port=port or free_port(),
-        agent_port=agent_port or free_port(),
+    stack = ClusterStack.on_ports(
+        data_dir,
+        ports,
+        scripted=scripted,
         database_url=database_url,
         redis_url=redis_url,
         shops=shops,
         settlements=settlements,
     )
-    out = typer.echo
-    single._interrupt_on_signals()
-    with stack.running():
-        try:
-            out(
-                f"setting up {shops} shop + {settlements} settlement processes"
-                f" in {stack.data_dir} …"
-            )
-            state = stack.up()
-            image = Path(state.card_image)
-            out(f"demo card {image.name}: balance {single._fen(single.card_balance(image))}")
-            yes = scripted or not sys.stdin.isatty()
-            stack.start_agent(image, yes=yes)
-            if scripted:
-                receipt = single.scripted_purchase(stack)
-                ledger = stack.ledger_check()
-                single._print_receipt(receipt, ledger)
-                ok = receipt["status"] == "paid" and ledger.get("ok") is True
-                raise typer.Exit(0 if ok else 1)
-            assert stack.tls is not None
-            out("")
-            out(f"  shop:       {stack.merchant_url}/   (HAProxy, TLS; CA {stack.tls.ca})")
-            for name, number in zip(
-                (f"shop{i + 1}" for i in range(shops)), stack.shop_ports, strict=True
-            ):
-                out(f"    {name}:    http://{stack.host}:{number}/health")
-            out(
-                f"  till:       {stack.merchant_url}/staff  (staff {state.staff_name},"
-                f" password {state.staff_password})"
-            )
-            out(f"  settlement: {stack.settlement_url}/docs")
-            for name, number in zip(
-                (f"settlement{i + 1}" for i in range(settlements)),
-                stack.settlement_ports,
-                strict=True,
-            ):
-                out(f"    {name}: http://{stack.host}:{number}/health")
-            out(f"  agent:      {stack.agent_url}  (card {image})")
-            out(f"  databases:  {stack.database_url.split('@')[-1]} (+ _shop); {redis_url}")
-            out("")
-            out("The certificate is self-signed: the browser asks once. Ctrl-C stops.")
-            while all(p.poll() is None for p in stack.processes):
-                time.sleep(0.5)
-            out("a process stopped; shutting down")
-        except DemoError as exc:
-            typer.echo(f"error: {exc} (logs in {stack.data_dir})", err=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            out("\nstopping …")
+
+    def addresses(state: single.DemoState, image: Path, yes: bool) -> list[str]:
+        assert stack.tls is not None
+        return [
+            "",
+            f"  shop:       {stack.merchant_url}/   (HAProxy, TLS; CA {stack.tls.ca})",
+            *(
+                f"    shop{i + 1}:    http://{stack.host}:{number}/health"
+                for i, number in enumerate(stack.shop_ports)
+            ),
+            f"  till:       {stack.merchant_url}/staff  (staff {state.staff_name},"
+            f" password {state.staff_password})",
+            f"  settlement: {stack.settlement_url}/docs",
+            *(
+                f"    settlement{i + 1}: http://{stack.host}:{number}/health"
+                for i, number in enumerate(stack.settlement_ports)
+            ),
+            f"  agent:      {stack.agent_url}  (card {image})",
+            f"  databases:  {stack.database_url.split('@')[-1]} (+ _shop); {redis_url}",
+            "",
+            "The certificate is self-signed: the browser asks once. Ctrl-C stops.",
+        ]
+
+    single.run_stack(
+        stack,
+        scripted=scripted,
+        setting_up=f"setting up {shops} shop + {settlements} settlement processes"
+        f" in {stack.data_dir} …",
+        run_scripted=_scripted_purchase,
+        addresses=addresses,
+        stopped="a process stopped; shutting down",
+    )
+
+
+def _scripted_purchase(stack: single.DemoStack) -> bool:
+    """``demo --cluster --scripted``: one purchase through HAProxy; whether it was paid."""
+    receipt = single.scripted_purchase(stack)
+    ledger = stack.ledger_check()
+    single._print_receipt(receipt, ledger)
+    return receipt["status"] == "paid" and ledger.get("ok") is True

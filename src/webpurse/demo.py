@@ -29,13 +29,14 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import httpx
 import typer
@@ -71,7 +72,11 @@ def webpurse_command() -> list[str]:
 
 
 def wait_http(
-    url: str, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None
+    url: str,
+    timeout: float = 30.0,
+    process: subprocess.Popen[bytes] | None = None,
+    *,
+    verify: ssl.SSLContext | bool = True,
 ) -> None:
     """Poll ``url`` until it answers 200, the process dies, or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
@@ -80,8 +85,10 @@ def wait_http(
         if process is not None and process.poll() is not None:
             raise DemoError(f"{url}: the server exited with {process.returncode}")
         try:
-            if httpx.get(url, timeout=2.0).status_code == 200:
+            answer = httpx.get(url, timeout=2.0, verify=verify)
+            if answer.status_code == 200:
                 return
+            last = str(answer.status_code)
         except httpx.HTTPError as exc:
             last = type(exc).__name__
         time.sleep(0.1)
@@ -114,6 +121,15 @@ class DemoState:
             return None
 
 
+@dataclass(frozen=True)
+class Ports:
+    """The ports ``webpurse demo`` was asked to serve on (0: any free one)."""
+
+    shop: int
+    settlement: int
+    agent: int
+
+
 @dataclass
 class DemoStack:
     """Settlement and merchant servers (uvicorn processes) over one data dir."""
@@ -129,6 +145,21 @@ class DemoStack:
     webhook_secret: str | None = field(default=None, repr=False)
     scheme: ClassVar[str] = "http"
     """How the shopper and the shop reach settlement and the shop (the cluster: https)."""
+
+    @classmethod
+    def on_ports(cls, data_dir: Path, ports: Ports, *, scripted: bool, **fields: Any) -> Self:
+        """A stack in ``data_dir`` on the ports asked for (0: a free one). Scripted, every
+        port is a free one: headless runs must not clash with a demo (or anything else) on
+        the usual ports."""
+        if scripted:
+            ports = Ports(0, 0, 0)
+        return cls(
+            data_dir.resolve(),
+            settlement_port=ports.settlement or free_port(),
+            merchant_port=ports.shop or free_port(),
+            agent_port=ports.agent or free_port(),
+            **fields,
+        )
 
     @property
     def settlement_url(self) -> str:
@@ -277,12 +308,17 @@ class DemoStack:
         )
         wait_http(f"{self.settlement_url}/health", process=process)
 
+    def verify(self) -> ssl.SSLContext | bool:
+        """How this process's clients check the servers' certificates (plain HTTP: none)."""
+        return True
+
     def settlement_client(self, key: str | None = None) -> httpx.Client:
         assert self.state is not None
         return httpx.Client(
             base_url=self.settlement_url,
             headers={"Authorization": f"Bearer {key or self.state.api_key}"},
             timeout=15.0,
+            verify=self.verify(),
         )
 
     def register_webhook(self) -> str:
@@ -511,6 +547,14 @@ def scripted_purchase(
     return {
         "order": order_id,
         "payment": status.get("settlement_id"),
+        **_outcome(status, before, image),
+    }
+
+
+def _outcome(status: dict[str, Any], before: int, image: Path) -> dict[str, Any]:
+    """What a scripted order's receipt tells of the card: the order's final status, the
+    balance before and after, the TAC, the round trips, any decline."""
+    return {
         "status": status.get("status"),
         "amount": status.get("amount"),
         "balance_before": before,
@@ -585,13 +629,7 @@ def scripted_funded_topup(
         "load": status.get("settlement_id"),
         "reference": reference,
         "statement": summary["file"],
-        "status": status.get("status"),
-        "amount": status.get("amount"),
-        "balance_before": before,
-        "balance_after": card_balance(image),
-        "tac": status.get("tac"),
-        "round_trips": status.get("round_trips"),
-        "decline_code": status.get("decline_code"),
+        **_outcome(status, before, image),
     }
 
 
@@ -605,60 +643,77 @@ def demo(
     *,
     data_dir: Path,
     scripted: bool,
-    port: int,
-    settlement_port: int,
-    agent_port: int,
+    ports: Ports,
 ) -> None:
     """Run settlement, the shop, and an agent with an emulated card; Ctrl-C stops them."""
-    if scripted:
-        # Headless runs must not clash with a demo (or anything else) on the usual ports.
-        port, settlement_port, agent_port = 0, 0, 0
-    stack = DemoStack(
-        data_dir.resolve(),
-        settlement_port=settlement_port or free_port(),
-        merchant_port=port or free_port(),
-        agent_port=agent_port or free_port(),
+    stack = DemoStack.on_ports(data_dir, ports, scripted=scripted)
+
+    def addresses(state: DemoState, image: Path, yes: bool) -> list[str]:
+        return [
+            "",
+            f"  shop:       {stack.merchant_url}/",
+            f"  till:       {stack.merchant_url}/staff  (staff {state.staff_name},"
+            f" password {state.staff_password})",
+            f"  float:      {_fen(DEMO_FLOAT)} deposited for cash top-ups at the till",
+            f"  settlement: {stack.settlement_url}/docs",
+            f"  agent:      {stack.agent_url}  (card {image})",
+            "  consent:    " + ("automatic (no terminal)" if yes else "asked in this terminal"),
+            "",
+            "Open the shop in a browser, buy something, pay with the card. Ctrl-C stops.",
+            "Top up: sign in at the till and take cash (the float pays for the value), or",
+            "order a bank transfer on the shop's top-up page and pay it with a statement:",
+            "  webpurse settlement statement import FILE --format csv   (docs/merchant.md)",
+        ]
+
+    run_stack(
+        stack,
+        scripted=scripted,
+        setting_up=f"setting up in {stack.data_dir} …",
+        run_scripted=_scripted_purchase_and_topup,
+        addresses=addresses,
+        stopped="a server stopped; shutting down",
     )
+
+
+def _scripted_purchase_and_topup(stack: DemoStack) -> bool:
+    """``demo --scripted``: a purchase and a funded top-up; whether both went through."""
+    receipt = scripted_purchase(stack)
+    topup = scripted_funded_topup(stack)
+    ledger = stack.ledger_check()
+    _print_receipt(receipt, ledger)
+    _print_topup_receipt(topup)
+    return receipt["status"] == "paid" and topup["status"] == "loaded" and ledger.get("ok") is True
+
+
+def run_stack(
+    stack: DemoStack,
+    *,
+    scripted: bool,
+    setting_up: str,
+    run_scripted: Callable[[DemoStack], bool],
+    addresses: Callable[[DemoState, Path, bool], list[str]],
+    stopped: str,
+) -> None:
+    """Set ``stack`` up and start its agent on the demo card; then, scripted, exit 0 when
+    ``run_scripted`` passed (1 otherwise), else print ``addresses`` (of the state, the card
+    image, whether consent is automatic) and run until Ctrl-C or until a process stops."""
     out = typer.echo
     _interrupt_on_signals()
     with stack.running():
         try:
-            out(f"setting up in {stack.data_dir} …")
+            out(setting_up)
             state = stack.up()
             image = Path(state.card_image)
             out(f"demo card {image.name}: balance {_fen(card_balance(image))}")
             yes = scripted or not sys.stdin.isatty()
             stack.start_agent(image, yes=yes)
             if scripted:
-                receipt = scripted_purchase(stack)
-                topup = scripted_funded_topup(stack)
-                ledger = stack.ledger_check()
-                _print_receipt(receipt, ledger)
-                _print_topup_receipt(topup)
-                ok = (
-                    receipt["status"] == "paid"
-                    and topup["status"] == "loaded"
-                    and ledger.get("ok") is True
-                )
-                raise typer.Exit(0 if ok else 1)
-            out("")
-            out(f"  shop:       {stack.merchant_url}/")
-            out(
-                f"  till:       {stack.merchant_url}/staff  (staff {state.staff_name},"
-                f" password {state.staff_password})"
-            )
-            out(f"  float:      {_fen(DEMO_FLOAT)} deposited for cash top-ups at the till")
-            out(f"  settlement: {stack.settlement_url}/docs")
-            out(f"  agent:      {stack.agent_url}  (card {image})")
-            out("  consent:    " + ("automatic (no terminal)" if yes else "asked in this terminal"))
-            out("")
-            out("Open the shop in a browser, buy something, pay with the card. Ctrl-C stops.")
-            out("Top up: sign in at the till and take cash (the float pays for the value), or")
-            out("order a bank transfer on the shop's top-up page and pay it with a statement:")
-            out("  webpurse settlement statement import FILE --format csv   (docs/merchant.md)")
+                raise typer.Exit(0 if run_scripted(stack) else 1)
+            for line in addresses(state, image, yes):
+                out(line)
             while all(p.poll() is None for p in stack.processes):
                 time.sleep(0.5)
-            out("a server stopped; shutting down")
+            out(stopped)
         except DemoError as exc:
             typer.echo(f"error: {exc} (logs in {stack.data_dir})", err=True)
             raise typer.Exit(2) from None
@@ -676,11 +731,9 @@ def _interrupt_on_signals() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
-def _print_receipt(receipt: dict[str, Any], ledger: dict[str, Any]) -> None:
-    lines = [
-        "receipt",
-        f"  order           {receipt['order']}",
-        f"  payment         {receipt['payment']}",
+def _outcome_lines(receipt: dict[str, Any]) -> list[str]:
+    """A receipt's lines for its :func:`_outcome`."""
+    return [
         f"  status          {receipt['status']}"
         + (f" ({receipt['decline_code']})" if receipt.get("decline_code") else ""),
         f"  amount          {_fen(receipt['amount'])}",
@@ -688,6 +741,15 @@ def _print_receipt(receipt: dict[str, Any], ledger: dict[str, Any]) -> None:
         f"  balance after   {_fen(receipt['balance_after'])}",
         f"  TAC             {receipt['tac']}",
         f"  round trips     {receipt['round_trips']}",
+    ]
+
+
+def _print_receipt(receipt: dict[str, Any], ledger: dict[str, Any]) -> None:
+    lines = [
+        "receipt",
+        f"  order           {receipt['order']}",
+        f"  payment         {receipt['payment']}",
+        *_outcome_lines(receipt),
         "  ledger check    "
         + ("consistent" if ledger.get("ok") else f"PROBLEMS: {ledger.get('problems')}"),
     ]
@@ -701,12 +763,6 @@ def _print_topup_receipt(receipt: dict[str, Any]) -> None:
         f"  load            {receipt['load']}",
         f"  reference       {receipt['reference']}",
         f"  statement       {receipt['statement']}",
-        f"  status          {receipt['status']}"
-        + (f" ({receipt['decline_code']})" if receipt.get("decline_code") else ""),
-        f"  amount          {_fen(receipt['amount'])}",
-        f"  balance before  {_fen(receipt['balance_before'])}",
-        f"  balance after   {_fen(receipt['balance_after'])}",
-        f"  TAC             {receipt['tac']}",
-        f"  round trips     {receipt['round_trips']}",
+        *_outcome_lines(receipt),
     ]
     typer.echo("\n".join(lines))

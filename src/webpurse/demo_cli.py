@@ -49,25 +49,20 @@ def demo_command(
     """Run settlement, the shop, and an agent with an emulated card; Ctrl-C stops them."""
     # The demo's harness (processes, a scripted shopper) is imported only when it runs:
     # ``webpurse serve …`` imports this module, not the harness.
+    from webpurse.demo import Ports
+
+    ports = Ports(shop=port, settlement=settlement_port, agent=agent_port)
     if not cluster:
         from webpurse.demo import demo
 
-        demo(
-            data_dir=data_dir,
-            scripted=scripted,
-            port=port,
-            settlement_port=settlement_port,
-            agent_port=agent_port,
-        )
+        demo(data_dir=data_dir, scripted=scripted, ports=ports)
         return
     from webpurse.cluster import cluster_demo
 
     cluster_demo(
         data_dir if data_dir != Path("data/demo") else Path("data/demo-cluster"),
         scripted=scripted,
-        port=port,
-        settlement_port=settlement_port,
-        agent_port=agent_port,
+        ports=ports,
         database_url=database_url,
         redis_url=redis_url,
     )

@@ -465,6 +465,20 @@ class Cashier:
             order = await self.open_settlement(order, order.id)
             assert order.settlement_id is not None
             obj = await self.settlement.get(kind, order.settlement_id)
+        return await self._transact(order, obj, reader, progress)
+
+    async def _transact(
+        self,
+        order: Order,
+        obj: SettlementObject,
+        reader: Reader,
+        progress: ProgressSink,
+        *,
+        bound_card: str | None = None,
+    ) -> bool:
+        """Run ``obj``'s transaction with the card and publish how it ended; True when the
+        order needs no more contacts. ``bound_card``: the card a bank-transfer top-up was
+        paid for (settlement declines any other; the order keeps naming its own)."""
         try:
             outcome = await run_transaction(
                 reader, self.settlement, obj, card_timeout=self.card_timeout, progress=progress
@@ -474,6 +488,13 @@ class Cashier:
             self.publish(order, Phase.DECLINED, refused.reason)
             return True
         order = self._record(order, outcome)
+        if bound_card and outcome.card_number and outcome.card_number != bound_card:
+            # Another card than the one the money was paid for: settlement declined it
+            # (its code says only "invalid state"); the order keeps naming its own card.
+            fields: dict[str, object] = {"card_number": bound_card}
+            if order.status == DECLINED:
+                fields["decline_code"] = "wrong_card"
+            order = self.orders.update(order.id, **fields)
         if order.status == INTERRUPTED:
             self.publish(order, Phase.INTERRUPTED)
             # The card must leave and come back; recovery waits for it.
@@ -551,32 +572,7 @@ class Cashier:
         if obj.status != TxStatus.REQUIRES_CARD:
             self.publish(order, Phase.FAILED, obj.status)
             return True
-        try:
-            outcome = await run_transaction(
-                reader, self.settlement, obj, card_timeout=self.card_timeout, progress=progress
-            )
-        except CardRefused as refused:
-            order = self.orders.update(order.id, status=DECLINED, decline_code=refused.reason)
-            self.publish(order, Phase.DECLINED, refused.reason)
-            return True
-        bound = order.card_number
-        order = self._record(order, outcome)
-        if bound and outcome.card_number and outcome.card_number != bound:
-            # Another card than the one the money was paid for: settlement declined it
-            # (its code says only "invalid state"); the order keeps naming its own card.
-            fields: dict[str, object] = {"card_number": bound}
-            if order.status == DECLINED:
-                fields["decline_code"] = "wrong_card"
-            order = self.orders.update(order.id, **fields)
-        if order.status == INTERRUPTED:
-            self.publish(order, Phase.INTERRUPTED)
-            await self._await_removal(order, reader)
-            return False
-        if order.status == LOADED:
-            self.publish(order, Phase.SUCCEEDED)
-        elif order.status == DECLINED:
-            self.publish(order, Phase.DECLINED, order.decline_code or "")
-        return True
+        return await self._transact(order, obj, reader, progress, bound_card=order.card_number)
 
     async def _learn_counter(
         self,

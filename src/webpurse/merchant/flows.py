@@ -336,30 +336,6 @@ async def recover(
     )
 
 
-async def _run_card_check(
-    trips: RoundTrips, settlement: Settlement, obj: SettlementObject, check: CardCheck
-) -> None:
-    """The card check a decline offered, while the card is still here (one round trip).
-
-    Best effort: the transaction is declined either way; the check only lets settlement
-    tell a real clone (its MAC1 verifies over the check's fresh terminal id) from an answer
-    anyone could make up (docs/settlement-api.md, "Evidence").
-    """
-    try:
-        responses = await trips([Step(check.apdu)])
-        answer = responses[-1] if responses else ResponseApdu(b"", 0x6F00)
-        if not answer.ok:
-            log.info(
-                "%s %s: card check refused by the card: %04X", obj.kind.value, obj.id, answer.sw
-            )
-            return
-        verdict = await settlement.answer_card_check(check.id, answer.data)
-    except (ReaderError, SettlementError) as exc:
-        log.info("%s %s: card check not run: %s", obj.kind.value, obj.id, type(exc).__name__)
-        return
-    log.info("%s %s: card check %s: %s", obj.kind.value, obj.id, check.id, verdict)
-
-
 async def run_transaction(
     reader: Reader,
     settlement: Settlement,
@@ -374,273 +350,290 @@ async def run_transaction(
     run (nothing is pending on the card then) and :class:`SettlementError` when settlement
     fails outside a decline.
     """
-    trips = RoundTrips(reader)
+    run = _Transaction(RoundTrips(reader), settlement, obj, progress)
     await progress(Progress(Phase.PRESENT_CARD))
     await reader.wait_for_card(card_timeout)
-    contact = await _first_round_trip(trips, settlement, obj, progress)
+    contact = await run.first_round_trip()
     if isinstance(contact, Outcome):
         return contact
-    authorised = await _authorise_contact(trips, settlement, obj, contact, progress)
+    authorised = await run.authorise_contact(contact)
     if isinstance(authorised, Outcome):
         return authorised
     contact, obj_authorised = authorised
-    return await _second_round_trip(trips, settlement, obj, contact, obj_authorised, progress)
+    return await run.second_round_trip(contact, obj_authorised)
 
 
-async def _first_round_trip(
-    trips: RoundTrips, settlement: Settlement, obj: SettlementObject, progress: ProgressSink
-) -> FirstContact | Outcome:
-    """Batch 1 (SELECT, READ BINARY, INITIALIZE): the card's first contact, or a decline."""
-    kind = obj.kind
-    await progress(Progress(Phase.READING))
-    batch1 = first_batch(
-        kind, key_index=obj.key_index, amount=obj.amount, terminal_id=obj.terminal_id
-    )
-    try:
-        return read_first_contact(kind, await trips(batch1))
-    except BatchRefused as refused:
-        # The agent refused before INITIALIZE could start anything on the card.
-        log.info("%s %s: reader refused batch 1: %s", kind.value, obj.id, refused.code)
-        await _cancel_quietly(settlement, obj)
-        await progress(Progress(Phase.DECLINED, refused.code))
-        return Outcome(TxStatus.DECLINED, obj, trips.count, decline_code=refused.code)
-    except CardRefused as refused:
-        log.info("%s %s: card refused batch 1: %s", kind.value, obj.id, refused)
-        await _cancel_quietly(settlement, obj, refused)
-        await progress(Progress(Phase.DECLINED, refused.reason))
-        return Outcome(TxStatus.DECLINED, obj, trips.count, decline_code=refused.reason)
+@dataclass(frozen=True, slots=True)
+class _Transaction:
+    """One run of :func:`run_transaction`: its round trips, settlement, the payment or load
+    it runs (as created; every step names it by id) and where its progress goes."""
 
+    trips: RoundTrips
+    settlement: Settlement
+    obj: SettlementObject
+    progress: ProgressSink
 
-def _declined(
-    trips: RoundTrips, obj: SettlementObject, contact: FirstContact, declined: Declined
-) -> Outcome:
-    return Outcome(
-        TxStatus.DECLINED,
-        obj,
-        trips.count,
-        decline_code=declined.decline_code or declined.code,
-        card_number=contact.card_number,
-        balance_before=contact.balance,
-    )
-
-
-async def _authorise_contact(
-    trips: RoundTrips,
-    settlement: Settlement,
-    obj: SettlementObject,
-    contact: FirstContact,
-    progress: ProgressSink,
-) -> tuple[FirstContact, SettlementObject] | Outcome:
-    """Settlement's authorisation of the first contact (after recovering another open
-    transaction of the card when it asks for that), or its decline."""
-    await progress(Progress(Phase.AUTHORISING))
-    try:
-        return contact, await _authorise(settlement, obj, contact)
-    except Declined as declined:
-        if declined.decline_code != "recovery_required" or declined.recover is None:
-            if declined.card_check is not None:
-                await _run_card_check(trips, settlement, obj, declined.card_check)
-            await progress(Progress(Phase.DECLINED, declined.decline_code or declined.code or ""))
-            return _declined(trips, obj, contact, declined)
-        contact = await _recover_then_reinitialise(
-            trips, settlement, obj, contact, declined.recover
+    async def first_round_trip(self) -> FirstContact | Outcome:
+        """Batch 1 (SELECT, READ BINARY, INITIALIZE): the card's first contact, or a decline."""
+        kind = self.obj.kind
+        await self.progress(Progress(Phase.READING))
+        batch1 = first_batch(
+            kind,
+            key_index=self.obj.key_index,
+            amount=self.obj.amount,
+            terminal_id=self.obj.terminal_id,
         )
-    await progress(Progress(Phase.AUTHORISING))
-    try:
-        return contact, await _authorise(settlement, obj, contact)
-    except Declined as again:
-        await progress(Progress(Phase.DECLINED, again.decline_code or again.code or ""))
-        return _declined(trips, obj, contact, again)
-
-
-async def _second_round_trip(
-    trips: RoundTrips,
-    settlement: Settlement,
-    obj: SettlementObject,
-    contact: FirstContact,
-    authorised: SettlementObject,
-    progress: ProgressSink,
-) -> Outcome:
-    """Batch 2 (DEBIT/CREDIT) and settlement's capture of the card's answer."""
-    kind = obj.kind
-    if authorised.authorisation is None:
-        raise SettlementError(f"settlement authorised {obj.id} without an APDU")
-    await progress(Progress(Phase.CONFIRM))
-    try:
-        responses = await trips([Step(authorised.authorisation.apdu)])
-    except BatchRefused as refused:
-        # Refused before the DEBIT/CREDIT reached the card (e.g. the shopper said no on
-        # the agent): nothing happened on the card, so the authorisation is released.
-        log.info("%s %s: reader refused batch 2: %s", kind.value, obj.id, refused.code)
-        return await _release(trips, settlement, obj, contact, refused.code, progress)
-    except ReaderError as exc:
-        # The DEBIT/CREDIT may or may not have reached the card: never guess (spec §6).
-        log.warning("%s %s: outcome unknown after %s", kind.value, obj.id, type(exc).__name__)
-        return await _outcome_unknown(trips, settlement, obj, contact, progress)
-    final = responses[-1] if responses else ResponseApdu(b"", 0x6F00)
-    if not final.ok:
-        # The card refused: its update is atomic, so nothing changed on it.
-        log.info("%s %s: card refused batch 2 with %04X", kind.value, obj.id, final.sw)
-        reason = _completion_statuses(kind).reason(final.sw, "card_refused")
-        return await _release(trips, settlement, obj, contact, reason, progress)
-
-    await progress(Progress(Phase.CAPTURING))
-    try:
-        finished = await settlement.finish(kind, obj.id, final.data)
-    except Declined as declined:
-        # The card answered 9000, so it changed; settlement could not verify what came
-        # back (a corrupted or tampered answer). Not a decline: the outcome is unknown and
-        # the card's own proof (GET TRANSACTION PROVE) settles it at its next contact.
-        log.warning(
-            "%s %s: settlement refused the card's answer (%s): outcome unknown",
-            kind.value,
-            obj.id,
-            declined.code,
-        )
-        return await _outcome_unknown(trips, settlement, obj, contact, progress)
-    delta = obj.amount if kind is Kind.LOAD else -obj.amount
-    succeeded = finished.status == TxStatus.SUCCEEDED
-    await progress(Progress(Phase.SUCCEEDED if succeeded else Phase.FAILED, finished.status))
-    return Outcome(
-        finished.status,
-        finished,
-        trips.count,
-        card_number=contact.card_number,
-        balance_before=contact.balance,
-        balance_after=contact.balance + delta if succeeded else None,
-        counter=contact.counter,
-        tac=finished.tac,
-    )
-
-
-async def _authorise(
-    settlement: Settlement, obj: SettlementObject, contact: FirstContact
-) -> SettlementObject:
-    return await settlement.authorise(
-        obj.kind,
-        obj.id,
-        issuer_data=contact.issuer_data,
-        initialize=contact.initialize,
-        terminal_id=obj.terminal_id,
-    )
-
-
-async def _recover_then_reinitialise(
-    trips: RoundTrips,
-    settlement: Settlement,
-    obj: SettlementObject,
-    contact: FirstContact,
-    hint: RecoveryHint,
-) -> FirstContact:
-    """One extra round trip: recover the card's open transaction, INITIALIZE this one again."""
-    steps = recovery_steps(hint, key_index=obj.key_index, terminal_id=obj.terminal_id)
-    steps.append(Step(_initialize(obj.kind, obj.key_index, obj.amount, obj.terminal_id)))
-    responses = await trips(steps)
-    initialize, prove = read_recovery(responses[:2], _hint_kind(hint))
-    if hint.heal:
-        # The card is one transaction ahead of settlement: its proof settles that one.
-        if prove is None:
-            raise SettlementError("the card has no proof for the counter settlement is missing")
-        await settlement.heal(
-            issuer_data=contact.issuer_data, transaction_type=hint.transaction_type, prove=prove
-        )
-    else:
         try:
-            await _resolve(settlement, hint, initialize, prove)
-        except SettlementError as exc:
-            if not _load_needs_a_new_load(hint, exc):
-                raise
-            # Still open: a new load goes ahead linked to it; anything else is told to recover.
-            await _keep_uncertain(settlement, hint)
-    if len(responses) < 3 or not responses[2].ok:
-        commands = (
-            _initialize_statuses(_hint_kind(hint)),
-            status.GET_TRANSACTION_PROVE,
-            _initialize_statuses(obj.kind),
-        )
-        raise _last_refusal(commands, responses[:3])
-    balance, counter = _parse_initialize(obj.kind, responses[2].data)
-    return FirstContact(
-        contact.issuer_data, responses[2].data, contact.card_number, balance, counter
-    )
+            return read_first_contact(kind, await self.trips(batch1))
+        except BatchRefused as refused:
+            # The agent refused before INITIALIZE could start anything on the card.
+            log.info("%s %s: reader refused batch 1: %s", kind.value, self.obj.id, refused.code)
+            await _cancel_quietly(self.settlement, self.obj)
+            await self.progress(Progress(Phase.DECLINED, refused.code))
+            return Outcome(TxStatus.DECLINED, self.obj, self.trips.count, decline_code=refused.code)
+        except CardRefused as refused:
+            log.info("%s %s: card refused batch 1: %s", kind.value, self.obj.id, refused)
+            await _cancel_quietly(self.settlement, self.obj, refused)
+            await self.progress(Progress(Phase.DECLINED, refused.reason))
+            return Outcome(
+                TxStatus.DECLINED, self.obj, self.trips.count, decline_code=refused.reason
+            )
 
-
-async def _outcome_unknown(
-    trips: RoundTrips,
-    settlement: Settlement,
-    obj: SettlementObject,
-    contact: FirstContact,
-    progress: ProgressSink,
-) -> Outcome:
-    """The DEBIT/CREDIT may have changed the card: tell settlement the outcome is unknown
-    (``uncertain``); the card's proof at its next contact settles it (spec §6)."""
-    marked = await settlement.uncertain(obj.kind, obj.id)
-    return await _interrupted(trips, marked, contact, progress)
-
-
-async def _interrupted(
-    trips: RoundTrips, marked: SettlementObject, contact: FirstContact, progress: ProgressSink
-) -> Outcome:
-    """Report the transaction interrupted: ``marked`` waits for the card's next contact."""
-    await progress(Progress(Phase.INTERRUPTED))
-    return Outcome(
-        marked.status,
-        marked,
-        trips.count,
-        card_number=contact.card_number,
-        balance_before=contact.balance,
-        counter=contact.counter,
-    )
-
-
-async def _release(
-    trips: RoundTrips,
-    settlement: Settlement,
-    obj: SettlementObject,
-    contact: FirstContact,
-    reason: str,
-    progress: ProgressSink,
-) -> Outcome:
-    """The DEBIT/CREDIT was refused, so the card did not change; settlement still wants the
-    card's word before it lets go of an authorisation. One more round trip reads the counter
-    (INITIALIZE amount 0; PROVE answers 9406) and ``resolve`` releases the payment. If that
-    fails the payment is marked ``uncertain`` and the card's next contact settles it. A load
-    always ends so: settlement never releases one on the counter alone (409
-    ``proof_required``); the next load of the card at that counter releases it.
-    """
-    ttype = TransactionType.EP_PURCHASE if obj.kind is Kind.PAYMENT else TransactionType.EP_LOAD
-    hint = RecoveryHint(obj.kind, obj.id, ttype, contact.counter)
-    try:
-        responses = await trips(
-            recovery_steps(hint, key_index=obj.key_index, terminal_id=obj.terminal_id)
-        )
-        initialize, prove = read_recovery(responses, obj.kind)
-        released = await _resolve(settlement, hint, initialize, prove)
-    except (ReaderError, CardRefused, SettlementError) as exc:
-        log.warning("%s %s: could not release (%s); marking uncertain", obj.kind.value, obj.id, exc)
-        try:
-            marked = await settlement.uncertain(obj.kind, obj.id)
-        except SettlementError:
-            marked = obj
-        return await _interrupted(trips, marked, contact, progress)
-    if released.status == "succeeded":  # the card's proof says it ran after all
-        await progress(Progress(Phase.SUCCEEDED))
+    def declined_outcome(
+        self, contact: FirstContact, code: str | None, obj: SettlementObject | None = None
+    ) -> Outcome:
+        """Declined after the first contact (``obj``: settlement's last word, if newer)."""
         return Outcome(
-            TxStatus.SUCCEEDED,
-            released,
-            trips.count,
+            TxStatus.DECLINED,
+            self.obj if obj is None else obj,
+            self.trips.count,
+            decline_code=code,
             card_number=contact.card_number,
-            tac=released.tac,
+            balance_before=contact.balance,
         )
-    await progress(Progress(Phase.DECLINED, reason))
-    return Outcome(
-        TxStatus.DECLINED,
-        released,
-        trips.count,
-        decline_code=reason,
-        card_number=contact.card_number,
-        balance_before=contact.balance,
-    )
+
+    async def authorise_contact(
+        self, contact: FirstContact
+    ) -> tuple[FirstContact, SettlementObject] | Outcome:
+        """Settlement's authorisation of the first contact (after recovering another open
+        transaction of the card when it asks for that), or its decline."""
+        await self.progress(Progress(Phase.AUTHORISING))
+        try:
+            return contact, await self.authorise(contact)
+        except Declined as declined:
+            if declined.decline_code != "recovery_required" or declined.recover is None:
+                if declined.card_check is not None:
+                    await self.run_card_check(declined.card_check)
+                await self.progress(
+                    Progress(Phase.DECLINED, declined.decline_code or declined.code or "")
+                )
+                return self.declined_outcome(contact, declined.decline_code or declined.code)
+            contact = await self.recover_then_reinitialise(contact, declined.recover)
+        await self.progress(Progress(Phase.AUTHORISING))
+        try:
+            return contact, await self.authorise(contact)
+        except Declined as again:
+            await self.progress(Progress(Phase.DECLINED, again.decline_code or again.code or ""))
+            return self.declined_outcome(contact, again.decline_code or again.code)
+
+    async def second_round_trip(
+        self, contact: FirstContact, authorised: SettlementObject
+    ) -> Outcome:
+        """Batch 2 (DEBIT/CREDIT) and settlement's capture of the card's answer."""
+        kind = self.obj.kind
+        if authorised.authorisation is None:
+            raise SettlementError(f"settlement authorised {self.obj.id} without an APDU")
+        await self.progress(Progress(Phase.CONFIRM))
+        try:
+            responses = await self.trips([Step(authorised.authorisation.apdu)])
+        except BatchRefused as refused:
+            # Refused before the DEBIT/CREDIT reached the card (e.g. the shopper said no on
+            # the agent): nothing happened on the card, so the authorisation is released.
+            log.info("%s %s: reader refused batch 2: %s", kind.value, self.obj.id, refused.code)
+            return await self.release(contact, refused.code)
+        except ReaderError as exc:
+            # The DEBIT/CREDIT may or may not have reached the card: never guess (spec §6).
+            log.warning(
+                "%s %s: outcome unknown after %s", kind.value, self.obj.id, type(exc).__name__
+            )
+            return await self.outcome_unknown(contact)
+        final = responses[-1] if responses else ResponseApdu(b"", 0x6F00)
+        if not final.ok:
+            # The card refused: its update is atomic, so nothing changed on it.
+            log.info("%s %s: card refused batch 2 with %04X", kind.value, self.obj.id, final.sw)
+            reason = _completion_statuses(kind).reason(final.sw, "card_refused")
+            return await self.release(contact, reason)
+
+        await self.progress(Progress(Phase.CAPTURING))
+        try:
+            finished = await self.settlement.finish(kind, self.obj.id, final.data)
+        except Declined as declined:
+            # The card answered 9000, so it changed; settlement could not verify what came
+            # back (a corrupted or tampered answer). Not a decline: the outcome is unknown and
+            # the card's own proof (GET TRANSACTION PROVE) settles it at its next contact.
+            log.warning(
+                "%s %s: settlement refused the card's answer (%s): outcome unknown",
+                kind.value,
+                self.obj.id,
+                declined.code,
+            )
+            return await self.outcome_unknown(contact)
+        delta = self.obj.amount if kind is Kind.LOAD else -self.obj.amount
+        succeeded = finished.status == TxStatus.SUCCEEDED
+        await self.progress(
+            Progress(Phase.SUCCEEDED if succeeded else Phase.FAILED, finished.status)
+        )
+        return Outcome(
+            finished.status,
+            finished,
+            self.trips.count,
+            card_number=contact.card_number,
+            balance_before=contact.balance,
+            balance_after=contact.balance + delta if succeeded else None,
+            counter=contact.counter,
+            tac=finished.tac,
+        )
+
+    async def authorise(self, contact: FirstContact) -> SettlementObject:
+        return await self.settlement.authorise(
+            self.obj.kind,
+            self.obj.id,
+            issuer_data=contact.issuer_data,
+            initialize=contact.initialize,
+            terminal_id=self.obj.terminal_id,
+        )
+
+    async def recover_then_reinitialise(
+        self, contact: FirstContact, hint: RecoveryHint
+    ) -> FirstContact:
+        """One extra round trip: recover the card's open transaction, INITIALIZE this one again."""
+        steps = recovery_steps(hint, key_index=self.obj.key_index, terminal_id=self.obj.terminal_id)
+        steps.append(
+            Step(
+                _initialize(
+                    self.obj.kind, self.obj.key_index, self.obj.amount, self.obj.terminal_id
+                )
+            )
+        )
+        responses = await self.trips(steps)
+        initialize, prove = read_recovery(responses[:2], _hint_kind(hint))
+        if hint.heal:
+            # The card is one transaction ahead of settlement: its proof settles that one.
+            if prove is None:
+                raise SettlementError("the card has no proof for the counter settlement is missing")
+            await self.settlement.heal(
+                issuer_data=contact.issuer_data, transaction_type=hint.transaction_type, prove=prove
+            )
+        else:
+            try:
+                await _resolve(self.settlement, hint, initialize, prove)
+            except SettlementError as exc:
+                if not _load_needs_a_new_load(hint, exc):
+                    raise
+                # Still open: a new load goes ahead linked to it; anything else is told to recover.
+                await _keep_uncertain(self.settlement, hint)
+        if len(responses) < 3 or not responses[2].ok:
+            commands = (
+                _initialize_statuses(_hint_kind(hint)),
+                status.GET_TRANSACTION_PROVE,
+                _initialize_statuses(self.obj.kind),
+            )
+            raise _last_refusal(commands, responses[:3])
+        balance, counter = _parse_initialize(self.obj.kind, responses[2].data)
+        return FirstContact(
+            contact.issuer_data, responses[2].data, contact.card_number, balance, counter
+        )
+
+    async def outcome_unknown(self, contact: FirstContact) -> Outcome:
+        """The DEBIT/CREDIT may have changed the card: tell settlement the outcome is unknown
+        (``uncertain``); the card's proof at its next contact settles it (spec §6)."""
+        marked = await self.settlement.uncertain(self.obj.kind, self.obj.id)
+        return await self.interrupted(marked, contact)
+
+    async def interrupted(self, marked: SettlementObject, contact: FirstContact) -> Outcome:
+        """Report the transaction interrupted: ``marked`` waits for the card's next contact."""
+        await self.progress(Progress(Phase.INTERRUPTED))
+        return Outcome(
+            marked.status,
+            marked,
+            self.trips.count,
+            card_number=contact.card_number,
+            balance_before=contact.balance,
+            counter=contact.counter,
+        )
+
+    async def release(self, contact: FirstContact, reason: str) -> Outcome:
+        """The DEBIT/CREDIT was refused, so the card did not change; settlement still wants the
+        card's word before it lets go of an authorisation. One more round trip reads the counter
+        (INITIALIZE amount 0; PROVE answers 9406) and ``resolve`` releases the payment. If that
+        fails the payment is marked ``uncertain`` and the card's next contact settles it. A load
+        always ends so: settlement never releases one on the counter alone (409
+        ``proof_required``); the next load of the card at that counter releases it.
+        """
+        ttype = (
+            TransactionType.EP_PURCHASE
+            if self.obj.kind is Kind.PAYMENT
+            else TransactionType.EP_LOAD
+        )
+        hint = RecoveryHint(self.obj.kind, self.obj.id, ttype, contact.counter)
+        try:
+            responses = await self.trips(
+                recovery_steps(hint, key_index=self.obj.key_index, terminal_id=self.obj.terminal_id)
+            )
+            initialize, prove = read_recovery(responses, self.obj.kind)
+            released = await _resolve(self.settlement, hint, initialize, prove)
+        except (ReaderError, CardRefused, SettlementError) as exc:
+            log.warning(
+                "%s %s: could not release (%s); marking uncertain",
+                self.obj.kind.value,
+                self.obj.id,
+                exc,
+            )
+            try:
+                marked = await self.settlement.uncertain(self.obj.kind, self.obj.id)
+            except SettlementError:
+                marked = self.obj
+            return await self.interrupted(marked, contact)
+        if released.status == "succeeded":  # the card's proof says it ran after all
+            await self.progress(Progress(Phase.SUCCEEDED))
+            return Outcome(
+                TxStatus.SUCCEEDED,
+                released,
+                self.trips.count,
+                card_number=contact.card_number,
+                tac=released.tac,
+            )
+        await self.progress(Progress(Phase.DECLINED, reason))
+        return self.declined_outcome(contact, reason, released)
+
+    async def run_card_check(self, check: CardCheck) -> None:
+        """The card check a decline offered, while the card is still here (one round trip).
+
+        Best effort: the transaction is declined either way; the check only lets settlement
+        tell a real clone (its MAC1 verifies over the check's fresh terminal id) from an answer
+        anyone could make up (docs/settlement-api.md, "Evidence").
+        """
+        try:
+            responses = await self.trips([Step(check.apdu)])
+            answer = responses[-1] if responses else ResponseApdu(b"", 0x6F00)
+            if not answer.ok:
+                log.info(
+                    "%s %s: card check refused by the card: %04X",
+                    self.obj.kind.value,
+                    self.obj.id,
+                    answer.sw,
+                )
+                return
+            verdict = await self.settlement.answer_card_check(check.id, answer.data)
+        except (ReaderError, SettlementError) as exc:
+            log.info(
+                "%s %s: card check not run: %s",
+                self.obj.kind.value,
+                self.obj.id,
+                type(exc).__name__,
+            )
+            return
+        log.info("%s %s: card check %s: %s", self.obj.kind.value, self.obj.id, check.id, verdict)
 
 
 async def _cancel_quietly(

@@ -14,14 +14,11 @@ money has been matched).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
-import os
 import secrets
 from collections.abc import Callable
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -37,10 +34,11 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from webpurse.merchant.cart import CartLine
+from webpurse.sqlite_file import private_sqlite_file
 
 PURCHASE = "purchase"
 TOPUP = "topup"
@@ -131,23 +129,6 @@ def lines_to_json(lines: list[CartLine]) -> str:
             for line in lines
         ]
     )
-
-
-def private_sqlite_file(url: str) -> None:
-    """Create the order book's SQLite file 0600 before SQLite does, and tighten one that
-    exists: its ``-wal`` and ``-shm`` files take the database file's mode (the shoppers'
-    orders are for the shop alone, whatever the umask)."""
-    path = make_url(url).database
-    if not path or path == ":memory:" or "mode=memory" in url:
-        return
-    db = Path(path)
-    if not db.parent.is_dir():
-        return  # SQLite will say so when it connects
-    os.close(os.open(db, os.O_CREAT | os.O_RDWR, 0o600))
-    for file in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
-        with contextlib.suppress(FileNotFoundError):
-            if file.stat().st_uid == os.getuid() and file.stat().st_mode & 0o077:
-                os.chmod(file, 0o600)
 
 
 def make_engine(url: str) -> Engine:

@@ -19,6 +19,7 @@ from webpurse.merchant.web import (
     LINK_SECONDS,
     READER_PATH,
     TOPUP_METHODS,
+    Shop,
     ShopDep,
     awaiting_funds,
     describe,
@@ -29,17 +30,27 @@ log = logging.getLogger("webpurse.merchant.app")
 router = APIRouter()
 
 
-@router.get("/topup", response_class=HTMLResponse)
-async def topup_page(request: Request, shop: ShopDep) -> Response:
-    method = request.query_params.get("method")
+def _topup_form(
+    request: Request, shop: Shop, method: str | None, status_code: int = 200, **refused: str
+) -> Response:
+    """The top-up form with ``method`` chosen (None: not yet); after a refusal, with its
+    ``error`` and the ``card_number`` as typed."""
     return shop.render(
         request,
         "topup.html",
+        status_code=status_code,
         amounts=TOPUP_AMOUNTS,
-        method=method if method in TOPUP_METHODS else None,
+        method=method,
         agent_url=shop.settings.agent_url,
         reader_path=READER_PATH,
+        **refused,
     )
+
+
+@router.get("/topup", response_class=HTMLResponse)
+async def topup_page(request: Request, shop: ShopDep) -> Response:
+    method = request.query_params.get("method")
+    return _topup_form(request, shop, method if method in TOPUP_METHODS else None)
 
 
 @router.post("/topup")
@@ -64,16 +75,13 @@ async def topup(
     card = normalise_card_number(card_number)
     if card is None:
         log.info("refused top-up for card number %r", card_number[:64])
-        return shop.render(
+        return _topup_form(
             request,
-            "topup.html",
-            status_code=422,
-            amounts=TOPUP_AMOUNTS,
-            method=BANK_TRANSFER,
+            shop,
+            BANK_TRANSFER,
+            422,
             error="bad_card_number",
             card_number=card_number,
-            agent_url=shop.settings.agent_url,
-            reader_path=READER_PATH,
         )
     order = shop.orders.create(
         session_id=shop.session_of(request),
@@ -89,16 +97,13 @@ async def topup(
         shop.orders.update(order.id, status=CANCELED, decline_code=exc.code or "settlement_error")
         if exc.status == 404 or exc.code == "card_not_loadable":
             # No money may be asked for a card that is not ours or cannot take value.
-            return shop.render(
+            return _topup_form(
                 request,
-                "topup.html",
-                status_code=422,
-                amounts=TOPUP_AMOUNTS,
-                method=BANK_TRANSFER,
+                shop,
+                BANK_TRANSFER,
+                422,
                 error="unknown_card" if exc.status == 404 else "card_not_loadable",
                 card_number=card_number,
-                agent_url=shop.settings.agent_url,
-                reader_path=READER_PATH,
             )
         return shop.render(request, "error.html", status_code=502, message=str(exc))
     return shop.finish(

@@ -81,7 +81,7 @@ def open_link(secret: bytes, token: str, now: float) -> str:
 class RateLimiter:
     """At most ``limit`` failures per key within ``window`` seconds; then refused until the
     oldest failure leaves the window. A success does not erase earlier failures of an
-    address (an attacker's one good guess elsewhere must not reset its count); callers
+    address (an attacker's one good guess elsewhere must not reset its count); visible
     reset an account's count on its own successful sign-in."""
 
     limit: int

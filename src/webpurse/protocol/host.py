@@ -1,6 +1,6 @@
 """What a PSAM does for the terminal: the host side of spec §4.
 
-In webpurse these run inside the settlement server's security module; callers pass card
+In webpurse these run inside the settlement server's security module; visible pass card
 keys (already diversified) and the values the card returned from INITIALIZE. Every
 ``verify_*`` compares in constant time and returns a bool; deciding what to do about a
 ``False`` is the caller's business.

@@ -16,15 +16,14 @@ from dataclasses import replace
 from typing import Any
 
 import structlog
-from sqlalchemy import select
 
 from webpurse.protocol.commands import InitializeForLoadResponse
 from webpurse.settlement import registry
 from webpurse.settlement.decisions import Decision, Observation
-from webpurse.settlement.errors import conflict, not_found
+from webpurse.settlement.errors import conflict
 from webpurse.settlement.evidence import NONCE_BYTES, Verdict, check_apdu, judge_card_check
 from webpurse.settlement.models import Card, CardCheck
-from webpurse.settlement.service import Ctx, new_id, parse
+from webpurse.settlement.service import Ctx, get_owned, new_id, parse
 from webpurse.settlement.transactions import CardStatus
 
 log = structlog.get_logger(__name__)
@@ -91,12 +90,7 @@ def on_decline(
 
 def answer(ctx: Ctx, check_id: str, initialize_response: str) -> CardCheck:
     """The card's answer to check ``check_id``: verify MAC1, judge, block a real clone."""
-    stmt = select(CardCheck).where(CardCheck.id == check_id)
-    if not ctx.principal.is_operator:
-        stmt = stmt.where(CardCheck.merchant_id == ctx.principal.merchant_id)
-    check = ctx.session.scalars(stmt).first()
-    if check is None:
-        raise not_found("card_check", "id")
+    check = get_owned(ctx, CardCheck, check_id, "card_check")
     init = parse(initialize_response, "initialize_response", InitializeForLoadResponse.from_data)
     card = registry.lock_card_id(ctx.session, check.card_id)
     assert card is not None

@@ -6,17 +6,21 @@ over HTTP. Settings come from the environment (see :class:`.settings.Settings`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from webpurse.listen import run_asgi
 from webpurse.settlement import expiry, ledger
@@ -63,6 +67,23 @@ def _settings() -> Settings:
         raise _fail(str(exc)) from None
 
 
+@contextlib.contextmanager
+def _engine(settings: Settings) -> Iterator[Engine]:
+    """The settings' database for one command; its connections closed after."""
+    engine = make_engine(settings.database_url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def _transaction(settings: Settings) -> Iterator[Session]:
+    """One transaction on the settings' database: committed, or rolled back on error."""
+    with _engine(settings) as engine, make_session_factory(engine)() as session, session.begin():
+        yield session
+
+
 def _prepare_sqlite_dir(settings: Settings) -> None:
     if settings.database_url.startswith("sqlite:///"):
         Path(settings.database_url.removeprefix("sqlite:///")).parent.mkdir(
@@ -76,26 +97,24 @@ def init() -> None:
     KEK, or in the PKCS#11 token with WEBPURSE_SECURITY_MODULE=pkcs11); idempotent."""
     settings = _settings()
     _prepare_sqlite_dir(settings)
-    engine = make_engine(settings.database_url)
     try:
-        migrate(engine)
-        # The KEK seals the webhook secrets whichever module holds the master keys.
-        kek = resolve_kek(settings, create=True)
-        if settings.security_module == "pkcs11":
-            from webpurse.settlement.pkcs11 import Pkcs11SecurityModule, token_config
+        with _engine(settings) as engine:
+            migrate(engine)
+            # The KEK seals the webhook secrets whichever module holds the master keys.
+            kek = resolve_kek(settings, create=True)
+            if settings.security_module == "pkcs11":
+                from webpurse.settlement.pkcs11 import Pkcs11SecurityModule, token_config
 
-            token = Pkcs11SecurityModule(token_config(settings))
-            try:
-                created = token.generate_master_keys()
-            finally:
-                token.close()
-        else:
-            created = generate_master_keys(make_session_factory(engine), kek, settings.clock())
-            SoftwareSecurityModule.load(make_session_factory(engine), kek)
+                token = Pkcs11SecurityModule(token_config(settings))
+                try:
+                    created = token.generate_master_keys()
+                finally:
+                    token.close()
+            else:
+                created = generate_master_keys(make_session_factory(engine), kek, settings.clock())
+                SoftwareSecurityModule.load(make_session_factory(engine), kek)
     except SecurityError as exc:
         raise _fail(str(exc)) from None
-    finally:
-        engine.dispose()
     console.print(
         "schema up to date; " + ("master keys created" if created else "master keys present")
     )
@@ -108,19 +127,17 @@ def migrate_keys_to_token() -> None:
     from webpurse.settlement.pkcs11 import Pkcs11SecurityModule, migrate_from_software, token_config
 
     settings = _settings()
-    engine = make_engine(settings.database_url)
     try:
-        factory = make_session_factory(engine)
-        software = SoftwareSecurityModule.load(factory, resolve_kek(settings))
-        token = Pkcs11SecurityModule(token_config(settings))
-        try:
-            versions, cards = migrate_from_software(software, token, factory)
-        finally:
-            token.close()
+        with _engine(settings) as engine:
+            factory = make_session_factory(engine)
+            software = SoftwareSecurityModule.load(factory, resolve_kek(settings))
+            token = Pkcs11SecurityModule(token_config(settings))
+            try:
+                versions, cards = migrate_from_software(software, token, factory)
+            finally:
+                token.close()
     except SecurityError as exc:
         raise _fail(str(exc)) from None
-    finally:
-        engine.dispose()
     console.print(
         f"master keys of versions {versions} imported into the token; TAC keys of {cards}"
         " cards stored. Set WEBPURSE_SECURITY_MODULE=pkcs11, then move the KEK offline."
@@ -135,17 +152,14 @@ def merchant_create(
 ) -> None:
     """Register a merchant with its virtual terminal; prints its API key once."""
     settings = _settings()
-    engine = make_engine(settings.database_url)
     try:
-        with make_session_factory(engine)() as session, session.begin():
+        with _transaction(settings) as session:
             merchant, key = create_merchant(
                 session, name, settings.clock(), terminal_id=terminal_id
             )
             out = {"id": merchant.id, "terminal_id": merchant.terminal_id, "api_key": key}
     except MerchantError as exc:
         raise _fail(str(exc)) from None
-    finally:
-        engine.dispose()
     if json_output:
         sys.stdout.write(json.dumps(out) + "\n")
     else:
@@ -160,12 +174,8 @@ def operator_create(
 ) -> None:
     """Create an operator API key; prints it once."""
     settings = _settings()
-    engine = make_engine(settings.database_url)
-    try:
-        with make_session_factory(engine)() as session, session.begin():
-            _, key = new_api_key(session, OPERATOR, settings.clock(), name=name)
-    finally:
-        engine.dispose()
+    with _transaction(settings) as session:
+        _, key = new_api_key(session, OPERATOR, settings.clock(), name=name)
     if json_output:
         sys.stdout.write(json.dumps({"api_key": key}) + "\n")
     else:
@@ -180,9 +190,8 @@ def card_status(
 ) -> None:
     """Block, report lost, expire or reactivate a card (blocked and lost are blacklisted)."""
     settings = _settings()
-    engine = make_engine(settings.database_url)
     try:
-        with make_session_factory(engine)() as session, session.begin():
+        with _transaction(settings) as session:
             card = find_card(session, card_number)
             if card is None:
                 raise _fail(f"no card {card_number.upper()} is registered")
@@ -190,8 +199,6 @@ def card_status(
             set_status(session, card, status, settings.clock(), reason, by=f"cli:{user}")
     except RegistryError as exc:
         raise _fail(str(exc)) from None
-    finally:
-        engine.dispose()
     console.print(f"card {card_number.upper()} is now {status}")
 
 
@@ -199,8 +206,7 @@ def card_status(
 def sweep() -> None:
     """Expire stale payments and loads (authorised ones become uncertain)."""
     settings = _settings()
-    engine = make_engine(settings.database_url)
-    try:
+    with _engine(settings) as engine:
         report = expiry.sweep(
             make_session_factory(engine),
             settings.clock(),
@@ -208,8 +214,6 @@ def sweep() -> None:
             authorised_ttl=settings.authorised_ttl,
             card_hold_ttl=settings.card_hold_ttl,
         )
-    finally:
-        engine.dispose()
     console.print(json.dumps(report.to_json()))
 
 
@@ -217,12 +221,8 @@ def sweep() -> None:
 def ledger_check() -> None:
     """Recompute every balance from the entries; exit 1 unless the ledger is consistent."""
     settings = _settings()
-    engine = make_engine(settings.database_url)
-    try:
-        with make_session_factory(engine)() as session:
-            report = ledger.check(session)
-    finally:
-        engine.dispose()
+    with _engine(settings) as engine, make_session_factory(engine)() as session:
+        report = ledger.check(session)
     for kind, total in sorted(report.totals.items()):
         console.print(f"{kind:>10} {total:>14,} fen")
     console.print(f"{report.accounts} accounts, {report.transfers} transfers")
@@ -297,14 +297,11 @@ def _funding_run(work: Any) -> Any:
     from webpurse.settlement.errors import SettlementError
 
     settings = _settings()
-    engine = make_engine(settings.database_url)
     try:
-        with make_session_factory(engine)() as session, session.begin():
+        with _transaction(settings) as session:
             return work(session, settings)
     except SettlementError as exc:
         raise _fail(f"{exc.code}: {exc.detail}") from None
-    finally:
-        engine.dispose()
 
 
 @float_app.command("deposit")

@@ -7,13 +7,10 @@ connections). Schema changes go through Alembic only, tests included.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import functools
-import os
 from collections.abc import Iterable
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -31,10 +28,12 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.pool import NullPool, StaticPool
 from sqlalchemy.types import TypeDecorator
+
+from webpurse.sqlite_file import private_sqlite_file
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -72,23 +71,6 @@ def normalise_url(url: str) -> str:
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         return "postgresql+psycopg://" + url.split("://", 1)[1]
     return url
-
-
-def private_sqlite_file(url: str) -> None:
-    """Create a SQLite database file 0600 (owner only) before SQLite does, and tighten one
-    that exists: SQLite gives the ``-wal`` and ``-shm`` files the database file's mode, so
-    all three hold the ledger for the owner alone, whatever the umask."""
-    path = make_url(url).database
-    if not path or path == ":memory:" or "mode=memory" in url:
-        return
-    db = Path(path)
-    if not db.parent.is_dir():
-        return  # SQLite will say so when it connects
-    os.close(os.open(db, os.O_CREAT | os.O_RDWR, 0o600))
-    for file in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
-        with contextlib.suppress(FileNotFoundError):
-            if file.stat().st_uid == os.getuid() and file.stat().st_mode & 0o077:
-                os.chmod(file, 0o600)
 
 
 def make_engine(

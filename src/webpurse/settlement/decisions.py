@@ -1,6 +1,6 @@
 """The settlement decisions as pure functions over values: authorise? decline why? settle?
 
-No database, no keys, no clock: callers pass the card record, the card's parsed answers,
+No database, no keys, no clock: visible pass the card record, the card's parsed answers,
 whether the MACs verified, and ``now``. Spec references: pboc-epurse.md §6 (interrupted
 transactions) and §7 (what the host must check).
 """
@@ -214,6 +214,26 @@ def _card_checks(
     return None
 
 
+def _key_check(card: CardRecord, key_version: int, algorithm_id: int) -> Decision | None:
+    """The card's INITIALIZE must name the key version it was issued under, and DES."""
+    if key_version != card.key_version or algorithm_id != 0x00:
+        return Decision.decline(
+            DeclineCode.INVALID_STATE, "the card reports an unknown key version or algorithm"
+        )
+    return None
+
+
+def _counter_checks(
+    card: CardRecord, kind: str, counter: int, shadow_counter: int, random: bytes, balance: int
+) -> Decision | None:
+    """At the counter of ``kind`` the card answered with: no other transaction in flight
+    (spec §6), then the card's counter and balance against settlement's shadow (spec §7)."""
+    early = _open_transaction_check(card, kind, counter, random)
+    if early is not None:
+        return early
+    return _shadow_checks(card, counter, shadow_counter, balance)
+
+
 def _open_transaction_check(
     card: CardRecord, kind: str, counter: int, random: bytes
 ) -> Decision | None:
@@ -291,14 +311,12 @@ def decide_purchase(card: CardRecord | None, inputs: PurchaseInputs, now: dt.dat
         return Decision.decline(
             DeclineCode.AMOUNT_MISMATCH, "INITIALIZE was sent for a different amount"
         )
-    if init.key_version != card.key_version or init.algorithm_id != 0x00:
-        return Decision.decline(
-            DeclineCode.INVALID_STATE, "the card reports an unknown key version or algorithm"
-        )
-    early = _open_transaction_check(card, "payment", init.offline_counter, init.random)
+    early = _key_check(card, init.key_version, init.algorithm_id)
     if early is not None:
         return early
-    early = _shadow_checks(card, init.offline_counter, card.offline_counter, init.balance)
+    early = _counter_checks(
+        card, "payment", init.offline_counter, card.offline_counter, init.random, init.balance
+    )
     if early is not None:
         return early
     if init.balance < inputs.amount:
@@ -319,20 +337,18 @@ def decide_load(card: CardRecord | None, inputs: LoadInputs, now: dt.datetime) -
     init = inputs.initialize
     if inputs.bound_card_number is not None and inputs.bound_card_number != card.card_number:
         return Decision.decline(DeclineCode.INVALID_STATE, "this load is for another card")
-    if init.key_version != card.key_version or init.algorithm_id != 0x00:
-        return Decision.decline(
-            DeclineCode.INVALID_STATE, "the card reports an unknown key version or algorithm"
-        )
+    early = _key_check(card, init.key_version, init.algorithm_id)
+    if early is not None:
+        return early
     if not inputs.mac1_valid:
         return Decision.decline(
             DeclineCode.MAC_INVALID,
             "the card's MAC1 does not verify (wrong amount, terminal or card)",
             Observation.MAC1_INVALID,
         )
-    early = _open_transaction_check(card, "load", init.online_counter, init.random)
-    if early is not None:
-        return early
-    early = _shadow_checks(card, init.online_counter, card.online_counter, init.balance)
+    early = _counter_checks(
+        card, "load", init.online_counter, card.online_counter, init.random, init.balance
+    )
     if early is not None:
         return early
     if init.balance + inputs.amount > card.max_balance:

@@ -15,7 +15,7 @@ Value is never created: every load is funded by money settlement received.
   (→ ``returned:payers``) once the money went back.
 
 The HTTP routes (``routes_funding``) and the CLI (``webpurse settlement float|statement``)
-are thin callers of these functions.
+are thin visible of these functions.
 """
 
 from __future__ import annotations

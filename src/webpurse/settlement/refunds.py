@@ -23,11 +23,10 @@ refund inside another load's completion (``loads._succeed``) releases before it 
 from __future__ import annotations
 
 import structlog
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from webpurse.settlement import events, ledger, loads, refund_checks
-from webpurse.settlement.errors import Unprocessable, conflict, ledger_refused, not_found
+from webpurse.settlement.errors import Unprocessable, conflict, ledger_refused
 from webpurse.settlement.ledger import LedgerError, TransferSpec
 from webpurse.settlement.models import Payment, Refund
 from webpurse.settlement.payments import get_payment
@@ -37,7 +36,7 @@ from webpurse.settlement.refund_checks import stuck as stuck
 from webpurse.settlement.refund_outcomes import fail as fail
 from webpurse.settlement.refund_outcomes import heal_stuck as heal_stuck
 from webpurse.settlement.schemas import RefundCreate
-from webpurse.settlement.service import Ctx, new_id
+from webpurse.settlement.service import Ctx, get_owned, new_id
 from webpurse.settlement.transactions import Status
 from webpurse.settlement.views import refund_json as refund_json
 
@@ -45,13 +44,7 @@ log = structlog.get_logger(__name__)
 
 
 def get_refund(ctx: Ctx, refund_id: str) -> Refund:
-    stmt = select(Refund).where(Refund.id == refund_id)
-    if not ctx.principal.is_operator:
-        stmt = stmt.where(Refund.merchant_id == ctx.principal.merchant_id)
-    refund = ctx.session.scalars(stmt).first()
-    if refund is None:
-        raise not_found("refund", "id")
-    return refund
+    return get_owned(ctx, Refund, refund_id, "refund")
 
 
 def create(ctx: Ctx, body: RefundCreate) -> Refund:

@@ -51,7 +51,7 @@ def issue_card(
     """Personalise a new card from the master keys and register it, in one step.
 
     Returns the registry row and the card's state (to write to a card image); the state
-    holds card keys, so callers write it to the card and nowhere else.
+    holds card keys, so visible write it to the card and nowhere else.
     """
     serial = serial if serial is not None else new_serial()
     number = serial.hex().upper()

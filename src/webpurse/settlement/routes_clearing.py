@@ -28,6 +28,7 @@ from webpurse.settlement.clearing import (
     timezone_from_env,
 )
 from webpurse.settlement.problems import PROBLEM_JSON, ApiError, not_found
+from webpurse.settlement.service import visible
 from webpurse.settlement.sessions import get_session
 from webpurse.settlement.settings import Clock
 
@@ -208,9 +209,7 @@ def list_batches(
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
 ) -> BatchList:
     """Batches, newest day first: all for an operator, its own for a merchant."""
-    query = select(ClearingBatch)
-    if not principal.is_operator:
-        query = query.where(ClearingBatch.merchant_id == principal.merchant_id)
+    query = visible(select(ClearingBatch), ClearingBatch, principal)
     if merchant is not None:
         query = query.where(ClearingBatch.merchant_id == merchant)
     if day is not None:

@@ -3,14 +3,16 @@ bank statement imports and statement exceptions (docs/settlement-api.md "Funding
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
 
-from webpurse.settlement import funding, idempotency
+from webpurse.settlement import funding
 from webpurse.settlement.auth import MerchantPrincipal, OperatorPrincipal
-from webpurse.settlement.deps import PROBLEMS, IdempotencyKey, SessionDep
+from webpurse.settlement.deps import PROBLEMS, SessionDep, Write, WriteDep
 from webpurse.settlement.funding import FundingPolicy
 from webpurse.settlement.schemas import ExceptionReturn, FloatDepositCreate, StatementImport
 
@@ -19,6 +21,11 @@ router = APIRouter(prefix="/v1", tags=["funding"])
 
 def _policy(request: Request) -> FundingPolicy:
     return FundingPolicy.from_settings(request.app.state.settlement.settings)
+
+
+def _funding_call(write: Write) -> tuple[Session, dt.datetime, FundingPolicy]:
+    """The session, the time (now, once) and the funding policy an operator's POST uses."""
+    return write.session, write.request.app.state.settlement.clock(), _policy(write.request)
 
 
 @router.get("/float", responses=PROBLEMS)
@@ -32,16 +39,10 @@ def get_float(
 
 @router.post("/operator/floats/{merchant_id}/deposits", status_code=201, responses=PROBLEMS)
 def record_deposit(
-    request: Request,
-    merchant_id: str,
-    body: FloatDepositCreate,
-    principal: OperatorPrincipal,
-    session: SessionDep,
-    idempotency_key: IdempotencyKey = None,
+    merchant_id: str, body: FloatDepositCreate, principal: OperatorPrincipal, write: WriteDep
 ) -> JSONResponse:
     """Record money a merchant paid into its float (idempotent on ``bank_reference``)."""
-    now = request.app.state.settlement.clock()
-    policy = _policy(request)
+    session, now, policy = _funding_call(write)
 
     def handler() -> tuple[int, dict[str, Any]]:
         deposit, created = funding.record_deposit(
@@ -52,22 +53,15 @@ def record_deposit(
             "float": funding.float_json(session, merchant_id, policy),
         }
 
-    return idempotency.run(
-        request, session, principal, idempotency_key, body.model_dump(mode="json"), handler
-    )
+    return write.run(principal, body, handler)
 
 
 @router.post("/operator/statements", status_code=201, responses=PROBLEMS)
 def import_statement(
-    request: Request,
-    body: StatementImport,
-    principal: OperatorPrincipal,
-    session: SessionDep,
-    idempotency_key: IdempotencyKey = None,
+    body: StatementImport, principal: OperatorPrincipal, write: WriteDep
 ) -> JSONResponse:
     """Import one bank statement: fund the orders it pays, list the rest (idempotent)."""
-    now = request.app.state.settlement.clock()
-    policy = _policy(request)
+    session, now, policy = _funding_call(write)
 
     def handler() -> tuple[int, dict[str, Any]]:
         summary, created = funding.import_statement(
@@ -75,9 +69,7 @@ def import_statement(
         )
         return (201 if created else 200), summary
 
-    return idempotency.run(
-        request, session, principal, idempotency_key, body.model_dump(mode="json"), handler
-    )
+    return write.run(principal, body, handler)
 
 
 @router.get("/operator/statement-exceptions", responses=PROBLEMS)
@@ -93,20 +85,13 @@ def list_exceptions(
 
 @router.post("/operator/statement-exceptions/{exception_id}/return", responses=PROBLEMS)
 def return_exception(
-    request: Request,
-    exception_id: str,
-    body: ExceptionReturn,
-    principal: OperatorPrincipal,
-    session: SessionDep,
-    idempotency_key: IdempotencyKey = None,
+    exception_id: str, body: ExceptionReturn, principal: OperatorPrincipal, write: WriteDep
 ) -> JSONResponse:
     """Record that the money went back to its payer (``returns:awaiting`` → ``returned:``)."""
-    now = request.app.state.settlement.clock()
+    session, now = write.session, write.request.app.state.settlement.clock()
 
     def handler() -> tuple[int, dict[str, Any]]:
         exc = funding.return_exception(session, exception_id, body.return_reference, now)
         return 200, funding.exception_json(exc)
 
-    return idempotency.run(
-        request, session, principal, idempotency_key, body.model_dump(mode="json"), handler
-    )
+    return write.run(principal, body, handler)

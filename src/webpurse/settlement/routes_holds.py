@@ -17,24 +17,16 @@ from fastapi.responses import JSONResponse
 
 from webpurse.settlement import holds
 from webpurse.settlement.auth import AnyPrincipal, OperatorPrincipal
-from webpurse.settlement.deps import PROBLEMS, IdempotencyKey, SessionDep, idempotent, make_ctx
+from webpurse.settlement.deps import PROBLEMS, SessionDep, WriteDep, make_ctx
 from webpurse.settlement.schemas import CardHeal, HoldRelease
 
 router = APIRouter(prefix="/v1", tags=["holds"])
 
 
 @router.post("/heal", responses=PROBLEMS)
-def heal_card(
-    request: Request,
-    body: CardHeal,
-    principal: AnyPrincipal,
-    session: SessionDep,
-    idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
+def heal_card(body: CardHeal, principal: AnyPrincipal, write: WriteDep) -> JSONResponse:
     """Settle the card's transaction at the counter settlement is missing, from its proof."""
-    return idempotent(
-        request, session, principal, idempotency_key, body, lambda ctx: holds.heal(ctx, body)
-    )
+    return write.once(principal, body, lambda ctx: holds.heal(ctx, body))
 
 
 @router.get("/holds", responses=PROBLEMS)
@@ -49,19 +41,7 @@ def list_holds(
 
 @router.post("/holds/{object_id}/release", responses=PROBLEMS)
 def release_hold(
-    request: Request,
-    object_id: str,
-    body: HoldRelease,
-    principal: OperatorPrincipal,
-    session: SessionDep,
-    idempotency_key: IdempotencyKey = None,
+    object_id: str, body: HoldRelease, principal: OperatorPrincipal, write: WriteDep
 ) -> JSONResponse:
     """Release any merchant's open payment or load (its hold back to its source), audited."""
-    return idempotent(
-        request,
-        session,
-        principal,
-        idempotency_key,
-        body,
-        lambda ctx: holds.operator_release(ctx, object_id, body),
-    )
+    return write.once(principal, body, lambda ctx: holds.operator_release(ctx, object_id, body))

@@ -14,7 +14,7 @@ from sqlalchemy import or_, select
 
 from webpurse.settlement import loads
 from webpurse.settlement.auth import AnyPrincipal
-from webpurse.settlement.deps import PROBLEMS, IdempotencyKey, SessionDep, idempotent, make_ctx
+from webpurse.settlement.deps import PROBLEMS, SessionDep, WriteDep, make_ctx
 from webpurse.settlement.funding import FundingPolicy
 from webpurse.settlement.loads import load_json
 from webpurse.settlement.models import Load
@@ -27,33 +27,22 @@ from webpurse.settlement.schemas import (
     LoadCreate,
     LoadOut,
 )
+from webpurse.settlement.service import visible
 
 router = APIRouter(prefix="/v1/loads", tags=["loads"])
 
 
 @router.post("", status_code=201, response_model=LoadOut, responses=PROBLEMS)
-def create_load(
-    request: Request,
-    body: LoadCreate,
-    principal: AnyPrincipal,
-    session: SessionDep,
-    idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
+def create_load(body: LoadCreate, principal: AnyPrincipal, write: WriteDep) -> JSONResponse:
     """Order a load: drawn from the merchant's float now, or waiting for a bank transfer.
 
     ``merchant_float``: the funds are held until the card is credited or they return (409
     ``insufficient_float`` beyond the float). ``bank_transfer``: ``requires_funding`` with
     a payment reference until an imported statement pays it (docs/settlement-api.md).
     """
-    policy = FundingPolicy.from_settings(request.app.state.settlement.settings)
-    return idempotent(
-        request,
-        session,
-        principal,
-        idempotency_key,
-        body,
-        lambda ctx: load_json(loads.create(ctx, body, policy)),
-        status=201,
+    policy = FundingPolicy.from_settings(write.request.app.state.settlement.settings)
+    return write.once(
+        principal, body, lambda ctx: load_json(loads.create(ctx, body, policy)), status=201
     )
 
 
@@ -68,9 +57,7 @@ def list_loads(
     status: str | None = None,
 ) -> dict[str, Any]:
     """Loads, newest first; filter by card (e.g. pending refunds for the card on the reader)."""
-    stmt = select(Load)
-    if not principal.is_operator:
-        stmt = stmt.where(Load.merchant_id == principal.merchant_id)
+    stmt = visible(select(Load), Load, principal)
     if card_number is not None:
         number = card_number.upper()
         stmt = stmt.where(or_(Load.card_number == number, Load.requested_card_number == number))

@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from webpurse.settlement import payments
 from webpurse.settlement.auth import MerchantPrincipal
-from webpurse.settlement.deps import PROBLEMS, IdempotencyKey, SessionDep, idempotent, make_ctx
+from webpurse.settlement.deps import PROBLEMS, SessionDep, WriteDep, make_ctx
 from webpurse.settlement.models import Payment
 from webpurse.settlement.pages import newest_first
 from webpurse.settlement.payments import payment_json
@@ -32,18 +32,11 @@ router = APIRouter(prefix="/v1/payments", tags=["payments"])
 
 @router.post("", status_code=201, response_model=PaymentOut, responses=PROBLEMS)
 def create_payment(
-    request: Request,
-    body: PaymentCreate,
-    principal: MerchantPrincipal,
-    session: SessionDep,
-    idempotency_key: IdempotencyKey = None,
+    body: PaymentCreate, principal: MerchantPrincipal, write: WriteDep
 ) -> JSONResponse:
     """Create a payment; it waits for the shopper's card (`requires_card`)."""
-    return idempotent(
-        request,
-        session,
+    return write.once(
         principal,
-        idempotency_key,
         body,
         lambda ctx: payment_json(payments.create(ctx, body)),
         status=201,

@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from webpurse.settlement import refunds
 from webpurse.settlement.auth import MerchantPrincipal
-from webpurse.settlement.deps import PROBLEMS, IdempotencyKey, SessionDep, idempotent, make_ctx
+from webpurse.settlement.deps import PROBLEMS, SessionDep, WriteDep, make_ctx
 from webpurse.settlement.models import Refund
 from webpurse.settlement.pages import newest_first
 from webpurse.settlement.refunds import refund_json
@@ -21,21 +21,11 @@ router = APIRouter(prefix="/v1/refunds", tags=["refunds"])
 
 @router.post("", status_code=201, response_model=RefundOut, responses=PROBLEMS)
 def create_refund(
-    request: Request,
-    body: RefundCreate,
-    principal: MerchantPrincipal,
-    session: SessionDep,
-    idempotency_key: IdempotencyKey = None,
+    body: RefundCreate, principal: MerchantPrincipal, write: WriteDep
 ) -> JSONResponse:
     """Refund (part of) a succeeded payment: a pending credit for the card's next contact."""
-    return idempotent(
-        request,
-        session,
-        principal,
-        idempotency_key,
-        body,
-        lambda ctx: refund_json(refunds.create(ctx, body)),
-        status=201,
+    return write.once(
+        principal, body, lambda ctx: refund_json(refunds.create(ctx, body)), status=201
     )
 
 

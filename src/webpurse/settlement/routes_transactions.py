@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from webpurse.settlement.auth import Principal
-from webpurse.settlement.deps import PROBLEMS, IdempotencyKey, SessionDep, idempotent, make_ctx
+from webpurse.settlement.deps import PROBLEMS, SessionDep, WriteDep, make_ctx
 from webpurse.settlement.schemas import Cancel, Empty, Resolve
 from webpurse.settlement.service import Ctx
 from webpurse.settlement.views import STEPS
@@ -132,19 +132,10 @@ def _post(kind: Kind, action: Action) -> Callable[..., JSONResponse]:
     as_of = action.name if kind.name == "payment" and action.name in STEPS else None
 
     def post(
-        request: Request,
-        object_id: str,
-        *,
-        body: BaseModel | None = None,
-        principal: Principal,
-        session: SessionDep,
-        idempotency_key: IdempotencyKey = None,
+        object_id: str, *, body: BaseModel | None = None, principal: Principal, write: WriteDep
     ) -> JSONResponse:
-        return idempotent(
-            request,
-            session,
+        return write.once(
             principal,
-            idempotency_key,
             action.payload(body),
             lambda ctx: kind.to_json(action.service(ctx, object_id, body)),
             as_of=as_of,

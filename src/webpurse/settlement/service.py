@@ -10,17 +10,26 @@ import datetime as dt
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from webpurse.protocol.errors import ProtocolError
 from webpurse.protocol.records import IssuerData
 from webpurse.settlement.auth import Principal
-from webpurse.settlement.errors import bad_request
+from webpurse.settlement.errors import bad_request, not_found
 from webpurse.settlement.security import SecurityModule
 
 T = TypeVar("T")
+
+
+class _Owned(Protocol):
+    id: Any
+    merchant_id: Any
+
+
+Owned = TypeVar("Owned", bound=_Owned)
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,22 @@ class Ctx:
     principal: Principal
     # requires_card payments (and loads) a merchant may have open at once (quotas.py)
     max_open_orders: int | None = None
+
+
+def visible(stmt: Select[Owned], model: type[Owned], principal: Principal) -> Select[Owned]:
+    """``stmt``'s rows the caller may see: every merchant's for an operator, else its own."""
+    if principal.is_operator:
+        return stmt
+    return stmt.where(model.merchant_id == principal.merchant_id)
+
+
+def get_owned(ctx: Ctx, model: type[Owned], object_id: str, what: str) -> Owned:
+    """The caller's ``model`` row ``object_id`` (another merchant's is "no such": 404)."""
+    stmt = visible(select(model).where(model.id == object_id), model, ctx.principal)
+    row = ctx.session.scalars(stmt).first()
+    if row is None:
+        raise not_found(what, "id")
+    return row
 
 
 def new_id(prefix: str) -> str:

@@ -228,6 +228,43 @@ class ReaderHub:
             routed = RoutedReader(directory, state, batch_timeout=self.batch_timeout)
             await routed.end(Outcome.CANCELED, "another agent paired for this payment")
 
+    async def _greet(
+        self, link: Link, reader: RemoteReader, version: int, *, unknown_batch: int | None = None
+    ) -> bool:
+        """Tell ``reader``'s agent its session is up, with a fresh resume token (a token seen
+        on a dropped path is spent); False when the agent left meanwhile."""
+        try:
+            await link.send(
+                ServerHello(
+                    version=version,
+                    session=reader.session,
+                    resume_token=self._new_resume_token(reader),
+                    grace_ms=int(self.grace * 1000),
+                    merchant=self._displays.get(reader.session),
+                    unknown_batch=unknown_batch,
+                )
+            )
+        except Exception:
+            return False
+        return True
+
+    def _new_resume_token(self, reader: RemoteReader) -> str:
+        """A fresh resume token for ``reader``: found by its hash here and, shared, in any
+        shop process."""
+        resume_token = secrets.token_urlsafe(32)
+        self._by_resume[digest(resume_token)] = reader
+        self._share_resume(digest(resume_token), reader)
+        return resume_token
+
+    def _unregister(self, reader: RemoteReader) -> None:
+        """``reader`` is no longer this process's: its binding, resume tokens and display."""
+        if self._readers.get(reader.binding) is reader:
+            del self._readers[reader.binding]
+        for key in [k for k, r in self._by_resume.items() if r is reader]:
+            del self._by_resume[key]
+        self._displays.pop(reader.session, None)
+        self._changed.set()
+
     def _share_resume(self, key: bytes, reader: RemoteReader) -> None:
         """Let any shop process find ``reader``'s binding by its resume token's hash."""
         if self.directory is None:
@@ -310,12 +347,7 @@ class ReaderHub:
         }
         reader.moved = True
         reader._expire()  # ended here: a cashier here finds the session where it went
-        if self._readers.get(reader.binding) is reader:
-            del self._readers[reader.binding]
-        for key in [k for k, r in self._by_resume.items() if r is reader]:
-            del self._by_resume[key]
-        self._displays.pop(reader.session, None)
-        self._changed.set()
+        self._unregister(reader)
         log.info("session %s handed over (its agent resumed elsewhere)", reader.session)
         return moved
 
@@ -469,22 +501,9 @@ class ReaderHub:
             card=hello.card,
             batch_timeout=self.batch_timeout,
         )
-        resume_token = secrets.token_urlsafe(32)
         self._readers[record.binding] = reader
-        self._by_resume[digest(resume_token)] = reader
-        self._share_resume(digest(resume_token), reader)
         self._displays[reader.session] = record.display
-        try:
-            await link.send(
-                ServerHello(
-                    version=max(common),
-                    session=reader.session,
-                    resume_token=resume_token,
-                    grace_ms=int(self.grace * 1000),
-                    merchant=record.display,
-                )
-            )
-        except Exception:
+        if not await self._greet(link, reader, max(common)):
             log.warning("agent for %s left during hello", record.binding)
             self._forget(reader)
             return None
@@ -510,24 +529,10 @@ class ReaderHub:
         handle = self._expiry.pop(reader.session, None)
         if handle is not None:
             handle.cancel()
-        # A fresh resume token each time: a token seen on a dropped path is spent.
+        # A fresh resume token each time (_greet): a token seen on a dropped path is spent.
         del self._by_resume[key]
-        resume_token = secrets.token_urlsafe(32)
-        self._by_resume[digest(resume_token)] = reader
-        self._share_resume(digest(resume_token), reader)
         lost = reader._take_lost_batch()
-        try:
-            await link.send(
-                ServerHello(
-                    version=max(PROTOCOL_VERSIONS),
-                    session=reader.session,
-                    resume_token=resume_token,
-                    grace_ms=int(self.grace * 1000),
-                    merchant=self._displays.get(reader.session),
-                    unknown_batch=lost,
-                )
-            )
-        except Exception:
+        if not await self._greet(link, reader, max(PROTOCOL_VERSIONS), unknown_batch=lost):
             log.warning("agent of session %s left during resume", reader.session)
             reader._lost_id = lost
             self._start_grace(reader)
@@ -596,9 +601,4 @@ class ReaderHub:
 
     def _forget(self, reader: RemoteReader) -> None:
         self._announce(reader)
-        if self._readers.get(reader.binding) is reader:
-            del self._readers[reader.binding]
-        for key in [k for k, r in self._by_resume.items() if r is reader]:
-            del self._by_resume[key]
-        self._displays.pop(reader.session, None)
-        self._changed.set()
+        self._unregister(reader)

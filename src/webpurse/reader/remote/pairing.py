@@ -119,6 +119,16 @@ class MemoryPairingStore:
             self._remove(record)
 
 
+def redeemed(record: PairingRecord | None, now: dt.datetime) -> PairingRecord:
+    """The record a token or code was just taken from its store by (``None``: no such
+    token or code, or it was used); raises :class:`PairingError` unless it may pair now."""
+    if record is None:
+        raise PairingError("pairing token or code unknown or already used")
+    if now >= record.expires_at:
+        raise PairingError("pairing token or code expired")
+    return record
+
+
 class Pairings:
     """Issues and redeems pairings: token (256 bits) and code (8 characters), single use,
     one shared lifetime, bound to one payment or load id. Redeeming either spends both."""
@@ -164,8 +174,4 @@ class Pairings:
             record = self._store.take_by_code(digest(normalise_code(code)))
         else:
             record = None
-        if record is None:
-            raise PairingError("pairing token or code unknown or already used")
-        if self._clock() >= record.expires_at:
-            raise PairingError("pairing token or code expired")
-        return record
+        return redeemed(record, self._clock())

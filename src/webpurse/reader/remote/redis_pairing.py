@@ -18,10 +18,10 @@ from webpurse.reader.remote.pairing import (
     PAIRING_LIFETIME,
     Clock,
     Pairing,
-    PairingError,
     PairingRecord,
     digest,
     normalise_code,
+    redeemed,
     utc_now,
 )
 from webpurse.reader.remote.shared import SharedState
@@ -139,8 +139,4 @@ class RedisPairings:
             record = await self._take_by_code(digest(normalise_code(code)))
         else:
             record = None
-        if record is None:
-            raise PairingError("pairing token or code unknown or already used")
-        if self._clock() >= record.expires_at:
-            raise PairingError("pairing token or code expired")
-        return record
+        return redeemed(record, self._clock())
