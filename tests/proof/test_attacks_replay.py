@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -682,3 +683,94 @@ def test_an_existing_database_with_deliveries_upgrades_and_downgrades(
         finally:
             engine.dispose()
         row.observed = "up, down, up: 1 event, 1 delivery, 1 payment, 1 refund, body kept"
+
+
+def test_a_payment_changed_in_the_same_batch_after_its_answer_replays_the_answer(
+    world: World, proof: Proof
+) -> None:
+    with proof.row(
+        SUITE,
+        f"the payment changes between its answer and the key's store: one batch authorises"
+        f" P (fast path, a reference) and marks P uncertain (per-item), then P is released"
+        f" ({backend(world)})",
+        expected="the authorise key replays the authorised answer byte for byte (status"
+        " authorised), the uncertain key its own answer; the payment shows canceled",
+    ) as row:
+        card = world.funded_card(500)
+        payment = world.terminal.create_payment(90)
+        body = _authorise_body(world, card, 90)
+        items = [
+            {
+                "path": f"/v1/payments/{payment['id']}/authorise",
+                "idempotency_key": "same-auth",
+                "body": body,
+            },
+            {"path": f"/v1/payments/{payment['id']}/uncertain", "idempotency_key": "same-unc"},
+        ]
+        first = _batch(world, items)
+        answers = first.json()["responses"]
+        assert [(a["status"], a["body"]["status"]) for a in answers] == [
+            (200, "authorised"),
+            (200, "uncertain"),
+        ]
+        a = _merchant_of(world, world.merchant_key)
+        assert _key(world, a, "same-auth").step == "authorise"
+        world.clock.advance(world.settings.card_hold_ttl + dt.timedelta(minutes=1))
+        _sweep(world)
+        now = world.client.get(
+            f"/v1/payments/{payment['id']}", headers=world.auth(world.merchant_key)
+        ).json()
+        assert now["status"] == "canceled"
+        again = _batch(world, items)
+        assert again.content == first.content.replace(b'"replayed":false', b'"replayed":true')
+        row.observed = "both keys replay the batch's first bytes; the payment is canceled"
+
+
+@pytest.mark.postgres
+def test_a_key_another_request_is_storing_replays_its_answer_once_stored(
+    tmp_path: Path, proof: Proof
+) -> None:
+    """A concurrent request holds the key (its row written, not yet committed); a retry on
+    the single endpoint and one in a batch wait for it on the key's unique index, whichever
+    moment they reach it, and then replay what it stored: a reference to its payment."""
+    with (
+        database_url("postgresql", tmp_path) as url,
+        make_world(url) as world,
+        proof.row(
+            SUITE,
+            "a retry (single endpoint and batch) while another request holds the key"
+            " uncommitted, then commits its answer as a reference (PostgreSQL)",
+            expected="both retries wait, then replay the stored answer byte for byte (the"
+            " batch's own run rolled back); one payment, as the first request made",
+        ) as row,
+    ):
+        first = _post(world, "seed", "/v1/payments", CREATE)
+        a = _merchant_of(world, world.merchant_key)
+        seed = _key(world, a, "seed")
+        with world.factory() as holder:
+            holder.add(
+                IdempotencyRecord(
+                    principal=a,
+                    key="race",
+                    fingerprint=seed.fingerprint,
+                    state="done",
+                    response_status=201,
+                    object_id=seed.object_id,
+                    step=seed.step,
+                    created_at=world.clock(),
+                )
+            )
+            holder.flush()  # the row is written, the unique index entry held, uncommitted
+            item = {"path": "/v1/payments", "idempotency_key": "race", "body": CREATE}
+            with ThreadPoolExecutor(2) as pool:
+                single = pool.submit(_post, world, "race", "/v1/payments", CREATE)
+                batched = pool.submit(_batch, world, [item])
+                holder.commit()
+                answers = (single.result(timeout=60), batched.result(timeout=60))
+        assert (answers[0].status_code, answers[0].content) == (201, first.content)
+        assert answers[0].headers.get("idempotent-replayed") == "true"
+        (replayed,) = answers[1].json()["responses"]
+        assert replayed["replayed"] and replayed["body"] == first.json()
+        with world.factory() as session:
+            assert session.scalar(text("SELECT count(*) FROM payments")) == 1
+        row.observed = "single and batch retries replayed the committed reference; 1 payment"
