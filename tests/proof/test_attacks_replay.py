@@ -29,7 +29,8 @@ from tests.settlement.support import BACKENDS, World, database_url, make_world, 
 from webpurse.card import CardApplet
 from webpurse.settlement.db import make_engine, migrate
 from webpurse.settlement.models import IdempotencyRecord, Payment
-from webpurse.settlement.webhooks import WebhookEvent, event_bytes
+from webpurse.settlement.routes_webhooks import secret_box_for
+from webpurse.settlement.webhooks import WebhookEvent, _claim_due, event_bytes
 
 SUITE = "attacks_replay"
 BEFORE = "0012_i20_terminal_seq_sequence"
@@ -436,8 +437,15 @@ def test_another_merchants_events_and_card_history_stay_closed(world: World, pro
         f" GET /v1/events, /v1/events/{{id}}, POST redeliver, a starting_after cursor; and"
         f" GET /v1/cards/{{number}}/events of the card A charged ({backend(world)})",
         expected="B: 404 for A's event, B's list holds none of A's; cards' history is the"
-        " operator's (B 403, anonymous 401); the operator sees the purchase",
+        " operator's (B 403, anonymous 401); the operator sees the purchase; A's own"
+        " redelivery sends the rendered body",
     ) as row:
+        hook = world.client.post(
+            "/v1/webhook_endpoints",
+            json={"url": "https://hooks.example.invalid/in", "events": ["payment.succeeded"]},
+            headers=world.auth(world.merchant_key),
+        )
+        assert hook.status_code == 201, hook.text
         card = world.funded_card(500)
         captured = world.terminal.purchase(card, 70)
         a_events = world.client.get(
@@ -477,7 +485,21 @@ def test_another_merchants_events_and_card_history_stay_closed(world: World, pro
         assert [
             e["detail"].get("payment") for e in operator["data"] if e["kind"] == "purchase"
         ] == [captured["id"]]
-        row.observed = f"{codes}; operator sees the purchase"
+        # A's own redelivery sends (and signs) the rendered body, the one A's list shows.
+        again = world.client.post(
+            f"/v1/events/{event['id']}/redeliver", headers=world.auth(world.merchant_key)
+        )
+        assert again.status_code == 200 and again.json()["data"] == event["data"]
+        jobs, _ = _claim_due(
+            world.factory,
+            world.clock(),
+            secret_box_for(world.settings),
+            50,
+            dt.timedelta(minutes=2),
+        )
+        (job,) = [j for j in jobs if j.event_id == event["id"]]
+        assert json.loads(job.body)["data"] == event["data"]
+        row.observed = f"{codes}; operator sees the purchase; A's redelivery sends its body"
 
 
 # --- a migration downgrade and upgrade ----------------------------------------------------
