@@ -10,6 +10,8 @@ A status change in them goes through the lifecycle table
 from __future__ import annotations
 
 import datetime as dt
+from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 from webpurse.settlement import ledger
@@ -94,6 +96,51 @@ def card_event(
     """The card's history entry for a proven transaction: its kind and detail."""
     event = "purchase" if kind is Kind.PAYMENT else "load"
     return event, {kind.value: object_id, "amount": amount, "counter": counter, "tac": tac}
+
+
+def _caused_by(detail: dict[str, Any], payment_id: str) -> bool:
+    """Whether a recorded event followed from ``payment_id``'s capture in its own request
+    (the release of what its counter disproved, the heal that settled it)."""
+    reason = detail.get("reason")
+    return detail.get("settled") == payment_id or (
+        isinstance(reason, str) and reason.endswith(f" used by {payment_id}")
+    )
+
+
+def card_history(
+    recorded: Sequence[Any], purchases: Sequence[Any]
+) -> list[tuple[str, dict[str, Any], dt.datetime]]:
+    """A card's history, oldest first: (kind, detail, time) of each entry.
+
+    ``recorded``: its card events (``kind``, ``detail``, ``created_at``) in the order they
+    were recorded; ``purchases``: its captured payments (``id``, ``amount``, ``counter``,
+    ``tac``, ``succeeded_at``) by counter, each shown as the ``purchase`` event it was
+    recorded as before migration 0013b. A purchase goes before the first recorded event
+    after it, or at the same instant one its capture caused (recorded after it in the same
+    request); at the same instant otherwise, after the recorded ones.
+    """
+    pending = deque(purchases)
+    history: list[tuple[str, dict[str, Any], dt.datetime]] = []
+
+    def purchase() -> None:
+        p = pending.popleft()
+        history.append(
+            (*card_event(Kind.PAYMENT, p.id, p.amount, p.counter, p.tac), p.succeeded_at)
+        )
+
+    for event in recorded:
+        while pending and (
+            pending[0].succeeded_at < event.created_at
+            or (
+                pending[0].succeeded_at == event.created_at
+                and _caused_by(event.detail, pending[0].id)
+            )
+        ):
+            purchase()
+        history.append((event.kind, event.detail, event.created_at))
+    while pending:
+        purchase()
+    return history
 
 
 def _transfer(

@@ -6,7 +6,6 @@ Card issuance is not here: it handles card keys, so it is the local CLI only
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -20,7 +19,7 @@ from webpurse.settlement.merchants import MerchantError, create_merchant, mercha
 from webpurse.settlement.models import Card, CardEvent, CardObservation, Merchant, Payment
 from webpurse.settlement.problems import ApiError, not_found
 from webpurse.settlement.schemas import CardStatusChange, Empty, MerchantCreate
-from webpurse.settlement.transactions import CardStatus, Kind
+from webpurse.settlement.transactions import CardStatus
 
 router = APIRouter(prefix="/v1", tags=["operator"])
 
@@ -80,15 +79,6 @@ def get_card(card_number: str, principal: OperatorPrincipal, session: SessionDep
     return registry.card_json(_card(session, card_number))
 
 
-def _caused_by(detail: dict[str, Any], payment_id: str) -> bool:
-    """Whether a recorded event followed from ``payment_id``'s capture in its own request
-    (the release of what its counter disproved, the heal that settled it)."""
-    reason = detail.get("reason")
-    return detail.get("settled") == payment_id or (
-        isinstance(reason, str) and reason.endswith(f" used by {payment_id}")
-    )
-
-
 @router.get("/cards/{card_number}/events", responses=PROBLEMS)
 def card_events(
     card_number: str, principal: OperatorPrincipal, session: SessionDep
@@ -105,34 +95,15 @@ def card_events(
     recorded = session.scalars(
         select(CardEvent).where(CardEvent.card_id == card.id).order_by(CardEvent.id)
     ).all()
-    pending = deque(
-        session.execute(
-            select(Payment.id, Payment.amount, Payment.counter, Payment.tac, Payment.succeeded_at)
-            .where(Payment.card_id == card.id, Payment.succeeded_at.is_not(None))
-            .order_by(Payment.counter, Payment.id)
-        ).all()
-    )
-    data: list[dict[str, Any]] = []
-
-    def purchase() -> None:
-        p = pending.popleft()
-        kind, detail = changes.card_event(Kind.PAYMENT, p.id, p.amount, p.counter, p.tac)
-        data.append({"kind": kind, "detail": detail, "created_at": p.succeeded_at.isoformat()})
-
-    for event in recorded:
-        while pending and (
-            pending[0].succeeded_at < event.created_at
-            or (
-                pending[0].succeeded_at == event.created_at
-                and _caused_by(event.detail, pending[0].id)
-            )
-        ):
-            purchase()
-        data.append(
-            {"kind": event.kind, "detail": event.detail, "created_at": event.created_at.isoformat()}
-        )
-    while pending:
-        purchase()
+    purchases = session.execute(
+        select(Payment.id, Payment.amount, Payment.counter, Payment.tac, Payment.succeeded_at)
+        .where(Payment.card_id == card.id, Payment.succeeded_at.is_not(None))
+        .order_by(Payment.counter, Payment.id)
+    ).all()
+    data = [
+        {"kind": kind, "detail": detail, "created_at": at.isoformat()}
+        for kind, detail, at in changes.card_history(recorded, purchases)
+    ]
     return {"object": "list", "data": data, "has_more": False}
 
 

@@ -14,8 +14,10 @@ counter. The payment row holds all of it once it also knows when it was captured
   payment and is rendered at delivery, byte for byte the body it would have stored.
 
 Existing rows keep their bodies. Downgrading writes the purchase card events back from the
-payments, and renders every referenced answer and event body into its row (the bodies
-this version would have stored), so the older version finds them all.
+payments (each card's events rewritten in the order its history shows them: an older
+version lists them by id), and renders every referenced answer and event body into its
+row (the bodies this version would have stored, an answer as the batch encodes it), so the
+older version finds them all.
 
 Revision ID: 0013b_i20_slim_outbox
 Revises: 0012_i20_terminal_seq_sequence
@@ -41,12 +43,6 @@ _OF_EVENT = {
     "postgresql": "card_events.detail->>'payment'",
     "sqlite": "json_extract(card_events.detail, '$.payment')",
 }
-# A purchase card event's detail, as changes.card_event wrote it, per dialect.
-_DETAIL = {
-    "postgresql": "json_build_object('payment', id, 'amount', amount, 'counter', counter,"
-    " 'tac', tac)",
-    "sqlite": "json_object('payment', id, 'amount', amount, 'counter', counter, 'tac', tac)",
-}
 _SUCCEEDED_AT = (
     "UPDATE payments SET succeeded_at = (SELECT min(card_events.created_at)"
     " FROM card_events WHERE card_events.card_id = payments.card_id"
@@ -57,12 +53,6 @@ _MOVED = (
     "DELETE FROM card_events WHERE kind = 'purchase' AND EXISTS (SELECT 1 FROM payments"
     " WHERE payments.id = {of_event} AND payments.card_id = card_events.card_id"
     " AND payments.succeeded_at IS NOT NULL)"
-)
-_BACK = (
-    "INSERT INTO card_events (card_id, kind, detail, created_at)"
-    " SELECT card_id, 'purchase', {detail}, succeeded_at FROM payments"
-    " WHERE succeeded_at IS NOT NULL AND card_id IS NOT NULL"
-    " ORDER BY succeeded_at, counter"
 )
 
 
@@ -108,8 +98,9 @@ def _render_references() -> None:
     """Write each referenced answer and event body into its row, rendered as this revision's
     code renders it (``views.payment_as_of``, ``webhooks.event_body``) from this revision's
     columns (a Core table: the ORM models may have moved on)."""
-    import json
     from types import SimpleNamespace
+
+    import orjson
 
     from webpurse.settlement.db import UtcDateTime
     from webpurse.settlement.views import payment_as_of
@@ -148,7 +139,9 @@ def _render_references() -> None:
         keys.c.response_body.is_(None), keys.c.step.is_not(None)
     )
     for key_id, object_id, step in bind.execute(referenced).all():
-        body = json.dumps(payment_as_of(payment(object_id), step))
+        # As the batch encoded and stored it (and sends it again as is on a replay); the
+        # single endpoint replays any encoding of the same JSON the same.
+        body = orjson.dumps(payment_as_of(payment(object_id), step)).decode()
         bind.execute(sa.update(keys).where(keys.c.id == key_id).values(response_body=body))
     named = sa.select(events.c.id, events.c.type, events.c.created_at, events.c.object_id).where(
         events.c.body.is_(None)
@@ -160,10 +153,69 @@ def _render_references() -> None:
         bind.execute(sa.update(events).where(events.c.id == event_id).values(body=body))
 
 
-def downgrade() -> None:
+def _write_back_purchases() -> None:
+    """Each card's purchase events back from its payments, in the order the history shows
+    them (``changes.card_history``): an older version lists a card's events by id, so the
+    card's events are written again in that order, not the purchases appended after them."""
+    from webpurse.settlement.changes import card_history
+    from webpurse.settlement.db import UtcDateTime
+
     bind = op.get_bind()
+    events = sa.table(
+        "card_events",
+        sa.column("id"),
+        sa.column("card_id"),
+        sa.column("kind"),
+        sa.column("detail", sa.JSON()),
+        sa.column("created_at", UtcDateTime()),
+    )
+    payments = sa.table(
+        "payments",
+        sa.column("id"),
+        sa.column("card_id"),
+        sa.column("amount"),
+        sa.column("counter"),
+        sa.column("tac"),
+        sa.column("succeeded_at", UtcDateTime()),
+    )
+    captured = payments.c.succeeded_at.is_not(None)
+    card_ids = bind.execute(
+        sa.select(payments.c.card_id)
+        .where(captured, payments.c.card_id.is_not(None))
+        .distinct()
+        .order_by(payments.c.card_id)
+    ).scalars()
+    for card_id in list(card_ids):
+        recorded = bind.execute(
+            sa.select(events.c.kind, events.c.detail, events.c.created_at)
+            .where(events.c.card_id == card_id)
+            .order_by(events.c.id)
+        ).all()
+        purchases = bind.execute(
+            sa.select(
+                payments.c.id,
+                payments.c.amount,
+                payments.c.counter,
+                payments.c.tac,
+                payments.c.succeeded_at,
+            )
+            .where(payments.c.card_id == card_id, captured)
+            .order_by(payments.c.counter, payments.c.id)
+        ).all()
+        history = card_history(recorded, purchases)
+        bind.execute(sa.delete(events).where(events.c.card_id == card_id))
+        bind.execute(
+            sa.insert(events),
+            [
+                {"card_id": card_id, "kind": kind, "detail": detail, "created_at": at}
+                for kind, detail, at in history
+            ],
+        )
+
+
+def downgrade() -> None:
     _render_references()
-    op.execute(sa.text(_BACK.format(detail=_DETAIL[bind.dialect.name])))
+    _write_back_purchases()
     with op.batch_alter_table("webhook_events") as batch_op:
         batch_op.alter_column("body", existing_type=sa.Text(), nullable=False)
         batch_op.drop_column("object_id")
