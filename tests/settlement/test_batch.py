@@ -109,13 +109,19 @@ def test_a_batch_of_purchases_settles_each_once_in_one_ledger_history(world: Wor
         assert ledger.balance(session, ledger.HELD_PURCHASES) == 0
         seqs = sorted(p.terminal_seq for p in session.scalars(select(Payment)) if p.terminal_seq)
         assert len(set(seqs)) == len(seqs) == 5  # each DEBIT got its own sequence number
-        # The hot account was locked once per batch, yet every entry has its own version.
-        held = session.scalars(
+        # One transfer per purchase, card to merchant: nothing on the held account, and the
+        # merchant's hot payable locked once per batch, yet every entry has its own version.
+        assert (
+            session.scalars(select(Entry).where(Entry.account_id == ledger.HELD_PURCHASES)).all()
+            == []
+        )
+        payable = session.scalars(
             select(Entry)
-            .where(Entry.account_id == ledger.HELD_PURCHASES)
+            .where(Entry.account_id == ledger.merchant_account(world.merchant_id))
             .order_by(Entry.account_version)
         ).all()
-        assert [e.account_version for e in held] == list(range(1, 11))
+        assert [e.account_version for e in payable] == list(range(1, 6))
+        assert [e.balance_after for e in payable] == [120, 240, 360, 480, 600]
         assert ledger.check(session).ok
 
 
