@@ -9,9 +9,10 @@ authorise and release post nothing, and the held amounts are derived from the op
 
 The data moves with it: each payment open now whose hold stands on ``held:purchases`` gets
 that hold back on its card's account with a transfer ``held:purchases → card:<id>``
-(``<payment id>:hold_restated``, kind ``purchase_hold_restated``), so the stored
-``held:purchases`` is what the derivation does not cover (0 in a ledger the code wrote) and
-every derived balance reads as before; captured and released history stays as it is.
+(``<payment id>:hold_restated``, ``…:2`` after a downgrade and upgrade again; kind
+``purchase_hold_restated``), so the stored ``held:purchases`` is what the derivation does
+not cover (0 in a ledger the code wrote) and every derived balance reads as before;
+captured and released history stays as it is.
 Downgrading posts the holds of the payments then open back onto ``held:purchases``
 (``<payment id>:hold_restored``), where the two-transfer code expects them.
 
@@ -157,6 +158,15 @@ def _post(
         )
 
 
+def _free_id(bind: sa.Connection, base: str) -> str:
+    """``base``, or ``base:2``, ``base:3``… when an earlier upgrade or downgrade took it."""
+    candidate, n = base, 1
+    while bind.execute(sa.select(_transfers.c.id).where(_transfers.c.id == candidate)).first():
+        n += 1
+        candidate = f"{base}:{n}"
+    return candidate
+
+
 def _card_of(bind: sa.Connection, payment_id: str) -> tuple[str, str]:
     row = bind.execute(
         sa.select(_payments.c.card_id, _payments.c.currency).where(_payments.c.id == payment_id)
@@ -172,7 +182,7 @@ def upgrade() -> None:
         card, currency = _card_of(bind, payment_id)
         _post(
             bind,
-            f"{payment_id}:hold_restated",
+            _free_id(bind, f"{payment_id}:hold_restated"),
             HELD,
             card,
             held,
@@ -197,7 +207,7 @@ def downgrade() -> None:
         card, currency = _card_of(bind, str(payment_id))
         _post(
             bind,
-            f"{payment_id}:hold_restored",
+            _free_id(bind, f"{payment_id}:hold_restored"),
             card,
             HELD,
             missing,
