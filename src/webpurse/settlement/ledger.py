@@ -592,22 +592,27 @@ def _sum_problems(totals: dict[str, int]) -> list[str]:
     return problems
 
 
+def derive_purchase_holds(totals: dict[str, int], holds: dict[str, int]) -> None:
+    """Move the open purchase holds (:func:`open_holds_by_card`) in per-kind ``totals`` off
+    the cards onto ``held``, where a hold transfer would have put them (the sum is the same)."""
+    total = sum(holds.values())
+    if total:
+        totals["card"] = totals.get("card", 0) - total
+        totals["held"] = totals.get("held", 0) + total
+
+
 def _hold_problems(
     totals: dict[str, int], running: dict[str, int], holds: dict[str, int]
 ) -> list[str]:
-    """Derive the purchase holds (the open payments) into ``totals`` — off the cards, onto
-    ``held`` — and prove each card's account covers its open holds (what the hold transfer
-    of old guaranteed: a card account never below zero)."""
+    """Derive the purchase holds into ``totals`` and prove each card's account covers its
+    open holds (what the hold transfer of old guaranteed: a card account never below zero)."""
     problems: list[str] = []
     for card_id, held in sorted(holds.items()):
         account_id = card_account(card_id)
         stored = running.get(account_id, 0)
         if stored < held:
             problems.append(f"{account_id}: open holds {held} exceed its balance {stored}")
-    total = sum(holds.values())
-    if total:
-        totals["card"] = totals.get("card", 0) - total
-        totals["held"] = totals.get("held", 0) + total
+    derive_purchase_holds(totals, holds)
     return problems
 
 
