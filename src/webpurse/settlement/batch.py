@@ -554,10 +554,6 @@ def _approvals(
 def _fast_authorise(ctx: Ctx, merchant: Any, approvals: list[_Approval], writes: _Writes) -> None:
     if not approvals:
         return
-    try:
-        seqs = terminal_seqs(ctx.session, merchant.id, len(approvals))
-    except MerchantError as error:
-        raise LedgerError(str(error)) from None  # the per-item path refuses each one
     # Nothing is posted: each hold is its payment's status. The card must cover it, as the
     # single path's (lifecycle.hold); a refusal sends the batch to the per-item path.
     available = ledger.available(ctx.session, [a.card.id for a in approvals])
@@ -573,6 +569,10 @@ def _fast_authorise(ctx: Ctx, merchant: Any, approvals: list[_Approval], writes:
         )
         if refusal is not None:
             raise LedgerError(refusal)
+    try:
+        seqs = terminal_seqs(ctx.session, merchant.id, len(approvals))
+    except MerchantError as error:
+        raise LedgerError(str(error)) from None  # the per-item path refuses each one
     date, time = card_time(ctx.now)
     terminal_id = bytes.fromhex(merchant.terminal_id)
     for seq, approval in zip(seqs, approvals, strict=True):
