@@ -17,7 +17,7 @@ Accounts (see docs/settlement-api.md):
   from the card to the merchant, authorise and release post nothing). :func:`balance` adds the
   open payments to it and takes each card's open ones off its ``card:`` account, so readers
   see the held amounts where they were; :func:`available` is what a card may still spend.
-  Its stored balance is what older databases posted to it directly (0 after migration 0013);
+  Its stored balance is what older databases posted to it directly (0 after migration 0014);
 - ``held:loads`` funds for loads in flight, not yet on a card or returned;
 - ``merchant:<merchant id>`` merchant payable;
 - ``payouts:<merchant id>`` paid out to merchants (clearing);
