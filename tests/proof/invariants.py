@@ -95,7 +95,10 @@ def _entries_by_kind(session: Session) -> dict[str, int]:
     totals: dict[str, int] = defaultdict(int)
     for account_id, amount in session.execute(select(Entry.account_id, Entry.amount)):
         totals[ledger.account_kind(account_id)] += amount
-    return dict(totals)
+    # Purchase holds are the open payments' status, not entries (issue 20): shown as held.
+    result = dict(totals)
+    ledger.derive_purchase_holds(result, ledger.open_holds_by_card(session))
+    return result
 
 
 def check_invariants(

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import make_transient
 
@@ -27,7 +27,7 @@ from tests.settlement.support import (
 )
 from webpurse.card import CardApplet
 from webpurse.settlement import batch, ledger
-from webpurse.settlement.models import Card, Entry, IdempotencyRecord, Payment
+from webpurse.settlement.models import Account, Card, Entry, IdempotencyRecord, Payment
 
 
 def _run(world: World, items: list[dict[str, Any]], key: str | None = None) -> list[dict[str, Any]]:
@@ -109,13 +109,19 @@ def test_a_batch_of_purchases_settles_each_once_in_one_ledger_history(world: Wor
         assert ledger.balance(session, ledger.HELD_PURCHASES) == 0
         seqs = sorted(p.terminal_seq for p in session.scalars(select(Payment)) if p.terminal_seq)
         assert len(set(seqs)) == len(seqs) == 5  # each DEBIT got its own sequence number
-        # The hot account was locked once per batch, yet every entry has its own version.
-        held = session.scalars(
+        # One transfer per purchase, card to merchant: nothing on the held account, and the
+        # merchant's hot payable locked once per batch, yet every entry has its own version.
+        assert (
+            session.scalars(select(Entry).where(Entry.account_id == ledger.HELD_PURCHASES)).all()
+            == []
+        )
+        payable = session.scalars(
             select(Entry)
-            .where(Entry.account_id == ledger.HELD_PURCHASES)
+            .where(Entry.account_id == ledger.merchant_account(world.merchant_id))
             .order_by(Entry.account_version)
         ).all()
-        assert [e.account_version for e in held] == list(range(1, 11))
+        assert [e.account_version for e in payable] == list(range(1, 6))
+        assert [e.balance_after for e in payable] == [120, 240, 360, 480, 600]
         assert ledger.check(session).ok
 
 
@@ -236,6 +242,30 @@ def test_a_surprise_in_the_fast_path_falls_back_to_the_per_item_path(
     with world.factory() as session:
         assert ledger.balance(session, ledger.HELD_PURCHASES) == 200
         assert ledger.check(session).ok
+
+
+def test_a_card_whose_account_cannot_cover_the_hold_is_refused_as_one_by_one(
+    world: World,
+) -> None:
+    """Authorise posts nothing, yet the card's account must cover the hold: the fast path
+    refuses as the single endpoint does (same builder), and only that item is refused."""
+    cards = [world.funded_card(1_000) for _ in range(2)]
+    number = cards[1].state.issuer.card_number
+    with world.factory() as session, session.begin():  # the card's account says less
+        card_id = session.scalars(select(Card.id).where(Card.card_number == number)).one()
+        session.execute(
+            update(Account).where(Account.id == ledger.card_account(card_id)).values(balance=50)
+        )
+    ids = [a["body"]["id"] for a in _run(world, [_create(100), _create(100)])]
+    answers = _run(
+        world, [_authorise(world.terminal, pid, c, 100) for pid, c in zip(ids, cards, strict=True)]
+    )
+    assert [a["status"] for a in answers] == [200, 409]
+    assert answers[1]["body"]["code"] == "ledger_refused"
+    assert f"card:{card_id} holds 50 fen, cannot transfer 100 fen" in answers[1]["body"]["detail"]
+    with world.factory() as session:
+        assert ledger.balance(session, ledger.HELD_PURCHASES) == 100
+        assert session.get(Payment, ids[1]).status == "requires_card"  # type: ignore[union-attr]
 
 
 def test_batches_need_a_merchant_key_and_a_bounded_size(world: World) -> None:

@@ -86,28 +86,27 @@ def test_the_card_history_entry() -> None:
     assert changes.card_event(Kind.LOAD, "load_1", 300, 7, "0A0B0C0D")[0] == "load"
 
 
+def test_a_hold_needs_the_cards_available_value() -> None:
+    assert changes.purchase_hold_refusal("card_1", 300, 300) is None
+    assert changes.purchase_hold_refusal("card_1", 299, 300) == (
+        "card:card_1 holds 299 fen, cannot transfer 300 fen"
+    )
+    assert changes.purchase_hold_refusal("card_1", 900, 300, account_currency="USD") == (
+        "both accounts must be in the transfer's currency"
+    )
+
+
 def test_the_transfers() -> None:
     card, merchant = ledger.card_account("card_1"), ledger.merchant_account("mer_1")
-    hold = changes.purchase_hold("pay_1", "card_1", 300)
-    assert (hold.id, hold.debit_account, hold.credit_account, hold.kind, hold.reference) == (
-        "pay_1:hold",
-        card,
-        ledger.HELD_PURCHASES,
-        "purchase_hold",
-        "pay_1",
-    )
-    capture = changes.purchase_capture("pay_1", "mer_1", 300)
-    assert (capture.id, capture.debit_account, capture.credit_account) == (
+    # One transfer per purchase, at capture: authorise and release post nothing.
+    capture = changes.purchase_capture("pay_1", "card_1", "mer_1", 300)
+    assert (capture.id, capture.debit_account, capture.credit_account, capture.kind) == (
         "pay_1:capture",
-        ledger.HELD_PURCHASES,
-        merchant,
-    )
-    release = changes.purchase_release("pay_1", "card_1", 300)
-    assert (release.id, release.debit_account, release.credit_account) == (
-        "pay_1:release",
-        ledger.HELD_PURCHASES,
         card,
+        merchant,
+        "purchase_capture",
     )
+    assert (capture.amount, capture.reference) == (300, "pay_1")
     credit = changes.load_credit("load_1", "card_1", 300)
     assert (credit.id, credit.debit_account, credit.credit_account, credit.amount) == (
         "load_1:credit",

@@ -100,15 +100,18 @@ def test_a_key_abandoned_in_flight_by_a_dead_request_runs_afresh(world: World) -
 
 def test_a_ledger_refusal_is_stored_under_the_key_and_replayed(world: World) -> None:
     """409 ledger_refused is a refusal like a decline: a retry with the key replays it."""
-    from sqlalchemy import update
+    from sqlalchemy import select, update
 
     from webpurse.settlement import ledger
-    from webpurse.settlement.models import Account
+    from webpurse.settlement.models import Account, Card
 
     card = world.funded_card(1_000)
     payment = world.terminal.create_payment(300)
+    number = card.state.issuer.card_number
     with world.factory() as session, session.begin():  # a damaged row the hold must use
-        ledger.ensure_account(session, ledger.HELD_PURCHASES, world.clock(), currency="USD")
+        card_id = session.scalars(select(Card.id).where(Card.card_number == number)).one()
+        account = ledger.card_account(card_id)
+        session.execute(update(Account).where(Account.id == account).values(currency="USD"))
     issuer, init = world.terminal.purchase_batch1(card, 300)
     body = {
         "issuer_data": issuer.hex(),
@@ -121,9 +124,7 @@ def test_a_ledger_refusal_is_stored_under_the_key_and_replayed(world: World) -> 
     assert first.status_code == 409
     assert first.json()["code"] == "ledger_refused"
     with world.factory() as session, session.begin():
-        session.execute(
-            update(Account).where(Account.id == ledger.HELD_PURCHASES).values(currency="CNY")
-        )
+        session.execute(update(Account).where(Account.id == account).values(currency="CNY"))
         stored = session.query(IdempotencyRecord).filter_by(key="auth-ledger").one()
         assert (stored.state, stored.response_status) == ("done", 409)
         assert session.get(Payment, payment["id"]).status == "requires_card"  # type: ignore[union-attr]

@@ -392,6 +392,7 @@ def test_an_item_the_fast_path_gave_back_and_the_ledger_refused_replays_its_refu
     with monkeypatch.context() as patched:
         patched.setattr(ledger, "post_transfers", refuse)
         patched.setattr(ledger, "post_transfer", refuse)
+        patched.setattr(ledger, "available", refuse)  # authorise's hold posts nothing
         first = _batch(world, [item])[0]
     assert (first["status"], first["body"]["code"]) == (409, "ledger_refused")
     again = _batch(world, [item])[0]

@@ -16,7 +16,7 @@ from tests.settlement.support import database_url
 from webpurse.settlement import ledger
 from webpurse.settlement.db import make_engine, make_session_factory, migrate
 from webpurse.settlement.ledger import LedgerError
-from webpurse.settlement.models import Account
+from webpurse.settlement.models import Account, Card, Merchant, Payment
 
 NOW = dt.datetime(2026, 11, 27, 12, tzinfo=dt.UTC)
 CARD = ledger.card_account("crd_1")
@@ -42,6 +42,72 @@ def test_transfers_move_value_and_sum_to_zero(session: Session) -> None:
     report = ledger.check(session)
     assert report.ok, report.problems
     assert report.totals == {"funding": -1_000, "card": 700, "merchant": 300}
+
+
+def _card_and_payments(session: Session, *payments: tuple[str, str, int]) -> None:
+    session.add(Merchant(id="mer_1", name="shop", terminal_id="AA" * 6, created_at=NOW))
+    session.add(
+        Card(
+            id="crd_1",
+            card_number="1" * 20,
+            status="active",
+            issuer_id="1",
+            key_version=1,
+            start_date=NOW.date(),
+            expiry_date=NOW.date() + dt.timedelta(days=3650),
+            max_balance=1_000_000,
+            shadow_balance=1_000,
+            online_counter=1,
+            offline_counter=0,
+            created_at=NOW,
+            updated_at=NOW,
+        )
+    )
+    session.flush()
+    for payment_id, status, amount in payments:
+        session.add(
+            Payment(
+                id=payment_id,
+                merchant_id="mer_1",
+                status=status,
+                amount=amount,
+                currency="CNY",
+                terminal_id="AA" * 6,
+                card_id="crd_1",
+                card_number="1" * 20,
+                created_at=NOW,
+                updated_at=NOW,
+            )
+        )
+    session.flush()
+
+
+def test_purchase_holds_are_the_open_payments_not_transfers(session: Session) -> None:
+    """held:purchases and the card's balance are derived from the open payments: read as
+    when authorise posted card → held; the check shows them so and holds the card to them."""
+    _card_and_payments(
+        session,
+        ("pay_open", "authorised", 300),
+        ("pay_lost", "uncertain", 200),
+        ("pay_done", "succeeded", 100),
+        ("pay_gone", "canceled", 400),
+    )
+    ledger.post_transfer(session, "load", CASH, CARD, 1_000, "load", now=NOW)
+    ledger.post_transfer(session, "pay_done:capture", CARD, SHOP, 100, "purchase", now=NOW)
+    session.commit()
+    assert ledger.balance(session, ledger.HELD_PURCHASES) == 500
+    assert ledger.balance(session, CARD) == 400  # 1,000 - 100 captured - 500 held
+    assert ledger.available(session, ["crd_1"])["crd_1"].amount == 400
+    assert ledger.available(session, ["crd_1"], excluding="pay_open")["crd_1"].amount == 700
+    report = ledger.check(session)
+    assert report.ok, report.problems
+    assert report.totals == {"funding": -1_000, "card": 400, "held": 500, "merchant": 100}
+    # Holds beyond what the card's account holds: the check names the card.
+    session.execute(
+        update(Payment).where(Payment.id == "pay_gone").values(status="authorised", amount=401)
+    )
+    session.commit()
+    assert ledger.check(session).problems == ["card:crd_1: open holds 901 exceed its balance 900"]
 
 
 def test_a_retried_transfer_id_posts_once(session: Session) -> None:

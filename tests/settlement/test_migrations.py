@@ -14,9 +14,17 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect, select, text
 from sqlalchemy.orm import Session
 
-from webpurse.settlement import merchants, views
+from webpurse.settlement import ledger, merchants, views
 from webpurse.settlement.db import Base, UtcDateTime, make_engine, migrate
-from webpurse.settlement.models import CardEvent, IdempotencyRecord, Payment
+from webpurse.settlement.models import (
+    Account,
+    Card,
+    CardEvent,
+    IdempotencyRecord,
+    Merchant,
+    Payment,
+    Transfer,
+)
 from webpurse.settlement.webhooks import WebhookEvent, event_body
 
 # Every module that declares tables on Base.
@@ -270,5 +278,116 @@ def test_the_purchase_card_events_move_into_their_payments_and_back(db_url: str)
             ).scalar_one()
             assert body.encode() == event_body("evt_1", "payment.succeeded", captured, answer)
         migrate(engine)
+    finally:
+        engine.dispose()
+
+
+def _old_purchase(session: Session, pid: str, status: str, amount: int, now: dt.datetime) -> None:
+    """A payment as the two-transfer code left it: held at authorise, then captured or
+    released (or neither: still open)."""
+    session.add(
+        Payment(
+            id=pid,
+            merchant_id="mer_a",
+            status=status,
+            amount=amount,
+            currency="CNY",
+            terminal_id="AA" * 6,
+            card_id="crd_a",
+            card_number="1" * 20,
+            created_at=now,
+            updated_at=now,
+        )
+    )
+    session.flush()
+    card, held = ledger.card_account("crd_a"), ledger.HELD_PURCHASES
+    ledger.post_transfer(session, f"{pid}:hold", card, held, amount, "purchase_hold", now=now)
+    session.get(Transfer, f"{pid}:hold").reference = pid  # type: ignore[union-attr]
+    if status == "succeeded":
+        mer = ledger.merchant_account("mer_a")
+        ledger.post_transfer(
+            session, f"{pid}:capture", held, mer, amount, "purchase_capture", now=now, reference=pid
+        )
+    elif status == "canceled":
+        ledger.post_transfer(
+            session,
+            f"{pid}:release",
+            held,
+            card,
+            amount,
+            "purchase_release",
+            now=now,
+            reference=pid,
+        )
+
+
+def test_open_holds_move_from_the_held_account_to_the_payments_status(db_url: str) -> None:
+    """Migration 0014 restates each open payment's hold onto its card (held:purchases → card):
+    the stored held account is 0, every derived balance reads as before, the ledger checks
+    out; downgrading posts the holds back where the two-transfer code expects them."""
+    engine = make_engine(db_url, pool_size=1, max_overflow=0)
+    now = dt.datetime(2026, 12, 6, tzinfo=dt.UTC)
+    card, held = ledger.card_account("crd_a"), ledger.HELD_PURCHASES
+    try:
+        migrate(engine, "0013b_i20_slim_outbox")
+        with Session(engine) as session, session.begin():
+            session.add(Merchant(id="mer_a", name="shop", terminal_id="AA" * 6, created_at=now))
+            session.add(
+                Card(
+                    id="crd_a",
+                    card_number="1" * 20,
+                    status="active",
+                    issuer_id="1",
+                    key_version=1,
+                    start_date=now.date(),
+                    expiry_date=now.date() + dt.timedelta(days=3650),
+                    max_balance=1_000_000,
+                    shadow_balance=1_000,
+                    online_counter=1,
+                    offline_counter=0,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            session.flush()
+            ledger.post_transfer(session, "load_a", "funding:cash", card, 1_000, "test", now=now)
+            for pid, status, amount in (
+                ("pay_captured", "succeeded", 100),
+                ("pay_released", "canceled", 200),
+                ("pay_authorised", "authorised", 300),
+                ("pay_uncertain", "uncertain", 50),
+            ):
+                _old_purchase(session, pid, status, amount, now)
+        with Session(engine) as session:
+            before = {a.id: a.balance for a in session.scalars(select(Account))}
+        assert (before[held], before[card]) == (350, 550)
+
+        migrate(engine)
+        with Session(engine) as session:
+            stored = {a.id: a.balance for a in session.scalars(select(Account))}
+            assert (stored[held], stored[card]) == (0, 900)
+            assert ledger.balance(session, held) == 350
+            assert ledger.balance(session, card) == 550
+            assert ledger.available(session, ["crd_a"])["crd_a"].amount == 550
+            restated = session.scalars(
+                select(Transfer).where(Transfer.kind == "purchase_hold_restated")
+            ).all()
+            assert sorted((t.id, t.amount, t.credit_account) for t in restated) == [
+                ("pay_authorised:hold_restated", 300, card),
+                ("pay_uncertain:hold_restated", 50, card),
+            ]
+            report = ledger.check(session)
+            assert report.ok, report.problems
+            assert (report.totals["held"], report.totals["card"]) == (350, 550)
+
+        migrate(engine, "0013b_i20_slim_outbox", downgrade=True)
+        with Session(engine) as session:
+            stored = {a.id: a.balance for a in session.scalars(select(Account))}
+            assert (stored[held], stored[card]) == (350, 550)
+        migrate(engine)
+        with Session(engine) as session:
+            stored = {a.id: a.balance for a in session.scalars(select(Account))}
+            assert (stored[held], stored[card]) == (0, 900)
+            assert ledger.check(session).ok
     finally:
         engine.dispose()

@@ -554,6 +554,21 @@ def _approvals(
 def _fast_authorise(ctx: Ctx, merchant: Any, approvals: list[_Approval], writes: _Writes) -> None:
     if not approvals:
         return
+    # Nothing is posted: each hold is its payment's status. The card must cover it, as the
+    # single path's (lifecycle.hold); a refusal sends the batch to the per-item path.
+    available = ledger.available(ctx.session, [a.card.id for a in approvals])
+    for approval in approvals:
+        payment, card = approval.payment, approval.card
+        funds = available[card.id]
+        refusal = changes.purchase_hold_refusal(
+            card.id,
+            funds.amount,
+            payment.amount,
+            currency=payment.currency,
+            account_currency=funds.currency,
+        )
+        if refusal is not None:
+            raise LedgerError(refusal)
     try:
         seqs = terminal_seqs(ctx.session, merchant.id, len(approvals))
     except MerchantError as error:
@@ -595,7 +610,6 @@ def _fast_authorise(ctx: Ctx, merchant: Any, approvals: list[_Approval], writes:
         writes.card_open.append(
             {"id": card.id, "open_transaction": payment.id, "updated_at": ctx.now}
         )
-        writes.transfers.append(changes.purchase_hold(payment.id, card.id, payment.amount))
         approval.item.answer_payment(200, _view({**payment._mapping, **authorised}), "authorise")
 
 
@@ -665,7 +679,7 @@ def _fast_capture(ctx: Ctx, captures: list[_Capture], writes: _Writes) -> None:
         # purchase record (routes_admin.card_events).
         writes.card_settled.append({"id": card.id, **settled, "open_transaction": None})
         writes.transfers.append(
-            changes.purchase_capture(payment.id, payment.merchant_id, payment.amount)
+            changes.purchase_capture(payment.id, card.id, payment.merchant_id, payment.amount)
         )
         view = _view({**payment._mapping, **succeeded})
         capture.item.answer_payment(200, view, "capture")
@@ -737,8 +751,8 @@ def _write(ctx: Ctx, writes: _Writes) -> None:
     bulk_update(session, _CARDS, writes.card_settled)
     assert ctx.principal.merchant_id is not None
     _enqueue_events(ctx, ctx.principal.merchant_id, writes.events)
-    # The hot accounts (held:purchases, the merchant's payable) last: their locks are
-    # held from here to the commit, which every concurrent batch waits on.
+    # The hot account (the merchant's payable) last: its lock is held from here to the
+    # commit, which every concurrent batch waits on.
     ledger.post_transfers(session, writes.transfers, now=ctx.now)
 
 

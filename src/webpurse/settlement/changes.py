@@ -149,24 +149,36 @@ def _transfer(
     return TransferSpec(f"{object_id}:{step}", debit, credit, amount, kind, object_id)
 
 
-def purchase_hold(payment_id: str, card_id: str, amount: int) -> TransferSpec:
-    """Authorise: the amount leaves the card's account for ``held:purchases``."""
+def purchase_hold_refusal(
+    card_id: str,
+    available: int,
+    amount: int,
+    *,
+    currency: str = "CNY",
+    account_currency: str = "CNY",
+) -> str | None:
+    """Authorise posts nothing: the hold is the payment's status (authorised or uncertain).
+
+    The card's available value — its account's balance less its open holds
+    (:func:`ledger.available`) — must still cover the amount, as the hold transfer of old
+    required (same refusal text, so the same 409 ``ledger_refused``). None: approved.
+    """
+    if account_currency != currency:
+        return "both accounts must be in the transfer's currency"
+    if available < amount:
+        return f"{ledger.card_account(card_id)} holds {available} fen, cannot transfer {amount} fen"
+    return None
+
+
+def purchase_capture(payment_id: str, card_id: str, merchant_id: str, amount: int) -> TransferSpec:
+    """Capture: the purchase's one transfer, from the card's account to the merchant.
+
+    Nothing moved at authorise, nothing moves at a release: until captured the amount is
+    held by the payment's status, and ``held:purchases`` is derived (:func:`ledger.balance`).
+    """
     card = ledger.card_account(card_id)
-    return _transfer(payment_id, "hold", card, ledger.HELD_PURCHASES, amount, "purchase_hold")
-
-
-def purchase_capture(payment_id: str, merchant_id: str, amount: int) -> TransferSpec:
-    """Capture: the held amount goes to the merchant."""
     merchant = ledger.merchant_account(merchant_id)
-    held = ledger.HELD_PURCHASES
-    return _transfer(payment_id, "capture", held, merchant, amount, "purchase_capture")
-
-
-def purchase_release(payment_id: str, card_id: str, amount: int) -> TransferSpec:
-    """Release: the card proved no debit; the hold goes back to the card."""
-    card = ledger.card_account(card_id)
-    held = ledger.HELD_PURCHASES
-    return _transfer(payment_id, "release", held, card, amount, "purchase_release")
+    return _transfer(payment_id, "capture", card, merchant, amount, "purchase_capture")
 
 
 def load_credit(load_id: str, card_id: str, amount: int) -> TransferSpec:

@@ -7,7 +7,7 @@ uncertain), so every open transaction holds its card at most ``card_hold_ttl`` a
 authorisation (``Settings.card_hold_ttl``, ``WEBPURSE_CARD_HOLD_TTL``); then the expiry
 sweep (:func:`release_stale`):
 
-- releases a stale *payment*: its hold goes back to the card account, the payment is
+- releases a stale *payment*: its hold ends (the card may spend it again), the payment is
   ``canceled`` with ``decline_code`` ``hold_expired`` (``payment.canceled``), the card is free;
 - frees the card of a stale *load* but leaves the load ``uncertain`` with its funds held
   (returning them without proof could create value): a later load at its counter releases
@@ -42,7 +42,7 @@ from sqlalchemy import and_, or_, select
 from webpurse.protocol.commands import TransactionProof
 from webpurse.protocol.crypto import macs_equal
 from webpurse.protocol.records import TransactionType
-from webpurse.settlement import ledger, loads, payments, registry
+from webpurse.settlement import lifecycle, loads, payments, registry
 from webpurse.settlement.errors import conflict, not_found, verification_failed
 from webpurse.settlement.hold_guards import HOLD_EXPIRED as HOLD_EXPIRED
 from webpurse.settlement.hold_guards import OPEN as OPEN
@@ -190,20 +190,12 @@ def heal(ctx: Ctx, body: CardHeal) -> dict[str, Any]:
 
 
 def _settle_payment(ctx: Ctx, payment: Payment, card: Card, proof: TransactionProof) -> None:
-    """The card proved ``payment``'s debit: capture it for its merchant (re-holding the
-    amount first if it had been released), the shadow one debit further on."""
+    """The card proved ``payment``'s debit: capture it for its merchant (a released one only
+    if the card's available value still covers it, as when its hold was posted again), the
+    shadow one debit further on."""
     shadow = card.shadow_balance
     if payment.status == Status.CANCELED:
-        ledger.post_transfer(
-            ctx.session,
-            f"{payment.id}:rehold",
-            ledger.card_account(card.id),
-            ledger.HELD_PURCHASES,
-            payment.amount,
-            "purchase_rehold",
-            now=ctx.now,
-            reference=payment.id,
-        )
+        lifecycle.hold(ctx, payment, card)  # held again: the card must still cover it
         payment.decline_code = None
     payments._succeed(ctx, payment, card, proof.mac2, proof.tac)
     # The MAC2/TAC bind the amount and counter, not the balance INITIALIZE claimed.

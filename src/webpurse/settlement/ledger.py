@@ -12,7 +12,12 @@ Accounts (see docs/settlement-api.md):
 - ``funding:<method>`` money received for loads (negative: it is the source of value);
 - ``topups:<merchant id>`` top-ups a merchant sold (it collected the money, so it owes it:
   negative until clearing nets it against the merchant's payable);
-- ``held:purchases`` amounts authorised or uncertain, not yet captured or released;
+- ``held:purchases`` amounts authorised or uncertain, not yet captured or released: derived
+  from the payments' status (issue 20, one transfer per purchase: a capture moves the amount
+  from the card to the merchant, authorise and release post nothing). :func:`balance` adds the
+  open payments to it and takes each card's open ones off its ``card:`` account, so readers
+  see the held amounts where they were; :func:`available` is what a card may still spend.
+  Its stored balance is what older databases posted to it directly (0 after migration 0014);
 - ``held:loads`` funds for loads in flight, not yet on a card or returned;
 - ``merchant:<merchant id>`` merchant payable;
 - ``payouts:<merchant id>`` paid out to merchants (clearing);
@@ -36,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Table, bindparam, func, insert, select, update
+from sqlalchemy import String, Table, bindparam, func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
 from webpurse.settlement.db import (
@@ -46,12 +51,15 @@ from webpurse.settlement.db import (
     for_update,
     insert_ignoring_conflicts,
 )
-from webpurse.settlement.models import Account, Entry, Transfer
+from webpurse.settlement.models import Account, Card, Entry, Payment, Transfer
 from webpurse.settlement.refund_checks import open_refund_problems
+from webpurse.settlement.transactions import OPEN
 
 _ACCOUNTS: Table = Account.__table__  # type: ignore[assignment]
 _TRANSFERS: Table = Transfer.__table__  # type: ignore[assignment]
 _ENTRIES: Table = Entry.__table__  # type: ignore[assignment]
+_PAYMENTS: Table = Payment.__table__  # type: ignore[assignment]
+_CARDS: Table = Card.__table__  # type: ignore[assignment]
 
 HELD_PURCHASES = "held:purchases"
 HELD_LOADS = "held:loads"
@@ -412,12 +420,83 @@ def locked_balance(
     return int(_lock(session, [account_id], now, currency)[account_id].balance)
 
 
-def balance(session: Session, account_id: str) -> int:
-    """The account's balance as the database has it now (0 for an unknown account)."""
+def _stored_balance(session: Session, account_id: str) -> int:
     value = session.execute(
         select(_ACCOUNTS.c.balance).where(_ACCOUNTS.c.id == account_id)
     ).scalar_one_or_none()
     return 0 if value is None else int(value)
+
+
+def _open_holds(session: Session, card_id: str | None = None) -> int:
+    """The amounts of open (authorised or uncertain) payments: all, or one card's."""
+    stmt = select(func.coalesce(func.sum(_PAYMENTS.c.amount), 0)).where(
+        _PAYMENTS.c.status.in_(OPEN)
+    )
+    if card_id is not None:
+        stmt = stmt.where(_PAYMENTS.c.card_id == card_id)
+    return int(session.scalar(stmt) or 0)
+
+
+def open_holds_by_card(session: Session) -> dict[str, int]:
+    """Every card's open purchase holds (cards with none are left out)."""
+    stmt = (
+        select(_PAYMENTS.c.card_id, func.sum(_PAYMENTS.c.amount))
+        .where(_PAYMENTS.c.status.in_(OPEN), _PAYMENTS.c.card_id.is_not(None))
+        .group_by(_PAYMENTS.c.card_id)
+    )
+    return {str(card_id): int(held) for card_id, held in session.execute(stmt) if held}
+
+
+def balance(session: Session, account_id: str) -> int:
+    """The account's balance as the database has it now (0 for an unknown account).
+
+    Purchase holds are the payments' status, not transfers: ``held:purchases`` is its stored
+    balance plus every open payment, a ``card:`` account its stored balance less the card's
+    open payments — the numbers a hold transfer at authorise would have left.
+    """
+    stored = _stored_balance(session, account_id)
+    if account_id == HELD_PURCHASES:
+        return stored + _open_holds(session)
+    if account_kind(account_id) == "card":
+        return stored - _open_holds(session, account_id.split(":", 1)[1])
+    return stored
+
+
+@dataclass(frozen=True, slots=True)
+class Available:
+    """What a card may still spend: its account less its open holds, in its currency."""
+
+    amount: int
+    currency: str
+
+
+def available(
+    session: Session, card_ids: Sequence[str], *, excluding: str | None = None
+) -> dict[str, Available]:
+    """Each card's available value, in one statement: its ``card:`` account's stored
+    balance less the amounts of its open payments (but ``excluding``, the payment being
+    authorised). A card with no account yet has 0 (in CNY, as the account would be made).
+
+    The caller holds the cards' rows locked: every step that lowers what a card may spend
+    (authorise, capture, a released payment proven after all) locks the card row first.
+    """
+    if not card_ids:
+        return {}
+    held = select(func.coalesce(func.sum(_PAYMENTS.c.amount), 0)).where(
+        _PAYMENTS.c.card_id == _CARDS.c.id, _PAYMENTS.c.status.in_(OPEN)
+    )
+    if excluding is not None:
+        held = held.where(_PAYMENTS.c.id != excluding)
+    account_id = literal("card:", String) + _CARDS.c.id
+    stmt = (
+        select(_CARDS.c.id, _ACCOUNTS.c.balance, _ACCOUNTS.c.currency, held.scalar_subquery())
+        .select_from(_CARDS.outerjoin(_ACCOUNTS, _ACCOUNTS.c.id == account_id))
+        .where(among(session, _CARDS.c.id, list(card_ids)))
+    )
+    return {
+        str(card_id): Available(int(stored or 0) - int(holds or 0), currency or "CNY")
+        for card_id, stored, currency, holds in session.execute(stmt)
+    }
 
 
 # --- the ledger check ---------------------------------------------------------------
@@ -513,13 +592,39 @@ def _sum_problems(totals: dict[str, int]) -> list[str]:
     return problems
 
 
+def derive_purchase_holds(totals: dict[str, int], holds: dict[str, int]) -> None:
+    """Move the open purchase holds (:func:`open_holds_by_card`) in per-kind ``totals`` off
+    the cards onto ``held``, where a hold transfer would have put them (the sum is the same)."""
+    total = sum(holds.values())
+    if total:
+        totals["card"] = totals.get("card", 0) - total
+        totals["held"] = totals.get("held", 0) + total
+
+
+def _hold_problems(
+    totals: dict[str, int], running: dict[str, int], holds: dict[str, int]
+) -> list[str]:
+    """Derive the purchase holds into ``totals`` and prove each card's account covers its
+    open holds (what the hold transfer of old guaranteed: a card account never below zero)."""
+    problems: list[str] = []
+    for card_id, held in sorted(holds.items()):
+        account_id = card_account(card_id)
+        stored = running.get(account_id, 0)
+        if stored < held:
+            problems.append(f"{account_id}: open holds {held} exceed its balance {stored}")
+    derive_purchase_holds(totals, holds)
+    return problems
+
+
 def check(session: Session) -> CheckReport:
     """Recompute every balance from the entries and prove the ledger's invariants.
 
     - each transfer has exactly two entries, -amount and +amount, on its two accounts;
     - each account's entries have versions 1..n with running balances, ending at the
       cached balance, which equals the sum of its entries;
-    - no account that may not go negative is negative;
+    - no account that may not go negative is negative, and each card's account covers its
+      open purchase holds (authorised or uncertain payments); the totals show the holds as
+      ``held`` and the cards net of them, as when holds were transfers;
     - all accounts sum to zero, and funds received (float deposits and bank statement
       credits, ``received``; ``funding``/``topups`` of old) equal the value held on cards,
       merchant payables, payouts, pending refunds, held amounts, unused floats, matched
@@ -543,10 +648,12 @@ def check(session: Session) -> CheckReport:
         per_account[entry.account_id].append(entry)
 
     report.problems.extend(_transfer_problems(session, legs))
+    running: dict[str, int] = {}
     for account_id, account in accounts.items():
-        running = _check_account(report, account, per_account.get(account_id, []))
+        running[account_id] = _check_account(report, account, per_account.get(account_id, []))
         kind = account.kind
-        report.totals[kind] = report.totals.get(kind, 0) + running
+        report.totals[kind] = report.totals.get(kind, 0) + running[account_id]
+    report.problems.extend(_hold_problems(report.totals, running, open_holds_by_card(session)))
     # No foreign key guards the account names (migration 0011): the check does.
     for account_id in sorted(set(per_account) - set(accounts)):
         report.problems.append(f"entries on unknown account {account_id}")

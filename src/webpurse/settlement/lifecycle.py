@@ -432,6 +432,22 @@ def post(ctx: Ctx, transfer: TransferSpec) -> None:
     )
 
 
+def hold(ctx: Ctx, row: Payment, card: Card) -> None:
+    """Authorise's hold: nothing is posted (the payment's status holds the amount), but the
+    card's available value must cover it, else the ledger's refusal (409 ``ledger_refused``)
+    as when a transfer to ``held:purchases`` overdrew the card (:mod:`.changes`)."""
+    available = ledger.available(ctx.session, [card.id], excluding=row.id)[card.id]
+    refusal = changes.purchase_hold_refusal(
+        card.id,
+        available.amount,
+        row.amount,
+        currency=row.currency,
+        account_currency=available.currency,
+    )
+    if refusal is not None:
+        raise ledger.LedgerError(refusal)
+
+
 def cancel(
     ctx: Ctx,
     strategy: Strategy[Row],

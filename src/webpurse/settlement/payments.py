@@ -3,8 +3,9 @@
 Each function runs inside the caller's transaction and raises
 :mod:`~webpurse.settlement.errors` to refuse. The decisions themselves are
 in :mod:`.decisions`; here they meet the database, the security module and the ledger.
-Ledger moves: authorise holds the amount (card → ``held:purchases``); capture posts it to
-the merchant (held → merchant); a release returns it (held → card).
+Ledger moves: one per purchase, at capture (card → merchant). Authorise holds the amount by
+the payment's status (``authorised``, later maybe ``uncertain``) once the card's available
+value covers it; a release posts nothing (``held:purchases`` is derived: :func:`ledger.balance`).
 
 An uncertain payment is released only on authenticated evidence that its counter was not
 used: a payment of the same card captured at that counter with a verified MAC2/TAC (its
@@ -80,9 +81,8 @@ def create(ctx: Ctx, body: PaymentCreate) -> Payment:
 
 
 def _release(ctx: Ctx, payment: Payment, card: Card, reason: str) -> None:
-    """The card proved no debit happened: return the hold, close the payment."""
+    """The card proved no debit happened: close the payment (its hold ends with its status)."""
     assert payment.card_id is not None
-    lifecycle.post(ctx, changes.purchase_release(payment.id, card.id, payment.amount))
     move(PAYMENT, payment, Status.CANCELED)
     payment.updated_at = ctx.now
     lifecycle.released(ctx, STRATEGY, payment, card, reason)
@@ -150,8 +150,7 @@ def authorise(ctx: Ctx, payment_id: str, body: PurchaseAuthorise) -> Payment:
         card_number=issuer.card_number,
         supersedes=decision.supersedes,
     )
-    # The sequence number (a SEQUENCE on PostgreSQL: no row lock) and the hot held
-    # account last, so the account stays locked only for its own statements and the commit.
+    # The sequence number last (a SEQUENCE on PostgreSQL: no row lock).
     ctx.session.flush()
     seq = next_terminal_seq(ctx.session, merchant.id)
     mac1 = ctx.security.purchase_mac1(
@@ -167,7 +166,7 @@ def authorise(ctx: Ctx, payment_id: str, body: PurchaseAuthorise) -> Payment:
     )
     payment.terminal_seq = seq
     payment.mac1 = mac1.hex().upper()
-    lifecycle.post(ctx, changes.purchase_hold(payment.id, card.id, payment.amount))
+    lifecycle.hold(ctx, payment, card)
     log.info("payment.authorised", payment=payment.id, card=card.card_number, seq=seq)
     return payment
 
@@ -192,10 +191,10 @@ def verify(ctx: Ctx, payment: Payment, card: Card, mac2: bytes, tac: bytes) -> b
 def _succeed(ctx: Ctx, payment: Payment, card: Card, mac2: bytes, tac: bytes) -> None:
     """The card proved the debit: move the shadow purse on, tell the merchant, post it.
 
-    The ledger transfer comes last so the hot accounts (held, the merchant's payable) stay
-    locked only for the transfer itself and the commit. Open payments of the card at the
-    same counter (uncertain ones it superseded, or that superseded it) are released: this
-    verified answer proves they never ran.
+    The purchase's one ledger transfer (card → merchant) comes last so the merchant's hot
+    payable stays locked only for the transfer itself and the commit. Open payments of the
+    card at the same counter (uncertain ones it superseded, or that superseded it) are
+    released: this verified answer proves they never ran.
     """
     linked = payment.supersedes is not None or card.open_transaction != payment.id
     succeeded = changes.succeeded(PAYMENT, payment.status, mac2=mac2, tac=tac, now=ctx.now)
@@ -204,7 +203,8 @@ def _succeed(ctx: Ctx, payment: Payment, card: Card, mac2: bytes, tac: bytes) ->
         lifecycle.release_disproved(ctx, STRATEGY, payment, card)
     lifecycle.emit(ctx, STRATEGY, payment, Status.SUCCEEDED)
     ctx.session.flush()
-    lifecycle.post(ctx, changes.purchase_capture(payment.id, payment.merchant_id, payment.amount))
+    capture = changes.purchase_capture(payment.id, card.id, payment.merchant_id, payment.amount)
+    lifecycle.post(ctx, capture)
     log.info("payment.succeeded", payment=payment.id)
 
 
