@@ -12,6 +12,10 @@ STAMP := $(VENV)/.installed
 export UV_PYTHON := $(PYTHON)
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
+# Installed packages come with their bytecode: every `webpurse` process the tests start
+# (the fault matrix starts dozens) imports from .pyc instead of compiling FastAPI,
+# SQLAlchemy and the rest again, also where PYTHONDONTWRITEBYTECODE is set.
+export UV_COMPILE_BYTECODE := 1
 
 .PHONY: test demo demo-cluster lint typecheck lock-check lock lock-tools bench clean venv
 
@@ -27,7 +31,7 @@ lock-check: $(UV)
 # pyscard (the pcsc extra) is in the lock but builds from source (swig, gcc, libpcsclite-dev).
 # Without those the environment is synced without it and the PC/SC tests skip outside CI
 # and fail inside it (CI=true installs the build tools first, so there it must build).
-$(STAMP): pyproject.toml uv.lock $(UV)
+$(STAMP): pyproject.toml uv.lock $(UV) Makefile
 	@$(MAKE) --no-print-directory lock-check
 	@if $(UV) sync --frozen -q --extra dev --extra pcsc; then :; \
 	elif [ "$${CI:-}" = "true" ]; then echo "error: pyscard did not build from uv.lock" >&2; exit 1; \

@@ -69,6 +69,11 @@ class ChildServer:
         raise NotImplementedError
 
     def start(self) -> None:
+        self.launch()
+        self.wait_ready()
+
+    def launch(self) -> None:
+        """Start the process without waiting for it (:meth:`wait_ready` waits)."""
         exe = str(Path(sys.executable).with_name("webpurse"))
         log_path = self.directory / f"{self.name}-{self.starts}.log"
         with log_path.open("wb") as log:
@@ -79,18 +84,26 @@ class ChildServer:
                 stderr=subprocess.STDOUT,
             )
         self.starts += 1
+
+    def wait_ready(self) -> None:
+        """Bounded polling of ``/health`` until the started process answers."""
+        assert self.process is not None
+        log_path = self.directory / f"{self.name}-{self.starts - 1}.log"
         deadline = time.monotonic() + START_TIMEOUT
-        while True:  # bounded polling for readiness
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name} did not answer /health in {START_TIMEOUT} s")
-            time.sleep(0.05)
+        # One client for all the polls: a new one per poll loads the CA bundle again, which
+        # costs the test process more CPU than the child needs to start.
+        with httpx.Client(timeout=1) as http:
+            while True:  # bounded polling for readiness
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited: {log_path.read_text()[-2000:]}")
+                try:
+                    if http.get(f"{self.base_url}/health").status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.name} did not answer /health in {START_TIMEOUT} s")
+                time.sleep(0.05)
 
     def kill(self) -> None:
         """SIGKILL: the process gets no chance to clean up."""

@@ -81,13 +81,13 @@ IN_FLIGHT = [
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Live]]:
     """One settlement server per backend for the module; every scenario kills it once."""
     with contextlib.ExitStack() as stack:
-        started: dict[str, Live] = {}
 
         class Lazy(dict[str, Live]):
             def __missing__(self, backend: str) -> Live:
                 directory = tmp_path_factory.mktemp(f"settlement-{backend}")
-                started[backend] = stack.enter_context(live_settlement(backend, directory))
-                return started[backend]
+                # Kept in this dict, so every later scenario on the backend reuses it.
+                self[backend] = stack.enter_context(live_settlement(backend, directory))
+                return self[backend]
 
         yield Lazy()
 

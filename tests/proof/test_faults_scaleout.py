@@ -148,9 +148,11 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
             Node(url=url, kek=kek, directory=tmp_path, name=f"settlement-{letter}")
             for letter in "abc"[:PROCESSES]
         ]
-        for node in nodes:
+        for node in nodes:  # the three start side by side, then each is waited for
             stack.callback(node.stop)
-            node.start()
+            node.launch()
+        for node in nodes:
+            node.wait_ready()
         yield Cluster(nodes, factory, security, key, terminal_id, url)
 
 
