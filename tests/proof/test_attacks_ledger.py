@@ -21,10 +21,10 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from tests.proof.conftest import Proof
-from tests.proof.invariants import InvariantReport, check_invariants
+from tests.proof.invariants import InvariantReport, check_invariants, ledger_check_cli
 from tests.settlement.support import (
     BACKENDS,
     Terminal,
@@ -516,6 +516,73 @@ def test_the_expiry_sweep_racing_a_capture_settles_the_debit_once(
         assert card.state.balance == 2_000 - 4 * 300
         report = invariants(world, [card])
         row.observed = f"rounds: {seen}; {report.summary()}"
+
+
+# --- a tampered payment row -------------------------------------------------------------
+
+
+def _check(world: World) -> tuple[int, str]:
+    """``webpurse ledger check``: its exit code and its output with the lines rejoined."""
+    code, output = ledger_check_cli(world.url)
+    return code, " ".join(output.split())
+
+
+def _tamper(world: World, payment_id: str, status: str) -> None:
+    with world.factory() as session, session.begin():
+        session.execute(update(Payment).where(Payment.id == payment_id).values(status=status))
+
+
+def test_a_payment_status_flipped_by_sql_is_reported_by_the_ledger_check(
+    world: World, proof: Proof
+) -> None:
+    with proof.row(
+        SUITE,
+        f"an insider flips payment statuses by SQL: an authorised hold to canceled (the hold"
+        f" vanishes), a captured payment back to authorised, a canceled one over the card's"
+        f" value to authorised ({backend(world)})",
+        expected="`webpurse ledger check` exits 1 naming each: the card's open transaction"
+        " not open, an open payment already captured, open holds exceeding the card;"
+        " flipped back, it exits 0",
+    ) as row:
+        card = world.issue()
+        world.other_terminal.load(card, 500)
+        paid = world.terminal.purchase(card, 100)["id"]
+        held, debit = authorised(world.terminal, card, 300)
+        debited = ok(card, debit)
+        card_id = card_id_of(world, held)
+        code, output = _check(world)
+        assert code == 0, output
+        found: list[str] = []
+        for payment_id, status, back, problem in (
+            (held, "canceled", "authorised", f"open transaction {held} is canceled"),
+            (paid, "authorised", "succeeded", f"payment {paid} is authorised but captured"),
+        ):
+            _tamper(world, payment_id, status)
+            code, output = _check(world)
+            assert code == 1 and problem in output, output
+            found.append(problem)
+            _tamper(world, payment_id, back)
+            assert _check(world)[0] == 0
+        done = capture(world.terminal, held, debited)
+        assert done.status_code == 200, done.text
+        # A payment the card never covered: canceled at 1000, flipped to authorised.
+        big = world.terminal.create_payment(1_000)
+        issuer, init = world.terminal.purchase_batch1(card, 0)
+        refused = world.terminal.authorise_payment(big["id"], issuer, init)
+        assert refused.status_code in (402, 409), refused.text
+        with world.factory() as session, session.begin():
+            session.execute(
+                update(Payment)
+                .where(Payment.id == big["id"])
+                .values(status="authorised", card_id=card_id)
+            )
+        code, output = _check(world)
+        problem = f"card:{card_id}: open holds 1000 exceed its balance 100"
+        assert code == 1 and problem in output, output
+        found.append(problem)
+        _tamper(world, big["id"], "declined")
+        report = invariants(world, [card])
+        row.observed = f"ledger check exit 1 naming: {found}; restored: {report.summary()}"
 
 
 # --- the batch path and the single path on one card ---------------------------------------
