@@ -43,7 +43,7 @@ from webpurse.settlement import clearing, holds, ledger, payments
 from webpurse.settlement.auth import MERCHANT, OPERATOR, Principal
 from webpurse.settlement.merchants import create_merchant
 from webpurse.settlement.models import Entry, Merchant, Payment, Transfer
-from webpurse.settlement.schemas import PurchaseCapture
+from webpurse.settlement.schemas import CardHeal, PurchaseAuthorise, PurchaseCapture
 from webpurse.settlement.service import Ctx
 
 SUITE = "attacks_ledger"
@@ -740,3 +740,73 @@ def test_an_uncertain_debit_settled_by_the_card_cannot_be_captured_again_later(
             f" {late.status_code} and capture {again.status_code}"
             f" {again.json()['code']}; one capture; {report.summary()}"
         )
+
+
+@pytest.mark.postgres
+def test_a_heal_racing_a_forged_rehold_of_the_same_value_captures_it_at_most_once(
+    pg_world: World, proof: Proof
+) -> None:
+    world = pg_world
+    with proof.row(
+        SUITE,
+        "shop A's real 500 debit released on a forged 'counter unchanged'; A re-holds the"
+        " card's whole ledger value on a forged INITIALIZE while shop B heals with the card's"
+        " PROVE, at once, each in its own PostgreSQL transaction (3 rounds)",
+        expected="one wins: the heal captures the debit and the forged hold is declined, or the"
+        " hold stands and the heal is refused (ledger_refused) until it expires; never both;"
+        " the debit captured once; card = ledger = shadow; ledger check ok",
+    ) as row:
+        card = world.issue()
+        world.other_terminal.load(card, 1_500)
+        seen: list[str] = []
+        for _round in range(3):
+            balance = card.state.balance
+            counter = card.state.offline_counter
+            real, debit = authorised(world.terminal, card, 500)
+            ok(card, debit)
+            assert post(world, f"/v1/payments/{real}/uncertain").status_code == 200
+            forged = forged_initialize(world, card, balance, counter)
+            released = post(
+                world, f"/v1/payments/{real}/resolve", {"initialize_response": forged.hex()}
+            )
+            assert released.json()["status"] == "canceled", released.text
+            rehold = world.terminal.create_payment(balance)["id"]  # all the ledger believes
+            proof_data, _ = prove(card, 0x06, counter + 1)
+            issuer = read_issuer(card)
+            heal_body = CardHeal(
+                issuer_data=issuer.hex(), transaction_type="06", prove_response=proof_data.hex()
+            )
+            hold_body = PurchaseAuthorise(
+                issuer_data=issuer.hex(),
+                initialize_response=forged_initialize(world, card, balance, counter).hex(),
+                terminal_id=world.terminal_id,
+            )
+            outcomes = _together(
+                world,
+                {
+                    "heal": (world.other_terminal_id, lambda ctx, b=heal_body: holds.heal(ctx, b)),
+                    "hold": (
+                        world.terminal_id,
+                        lambda ctx, pid=rehold, b=hold_body: payments.authorise(ctx, pid, b).status,
+                    ),
+                },
+            )
+            heal_won = not isinstance(outcomes["heal"], Exception)
+            hold_won = outcomes["hold"] == "authorised"
+            assert heal_won != hold_won, outcomes
+            if hold_won:
+                assert getattr(outcomes["heal"], "code", None) == "ledger_refused", outcomes
+                seen.append("hold first")
+                world.clock.advance(world.settings.card_hold_ttl + dt.timedelta(seconds=1))
+                sweep(world)
+                body = heal_body.model_dump(mode="json")
+                healed = world.other_terminal.post("/v1/heal", body)
+                assert healed.status_code == 200, healed.text
+            else:
+                seen.append("heal first")
+            assert get(world, f"/v1/payments/{real}")["status"] == "succeeded"
+            assert transfers_of(world, real) == ["purchase_capture"]
+            assert transfers_of(world, rehold) == []
+        assert card.state.balance == 0
+        report = invariants(world, [card])
+        row.observed = f"rounds: {seen}; {report.summary()}"
