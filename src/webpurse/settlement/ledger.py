@@ -616,6 +616,34 @@ def _hold_problems(
     return problems
 
 
+def _payment_status_problems(session: Session) -> list[str]:
+    """The purchase holds are the payments' status, so a status changed behind settlement's
+    back moves value without a transfer: a card whose open transaction names a payment that
+    is no longer open (its hold vanished, the card looks richer), and an open payment that
+    was captured already (its value counted twice)."""
+    problems: list[str] = []
+    vanished = (
+        select(_CARDS.c.id, _PAYMENTS.c.id, _PAYMENTS.c.status)
+        .select_from(_CARDS.join(_PAYMENTS, _PAYMENTS.c.id == _CARDS.c.open_transaction))
+        .where(_PAYMENTS.c.status.not_in(OPEN))
+        .order_by(_CARDS.c.id)
+    )
+    for card_id, payment_id, status in session.execute(vanished):
+        problems.append(
+            f"{card_account(card_id)}: its open transaction {payment_id} is {status},"
+            " its hold is not counted"
+        )
+    captured = (
+        select(_PAYMENTS.c.id, _PAYMENTS.c.status)
+        .select_from(_PAYMENTS.join(_TRANSFERS, _TRANSFERS.c.reference == _PAYMENTS.c.id))
+        .where(_PAYMENTS.c.status.in_(OPEN), _TRANSFERS.c.kind == "purchase_capture")
+        .order_by(_PAYMENTS.c.id)
+    )
+    for payment_id, status in session.execute(captured):
+        problems.append(f"payment {payment_id} is {status} but captured")
+    return problems
+
+
 def check(session: Session) -> CheckReport:
     """Recompute every balance from the entries and prove the ledger's invariants.
 
@@ -625,6 +653,8 @@ def check(session: Session) -> CheckReport:
     - no account that may not go negative is negative, and each card's account covers its
       open purchase holds (authorised or uncertain payments); the totals show the holds as
       ``held`` and the cards net of them, as when holds were transfers;
+    - no card's open transaction is a payment that is not open, and no open payment was
+      captured (a status changed behind settlement's back would move a hold unseen);
     - all accounts sum to zero, and funds received (float deposits and bank statement
       credits, ``received``; ``funding``/``topups`` of old) equal the value held on cards,
       merchant payables, payouts, pending refunds, held amounts, unused floats, matched
@@ -654,6 +684,7 @@ def check(session: Session) -> CheckReport:
         kind = account.kind
         report.totals[kind] = report.totals.get(kind, 0) + running[account_id]
     report.problems.extend(_hold_problems(report.totals, running, open_holds_by_card(session)))
+    report.problems.extend(_payment_status_problems(session))
     # No foreign key guards the account names (migration 0011): the check does.
     for account_id in sorted(set(per_account) - set(accounts)):
         report.problems.append(f"entries on unknown account {account_id}")
