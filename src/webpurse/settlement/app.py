@@ -6,6 +6,7 @@ routers. Routes of the webhooks and clearing work are included when their module
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import time
@@ -96,11 +97,29 @@ def _body_refusal(status: int, code: str, detail: str) -> tuple[list[tuple[bytes
     return headers, body
 
 
+_FROZEN: list[bool] = []
+
+
+def _freeze_startup_objects() -> None:
+    """Take what importing and building the app made out of the cyclic GC (once a process).
+
+    The modules, the ORM mappings, the schemas and the compiled statements live as long as
+    the process; left in the collector, every full collection walks them again (~0.1 s
+    with a heap this size, a few % of the server's CPU per purchase at load). Objects made
+    while serving are still collected as before.
+    """
+    if not _FROZEN:
+        _FROZEN.append(True)
+        gc.collect()
+        gc.freeze()
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Background work while serving: webhook deliveries and the expiry sweep."""
     from webpurse.settlement.expiry import sweeper_lifespan
 
+    _freeze_startup_objects()
     async with webhook_worker_lifespan(app), sweeper_lifespan(app):
         yield
 

@@ -123,6 +123,21 @@ class Item:
     duplicate_of: int | None = None
     as_of: str | None = None  # the purchase step its answer re-renders as of (views.STEPS)
     _encoded: str | None = None
+    _issuer: IssuerData | None = None
+    _issuer_parsed: bool = False
+
+    @property
+    def issuer(self) -> IssuerData | None:
+        """The issuer data (EF 0x15) its body carries, parsed once; None if none parses."""
+        if not self._issuer_parsed:
+            self._issuer_parsed = True
+            raw = getattr(self.body, "issuer_data", None)
+            if isinstance(raw, str):
+                try:
+                    self._issuer = IssuerData.from_bytes(bytes.fromhex(raw))
+                except (ProtocolError, ValueError):
+                    self._issuer = None
+        return self._issuer
 
     @property
     def encoded(self) -> str:
@@ -256,7 +271,7 @@ def _check_keys(ctx: Ctx, items: list[Item], request_id: str | None) -> None:
                 [item.key for item in keyed if item.key is not None],
                 ctx.session.get_bind().dialect.name,
             )
-        )
+        ).all()
     }
     referenced = _referenced(ctx, stored.values())
     for item in keyed:
@@ -293,7 +308,7 @@ def _referenced(ctx: Ctx, records: Iterable[Any]) -> dict[str, Payment]:
     if not ids:
         return {}
     rows = ctx.session.execute(select(_PAYMENTS).where(among(ctx.session, _PAYMENTS.c.id, ids)))
-    return {row.id: _view(dict(row._mapping)) for row in rows}
+    return {row.id: _view(dict(row._mapping)) for row in rows.all()}
 
 
 def _store_answers(ctx: Ctx, items: Iterable[Item]) -> None:
@@ -424,7 +439,7 @@ def _payments(ctx: Ctx, items: list[Item], status: str, *, lock: bool) -> dict[s
     )
     if lock and for_update(ctx.session):
         stmt = stmt.with_for_update()
-    return {row.id: row for row in ctx.session.execute(stmt)}
+    return {row.id: row for row in ctx.session.execute(stmt).all()}
 
 
 def _lock_cards(ctx: Ctx, numbers: Sequence[str], ids: Sequence[str]) -> list[Any]:
@@ -511,10 +526,10 @@ def _authorise_candidates(ctx: Ctx, items: list[Item]) -> list[Candidate]:
         row = rows.get(item.payment_id or "")
         body = item.body
         assert isinstance(body, PurchaseAuthorise)
-        if row is None:
+        issuer = item.issuer
+        if row is None or issuer is None:
             continue
         try:
-            issuer = IssuerData.from_bytes(bytes.fromhex(body.issuer_data))
             init = InitializeForPurchaseResponse.from_data(bytes.fromhex(body.initialize_response))
         except (ProtocolError, ValueError):
             continue
@@ -756,17 +771,6 @@ def _write(ctx: Ctx, writes: _Writes) -> None:
     ledger.post_transfers(session, writes.transfers, now=ctx.now)
 
 
-def _card_number(body: BaseModel | None) -> str | None:
-    """The card an item's body names (its issuer data), if it names one that parses."""
-    raw = getattr(body, "issuer_data", None)
-    if not isinstance(raw, str):
-        return None
-    try:
-        return IssuerData.from_bytes(bytes.fromhex(raw)).card_number.upper()
-    except (ProtocolError, ValueError):
-        return None
-
-
 def _touches(ctx: Ctx, items: list[Item]) -> dict[int, frozenset[str]]:
     """What each item still to run may read or change: its payment and its card(s).
 
@@ -786,12 +790,14 @@ def _touches(ctx: Ctx, items: list[Item]) -> dict[int, frozenset[str]]:
                     _PAYMENTS.c.merchant_id == ctx.principal.merchant_id,
                     _PAYMENTS.c.card_number.is_not(None),
                 )
-            )
+            ).all()
         }
     touched: dict[int, frozenset[str]] = {}
     for item in pending:
         keys = {f"payment:{item.payment_id}"} if item.payment_id else set()
-        for number in (cards.get(item.payment_id or ""), _card_number(item.body)):
+        issuer = item.issuer
+        named = issuer.card_number.upper() if issuer is not None else None
+        for number in (cards.get(item.payment_id or ""), named):
             if number is not None:
                 keys.add(f"card:{number}")
         touched[item.index] = frozenset(keys)

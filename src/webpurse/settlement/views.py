@@ -16,21 +16,55 @@ from webpurse.protocol.records import decode_bcd_date, decode_bcd_time
 from webpurse.settlement.models import Load, Payment, Refund
 
 
+def _debit(seq: int, date: str, time: str, mac1: str) -> DebitForPurchase:
+    return DebitForPurchase(
+        seq,
+        decode_bcd_date(bytes.fromhex(date)),
+        decode_bcd_time(bytes.fromhex(time)),
+        bytes.fromhex(mac1),
+    )
+
+
+# DEBIT FOR PURCHASE around its data (CLA INS P1 P2 Lc, and Le), taken from the protocol.
+_DEBIT_APDU = _debit(0, "20000101", "000000", "00000000").to_apdu().to_bytes().hex().upper()
+_DEBIT_HEAD, _DEBIT_TAIL = _DEBIT_APDU[:10], _DEBIT_APDU[-2:]
+
+
+def _real(date: str, time: str) -> bool:
+    """Whether BCD digits ``date`` and ``time`` name a real date and time of day."""
+    try:
+        dt.date(int(date[:4]), int(date[4:6]), int(date[6:]))
+        dt.time(int(time[:2]), int(time[2:4]), int(time[4:]))
+    except ValueError:
+        return False
+    return True
+
+
+def debit_apdu(seq: int, date: str, time: str, mac1: str) -> str:
+    """The DEBIT FOR PURCHASE of an authorisation as hex, as the protocol encodes it.
+
+    The row's date and time are BCD already (:func:`changes.authorised` writes them from a
+    date and a time), so they go into the command as they are instead of decoded and
+    encoded again for every answer; anything else (not a date and a time in digits) goes
+    the protocol's way, which refuses it as it always did."""
+    digits = date + time
+    shaped = 0 <= seq < 1 << 32 and len(date) == 8 and len(time) == 6 and len(mac1) == 8
+    if shaped and digits.isascii() and digits.isdigit() and _real(date, time):
+        return f"{_DEBIT_HEAD}{seq:08X}{digits}{bytes.fromhex(mac1).hex().upper()}{_DEBIT_TAIL}"
+    return _debit(seq, date, time, mac1).to_apdu().to_bytes().hex().upper()
+
+
 def payment_json(payment: Payment) -> dict[str, Any]:
     authorisation = None
     if payment.mac1 is not None and payment.terminal_seq is not None:
-        debit = DebitForPurchase(
-            payment.terminal_seq,
-            decode_bcd_date(bytes.fromhex(payment.txn_date or "")),
-            decode_bcd_time(bytes.fromhex(payment.txn_time or "")),
-            bytes.fromhex(payment.mac1),
-        )
         authorisation = {
             "terminal_seq": payment.terminal_seq,
             "date": payment.txn_date,
             "time": payment.txn_time,
             "mac1": payment.mac1,
-            "debit_apdu": debit.to_apdu().to_bytes().hex().upper(),
+            "debit_apdu": debit_apdu(
+                payment.terminal_seq, payment.txn_date or "", payment.txn_time or "", payment.mac1
+            ),
         }
     return {
         "id": payment.id,

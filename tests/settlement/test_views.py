@@ -1,0 +1,54 @@
+"""How a payment shows its authorisation (settlement/views.py), against the protocol."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from webpurse.protocol.commands import DebitForPurchase
+from webpurse.protocol.errors import FieldError
+from webpurse.settlement import changes, views
+from webpurse.settlement.transactions import Kind
+
+
+@given(
+    seq=st.integers(0, 2**32 - 1),
+    at=st.datetimes(dt.datetime(1000, 1, 1), dt.datetime(9999, 12, 31)),  # 4-digit years
+    mac1=st.binary(min_size=4, max_size=4),
+    upper=st.booleans(),
+)
+def test_the_debit_apdu_is_the_protocols_command(
+    seq: int, at: dt.datetime, mac1: bytes, upper: bool
+) -> None:
+    """The answer's DEBIT FOR PURCHASE, built from the row's text, is the command the
+    protocol encodes from the same authorisation (the row as changes.authorised writes it)."""
+    row = changes.authorised(
+        Kind.PAYMENT,
+        "requires_card",
+        card_id="card_1",
+        card_number="0123456789ABCDEF",
+        key_version=1,
+        balance=1_000,
+        counter=7,
+        random=bytes(4),
+        date=at.date(),
+        time=at.time().replace(microsecond=0),
+        now=dt.datetime(2026, 12, 6, tzinfo=dt.UTC),
+        supersedes=None,
+    )
+    date, time = str(row["txn_date"]), str(row["txn_time"])
+    expected = DebitForPurchase(seq, at.date(), at.time().replace(microsecond=0), mac1)
+    text = mac1.hex().upper() if upper else mac1.hex()
+    assert views.debit_apdu(seq, date, time, text) == expected.to_apdu().to_bytes().hex().upper()
+
+
+@pytest.mark.parametrize(
+    ("date", "time"),
+    [("2026AB01", "120000"), ("20261301", "120000"), ("20261201", "126000"), ("20261201", "12")],
+)
+def test_a_row_whose_date_is_not_bcd_is_refused_as_before(date: str, time: str) -> None:
+    with pytest.raises(FieldError):
+        views.debit_apdu(1, date, time, "00000000")
