@@ -23,7 +23,6 @@ from sqlalchemy import select
 from webpurse.protocol.commands import (
     CreditForLoadResponse,
     InitializeForLoadResponse,
-    TransactionProof,
 )
 from webpurse.protocol.crypto import macs_equal
 from webpurse.protocol.records import (
@@ -282,24 +281,6 @@ def _return_funds(ctx: Ctx, load: Load, status: Status) -> None:
     )
 
 
-def _release(ctx: Ctx, load: Load, card: Card, reason: str) -> None:
-    """No credit happened for ``load``: return its funds to their source, close it."""
-    _return_funds(ctx, load, Status.CANCELED)
-    lifecycle.released(ctx, STRATEGY, load, card, reason)
-
-
-def _funded_waiting_for_card(ctx: Ctx, load_id: str) -> Load:
-    """The load, locked, funded and waiting for its card (409 otherwise)."""
-    load = get_load(ctx, load_id, lock=True)
-    if load.status == Status.REQUIRES_FUNDING:
-        raise conflict(
-            "load_not_funded",
-            "the bank transfer for this load has not arrived yet (status requires_funding)",
-        )
-    lifecycle.need_status(STRATEGY, load, Status.REQUIRES_CARD)
-    return load
-
-
 def _mac1_valid(
     ctx: Ctx,
     load: Load,
@@ -361,20 +342,9 @@ def _decline(
 ) -> NoReturn:
     """Refuse the load: its funds go back, unless a funded bank-transfer order keeps them."""
     # A funded bank-transfer order waits for its own card: a decline changes nothing of it.
-    keep = _payer_funded(load)
-    if card is not None and not keep:
+    if card is not None and not _payer_funded(load):
         load.card_id = card.id
         load.card_number = card.card_number
-
-    def fail() -> None:
-        assert decision.decline_code is not None
-        if keep:
-            log.info("load.declined_kept", load=load.id, decline_code=decision.decline_code.value)
-            return
-        load.decline_code = decision.decline_code.value
-        _return_funds(ctx, load, Status.DECLINED)
-        lifecycle.emit(ctx, STRATEGY, load, Status.DECLINED)
-
     # A MAC1 that does not verify is anyone's; one that does may be a recording (its
     # random is the card's).
     claimed = {
@@ -382,7 +352,7 @@ def _decline(
         "counter": init.online_counter,
         "mac1_verified": mac1_valid,
     }
-    lifecycle.decline(ctx, STRATEGY, load, card, issuer.card_number, decision, claimed, fail)
+    lifecycle.decline(ctx, STRATEGY, load, card, issuer.card_number, decision, claimed)
 
 
 def _bind_and_sign(
@@ -418,7 +388,7 @@ def _bind_and_sign(
 
 
 def authorise(ctx: Ctx, load_id: str, body: LoadAuthorise) -> Load:
-    load = _funded_waiting_for_card(ctx, load_id)
+    load = lifecycle.waiting_for_card(ctx, STRATEGY, load_id)
     issuer = parse_issuer(body.issuer_data)
     init = parse(
         body.initialize_response, "initialize_response", InitializeForLoadResponse.from_data
@@ -451,42 +421,43 @@ def _verify_tac(ctx: Ctx, load: Load, card: Card, tac: bytes) -> bool:
     )
 
 
-def _succeed(ctx: Ctx, load: Load, card: Card, tac: bytes) -> None:
-    """The card proved the credit. Loads it disproves are released *before* the credit is
-    posted: releasing a refund's load locks its payment, which must come before any ledger
-    account (``refunds`` module: the lock order of a refund's creation)."""
-    # Always look for other open loads at this counter: one the sweep unlinked from the
-    # card (holds.release_stale) is settled by this verified TAC as well.
-    lifecycle.record_proof(
-        ctx, STRATEGY, load, card, changes.succeeded(LOAD, load.status, tac=tac, now=ctx.now)
-    )
-    lifecycle.release_disproved(ctx, STRATEGY, load, card)
-    lifecycle.post(ctx, changes.load_credit(load.id, card.id, load.amount))
-    lifecycle.emit(ctx, STRATEGY, load, Status.SUCCEEDED)
-    if load.refund_id is not None:
-        refund = ctx.session.get(Refund, load.refund_id)
-        if refund is not None and refund.status == Status.PENDING:
-            move(Kind.REFUND, refund, Status.SUCCEEDED)
-            refund.updated_at = ctx.now
-            events.emit(
-                ctx.session,
-                refund.merchant_id,
-                "refund.succeeded",
-                refund_json(refund),
-                now=ctx.now,
-            )
-    log.info("load.succeeded", load=load.id)
+def _proves(ctx: Ctx, load: Load, card: Card, proof: lifecycle.CardProof) -> bool:
+    """The TAC verifies, and a MAC2 the answer carries (GET TRANSACTION PROVE's) is the one
+    settlement issued; CREDIT FOR LOAD's answer carries none."""
+    if proof.mac2 is not None and not macs_equal(bytes.fromhex(load.mac2 or ""), proof.mac2):
+        return False
+    return _verify_tac(ctx, load, card, proof.tac)
+
+
+def _credit(load: Load, card: Card) -> TransferSpec:
+    """The load's one ledger transfer at completion: ``held:loads`` → the card."""
+    return changes.load_credit(load.id, card.id, load.amount)
+
+
+def _refund_succeeded(ctx: Ctx, load: Load) -> None:
+    """A refund's load reached the card: the refund succeeded."""
+    if load.refund_id is None:
+        return
+    refund = ctx.session.get(Refund, load.refund_id)
+    if refund is not None and refund.status == Status.PENDING:
+        move(Kind.REFUND, refund, Status.SUCCEEDED)
+        refund.updated_at = ctx.now
+        events.emit(
+            ctx.session,
+            refund.merchant_id,
+            "refund.succeeded",
+            refund_json(refund),
+            now=ctx.now,
+        )
 
 
 def complete(ctx: Ctx, load_id: str, body: LoadComplete) -> Load:
+    def answer() -> lifecycle.CardProof:
+        credit = parse(body.credit_response, "credit_response", CreditForLoadResponse.from_data)
+        return lifecycle.CardProof(tac=credit.tac)
+
     return lifecycle.prove(
-        ctx,
-        STRATEGY,
-        load_id,
-        lambda: parse(body.credit_response, "credit_response", CreditForLoadResponse.from_data),
-        lambda load, card, answer: _verify_tac(ctx, load, card, answer.tac),
-        lambda load, card, answer: _succeed(ctx, load, card, answer.tac),
-        "the card's TAC does not verify for this load",
+        ctx, STRATEGY, load_id, answer, "the card's TAC does not verify for this load"
     )
 
 
@@ -516,31 +487,18 @@ def cancel(ctx: Ctx, load_id: str, body: Cancel | None = None) -> Load:
         load_id,
         body,
         refused="only a load before any credit can be canceled",
-        release=lambda load: _return_funds(ctx, load, Status.CANCELED),
         guard=guard,
     )
 
 
 def expire(ctx: Ctx, load: Load) -> None:
     """A load order nobody brought a card for (or paid for): return any funds."""
-    if load.status == Status.REQUIRES_FUNDING:
-        move(LOAD, load, Status.EXPIRED)
-        load.updated_at = ctx.now
-    else:
-        _return_funds(ctx, load, Status.EXPIRED)
-    lifecycle.emit(ctx, STRATEGY, load, Status.EXPIRED)
+    lifecycle.expire(ctx, STRATEGY, load)
 
 
 def _initialize(text: str) -> lifecycle.Initialize:
     init = parse(text, "initialize_response", InitializeForLoadResponse.from_data)
     return lifecycle.Initialize(init.online_counter, init.balance, init.random)
-
-
-def _proof_valid(ctx: Ctx, load: Load, card: Card, proof: TransactionProof) -> bool:
-    """GET TRANSACTION PROVE's MAC2 is the one settlement issued, and its TAC verifies."""
-    return macs_equal(bytes.fromhex(load.mac2 or ""), proof.mac2) and _verify_tac(
-        ctx, load, card, proof.tac
-    )
 
 
 STRATEGY: lifecycle.Strategy[Load] = lifecycle.Strategy(
@@ -556,9 +514,11 @@ STRATEGY: lifecycle.Strategy[Load] = lifecycle.Strategy(
         Status.EXPIRED: "load.failed",
     },
     initialize=_initialize,
-    proof_valid=_proof_valid,
-    succeed=lambda ctx, load, card, proof: _succeed(ctx, load, card, proof.tac),
-    # looked up when called, so the module's _release is the one that runs
-    release=lambda ctx, load, card, reason: _release(ctx, load, card, reason),
+    verify=_proves,
+    close=_return_funds,
+    transfer=_credit,
+    keeps_on_decline=_payer_funded,
+    releases_unlinked=True,
     unproven_needs_proof=True,
+    after_success=_refund_succeeded,
 )

@@ -17,7 +17,7 @@ refunds whose load is not in flight — none — and the ledger check proves it
 (:func:`open_refund_problems`).
 
 Lock order: the payment row before any ledger account (as :func:`create`), so failing a
-refund inside another load's completion (``loads._succeed``) releases before it posts.
+refund inside another load's completion (``lifecycle.succeed``) releases before it posts.
 """
 
 from __future__ import annotations
