@@ -49,7 +49,7 @@ from tests.settlement.support import (
     make_world,
     seed_float,
 )
-from webpurse.settlement import ledger, loads
+from webpurse.settlement import ledger, load_orders
 from webpurse.settlement.auth import MERCHANT, Principal
 from webpurse.settlement.clearing import (
     CHINA_STANDARD_TIME,
@@ -398,7 +398,7 @@ def _stale_load_orders(server: LiveServer, merchant_id: str, n: int, at: dt.date
     with server.factory() as session, session.begin():
         ctx = Ctx(session, server.security, at, principal)
         for i in range(n):
-            loads.create_order(
+            load_orders.create_order(
                 ctx,
                 amount=1,
                 currency="CNY",

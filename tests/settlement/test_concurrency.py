@@ -29,6 +29,7 @@ from tests.settlement.support import (
 from webpurse.settlement import ledger, loads, payments, registry
 from webpurse.settlement.auth import MERCHANT, Principal
 from webpurse.settlement.errors import SettlementError as Refusal
+from webpurse.settlement.lifecycle import proof as lifecycle_proof
 from webpurse.settlement.models import Card, Load, Merchant, Payment
 from webpurse.settlement.schemas import LoadComplete, PurchaseCapture, Resolve
 from webpurse.settlement.service import Ctx
@@ -135,7 +136,6 @@ Call = Callable[[Ctx], str]
 def _race(
     world: World,
     monkeypatch: pytest.MonkeyPatch,
-    releaser: Any,
     resolve: tuple[str, Call],
     capture: tuple[str, Call],
 ) -> dict[str, Any]:
@@ -150,7 +150,7 @@ def _race(
     a_before_card = threading.Event()
     b_releasing = threading.Event()
     real_lock_card_id = registry.lock_card_id
-    real_release = releaser._release
+    real_release = lifecycle_proof.release  # the step that releases a disproved row
 
     def lock_card_id(session: Any, card_id: str) -> Any:
         if threading.current_thread().name == "shop-a":
@@ -158,13 +158,13 @@ def _race(
             assert b_releasing.wait(timeout=30), "shop B never reached the release"
         return real_lock_card_id(session, card_id)
 
-    def release(ctx: Any, row: Any, card_row: Any, reason: str) -> None:
+    def release(ctx: Any, strategy: Any, row: Any, card_row: Any, reason: str) -> None:
         if threading.current_thread().name == "shop-b":
             b_releasing.set()
-        real_release(ctx, row, card_row, reason)
+        real_release(ctx, strategy, row, card_row, reason)
 
     monkeypatch.setattr(registry, "lock_card_id", lock_card_id)
-    monkeypatch.setattr(releaser, "_release", release)
+    monkeypatch.setattr(lifecycle_proof, "release", release)
     outcomes: dict[str, Any] = {}
 
     def run(side: str, terminal_id: str, call: Call, after: threading.Event | None) -> None:
@@ -213,7 +213,6 @@ def test_resolving_an_uncertain_payment_while_its_successor_is_captured_does_not
     outcomes = _race(
         world,
         monkeypatch,
-        payments,
         (world.terminal_id, lambda ctx: payments.resolve(ctx, stale["id"], resolve_body).status),
         (
             world.other_terminal_id,
@@ -264,7 +263,6 @@ def test_resolving_an_uncertain_load_while_its_successor_completes_does_not_dead
     outcomes = _race(
         world,
         monkeypatch,
-        loads,
         (world.terminal_id, lambda ctx: loads.resolve(ctx, stale["id"], resolve_body).status),
         (
             world.other_terminal_id,

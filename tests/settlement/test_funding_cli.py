@@ -16,7 +16,7 @@ from webpurse.settlement import ledger
 from webpurse.settlement.auth import MERCHANT, Principal
 from webpurse.settlement.db import make_engine, make_session_factory
 from webpurse.settlement.funding import FundingPolicy
-from webpurse.settlement.loads import create_transfer_order
+from webpurse.settlement.load_orders import create_transfer_order
 from webpurse.settlement.models import Load
 from webpurse.settlement.service import Ctx
 

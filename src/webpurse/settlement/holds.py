@@ -40,7 +40,6 @@ import structlog
 from sqlalchemy import and_, or_, select
 
 from webpurse.protocol.commands import TransactionProof
-from webpurse.protocol.crypto import macs_equal
 from webpurse.protocol.records import TransactionType
 from webpurse.settlement import lifecycle, loads, payments, registry
 from webpurse.settlement.errors import conflict, not_found, verification_failed
@@ -91,7 +90,7 @@ def release_stale(ctx: Ctx, ttl: dt.timedelta) -> tuple[int, int]:
             continue
         payment: Payment = rows[0]
         payment.decline_code = HOLD_EXPIRED
-        payments._release(ctx, payment, card, f"held the card longer than {ttl}")
+        lifecycle.release(ctx, payments.STRATEGY, payment, card, f"held the card longer than {ttl}")
         registry.record_event(
             ctx.session,
             card,
@@ -137,6 +136,7 @@ def heal(ctx: Ctx, body: CardHeal) -> dict[str, Any]:
     """Settle the card's transaction at its missing counter from the card's own proof."""
     issuer = parse_issuer(body.issuer_data)
     proof = parse(body.prove_response, "prove_response", TransactionProof.from_data)
+    card_proof = lifecycle.CardProof(tac=proof.tac, mac2=proof.mac2)
     card = registry.find_card(ctx.session, issuer.card_number, lock=True)
     if card is None:
         raise not_found("card", "issuer_data")
@@ -154,10 +154,8 @@ def heal(ctx: Ctx, body: CardHeal) -> dict[str, Any]:
     else:
         candidates = _loads_at(ctx, card, lock=True)
         for load in candidates:
-            if macs_equal(bytes.fromhex(load.mac2 or ""), proof.mac2) and loads._verify_tac(
-                ctx, load, card, proof.tac
-            ):
-                loads._succeed(ctx, load, card, proof.tac)
+            if loads.STRATEGY.verify(ctx, load, card, card_proof):
+                lifecycle.succeed(ctx, loads.STRATEGY, load, card, card_proof)
                 settled = load.id
                 break
     if not candidates:
@@ -197,7 +195,9 @@ def _settle_payment(ctx: Ctx, payment: Payment, card: Card, proof: TransactionPr
     if payment.status == Status.CANCELED:
         lifecycle.hold(ctx, payment, card)  # held again: the card must still cover it
         payment.decline_code = None
-    payments._succeed(ctx, payment, card, proof.mac2, proof.tac)
+    lifecycle.succeed(
+        ctx, payments.STRATEGY, payment, card, lifecycle.CardProof(proof.tac, proof.mac2)
+    )
     # The MAC2/TAC bind the amount and counter, not the balance INITIALIZE claimed.
     card.shadow_balance = shadow - payment.amount
 
@@ -268,9 +268,9 @@ def operator_release(ctx: Ctx, object_id: str, body: HoldRelease) -> dict[str, A
         )
     reason = f"operator {ctx.principal.key_id}: {body.reason}"
     if isinstance(item, Payment):
-        payments._release(ctx, item, card, reason)
+        lifecycle.release(ctx, payments.STRATEGY, item, card, reason)
     else:
-        loads._release(ctx, item, card, reason)
+        lifecycle.release(ctx, loads.STRATEGY, item, card, reason)
     registry.record_event(
         ctx.session,
         card,

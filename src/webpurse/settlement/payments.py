@@ -31,6 +31,7 @@ from webpurse.protocol.records import (
 from webpurse.settlement import changes, hold_guards, lifecycle, quotas, registry
 from webpurse.settlement.decisions import CardRecord, Decision, PurchaseInputs, decide_purchase
 from webpurse.settlement.errors import not_found
+from webpurse.settlement.ledger import TransferSpec
 from webpurse.settlement.merchants import next_terminal_seq
 from webpurse.settlement.models import Card, Merchant, Payment
 from webpurse.settlement.schemas import (
@@ -80,14 +81,6 @@ def create(ctx: Ctx, body: PaymentCreate) -> Payment:
     return payment
 
 
-def _release(ctx: Ctx, payment: Payment, card: Card, reason: str) -> None:
-    """The card proved no debit happened: close the payment (its hold ends with its status)."""
-    assert payment.card_id is not None
-    move(PAYMENT, payment, Status.CANCELED)
-    payment.updated_at = ctx.now
-    lifecycle.released(ctx, STRATEGY, payment, card, reason)
-
-
 def decide(
     ctx: Ctx,
     record: CardRecord | None,
@@ -110,8 +103,7 @@ def decide(
 
 
 def authorise(ctx: Ctx, payment_id: str, body: PurchaseAuthorise) -> Payment:
-    payment = get_payment(ctx, payment_id, lock=True)
-    lifecycle.need_status(STRATEGY, payment, Status.REQUIRES_CARD)
+    payment = lifecycle.waiting_for_card(ctx, STRATEGY, payment_id)
     issuer = parse_issuer(body.issuer_data)
     init = parse(
         body.initialize_response, "initialize_response", InitializeForPurchaseResponse.from_data
@@ -131,15 +123,8 @@ def authorise(ctx: Ctx, payment_id: str, body: PurchaseAuthorise) -> Payment:
     if not decision.approved:
         if card is not None:
             payment.card_id = card.id
-
-        def fail() -> None:
-            assert decision.decline_code is not None
-            move(PAYMENT, payment, Status.DECLINED)
-            payment.decline_code = decision.decline_code.value
-            lifecycle.emit(ctx, STRATEGY, payment, Status.DECLINED)
-
         claimed = {"balance": init.balance, "counter": init.offline_counter}
-        lifecycle.decline(ctx, STRATEGY, payment, card, issuer.card_number, decision, claimed, fail)
+        lifecycle.decline(ctx, STRATEGY, payment, card, issuer.card_number, decision, claimed)
     assert card is not None
     date, time = lifecycle.bind(
         ctx,
@@ -188,34 +173,21 @@ def verify(ctx: Ctx, payment: Payment, card: Card, mac2: bytes, tac: bytes) -> b
     )
 
 
-def _succeed(ctx: Ctx, payment: Payment, card: Card, mac2: bytes, tac: bytes) -> None:
-    """The card proved the debit: move the shadow purse on, tell the merchant, post it.
-
-    The purchase's one ledger transfer (card → merchant) comes last so the merchant's hot
-    payable stays locked only for the transfer itself and the commit. Open payments of the
-    card at the same counter (uncertain ones it superseded, or that superseded it) are
-    released: this verified answer proves they never ran.
-    """
-    linked = payment.supersedes is not None or card.open_transaction != payment.id
-    succeeded = changes.succeeded(PAYMENT, payment.status, mac2=mac2, tac=tac, now=ctx.now)
-    lifecycle.record_proof(ctx, STRATEGY, payment, card, succeeded)
-    if linked:
-        lifecycle.release_disproved(ctx, STRATEGY, payment, card)
-    lifecycle.emit(ctx, STRATEGY, payment, Status.SUCCEEDED)
-    ctx.session.flush()
-    capture = changes.purchase_capture(payment.id, card.id, payment.merchant_id, payment.amount)
-    lifecycle.post(ctx, capture)
-    log.info("payment.succeeded", payment=payment.id)
+def _proves(ctx: Ctx, payment: Payment, card: Card, proof: lifecycle.CardProof) -> bool:
+    """A DEBIT's or GET TRANSACTION PROVE's answer: both carry the card's MAC2."""
+    return proof.mac2 is not None and verify(ctx, payment, card, proof.mac2, proof.tac)
 
 
 def capture(ctx: Ctx, payment_id: str, body: PurchaseCapture) -> Payment:
+    def answer() -> lifecycle.CardProof:
+        debit = parse(body.debit_response, "debit_response", DebitForPurchaseResponse.from_data)
+        return lifecycle.CardProof(tac=debit.tac, mac2=debit.mac2)
+
     return lifecycle.prove(
         ctx,
         STRATEGY,
         payment_id,
-        lambda: parse(body.debit_response, "debit_response", DebitForPurchaseResponse.from_data),
-        lambda payment, card, answer: verify(ctx, payment, card, answer.mac2, answer.tac),
-        lambda payment, card, answer: _succeed(ctx, payment, card, answer.mac2, answer.tac),
+        answer,
         "the card's MAC2 or TAC does not verify for this debit",
     )
 
@@ -233,10 +205,6 @@ def resolve(ctx: Ctx, payment_id: str, body: Resolve) -> Payment:
 
 
 def cancel(ctx: Ctx, payment_id: str, body: Cancel | None = None) -> Payment:
-    def release(payment: Payment) -> None:  # nothing is held before authorisation
-        move(PAYMENT, payment, Status.CANCELED)
-        payment.updated_at = ctx.now
-
     return lifecycle.cancel(
         ctx,
         STRATEGY,
@@ -244,15 +212,23 @@ def cancel(ctx: Ctx, payment_id: str, body: Cancel | None = None) -> Payment:
         body,
         refused="only a payment before any debit can be canceled"
         " (an authorised one is resolved with the card's proof)",
-        release=release,
     )
 
 
 def expire(ctx: Ctx, payment: Payment) -> None:
     """A payment nobody brought a card for: nothing was held."""
-    move(PAYMENT, payment, Status.EXPIRED)
+    lifecycle.expire(ctx, STRATEGY, payment)
+
+
+def _close(ctx: Ctx, payment: Payment, status: Status) -> None:
+    """The payment ends without a debit: its hold (its status) ends with it."""
+    move(PAYMENT, payment, status)
     payment.updated_at = ctx.now
-    lifecycle.emit(ctx, STRATEGY, payment, Status.EXPIRED)
+
+
+def _capture(payment: Payment, card: Card) -> TransferSpec:
+    """The purchase's one ledger transfer: card → merchant, at capture."""
+    return changes.purchase_capture(payment.id, card.id, payment.merchant_id, payment.amount)
 
 
 def _initialize(text: str) -> lifecycle.Initialize:
@@ -273,9 +249,10 @@ STRATEGY: lifecycle.Strategy[Payment] = lifecycle.Strategy(
         Status.EXPIRED: "payment.expired",
     },
     initialize=_initialize,
-    proof_valid=lambda ctx, payment, card, proof: verify(ctx, payment, card, proof.mac2, proof.tac),
-    succeed=lambda ctx, payment, card, proof: _succeed(ctx, payment, card, proof.mac2, proof.tac),
-    # looked up when called, so the module's _release is the one that runs
-    release=lambda ctx, payment, card, reason: _release(ctx, payment, card, reason),
+    verify=_proves,
+    close=_close,
+    transfer=_capture,
+    keeps_on_decline=lambda payment: False,
+    releases_unlinked=False,
     unproven_needs_proof=False,
 )

@@ -17,7 +17,7 @@ refunds whose load is not in flight — none — and the ledger check proves it
 (:func:`open_refund_problems`).
 
 Lock order: the payment row before any ledger account (as :func:`create`), so failing a
-refund inside another load's completion (``loads._succeed``) releases before it posts.
+refund inside another load's completion (``lifecycle.succeed``) releases before it posts.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from __future__ import annotations
 import structlog
 from sqlalchemy.orm import Session
 
-from webpurse.settlement import events, ledger, loads, refund_checks
+from webpurse.settlement import events, ledger, load_orders, refund_checks
 from webpurse.settlement.errors import Unprocessable, conflict, ledger_refused
 from webpurse.settlement.ledger import LedgerError, TransferSpec
 from webpurse.settlement.models import Payment, Refund
@@ -75,7 +75,7 @@ def create(ctx: Ctx, body: RefundCreate) -> Refund:
     try:
         # The reserve and the load's hold in one posting: every account locked at once, in
         # sorted order, as a failing refund's return does (no lock cycle between them).
-        load = loads.create_order(
+        load = load_orders.create_order(
             ctx,
             amount=amount,
             currency=payment.currency,

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import or_, select
 
-from webpurse.settlement import loads
+from webpurse.settlement import load_orders, loads
 from webpurse.settlement.auth import AnyPrincipal
 from webpurse.settlement.deps import PROBLEMS, SessionDep, WriteDep, make_ctx
 from webpurse.settlement.funding import FundingPolicy
@@ -42,7 +42,7 @@ def create_load(body: LoadCreate, principal: AnyPrincipal, write: WriteDep) -> J
     """
     policy = FundingPolicy.from_settings(write.request.app.state.settlement.settings)
     return write.once(
-        principal, body, lambda ctx: load_json(loads.create(ctx, body, policy)), status=201
+        principal, body, lambda ctx: load_json(load_orders.create(ctx, body, policy)), status=201
     )
 
 
