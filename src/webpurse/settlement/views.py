@@ -14,6 +14,7 @@ from typing import Any
 from webpurse.protocol.commands import CreditForLoad, DebitForPurchase
 from webpurse.protocol.records import decode_bcd_date, decode_bcd_time
 from webpurse.settlement.models import Load, Payment, Refund
+from webpurse.settlement.transactions import Status
 
 
 def _debit(seq: int, date: str, time: str, mac1: str) -> DebitForPurchase:
@@ -159,13 +160,13 @@ def _pinned(step: str, at: dt.datetime) -> dict[str, Any]:
     """The members of a payment's JSON a later step changes, as they were after ``step``."""
     later: dict[str, Any] = {"decline_code": None, "amount_refunded": 0}
     if step == "create":
-        status = "requires_card"
+        status = Status.REQUIRES_CARD.value
         later |= {"card_number": None, "tac": None, "authorisation": None}
     elif step == "authorise":
-        status = "authorised"
+        status = Status.AUTHORISED.value
         later["tac"] = None
     elif step == "capture":
-        status = "succeeded"
+        status = Status.SUCCEEDED.value
     else:
         raise ValueError(f"no as-of rendering for the step {step!r}")
     return {"status": status, **later, "updated_at": _iso(at)}
