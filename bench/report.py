@@ -41,7 +41,11 @@ NOTES = {
         "purchases/s ÷ tpcb-like TPS of the same run; CPU per purchase as in the settlement "
         "benchmark (server: its process tree; PostgreSQL: background processes and that "
         "revision's database's backends); `load` = the machine's 1-minute load average at "
-        "the end of the window. See `bench/versions.py`."
+        "the end of the window. The 512 shoppers move in step (each batch carries them all), "
+        "so purchases/s comes in steps of 512 ÷ the window (34/s at 15 s). Each window starts "
+        "with its database `ANALYZE`d: without that (autovacuum off), a run on 2026-12-06 saw "
+        "windows collapse to 239–341/s at 2–3.5 ms of PostgreSQL CPU per purchase, for either "
+        "revision, as the earlier windows' rows piled up. See `bench/versions.py`."
     ),
     "security": (
         "One Python process; the same master keys in both modules (the token's imported as "

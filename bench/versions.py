@@ -16,8 +16,9 @@ merchant's ``BatchingSettlementClient``, the card emulator) is this checkout's f
 Then the windows: :data:`SHOPPERS` batched shoppers for the benchmark's usual window
 (``bench.settlement.measure_window``: server and PostgreSQL CPU per purchase), revisions in
 the given order in odd rounds and reversed in even ones (A B, B A, A B, B A), so a drift of
-the machine shows as a drift, not as a difference between versions. All servers stay up
-for the whole run; only the measured one has shoppers.
+the machine shows as a drift, not as a difference between versions. Each window starts
+with the revision's database ``ANALYZE``d (autovacuum is off on this machine kind). All
+servers stay up for the whole run; only the measured one has shoppers.
 """
 
 from __future__ import annotations
@@ -264,6 +265,10 @@ async def _run(ctx: Context, pg: PgServer, revisions: list[Revision]) -> list[Me
         for number, index in order:
             version = versions[index]
             revision = version.revision
+            # Autovacuum is off here: without it the planner would judge every window by
+            # the statistics of the database as loaded, before any earlier window's
+            # purchases (tens of thousands of rows). Each window starts freshly analysed.
+            lean.analyze(pg, version.environment.database)
             window = await measure_window(
                 version.server.url,
                 version.merchant.api_key,
