@@ -1,8 +1,10 @@
-"""``python -m bench [NAME ...] [--quick]``: run benchmarks, record them, rewrite the report.
+"""``python -m bench [NAME ...] [--quick] [--rev REV ...]``: run benchmarks, record them,
+rewrite the report.
 
 With no name every benchmark runs, in the order below (``settlement`` runs ``pgbench``
 itself, side by side, so the ratio is from one run; so does ``processes``, settlement
-with 1, 2 and 4 server processes). Results are appended to
+with 1, 2 and 4 server processes; ``versions`` runs only when git revisions are given,
+each revision's settlement server side by side in one run). Results are appended to
 ``bench/results.json``; ``docs/performance.md`` and ``docs/img/*.png`` are regenerated
 from that file (``--report-only`` does just that).
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import importlib
+import os
 import sys
 import tempfile
 import time
@@ -44,9 +47,13 @@ BENCHMARKS: dict[str, str] = {
     "pn532": "bench.pn532",
     "security": "bench.security",
     "rtt": "bench.rtt",
+    "versions": "bench.versions",
 }
 # What a bare ``python -m bench`` runs (``settlement`` includes its own pgbench runs).
 DEFAULT = ["micro", "security", "settlement", "processes", "latency", "scale", "pn532", "rtt"]
+# ``versions`` compares git revisions of settlement side by side; it runs when revisions
+# are given (``--rev`` twice or more, or ``WEBPURSE_BENCH_REVS="78c29b5 HEAD"``).
+REVISIONS_ENV = "WEBPURSE_BENCH_REVS"
 
 
 def _run_one(name: str, ctx: Context) -> list[Measurement]:
@@ -76,7 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short windows (smoke test)")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report")
     parser.add_argument("--no-save", action="store_true", help="do not append to results.json")
+    parser.add_argument(
+        "--rev",
+        action="append",
+        dest="revisions",
+        metavar="REV",
+        help=f"a git revision for `versions` (repeat: before, after; default ${REVISIONS_ENV})",
+    )
     args = parser.parse_args(argv)
+    revisions: list[str] = args.revisions or os.environ.get(REVISIONS_ENV, "").split()
     console = Console()
 
     from bench import report
@@ -86,7 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"wrote {report.REPORT_FILE}")
         return 0
 
-    names = list(args.names) or DEFAULT
+    names = list(args.names) or ([*DEFAULT, "versions"] if revisions else DEFAULT)
+    if "versions" in names and len(revisions) < 2:
+        parser.error(
+            f"versions compares two or more revisions: --rev A --rev B (or ${REVISIONS_ENV})"
+        )
     lock = _single_run_lock()
     if lock is None:
         console.print("another `python -m bench` is running (it owns the bench databases)")
@@ -94,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     run = Run.start(names)
     started = time.perf_counter()
     with make_progress(console) as progress:
-        ctx = Context(console, progress, quick=args.quick)
+        ctx = Context(console, progress, quick=args.quick, revisions=revisions)
         for name in names:
             rows = _run_one(name, ctx)
             run.measurements.extend(rows)

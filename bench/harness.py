@@ -338,12 +338,21 @@ def latest_by_benchmark(runs: Sequence[Run]) -> dict[str, tuple[Run, list[Measur
 
 
 class Context:
-    """What a benchmark gets: a console, Rich progress, and the ``quick`` switch."""
+    """What a benchmark gets: a console, Rich progress, the ``quick`` switch, and the git
+    revisions to compare (``--rev``; only the ``versions`` benchmark reads them)."""
 
-    def __init__(self, console: Console, progress: Progress, *, quick: bool = False) -> None:
+    def __init__(
+        self,
+        console: Console,
+        progress: Progress,
+        *,
+        quick: bool = False,
+        revisions: Sequence[str] = (),
+    ) -> None:
         self.console = console
         self.progress = progress
         self.quick = quick
+        self.revisions = tuple(revisions)
 
     @contextmanager
     def task(self, description: str, total: float | None = None) -> Iterator[Callable[..., None]]:

@@ -26,9 +26,27 @@ TITLES = {
     "pn532": "A purchase over a PN532 serial line: bytes on the wire, 115200 baud, the pty",
     "security": "Security module: software vs PKCS#11 token (SoftHSM2)",
     "rtt": "Purchase latency against the internet's round trip (delaying proxy)",
+    "versions": "Settlement code versions side by side (before → after, interleaved)",
 }
 
 NOTES = {
+    "versions": (
+        "`python -m bench versions --rev BEFORE --rev AFTER` (or `WEBPURSE_BENCH_REVS`): "
+        "pgbench tpcb-like and the lean purchase SQL at 8 clients once, then each revision's "
+        "own settlement (a git worktree of it run with this venv, its own database migrated "
+        "by its own Alembic scripts, its cards registered by its code, `webpurse serve "
+        "settlement` with 2 workers), 512 batched shoppers per window, the revisions in the "
+        "given order in odd rounds and reversed in even ones (A B, B A, …), so the machine's "
+        "drift shows as a drift rather than as a difference between versions. `ratio` = "
+        "purchases/s ÷ tpcb-like TPS of the same run; CPU per purchase as in the settlement "
+        "benchmark (server: its process tree; PostgreSQL: background processes and that "
+        "revision's database's backends); `load` = the machine's 1-minute load average at "
+        "the end of the window. The 512 shoppers move in step (each batch carries them all), "
+        "so purchases/s comes in steps of 512 ÷ the window (34/s at 15 s). Each window starts "
+        "with its database `ANALYZE`d: without that (autovacuum off), a run on 2026-12-06 saw "
+        "windows collapse to 239–341/s at 2–3.5 ms of PostgreSQL CPU per purchase, for either "
+        "revision, as the earlier windows' rows piled up. See `bench/versions.py`."
+    ),
     "security": (
         "One Python process; the same master keys in both modules (the token's imported as "
         "by `webpurse settlement migrate-keys-to-token`). `MACs/s`: `purchase_mac1` through "
@@ -143,7 +161,9 @@ in one run on one machine. A row without a number says why it was not measured.
 Run one benchmark with `python -m bench micro` (names: {names}); `--quick` is a smoke
 test that saves nothing. Needs PostgreSQL at 127.0.0.1:5432 (`scripts/services.sh`; set
 `WEBPURSE_BENCH_PG_HOST/PORT/USER` otherwise) and Debian's `pgbench`; it creates and drops
-its own databases (`webpurse_bench`, `webpurse_bench_settlement`, `webpurse_bench_latency`).
+its own databases (`webpurse_bench`, `webpurse_bench_settlement`, `webpurse_bench_latency`,
+`webpurse_bench_version_*`). `python -m bench versions --rev A --rev B` compares git revisions
+of settlement in one run (not part of the default set).
 py-spy (dev extra) profiles the settlement server; the PC/SC latency row needs pyscard,
 pcscd with vsmartcard-vpcd and a free vpcd slot. A missing part gives a "not measured yet"
 row with the reason, never a number.
@@ -419,7 +439,11 @@ def render(runs: Sequence[Run], *, plots: bool = True) -> str:
             if side:
                 parts.append(side)
         plain = [r for r in rows if not r.metric.startswith("profile")]
-        parts.append(table(plain) + "\n")
+        if name == "versions" and any(r.params.get("round") for r in rows):
+            parts.append(versions_tables(rows))
+            parts.append(f"<details><summary>Every row</summary>\n\n{table(plain)}\n\n</details>\n")
+        else:
+            parts.append(table(plain) + "\n")
         profile = [r for r in rows if r.metric.startswith("profile")]
         if profile:
             parts.append(profile_tables(profile))
@@ -480,6 +504,100 @@ def limits_table(rows: Sequence[Measurement]) -> str:
         server = " · ".join(shown(m, clients) for m in LIMIT_SERVER_CPU)
         lines.append(f"| {clients:g} | " + " | ".join(rates) + f" | {database} | {server} |")
     return "\n".join(lines) + "\n"
+
+
+# The versions table: (column title, metric) per window.
+VERSION_COLUMNS = (
+    ("purchases/s", "settlement purchases/s (batched)"),
+    ("ratio to tpcb-like", "ratio batched/pgbench best"),
+    ("server CPU ms/purchase", "server CPU per purchase (batched)"),
+    ("PostgreSQL CPU ms/purchase", "PostgreSQL CPU per purchase (batched)"),
+    ("p50 ms", "purchase latency p50 (batched)"),
+    ("load", "load average (1 min)"),
+)
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def versions_tables(rows: Sequence[Measurement]) -> str:
+    """The versions run: the limits once, each window (round, revision) in measuring order,
+    then each revision's median over its windows and its change against the first."""
+
+    def value(metric: str, **wanted: object) -> float | None:
+        for row in rows:
+            if row.metric == metric and all(row.params.get(k) == v for k, v in wanted.items()):
+                return row.value
+        return None
+
+    tpcb = value("pgbench tps")
+    tpcb_cpu = value("pgbench PostgreSQL CPU per transaction")
+    lean_rate = value("lean purchase SQL purchases/s")
+    lean_ratio = value("ratio lean SQL/pgbench")
+    lean_cpu = value("lean purchase SQL PostgreSQL CPU per purchase")
+    clients = next((r.params.get("clients") for r in rows if r.metric == "pgbench tps"), "?")
+    parts = [
+        f"Limits, once at the start ({clients} clients): tpcb-like {format_value(tpcb)} TPS, "
+        f"PostgreSQL CPU {format_value(tpcb_cpu)} ms per transaction; lean purchase SQL "
+        f"{format_value(lean_rate)} purchases/s ({format_value(lean_ratio)} × tpcb-like), "
+        f"PostgreSQL CPU {format_value(lean_cpu)} ms per purchase.\n"
+    ]
+    legend = [r for r in rows if r.metric == "revision"]
+    if legend:
+        parts.append(
+            "Revisions, in the given order: "
+            + "; ".join(
+                f"`{r.params.get('rev')}` ({r.params.get('given')}): {r.note}" for r in legend
+            )
+            + ".\n"
+        )
+    windows = [
+        (r.params["round"], str(r.params.get("rev")))
+        for r in rows
+        if r.metric == VERSION_COLUMNS[0][1] and "round" in r.params
+    ]
+    titles = [title for title, _ in VERSION_COLUMNS]
+    lines = [
+        "| round | rev | " + " | ".join(titles) + " |",
+        "|---:|---|" + "---:|" * len(titles),
+    ]
+    for number, rev in windows:
+        cells = [
+            format_value(value(metric, round=number, rev=rev)) for _, metric in VERSION_COLUMNS
+        ]
+        lines.append(f"| {number} | `{rev}` | " + " | ".join(cells) + " |")
+    parts.append("\n".join(lines) + "\n")
+    revs = list(dict.fromkeys(rev for _, rev in windows))
+    medians: dict[str, list[float | None]] = {}
+    for rev in revs:
+        medians[rev] = []
+        for _, metric in VERSION_COLUMNS[:4]:
+            found = [
+                r.value
+                for r in rows
+                if r.metric == metric and r.params.get("rev") == rev and r.value is not None
+            ]
+            medians[rev].append(_median(found) if found else None)
+    first = medians[revs[0]] if revs else []
+    summary_lines = [
+        "Per revision, the median of its windows (change against the first revision):\n",
+        "| rev | windows | " + " | ".join(t for t, _ in VERSION_COLUMNS[:4]) + " |",
+        "|---|---:|" + "---:|" * 4,
+    ]
+    for rev in revs:
+        count = sum(1 for _, r in windows if r == rev)
+        cells = []
+        for mine, base in zip(medians[rev], first, strict=True):
+            text = format_value(mine)
+            if rev != revs[0] and mine is not None and base:
+                text += f" ({100 * (mine - base) / base:+.0f} %)"
+            cells.append(text)
+        summary_lines.append(f"| `{rev}` | {count} | " + " | ".join(cells) + " |")
+    parts.append("\n".join(summary_lines) + "\n")
+    return "\n".join(parts)
 
 
 SUMMARY_ROWS: tuple[tuple[str, str, dict[str, str | int | float | bool]], ...] = (

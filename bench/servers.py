@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import secrets
 import shutil
@@ -28,6 +27,7 @@ import httpx
 
 from bench.cards import APDUS
 from bench.harness import ROOT
+from bench.issue_cards import issue_card_states
 from bench.pgbench import PgServer, create_database, drop_database
 from webpurse.card import CardApplet, CardState, MemoryStore
 from webpurse.merchant.settlement import Kind, SettlementClient
@@ -128,26 +128,7 @@ class SettlementEnvironment:
 
     def issue_card_states(self, count: int) -> list[CardState]:
         """Personalise and register ``count`` cards (what ``settlement card issue`` does)."""
-        from webpurse.settlement.db import make_engine, make_session_factory
-        from webpurse.settlement.logs import configure_logging
-        from webpurse.settlement.registry import issue_card
-        from webpurse.settlement.security import SoftwareSecurityModule
-        from webpurse.settlement.settings import Settings
-
-        configure_logging(logging.WARNING)  # not one line per card issued
-        settings = Settings.from_env(self.env())
-        engine = make_engine(settings.database_url)
-        try:
-            factory = make_session_factory(engine)
-            security = SoftwareSecurityModule.from_settings(settings, factory)
-            states = []
-            with factory() as session, session.begin():
-                for _ in range(count):
-                    _, state = issue_card(session, security, settings.clock())
-                    states.append(state)
-            return states
-        finally:
-            engine.dispose()
+        return issue_card_states(self.env(), count)
 
     def drop(self) -> None:
         drop_database(self.pg, self.database)

@@ -170,11 +170,13 @@ async def measure_window(
     server: CpuMeter,
     *,
     batching: bool = False,
+    database: str = DATABASE,
 ) -> WindowResult:
     """One warm-up purchase per client, then ``seconds`` of purchases by every client.
 
     With ``batching`` the clients are shoppers of one merchant server whose settlement
     client coalesces their concurrent calls into ``POST /v1/batch`` (group commit).
+    ``database`` is the server's: PostgreSQL's CPU counts that database's backends.
     """
     async with http_client(url) as http:
         settlement = (
@@ -188,7 +190,7 @@ async def measure_window(
         )
         stats = [ClientStats() for _ in cards]
         cpu_before, server_before = time.process_time(), server.cpu_seconds()
-        database_before = postgres_cpu_seconds(DATABASE)
+        database_before = postgres_cpu_seconds(database)
         batches_before, items_before = _batch_counts(settlement)
         started = time.perf_counter()
         until = started + seconds
@@ -207,7 +209,7 @@ async def measure_window(
             client_cpu_seconds=time.process_time() - cpu_before,
             server_cpu_seconds=server.cpu_seconds() - server_before,
             errors=[e for s in stats for e in s.errors],
-            database_cpu_seconds=_difference(postgres_cpu_seconds(DATABASE), database_before),
+            database_cpu_seconds=_difference(postgres_cpu_seconds(database), database_before),
             batching=batching,
             batches=_batch_counts(settlement)[0] - batches_before,
             batched_items=_batch_counts(settlement)[1] - items_before,
