@@ -225,11 +225,14 @@ def test_three_processes_sweep_once_per_tick_and_deliver_each_webhook_once(
             old.kill()
             old_ticks = old.ticks()
             survivors = {node.pid() for node in followers}
+
             # The dead leader's backend may linger in pg_locks for a moment after its exit.
-            wait_until(
-                lambda: len(live.leaders()) == 1 and live.leaders()[0] in survivors,
-                "a new sweep leader",
-            )
+            # One read of the leaders per poll: two reads could see the lock change hands.
+            def a_survivor_leads() -> bool:
+                leaders = live.leaders()
+                return len(leaders) == 1 and leaders[0] in survivors
+
+            wait_until(a_survivor_leads, "a new sweep leader")
             (successor,) = live.leaders()
             new = next(node for node in followers if node.pid() == successor)
             wait_until(lambda: len(new.ticks()) >= 3, "the new leader's sweep ticks")
