@@ -149,3 +149,32 @@ async def test_loads_and_reads_do_not_go_through_batches() -> None:
         )
         await client.get(Kind.PAYMENT, "pay_1")
     assert seen == ["POST /v1/loads", "GET /v1/payments/pay_1"]
+
+
+async def test_callers_ready_together_go_in_one_batch_even_with_room_in_flight() -> None:
+    # Ten shoppers whose calls become ready in the same turn of the event loop (as when a
+    # batch comes back and wakes them all) must travel together: a free in-flight slot is
+    # no reason to send the first of them alone and the rest after it.
+    sizes: list[int] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        items = json.loads(request.content)["requests"]
+        sizes.append(len(items))
+        body = {"id": "pay_1", "status": "requires_card", "amount": 100}
+        return httpx.Response(
+            200,
+            json={
+                "object": "batch",
+                "responses": [{"status": 201, "body": body, "replayed": False}] * len(items),
+            },
+        )
+
+    async with _failing(httpx.MockTransport(answer)) as http:
+        client = BatchingSettlementClient(http, "sk_mer_x", max_in_flight=2)
+        await asyncio.gather(
+            *(
+                client.create(Kind.PAYMENT, 100, description="tea", reference=f"o{i}")
+                for i in range(10)
+            )
+        )
+    assert sizes == [10]

@@ -521,7 +521,9 @@ class BatchingSettlementClient(SettlementClient):
     Group commit from the merchant's side (docs/settlement-api.md "Batches"): a payment
     POST made while ``max_in_flight`` batches are already on their way waits in a queue;
     as soon as one comes back, everything queued (up to ``max_batch``) goes as the next
-    ``POST /v1/batch``. Nothing waits on a timer: with one shopper at the till a batch
+    ``POST /v1/batch``; calls that become ready in the same turn of the event loop (the
+    shoppers a returning batch wakes) queue together first, so a free slot does not send
+    the first of them alone. Nothing waits on a timer: with one shopper at the till a batch
     holds one item and costs what the single call costs; with hundreds, one commit carries
     hundreds of them. Each item keeps its own idempotency key, so a batch resent after a
     broken connection replays what settlement already did. Callers see exactly the answers
@@ -543,6 +545,7 @@ class BatchingSettlementClient(SettlementClient):
         self._max_in_flight = max_in_flight
         self._queue: list[tuple[dict[str, Any], asyncio.Future[tuple[int, dict[str, Any]]]]] = []
         self._in_flight = 0
+        self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.batches_sent = 0
         self.items_sent = 0
@@ -557,10 +560,15 @@ class BatchingSettlementClient(SettlementClient):
             asyncio.get_running_loop().create_future()
         )
         self._queue.append((item, future))
-        self._pump()
+        if not self._scheduled:
+            # Let every caller that is ready this turn of the loop queue first, so that
+            # a batch coming back is followed by one batch, not by one of one item.
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._pump)
         return await future
 
     def _pump(self) -> None:
+        self._scheduled = False
         while self._queue and self._in_flight < self._max_in_flight:
             taken = self._queue[: self._max_batch]
             del self._queue[: self._max_batch]
