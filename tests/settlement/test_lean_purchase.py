@@ -18,6 +18,7 @@ import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy import select
 
 from tests.settlement.support import World, ok
@@ -424,3 +425,42 @@ def test_a_purchase_is_listed_before_the_release_its_capture_caused(world: World
     kinds = [(e["kind"], e["detail"].get("payment")) for e in events]
     assert kinds[-2:] == [("purchase", theirs["id"]), ("purchase_released", stale["id"])]
     assert events[-1]["created_at"] == events[-2]["created_at"]
+
+
+def test_listing_events_takes_the_same_queries_for_two_events_as_for_eight(world: World) -> None:
+    # GET /v1/events renders each body-less event from its payment: one query per page,
+    # not one per event (and one for all the events' deliveries).
+    hook = world.client.post(
+        "/v1/webhook_endpoints",
+        json={"url": "https://hooks.example.invalid/in", "events": ["payment.succeeded"]},
+        headers=world.auth(world.merchant_key),
+    )
+    assert hook.status_code == 201, hook.text
+    engine = world.factory.kw["bind"]
+    statements: list[str] = []
+
+    def count(*args: Any) -> None:
+        statements.append(str(args[2]))
+
+    def listed() -> tuple[int, list[dict[str, Any]]]:
+        statements.clear()
+        sqlalchemy_event.listen(engine, "before_cursor_execute", count)
+        try:
+            shown = world.client.get(
+                "/v1/events?limit=100&type=payment.succeeded",
+                headers=world.auth(world.merchant_key),
+            )
+        finally:
+            sqlalchemy_event.remove(engine, "before_cursor_execute", count)
+        assert shown.status_code == 200, shown.text
+        return len(statements), shown.json()["data"]
+
+    answers = [world.terminal.purchase(world.funded_card(1_000), 10) for _ in range(2)]
+    few, first = listed()
+    answers += [world.terminal.purchase(world.funded_card(1_000), 10) for _ in range(6)]
+    many, shown = listed()
+    assert len(first) == 2 and len(shown) == 8
+    assert many == few
+    succeeded = {e["data"]["object"]["id"]: e["data"]["object"] for e in shown}
+    assert {a["id"] for a in answers} == set(succeeded)
+    assert all(len(e["deliveries"]) == 1 for e in shown)

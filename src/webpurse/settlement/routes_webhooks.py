@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from webpurse.settlement.auth import MerchantPrincipal
 from webpurse.settlement.db import for_update
-from webpurse.settlement.models import Merchant
+from webpurse.settlement.models import Merchant, Payment
 from webpurse.settlement.problems import PROBLEM_JSON, ApiError, bad_request, not_found
 from webpurse.settlement.security import resolve_kek
 from webpurse.settlement.sessions import get_session
@@ -206,23 +206,24 @@ def _own_event(session: Session, merchant_id: str, event_id: str) -> WebhookEven
     return row
 
 
-def _event_out(session: Session, event: WebhookEvent, *, with_log: bool) -> EventOut:
-    deliveries: list[DeliveryOut] = []
+def _deliveries(
+    session: Session, event_ids: Sequence[str], *, with_log: bool
+) -> dict[str, list[DeliveryOut]]:
+    """Each event's deliveries, for any number of events in one query (two with the log)."""
     rows = session.execute(
         select(WebhookMessage, WebhookEndpoint)
         .join(WebhookEndpoint, WebhookEndpoint.id == WebhookMessage.endpoint_id)
-        .where(WebhookMessage.event_id == event.id)
-        .order_by(WebhookMessage.endpoint_id)
+        .where(WebhookMessage.event_id.in_(event_ids))
+        .order_by(WebhookMessage.event_id, WebhookMessage.endpoint_id)
     ).all()
-    for message, endpoint in rows:
-        log: list[AttemptOut] | None = None
-        if with_log:
-            attempts = session.scalars(
-                select(WebhookAttempt)
-                .where(WebhookAttempt.message_id == message.id)
-                .order_by(WebhookAttempt.id)
-            ).all()
-            log = [
+    logs: dict[str, list[AttemptOut]] = {}
+    if with_log and rows:
+        for a in session.scalars(
+            select(WebhookAttempt)
+            .where(WebhookAttempt.message_id.in_([message.id for message, _ in rows]))
+            .order_by(WebhookAttempt.id)
+        ):
+            logs.setdefault(a.message_id, []).append(
                 AttemptOut(
                     attempted_at=a.attempted_at,
                     status_code=a.status_code,
@@ -230,9 +231,10 @@ def _event_out(session: Session, event: WebhookEvent, *, with_log: bool) -> Even
                     duration_ms=a.duration_ms,
                     succeeded=a.succeeded,
                 )
-                for a in attempts
-            ]
-        deliveries.append(
+            )
+    deliveries: dict[str, list[DeliveryOut]] = {event_id: [] for event_id in event_ids}
+    for message, endpoint in rows:
+        deliveries[message.event_id].append(
             DeliveryOut(
                 endpoint=endpoint.id,
                 url=endpoint.url if endpoint.deleted_at is None else None,
@@ -242,17 +244,42 @@ def _event_out(session: Session, event: WebhookEvent, *, with_log: bool) -> Even
                 last_status_code=message.last_status_code,
                 last_error=message.last_error,
                 delivered_at=message.delivered_at,
-                log=log,
+                log=logs.get(message.id, []) if with_log else None,
             )
         )
-    body = json.loads(event_bytes(session, event))
-    return EventOut(
-        id=event.id,
-        type=event.type,
-        created_at=event.created_at,
-        data=body["data"],
-        deliveries=deliveries,
-    )
+    return deliveries
+
+
+def _events_out(
+    session: Session, events: Sequence[WebhookEvent], *, with_log: bool
+) -> list[EventOut]:
+    """The events as the API shows them, in a constant number of queries however many.
+
+    The payments that body-less events render from (``event_bytes``) are loaded at once
+    first, so rendering finds each in the session instead of querying one by one.
+    """
+    named = [event.object_id for event in events if event.body is None and event.object_id]
+    # Held here: the session's identity map keeps only weak references.
+    payments = session.scalars(select(Payment).where(Payment.id.in_(named))).all() if named else []
+    deliveries = _deliveries(session, [event.id for event in events], with_log=with_log)
+    shown: list[EventOut] = []
+    for event in events:
+        body = json.loads(event_bytes(session, event))
+        shown.append(
+            EventOut(
+                id=event.id,
+                type=event.type,
+                created_at=event.created_at,
+                data=body["data"],
+                deliveries=deliveries[event.id],
+            )
+        )
+    del payments
+    return shown
+
+
+def _event_out(session: Session, event: WebhookEvent, *, with_log: bool) -> EventOut:
+    return _events_out(session, [event], with_log=with_log)[0]
 
 
 def _refuse_private_target(url: str) -> None:
@@ -401,7 +428,7 @@ def list_events(
         query.order_by(WebhookEvent.created_at.desc(), WebhookEvent.id.desc()).limit(limit + 1)
     ).all()
     return EventList(
-        data=[_event_out(session, r, with_log=False) for r in rows[:limit]],
+        data=_events_out(session, rows[:limit], with_log=False),
         has_more=len(rows) > limit,
     )
 
