@@ -554,8 +554,22 @@ def versions_tables(rows: Sequence[Measurement]) -> str:
             )
             + ".\n"
         )
+
+    def flight(row: Measurement) -> object:
+        return row.params.get("in flight", 1)
+
+    def label(rev: str, in_flight: object) -> str:
+        return f"`{rev}`" + (f", {in_flight} in flight" if in_flight != 1 else "")
+
+    def window_value(metric: str, number: object, rev: str, in_flight: object) -> float | None:
+        for row in rows:
+            wanted = (metric, number, rev, in_flight)
+            if (row.metric, row.params.get("round"), row.params.get("rev"), flight(row)) == wanted:
+                return row.value
+        return None
+
     windows = [
-        (r.params["round"], str(r.params.get("rev")))
+        (r.params["round"], str(r.params.get("rev")), flight(r))
         for r in rows
         if r.metric == VERSION_COLUMNS[0][1] and "round" in r.params
     ]
@@ -564,38 +578,45 @@ def versions_tables(rows: Sequence[Measurement]) -> str:
         "| round | rev | " + " | ".join(titles) + " |",
         "|---:|---|" + "---:|" * len(titles),
     ]
-    for number, rev in windows:
+    for number, rev, in_flight in windows:
         cells = [
-            format_value(value(metric, round=number, rev=rev)) for _, metric in VERSION_COLUMNS
+            format_value(
+                window_value(metric, number, rev, in_flight)
+                if metric != "load average (1 min)"
+                else value(metric, round=number, rev=rev)
+            )
+            for _, metric in VERSION_COLUMNS
         ]
-        lines.append(f"| {number} | `{rev}` | " + " | ".join(cells) + " |")
+        lines.append(f"| {number} | {label(rev, in_flight)} | " + " | ".join(cells) + " |")
     parts.append("\n".join(lines) + "\n")
-    revs = list(dict.fromkeys(rev for _, rev in windows))
-    medians: dict[str, list[float | None]] = {}
-    for rev in revs:
-        medians[rev] = []
+    kinds = list(dict.fromkeys((rev, in_flight) for _, rev, in_flight in windows))
+    medians: dict[tuple[str, object], list[float | None]] = {}
+    for kind in kinds:
+        medians[kind] = []
         for _, metric in VERSION_COLUMNS[:4]:
             found = [
                 r.value
                 for r in rows
-                if r.metric == metric and r.params.get("rev") == rev and r.value is not None
+                if r.metric == metric
+                and (r.params.get("rev"), flight(r)) == kind
+                and r.value is not None
             ]
-            medians[rev].append(_median(found) if found else None)
-    first = medians[revs[0]] if revs else []
+            medians[kind].append(_median(found) if found else None)
+    first = medians[kinds[0]] if kinds else []
     summary_lines = [
         "Per revision, the median of its windows (change against the first revision):\n",
         "| rev | windows | " + " | ".join(t for t, _ in VERSION_COLUMNS[:4]) + " |",
         "|---|---:|" + "---:|" * 4,
     ]
-    for rev in revs:
-        count = sum(1 for _, r in windows if r == rev)
+    for kind in kinds:
+        count = sum(1 for _, rev, in_flight in windows if (rev, in_flight) == kind)
         cells = []
-        for mine, base in zip(medians[rev], first, strict=True):
+        for mine, base in zip(medians[kind], first, strict=True):
             text = format_value(mine)
-            if rev != revs[0] and mine is not None and base:
+            if kind != kinds[0] and mine is not None and base:
                 text += f" ({100 * (mine - base) / base:+.0f} %)"
             cells.append(text)
-        summary_lines.append(f"| `{rev}` | {count} | " + " | ".join(cells) + " |")
+        summary_lines.append(f"| {label(*kind)} | {count} | " + " | ".join(cells) + " |")
     parts.append("\n".join(summary_lines) + "\n")
     return "\n".join(parts)
 

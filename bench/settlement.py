@@ -150,6 +150,7 @@ class WindowResult:
     batching: bool = False
     batches: int = 0
     batched_items: int = 0
+    in_flight: int = 1
 
     @property
     def rate(self) -> float:
@@ -171,16 +172,21 @@ async def measure_window(
     *,
     batching: bool = False,
     database: str = DATABASE,
+    in_flight: int = 1,
 ) -> WindowResult:
     """One warm-up purchase per client, then ``seconds`` of purchases by every client.
 
     With ``batching`` the clients are shoppers of one merchant server whose settlement
     client coalesces their concurrent calls into ``POST /v1/batch`` (group commit).
     ``database`` is the server's: PostgreSQL's CPU counts that database's backends.
+    ``in_flight`` is how many batches the merchant's client may have on their way at once
+    (``BatchingSettlementClient(max_in_flight=…)``).
     """
     async with http_client(url) as http:
         settlement = (
-            BatchingSettlementClient(http, api_key) if batching else SettlementClient(http, api_key)
+            BatchingSettlementClient(http, api_key, max_in_flight=in_flight)
+            if batching
+            else SettlementClient(http, api_key)
         )
         warmup = [ClientStats() for _ in cards]
         # The first purchase alone: settlement creates ledger accounts on first use.
@@ -213,6 +219,7 @@ async def measure_window(
             batching=batching,
             batches=_batch_counts(settlement)[0] - batches_before,
             batched_items=_batch_counts(settlement)[1] - items_before,
+            in_flight=in_flight,
         )
 
 
@@ -239,6 +246,8 @@ def window_rows(
         "seconds": round(result.seconds, 1),
         "workers": WORKERS,
     }
+    if result.in_flight != 1:
+        params["in flight"] = result.in_flight
     mode = " (batched)" if result.batching else ""
     note = f"{len(result.errors)} client(s) failed: {result.errors[0]}" if result.errors else ""
     rows = [Measurement(NAME, f"settlement purchases/s{mode}", result.rate, "1/s", params, note)]

@@ -63,6 +63,11 @@ TPCB_CLIENTS = 8  # tpcb-like and the lean SQL: the settlement benchmark's middl
 SHOPPERS = 512  # the settlement benchmark's heaviest batched window
 ROUNDS = 4  # each revision measured once per round: A B, B A, A B, B A
 DATABASE_PREFIX = "webpurse_bench_version_"
+# Batches the merchant's client may have on their way at once, each measured in turn per
+# revision and round (``WEBPURSE_BENCH_IN_FLIGHT=1,2``); 1 is the client's default.
+IN_FLIGHT = tuple(
+    int(n) for n in os.environ.get("WEBPURSE_BENCH_IN_FLIGHT", "1").split(",") if n.strip()
+)
 
 
 @dataclass(frozen=True)
@@ -263,31 +268,46 @@ async def _run(ctx: Context, pg: PgServer, revisions: list[Revision]) -> list[Me
             versions.append(await _set_up(stack, pg, revision, home, shoppers))
             advance()
         for number, index in order:
-            version = versions[index]
-            revision = version.revision
-            # Autovacuum is off here: without it the planner would judge every window by
-            # the statistics of the database as loaded, before any earlier window's
-            # purchases (tens of thousands of rows). Each window starts freshly analysed.
-            lean.analyze(pg, version.environment.database)
-            window = await measure_window(
-                version.server.url,
-                version.merchant.api_key,
-                version.cards,
-                seconds,
-                version.server,
-                batching=True,
-                database=version.environment.database,
-            )
-            mine: Params = {"rev": revision.short, "round": number}
-            rows += [
-                Measurement(NAME, r.metric, r.value, r.unit, {**mine, **r.params}, r.note)
-                for r in window_rows(window, None, tpcb.tps)
-            ]
-            load = load_average()
-            if load:
-                rows.append(Measurement(NAME, "load average (1 min)", load[0], "", mine))
-            ctx.log(f"round {number} {revision.short}: {window.rate:,.0f} purchases/s")
+            for in_flight in IN_FLIGHT:
+                rows += await _window(ctx, pg, versions[index], number, seconds, tpcb, in_flight)
             advance()
+    return rows
+
+
+async def _window(
+    ctx: Context,
+    pg: PgServer,
+    version: Version,
+    number: int,
+    seconds: int,
+    tpcb: PgbenchResult,
+    in_flight: int,
+) -> list[Measurement]:
+    revision = version.revision
+    # Autovacuum is off here: without it the planner would judge every window by the
+    # statistics of the database as loaded, before any earlier window's purchases (tens of
+    # thousands of rows). Each window starts freshly analysed.
+    lean.analyze(pg, version.environment.database)
+    window = await measure_window(
+        version.server.url,
+        version.merchant.api_key,
+        version.cards,
+        seconds,
+        version.server,
+        batching=True,
+        database=version.environment.database,
+        in_flight=in_flight,
+    )
+    mine: Params = {"rev": revision.short, "round": number}
+    rows = [
+        Measurement(NAME, r.metric, r.value, r.unit, {**mine, **r.params}, r.note)
+        for r in window_rows(window, None, tpcb.tps)
+    ]
+    load = load_average()
+    if load:
+        rows.append(Measurement(NAME, "load average (1 min)", load[0], "", mine))
+    flight = f", {in_flight} in flight" if in_flight != 1 else ""
+    ctx.log(f"round {number} {revision.short}{flight}: {window.rate:,.0f} purchases/s")
     return rows
 
 

@@ -86,3 +86,27 @@ def test_the_three_limits_stand_side_by_side_per_client_count() -> None:
     assert "| 8 | 4,200 | 30,000 | 160 | — | 0.3 · 0.05 · — · — | 6.00 · — |" in section
     assert "| 512 | — | — | — | 700 | — · — · — · — | — · — |" in section
     assert section.index("| clients |") < section.index("| metric |")
+
+
+def test_versions_table_keeps_windows_with_more_batches_in_flight_apart() -> None:
+    from bench.report import versions_tables
+
+    def window(rev: str, number: int, rate: float, **extra: int) -> Measurement:
+        params = {"rev": rev, "round": number, "clients": 512, **extra}
+        return Measurement("versions", "settlement purchases/s (batched)", rate, "1/s", params)
+
+    rows = [
+        window("aaaaaaa", 1, 800.0),
+        window("bbbbbbb", 1, 1000.0),
+        window("bbbbbbb", 1, 1500.0, **{"in flight": 2}),
+        window("aaaaaaa", 2, 820.0),
+        window("bbbbbbb", 2, 1040.0),
+        window("bbbbbbb", 2, 1460.0, **{"in flight": 2}),
+    ]
+    text = versions_tables(rows)
+    assert "| 1 | `bbbbbbb`, 2 in flight | 1,500 |" in text
+    assert "| 1 | `bbbbbbb` | 1,000 |" in text
+    # Medians per revision and in-flight count, each against the first revision's.
+    assert "| `aaaaaaa` | 2 | 810 |" in text
+    assert "| `bbbbbbb` | 2 | 1,020 (+26 %) |" in text
+    assert "| `bbbbbbb`, 2 in flight | 2 | 1,480 (+83 %) |" in text
