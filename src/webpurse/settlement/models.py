@@ -271,19 +271,15 @@ class Entry(Base):
 
 
 class KeyState(TypeDecorator[str]):
-    """An idempotency key's state, ``in_flight`` or ``done``, stored as a smallint (0, 1).
-
-    Binds the name or its code (:data:`KEY_STATES`; ``db.bulk_insert``'s JSON rows carry the
-    code, which PostgreSQL reads straight into the column) and reads back the name.
-    """
+    """An idempotency key's state, ``in_flight`` or ``done``, stored as a smallint: its
+    index in :data:`KEY_STATES` (0, 1). ``done`` is the column's default, which
+    ``db.bulk_insert``'s JSON rows rely on (they bypass this type)."""
 
     impl = SmallInteger
     cache_ok = True
 
-    def process_bind_param(self, value: str | int | None, dialect: Dialect) -> int | None:
-        if value is None or isinstance(value, int):
-            return value
-        return KEY_STATES.index(value)
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> int | None:
+        return None if value is None else KEY_STATES.index(value)
 
     def process_result_value(self, value: int | None, dialect: Dialect) -> str | None:
         return None if value is None else KEY_STATES[value]
@@ -295,8 +291,10 @@ KEY_STATES = ("in_flight", "done")  # the stored code is the index
 class Digest(TypeDecorator[str]):
     """A SHA-256 digest stored as its 32 bytes, read and written as its 64 hex digits.
 
-    Also binds PostgreSQL's text form of a bytea (``\\x`` and the hex digits): what
-    ``db.bulk_insert``'s JSON rows carry, which PostgreSQL reads straight into the column.
+    Also binds PostgreSQL's text form of a bytea (``\\x`` and the hex digits,
+    ``idempotency.stored_fingerprint``), which ``db.bulk_insert``'s rows carry: on
+    PostgreSQL as JSON that the server reads straight into the column, bypassing this type;
+    elsewhere bound through it.
     """
 
     impl = LargeBinary(32)
