@@ -14,8 +14,8 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect, select, text
 from sqlalchemy.orm import Session
 
-from webpurse.settlement import ledger, merchants, views
-from webpurse.settlement.db import Base, UtcDateTime, make_engine, migrate
+from webpurse.settlement import idempotency, ledger, merchants, views
+from webpurse.settlement.db import Base, UtcDateTime, bulk_insert, make_engine, migrate
 from webpurse.settlement.models import (
     Account,
     Card,
@@ -389,5 +389,89 @@ def test_open_holds_move_from_the_held_account_to_the_payments_status(db_url: st
             stored = {a.id: a.balance for a in session.scalars(select(Account))}
             assert (stored[held], stored[card]) == (0, 900)
             assert ledger.check(session).ok
+    finally:
+        engine.dispose()
+
+
+_OLD_KEYS = sa.table(
+    "idempotency_keys",
+    *(sa.column(name) for name in ("principal", "key", "fingerprint", "state")),
+    *(sa.column(name) for name in ("response_status", "response_body", "object_id", "step")),
+    sa.column("created_at", UtcDateTime()),
+)
+
+
+def test_key_rows_move_into_the_lean_table_and_back(db_url: str) -> None:
+    """Migration 0016: every key row keeps its key, principal, fingerprint, state and answer
+    (an ``in_flight`` row an older version left stays one); the digest is 32 bytes and the
+    primary key is (key, principal); a row the batch writes (``db.bulk_insert``: the digest
+    as bytea text, the state by default) reads back the same; downgrading restores the old
+    rows with ids in time order."""
+    engine = make_engine(db_url, pool_size=1, max_overflow=0)
+    t0 = dt.datetime(2026, 12, 6, 9, 0, 0, 123456, tzinfo=dt.UTC)
+    digest = [format(i, "x") * 64 for i in range(10, 15)]  # "aaaa…", "bbbb…", …
+    rows = [
+        ("mer_a", "k-body", digest[0], "done", 402, '{"code": "declined"}', None, None, 2),
+        ("mer_a", "k-ref", digest[1], "done", 201, None, "pay_1", "create", 1),
+        ("mer_b", "k-ref", digest[2], "done", 200, None, "pay_2", "capture", 3),
+        ("mer_a", "k-flight", digest[3], "in_flight", None, None, None, None, 0),
+    ]
+    old = [(*row[:-1], t0 + dt.timedelta(seconds=row[-1])) for row in rows]
+    columns = ("principal", "key", "fingerprint", "state", "response_status")
+    columns += ("response_body", "object_id", "step", "created_at")
+    try:
+        migrate(engine, "0014_i20_one_transfer_purchase")
+        with engine.begin() as connection:
+            connection.execute(sa.insert(_OLD_KEYS), [dict(zip(columns, row)) for row in old])
+        migrate(engine, "0016_i20_key_storage")
+        assert inspect(engine).get_pk_constraint("idempotency_keys")["constrained_columns"] == [
+            "key",
+            "principal",
+        ]
+        assert "id" not in {c["name"] for c in inspect(engine).get_columns("idempotency_keys")}
+        with Session(engine) as session, session.begin():
+            lengths = session.scalars(text("SELECT length(fingerprint) FROM idempotency_keys"))
+            assert set(lengths) == {32}
+            bulk_insert(
+                session,
+                IdempotencyRecord.__table__,  # type: ignore[arg-type]
+                [
+                    {
+                        "principal": "mer_b",
+                        "key": "k-new",
+                        "fingerprint": idempotency.stored_fingerprint(digest[4]),
+                        "response_status": 201,
+                        "response_body": None,
+                        "object_id": "pay_3",
+                        "step": "create",
+                        "created_at": t0 + dt.timedelta(seconds=4),
+                    }
+                ],
+                skip_conflicts=True,
+            )
+        written = ("mer_b", "k-new", digest[4], "done", 201, None, "pay_3", "create")
+        new = [*old, (*written, t0 + dt.timedelta(seconds=4))]
+
+        def lean() -> set[tuple[Any, ...]]:
+            with Session(engine) as session:
+                records = session.scalars(select(IdempotencyRecord)).all()
+                return {tuple(getattr(r, name) for name in columns) for r in records}
+
+        assert lean() == set(new)
+        with Session(engine) as session:
+            found = session.execute(idempotency.lookup("mer_a", ["k-ref", "k-new"], "sqlite"))
+            assert [(r.key, r.object_id, r.state) for r in found] == [("k-ref", "pay_1", "done")]
+
+        migrate(engine, "0014_i20_one_transfer_purchase", downgrade=True)
+        with engine.connect() as connection:
+            back = connection.execute(
+                sa.select(sa.column("id"), *_OLD_KEYS.c).select_from(_OLD_KEYS).order_by("id")
+            ).all()
+        assert [tuple(row)[1:] for row in back] == sorted(new, key=lambda row: row[-1])
+        assert [row[0] for row in back] == sorted(row[0] for row in back)
+        assert len({row[0] for row in back}) == len(new)
+
+        migrate(engine, "0016_i20_key_storage")
+        assert lean() == set(new)
     finally:
         engine.dispose()

@@ -315,14 +315,14 @@ def _store_answers(ctx: Ctx, items: Iterable[Item]) -> None:
     """Store each new key with its answer (one INSERT); a key taken meanwhile: KeyRace.
 
     A purchase step's answer is stored as its payment's id and the step (re-rendered on
-    replay, :func:`views.payment_as_of`), any other answer as its JSON text.
+    replay, :func:`views.payment_as_of`), any other answer as its JSON text; ``state`` is
+    the column's default, ``done``.
     """
     rows: list[dict[str, object]] = [
         {
             "principal": ctx.principal.subject,
             "key": item.key,
-            "fingerprint": item.fingerprint,
-            "state": "done",
+            "fingerprint": idempotency.stored_fingerprint(item.fingerprint),
             "response_status": item.answer[0],
             "response_body": None if item.as_of else item.encoded,
             "object_id": item.answer[1]["id"] if item.as_of else None,

@@ -17,11 +17,15 @@ from sqlalchemy import (
     Index,
     Integer,
     LargeBinary,
+    PrimaryKeyConstraint,
+    SmallInteger,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
     text,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapped, mapped_column
 
 from webpurse.settlement.db import Base, UtcDateTime
@@ -266,29 +270,75 @@ class Entry(Base):
     account_version: Mapped[int] = mapped_column(BigInteger)
 
 
+class KeyState(TypeDecorator[str]):
+    """An idempotency key's state, ``in_flight`` or ``done``, stored as a smallint: its
+    index in :data:`KEY_STATES` (0, 1). ``done`` is the column's default, which
+    ``db.bulk_insert``'s JSON rows rely on (they bypass this type)."""
+
+    impl = SmallInteger
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> int | None:
+        return None if value is None else KEY_STATES.index(value)
+
+    def process_result_value(self, value: int | None, dialect: Dialect) -> str | None:
+        return None if value is None else KEY_STATES[value]
+
+
+KEY_STATES = ("in_flight", "done")  # the stored code is the index
+
+
+class Digest(TypeDecorator[str]):
+    """A SHA-256 digest stored as its 32 bytes, read and written as its 64 hex digits.
+
+    Also binds PostgreSQL's text form of a bytea (``\\x`` and the hex digits,
+    ``idempotency.stored_fingerprint``), which ``db.bulk_insert``'s rows carry: on
+    PostgreSQL as JSON that the server reads straight into the column, bypassing this type;
+    elsewhere bound through it.
+    """
+
+    impl = LargeBinary(32)
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> bytes | None:
+        if value is None:
+            return None
+        digest = bytes.fromhex(value.removeprefix("\\x"))
+        if len(digest) != 32:
+            raise ValueError(f"a SHA-256 digest is 32 bytes, not {len(digest)}")
+        return digest
+
+    def process_result_value(self, value: bytes | None, dialect: Dialect) -> str | None:
+        return None if value is None else bytes(value).hex()
+
+
 class IdempotencyRecord(Base):
     """A POST's idempotency key: the request's fingerprint and, once done, its response.
 
-    Unique per principal by an index that leads with the key (migration 0010): a look-up
-    is an index look-up even on a table without statistics (``idempotency.lookup``).
+    Its primary key is (key, principal): it leads with the key, so a look-up is an index
+    look-up even on a table without statistics (``idempotency.lookup``), and it is the
+    only unique index a key row costs (migration 0016: no surrogate id). The fingerprint
+    is its 32 bytes and the state a smallint; the fixed-width columns come first, so
+    PostgreSQL pads nothing between them. ``created_at``'s btree finds the oldest keys for
+    ``idempotency.purge`` (a BRIN index was measured and refused: without statistics
+    PostgreSQL scans the whole table for it).
     """
 
     __tablename__ = "idempotency_keys"
-    __table_args__ = (Index("ix_idempotency_keys_key_principal", "key", "principal", unique=True),)
+    __table_args__ = (PrimaryKeyConstraint("key", "principal", name="pk_idempotency_keys"),)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), index=True)
+    response_status: Mapped[int | None] = mapped_column(SmallInteger, nullable=True)
+    state: Mapped[str] = mapped_column(KeyState(), server_default=text("1"))  # done
     principal: Mapped[str] = mapped_column(String(40))
     key: Mapped[str] = mapped_column(String(255))
-    fingerprint: Mapped[str] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(12))  # in_flight | done
-    response_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    response_body: Mapped[str | None] = mapped_column(Text, nullable=True)
+    fingerprint: Mapped[str] = mapped_column(Digest())
     # Instead of ``response_body``: the payment whose answer this was, and the purchase
     # step (create, authorise, capture) it answered; replayed as it was then
     # (views.payment_as_of).
     object_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     step: Mapped[str | None] = mapped_column(String(12), nullable=True)
-    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), index=True)
+    response_body: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class CardObservation(Base):
