@@ -152,6 +152,28 @@ def test_the_check_catches_entries_on_an_account_that_does_not_exist(session: Se
     assert f"entries on unknown account {CARD}" in report.problems
 
 
+def test_the_check_replays_each_account_in_entry_id_order(session: Session) -> None:
+    """The balance after each entry is derived in id (commit) order (migration 0015): an
+    entry moved after the spending it paid for takes the account below zero on the way,
+    which the check reports though every total still adds up."""
+    ledger.post_transfer(session, "t1", CASH, CARD, 100, "load", now=NOW)
+    ledger.post_transfer(session, "t2", CARD, SHOP, 100, "purchase", now=NOW)
+    session.commit()
+    assert ledger.check(session).ok
+    credit = session.execute(
+        text("SELECT id FROM ledger_entries WHERE transfer_id = 't1' AND account_id = :a"),
+        {"a": CARD},
+    ).scalar_one()
+    session.execute(text("UPDATE ledger_entries SET id = id + 100 WHERE id = :id"), {"id": credit})
+    session.commit()
+    spent = session.execute(
+        text("SELECT id FROM ledger_entries WHERE transfer_id = 't2' AND account_id = :a"),
+        {"a": CARD},
+    ).scalar_one()
+    report = ledger.check(session)
+    assert report.problems == [f"{CARD}: balance -100 after entry {spent}, below zero"]
+
+
 @pytest.mark.postgres
 def test_concurrent_first_use_of_an_account_creates_it_once(tmp_path: Path) -> None:
     """Regression: two transactions that first use one account both succeed (no 500).
