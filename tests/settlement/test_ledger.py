@@ -297,6 +297,13 @@ def test_entry_ids_follow_commit_order_on_an_account_so_clearing_marks_miss_noth
                 assert [line.balance_after for line in history] == [100, 200]
                 later, _ = clearing.batch_items(watcher, "mer_1", marks, end)
                 assert [i.id for i in later] == ["late"]
+                # Ids drawn one at a time from the shared sequence, none cached per session
+                # (a session's cached block would be handed out after later ids).
+                cache = text(
+                    "SELECT cache_size FROM pg_sequences WHERE schemaname = current_schema()"
+                    " AND sequencename = 'ledger_entries_id_seq'"
+                )
+                assert watcher.execute(cache).scalar_one() == 1
                 report = ledger.check(watcher)
                 assert report.ok, report.problems
         finally:

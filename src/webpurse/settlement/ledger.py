@@ -11,7 +11,8 @@ account's history are derived from the entry id. Every entry is inserted after i
 account's row is locked and the lock is held to the commit, so on each account the ids
 ascend in commit order: the running sum in id order is the balance after each entry
 (:func:`history`), and "the entries after id N" are exactly those committed after it
-(clearing's marks). Any new way of writing entries must keep that order: lock, then insert.
+(clearing's marks). Any new way of writing entries must keep that order: lock, then insert;
+and the id sequence must hand out ids one at a time (PostgreSQL's default ``CACHE 1``).
 
 Accounts (see docs/settlement-api.md):
 - ``card:<card id>`` stored value on a card (what settlement owes the cardholder);
