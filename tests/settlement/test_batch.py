@@ -115,13 +115,9 @@ def test_a_batch_of_purchases_settles_each_once_in_one_ledger_history(world: Wor
             session.scalars(select(Entry).where(Entry.account_id == ledger.HELD_PURCHASES)).all()
             == []
         )
-        payable = session.scalars(
-            select(Entry)
-            .where(Entry.account_id == ledger.merchant_account(world.merchant_id))
-            .order_by(Entry.account_version)
-        ).all()
-        assert [e.account_version for e in payable] == list(range(1, 6))
-        assert [e.balance_after for e in payable] == [120, 240, 360, 480, 600]
+        payable = ledger.history(session, ledger.merchant_account(world.merchant_id))
+        assert [line.version for line in payable] == list(range(1, 6))
+        assert [line.balance_after for line in payable] == [120, 240, 360, 480, 600]
         assert ledger.check(session).ok
 
 

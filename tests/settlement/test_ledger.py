@@ -13,7 +13,7 @@ from sqlalchemy import delete, text, update
 from sqlalchemy.orm import Session
 
 from tests.settlement.support import database_url
-from webpurse.settlement import ledger
+from webpurse.settlement import clearing, ledger
 from webpurse.settlement.db import make_engine, make_session_factory, migrate
 from webpurse.settlement.ledger import LedgerError
 from webpurse.settlement.models import Account, Card, Merchant, Payment
@@ -152,6 +152,28 @@ def test_the_check_catches_entries_on_an_account_that_does_not_exist(session: Se
     assert f"entries on unknown account {CARD}" in report.problems
 
 
+def test_the_check_replays_each_account_in_entry_id_order(session: Session) -> None:
+    """The balance after each entry is derived in id (commit) order (migration 0015): an
+    entry moved after the spending it paid for takes the account below zero on the way,
+    which the check reports though every total still adds up."""
+    ledger.post_transfer(session, "t1", CASH, CARD, 100, "load", now=NOW)
+    ledger.post_transfer(session, "t2", CARD, SHOP, 100, "purchase", now=NOW)
+    session.commit()
+    assert ledger.check(session).ok
+    credit = session.execute(
+        text("SELECT id FROM ledger_entries WHERE transfer_id = 't1' AND account_id = :a"),
+        {"a": CARD},
+    ).scalar_one()
+    session.execute(text("UPDATE ledger_entries SET id = id + 100 WHERE id = :id"), {"id": credit})
+    session.commit()
+    spent = session.execute(
+        text("SELECT id FROM ledger_entries WHERE transfer_id = 't2' AND account_id = :a"),
+        {"a": CARD},
+    ).scalar_one()
+    report = ledger.check(session)
+    assert report.problems == [f"{CARD}: balance -100 after entry {spent}, below zero"]
+
+
 @pytest.mark.postgres
 def test_concurrent_first_use_of_an_account_creates_it_once(tmp_path: Path) -> None:
     """Regression: two transactions that first use one account both succeed (no 500).
@@ -197,6 +219,93 @@ def test_concurrent_first_use_of_an_account_creates_it_once(tmp_path: Path) -> N
                 report = ledger.check(watcher)
                 assert report.ok, report.problems
                 assert report.totals["funding"] == -150
+        finally:
+            engine.dispose()
+
+
+def _post_one(session: Session, path: str, transfer_id: str, debit: str, credit: str) -> None:
+    """Post 100 fen one of the two ways the ledger writes entries (single, or a group as the
+    batch path does)."""
+    if path == "post_transfer":
+        ledger.post_transfer(session, transfer_id, debit, credit, 100, "purchase_capture", now=NOW)
+    else:
+        spec = ledger.TransferSpec(transfer_id, debit, credit, 100, "purchase_capture")
+        ledger.post_transfers(session, [spec], now=NOW)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("path", ["post_transfer", "post_transfers"])
+def test_entry_ids_follow_commit_order_on_an_account_so_clearing_marks_miss_nothing(
+    tmp_path: Path, path: str
+) -> None:
+    """Entries store no version (migration 0015): clearing's mark is the last entry id a
+    batch took, which is right only if, on each account, ids ascend in commit order.
+
+    A clearing run locks the merchant's payable and stays open; a purchase on another
+    connection starts posting to the payable and is seen waiting on the lock (pg_locks,
+    bounded polling); the clearing run then posts a transfer of its own, takes its marks
+    and commits; the purchase goes on and commits. The purchase committed second, so its
+    entry must have the larger id and the next batch after the marks must take it. (A
+    posting path that drew its entry id before taking the account's lock would give the
+    purchase the smaller id: hidden behind the mark, never cleared.)
+    """
+    card_1, card_2 = ledger.card_account("crd_1"), ledger.card_account("crd_2")
+    receivable = ledger.topups_account("mer_1")
+    end = NOW + dt.timedelta(days=1)
+    with database_url("postgresql", tmp_path) as url:
+        engine = make_engine(url, pool_size=3, max_overflow=0)
+        migrate(engine)
+        factory = make_session_factory(engine)
+        try:
+            with factory() as clearing_run, factory() as purchase, factory() as watcher:
+                for card in (card_1, card_2):
+                    ledger.post_transfer(
+                        watcher, f"load:{card}", CASH, card, 1_000, "load", now=NOW
+                    )
+                watcher.commit()
+                ledger.lock_accounts(clearing_run, [SHOP, receivable], NOW)
+                purchase_pid = purchase.execute(text("SELECT pg_backend_pid()")).scalar_one()
+                outcome: dict[str, object] = {}
+
+                def post_purchase() -> None:
+                    try:
+                        _post_one(purchase, path, "late", card_2, SHOP)
+                        purchase.commit()
+                        outcome["ok"] = True
+                    except Exception as exc:  # reported below
+                        purchase.rollback()
+                        outcome["error"] = exc
+
+                thread = threading.Thread(target=post_purchase)
+                thread.start()
+                waiting = text("SELECT count(*) FROM pg_locks WHERE pid = :pid AND NOT granted")
+                deadline = time.monotonic() + 10
+                while watcher.execute(waiting, {"pid": purchase_pid}).scalar_one() == 0:
+                    watcher.rollback()
+                    assert thread.is_alive(), f"the purchase did not wait: {outcome}"
+                    assert time.monotonic() < deadline, "the purchase never waited on the lock"
+                    time.sleep(0.01)  # bounded polling for the lock wait, not synchronisation
+                _post_one(clearing_run, path, "early", card_1, SHOP)
+                items, marks = clearing.batch_items(clearing_run, "mer_1", (0, 0), end)
+                assert [i.id for i in items] == ["early"]
+                clearing_run.commit()
+                thread.join(timeout=10)
+                assert outcome == {"ok": True}
+
+                history = ledger.history(watcher, SHOP)
+                assert [line.transfer_id for line in history] == ["early", "late"]
+                assert [line.balance_after for line in history] == [100, 200]
+                later, _ = clearing.batch_items(watcher, "mer_1", marks, end)
+                assert [i.id for i in later] == ["late"]
+                # Ids drawn one at a time from the shared sequence, none cached per session
+                # (a session's cached block would be handed out after later ids).
+                cache = text(
+                    "SELECT cache_size FROM pg_sequences WHERE schemaname = current_schema()"
+                    " AND sequencename = 'ledger_entries_id_seq'"
+                )
+                assert watcher.execute(cache).scalar_one() == 1
+                report = ledger.check(watcher)
+                assert report.ok, report.problems
         finally:
             engine.dispose()
 

@@ -14,7 +14,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect, select, text
 from sqlalchemy.orm import Session
 
-from webpurse.settlement import idempotency, ledger, merchants, views
+from webpurse.settlement import clearing, idempotency, ledger, merchants, views
 from webpurse.settlement.db import Base, UtcDateTime, bulk_insert, make_engine, migrate
 from webpurse.settlement.models import (
     Account,
@@ -282,6 +282,63 @@ def test_the_purchase_card_events_move_into_their_payments_and_back(db_url: str)
         engine.dispose()
 
 
+def _old_post(
+    session: Session,
+    transfer_id: str,
+    debit: str,
+    credit: str,
+    amount: int,
+    kind: str,
+    now: dt.datetime,
+    reference: str | None = None,
+) -> None:
+    """A transfer as the ledger wrote it before 0015: each entry with the balance after it
+    and the account's version."""
+    for account_id in (debit, credit):
+        ledger.ensure_account(session, account_id, now)
+    accounts = {
+        row.id: (int(row.balance), int(row.version))
+        for row in session.execute(
+            text("SELECT id, balance, version FROM ledger_accounts WHERE id IN (:d, :c)"),
+            {"d": debit, "c": credit},
+        )
+    }
+    session.execute(
+        text(
+            "INSERT INTO ledger_transfers (id, debit_account, credit_account, amount, currency,"
+            " kind, reference, created_at) VALUES (:id, :d, :c, :a, 'CNY', :k, :r, :t)"
+        ),
+        {
+            "id": transfer_id,
+            "d": debit,
+            "c": credit,
+            "a": amount,
+            "k": kind,
+            "r": reference,
+            "t": now,
+        },
+    )
+    for account_id, signed in ((debit, -amount), (credit, amount)):
+        balance, version = accounts[account_id]
+        session.execute(
+            text("UPDATE ledger_accounts SET balance = :b, version = :v WHERE id = :id"),
+            {"b": balance + signed, "v": version + 1, "id": account_id},
+        )
+        session.execute(
+            text(
+                "INSERT INTO ledger_entries (transfer_id, account_id, amount, balance_after,"
+                " account_version) VALUES (:t, :a, :s, :b, :v)"
+            ),
+            {
+                "t": transfer_id,
+                "a": account_id,
+                "s": signed,
+                "b": balance + signed,
+                "v": version + 1,
+            },
+        )
+
+
 def _old_purchase(session: Session, pid: str, status: str, amount: int, now: dt.datetime) -> None:
     """A payment as the two-transfer code left it: held at authorise, then captured or
     released (or neither: still open)."""
@@ -301,24 +358,12 @@ def _old_purchase(session: Session, pid: str, status: str, amount: int, now: dt.
     )
     session.flush()
     card, held = ledger.card_account("crd_a"), ledger.HELD_PURCHASES
-    ledger.post_transfer(session, f"{pid}:hold", card, held, amount, "purchase_hold", now=now)
-    session.get(Transfer, f"{pid}:hold").reference = pid  # type: ignore[union-attr]
+    _old_post(session, f"{pid}:hold", card, held, amount, "purchase_hold", now, pid)
     if status == "succeeded":
         mer = ledger.merchant_account("mer_a")
-        ledger.post_transfer(
-            session, f"{pid}:capture", held, mer, amount, "purchase_capture", now=now, reference=pid
-        )
+        _old_post(session, f"{pid}:capture", held, mer, amount, "purchase_capture", now, pid)
     elif status == "canceled":
-        ledger.post_transfer(
-            session,
-            f"{pid}:release",
-            held,
-            card,
-            amount,
-            "purchase_release",
-            now=now,
-            reference=pid,
-        )
+        _old_post(session, f"{pid}:release", held, card, amount, "purchase_release", now, pid)
 
 
 def test_open_holds_move_from_the_held_account_to_the_payments_status(db_url: str) -> None:
@@ -350,7 +395,7 @@ def test_open_holds_move_from_the_held_account_to_the_payments_status(db_url: st
                 )
             )
             session.flush()
-            ledger.post_transfer(session, "load_a", "funding:cash", card, 1_000, "test", now=now)
+            _old_post(session, "load_a", "funding:cash", card, 1_000, "test", now)
             for pid, status, amount in (
                 ("pay_captured", "succeeded", 100),
                 ("pay_released", "canceled", 200),
@@ -473,5 +518,153 @@ def test_key_rows_move_into_the_lean_table_and_back(db_url: str) -> None:
 
         migrate(engine, "0016_i20_key_storage")
         assert lean() == set(new)
+    finally:
+        engine.dispose()
+
+
+BEFORE_0015 = "0016_i20_key_storage"  # 0015 follows the key storage (both from 0014)
+
+
+def _old_batch(
+    session: Session, merchant: str, day: str, marks: tuple[int | None, int | None]
+) -> None:
+    """A clearing batch as written before 0015: its marks are entry versions."""
+    session.execute(
+        text(
+            "INSERT INTO clearing_batches (id, merchant_id, day, timezone, window_start,"
+            " window_end, currency, payment_count, payment_total, refund_count, refund_total,"
+            " topup_count, topup_total, topups_settled, carried_in, payout, carried_out,"
+            " transfer_id, payable_version, topups_version, report_csv, created_at) VALUES"
+            " (:id, :m, :day, 'Asia/Shanghai', :t, :t, 'CNY', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,"
+            " NULL, :p, :u, '', :t)"
+        ),
+        {
+            "id": f"clr_{merchant}_{day}",
+            "m": merchant,
+            "day": dt.date.fromisoformat(day),
+            "t": dt.datetime(2026, 12, 1, tzinfo=dt.UTC),
+            "p": marks[0],
+            "u": marks[1],
+        },
+    )
+
+
+def _stored_entries(engine: sa.Engine) -> list[tuple[int, str, int, int, int]]:
+    with engine.connect() as connection:
+        return [
+            tuple(row)  # type: ignore[misc]
+            for row in connection.execute(
+                text(
+                    "SELECT id, account_id, amount, account_version, balance_after"
+                    " FROM ledger_entries ORDER BY id"
+                )
+            )
+        ]
+
+
+def _marks(engine: sa.Engine, names: tuple[str, str]) -> dict[str, tuple[Any, Any]]:
+    with engine.connect() as connection:
+        return {
+            row[0]: (row[1], row[2])
+            for row in connection.execute(
+                text(f"SELECT id, {names[0]}, {names[1]} FROM clearing_batches ORDER BY id")
+            )
+        }
+
+
+def test_entry_balances_and_versions_become_derived_and_clearing_marks_entry_ids(
+    db_url: str,
+) -> None:
+    """Migration 0015 drops each entry's stored balance after and version: they derive from
+    the entry ids (the history reads as stored), clearing's version marks become the ids of
+    the entries at those versions (the next batch takes exactly what it took before), and
+    the ledger checks out; downgrading recomputes every version, balance and mark as they
+    were, and the unique (account, version) constraint is back."""
+    engine = make_engine(db_url, pool_size=1, max_overflow=0)
+    now = dt.datetime(2026, 12, 6, tzinfo=dt.UTC)
+    card, payable, topups = "card:crd_a", "merchant:mer_a", "topups:mer_a"
+    try:
+        migrate(engine, BEFORE_0015)
+        with Session(engine) as session, session.begin():
+            for mid, terminal in (("mer_a", "AA"), ("mer_b", "BB")):
+                session.add(Merchant(id=mid, name="shop", terminal_id=terminal * 6, created_at=now))
+            session.flush()
+            _old_post(session, "t1", "funding:cash", card, 1_000, "test", now)
+            _old_post(session, "t2", card, payable, 100, "purchase_capture", now, "p2")
+            _old_post(session, "t3", card, payable, 200, "purchase_capture", now, "p3")
+            _old_post(session, "t4", topups, card, 50, "topup", now, "l4")
+            _old_post(session, "t5", card, "held:loads", 10, "test", now)
+            # What the first batch took: payable v2 (entry 6), receivable v1 (entry 7).
+            _old_batch(session, "mer_a", "2026-12-01", (2, 1))
+            _old_post(session, "t6", card, payable, 300, "purchase_capture", now, "p6")
+            _old_post(session, "t7", payable, card, 40, "refund", now, "r7")
+            _old_batch(session, "mer_b", "2026-11-30", (None, None))  # before 0009
+            _old_batch(session, "mer_b", "2026-12-01", (0, 0))
+        stored = _stored_entries(engine)
+        old_marks = _marks(engine, ("payable_version", "topups_version"))
+
+        migrate(engine)
+        columns = {c["name"] for c in inspect(engine).get_columns("ledger_entries")}
+        assert columns == {"id", "transfer_id", "account_id", "amount"}
+        assert _marks(engine, ("payable_entry", "topups_entry")) == {
+            "clr_mer_a_2026-12-01": (6, 7),
+            "clr_mer_b_2026-11-30": (None, None),
+            "clr_mer_b_2026-12-01": (0, 0),
+        }
+        with Session(engine) as session:
+            report = ledger.check(session)
+            assert report.ok, report.problems
+            for account_id in (card, payable, topups):
+                derived = [
+                    (line.entry_id, line.version, line.balance_after)
+                    for line in ledger.history(session, account_id)
+                ]
+                assert derived == [(i, v, b) for i, a, _, v, b in stored if a == account_id]
+            items, marks = clearing.batch_items(
+                session, "mer_a", (6, 7), now + dt.timedelta(days=1)
+            )
+            assert sorted((i.kind.value, i.id, i.amount) for i in items) == [
+                ("payment", "p6", 300),
+                ("refund", "r7", 40),
+            ]
+            assert marks == (13, 7)
+
+        migrate(engine, BEFORE_0015, downgrade=True)
+        assert _stored_entries(engine) == stored
+        assert _marks(engine, ("payable_version", "topups_version")) == old_marks
+        uniques = inspect(engine).get_unique_constraints("ledger_entries")
+        assert [sorted(u["column_names"]) for u in uniques] == [["account_id", "account_version"]]
+        migrate(engine)
+        with Session(engine) as session:
+            assert ledger.check(session).ok
+    finally:
+        engine.dispose()
+
+
+def test_entries_whose_ids_do_not_follow_their_versions_refuse_the_upgrade(db_url: str) -> None:
+    """0015 turns versions into id order: a ledger where the two disagree on some account
+    (never written by settlement: entries are inserted under the account's lock) is refused
+    with the account named, and nothing changes."""
+    engine = make_engine(db_url, pool_size=1, max_overflow=0)
+    now = dt.datetime(2026, 12, 6, tzinfo=dt.UTC)
+    try:
+        migrate(engine, BEFORE_0015)
+        with Session(engine) as session, session.begin():
+            _old_post(session, "t1", "funding:cash", "card:crd_a", 100, "test", now)
+            _old_post(session, "t2", "funding:cash", "card:crd_a", 100, "test", now)
+            for swap in ("account_version + 10", "13 - account_version"):  # 1, 2 → 2, 1
+                session.execute(
+                    text(
+                        f"UPDATE ledger_entries SET account_version = {swap}"
+                        " WHERE account_id = 'card:crd_a'"
+                    )
+                )
+        stored = _stored_entries(engine)
+        with pytest.raises(RuntimeError, match="card:crd_a: entry ids do not follow"):
+            migrate(engine)
+        assert _stored_entries(engine) == stored
+        with engine.connect() as connection:
+            revision = connection.execute(text("SELECT version_num FROM alembic_version"))
+            assert revision.scalar_one() == BEFORE_0015
     finally:
         engine.dispose()

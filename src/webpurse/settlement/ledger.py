@@ -2,10 +2,17 @@
 
 Every transfer moves one positive integer amount from a debit account to a credit account,
 so every transfer sums to zero and all accounts together always sum to zero. An account's
-``balance`` is a cache: each entry records the balance after it and the account version,
-and :func:`check` recomputes everything from the entries. Touched accounts are locked in
-sorted id order (``SELECT … FOR UPDATE`` on PostgreSQL) so concurrent transfers cannot
-deadlock.
+``balance`` and ``version`` are a cache: :func:`check` recomputes them from the entries
+(their sum and their count). Touched accounts are locked in sorted id order (``SELECT …
+FOR NO KEY UPDATE`` on PostgreSQL) so concurrent transfers cannot deadlock.
+
+An entry stores only its amount (migration 0015): its balance after and its place in the
+account's history are derived from the entry id. Every entry is inserted after its
+account's row is locked and the lock is held to the commit, so on each account the ids
+ascend in commit order: the running sum in id order is the balance after each entry
+(:func:`history`), and "the entries after id N" are exactly those committed after it
+(clearing's marks). Any new way of writing entries must keep that order: lock, then insert;
+and the id sequence must hand out ids one at a time (PostgreSQL's default ``CACHE 1``).
 
 Accounts (see docs/settlement-api.md):
 - ``card:<card id>`` stored value on a card (what settlement owes the cardholder);
@@ -238,7 +245,8 @@ def _refusal(debit: Any, credit: Any, amount: int, currency: str) -> str | None:
 
 
 def _write_legs(session: Session, transfer_id: str, legs: list[tuple[Any, int]]) -> None:
-    """Update both locked accounts' balances and versions and insert their entries."""
+    """Update both locked accounts' balances and versions and insert their entries (the
+    accounts are locked already: the entries' ids follow the commit order, see above)."""
     session.execute(
         update(_ACCOUNTS)
         .where(_ACCOUNTS.c.id == bindparam("account_id"))
@@ -259,8 +267,6 @@ def _write_legs(session: Session, transfer_id: str, legs: list[tuple[Any, int]])
                 "transfer_id": transfer_id,
                 "account_id": account.id,
                 "amount": signed,
-                "balance_after": account.balance + signed,
-                "account_version": account.version + 1,
             }
             for account, signed in legs
         ],
@@ -344,9 +350,9 @@ def post_transfers(
     Every touched account is locked once for the whole group (one sorted ``SELECT … FOR
     UPDATE``) and updated once, to its final balance and version, however many transfers
     touch it: a hot account (``held:purchases``, a merchant's payable) is locked per batch,
-    not per transfer (payments-api.md, "Ledger"). The entries still carry each transfer's
-    balance-after and the account's next version in order, so :func:`check` sees exactly
-    the history posting them one by one would have written.
+    not per transfer (payments-api.md, "Ledger"). The entries are inserted after the lock,
+    in the transfers' order, so their ids give exactly the history posting them one by one
+    would have written.
 
     All or nothing: a refused transfer raises :class:`LedgerError` before anything is
     written. The ids must be new (a reused id fails the insert; retries of single
@@ -392,8 +398,6 @@ def post_transfers(
                     "transfer_id": spec.id,
                     "account_id": account_id,
                     "amount": signed,
-                    "balance_after": balances[account_id],
-                    "account_version": versions[account_id],
                 }
             )
     bulk_insert(session, _TRANSFERS, transfer_rows)
@@ -499,6 +503,38 @@ def available(
     }
 
 
+@dataclass(frozen=True, slots=True)
+class HistoryLine:
+    """One entry of an account's history with what it derives: its place (1, 2, …) and
+    the account's balance after it."""
+
+    entry_id: int
+    transfer_id: str
+    amount: int
+    version: int
+    balance_after: int
+
+
+def history(session: Session, account_id: str) -> list[HistoryLine]:
+    """The account's entries in commit (id) order, each with its version and the balance
+    after it: one statement, the running sum a window function over the entry ids."""
+    stmt = (
+        select(
+            _ENTRIES.c.id,
+            _ENTRIES.c.transfer_id,
+            _ENTRIES.c.amount,
+            func.row_number().over(order_by=_ENTRIES.c.id),
+            func.sum(_ENTRIES.c.amount).over(order_by=_ENTRIES.c.id),  # ids are unique
+        )
+        .where(_ENTRIES.c.account_id == account_id)
+        .order_by(_ENTRIES.c.id)
+    )
+    return [
+        HistoryLine(int(entry_id), str(transfer_id), int(amount), int(version), int(after))
+        for entry_id, transfer_id, amount, version, after in session.execute(stmt)
+    ]
+
+
 # --- the ledger check ---------------------------------------------------------------
 
 
@@ -545,26 +581,19 @@ def _transfer_problems(session: Session, legs: dict[str, list[Entry]]) -> list[s
 
 
 def _check_account(report: CheckReport, account: Account, entries: list[Entry]) -> int:
-    """Replay one account's entries (in version order) against its cached balance and version.
+    """Replay one account's entries (in id order, the commit order) against its cached
+    balance and version: the balance is their sum, the version their count, and an account
+    that may not go negative never went below zero after any of them.
 
-    Adds what is wrong to ``report.problems`` and returns the running balance the entries
-    give (up to and including the first entry found wrong).
+    Adds what is wrong to ``report.problems`` and returns the sum of the entries.
     """
     account_id = account.id
     running = 0
-    for expected_version, entry in enumerate(entries, start=1):
+    dipped: tuple[int, int] | None = None  # (entry id, balance after it)
+    for entry in entries:
         running += entry.amount
-        if entry.account_version != expected_version:
-            report.problems.append(
-                f"{account_id}: version {entry.account_version}, expected {expected_version}"
-            )
-            break
-        if entry.balance_after != running:
-            report.problems.append(
-                f"{account_id}: balance after v{expected_version} is {entry.balance_after},"
-                f" entries give {running}"
-            )
-            break
+        if dipped is None and running < 0:
+            dipped = (entry.id, running)
     if running != account.balance:
         report.problems.append(
             f"{account_id}: cached balance {account.balance}, entries give {running}"
@@ -573,6 +602,10 @@ def _check_account(report: CheckReport, account: Account, entries: list[Entry]) 
         report.problems.append(f"{account_id}: version {account.version} != entry count")
     if not account.allow_negative and running < 0:
         report.problems.append(f"{account_id}: negative balance {running}")
+    elif not account.allow_negative and dipped is not None:
+        report.problems.append(
+            f"{account_id}: balance {dipped[1]} after entry {dipped[0]}, below zero"
+        )
     return running
 
 
@@ -648,8 +681,9 @@ def check(session: Session) -> CheckReport:
     """Recompute every balance from the entries and prove the ledger's invariants.
 
     - each transfer has exactly two entries, -amount and +amount, on its two accounts;
-    - each account's entries have versions 1..n with running balances, ending at the
-      cached balance, which equals the sum of its entries;
+    - each account's cached balance is the sum of its entries and its cached version their
+      count; replayed in id (commit) order, an account that may not go negative never went
+      below zero;
     - no account that may not go negative is negative, and each card's account covers its
       open purchase holds (authorised or uncertain payments); the totals show the holds as
       ``held`` and the cards net of them, as when holds were transfers;
@@ -673,7 +707,7 @@ def check(session: Session) -> CheckReport:
 
     legs: dict[str, list[Entry]] = defaultdict(list)
     per_account: dict[str, list[Entry]] = defaultdict(list)
-    for entry in session.scalars(select(Entry).order_by(Entry.account_id, Entry.account_version)):
+    for entry in session.scalars(select(Entry).order_by(Entry.account_id, Entry.id)):
         legs[entry.transfer_id].append(entry)
         per_account[entry.account_id].append(entry)
 

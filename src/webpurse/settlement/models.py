@@ -241,33 +241,40 @@ class Transfer(Base):
 
     No foreign key to the accounts (migration 0011): a hot account would take a key-share
     lock per row; the ledger posts only to accounts it has locked, and ``ledger.check``
-    reports any transfer or entry naming an account that does not exist.
+    reports any transfer or entry naming an account that does not exist. Read by id only
+    (and whole by the ledger check): no index on the accounts or the reference (0015).
     """
 
     __tablename__ = "ledger_transfers"
 
     id: Mapped[str] = mapped_column(String(120), primary_key=True)
-    debit_account: Mapped[str] = mapped_column(String(80), index=True)
-    credit_account: Mapped[str] = mapped_column(String(80), index=True)
+    debit_account: Mapped[str] = mapped_column(String(80))
+    credit_account: Mapped[str] = mapped_column(String(80))
     amount: Mapped[int] = mapped_column(BigInteger)
     currency: Mapped[str] = mapped_column(String(3))
     kind: Mapped[str] = mapped_column(String(40))
-    reference: Mapped[str | None] = mapped_column(String(80), nullable=True, index=True)
+    reference: Mapped[str | None] = mapped_column(String(80), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
 
 
 class Entry(Base):
-    """One leg of a transfer on one account, with the balance after it and the version."""
+    """One leg of a transfer on one account.
+
+    Its balance after and its place in the account's history are derived (migration 0015):
+    every entry on an account is inserted while its transaction holds the account's row
+    locked (``ledger._lock``), so per account the ids ascend in commit order, and the
+    running sum in id order is the balance after each entry (:func:`ledger.history`).
+    ``(account_id, id)`` is indexed for clearing, which reads an account's entries after
+    the last id a batch took.
+    """
 
     __tablename__ = "ledger_entries"
-    __table_args__ = (UniqueConstraint("account_id", "account_version"),)
+    __table_args__ = (Index("ix_ledger_entries_account_id", "account_id", "id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    transfer_id: Mapped[str] = mapped_column(ForeignKey("ledger_transfers.id"), index=True)
+    transfer_id: Mapped[str] = mapped_column(ForeignKey("ledger_transfers.id"))
     account_id: Mapped[str] = mapped_column(String(80))  # no foreign key: see Transfer
     amount: Mapped[int] = mapped_column(BigInteger)  # signed: -debit, +credit
-    balance_after: Mapped[int] = mapped_column(BigInteger)
-    account_version: Mapped[int] = mapped_column(BigInteger)
 
 
 class KeyState(TypeDecorator[str]):

@@ -19,13 +19,14 @@ transaction. Ids are derived from (merchant, day), so running a batch twice retu
 first one and never pays twice.
 
 Which movements a batch holds is decided by commit order, not by the clock a request read
-when it started (issue 19, finding 7). Every movement on an account has a version, given
-under the account's row lock, so versions follow commit order. A batch first locks the
-merchant's payable and top-up receivable — every transfer that already touched them has
-committed by then, and none can touch them until the batch commits — and then takes, on
-each account, the movements after the previous batch's mark, in version order, up to the
-first one stamped after its business day ends; it records where it stopped
-(``payable_version``, ``topups_version``). A movement stamped on a day whose batch already
+when it started (issue 19, finding 7). Every movement's entry on an account is inserted
+under the account's row lock, so on each account the entry ids follow commit order (the
+ledger module's docstring). A batch first locks the merchant's payable and top-up
+receivable — every transfer that already touched them has committed by then, and none can
+touch them until the batch commits — and then takes, on each account, the movements after
+the previous batch's mark, in entry id order, up to the first one stamped after its
+business day ends; it records where it stopped, the last entry id it passed
+(``payable_entry``, ``topups_entry``). A movement stamped on a day whose batch already
 ran, because its transaction committed after that batch, falls into the next batch: never
 into none, never into two. A top-up returned after the batch that settled it leaves the
 receivable positive; the next batch moves that back to the payable (a negative

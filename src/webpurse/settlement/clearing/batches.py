@@ -53,21 +53,22 @@ _CLEARING_KINDS = (PAYOUT_KIND, TOPUPS_SETTLED_KIND)
 def _movements(
     session: Session, account: str, after: int, end: datetime
 ) -> tuple[list[Transfer], int]:
-    """The account's movements after version ``after``, in commit order, up to ``end``.
+    """The account's movements after its entry ``after``, in commit (entry id) order, up
+    to ``end``.
 
     Stops before the first movement stamped at or after ``end`` (it belongs to a later day,
     and so does everything committed after it); clearing's own transfers (payouts, top-ups
-    settled) are passed over. Returns the movements and the version it stopped at.
+    settled) are passed over. Returns the movements and the entry id it stopped at.
     """
     rows = session.execute(
-        select(Entry.account_version, Transfer)
+        select(Entry.id, Transfer)
         .join(Transfer, Transfer.id == Entry.transfer_id)
-        .where(Entry.account_id == account, Entry.account_version > after)
-        .order_by(Entry.account_version)
+        .where(Entry.account_id == account, Entry.id > after)
+        .order_by(Entry.id)
     ).all()
     taken: list[Transfer] = []
     last = after
-    for version, transfer in rows:
+    for entry_id, transfer in rows:
         if transfer.kind not in _CLEARING_KINDS:
             stamped = transfer.created_at
             if stamped.tzinfo is None:
@@ -75,7 +76,7 @@ def _movements(
             if stamped >= end:
                 break
             taken.append(transfer)
-        last = int(version)
+        last = int(entry_id)
     return taken, last
 
 
@@ -244,7 +245,7 @@ def run_batch(
     previous = _previous_batch(session, merchant_id, day)
     carried_in = previous.carried_out if previous is not None else 0
     marks = (
-        (previous.payable_version or 0, previous.topups_version or 0)
+        (previous.payable_entry or 0, previous.topups_entry or 0)
         if previous is not None
         else (0, 0)
     )
@@ -273,8 +274,8 @@ def run_batch(
         payout=totals.payout,
         carried_out=totals.carried_out,
         transfer_id=transfer_id,
-        payable_version=marks[0],
-        topups_version=marks[1],
+        payable_entry=marks[0],
+        topups_entry=marks[1],
         report_csv=render_csv(merchant_id, day, items, totals, tz, currency=currency),
         created_at=now,
     )

@@ -42,9 +42,9 @@ class ClearingBatch(Base):
     payout: Mapped[int] = mapped_column(BigInteger)
     carried_out: Mapped[int] = mapped_column(BigInteger)
     transfer_id: Mapped[str | None] = mapped_column(String(120), nullable=True)
-    # Where the batch stopped on the payable and on the top-up receivable (entry versions):
-    # the next batch starts after them. None: a batch of before these marks (0).
-    payable_version: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    topups_version: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # Where the batch stopped on the payable and on the top-up receivable (the last ledger
+    # entry id it passed on each): the next batch starts after them. None: nothing (0).
+    payable_entry: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    topups_entry: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     report_csv: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
