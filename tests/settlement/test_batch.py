@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import event, func, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import make_transient
 
@@ -409,3 +409,45 @@ def test_a_key_stored_meanwhile_by_a_duplicate_replays_its_answer(
         assert answers[0]["body"]["id"] == first.json()["id"]
         with world.factory() as session:
             assert session.scalar(select(func.count()).select_from(Payment)) == 1
+
+
+def test_the_merchants_payable_is_locked_and_credited_last_before_the_commit(
+    world: World,
+) -> None:
+    """Every capture of a batch credits the merchant's payable, the one row concurrent
+    batches of that merchant share: it is locked by the last statements before the commit
+    (after the keys, events and answers are written), so a concurrent batch waits on it
+    for the commit only. Nothing else of the ledger changes."""
+    cards = [world.funded_card(1_000) for _ in range(3)]
+    payable = ledger.merchant_account(world.merchant_id)
+    engine = world.factory.kw["bind"]
+    statements: list[str] = []
+
+    def record(*args: Any) -> None:
+        statements.append(" ".join(str(args[2]).replace('"', "").split()))
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        captured = _purchases(world, cards, 50)
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert [a["body"]["status"] for a in captured] == ["succeeded"] * 3
+    capture_batch = statements[max(i for i, s in enumerate(statements) if "FROM payments" in s) :]
+    ledger_statements = [
+        (i, s)
+        for i, s in enumerate(capture_batch)
+        if "ledger_accounts" in s or "ledger_entries" in s
+    ]
+    keys = max(
+        i for i, s in enumerate(capture_batch) if s.startswith("INSERT INTO idempotency_keys")
+    )
+    last_three = [s.split(" ")[0] for _, s in ledger_statements[-3:]]
+    assert last_three == ["SELECT", "UPDATE", "INSERT"]
+    # The payable's lock comes after the keys; nothing follows its entries.
+    assert ledger_statements[-3][0] > keys
+    assert ledger_statements[-1][0] == len(capture_batch) - 1
+    with world.factory() as session:
+        history = ledger.history(session, payable)
+        assert [line.balance_after for line in history] == [50, 100, 150]
+        report = ledger.check(session)
+        assert report.ok, report.problems

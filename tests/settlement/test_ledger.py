@@ -228,13 +228,17 @@ def _post_one(session: Session, path: str, transfer_id: str, debit: str, credit:
     batch path does)."""
     if path == "post_transfer":
         ledger.post_transfer(session, transfer_id, debit, credit, 100, "purchase_capture", now=NOW)
-    else:
+    elif path == "post_transfers":
         spec = ledger.TransferSpec(transfer_id, debit, credit, 100, "purchase_capture")
         ledger.post_transfers(session, [spec], now=NOW)
+    else:  # the batch's way: the hot credit locked and written last (post_hot_credits)
+        spec = ledger.TransferSpec(transfer_id, debit, credit, 100, "purchase_capture")
+        hot = ledger.post_transfers(session, [spec], now=NOW, defer=frozenset({credit}))
+        ledger.post_hot_credits(session, hot)
 
 
 @pytest.mark.postgres
-@pytest.mark.parametrize("path", ["post_transfer", "post_transfers"])
+@pytest.mark.parametrize("path", ["post_transfer", "post_transfers", "post_hot_credits"])
 def test_entry_ids_follow_commit_order_on_an_account_so_clearing_marks_miss_nothing(
     tmp_path: Path, path: str
 ) -> None:
@@ -315,3 +319,36 @@ def test_the_ledger_check_s_refund_rule_names_the_ledger_s_account() -> None:
     from webpurse.settlement import refund_checks
 
     assert refund_checks.REFUNDS_PENDING == ledger.REFUNDS_PENDING
+
+
+def test_a_hot_credit_posted_last_gives_the_history_posting_at_once_gives(
+    session: Session,
+) -> None:
+    """``post_transfers(defer=…)`` + ``post_hot_credits``: the same balances, versions and
+    per-account history as posting everything at once; a deferred account is never
+    debited (its balance would be decided on without its lock)."""
+    cards = [ledger.card_account(f"crd_{i}") for i in range(3)]
+    for card in cards:
+        ledger.post_transfer(session, f"load:{card}", CASH, card, 1_000, "load", now=NOW)
+    specs = [
+        ledger.TransferSpec(f"cap_{i}", card, SHOP, 100 + i, "purchase_capture")
+        for i, card in enumerate(cards * 2)
+    ]
+    hot = ledger.post_transfers(session, specs, now=NOW, defer=frozenset({SHOP}))
+    assert ledger.balance(session, SHOP) == 0  # nothing on the hot account yet
+    ledger.post_hot_credits(session, hot)
+    history = ledger.history(session, SHOP)
+    assert [line.transfer_id for line in history] == [spec.id for spec in specs]
+    assert [line.balance_after for line in history] == [100, 201, 303, 406, 510, 615]
+    assert [line.version for line in history] == list(range(1, 7))
+    assert ledger.balance(session, SHOP) == 615
+    assert [ledger.balance(session, card) for card in cards] == [797, 795, 793]
+    report = ledger.check(session)
+    assert report.ok, report.problems
+    with pytest.raises(ValueError, match="debited"):
+        ledger.post_transfers(
+            session,
+            [ledger.TransferSpec("back", SHOP, cards[0], 1, "refund")],
+            now=NOW,
+            defer=frozenset({SHOP}),
+        )

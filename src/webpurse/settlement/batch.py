@@ -59,7 +59,7 @@ from webpurse.settlement import (
 )
 from webpurse.settlement.db import among, bulk_insert, bulk_update, for_update
 from webpurse.settlement.errors import SettlementError, ledger_refused, not_found
-from webpurse.settlement.ledger import LedgerError, TransferSpec
+from webpurse.settlement.ledger import HotCredits, LedgerError, TransferSpec
 from webpurse.settlement.merchants import MerchantError, terminal_seqs
 from webpurse.settlement.models import Card, IdempotencyRecord, Merchant, Payment
 from webpurse.settlement.problems import ApiError, keeps_changes, problem
@@ -173,6 +173,8 @@ class Outcome:
     fast: int = 0
     slow: int = 0
     problems: list[ApiError] = field(default_factory=list)
+    # The fast path's credits to the merchant's payable, posted last (ledger.HotCredits).
+    hot: HotCredits | None = None
 
 
 # --- parsing ---------------------------------------------------------------------------
@@ -490,6 +492,7 @@ class _Writes:
     transfers: list[TransferSpec] = field(default_factory=list)
     # (type, the payment's JSON, whether the event names the payment instead of a body)
     events: list[tuple[str, dict[str, Any], bool]] = field(default_factory=list)
+    hot: HotCredits | None = None
 
 
 def _fast_create(ctx: Ctx, merchant: Any, items: list[Item], writes: _Writes) -> None:
@@ -766,9 +769,11 @@ def _write(ctx: Ctx, writes: _Writes) -> None:
     bulk_update(session, _CARDS, writes.card_settled)
     assert ctx.principal.merchant_id is not None
     _enqueue_events(ctx, ctx.principal.merchant_id, writes.events)
-    # The hot account (the merchant's payable) last: its lock is held from here to the
-    # commit, which every concurrent batch waits on.
-    ledger.post_transfers(session, writes.transfers, now=ctx.now)
+    # The hot account (the merchant's payable) is only credited: it is locked and written
+    # by run() as the last thing before the commit (ledger.post_hot_credits), so that a
+    # concurrent batch of the merchant waits on it for the commit only.
+    payable = frozenset({ledger.merchant_account(ctx.principal.merchant_id)})
+    writes.hot = ledger.post_transfers(session, writes.transfers, now=ctx.now, defer=payable)
 
 
 def _touches(ctx: Ctx, items: list[Item]) -> dict[int, frozenset[str]]:
@@ -829,7 +834,7 @@ def _in_order(items: list[Item], taken: set[int], touched: dict[int, frozenset[s
     return kept
 
 
-def _fast(ctx: Ctx, items: list[Item]) -> int:
+def _fast(ctx: Ctx, items: list[Item], outcome: Outcome) -> int:
     """Take what the fast path can; returns how many items it answered (0 after a fallback)."""
     by_action: dict[str, list[Item]] = {"create": [], "authorise": [], "capture": []}
     named: set[str] = set()
@@ -881,6 +886,7 @@ def _fast(ctx: Ctx, items: list[Item]) -> int:
         taken += [a.item for a in approvals] + [c.item for c in captures]
         _write(ctx, writes)
         savepoint.commit()
+        outcome.hot = writes.hot
     except (LedgerError, SettlementError, DBAPIError) as error:
         if isinstance(error, DBAPIError) and transient(error):
             raise  # a deadlock or serialization failure: the route runs the batch again
@@ -906,7 +912,7 @@ def run(ctx: Ctx, raw_items: Sequence[BatchItemIn], request_id: str | None) -> O
     items = [parse_item(index, raw, request_id) for index, raw in enumerate(raw_items)]
     _check_keys(ctx, items, request_id)
     outcome = Outcome([])
-    outcome.fast = _fast(ctx, items)
+    outcome.fast = _fast(ctx, items, outcome)
     ctx.session.expire_all()
     for item in items:
         if item.answer is None and item.duplicate_of is None:
@@ -920,6 +926,8 @@ def run(ctx: Ctx, raw_items: Sequence[BatchItemIn], request_id: str | None) -> O
             else:
                 item.answer, item.replayed, item._encoded = first.answer, True, first.encoded
     _store_answers(ctx, items)
+    if outcome.hot is not None:
+        ledger.post_hot_credits(ctx.session, outcome.hot)  # the last statements: see _write
     for item in items:
         assert item.answer is not None
         outcome.answers.append((item.answer[0], item.encoded, item.replayed))

@@ -338,13 +338,34 @@ class TransferSpec:
     reference: str | None = None
 
 
+@dataclass
+class HotCredits:
+    """The credits :func:`post_transfers` left for :func:`post_hot_credits` to post last.
+
+    A hot account (a merchant's payable, credited by every purchase of a batch) is locked
+    only to be credited: nothing is decided on its balance, so its lock can wait until the
+    very end of the transaction, the last statements before the commit. Concurrent
+    batches of one merchant then queue on it for the commit only, not for the rest of the
+    batch's work (keys, events, answers). Its entries are inserted after that lock, in
+    posting order, as every entry is (their ids are the account's history).
+    """
+
+    currency: str
+    now: dt.datetime
+    entries: list[dict[str, object]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+
 def post_transfers(
     session: Session,
     transfers: Sequence[TransferSpec],
     *,
     now: dt.datetime,
     currency: str = "CNY",
-) -> None:
+    defer: frozenset[str] = frozenset(),
+) -> HotCredits:
     """Post many new transfers at once: the ledger's half of group commit.
 
     Every touched account is locked once for the whole group (one sorted ``SELECT … FOR
@@ -354,25 +375,34 @@ def post_transfers(
     in the transfers' order, so their ids give exactly the history posting them one by one
     would have written.
 
+    The accounts in ``defer`` are only credited here (a transfer debiting one is refused
+    with ``ValueError``): they are neither locked nor written now, but returned as
+    :class:`HotCredits`, which the caller posts with :func:`post_hot_credits` as the last
+    thing before its commit. The transfer rows themselves are written now.
+
     All or nothing: a refused transfer raises :class:`LedgerError` before anything is
     written. The ids must be new (a reused id fails the insert; retries of single
     transfers go through :func:`post_transfer`).
     """
+    hot = HotCredits(currency, now)
     if not transfers:
-        return
+        return hot
     for spec in transfers:
         _check_shape(spec.amount, spec.debit_account, spec.credit_account)
-    touched = {spec.debit_account for spec in transfers} | {
-        spec.credit_account for spec in transfers
-    }
+        if spec.debit_account in defer:
+            raise ValueError(f"{spec.debit_account} is debited: it cannot be posted last")
+    touched = (
+        {spec.debit_account for spec in transfers} | {spec.credit_account for spec in transfers}
+    ) - defer
     accounts = _lock(session, list(touched), now, currency)
     balances = {account_id: int(row.balance) for account_id, row in accounts.items()}
     versions = {account_id: int(row.version) for account_id, row in accounts.items()}
     transfer_rows: list[dict[str, object]] = []
     entry_rows: list[dict[str, object]] = []
     for spec in transfers:
-        debit, credit = accounts[spec.debit_account], accounts[spec.credit_account]
-        if debit.currency != currency or credit.currency != currency:
+        debit = accounts[spec.debit_account]
+        credit = accounts.get(spec.credit_account)
+        if debit.currency != currency or (credit is not None and credit.currency != currency):
             raise LedgerError("both accounts must be in the transfer's currency")
         if not debit.allow_negative and balances[debit.id] < spec.amount:
             raise LedgerError(
@@ -390,16 +420,17 @@ def post_transfers(
                 "created_at": now,
             }
         )
-        for account_id, signed in ((debit.id, -spec.amount), (credit.id, spec.amount)):
+        for account_id, signed in (
+            (spec.debit_account, -spec.amount),
+            (spec.credit_account, spec.amount),
+        ):
+            entry = {"transfer_id": spec.id, "account_id": account_id, "amount": signed}
+            if account_id in defer:
+                hot.entries.append(entry)
+                continue
             balances[account_id] += signed
             versions[account_id] += 1
-            entry_rows.append(
-                {
-                    "transfer_id": spec.id,
-                    "account_id": account_id,
-                    "amount": signed,
-                }
-            )
+            entry_rows.append(entry)
     bulk_insert(session, _TRANSFERS, transfer_rows)
     bulk_update(
         session,
@@ -410,6 +441,36 @@ def post_transfers(
         ],
     )
     bulk_insert(session, _ENTRIES, entry_rows)
+    return hot
+
+
+def post_hot_credits(session: Session, hot: HotCredits) -> None:
+    """Lock the hot accounts :func:`post_transfers` deferred, credit them, insert their
+    entries (in posting order, after the lock): call it last before the commit."""
+    if not hot:
+        return
+    totals: dict[str, int] = defaultdict(int)
+    counts: dict[str, int] = defaultdict(int)
+    for entry in hot.entries:
+        account_id = str(entry["account_id"])
+        totals[account_id] += int(str(entry["amount"]))
+        counts[account_id] += 1
+    accounts = _lock(session, list(totals), hot.now, hot.currency)
+    if any(row.currency != hot.currency for row in accounts.values()):
+        raise LedgerError("both accounts must be in the transfer's currency")
+    bulk_update(
+        session,
+        _ACCOUNTS,
+        [
+            {
+                "id": account_id,
+                "balance": int(accounts[account_id].balance) + totals[account_id],
+                "version": int(accounts[account_id].version) + counts[account_id],
+            }
+            for account_id in sorted(totals)
+        ],
+    )
+    bulk_insert(session, _ENTRIES, hot.entries)
 
 
 def locked_balance(
