@@ -19,7 +19,7 @@ exact index of the open payments must change at the capture, which is what ends 
 SQLite has no fillfactor: nothing changes there.
 
 Revision ID: 0017_i20_hot_payments
-Revises: 0014_i20_one_transfer_purchase
+Revises: 0015_i20_entries_derived
 Create Date: 2026-12-06 14:20:00
 """
 
@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from alembic import op
 
 revision: str = "0017_i20_hot_payments"
-down_revision: str | None = "0014_i20_one_transfer_purchase"
+down_revision: str | None = "0015_i20_entries_derived"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
