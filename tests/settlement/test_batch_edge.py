@@ -22,7 +22,7 @@ BODIES: list[tuple[str, dict[str, Any] | None]] = [
         {
             "amount": 4294967295,
             "currency": "CNY",
-            "description": "caf\u00e9 \u4e2d\u6587 \x7f \"q\" \\",
+            "description": 'caf\u00e9 \u4e2d\u6587 \x7f "q" \\',
             "merchant_reference": "r-1",
             "metadata": {"b": "2", "a": "\u00e9"},
         },
