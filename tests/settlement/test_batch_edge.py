@@ -91,3 +91,42 @@ def test_a_schema_with_a_field_json_mode_changes_is_dumped() -> None:
     item = batch.Item(0, "/v1/payments", "create", None, Later(at=dt.datetime(2026, 1, 2)), None)
     assert item.payload == {"at": "2026-01-02T00:00:00"}
     assert type(Ratio(share=0.5)) not in batch._NATIVE and type(Open(name="x")) not in batch._NATIVE
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        [],
+        [(b"content-type", b"application/json")],
+        [(b"x-request-id", b"mine"), (b"content-length", b"2")],
+        [(b"a", b"1"), (b"x-request-id", b"one"), (b"b", b"2"), (b"x-request-id", b"two")],
+    ],
+)
+def test_the_request_id_is_echoed_as_starlette_set_it(raw: list[tuple[bytes, bytes]]) -> None:
+    from starlette.datastructures import MutableHeaders
+
+    from webpurse.settlement.app import _echo
+
+    expected = MutableHeaders(raw=list(raw))
+    expected["X-Request-Id"] = "req_1"
+    assert _echo(list(raw), b"req_1") == expected.raw
+
+
+def test_the_request_context_is_pure_asgi() -> None:
+    from starlette.middleware.base import BaseHTTPMiddleware
+
+    from webpurse.settlement.app import RequestContext, create_app
+    from webpurse.settlement.settings import Settings
+
+    app = create_app(Settings(database_url="sqlite://", migrate=False), security=object())
+    kinds = [m.cls for m in app.user_middleware]
+    assert RequestContext in kinds and BaseHTTPMiddleware not in kinds
+
+
+def test_serving_collects_the_young_generation_past_a_batchs_working_set() -> None:
+    import gc
+
+    from webpurse.settlement import app
+
+    app._freeze_startup_objects()
+    assert gc.get_threshold()[0] == app.GC_YOUNG
