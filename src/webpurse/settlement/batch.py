@@ -232,7 +232,9 @@ def parse_item(index: int, raw: BatchItemIn, request_id: str | None) -> Item:
     if raw.body is None and action in ("uncertain", "cancel"):
         return item
     try:
-        item.body = _SCHEMAS[action].model_validate(raw.body if raw.body is not None else {})
+        # model_validate's own validator, without its Python wrapper (~0.7 µs an item)
+        validator = _SCHEMAS[action].__pydantic_validator__
+        item.body = validator.validate_python(raw.body if raw.body is not None else {})
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(part) for part in first.get("loc", ()))
