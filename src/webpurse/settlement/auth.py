@@ -16,7 +16,7 @@ from typing import Annotated
 
 import structlog
 from fastapi import Depends, Request
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from webpurse.settlement.errors import forbidden, unauthenticated
@@ -74,6 +74,14 @@ def new_api_key(
     return row, clear
 
 
+# Built once: the statement (and SQLAlchemy's cache key of it) is the same for every request.
+_BY_HASH = (
+    select(ApiKey.id, ApiKey.key_hash, ApiKey.role, ApiKey.merchant_id, ApiKey.revoked_at)
+    .where(ApiKey.key_hash == bindparam("key_hash"))
+    .limit(1)
+)
+
+
 def authenticate(session: Session, authorization: str | None) -> Principal:
     if not authorization:
         raise unauthenticated()
@@ -82,11 +90,7 @@ def authenticate(session: Session, authorization: str | None) -> Principal:
     if scheme.lower() != "bearer" or not token.startswith(("sk_mer_", "sk_op_")):
         raise unauthenticated("use Authorization: Bearer <api key>")
     presented = hash_key(token)
-    row = session.execute(
-        select(ApiKey.id, ApiKey.key_hash, ApiKey.role, ApiKey.merchant_id, ApiKey.revoked_at)
-        .where(ApiKey.key_hash == presented)
-        .limit(1)
-    ).first()
+    row = session.execute(_BY_HASH, {"key_hash": presented}).first()
     # The lookup is by hash; the compare below keeps the final check constant-time.
     if (
         row is None

@@ -34,8 +34,8 @@ import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import SimpleNamespace
-from typing import Any, cast
+from types import NoneType, SimpleNamespace, UnionType
+from typing import Annotated, Any, Literal, Union, cast, get_args, get_origin
 
 import orjson
 import structlog
@@ -105,6 +105,28 @@ _SCHEMAS: dict[str, type[BaseModel]] = {
 Answer = tuple[int, dict[str, Any]]
 
 
+def _json_native(annotation: Any) -> bool:
+    """Whether every value of ``annotation`` dumps to itself in JSON mode: str, int,
+    bool, None, a Literal of those, a dict or list of them (constraints aside)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _json_native(get_args(annotation)[0])
+    if origin is Literal:
+        return all(type(arg) in (str, int, bool) for arg in get_args(annotation))
+    if origin in (Union, UnionType, dict, list):
+        return all(_json_native(arg) for arg in get_args(annotation))
+    return annotation in (str, int, bool, NoneType)
+
+
+# The schemas whose fields a payload reads as they are (model_dump would copy them).
+_NATIVE = frozenset(
+    schema
+    for schema in _SCHEMAS.values()
+    if schema.model_config.get("extra") == "forbid"
+    and all(_json_native(field.annotation) for field in schema.model_fields.values())
+)
+
+
 @dataclass
 class Item:
     """One request of a batch, as parsed, and (once known) its answer."""
@@ -157,12 +179,19 @@ class Item:
 
     @property
     def payload(self) -> Any:
-        """What the single endpoint fingerprints for this request (routes_payments.py)."""
-        if self.action == "uncertain" or self.body is None:
+        """What the single endpoint fingerprints for this request (routes_payments.py):
+        ``model_dump(mode="json")``, ``exclude_none`` for a cancel, read straight off the
+        model where every field is JSON already (:func:`_json_native`)."""
+        body = self.body
+        if self.action == "uncertain" or body is None:
             return {}
+        if type(body) not in _NATIVE:
+            if self.action == "cancel":
+                return body.model_dump(mode="json", exclude_none=True)
+            return body.model_dump(mode="json")
         if self.action == "cancel":
-            return self.body.model_dump(mode="json", exclude_none=True)
-        return self.body.model_dump(mode="json")
+            return {name: value for name, value in body.__dict__.items() if value is not None}
+        return dict(body.__dict__)
 
 
 @dataclass
@@ -205,7 +234,9 @@ def parse_item(index: int, raw: BatchItemIn, request_id: str | None) -> Item:
     if raw.body is None and action in ("uncertain", "cancel"):
         return item
     try:
-        item.body = _SCHEMAS[action].model_validate(raw.body if raw.body is not None else {})
+        # model_validate's own validator, without its Python wrapper (~0.7 µs an item)
+        validator = _SCHEMAS[action].__pydantic_validator__
+        item.body = validator.validate_python(raw.body if raw.body is not None else {})
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(part) for part in first.get("loc", ()))
