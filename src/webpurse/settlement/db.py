@@ -18,9 +18,11 @@ from sqlalchemy import (
     DateTime,
     Engine,
     Table,
+    Text,
     TextClause,
     any_,
     bindparam,
+    cast,
     create_engine,
     event,
     insert,
@@ -239,7 +241,23 @@ def among(where: Session | str, column: Any, values: Iterable[Any]) -> Any:
     dialect = where if isinstance(where, str) else where.get_bind().dialect.name
     if dialect != "postgresql":
         return column.in_(values)
+    if all(type(value) is str for value in values):
+        # The array as its text literal, cast by PostgreSQL: psycopg's list dumper costs
+        # Python work per element (4.4 % of the server under batched load, issue 20).
+        literal = bindparam(None, array_literal(values), type_=Text())
+        return column == any_(cast(literal, postgresql.ARRAY(column.type)))
     return column == any_(bindparam(None, values, type_=postgresql.ARRAY(column.type)))
+
+
+def array_literal(values: Iterable[str]) -> str:
+    """PostgreSQL's text form of a one-dimensional array of strings: each element in
+    double quotes, its backslashes and double quotes escaped (nothing else is special
+    inside quotes), so any string reads back as itself."""
+    return (
+        "{"
+        + ",".join('"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"' for value in values)
+        + "}"
+    )
 
 
 def _rows_json(rows: list[dict[str, object]]) -> str:

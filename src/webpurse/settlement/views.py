@@ -9,6 +9,8 @@ idempotency keys show a payment as it was at one step of its purchase
 from __future__ import annotations
 
 import datetime as dt
+import functools
+from types import MappingProxyType
 from typing import Any
 
 from webpurse.protocol.commands import CreditForLoad, DebitForPurchase
@@ -156,8 +158,12 @@ STEPS = ("create", "authorise", "capture")
 _STEP_TIME = {"create": "created_at", "authorise": "authorised_at", "capture": "succeeded_at"}
 
 
-def _pinned(step: str, at: dt.datetime) -> dict[str, Any]:
-    """The members of a payment's JSON a later step changes, as they were after ``step``."""
+@functools.lru_cache(maxsize=64)
+def _pinned_view(step: str, at: dt.datetime) -> MappingProxyType[str, Any]:
+    """The members of a payment's JSON a later step changes, as they were after ``step``.
+
+    Read-only and kept: a batch pins hundreds of answers to one time. Equal instants in
+    other zones share an entry, and their UTC text is the same."""
     later: dict[str, Any] = {"decline_code": None, "amount_refunded": 0}
     if step == "create":
         status = Status.REQUIRES_CARD.value
@@ -169,11 +175,15 @@ def _pinned(step: str, at: dt.datetime) -> dict[str, Any]:
         status = Status.SUCCEEDED.value
     else:
         raise ValueError(f"no as-of rendering for the step {step!r}")
-    return {"status": status, **later, "updated_at": _iso(at)}
+    return MappingProxyType({"status": status, **later, "updated_at": _iso(at)})
 
 
+@functools.lru_cache(maxsize=1024)
 def _iso(at: dt.datetime) -> str:
-    """A time as a payment's JSON shows it once read back (the columns are UTC)."""
+    """A time as a payment's JSON shows it once read back (the columns are UTC).
+
+    Kept: every answer of a batch (and each row of it read back) carries the same times;
+    an equal instant in another zone hits the same entry, whose UTC text is the same."""
     return at.astimezone(dt.UTC).isoformat()
 
 
@@ -192,7 +202,7 @@ def payment_as_of(payment: Payment, step: str) -> dict[str, Any]:
     if at is None:
         raise ValueError(f"payment {payment.id} has no time for the step {step!r}")
     answer = payment_json(payment)
-    answer.update(_pinned(step, at))
+    answer.update(_pinned_view(step, at))
     return answer
 
 
@@ -206,4 +216,4 @@ def renders_as_of(answer: dict[str, Any], payment: Payment, step: str) -> bool:
         return False
     if answer.get("created_at") != _iso(payment.created_at):
         return False  # a clock not in UTC: the stored column reads back otherwise
-    return all(answer.get(name) == value for name, value in _pinned(step, at).items())
+    return all(answer.get(name) == value for name, value in _pinned_view(step, at).items())
