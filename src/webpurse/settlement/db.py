@@ -241,23 +241,29 @@ def among(where: Session | str, column: Any, values: Iterable[Any]) -> Any:
     dialect = where if isinstance(where, str) else where.get_bind().dialect.name
     if dialect != "postgresql":
         return column.in_(values)
-    if all(type(value) is str for value in values):
+    literal = array_literal(values)
+    if literal is not None:
         # The array as its text literal, cast by PostgreSQL: psycopg's list dumper costs
         # Python work per element (4.4 % of the server under batched load, issue 20).
-        literal = bindparam(None, array_literal(values), type_=Text())
-        return column == any_(cast(literal, postgresql.ARRAY(column.type)))
+        text_bind = bindparam(None, literal, type_=Text())
+        return column == any_(cast(text_bind, postgresql.ARRAY(column.type)))
     return column == any_(bindparam(None, values, type_=postgresql.ARRAY(column.type)))
 
 
-def array_literal(values: Iterable[str]) -> str:
+def array_literal(values: list[Any]) -> str | None:
     """PostgreSQL's text form of a one-dimensional array of strings: each element in
     double quotes, its backslashes and double quotes escaped (nothing else is special
-    inside quotes), so any string reads back as itself."""
-    return (
-        "{"
-        + ",".join('"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"' for value in values)
-        + "}"
-    )
+    inside quotes), so any string reads back as itself. None if a value is not a string
+    or holds a NUL (which no PostgreSQL text can: the array bind refuses it as before)."""
+    if not values:
+        return "{}"
+    if not set(map(type, values)) <= {str}:
+        return None
+    joined = "\x00".join(values)  # NUL: the one character no element may hold
+    if joined.count("\x00") != len(values) - 1:
+        return None
+    escaped = joined.replace("\\", "\\\\").replace('"', '\\"')
+    return '{"' + escaped.replace("\x00", '","') + '"}'
 
 
 def _rows_json(rows: list[dict[str, object]]) -> str:
