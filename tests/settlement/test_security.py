@@ -210,4 +210,5 @@ def test_the_mac_encryptor_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> 
             module._session_mac("dpk", serial, 1, bytes(8), b"data")
             module._tac(serial, 1, b"data")
     assert len(module._SoftwareSecurityModule__encryptors) == 3  # type: ignore[attr-defined]
+    assert len(module._SoftwareSecurityModule__sessions) == 3  # type: ignore[attr-defined]
     assert "encryptor" not in repr(module).lower() and master.hex() not in repr(module)

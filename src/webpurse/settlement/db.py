@@ -250,6 +250,30 @@ def among(where: Session | str, column: Any, values: Iterable[Any]) -> Any:
     return column == any_(bindparam(None, values, type_=postgresql.ARRAY(column.type)))
 
 
+def dialect_name(session: Session) -> str:
+    """The name of the session's dialect ("postgresql", "sqlite")."""
+    return session.get_bind().dialect.name
+
+
+def among_bound(dialect: str, column: Any, name: str) -> Any:
+    """:func:`among` with the values bound later, as ``name`` (:func:`among_values`): a
+    statement built once and run with each batch's values, instead of built per batch."""
+    if dialect != "postgresql":
+        return column.in_(bindparam(name, expanding=True))
+    return column == any_(cast(bindparam(name, type_=Text()), postgresql.ARRAY(column.type)))
+
+
+def among_values(dialect: str, values: Iterable[str]) -> Any:
+    """The value of an :func:`among_bound` parameter: strings (without NUL)."""
+    values = list(values)
+    if dialect != "postgresql":
+        return values
+    literal = array_literal(values)
+    if literal is None:
+        raise ValueError("among_values binds strings without NUL")
+    return literal
+
+
 def array_literal(values: list[Any]) -> str | None:
     """PostgreSQL's text form of a one-dimensional array of strings: each element in
     double quotes, its backslashes and double quotes escaped (nothing else is special

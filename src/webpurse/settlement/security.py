@@ -171,6 +171,9 @@ class SoftwareSecurityModule(SecurityModule):
         self.__card_keys_lock = threading.Lock()
         # ECB encryptors of card keys (by kind, "tac" for the TAC key) for the MACs.
         self.__encryptors: OrderedDict[tuple[str, bytes, int], CipherContext] = OrderedDict()
+        # Session-key encryptors by (kind, serial, version, session block): a purchase's
+        # MAC1 and MAC2 are under the same session key. Oldest first out, like the above.
+        self.__sessions: OrderedDict[tuple[str, bytes, int, bytes], CipherContext] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"SoftwareSecurityModule(versions={sorted(self.__keysets)}, keys=<redacted>)"
@@ -265,8 +268,17 @@ class SoftwareSecurityModule(SecurityModule):
     ) -> bytes:
         if len(block) != 8:
             raise FieldError(f"a session block is 8 bytes, got {len(block)}")
-        session = _des_encryptor(self._encrypt(kind, serial, version, block))
-        return _cbc_mac(session.update, data)
+        cache_key = (kind, bytes(serial), version, bytes(block))
+        with self.__card_keys_lock:
+            session = self.__sessions.get(cache_key)
+        if session is None:
+            session = _des_encryptor(self._encrypt(kind, serial, version, block))
+            with self.__card_keys_lock:
+                self.__sessions[cache_key] = session
+                if len(self.__sessions) > self.CARD_KEY_CACHE:
+                    self.__sessions.popitem(last=False)
+        with self.__card_keys_lock:  # an encryptor is not to be shared across threads
+            return _cbc_mac(session.update, data)
 
     def _tac(self, serial: bytes, version: int, data: bytes) -> bytes:
         return _cbc_mac(lambda block: self._encrypt("tac", serial, version, block), data)

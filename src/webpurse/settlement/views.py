@@ -33,8 +33,10 @@ _DEBIT_APDU = _debit(0, "20000101", "000000", "00000000").to_apdu().to_bytes().h
 _DEBIT_HEAD, _DEBIT_TAIL = _DEBIT_APDU[:10], _DEBIT_APDU[-2:]
 
 
+@functools.lru_cache(maxsize=1024)
 def _real(date: str, time: str) -> bool:
-    """Whether BCD digits ``date`` and ``time`` name a real date and time of day."""
+    """Whether BCD digits ``date`` and ``time`` name a real date and time of day (kept: a
+    batch's authorisations share one date and time)."""
     try:
         dt.date(int(date[:4]), int(date[4:6]), int(date[6:]))
         dt.time(int(time[:2]), int(time[2:4]), int(time[4:]))
