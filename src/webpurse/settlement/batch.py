@@ -41,7 +41,7 @@ from typing import Any, cast
 import orjson
 import structlog
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import Select, Table, bindparam, or_, select
+from sqlalchemy import Result, Select, Table, bindparam, or_, select
 from sqlalchemy.exc import DBAPIError
 
 from webpurse.protocol.commands import DebitForPurchaseResponse, InitializeForPurchaseResponse
@@ -139,7 +139,10 @@ class Item:
         """The issuer data (EF 0x15) its body carries, parsed once; None if none parses."""
         if not self._issuer_parsed:
             self._issuer_parsed = True
-            raw = getattr(self.body, "issuer_data", None)
+            # Only bodies of a schema with the field (a missing attribute of a pydantic
+            # model is a slow AttributeError).
+            has = self.body is not None and "issuer_data" in type(self.body).model_fields
+            raw = getattr(self.body, "issuer_data", None) if has else None
             if isinstance(raw, str):
                 try:
                     self._issuer = IssuerData.from_bytes(bytes.fromhex(raw))
@@ -317,7 +320,7 @@ def _referenced(ctx: Ctx, records: Iterable[Any]) -> dict[str, Payment]:
         return {}
     dialect = dialect_name(ctx.session)
     rows = ctx.session.execute(_referenced_stmt(dialect), {"ids": among_values(dialect, ids)})
-    return {row.id: _view(dict(row._mapping)) for row in rows.all()}
+    return _views(rows)
 
 
 def _store_answers(ctx: Ctx, items: Iterable[Item]) -> None:
@@ -428,6 +431,19 @@ def _view(columns: Mapping[str, Any]) -> Payment:
     return cast(Payment, SimpleNamespace(**values))
 
 
+def _views(result: Result[Any]) -> dict[str, Any]:
+    """Rows of ``payments`` (all columns) as :func:`_view` payments, by id. The names are
+    the result's, taken once (a row's ``_mapping`` builds its key view per row)."""
+    names = tuple(result.keys())
+    views = [_view(dict(zip(names, row, strict=True))) for row in result.all()]
+    return {view.id: view for view in views}
+
+
+def _updated(payment: Any, changes: Mapping[str, Any]) -> Payment:
+    """A :func:`_view` payment with ``changes`` (columns other than ``metadata``) made."""
+    return cast(Payment, SimpleNamespace(**{**vars(payment), **changes}))
+
+
 def _payments(ctx: Ctx, items: list[Item], status: str, *, lock: bool) -> dict[str, Any]:
     """The caller's payments named by ``items`` that are ``status``, in id order.
 
@@ -444,7 +460,7 @@ def _payments(ctx: Ctx, items: list[Item], status: str, *, lock: bool) -> dict[s
         "merchant": ctx.principal.merchant_id,
         "status": status,
     }
-    return {row.id: row for row in ctx.session.execute(stmt, params).all()}
+    return _views(ctx.session.execute(stmt, params))
 
 
 # The fast path's statements, built once per dialect (building and keying a statement
@@ -504,6 +520,10 @@ def _referenced_stmt(dialect: str) -> Select[Any]:
     return select(_PAYMENTS).where(among_bound(dialect, _PAYMENTS.c.id, "ids"))
 
 
+_ENDPOINTS_STMT = select(webhooks.WebhookEndpoint.id, webhooks.WebhookEndpoint.events).where(
+    webhooks.WebhookEndpoint.merchant_id == bindparam("merchant"),
+    webhooks.WebhookEndpoint.deleted_at.is_(None),
+)
 _MERCHANT_STMT = select(_MERCHANTS.c.id, _MERCHANTS.c.terminal_id).where(
     _MERCHANTS.c.id == bindparam("merchant")
 )
@@ -686,7 +706,7 @@ def _fast_authorise(ctx: Ctx, merchant: Any, approvals: list[_Approval], writes:
         writes.card_open.append(
             {"id": card.id, "open_transaction": payment.id, "updated_at": ctx.now}
         )
-        approval.item.answer_payment(200, _view({**payment._mapping, **authorised}), "authorise")
+        approval.item.answer_payment(200, _updated(payment, authorised), "authorise")
 
 
 def _capture_cards(ctx: Ctx, items: list[Item]) -> list[str]:
@@ -758,7 +778,7 @@ def _fast_capture(ctx: Ctx, captures: list[_Capture], writes: _Writes) -> None:
         writes.transfers.append(
             changes.purchase_capture(payment.id, card.id, payment.merchant_id, payment.amount)
         )
-        view = _view({**payment._mapping, **succeeded})
+        view = _updated(payment, succeeded)
         capture.item.answer_payment(200, view, "capture")
         assert capture.item.answer is not None
         body = capture.item.answer[1]
@@ -776,12 +796,7 @@ def _enqueue_events(
     """
     if not events:
         return
-    endpoints = ctx.session.execute(
-        select(webhooks.WebhookEndpoint.id, webhooks.WebhookEndpoint.events).where(
-            webhooks.WebhookEndpoint.merchant_id == merchant_id,
-            webhooks.WebhookEndpoint.deleted_at.is_(None),
-        )
-    ).all()
+    endpoints = ctx.session.execute(_ENDPOINTS_STMT, {"merchant": merchant_id}).all()
     event_rows: list[dict[str, object]] = []
     message_rows: list[dict[str, object]] = []
     for event_type, data, named in events:
