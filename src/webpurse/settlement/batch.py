@@ -97,6 +97,7 @@ _EVENTS: Table = webhooks.WebhookEvent.__table__  # type: ignore[assignment]
 _MESSAGES: Table = webhooks.WebhookMessage.__table__  # type: ignore[assignment]
 
 _NO_VALUES: dict[str, Any] = {column.name: None for column in _PAYMENTS.c}
+_VIEW_NAMES = frozenset("metadata_" if name == "metadata" else name for name in _NO_VALUES)
 _PATH = re.compile(
     r"^/v1/payments(?:/(?P<id>[A-Za-z0-9_]{1,40})/"
     r"(?P<action>authorise|capture|uncertain|resolve|cancel))?$"
@@ -434,8 +435,11 @@ def _view(columns: Mapping[str, Any]) -> Payment:
 def _views(result: Result[Any]) -> dict[str, Any]:
     """Rows of ``payments`` (all columns) as :func:`_view` payments, by id. The names are
     the result's, taken once (a row's ``_mapping`` builds its key view per row)."""
-    names = tuple(result.keys())
-    views = [_view(dict(zip(names, row, strict=True))) for row in result.all()]
+    columns = result.keys()
+    names = tuple("metadata_" if name == "metadata" else name for name in columns)
+    if set(names) != _VIEW_NAMES:  # every column, each once: nothing for _view to fill
+        raise ValueError(f"not a payments row: {names}")
+    views = [SimpleNamespace(**dict(zip(names, row, strict=True))) for row in result.all()]
     return {view.id: view for view in views}
 
 

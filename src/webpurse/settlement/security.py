@@ -245,14 +245,15 @@ class SoftwareSecurityModule(SecurityModule):
         version = self._current
         return version, {kind: self._card_key(kind, serial, version) for kind in KINDS}
 
-    def _encrypt(self, kind: str, serial: bytes, version: int, block: bytes) -> bytes:
-        """``block`` ECB-encrypted under the card key ``kind`` ("tac": the TAC key)."""
+    def _encryptor(self, kind: str, serial: bytes, version: int) -> CipherContext:
+        """The ECB encryptor of the card key ``kind`` ("tac": the TAC key), kept; use it
+        only while holding the lock (an encryptor is not to be shared across threads)."""
         cache_key = (kind, bytes(serial), version)
         with self.__card_keys_lock:
             encryptor = self.__encryptors.get(cache_key)
             if encryptor is not None:
                 self.__encryptors.move_to_end(cache_key)
-                return encryptor.update(block)
+                return encryptor
         if kind == "tac":
             encryptor = _des_encryptor(tac_key(self._card_key("dtk", serial, version)))
         else:
@@ -261,7 +262,7 @@ class SoftwareSecurityModule(SecurityModule):
             self.__encryptors[cache_key] = encryptor
             if len(self.__encryptors) > self.CARD_KEY_CACHE:
                 self.__encryptors.popitem(last=False)
-            return encryptor.update(block)
+        return encryptor
 
     def _session_mac(
         self, kind: str, serial: bytes, version: int, block: bytes, data: bytes
@@ -271,14 +272,17 @@ class SoftwareSecurityModule(SecurityModule):
         cache_key = (kind, bytes(serial), version, bytes(block))
         with self.__card_keys_lock:
             session = self.__sessions.get(cache_key)
-        if session is None:
-            session = _des_encryptor(self._encrypt(kind, serial, version, block))
-            with self.__card_keys_lock:
-                self.__sessions[cache_key] = session
-                if len(self.__sessions) > self.CARD_KEY_CACHE:
-                    self.__sessions.popitem(last=False)
-        with self.__card_keys_lock:  # an encryptor is not to be shared across threads
+            if session is not None:
+                return _cbc_mac(session.update, data)
+        card = self._encryptor(kind, serial, version)
+        with self.__card_keys_lock:
+            session = _des_encryptor(card.update(block))
+            self.__sessions[cache_key] = session
+            if len(self.__sessions) > self.CARD_KEY_CACHE:
+                self.__sessions.popitem(last=False)
             return _cbc_mac(session.update, data)
 
     def _tac(self, serial: bytes, version: int, data: bytes) -> bytes:
-        return _cbc_mac(lambda block: self._encrypt("tac", serial, version, block), data)
+        encryptor = self._encryptor("tac", serial, version)
+        with self.__card_keys_lock:
+            return _cbc_mac(encryptor.update, data)
