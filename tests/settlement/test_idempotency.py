@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from typing import Any
+
+import hypothesis
+from hypothesis import given
+from hypothesis import strategies as st
+
 from tests.settlement.support import World
+from webpurse.settlement import idempotency
 from webpurse.settlement.models import IdempotencyRecord, Payment
 
 
@@ -132,3 +141,29 @@ def test_a_ledger_refusal_is_stored_under_the_key_and_replayed(world: World) -> 
     assert again.status_code == 409
     assert again.json() == first.json()
     assert again.headers.get("idempotent-replayed") == "true"
+
+
+_JSONISH = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(1 << 70), max_value=1 << 70)
+    | st.floats(allow_nan=True)
+    | st.text()
+    | st.sampled_from(["\x7f", "é", "中", "\x00", "\u2028", "\ud7ff", 'a"\\/b']),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=5) | st.sampled_from(["é", "\x7f", "Z", "a"]), inner)
+        | st.tuples(inner, inner)
+    ),
+    max_leaves=12,
+)
+
+
+@hypothesis.settings(max_examples=500, deadline=None)
+@given(payload=_JSONISH, path=st.text(max_size=10))
+def test_fingerprints_are_the_stored_formula_whatever_the_payload(payload: Any, path: str) -> None:
+    """Fingerprints are stored with each key, so a faster encoder must give the same
+    digest as the original formula for every payload (floats, non-ASCII, big ints...)."""
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    expected = hashlib.sha256(f"POST {path}\n{canonical}".encode()).hexdigest()
+    assert idempotency.fingerprint("POST", path, payload) == expected

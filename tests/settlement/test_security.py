@@ -8,7 +8,10 @@ import os
 import secrets
 from pathlib import Path
 
+import hypothesis
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.settlement.support import deterministic_random, ok
 from webpurse.card import CardApplet, MemoryStore
@@ -167,3 +170,45 @@ def test_cached_card_keys_are_the_diversified_keys_and_the_cache_is_bounded(
     assert len(module._SoftwareSecurityModule__card_keys) == 2  # type: ignore[attr-defined]
     with pytest.raises(SecurityError):
         module._card_key("dpk", serials[0], 9)
+
+
+@hypothesis.settings(max_examples=200, deadline=None)
+@given(
+    serial=st.binary(min_size=10, max_size=10),
+    block=st.binary(min_size=8, max_size=8),
+    data=st.binary(max_size=40),
+    kind=st.sampled_from(["dpk", "dlk"]),
+)
+def test_macs_from_cached_encryptors_are_the_protocols_macs(
+    serial: bytes, block: bytes, data: bytes, kind: str
+) -> None:
+    """The software module's MACs (card-key encryptors kept per card, CBC chained by hand)
+    are exactly the protocol's: a session key from the card key, CBC-MAC, the TAC key."""
+    from webpurse.protocol.cipher import DES_SUITE
+    from webpurse.protocol.crypto import diversify, mac, tac_key
+
+    master = bytes(range(16)) if kind == "dpk" else bytes(range(16, 32))
+    keyset = dataclasses.make_dataclass("K", ["dpk", "dlk", "dtk"])(master, master, master[::-1])
+    module = SoftwareSecurityModule({1: keyset}, 1)  # type: ignore[dict-item]
+    card_key = diversify(master, serial)
+    session = DES_SUITE.key_cipher.encrypt_ecb(card_key, block)
+    for _ in range(2):  # built, then from the cache
+        assert module._session_mac(kind, serial, 1, block, data) == mac(session, data)
+        expected_tac = mac(tac_key(diversify(master[::-1], serial)), data)
+        assert module._tac(serial, 1, data) == expected_tac
+    with pytest.raises(SecurityError):
+        module._tac(serial, 9, data)
+
+
+def test_the_mac_encryptor_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    master = secrets.token_bytes(16)
+    keyset = dataclasses.make_dataclass("K", ["dpk", "dlk", "dtk"])(master, master, master)
+    module = SoftwareSecurityModule({1: keyset}, 1)  # type: ignore[dict-item]
+    monkeypatch.setattr(SoftwareSecurityModule, "CARD_KEY_CACHE", 3)
+    for _ in range(2):
+        for serial in [secrets.token_bytes(10) for _ in range(5)]:
+            module._session_mac("dpk", serial, 1, bytes(8), b"data")
+            module._tac(serial, 1, b"data")
+    assert len(module._SoftwareSecurityModule__encryptors) == 3  # type: ignore[attr-defined]
+    assert len(module._SoftwareSecurityModule__sessions) == 3  # type: ignore[attr-defined]
+    assert "encryptor" not in repr(module).lower() and master.hex() not in repr(module)

@@ -30,6 +30,7 @@ and its items take the per-item path, so a surprise costs speed, never correctne
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -40,7 +41,7 @@ from typing import Annotated, Any, Literal, Union, cast, get_args, get_origin
 import orjson
 import structlog
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import Table, or_, select
+from sqlalchemy import Result, Select, Table, bindparam, or_, select
 from sqlalchemy.exc import DBAPIError
 
 from webpurse.protocol.commands import DebitForPurchaseResponse, InitializeForPurchaseResponse
@@ -57,7 +58,14 @@ from webpurse.settlement import (
     views,
     webhooks,
 )
-from webpurse.settlement.db import among, bulk_insert, bulk_update, for_update
+from webpurse.settlement.db import (
+    among_bound,
+    among_values,
+    bulk_insert,
+    bulk_update,
+    dialect_name,
+    for_update,
+)
 from webpurse.settlement.errors import SettlementError, ledger_refused, not_found
 from webpurse.settlement.ledger import HotCredits, LedgerError, TransferSpec
 from webpurse.settlement.merchants import MerchantError, terminal_seqs
@@ -89,6 +97,7 @@ _EVENTS: Table = webhooks.WebhookEvent.__table__  # type: ignore[assignment]
 _MESSAGES: Table = webhooks.WebhookMessage.__table__  # type: ignore[assignment]
 
 _NO_VALUES: dict[str, Any] = {column.name: None for column in _PAYMENTS.c}
+_VIEW_NAMES = frozenset("metadata_" if name == "metadata" else name for name in _NO_VALUES)
 _PATH = re.compile(
     r"^/v1/payments(?:/(?P<id>[A-Za-z0-9_]{1,40})/"
     r"(?P<action>authorise|capture|uncertain|resolve|cancel))?$"
@@ -153,7 +162,10 @@ class Item:
         """The issuer data (EF 0x15) its body carries, parsed once; None if none parses."""
         if not self._issuer_parsed:
             self._issuer_parsed = True
-            raw = getattr(self.body, "issuer_data", None)
+            # Only bodies of a schema with the field (a missing attribute of a pydantic
+            # model is a slow AttributeError).
+            has = self.body is not None and "issuer_data" in type(self.body).model_fields
+            raw = getattr(self.body, "issuer_data", None) if has else None
             if isinstance(raw, str):
                 try:
                     self._issuer = IssuerData.from_bytes(bytes.fromhex(raw))
@@ -340,8 +352,9 @@ def _referenced(ctx: Ctx, records: Iterable[Any]) -> dict[str, Payment]:
     ids = sorted({r.object_id for r in records if r.response_body is None and r.object_id})
     if not ids:
         return {}
-    rows = ctx.session.execute(select(_PAYMENTS).where(among(ctx.session, _PAYMENTS.c.id, ids)))
-    return {row.id: _view(dict(row._mapping)) for row in rows.all()}
+    dialect = dialect_name(ctx.session)
+    rows = ctx.session.execute(_referenced_stmt(dialect), {"ids": among_values(dialect, ids)})
+    return _views(rows)
 
 
 def _store_answers(ctx: Ctx, items: Iterable[Item]) -> None:
@@ -452,6 +465,22 @@ def _view(columns: Mapping[str, Any]) -> Payment:
     return cast(Payment, SimpleNamespace(**values))
 
 
+def _views(result: Result[Any]) -> dict[str, Any]:
+    """Rows of ``payments`` (all columns) as :func:`_view` payments, by id. The names are
+    the result's, taken once (a row's ``_mapping`` builds its key view per row)."""
+    columns = result.keys()
+    names = tuple("metadata_" if name == "metadata" else name for name in columns)
+    if set(names) != _VIEW_NAMES:  # every column, each once: nothing for _view to fill
+        raise ValueError(f"not a payments row: {names}")
+    views = [SimpleNamespace(**dict(zip(names, row, strict=True))) for row in result.all()]
+    return {view.id: view for view in views}
+
+
+def _updated(payment: Any, changes: Mapping[str, Any]) -> Payment:
+    """A :func:`_view` payment with ``changes`` (columns other than ``metadata``) made."""
+    return cast(Payment, SimpleNamespace(**{**vars(payment), **changes}))
+
+
 def _payments(ctx: Ctx, items: list[Item], status: str, *, lock: bool) -> dict[str, Any]:
     """The caller's payments named by ``items`` that are ``status``, in id order.
 
@@ -461,37 +490,90 @@ def _payments(ctx: Ctx, items: list[Item], status: str, *, lock: bool) -> dict[s
     ids = sorted({item.payment_id for item in items if item.payment_id})
     if not ids:
         return {}
+    dialect = dialect_name(ctx.session)
+    stmt = _payments_stmt(dialect, lock and for_update(ctx.session))
+    params = {
+        "ids": among_values(dialect, ids),
+        "merchant": ctx.principal.merchant_id,
+        "status": status,
+    }
+    return _views(ctx.session.execute(stmt, params))
+
+
+# The fast path's statements, built once per dialect (building and keying a statement
+# cost more than running it): each batch binds its own values.
+
+
+@functools.cache
+def _payments_stmt(dialect: str, lock: bool) -> Select[Any]:
     stmt = (
         select(_PAYMENTS)
         .where(
-            among(ctx.session, _PAYMENTS.c.id, ids),
-            _PAYMENTS.c.merchant_id == ctx.principal.merchant_id,
-            _PAYMENTS.c.status == status,
+            among_bound(dialect, _PAYMENTS.c.id, "ids"),
+            _PAYMENTS.c.merchant_id == bindparam("merchant"),
+            _PAYMENTS.c.status == bindparam("status"),
         )
         .order_by(_PAYMENTS.c.id)
     )
-    if lock and for_update(ctx.session):
-        stmt = stmt.with_for_update()
-    return {row.id: row for row in ctx.session.execute(stmt).all()}
+    return stmt.with_for_update() if lock else stmt
+
+
+@functools.cache
+def _cards_stmt(dialect: str, lock: bool) -> Select[Any]:
+    stmt = (
+        select(_CARDS)
+        .where(
+            or_(
+                among_bound(dialect, _CARDS.c.card_number, "numbers"),
+                among_bound(dialect, _CARDS.c.id, "ids"),
+            )
+        )
+        .order_by(_CARDS.c.id)
+    )
+    return stmt.with_for_update() if lock else stmt
+
+
+@functools.cache
+def _capture_cards_stmt(dialect: str) -> Select[Any]:
+    return select(_PAYMENTS.c.card_id).where(
+        among_bound(dialect, _PAYMENTS.c.id, "ids"),
+        _PAYMENTS.c.merchant_id == bindparam("merchant"),
+        _PAYMENTS.c.status == Status.AUTHORISED,
+        _PAYMENTS.c.card_id.is_not(None),
+    )
+
+
+@functools.cache
+def _card_numbers_stmt(dialect: str) -> Select[Any]:
+    return select(_PAYMENTS.c.id, _PAYMENTS.c.card_number).where(
+        among_bound(dialect, _PAYMENTS.c.id, "ids"),
+        _PAYMENTS.c.merchant_id == bindparam("merchant"),
+        _PAYMENTS.c.card_number.is_not(None),
+    )
+
+
+@functools.cache
+def _referenced_stmt(dialect: str) -> Select[Any]:
+    return select(_PAYMENTS).where(among_bound(dialect, _PAYMENTS.c.id, "ids"))
+
+
+_ENDPOINTS_STMT = select(webhooks.WebhookEndpoint.id, webhooks.WebhookEndpoint.events).where(
+    webhooks.WebhookEndpoint.merchant_id == bindparam("merchant"),
+    webhooks.WebhookEndpoint.deleted_at.is_(None),
+)
+_MERCHANT_STMT = select(_MERCHANTS.c.id, _MERCHANTS.c.terminal_id).where(
+    _MERCHANTS.c.id == bindparam("merchant")
+)
 
 
 def _lock_cards(ctx: Ctx, numbers: Sequence[str], ids: Sequence[str]) -> list[Any]:
     """Every card the batch touches, locked with one statement in id order."""
     if not numbers and not ids:
         return []
-    stmt = (
-        select(_CARDS)
-        .where(
-            or_(
-                among(ctx.session, _CARDS.c.card_number, numbers),
-                among(ctx.session, _CARDS.c.id, ids),
-            )
-        )
-        .order_by(_CARDS.c.id)
-    )
-    if for_update(ctx.session):
-        stmt = stmt.with_for_update()
-    return list(ctx.session.execute(stmt))
+    dialect = dialect_name(ctx.session)
+    stmt = _cards_stmt(dialect, for_update(ctx.session))
+    params = {"numbers": among_values(dialect, numbers), "ids": among_values(dialect, ids)}
+    return list(ctx.session.execute(stmt, params))
 
 
 @dataclass
@@ -552,9 +634,12 @@ def _fast_create(ctx: Ctx, merchant: Any, items: list[Item], writes: _Writes) ->
 Candidate = tuple[Item, Any, IssuerData, InitializeForPurchaseResponse]
 
 
-def _authorise_candidates(ctx: Ctx, items: list[Item]) -> list[Candidate]:
-    """Authorisations of payments waiting for a card (locked), with parseable answers."""
+def _authorise_candidates(ctx: Ctx, items: list[Item], read: dict[str, Any]) -> list[Candidate]:
+    """Authorisations of payments waiting for a card (locked), with parseable answers.
+
+    The rows read are added to ``read`` (by id)."""
     rows = _payments(ctx, items, Status.REQUIRES_CARD, lock=True)
+    read.update(rows)
     candidates: list[Candidate] = []
     for item in items:
         row = rows.get(item.payment_id or "")
@@ -659,7 +744,7 @@ def _fast_authorise(ctx: Ctx, merchant: Any, approvals: list[_Approval], writes:
         writes.card_open.append(
             {"id": card.id, "open_transaction": payment.id, "updated_at": ctx.now}
         )
-        approval.item.answer_payment(200, _view({**payment._mapping, **authorised}), "authorise")
+        approval.item.answer_payment(200, _updated(payment, authorised), "authorise")
 
 
 def _capture_cards(ctx: Ctx, items: list[Item]) -> list[str]:
@@ -667,21 +752,22 @@ def _capture_cards(ctx: Ctx, items: list[Item]) -> list[str]:
     ids = sorted({item.payment_id for item in items if item.payment_id})
     if not ids:
         return []
-    stmt = select(_PAYMENTS.c.card_id).where(
-        among(ctx.session, _PAYMENTS.c.id, ids),
-        _PAYMENTS.c.merchant_id == ctx.principal.merchant_id,
-        _PAYMENTS.c.status == Status.AUTHORISED,
-        _PAYMENTS.c.card_id.is_not(None),
-    )
-    return sorted({str(card_id) for card_id in ctx.session.scalars(stmt)})
+    dialect = dialect_name(ctx.session)
+    params = {"ids": among_values(dialect, ids), "merchant": ctx.principal.merchant_id}
+    found = ctx.session.scalars(_capture_cards_stmt(dialect), params)
+    return sorted({str(card_id) for card_id in found})
 
 
-def _captures(ctx: Ctx, items: list[Item], cards: dict[str, Any], seen: set[str]) -> list[_Capture]:
+def _captures(
+    ctx: Ctx, items: list[Item], cards: dict[str, Any], seen: set[str], read: dict[str, Any]
+) -> list[_Capture]:
     """The captures the fast path may take: authorised, unlinked, the card's open one.
 
-    The cards are locked already (before these payments, as the single capture does).
+    The cards are locked already (before these payments, as the single capture does). The
+    rows read are added to ``read`` (by id).
     """
     rows = _payments(ctx, items, Status.AUTHORISED, lock=True)
+    read.update(rows)
     captures: list[_Capture] = []
     for item in items:
         row = rows.get(item.payment_id or "")
@@ -730,7 +816,7 @@ def _fast_capture(ctx: Ctx, captures: list[_Capture], writes: _Writes) -> None:
         writes.transfers.append(
             changes.purchase_capture(payment.id, card.id, payment.merchant_id, payment.amount)
         )
-        view = _view({**payment._mapping, **succeeded})
+        view = _updated(payment, succeeded)
         capture.item.answer_payment(200, view, "capture")
         assert capture.item.answer is not None
         body = capture.item.answer[1]
@@ -748,12 +834,7 @@ def _enqueue_events(
     """
     if not events:
         return
-    endpoints = ctx.session.execute(
-        select(webhooks.WebhookEndpoint.id, webhooks.WebhookEndpoint.events).where(
-            webhooks.WebhookEndpoint.merchant_id == merchant_id,
-            webhooks.WebhookEndpoint.deleted_at.is_(None),
-        )
-    ).all()
+    endpoints = ctx.session.execute(_ENDPOINTS_STMT, {"merchant": merchant_id}).all()
     event_rows: list[dict[str, object]] = []
     message_rows: list[dict[str, object]] = []
     for event_type, data, named in events:
@@ -807,26 +888,32 @@ def _write(ctx: Ctx, writes: _Writes) -> None:
     writes.hot = ledger.post_transfers(session, writes.transfers, now=ctx.now, defer=payable)
 
 
-def _touches(ctx: Ctx, items: list[Item]) -> dict[int, frozenset[str]]:
+def _touches(
+    ctx: Ctx, items: list[Item], read: Mapping[str, Any] | None = None
+) -> dict[int, frozenset[str]]:
     """What each item still to run may read or change: its payment and its card(s).
 
     The card of a payment named by id is the one settlement has for it (read unlocked: it
     only orders this batch's items); an authorisation also names the card of its answer.
     A create touches nothing an earlier item could (its payment does not exist yet).
+    ``read``: this merchant's payment rows the batch has read already in this transaction
+    (and not changed yet), by id; only the others are read here.
     """
+    read = read or {}
     pending = [i for i in items if i.answer is None and i.duplicate_of is None]
-    ids = sorted({i.payment_id for i in pending if i.payment_id})
+    by_id = {i.payment_id for i in pending if i.payment_id}
     cards: dict[str, str] = {}
+    for payment_id in by_id & read.keys():
+        number = read[payment_id].card_number
+        if number is not None:
+            cards[payment_id] = number.upper()
+    ids = sorted(by_id - read.keys())
     if ids:
-        cards = {
+        dialect = dialect_name(ctx.session)
+        params = {"ids": among_values(dialect, ids), "merchant": ctx.principal.merchant_id}
+        cards |= {
             row.id: row.card_number.upper()
-            for row in ctx.session.execute(
-                select(_PAYMENTS.c.id, _PAYMENTS.c.card_number).where(
-                    among(ctx.session, _PAYMENTS.c.id, ids),
-                    _PAYMENTS.c.merchant_id == ctx.principal.merchant_id,
-                    _PAYMENTS.c.card_number.is_not(None),
-                )
-            ).all()
+            for row in ctx.session.execute(_card_numbers_stmt(dialect), params).all()
         }
     touched: dict[int, frozenset[str]] = {}
     for item in pending:
@@ -881,11 +968,7 @@ def _fast(ctx: Ctx, items: list[Item], outcome: Outcome) -> int:
         by_action[item.action].append(item)
     if not any(by_action.values()):
         return 0
-    merchant = ctx.session.execute(
-        select(_MERCHANTS.c.id, _MERCHANTS.c.terminal_id).where(
-            _MERCHANTS.c.id == ctx.principal.merchant_id
-        )
-    ).first()
+    merchant = ctx.session.execute(_MERCHANT_STMT, {"merchant": ctx.principal.merchant_id}).first()
     if merchant is None:
         raise not_found("merchant")
     room = quotas.room(ctx.session, merchant.id, "payment", ctx.max_open_orders)
@@ -900,7 +983,8 @@ def _fast(ctx: Ctx, items: list[Item], outcome: Outcome) -> int:
         # Lock order: payments to authorise, then every card (one sorted statement), then
         # payments to capture, ledger accounts. As the single endpoints:
         # authorise locks its payment before the card, capture the card before its payment.
-        candidates = _authorise_candidates(ctx, by_action["authorise"])
+        read: dict[str, Any] = {}  # payment rows read (locked), by id
+        candidates = _authorise_candidates(ctx, by_action["authorise"], read)
         capture_card_ids = _capture_cards(ctx, by_action["capture"])
         numbers = sorted({issuer.card_number for _, _, issuer, _ in candidates})
         cards = _lock_cards(ctx, numbers, capture_card_ids)
@@ -908,8 +992,11 @@ def _fast(ctx: Ctx, items: list[Item], outcome: Outcome) -> int:
         approvals = _approvals(
             ctx, merchant, candidates, {card.card_number: card for card in cards}, seen
         )
-        captures = _captures(ctx, by_action["capture"], {card.id: card for card in cards}, seen)
-        kept = _in_order(items, {a.item.index for a in approvals + captures}, _touches(ctx, items))
+        captures = _captures(
+            ctx, by_action["capture"], {card.id: card for card in cards}, seen, read
+        )
+        touched = _touches(ctx, items, read)
+        kept = _in_order(items, {a.item.index for a in approvals + captures}, touched)
         approvals = [a for a in approvals if a.item.index in kept]
         captures = [c for c in captures if c.item.index in kept]
         _fast_authorise(ctx, merchant, approvals, writes)

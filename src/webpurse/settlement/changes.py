@@ -10,6 +10,7 @@ A status change in them goes through the lifecycle table
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -25,6 +26,22 @@ def apply(row: Any, changes: Changes) -> None:
     """Set ``changes`` on an ORM row."""
     for column, value in changes.items():
         setattr(row, column, value)
+
+
+def _bcd_date(date: dt.date) -> str:
+    """A date's digits as the row keeps them (a plain date's kept: a batch shares one)."""
+    return _plain_digits(date, "%Y%m%d") if type(date) is dt.date else date.strftime("%Y%m%d")
+
+
+def _bcd_time(time: dt.time) -> str:
+    """A time's digits as the row keeps them (a naive time's kept: a batch shares one;
+    equal aware times in other zones show other digits, so those are not)."""
+    return _plain_digits(time, "%H%M%S") if time.tzinfo is None else time.strftime("%H%M%S")
+
+
+@functools.lru_cache(maxsize=256)
+def _plain_digits(value: dt.date | dt.time, form: str) -> str:
+    return value.strftime(form)
 
 
 def authorised(
@@ -52,8 +69,8 @@ def authorised(
         "supersedes": supersedes,
         "key_version": key_version,
         "card_random": random.hex().upper(),
-        "txn_date": date.strftime("%Y%m%d"),
-        "txn_time": time.strftime("%H%M%S"),
+        "txn_date": _bcd_date(date),
+        "txn_time": _bcd_time(time),
         "authorised_at": now,
         "updated_at": now,
     }

@@ -18,9 +18,11 @@ from sqlalchemy import (
     DateTime,
     Engine,
     Table,
+    Text,
     TextClause,
     any_,
     bindparam,
+    cast,
     create_engine,
     event,
     insert,
@@ -239,7 +241,53 @@ def among(where: Session | str, column: Any, values: Iterable[Any]) -> Any:
     dialect = where if isinstance(where, str) else where.get_bind().dialect.name
     if dialect != "postgresql":
         return column.in_(values)
+    literal = array_literal(values)
+    if literal is not None:
+        # The array as its text literal, cast by PostgreSQL: psycopg's list dumper costs
+        # Python work per element (4.4 % of the server under batched load, issue 20).
+        text_bind = bindparam(None, literal, type_=Text())
+        return column == any_(cast(text_bind, postgresql.ARRAY(column.type)))
     return column == any_(bindparam(None, values, type_=postgresql.ARRAY(column.type)))
+
+
+def dialect_name(session: Session) -> str:
+    """The name of the session's dialect ("postgresql", "sqlite")."""
+    return session.get_bind().dialect.name
+
+
+def among_bound(dialect: str, column: Any, name: str) -> Any:
+    """:func:`among` with the values bound later, as ``name`` (:func:`among_values`): a
+    statement built once and run with each batch's values, instead of built per batch."""
+    if dialect != "postgresql":
+        return column.in_(bindparam(name, expanding=True))
+    return column == any_(cast(bindparam(name, type_=Text()), postgresql.ARRAY(column.type)))
+
+
+def among_values(dialect: str, values: Iterable[str]) -> Any:
+    """The value of an :func:`among_bound` parameter: strings (without NUL)."""
+    values = list(values)
+    if dialect != "postgresql":
+        return values
+    literal = array_literal(values)
+    if literal is None:
+        raise ValueError("among_values binds strings without NUL")
+    return literal
+
+
+def array_literal(values: list[Any]) -> str | None:
+    """PostgreSQL's text form of a one-dimensional array of strings: each element in
+    double quotes, its backslashes and double quotes escaped (nothing else is special
+    inside quotes), so any string reads back as itself. None if a value is not a string
+    or holds a NUL (which no PostgreSQL text can: the array bind refuses it as before)."""
+    if not values:
+        return "{}"
+    if not set(map(type, values)) <= {str}:
+        return None
+    joined = "\x00".join(values)  # NUL: the one character no element may hold
+    if joined.count("\x00") != len(values) - 1:
+        return None
+    escaped = joined.replace("\\", "\\\\").replace('"', '\\"')
+    return '{"' + escaped.replace("\x00", '","') + '"}'
 
 
 def _rows_json(rows: list[dict[str, object]]) -> str:

@@ -8,12 +8,13 @@ services and the hold sweep do not import each other. See :mod:`.holds` for the 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
-from webpurse.settlement.db import among, for_update
+from webpurse.settlement.db import among_bound, among_values, dialect_name, for_update
 from webpurse.settlement.decisions import (
     Decision,
     DeclineCode,
@@ -70,15 +71,21 @@ def exhausted(ctx: Ctx, merchant_id: str, card_ids: list[str]) -> set[tuple[str,
     one query for a whole batch (its fast path leaves these to the per-item path)."""
     if not card_ids:
         return set()
-    rows = ctx.session.execute(
-        select(Payment.card_id, Payment.counter).where(
-            among(ctx.session, Payment.card_id, card_ids),
-            Payment.merchant_id == merchant_id,
-            Payment.status == Status.CANCELED,
-            Payment.decline_code == HOLD_EXPIRED,
-        )
-    )
+    dialect = dialect_name(ctx.session)
+    params = {"cards": among_values(dialect, card_ids), "merchant": merchant_id}
+    rows = ctx.session.execute(_exhausted_stmt(dialect), params)
     return {(str(card_id), int(counter)) for card_id, counter in rows if counter is not None}
+
+
+@functools.cache
+def _exhausted_stmt(dialect: str) -> Any:
+    """:func:`exhausted`'s statement, built once (building one costs more than running it)."""
+    return select(Payment.card_id, Payment.counter).where(
+        among_bound(dialect, Payment.card_id, "cards"),
+        Payment.merchant_id == bindparam("merchant"),
+        Payment.status == Status.CANCELED,
+        Payment.decline_code == HOLD_EXPIRED,
+    )
 
 
 # --- a card one transaction ahead: ask for its proof, settle on a verified one ---------

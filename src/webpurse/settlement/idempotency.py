@@ -32,6 +32,7 @@ import json
 from collections.abc import Callable, Collection
 from typing import Any
 
+import orjson
 import structlog
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -82,8 +83,41 @@ def lookup(principal: str, keys: Collection[str], dialect: str = "postgresql") -
 
 
 def fingerprint(method: str, path: str, payload: Any) -> str:
-    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(f"{method} {path}\n{canonical}".encode()).hexdigest()
+    """SHA-256 of the method, the path and the payload as canonical JSON (sorted keys, no
+    spaces, ASCII with ``\\u`` escapes): stored with each key, so it never changes."""
+    canonical = _canonical_fast(payload)
+    if canonical is None:
+        canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(f"{method} {path}\n".encode() + canonical).hexdigest()
+
+
+_PLAIN_INT = 1 << 63
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is JSON both encoders write alike: str keys, str, int within 64
+    bits, bool, None, and dicts and lists of them (no floats, no subclasses)."""
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return True
+    if kind is int:
+        return bool(-_PLAIN_INT <= value < _PLAIN_INT)
+    if kind is dict:
+        return all(type(key) is str and _plain(item) for key, item in value.items())
+    if kind is list:
+        return all(_plain(item) for item in value)
+    return False
+
+
+def _canonical_fast(payload: Any) -> bytes | None:
+    """The canonical JSON by orjson, or None where it could differ from ``json.dumps``:
+    anything not :func:`_plain`, or text outside ASCII below DEL (which json escapes)."""
+    if not _plain(payload):
+        return None
+    encoded = orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
+    if not encoded.isascii() or b"\x7f" in encoded:
+        return None
+    return encoded
 
 
 def _problem(request: Request, refusal: SettlementError) -> tuple[int, dict[str, Any]]:

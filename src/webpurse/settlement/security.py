@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import select
 
-from webpurse.protocol.cipher import DES_SUITE
-from webpurse.protocol.crypto import diversify, mac, tac_key
+from webpurse.protocol.crypto import MAC_LENGTH, diversify, pad, tac_key
+from webpurse.protocol.errors import FieldError
 
 if TYPE_CHECKING:
     from webpurse.settlement.db import SessionFactory
@@ -134,6 +136,26 @@ class _KeySet:
         return "_KeySet(<redacted>)"
 
 
+def _des_encryptor(key: bytes) -> CipherContext:
+    """An ECB encryptor of a 3DES key (16 bytes: K1||K2||K1) or a DES key (8 bytes: K×3).
+
+    ECB of whole blocks keeps no state between updates, so one encryptor serves every
+    block it is given (it is never finalised); building one is most of a MAC's cost."""
+    full = key + key[:8] if len(key) == 16 else key * 3
+    return Cipher(TripleDES(full), modes.ECB()).encryptor()  # noqa: S305 - spec §2
+
+
+def _cbc_mac(encrypt: Callable[[bytes], bytes], data: bytes) -> bytes:
+    """CBC-MAC with a zero IV over the padded data, from an ECB encryption: the first
+    4 bytes of the last block (spec §4; the same as :func:`webpurse.protocol.crypto.mac`)."""
+    padded = pad(data)
+    chain = 0
+    for start in range(0, len(padded), 8):
+        block = chain ^ int.from_bytes(padded[start : start + 8], "big")
+        chain = int.from_bytes(encrypt(block.to_bytes(8, "big")), "big")
+    return chain.to_bytes(8, "big")[:MAC_LENGTH]
+
+
 class SoftwareSecurityModule(SecurityModule):
     """Master keys decrypted into memory from the database; the default keystore."""
 
@@ -147,6 +169,11 @@ class SoftwareSecurityModule(SecurityModule):
         self._current = current_version
         self.__card_keys: OrderedDict[tuple[str, bytes, int], bytes] = OrderedDict()
         self.__card_keys_lock = threading.Lock()
+        # ECB encryptors of card keys (by kind, "tac" for the TAC key) for the MACs.
+        self.__encryptors: OrderedDict[tuple[str, bytes, int], CipherContext] = OrderedDict()
+        # Session-key encryptors by (kind, serial, version, session block): a purchase's
+        # MAC1 and MAC2 are under the same session key. Oldest first out, like the above.
+        self.__sessions: OrderedDict[tuple[str, bytes, int, bytes], CipherContext] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"SoftwareSecurityModule(versions={sorted(self.__keysets)}, keys=<redacted>)"
@@ -218,11 +245,44 @@ class SoftwareSecurityModule(SecurityModule):
         version = self._current
         return version, {kind: self._card_key(kind, serial, version) for kind in KINDS}
 
+    def _encryptor(self, kind: str, serial: bytes, version: int) -> CipherContext:
+        """The ECB encryptor of the card key ``kind`` ("tac": the TAC key), kept; use it
+        only while holding the lock (an encryptor is not to be shared across threads)."""
+        cache_key = (kind, bytes(serial), version)
+        with self.__card_keys_lock:
+            encryptor = self.__encryptors.get(cache_key)
+            if encryptor is not None:
+                self.__encryptors.move_to_end(cache_key)
+                return encryptor
+        if kind == "tac":
+            encryptor = _des_encryptor(tac_key(self._card_key("dtk", serial, version)))
+        else:
+            encryptor = _des_encryptor(self._card_key(kind, serial, version))
+        with self.__card_keys_lock:
+            self.__encryptors[cache_key] = encryptor
+            if len(self.__encryptors) > self.CARD_KEY_CACHE:
+                self.__encryptors.popitem(last=False)
+        return encryptor
+
     def _session_mac(
         self, kind: str, serial: bytes, version: int, block: bytes, data: bytes
     ) -> bytes:
-        session_key = DES_SUITE.key_cipher.encrypt_ecb(self._card_key(kind, serial, version), block)
-        return mac(session_key, data)
+        if len(block) != 8:
+            raise FieldError(f"a session block is 8 bytes, got {len(block)}")
+        cache_key = (kind, bytes(serial), version, bytes(block))
+        with self.__card_keys_lock:
+            session = self.__sessions.get(cache_key)
+            if session is not None:
+                return _cbc_mac(session.update, data)
+        card = self._encryptor(kind, serial, version)
+        with self.__card_keys_lock:
+            session = _des_encryptor(card.update(block))
+            self.__sessions[cache_key] = session
+            if len(self.__sessions) > self.CARD_KEY_CACHE:
+                self.__sessions.popitem(last=False)
+            return _cbc_mac(session.update, data)
 
     def _tac(self, serial: bytes, version: int, data: bytes) -> bytes:
-        return mac(tac_key(self._card_key("dtk", serial, version)), data)
+        encryptor = self._encryptor("tac", serial, version)
+        with self.__card_keys_lock:
+            return _cbc_mac(encryptor.update, data)

@@ -9,6 +9,8 @@ idempotency keys show a payment as it was at one step of its purchase
 from __future__ import annotations
 
 import datetime as dt
+import functools
+from types import MappingProxyType
 from typing import Any
 
 from webpurse.protocol.commands import CreditForLoad, DebitForPurchase
@@ -31,8 +33,10 @@ _DEBIT_APDU = _debit(0, "20000101", "000000", "00000000").to_apdu().to_bytes().h
 _DEBIT_HEAD, _DEBIT_TAIL = _DEBIT_APDU[:10], _DEBIT_APDU[-2:]
 
 
+@functools.lru_cache(maxsize=1024)
 def _real(date: str, time: str) -> bool:
-    """Whether BCD digits ``date`` and ``time`` name a real date and time of day."""
+    """Whether BCD digits ``date`` and ``time`` name a real date and time of day (kept: a
+    batch's authorisations share one date and time)."""
     try:
         dt.date(int(date[:4]), int(date[4:6]), int(date[6:]))
         dt.time(int(time[:2]), int(time[2:4]), int(time[4:]))
@@ -156,8 +160,12 @@ STEPS = ("create", "authorise", "capture")
 _STEP_TIME = {"create": "created_at", "authorise": "authorised_at", "capture": "succeeded_at"}
 
 
-def _pinned(step: str, at: dt.datetime) -> dict[str, Any]:
-    """The members of a payment's JSON a later step changes, as they were after ``step``."""
+@functools.lru_cache(maxsize=64)
+def _pinned_view(step: str, at: dt.datetime) -> MappingProxyType[str, Any]:
+    """The members of a payment's JSON a later step changes, as they were after ``step``.
+
+    Read-only and kept: a batch pins hundreds of answers to one time. Equal instants in
+    other zones share an entry, and their UTC text is the same."""
     later: dict[str, Any] = {"decline_code": None, "amount_refunded": 0}
     if step == "create":
         status = Status.REQUIRES_CARD.value
@@ -169,11 +177,15 @@ def _pinned(step: str, at: dt.datetime) -> dict[str, Any]:
         status = Status.SUCCEEDED.value
     else:
         raise ValueError(f"no as-of rendering for the step {step!r}")
-    return {"status": status, **later, "updated_at": _iso(at)}
+    return MappingProxyType({"status": status, **later, "updated_at": _iso(at)})
 
 
+@functools.lru_cache(maxsize=1024)
 def _iso(at: dt.datetime) -> str:
-    """A time as a payment's JSON shows it once read back (the columns are UTC)."""
+    """A time as a payment's JSON shows it once read back (the columns are UTC).
+
+    Kept: every answer of a batch (and each row of it read back) carries the same times;
+    an equal instant in another zone hits the same entry, whose UTC text is the same."""
     return at.astimezone(dt.UTC).isoformat()
 
 
@@ -192,7 +204,7 @@ def payment_as_of(payment: Payment, step: str) -> dict[str, Any]:
     if at is None:
         raise ValueError(f"payment {payment.id} has no time for the step {step!r}")
     answer = payment_json(payment)
-    answer.update(_pinned(step, at))
+    answer.update(_pinned_view(step, at))
     return answer
 
 
@@ -206,4 +218,4 @@ def renders_as_of(answer: dict[str, Any], payment: Payment, step: str) -> bool:
         return False
     if answer.get("created_at") != _iso(payment.created_at):
         return False  # a clock not in UTC: the stored column reads back otherwise
-    return all(answer.get(name) == value for name, value in _pinned(step, at).items())
+    return all(answer.get(name) == value for name, value in _pinned_view(step, at).items())
