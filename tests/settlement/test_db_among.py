@@ -65,3 +65,29 @@ def test_only_lists_of_strings_without_nul_are_literals() -> None:
     assert array_literal(["a", 1]) is None
     assert array_literal(["a\x00b"]) is None
     assert array_literal(['x"y', "z\\"]) == '{"x\\"y","z\\\\"}'
+
+
+def test_the_bound_array_is_a_constant_of_the_plan_not_converted_per_row() -> None:
+    # A VARCHAR parameter cast to an array is an I/O conversion PostgreSQL cannot fold:
+    # a scan that filters on it parses the whole list again for every row. The parameter
+    # goes untyped, so the plan holds the array itself, once.
+    require_postgres()
+    engine = create_engine(POSTGRES_URL)
+    table = Table("t2", MetaData(), Column("s", String(40)))
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("CREATE TEMP TABLE t2 (s varchar(40))")
+            conn.execute(table.insert(), [{"s": f"v{i}"} for i in range(200)])
+            stmt = select(table.c.s).where(among("postgresql", table.c.s, ["v1", "v2", "v3"]))
+            compiled = stmt.compile(dialect=engine.dialect)
+            plan = "\n".join(
+                str(row[0])
+                for row in conn.exec_driver_sql(
+                    "EXPLAIN (VERBOSE, COSTS OFF) " + str(compiled), compiled.params
+                )
+            )
+            assert "'{v1,v2,v3}'::" in plan, plan  # the array, folded into the plan
+            assert "::character varying)::" not in plan, plan  # no per-row conversion
+            assert sorted(conn.scalars(stmt)) == ["v1", "v2", "v3"]
+    finally:
+        engine.dispose()
