@@ -263,12 +263,6 @@ def test_a_key_with_a_nul_character_is_refused_not_a_crash(pg_world: World, proo
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(
-    strict=True,
-    reason="idempotency._replay reads the key row with .one() after its claim found it: a"
-    " purge committed in between (PostgreSQL, READ COMMITTED) leaves no row, NoResultFound,"
-    " and the retry is a 500 instead of running afresh or replaying",
-)
 def test_a_purge_between_the_claim_and_the_look_up_is_not_a_crash(
     pg_world: World, proof: Proof, monkeypatch: pytest.MonkeyPatch
 ) -> None:
