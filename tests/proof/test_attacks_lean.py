@@ -28,10 +28,12 @@ from sqlalchemy import func, select, text
 
 from tests.proof.conftest import Proof
 from tests.proof.invariants import InvariantReport, check_invariants
-from tests.settlement.support import BACKENDS, World, database_url, make_world, ok
+from tests.settlement.support import BACKENDS, Terminal, World, database_url, make_world, ok
 from webpurse.card import CardApplet
 from webpurse.settlement import clearing, idempotency, ledger
+from webpurse.settlement.db import make_engine, migrate
 from webpurse.settlement.models import Entry, IdempotencyRecord, Payment
+from webpurse.settlement.schemas import PaymentCreate
 
 SUITE = "attacks_lean"
 
@@ -76,13 +78,16 @@ def _responses(answer: httpx.Response) -> list[dict[str, Any]]:
     return list(answer.json()["responses"])
 
 
-def _captures(world: World, n: int, amount: int) -> tuple[list[CardApplet], list[dict[str, Any]]]:
-    """``n`` cards, each with an authorised purchase of ``amount`` the card has paid: the
-    batch items capturing them (keyed)."""
+def _captures(
+    world: World, n: int, amount: int, funder: Terminal | None = None
+) -> tuple[list[CardApplet], list[dict[str, Any]]]:
+    """``n`` cards (loaded with 1000 by ``funder``, default the merchant itself), each with
+    an authorised purchase of ``amount`` the card has paid: the batch items capturing them."""
     cards: list[CardApplet] = []
     items: list[dict[str, Any]] = []
     for _ in range(n):
-        card = world.funded_card(1000)
+        card = world.issue()
+        (funder or world.terminal).load(card, 1000)
         payment = world.terminal.create_payment(amount)
         issuer, init = world.terminal.purchase_batch1(card, amount)
         answer = world.terminal.authorise_payment(payment["id"], issuer, init)
@@ -786,3 +791,79 @@ def test_ledger_check_notices_payable_entries_swapped_across_a_clearing_mark(
             f"ledger check: {problems or 'ok'}; next payout {second.payout}, payable left {left}"
         )
         assert problems, row.observed
+
+
+# --- the migrations with messy live data ------------------------------------------------------
+
+BEFORE_LEAN = "0014_i20_one_transfer_purchase"  # before 0016, 0015 and 0017
+
+
+def test_down_and_up_across_the_lean_migrations_with_live_data(world: World, proof: Proof) -> None:
+    with proof.row(
+        SUITE,
+        f"migrations 0017, 0015, 0016 down to 0014 and up again on a live ledger: a cleared"
+        f" day (its marks), a purchase after it not yet cleared, keys of both paths, and an"
+        f" in_flight key row an older version left while it was down ({backend(world)})",
+        expected="up again: the next clearing pays exactly the uncleared purchase; keys"
+        " replay; the in_flight key is 409 until abandoned (then runs once), with another"
+        " body 422; ledger check ok, card = ledger = shadow",
+    ) as row:
+        card = world.issue()
+        world.other_terminal.load(card, 1000)  # shop B sold the value: A's payout is purchases
+        world.terminal.purchase(card, 100)
+        cards, items = _captures(world, 2, 30, funder=world.other_terminal)
+        captured = _responses(_batch(world, items))
+        assert [r["status"] for r in captured] == [200, 200]
+        day = clearing.business_day_of(world.clock())
+        end = clearing.business_day_window(day)[1]
+        with world.factory() as session, session.begin():
+            assert clearing.run_batch(session, world.merchant_id, day, end).batch.payout == 160
+        world.terminal.purchase(card, 50)
+        keyed = _post(world, "k-live", "/v1/payments", {"amount": 4})
+        assert keyed.status_code == 201
+        flight_body = {"amount": 6}
+        engine = make_engine(world.url, pool_size=1, max_overflow=0)
+        try:
+            migrate(engine, BEFORE_LEAN, downgrade=True)
+            with engine.begin() as connection:
+                connection.execute(
+                    text(
+                        "INSERT INTO idempotency_keys (principal, key, fingerprint, state,"
+                        " created_at) VALUES (:p, 'k-flight', :f, 'in_flight', :t)"
+                    ),
+                    {
+                        "p": world.merchant_id,
+                        "f": idempotency.fingerprint(
+                            "POST",
+                            "/v1/payments",
+                            PaymentCreate.model_validate(flight_body).model_dump(mode="json"),
+                        ),
+                        "t": world.clock(),
+                    },
+                )
+            migrate(engine)
+        finally:
+            engine.dispose()
+        again = _post(world, "k-live", "/v1/payments", {"amount": 4})
+        assert (again.status_code, again.content) == (201, keyed.content)
+        busy = _post(world, "k-flight", "/v1/payments", flight_body)
+        other = _post(world, "k-flight", "/v1/payments", {"amount": 7})
+        assert (busy.status_code, busy.json()["code"]) == (409, "idempotency_in_flight")
+        assert (other.status_code, other.json()["code"]) == (422, "idempotency_key_reused")
+        world.clock.advance(idempotency.ABANDONED_AFTER + dt.timedelta(seconds=1))
+        ran = _post(world, "k-flight", "/v1/payments", flight_body)
+        assert ran.status_code == 201, ran.text
+        replay = _post(world, "k-flight", "/v1/payments", flight_body)
+        assert replay.headers.get("idempotent-replayed") == "true"
+        next_day = day + dt.timedelta(days=1)
+        with world.factory() as session, session.begin():
+            second = clearing.run_batch(
+                session, world.merchant_id, next_day, clearing.business_day_window(next_day)[1]
+            ).batch
+        assert second.payout == 50
+        assert _payable(world)[:2] == (0, 0)
+        report = invariants(world, [card, *cards])
+        row.observed = (
+            f"next payout {second.payout}; in_flight key {busy.status_code}, other body"
+            f" {other.status_code}, abandoned {ran.status_code} then replayed; {report.summary()}"
+        )
