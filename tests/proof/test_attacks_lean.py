@@ -32,7 +32,7 @@ from tests.settlement.support import BACKENDS, Terminal, World, database_url, ma
 from webpurse.card import CardApplet
 from webpurse.settlement import clearing, idempotency, ledger
 from webpurse.settlement.db import make_engine, migrate
-from webpurse.settlement.models import Entry, IdempotencyRecord, Payment
+from webpurse.settlement.models import Account, Entry, IdempotencyRecord, Payment
 from webpurse.settlement.schemas import PaymentCreate
 
 SUITE = "attacks_lean"
@@ -866,4 +866,36 @@ def test_down_and_up_across_the_lean_migrations_with_live_data(world: World, pro
         row.observed = (
             f"next payout {second.payout}; in_flight key {busy.status_code}, other body"
             f" {other.status_code}, abandoned {ran.status_code} then replayed; {report.summary()}"
+        )
+
+
+def test_a_batch_mixing_fast_and_per_item_credits_to_the_payable_keeps_the_history(
+    world: World, proof: Proof
+) -> None:
+    with proof.row(
+        SUITE,
+        f"one batch captures two authorised payments (fast path, the payable's credit"
+        f" deferred) around an uncertain one (per-item path: it locks and credits the payable"
+        f" in the middle of the batch); then the batch is resent ({backend(world)})",
+        expected="3 succeeded, the payable credited once each (cached balance = entries,"
+        " version = count); the resend replays; ledger check ok; card = ledger = shadow",
+    ) as row:
+        cards, items = _captures(world, 3, 70, funder=world.other_terminal)
+        unsure = items[1]["path"].split("/")[3]
+        marked = _post(world, None, f"/v1/payments/{unsure}/uncertain", {})
+        assert marked.status_code == 200 and marked.json()["status"] == "uncertain"
+        before = _payable(world)
+        answers = _responses(_batch(world, items))
+        assert [(r["status"], r["body"]["status"]) for r in answers] == [(200, "succeeded")] * 3
+        after = _payable(world)
+        assert after == (before[0] + 210, before[1] + 210, before[2] + 3)
+        with world.factory() as session:
+            account = session.get(Account, ledger.merchant_account(world.merchant_id))
+            assert account is not None and account.version == after[2]
+        again = _responses(_batch(world, items))
+        assert all(r["replayed"] for r in again) and _payable(world) == after
+        report = invariants(world, cards)
+        row.observed = (
+            f"3 succeeded; payable {before[0]} -> {after[0]}, {after[2]} entries = version;"
+            f" resend replayed; {report.summary()}"
         )
