@@ -13,6 +13,7 @@ the ``attacks_lean`` proof table.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import threading
@@ -898,4 +899,71 @@ def test_a_batch_mixing_fast_and_per_item_credits_to_the_payable_keeps_the_histo
         row.observed = (
             f"3 succeeded; payable {before[0]} -> {after[0]}, {after[2]} entries = version;"
             f" resend replayed; {report.summary()}"
+        )
+
+
+# --- the merchant's batching client: coalesced calls, an answer lost --------------------------
+
+
+class _LosesFirstBatchAnswer(httpx.AsyncBaseTransport):
+    """Forwards to the app; the first /v1/batch is done by settlement but its answer is lost."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+        self.sizes: list[int] = []
+        self.lost = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/batch":
+            self.sizes.append(len(json.loads(request.content)["requests"]))
+        response = await self.inner.handle_async_request(request)
+        if request.url.path == "/v1/batch" and not self.lost:
+            self.lost += 1
+            await response.aread()
+            raise httpx.ReadError("connection reset after settlement answered")
+        return response
+
+
+async def test_a_coalesced_batch_whose_answer_is_lost_is_resent_and_replayed(
+    tmp_path: Path, proof: Proof, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from webpurse.merchant.settlement import BatchingSettlementClient, Kind
+
+    monkeypatch.setattr("webpurse.merchant.settlement.RETRY_PAUSES", (0.0, 0.0))
+    callers = 10
+    with (
+        proof.row(
+            SUITE,
+            f"{callers} shoppers create payments at once through the merchant's batching client"
+            " (max_batch 4, 2 in flight; calls of one loop turn coalesce); the connection"
+            " breaks after settlement committed the first batch (SQLite)",
+            expected="the lost batch is resent with the same keys and replayed: each caller"
+            f" gets its own payment, {callers} payments exist, none twice",
+        ) as row,
+        database_url("sqlite", tmp_path) as url,
+        make_world(url) as world,
+    ):
+        transport = _LosesFirstBatchAnswer(httpx.ASGITransport(app=world.client.app))
+        async with httpx.AsyncClient(transport=transport, base_url="http://settlement") as http:
+            client = BatchingSettlementClient(
+                http, world.merchant_key, max_batch=4, max_in_flight=2
+            )
+            made = await asyncio.wait_for(
+                asyncio.gather(
+                    *(
+                        client.create(Kind.PAYMENT, 10 + i, description="tea", reference=f"o{i}")
+                        for i in range(callers)
+                    )
+                ),
+                timeout=60,
+            )
+        ids = [payment.id for payment in made]
+        with world.factory() as session:
+            stored = dict(session.execute(select(Payment.id, Payment.amount)).all())
+        assert len(set(ids)) == callers and set(ids) == set(stored)
+        assert [stored[i] for i in ids] == [10 + i for i in range(callers)]
+        assert transport.lost == 1 and sum(transport.sizes) == callers + transport.sizes[0]
+        row.observed = (
+            f"batches of {transport.sizes} (the first resent); {len(stored)} payments,"
+            " each caller its own"
         )
