@@ -967,3 +967,54 @@ async def test_a_coalesced_batch_whose_answer_is_lost_is_resent_and_replayed(
             f"batches of {transport.sizes} (the first resent); {len(stored)} payments,"
             " each caller its own"
         )
+
+
+@pytest.mark.postgres
+def test_two_sweeps_purging_at_once_forget_each_old_key_once_and_no_young_one(
+    pg_world: World, proof: Proof
+) -> None:
+    world = pg_world
+    old, young, chunk = 120, 30, 25
+    with proof.row(
+        SUITE,
+        f"two sweeps purge keys by ctid at once in chunks of {chunk} ({old} keys older than"
+        f" the 7 days kept, {young} younger; PostgreSQL, threads)",
+        expected=f"the two sweeps forget {old} keys between them, each once, no error; every"
+        " young key is kept",
+    ) as row:
+        now = world.clock()
+        digest = idempotency.fingerprint("POST", "/v1/payments", {"amount": 1})
+        with world.factory() as session, session.begin():
+            for i in range(old + young):
+                stamp = now - idempotency.KEEP_FOR - dt.timedelta(hours=1, seconds=i)
+                session.add(
+                    IdempotencyRecord(
+                        principal=world.merchant_id,
+                        key=f"old-{i}" if i < old else f"young-{i}",
+                        fingerprint=digest,
+                        state="done",
+                        response_status=200,
+                        response_body="{}",
+                        created_at=stamp if i < old else now,
+                    )
+                )
+        start = threading.Barrier(2)
+
+        def sweep() -> int:
+            start.wait(timeout=60)
+            total = 0
+            while True:
+                with world.factory() as session, session.begin():
+                    done = idempotency.purge(session, now, limit=chunk)
+                total += done
+                if done < chunk:
+                    return total
+
+        with ThreadPoolExecutor(2) as pool:
+            sweeps = [pool.submit(sweep), pool.submit(sweep)]
+            forgotten = [future.result(timeout=120) for future in sweeps]
+        with world.factory() as session:
+            left = set(session.scalars(select(IdempotencyRecord.key)))
+        assert sum(forgotten) == old, forgotten
+        assert left == {f"young-{i}" for i in range(old, old + young)}
+        row.observed = f"sweeps forgot {forgotten} (= {old}); {len(left)} young keys left"
