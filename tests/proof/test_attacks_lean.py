@@ -1018,3 +1018,32 @@ def test_two_sweeps_purging_at_once_forget_each_old_key_once_and_no_young_one(
         assert sum(forgotten) == old, forgotten
         assert left == {f"young-{i}" for i in range(old, old + young)}
         row.observed = f"sweeps forgot {forgotten} (= {old}); {len(left)} young keys left"
+
+
+@pytest.mark.postgres
+@pytest.mark.xfail(
+    strict=True,
+    reason="not issue 20's code: request strings are not checked for U+0000, which"
+    " PostgreSQL's text refuses; a description holding it is a 500 on the single endpoint"
+    " (psycopg DataError) and a 500 'retry it' item in a batch, instead of a 422",
+)
+def test_a_description_with_a_nul_character_is_refused_not_a_crash(
+    pg_world: World, proof: Proof
+) -> None:
+    world = pg_world
+    body = {"amount": 5, "description": "tea\x00"}
+    with proof.row(
+        SUITE,
+        "hostile merchant creates a payment whose description holds U+0000, on the single"
+        " endpoint and in a batch (PostgreSQL)",
+        expected="422 validation_error on both, nothing created; no 500",
+    ) as row:
+        try:
+            single = _post(world, "nul-body", "/v1/payments", body).status_code
+        except Exception:  # the app raised: the client sees a 500
+            single = 500
+        (item,) = _responses(
+            _batch(world, [{"path": "/v1/payments", "idempotency_key": "nul-b", "body": body}])
+        )
+        row.observed = f"single {single}, batch item {item['status']}"
+        assert (single, item["status"]) == (422, 422), row.observed
