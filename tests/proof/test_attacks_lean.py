@@ -1047,3 +1047,81 @@ def test_a_description_with_a_nul_character_is_refused_not_a_crash(
         )
         row.observed = f"single {single}, batch item {item['status']}"
         assert (single, item["status"]) == (422, 422), row.observed
+
+
+@pytest.mark.postgres
+def test_batches_refunds_and_clearing_racing_keep_the_payable_history_whole(
+    pg_world: World, proof: Proof
+) -> None:
+    world = pg_world
+    with proof.row(
+        SUITE,
+        "at once: 3 batches of 2 captures (payable credited last), 4 refunds of 10 of earlier"
+        " purchases (payable debited under its lock) and clearing of the day; then the next"
+        " day's clearing (PostgreSQL, threads)",
+        expected="every request answered (a refund finding the payable paid out: 409"
+        " insufficient_merchant_balance); the payable never below zero in id order (ledger"
+        " check ok); the two payouts are the captures less the refunds made; payable 0 after",
+    ) as row:
+        earlier: list[str] = []
+        cards: list[CardApplet] = []
+        for _ in range(4):
+            card = world.issue()
+            world.other_terminal.load(card, 1000)  # shop B sold the value
+            earlier.append(world.terminal.purchase(card, 40)["id"])
+            cards.append(card)
+        groups = []
+        for _ in range(3):
+            group_cards, items = _captures(world, 2, 25, funder=world.other_terminal)
+            cards += group_cards
+            groups.append(items)
+        day = clearing.business_day_of(world.clock())
+        end = clearing.business_day_window(day)[1]
+        start = threading.Barrier(3 + 4 + 1)
+
+        def send(items: list[dict[str, Any]]) -> list[int]:
+            start.wait(timeout=60)
+            return [r["status"] for r in _responses(_batch(world, items))]
+
+        def refund(payment_id: str) -> list[int]:
+            start.wait(timeout=60)
+            answer = _post(
+                world, f"ref-{payment_id}", "/v1/refunds", {"payment": payment_id, "amount": 10}
+            )
+            return [answer.status_code, answer.json().get("code", "")]
+
+        def clear() -> list[int]:
+            start.wait(timeout=60)
+            with world.factory() as session, session.begin():
+                batch = clearing.run_batch(
+                    session, world.merchant_id, day, end + dt.timedelta(hours=1)
+                ).batch
+                return [int(batch.payout)]
+
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(send, items) for items in groups]
+            futures += [pool.submit(refund, payment_id) for payment_id in earlier]
+            cleared = pool.submit(clear)
+            statuses = [future.result(timeout=120) for future in futures]
+            first = cleared.result(timeout=120)[0]
+        assert statuses[:3] == [[200, 200]] * 3, statuses
+        # A refund that commits after clearing paid the payable out and before the batches'
+        # credits finds nothing to draw on: refused, a specific 409 that changes nothing.
+        refused = [[409, "insufficient_merchant_balance"]]
+        assert all(s in ([201, ""], *refused) for s in statuses[3:]), statuses
+        refunded = 10 * sum(1 for s in statuses[3:] if s[0] == 201)
+        assert _ledger_problems(world) == []
+        next_day = day + dt.timedelta(days=1)
+        with world.factory() as session, session.begin():
+            second = int(
+                clearing.run_batch(
+                    session, world.merchant_id, next_day, clearing.business_day_window(next_day)[1]
+                ).batch.payout
+            )
+        assert first + second == 4 * 40 + 6 * 25 - refunded, (first, second, refunded)
+        assert _payable(world)[:2] == (0, 0)
+        assert _ledger_problems(world) == []
+        row.observed = (
+            f"batches {statuses[:3]}, refunds {[s[0] for s in statuses[3:]]};"
+            f" payouts {first} + {second} = {first + second}; payable 0; ledger check ok"
+        )
