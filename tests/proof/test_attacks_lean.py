@@ -392,7 +392,7 @@ def test_concurrent_batches_duplicates_and_clearing_count_each_capture_once(
     groups, per_group, amount = 4, 3, 100
     with proof.row(
         SUITE,
-        f"{groups} batches of {per_group} captures each sent twice at once (a client retrying"
+        f"{groups} batches of {per_group} captures each sent three times at once (a client retrying"
         " over a second connection), while clearing runs the day in the middle; then the"
         " next day's clearing (PostgreSQL, threads)",
         expected="each capture posted once (one payable entry each); the two clearing batches"
@@ -425,7 +425,7 @@ def test_concurrent_batches_duplicates_and_clearing_count_each_capture_once(
         _, _, entries_before = _payable(world)
         day = clearing.business_day_of(world.clock())
         end = clearing.business_day_window(day)[1]
-        start = threading.Barrier(2 * groups + 1)
+        start = threading.Barrier(3 * groups + 1)
 
         def send(group: list[dict[str, Any]]) -> list[dict[str, Any]]:
             start.wait(timeout=60)
@@ -439,8 +439,8 @@ def test_concurrent_batches_duplicates_and_clearing_count_each_capture_once(
                 )
                 return int(result.batch.payout)
 
-        with ThreadPoolExecutor(2 * groups + 1) as pool:
-            sent = [pool.submit(send, group) for group in batches for _ in range(2)]
+        with ThreadPoolExecutor(3 * groups + 1) as pool:
+            sent = [pool.submit(send, group) for group in batches for _ in range(3)]
             cleared = pool.submit(clear)
             answers = [future.result(timeout=120) for future in sent]
             first_payout = cleared.result(timeout=120)
@@ -462,7 +462,7 @@ def test_concurrent_batches_duplicates_and_clearing_count_each_capture_once(
         assert (cached, total) == (0, 0)
         report = invariants(world, cards)
         row.observed = (
-            f"{2 * groups} batches answered, {groups * per_group} captures posted once;"
+            f"{3 * groups} batches answered, {groups * per_group} captures posted once;"
             f" payouts {first_payout} + {second_payout} = {groups * per_group * amount};"
             f" payable 0; {report.summary()}"
         )
