@@ -1125,3 +1125,43 @@ def test_batches_refunds_and_clearing_racing_keep_the_payable_history_whole(
             f"batches {statuses[:3]}, refunds {[s[0] for s in statuses[3:]]};"
             f" payouts {first} + {second} = {first + second}; payable 0; ledger check ok"
         )
+
+
+@pytest.mark.postgres
+def test_the_same_keys_in_opposite_orders_at_once_create_each_payment_once(
+    pg_world: World, proof: Proof
+) -> None:
+    world = pg_world
+    rounds, size = 5, 6
+    with proof.row(
+        SUITE,
+        f"a client resends a batch of {size} keyed creates with its items in the opposite"
+        f" order over a second connection, both at once ({rounds} rounds; the keys' plain"
+        " INSERTs may wait on each other in opposite orders; PostgreSQL, threads)",
+        expected="both batches answered 200 every round, each key one payment, both batches"
+        " showing the same payment for a key; no 500",
+    ) as row:
+        made = 0
+        for r in range(rounds):
+            items = [
+                {"path": "/v1/payments", "idempotency_key": f"r{r}-k{i}", "body": {"amount": i + 1}}
+                for i in range(size)
+            ]
+            start = threading.Barrier(2)
+
+            def send(order: list[dict[str, Any]], start: threading.Barrier = start) -> Any:
+                start.wait(timeout=60)
+                return _batch(world, order)
+
+            with ThreadPoolExecutor(2) as pool:
+                forward = pool.submit(send, items)
+                backward = pool.submit(send, items[::-1])
+                answers = (forward.result(timeout=120), backward.result(timeout=120))
+            one, two = (_responses(answer) for answer in answers)
+            assert [r["status"] for r in one + two] == [201] * (2 * size)
+            assert [r["body"]["id"] for r in one] == [r["body"]["id"] for r in two[::-1]]
+            made += size
+        with world.factory() as session:
+            count = session.scalar(select(func.count()).select_from(Payment))
+        assert count == made
+        row.observed = f"{rounds} rounds: all 200, {count} payments for {made} keys"
