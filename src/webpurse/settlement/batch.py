@@ -243,6 +243,21 @@ def parse_item(index: int, raw: BatchItemIn, request_id: str | None) -> Item:
         return item
     action = match["action"] or "create"
     item = Item(index, raw.path, action, match["id"], None, raw.idempotency_key)
+    if raw.idempotency_key is not None and "\x00" in raw.idempotency_key:
+        # No header can carry it, and PostgreSQL's text cannot hold it: the look-up of the
+        # batch's keys would fail the whole batch. Refused as the single endpoint refuses
+        # a malformed key; its key is not stored (item.key None).
+        item.key = None
+        item.answer = _refusal(
+            ApiError(
+                400,
+                "invalid_idempotency_key",
+                "idempotency_key must not contain U+0000",
+                param="idempotency_key",
+            ),
+            request_id,
+        )
+        return item
     if raw.body is None and action in ("uncertain", "cancel"):
         return item
     try:

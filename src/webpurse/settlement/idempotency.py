@@ -297,7 +297,12 @@ def _replay(
     """
     existing = session.execute(
         lookup(principal.subject, [key], session.get_bind().dialect.name)
-    ).one()
+    ).one_or_none()
+    if existing is None:
+        # The purge forgot the key (older than KEEP_FOR) after the claim found it: on
+        # PostgreSQL each statement sees what committed before it. It runs afresh.
+        session.rollback()
+        return run(request, session, principal, key, payload, handler, as_of=as_of)
     body = replayed_body(session, existing) if existing.state == "done" else None
     session.rollback()
     if existing.fingerprint != print_:
