@@ -1021,12 +1021,6 @@ def test_two_sweeps_purging_at_once_forget_each_old_key_once_and_no_young_one(
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(
-    strict=True,
-    reason="not issue 20's code: request strings are not checked for U+0000, which"
-    " PostgreSQL's text refuses; a description holding it is a 500 on the single endpoint"
-    " (psycopg DataError) and a 500 'retry it' item in a batch, instead of a 422",
-)
 def test_a_description_with_a_nul_character_is_refused_not_a_crash(
     pg_world: World, proof: Proof
 ) -> None:

@@ -28,6 +28,7 @@ from webpurse.settlement.clearing import (
     timezone_from_env,
 )
 from webpurse.settlement.problems import PROBLEM_JSON, ApiError, not_found
+from webpurse.settlement.schemas import RequestBody
 from webpurse.settlement.service import visible
 from webpurse.settlement.sessions import get_session
 from webpurse.settlement.settings import Clock
@@ -70,7 +71,7 @@ def _iso_day(value: object) -> object:
 Day = Annotated[dt.date, BeforeValidator(_iso_day)]
 
 
-class BatchRequest(BaseModel):
+class BatchRequest(RequestBody):
     """``POST /v1/clearing/batches``: which merchant (default all) and day (default yesterday)."""
 
     model_config = ConfigDict(extra="forbid")

@@ -27,6 +27,7 @@ from webpurse.settlement.auth import MerchantPrincipal
 from webpurse.settlement.db import for_update
 from webpurse.settlement.models import Merchant, Payment
 from webpurse.settlement.problems import PROBLEM_JSON, ApiError, bad_request, not_found
+from webpurse.settlement.schemas import RequestBody
 from webpurse.settlement.security import resolve_kek
 from webpurse.settlement.sessions import get_session
 from webpurse.settlement.settings import Clock, Settings
@@ -85,7 +86,7 @@ def _clock(request: Request) -> dt.datetime:
 Now = Annotated[dt.datetime, Depends(_clock)]
 
 
-class EndpointCreate(BaseModel):
+class EndpointCreate(RequestBody):
     """``POST /v1/webhook_endpoints``: where to send which events."""
 
     model_config = ConfigDict(extra="forbid")

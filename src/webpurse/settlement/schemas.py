@@ -12,8 +12,32 @@ HexBytes = Annotated[str, StringConstraints(pattern=r"^([0-9A-Fa-f]{2})*$", max_
 Fen = Annotated[int, Field(gt=0, le=0xFFFFFFFF, strict=True)]
 
 
-class _In(BaseModel):
+def _holds_nul(value: Any) -> bool:
+    """Whether a string anywhere in a request body (keys included) holds U+0000, which no
+    PostgreSQL text can store: refused as invalid input, never left to fail the write."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_holds_nul(v) for v in value)
+    return False
+
+
+class RequestBody(BaseModel):
+    """Every request body: no unknown member, no string holding U+0000 (422)."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        if _holds_nul(data):
+            raise ValueError("text must not contain the character U+0000")
+        return data
+
+
+_In = RequestBody
 
 
 class PaymentCreate(_In):
@@ -256,7 +280,14 @@ class ListOut(BaseModel):
     has_more: bool
 
 
-class BatchItemIn(_In):
+class _Envelope(BaseModel):
+    """A batch and its items: each item's body is checked by its own request's model
+    (a U+0000 refuses that item alone, as its key's does: ``batch.parse_item``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class BatchItemIn(_Envelope):
     """One request of a batch: what would be POSTed to ``path`` on its own."""
 
     path: Annotated[str, Field(max_length=200)] = Field(
@@ -268,7 +299,7 @@ class BatchItemIn(_In):
     body: dict[str, Any] | None = Field(default=None, description="the single request's body")
 
 
-class BatchIn(_In):
+class BatchIn(_Envelope):
     requests: list[BatchItemIn] = Field(min_length=1, max_length=1000)
 
 
