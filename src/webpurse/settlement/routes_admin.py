@@ -214,8 +214,7 @@ def sweep(
 
 @router.get("/ledger/check", responses=PROBLEMS)
 def ledger_check(principal: OperatorPrincipal, session: SessionDep) -> dict[str, Any]:
-    """Recompute every balance from the entries and check the invariants (the clearing
-    batches reconciled with the entries between their marks too)."""
+    """Recompute every balance from the entries and check the invariants."""
     report = clearing.ledger_check(session)
     return {
         "ok": report.ok,
