@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
 from webpurse.card import CardApplet
-from webpurse.settlement import ledger
+from webpurse.settlement import clearing, ledger
 from webpurse.settlement.models import Card, Entry, Load, Payment, Transfer
 
 OPEN = frozenset({"authorised", "uncertain"})
@@ -127,7 +127,7 @@ def check_invariants(
         held_value = ledger.funds_held(totals)
         if report.funded != held_value:
             p.append(f"funded {report.funded} != value held {held_value} ({totals})")
-        check = ledger.check(session)
+        check = clearing.ledger_check(session)
         p.extend(f"ledger.check: {problem}" for problem in check.problems)
 
         payments = list(session.scalars(select(Payment)))

@@ -20,7 +20,7 @@ from tests.settlement.wc_support import (
     Stack,
     settlement_stack,
 )
-from webpurse.settlement import ledger
+from webpurse.settlement import clearing, ledger
 from webpurse.settlement.clearing import (
     CHINA_STANDARD_TIME,
     ClearingError,
@@ -325,7 +325,7 @@ def test_a_day_with_payments_and_a_refund_clears_once_and_the_ledger_balances(
         assert ledger.balance(session, ledger.payout_account(MERCHANT_A)) == 5499
         # 700 (the 27th) is still payable; everything up to the 26th was paid out.
         assert ledger.balance(session, ledger.merchant_account(MERCHANT_A)) == 700
-        assert ledger.check(session).ok, ledger.check(session).problems
+        assert clearing.ledger_check(session).ok, clearing.ledger_check(session).problems
 
     # Running it again, by API or directly, pays nothing more.
     again = client.post(
@@ -341,7 +341,7 @@ def test_a_day_with_payments_and_a_refund_clears_once_and_the_ledger_balances(
         )
         assert payouts == 1
         assert ledger.balance(session, ledger.payout_account(MERCHANT_A)) == 5499
-        assert ledger.check(session).ok
+        assert clearing.ledger_check(session).ok
 
     # A merchant reads its own batch and report, not another's; only operators run batches.
     own = client.get(f"/v1/clearing/batches/{batch['id']}", headers=stack.auth(MERCHANT_A))
@@ -435,7 +435,7 @@ def test_a_refund_heavy_day_carries_its_shortfall_to_the_next_batch(stack: Stack
     with stack.session_factory() as session:
         assert ledger.balance(session, ledger.payout_account(MERCHANT_A)) == 1000 - 800 + 300
         assert ledger.balance(session, ledger.merchant_account(MERCHANT_A)) == 0
-        assert ledger.check(session).ok
+        assert clearing.ledger_check(session).ok
 
 
 def test_cli_runs_a_day(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -457,7 +457,7 @@ def test_cli_runs_a_day(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     assert "has not ended" in bad.output or "ends at" in bad.output
     with stack.session_factory() as session:
         assert ledger.balance(session, ledger.payout_account(MERCHANT_A)) == 1500
-        assert ledger.check(session).ok
+        assert clearing.ledger_check(session).ok
 
 
 async def test_real_card_payments_are_notified_by_webhook_and_cleared(
@@ -549,7 +549,7 @@ async def test_real_card_payments_are_notified_by_webhook_and_cleared(
     assert batch["topups_settled"] == 0
     assert (batch["net"], batch["payout"], batch["carried_out"]) == (4500, 4500, 0)
     with stack.session_factory() as session:
-        check = ledger.check(session)
+        check = clearing.ledger_check(session)
         assert check.ok, check.problems
         assert ledger.balance(session, ledger.payout_account(MERCHANT_A)) == 4500
         assert ledger.balance(session, ledger.merchant_account(MERCHANT_A)) == 0

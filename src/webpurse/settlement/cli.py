@@ -23,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from webpurse.listen import run_asgi
-from webpurse.settlement import expiry, ledger
+from webpurse.settlement import clearing, expiry
 from webpurse.settlement.auth import OPERATOR, new_api_key
 from webpurse.settlement.clearing_cli import app as clearing_app
 from webpurse.settlement.db import make_engine, make_session_factory, migrate
@@ -219,10 +219,11 @@ def sweep() -> None:
 
 @ledger_app.command("check")
 def ledger_check() -> None:
-    """Recompute every balance from the entries; exit 1 unless the ledger is consistent."""
+    """Recompute every balance from the entries and reconcile the clearing batches with the
+    entries between their marks; exit 1 unless the ledger is consistent."""
     settings = _settings()
     with _engine(settings) as engine, make_session_factory(engine)() as session:
-        report = ledger.check(session)
+        report = clearing.ledger_check(session)
     for kind, total in sorted(report.totals.items()):
         console.print(f"{kind:>10} {total:>14,} fen")
     console.print(f"{report.accounts} accounts, {report.transfers} transfers")

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
-from webpurse.settlement import changes, expiry, idempotency, ledger, registry
+from webpurse.settlement import changes, clearing, expiry, idempotency, registry
 from webpurse.settlement.auth import OperatorPrincipal
 from webpurse.settlement.deps import PROBLEMS, IdempotencyKey, SessionDep
 from webpurse.settlement.merchants import MerchantError, create_merchant, merchant_json
@@ -215,7 +215,7 @@ def sweep(
 @router.get("/ledger/check", responses=PROBLEMS)
 def ledger_check(principal: OperatorPrincipal, session: SessionDep) -> dict[str, Any]:
     """Recompute every balance from the entries and check the invariants."""
-    report = ledger.check(session)
+    report = clearing.ledger_check(session)
     return {
         "ok": report.ok,
         "accounts": report.accounts,

@@ -37,7 +37,8 @@ requests holding its accounts) never fails another's batch (issue 19, finding 6)
 
 One noun per module: :mod:`.errors`, :mod:`.days` (business days and the time zone),
 :mod:`.items` (lines, totals and ids), :mod:`.report` (the CSV), :mod:`.tables`,
-:mod:`.batches` (one merchant's batch) and :mod:`.daily` (a whole day). This package
+:mod:`.batches` (one merchant's batch), :mod:`.daily` (a whole day) and :mod:`.checks` (the
+batches reconciled with the ledger entries between their marks, for ``ledger check``). This package
 re-exports their public names, so ``from webpurse.settlement.clearing import …`` keeps working.
 """
 
@@ -51,6 +52,7 @@ from webpurse.settlement.clearing.batches import (
     batch_items,
     run_batch,
 )
+from webpurse.settlement.clearing.checks import ledger_check, mark_problems
 from webpurse.settlement.clearing.daily import ClearedDay, MerchantFailure, run_day
 from webpurse.settlement.clearing.days import (
     CHINA_STANDARD_TIME,
@@ -111,6 +113,8 @@ __all__ = [
     "compute_batch",
     "ensure_day_over",
     "last_closed_day",
+    "ledger_check",
+    "mark_problems",
     "parse_timezone",
     "payout_transfer_id",
     "render_csv",
