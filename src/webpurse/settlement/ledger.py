@@ -352,7 +352,8 @@ class HotCredits:
 
     currency: str
     now: dt.datetime
-    entries: list[dict[str, object]] = field(default_factory=list)
+    # (transfer id, account id, signed amount), in posting order
+    entries: list[tuple[str, str, int]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.entries)
@@ -424,13 +425,12 @@ def post_transfers(
             (spec.debit_account, -spec.amount),
             (spec.credit_account, spec.amount),
         ):
-            entry = {"transfer_id": spec.id, "account_id": account_id, "amount": signed}
             if account_id in defer:
-                hot.entries.append(entry)
+                hot.entries.append((spec.id, account_id, signed))
                 continue
             balances[account_id] += signed
             versions[account_id] += 1
-            entry_rows.append(entry)
+            entry_rows.append({"transfer_id": spec.id, "account_id": account_id, "amount": signed})
     bulk_insert(session, _TRANSFERS, transfer_rows)
     bulk_update(
         session,
@@ -451,9 +451,8 @@ def post_hot_credits(session: Session, hot: HotCredits) -> None:
         return
     totals: dict[str, int] = defaultdict(int)
     counts: dict[str, int] = defaultdict(int)
-    for entry in hot.entries:
-        account_id = str(entry["account_id"])
-        totals[account_id] += int(str(entry["amount"]))
+    for _, account_id, amount in hot.entries:
+        totals[account_id] += amount
         counts[account_id] += 1
     accounts = _lock(session, list(totals), hot.now, hot.currency)
     if any(row.currency != hot.currency for row in accounts.values()):
@@ -470,7 +469,14 @@ def post_hot_credits(session: Session, hot: HotCredits) -> None:
             for account_id in sorted(totals)
         ],
     )
-    bulk_insert(session, _ENTRIES, hot.entries)
+    bulk_insert(
+        session,
+        _ENTRIES,
+        [
+            {"transfer_id": transfer_id, "account_id": account_id, "amount": amount}
+            for transfer_id, account_id, amount in hot.entries
+        ],
+    )
 
 
 def locked_balance(
