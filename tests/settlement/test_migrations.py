@@ -342,21 +342,35 @@ def _old_post(
 def _old_purchase(session: Session, pid: str, status: str, amount: int, now: dt.datetime) -> None:
     """A payment as the two-transfer code left it: held at authorise, then captured or
     released (or neither: still open)."""
-    session.add(
-        Payment(
+    # The old schema's columns (the Payment model has newer ones: awaiting_card, 0018).
+    old = sa.table(
+        "payments",
+        *(sa.column(name) for name in ("id", "merchant_id", "status", "amount", "currency")),
+        *(sa.column(name) for name in ("description", "merchant_reference", "metadata")),
+        *(sa.column(name) for name in ("terminal_id", "key_index", "card_id", "card_number")),
+        sa.column("refunded_amount"),
+        sa.column("created_at", UtcDateTime()),
+        sa.column("updated_at", UtcDateTime()),
+    )
+    session.execute(
+        old.insert().values(
             id=pid,
             merchant_id="mer_a",
             status=status,
             amount=amount,
             currency="CNY",
+            description="",
+            merchant_reference="",
+            metadata="{}",
             terminal_id="AA" * 6,
+            key_index=1,
             card_id="crd_a",
             card_number="1" * 20,
+            refunded_amount=0,
             created_at=now,
             updated_at=now,
         )
     )
-    session.flush()
     card, held = ledger.card_account("crd_a"), ledger.HELD_PURCHASES
     _old_post(session, f"{pid}:hold", card, held, amount, "purchase_hold", now, pid)
     if status == "succeeded":
