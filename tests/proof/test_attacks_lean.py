@@ -33,7 +33,7 @@ from tests.settlement.support import BACKENDS, Terminal, World, database_url, ma
 from webpurse.card import CardApplet
 from webpurse.settlement import clearing, idempotency, ledger
 from webpurse.settlement.db import make_engine, migrate
-from webpurse.settlement.models import Account, Entry, IdempotencyRecord, Payment
+from webpurse.settlement.models import Account, Entry, IdempotencyRecord, Payment, PaymentHold
 from webpurse.settlement.schemas import PaymentCreate
 
 SUITE = "attacks_lean"
@@ -682,6 +682,69 @@ def test_ledger_check_notices_an_entry_changed_moved_or_deleted(world: World, pr
             ),
         )
         assert all(found.values()), found
+        row.observed = "; ".join(f"{what}: {problems[0]}" for what, problems in found.items())
+
+
+def test_ledger_check_notices_a_hold_row_deleted_or_added(world: World, proof: Proof) -> None:
+    with proof.row(
+        SUITE,
+        f"a database tamperer edits payment_holds, the index of the open holds that"
+        f" `available` and the sweeps read (migration 0018): an authorised payment's hold row"
+        f" deleted (the card could spend the held value again), a hold row added for a"
+        f" captured payment, a hold row's amount lowered ({backend(world)})",
+        expected="`ledger check` reports each tamper; the untouched ledger checks ok",
+    ) as row:
+        card = world.issue()
+        world.other_terminal.load(card, 500)
+        world.terminal.purchase(card, 100)
+        payment = world.terminal.create_payment(200)
+        issuer, init = world.terminal.purchase_batch1(card, 200)
+        answer = world.terminal.authorise_payment(payment["id"], issuer, init)
+        assert answer.status_code == 200, answer.text
+        assert _ledger_problems(world) == []
+        with world.factory() as session:
+            held = session.execute(
+                select(PaymentHold.card_id, PaymentHold.amount, PaymentHold.authorised_at).where(
+                    PaymentHold.payment_id == payment["id"]
+                )
+            ).one()
+            captured = session.scalars(select(Payment.id).where(Payment.amount == 100)).one()
+            assert ledger.available(session, [held.card_id])[held.card_id].amount == 200
+        saved = {
+            "p": payment["id"],
+            "c": held.card_id,
+            "a": held.amount,
+            "t": held.authorised_at,
+        }
+        insert_hold = (
+            "INSERT INTO payment_holds (payment_id, card_id, amount, authorised_at)"
+            " VALUES (:p, :c, :a, :t)"
+        )
+        found: dict[str, list[str]] = {}
+        found["deleted"] = _tamper(
+            world, ("DELETE FROM payment_holds WHERE payment_id = :p", {"p": payment["id"]})
+        )
+        with world.factory() as session:  # what the tamper would let the card spend
+            spendable = ledger.available(session, [held.card_id])[held.card_id].amount
+        _tamper(world, (insert_hold, saved))
+        assert _ledger_problems(world) == []
+        found["added"] = _tamper(world, (insert_hold, {**saved, "p": captured, "a": 100}))
+        _tamper(world, ("DELETE FROM payment_holds WHERE payment_id = :p", {"p": captured}))
+        found["lowered"] = _tamper(
+            world,
+            ("UPDATE payment_holds SET amount = 1 WHERE payment_id = :p", {"p": payment["id"]}),
+        )
+        _tamper(
+            world,
+            ("UPDATE payment_holds SET amount = :a WHERE payment_id = :p", saved),
+        )
+        assert _ledger_problems(world) == []
+        assert spendable == 400
+        assert found["deleted"] == [f"payment {payment['id']} is authorised but has no hold row"]
+        assert found["added"] == [f"hold row for payment {captured}, which is succeeded"]
+        assert found["lowered"] == [
+            f"hold row for payment {payment['id']} differs from the payment"
+        ]
         row.observed = "; ".join(f"{what}: {problems[0]}" for what, problems in found.items())
 
 

@@ -9,14 +9,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import delete, text, update
+from sqlalchemy import delete, insert, text, update
 from sqlalchemy.orm import Session
 
 from tests.settlement.support import database_url
 from webpurse.settlement import clearing, ledger
 from webpurse.settlement.db import make_engine, make_session_factory, migrate
 from webpurse.settlement.ledger import LedgerError
-from webpurse.settlement.models import Account, Card, Merchant, Payment
+from webpurse.settlement.models import Account, Card, Merchant, Payment, PaymentHold
 
 NOW = dt.datetime(2026, 11, 27, 12, tzinfo=dt.UTC)
 CARD = ledger.card_account("crd_1")
@@ -102,12 +102,49 @@ def test_purchase_holds_are_the_open_payments_not_transfers(session: Session) ->
     report = ledger.check(session)
     assert report.ok, report.problems
     assert report.totals == {"funding": -1_000, "card": 400, "held": 500, "merchant": 100}
-    # Holds beyond what the card's account holds: the check names the card.
-    session.execute(
-        update(Payment).where(Payment.id == "pay_gone").values(status="authorised", amount=401)
-    )
+    # Holds beyond what the card's account holds: the check names the card. (Through the
+    # ORM, which keeps the payment's payment_holds row with its status.)
+    gone = session.get_one(Payment, "pay_gone")
+    gone.status, gone.amount = "authorised", 401
     session.commit()
     assert ledger.check(session).problems == ["card:crd_1: open holds 901 exceed its balance 900"]
+
+
+def test_the_hold_rows_must_be_exactly_the_open_payments(session: Session) -> None:
+    """``payment_holds`` is what ``available`` and the sweeps read: a status changed behind
+    settlement's back (no row written or deleted with it), a row deleted, added or changed,
+    and a wrong ``awaiting_card`` are each reported."""
+    _card_and_payments(session, ("pay_open", "authorised", 300), ("pay_done", "succeeded", 100))
+    ledger.post_transfer(session, "load", CASH, CARD, 1_000, "load", now=NOW)
+    ledger.post_transfer(session, "pay_done:capture", CARD, SHOP, 100, "purchase", now=NOW)
+    session.commit()
+    assert ledger.check(session).ok
+    holds = PaymentHold.__table__
+    session.execute(update(Payment).where(Payment.id == "pay_done").values(status="uncertain"))
+    session.execute(delete(holds).where(holds.c.payment_id == "pay_open"))
+    session.execute(
+        insert(holds).values(payment_id="pay_none", card_id="crd_1", amount=5, authorised_at=NOW)
+    )
+    session.commit()
+    problems = ledger.check(session).problems
+    assert "payment pay_done is uncertain but has no hold row" in problems
+    assert "payment pay_open is authorised but has no hold row" in problems
+    assert "hold row for payment pay_none, which is missing" in problems
+    session.execute(delete(holds).where(holds.c.payment_id == "pay_none"))
+    session.execute(update(Payment).where(Payment.id == "pay_done").values(status="succeeded"))
+    session.execute(
+        insert(holds).values(payment_id="pay_open", card_id="crd_2", amount=300, authorised_at=NOW)
+    )
+    session.execute(
+        insert(holds).values(payment_id="pay_done", card_id="crd_1", amount=100, authorised_at=NOW)
+    )
+    session.execute(update(Payment).where(Payment.id == "pay_open").values(awaiting_card=True))
+    session.commit()
+    assert ledger.check(session).problems == [
+        "hold row for payment pay_done, which is succeeded",
+        "hold row for payment pay_open differs from the payment",
+        "payment pay_open is authorised but its awaiting_card disagrees",
+    ]
 
 
 def test_a_retried_transfer_id_posts_once(session: Session) -> None:

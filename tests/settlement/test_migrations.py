@@ -23,6 +23,7 @@ from webpurse.settlement.models import (
     IdempotencyRecord,
     Merchant,
     Payment,
+    PaymentHold,
     Transfer,
 )
 from webpurse.settlement.webhooks import WebhookEvent, event_body
@@ -339,24 +340,48 @@ def _old_post(
         )
 
 
-def _old_purchase(session: Session, pid: str, status: str, amount: int, now: dt.datetime) -> None:
+def _old_purchase(
+    session: Session,
+    pid: str,
+    status: str,
+    amount: int,
+    now: dt.datetime,
+    *,
+    ledger_too: bool = True,
+) -> None:
     """A payment as the two-transfer code left it: held at authorise, then captured or
     released (or neither: still open)."""
-    session.add(
-        Payment(
+    # The old schema's columns (the Payment model has newer ones: awaiting_card, 0018).
+    old = sa.table(
+        "payments",
+        *(sa.column(name) for name in ("id", "merchant_id", "status", "amount", "currency")),
+        *(sa.column(name) for name in ("description", "merchant_reference", "metadata")),
+        *(sa.column(name) for name in ("terminal_id", "key_index", "card_id", "card_number")),
+        sa.column("refunded_amount"),
+        sa.column("created_at", UtcDateTime()),
+        sa.column("updated_at", UtcDateTime()),
+    )
+    session.execute(
+        old.insert().values(
             id=pid,
             merchant_id="mer_a",
             status=status,
             amount=amount,
             currency="CNY",
+            description="",
+            merchant_reference="",
+            metadata="{}",
             terminal_id="AA" * 6,
+            key_index=1,
             card_id="crd_a",
             card_number="1" * 20,
+            refunded_amount=0,
             created_at=now,
             updated_at=now,
         )
     )
-    session.flush()
+    if not ledger_too:
+        return
     card, held = ledger.card_account("crd_a"), ledger.HELD_PURCHASES
     _old_post(session, f"{pid}:hold", card, held, amount, "purchase_hold", now, pid)
     if status == "succeeded":
@@ -434,6 +459,79 @@ def test_open_holds_move_from_the_held_account_to_the_payments_status(db_url: st
             stored = {a.id: a.balance for a in session.scalars(select(Account))}
             assert (stored[held], stored[card]) == (0, 900)
             assert ledger.check(session).ok
+    finally:
+        engine.dispose()
+
+
+def test_open_holds_get_their_rows_and_waiting_payments_their_flag(db_url: str) -> None:
+    """Migration 0018: each open (authorised, uncertain) payment gets its payment_holds row
+    (card, amount, authorised_at), each requires_card one its awaiting_card flag, and
+    ``available`` reads the rows; downgrading drops both, and up again makes them again."""
+    engine = make_engine(db_url, pool_size=1, max_overflow=0)
+    now = dt.datetime(2026, 12, 6, tzinfo=dt.UTC)
+    try:
+        migrate(engine, "0017_i20_hot_payments")
+        with Session(engine) as session, session.begin():
+            session.add(Merchant(id="mer_a", name="shop", terminal_id="AA" * 6, created_at=now))
+            session.add(
+                Card(
+                    id="crd_a",
+                    card_number="1" * 20,
+                    status="active",
+                    issuer_id="1",
+                    key_version=1,
+                    start_date=now.date(),
+                    expiry_date=now.date() + dt.timedelta(days=3650),
+                    max_balance=1_000_000,
+                    shadow_balance=1_000,
+                    online_counter=1,
+                    offline_counter=0,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            session.flush()
+            for pid, status, amount in (
+                ("pay_waiting", "requires_card", 10),
+                ("pay_captured", "succeeded", 100),
+                ("pay_authorised", "authorised", 300),
+                ("pay_uncertain", "uncertain", 50),
+            ):
+                _old_purchase(session, pid, status, amount, now, ledger_too=False)
+            session.execute(
+                text("UPDATE payments SET authorised_at = :t WHERE status <> 'requires_card'"),
+                {"t": now},
+            )
+
+        def rows() -> tuple[list[tuple[str, str, int]], list[str]]:
+            with Session(engine) as session:
+                holds = session.execute(
+                    select(
+                        PaymentHold.payment_id, PaymentHold.card_id, PaymentHold.amount
+                    ).order_by(PaymentHold.payment_id)
+                ).all()
+                waiting = session.scalars(
+                    select(Payment.id).where(Payment.awaiting_card.is_(True))
+                ).all()
+                assert ledger.available(session, ["crd_a"])["crd_a"].amount == -350
+            return [tuple(h) for h in holds], list(waiting)
+
+        expected = (
+            [("pay_authorised", "crd_a", 300), ("pay_uncertain", "crd_a", 50)],
+            ["pay_waiting"],
+        )
+        migrate(engine)
+        assert rows() == expected
+        migrate(engine, "0017_i20_hot_payments", downgrade=True)
+        with engine.connect() as connection:
+            schema = inspect(connection)
+            assert "payment_holds" not in schema.get_table_names()
+            assert "awaiting_card" not in {c["name"] for c in schema.get_columns("payments")}
+            assert "ix_payments_open_authorised" in {
+                i["name"] for i in schema.get_indexes("payments")
+            }
+        migrate(engine)
+        assert rows() == expected
     finally:
         engine.dispose()
 

@@ -41,7 +41,7 @@ from typing import Annotated, Any, Literal, Union, cast, get_args, get_origin
 import orjson
 import structlog
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import Result, Select, Table, bindparam, or_, select
+from sqlalchemy import Delete, Result, Select, Table, bindparam, delete, or_, select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from webpurse.protocol.commands import DebitForPurchaseResponse, InitializeForPurchaseResponse
@@ -69,7 +69,7 @@ from webpurse.settlement.db import (
 from webpurse.settlement.errors import SettlementError, ledger_refused, not_found
 from webpurse.settlement.ledger import HotCredits, LedgerError, TransferSpec
 from webpurse.settlement.merchants import MerchantError, terminal_seqs
-from webpurse.settlement.models import Card, IdempotencyRecord, Merchant, Payment
+from webpurse.settlement.models import Card, IdempotencyRecord, Merchant, Payment, PaymentHold
 from webpurse.settlement.problems import ApiError, keeps_changes, problem
 from webpurse.settlement.schemas import (
     BatchItemIn,
@@ -91,6 +91,7 @@ TRANSIENT_SQLSTATES = frozenset({"40P01", "40001"})
 
 _PAYMENTS: Table = Payment.__table__  # type: ignore[assignment]
 _CARDS: Table = Card.__table__  # type: ignore[assignment]
+_HOLDS: Table = PaymentHold.__table__  # type: ignore[assignment]
 _MERCHANTS: Table = Merchant.__table__  # type: ignore[assignment]
 _KEYS: Table = IdempotencyRecord.__table__  # type: ignore[assignment]
 _EVENTS: Table = webhooks.WebhookEvent.__table__  # type: ignore[assignment]
@@ -573,6 +574,11 @@ def _capture_cards_stmt(dialect: str) -> Select[Any]:
 
 
 @functools.cache
+def _release_stmt(dialect: str) -> Delete:
+    return delete(_HOLDS).where(among_bound(dialect, _HOLDS.c.payment_id, "ids"))
+
+
+@functools.cache
 def _card_numbers_stmt(dialect: str) -> Select[Any]:
     return select(_PAYMENTS.c.id, _PAYMENTS.c.card_number).where(
         among_bound(dialect, _PAYMENTS.c.id, "ids"),
@@ -631,6 +637,9 @@ class _Writes:
     succeeded: list[dict[str, object]] = field(default_factory=list)
     card_open: list[dict[str, object]] = field(default_factory=list)
     card_settled: list[dict[str, object]] = field(default_factory=list)
+    # payment_holds: a row per authorised payment, and the captured ones' rows to delete
+    holds: list[dict[str, object]] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)
     transfers: list[TransferSpec] = field(default_factory=list)
     # (type, the payment's JSON, whether the event names the payment instead of a body)
     events: list[tuple[str, dict[str, Any], bool]] = field(default_factory=list)
@@ -645,6 +654,7 @@ def _fast_create(ctx: Ctx, merchant: Any, items: list[Item], writes: _Writes) ->
             "id": new_id("pay"),
             "merchant_id": merchant.id,
             "status": Status.REQUIRES_CARD,
+            "awaiting_card": True,
             "amount": body.amount,
             "currency": body.currency,
             "description": body.description,
@@ -769,7 +779,15 @@ def _fast_authorise(ctx: Ctx, merchant: Any, approvals: list[_Approval], writes:
             "terminal_seq": seq,
             "mac1": mac1.hex().upper(),
         }
-        writes.authorised.append({"id": payment.id, **authorised})
+        writes.authorised.append({"id": payment.id, **authorised, "awaiting_card": False})
+        writes.holds.append(
+            {
+                "payment_id": payment.id,
+                "card_id": card.id,
+                "amount": payment.amount,
+                "authorised_at": ctx.now,
+            }
+        )
         writes.card_open.append(
             {"id": card.id, "open_transaction": payment.id, "updated_at": ctx.now}
         )
@@ -832,6 +850,7 @@ def _fast_capture(ctx: Ctx, captures: list[_Capture], writes: _Writes) -> None:
             now=ctx.now,
         )
         writes.succeeded.append({"id": payment.id, **succeeded})
+        writes.released.append(payment.id)
         settled = changes.card_settled(
             Kind.PAYMENT,
             balance_before=payment.balance_before,
@@ -906,6 +925,16 @@ def _write(ctx: Ctx, writes: _Writes) -> None:
     bulk_insert(session, _PAYMENTS, writes.payment_rows)
     bulk_update(session, _PAYMENTS, writes.authorised)
     bulk_update(session, _PAYMENTS, writes.succeeded)
+    # The holds begun and ended by this batch (a payment's status and its payment_holds
+    # row change together; models._sync_payment_holds does it for the ORM paths).
+    ended = set(writes.released)
+    bulk_insert(session, _HOLDS, [h for h in writes.holds if h["payment_id"] not in ended])
+    begun = {str(h["payment_id"]) for h in writes.holds}
+    if ended - begun:
+        dialect = dialect_name(session)
+        session.execute(
+            _release_stmt(dialect), {"ids": among_values(dialect, sorted(ended - begun))}
+        )
     bulk_update(session, _CARDS, writes.card_open)
     bulk_update(session, _CARDS, writes.card_settled)
     assert ctx.principal.merchant_id is not None

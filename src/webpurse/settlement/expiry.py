@@ -36,13 +36,13 @@ from typing import Any, TypeVar, cast
 
 import structlog
 from fastapi import FastAPI
-from sqlalchemy import Select, select
+from sqlalchemy import Select, select, true
 from sqlalchemy.orm import Session
 
 from webpurse.settlement import holds, idempotency, loads, payments, refunds, webhooks
 from webpurse.settlement.auth import OPERATOR, Principal
 from webpurse.settlement.leader import SWEEP_JOB, Leadership
-from webpurse.settlement.models import Load, Payment
+from webpurse.settlement.models import Load, Payment, PaymentHold
 from webpurse.settlement.security import SecurityModule
 from webpurse.settlement.service import Ctx
 from webpurse.settlement.transactions import Status
@@ -96,6 +96,12 @@ class SweepReport:
 
 
 S = TypeVar("S", bound="Select[Any]")
+
+
+def _held_since(before: dt.datetime) -> Select[Any]:
+    """The open payments authorised before ``before``, by their hold rows
+    (ix_payment_holds_authorised; no index on the payments names their status)."""
+    return select(PaymentHold.payment_id).where(PaymentHold.authorised_at < before)
 
 
 def _claim(statement: S) -> S:
@@ -205,14 +211,17 @@ def expire_stale(
         (
             "pe",
             select(Payment).where(
-                Payment.status == Status.REQUIRES_CARD, Payment.created_at < created_before
+                Payment.awaiting_card == true(),  # ix_payments_merchant_open
+                Payment.status == Status.REQUIRES_CARD,
+                Payment.created_at < created_before,
             ),
             lambda payment: payments.expire(ctx, payment),
         ),
         (
             "pu",
             select(Payment).where(
-                Payment.status == Status.AUTHORISED, Payment.authorised_at < authorised_before
+                Payment.id.in_(_held_since(authorised_before)),
+                Payment.status == Status.AUTHORISED,
             ),
             lambda payment: payments.mark_uncertain(ctx, payment),
         ),

@@ -49,7 +49,7 @@ from webpurse.settlement.hold_guards import _loads_at, _locked_rows, _payments_a
 from webpurse.settlement.hold_guards import exhausted as exhausted
 from webpurse.settlement.hold_guards import heal_instead as heal_instead
 from webpurse.settlement.hold_guards import refuse_rehold as refuse_rehold
-from webpurse.settlement.models import Card, Load, Payment
+from webpurse.settlement.models import Card, Load, Payment, PaymentHold
 from webpurse.settlement.schemas import CardHeal, HoldRelease
 from webpurse.settlement.service import Ctx, parse, parse_issuer
 from webpurse.settlement.transactions import Status
@@ -74,17 +74,13 @@ def release_stale(ctx: Ctx, ttl: dt.timedelta) -> tuple[int, int]:
     """
     before = ctx.now - ttl
     stale_payments = ctx.session.execute(
-        select(Payment.id, Payment.card_id)
-        .where(
-            Payment.status.in_(OPEN),
-            Payment.authorised_at < before,
-            Payment.card_id.is_not(None),
-        )
-        .order_by(Payment.id)
+        select(PaymentHold.payment_id, PaymentHold.card_id)
+        .where(PaymentHold.authorised_at < before)  # the open payments (ledger.check)
+        .order_by(PaymentHold.payment_id)
     ).all()
     released = 0
-    for payment_id, card_id in stale_payments:
-        card = _lock_card(ctx, str(card_id), skip_locked=True)
+    for payment_id, held_card in stale_payments:
+        card = _lock_card(ctx, held_card, skip_locked=True)
         rows = _locked_rows(ctx, select(Payment).where(Payment.id == payment_id), skip_locked=True)
         if card is None or not rows or rows[0].status not in OPEN:
             continue
@@ -231,7 +227,9 @@ def queue(ctx: Ctx, ttl: dt.timedelta) -> list[dict[str, Any]]:
         .outerjoin(Card, Card.id == Payment.card_id)
         .where(
             or_(
-                and_(Payment.status.in_(OPEN), Payment.authorised_at < before),
+                Payment.id.in_(
+                    select(PaymentHold.payment_id).where(PaymentHold.authorised_at < before)
+                ),
                 and_(
                     Payment.status == Status.CANCELED,
                     Payment.decline_code == HOLD_EXPIRED,

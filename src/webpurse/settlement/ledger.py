@@ -48,7 +48,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import String, Table, bindparam, func, insert, literal, select, update
+from sqlalchemy import String, Table, and_, bindparam, func, insert, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from webpurse.settlement.db import (
@@ -58,15 +58,16 @@ from webpurse.settlement.db import (
     for_update,
     insert_ignoring_conflicts,
 )
-from webpurse.settlement.models import Account, Card, Entry, Payment, Transfer
+from webpurse.settlement.models import Account, Card, Entry, Payment, PaymentHold, Transfer
 from webpurse.settlement.refund_checks import open_refund_problems
-from webpurse.settlement.transactions import OPEN
+from webpurse.settlement.transactions import OPEN, Status
 
 _ACCOUNTS: Table = Account.__table__  # type: ignore[assignment]
 _TRANSFERS: Table = Transfer.__table__  # type: ignore[assignment]
 _ENTRIES: Table = Entry.__table__  # type: ignore[assignment]
 _PAYMENTS: Table = Payment.__table__  # type: ignore[assignment]
 _CARDS: Table = Card.__table__  # type: ignore[assignment]
+_HOLDS: Table = PaymentHold.__table__  # type: ignore[assignment]
 
 HELD_PURCHASES = "held:purchases"
 HELD_LOADS = "held:loads"
@@ -499,12 +500,11 @@ def _stored_balance(session: Session, account_id: str) -> int:
 
 
 def _open_holds(session: Session, card_id: str | None = None) -> int:
-    """The amounts of open (authorised or uncertain) payments: all, or one card's."""
-    stmt = select(func.coalesce(func.sum(_PAYMENTS.c.amount), 0)).where(
-        _PAYMENTS.c.status.in_(OPEN)
-    )
+    """The amounts of open (authorised or uncertain) payments: all, or one card's (their
+    ``payment_holds`` rows, which :func:`check` proves are exactly the open payments)."""
+    stmt = select(func.coalesce(func.sum(_HOLDS.c.amount), 0))
     if card_id is not None:
-        stmt = stmt.where(_PAYMENTS.c.card_id == card_id)
+        stmt = stmt.where(_HOLDS.c.card_id == card_id)
     return int(session.scalar(stmt) or 0)
 
 
@@ -553,11 +553,13 @@ def available(
     """
     if not card_ids:
         return {}
-    held = select(func.coalesce(func.sum(_PAYMENTS.c.amount), 0)).where(
-        _PAYMENTS.c.card_id == _CARDS.c.id, _PAYMENTS.c.status.in_(OPEN)
+    # One index lookup per card (ix_payment_holds_card), whatever the number of open
+    # payments of other cards.
+    held = select(func.coalesce(func.sum(_HOLDS.c.amount), 0)).where(
+        _HOLDS.c.card_id == _CARDS.c.id
     )
     if excluding is not None:
-        held = held.where(_PAYMENTS.c.id != excluding)
+        held = held.where(_HOLDS.c.payment_id != excluding)
     account_id = literal("card:", String) + _CARDS.c.id
     stmt = (
         select(_CARDS.c.id, _ACCOUNTS.c.balance, _ACCOUNTS.c.currency, held.scalar_subquery())
@@ -741,6 +743,63 @@ def _payment_status_problems(session: Session) -> list[str]:
     )
     for payment_id, status in session.execute(captured):
         problems.append(f"payment {payment_id} is {status} but captured")
+    return problems + _hold_row_problems(session)
+
+
+def _hold_row_problems(session: Session) -> list[str]:
+    """``payment_holds`` is the index of the open payments that ``available`` and the
+    sweeps read: a row for each open payment, with its card and amount, and none for any
+    other (a missing row lets the card spend its hold again; an extra one withholds value).
+    ``awaiting_card`` is likewise exactly the payments waiting for a card."""
+    problems: list[str] = []
+    missing = (
+        select(_PAYMENTS.c.id, _PAYMENTS.c.status)
+        .select_from(_PAYMENTS.outerjoin(_HOLDS, _HOLDS.c.payment_id == _PAYMENTS.c.id))
+        .where(_PAYMENTS.c.status.in_(OPEN), _HOLDS.c.payment_id.is_(None))
+        .order_by(_PAYMENTS.c.id)
+    )
+    for payment_id, status in session.execute(missing):
+        problems.append(f"payment {payment_id} is {status} but has no hold row")
+    extra = (
+        select(_HOLDS.c.payment_id, _PAYMENTS.c.status)
+        .select_from(_HOLDS.outerjoin(_PAYMENTS, _PAYMENTS.c.id == _HOLDS.c.payment_id))
+        .where(or_(_PAYMENTS.c.id.is_(None), _PAYMENTS.c.status.not_in(OPEN)))
+        .order_by(_HOLDS.c.payment_id)
+    )
+    for payment_id, status in session.execute(extra):
+        problems.append(f"hold row for payment {payment_id}, which is {status or 'missing'}")
+    differ = (
+        select(_HOLDS.c.payment_id)
+        .select_from(_HOLDS.join(_PAYMENTS, _PAYMENTS.c.id == _HOLDS.c.payment_id))
+        .where(
+            or_(
+                _HOLDS.c.card_id != _PAYMENTS.c.card_id,
+                _PAYMENTS.c.card_id.is_(None),
+                _HOLDS.c.amount != _PAYMENTS.c.amount,
+            )
+        )
+        .order_by(_HOLDS.c.payment_id)
+    )
+    for (payment_id,) in session.execute(differ):
+        problems.append(f"hold row for payment {payment_id} differs from the payment")
+    awaiting = (
+        select(_PAYMENTS.c.id, _PAYMENTS.c.status)
+        .where(
+            or_(
+                and_(
+                    _PAYMENTS.c.awaiting_card.is_(True),
+                    _PAYMENTS.c.status != Status.REQUIRES_CARD,
+                ),
+                and_(
+                    _PAYMENTS.c.awaiting_card.is_(False),
+                    _PAYMENTS.c.status == Status.REQUIRES_CARD,
+                ),
+            )
+        )
+        .order_by(_PAYMENTS.c.id)
+    )
+    for payment_id, status in session.execute(awaiting):
+        problems.append(f"payment {payment_id} is {status} but its awaiting_card disagrees")
     return problems
 
 

@@ -20,20 +20,30 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     SmallInteger,
     String,
+    Table,
     Text,
     TypeDecorator,
     UniqueConstraint,
+    delete,
+    event,
+    false,
+    insert,
+    inspect,
     text,
 )
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from webpurse.settlement.db import Base, UtcDateTime
+from webpurse.settlement.transactions import OPEN, Status
 
 CARDS_FILLFACTOR = 85
 """Each page of ``cards`` is filled to this share at most (PostgreSQL ``fillfactor``,
 migration 0017): a card is updated twice per purchase, and an update that finds room on
 its row's page and changes no indexed column is HOT (no new index entry)."""
+PAYMENTS_FILLFACTOR = 80
+"""Likewise ``payments`` (migration 0018): a purchase updates its payment twice, and the
+capture changes no indexed column; the authorise sets the card and counter (indexed)."""
 
 
 class Merchant(Base):
@@ -115,19 +125,15 @@ class Payment(Base):
     __table_args__ = (
         Index("ix_payments_merchant_created", "merchant_id", "created_at", "id"),
         Index("ix_payments_card_counter", "card_id", "counter"),
+        # No index names status (migration 0018): a capture changes only columns no index
+        # reads, so it is a HOT update. Waiting for a card is its own flag (cleared by
+        # authorise, decline, cancel and expiry, which end the wait); an open hold is a
+        # row of payment_holds (PaymentHold).
         Index(
             "ix_payments_merchant_open",
             "merchant_id",
-            postgresql_where=text("status = 'requires_card'"),
-            sqlite_where=text("status = 'requires_card'"),
-        ),
-        # No index on status itself: every update changes it (migration 0011). The open
-        # ones by age (expiry, holds) and the ones released at the bound (holds) instead.
-        Index(
-            "ix_payments_open_authorised",
-            "authorised_at",
-            postgresql_where=text("status IN ('authorised', 'uncertain')"),
-            sqlite_where=text("status IN ('authorised', 'uncertain')"),
+            postgresql_where=text("awaiting_card"),
+            sqlite_where=text("awaiting_card = 1"),
         ),
         Index(
             "ix_payments_hold_expired",
@@ -135,6 +141,7 @@ class Payment(Base):
             postgresql_where=text("decline_code = 'hold_expired'"),
             sqlite_where=text("decline_code = 'hold_expired'"),
         ),
+        {"postgresql_with": {"fillfactor": PAYMENTS_FILLFACTOR}},
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -170,6 +177,32 @@ class Payment(Base):
     succeeded_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
     updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    # status == requires_card, kept by holds.sync (ORM) and batch (Core); indexed instead
+    # of the status so that the capture leaves every indexed column alone.
+    awaiting_card: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+
+
+class PaymentHold(Base):
+    """An open (authorised or uncertain) payment's hold on its card: the row exists exactly
+    while the payment's status is open (``webpurse ledger check`` proves it).
+
+    The holds are the payments' status; this table is their index, kept apart so that the
+    payment's own updates stay HOT (migration 0018): inserted at authorise, deleted when
+    the hold ends (capture, cancel, release, expiry), in the transaction that changes the
+    status. ``ledger.available`` sums a card's rows; the sweeps find old ones by
+    ``authorised_at``. No foreign keys: the check proves the rows agree with the payments.
+    """
+
+    __tablename__ = "payment_holds"
+    __table_args__ = (
+        Index("ix_payment_holds_card", "card_id"),
+        Index("ix_payment_holds_authorised", "authorised_at"),
+    )
+
+    payment_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    card_id: Mapped[str] = mapped_column(String(40))
+    amount: Mapped[int] = mapped_column(BigInteger)
+    authorised_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
 
 
 class Load(Base):
@@ -467,3 +500,47 @@ class StatementException(Base):
     return_reference: Mapped[str | None] = mapped_column(String(100), nullable=True)
     returned_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+
+
+# --- the payments' derived index rows, kept with the status ----------------------------
+
+_HOLDS: Table = PaymentHold.__table__  # type: ignore[assignment]
+_OPEN = frozenset(s.value for s in OPEN)
+
+
+@event.listens_for(Session, "before_flush")
+def _sync_payment_holds(session: Session, _context: object, _instances: object) -> None:
+    """Keep ``awaiting_card`` and the ``payment_holds`` row of every Payment whose status
+    an ORM path changed (authorise, uncertain, capture, cancel, release, expiry), in the
+    flush that writes the status. The batched fast path writes Core rows and keeps both
+    itself (batch._write); ``webpurse ledger check`` proves they agree."""
+    changed: list[tuple[Payment, bool | None]] = []
+    for obj in (*session.new, *session.dirty):
+        if not isinstance(obj, Payment):
+            continue
+        history = inspect(obj).attrs.status.history
+        if obj in session.new:
+            changed.append((obj, False))
+        elif history.has_changes():
+            before = history.deleted[0] if history.deleted else None
+            changed.append((obj, None if before is None else str(before) in _OPEN))
+    if not changed:
+        return
+    connection = session.connection()
+    for payment, was_open in changed:
+        payment.awaiting_card = payment.status == Status.REQUIRES_CARD
+        is_open = str(payment.status) in _OPEN
+        if was_open is not False and (not is_open or was_open is None):
+            connection.execute(delete(_HOLDS).where(_HOLDS.c.payment_id == payment.id))
+        if is_open and was_open is not True:
+            if payment.card_id is None:  # holds nothing; ledger.check reports it
+                continue
+            since = payment.authorised_at or payment.updated_at or payment.created_at
+            connection.execute(
+                insert(_HOLDS).values(
+                    payment_id=payment.id,
+                    card_id=payment.card_id,
+                    amount=payment.amount,
+                    authorised_at=since,
+                )
+            )

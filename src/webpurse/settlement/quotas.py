@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, true
 from sqlalchemy.orm import Session
 
 from webpurse.settlement.errors import TooMany
@@ -33,7 +33,9 @@ def open_orders(session: Session, merchant_id: str, kind: Kind, cap: int) -> int
     """The merchant's ``requires_card`` orders of ``kind``, counted up to ``cap``."""
     if kind == "payment":
         rows = select(Payment.id).where(
-            Payment.merchant_id == merchant_id, Payment.status == Status.REQUIRES_CARD
+            Payment.merchant_id == merchant_id,
+            Payment.awaiting_card == true(),  # ix_payments_merchant_open
+            Payment.status == Status.REQUIRES_CARD,
         )
     else:
         rows = select(Load.id).where(
