@@ -323,16 +323,16 @@ def _check_keys(ctx: Ctx, items: list[Item], request_id: str | None) -> None:
         keyed.append(item)
     if not keyed:
         return
-    stored = {
-        row.key: row
-        for row in ctx.session.execute(
-            idempotency.lookup(
-                subject,
-                [item.key for item in keyed if item.key is not None],
-                ctx.session.get_bind().dialect.name,
-            )
-        ).all()
-    }
+    keys = [item.key for item in keyed if item.key is not None]
+    dialect = dialect_name(ctx.session)
+    values = idempotency.lookup_values(subject, keys, dialect)
+    # The batch's first statement after the key's check: nothing is pending in the session,
+    # so it runs on the connection (the ORM's execution path costs more than the statement).
+    if values is None:
+        rows = ctx.session.execute(idempotency.lookup(subject, keys, dialect)).all()
+    else:
+        rows = ctx.session.connection().execute(idempotency.lookup_bound(dialect), values).all()
+    stored = {row.key: row for row in rows}
     referenced = _referenced(ctx, stored.values())
     for item in keyed:
         record = stored.get(item.key or "")
@@ -593,6 +593,30 @@ _ENDPOINTS_STMT = select(webhooks.WebhookEndpoint.id, webhooks.WebhookEndpoint.e
 _MERCHANT_STMT = select(_MERCHANTS.c.id, _MERCHANTS.c.terminal_id).where(
     _MERCHANTS.c.id == bindparam("merchant")
 )
+# The same, with the merchant's open payments counted up to the cap (quotas.room) in the
+# same round trip: what a batch with creates reads.
+_MERCHANT_ROOM_STMT = select(
+    _MERCHANTS.c.id,
+    _MERCHANTS.c.terminal_id,
+    quotas.open_payments(bindparam("merchant"), bindparam("cap")).label("open_payments"),
+).where(_MERCHANTS.c.id == bindparam("merchant"))
+
+
+def _merchant(ctx: Ctx, creates: bool) -> tuple[Any, int | None]:
+    """The caller's merchant row and, if the batch creates payments under a cap, the room
+    left under it (:func:`quotas.room`): one statement, on the connection (nothing is
+    pending in the session before the fast path)."""
+    cap = ctx.max_open_orders
+    connection = ctx.session.connection()
+    if not creates or cap is None:
+        merchant = connection.execute(
+            _MERCHANT_STMT, {"merchant": ctx.principal.merchant_id}
+        ).first()
+        return merchant, None
+    merchant = connection.execute(
+        _MERCHANT_ROOM_STMT, {"merchant": ctx.principal.merchant_id, "cap": cap}
+    ).first()
+    return merchant, None if merchant is None else max(cap - merchant.open_payments, 0)
 
 
 def _lock_cards(ctx: Ctx, numbers: Sequence[str], ids: Sequence[str]) -> list[Any]:
@@ -997,10 +1021,9 @@ def _fast(ctx: Ctx, items: list[Item], outcome: Outcome) -> int:
         by_action[item.action].append(item)
     if not any(by_action.values()):
         return 0
-    merchant = ctx.session.execute(_MERCHANT_STMT, {"merchant": ctx.principal.merchant_id}).first()
+    merchant, room = _merchant(ctx, bool(by_action["create"]))
     if merchant is None:
         raise not_found("merchant")
-    room = quotas.room(ctx.session, merchant.id, "payment", ctx.max_open_orders)
     if room is not None and room < len(by_action["create"]):
         by_action["create"] = []  # past the cap: the per-item path refuses each one (429)
     savepoint = ctx.session.begin_nested()

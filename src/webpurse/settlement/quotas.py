@@ -15,9 +15,9 @@ the cap may pass it by at most their number, which bounds the work all the same.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from sqlalchemy import func, select
+from sqlalchemy import ScalarSelect, func, select
 from sqlalchemy.orm import Session
 
 from webpurse.settlement.errors import TooMany
@@ -27,6 +27,15 @@ from webpurse.settlement.transactions import Status
 Kind = Literal["payment", "load"]
 
 DEFAULT_MAX_OPEN_ORDERS = 1000
+
+
+def open_payments(merchant_id: Any, cap: Any) -> ScalarSelect[int]:
+    """:func:`open_orders` of payments as a scalar subquery (``merchant_id`` and ``cap``
+    values or bound parameters), to be read with other columns in one statement."""
+    rows = select(Payment.id).where(
+        Payment.merchant_id == merchant_id, Payment.status == Status.REQUIRES_CARD
+    )
+    return select(func.count()).select_from(rows.limit(cap).subquery()).scalar_subquery()
 
 
 def open_orders(session: Session, merchant_id: str, kind: Kind, cap: int) -> int:
