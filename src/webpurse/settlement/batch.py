@@ -23,9 +23,10 @@ Two paths, one outcome:
   card) runs on the per-item path too (:func:`_in_order`), so every item answers as the
   same calls one by one would.
 
-The fast path runs in a SAVEPOINT of its own: if anything in it is refused (a ledger
-overdraft the shadow balance did not predict, a constraint), it is rolled back as a whole
-and its items take the per-item path, so a surprise costs speed, never correctness.
+The fast path runs first, when the transaction holds only reads: if anything in it is
+refused (a ledger overdraft the shadow balance did not predict, a constraint), the whole
+transaction is rolled back and the batch runs again with every item on the per-item path,
+so a surprise costs speed, never correctness.
 """
 
 from __future__ import annotations
@@ -1026,7 +1027,6 @@ def _fast(ctx: Ctx, items: list[Item], outcome: Outcome) -> int:
         raise not_found("merchant")
     if room is not None and room < len(by_action["create"]):
         by_action["create"] = []  # past the cap: the per-item path refuses each one (429)
-    savepoint = ctx.session.begin_nested()
     taken: list[Item] = []
     try:
         writes = _Writes()
@@ -1055,17 +1055,18 @@ def _fast(ctx: Ctx, items: list[Item], outcome: Outcome) -> int:
         _fast_capture(ctx, captures, writes)
         taken += [a.item for a in approvals] + [c.item for c in captures]
         _write(ctx, writes)
-        savepoint.commit()
         outcome.hot = writes.hot
     except (LedgerError, SettlementError, DBAPIError) as error:
         if isinstance(error, DBAPIError) and transient(error):
             raise  # a deadlock or serialization failure: the route runs the batch again
-        savepoint.rollback()
         log.warning("batch.fast_path_refused", detail=str(error), items=len(taken))
-        for item in taken:
-            item.answer, item.as_of = None, None
-        return 0
+        raise _FastRefused from error
     return len(taken)
+
+
+class _FastRefused(Exception):
+    """The fast path was refused midway: :func:`run` rolls the transaction back (nothing
+    but reads came before it) and runs the batch again without it."""
 
 
 def transient(error: DBAPIError) -> bool:
@@ -1078,11 +1079,28 @@ def transient(error: DBAPIError) -> bool:
 
 
 def run(ctx: Ctx, raw_items: Sequence[BatchItemIn], request_id: str | None) -> Outcome:
-    """Answer every item of a batch inside the caller's transaction (the caller commits)."""
+    """Answer every item of a batch inside the caller's transaction (the caller commits).
+
+    The transaction holds only reads when the fast path starts (the key's check, the
+    stored keys), so a fast path refused midway rolls it all back and the batch runs
+    again on the per-item path alone — as a SAVEPOINT around the fast path did, without
+    its two round trips in every batch (issue 20: a batch's fixed cost).
+    """
+    try:
+        return _run(ctx, raw_items, request_id, fast=True)
+    except _FastRefused:
+        ctx.session.rollback()
+    return _run(ctx, raw_items, request_id, fast=False)
+
+
+def _run(
+    ctx: Ctx, raw_items: Sequence[BatchItemIn], request_id: str | None, *, fast: bool
+) -> Outcome:
     items = [parse_item(index, raw, request_id) for index, raw in enumerate(raw_items)]
     _check_keys(ctx, items, request_id)
     outcome = Outcome([])
-    outcome.fast = _fast(ctx, items, outcome)
+    if fast:
+        outcome.fast = _fast(ctx, items, outcome)
     ctx.session.expire_all()
     for item in items:
         if item.answer is None and item.duplicate_of is None:
