@@ -48,6 +48,7 @@ BENCHMARKS: dict[str, str] = {
     "security": "bench.security",
     "rtt": "bench.rtt",
     "versions": "bench.versions",
+    "batch_cost": "bench.batch_cost",
 }
 # What a bare ``python -m bench`` runs (``settlement`` includes its own pgbench runs).
 DEFAULT = ["micro", "security", "settlement", "processes", "latency", "scale", "pn532", "rtt"]

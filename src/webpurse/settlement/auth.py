@@ -16,7 +16,7 @@ from typing import Annotated
 
 import structlog
 from fastapi import Depends, Request
-from sqlalchemy import bindparam, select
+from sqlalchemy import Table, bindparam, select
 from sqlalchemy.orm import Session
 
 from webpurse.settlement.errors import forbidden, unauthenticated
@@ -75,9 +75,18 @@ def new_api_key(
 
 
 # Built once: the statement (and SQLAlchemy's cache key of it) is the same for every request.
+# Core, over the table's columns: run on the session's connection it skips the ORM's
+# execution path (the ORM entity form cost twice the Python time per request, issue 20).
+_API_KEYS: Table = ApiKey.__table__  # type: ignore[assignment]
 _BY_HASH = (
-    select(ApiKey.id, ApiKey.key_hash, ApiKey.role, ApiKey.merchant_id, ApiKey.revoked_at)
-    .where(ApiKey.key_hash == bindparam("key_hash"))
+    select(
+        _API_KEYS.c.id,
+        _API_KEYS.c.key_hash,
+        _API_KEYS.c.role,
+        _API_KEYS.c.merchant_id,
+        _API_KEYS.c.revoked_at,
+    )
+    .where(_API_KEYS.c.key_hash == bindparam("key_hash"))
     .limit(1)
 )
 
@@ -90,7 +99,9 @@ def authenticate(session: Session, authorization: str | None) -> Principal:
     if scheme.lower() != "bearer" or not token.startswith(("sk_mer_", "sk_op_")):
         raise unauthenticated("use Authorization: Bearer <api key>")
     presented = hash_key(token)
-    row = session.execute(_BY_HASH, {"key_hash": presented}).first()
+    # Read in the request's transaction (as before), on its connection: nothing is pending
+    # in the session yet, so there is nothing to flush first.
+    row = session.connection().execute(_BY_HASH, {"key_hash": presented}).first()
     # The lookup is by hash; the compare below keeps the final check constant-time.
     if (
         row is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import select as select_module
 from collections.abc import Iterable
 from importlib import resources
 from typing import Any
@@ -30,6 +31,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.pool import NullPool, StaticPool
 from sqlalchemy.types import NullType, TypeDecorator
@@ -116,7 +118,8 @@ def make_engine(
         pool_size=pool_size,
         max_overflow=max_overflow,
         pool_timeout=30,
-        pool_pre_ping=True,
+        # No pre-ping round trip on every checkout: _alive below (issue 20, a batch's
+        # fixed cost).
         # A connection comes back idle after every commit: roll back only one that is not
         # (below), instead of a ROLLBACK round trip on every return to the pool.
         pool_reset_on_return=None,
@@ -125,6 +128,21 @@ def make_engine(
         # function under batched load once the statements were cached, issue 20).
         json_deserializer=orjson.loads,
     )
+
+    @event.listens_for(engine, "checkout")
+    def _alive(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        # An idle connection has nothing to read. One the server closed (a restart, a
+        # terminated backend) has: its last words and the end of the stream. Only then is
+        # it pinged, and a failed ping makes the pool drop it and connect afresh; a
+        # pre-ping on every checkout cost a round trip per request.
+        if dbapi_connection.closed:
+            raise DisconnectionError("the pooled connection is closed")
+        if _quiet(dbapi_connection):
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as error:
+            raise DisconnectionError("the server closed the pooled connection") from error
 
     @event.listens_for(engine, "reset")
     def _reset_unless_idle(dbapi_connection: Any, _record: Any, reset_state: Any) -> None:
@@ -136,6 +154,12 @@ def make_engine(
             dbapi_connection.rollback()
 
     return engine
+
+
+def _quiet(dbapi_connection: Any) -> bool:
+    """Whether the server sent nothing on this idle psycopg connection (a poll, no I/O)."""
+    readable, _, _ = select_module.select([dbapi_connection.pgconn.socket], [], [], 0)
+    return not readable
 
 
 SessionFactory = sessionmaker[Session]

@@ -27,6 +27,7 @@ died left it ``in_flight``; the branch stays to answer such rows, and is harmles
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Collection
@@ -36,12 +37,22 @@ import orjson
 import structlog
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import Delete, Select, Table, and_, delete, literal_column, select, update
+from sqlalchemy import (
+    Delete,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    literal_column,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import ColumnClause
 
 from webpurse.settlement.auth import Principal
-from webpurse.settlement.db import among, insert_ignoring_conflicts
+from webpurse.settlement.db import among, among_bound, among_values, insert_ignoring_conflicts
 from webpurse.settlement.errors import SettlementError
 from webpurse.settlement.ledger import LedgerError
 from webpurse.settlement.models import IdempotencyRecord, Payment
@@ -80,6 +91,25 @@ def lookup(principal: str, keys: Collection[str], dialect: str = "postgresql") -
     any number of keys.
     """
     return select(_KEYS).where(among(dialect, _KEYS.c.key, keys), _KEYS.c.principal == principal)
+
+
+@functools.cache
+def lookup_bound(dialect: str) -> Select[Any]:
+    """:func:`lookup` built once per dialect, its values bound when it runs
+    (:func:`lookup_values`): the same SQL, without building and hashing a statement for
+    every batch (issue 20, a batch's fixed cost)."""
+    return select(_KEYS).where(
+        among_bound(dialect, _KEYS.c.key, "keys"), _KEYS.c.principal == bindparam("principal")
+    )
+
+
+def lookup_values(principal: str, keys: Collection[str], dialect: str) -> dict[str, Any] | None:
+    """The parameters of :func:`lookup_bound`; None if a key cannot travel in an array's
+    text form (a NUL): then :func:`lookup` it is."""
+    try:
+        return {"keys": among_values(dialect, keys), "principal": principal}
+    except ValueError:
+        return None
 
 
 def fingerprint(method: str, path: str, payload: Any) -> str:

@@ -15,9 +15,9 @@ the cap may pass it by at most their number, which bounds the work all the same.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from sqlalchemy import func, select, true
+from sqlalchemy import ScalarSelect, Select, func, select, true
 from sqlalchemy.orm import Session
 
 from webpurse.settlement.errors import TooMany
@@ -29,14 +29,26 @@ Kind = Literal["payment", "load"]
 DEFAULT_MAX_OPEN_ORDERS = 1000
 
 
+def _waiting_payments(merchant_id: Any) -> Select[Any]:
+    """The merchant's payments waiting for a card, over ``ix_payments_merchant_open``."""
+    return select(Payment.id).where(
+        Payment.merchant_id == merchant_id,
+        Payment.awaiting_card == true(),  # ix_payments_merchant_open
+        Payment.status == Status.REQUIRES_CARD,
+    )
+
+
+def open_payments(merchant_id: Any, cap: Any) -> ScalarSelect[int]:
+    """:func:`open_orders` of payments as a scalar subquery (``merchant_id`` and ``cap``
+    values or bound parameters), to be read with other columns in one statement."""
+    rows = _waiting_payments(merchant_id)
+    return select(func.count()).select_from(rows.limit(cap).subquery()).scalar_subquery()
+
+
 def open_orders(session: Session, merchant_id: str, kind: Kind, cap: int) -> int:
     """The merchant's ``requires_card`` orders of ``kind``, counted up to ``cap``."""
     if kind == "payment":
-        rows = select(Payment.id).where(
-            Payment.merchant_id == merchant_id,
-            Payment.awaiting_card == true(),  # ix_payments_merchant_open
-            Payment.status == Status.REQUIRES_CARD,
-        )
+        rows: Select[Any] = _waiting_payments(merchant_id)
     else:
         rows = select(Load.id).where(
             Load.merchant_id == merchant_id,
