@@ -52,3 +52,58 @@ def test_the_debit_apdu_is_the_protocols_command(
 def test_a_row_whose_date_is_not_bcd_is_refused_as_before(date: str, time: str) -> None:
     with pytest.raises(FieldError):
         views.debit_apdu(1, date, time, "00000000")
+
+
+# What a later step changes, pinned to its value at each step (views.payment_as_of).
+_LATER = ("status", "decline_code", "amount_refunded", "updated_at")
+_PINNED = {
+    "create": (*_LATER, "card_number", "tac", "authorisation"),
+    "authorise": (*_LATER, "tac"),
+    "capture": _LATER,
+}
+
+
+@given(
+    step=st.sampled_from(views.STEPS),
+    data=st.data(),
+    change=st.sampled_from(["drop", "other", "none"]),
+)
+def test_an_answer_renders_as_of_its_step_only_if_every_pinned_member_agrees(
+    step: str, data: st.DataObject, change: str
+) -> None:
+    """renders_as_of is true for the step's own rendering, and false as soon as one member
+    a later step changes is missing from the answer or has another value."""
+    from webpurse.settlement.models import Payment
+
+    at = dt.datetime(2026, 12, 6, 10, 0, 0, 250_000, tzinfo=dt.UTC)
+    payment = Payment(
+        id="pay_1",
+        merchant_id="mer_1",
+        status="succeeded",
+        amount=5,
+        currency="CNY",
+        description="",
+        merchant_reference="",
+        metadata_={},
+        terminal_id="112233445566",
+        key_index=1,
+        card_number="0123456789ABCDEF",
+        terminal_seq=3,
+        txn_date="20261206",
+        txn_time="100000",
+        mac1="A1B2C3D4",
+        tac="0A0B0C0D",
+        refunded_amount=2,
+        created_at=at,
+        updated_at=at + dt.timedelta(hours=1),
+        authorised_at=at + dt.timedelta(seconds=1),
+        succeeded_at=at + dt.timedelta(seconds=2),
+    )
+    answer = views.payment_as_of(payment, step)
+    assert views.renders_as_of(answer, payment, step)
+    member = data.draw(st.sampled_from(_PINNED[step]))
+    if change == "drop":
+        del answer[member]
+    else:
+        answer[member] = None if change == "none" and answer[member] is not None else "other"
+    assert not views.renders_as_of(answer, payment, step)
