@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -107,3 +108,54 @@ def test_an_answer_renders_as_of_its_step_only_if_every_pinned_member_agrees(
     else:
         answer[member] = None if change == "none" and answer[member] is not None else "other"
     assert not views.renders_as_of(answer, payment, step)
+
+
+_ZONES = st.sampled_from(
+    [dt.UTC, dt.timezone(dt.timedelta(hours=1)), dt.timezone(dt.timedelta(hours=-5))]
+)
+
+
+_TIME = st.datetimes(timezones=_ZONES, min_value=dt.datetime(2000, 1, 1))
+
+
+@given(
+    # equal instants as other objects and in other zones beside each time
+    pool=st.lists(_TIME, min_size=1, max_size=3).map(
+        lambda ts: [t for at in ts for t in (at, at.replace(), at.astimezone(dt.UTC))]
+    ),
+    picks=st.lists(st.tuples(st.integers(0, 8), st.integers(0, 8)), min_size=2, max_size=8),
+)
+def test_a_payments_times_show_as_each_time_object_writes_itself(
+    pool: list[dt.datetime], picks: list[tuple[int, int]]
+) -> None:
+    """payment_json keeps the text of the last time object it showed: however the same
+    objects, equal ones and equal instants in other zones follow one another, each answer
+    shows its own object's isoformat, as when nothing was kept."""
+    from types import SimpleNamespace
+
+    for i, j in picks:
+        created, updated = pool[i % len(pool)], pool[j % len(pool)]
+        payment: Any = SimpleNamespace(
+            id="pay_1",
+            status="requires_card",
+            amount=1,
+            currency="CNY",
+            description="",
+            merchant_reference="",
+            metadata_={},
+            terminal_id="112233445566",
+            key_index=1,
+            card_number=None,
+            decline_code=None,
+            tac=None,
+            refunded_amount=0,
+            mac1=None,
+            terminal_seq=None,
+            created_at=created,
+            updated_at=updated,
+        )
+        answer = views.payment_json(payment)
+        assert (answer["created_at"], answer["updated_at"]) == (
+            created.isoformat(),
+            updated.isoformat(),
+        )

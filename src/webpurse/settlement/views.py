@@ -69,7 +69,7 @@ class _Isoformat:
     __slots__ = ("_last",)
 
     def __init__(self) -> None:
-        self._last: tuple[dt.datetime | None, str] = (None, "")
+        self._last: tuple[object, str] = (object(), "")  # no time is this object
 
     def __call__(self, at: dt.datetime) -> str:
         last = self._last
