@@ -9,6 +9,7 @@ keys (already diversified) and the values the card returned from INITIALIZE. Eve
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Callable
 from typing import Concatenate, ParamSpec
 
@@ -28,7 +29,9 @@ LOAD = TransactionType.EP_LOAD
 P = ParamSpec("P")
 
 
+@functools.lru_cache(maxsize=256)
 def _when(date: dt.date, time: dt.time) -> bytes:
+    """Date and time as BCD (kept: a batch's purchases share one date and time)."""
     return encode_bcd_date(date) + encode_bcd_time(time)
 
 

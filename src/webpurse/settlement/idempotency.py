@@ -133,7 +133,11 @@ def _plain(value: Any) -> bool:
     if kind is int:
         return bool(-_PLAIN_INT <= value < _PLAIN_INT)
     if kind is dict:
-        return all(type(key) is str and _plain(item) for key, item in value.items())
+        # One loop, recursing only into what is not a string (a body is mostly strings).
+        for key, item in value.items():
+            if type(key) is not str or (type(item) is not str and not _plain(item)):
+                return False
+        return True
     if kind is list:
         return all(_plain(item) for item in value)
     return False

@@ -16,6 +16,9 @@ may be fabricated) is linked to it (``supersedes``) and releases it when it is c
 
 from __future__ import annotations
 
+import datetime as dt
+import functools
+
 import structlog
 
 from webpurse.protocol.commands import (
@@ -156,6 +159,18 @@ def authorise(ctx: Ctx, payment_id: str, body: PurchaseAuthorise) -> Payment:
     return payment
 
 
+@functools.lru_cache(maxsize=256)
+def _txn_date(digits: str) -> dt.date:
+    """A row's BCD date as a date (kept: a batch's captures share one date)."""
+    return decode_bcd_date(bytes.fromhex(digits))
+
+
+@functools.lru_cache(maxsize=256)
+def _txn_time(digits: str) -> dt.time:
+    """A row's BCD time as a time (kept, as :func:`_txn_date`)."""
+    return decode_bcd_time(bytes.fromhex(digits))
+
+
 def verify(ctx: Ctx, payment: Payment, card: Card, mac2: bytes, tac: bytes) -> bool:
     """Whether the card's MAC2 and TAC prove this payment's debit (spec §4)."""
     return ctx.security.verify_purchase_mac2_and_tac(
@@ -166,8 +181,8 @@ def verify(ctx: Ctx, payment: Payment, card: Card, mac2: bytes, tac: bytes) -> b
         terminal_seq=payment.terminal_seq or 0,
         amount=payment.amount,
         terminal_id=bytes.fromhex(payment.terminal_id),
-        date=decode_bcd_date(bytes.fromhex(payment.txn_date or "")),
-        time=decode_bcd_time(bytes.fromhex(payment.txn_time or "")),
+        date=_txn_date(payment.txn_date or ""),
+        time=_txn_time(payment.txn_time or ""),
         mac2=mac2,
         tac=tac,
     )

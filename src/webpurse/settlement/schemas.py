@@ -18,7 +18,20 @@ def _holds_nul(value: Any) -> bool:
     if isinstance(value, str):
         return "\x00" in value
     if isinstance(value, dict):
-        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+        # A body is mostly a flat object of strings: those are looked at here, in one
+        # loop, and only other values (nested objects, lists) recursively.
+        for key, member in value.items():
+            if type(key) is str:
+                if "\x00" in key:
+                    return True
+            elif _holds_nul(key):
+                return True
+            if type(member) is str:
+                if "\x00" in member:
+                    return True
+            elif _holds_nul(member):
+                return True
+        return False
     if isinstance(value, list | tuple):
         return any(_holds_nul(v) for v in value)
     return False
