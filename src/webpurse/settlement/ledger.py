@@ -749,7 +749,8 @@ def _payment_status_problems(session: Session) -> list[str]:
 def _hold_row_problems(session: Session) -> list[str]:
     """``payment_holds`` is the index of the open payments that ``available`` and the
     sweeps read: a row for each open payment, with its card and amount, and none for any
-    other (a missing row lets the card spend its hold again; an extra one withholds value).
+    other (a missing row lets the card spend its hold again; an extra one withholds value),
+    and its ``authorised_at`` the payment's (the sweeps end a hold by the row's time).
     ``awaiting_card`` is likewise exactly the payments waiting for a card."""
     problems: list[str] = []
     missing = (
@@ -776,6 +777,11 @@ def _hold_row_problems(session: Session) -> list[str]:
                 _HOLDS.c.card_id != _PAYMENTS.c.card_id,
                 _PAYMENTS.c.card_id.is_(None),
                 _HOLDS.c.amount != _PAYMENTS.c.amount,
+                # the sweeps read the row's time: a later one would keep the card held
+                and_(
+                    _PAYMENTS.c.authorised_at.is_not(None),
+                    _HOLDS.c.authorised_at != _PAYMENTS.c.authorised_at,
+                ),
             )
         )
         .order_by(_HOLDS.c.payment_id)
