@@ -614,3 +614,56 @@ def test_the_open_orders_quota_counts_every_waiting_payment_however_made(
             f" {freed[:2]}, after a cancel {freed[2]}; after the sweep expired all 3 waiting,"
             f" a batch of 4 creates: {after_expiry}"
         )
+
+
+def test_a_released_purchase_healed_from_its_proof_leaves_no_hold_behind(
+    world: World, proof: Proof
+) -> None:
+    with proof.row(
+        SUITE,
+        f"shop A's DEBIT ran but A left the payment uncertain; the hold sweep releases it at"
+        f" the bound (its hold row ends); shop B's purchase on the card is asked for the proof,"
+        f" heals A's payment (canceled -> succeeded, no hold row may come back) and goes"
+        f" through ({backend(world)})",
+        expected="the oracle holds after the release, the heal and B's purchase; the card's"
+        " available value ends at its real balance",
+    ) as row:
+        card = world.issue()
+        world.other_terminal.load(card, 500)
+        stuck, debit = _authorised(world, card, 200)
+        ok(card, debit)  # the DEBIT ran; A never captured
+        assert world.terminal.post(f"/v1/payments/{stuck}/uncertain").status_code == 200
+        assert sorted(_agree(world).values()) == [300]
+        world.clock.advance(world.settings.card_hold_ttl + dt.timedelta(seconds=1))
+        swept = world.client.post("/v1/maintenance/sweep", headers=world.auth(world.operator_key))
+        assert swept.status_code == 200, swept.text
+        released = _status(world, stuck)
+        assert sorted(_agree(world).values()) == [500]  # released: the shadow says 500
+        payment = world.other_terminal.create_payment(50)
+        issuer, init = world.other_terminal.purchase_batch1(card, 50)
+        asked = world.other_terminal.authorise_payment(payment["id"], issuer, init)
+        assert asked.status_code == 402, asked.text
+        recover = asked.json()["recover"]
+        assert recover["heal"] is True and recover["transaction_type"] == "06"
+        proof_data, sw = prove(card, 0x06, recover["counter"] + 1)
+        assert sw == 0x9000
+        healed = world.other_terminal.post(
+            "/v1/heal",
+            {
+                "issuer_data": issuer.hex(),
+                "transaction_type": "06",
+                "prove_response": proof_data.hex(),
+            },
+        )
+        assert healed.status_code == 200, healed.text
+        healed_status = _status(world, stuck)
+        assert healed_status == "succeeded"
+        assert sorted(_agree(world).values()) == [300]
+        issuer, init = world.other_terminal.purchase_batch1(card, 50)
+        retry = world.other_terminal.authorise_payment(payment["id"], issuer, init)
+        assert retry.status_code == 200, retry.text
+        assert sorted(_agree(world).values()) == [250]
+        row.observed = (
+            f"released by the sweep: {released}; B asked to heal ({recover}); healed:"
+            f" {healed_status}; B authorised; oracle held (available 300 then 250)"
+        )
