@@ -46,6 +46,7 @@ from tests.settlement.support import (
 from webpurse.card import CardApplet
 from webpurse.protocol.commands import InitializeForPurchase
 from webpurse.settlement import clearing, expiry, ledger
+from webpurse.settlement.db import migrate
 from webpurse.settlement.ledger import LedgerError
 from webpurse.settlement.models import Account, Card, Payment, PaymentHold
 from webpurse.settlement.transactions import OPEN
@@ -666,4 +667,56 @@ def test_a_released_purchase_healed_from_its_proof_leaves_no_hold_behind(
         row.observed = (
             f"released by the sweep: {released}; B asked to heal ({recover}); healed:"
             f" {healed_status}; B authorised; oracle held (available 300 then 250)"
+        )
+
+
+# --- the migration on a database the app has been writing ------------------------------------
+
+
+def test_migration_0018_down_and_up_on_live_open_payments_rebuilds_the_same_holds(
+    world: World, proof: Proof
+) -> None:
+    with proof.row(
+        SUITE,
+        f"an operator rolls migration 0018 back and forward on a database the app wrote:"
+        f" payments waiting, authorised (single and batch fast path), uncertain, captured,"
+        f" released ({backend(world)})",
+        expected="after down and up the hold rows (card, amount, time) and awaiting_card are"
+        " what the app had written; available unchanged; ledger check silent",
+    ) as row:
+        cards = [world.funded_card(1_000) for _ in range(3)]
+        world.terminal.create_payment(30)
+        _authorised(world, cards[0], 100)
+        fast = world.terminal.create_payment(200)
+        assert (
+            _batch(world, [_authorise_item(world, cards[1], fast["id"], 200)])[0]["status"] == 200
+        )
+        uncertain, _ = _authorised(world, cards[2], 300)
+        world.terminal.post(f"/v1/payments/{uncertain}/uncertain")
+        world.terminal.purchase(world.funded_card(500), 50)
+        before = _agree(world)
+
+        def snapshot() -> list[tuple[Any, ...]]:
+            with world.factory() as session:
+                return [
+                    tuple(r)
+                    for r in session.execute(
+                        select(
+                            PaymentHold.payment_id,
+                            PaymentHold.card_id,
+                            PaymentHold.amount,
+                            PaymentHold.authorised_at,
+                        ).order_by(PaymentHold.payment_id)
+                    )
+                ]
+
+        holds = snapshot()
+        assert len(holds) == 3
+        engine = world.factory.kw["bind"]
+        migrate(engine, "0017_i20_hot_payments", downgrade=True)
+        migrate(engine)
+        assert snapshot() == holds
+        assert _agree(world) == before
+        row.observed = (
+            f"{len(holds)} hold rows rebuilt identical; available {sorted(before.values())}"
         )
