@@ -55,6 +55,7 @@ from webpurse.settlement.db import (
     among,
     bulk_insert,
     bulk_update,
+    dialect_name,
     for_update,
     insert_ignoring_conflicts,
 )
@@ -749,7 +750,8 @@ def _payment_status_problems(session: Session) -> list[str]:
 def _hold_row_problems(session: Session) -> list[str]:
     """``payment_holds`` is the index of the open payments that ``available`` and the
     sweeps read: a row for each open payment, with its card and amount, and none for any
-    other (a missing row lets the card spend its hold again; an extra one withholds value).
+    other (a missing row lets the card spend its hold again; an extra one withholds value),
+    and its ``authorised_at`` the payment's (the sweeps end a hold by the row's time).
     ``awaiting_card`` is likewise exactly the payments waiting for a card."""
     problems: list[str] = []
     missing = (
@@ -768,6 +770,11 @@ def _hold_row_problems(session: Session) -> list[str]:
     )
     for payment_id, status in session.execute(extra):
         problems.append(f"hold row for payment {payment_id}, which is {status or 'missing'}")
+    held_at: Any = _HOLDS.c.authorised_at
+    authorised_at: Any = _PAYMENTS.c.authorised_at
+    if dialect_name(session) == "sqlite":  # text there: the instant, whatever its spelling
+        held_at, authorised_at = func.julianday(held_at), func.julianday(authorised_at)
+    other_time = held_at != authorised_at
     differ = (
         select(_HOLDS.c.payment_id)
         .select_from(_HOLDS.join(_PAYMENTS, _PAYMENTS.c.id == _HOLDS.c.payment_id))
@@ -776,6 +783,8 @@ def _hold_row_problems(session: Session) -> list[str]:
                 _HOLDS.c.card_id != _PAYMENTS.c.card_id,
                 _PAYMENTS.c.card_id.is_(None),
                 _HOLDS.c.amount != _PAYMENTS.c.amount,
+                # the sweeps read the row's time: a later one would keep the card held
+                and_(_PAYMENTS.c.authorised_at.is_not(None), other_time),
             )
         )
         .order_by(_HOLDS.c.payment_id)
