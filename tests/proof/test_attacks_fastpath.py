@@ -528,3 +528,112 @@ def test_answers_of_one_batch_show_times_in_utc_and_replay_them_exactly(
         replay = _responses(_batch(world, [_create(100, "iso-c")]))
         assert replay[0]["body"] == created[0]["body"]
         row.observed = f"created {body['created_at']}, updated {body['updated_at']}; replay equal"
+
+
+# --- more keys: array-literal characters, duplicates under a refused fast path, forged keys ---
+
+
+def test_keys_made_of_array_literal_syntax_read_back_as_themselves(
+    world: World, proof: Proof
+) -> None:
+    keys = ["NULL", "null", "\\", '"', "{}", "{", "a,b", " ", " lead", "trail ", '\\"', "}{\\"]
+    with proof.row(
+        SUITE,
+        f"hostile merchant: idempotency keys that are PostgreSQL array syntax (NULL, quotes,"
+        f" backslashes, braces, commas, blanks) in one batch: the bound lookup sends them as"
+        f" one array literal ({backend(world)})",
+        expected="each key is its own (one payment each); the batch sent again replays every"
+        " answer byte for byte; no key matches another's row",
+    ) as row:
+        items = [_create(60 + i, key) for i, key in enumerate(keys)]
+        first = _batch(world, items)
+        answers = _responses(first)
+        assert [a["status"] for a in answers] == [201] * len(keys)
+        assert [a["body"]["amount"] for a in answers] == [60 + i for i in range(len(keys))]
+        again = _batch(world, items)
+        assert [a["replayed"] for a in _responses(again)] == [True] * len(keys)
+        assert again.text.replace('"replayed":true', '"replayed":false') == first.text
+        assert _counts(world)[0] == len(keys)
+        row.observed = f"{len(keys)} keys: {len(keys)} payments, all replayed byte for byte"
+
+
+def test_duplicate_keys_in_a_refused_fast_path_and_reuse_across_endpoints(
+    world: World, proof: Proof, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with proof.row(
+        SUITE,
+        f"hostile merchant: one batch holds the same key twice with the same body and once"
+        f" more with another body (authorisations, fast path refused after its writes and"
+        f" rerun), then the key is tried with another body on the single endpoint"
+        f" ({backend(world)})",
+        expected="the first is authorised, the repeat replays it, the other body is 422"
+        " idempotency_key_reused (in the batch and on the single endpoint); one hold",
+    ) as row:
+        card, other = world.funded_card(1_000), world.funded_card(1_000)
+        ids = [a["body"]["id"] for a in _responses(_batch(world, [_create(100, "dup-c1")]))]
+        ids += [a["body"]["id"] for a in _responses(_batch(world, [_create(100, "dup-c2")]))]
+        real_write = batch._write
+        refused: list[int] = []
+
+        def write_then_refuse(ctx: Any, writes: Any) -> None:
+            real_write(ctx, writes)
+            ctx.session.flush()
+            refused.append(1)
+            raise ledger.LedgerError("injected")
+
+        monkeypatch.setattr(batch, "_write", write_then_refuse)
+        first = _authorise(world.terminal, ids[0], card, 100, "dup-a")
+        different = _authorise(world.terminal, ids[1], other, 100, "dup-a")
+        answers = _responses(_batch(world, [first, first, different]))
+        monkeypatch.undo()
+        assert refused == [1]
+        statuses = [(a["status"], a["replayed"]) for a in answers]
+        assert statuses[:2] == [(200, False), (200, True)], answers
+        assert answers[1]["body"] == answers[0]["body"]
+        assert (answers[2]["status"], answers[2]["body"]["code"]) == (
+            422,
+            "idempotency_key_reused",
+        )
+        single = world.client.post(
+            f"/v1/payments/{ids[1]}/authorise",
+            json=different["body"],
+            headers={**world.auth(world.merchant_key), "idempotency-key": "dup-a"},
+        )
+        assert (single.status_code, single.json()["code"]) == (422, "idempotency_key_reused")
+        assert _counts(world)[1] == 1
+        row.observed = (
+            f"batch {[s for s, _ in statuses]} (the repeat replayed); single"
+            f" {single.status_code} {single.json()['code']}; 1 hold"
+        )
+
+
+def test_forged_and_wrong_role_keys_are_refused_on_the_batch(world: World, proof: Proof) -> None:
+    with proof.row(
+        SUITE,
+        f"anonymous visitor and stolen keys on POST /v1/batch: none, another scheme, a forged"
+        f" sk_mer_ key, a real key in another case or with a trailing space, a NUL in it, the"
+        f" operator's key ({backend(world)})",
+        expected="401 for each forged/unknown key, 403 for the operator's (not a merchant);"
+        " nothing created",
+    ) as row:
+        body = {"requests": [_create(70, "forged")]}
+        real = world.merchant_key
+        tried: dict[str, dict[str, str]] = {
+            "none": {},
+            "basic": {"authorization": f"Basic {real}"},
+            "forged": {"authorization": "Bearer sk_mer_" + "0" * 48},
+            "upper": {"authorization": f"Bearer {real.upper()}"},
+            "space": {"authorization": f"Bearer {real} x"},
+            "nul": {"authorization": f"Bearer {real[:-1]}\x00"},
+            "operator": world.auth(world.operator_key),
+        }
+        seen: dict[str, int] = {}
+        for name, headers in tried.items():
+            try:
+                seen[name] = world.client.post("/v1/batch", json=body, headers=headers).status_code
+            except (httpx.LocalProtocolError, ValueError):
+                seen[name] = 0  # the client refuses to send such a header
+        row.observed = str(seen)
+        assert seen.pop("operator") == 403
+        assert set(seen.values()) <= {401, 0} and 401 in seen.values()
+        assert _counts(world)[0] == 0
