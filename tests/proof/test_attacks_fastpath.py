@@ -15,7 +15,9 @@ from __future__ import annotations
 import datetime as dt
 import os
 import resource
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -637,3 +639,113 @@ def test_forged_and_wrong_role_keys_are_refused_on_the_batch(world: World, proof
         assert seen.pop("operator") == 403
         assert set(seen.values()) <= {401, 0} and 401 in seen.values()
         assert _counts(world)[0] == 0
+
+
+@pytest.mark.postgres
+def test_a_backend_terminated_between_the_refusal_and_the_rerun_leaves_nothing(
+    pg_world: World, proof: Proof, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world = pg_world
+    with proof.row(
+        SUITE,
+        "fault: the fast path is refused after its writes, the transaction rolled back, and"
+        " the backend is terminated before the per-item rerun's first statement (PostgreSQL)",
+        expected="the batch fails (an error), nothing of either attempt is kept; sent again"
+        " it is answered afresh, one payment per create and one hold per authorisation",
+    ) as row:
+        card = world.funded_card(1_000)
+        pid = _responses(_batch(world, [_create(100, "rr-c")]))[0]["body"]["id"]
+        real_write, real_run = batch._write, batch._run
+        events: list[str] = []
+
+        def write_then_refuse(ctx: Any, writes: Any) -> None:
+            real_write(ctx, writes)
+            ctx.session.flush()
+            events.append("refused")
+            raise ledger.LedgerError("injected")
+
+        def die_before_rerun(ctx: Any, raw: Any, request_id: Any, *, fast: bool) -> Any:
+            if not fast:
+                backend_pid = ctx.session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+                _terminate(world, [int(backend_pid)])
+                events.append("terminated")
+            return real_run(ctx, raw, request_id, fast=fast)
+
+        monkeypatch.setattr(batch, "_write", write_then_refuse)
+        monkeypatch.setattr(batch, "_run", die_before_rerun)
+        items = [_create(81, "rr-new"), _authorise(world.terminal, pid, card, 100, "rr-a")]
+        before = _counts(world)
+        try:
+            failed = _batch(world, items).status_code
+        except Exception as error:  # the app raised: a client sees a 500
+            failed, row.observed = 500, type(error).__name__
+        monkeypatch.undo()
+        assert events == ["refused", "terminated"] and failed >= 500
+        assert _counts(world) == before
+        answers = _responses(_batch(world, items))
+        assert [(a["status"], a["replayed"]) for a in answers] == [(201, False), (200, False)]
+        after = _counts(world)
+        assert (after[0] - before[0], after[1] - before[1]) == (1, 1)
+        row.observed = f"{events}: {row.observed} ({failed}), nothing kept; resent: 201, 200"
+
+
+@pytest.mark.postgres
+def test_identical_batches_racing_with_every_fast_path_refused_answer_once(
+    pg_world: World, proof: Proof, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world = pg_world
+    n, copies = 3, 3
+    with proof.row(
+        SUITE,
+        f"concurrent client: {copies} copies of one batch of {n} authorisations (same keys,"
+        f" same bodies) sent at once, every fast path refused after its writes (each batch"
+        f" rolls back and reruns per item while the others run) (PostgreSQL)",
+        expected="each authorisation happens once (one hold, one terminal sequence number"
+        " each, ledger balanced); every copy answers each item with the same body (the"
+        " others replayed), or 409 idempotency_in_flight for a whole copy; no 500",
+    ) as row:
+        cards = [world.funded_card(1_000) for _ in range(n)]
+        created = _responses(_batch(world, [_create(100, f"race-c{i}") for i in range(n)]))
+        ids = [a["body"]["id"] for a in created]
+        items = [
+            _authorise(world.terminal, pid, card, 100, f"race-a{i}")
+            for i, (pid, card) in enumerate(zip(ids, cards, strict=True))
+        ]
+        real_write = batch._write
+        refusals: list[int] = []
+
+        def write_then_refuse(ctx: Any, writes: Any) -> None:
+            real_write(ctx, writes)
+            ctx.session.flush()
+            refusals.append(1)
+            raise ledger.LedgerError("injected")
+
+        monkeypatch.setattr(batch, "_write", write_then_refuse)
+        start = threading.Barrier(copies)
+
+        def send() -> httpx.Response:
+            start.wait(timeout=60)
+            return _batch(world, items)
+
+        with ThreadPoolExecutor(copies) as pool:
+            sent = [pool.submit(send) for _ in range(copies)]
+            answers = [future.result(timeout=120) for future in sent]
+        monkeypatch.undo()
+        statuses = [a.status_code for a in answers]
+        assert set(statuses) <= {200, 409}, [a.text for a in answers]
+        bodies: list[list[Any]] = [
+            [r["body"] for r in a.json()["responses"]] for a in answers if a.status_code == 200
+        ]
+        assert bodies and all(b == bodies[0] for b in bodies)
+        assert all(r["status"] == 200 for r in answers[statuses.index(200)].json()["responses"])
+        with world.factory() as session:
+            seqs = session.scalars(
+                select(Payment.terminal_seq).where(Payment.terminal_seq.is_not(None))
+            ).all()
+            assert ledger.balance(session, ledger.HELD_PURCHASES) == 100 * n
+            assert ledger.check(session).ok
+        assert _counts(world)[1] == n and len(seqs) == n == len(set(seqs))
+        row.observed = (
+            f"copies answered {statuses}, {len(refusals)} fast paths refused; {n} holds,"
+            f" {len(set(seqs))} distinct terminal seqs; bodies equal across copies"
+        )
