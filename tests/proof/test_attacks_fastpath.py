@@ -13,6 +13,7 @@ protocol library with times in other zones. Rows go to the ``attacks_fastpath`` 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import resource
 import threading
@@ -32,6 +33,7 @@ from tests.settlement.support import (
     World,
     database_url,
     make_world,
+    ok,
 )
 from webpurse.card import CardApplet
 from webpurse.protocol import host
@@ -748,4 +750,59 @@ def test_identical_batches_racing_with_every_fast_path_refused_answer_once(
         row.observed = (
             f"copies answered {statuses}, {len(refusals)} fast paths refused; {n} holds,"
             f" {len(set(seqs))} distinct terminal seqs; bodies equal across copies"
+        )
+
+
+def test_replays_after_the_payment_moved_on_are_the_first_answers_byte_for_byte(
+    world: World, proof: Proof
+) -> None:
+    with proof.row(
+        SUITE,
+        f"a shopper's agent retries every step of a purchase after the payment moved on"
+        f" (created and authorised in batches, captured on its endpoint, a second between"
+        f" steps), each on the other path too: the answers are re-rendered as of their step"
+        f" (renders_as_of, kept isoformat text) ({backend(world)})",
+        expected="every replay is byte for byte the first answer of its step (status,"
+        " updated_at, authorisation, tac as they were then), on the batch and on the"
+        " single endpoint",
+    ) as row:
+        card = world.funded_card(1_000)
+        create = _create(100, "rp-c")
+        first_create = _responses(_batch(world, [create]))[0]["body"]
+        pid = first_create["id"]
+        world.clock.advance(dt.timedelta(seconds=1, microseconds=3))
+        authorise = _authorise(world.terminal, pid, card, 100, "rp-a")
+        first_authorise = _responses(_batch(world, [authorise]))[0]["body"]
+        debit = ok(card, bytes.fromhex(first_authorise["authorisation"]["debit_apdu"]))
+        world.clock.advance(dt.timedelta(seconds=1))
+        capture = {
+            "path": f"/v1/payments/{pid}/capture",
+            "idempotency_key": "rp-cap",
+            "body": {"debit_response": debit.hex()},
+        }
+        headers = {**world.auth(world.merchant_key), "idempotency-key": "rp-cap"}
+        first_capture = world.client.post(capture["path"], json=capture["body"], headers=headers)
+        assert first_capture.status_code == 200, first_capture.text
+        world.clock.advance(dt.timedelta(seconds=1))
+        firsts = [first_create, first_authorise, first_capture.json()]
+        assert [f["status"] for f in firsts] == ["requires_card", "authorised", "succeeded"]
+        replays = _responses(_batch(world, [create, authorise, capture]))
+        assert [r["replayed"] for r in replays] == [True] * 3
+        assert [r["body"] for r in replays] == firsts
+        singles = []
+        for item in (create, authorise, capture):
+            answer = world.client.post(
+                str(item["path"]),
+                json=item["body"],
+                headers={
+                    **world.auth(world.merchant_key),
+                    "idempotency-key": item["idempotency_key"],
+                },
+            )
+            assert answer.headers.get("idempotent-replayed") == "true"
+            singles.append(answer.content)
+        assert singles[2] == first_capture.content
+        assert [json.loads(s) for s in singles] == firsts
+        row.observed = "create, authorise, capture replayed on both paths: " + ", ".join(
+            f"{f['status']}@{f['updated_at']}" for f in firsts
         )
