@@ -806,3 +806,73 @@ def test_replays_after_the_payment_moved_on_are_the_first_answers_byte_for_byte(
         row.observed = "create, authorise, capture replayed on both paths: " + ", ".join(
             f"{f['status']}@{f['updated_at']}" for f in firsts
         )
+
+
+def test_a_refused_fast_path_of_captures_leaves_no_event_or_delivery_of_its_own(
+    world: World, proof: Proof, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from webpurse.settlement.webhooks.tables import WebhookEvent, WebhookMessage
+
+    with proof.row(
+        SUITE,
+        f"a merchant with a webhook endpoint captures purchases in one batch whose fast path"
+        f" is refused after it wrote the captures, their ledger entries and their"
+        f" payment.succeeded events and deliveries ({backend(world)})",
+        expected="exactly one payment.succeeded event and one pending delivery per capture"
+        " (none from the rolled-back attempt); every capture 200 succeeded; ledger balanced",
+    ) as row:
+        hook = world.client.post(
+            "/v1/webhook_endpoints",
+            json={"url": "https://shop.example/hook", "events": ["*"]},
+            headers=world.auth(world.merchant_key),
+        )
+        assert hook.status_code == 201, hook.text
+        n = 3
+        items: list[dict[str, Any]] = []
+        for i in range(n):
+            card = world.funded_card(1_000)
+            payment = world.terminal.create_payment(100)
+            issuer, init = world.terminal.purchase_batch1(card, 100)
+            answer = world.terminal.authorise_payment(payment["id"], issuer, init)
+            assert answer.status_code == 200, answer.text
+            debit = ok(card, bytes.fromhex(answer.json()["authorisation"]["debit_apdu"]))
+            items.append(
+                {
+                    "path": f"/v1/payments/{payment['id']}/capture",
+                    "idempotency_key": f"ev-cap{i}",
+                    "body": {"debit_response": debit.hex()},
+                }
+            )
+        with world.factory() as session:
+            events_before = session.scalar(select(func.count()).select_from(WebhookEvent)) or 0
+            messages_before = session.scalar(select(func.count()).select_from(WebhookMessage)) or 0
+        real_write = batch._write
+        refused: list[int] = []
+
+        def write_then_refuse(ctx: Any, writes: Any) -> None:
+            real_write(ctx, writes)
+            ctx.session.flush()
+            refused.append(1)
+            raise ledger.LedgerError("injected")
+
+        monkeypatch.setattr(batch, "_write", write_then_refuse)
+        answers = _responses(_batch(world, items))
+        monkeypatch.undo()
+        assert refused == [1]
+        assert [(a["status"], a["body"]["status"]) for a in answers] == [(200, "succeeded")] * n
+        with world.factory() as session:
+            succeeded = session.scalar(
+                select(func.count())
+                .select_from(WebhookEvent)
+                .where(WebhookEvent.type == "payment.succeeded")
+            )
+            events = (session.scalar(select(func.count()).select_from(WebhookEvent)) or 0) - (
+                events_before
+            )
+            messages = (session.scalar(select(func.count()).select_from(WebhookMessage)) or 0) - (
+                messages_before
+            )
+            assert ledger.check(session).ok
+        assert succeeded == events == messages == n
+        row.observed = f"refused once; {events} new events ({succeeded} payment.succeeded),"
+        row.observed += f" {messages} deliveries"
