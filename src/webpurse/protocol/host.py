@@ -29,9 +29,18 @@ LOAD = TransactionType.EP_LOAD
 P = ParamSpec("P")
 
 
-@functools.lru_cache(maxsize=256)
 def _when(date: dt.date, time: dt.time) -> bytes:
-    """Date and time as BCD (kept: a batch's purchases share one date and time)."""
+    """Date and time as BCD (kept for a plain date and a naive time: a batch's purchases
+    share one date and time). Not for an aware time or a datetime as the date: one equals
+    another zone's, whose digits differ (12:00+01:00 == 11:00Z), so a kept answer would
+    be another value's BCD."""
+    if type(date) is dt.date and type(time) is dt.time and time.tzinfo is None:
+        return _when_naive(date, time)
+    return encode_bcd_date(date) + encode_bcd_time(time)
+
+
+@functools.lru_cache(maxsize=256)
+def _when_naive(date: dt.date, time: dt.time) -> bytes:
     return encode_bcd_date(date) + encode_bcd_time(time)
 
 

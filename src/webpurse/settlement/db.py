@@ -158,8 +158,11 @@ def make_engine(
 
 def _quiet(dbapi_connection: Any) -> bool:
     """Whether the server sent nothing on this idle psycopg connection (a poll, no I/O)."""
-    readable, _, _ = select_module.select([dbapi_connection.pgconn.socket], [], [], 0)
-    return not readable
+    # poll, not select: select refuses a descriptor past FD_SETSIZE (1024), which a busy
+    # server's sockets reach, and every checkout would fail.
+    poller = select_module.poll()
+    poller.register(dbapi_connection.pgconn.socket, select_module.POLLIN)
+    return not poller.poll(0)
 
 
 SessionFactory = sessionmaker[Session]

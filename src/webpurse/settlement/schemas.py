@@ -45,7 +45,11 @@ class RequestBody(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _no_nul(cls, data: Any) -> Any:
-        if _holds_nul(data):
+        try:
+            holds = _holds_nul(data)
+        except RecursionError:  # lists in lists past the stack (JSON lets ~1000 levels in)
+            raise ValueError("the body is nested too deeply") from None
+        if holds:
             raise ValueError("text must not contain the character U+0000")
         return data
 
