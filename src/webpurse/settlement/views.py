@@ -190,7 +190,12 @@ def _pinned_view(step: str, at: dt.datetime) -> MappingProxyType[str, Any]:
     """The members of a payment's JSON a later step changes, as they were after ``step``.
 
     Read-only and kept: a batch pins hundreds of answers to one time. Equal instants in
-    other zones share an entry, and their UTC text is the same."""
+    other zones share an entry, and their UTC text is the same. The one exception is two
+    wall readings of one zone at a daylight-saving fold (01:30 before and after the clocks
+    go back): Python calls them equal although they are an hour apart, so they share an
+    entry and the second gets the first's text. Settlement's clock is UTC, which has no
+    fold; with another clock, :func:`renders_as_of` sees the text differ from the stored
+    column's and the answer is stored as given, never replayed wrongly."""
     later: dict[str, Any] = {"decline_code": None, "amount_refunded": 0}
     if step == "create":
         status = Status.REQUIRES_CARD.value
@@ -210,7 +215,9 @@ def _iso(at: dt.datetime) -> str:
     """A time as a payment's JSON shows it once read back (the columns are UTC).
 
     Kept: every answer of a batch (and each row of it read back) carries the same times;
-    an equal instant in another zone hits the same entry, whose UTC text is the same."""
+    an equal instant in another zone hits the same entry, whose UTC text is the same (for
+    the daylight-saving fold, where Python's equality is not the instant's, see
+    :func:`_pinned_view`)."""
     return at.astimezone(dt.UTC).isoformat()
 
 
