@@ -16,7 +16,8 @@ from tests.settlement.support import database_url
 from webpurse.settlement import clearing, ledger
 from webpurse.settlement.db import make_engine, make_session_factory, migrate
 from webpurse.settlement.ledger import LedgerError
-from webpurse.settlement.models import Account, Card, Merchant, Payment, PaymentHold
+from webpurse.settlement.models import Account, Card, Merchant, Payment, PaymentHold, Transfer
+from webpurse.settlement.webhooks.tables import WebhookEvent
 
 NOW = dt.datetime(2026, 11, 27, 12, tzinfo=dt.UTC)
 CARD = ledger.card_account("crd_1")
@@ -187,6 +188,40 @@ def test_the_check_catches_entries_on_an_account_that_does_not_exist(session: Se
     report = ledger.check(session)
     assert not report.ok
     assert f"entries on unknown account {CARD}" in report.problems
+
+
+def test_the_check_catches_entries_of_a_transfer_that_does_not_exist(session: Session) -> None:
+    """No foreign key guards an entry's transfer any more (migration 0019): the check does."""
+    ledger.post_transfer(session, "t1", CASH, CARD, 1_000, "load", now=NOW)
+    session.commit()
+    session.execute(delete(Transfer).where(Transfer.id == "t1"))
+    session.commit()
+    report = ledger.check(session)
+    assert "entries for unknown transfer t1" in report.problems, report.problems
+
+
+def test_the_check_catches_rows_naming_a_merchant_or_card_that_does_not_exist(
+    session: Session,
+) -> None:
+    """A payment's merchant and card and a webhook event's merchant have no foreign key
+    (migration 0019: a check on a hot row per inserted row): the check proves them."""
+    _card_and_payments(session, ("pay_ok", "canceled", 100))
+    session.commit()
+    assert ledger.check(session).problems == []
+    session.execute(
+        update(Payment).where(Payment.id == "pay_ok").values(merchant_id="mer_x", card_id="crd_x")
+    )
+    session.execute(
+        insert(WebhookEvent).values(
+            id="evt_1", merchant_id="mer_y", type="payment.created", created_at=NOW, body="{}"
+        )
+    )
+    session.commit()
+    assert ledger.check(session).problems == [
+        "payment pay_ok names unknown merchant mer_x",
+        "payment pay_ok names unknown card crd_x",
+        "webhook event evt_1 names unknown merchant mer_y",
+    ]
 
 
 def test_the_check_replays_each_account_in_entry_id_order(session: Session) -> None:

@@ -766,3 +766,86 @@ def test_entries_whose_ids_do_not_follow_their_versions_refuse_the_upgrade(db_ur
             assert revision.scalar_one() == BEFORE_0015
     finally:
         engine.dispose()
+
+
+# What 0019 drops: (table, column, referred table).
+HOT_FOREIGN_KEYS = {
+    ("ledger_entries", "transfer_id", "ledger_transfers"),
+    ("payments", "merchant_id", "merchants"),
+    ("payments", "card_id", "cards"),
+    ("webhook_events", "merchant_id", "merchants"),
+}
+
+
+def _foreign_keys(engine: sa.Engine) -> set[tuple[str, str, str]]:
+    found = inspect(engine)
+    return {
+        (table, column, fk["referred_table"])
+        for table in ("ledger_entries", "payments", "webhook_events")
+        for fk in found.get_foreign_keys(table)
+        for column in fk["constrained_columns"]
+    }
+
+
+def test_the_hot_foreign_keys_go_and_come_back_and_the_rows_stay(db_url: str) -> None:
+    """0019 drops the referential checks of a purchase's hot writes and nothing else; its
+    downgrade puts them back over the rows written meanwhile (they name existing rows)."""
+    engine = make_engine(db_url, pool_size=1, max_overflow=0)
+    try:
+        migrate(engine, "0018_i20_payment_holds")
+        assert _foreign_keys(engine) >= HOT_FOREIGN_KEYS
+        migrate(engine)
+        assert _foreign_keys(engine) & HOT_FOREIGN_KEYS == set()
+        with Session(engine) as session:
+            now = dt.datetime(2026, 12, 6, 17, tzinfo=dt.UTC)
+            session.add(Merchant(id="mer_1", name="shop", terminal_id="AA" * 6, created_at=now))
+            session.add(
+                Card(
+                    id="crd_1",
+                    card_number="1" * 20,
+                    status="active",
+                    issuer_id="1",
+                    key_version=1,
+                    start_date=now.date(),
+                    expiry_date=now.date() + dt.timedelta(days=3650),
+                    max_balance=1_000_000,
+                    shadow_balance=0,
+                    online_counter=1,
+                    offline_counter=0,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            session.flush()
+            session.add(
+                Payment(
+                    id="pay_1",
+                    merchant_id="mer_1",
+                    status="canceled",
+                    amount=100,
+                    currency="CNY",
+                    terminal_id="AA" * 6,
+                    card_id="crd_1",
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            ledger.post_transfer(
+                session,
+                "t1",
+                ledger.funding_account("cash"),
+                ledger.card_account("crd_1"),
+                100,
+                "load",
+                now=now,
+            )
+            session.commit()
+        migrate(engine, "0018_i20_payment_holds", downgrade=True)
+        assert _foreign_keys(engine) >= HOT_FOREIGN_KEYS
+        with engine.connect() as connection:
+            assert connection.scalar(text("SELECT count(*) FROM ledger_entries")) == 2
+            assert connection.scalar(text("SELECT card_id FROM payments")) == "crd_1"
+        migrate(engine)
+        assert _foreign_keys(engine) & HOT_FOREIGN_KEYS == set()
+    finally:
+        engine.dispose()

@@ -48,7 +48,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import String, Table, and_, bindparam, func, insert, literal, or_, select, update
+from sqlalchemy import (
+    String,
+    Table,
+    and_,
+    bindparam,
+    column,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    table,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from webpurse.settlement.db import (
@@ -59,7 +72,15 @@ from webpurse.settlement.db import (
     for_update,
     insert_ignoring_conflicts,
 )
-from webpurse.settlement.models import Account, Card, Entry, Payment, PaymentHold, Transfer
+from webpurse.settlement.models import (
+    Account,
+    Card,
+    Entry,
+    Merchant,
+    Payment,
+    PaymentHold,
+    Transfer,
+)
 from webpurse.settlement.refund_checks import open_refund_problems
 from webpurse.settlement.transactions import OPEN, Status
 
@@ -69,6 +90,9 @@ _ENTRIES: Table = Entry.__table__  # type: ignore[assignment]
 _PAYMENTS: Table = Payment.__table__  # type: ignore[assignment]
 _CARDS: Table = Card.__table__  # type: ignore[assignment]
 _HOLDS: Table = PaymentHold.__table__  # type: ignore[assignment]
+_MERCHANTS: Table = Merchant.__table__  # type: ignore[assignment]
+# Only the columns the check reads (the webhooks package is not imported by the ledger).
+_EVENTS = table("webhook_events", column("id"), column("merchant_id"))
 
 HELD_PURCHASES = "held:purchases"
 HELD_LOADS = "held:loads"
@@ -747,6 +771,28 @@ def _payment_status_problems(session: Session) -> list[str]:
     return problems + _hold_row_problems(session)
 
 
+def _reference_problems(session: Session) -> list[str]:
+    """A purchase's rows name their merchant and card without a foreign key (migration
+    0019: a referential check per row on hot rows), so the check proves the names: no
+    payment names a merchant or a card that does not exist, no webhook event a merchant."""
+    problems: list[str] = []
+    checks = (
+        ("payment", _PAYMENTS, _PAYMENTS.c.merchant_id, _MERCHANTS, "merchant"),
+        ("payment", _PAYMENTS, _PAYMENTS.c.card_id, _CARDS, "card"),
+        ("webhook event", _EVENTS, _EVENTS.c.merchant_id, _MERCHANTS, "merchant"),
+    )
+    for what, rows, named, target, kind in checks:
+        unknown = (
+            select(rows.c.id, named)
+            .select_from(rows.outerjoin(target, target.c.id == named))
+            .where(named.is_not(None), target.c.id.is_(None))
+            .order_by(rows.c.id)
+        )
+        for row_id, name in session.execute(unknown):
+            problems.append(f"{what} {row_id} names unknown {kind} {name}")
+    return problems
+
+
 def _hold_row_problems(session: Session) -> list[str]:
     """``payment_holds`` is the index of the open payments that ``available`` and the
     sweeps read: a row for each open payment, with its card and amount, and none for any
@@ -824,6 +870,8 @@ def check(session: Session) -> CheckReport:
       ``held`` and the cards net of them, as when holds were transfers;
     - no card's open transaction is a payment that is not open, and no open payment was
       captured (a status changed behind settlement's back would move a hold unseen);
+    - no entry names a transfer, no payment a merchant or card, no webhook event a merchant
+      that does not exist (no foreign key guards them: migrations 0011, 0019);
     - all accounts sum to zero, and funds received (float deposits and bank statement
       credits, ``received``; ``funding``/``topups`` of old) equal the value held on cards,
       merchant payables, payouts, pending refunds, held amounts, unused floats, matched
@@ -854,6 +902,7 @@ def check(session: Session) -> CheckReport:
         report.totals[kind] = report.totals.get(kind, 0) + running[account_id]
     report.problems.extend(_hold_problems(report.totals, running, open_holds_by_card(session)))
     report.problems.extend(_payment_status_problems(session))
+    report.problems.extend(_reference_problems(session))
     # No foreign key guards the account names (migration 0011): the check does.
     for account_id in sorted(set(per_account) - set(accounts)):
         report.problems.append(f"entries on unknown account {account_id}")
