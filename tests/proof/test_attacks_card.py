@@ -59,7 +59,7 @@ SUITE = "attacks"
 def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
     """SQLite by default; ``parametrize("world", BACKENDS, indirect=True)`` adds PostgreSQL."""
     backend = getattr(request, "param", "sqlite")
-    with database_url(backend, tmp_path) as url, make_world(url) as w:
+    with database_url(backend, tmp_path, migrated=True) as url, make_world(url) as w:
         yield w
 
 

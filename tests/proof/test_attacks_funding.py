@@ -44,7 +44,7 @@ FLOAT = 10_000  # ¥100
 def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
     """A world whose merchants start with no float (SQLite unless parametrised)."""
     backend = getattr(request, "param", "sqlite")
-    with database_url(backend, tmp_path) as url, make_world(url, float_fen=0) as w:
+    with database_url(backend, tmp_path, migrated=True) as url, make_world(url, float_fen=0) as w:
         yield w
 
 

@@ -41,13 +41,13 @@ SUITE = "attacks_lean"
 
 @pytest.fixture(params=BACKENDS)
 def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
-    with database_url(str(request.param), tmp_path) as url, make_world(url) as w:
+    with database_url(str(request.param), tmp_path, migrated=True) as url, make_world(url) as w:
         yield w
 
 
 @pytest.fixture
 def pg_world(tmp_path: Path) -> Iterator[World]:
-    with database_url("postgresql", tmp_path) as url, make_world(url) as w:
+    with database_url("postgresql", tmp_path, migrated=True) as url, make_world(url) as w:
         yield w
 
 
