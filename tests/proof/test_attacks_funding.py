@@ -147,7 +147,7 @@ def test_a_hundred_yuan_float_allows_exactly_a_hundred_yuan_under_20_concurrent_
     ) as row:
         attempts = 20
         with (
-            database_url("postgresql", tmp_path) as url,
+            database_url("postgresql", tmp_path, migrated=True) as url,
             live_server(url, tmp_path, float_fen=FLOAT) as server,
         ):
             start = Barrier(attempts)

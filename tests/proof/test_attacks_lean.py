@@ -934,7 +934,7 @@ async def test_a_coalesced_batch_whose_answer_is_lost_is_resent_and_replayed(
             expected="the lost batch is resent with the same keys and replayed: each caller"
             f" gets its own payment, {callers} payments exist, none twice",
         ) as row,
-        database_url("sqlite", tmp_path) as url,
+        database_url("sqlite", tmp_path, migrated=True) as url,
         make_world(url) as world,
     ):
         transport = _LosesFirstBatchAnswer(httpx.ASGITransport(app=world.client.app))

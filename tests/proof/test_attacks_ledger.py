@@ -362,7 +362,7 @@ def test_two_merchants_racing_to_hold_one_card_hold_no_more_than_it_has(
     ) as row:
         rounds: list[list[int]] = []
         with (
-            database_url("postgresql", tmp_path) as url,
+            database_url("postgresql", tmp_path, migrated=True) as url,
             live_server(url, tmp_path) as server,
             httpx.Client(base_url=server.base_url, timeout=60) as http,
         ):

@@ -164,7 +164,7 @@ async def test_the_last_command_lost_on_postgresql(
     name, ins = _steps(kind)[-1]
     done = "paid" if kind == "purchase" else "loaded"
     with (
-        database_url("postgresql", tmp_path) as url,
+        database_url("postgresql", tmp_path, migrated=True) as url,
         make_world(url) as pg_world,
         proof.row(
             SUITE,
