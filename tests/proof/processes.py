@@ -30,10 +30,11 @@ from tests.settlement.support import (
     Terminal,
     database_url,
     deterministic_random,
+    migrate_to_head,
     seed_float,
 )
 from webpurse.card import CardApplet, MemoryStore
-from webpurse.settlement.db import SessionFactory, make_engine, make_session_factory, migrate
+from webpurse.settlement.db import SessionFactory, make_engine, make_session_factory
 from webpurse.settlement.merchants import create_merchant
 from webpurse.settlement.registry import issue_card
 from webpurse.settlement.security import SoftwareSecurityModule, generate_master_keys
@@ -189,11 +190,11 @@ class Live:
 
 @contextmanager
 def live_settlement(backend: str, tmp_path: Path) -> Iterator[Live]:
-    with database_url(backend, tmp_path) as url:
+    with database_url(backend, tmp_path, migrated=True) as url:
         kek = secrets.token_bytes(32)
         engine = make_engine(url, pool_size=2, max_overflow=2)
         try:
-            migrate(engine)
+            migrate_to_head(engine)
             factory = make_session_factory(engine)
             now = dt.datetime.now(dt.UTC)
             generate_master_keys(factory, kek, now)

@@ -59,7 +59,7 @@ SUITE = "attacks"
 def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
     """SQLite by default; ``parametrize("world", BACKENDS, indirect=True)`` adds PostgreSQL."""
     backend = getattr(request, "param", "sqlite")
-    with database_url(backend, tmp_path) as url, make_world(url) as w:
+    with database_url(backend, tmp_path, migrated=True) as url, make_world(url) as w:
         yield w
 
 
@@ -746,7 +746,7 @@ def test_two_racing_captures_post_once(backend: str, tmp_path: Path, proof: Proo
         expected="one 200, the other 409 invalid_payment_state; merchant credited once",
     ) as row:
         with (
-            database_url(backend, tmp_path) as url,
+            database_url(backend, tmp_path, migrated=True) as url,
             live_server(url, tmp_path) as server,
             httpx.Client(base_url=server.base_url, timeout=60) as http,
         ):

@@ -41,7 +41,7 @@ SUITE = "attacks_evidence"
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
-    with database_url("sqlite", tmp_path) as url, make_world(url) as w:
+    with database_url("sqlite", tmp_path, migrated=True) as url, make_world(url) as w:
         yield w
 
 

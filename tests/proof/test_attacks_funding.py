@@ -44,7 +44,7 @@ FLOAT = 10_000  # ¥100
 def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
     """A world whose merchants start with no float (SQLite unless parametrised)."""
     backend = getattr(request, "param", "sqlite")
-    with database_url(backend, tmp_path) as url, make_world(url, float_fen=0) as w:
+    with database_url(backend, tmp_path, migrated=True) as url, make_world(url, float_fen=0) as w:
         yield w
 
 
@@ -147,7 +147,7 @@ def test_a_hundred_yuan_float_allows_exactly_a_hundred_yuan_under_20_concurrent_
     ) as row:
         attempts = 20
         with (
-            database_url("postgresql", tmp_path) as url,
+            database_url("postgresql", tmp_path, migrated=True) as url,
             live_server(url, tmp_path, float_fen=FLOAT) as server,
         ):
             start = Barrier(attempts)

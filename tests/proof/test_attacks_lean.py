@@ -41,13 +41,13 @@ SUITE = "attacks_lean"
 
 @pytest.fixture(params=BACKENDS)
 def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
-    with database_url(str(request.param), tmp_path) as url, make_world(url) as w:
+    with database_url(str(request.param), tmp_path, migrated=True) as url, make_world(url) as w:
         yield w
 
 
 @pytest.fixture
 def pg_world(tmp_path: Path) -> Iterator[World]:
-    with database_url("postgresql", tmp_path) as url, make_world(url) as w:
+    with database_url("postgresql", tmp_path, migrated=True) as url, make_world(url) as w:
         yield w
 
 
@@ -997,7 +997,7 @@ async def test_a_coalesced_batch_whose_answer_is_lost_is_resent_and_replayed(
             expected="the lost batch is resent with the same keys and replayed: each caller"
             f" gets its own payment, {callers} payments exist, none twice",
         ) as row,
-        database_url("sqlite", tmp_path) as url,
+        database_url("sqlite", tmp_path, migrated=True) as url,
         make_world(url) as world,
     ):
         transport = _LosesFirstBatchAnswer(httpx.ASGITransport(app=world.client.app))

@@ -51,13 +51,13 @@ SUITE = "attacks_ledger"
 
 @pytest.fixture(params=BACKENDS)
 def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
-    with database_url(str(request.param), tmp_path) as url, make_world(url) as w:
+    with database_url(str(request.param), tmp_path, migrated=True) as url, make_world(url) as w:
         yield w
 
 
 @pytest.fixture
 def pg_world(tmp_path: Path) -> Iterator[World]:
-    with database_url("postgresql", tmp_path) as url, make_world(url) as w:
+    with database_url("postgresql", tmp_path, migrated=True) as url, make_world(url) as w:
         yield w
 
 
@@ -362,7 +362,7 @@ def test_two_merchants_racing_to_hold_one_card_hold_no_more_than_it_has(
     ) as row:
         rounds: list[list[int]] = []
         with (
-            database_url("postgresql", tmp_path) as url,
+            database_url("postgresql", tmp_path, migrated=True) as url,
             live_server(url, tmp_path) as server,
             httpx.Client(base_url=server.base_url, timeout=60) as http,
         ):

@@ -38,7 +38,7 @@ BEFORE = "0012_i20_terminal_seq_sequence"
 
 @pytest.fixture(params=BACKENDS)
 def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
-    with database_url(str(request.param), tmp_path) as url, make_world(url) as w:
+    with database_url(str(request.param), tmp_path, migrated=True) as url, make_world(url) as w:
         yield w
 
 
@@ -756,7 +756,7 @@ def test_a_key_another_request_is_storing_replays_its_answer_once_stored(
     the single endpoint and one in a batch wait for it on the key's unique index, whichever
     moment they reach it, and then replay what it stored: a reference to its payment."""
     with (
-        database_url("postgresql", tmp_path) as url,
+        database_url("postgresql", tmp_path, migrated=True) as url,
         make_world(url) as world,
         proof.row(
             SUITE,

@@ -78,7 +78,10 @@ SUITE = "attacks_stall"
 
 @pytest.fixture
 def pg_server(tmp_path: Path) -> Iterator[LiveServer]:
-    with database_url("postgresql", tmp_path) as url, live_server(url, tmp_path) as live:
+    with (
+        database_url("postgresql", tmp_path, migrated=True) as url,
+        live_server(url, tmp_path) as live,
+    ):
         yield live
 
 

@@ -38,7 +38,7 @@ SUITE = "attacks_stuck"
 
 @pytest.fixture(params=BACKENDS)
 def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
-    with database_url(str(request.param), tmp_path) as url, make_world(url) as w:
+    with database_url(str(request.param), tmp_path, migrated=True) as url, make_world(url) as w:
         yield w
 
 

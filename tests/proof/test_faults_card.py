@@ -40,7 +40,7 @@ TOPUP = 5_000
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
-    with database_url("sqlite", tmp_path) as url, make_world(url) as w:
+    with database_url("sqlite", tmp_path, migrated=True) as url, make_world(url) as w:
         yield w
 
 
@@ -164,7 +164,7 @@ async def test_the_last_command_lost_on_postgresql(
     name, ins = _steps(kind)[-1]
     done = "paid" if kind == "purchase" else "loaded"
     with (
-        database_url("postgresql", tmp_path) as url,
+        database_url("postgresql", tmp_path, migrated=True) as url,
         make_world(url) as pg_world,
         proof.row(
             SUITE,

@@ -54,7 +54,7 @@ TOPUP = 5_000
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
-    with database_url("sqlite", tmp_path) as url, make_world(url) as w:
+    with database_url("sqlite", tmp_path, migrated=True) as url, make_world(url) as w:
         yield w
 
 

@@ -70,7 +70,7 @@ DOWN_ATTEMPTS = 3
 def world(tmp_path: Path) -> Iterator[World]:
     # The shop checks webhook timestamps against the wall clock: start settlement's at now.
     clock = FakeClock(dt.datetime.now(dt.UTC).replace(microsecond=0))
-    with database_url("sqlite", tmp_path) as url, make_world(url, clock=clock) as w:
+    with database_url("sqlite", tmp_path, migrated=True) as url, make_world(url, clock=clock) as w:
         yield w
 
 

@@ -61,8 +61,15 @@ def security_module(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def world(db_url: str, security_module: str) -> Iterator[World]:
-    with make_world(db_url, security_module=security_module) as w:
+def migrated_db_url(backend: str, tmp_path: Path) -> Iterator[str]:
+    """A database already at the migrations' head (cloned from a migrated template)."""
+    with database_url(backend, tmp_path, migrated=True) as url:
+        yield url
+
+
+@pytest.fixture
+def world(migrated_db_url: str, security_module: str) -> Iterator[World]:
+    with make_world(migrated_db_url, security_module=security_module) as w:
         yield w
 
 

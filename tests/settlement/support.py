@@ -3,15 +3,29 @@
 Each test gets a fresh database: a SQLite file, or a fresh schema on the PostgreSQL server
 at ``WEBPURSE_TEST_POSTGRES_URL`` (dropped afterwards). Without PostgreSQL the PostgreSQL
 cases skip, except with ``CI=true`` where they fail. The schema is made by Alembic.
+
+Running the migrations for every test cost most of a settlement test's time (a second on
+PostgreSQL, half of one on SQLite, on 2 busy cores). So the migrations run once per test
+process into a template: a SQLite file that a new, empty SQLite database is copied from,
+and a PostgreSQL database that ``database_url(..., migrated=True)`` clones with
+``CREATE DATABASE ... TEMPLATE`` (its own database, dropped afterwards). The result is the
+same schema, byte for byte on SQLite; tests/settlement/test_migrations.py still runs every
+migration up and down on empty databases of both kinds.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import datetime as dt
 import itertools
 import os
+import queue
 import secrets
+import shutil
+import sqlite3
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,6 +36,7 @@ import httpx
 import psycopg
 import pytest
 from psycopg import sql
+from sqlalchemy import Engine, make_url
 
 from tests.asgi import AppClient
 from webpurse.card import CardApplet, MemoryStore
@@ -65,13 +80,148 @@ def require_postgres() -> None:
         pytest.skip(f"no PostgreSQL at {POSTGRES_URL}: {exc}")
 
 
+# --- migrated templates (one per test process and backend) ---------------------------
+
+_templates: dict[str, str] = {}  # backend -> the SQLite file / PostgreSQL database name
+_cloned: set[str] = set()  # PostgreSQL databases cloned from the template (already at head)
+
+
+def _sqlite_template() -> Path:
+    """A SQLite file migrated to head, made once per process."""
+    if "sqlite" not in _templates:
+        folder = tempfile.mkdtemp(prefix="webpurse-template-")
+        atexit.register(shutil.rmtree, folder, True)
+        path = Path(folder) / "template.db"
+        engine = make_engine(f"sqlite:///{path}")
+        try:
+            migrate(engine)
+        finally:
+            engine.dispose()  # NullPool: the last connection closed checkpoints the WAL
+        _templates["sqlite"] = str(path)
+    return Path(_templates["sqlite"])
+
+
+def _postgres_url(database: str) -> str:
+    base = (
+        POSTGRES_URL
+        if "+psycopg" in POSTGRES_URL
+        else POSTGRES_URL.replace("://", "+psycopg://", 1)
+    )
+    return make_url(base).set(database=database).render_as_string(hide_password=False)
+
+
+def _drop_database(name: str) -> None:
+    with psycopg.connect(_libpq(POSTGRES_URL), autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+_to_drop: queue.Queue[str | None] = queue.Queue()
+_dropper: list[threading.Thread] = []
+
+
+def _drop_later(name: str) -> None:
+    """Drop a test's database in a background thread: DROP DATABASE waits for a checkpoint,
+    which the next test need not wait for. Whatever is queued is dropped before the process
+    ends (``atexit``)."""
+    if not _dropper:
+
+        def drop_queued() -> None:
+            while (queued := _to_drop.get()) is not None:
+                with contextlib.suppress(psycopg.Error):
+                    _drop_database(queued)
+
+        thread = threading.Thread(target=drop_queued, name="drop-test-databases", daemon=True)
+        thread.start()
+        _dropper.append(thread)
+
+        def finish() -> None:
+            _to_drop.put(None)
+            thread.join(timeout=120)
+
+        atexit.register(finish)
+    _to_drop.put(name)
+
+
+def _postgres_template() -> str:
+    """A PostgreSQL database migrated to head, made once per process, dropped at exit.
+    It takes no connections once made, so that autovacuum or a stray connection cannot
+    keep ``CREATE DATABASE ... TEMPLATE`` from copying it."""
+    if "postgresql" not in _templates:
+        name = f"wp_template_{os.getpid()}_{secrets.token_hex(4)}"
+        with psycopg.connect(_libpq(POSTGRES_URL), autocommit=True) as admin:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        atexit.register(_drop_database, name)
+        engine = make_engine(_postgres_url(name), pool_size=1, max_overflow=0)
+        try:
+            migrate(engine)
+        finally:
+            engine.dispose()
+        with psycopg.connect(_libpq(POSTGRES_URL), autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(
+                    sql.Identifier(name)
+                )
+            )
+        _templates["postgresql"] = name
+    return _templates["postgresql"]
+
+
+def _empty_sqlite_file(path: str | None) -> bool:
+    if not path or path == ":memory:":
+        return False
+    file = Path(path)
+    wal = file.with_name(file.name + "-wal")
+    return (not file.exists() or file.stat().st_size == 0) and not wal.exists()
+
+
+def migrate_to_head(engine: Engine) -> None:
+    """``migrate(engine)`` for a new database: a new SQLite file becomes a copy of the
+    migrated template, a database cloned from the PostgreSQL template is already there;
+    any other database is migrated by Alembic."""
+    if engine.dialect.name == "sqlite" and engine.url.database in (None, "", ":memory:"):
+        with engine.connect() as connection:  # in memory: the engine's one connection
+            driver = connection.connection.driver_connection
+            assert driver is not None
+            if driver.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
+                with contextlib.closing(sqlite3.connect(_sqlite_template())) as template:
+                    template.backup(driver)
+                return
+    elif engine.dialect.name == "sqlite" and _empty_sqlite_file(engine.url.database):
+        path = str(engine.url.database)
+        shutil.copyfile(_sqlite_template(), path)  # keeps an existing file's 0600 mode
+        return
+    if engine.dialect.name == "postgresql" and engine.url.database in _cloned:
+        return
+    migrate(engine)
+
+
 @contextmanager
-def database_url(backend: str, tmp_path: Path) -> Iterator[str]:
-    """The URL of an empty database: a SQLite file or a fresh PostgreSQL schema."""
+def database_url(backend: str, tmp_path: Path, *, migrated: bool = False) -> Iterator[str]:
+    """The URL of an empty database: a SQLite file or a fresh PostgreSQL schema. With
+    ``migrated`` on PostgreSQL: a fresh database cloned from the migrated template (a
+    SQLite file is filled from its template by :func:`migrate_to_head` either way)."""
     if backend == "sqlite":
         yield f"sqlite:///{tmp_path / 'settlement.db'}"
         return
     require_postgres()
+    if migrated:
+        template = _postgres_template()
+        name = f"wp_core_{secrets.token_hex(6)}"
+        with psycopg.connect(_libpq(POSTGRES_URL), autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                    sql.Identifier(name), sql.Identifier(template)
+                )
+            )
+        _cloned.add(name)
+        try:
+            yield _postgres_url(name)
+        finally:
+            _cloned.discard(name)
+            _drop_later(name)
+        return
     schema = f"wp_core_{secrets.token_hex(6)}"
     with psycopg.connect(_libpq(POSTGRES_URL), autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
@@ -364,7 +514,7 @@ def make_world(
     engine = make_engine(url, pool_size=5, max_overflow=5)
     closers: list[Any] = []
     try:
-        migrate(engine)
+        migrate_to_head(engine)
         factory = make_session_factory(engine)
         generate_master_keys(factory, kek, clock())
         security: Any = SoftwareSecurityModule.load(factory, kek)
@@ -448,7 +598,7 @@ def live_server(
 
     kek = secrets.token_bytes(32)
     engine = make_engine(url, pool_size=5, max_overflow=5)
-    migrate(engine)
+    migrate_to_head(engine)
     factory = make_session_factory(engine)
     now = dt.datetime.now(dt.UTC)
     generate_master_keys(factory, kek, now)

@@ -315,7 +315,10 @@ def test_concurrent_batches_and_single_calls_share_the_hot_rows_without_loss(
     """Four merchant-side batchers and two single-call clients at once, on a real uvicorn
     with two workers over PostgreSQL: every purchase settles once, the hot accounts (held,
     the merchant's payable) and the terminal sequence hold, no deadlock ends a request."""
-    with database_url("postgresql", tmp_path) as url, live_server(url, tmp_path, workers=2) as live:
+    with (
+        database_url("postgresql", tmp_path, migrated=True) as url,
+        live_server(url, tmp_path, workers=2) as live,
+    ):
         limits = httpx.Limits(max_connections=16)
         with httpx.Client(base_url=live.base_url, timeout=60, limits=limits) as http:
             terminal = Terminal(http, live.merchant_key, live.terminal_id)
@@ -381,7 +384,7 @@ def test_a_key_stored_meanwhile_by_a_duplicate_replays_its_answer(
 ) -> None:
     """A duplicate request stores the key between this batch's look-up and its store: this
     batch's work is rolled back and the batch runs again, replaying the duplicate's answer."""
-    with database_url("postgresql", tmp_path) as url, make_world(url) as world:
+    with database_url("postgresql", tmp_path, migrated=True) as url, make_world(url) as world:
         first = world.terminal.post("/v1/payments", {"amount": 10}, key="elsewhere")
         assert first.status_code == 201
         with world.factory() as session:

@@ -133,8 +133,8 @@ def test_csv_report_lines_sum_to_the_net_and_formulas_are_neutralised() -> None:
 
 
 @pytest.fixture
-def stack(db_url: str) -> Iterator[Stack]:
-    with settlement_stack(db_url, dt.datetime(2026, 11, 25, 0, 0, tzinfo=UTC)) as built:
+def stack(migrated_db_url: str) -> Iterator[Stack]:
+    with settlement_stack(migrated_db_url, dt.datetime(2026, 11, 25, 0, 0, tzinfo=UTC)) as built:
         yield built
 
 

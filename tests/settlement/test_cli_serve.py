@@ -83,7 +83,7 @@ def _server_side_nodelay(server_port: int, client: socket.socket) -> int:
 def test_the_servers_accepted_connections_have_nagle_off(tmp_path: Path, workers: int) -> None:
     """Our guarantee, whatever uvicorn does: no ~40 ms delay on a response in two parts."""
     with (
-        database_url("sqlite", tmp_path) as url,
+        database_url("sqlite", tmp_path, migrated=True) as url,
         live_server(url, tmp_path, workers=workers) as server,
     ):
         port = int(server.base_url.rsplit(":", 1)[1])
@@ -104,7 +104,7 @@ def _workers(pid: int) -> list[int]:
 @pytest.mark.postgres
 def test_two_workers_serve_concurrent_purchases_and_the_ledger_balances(tmp_path: Path) -> None:
     with (
-        database_url("postgresql", tmp_path) as url,
+        database_url("postgresql", tmp_path, migrated=True) as url,
         live_server(url, tmp_path, workers=2) as server,
     ):
         assert server.pid is not None and len(_workers(server.pid)) == 2
@@ -159,7 +159,7 @@ def _socket_inodes(pid: int) -> set[int]:
 def test_each_worker_listens_on_its_own_socket(tmp_path: Path) -> None:
     """``--workers 3``: three listening sockets on the port, one per worker, none shared."""
     with (
-        database_url("sqlite", tmp_path) as url,
+        database_url("sqlite", tmp_path, migrated=True) as url,
         live_server(url, tmp_path, workers=3) as server,
     ):
         port = int(server.base_url.rsplit(":", 1)[1])
@@ -194,7 +194,7 @@ def _wait_for(condition: Callable[[], bool], what: str) -> None:
 
 def test_a_killed_worker_is_replaced_with_a_socket_of_its_own(tmp_path: Path) -> None:
     with (
-        database_url("sqlite", tmp_path) as url,
+        database_url("sqlite", tmp_path, migrated=True) as url,
         live_server(url, tmp_path, workers=2) as server,
     ):
         port = int(server.base_url.rsplit(":", 1)[1])

@@ -41,7 +41,10 @@ PURCHASES = 20
 @pytest.fixture(params=[pytest.param("postgresql", marks=pytest.mark.postgres), "sqlite"])
 def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LiveServer]:
     """PostgreSQL is the point (row locks); SQLite shows the embedded default serialises."""
-    with database_url(request.param, tmp_path) as url, live_server(url, tmp_path) as live:
+    with (
+        database_url(request.param, tmp_path, migrated=True) as url,
+        live_server(url, tmp_path) as live,
+    ):
         yield live
 
 
@@ -120,7 +123,7 @@ def test_two_concurrent_authorisations_for_one_card_cannot_both_succeed(
 
 @pytest.fixture
 def pg_world(tmp_path: Path) -> Iterator[World]:
-    with database_url("postgresql", tmp_path) as url, make_world(url) as w:
+    with database_url("postgresql", tmp_path, migrated=True) as url, make_world(url) as w:
         yield w
 
 

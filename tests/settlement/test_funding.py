@@ -217,9 +217,9 @@ def _check(world: World) -> None:
 
 
 @pytest.fixture
-def bare(db_url: str) -> Any:
+def bare(migrated_db_url: str) -> Any:
     """A world whose merchants have no float yet."""
-    with make_world(db_url, float_fen=0) as w:
+    with make_world(migrated_db_url, float_fen=0) as w:
         yield w
 
 
@@ -590,7 +590,10 @@ def test_concurrent_replays_of_a_statement_and_a_deposit_book_each_once(tmp_path
 
     from tests.settlement.support import database_url, live_server
 
-    with database_url("postgresql", tmp_path) as url, live_server(url, tmp_path) as live:
+    with (
+        database_url("postgresql", tmp_path, migrated=True) as url,
+        live_server(url, tmp_path) as live,
+    ):
         op = {"authorization": f"Bearer {live.operator_key}"}
         merchant = {"authorization": f"Bearer {live.merchant_key}"}
         with httpx.Client(base_url=live.base_url, timeout=60) as http:

@@ -35,7 +35,7 @@ CARD: dict[str, Any] = {}
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp: Path = tmp_path_factory.mktemp("funding_props")
-    with database_url("sqlite", tmp) as url, make_world(url, float_fen=0) as w:
+    with database_url("sqlite", tmp, migrated=True) as url, make_world(url, float_fen=0) as w:
         CARD["number"] = w.issue().state.issuer.card_number
         yield w
 

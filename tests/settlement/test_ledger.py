@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import delete, insert, text, update
 from sqlalchemy.orm import Session
 
-from tests.settlement.support import database_url
+from tests.settlement.support import database_url, migrate_to_head
 from webpurse.settlement import clearing, ledger
 from webpurse.settlement.db import make_engine, make_session_factory, migrate
 from webpurse.settlement.ledger import LedgerError
@@ -26,9 +26,9 @@ SHOP = ledger.merchant_account("mer_1")
 
 
 @pytest.fixture
-def session(db_url: str) -> Iterator[Session]:
-    engine = make_engine(db_url, pool_size=2, max_overflow=0)
-    migrate(engine)
+def session(migrated_db_url: str) -> Iterator[Session]:
+    engine = make_engine(migrated_db_url, pool_size=2, max_overflow=0)
+    migrate_to_head(engine)
     with make_session_factory(engine)() as session:
         yield session
     engine.dispose()

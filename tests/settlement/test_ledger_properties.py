@@ -11,8 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
+from tests.settlement.support import migrate_to_head
 from webpurse.settlement import ledger
-from webpurse.settlement.db import SessionFactory, make_engine, make_session_factory, migrate
+from webpurse.settlement.db import SessionFactory, make_engine, make_session_factory
 from webpurse.settlement.ledger import LedgerError
 from webpurse.settlement.models import Entry
 
@@ -45,7 +46,7 @@ def test_the_ledger_always_checks_out_and_matches_a_model(
     steps: list[tuple[int, str, str, int]],
 ) -> None:
     engine = make_engine("sqlite://")
-    migrate(engine)
+    migrate_to_head(engine)
     model = dict.fromkeys(ACCOUNTS, 0)
     posted: dict[str, tuple[str, str, int]] = {}
     with make_session_factory(engine)() as session:
@@ -86,9 +87,9 @@ group = st.lists(
 
 
 @pytest.fixture
-def ledger_db(db_url: str) -> Iterator[SessionFactory]:
-    engine = make_engine(db_url)
-    migrate(engine)
+def ledger_db(migrated_db_url: str) -> Iterator[SessionFactory]:
+    engine = make_engine(migrated_db_url)
+    migrate_to_head(engine)
     yield make_session_factory(engine)
     engine.dispose()
 

@@ -9,9 +9,9 @@ import httpx
 from tests.settlement.support import Terminal, live_server
 
 
-def test_purchase_and_load_through_a_real_server(db_url: str, tmp_path: Path) -> None:
+def test_purchase_and_load_through_a_real_server(migrated_db_url: str, tmp_path: Path) -> None:
     with (
-        live_server(db_url, tmp_path) as server,
+        live_server(migrated_db_url, tmp_path) as server,
         httpx.Client(base_url=server.base_url, timeout=30) as http,
     ):
         terminal = Terminal(http, server.merchant_key, server.terminal_id)

@@ -178,8 +178,8 @@ def test_backoff_gives_up_after_three_days() -> None:
 
 
 @pytest.fixture
-def stack(db_url: str) -> Iterator[Stack]:
-    with settlement_stack(db_url, START) as built:
+def stack(migrated_db_url: str) -> Iterator[Stack]:
+    with settlement_stack(migrated_db_url, START) as built:
         yield built
 
 
@@ -490,9 +490,9 @@ def test_only_public_addresses_are_webhook_targets(address: str, allowed: bool) 
 
 
 @pytest.fixture
-def strict(db_url: str) -> Iterator[Stack]:
+def strict(migrated_db_url: str) -> Iterator[Stack]:
     """A stack as in production: private webhook targets not allowed."""
-    with settlement_stack(db_url, START, allow_private=False) as built:
+    with settlement_stack(migrated_db_url, START, allow_private=False) as built:
         yield built
 
 

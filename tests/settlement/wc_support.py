@@ -19,10 +19,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from fastapi import FastAPI
 from sqlalchemy import Engine
 
-from tests.settlement.support import BACKENDS, database_url
+from tests.settlement.support import BACKENDS, database_url, migrate_to_head
 from webpurse.settlement.app import create_app
 from webpurse.settlement.auth import MERCHANT, OPERATOR, new_api_key
-from webpurse.settlement.db import SessionFactory, make_engine, make_session_factory, migrate
+from webpurse.settlement.db import SessionFactory, make_engine, make_session_factory
 from webpurse.settlement.models import Merchant
 from webpurse.settlement.security import generate_master_keys
 from webpurse.settlement.settings import Settings
@@ -89,7 +89,7 @@ def settlement_stack(
     )
     engine = make_engine(url, pool_size=3, max_overflow=2)
     try:
-        migrate(engine)
+        migrate_to_head(engine)
         factory = make_session_factory(engine)
         generate_master_keys(factory, kek, start)
         keys: dict[str, str] = {}
