@@ -28,6 +28,7 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Form, HTTPException, Request
 from fastapi.responses import RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from webpurse.merchant.cashier import Cashier
 from webpurse.merchant.orders import CANCELED, TOPUP, OrderBook
@@ -186,7 +187,10 @@ class _StaffRoutes:
             )
             response.headers["Retry-After"] = str(wait)
             return response
-        member = self.staff.authenticate(name, password)
+        # Argon2id costs tens of milliseconds of CPU: off the event loop, so a burst of
+        # sign-ins (guessers included) cannot stall the shop's other requests or the
+        # balancer's health checks, which would take the whole shop out of service.
+        member = await run_in_threadpool(self.staff.authenticate, name, password)
         if member is None:
             await till.by_account.record_failure(account)
             await till.by_address.record_failure(address)
