@@ -269,6 +269,14 @@ async def test_more_than_max_batch_go_as_equal_batches() -> None:
     assert transport.sizes == [4, 4, 4]
 
 
+async def test_with_one_in_flight_more_than_max_batch_go_as_max_batch_and_the_rest() -> None:
+    transport = Held(hold=1_000)
+    async with httpx.AsyncClient(transport=transport, base_url="http://settlement") as http:
+        client = BatchingSettlementClient(http, "sk_mer_x", max_batch=5, max_in_flight=1)
+        await asyncio.gather(*_creates(client, 12, "o"))
+    assert transport.sizes == [5, 5, 2]
+
+
 @given(queued=st.integers(1, 5_000), max_batch=st.integers(1, 1_000))
 def test_batch_sizes_share_a_queue_equally_in_the_fewest_batches(
     queued: int, max_batch: int
