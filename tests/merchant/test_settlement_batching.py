@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.settlement.support import BACKENDS, World, database_url, make_world
 from webpurse.merchant.flows import run_transaction
@@ -21,6 +23,7 @@ from webpurse.merchant.settlement import (
     Declined,
     Kind,
     SettlementError,
+    batch_size,
 )
 from webpurse.reader.sim import SimReader
 from webpurse.settlement import ledger
@@ -178,3 +181,110 @@ async def test_callers_ready_together_go_in_one_batch_even_with_room_in_flight()
             )
         )
     assert sizes == [10]
+
+
+class Held(httpx.AsyncBaseTransport):
+    """Answers every batch item ``requires_card``; a batch of ``hold`` or more items waits
+    until ``release`` is set, so a test can see what is sent while it is on its way."""
+
+    def __init__(self, hold: int) -> None:
+        self.hold = hold
+        self.release = asyncio.Event()
+        self.sizes: list[int] = []
+        self.sent = asyncio.Event()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        items = json.loads(request.content)["requests"]
+        self.sizes.append(len(items))
+        self.sent.set()
+        if len(items) >= self.hold:
+            await self.release.wait()
+        body = {"id": "pay_1", "status": "requires_card", "amount": 100}
+        answer = {"status": 201, "body": body, "replayed": False}
+        return httpx.Response(200, json={"object": "batch", "responses": [answer] * len(items)})
+
+
+def _creates(client: BatchingSettlementClient, count: int, tag: str) -> list[asyncio.Task[object]]:
+    return [
+        asyncio.ensure_future(
+            client.create(Kind.PAYMENT, 100, description="tea", reference=f"{tag}{i}")
+        )
+        for i in range(count)
+    ]
+
+
+async def test_a_few_callers_wait_for_the_big_batch_instead_of_a_request_of_their_own() -> None:
+    # 40 shoppers' calls are on their way; 3 more are not worth a request beside them
+    # (issue 20: a dozen callers cycling in batches of their own made two in flight lose
+    # to one). They go as soon as the big batch is back, at the front of the next batch.
+    transport = Held(hold=40)
+    async with httpx.AsyncClient(transport=transport, base_url="http://settlement") as http:
+        client = BatchingSettlementClient(http, "sk_mer_x", max_in_flight=2)
+        big = _creates(client, 40, "big")
+        await transport.sent.wait()
+        few = _creates(client, 3, "few")
+        for _ in range(20):  # many turns of the loop: nothing but the big batch is sent
+            await asyncio.sleep(0)
+        assert transport.sizes == [40] and not any(task.done() for task in few)
+        transport.release.set()
+        await asyncio.gather(*big, *few)
+    assert transport.sizes == [40, 3]
+
+
+async def test_a_batch_half_the_size_of_the_one_in_flight_goes_beside_it() -> None:
+    transport = Held(hold=40)
+    async with httpx.AsyncClient(transport=transport, base_url="http://settlement") as http:
+        client = BatchingSettlementClient(http, "sk_mer_x", max_in_flight=2)
+        big = _creates(client, 40, "big")
+        await transport.sent.wait()
+        half = _creates(client, 20, "half")
+        await asyncio.gather(*half)  # answered while the big batch is still on its way
+        assert not any(task.done() for task in big)
+        transport.release.set()
+        await asyncio.gather(*big)
+    assert transport.sizes == [40, 20]
+
+
+async def test_a_lone_caller_beside_a_lone_call_goes_at_once() -> None:
+    # Low load with two in flight: one shopper's call is on its way (held), a second
+    # shopper's call goes beside it at once, as it did before (latency unchanged).
+    transport = Held(hold=1)
+    async with httpx.AsyncClient(transport=transport, base_url="http://settlement") as http:
+        client = BatchingSettlementClient(http, "sk_mer_x", max_in_flight=2)
+        first = _creates(client, 1, "a")
+        await transport.sent.wait()
+        transport.sent.clear()
+        second = _creates(client, 1, "b")
+        await transport.sent.wait()
+        assert transport.sizes == [1, 1] and not first[0].done()
+        transport.release.set()
+        await asyncio.gather(*first, *second)
+
+
+async def test_more_than_max_batch_go_as_equal_batches() -> None:
+    transport = Held(hold=1_000)
+    async with httpx.AsyncClient(transport=transport, base_url="http://settlement") as http:
+        client = BatchingSettlementClient(http, "sk_mer_x", max_batch=5, max_in_flight=3)
+        await asyncio.gather(*_creates(client, 12, "o"))
+    assert transport.sizes == [4, 4, 4]
+
+
+async def test_with_one_in_flight_more_than_max_batch_go_as_max_batch_and_the_rest() -> None:
+    transport = Held(hold=1_000)
+    async with httpx.AsyncClient(transport=transport, base_url="http://settlement") as http:
+        client = BatchingSettlementClient(http, "sk_mer_x", max_batch=5, max_in_flight=1)
+        await asyncio.gather(*_creates(client, 12, "o"))
+    assert transport.sizes == [5, 5, 2]
+
+
+@given(queued=st.integers(1, 5_000), max_batch=st.integers(1, 1_000))
+def test_batch_sizes_share_a_queue_equally_in_the_fewest_batches(
+    queued: int, max_batch: int
+) -> None:
+    sizes = []
+    left = queued
+    while left:
+        sizes.append(batch_size(left, max_batch))
+        left -= sizes[-1]
+    assert len(sizes) == -(-queued // max_batch)
+    assert max(sizes) <= max_batch and max(sizes) - min(sizes) <= 1
