@@ -1,26 +1,35 @@
 """payments: room on each page for a whole batch's authorise and capture (fillfactor 30)
 
-A purchase updates its payment twice, in two later batches: the authorise (card, counter,
-MAC1, …) and the capture (status, MAC2, TAC, times). A batch creates its payments with one
-INSERT, so a page of ``payments`` holds rows of one or two batches, and the next batch
-authorises all of them in one statement: every row of the page needs room for its new
-version at once. Filled to 80 % (migration 0018) a page had room for a quarter of them;
-the rest went to other pages and into every index, and the capture that followed was HOT
-for the rows that had stayed: 37 % of the captures in a 512-shopper window (38.6 % in a
-replay of the batch's statements, 85 purchases a batch, ``/work/exp`` of issue 20).
-Filled to 30 % a page has room for both new versions of all its rows (the authorise's
-dead ones are pruned before the capture needs the room): every capture is HOT, and the
-statements read 8 fewer buffers a purchase (46.2 → 38.1 in the replay).
+A purchase updates its payment twice, in two later batches than the one that created it:
+the authorise (card, counter, MAC1, …) and the capture (status, MAC2, TAC, times). A batch
+creates its payments with one INSERT, so a page of ``payments`` holds rows of one or two
+batches, and a later batch updates all of them in one statement: every row of the page
+needs room for a new version at once. Filled to 80 % (migration 0018) a page had room for
+a quarter of them; the rest went to other pages and into every index, and only the
+captures of rows that had stayed were HOT: 18.7 % of the payments' updates in a
+512-shopper window (``bench versions``, a private PostgreSQL with pg_stat_statements, 4
+interleaved rounds), i.e. 37 % of the captures. Filled to 30 %: 49.5 % (98 % of the
+captures); the capture's UPDATE 24.0 → 11.6 µs and 15.4 → 7.3 buffer hits a purchase,
+the capture's read of its payments' cards by id 71.6 → 8.9 µs and 12.4 → 3.0 hits (no
+dead index entries to step over), all the purchase's statements 153.7 → 140.7 hits;
+PostgreSQL CPU per purchase 0.245/0.207/0.270 → 0.202/0.195/0.210 ms (rounds 2–4).
+Fillfactor 50 made 90 % of the captures HOT and measured about the same (0.247/0.193/
+0.197 ms, 139.5 hits) for less room; in a replay of the batch's payment statements on
+a PostgreSQL of its own (85 purchases a batch) 88 % of the captures were HOT at 50, all at
+30, and 38 % at 80 (write statements 36.1, 34.0 and 39.8 µs a purchase).
 
 The authorise itself stays non-HOT: it sets ``card_id`` and ``counter``
-(``ix_payments_card_counter``, ``ix_payments_hold_expired``) and clears ``awaiting_card``
-(``ix_payments_merchant_open``'s predicate). Moving all three indexes off the row (an
-append-only ``card_purchases`` and a ``payment_waits`` table) made it HOT, but the two
-tables' own inserts and delete cost what the HOT update saved (same replay).
+(``ix_payments_card_counter``, and ``card_id`` is ``ix_payments_hold_expired``'s key) and
+clears ``awaiting_card`` (``ix_payments_merchant_open``'s predicate). Moving all three off
+the row (an append-only ``card_purchases`` and a ``payment_waits`` table) made it HOT in
+the replay (92 % of all updates at fillfactor 30), but the two tables' inserts and delete
+cost what the HOT update saved (39.0 buffer hits a purchase against 38.7 without them, 41-47
+against 40-44 µs); moving only the card and counter left it non-HOT.
 
-The cost is room: a page never holds more than 30 % of new rows, so the table takes about
-2.7 times the space of the same rows at 80 %. Existing pages are not rewritten (as 0017).
-SQLite has no fillfactor: nothing changes there.
+The cost is room: new rows fill a page to 30 % at most, so once vacuumed the table takes
+about 2.7 times the space it took at 80 % (without a vacuum, as in the benchmark, it took
+less: 4,384 pages against 5,685 for as many purchases, the non-HOT versions' bloat gone).
+Existing pages are not rewritten (as 0017). SQLite has no fillfactor: nothing changes there.
 
 Revision ID: 0021_i20_payments_room
 Revises: 0019_i20_no_hot_fks
