@@ -41,9 +41,11 @@ CARDS_FILLFACTOR = 85
 """Each page of ``cards`` is filled to this share at most (PostgreSQL ``fillfactor``,
 migration 0017): a card is updated twice per purchase, and an update that finds room on
 its row's page and changes no indexed column is HOT (no new index entry)."""
-PAYMENTS_FILLFACTOR = 80
-"""Likewise ``payments`` (migration 0018): a purchase updates its payment twice, and the
-capture changes no indexed column; the authorise sets the card and counter (indexed)."""
+PAYMENTS_FILLFACTOR = 30
+"""Likewise ``payments`` (migrations 0018, 0021): a purchase updates its payment twice, in
+later batches than the one that created it, and a batch updates every row of a page at once:
+each page keeps room for two new versions of all its rows, so the capture (which changes no
+indexed column) is HOT; the authorise sets the card and counter (indexed) and is not."""
 
 
 class Merchant(Base):
