@@ -115,6 +115,42 @@ def test_card_data_naming_no_card_creates_no_orphan(world: World, proof: Proof) 
         row.observed = f"answers {sorted(codes)}; no payment names an unknown card or merchant"
 
 
+def test_an_operator_names_no_merchant_and_creates_nothing(world: World, proof: Proof) -> None:
+    variants = [
+        "mer_ghost",
+        world.merchant_id.upper(),
+        world.merchant_id + " ",
+        " " + world.merchant_id,
+        world.merchant_id[:-1],
+    ]
+    with proof.row(
+        SUITE,
+        f"operator (and the merchant's own key) books a float deposit for a merchant that"
+        f" does not exist: an unknown id, the real id in upper case, with a space, cut"
+        f" short ({backend(world)})",
+        expected="every one 404 (or 403 for the merchant's key); no row names an unknown"
+        " merchant; ledger check reports none",
+    ) as row:
+        codes: list[int] = []
+        for number, merchant_id in enumerate(variants):
+            for key in (world.operator_key, world.merchant_key):
+                answer = world.client.post(
+                    f"/v1/operator/floats/{merchant_id}/deposits",
+                    json={"amount": 100, "bank_reference": f"R{number}"},
+                    headers={**world.auth(key), "idempotency-key": f"k{number}{key[-4:]}"},
+                )
+                codes.append(answer.status_code)
+        assert set(codes) <= {403, 404}, codes
+        assert 404 in codes, codes
+        with world.factory() as session:
+            merchants = {m for (m,) in session.execute(text("SELECT id FROM merchants"))}
+            named = {m for (m,) in session.execute(text("SELECT merchant_id FROM float_deposits"))}
+            named |= {m for (m,) in session.execute(text("SELECT merchant_id FROM webhook_events"))}
+        assert named <= merchants, named - merchants
+        assert _reference_problems(world) == []
+        row.observed = f"answers {sorted(set(codes))}; nothing names an unknown merchant"
+
+
 def test_ledger_check_reports_each_renamed_row(world: World, proof: Proof) -> None:
     with proof.row(
         SUITE,
