@@ -29,6 +29,12 @@ def run_migrations_online() -> None:
                 connection=connection,
                 target_metadata=target_metadata,
                 render_as_batch=sqlite,
+                # SQLite's DDL is transactional, but Alembic's SQLite dialect says it is not
+                # and commits after each revision: the dangling-key check below could then
+                # refuse a run whose revisions were already committed (a downgrade below
+                # 0019 over a payment naming no card stayed at 0018, its foreign keys
+                # violated). One transaction for the whole run, as on PostgreSQL.
+                transactional_ddl=True,
             )
             with context.begin_transaction():
                 context.run_migrations()
