@@ -55,6 +55,7 @@ from bench.servers import (
     settlement_server,
 )
 from webpurse.card import CardApplet
+from webpurse.merchant.settings import MerchantSettings
 from webpurse.merchant.settlement import BatchingSettlementClient, Kind, SettlementClient
 from webpurse.protocol import commands as cmd
 
@@ -68,6 +69,8 @@ WORKERS = int(os.environ.get("WEBPURSE_BENCH_SETTLEMENT_WORKERS", str(os.cpu_cou
 # (``BatchingSettlementClient`` → ``POST /v1/batch``: group commit).
 BATCHED_CLIENTS = (1, 8, 32, 128, 512)
 PROFILE_CLIENTS = 512  # the batched server under its heaviest load
+# Batches on their way at once in the batched windows: what a shop does by default.
+BATCHES_IN_FLIGHT = MerchantSettings().settlement_batches_in_flight
 PROFILE_SECONDS = 10
 
 
@@ -533,7 +536,13 @@ async def _run(ctx: Context, pg: PgServer) -> list[Measurement]:
                 best = max(tps.values(), default=None)
                 for n in batched:
                     window = await measure_window(
-                        server.url, merchant.api_key, cards[:n], seconds, server, batching=True
+                        server.url,
+                        merchant.api_key,
+                        cards[:n],
+                        seconds,
+                        server,
+                        batching=True,
+                        in_flight=BATCHES_IN_FLIGHT,
                     )
                     rows += window_rows(window, tps.get(n), best)
                     advance()

@@ -55,6 +55,7 @@ from bench.servers import (
 )
 from bench.settlement import FUNDING, FUNDING_GROUP, WORKERS, measure_window, window_rows
 from webpurse.card import CardApplet
+from webpurse.merchant.settings import MerchantSettings
 from webpurse.merchant.settlement import SettlementClient
 from webpurse.protocol.purse import CardState
 
@@ -64,9 +65,13 @@ SHOPPERS = 512  # the settlement benchmark's heaviest batched window
 ROUNDS = 4  # each revision measured once per round: A B, B A, A B, B A
 DATABASE_PREFIX = "webpurse_bench_version_"
 # Batches the merchant's client may have on their way at once, each measured in turn per
-# revision and round (``WEBPURSE_BENCH_IN_FLIGHT=1,2``); 1 is the client's default.
+# revision and round (``WEBPURSE_BENCH_IN_FLIGHT=1,2``); by default what a shop uses.
 IN_FLIGHT = tuple(
-    int(n) for n in os.environ.get("WEBPURSE_BENCH_IN_FLIGHT", "1").split(",") if n.strip()
+    int(n)
+    for n in os.environ.get(
+        "WEBPURSE_BENCH_IN_FLIGHT", str(MerchantSettings().settlement_batches_in_flight)
+    ).split(",")
+    if n.strip()
 )
 
 

@@ -288,3 +288,25 @@ def test_batch_sizes_share_a_queue_equally_in_the_fewest_batches(
         left -= sizes[-1]
     assert len(sizes) == -(-queued // max_batch)
     assert max(sizes) <= max_batch and max(sizes) - min(sizes) <= 1
+
+
+def test_a_shop_sends_two_batches_at_once_unless_told_otherwise(tmp_path: Path) -> None:
+    """The shop's client keeps two batches on their way (bench/findings.md: 1.7x one's
+    purchases/s at 512 shoppers); WEBPURSE_SETTLEMENT_BATCHES_IN_FLIGHT sets it, and a
+    value that is not a whole number of at least 1 is refused before the shop starts."""
+    from webpurse.merchant.app import _settlement_client
+    from webpurse.merchant.settings import MerchantSettings
+
+    def in_flight(env: dict[str, str]) -> int:
+        settings = MerchantSettings.from_env({"WEBPURSE_DATA_DIR": str(tmp_path), **env})
+        client, http = _settlement_client(settings)
+        assert isinstance(client, BatchingSettlementClient)
+        asyncio.run(http.aclose())
+        return client._max_in_flight
+
+    assert in_flight({}) == 2
+    assert in_flight({"WEBPURSE_SETTLEMENT_BATCHES_IN_FLIGHT": "1"}) == 1
+    assert in_flight({"WEBPURSE_SETTLEMENT_BATCHES_IN_FLIGHT": "4"}) == 4
+    for bad in ("0", "-1", "two", "1.5", ""):
+        with pytest.raises(ValueError, match="WEBPURSE_SETTLEMENT_BATCHES_IN_FLIGHT"):
+            MerchantSettings.from_env({"WEBPURSE_SETTLEMENT_BATCHES_IN_FLIGHT": bad})

@@ -125,7 +125,11 @@ def _settlement_client(settings: MerchantSettings) -> tuple[Settlement, httpx.As
     """The HTTP client of settlement with the settings' key (and the connection it owns)."""
     http = httpx.AsyncClient(base_url=settings.settlement_url, timeout=15.0)
     settlement = (
-        BatchingSettlementClient(http, settings.settlement_api_key)
+        BatchingSettlementClient(
+            http,
+            settings.settlement_api_key,
+            max_in_flight=settings.settlement_batches_in_flight,
+        )
         if settings.settlement_batching
         else SettlementClient(http, settings.settlement_api_key)
     )
