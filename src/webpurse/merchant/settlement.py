@@ -560,7 +560,6 @@ class BatchingSettlementClient(SettlementClient):
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
         self._queue: list[tuple[dict[str, Any], asyncio.Future[tuple[int, dict[str, Any]]]]] = []
-        self._in_flight = 0
         self._flying: list[int] = []  # the sizes of the batches on their way
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -586,7 +585,7 @@ class BatchingSettlementClient(SettlementClient):
 
     def _pump(self) -> None:
         self._scheduled = False
-        while self._queue and self._in_flight < self._max_in_flight:
+        while self._queue and len(self._flying) < self._max_in_flight:
             size = (
                 batch_size(len(self._queue), self._max_batch)
                 if self._max_in_flight > 1
@@ -596,7 +595,6 @@ class BatchingSettlementClient(SettlementClient):
                 break  # not worth a request beside a big one: it goes with the next one back
             taken = self._queue[:size]
             del self._queue[:size]
-            self._in_flight += 1
             self._flying.append(size)
             task = asyncio.create_task(self._flush(taken))
             self._tasks.add(task)
@@ -640,6 +638,5 @@ class BatchingSettlementClient(SettlementClient):
                 if not future.done():
                     future.set_exception(error)
         finally:
-            self._in_flight -= 1
             self._flying.remove(len(taken))
             self._pump()

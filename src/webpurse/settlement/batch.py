@@ -332,13 +332,11 @@ def _check_keys(ctx: Ctx, items: list[Item], request_id: str | None) -> None:
         return
     keys = [item.key for item in keyed if item.key is not None]
     dialect = dialect_name(ctx.session)
-    values = idempotency.lookup_values(subject, keys, dialect)
     # The batch's first statement after the key's check: nothing is pending in the session,
     # so it runs on the connection (the ORM's execution path costs more than the statement).
-    if values is None:
-        rows = ctx.session.execute(idempotency.lookup(subject, keys, dialect)).all()
-    else:
-        rows = ctx.session.connection().execute(idempotency.lookup_bound(dialect), values).all()
+    # No key here holds a NUL (parse_item refused those, 400), so the keys bind as one array.
+    values = idempotency.lookup_values(subject, keys, dialect)
+    rows = ctx.session.connection().execute(idempotency.lookup_bound(dialect), values).all()
     stored = {row.key: row for row in rows}
     referenced = _referenced(ctx, stored.values())
     for item in keyed:

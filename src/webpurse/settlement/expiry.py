@@ -42,7 +42,7 @@ from sqlalchemy.orm import Session
 from webpurse.settlement import holds, idempotency, loads, payments, refunds, webhooks
 from webpurse.settlement.auth import OPERATOR, Principal
 from webpurse.settlement.leader import SWEEP_JOB, Leadership
-from webpurse.settlement.models import Load, Payment, PaymentHold
+from webpurse.settlement.models import Load, Payment
 from webpurse.settlement.security import SecurityModule
 from webpurse.settlement.service import Ctx
 from webpurse.settlement.transactions import Status
@@ -96,12 +96,6 @@ class SweepReport:
 
 
 S = TypeVar("S", bound="Select[Any]")
-
-
-def _held_since(before: dt.datetime) -> Select[Any]:
-    """The open payments authorised before ``before``, by their hold rows
-    (ix_payment_holds_authorised; no index on the payments names their status)."""
-    return select(PaymentHold.payment_id).where(PaymentHold.authorised_at < before)
 
 
 def _claim(statement: S) -> S:
@@ -220,7 +214,7 @@ def expire_stale(
         (
             "pu",
             select(Payment).where(
-                Payment.id.in_(_held_since(authorised_before)),
+                Payment.id.in_(holds.held_before(authorised_before)),
                 Payment.status == Status.AUTHORISED,
             ),
             lambda payment: payments.mark_uncertain(ctx, payment),

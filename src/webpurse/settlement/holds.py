@@ -37,7 +37,7 @@ import datetime as dt
 from typing import Any
 
 import structlog
-from sqlalchemy import and_, or_, select
+from sqlalchemy import Select, and_, or_, select
 
 from webpurse.protocol.commands import TransactionProof
 from webpurse.protocol.records import TransactionType
@@ -63,6 +63,12 @@ def _lock_card(ctx: Ctx, card_id: str, *, skip_locked: bool = False) -> Card | N
 
 
 # --- the bound ------------------------------------------------------------------------
+
+
+def held_before(before: dt.datetime) -> Select[Any]:
+    """The ids of the open payments authorised before ``before``, by their hold rows
+    (``ix_payment_holds_authorised``; no index on the payments names their status)."""
+    return select(PaymentHold.payment_id).where(PaymentHold.authorised_at < before)
 
 
 def release_stale(ctx: Ctx, ttl: dt.timedelta) -> tuple[int, int]:
@@ -227,9 +233,7 @@ def queue(ctx: Ctx, ttl: dt.timedelta) -> list[dict[str, Any]]:
         .outerjoin(Card, Card.id == Payment.card_id)
         .where(
             or_(
-                Payment.id.in_(
-                    select(PaymentHold.payment_id).where(PaymentHold.authorised_at < before)
-                ),
+                Payment.id.in_(held_before(before)),
                 and_(
                     Payment.status == Status.CANCELED,
                     Payment.decline_code == HOLD_EXPIRED,

@@ -103,13 +103,10 @@ def lookup_bound(dialect: str) -> Select[Any]:
     )
 
 
-def lookup_values(principal: str, keys: Collection[str], dialect: str) -> dict[str, Any] | None:
-    """The parameters of :func:`lookup_bound`; None if a key cannot travel in an array's
-    text form (a NUL): then :func:`lookup` it is."""
-    try:
-        return {"keys": among_values(dialect, keys), "principal": principal}
-    except ValueError:
-        return None
+def lookup_values(principal: str, keys: Collection[str], dialect: str) -> dict[str, Any]:
+    """The parameters of :func:`lookup_bound`. A key holding a NUL (which no PostgreSQL
+    text can store, and which the routes refuse first) raises ``ValueError``."""
+    return {"keys": among_values(dialect, keys), "principal": principal}
 
 
 def fingerprint(method: str, path: str, payload: Any) -> str:

@@ -181,8 +181,8 @@ class Payment(Base):
     succeeded_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
     updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
-    # status == requires_card, kept by holds.sync (ORM) and batch (Core); indexed instead
-    # of the status so that the capture leaves every indexed column alone.
+    # status == requires_card, kept by _sync_payment_holds (ORM) and batch._write (Core);
+    # indexed instead of the status so that the capture leaves every indexed column alone.
     awaiting_card: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
