@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import httpx
@@ -68,3 +69,18 @@ def test_idempotency_keys_look_like_token_hex_and_do_not_repeat() -> None:
     for key in drawn:
         assert key.startswith("mer-") and len(key) == 36
         int(key[4:], 16)
+
+
+def test_a_forked_child_draws_its_own_keys() -> None:
+    keys = _IdempotencyKeys()
+    keys()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next key must not be the parent's next one
+        os.write(write, keys().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.close(write)
+    assert child != keys()

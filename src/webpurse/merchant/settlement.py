@@ -60,6 +60,16 @@ def _encoded(json: dict[str, Any] | None) -> bytes | None:
 _KEYS_DRAWN = 256
 """Idempotency keys drawn from the OS at once (16 random bytes each)."""
 
+_forks = 0  # processes forked from this one so far, counted in the child
+
+
+def _forked() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_forked)
+
 
 class _IdempotencyKeys:
     """``mer-`` and 32 hex digits of the OS's CSPRNG, as ``secrets.token_hex(16)`` gives,
@@ -67,15 +77,15 @@ class _IdempotencyKeys:
     the bench's client spent 5 % of its time there). Drawn again in a forked child, so two
     processes never hand out the same keys."""
 
-    __slots__ = ("_at", "_hex", "_pid")
+    __slots__ = ("_at", "_drawn_in", "_hex")
 
     def __init__(self) -> None:
-        self._hex, self._at, self._pid = "", 0, -1
+        self._hex, self._at, self._drawn_in = "", 0, -1
 
     def __call__(self) -> str:
         at = self._at
-        if at >= len(self._hex) or self._pid != os.getpid():
-            self._hex, at, self._pid = os.urandom(16 * _KEYS_DRAWN).hex(), 0, os.getpid()
+        if at >= len(self._hex) or self._drawn_in != _forks:
+            self._hex, at, self._drawn_in = os.urandom(16 * _KEYS_DRAWN).hex(), 0, _forks
         self._at = at + 32
         return "mer-" + self._hex[at : at + 32]
 
