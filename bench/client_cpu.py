@@ -9,6 +9,10 @@ and ``bench`` come from that checkout (``SRC`` is a checkout's root), and report
 file, so every window continues the cards' real counters. Not in ``make bench``'s list:
 an engineer's tool for client-side changes (issue 20).
 
+``--fake SRC_A SRC_B [ROUNDS]``: the same without a server or a network: each window's
+shoppers talk to :class:`FakeSettlement` in their own process (its CPU counts too, the
+same for both); ``--fake-uvloop-b``: B is A's code on uvloop (what uvicorn runs a shop on).
+
 Environment: ``WEBPURSE_BENCH_SHOPPERS`` (512), ``WEBPURSE_BENCH_CLIENT_SECONDS`` (8),
 ``WEBPURSE_BENCH_IN_FLIGHT`` (the shop's default); ``--profile FILE`` (one window of
 ``SRC_A`` under cProfile instead of the A/B).
@@ -193,6 +197,10 @@ def _fake_child(in_flight: int) -> None:
         database="-",
         in_flight=in_flight,
     )
+    if os.environ.get("WEBPURSE_BENCH_UVLOOP") == "1":  # the loop uvicorn runs a shop on
+        import uvloop
+
+        uvloop.install()
     result = asyncio.run(window)
     json.dump(
         {
@@ -238,7 +246,7 @@ async def _fund(url: str, api_key: str, cards: list[object]) -> None:
             await fund_cards(funder, cards[start : start + FUNDING_GROUP], FUNDING)  # type: ignore[arg-type]
 
 
-def _fake_ab(roots: list[Path], rounds: int) -> None:
+def _fake_ab(roots: list[Path], rounds: int, *, uvloop_b: bool = False) -> None:
     from bench.settlement import BATCHES_IN_FLIGHT
 
     in_flight = int(os.environ.get("WEBPURSE_BENCH_IN_FLIGHT", str(BATCHES_IN_FLIGHT)))
@@ -247,6 +255,8 @@ def _fake_ab(roots: list[Path], rounds: int) -> None:
         for which in (0, 1) if r % 2 == 0 else (1, 0):
             env = dict(os.environ)
             env["PYTHONPATH"] = os.pathsep.join([str(roots[which] / "src"), str(roots[which])])
+            if uvloop_b:
+                env["WEBPURSE_BENCH_UVLOOP"] = "1" if which == 1 else "0"
             done = subprocess.run(
                 [sys.executable, __file__, "--fake-child", str(in_flight)],
                 cwd=roots[which],
@@ -280,8 +290,10 @@ def main(argv: list[str]) -> None:
     from bench.servers import SettlementEnvironment, SettlementProcess
     from bench.settlement import BATCHES_IN_FLIGHT, WORKERS
 
-    if argv and argv[0] == "--fake":
-        _fake_ab([Path(a).resolve() for a in argv[1:3]], int(argv[3]) if len(argv) > 3 else 6)
+    if argv and argv[0] in ("--fake", "--fake-uvloop-b"):
+        roots = [Path(a).resolve() for a in argv[1:3]]
+        rounds = int(argv[3]) if len(argv) > 3 else 6
+        _fake_ab(roots, rounds, uvloop_b=argv[0] == "--fake-uvloop-b")
         return
     profile = ""
     if argv and argv[0] == "--profile":
