@@ -17,7 +17,9 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Protocol
 
+from webpurse.card.macs import CardCiphers
 from webpurse.card.state import (
+    LOG_RECORDS,
     MAC_FAILURE_LIMIT,
     MAX_COUNTER,
     PIN_TRIES,
@@ -131,6 +133,8 @@ class CardApplet:
         self._selected = Selected.MF
         self._pending: _PendingLoad | _PendingPurchase | None = None
         self._pin_verified = False
+        self._ciphers = CardCiphers()
+        self._issuer_encoded: tuple[object, bytes] = (None, b"")
         self._handlers: dict[int, tuple[int, Callable[[CommandApdu, object], ResponseApdu]]] = {
             cmd.INS_SELECT: (cmd.CLA_ISO, self._select),
             cmd.INS_READ_BINARY: (cmd.CLA_ISO, self._read_binary),
@@ -162,11 +166,12 @@ class CardApplet:
         return self.process_apdu(apdu).to_bytes()
 
     def process_apdu(self, raw: bytes) -> ResponseApdu:
-        response = self._respond(raw)
+        pending, self._pending = self._pending, None  # any command cancels a pending one
         try:
             command = CommandApdu.from_bytes(bytes(raw))
         except ApduFormatError:
-            return response
+            return _sw(StatusWord.WRONG_LENGTH)
+        response = self._respond(command, pending)
         # Every answer is one its command's status table lists (protocol.status, spec §5):
         # a status word outside it is a bug here, not something a terminal must guess at.
         assert cmd.statuses_for(command).allows(response.sw), (
@@ -174,12 +179,9 @@ class CardApplet:
         )
         return response
 
-    def _respond(self, raw: bytes) -> ResponseApdu:
-        pending, self._pending = self._pending, None  # any command cancels a pending one
-        try:
-            apdu = CommandApdu.from_bytes(bytes(raw))
-        except ApduFormatError:
-            return _sw(StatusWord.WRONG_LENGTH)
+    def _respond(
+        self, apdu: CommandApdu, pending: _PendingLoad | _PendingPurchase | None
+    ) -> ResponseApdu:
         entry = self._handlers.get(apdu.ins)
         if entry is None:
             return _sw(
@@ -255,10 +257,18 @@ class CardApplet:
     def _read_binary(self, apdu: CommandApdu, _pending: object) -> ResponseApdu:
         read = cmd.ReadBinary.from_apdu(apdu)
         if self._selected is Selected.EP and read.sfi == cmd.SFI_ISSUER:
-            return self._slice(self._state.issuer.to_bytes(), read.offset, read.le)
+            return self._slice(self._issuer_file(), read.offset, read.le)
         if self._selected is Selected.EP and read.sfi == cmd.SFI_CARDHOLDER:
             return self._slice(self._state.cardholder.to_bytes(), read.offset, read.le)
         return _sw(StatusWord.FILE_NOT_FOUND)
+
+    def _issuer_file(self) -> bytes:
+        """EF 0x15's bytes, encoded again only when the state holds another issuer record
+        (a frozen value: the same object encodes to the same bytes)."""
+        issuer = self._state.issuer
+        if self._issuer_encoded[0] is not issuer:
+            self._issuer_encoded = (issuer, issuer.to_bytes())
+        return self._issuer_encoded[1]
 
     def _read_record(self, apdu: CommandApdu, _pending: object) -> ResponseApdu:
         read = cmd.ReadRecord.from_apdu(apdu)
@@ -405,37 +415,65 @@ class CardApplet:
         if not isinstance(pending, _PendingPurchase) or pending.amount == 0:
             return _sw(StatusWord.CONDITIONS_NOT_SATISFIED)
         suite = suite_named(pending.key.suite)
-        expected = host.purchase_mac1(
-            pending.key.value,
-            random=pending.random,
-            offline_counter=pending.offline_counter,
-            terminal_seq=debit.terminal_seq,
-            amount=pending.amount,
-            terminal_id=pending.terminal_id,
-            date=debit.date,
-            time=debit.time,
-            suite=suite,
-        )
+        # The card's kept ciphers where they compute what protocol.host does (card.macs):
+        # one session key for MAC1 and MAC2, the TAC key's cipher loaded once.
+        fast = CardCiphers.fast(suite, pending.key.value)
+        if fast:
+            expected, mac2 = self._ciphers.purchase_macs(
+                pending.key.value,
+                random=pending.random,
+                offline_counter=pending.offline_counter,
+                terminal_seq=debit.terminal_seq,
+                amount=pending.amount,
+                terminal_id=pending.terminal_id,
+                date=debit.date,
+                time=debit.time,
+            )
+        else:
+            expected = host.purchase_mac1(
+                pending.key.value,
+                random=pending.random,
+                offline_counter=pending.offline_counter,
+                terminal_seq=debit.terminal_seq,
+                amount=pending.amount,
+                terminal_id=pending.terminal_id,
+                date=debit.date,
+                time=debit.time,
+                suite=suite,
+            )
         if not macs_equal(expected, debit.mac1):
             return self._mac_failure()
         state = self._state
-        mac2 = host.purchase_mac2(
-            pending.key.value,
-            random=pending.random,
-            offline_counter=pending.offline_counter,
-            terminal_seq=debit.terminal_seq,
-            amount=pending.amount,
-            suite=suite,
-        )
-        tac = host.purchase_tac(
-            state.tac_key().value,
-            amount=pending.amount,
-            terminal_id=pending.terminal_id,
-            terminal_seq=debit.terminal_seq,
-            date=debit.date,
-            time=debit.time,
-            suite=suite_named(state.tac_key().suite),
-        )
+        if not fast:
+            mac2 = host.purchase_mac2(
+                pending.key.value,
+                random=pending.random,
+                offline_counter=pending.offline_counter,
+                terminal_seq=debit.terminal_seq,
+                amount=pending.amount,
+                suite=suite,
+            )
+        tac_key = state.tac_key()
+        tac_suite = suite_named(tac_key.suite)
+        if CardCiphers.fast(tac_suite, tac_key.value):
+            tac = self._ciphers.purchase_tac(
+                tac_key.value,
+                amount=pending.amount,
+                terminal_id=pending.terminal_id,
+                terminal_seq=debit.terminal_seq,
+                date=debit.date,
+                time=debit.time,
+            )
+        else:
+            tac = host.purchase_tac(
+                tac_key.value,
+                amount=pending.amount,
+                terminal_id=pending.terminal_id,
+                terminal_seq=debit.terminal_seq,
+                date=debit.date,
+                time=debit.time,
+                suite=tac_suite,
+            )
         self._commit_transaction(
             TransactionType.EP_PURCHASE,
             pending,
@@ -464,23 +502,23 @@ class CardApplet:
         balance, the type's counter + 1, the proof GET TRANSACTION PROVE answers with, and
         the MAC failures cleared."""
         state = self._state
-        logged = state.with_log(
-            LogRecord(
-                counter_before,
-                state.overdraft_limit,
-                pending.amount,
-                transaction_type,
-                pending.terminal_id,
-                date,
-                time,
-            )
+        record = LogRecord(
+            counter_before,
+            state.overdraft_limit,
+            pending.amount,
+            transaction_type,
+            pending.terminal_id,
+            date,
+            time,
         )
+        log = (record, *state.log)[:LOG_RECORDS]  # CardState.with_log, in the one replace
         counter_after = counter_before + 1
         proof = Proof(counter_after, mac2, tac)
         if transaction_type == TransactionType.EP_LOAD:
             self._commit(
                 replace(
-                    logged,
+                    state,
+                    log=log,
                     balance=new_balance,
                     online_counter=counter_after,
                     load_proof=proof,
@@ -490,7 +528,8 @@ class CardApplet:
         else:
             self._commit(
                 replace(
-                    logged,
+                    state,
+                    log=log,
                     balance=new_balance,
                     offline_counter=counter_after,
                     purchase_proof=proof,
