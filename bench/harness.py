@@ -9,6 +9,7 @@ tested in ``tests/bench``; the benchmarks themselves are not part of ``make test
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import math
@@ -16,11 +17,11 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.progress import (
@@ -70,6 +71,22 @@ class Measurement:
     @property
     def measured(self) -> bool:
         return self.value is not None
+
+
+_T = TypeVar("_T")
+
+
+def run_async(main: Coroutine[Any, Any, _T]) -> _T:
+    """Run a bench's client the way the shop's own server runs it: on uvloop where it is
+    installed (uvicorn's ``loop="auto"``, which ``webpurse.listen`` keeps, picks it), else
+    on asyncio's own loop. The shoppers' side of a window is the merchant's batcher, so it
+    is measured on the merchant's event loop (issue 20)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is in the lock
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
 
 
 def not_measured(benchmark: str, metric: str, unit: str, reason: str, **params: Any) -> Measurement:

@@ -34,7 +34,7 @@ from typing import Protocol
 
 from bench import lean
 from bench.cards import APDUS
-from bench.harness import Context, Measurement, not_measured, ratio, summarise
+from bench.harness import Context, Measurement, not_measured, ratio, run_async, summarise
 from bench.pgbench import (
     CLIENTS,
     SECONDS,
@@ -586,7 +586,7 @@ def run(ctx: Context) -> list[Measurement]:
             not_measured(NAME, "settlement purchases/s", "1/s", reason, clients=c) for c in CLIENTS
         ]
     try:
-        return asyncio.run(_run(ctx, pg))
+        return run_async(_run(ctx, pg))
     except SetupError as exc:
         return [
             not_measured(NAME, "settlement purchases/s", "1/s", f"settlement setup failed: {exc}")

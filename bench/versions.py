@@ -23,7 +23,6 @@ servers stay up for the whole run; only the measured one has shoppers.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import subprocess
@@ -34,7 +33,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import lean
-from bench.harness import ROOT, Context, Measurement, Params, load_average, not_measured
+from bench.harness import (
+    ROOT,
+    Context,
+    Measurement,
+    Params,
+    load_average,
+    not_measured,
+    run_async,
+)
 from bench.issue_cards import decode
 from bench.pgbench import (
     SECONDS,
@@ -325,6 +332,6 @@ def run(ctx: Context) -> list[Measurement]:
         return [not_measured(NAME, "settlement purchases/s (batched)", "1/s", reason)]
     try:
         revisions = [resolve(given) for given in ctx.revisions]
-        return asyncio.run(_run(ctx, pg, revisions))
+        return run_async(_run(ctx, pg, revisions))
     except SetupError as exc:
         return [not_measured(NAME, "settlement purchases/s (batched)", "1/s", f"setup: {exc}")]

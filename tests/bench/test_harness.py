@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 from pathlib import Path
 
 import pytest
 
+from bench import harness
 from bench.harness import (
     Measurement,
     Run,
@@ -149,3 +151,13 @@ def test_measure_rate_does_not_overshoot_when_operations_slow_down() -> None:
 
     _, seconds = measure_rate(operation, min_seconds=1.0, clock=lambda: now[0])
     assert seconds < 1.2
+
+
+def test_a_bench_client_runs_on_the_loop_the_shop_runs_on() -> None:
+    """uvicorn (``loop="auto"``) runs the shop on uvloop, so the shoppers' side of a window
+    runs there too, and the window's answer comes back."""
+
+    async def loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    assert harness.run_async(loop_module()).startswith("uvloop")
