@@ -46,7 +46,17 @@ _leaves = (
     | st.text()
     | st.text(alphabet=st.characters(max_codepoint=0x80))
     | st.sampled_from(
-        [Colour.RED, Level.HIGH, Name("x"), uuid.UUID(int=1), dt.date(2026, 1, 2), "\x7f", "\\u"]
+        [
+            Colour.RED,
+            Level.HIGH,
+            Name("x"),
+            uuid.UUID(int=1),
+            dt.date(2026, 1, 2),
+            "\x7f",
+            "\\u",
+            "\ud800",
+            "a\udfff",
+        ]
     )
 )
 _payloads = st.recursive(

@@ -213,7 +213,8 @@ class Item:
     def payload(self) -> Any:
         """What the single endpoint fingerprints for this request (routes_payments.py):
         ``model_dump(mode="json")``, ``exclude_none`` for a cancel, read straight off the
-        model where every field is JSON already (:func:`_json_native`)."""
+        model where every field is JSON already (:func:`_json_native`): the model's own
+        ``__dict__``, not a copy (only read, by :func:`idempotency.fingerprint`)."""
         body = self.body
         if self.action == "uncertain" or body is None:
             return {}
@@ -223,7 +224,7 @@ class Item:
             return body.model_dump(mode="json")
         if self.action == "cancel":
             return {name: value for name, value in body.__dict__.items() if value is not None}
-        return dict(body.__dict__)
+        return body.__dict__
 
 
 @dataclass
