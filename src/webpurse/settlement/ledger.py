@@ -67,7 +67,6 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from webpurse.settlement.db import (
-    among,
     among_bound,
     among_values,
     bulk_insert,
@@ -207,6 +206,21 @@ def _lock(
     change the balance, never the id): it does not block a key-share lock on the row.
     """
     ids = sorted(set(account_ids))
+    dialect = dialect_name(session)
+    stmt = _lock_stmt(dialect, for_update(session))
+    params = {"ids": among_values(dialect, ids)}
+    found = {row.id: row for row in session.execute(stmt, params).all()}
+    missing = [account_id for account_id in ids if account_id not in found]
+    if missing:
+        _create_missing(session, missing, now, currency)
+        found = {row.id: row for row in session.execute(stmt, params).all()}
+    return found
+
+
+@functools.cache
+def _lock_stmt(dialect: str, lock: bool) -> Select[Any]:
+    """:func:`_lock`'s statement, built once per dialect (a batch's capture locks hundreds
+    of card accounts: building the statement cost more than running it)."""
     stmt = (
         select(
             _ACCOUNTS.c.id,
@@ -215,17 +229,10 @@ def _lock(
             _ACCOUNTS.c.version,
             _ACCOUNTS.c.allow_negative,
         )
-        .where(among(session, _ACCOUNTS.c.id, ids))
+        .where(among_bound(dialect, _ACCOUNTS.c.id, "ids"))
         .order_by(_ACCOUNTS.c.id)
     )
-    if for_update(session):
-        stmt = stmt.with_for_update(key_share=True)
-    found = {row.id: row for row in session.execute(stmt).all()}
-    missing = [account_id for account_id in ids if account_id not in found]
-    if missing:
-        _create_missing(session, missing, now, currency)
-        found = {row.id: row for row in session.execute(stmt).all()}
-    return found
+    return stmt.with_for_update(key_share=True) if lock else stmt
 
 
 def lock_accounts(
