@@ -25,6 +25,7 @@ from tests.settlement.support import database_url
 from webpurse.settlement import batch
 from webpurse.settlement.db import among_bound, among_values, make_engine, migrate
 from webpurse.settlement.models import Payment
+from webpurse.settlement.transactions import Status
 
 pytestmark = pytest.mark.postgres
 
@@ -116,7 +117,9 @@ def test_the_trap_is_real(engine: Engine) -> None:
 @pytest.mark.parametrize("lock", [False, True], ids=["read", "locked"])
 def test_a_batch_reads_its_payments_by_their_ids(engine: Engine, count: int, lock: bool) -> None:
     nodes = _explain(
-        engine, batch._payments_stmt("postgresql", lock), _params(count, status="authorised")
+        engine,
+        batch._payments_stmt("postgresql", lock, Status.AUTHORISED),
+        _params(count, status="authorised"),
     )
     kinds = [node["Node Type"] for node in nodes]
     assert "Seq Scan" not in kinds, kinds
@@ -137,10 +140,11 @@ def test_the_reads_still_keep_to_the_merchant(engine: Engine) -> None:
     """The merchant is still a condition: another merchant's ids find nothing."""
     with engine.connect() as connection:
         mine = connection.execute(
-            batch._payments_stmt("postgresql", False), _params(5, status="authorised")
+            batch._payments_stmt("postgresql", False, Status.AUTHORISED),
+            _params(5, status="authorised"),
         ).all()
         theirs = connection.execute(
-            batch._payments_stmt("postgresql", False),
+            batch._payments_stmt("postgresql", False, Status.AUTHORISED),
             {**_params(5, status="authorised"), "merchant": "mer_other"},
         ).all()
     assert len(mine) == 5 and theirs == []

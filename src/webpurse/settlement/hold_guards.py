@@ -73,7 +73,7 @@ def exhausted(ctx: Ctx, merchant_id: str, card_ids: list[str]) -> set[tuple[str,
         return set()
     dialect = dialect_name(ctx.session)
     params = {"cards": among_values(dialect, card_ids), "merchant": merchant_id}
-    rows = ctx.session.execute(_exhausted_stmt(dialect), params)
+    rows = ctx.session.execute(_exhausted_stmt(dialect), params).all()
     return {(str(card_id), int(counter)) for card_id, counter in rows if counter is not None}
 
 

@@ -82,7 +82,7 @@ def terminal_seqs(session: Session, merchant_id: str, count: int) -> list[int]:
     if count <= 0:
         return []
     if for_update(session):
-        seqs = sorted(int(seq) for seq in session.scalars(_NEXT_VALUES, {"count": count}))
+        seqs = sorted(int(seq) for seq in session.scalars(_NEXT_VALUES, {"count": count}).all())
     else:
         last = session.execute(
             update(Merchant)
