@@ -235,21 +235,46 @@ class SettlementObject:
                     date=str(auth_raw.get("date", "")),
                     time=str(auth_raw.get("time", "")),
                 )
+            object_id = str(body["id"])
+            status = str(body["status"])
+            amount = int(body["amount"])
+            terminal_id = bytes.fromhex(body.get("terminal_id") or "000000000000")
+            key_index = int(body.get("key_index") or 1)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SettlementError(f"settlement sent a malformed {kind.value[:-1]}: {exc}") from exc
+        if cls is not SettlementObject:  # a subclass may have an __init__ of its own
             return cls(
                 kind=kind,
-                id=str(body["id"]),
-                status=str(body["status"]),
-                amount=int(body["amount"]),
-                terminal_id=bytes.fromhex(body.get("terminal_id") or "000000000000"),
-                key_index=int(body.get("key_index") or 1),
+                id=object_id,
+                status=status,
+                amount=amount,
+                terminal_id=terminal_id,
+                key_index=key_index,
                 card_number=body.get("card_number"),
                 decline_code=body.get("decline_code"),
                 tac=body.get("tac"),
                 authorisation=authorisation,
                 raw=body,
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise SettlementError(f"settlement sent a malformed {kind.value[:-1]}: {exc}") from exc
+        # Three answers a purchase: the slots set as the frozen __init__ sets them, without
+        # its keyword call (issue 20; tests/merchant/test_settlement_decoding.py).
+        obj = _new(cls)
+        _set(obj, "kind", kind)
+        _set(obj, "id", object_id)
+        _set(obj, "status", status)
+        _set(obj, "amount", amount)
+        _set(obj, "terminal_id", terminal_id)
+        _set(obj, "key_index", key_index)
+        _set(obj, "card_number", body.get("card_number"))
+        _set(obj, "decline_code", body.get("decline_code"))
+        _set(obj, "tac", body.get("tac"))
+        _set(obj, "authorisation", authorisation)
+        _set(obj, "raw", body)
+        return obj
+
+
+_new = object.__new__
+_set = object.__setattr__
 
 
 MERCHANT_FLOAT = "merchant_float"
@@ -680,15 +705,14 @@ class BatchingSettlementClient(SettlementClient):
         if method != "POST" or not _BATCHABLE.fullmatch(path):
             return await super()._exchange(method, path, json, headers)
         item = {"path": path, "idempotency_key": headers.get("Idempotency-Key"), "body": json}
-        future: asyncio.Future[tuple[int, dict[str, Any]]] = (
-            asyncio.get_running_loop().create_future()
-        )
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[int, dict[str, Any]]] = loop.create_future()
         self._queue.append((item, future))
         if not self._scheduled:
             # Let every caller that is ready this turn of the loop queue first, so that
             # a batch coming back is followed by one batch, not by one of one item.
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._pump)
+            loop.call_soon(self._pump)
         return await future
 
     def _pump(self) -> None:
