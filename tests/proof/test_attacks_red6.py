@@ -738,3 +738,30 @@ def test_another_merchant_s_payments_in_a_batch_are_not_found(world: World, proo
             f" {sorted(set(batched))}; {len(own)} own items beside them succeeded; A's"
             " payments unchanged; ledger check clean"
         )
+
+
+def test_a_copied_or_pickled_key_pool_does_not_repeat_or_carry_keys(proof: Proof) -> None:
+    import copy
+    import pickle
+
+    with proof.row(
+        SUITE,
+        "the merchant's idempotency key pool (256 keys drawn ahead) copied (copy.copy,"
+        " copy.deepcopy, as a containing object would be) or pickled (a cache, a"
+        " multiprocessing spawn, a crash dump) and then used beside the original",
+        expected="the copy hands out keys of its own, never the original's next ones, and"
+        " the pickle holds none of the keys drawn ahead",
+    ) as row:
+        pool = merchant_settlement._IdempotencyKeys()
+        pool()  # drawn: 255 keys ahead in memory
+        ahead = pool._hex[32:]
+        pickled = pickle.dumps(pool)
+        assert ahead[:32].encode() not in pickled and ahead[-32:].encode() not in pickled
+        copies = [copy.copy(pool), copy.deepcopy(pool), pickle.loads(pickled)]
+        theirs = {key for other in copies for key in (other() for _ in range(300))}
+        ours = {pool() for _ in range(300)}
+        assert len(theirs) == 900 and not theirs & ours
+        row.observed = (
+            f"3 copies drew 900 keys of their own, none of the original's; the pickle"
+            f" ({len(pickled)} bytes) holds no key drawn ahead"
+        )
