@@ -120,6 +120,11 @@ class _IdempotencyKeys:
     def __init__(self) -> None:
         self._hex, self._at, self._drawn_in = "", 0, -1
 
+    def __reduce__(self) -> tuple[type[_IdempotencyKeys], tuple[()]]:
+        """A copy or a pickle is an empty pool that draws its own keys: never the keys drawn
+        ahead here (two pools handing out the same keys, or a pickle holding future keys)."""
+        return (_IdempotencyKeys, ())
+
     def __call__(self) -> str:
         at = self._at
         if at >= len(self._hex) or self._drawn_in != _forks:
