@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import re
+from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
@@ -115,10 +116,11 @@ class _IdempotencyKeys:
     the bench's client spent 5 % of its time there). Drawn again in a forked child, so two
     processes never hand out the same keys."""
 
-    __slots__ = ("_at", "_drawn_in", "_hex")
+    __slots__ = ("_drawn_in", "_keys")
 
     def __init__(self) -> None:
-        self._hex, self._at, self._drawn_in = "", 0, -1
+        self._keys: deque[str] = deque()
+        self._drawn_in = _forks
 
     def __reduce__(self) -> tuple[type[_IdempotencyKeys], tuple[()]]:
         """A copy or a pickle is an empty pool that draws its own keys: never the keys drawn
@@ -126,11 +128,15 @@ class _IdempotencyKeys:
         return (_IdempotencyKeys, ())
 
     def __call__(self) -> str:
-        at = self._at
-        if at >= len(self._hex) or self._drawn_in != _forks:
-            self._hex, at, self._drawn_in = os.urandom(16 * _KEYS_DRAWN).hex(), 0, _forks
-        self._at = at + 32
-        return "mer-" + self._hex[at : at + 32]
+        if self._drawn_in != _forks:  # a forked child: the parent's keys are the parent's
+            self._keys, self._drawn_in = deque(), _forks
+        try:
+            # One atomic step (deque's pops are thread-safe): two threads never take one key.
+            return self._keys.popleft()
+        except IndexError:
+            drawn = os.urandom(16 * _KEYS_DRAWN).hex()
+            self._keys.extend("mer-" + drawn[at : at + 32] for at in range(32, len(drawn), 32))
+            return "mer-" + drawn[:32]
 
 
 def _code(response: httpx.Response) -> str | None:
