@@ -8,10 +8,12 @@ revision: a git worktree of it (``git worktree add --detach``, in a temporary fo
 own database migrated by that revision (``webpurse settlement init``), its own cards
 registered by its code (``bench.issue_cards``) and funded through its loads API, and its
 own ``webpurse serve settlement`` (:data:`~bench.settlement.WORKERS` workers, as the
-settlement benchmark). The revision's code runs in this checkout's venv with its ``src``
-first on ``PYTHONPATH``: that is only the same program when the dependencies are, so a
-revision whose ``uv.lock`` differs from this checkout's is refused. The client side (the
-merchant's ``BatchingSettlementClient``, the card emulator) is this checkout's for all.
+settlement benchmark; with ``WEBPURSE_BENCH_SETTLEMENT_LAYOUT=balanced`` as many one-worker
+processes behind HAProxy instead, :mod:`bench.balanced`). The revision's code runs in
+this checkout's venv with its ``src`` first on ``PYTHONPATH``: that is only the same
+program when the dependencies are, so a revision whose ``uv.lock`` differs from this
+checkout's is refused. The client side (the merchant's ``BatchingSettlementClient``, the
+card emulator) is this checkout's for all.
 
 Then the windows: :data:`SHOPPERS` batched shoppers for the benchmark's usual window
 (``bench.settlement.measure_window``: server and PostgreSQL CPU per purchase), revisions in
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import lean
+from bench.balanced import BALANCED_LAYOUT, BalancedSettlement, layout_from_env
 from bench.harness import (
     ROOT,
     Context,
@@ -182,7 +185,7 @@ class Version:
 
     revision: Revision
     environment: RevisionEnvironment
-    server: SettlementProcess
+    server: SettlementProcess | BalancedSettlement
     merchant: Merchant
     cards: list[CardApplet]
 
@@ -209,7 +212,12 @@ async def _set_up(
     stack.callback(environment.drop)
     merchant = environment.initialise()  # migrated by the revision's own Alembic scripts
     cards = environment.issue_cards(shoppers)
-    server = SettlementProcess(environment, workers=WORKERS, name=f"settlement-{revision.short}")
+    name = f"settlement-{revision.short}"
+    server: SettlementProcess | BalancedSettlement = (
+        BalancedSettlement(environment, WORKERS, name)
+        if layout_from_env() == BALANCED_LAYOUT
+        else SettlementProcess(environment, workers=WORKERS, name=name)
+    )
     stack.callback(server.stop)
     server.start()
     async with http_client(server.url) as http:
@@ -300,6 +308,11 @@ async def _window(
     # statistics of the database as loaded, before any earlier window's purchases (tens of
     # thousands of rows). Each window starts freshly analysed.
     lean.analyze(pg, version.environment.database)
+    balancer_before = (
+        version.server.balancer_cpu_seconds()
+        if isinstance(version.server, BalancedSettlement)
+        else 0.0
+    )
     window = await measure_window(
         version.server.url,
         version.merchant.api_key,
@@ -311,10 +324,16 @@ async def _window(
         in_flight=in_flight,
     )
     mine: Params = {"rev": revision.short, "round": number}
+    if isinstance(version.server, BalancedSettlement):
+        mine["layout"] = BALANCED_LAYOUT
     rows = [
         Measurement(NAME, r.metric, r.value, r.unit, {**mine, **r.params}, r.note)
         for r in window_rows(window, None, tpcb.tps)
     ]
+    if isinstance(version.server, BalancedSettlement) and window.purchases:
+        balancer = version.server.balancer_cpu_seconds() - balancer_before
+        per = balancer * 1000 / window.purchases
+        rows.append(Measurement(NAME, "HAProxy CPU per purchase (batched)", per, "ms", mine))
     load = load_average()
     if load:
         rows.append(Measurement(NAME, "load average (1 min)", load[0], "", mine))

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from bench.__main__ import main
+from bench.balanced import LAYOUT_ENV, haproxy_config, layout_from_env
 from bench.harness import Measurement, Run
 from bench.report import render
+from bench.servers import SetupError
 from bench.versions import NAME, Revision, revision_rows, schedule
+from webpurse.balancer import haproxy_path
 
 
 def test_schedule_alternates_the_order_each_round_so_drift_is_not_a_difference() -> None:
@@ -74,3 +80,32 @@ def test_report_shows_each_window_in_order_and_each_revisions_median() -> None:
     assert "| `bbbbbbb` | 2 | 750 (+36 %) | 0.188 (+36 %) | 0.5 (-17 %) | 0.6 (-14 %) |" in (
         section
     )
+
+
+def test_the_settlement_layout_defaults_to_workers_and_refuses_unknown_ones() -> None:
+    assert layout_from_env({}) == "workers"
+    assert layout_from_env({LAYOUT_ENV: " "}) == "workers"
+    assert layout_from_env({LAYOUT_ENV: "balanced"}) == "balanced"
+    with pytest.raises(SetupError, match="one of workers, balanced"):
+        layout_from_env({LAYOUT_ENV: "roundrobin"})
+
+
+def test_the_balanced_layout_balances_each_request_to_the_least_busy_process() -> None:
+    config = haproxy_config(40000, [40001, 40002])
+    assert "    bind 127.0.0.1:40000\n" in config
+    assert "    balance leastconn\n" in config
+    assert "    server settlement1 127.0.0.1:40001 check\n" in config
+    assert "    server settlement2 127.0.0.1:40002 check\n" in config
+    assert "ssl" not in config  # plain HTTP, as the workers layout is
+    with pytest.raises(SetupError):
+        haproxy_config(40000, [])
+
+
+@pytest.mark.skipif(haproxy_path() is None, reason="haproxy is not installed")
+def test_haproxy_accepts_the_balanced_layouts_config(tmp_path: Path) -> None:
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(haproxy_config(40000, [40001, 40002]))
+    checked = subprocess.run(
+        [str(haproxy_path()), "-c", "-q", "-f", str(path)], capture_output=True, check=False
+    )
+    assert checked.returncode == 0, checked.stderr
