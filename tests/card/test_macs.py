@@ -43,6 +43,7 @@ def test_purchase_macs_and_tac_are_host_s(
     ciphers = CardCiphers()
     for _ in range(2):  # the second time through the kept ciphers
         mac1, mac2 = ciphers.purchase_macs(
+            DES_SUITE,
             dpk,
             random=random,
             offline_counter=offline_counter,
@@ -63,6 +64,7 @@ def test_purchase_macs_and_tac_are_host_s(
         )
         assert mac2 == host.purchase_mac2(dpk, **session)
         tac = ciphers.purchase_tac(
+            DES_SUITE,
             dtk,
             amount=amount,
             terminal_id=terminal_id,

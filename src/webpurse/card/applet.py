@@ -414,66 +414,32 @@ class CardApplet:
         debit = cmd.DebitForPurchase.from_apdu(apdu)
         if not isinstance(pending, _PendingPurchase) or pending.amount == 0:
             return _sw(StatusWord.CONDITIONS_NOT_SATISFIED)
-        suite = suite_named(pending.key.suite)
-        # The card's kept ciphers where they compute what protocol.host does (card.macs):
-        # one session key for MAC1 and MAC2, the TAC key's cipher loaded once.
-        fast = CardCiphers.fast(suite, pending.key.value)
-        if fast:
-            expected, mac2 = self._ciphers.purchase_macs(
-                pending.key.value,
-                random=pending.random,
-                offline_counter=pending.offline_counter,
-                terminal_seq=debit.terminal_seq,
-                amount=pending.amount,
-                terminal_id=pending.terminal_id,
-                date=debit.date,
-                time=debit.time,
-            )
-        else:
-            expected = host.purchase_mac1(
-                pending.key.value,
-                random=pending.random,
-                offline_counter=pending.offline_counter,
-                terminal_seq=debit.terminal_seq,
-                amount=pending.amount,
-                terminal_id=pending.terminal_id,
-                date=debit.date,
-                time=debit.time,
-                suite=suite,
-            )
+        # The card's kept ciphers (card.macs): one session key for MAC1 and MAC2, the TAC
+        # key's cipher loaded once; protocol.host's arithmetic either way.
+        expected, mac2 = self._ciphers.purchase_macs(
+            suite_named(pending.key.suite),
+            pending.key.value,
+            random=pending.random,
+            offline_counter=pending.offline_counter,
+            terminal_seq=debit.terminal_seq,
+            amount=pending.amount,
+            terminal_id=pending.terminal_id,
+            date=debit.date,
+            time=debit.time,
+        )
         if not macs_equal(expected, debit.mac1):
             return self._mac_failure()
         state = self._state
-        if not fast:
-            mac2 = host.purchase_mac2(
-                pending.key.value,
-                random=pending.random,
-                offline_counter=pending.offline_counter,
-                terminal_seq=debit.terminal_seq,
-                amount=pending.amount,
-                suite=suite,
-            )
         tac_key = state.tac_key()
-        tac_suite = suite_named(tac_key.suite)
-        if CardCiphers.fast(tac_suite, tac_key.value):
-            tac = self._ciphers.purchase_tac(
-                tac_key.value,
-                amount=pending.amount,
-                terminal_id=pending.terminal_id,
-                terminal_seq=debit.terminal_seq,
-                date=debit.date,
-                time=debit.time,
-            )
-        else:
-            tac = host.purchase_tac(
-                tac_key.value,
-                amount=pending.amount,
-                terminal_id=pending.terminal_id,
-                terminal_seq=debit.terminal_seq,
-                date=debit.date,
-                time=debit.time,
-                suite=tac_suite,
-            )
+        tac = self._ciphers.purchase_tac(
+            suite_named(tac_key.suite),
+            tac_key.value,
+            amount=pending.amount,
+            terminal_id=pending.terminal_id,
+            terminal_seq=debit.terminal_seq,
+            date=debit.date,
+            time=debit.time,
+        )
         self._commit_transaction(
             TransactionType.EP_PURCHASE,
             pending,

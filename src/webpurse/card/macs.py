@@ -8,9 +8,9 @@ through an ECB encryptor. ``protocol.host`` builds a new cipher for every key an
 chain (5 per DEBIT), which cost the card emulator most of its time (issue 20: the
 benchmark's client process, card included, was a third of the machine).
 
-Only for the 3DES/DES suite with 16-byte keys; :meth:`CardCiphers.fast` says when it
-applies, otherwise the applet uses ``protocol.host``. ``tests/card/test_macs.py`` checks
-both give the same bytes.
+Only for the 3DES/DES suite with 16-byte keys (:meth:`CardCiphers.fast`); for any other
+suite or key length the same methods hand the work to ``protocol.host``, so the applet
+calls one thing either way. ``tests/card/test_macs.py`` checks both give the same bytes.
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ class CardCiphers:
 
     def purchase_macs(
         self,
+        suite: CipherSuite,
         dpk: bytes,
         *,
         random: bytes,
@@ -91,6 +92,27 @@ class CardCiphers:
     ) -> tuple[bytes, bytes]:
         """MAC1 (what DEBIT must carry) and MAC2 (what the card answers), one session key:
         ``host.purchase_mac1`` and ``host.purchase_mac2``."""
+        if not self.fast(suite, dpk):
+            mac1 = host.purchase_mac1(
+                dpk,
+                random=random,
+                offline_counter=offline_counter,
+                terminal_seq=terminal_seq,
+                amount=amount,
+                terminal_id=terminal_id,
+                date=date,
+                time=time,
+                suite=suite,
+            )
+            mac2 = host.purchase_mac2(
+                dpk,
+                random=random,
+                offline_counter=offline_counter,
+                terminal_seq=terminal_seq,
+                amount=amount,
+                suite=suite,
+            )
+            return mac1, mac2
         block = purchase_session_block(random, offline_counter, terminal_seq)
         session = _ecb(self._encrypt(dpk)(block))
         mac1_data = host.purchase_mac1_data(
@@ -102,6 +124,7 @@ class CardCiphers:
 
     def purchase_tac(
         self,
+        suite: CipherSuite,
         dtk: bytes,
         *,
         amount: int,
@@ -111,11 +134,17 @@ class CardCiphers:
         time: dt.time,
     ) -> bytes:
         """``host.purchase_tac``, with the TAC key's cipher kept."""
+        if not self.fast(suite, dtk):
+            return host.purchase_tac(
+                dtk,
+                amount=amount,
+                terminal_id=terminal_id,
+                terminal_seq=terminal_seq,
+                date=date,
+                time=time,
+                suite=suite,
+            )
         data = host.purchase_tac_data(
-            amount=amount,
-            terminal_id=terminal_id,
-            terminal_seq=terminal_seq,
-            date=date,
-            time=time,
+            amount=amount, terminal_id=terminal_id, terminal_seq=terminal_seq, date=date, time=time
         )
         return _cbc_mac(self._tac_encrypt(dtk), data)
