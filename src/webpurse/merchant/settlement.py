@@ -253,39 +253,19 @@ class SettlementObject:
             key_index = int(body.get("key_index") or 1)
         except (KeyError, TypeError, ValueError) as exc:
             raise SettlementError(f"settlement sent a malformed {kind.value[:-1]}: {exc}") from exc
-        if cls is not SettlementObject:  # a subclass may have an __init__ of its own
-            return cls(
-                kind=kind,
-                id=object_id,
-                status=status,
-                amount=amount,
-                terminal_id=terminal_id,
-                key_index=key_index,
-                card_number=body.get("card_number"),
-                decline_code=body.get("decline_code"),
-                tac=body.get("tac"),
-                authorisation=authorisation,
-                raw=body,
-            )
-        # Three answers a purchase: the slots set as the frozen __init__ sets them, without
-        # its keyword call (issue 20; tests/merchant/test_settlement_decoding.py).
-        obj = _new(cls)
-        _set(obj, "kind", kind)
-        _set(obj, "id", object_id)
-        _set(obj, "status", status)
-        _set(obj, "amount", amount)
-        _set(obj, "terminal_id", terminal_id)
-        _set(obj, "key_index", key_index)
-        _set(obj, "card_number", body.get("card_number"))
-        _set(obj, "decline_code", body.get("decline_code"))
-        _set(obj, "tac", body.get("tac"))
-        _set(obj, "authorisation", authorisation)
-        _set(obj, "raw", body)
-        return obj
-
-
-_new = object.__new__
-_set = object.__setattr__
+        return cls(
+            kind=kind,
+            id=object_id,
+            status=status,
+            amount=amount,
+            terminal_id=terminal_id,
+            key_index=key_index,
+            card_number=body.get("card_number"),
+            decline_code=body.get("decline_code"),
+            tac=body.get("tac"),
+            authorisation=authorisation,
+            raw=body,
+        )
 
 
 MERCHANT_FLOAT = "merchant_float"
