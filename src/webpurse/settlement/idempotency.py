@@ -116,20 +116,19 @@ def fingerprint(method: str, path: str, payload: Any) -> str:
     Where both encoders write the same text (:func:`_plain` JSON, ASCII below DEL: json
     escapes the rest, and orjson refuses a lone surrogate) orjson writes it, ~10× faster;
     every item of a batch is fingerprinted (issue 20, the HTTP edge's share per item)."""
+    head = f"{method} {path}\n".encode()
     if _plain(payload):
         try:
-            canonical = orjson.dumps(payload, option=_SORT_KEYS)
+            canonical = orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
         except orjson.JSONEncodeError:  # a lone surrogate, which UTF-8 cannot hold
             pass
         else:
             if canonical.isascii() and b"\x7f" not in canonical:
-                return _sha256(f"{method} {path}\n".encode() + canonical).hexdigest()
+                return hashlib.sha256(head + canonical).hexdigest()
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str).encode()
-    return _sha256(f"{method} {path}\n".encode() + canonical).hexdigest()
+    return hashlib.sha256(head + canonical).hexdigest()
 
 
-_SORT_KEYS = orjson.OPT_SORT_KEYS
-_sha256 = hashlib.sha256
 _PLAIN_INT = 1 << 63
 
 
