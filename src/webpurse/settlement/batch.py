@@ -31,8 +31,10 @@ so a surprise costs speed, never correctness.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
+import operator
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -512,21 +514,40 @@ def _view(columns: Mapping[str, Any]) -> Payment:
     return cast(Payment, SimpleNamespace(**values))
 
 
+@functools.cache
+def _view_class(names: tuple[str, ...]) -> Any:
+    """The view of a payments row of these columns: a named tuple, made from the row and
+    read attribute by attribute in C (a SimpleNamespace per row cost a dict built and
+    copied twice, and slower reads: ~2 µs a row more, issue 20)."""
+    return collections.namedtuple("PaymentView", names)
+
+
 def _views(result: Result[Any], expected: frozenset[str] = _VIEW_NAMES) -> dict[str, Any]:
     """Rows of ``payments`` (all columns, or the ``expected`` ones) as :func:`_view`
-    payments, by id. The names are the result's, taken once (a row's ``_mapping`` builds
-    its key view per row)."""
+    payments (read-only: :func:`_updated` makes a changed one), by id. The names are the
+    result's, taken once (a row's ``_mapping`` builds its key view per row)."""
     columns = result.keys()
     names = tuple("metadata_" if name == "metadata" else name for name in columns)
-    if set(names) != expected:  # those columns, each once: nothing for _view to fill
-        raise ValueError(f"not a payments row: {names}")
-    views = [SimpleNamespace(**dict(zip(names, row, strict=True))) for row in result.all()]
+    if set(names) != expected or len(names) != len(expected):
+        raise ValueError(f"not a payments row: {names}")  # each column once, none missing
+    views = list(map(_view_class(names)._make, result.all()))
     return {view.id: view for view in views}
 
 
+@functools.cache
+def _update_plan(fields: tuple[str, ...], changed: tuple[str, ...]) -> tuple[Any, Any]:
+    """How :func:`_updated` makes a view of ``fields`` with ``changed`` set: the class of
+    the columns of both, and which of (the view's values, the changes') each one takes."""
+    names = fields + tuple(name for name in changed if name not in fields)
+    at = {name: index for index, name in enumerate(fields)}
+    at |= {name: len(fields) + index for index, name in enumerate(changed)}
+    return _view_class(names), operator.itemgetter(*(at[name] for name in names))
+
+
 def _updated(payment: Any, changes: Mapping[str, Any]) -> Payment:
-    """A :func:`_view` payment with ``changes`` (columns other than ``metadata``) made."""
-    return cast(Payment, SimpleNamespace(**{**vars(payment), **changes}))
+    """A :func:`_views` payment with ``changes`` (columns other than ``metadata``) made."""
+    view_class, pick = _update_plan(payment._fields, tuple(changes))
+    return cast(Payment, view_class._make(pick((*payment, *changes.values()))))
 
 
 # What the fast path reads of the payments it takes, by their status (the step's): what
@@ -637,6 +658,9 @@ _CARD_COLUMNS = (
     "offline_counter",
     "open_transaction",
 )
+# A card row as the fast path reads it, attribute by attribute, ~20 times an item: a named
+# tuple reads each in C, a Row by name in Python (~0.3 µs each).
+_CardView = collections.namedtuple("_CardView", _CARD_COLUMNS)  # type: ignore[misc]
 
 
 @functools.cache
@@ -723,7 +747,8 @@ def _lock_cards(ctx: Ctx, numbers: Sequence[str], ids: Sequence[str]) -> Sequenc
     dialect = dialect_name(ctx.session)
     stmt = _cards_stmt(dialect, for_update(ctx.session))
     params = {"numbers": among_values(dialect, numbers), "ids": among_values(dialect, ids)}
-    return ctx.session.execute(stmt, params).all()  # fetched at once, not row by row
+    rows = ctx.session.execute(stmt, params).all()  # fetched at once, not row by row
+    return list(map(_CardView._make, rows))
 
 
 @dataclass
