@@ -535,19 +535,23 @@ def _views(result: Result[Any], expected: frozenset[str] = _VIEW_NAMES) -> dict[
 
 
 @functools.cache
-def _update_plan(fields: tuple[str, ...], changed: tuple[str, ...]) -> tuple[Any, Any]:
-    """How :func:`_updated` makes a view of ``fields`` with ``changed`` set: the class of
-    the columns of both, and which of (the view's values, the changes') each one takes."""
+def _update_plan(view_class: Any, changed: tuple[str, ...]) -> tuple[Any, Any]:
+    """How :func:`_updated` makes a view of ``view_class`` with ``changed`` set: the class
+    of the columns of both, and which of (the view's values, the changes') each one takes."""
+    fields: tuple[str, ...] = view_class._fields
     names = fields + tuple(name for name in changed if name not in fields)
     at = {name: index for index, name in enumerate(fields)}
     at |= {name: len(fields) + index for index, name in enumerate(changed)}
     return _view_class(names), operator.itemgetter(*(at[name] for name in names))
 
 
+_new_tuple = tuple.__new__
+
+
 def _updated(payment: Any, changes: Mapping[str, Any]) -> Payment:
     """A :func:`_views` payment with ``changes`` (columns other than ``metadata``) made."""
-    view_class, pick = _update_plan(payment._fields, tuple(changes))
-    return cast(Payment, view_class._make(pick((*payment, *changes.values()))))
+    view_class, pick = _update_plan(payment.__class__, tuple(changes))
+    return cast(Payment, _new_tuple(view_class, pick(payment + tuple(changes.values()))))
 
 
 # What the fast path reads of the payments it takes, by their status (the step's): what
