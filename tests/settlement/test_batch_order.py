@@ -129,3 +129,78 @@ def test_any_order_of_calls_answers_alike_batched_or_one_by_one(
 ) -> None:
     singles, batches = compare(world, order)
     assert batches == singles, order
+
+
+# --- _in_order without _touches --------------------------------------------------------
+
+ACTIONS = ("create", "authorise", "capture", "cancel", "uncertain", "resolve")
+
+
+@st.composite
+def _planned(draw: st.DrawFn) -> tuple[list[Any], set[int], dict[int, frozenset[str]]]:
+    """Items as the fast path leaves them for :func:`batch._in_order`: some answered or
+    duplicates, the pending ones with the keys they touch, some of those taken."""
+    from webpurse.settlement import batch
+
+    count = draw(st.integers(0, 8))
+    items, taken, touched = [], set(), {}
+    for index in range(count):
+        action = draw(st.sampled_from(ACTIONS))
+        item = batch.Item(index, "/v1/payments", action, None, None, None)
+        state = draw(st.sampled_from(("pending", "answered", "duplicate")))
+        if state == "answered":
+            item.answer = (200, {})
+        elif state == "duplicate" and index:
+            item.duplicate_of = draw(st.integers(0, index - 1))
+        else:
+            keys = draw(st.frozensets(st.sampled_from(("payment:P", "card:C", "card:D"))))
+            touched[index] = frozenset() if action == "create" else keys
+            if action in ("authorise", "capture") and draw(st.booleans()):
+                taken.add(index)
+        items.append(item)
+    return items, taken, touched
+
+
+@settings(max_examples=500, deadline=None)
+@given(plan=_planned())
+def test_in_order_keeps_every_fast_item_when_none_runs_before_it(
+    plan: tuple[list[Any], set[int], dict[int, frozenset[str]]],
+) -> None:
+    """The shortcut of :func:`batch._fast`: whenever :func:`batch._none_before` holds,
+    :func:`batch._in_order` keeps all it is given, whatever each item touches."""
+    from webpurse.settlement import batch
+
+    items, taken, touched = plan
+    if batch._none_before(items, taken):
+        assert batch._in_order(items, set(taken), touched) == taken
+    else:  # a pending item not taken, and not a create: the keys decide
+        pending = [i for i in items if i.answer is None and i.duplicate_of is None]
+        assert any(i.index not in taken and i.action != "create" for i in pending)
+
+
+def test_a_batch_taken_whole_by_the_fast_path_reads_no_card_numbers(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every item fast: the answers are the same calls' one by one, and :func:`_touches`
+    (a statement and a pass over the items) does not run; with a per-item item it does."""
+    from webpurse.settlement import batch
+
+    calls: list[int] = []
+    real = batch._touches
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batch, "_touches", counted)
+    singles, batches = compare(world, ("create", "authorise P", "create"))
+    assert singles == [
+        (201, "payment", "requires_card"),
+        (200, "payment", "authorised"),
+        (201, "payment", "requires_card"),
+    ]
+    assert batches == singles
+    assert calls == []
+    singles, batches = compare(world, ("cancel Q", "authorise P"))  # a per-item item first
+    assert batches == singles
+    assert calls == [1]

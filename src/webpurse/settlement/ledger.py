@@ -432,36 +432,44 @@ def post_transfers(
     touched = (
         {spec.debit_account for spec in transfers} | {spec.credit_account for spec in transfers}
     ) - defer
-    accounts = _lock(session, list(touched), now, currency)
-    balances = {account_id: int(row.balance) for account_id, row in accounts.items()}
-    versions = {account_id: int(row.version) for account_id, row in accounts.items()}
+    # Each locked row unpacked once, in _lock_stmt's column order: a Row's attribute is a
+    # name look-up in Python (~0.3 µs), read per transfer it cost more than the posting.
+    balances: dict[str, int] = {}
+    versions: dict[str, int] = {}
+    other_currency: set[str] = set()
+    limited: set[str] = set()  # not allowed below zero
+    for account_id, account_currency, balance, version, allow_negative in _lock(
+        session, list(touched), now, currency
+    ).values():
+        balances[account_id], versions[account_id] = int(balance), int(version)
+        if account_currency != currency:
+            other_currency.add(account_id)
+        if not allow_negative:
+            limited.add(account_id)
     transfer_rows: list[dict[str, object]] = []
     entry_rows: list[dict[str, object]] = []
     for spec in transfers:
-        debit = accounts[spec.debit_account]
-        credit = accounts.get(spec.credit_account)
-        if debit.currency != currency or (credit is not None and credit.currency != currency):
+        debit_id, credit_id, amount = spec.debit_account, spec.credit_account, spec.amount
+        # A deferred credit account is not read here: only the debit one is checked then.
+        if debit_id in other_currency or credit_id in other_currency:
             raise LedgerError("both accounts must be in the transfer's currency")
-        if not debit.allow_negative and balances[debit.id] < spec.amount:
+        if debit_id in limited and balances[debit_id] < amount:
             raise LedgerError(
-                f"{debit.id} holds {balances[debit.id]} fen, cannot transfer {spec.amount} fen"
+                f"{debit_id} holds {balances[debit_id]} fen, cannot transfer {amount} fen"
             )
         transfer_rows.append(
             {
                 "id": spec.id,
-                "debit_account": spec.debit_account,
-                "credit_account": spec.credit_account,
-                "amount": spec.amount,
+                "debit_account": debit_id,
+                "credit_account": credit_id,
+                "amount": amount,
                 "currency": currency,
                 "kind": spec.kind,
                 "reference": spec.reference,
                 "created_at": now,
             }
         )
-        for account_id, signed in (
-            (spec.debit_account, -spec.amount),
-            (spec.credit_account, spec.amount),
-        ):
+        for account_id, signed in ((debit_id, -amount), (credit_id, amount)):
             if account_id in defer:
                 hot.entries.append((spec.id, account_id, signed))
                 continue

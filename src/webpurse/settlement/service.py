@@ -7,7 +7,6 @@ merchant's relay parsed (ARCHITECTURE.md "Settlement server").
 from __future__ import annotations
 
 import datetime as dt
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -18,6 +17,7 @@ from sqlalchemy.orm import Session
 from webpurse.protocol.errors import ProtocolError
 from webpurse.protocol.records import IssuerData
 from webpurse.settlement.auth import Principal
+from webpurse.settlement.db import new_row_id
 from webpurse.settlement.errors import bad_request, not_found
 from webpurse.settlement.security import SecurityModule
 
@@ -59,7 +59,8 @@ def get_owned(ctx: Ctx, model: type[Owned], object_id: str, what: str) -> Owned:
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(12)}"
+    """``prefix``, an underscore and 24 random hex digits (:func:`db.new_row_id`)."""
+    return new_row_id(prefix)
 
 
 def card_time(now: dt.datetime) -> tuple[dt.date, dt.time]:

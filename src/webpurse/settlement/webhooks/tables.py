@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from datetime import UTC, datetime
 from enum import StrEnum
 
@@ -19,7 +18,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from webpurse.settlement.db import Base, UtcDateTime
+from webpurse.settlement.db import Base, UtcDateTime, new_row_id
 
 log = structlog.get_logger(__name__)
 
@@ -34,7 +33,8 @@ class MessageStatus(StrEnum):
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(12)}"
+    """``prefix``, an underscore and 24 random hex digits (:func:`db.new_row_id`)."""
+    return new_row_id(prefix)
 
 
 def _utcnow() -> datetime:
