@@ -200,6 +200,24 @@ def test_macs_from_cached_encryptors_are_the_protocols_macs(
         module._tac(serial, 9, data)
 
 
+@hypothesis.settings(max_examples=100, deadline=None)
+@given(messages=st.lists(st.binary(max_size=40), min_size=1, max_size=6))
+def test_a_kept_cbc_chain_gives_each_mac_a_zero_iv(messages: list[bytes]) -> None:
+    """One kept CBC encryptor serves MAC after MAC (of any lengths, one session key and one
+    TAC key): each is the spec's zero-IV CBC-MAC, whatever the MACs before it left."""
+    from webpurse.protocol.cipher import DES_SUITE
+    from webpurse.protocol.crypto import diversify, mac, tac_key
+
+    master = bytes(range(16))
+    keyset = dataclasses.make_dataclass("K", ["dpk", "dlk", "dtk"])(master, master, master)
+    module = SoftwareSecurityModule({1: keyset}, 1)  # type: ignore[dict-item]
+    serial, block = bytes(range(10)), bytes(range(8))
+    session = DES_SUITE.key_cipher.encrypt_ecb(diversify(master, serial), block)
+    for data in messages:
+        assert module._session_mac("dpk", serial, 1, block, data) == mac(session, data)
+        assert module._tac(serial, 1, data) == mac(tac_key(diversify(master, serial)), data)
+
+
 def test_the_mac_encryptor_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     master = secrets.token_bytes(16)
     keyset = dataclasses.make_dataclass("K", ["dpk", "dlk", "dtk"])(master, master, master)
@@ -211,4 +229,5 @@ def test_the_mac_encryptor_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> 
             module._tac(serial, 1, b"data")
     assert len(module._SoftwareSecurityModule__encryptors) == 3  # type: ignore[attr-defined]
     assert len(module._SoftwareSecurityModule__sessions) == 3  # type: ignore[attr-defined]
+    assert len(module._SoftwareSecurityModule__tacs) == 3  # type: ignore[attr-defined]
     assert "encryptor" not in repr(module).lower() and master.hex() not in repr(module)

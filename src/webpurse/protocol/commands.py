@@ -304,13 +304,13 @@ class InitializeForPurchaseResponse:
     @classmethod
     def from_data(cls, data: bytes) -> InitializeForPurchaseResponse:
         _need_len("INITIALIZE FOR PURCHASE response", data, cls.SIZE)
-        return cls(
-            balance=int.from_bytes(data[0:4], "big"),
-            offline_counter=int.from_bytes(data[4:6], "big"),
-            overdraft_limit=int.from_bytes(data[6:9], "big"),
-            key_version=data[9],
-            algorithm_id=data[10],
-            random=bytes(data[11:15]),
+        return cls(  # balance, offline counter, overdraft, key version, algorithm, random
+            int.from_bytes(data[0:4], "big"),
+            int.from_bytes(data[4:6], "big"),
+            int.from_bytes(data[6:9], "big"),
+            data[9],
+            data[10],
+            bytes(data[11:15]),
         )
 
     def to_data(self) -> bytes:

@@ -7,6 +7,7 @@ Each record has ``from_bytes`` (strict: wrong length or non-BCD dates raise
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -41,6 +42,13 @@ def encode_bcd_date(value: dt.date) -> bytes:
 
 
 def decode_bcd_date(raw: bytes) -> dt.date:
+    """A 4-byte BCD date (YYYYMMDD); kept per value (dates recur: a batch's purchases share
+    one, the cards of one issue share start and expiry dates)."""
+    return _decode_bcd_date(raw if type(raw) is bytes else bytes(raw))
+
+
+@functools.lru_cache(maxsize=1024)
+def _decode_bcd_date(raw: bytes) -> dt.date:
     if len(raw) != 4:
         raise FieldError("a BCD date is 4 bytes")
     digits = _bcd_digits(raw)
@@ -84,9 +92,10 @@ class IssuerData:
     SIZE = 30
 
     def __post_init__(self) -> None:
-        _need("issuer identifier", self.issuer_id, 8)
-        _need("application serial number", self.serial, 10)
-        _need("issuer-defined bytes", self.issuer_defined, 2)
+        if len(self.issuer_id) != 8 or len(self.serial) != 10 or len(self.issuer_defined) != 2:
+            _need("issuer identifier", self.issuer_id, 8)
+            _need("application serial number", self.serial, 10)
+            _need("issuer-defined bytes", self.issuer_defined, 2)
 
     def to_bytes(self) -> bytes:
         return (

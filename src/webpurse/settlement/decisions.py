@@ -8,6 +8,7 @@ transactions) and §7 (what the host must check).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -148,6 +149,8 @@ class Decision:
 
     @classmethod
     def approve(cls, supersedes: OpenTransaction | None = None) -> Decision:
+        if supersedes is None and cls is Decision:
+            return _APPROVED  # immutable: one plain approval serves every caller
         return cls(True, supersedes=supersedes)
 
     @classmethod
@@ -159,6 +162,9 @@ class Decision:
         recover: Recover | None = None,
     ) -> Decision:
         return cls(False, code, detail, observation, recover)
+
+
+_APPROVED = Decision(True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +203,7 @@ def _card_checks(
         return Decision.decline(DeclineCode.CARD_BLOCKED, "the card is blocked")
     if card.status == CardStatus.LOST:
         return Decision.decline(DeclineCode.CARD_LOST, "the card was reported lost")
-    today = now.astimezone(dt.UTC).date()
+    today = _utc_day(now)
     if card.status == CardStatus.EXPIRED or today > card.expiry_date or today > issuer.expiry_date:
         return Decision.decline(DeclineCode.CARD_EXPIRED, "the card has expired")
     if card.status != CardStatus.ACTIVE:
@@ -212,6 +218,13 @@ def _card_checks(
             "the terminal id is not this merchant's registered terminal",
         )
     return None
+
+
+@functools.lru_cache(maxsize=16)
+def _utc_day(now: dt.datetime) -> dt.date:
+    """``now``'s UTC date (kept: a batch decides every item at one ``now``). Equal aware
+    datetimes are one instant, so one UTC date: a kept answer is never another value's."""
+    return now.astimezone(dt.UTC).date()
 
 
 def _key_check(card: CardRecord, key_version: int, algorithm_id: int) -> Decision | None:

@@ -11,6 +11,7 @@ why); an unauthenticated mismatch is an observation for the operator (:func:`obs
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import secrets
 from typing import Any
 
@@ -269,6 +270,12 @@ def card_record(session: Session, card: Card, merchant_id: str | None) -> CardRe
     return record_of(card, open_txn, available)
 
 
+@functools.lru_cache(maxsize=64)
+def _issuer_id(digits: str) -> bytes:
+    """A card row's issuer id as bytes (kept: a registry has a handful of issuers)."""
+    return bytes.fromhex(digits)
+
+
 def record_of(
     card: Card, open_txn: OpenTransaction | None = None, available: int | None = None
 ) -> CardRecord:
@@ -276,7 +283,7 @@ def record_of(
     return CardRecord(
         card_number=card.card_number,
         status=card.status,
-        issuer_id=bytes.fromhex(card.issuer_id),
+        issuer_id=_issuer_id(card.issuer_id),
         key_version=card.key_version,
         start_date=card.start_date,
         expiry_date=card.expiry_date,

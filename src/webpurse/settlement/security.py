@@ -140,20 +140,44 @@ def _des_encryptor(key: bytes) -> CipherContext:
     """An ECB encryptor of a 3DES key (16 bytes: K1||K2||K1) or a DES key (8 bytes: K×3).
 
     ECB of whole blocks keeps no state between updates, so one encryptor serves every
-    block it is given (it is never finalised); building one is most of a MAC's cost."""
+    block it is given (it is never finalised): a card key's, for its session keys."""
     full = key + key[:8] if len(key) == 16 else key * 3
     return Cipher(TripleDES(full), modes.ECB()).encryptor()  # noqa: S305 - spec §2
 
 
-def _cbc_mac(encrypt: Callable[[bytes], bytes], data: bytes) -> bytes:
-    """CBC-MAC with a zero IV over the padded data, from an ECB encryption: the first
-    4 bytes of the last block (spec §4; the same as :func:`webpurse.protocol.crypto.mac`)."""
-    padded = pad(data)
-    chain = 0
-    for start in range(0, len(padded), 8):
-        block = chain ^ int.from_bytes(padded[start : start + 8], "big")
-        chain = int.from_bytes(encrypt(block.to_bytes(8, "big")), "big")
-    return chain.to_bytes(8, "big")[:MAC_LENGTH]
+_ZERO_IV = modes.CBC(bytes(8))  # immutable; shared, as building one is a third of a key's cost
+
+
+class _CbcMac:
+    """A CBC-MAC under one key, its CBC encryptor kept (spec §4: single-DES CBC-MAC, IV
+    00×8, data padded with 80 00…; the first 4 bytes of the last block).
+
+    The encryptor is never finalised, so its chaining value runs on from one MAC into the
+    next: the last ciphertext block ``C`` of the previous MAC is the IV of the next.
+    XOR-ing ``C`` into the next message's first block cancels it (``E(P1 ^ C ^ C)`` is
+    ``E(P1)``), which makes every MAC one of a zero IV, as the spec says, at one call into
+    the cipher per MAC (not one per block, nor a new key schedule). Not thread-safe: use
+    it only while holding the security module's lock."""
+
+    __slots__ = ("_chain", "_update")
+
+    def __init__(self, key: bytes) -> None:
+        full = key + key[:8] if len(key) == 16 else key * 3
+        cipher = Cipher(TripleDES(full), _ZERO_IV)  # 3DES/DES, spec §2
+        self._update = cipher.encryptor().update
+        self._chain = 0  # the encryptor's chaining value: the last block it produced
+
+    def __repr__(self) -> str:
+        return "_CbcMac(<redacted>)"
+
+    def mac(self, data: bytes) -> bytes:
+        padded = pad(data)
+        if self._chain:
+            first = (int.from_bytes(padded[:8], "big") ^ self._chain).to_bytes(8, "big")
+            padded = first + padded[8:]
+        last = self._update(padded)[-8:]
+        self._chain = int.from_bytes(last, "big")
+        return last[:MAC_LENGTH]
 
 
 class SoftwareSecurityModule(SecurityModule):
@@ -169,11 +193,13 @@ class SoftwareSecurityModule(SecurityModule):
         self._current = current_version
         self.__card_keys: OrderedDict[tuple[str, bytes, int], bytes] = OrderedDict()
         self.__card_keys_lock = threading.Lock()
-        # ECB encryptors of card keys (by kind, "tac" for the TAC key) for the MACs.
+        # ECB encryptors of card keys (by kind) for the session keys.
         self.__encryptors: OrderedDict[tuple[str, bytes, int], CipherContext] = OrderedDict()
-        # Session-key encryptors by (kind, serial, version, session block): a purchase's
+        # The CBC-MACs of the cards' TAC keys, by (serial, version).
+        self.__tacs: OrderedDict[tuple[bytes, int], _CbcMac] = OrderedDict()
+        # Session-key CBC-MACs by (kind, serial, version, session block): a purchase's
         # MAC1 and MAC2 are under the same session key. Oldest first out, like the above.
-        self.__sessions: OrderedDict[tuple[str, bytes, int, bytes], CipherContext] = OrderedDict()
+        self.__sessions: OrderedDict[tuple[str, bytes, int, bytes], _CbcMac] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"SoftwareSecurityModule(versions={sorted(self.__keysets)}, keys=<redacted>)"
@@ -246,18 +272,15 @@ class SoftwareSecurityModule(SecurityModule):
         return version, {kind: self._card_key(kind, serial, version) for kind in KINDS}
 
     def _encryptor(self, kind: str, serial: bytes, version: int) -> CipherContext:
-        """The ECB encryptor of the card key ``kind`` ("tac": the TAC key), kept; use it
-        only while holding the lock (an encryptor is not to be shared across threads)."""
+        """The ECB encryptor of the card key ``kind``, kept; use it only while holding the
+        lock (an encryptor is not to be shared across threads)."""
         cache_key = (kind, bytes(serial), version)
         with self.__card_keys_lock:
             encryptor = self.__encryptors.get(cache_key)
             if encryptor is not None:
                 self.__encryptors.move_to_end(cache_key)
                 return encryptor
-        if kind == "tac":
-            encryptor = _des_encryptor(tac_key(self._card_key("dtk", serial, version)))
-        else:
-            encryptor = _des_encryptor(self._card_key(kind, serial, version))
+        encryptor = _des_encryptor(self._card_key(kind, serial, version))
         with self.__card_keys_lock:
             self.__encryptors[cache_key] = encryptor
             if len(self.__encryptors) > self.CARD_KEY_CACHE:
@@ -273,16 +296,25 @@ class SoftwareSecurityModule(SecurityModule):
         with self.__card_keys_lock:
             session = self.__sessions.get(cache_key)
             if session is not None:
-                return _cbc_mac(session.update, data)
+                return session.mac(data)
         card = self._encryptor(kind, serial, version)
         with self.__card_keys_lock:
-            session = _des_encryptor(card.update(block))
+            session = _CbcMac(card.update(block))
             self.__sessions[cache_key] = session
             if len(self.__sessions) > self.CARD_KEY_CACHE:
                 self.__sessions.popitem(last=False)
-            return _cbc_mac(session.update, data)
+            return session.mac(data)
 
     def _tac(self, serial: bytes, version: int, data: bytes) -> bytes:
-        encryptor = self._encryptor("tac", serial, version)
+        cache_key = (bytes(serial), version)
         with self.__card_keys_lock:
-            return _cbc_mac(encryptor.update, data)
+            chain = self.__tacs.get(cache_key)
+            if chain is not None:
+                self.__tacs.move_to_end(cache_key)
+                return chain.mac(data)
+        key = tac_key(self._card_key("dtk", serial, version))
+        with self.__card_keys_lock:
+            chain = self.__tacs.setdefault(cache_key, _CbcMac(key))
+            if len(self.__tacs) > self.CARD_KEY_CACHE:
+                self.__tacs.popitem(last=False)
+            return chain.mac(data)
