@@ -346,7 +346,9 @@ def _check_keys(ctx: Ctx, items: list[Item], request_id: str | None) -> None:
     for item in items:
         if item.answer is not None or item.key is None:
             continue
-        item.fingerprint = idempotency.fingerprint("POST", item.path, item.payload)
+        # A body of a _NATIVE schema (or none) is plain JSON: not walked again.
+        plain = item.body is None or type(item.body) in _NATIVE
+        item.fingerprint = idempotency.fingerprint("POST", item.path, item.payload, plain=plain)
         if item.key in first_of:
             item.duplicate_of = first_of[item.key].index
             continue
@@ -408,11 +410,12 @@ def _store_answers(ctx: Ctx, items: Iterable[Item]) -> None:
     replay, :func:`views.payment_as_of`), any other answer as its JSON text; ``state`` is
     the column's default, ``done``.
     """
+    principal, stored_fingerprint = ctx.principal.subject, idempotency.stored_fingerprint
     rows: list[dict[str, object]] = [
         {
-            "principal": ctx.principal.subject,
+            "principal": principal,
             "key": item.key,
-            "fingerprint": idempotency.stored_fingerprint(item.fingerprint),
+            "fingerprint": stored_fingerprint(item.fingerprint),
             "response_status": item.answer[0],
             "response_body": None if item.as_of else item.encoded,
             "object_id": item.answer[1]["id"] if item.as_of else None,
