@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import given
@@ -119,11 +120,23 @@ _TIME = st.datetimes(timezones=_ZONES, min_value=dt.datetime(2000, 1, 1))
 
 
 @given(
-    # equal instants as other objects and in other zones beside each time
+    # equal instants as other objects, in other zones (UTC as another tzinfo too) and
+    # folds beside each time
     pool=st.lists(_TIME, min_size=1, max_size=3).map(
-        lambda ts: [t for at in ts for t in (at, at.replace(), at.astimezone(dt.UTC))]
+        lambda ts: [
+            t
+            for at in ts
+            for t in (
+                at,
+                at.replace(),
+                at.astimezone(dt.UTC),
+                at.astimezone(dt.UTC).replace(fold=1),
+                at.astimezone(ZoneInfo("UTC")),
+                at.astimezone(dt.timezone(dt.timedelta(0))),
+            )
+        ]
     ),
-    picks=st.lists(st.tuples(st.integers(0, 8), st.integers(0, 8)), min_size=2, max_size=8),
+    picks=st.lists(st.tuples(st.integers(0, 17), st.integers(0, 17)), min_size=2, max_size=8),
 )
 def test_a_payments_times_show_as_each_time_object_writes_itself(
     pool: list[dt.datetime], picks: list[tuple[int, int]]

@@ -197,11 +197,22 @@ class Item:
 
     @property
     def encoded(self) -> str:
-        """The answer's body as JSON text, encoded once (stored, and sent, as is)."""
+        """The answer's body as JSON text, encoded once (stored as is)."""
         if self._encoded is None:
             assert self.answer is not None
             self._encoded = orjson.dumps(self.answer[1]).decode()
         return self._encoded
+
+    @property
+    def sent(self) -> dict[str, Any] | orjson.Fragment:
+        """The answer's body as the response carries it: its JSON text where it has one
+        (a stored body replays exactly as stored), else the dict, which the response's one
+        ``orjson.dumps`` writes as :attr:`encoded` would (an answer stored by reference is
+        never encoded on its own: issue 20, the batch's answers)."""
+        if self._encoded is not None:
+            return orjson.Fragment(self._encoded)
+        assert self.answer is not None
+        return self.answer[1]
 
     def answer_payment(self, status: int, payment: Payment, step: str) -> None:
         """Answer with ``payment`` right after ``step``; stored as a reference if it
@@ -233,7 +244,7 @@ class Item:
 class Outcome:
     """What :func:`run` did, for the route and the metrics."""
 
-    answers: list[tuple[int, str, bool]]  # status, the body as JSON text, replayed
+    answers: list[tuple[int, dict[str, Any] | orjson.Fragment, bool]]  # (Item.sent)
     fast: int = 0
     slow: int = 0
     problems: list[ApiError] = field(default_factory=list)
@@ -337,7 +348,9 @@ def _check_keys(ctx: Ctx, items: list[Item], request_id: str | None) -> None:
     for item in items:
         if item.answer is not None or item.key is None:
             continue
-        item.fingerprint = idempotency.fingerprint("POST", item.path, item.payload)
+        # A body of a _NATIVE schema (or none) is plain JSON: not walked again.
+        plain = item.body is None or type(item.body) in _NATIVE
+        item.fingerprint = idempotency.fingerprint("POST", item.path, item.payload, plain=plain)
         if item.key in first_of:
             item.duplicate_of = first_of[item.key].index
             continue
@@ -399,11 +412,12 @@ def _store_answers(ctx: Ctx, items: Iterable[Item]) -> None:
     replay, :func:`views.payment_as_of`), any other answer as its JSON text; ``state`` is
     the column's default, ``done``.
     """
+    principal, stored_fingerprint = ctx.principal.subject, idempotency.stored_fingerprint
     rows: list[dict[str, object]] = [
         {
-            "principal": ctx.principal.subject,
+            "principal": principal,
             "key": item.key,
-            "fingerprint": idempotency.stored_fingerprint(item.fingerprint),
+            "fingerprint": stored_fingerprint(item.fingerprint),
             "response_status": item.answer[0],
             "response_body": None if item.as_of else item.encoded,
             "object_id": item.answer[1]["id"] if item.as_of else None,
@@ -1297,6 +1311,6 @@ def _run(
         ledger.post_hot_credits(ctx.session, outcome.hot)  # the last statements: see _write
     for item in items:
         assert item.answer is not None
-        outcome.answers.append((item.answer[0], item.encoded, item.replayed))
+        outcome.answers.append((item.answer[0], item.sent, item.replayed))
     log.info("batch.done", items=len(items), fast=outcome.fast, per_item=outcome.slow)
     return outcome

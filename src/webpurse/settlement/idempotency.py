@@ -109,15 +109,18 @@ def lookup_values(principal: str, keys: Collection[str], dialect: str) -> dict[s
     return {"keys": among_values(dialect, keys), "principal": principal}
 
 
-def fingerprint(method: str, path: str, payload: Any) -> str:
+def fingerprint(method: str, path: str, payload: Any, *, plain: bool = False) -> str:
     """SHA-256 of the method, the path and the payload as canonical JSON (sorted keys, no
     spaces, ASCII with ``\\u`` escapes): stored with each key, so it never changes.
 
     Where both encoders write the same text (:func:`_plain` JSON, ASCII below DEL: json
     escapes the rest, and orjson refuses a lone surrogate) orjson writes it, ~10× faster;
-    every item of a batch is fingerprinted (issue 20, the HTTP edge's share per item)."""
+    every item of a batch is fingerprinted (issue 20, the HTTP edge's share per item).
+    ``plain``: the caller knows ``payload`` is :func:`_plain` (a validated model's fields,
+    every one of a JSON-native annotation: batch's ``_NATIVE``), so it is not walked; an
+    int past 64 bits, a lone surrogate and non-ASCII text still go the json way."""
     head = f"{method} {path}\n".encode()
-    if _plain(payload):
+    if plain or _plain(payload):
         try:
             canonical = orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
         except orjson.JSONEncodeError:  # a lone surrogate, which UTF-8 cannot hold

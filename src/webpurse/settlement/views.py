@@ -34,15 +34,18 @@ _DEBIT_HEAD, _DEBIT_TAIL = _DEBIT_APDU[:10], _DEBIT_APDU[-2:]
 
 
 @functools.lru_cache(maxsize=1024)
-def _real(date: str, time: str) -> bool:
-    """Whether BCD digits ``date`` and ``time`` name a real date and time of day (kept: a
-    batch's authorisations share one date and time)."""
+def _digits(date: str, time: str) -> str | None:
+    """``date + time`` if they are BCD digits (8 and 6) of a real date and time of day, else
+    None (kept: a batch's authorisations share one date and time)."""
+    digits = date + time
+    if len(date) != 8 or len(time) != 6 or not (digits.isascii() and digits.isdigit()):
+        return None
     try:
         dt.date(int(date[:4]), int(date[4:6]), int(date[6:]))
         dt.time(int(time[:2]), int(time[2:4]), int(time[4:]))
     except ValueError:
-        return False
-    return True
+        return None
+    return digits
 
 
 def debit_apdu(seq: int, date: str, time: str, mac1: str) -> str:
@@ -52,31 +55,36 @@ def debit_apdu(seq: int, date: str, time: str, mac1: str) -> str:
     date and a time), so they go into the command as they are instead of decoded and
     encoded again for every answer; anything else (not a date and a time in digits) goes
     the protocol's way, which refuses it as it always did."""
-    digits = date + time
-    shaped = 0 <= seq < 1 << 32 and len(date) == 8 and len(time) == 6 and len(mac1) == 8
-    if shaped and digits.isascii() and digits.isdigit() and _real(date, time):
+    digits = _digits(date, time)
+    if digits is not None and 0 <= seq < 1 << 32 and len(mac1) == 8:
         return f"{_DEBIT_HEAD}{seq:08X}{digits}{bytes.fromhex(mac1).hex().upper()}{_DEBIT_TAIL}"
     return _debit(seq, date, time, mac1).to_apdu().to_bytes().hex().upper()
 
 
 class _Isoformat:
-    """``at.isoformat()``, kept for the one object it was last given (by identity: an
-    equal time in another zone, or another fold, writes other text). A batch's answers
-    share one time object (the batch's ``now``) for ``updated_at``, and its creates for
-    ``created_at`` too. The pair is swapped whole, so a thread never reads a mixed one;
-    holding the object keeps its identity from being reused."""
+    """``at.isoformat()``, kept for the one time it was last given: by identity, or by
+    equality for a plain UTC datetime (``tzinfo`` ``dt.UTC``, as the columns read back:
+    an equal time in another zone, or another fold, writes other text, but two equal UTC
+    times write the same). A batch's answers share one time object (the batch's ``now``)
+    for ``updated_at``, and its creates for ``created_at`` too; the rows an authorise or
+    capture batch reads back were mostly created together (equal times, other objects).
+    The triple is swapped whole, so a thread never reads a mixed one; holding the object
+    keeps its identity from being reused."""
 
     __slots__ = ("_last",)
 
     def __init__(self) -> None:
-        self._last: tuple[object, str] = (object(), "")  # no time is this object
+        self._last: tuple[object, str, bool] = (object(), "", False)  # no time is this object
 
     def __call__(self, at: dt.datetime) -> str:
         last = self._last
         if last[0] is at:
             return last[1]
+        utc = type(at) is dt.datetime and at.tzinfo is dt.UTC
+        if utc and last[2] and at == last[0]:
+            return last[1]
         text = at.isoformat()
-        self._last = (at, text)
+        self._last = (at, text, utc)
         return text
 
 
@@ -243,12 +251,17 @@ def payment_as_of(payment: Payment, step: str) -> dict[str, Any]:
 def renders_as_of(answer: dict[str, Any], payment: Payment, step: str) -> bool:
     """Whether ``answer`` (``payment``'s JSON right after ``step``) is exactly what
     :func:`payment_as_of` will render for it later: only then may it be re-rendered."""
-    if step not in _STEP_TIME or answer.get("object") != "payment":
+    name = _STEP_TIME.get(step)
+    if name is None or answer.get("object") != "payment":
         return False
-    at = step_time(payment, step)
+    at: dt.datetime | None = getattr(payment, name)  # step_time, inline (every answer)
     if at is None or answer.get("id") != payment.id:
         return False
-    if answer.get("created_at") != _iso(payment.created_at):
+    created = payment.created_at
+    # A UTC time reads back as itself (astimezone to its own zone): its text is the one
+    # payment_json just wrote for it, kept (no hashing of a fresh datetime, as _iso would).
+    text = _created_text(created) if created.tzinfo is dt.UTC else _iso(created)
+    if answer.get("created_at") != text:
         return False  # a clock not in UTC: the stored column reads back otherwise
     # Every pinned member is in the answer with that value: one comparison of item views in
     # C (a member missing from the answer fails it, where .get would have read None).
