@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import contextlib
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
 
 import structlog
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.routing import APIRoute
+from pydantic import TypeAdapter, ValidationError
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -17,7 +21,44 @@ from webpurse.settlement.schemas import BatchIn, BatchOut
 from webpurse.settlement.sessions import get_session
 
 log = structlog.get_logger(__name__)
-router = APIRouter(prefix="/v1/batch", tags=["batch"])
+
+_BATCH_IN: TypeAdapter[BatchIn] = TypeAdapter(BatchIn)
+
+
+class _BatchRoute(APIRoute):
+    """The batch route, its body parsed and validated in one pass from the bytes.
+
+    FastAPI parses a JSON body with the standard library, then validates the objects it
+    made: two walks of a ~100 KB body, about a quarter of a batch's CPU outside
+    :func:`batch.run` (issue 20). pydantic's parser does both at once from the bytes
+    (~35 % less); the ``BatchIn`` it makes is put where FastAPI's parse would go
+    (Starlette's ``Request.json`` cache, ``_json``), and FastAPI's validation passes a
+    model instance through as it is. A body it refuses (or a read that failed) is left
+    to FastAPI, parsed and refused as before, so every refusal (and its order against
+    the key's check), the route's signature and the OpenAPI document stay what they
+    were. It accepts nothing the standard library refuses, and what both accept comes
+    out the same; the standard library accepts more (lone surrogates, a BOM, UTF-16,
+    nesting past 200 levels), which the old path still does.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def parse_first(request: Request) -> Response:
+            try:
+                body = await request.body()
+            except Exception:  # FastAPI reads it again and answers as it always did
+                return await handler(request)
+            if body:
+                # Refused here: FastAPI parses it as before and answers its refusal.
+                with contextlib.suppress(ValidationError):
+                    request._json = _BATCH_IN.validate_json(body)
+            return await handler(request)
+
+        return parse_first
+
+
+router = APIRouter(prefix="/v1/batch", tags=["batch"], route_class=_BatchRoute)
 
 ATTEMPTS = 3
 
