@@ -454,3 +454,35 @@ def test_the_merchants_payable_is_locked_and_credited_last_before_the_commit(
         assert [line.balance_after for line in history] == [50, 100, 150]
         report = ledger.check(session)
         assert report.ok, report.problems
+
+
+def test_the_key_is_checked_before_the_body_whatever_its_parser(world: World) -> None:
+    """The batch body is parsed by pydantic's parser first and, if it refuses, by the
+    standard library's (routes_batch): the key is still checked before the body's
+    validation (JSON that does not parse is refused first, as ever), and a body only the
+    standard library reads is still served."""
+    valid = b'{"requests":[{"path":"/v1/payments","body":{"amount":1}}]}'
+    for content_type in ("application/json", "text/plain", None):
+        for body in (valid, b'{"requests":[]}', b"\xef\xbb\xbf" + valid):
+            headers = {"content-type": content_type} if content_type else {}
+            refused = world.client.post("/v1/batch", content=body, headers=headers)
+            assert refused.status_code == 401, (content_type, body, refused.text)
+            operator = world.client.post(
+                "/v1/batch", content=body, headers=headers | world.auth(world.operator_key)
+            )
+            assert operator.status_code == 403, (content_type, body, operator.text)
+    merchant = world.auth(world.merchant_key) | {"content-type": "application/json"}
+    for body in (
+        b"\xef\xbb\xbf" + valid,  # a BOM: the standard library's parser only
+        '{"requests":[{"path":"/v1/payments","body":{"amount":2}}]}'.encode("utf-16"),
+        b'{"requests":[{"path":"/v1/payments","body":{"amount":3,"description":"\\ud800"}}]}',
+    ):
+        answer = world.client.post("/v1/batch", content=body, headers=merchant)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["responses"][0]["status"] in (201, 422), answer.text
+    not_json = world.client.post(
+        "/v1/batch",
+        content=valid,
+        headers=world.auth(world.merchant_key) | {"content-type": "text/plain"},
+    )
+    assert not_json.status_code == 422 and not_json.json()["code"] == "validation_error"

@@ -113,21 +113,32 @@ def authenticate(session: Session, authorization: str | None) -> Principal:
     return Principal(role=row.role, key_id=row.id, merchant_id=row.merchant_id)
 
 
+def principal_of(request: Request, session: Session) -> Principal:
+    """The caller of ``request``: its key looked up now (every request, never cached, so a
+    revoked key is refused on its next request), kept in ``request.state.principal``."""
+    principal = authenticate(session, request.headers.get("authorization"))
+    request.state.principal = principal
+    return principal
+
+
 def require_principal(
     request: Request, session: Annotated[Session, Depends(get_session)]
 ) -> Principal:
-    principal = authenticate(session, request.headers.get("authorization"))
-    request.state.principal = principal
+    principal = principal_of(request, session)
     structlog.contextvars.bind_contextvars(principal=principal.subject)
+    return principal
+
+
+def merchant_only(principal: Principal) -> Principal:
+    if principal.role != MERCHANT:
+        raise forbidden("this route needs a merchant key")
     return principal
 
 
 async def require_merchant(
     principal: Annotated[Principal, Depends(require_principal)],
 ) -> Principal:
-    if principal.role != MERCHANT:
-        raise forbidden("this route needs a merchant key")
-    return principal
+    return merchant_only(principal)
 
 
 async def require_operator(
