@@ -874,3 +874,77 @@ def test_unkeyed_items_answers_encode_after_the_commit_without_a_5xx(
                             bad.append((path[:30], name, repr(value)[:20], key, answer.text[:200]))
         assert bad == []
         row.observed = f"{sent} batches, keyed and not: no 5xx anywhere"
+
+
+def _mutated(rng: pyrandom.Random, issuer: bytes, init: bytes) -> tuple[bytes, bytes, str]:
+    """Card answers as a hostile shopper's agent relays them: bad or odd BCD dates, another
+    key version or algorithm, other counters and balances, or left as they are."""
+    issuer, init = bytearray(issuer), bytearray(init)
+    kind = rng.choice(["start", "expiry", "bcd", "version", "alg", "counter", "balance", "same"])
+    if kind == "start":
+        issuer[20:24] = rng.choice([b"\x20\x26\x12\x31", b"\x20\x99\x01\x01", b"\x19\x99\x01\x01"])
+    elif kind == "expiry":
+        issuer[24:28] = rng.choice([b"\x20\x26\x01\x01", b"\x20\x20\x02\x29", b"\x20\x21\x02\x29"])
+    elif kind == "bcd":
+        at = rng.choice([20, 24])
+        issuer[at : at + 4] = rng.choice([b"\x20\x26\x13\x01", b"\x2a\x26\x01\x01", b"\xff" * 4])
+    elif kind == "version":
+        init[9] = rng.randrange(256)
+    elif kind == "alg":
+        init[10] = rng.choice([1, 2, 0xFF])
+    elif kind == "counter":
+        init[4:6] = rng.randrange(65536).to_bytes(2, "big")
+    elif kind == "balance":
+        init[0:4] = rng.choice([0, 1, 2**32 - 1]).to_bytes(4, "big")
+    return bytes(issuer), bytes(init), kind
+
+
+def test_odd_card_answers_batched_answer_as_the_single_route(world: World, proof: Proof) -> None:
+    with proof.row(
+        SUITE,
+        f"hostile shopper's agent relays odd card answers for an authorise: invalid BCD"
+        f" dates (month 13, A-nibbles, FF), a leap day of a non-leap year, start dates in"
+        f" the future, expiry in the past, other key versions and algorithms, counters and"
+        f" balances; each sent twice (the kept BCD dates and issuer ids see bad ones first),"
+        f" on the single route and as a batch item, each on its own twin card ({backend(world)})",
+        expected="the batch item's answer is the single route's (status and code or"
+        " decline code) every time; a bad date is refused each time it comes",
+    ) as row:
+        from tests.settlement.test_batch_order import _shape
+
+        headers = {**world.auth(world.merchant_key), "content-type": "application/json"}
+        kinds: dict[str, set[tuple[Any, ...]]] = {}
+        for n in range(24):
+            cards = {"single": world.funded_card(5_000), "batch": world.funded_card(5_000)}
+            for attempt in range(2):
+                shapes: dict[str, tuple[Any, ...]] = {}
+                kind = ""
+                for way, card in cards.items():  # the same history on twin cards
+                    issuer, init = world.terminal.purchase_batch1(card, 10)
+                    odd_issuer, odd_init, kind = _mutated(pyrandom.Random(n), issuer, init)
+                    body = {
+                        "issuer_data": odd_issuer.hex(),
+                        "initialize_response": odd_init.hex(),
+                        "terminal_id": world.terminal_id,
+                    }
+                    pid = world.terminal.create_payment(10)["id"]
+                    path = f"/v1/payments/{pid}/authorise"
+                    if way == "single":
+                        single = world.client.post(path, json=body, headers=headers)
+                        status, answer = single.status_code, single.json()
+                    else:
+                        item = {"path": path, "idempotency_key": f"odd-{n}-{attempt}", "body": body}
+                        batched = world.client.post(
+                            "/v1/batch", content=json.dumps({"requests": [item]}), headers=headers
+                        )
+                        assert batched.status_code == 200, batched.text
+                        (one,) = batched.json()["responses"]
+                        status, answer = one["status"], one["body"]
+                    if status == 200:  # approved: let the card go on (cancel it)
+                        world.terminal.post(f"/v1/payments/{pid}/cancel")
+                    shapes[way] = _shape(status, answer)
+                assert shapes["batch"] == shapes["single"], (kind, n, attempt)
+                kinds.setdefault(kind, set()).add(shapes["single"])
+        row.observed = "; ".join(
+            f"{kind}: {sorted(map(str, shapes))}" for kind, shapes in sorted(kinds.items())
+        )
