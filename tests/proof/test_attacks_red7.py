@@ -948,3 +948,55 @@ def test_odd_card_answers_batched_answer_as_the_single_route(world: World, proof
         row.observed = "; ".join(
             f"{kind}: {sorted(map(str, shapes))}" for kind, shapes in sorted(kinds.items())
         )
+
+
+def test_duplicate_keys_beside_fast_items_answer_as_one_by_one(world: World, proof: Proof) -> None:
+    from tests.settlement.test_batch_order import _request, _setup, _shape
+
+    with proof.row(
+        SUITE,
+        f"one batch repeating idempotency keys beside fast items on one card: authorise P"
+        f" twice under one key, cancel P, authorise Q twice under one key, a create twice"
+        f" under one key, uncertain Q; the same calls one by one with the same keys"
+        f" ({backend(world)})",
+        expected="each answer (status and object status or problem code) is the one by one"
+        " call's; a repeated key answers as its first item, marked replayed as the single"
+        " route's replay is",
+    ) as row:
+        plan = ["authorise P", "=", "cancel P", "authorise Q", "=", "create", "=", "uncertain Q"]
+        shapes: dict[str, list[tuple[Any, ...]]] = {}
+        for way in ("single", "batch"):
+            setup = _setup(world)
+            requests: list[dict[str, Any]] = []
+            for n, op in enumerate(plan):
+                if op == "=":
+                    requests.append(dict(requests[-1]))
+                else:
+                    requests.append({**_request(world, setup, op), "idempotency_key": f"{way}-{n}"})
+            if way == "single":
+                out = []
+                for request in requests:
+                    answer = world.client.post(
+                        request["path"],
+                        json=request["body"] or {},
+                        headers={
+                            **world.auth(world.merchant_key),
+                            "idempotency-key": request["idempotency_key"],
+                        },
+                    )
+                    replayed = answer.headers.get("idempotent-replayed") == "true"
+                    out.append((*_shape(answer.status_code, answer.json()), replayed))
+                shapes[way] = out
+            else:
+                answer = world.client.post(
+                    "/v1/batch", json={"requests": requests}, headers=world.auth(world.merchant_key)
+                )
+                assert answer.status_code == 200, answer.text
+                shapes[way] = [
+                    (*_shape(r["status"], r["body"]), r["replayed"])
+                    for r in answer.json()["responses"]
+                ]
+        statuses = [s[:2] for s in shapes["single"]]
+        assert shapes["batch"] == shapes["single"], shapes
+        flags = [s[3] for s in shapes["batch"]]
+        row.observed = f"answers and replayed flags alike: {statuses}; replayed {flags}"
