@@ -220,11 +220,17 @@ def _card_checks(
     return None
 
 
-@functools.lru_cache(maxsize=16)
 def _utc_day(now: dt.datetime) -> dt.date:
-    """``now``'s UTC date (kept: a batch decides every item at one ``now``). Equal aware
-    datetimes are one instant, so one UTC date: a kept answer is never another value's."""
-    return now.astimezone(dt.UTC).date()
+    """``now``'s UTC date, kept for a UTC ``now`` (a batch decides every item at one
+    ``now``). Only there: Python calls two times of one zone equal, and hashes them alike,
+    whatever their ``fold``, so the two instants of a fall-back hour (Europe/Chisinau's
+    02:30 is 23:30 or 00:30 UTC) would share one kept day, the other instant's."""
+    return _utc_date(now) if now.tzinfo is dt.UTC else now.astimezone(dt.UTC).date()
+
+
+@functools.lru_cache(maxsize=16)
+def _utc_date(now: dt.datetime) -> dt.date:
+    return now.date()
 
 
 def _key_check(card: CardRecord, key_version: int, algorithm_id: int) -> Decision | None:
