@@ -59,6 +59,19 @@ async def test_presence_events() -> None:
     await leaving
 
 
+async def test_a_removal_already_seen_is_not_lost_to_a_card_put_back_at_once() -> None:
+    """The cashier waits for an interrupted card to leave right after storing the order as
+    interrupted; a shopper (a test) may put the card back the moment the page says so. A
+    card gone when the wait begins is gone: the wait ends before anything else runs."""
+    reader = SimReader(make_card())
+    reader.remove()
+    leaving = asyncio.ensure_future(reader.wait_for_removal(timeout=0.5))
+    await asyncio.sleep(0)  # one turn: the wait begins (it used to suspend inside it)
+    reader.insert()
+    await leaving  # it used to raise ReaderTimeout: the put-back hid the removal
+    assert reader.present
+
+
 async def test_an_empty_field_is_no_card_and_nothing_is_sent() -> None:
     reader = SimReader()
     with pytest.raises(NoCard):
