@@ -3,10 +3,11 @@
 The same arithmetic as :mod:`webpurse.protocol.host` (whose ``*_data`` functions say what
 each MAC covers), done the way a card does it: the card's own keys (DPK, the TAC key) are
 loaded into a cipher once and kept while the applet lives, the purchase session key is
-derived once per DEBIT and serves MAC1 and MAC2, and the CBC-MAC runs block by block
-through an ECB encryptor. ``protocol.host`` builds a new cipher for every key and block
-chain (5 per DEBIT), which cost the card emulator most of its time (issue 20: the
-benchmark's client process, card included, was a third of the machine).
+derived once per DEBIT and serves MAC1 and MAC2, each CBC-MAC one call into a kept cipher
+(``protocol.cipher.kept_ecb``, ``protocol.crypto.KeptMac``, as the security module's).
+``protocol.host`` builds a new cipher for every key and block chain (5 per DEBIT), which
+cost the card emulator most of its time (issue 20: the benchmark's client process, card
+included, was a third of the machine).
 
 Only for the 3DES/DES suite with 16-byte keys (:meth:`CardCiphers.fast`); for any other
 suite or key length the same methods hand the work to ``protocol.host``, so the applet
@@ -16,37 +17,12 @@ calls one thing either way. ``tests/card/test_macs.py`` checks both give the sam
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
-
-from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
-from cryptography.hazmat.primitives.ciphers import Cipher, modes
 
 from webpurse.protocol import host
-from webpurse.protocol.cipher import DES_SUITE, CipherSuite
-from webpurse.protocol.crypto import MAC_LENGTH, pad, purchase_session_block, tac_key
-
-Encrypt = Callable[[bytes], bytes]
-"""Encrypts whole 8-byte blocks in ECB mode (an encryptor's ``update``, never finalised)."""
+from webpurse.protocol.cipher import DES_SUITE, CipherSuite, Encrypt, kept_ecb
+from webpurse.protocol.crypto import KeptMac, purchase_session_block, tac_key
 
 _KEPT = 64  # keys kept per applet: a card has a handful; a bound, not a tuning knob
-
-
-def _ecb(key: bytes) -> Encrypt:
-    """A DES-family ECB encryptor for an 8- or 16-byte key (K1||K2 is K1||K2||K1, and K is
-    K||K||K: single DES as EDE, the same cipher ``protocol.cipher`` uses)."""
-    full = key + key[:8] if len(key) == 16 else key * 3
-    encryptor = Cipher(TripleDES(full), modes.ECB()).encryptor()  # noqa: S305 - spec §2
-    return encryptor.update
-
-
-def _cbc_mac(encrypt: Encrypt, data: bytes) -> bytes:
-    """CBC-MAC with a zero IV over the padded ``data``, first 4 bytes (spec §4)."""
-    padded = pad(data)
-    chained = 0
-    for start in range(0, len(padded), 8):
-        block = chained ^ int.from_bytes(padded[start : start + 8], "big")
-        chained = int.from_bytes(encrypt(block.to_bytes(8, "big")), "big")
-    return chained.to_bytes(8, "big")[:MAC_LENGTH]
 
 
 class CardCiphers:
@@ -54,7 +30,7 @@ class CardCiphers:
 
     def __init__(self) -> None:
         self._kept: dict[bytes, Encrypt] = {}  # DPK → its 3DES
-        self._tac: dict[bytes, Encrypt] = {}  # DTK → the DES of its TAC key
+        self._tac: dict[bytes, KeptMac] = {}  # DTK → the MAC of its TAC key
 
     @staticmethod
     def fast(suite: CipherSuite, *keys: bytes) -> bool:
@@ -66,16 +42,16 @@ class CardCiphers:
         if encrypt is None:
             if len(self._kept) >= _KEPT:
                 self._kept.clear()
-            encrypt = self._kept[key] = _ecb(key)
+            encrypt = self._kept[key] = kept_ecb(key)
         return encrypt
 
-    def _tac_encrypt(self, dtk: bytes) -> Encrypt:
-        encrypt = self._tac.get(dtk)
-        if encrypt is None:
+    def _tac_mac(self, dtk: bytes) -> KeptMac:
+        kept = self._tac.get(dtk)
+        if kept is None:
             if len(self._tac) >= _KEPT:
                 self._tac.clear()
-            encrypt = self._tac[dtk] = _ecb(tac_key(dtk))
-        return encrypt
+            kept = self._tac[dtk] = KeptMac(tac_key(dtk))
+        return kept
 
     def purchase_macs(
         self,
@@ -114,12 +90,12 @@ class CardCiphers:
             )
             return mac1, mac2
         block = purchase_session_block(random, offline_counter, terminal_seq)
-        session = _ecb(self._encrypt(dpk)(block))
+        session = KeptMac(self._encrypt(dpk)(block))
         mac1_data = host.purchase_mac1_data(
             amount=amount, terminal_id=terminal_id, date=date, time=time
         )
-        mac1 = _cbc_mac(session, mac1_data)
-        mac2 = _cbc_mac(session, host.purchase_mac2_data(amount=amount))
+        mac1 = session.mac(mac1_data)
+        mac2 = session.mac(host.purchase_mac2_data(amount=amount))
         return mac1, mac2
 
     def purchase_tac(
@@ -147,4 +123,4 @@ class CardCiphers:
         data = host.purchase_tac_data(
             amount=amount, terminal_id=terminal_id, terminal_seq=terminal_seq, date=date, time=time
         )
-        return _cbc_mac(self._tac_encrypt(dtk), data)
+        return self._tac_mac(dtk).mac(data)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hmac
 
-from webpurse.protocol.cipher import DES_SUITE, CipherSuite
+from webpurse.protocol.cipher import DES_SUITE, CipherSuite, kept_cbc
 from webpurse.protocol.errors import FieldError
 
 MAC_LENGTH = 4
@@ -80,6 +80,37 @@ def mac(key: bytes, data: bytes, suite: CipherSuite = DES_SUITE) -> bytes:
     cipher = suite.mac_cipher
     _need("MAC key", key, cipher.key_size)
     return cipher.cbc_last_block(key, pad(data, cipher.block_size))[:MAC_LENGTH]
+
+
+class KeptMac:
+    """:func:`mac` under one 8- or 16-byte DES-family key (the 3DES/DES suite), the
+    cipher kept: one call into it per MAC, not a new key schedule per MAC nor one call per
+    block (issue 20: the card's and the security module's MACs).
+
+    The CBC encryptor is never finalised, so its chaining value runs on from one MAC into
+    the next: the last ciphertext block ``C`` of the previous MAC is the IV of the next.
+    XOR-ing ``C`` into the next message's first block cancels it (``E(P1 ^ C ^ C)`` is
+    ``E(P1)``), so every MAC is one of a zero IV, as spec §4 says. Not thread-safe: its
+    owner serialises its use (the security module under its lock; an applet is one card).
+    """
+
+    __slots__ = ("_chain", "_update")
+
+    def __init__(self, key: bytes) -> None:
+        self._update = kept_cbc(key)
+        self._chain = 0  # the encryptor's chaining value: the last block it produced
+
+    def __repr__(self) -> str:
+        return "KeptMac(<redacted>)"
+
+    def mac(self, data: bytes) -> bytes:
+        padded = pad(data)
+        if self._chain:
+            first = (int.from_bytes(padded[:8], "big") ^ self._chain).to_bytes(8, "big")
+            padded = first + padded[8:]
+        last = self._update(padded)[-8:]
+        self._chain = int.from_bytes(last, "big")
+        return last[:MAC_LENGTH]
 
 
 def tac_key(dtk: bytes) -> bytes:

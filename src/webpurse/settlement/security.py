@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
-from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import select
 
-from webpurse.protocol.crypto import MAC_LENGTH, diversify, pad, tac_key
+from webpurse.protocol.cipher import Encrypt, kept_ecb
+from webpurse.protocol.crypto import KeptMac, diversify, tac_key
 from webpurse.protocol.errors import FieldError
 
 if TYPE_CHECKING:
@@ -136,50 +135,6 @@ class _KeySet:
         return "_KeySet(<redacted>)"
 
 
-def _des_encryptor(key: bytes) -> CipherContext:
-    """An ECB encryptor of a 3DES key (16 bytes: K1||K2||K1) or a DES key (8 bytes: K×3).
-
-    ECB of whole blocks keeps no state between updates, so one encryptor serves every
-    block it is given (it is never finalised): a card key's, for its session keys."""
-    full = key + key[:8] if len(key) == 16 else key * 3
-    return Cipher(TripleDES(full), modes.ECB()).encryptor()  # noqa: S305 - spec §2
-
-
-_ZERO_IV = modes.CBC(bytes(8))  # immutable; shared, as building one is a third of a key's cost
-
-
-class _CbcMac:
-    """A CBC-MAC under one key, its CBC encryptor kept (spec §4: single-DES CBC-MAC, IV
-    00×8, data padded with 80 00…; the first 4 bytes of the last block).
-
-    The encryptor is never finalised, so its chaining value runs on from one MAC into the
-    next: the last ciphertext block ``C`` of the previous MAC is the IV of the next.
-    XOR-ing ``C`` into the next message's first block cancels it (``E(P1 ^ C ^ C)`` is
-    ``E(P1)``), which makes every MAC one of a zero IV, as the spec says, at one call into
-    the cipher per MAC (not one per block, nor a new key schedule). Not thread-safe: use
-    it only while holding the security module's lock."""
-
-    __slots__ = ("_chain", "_update")
-
-    def __init__(self, key: bytes) -> None:
-        full = key + key[:8] if len(key) == 16 else key * 3
-        cipher = Cipher(TripleDES(full), _ZERO_IV)  # 3DES/DES, spec §2
-        self._update = cipher.encryptor().update
-        self._chain = 0  # the encryptor's chaining value: the last block it produced
-
-    def __repr__(self) -> str:
-        return "_CbcMac(<redacted>)"
-
-    def mac(self, data: bytes) -> bytes:
-        padded = pad(data)
-        if self._chain:
-            first = (int.from_bytes(padded[:8], "big") ^ self._chain).to_bytes(8, "big")
-            padded = first + padded[8:]
-        last = self._update(padded)[-8:]
-        self._chain = int.from_bytes(last, "big")
-        return last[:MAC_LENGTH]
-
-
 class SoftwareSecurityModule(SecurityModule):
     """Master keys decrypted into memory from the database; the default keystore."""
 
@@ -194,12 +149,12 @@ class SoftwareSecurityModule(SecurityModule):
         self.__card_keys: OrderedDict[tuple[str, bytes, int], bytes] = OrderedDict()
         self.__card_keys_lock = threading.Lock()
         # ECB encryptors of card keys (by kind) for the session keys.
-        self.__encryptors: OrderedDict[tuple[str, bytes, int], CipherContext] = OrderedDict()
+        self.__encryptors: OrderedDict[tuple[str, bytes, int], Encrypt] = OrderedDict()
         # The CBC-MACs of the cards' TAC keys, by (serial, version).
-        self.__tacs: OrderedDict[tuple[bytes, int], _CbcMac] = OrderedDict()
+        self.__tacs: OrderedDict[tuple[bytes, int], KeptMac] = OrderedDict()
         # Session-key CBC-MACs by (kind, serial, version, session block): a purchase's
         # MAC1 and MAC2 are under the same session key. Oldest first out, like the above.
-        self.__sessions: OrderedDict[tuple[str, bytes, int, bytes], _CbcMac] = OrderedDict()
+        self.__sessions: OrderedDict[tuple[str, bytes, int, bytes], KeptMac] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"SoftwareSecurityModule(versions={sorted(self.__keysets)}, keys=<redacted>)"
@@ -271,7 +226,7 @@ class SoftwareSecurityModule(SecurityModule):
         version = self._current
         return version, {kind: self._card_key(kind, serial, version) for kind in KINDS}
 
-    def _encryptor(self, kind: str, serial: bytes, version: int) -> CipherContext:
+    def _encryptor(self, kind: str, serial: bytes, version: int) -> Encrypt:
         """The ECB encryptor of the card key ``kind``, kept; use it only while holding the
         lock (an encryptor is not to be shared across threads)."""
         cache_key = (kind, bytes(serial), version)
@@ -280,7 +235,7 @@ class SoftwareSecurityModule(SecurityModule):
             if encryptor is not None:
                 self.__encryptors.move_to_end(cache_key)
                 return encryptor
-        encryptor = _des_encryptor(self._card_key(kind, serial, version))
+        encryptor = kept_ecb(self._card_key(kind, serial, version))
         with self.__card_keys_lock:
             self.__encryptors[cache_key] = encryptor
             if len(self.__encryptors) > self.CARD_KEY_CACHE:
@@ -299,7 +254,7 @@ class SoftwareSecurityModule(SecurityModule):
                 return session.mac(data)
         card = self._encryptor(kind, serial, version)
         with self.__card_keys_lock:
-            session = _CbcMac(card.update(block))
+            session = KeptMac(card(block))
             self.__sessions[cache_key] = session
             if len(self.__sessions) > self.CARD_KEY_CACHE:
                 self.__sessions.popitem(last=False)
@@ -314,7 +269,7 @@ class SoftwareSecurityModule(SecurityModule):
                 return chain.mac(data)
         key = tac_key(self._card_key("dtk", serial, version))
         with self.__card_keys_lock:
-            chain = self.__tacs.setdefault(cache_key, _CbcMac(key))
+            chain = self.__tacs.setdefault(cache_key, KeptMac(key))
             if len(self.__tacs) > self.CARD_KEY_CACHE:
                 self.__tacs.popitem(last=False)
             return chain.mac(data)
