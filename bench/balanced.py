@@ -18,14 +18,15 @@ import contextlib
 import os
 import subprocess
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 from bench.servers import (
     SettlementEnvironment,
     SettlementProcess,
     SetupError,
     _wait_until_healthy,
+    cpu_seconds,
     free_port,
+    stop_process,
 )
 from webpurse.balancer import haproxy_path
 
@@ -79,15 +80,6 @@ backend settlement
 """
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU of ``pid`` (all its threads) so far, from /proc."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 class BalancedSettlement:
     """``processes`` one-worker settlement servers behind HAProxy on a port of its own.
 
@@ -121,16 +113,10 @@ class BalancedSettlement:
         return sum(server.cpu_seconds() for server in self.servers)
 
     def balancer_cpu_seconds(self) -> float:
-        return _cpu_seconds(self.process.pid) if self.process is not None else 0.0
+        return cpu_seconds([self.process.pid]) if self.process is not None else 0.0
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         for server in self.servers:
             with contextlib.suppress(Exception):
                 server.stop()

@@ -22,7 +22,7 @@ import httpx
 from bench.cards import memory_card
 from bench.harness import ROOT, Context, Measurement, not_measured
 from bench.scale_server import raise_fd_limit
-from bench.servers import SetupError, free_port
+from bench.servers import SetupError, free_port, stop_process
 
 NAME = "scale"
 CONNECTIONS = 1000
@@ -82,13 +82,7 @@ class MerchantProcess:
         raise SetupError("merchant not healthy in time")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout=20)
 
 
 async def _connect(http: httpx.AsyncClient, url: str, index: int, agents: list[Any]) -> None:
