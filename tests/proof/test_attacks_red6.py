@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import enum
-import hashlib
 import importlib.util
 import json
 import os
@@ -39,6 +38,7 @@ from tests.settlement.support import (
     World,
     database_url,
     deterministic_random,
+    fingerprint_formula,
     make_world,
     ok,
 )
@@ -401,12 +401,6 @@ def test_merchant_idempotency_keys_never_repeat(proof: Proof) -> None:
 # --- 1. the idempotency fingerprint's inline orjson path -----------------------------------
 
 
-def _formula(method: str, path: str, payload: Any) -> str:
-    """The stored formula (idempotency.fingerprint's docstring), by json.dumps alone."""
-    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(f"{method} {path}\n".encode() + canonical.encode()).hexdigest()
-
-
 def test_fingerprint_fast_path_is_the_stored_formula(proof: Proof) -> None:
     with proof.row(
         SUITE,
@@ -422,13 +416,13 @@ def test_fingerprint_fast_path_is_the_stored_formula(proof: Proof) -> None:
         for point in [*range(0xD800), *range(0xE000, 0x110000, 7)]:
             char = chr(point)
             for payload in ({"k" + char: char}, {"a": [char, {char: 1}], char + "b": None}):
-                assert idempotency.fingerprint("POST", "/p", payload) == _formula(
+                assert idempotency.fingerprint("POST", "/p", payload) == fingerprint_formula(
                     "POST", "/p", payload
                 )
                 checked += 1
         for lone in ("\ud800", "\udfff", "a\udc00b"):
             for payload in ({"d": lone}, {lone: 1}, {"x": [{"y": lone}]}):
-                assert idempotency.fingerprint("POST", "/p", payload) == _formula(
+                assert idempotency.fingerprint("POST", "/p", payload) == fingerprint_formula(
                     "POST", "/p", payload
                 )
                 checked += 1
@@ -438,7 +432,9 @@ def test_fingerprint_fast_path_is_the_stored_formula(proof: Proof) -> None:
         ]  # fmt: skip
         for value in edges:
             payload = {"v": value, "w": [value, {"z": value}]}
-            assert idempotency.fingerprint("POST", "/p", payload) == _formula("POST", "/p", payload)
+            assert idempotency.fingerprint("POST", "/p", payload) == fingerprint_formula(
+                "POST", "/p", payload
+            )
             checked += 1
         rng = pyrandom.Random(20)
         alphabet = [*map(chr, range(32, 127)), "\x00", "\x7f", "é", "键", "😀", "\u2028"]
@@ -449,7 +445,9 @@ def test_fingerprint_fast_path_is_the_stored_formula(proof: Proof) -> None:
                 )
                 for _ in range(rng.randrange(6))
             }
-            assert idempotency.fingerprint("POST", "/p", body) == _formula("POST", "/p", body)
+            assert idempotency.fingerprint("POST", "/p", body) == fingerprint_formula(
+                "POST", "/p", body
+            )
             checked += 1
         row.observed = f"{checked} payloads: every digest the stored formula's"
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 import multiprocessing
 import random as pyrandom
@@ -39,6 +38,7 @@ from tests.settlement.support import (
     FakeClock,
     World,
     database_url,
+    fingerprint_formula,
     make_world,
     ok,
 )
@@ -687,11 +687,6 @@ def test_kept_cbc_chains_are_the_protocol_s_macs(proof: Proof) -> None:
 # --- 7. caches and the fingerprint's plain shortcut --------------------------------------
 
 
-def _formula(method: str, path: str, payload: Any) -> str:
-    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(f"{method} {path}\n".encode() + canonical.encode()).hexdigest()
-
-
 def test_caches_and_the_plain_fingerprint(proof: Proof) -> None:
     with proof.row(
         SUITE,
@@ -723,13 +718,13 @@ def test_caches_and_the_plain_fingerprint(proof: Proof) -> None:
                     else:
                         payload[name] = text
                 got = idempotency.fingerprint("POST", "/v1/payments", payload, plain=True)
-                assert got == _formula("POST", "/v1/payments", payload), (schema, text)
+                assert got == fingerprint_formula("POST", "/v1/payments", payload), (schema, text)
                 checked += 1
         for big in (2**63, 2**64 - 1, 2**64, -(2**63) - 1):
             payload = {"amount": big}
-            assert idempotency.fingerprint("POST", "/p", payload, plain=True) == _formula(
-                "POST", "/p", payload
-            )
+            assert idempotency.fingerprint(
+                "POST", "/p", payload, plain=True
+            ) == fingerprint_formula("POST", "/p", payload)
         good = bytes.fromhex("20261206")
         for bad in (b"\x20\x26\x13\x01", b"\x20\x26\x02\x30", b"\x2a\x26\x01\x01", b"\x20\x26"):
             for _ in range(3):

@@ -18,7 +18,9 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime as dt
+import hashlib
 import itertools
+import json
 import os
 import queue
 import secrets
@@ -668,3 +670,11 @@ def live_server(
             process.wait()
         log.close()
         engine.dispose()
+
+
+def fingerprint_formula(method: str, path: str, payload: Any) -> str:
+    """An idempotency key's stored fingerprint by the documented formula alone
+    (``idempotency.fingerprint``'s docstring: SHA-256 of the method, the path and the
+    payload as ``json.dumps`` canonical JSON), to check the fast paths against."""
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(f"{method} {path}\n{canonical}".encode()).hexdigest()

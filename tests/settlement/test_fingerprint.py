@@ -9,20 +9,14 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-import hashlib
-import json
 import uuid
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.settlement.support import fingerprint_formula
 from webpurse.settlement.idempotency import fingerprint
-
-
-def _reference(method: str, path: str, payload: Any) -> str:
-    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(f"{method} {path}\n{canonical}".encode()).hexdigest()
 
 
 class Colour(enum.Enum):
@@ -73,7 +67,7 @@ _payloads = st.recursive(
 @settings(max_examples=600, deadline=None)
 @given(_payloads)
 def test_a_fingerprint_is_sha256_of_json_dumps(payload: Any) -> None:
-    assert fingerprint("POST", "/v1/payments", payload) == _reference(
+    assert fingerprint("POST", "/v1/payments", payload) == fingerprint_formula(
         "POST", "/v1/payments", payload
     )
 
@@ -90,7 +84,9 @@ def test_typical_payloads_fingerprint_as_they_always_did() -> None:
         {"when": dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)},
     ]
     for payload in payloads:
-        assert fingerprint("POST", "/p", payload) == _reference("POST", "/p", payload), payload
+        assert fingerprint("POST", "/p", payload) == fingerprint_formula("POST", "/p", payload), (
+            payload
+        )
     # Two pinned from before any change to the fingerprint.
     capture = {"debit_response": "0011223344556677"}
     assert fingerprint("POST", "/v1/payments/pay_1/capture", capture) == (
@@ -129,6 +125,6 @@ _plain_payloads = st.recursive(
 def test_a_payload_known_plain_fingerprints_as_any_other(payload: Any) -> None:
     """``plain=True`` (the batch's validated bodies of JSON-native schemas) skips the walk,
     never the digest: big ints, lone surrogates, DEL and non-ASCII still agree."""
-    assert fingerprint("POST", "/v1/payments", payload, plain=True) == _reference(
+    assert fingerprint("POST", "/v1/payments", payload, plain=True) == fingerprint_formula(
         "POST", "/v1/payments", payload
     )
